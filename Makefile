@@ -1,0 +1,46 @@
+# Sealroom developer commands. A fresh machine needs only Python 3.11+, pip and make.
+#   make demo   set everything up and run the whole platform on synthetic data
+#   make test   set everything up and run the checks and the test suite (what CI runs)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint protos protos-check bench lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Sealroom needs Python 3.11 or newer (set PYTHON=python3.11)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/sealroom demo
+
+protos: install
+	$(BIN)/python scripts/gen_protos.py
+
+protos-check: install
+	$(BIN)/python scripts/gen_protos.py --check
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install protos-check lint
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/ingest.py
+
+lock: install
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^sealroom' > constraints.txt.new
+	@printf '# Exact versions tested together; `make install` installs with `pip install -c constraints.txt`.\n# Regenerate after changing pyproject.toml: `make lock`.\n' | cat - constraints.txt.new > constraints.txt
+	@rm constraints.txt.new
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

@@ -1,0 +1,36 @@
+"""Coordinator configuration (TOML ``[coordinator]`` and ``[trust]`` tables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sealroom.config import Table, file_table
+from sealroom.policy import TrustPolicy
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    state_dir: Path
+    enclave: str
+    trust: TrustPolicy
+    listen: str = "127.0.0.1:0"
+    party_timeout_seconds: float = 600.0
+
+    @classmethod
+    def from_table(cls, root: Table) -> CoordinatorConfig:
+        root.check_keys({"coordinator", "trust"})
+        c = root.table("coordinator")
+        c.check_keys({"listen", "state_dir", "enclave", "party_timeout_seconds"})
+        t = root.table("trust", required=False)
+        return cls(
+            state_dir=c.path("state_dir"),
+            enclave=c.str("enclave"),
+            trust=TrustPolicy.from_dict(t.doc, source=root.source, base=root.base),
+            listen=c.str("listen", "127.0.0.1:0"),
+            party_timeout_seconds=c.float("party_timeout_seconds", 600.0, minimum=1.0),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> CoordinatorConfig:
+        return cls.from_table(file_table(path))

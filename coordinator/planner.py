@@ -1,0 +1,122 @@
+"""The planner: from an analyst's SQL and the catalog to a plan every owner can check.
+
+It refuses what Sealroom does not run (see :mod:`sealroom.sqlplan`), checks each involved dataset's
+policy, and gives each party an input that holds only the columns the query needs plus the privacy
+unit (projection pushdown). The plan carries each involved policy, so the enclave enforces the
+rules from what the owners signed, not from anything the coordinator says later.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from sealroom.errors import InvalidQueryError, PolicyRefusalError
+from sealroom.plan import Plan, PlanInput, Stage
+from sealroom.policy import DatasetPolicy
+from sealroom.sqlplan import Analysis, analyze
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    party: str
+    dataset: str
+    schema: pa.Schema
+    policy: DatasetPolicy
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.party}.{self.dataset}"
+
+
+def catalog_from_rows(rows: list[dict[str, Any]]) -> dict[str, CatalogEntry]:
+    out = {}
+    for r in rows:
+        schema = pa.ipc.read_schema(pa.py_buffer(r["arrow_schema"]))
+        policy = DatasetPolicy.from_json(r["policy_json"])
+        entry = CatalogEntry(r["party"], r["name"], schema, policy)
+        out[entry.qualified] = entry
+    return out
+
+
+def plan_query(
+    sql: str,
+    *,
+    query_id: str,
+    analyst: str,
+    catalog: Mapping[str, CatalogEntry],
+    party_keys: Mapping[str, str],
+) -> tuple[Plan, Analysis]:
+    analysis = analyze(sql, {q: e.schema.names for q, e in catalog.items()})
+    inputs = []
+    for n, qualified in enumerate(analysis.datasets):
+        entry = catalog[qualified]
+        where = {"party": entry.party, "dataset": entry.dataset}
+        if not entry.policy.allows_analyst(analyst):
+            raise PolicyRefusalError(
+                f"{qualified} may not be queried by analyst {analyst}: its policy lists the analysts it "
+                f"allows; ask {entry.party} to add {analyst}",
+                details={**where, "rule": "analysts", "suggestion": f"ask {entry.party} to allow {analyst}"},
+            )
+        unit = entry.policy.privacy_unit
+        if unit is not None and unit not in entry.schema.names:
+            raise PolicyRefusalError(
+                f"the policy of {qualified} names privacy unit column {unit}, which the dataset does not have",
+                details={**where, "column": unit, "rule": "privacy_unit"},
+            )
+        needed = set(analysis.needed_columns[qualified]) | ({unit} if unit else set())
+        columns = tuple(c for c in entry.schema.names if c in needed)
+        if entry.party not in party_keys:
+            raise InvalidQueryError(f"party {entry.party} is not registered", details=where)
+        inputs.append(PlanInput(entry.party, entry.dataset, columns, entry.policy, table=f"input_{n}"))
+    stage = Stage(
+        id="s1",
+        kind="tee",
+        sql=analysis.sql,
+        inputs=tuple(inputs),
+        output_columns=analysis.output_columns,
+        min_group_size=max(i.policy.min_group_size for i in inputs),
+    )
+    involved = {i.party for i in inputs}
+    plan = Plan(
+        query_id=query_id,
+        sql=analysis.sql,
+        analyst=analyst,
+        stages=(stage,),
+        parties={p: party_keys[p] for p in sorted(involved)},
+        salt=secrets.token_hex(16),
+        created_at=round(time.time(), 3),
+    )
+    return plan, analysis
+
+
+def explain_text(plan: Plan, analysis: Analysis) -> str:
+    """A human-readable explanation of what would run, what each party sends, and who approves."""
+    lines = [f"Query {plan.query_id} by {plan.analyst}", f"  plan hash {plan.hash}", ""]
+    for stage in plan.stages:
+        lines.append(f"Stage {stage.id} ({stage.kind.upper()}: runs inside an attested enclave worker)")
+        lines.append(f"  outputs: {', '.join(stage.output_columns)}")
+        if analysis.group_columns:
+            lines.append(f"  grouped by: {', '.join(analysis.group_columns)}")
+        lines.append(f"  aggregates: {', '.join(analysis.aggregates) or 'none (grouping only)'}")
+        lines.append(
+            f"  disclosure: a cell is released only with at least {stage.min_group_size} distinct privacy "
+            "units from every FROM item; smaller cells are suppressed (group keys and rule shown, no values)"
+        )
+        lines.append("  inputs (each party seals these columns to the enclave's attested key):")
+        for inp in stage.inputs:
+            unit = inp.policy.privacy_unit or "each row"
+            lines.append(
+                f"    {inp.qualified}: {', '.join(inp.columns)}  "
+                f"[privacy unit: {unit}; min group size {inp.policy.min_group_size}]"
+            )
+    lines.append("")
+    lines.append(f"Approvals needed from: {', '.join(plan.involved_parties())}")
+    if analysis.order_by or analysis.limit is not None:
+        lines.append("ORDER BY / LIMIT apply to released cells only.")
+    return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""gRPC edge of the coordinator: thin servicers over the store, planner and orchestrator."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+from pathlib import Path
+
+from coordinator.config import CoordinatorConfig
+from coordinator.orchestrator import Orchestrator
+from coordinator.planner import catalog_from_rows, explain_text, plan_query
+from coordinator.store import Store
+from sealroom.errors import InvalidQueryError, NotFoundError, SealroomError
+from sealroom.policy import DatasetPolicy
+from sealroom.rpc import Server, create_server, translate_errors
+from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ANALYST = "analyst"
+
+
+class Coordinator:
+    """The coordinator's behaviour, independent of gRPC."""
+
+    def __init__(self, config: CoordinatorConfig):
+        self.config = config
+        self.store = Store(config.state_dir / "coordinator.db")
+        n = self.store.fail_in_flight("the coordinator restarted while this query was in flight; resubmit it")
+        if n:
+            log.warning("%d in-flight queries were marked failed after a restart", n)
+        self.orchestrator = Orchestrator(
+            self.store,
+            enclave_address=config.enclave,
+            appraisal=config.trust.appraisal(),
+            party_timeout=config.party_timeout_seconds,
+        )
+        self._threads: dict[str, threading.Thread] = {}
+
+    def register(self, request: coordinator_pb2.RegisterPartyRequest) -> list[str]:
+        party = request.party
+        if not party.name.isidentifier():
+            raise InvalidQueryError("party names must be identifiers (letters, digits, _)")
+        if len(party.signing_public_key) != 32:
+            raise InvalidQueryError("signing_public_key must be a 32-byte Ed25519 public key")
+        datasets = []
+        for d in request.datasets:
+            if d.party != party.name or not d.name.isidentifier():
+                raise InvalidQueryError("each dataset must belong to the registering party and have an identifier name")
+            policy = DatasetPolicy.from_json(d.policy_json)
+            if policy.digest() != d.policy_digest:
+                raise InvalidQueryError(f"the policy of {party.name}.{d.name} does not match its digest")
+            datasets.append(
+                {
+                    "name": d.name,
+                    "arrow_schema": bytes(d.arrow_schema),
+                    "policy_json": bytes(d.policy_json),
+                    "policy_digest": d.policy_digest,
+                    "description": d.description,
+                }
+            )
+        self.store.register_party(party.name, party.address, bytes(party.signing_public_key).hex(), datasets)
+        log.info("party %s registered %d datasets", party.name, len(datasets))
+        return [f"{party.name}.{d['name']}" for d in datasets]
+
+    def _plan(self, sql: str, analyst: str, query_id: str):
+        catalog = catalog_from_rows(self.store.datasets())
+        keys = {name: p["signing_public_key"] for name, p in self.store.parties().items()}
+        return plan_query(sql, query_id=query_id, analyst=analyst, catalog=catalog, party_keys=keys)
+
+    def explain(self, sql: str, analyst: str):
+        plan, analysis = self._plan(sql, analyst, "explain")
+        return plan, explain_text(plan, analysis)
+
+    def submit(self, sql: str, analyst: str) -> tuple[str, str]:
+        query_id = "q_" + secrets.token_hex(8)
+        self.store.create_query(query_id, sql, analyst)
+        try:
+            plan, _ = self._plan(sql, analyst, query_id)
+        except SealroomError as err:
+            self.store.update_query(query_id, status="refused", error=err.to_dict(), progress="refused")
+            return query_id, "refused"
+        self.store.update_query(query_id, plan_json=plan.to_json(), plan_hash=plan.hash)
+        t = threading.Thread(target=self.orchestrator.run, args=(plan,), name=f"query-{query_id}", daemon=True)
+        self._threads[query_id] = t
+        t.start()
+        return query_id, "planning"
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        for t in list(self._threads.values()):
+            t.join(timeout)
+
+
+def _status(row, approvals: dict) -> coordinator_pb2.QueryStatus:
+    involved: list[str] = []
+    if row.plan_json:
+        involved = sorted(json.loads(row.plan_json)["parties"])
+    return coordinator_pb2.QueryStatus(
+        query_id=row.id,
+        status=row.status,
+        sql=row.sql,
+        analyst=row.analyst,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        error_json=json.dumps(row.error).encode() if row.error else b"",
+        approved_by=sorted(approvals),
+        awaiting=[p for p in involved if p not in approvals] if row.status == "awaiting_approval" else [],
+        progress=row.progress,
+    )
+
+
+@translate_errors
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: Coordinator):
+        self.c = coordinator
+
+    def RegisterParty(self, request, context):  # noqa: N802
+        return coordinator_pb2.RegisterPartyResponse(datasets=self.c.register(request))
+
+    def ListDatasets(self, request, context):  # noqa: N802
+        return coordinator_pb2.ListDatasetsResponse(
+            datasets=[
+                common_pb2.DatasetInfo(
+                    party=d["party"],
+                    name=d["name"],
+                    arrow_schema=d["arrow_schema"],
+                    policy_digest=d["policy_digest"],
+                    policy_json=d["policy_json"],
+                    description=d["description"],
+                )
+                for d in self.c.store.datasets()
+            ],
+            parties=[
+                common_pb2.PartyInfo(
+                    name=n, address=p["address"], signing_public_key=bytes.fromhex(p["signing_public_key"])
+                )
+                for n, p in sorted(self.c.store.parties().items())
+            ],
+        )
+
+    def Explain(self, request, context):  # noqa: N802
+        plan, text = self.c.explain(request.sql, request.analyst or DEFAULT_ANALYST)
+        return coordinator_pb2.ExplainResponse(plan_json=plan.to_json(), plan_hash=plan.hash, text=text)
+
+    def Submit(self, request, context):  # noqa: N802
+        qid, status = self.c.submit(request.sql, request.analyst or DEFAULT_ANALYST)
+        return coordinator_pb2.SubmitResponse(query_id=qid, status=status)
+
+    def GetStatus(self, request, context):  # noqa: N802
+        row = self.c.store.query(request.query_id)
+        return _status(row, self.c.store.approvals(row.id))
+
+    def GetResult(self, request, context):  # noqa: N802
+        row = self.c.store.query(request.query_id)
+        out = common_pb2.QueryResult(query_id=row.id, status=row.status, plan_json=row.plan_json or b"")
+        if row.error:
+            out.error_json = json.dumps(row.error).encode()
+        if row.status == "released":
+            rel = self.c.store.get_release(row.id)
+            if rel is None:
+                raise NotFoundError("the release record is missing")
+            out.arrow_table = rel["arrow_table"]
+            out.suppressed_json = json.dumps(rel["suppressed"]).encode()
+            out.simulated = rel["simulated"]
+            out.receipt_json = json.dumps(
+                {
+                    "result": json.loads(rel["result_json"]),
+                    "result_json": rel["result_json"].decode(),
+                    "signature": rel["signature"].hex(),
+                    "evidence": rel["evidence"].decode(),
+                }
+            ).encode()
+        return out
+
+    def ListQueries(self, request, context):  # noqa: N802
+        return coordinator_pb2.ListQueriesResponse(
+            queries=[_status(r, self.c.store.approvals(r.id)) for r in self.c.store.queries()]
+        )
+
+
+def build_server(config: CoordinatorConfig) -> tuple[Server, Coordinator]:
+    coordinator = Coordinator(config)
+    server = create_server(config.listen)
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator), server.grpc)
+    return server, coordinator
+
+
+def serve(config: CoordinatorConfig, *, port_file: str | None = None) -> None:
+    server, coordinator = build_server(config)
+    server.start()
+    log.info("coordinator listening on port %d", server.port)
+    if port_file:
+        Path(port_file).write_text(str(server.port))
+    server.serve_until_signalled(on_stop=coordinator.store.close)

@@ -1,0 +1,370 @@
+"""Jobs inside the enclave: keys, evidence, sealed inputs, execution, signed results, wiping.
+
+A job lives only in this process's memory. Its X25519 key opens the data keys parties seal to it;
+its Ed25519 key signs the result; both are bound into every piece of evidence the job hands out.
+A job fails as a whole (nothing released, its data dropped) when any stream fails to authenticate,
+a party disconnects mid-stream, the memory limit is exceeded, or it outlives its TTL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from enclave_worker.attester import Attester
+from enclave_worker.config import EnclaveConfig
+from enclave_worker.engine import compile_for_job, run_stage, table_to_ipc
+from sealroom.attestation import Evidence, report_data_for
+from sealroom.errors import (
+    ApprovalError,
+    InvalidQueryError,
+    JobFailedError,
+    NotFoundError,
+    ResourceExhaustedError,
+    SealroomError,
+)
+from sealroom.plan import Plan, PlanInput, verify_approval, verify_stream_header
+from sealroom.policy import canonical_json
+from sealroom.sealed import OpeningStream, StreamHeader, integrity_error
+from sealroom.sqlplan import CompiledStage, InputSpec
+
+log = logging.getLogger(__name__)
+
+RESULT_VERSION = 1
+
+
+def _raw(public_key: Any) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@dataclass
+class _Input:
+    spec: PlanInput
+    table: pa.Table | None = None
+    rows: int = 0
+    bytes: int = 0
+    frames: int = 0
+    header_sha256: str = ""
+    streaming: bool = False
+
+
+@dataclass
+class Job:
+    id: str
+    plan: Plan
+    plan_hash: str
+    compiled: CompiledStage
+    min_group_size: int
+    rule_datasets: tuple[str, ...]
+    hpke_key: X25519PrivateKey | None
+    signing_key: Ed25519PrivateKey | None
+    hpke_public: bytes
+    signing_public: bytes
+    created: float
+    inputs: dict[tuple[str, str], _Input]
+    issued_evidence: set[bytes] = field(default_factory=set)
+    failed: SealroomError | None = None
+    held_bytes: int = 0
+    done: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wipe(self) -> None:
+        """Drop every reference to the job's data and keys."""
+        for inp in self.inputs.values():
+            inp.table = None
+        self.hpke_key = None
+        self.signing_key = None
+        self.held_bytes = 0
+
+
+class JobRegistry:
+    def __init__(self, config: EnclaveConfig, attester: Attester, *, clock: Any = time.time):
+        self.config = config
+        self.attester = attester
+        self.clock = clock
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._held = 0
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held
+
+    def _get(self, job_id: str) -> Job:
+        self.reap()
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFoundError("no such job in this enclave (it may have finished, failed or expired)")
+        return job
+
+    def _fail(self, job: Job, err: SealroomError) -> None:
+        with self._lock:
+            if job.failed is None and not job.done:
+                job.failed = err
+                log.warning("job %s failed: %s", job.id, err.code)
+            self._held -= job.held_bytes
+            job.wipe()
+
+    def reap(self) -> None:
+        now = self.clock()
+        with self._lock:
+            expired = [j for j in self._jobs.values() if now - j.created > self.config.job_ttl_seconds]
+        for job in expired:
+            self._fail(job, JobFailedError("the job expired before it was executed"))
+            with self._lock:
+                self._jobs.pop(job.id, None)
+
+    # -- job life cycle ----------------------------------------------------------------------
+
+    def create(self, plan_json: bytes) -> Job:
+        plan = Plan.from_json(plan_json)
+        tee = [s for s in plan.stages if s.kind == "tee"]
+        if len(tee) != 1:
+            raise InvalidQueryError("this enclave runs plans with exactly one TEE stage")
+        stage = tee[0]
+        specs = []
+        inputs: dict[tuple[str, str], _Input] = {}
+        for inp in stage.inputs:
+            unit = inp.policy.privacy_unit
+            if unit is not None and unit not in inp.columns:
+                raise InvalidQueryError(
+                    f"the plan does not send the privacy unit column of {inp.qualified}",
+                    details={"dataset": inp.qualified, "column": unit},
+                )
+            specs.append(InputSpec(inp.qualified, inp.table, inp.columns, unit))
+            inputs[(inp.party, inp.dataset)] = _Input(inp)
+        # The enclave compiles the stage itself: the aggregate-only check and the hidden unit
+        # counts do not depend on anything the coordinator computed.
+        compiled = compile_for_job(stage.sql, specs)
+        k = max(i.policy.min_group_size for i in stage.inputs)
+        strictest = tuple(sorted(i.qualified for i in stage.inputs if i.policy.min_group_size == k))
+        hpke_key = X25519PrivateKey.generate()
+        signing_key = Ed25519PrivateKey.generate()
+        job = Job(
+            id=uuid.uuid4().hex,
+            plan=plan,
+            plan_hash=plan.hash,
+            compiled=compiled,
+            min_group_size=k,
+            rule_datasets=strictest,
+            hpke_key=hpke_key,
+            signing_key=signing_key,
+            hpke_public=_raw(hpke_key.public_key()),
+            signing_public=_raw(signing_key.public_key()),
+            created=self.clock(),
+            inputs=inputs,
+        )
+        with self._lock:
+            self._jobs[job.id] = job
+        log.info("job %s created for plan %s (%d inputs)", job.id, job.plan_hash[:12], len(inputs))
+        return job
+
+    def attest(self, job_id: str, nonce: bytes) -> Evidence:
+        if not isinstance(nonce, bytes) or not 16 <= len(nonce) <= 64:
+            raise InvalidQueryError("the nonce must be 16 to 64 random bytes")
+        job = self._get(job_id)
+        evidence = self.attester.attest(
+            report_data=report_data_for(
+                hpke_public_key=job.hpke_public, signing_public_key=job.signing_public, nonce=nonce
+            ),
+            nonce=nonce,
+        )
+        with job.lock:
+            job.issued_evidence.add(evidence.digest())
+        return evidence
+
+    def upload(self, header_bytes: bytes, signature: bytes, frames: Iterable[bytes]) -> _Input:
+        """Open one party's sealed stream; commit its table only when the whole stream verified."""
+        header = StreamHeader.from_bytes(header_bytes)
+        ctx = header.context
+        job = self._get(ctx.job_id)
+        key = (ctx.party, ctx.dataset)
+        with job.lock:
+            if job.failed is not None:
+                raise JobFailedError("the job has already failed; nothing more is accepted")
+            inp = job.inputs.get(key)
+            # Every check that a sender could fail on purpose raises the same IntegrityError.
+            if (
+                inp is None
+                or inp.table is not None
+                or inp.streaming
+                or ctx.plan_hash.hex() != job.plan_hash
+                or ctx.evidence_hash not in job.issued_evidence
+                or job.hpke_key is None
+                or not verify_stream_header(job.plan.parties.get(ctx.party, ""), header_bytes, signature)
+            ):
+                raise integrity_error()
+            inp.streaming = True
+            hpke_key = job.hpke_key
+        batches: list[pa.RecordBatch] = []
+        held = 0
+        frames_n = 0
+        try:
+            opener = OpeningStream(header, hpke_key)
+            if opener.schema.names != list(inp.spec.columns):
+                raise integrity_error()
+            for frame in frames:
+                batch = opener.open_batch(frame)
+                frames_n += 1
+                if batch is None:
+                    continue
+                size = batch.nbytes
+                with self._lock:
+                    if self._held + size > self.config.memory_limit_bytes:
+                        raise ResourceExhaustedError(
+                            "the enclave's memory limit was exceeded while loading inputs; "
+                            "raise enclave.memory_limit_mb or reduce the data the query needs"
+                        )
+                    self._held += size
+                    job.held_bytes += size
+                held += size
+                batches.append(batch)
+            opener.close()
+            table = pa.Table.from_batches(batches, schema=opener.schema)
+        except SealroomError as err:
+            self._fail(job, err)
+            raise
+        except Exception as exc:  # a disconnect surfaces as a grpc error from the iterator
+            err = JobFailedError(f"{ctx.party} disconnected or its stream broke before the end; the job was stopped")
+            self._fail(job, err)
+            raise err from exc
+        finally:
+            inp.streaming = False
+        with job.lock:
+            if job.failed is not None:
+                raise job.failed
+            inp.table = table
+            inp.rows = table.num_rows
+            inp.bytes = held
+            inp.frames = frames_n
+            inp.header_sha256 = hashlib.sha256(header_bytes).hexdigest()
+        log.info("job %s: input %s.%s loaded (%d frames)", job.id, ctx.party, ctx.dataset, frames_n)
+        return inp
+
+    def execute(self, job_id: str, approvals: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
+        job = self._get(job_id)
+        try:
+            return self._execute(job, approvals)
+        except SealroomError as err:
+            self._fail(job, err)
+            raise
+        finally:
+            with self._lock:
+                self._held -= job.held_bytes
+                job.wipe()
+                job.done = True
+                self._jobs.pop(job.id, None)
+
+    def _execute(self, job: Job, approvals: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
+        if job.failed is not None:
+            raise job.failed
+        # 1. Every owner whose data the plan touches approved exactly this plan.
+        for party in job.plan.involved_parties():
+            if party not in approvals:
+                raise ApprovalError(
+                    f"no approval from {party}, whose data this plan reads",
+                    details={"party": party, "check": "approval_missing"},
+                )
+            plan_hash, signature = approvals[party]
+            if plan_hash != job.plan_hash:
+                raise ApprovalError(
+                    f"the approval of {party} is for another plan",
+                    details={"party": party, "check": "approval_plan_hash"},
+                )
+            key_hex = job.plan.parties.get(party)
+            if key_hex is None:
+                raise ApprovalError(f"the plan carries no signing key for {party}", details={"party": party})
+            verify_approval(key_hex, plan_hash, signature, party=party)
+        # 2. Every input arrived, sealed to this job, for this plan.
+        missing = [f"{p}.{d}" for (p, d), i in job.inputs.items() if i.table is None]
+        if missing:
+            raise JobFailedError(f"inputs missing: {', '.join(missing)} did not arrive", details={"missing": missing})
+        tables = {i.spec.table: i.table for i in job.inputs.values() if i.table is not None}
+        no_unit = frozenset(i.spec.table for i in job.inputs.values() if not i.spec.policy.privacy_unit)
+        outcome = run_stage(
+            job.compiled,
+            tables,
+            min_group_size=job.min_group_size,
+            rule_datasets=job.rule_datasets,
+            row_id_tables=no_unit,
+            threads=self.config.engine_threads,
+        )
+        ipc = table_to_ipc(outcome.released)
+        nonce = bytes.fromhex(job.plan_hash)
+        evidence = self.attester.attest(
+            report_data=report_data_for(
+                hpke_public_key=job.hpke_public, signing_public_key=job.signing_public, nonce=nonce
+            ),
+            nonce=nonce,
+        )
+        doc = {
+            "version": RESULT_VERSION,
+            "kind": "sealroom.result",
+            "job_id": job.id,
+            "query_id": job.plan.query_id,
+            "plan_hash": job.plan_hash,
+            "stage": job.plan.stages[0].id,
+            "output_columns": list(job.compiled.output_columns),
+            "released_rows": outcome.released.num_rows,
+            "result_sha256": hashlib.sha256(ipc).hexdigest(),
+            "suppressed": outcome.suppressed,
+            "min_group_size": outcome.min_group_size,
+            "inputs": [
+                {
+                    "party": i.spec.party,
+                    "dataset": i.spec.dataset,
+                    "columns": list(i.spec.columns),
+                    "frames": i.frames,
+                    "bytes": i.bytes,
+                    "stream_header_sha256": i.header_sha256,
+                }
+                for i in job.inputs.values()
+            ],
+            "approvals": [
+                {"party": p, "plan_hash": approvals[p][0], "signature": approvals[p][1].hex()}
+                for p in job.plan.involved_parties()
+            ],
+            "attestation": {
+                "format": self.attester.format,
+                "simulated": self.attester.simulated,
+                "measurement": self.attester.measurement,
+                "evidence_sha256": evidence.digest().hex(),
+            },
+            "hpke_public_key": job.hpke_public.hex(),
+            "signing_public_key": job.signing_public.hex(),
+            "simulated": self.attester.simulated,
+            "executed_at": self.clock(),
+        }
+        body = canonical_json(doc)
+        assert job.signing_key is not None
+        signature = job.signing_key.sign(body)
+        log.info(
+            "job %s executed: %d cells released, %d suppressed",
+            job.id,
+            outcome.released.num_rows,
+            len(outcome.suppressed),
+        )
+        return {"result_json": body, "signature": signature, "arrow_table": ipc, "evidence": evidence.to_bytes()}
+
+    def abort(self, job_id: str) -> None:
+        try:
+            job = self._get(job_id)
+        except NotFoundError:
+            return
+        self._fail(job, JobFailedError("the job was aborted"))
+        with self._lock:
+            self._jobs.pop(job.id, None)

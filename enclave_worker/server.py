@@ -1,0 +1,125 @@
+"""gRPC edge of the enclave worker: thin servicers over :mod:`enclave_worker.jobs`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from enclave_worker.attester import make_attester
+from enclave_worker.config import EnclaveConfig
+from enclave_worker.jobs import JobRegistry
+from sealroom import __version__
+from sealroom.rpc import Server, create_server, raw_stream_handler, translate_errors
+from sealroom.sealed import integrity_error
+from sealroom.v1 import common_pb2, enclave_pb2, enclave_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+HEADER_METADATA_KEY = "sealroom-stream-header-bin"
+SIGNATURE_METADATA_KEY = "sealroom-stream-signature-bin"
+DATA_SERVICE = "sealroom.v1.EnclaveData"
+UPLOAD_METHOD = "Upload"
+UPLOAD_PATH = f"/{DATA_SERVICE}/{UPLOAD_METHOD}"
+
+
+def loaded_packages() -> list[str]:
+    return sorted({name.split(".")[0] for name in list(sys.modules) if not name.startswith("_")})
+
+
+@translate_errors
+class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
+    def __init__(self, registry: JobRegistry):
+        self.registry = registry
+
+    def GetInfo(self, request, context):  # noqa: N802
+        attester = self.registry.attester
+        return enclave_pb2.EnclaveInfo(
+            measurement=attester.measurement,
+            attestation_format=attester.format,
+            simulated=attester.simulated,
+            loaded_packages=loaded_packages(),
+            version=__version__,
+            memory_limit_bytes=self.registry.config.memory_limit_bytes,
+        )
+
+    def CreateJob(self, request, context):  # noqa: N802
+        job = self.registry.create(request.plan_json)
+        return enclave_pb2.CreateJobResponse(
+            job_id=job.id, hpke_public_key=job.hpke_public, signing_public_key=job.signing_public
+        )
+
+    def Attest(self, request, context):  # noqa: N802
+        evidence = self.registry.attest(request.job_id, request.nonce)
+        job = self.registry._get(request.job_id)
+        return enclave_pb2.AttestResponse(
+            evidence=evidence.to_bytes(),
+            hpke_public_key=job.hpke_public,
+            signing_public_key=job.signing_public,
+        )
+
+    def Execute(self, request, context):  # noqa: N802
+        approvals = {a.party: (a.plan_hash, bytes(a.signature)) for a in request.approvals}
+        out = self.registry.execute(request.job_id, approvals)
+        return enclave_pb2.ExecuteResponse(**out)
+
+    def AbortJob(self, request, context):  # noqa: N802
+        self.registry.abort(request.job_id)
+        return common_pb2.Empty()
+
+
+def _upload(registry: JobRegistry) -> object:
+    def handle(frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        metadata = dict(context.invocation_metadata())
+        header = metadata.get(HEADER_METADATA_KEY)
+        signature = metadata.get(SIGNATURE_METADATA_KEY)
+        if not isinstance(header, bytes) or not isinstance(signature, bytes):
+            raise integrity_error()
+        inp = registry.upload(header, signature, frames)
+        return enclave_pb2.UploadSummary(
+            party=inp.spec.party,
+            dataset=inp.spec.dataset,
+            frames=inp.frames,
+            rows=inp.rows,
+            bytes=inp.bytes,
+        ).SerializeToString()
+
+    return handle
+
+
+def build_server(config: EnclaveConfig) -> tuple[Server, JobRegistry]:
+    registry = JobRegistry(config, make_attester(config))
+    server = create_server(
+        config.listen,
+        handlers=(raw_stream_handler(DATA_SERVICE, UPLOAD_METHOD, _upload(registry)),),
+    )
+    enclave_pb2_grpc.add_EnclaveServicer_to_server(EnclaveServicer(registry), server.grpc)
+    return server, registry
+
+
+def serve(config: EnclaveConfig, *, ready: threading.Event | None = None, port_file: str | None = None) -> None:
+    server, registry = build_server(config)
+    server.start()
+    log.info(
+        "enclave worker listening on port %d (attester %s, measurement %s)",
+        server.port,
+        registry.attester.format,
+        registry.attester.measurement[:16],
+    )
+    if port_file:
+        from pathlib import Path
+
+        Path(port_file).write_text(str(server.port))
+    if ready is not None:
+        ready.set()
+    stop = threading.Event()
+
+    def reaper() -> None:
+        while not stop.wait(5.0):
+            registry.reap()
+
+    threading.Thread(target=reaper, name="job-reaper", daemon=True).start()
+    server.serve_until_signalled(on_stop=stop.set)

@@ -1,0 +1,37 @@
+"""Attestation: evidence envelopes, per-format verifiers, and per-relying-party appraisal.
+
+A relying party (a data owner's agent) sends a fresh nonce, receives :class:`Evidence` with the
+enclave's public keys, computes :func:`report_data_for` over those keys and the nonce, and calls
+:func:`verify_evidence` with its own :class:`AppraisalPolicy`. It gets :class:`Claims` back, or an
+:class:`~sealroom.errors.AttestationError` whose ``details["check"]`` names the failed step.
+
+Only the ``simulated`` format exists so far (:mod:`sealroom.attestation.simulated`: no TEE, for
+development, refused unless a policy sets ``allow_simulated``); real TEE formats plug in as more
+per-format verifiers.
+"""
+
+from sealroom.attestation.evidence import SIMULATED, Claims, Evidence, report_data_for
+from sealroom.attestation.measurement import enclave_measurement
+from sealroom.attestation.policy import AppraisalPolicy, verify_evidence
+from sealroom.attestation.simulated import (
+    DevRoot,
+    SimulatedAttester,
+    dev_init,
+    load_dev_root,
+    load_root_certificate,
+)
+
+__all__ = [
+    "SIMULATED",
+    "Evidence",
+    "Claims",
+    "report_data_for",
+    "AppraisalPolicy",
+    "verify_evidence",
+    "DevRoot",
+    "dev_init",
+    "load_dev_root",
+    "load_root_certificate",
+    "SimulatedAttester",
+    "enclave_measurement",
+]

@@ -1,0 +1,289 @@
+"""Appraisal: does this evidence come from an enclave this relying party trusts, right now?
+
+:func:`verify_evidence` is the one entry point. It dispatches on ``Evidence.format`` to a per-format
+verifier (cryptography: certificate chain, signature) that returns normalised :class:`Claims`, then
+appraises those claims against the relying party's own :class:`AppraisalPolicy` (nonce, report data,
+measurement allowlist, debug, minimum TCB, freshness). It raises :class:`AttestationError` at the
+first failed step, with ``details["check"]`` naming that step, and returns claims only when every
+step passed. It never returns a bool.
+
+Each step's failure says which check failed because evidence and claims are public (a measurement
+is a hash of public code); an operator needs that to fix a deployment, and an attacker learns
+nothing it did not send. Report data is secret-free too: a hash of public keys and the nonce.
+
+Simulated evidence (no TEE) passes only under ``allow_simulated=True`` with its dev root pinned, and
+every acceptance is logged at WARNING.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from sealroom.attestation.evidence import (
+    MIN_NONCE_BYTES,
+    REPORT_DATA_BYTES,
+    SIMULATED,
+    Claims,
+    Evidence,
+    _as_bytes,
+    _freeze_tcb,
+    _is_lower_hex,
+    _iso_utc,
+)
+from sealroom.attestation.simulated import verify_simulated
+from sealroom.errors import AttestationError
+
+__all__ = ["AppraisalPolicy", "verify_evidence", "SUPPORTED_FORMATS"]
+
+logger = logging.getLogger(__name__)
+
+FormatVerifier = Callable[..., Claims]
+"""``verifier(evidence, *, policy, now) -> Claims``: checks format-specific crypto, appraises nothing."""
+
+# One verifier per format. Real TEE formats plug in here (later issue): each returns Claims whose
+# nonce and report_data are the ones the hardware signed.
+_VERIFIERS: Mapping[str, FormatVerifier] = {SIMULATED: verify_simulated}
+SUPPORTED_FORMATS: tuple[str, ...] = tuple(sorted(_VERIFIERS))
+
+
+def _measurements(value: object) -> frozenset[str]:
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError("measurements must be a set of hex strings (not a single string)")
+    out: set[str] = set()
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"each measurement must be a hex str, not {type(item).__name__}")
+        normalised = item.strip().lower()
+        if not _is_lower_hex(normalised):
+            raise ValueError(f"measurement {item!r} is not a non-empty, even-length hex string")
+        out.add(normalised)
+    return frozenset(out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppraisalPolicy:
+    """One relying party's trust policy for enclave evidence. Safe defaults: refuse what is not allowed.
+
+    - ``measurements``: allowlist of enclave measurements (hex, case-insensitive). Required. An empty
+      allowlist is accepted at construction but refuses every enclave (check ``measurement``).
+    - ``allow_simulated``: accept ``simulated`` evidence (no TEE!). Off by default.
+    - ``simulated_roots``: dev root certificates pinned for simulated evidence (matched by the
+      SHA-256 fingerprint of their DER).
+    - ``allow_debug``: accept enclaves running in debug mode (memory readable by the host). Off.
+    - ``min_tcb``: every key listed must be present in the claims' TCB with a value ``>=`` this.
+    - ``max_age``: evidence older than this (by its own ``issued_at``) is refused.
+    - ``clock_skew``: evidence dated more than this in the future is refused.
+    """
+
+    measurements: frozenset[str]
+    allow_simulated: bool = False
+    simulated_roots: tuple[x509.Certificate, ...] = ()
+    allow_debug: bool = False
+    min_tcb: Mapping[str, int] = field(default_factory=dict)
+    max_age: timedelta = timedelta(minutes=5)
+    clock_skew: timedelta = timedelta(seconds=30)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "measurements", _measurements(self.measurements))
+        for name in ("allow_simulated", "allow_debug"):
+            if type(getattr(self, name)) is not bool:
+                raise TypeError(f"{name} must be bool")
+        roots = self.simulated_roots
+        if isinstance(roots, x509.Certificate):
+            raise TypeError("simulated_roots must be a tuple of certificates, not one certificate")
+        roots = tuple(roots)
+        for root in roots:
+            if not isinstance(root, x509.Certificate):
+                raise TypeError(f"simulated_roots must hold x509.Certificate, not {type(root).__name__}")
+        object.__setattr__(self, "simulated_roots", roots)
+        object.__setattr__(self, "min_tcb", _freeze_tcb(self.min_tcb, name="min_tcb"))
+        if not isinstance(self.max_age, timedelta) or self.max_age <= timedelta(0):
+            raise ValueError("max_age must be a positive timedelta")
+        if not isinstance(self.clock_skew, timedelta) or self.clock_skew < timedelta(0):
+            raise ValueError("clock_skew must be a non-negative timedelta")
+
+    def simulated_root_fingerprints(self) -> frozenset[str]:
+        """SHA-256 fingerprints (hex) of the DER of the pinned simulated roots."""
+        return frozenset(
+            hashlib.sha256(r.public_bytes(serialization.Encoding.DER)).hexdigest() for r in self.simulated_roots
+        )
+
+
+def _refuse(check: str, message: str) -> AttestationError:
+    return AttestationError(message, details={"check": check})
+
+
+def _seconds(delta: timedelta) -> str:
+    return f"{delta.total_seconds():.0f} s"
+
+
+def _appraise(
+    claims: Claims,
+    evidence: Evidence,
+    *,
+    policy: AppraisalPolicy,
+    expected_report_data: bytes,
+    expected_nonce: bytes,
+    now: datetime,
+) -> None:
+    """Steps 5-11: check verified claims against the relying party's policy and expectations."""
+    # Step 5 (defence in depth: a verifier for any format may report simulated claims).
+    if claims.simulated and not policy.allow_simulated:
+        raise _refuse(
+            "simulated",
+            "simulated evidence refused: the relying party's trust policy does not set allow_simulated = true",
+        )
+
+    # Step 6: the nonce the evidence signs is the one this relying party sent (and so is the envelope's).
+    if not (hmac.compare_digest(claims.nonce, expected_nonce) and hmac.compare_digest(evidence.nonce, expected_nonce)):
+        raise _refuse(
+            "nonce",
+            "the evidence answers a different nonce than the one this relying party sent: it is replayed"
+            " or meant for another request; request fresh evidence with a new nonce",
+        )
+
+    # Step 7: report data binds the keys the enclave presented (and the nonce) into the evidence.
+    if not hmac.compare_digest(claims.report_data, expected_report_data):
+        raise _refuse(
+            "report_data",
+            "the evidence's report data does not match the enclave's presented keys and nonce: the keys"
+            " offered are not the ones the attested enclave holds; do not send it data",
+        )
+
+    # Step 8: measurement allowlist.
+    if not policy.measurements:
+        raise _refuse(
+            "measurement",
+            f"enclave measurement {claims.measurement} refused: the trust policy's measurement allowlist is"
+            " empty, so every enclave is refused; add the measurements you trust",
+        )
+    if claims.measurement not in policy.measurements:
+        raise _refuse(
+            "measurement",
+            f"enclave measurement {claims.measurement} is not in the trust policy's allowlist; if you"
+            " trust this enclave build, add it to the accepted measurements",
+        )
+
+    # Step 9: debug enclaves expose their memory to the host.
+    if claims.debug and not policy.allow_debug:
+        raise _refuse(
+            "debug",
+            "the enclave runs in debug mode (its memory is readable by the host) and the trust policy"
+            " does not set allow_debug = true; run the enclave in production mode",
+        )
+
+    # Step 10: minimum TCB, component by component.
+    for component, minimum in policy.min_tcb.items():
+        actual = claims.tcb.get(component)
+        if actual is None or actual < minimum:
+            shown = "absent" if actual is None else str(actual)
+            raise _refuse(
+                "tcb",
+                f"TCB component {component!r} is {shown}, below the trust policy's minimum {minimum};"
+                " update the enclave platform's firmware/microcode or lower min_tcb",
+            )
+
+    # Step 11: freshness, by the evidence's own (signed) issue time.
+    age = now - claims.issued_at
+    if age > policy.max_age:
+        raise _refuse(
+            "freshness",
+            f"the evidence was issued at {_iso_utc(claims.issued_at)}, {_seconds(age)} before"
+            f" {_iso_utc(now)}, older than the policy's max_age of {_seconds(policy.max_age)};"
+            " request fresh evidence",
+        )
+    if -age > policy.clock_skew:
+        raise _refuse(
+            "freshness",
+            f"the evidence was issued at {_iso_utc(claims.issued_at)}, {_seconds(-age)} after"
+            f" {_iso_utc(now)}, beyond the allowed clock skew of {_seconds(policy.clock_skew)};"
+            " check the enclave host's and this machine's clocks",
+        )
+
+
+def verify_evidence(
+    evidence: Evidence,
+    *,
+    policy: AppraisalPolicy,
+    expected_report_data: bytes,
+    expected_nonce: bytes,
+    now: datetime | None = None,
+) -> Claims:
+    """Verify ``evidence`` and appraise it against ``policy``; return its claims or raise.
+
+    ``expected_report_data`` is what the relying party computed itself (usually
+    :func:`~sealroom.attestation.evidence.report_data_for` over the keys the enclave offered and the
+    nonce); ``expected_nonce`` is the fresh nonce (>= 16 bytes) it sent. ``now`` (tz-aware) defaults
+    to the current time.
+
+    Steps, each raising :class:`AttestationError` with ``details["check"]``:
+
+    1. ``format``: the format has a verifier;
+    2. ``simulated``: simulated evidence only if the policy allows it;
+    3. ``chain``: the signing key's certificate chains to a pinned root, valid at ``now``;
+    4. ``signature``: the report's signature verifies under that key;
+    5. ``simulated``: (again, on the normalised claims);
+    6. ``nonce``: the signed nonce equals ``expected_nonce``;
+    7. ``report_data``: the signed report data equals ``expected_report_data``;
+    8. ``measurement``: the measurement is in the allowlist (an empty allowlist refuses all);
+    9. ``debug``: not a debug enclave, unless allowed;
+    10. ``tcb``: every ``min_tcb`` component is met;
+    11. ``freshness``: issued no more than ``max_age`` before ``now`` and no more than
+        ``clock_skew`` after it.
+
+    Malformed evidence raises with ``check="envelope"``. Wrong argument types or lengths (a caller
+    bug, not a refusal) raise ``TypeError``/``ValueError``.
+    """
+    # Step 0: arguments (caller bugs, not evidence failures).
+    if not isinstance(evidence, Evidence):
+        raise TypeError(f"evidence must be an Evidence, not {type(evidence).__name__}")
+    if not isinstance(policy, AppraisalPolicy):
+        raise TypeError(f"policy must be an AppraisalPolicy, not {type(policy).__name__}")
+    expected_report_data = _as_bytes("expected_report_data", expected_report_data)
+    expected_nonce = _as_bytes("expected_nonce", expected_nonce)
+    if len(expected_report_data) != REPORT_DATA_BYTES:
+        raise ValueError(f"expected_report_data must be {REPORT_DATA_BYTES} bytes, got {len(expected_report_data)}")
+    if len(expected_nonce) < MIN_NONCE_BYTES:
+        raise ValueError(f"expected_nonce must be at least {MIN_NONCE_BYTES} bytes, got {len(expected_nonce)}")
+    if now is None:
+        now = datetime.now(UTC)
+    elif not isinstance(now, datetime) or now.utcoffset() is None:
+        raise ValueError("now must be a timezone-aware datetime")
+    now = now.astimezone(UTC)
+
+    # Step 1: a verifier for this format.
+    verifier = _VERIFIERS.get(evidence.format)
+    if verifier is None:
+        raise _refuse(
+            "format",
+            f"evidence format {evidence.format[:64]!r} is not supported yet (this verifier supports:"
+            f" {', '.join(SUPPORTED_FORMATS)}); configure the enclave worker to produce a supported format",
+        )
+
+    # Steps 2-4: format-specific cryptography -> normalised claims.
+    claims = verifier(evidence, policy=policy, now=now)
+
+    # Steps 5-11: appraisal against this relying party's policy.
+    _appraise(
+        claims,
+        evidence,
+        policy=policy,
+        expected_report_data=expected_report_data,
+        expected_nonce=expected_nonce,
+        now=now,
+    )
+    if claims.simulated:
+        logger.warning(
+            "accepted SIMULATED attestation evidence (measurement %s): no TEE protects this enclave;"
+            " accepted only because the trust policy sets allow_simulated",
+            claims.measurement,
+        )
+    return claims

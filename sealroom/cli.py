@@ -1,0 +1,372 @@
+"""The ``sealroom`` command line. Only :func:`main` exits the process.
+
+Exit status: 0 success (released), 1 refused or failed, 2 unusable arguments. Every command that
+prints results has ``--json``: one JSON document on stdout; progress and logs go to stderr.
+Imports are lazy so that ``sealroom enclave serve`` loads only what the enclave worker needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_COORDINATOR = "127.0.0.1:7100"
+
+
+class UsageError(Exception):
+    """Unusable arguments (exit 2)."""
+
+
+def _coordinator(args: argparse.Namespace) -> str:
+    return args.coordinator or os.environ.get("SEALROOM_COORDINATOR", DEFAULT_COORDINATOR)
+
+
+def _emit(doc: Any) -> None:
+    from sealroom.output import jsonable
+
+    print(json.dumps(jsonable(doc), indent=2, sort_keys=False))
+
+
+# -- serve --------------------------------------------------------------------------------------
+
+
+def cmd_enclave_serve(args: argparse.Namespace) -> int:
+    from enclave_worker.config import EnclaveConfig
+    from enclave_worker.server import serve
+
+    serve(EnclaveConfig.load(Path(args.config)), port_file=args.port_file)
+    return EXIT_OK
+
+
+def cmd_enclave_measure(args: argparse.Namespace) -> int:
+    from enclave_worker.config import EnclaveConfig
+    from sealroom.attestation import enclave_measurement
+
+    m = enclave_measurement(EnclaveConfig.load(Path(args.config)).measured())
+    if args.json:
+        _emit({"measurement": m})
+    else:
+        print(m)
+    return EXIT_OK
+
+
+def cmd_coordinator_serve(args: argparse.Namespace) -> int:
+    from coordinator.config import CoordinatorConfig
+    from coordinator.server import serve
+
+    serve(CoordinatorConfig.load(Path(args.config)), port_file=args.port_file)
+    return EXIT_OK
+
+
+def cmd_party_serve(args: argparse.Namespace) -> int:
+    from connectors.agent import PartyConfig, serve
+
+    serve(PartyConfig.load(Path(args.config)), port_file=args.port_file)
+    return EXIT_OK
+
+
+def cmd_party_init(args: argparse.Namespace) -> int:
+    from sealroom.keys import generate_signing_key, public_key_hex, save_signing_key
+
+    key = generate_signing_key()
+    save_signing_key(key, Path(args.key), overwrite=args.force)
+    if args.json:
+        _emit({"key": str(args.key), "public_key": public_key_hex(key)})
+    else:
+        print(f"wrote {args.key} (mode 0600); public key {public_key_hex(key)}")
+    return EXIT_OK
+
+
+def cmd_dev_init(args: argparse.Namespace) -> int:
+    from sealroom.attestation import dev_init
+
+    root = dev_init(Path(args.dir), force=args.force)
+    print(f"wrote the SIMULATED dev attestation root: {root.cert_path} (and its key {root.key_path})")
+    print("relying parties pin the .crt with trust.dev_root and trust.allow_simulated = true")
+    return EXIT_OK
+
+
+# -- analyst ------------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from sealroom.client import Client
+
+    return Client(_coordinator(args), analyst=args.analyst)
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        ds = c.datasets()
+    if args.json:
+        _emit(ds)
+    else:
+        for d in ds:
+            unit = d["policy"].get("privacy_unit") or "rows"
+            print(f"{d['dataset']}: {', '.join(d['columns'])}  [unit {unit}, k={d['policy']['min_group_size']}]")
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        doc = c.explain_plan(args.sql)
+    if args.json:
+        _emit(doc)
+    else:
+        print(doc["text"])
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from sealroom.output import render_result, result_document
+
+    with _client(args) as c:
+        handle = c.submit(args.sql)
+        if not args.wait:
+            st = handle.status()
+            if args.json:
+                _emit(st)
+            else:
+                print(f"{st['query_id']}: {st['status']}")
+            return EXIT_OK if st["status"] != "refused" else EXIT_FAILED
+        handle.wait(args.timeout, on_progress=lambda st: print(f"{st['status']} {st['progress']}", file=sys.stderr))
+        result = c.result(handle.query_id)
+    if args.json:
+        _emit(result_document(result, sql=args.sql))
+    else:
+        print(render_result(result))
+    return EXIT_OK if result.status == "released" else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        rows = [c.status(args.query_id)] if args.query_id else c.queries()
+    if args.json:
+        _emit(rows if not args.query_id else rows[0])
+        return EXIT_OK
+    from sealroom.output import format_table
+
+    print(
+        format_table(
+            ["query", "status", "progress", "approved by", "awaiting", "analyst"],
+            [
+                [
+                    r["query_id"],
+                    r["status"],
+                    r["progress"],
+                    ", ".join(r["approved_by"]),
+                    ", ".join(r["awaiting"]),
+                    r["analyst"],
+                ]
+                for r in rows
+            ],
+        )
+    )
+    for r in rows:
+        if args.query_id and r["error"]:
+            print(f"\n{r['status']}: {r['error']['message']}")
+    return EXIT_OK
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    from sealroom.output import render_result, result_document
+
+    with _client(args) as c:
+        result = c.result(args.query_id)
+    if args.json:
+        _emit(result_document(result))
+    else:
+        print(render_result(result))
+    return EXIT_OK if result.status == "released" else EXIT_FAILED
+
+
+# -- demo and local -----------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sealroom.demo import run_demo
+
+    doc = run_demo(
+        scenario=args.scenario, state_dir=Path(args.state_dir) if args.state_dir else None, as_json=args.json
+    )
+    if args.json:
+        _emit(doc)
+    else:
+        n = {s: sum(1 for q in doc["queries"] if q["status"] == s) for s in ("released", "refused", "failed")}
+        print(
+            f"demo done: {n['released']} released, {n['refused']} refused, {n['failed']} failed (simulated attestation)"
+        )
+    return EXIT_OK if all(q["status"] in ("released", "refused") for q in doc["queries"]) else EXIT_FAILED
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values or []:
+        key, sep, val = v.partition("=")
+        parts = key.split(".")
+        if not sep or not val or len(parts) != 2 or not all(p.isidentifier() for p in parts):
+            raise UsageError(f"{flag} expects PARTY.NAME=VALUE with identifier names (got {v!r})")
+        if key in out:
+            raise UsageError(f"{flag} given twice for {key}")
+        out[key] = val
+    return out
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from connectors.sources import open_source
+    from sealroom.demo import run_local
+    from sealroom.errors import SealroomError
+    from sealroom.policy import DatasetPolicy
+
+    datasets = _pairs(args.dataset, "--dataset")
+    if not datasets:
+        raise UsageError("give at least one --dataset PARTY.NAME=SOURCE")
+    units = _pairs(args.privacy_unit, "--privacy-unit")
+    if args.min_group_size < 1:
+        raise UsageError("--min-group-size must be at least 1")
+    policies = {}
+    for qualified, source in datasets.items():
+        path = Path(source)
+        if "://" not in source:
+            datasets[qualified] = str(path.resolve())
+        try:
+            schema = open_source(datasets[qualified], dataset=qualified).schema
+        except SealroomError as err:
+            raise UsageError(err.message) from None
+        unit = units.get(qualified)
+        if unit is not None and unit not in schema.names:
+            raise UsageError(f"--privacy-unit {qualified}={unit}: no such column (columns: {', '.join(schema.names)})")
+        policies[qualified] = DatasetPolicy(privacy_unit=unit, min_group_size=args.min_group_size)
+    for qualified in units:
+        if qualified not in datasets:
+            raise UsageError(f"--privacy-unit names {qualified}, which no --dataset defines")
+    doc = run_local(
+        datasets=datasets,
+        sql=args.sql,
+        policies=policies,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        as_json=args.json,
+    )
+    if args.json:
+        _emit(doc)
+    if doc["status"] != "released":
+        reason = doc.get("reason", {}).get("message", doc["status"])
+        print(f"sealroom local: {doc['status']}: {reason}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sealroom", description="Privacy-preserving joint analytics.")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_json(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        return sp
+
+    def analyst(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument(
+            "--coordinator", help=f"coordinator address (env SEALROOM_COORDINATOR, default {DEFAULT_COORDINATOR})"
+        )
+        sp.add_argument("--analyst", default=os.environ.get("SEALROOM_ANALYST", "analyst"))
+        return with_json(sp)
+
+    d = with_json(sub.add_parser("demo", help="run the whole platform on synthetic data"))
+    d.add_argument("--scenario", choices=["bank", "hospital", "all"], default="all")
+    d.add_argument("--state-dir", help="keep state, keys, configs and logs here (default: a temporary directory)")
+    d.set_defaults(fn=cmd_demo)
+
+    lo = with_json(sub.add_parser("local", help="run one query over your own files"))
+    lo.add_argument("--dataset", action="append", default=[], metavar="PARTY.NAME=SOURCE")
+    lo.add_argument("--privacy-unit", action="append", default=[], metavar="PARTY.NAME=COLUMN")
+    lo.add_argument("--min-group-size", type=int, default=5)
+    lo.add_argument("--state-dir")
+    lo.add_argument("sql")
+    lo.set_defaults(fn=cmd_local)
+
+    for name, fn, helptext in (
+        ("coordinator", cmd_coordinator_serve, "run the coordinator"),
+        ("enclave", cmd_enclave_serve, "run an enclave worker"),
+        ("party", cmd_party_serve, "run a data owner's party agent"),
+    ):
+        grp = sub.add_parser(name, help=helptext).add_subparsers(dest="action", required=True, metavar="ACTION")
+        s = grp.add_parser("serve", help=helptext)
+        s.add_argument("--config", required=True)
+        s.add_argument("--port-file", help="write the bound port here once serving")
+        s.set_defaults(fn=fn)
+        if name == "enclave":
+            m = with_json(grp.add_parser("measure", help="print the measurement a data owner pins"))
+            m.add_argument("--config", required=True)
+            m.set_defaults(fn=cmd_enclave_measure)
+        if name == "party":
+            i = with_json(grp.add_parser("init", help="create the owner's Ed25519 signing key"))
+            i.add_argument("--key", required=True)
+            i.add_argument("--force", action="store_true")
+            i.set_defaults(fn=cmd_party_init)
+
+    dev = sub.add_parser("dev", help="development helpers").add_subparsers(dest="action", required=True)
+    di = dev.add_parser("init", help="create the SIMULATED attestation dev root")
+    di.add_argument("--dir", default=str(Path.home() / ".sealroom" / "dev"))
+    di.add_argument("--force", action="store_true")
+    di.set_defaults(fn=cmd_dev_init)
+
+    analyst(sub.add_parser("datasets", help="list registered datasets")).set_defaults(fn=cmd_datasets)
+    e = analyst(sub.add_parser("explain", help="show the plan for a query without running it"))
+    e.add_argument("sql")
+    e.set_defaults(fn=cmd_explain)
+    s = analyst(sub.add_parser("submit", help="submit a query"))
+    s.add_argument("sql")
+    s.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    s.add_argument("--timeout", type=float, default=600.0)
+    s.set_defaults(fn=cmd_submit)
+    st = analyst(sub.add_parser("status", help="show a query's state (or all queries)"))
+    st.add_argument("query_id", nargs="?")
+    st.set_defaults(fn=cmd_status)
+    r = analyst(sub.add_parser("result", help="print a query's released result"))
+    r.add_argument("query_id")
+    r.set_defaults(fn=cmd_result)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from sealroom.errors import SealroomError
+
+    try:
+        code = args.fn(args)
+    except UsageError as err:
+        print(f"sealroom: {err}", file=sys.stderr)
+        code = EXIT_USAGE
+    except SealroomError as err:
+        print(f"sealroom: {err.code}: {err.message}", file=sys.stderr)
+        if getattr(args, "json", False):
+            _emit(
+                {
+                    "status": "refused" if err.code in ("policy_refusal", "invalid_query") else "failed",
+                    "reason": err.to_dict(),
+                }
+            )
+        code = EXIT_USAGE if err.code == "config" else EXIT_FAILED
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Start the whole platform on this machine: enclave worker, coordinator and one party agent per
+organisation, each a real gRPC server on 127.0.0.1 in its own process.
+
+Used by ``sealroom demo``, ``sealroom local`` and the end-to-end tests. Everything lives under one
+state directory: the dev attestation root, the parties' signing keys, generated config files (an
+operator's templates, see docs/operations.md), the coordinator's SQLite state and each process's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sealroom.errors import UnavailableError
+from sealroom.keys import generate_signing_key, save_signing_key
+from sealroom.policy import DatasetPolicy
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    source: str
+    policy: DatasetPolicy = field(default_factory=DatasetPolicy)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PartySpec:
+    name: str
+    datasets: tuple[DatasetSpec, ...]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str | Path):
+        return json.dumps(str(v))
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def _toml_table(name: str, values: dict[str, Any], *, array: bool = False) -> str:
+    head = f"[[{name}]]" if array else f"[{name}]"
+    lines = [head] + [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _policy_values(p: DatasetPolicy) -> dict[str, Any]:
+    return {
+        "privacy_unit": p.privacy_unit,
+        "min_group_size": p.min_group_size,
+        "analysts": list(p.analysts),
+        "approval": p.approval,
+    }
+
+
+class Cluster:
+    """The platform's processes under one state directory. Use as a context manager."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        parties: Sequence[PartySpec],
+        *,
+        log: Callable[[str], None] = lambda msg: None,
+        memory_limit_mb: int = 4096,
+        party_timeout_seconds: float = 600.0,
+        env: dict[str, str] | None = None,
+    ):
+        self.state_dir = Path(state_dir).resolve()
+        self.parties = list(parties)
+        self.log = log
+        self.memory_limit_mb = memory_limit_mb
+        self.party_timeout_seconds = party_timeout_seconds
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.addresses: dict[str, str] = {}
+        self.measurement = ""
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def _paths(self) -> dict[str, Path]:
+        s = self.state_dir
+        return {"dev": s / "dev", "keys": s / "keys", "config": s / "config", "logs": s / "logs", "run": s / "run"}
+
+    def prepare(self) -> None:
+        from enclave_worker.config import EnclaveConfig
+        from sealroom.attestation import dev_init, enclave_measurement
+
+        p = self._paths()
+        for d in p.values():
+            d.mkdir(parents=True, exist_ok=True)
+        if not (p["dev"] / "dev-root.crt").exists():
+            dev_init(p["dev"])
+        enclave_values = {
+            "listen": "127.0.0.1:0",
+            "attester": "simulated",
+            "dev_root": str(p["dev"]),
+            "memory_limit_mb": self.memory_limit_mb,
+        }
+        (p["config"] / "enclave.toml").write_text(_toml_table("enclave", enclave_values))
+        # The measurement a data owner pins: computed from the code and configuration, as
+        # `sealroom enclave measure --config enclave.toml` prints it.
+        self.measurement = enclave_measurement(EnclaveConfig.load(p["config"] / "enclave.toml").measured())
+        for party in self.parties:
+            key = p["keys"] / f"{party.name}.key"
+            if not key.exists():
+                save_signing_key(generate_signing_key(), key)
+
+    def _trust(self) -> dict[str, Any]:
+        return {
+            "allow_simulated": True,
+            "dev_root": str(self._paths()["dev"] / "dev-root.crt"),
+            "measurements": [self.measurement],
+        }
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        p = self._paths()
+        port_file = p["run"] / f"{name}.port"
+        port_file.unlink(missing_ok=True)
+        logf = open(p["logs"] / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sealroom.cli", "--log-level", "info", *args, "--port-file", str(port_file)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.state_dir,
+        )
+        logf.close()
+        self.procs[name] = proc
+        return proc
+
+    def _wait_port(self, name: str, timeout: float = 60.0) -> str:
+        port_file = self._paths()["run"] / f"{name}.port"
+        deadline = time.monotonic() + timeout
+        proc = self.procs[name]
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise UnavailableError(
+                    f"{name} exited with status {proc.returncode} while starting; see {self.log_path(name)}"
+                )
+            if port_file.exists() and port_file.read_text().strip():
+                address = f"127.0.0.1:{int(port_file.read_text())}"
+                self.addresses[name] = address
+                return address
+            time.sleep(0.05)
+        raise UnavailableError(f"{name} did not start within {timeout:.0f} s; see {self.log_path(name)}")
+
+    def log_path(self, name: str) -> Path:
+        return self._paths()["logs"] / f"{name}.log"
+
+    def start(self) -> Cluster:
+        from sealroom.rpc import wait_healthy
+
+        self.prepare()
+        p = self._paths()
+        self.log("starting the enclave worker (simulated attestation)")
+        self._spawn("enclave", ["enclave", "serve", "--config", str(p["config"] / "enclave.toml")])
+        enclave = self._wait_port("enclave")
+        coord_cfg = p["config"] / "coordinator.toml"
+        coord_cfg.write_text(
+            _toml_table(
+                "coordinator",
+                {
+                    "listen": "127.0.0.1:0",
+                    "state_dir": str(self.state_dir / "coordinator"),
+                    "enclave": enclave,
+                    "party_timeout_seconds": self.party_timeout_seconds,
+                },
+            )
+            + _toml_table("trust", self._trust())
+        )
+        self.log("starting the coordinator")
+        self._spawn("coordinator", ["coordinator", "serve", "--config", str(coord_cfg)])
+        coordinator = self._wait_port("coordinator")
+        for party in self.parties:
+            cfg = p["config"] / f"party-{party.name}.toml"
+            text = _toml_table(
+                "party",
+                {
+                    "name": party.name,
+                    "listen": "127.0.0.1:0",
+                    "coordinator": coordinator,
+                    "signing_key": str(p["keys"] / f"{party.name}.key"),
+                },
+            ) + _toml_table("trust", self._trust())
+            for d in party.datasets:
+                text += _toml_table(
+                    "dataset", {"name": d.name, "source": d.source, "description": d.description}, array=True
+                )
+                text += _toml_table("dataset.policy", _policy_values(d.policy))
+            cfg.write_text(text)
+            self.log(f"starting party agent {party.name}")
+            self._spawn(f"party-{party.name}", ["party", "serve", "--config", str(cfg)])
+        for party in self.parties:
+            self._wait_port(f"party-{party.name}")
+        for name in self.procs:
+            wait_healthy(self.addresses[name])
+        self.log(f"platform up: coordinator {coordinator}, enclave {enclave}, {len(self.parties)} party agents")
+        return self
+
+    @property
+    def coordinator_address(self) -> str:
+        return self.addresses["coordinator"]
+
+    @property
+    def enclave_address(self) -> str:
+        return self.addresses["enclave"]
+
+    def client(self, analyst: str = "analyst") -> Any:
+        from sealroom.client import Client
+
+        return Client(self.coordinator_address, analyst=analyst)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> Cluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

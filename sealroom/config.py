@@ -1,0 +1,126 @@
+"""Reading TOML configuration into validated values.
+
+Components define frozen dataclasses for their configuration and build them with :class:`Table`,
+which reads typed keys and raises :class:`~sealroom.errors.ConfigError` naming the file, the key
+and what was expected. Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sealroom.errors import ConfigError
+
+_MISSING = object()
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}", details={"file": str(path)}) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})", details={"file": str(path)}) from None
+
+
+class Table:
+    """A TOML table with typed, validated access. ``prefix`` is the dotted path for messages."""
+
+    def __init__(self, doc: Mapping[str, Any], *, source: str, prefix: str = "", base: Path | None = None):
+        self.doc = doc
+        self.source = source
+        self.prefix = prefix
+        self.base = base or Path(".")
+
+    def _err(self, key: str, expected: str) -> ConfigError:
+        return ConfigError(
+            f"{self.source}: {self.prefix}{key} must be {expected}",
+            details={"file": self.source, "key": f"{self.prefix}{key}"},
+        )
+
+    def check_keys(self, allowed: set[str]) -> None:
+        for key in self.doc:
+            if key not in allowed:
+                raise ConfigError(
+                    f"{self.source}: unknown key {self.prefix}{key}; expected one of {', '.join(sorted(allowed))}",
+                    details={"file": self.source, "key": f"{self.prefix}{key}"},
+                )
+
+    def table(self, key: str, *, required: bool = True) -> Table:
+        value = self.doc.get(key, _MISSING)
+        if value is _MISSING:
+            if required:
+                raise self._err(key, "a table")
+            value = {}
+        if not isinstance(value, Mapping):
+            raise self._err(key, "a table")
+        return Table(value, source=self.source, prefix=f"{self.prefix}{key}.", base=self.base)
+
+    def tables(self, key: str) -> list[Table]:
+        value = self.doc.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            raise self._err(key, f"an array of tables ([[{self.prefix}{key}]])")
+        return [
+            Table(v, source=self.source, prefix=f"{self.prefix}{key}[{i}].", base=self.base)
+            for i, v in enumerate(value)
+        ]
+
+    def str(self, key: str, default: Any = _MISSING) -> str:
+        value = self.doc.get(key, default)
+        if value is _MISSING or not isinstance(value, str) or not value:
+            raise self._err(key, "a non-empty string")
+        return value
+
+    def opt_str(self, key: str) -> str | None:
+        value = self.doc.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self._err(key, "a non-empty string")
+        return value
+
+    def int(self, key: str, default: Any = _MISSING, *, minimum: int | None = None) -> int:
+        value = self.doc.get(key, default)
+        if value is _MISSING or not isinstance(value, int) or isinstance(value, bool):
+            raise self._err(key, "an integer")
+        if minimum is not None and value < minimum:
+            raise self._err(key, f"an integer >= {minimum}")
+        return value
+
+    def float(self, key: str, default: Any = _MISSING, *, minimum: float | None = None) -> float:
+        value = self.doc.get(key, default)
+        if value is _MISSING or isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._err(key, "a number")
+        if minimum is not None and value < minimum:
+            raise self._err(key, f"a number >= {minimum}")
+        return float(value)
+
+    def bool(self, key: str, default: Any = _MISSING) -> bool:
+        value = self.doc.get(key, default)
+        if not isinstance(value, bool):
+            raise self._err(key, "true or false")
+        return value
+
+    def path(self, key: str, default: Any = _MISSING) -> Path:
+        value = self.doc.get(key, default)
+        if value is _MISSING or not isinstance(value, str | Path) or not str(value):
+            raise self._err(key, "a path")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base / p
+
+    def opt_path(self, key: str) -> Path | None:
+        return self.path(key) if self.doc.get(key) is not None else None
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> str:
+        value = self.doc.get(key, default)
+        if value not in choices:
+            raise self._err(key, f"one of {', '.join(choices)}")
+        return value
+
+
+def file_table(path: Path) -> Table:
+    path = Path(path)
+    return Table(load_toml(path), source=str(path), base=path.parent)

@@ -1,0 +1,186 @@
+"""``sealroom demo`` and ``sealroom local``: the whole platform on this machine.
+
+The demo generates seeded synthetic data, starts an enclave worker (simulated attestation), a
+coordinator and one party agent per organisation as separate processes serving gRPC on
+127.0.0.1, and runs each scenario's queries. ``local`` does the same for one query over the
+user's own files.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sealroom.cluster import Cluster, DatasetSpec, PartySpec
+from sealroom.demo_data import BANKS, HOSPITALS, bank_tables, hospital_tables, write_parquet
+from sealroom.output import render_result, result_document
+from sealroom.policy import DatasetPolicy
+
+
+@dataclass(frozen=True)
+class DemoQuery:
+    title: str
+    sql: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    parties: Callable[[Path], list[PartySpec]]
+    queries: tuple[DemoQuery, ...]
+
+
+def _bank_parties(data_dir: Path) -> list[PartySpec]:
+    paths = write_parquet(bank_tables(), data_dir, "exposures")
+    policy = DatasetPolicy(privacy_unit="customer_id", min_group_size=5)
+    return [
+        PartySpec(bank, (DatasetSpec("exposures", str(paths[bank]), policy, "exposure per customer"),))
+        for bank in BANKS
+    ]
+
+
+def _hospital_parties(data_dir: Path) -> list[PartySpec]:
+    paths = write_parquet(hospital_tables(), data_dir, "stays")
+    policy = DatasetPolicy(privacy_unit="patient_id", min_group_size=5)
+    return [PartySpec(h, (DatasetSpec("stays", str(paths[h]), policy, "inpatient stays"),)) for h in HOSPITALS]
+
+
+BANK = Scenario(
+    "bank",
+    "Cross-bank risk: three banks join their books on a shared customer id",
+    _bank_parties,
+    (
+        DemoQuery(
+            "Shared customers: exposure and default rate by segment and rating",
+            """
+SELECT a.segment, a.rating,
+       COUNT(*) AS shared_customers,
+       SUM(a.exposure + b.exposure + c.exposure) AS total_exposure,
+       AVG(GREATEST(a.defaulted, b.defaulted, c.defaulted)) AS default_rate
+FROM bank_a.exposures a
+JOIN bank_b.exposures b ON a.customer_id = b.customer_id
+JOIN bank_c.exposures c ON a.customer_id = c.customer_id
+GROUP BY a.segment, a.rating
+ORDER BY a.segment, a.rating""",
+            "the corporate/CCC cell has only three shared customers, so it is suppressed",
+        ),
+        DemoQuery(
+            "Exposure concentration across the three books",
+            """
+SELECT segment,
+       COUNT(DISTINCT customer_id) AS customers,
+       SUM(exposure) AS total_exposure,
+       STDDEV_SAMP(exposure) AS sd_exposure
+FROM (SELECT * FROM bank_a.exposures
+      UNION ALL SELECT * FROM bank_b.exposures
+      UNION ALL SELECT * FROM bank_c.exposures) books
+GROUP BY segment
+ORDER BY total_exposure DESC""",
+        ),
+        DemoQuery(
+            "A query that would output rows (refused)",
+            """
+SELECT a.customer_id, a.exposure
+FROM bank_a.exposures a JOIN bank_b.exposures b ON a.customer_id = b.customer_id""",
+        ),
+    ),
+)
+
+HOSPITAL = Scenario(
+    "hospital",
+    "Hospital cohort statistics across three sites",
+    _hospital_parties,
+    (
+        DemoQuery(
+            "Cohort by diagnosis and age band",
+            """
+SELECT diagnosis,
+       CASE WHEN age < 40 THEN '0-39' WHEN age < 65 THEN '40-64' ELSE '65+' END AS age_band,
+       COUNT(DISTINCT patient_id) AS patients,
+       AVG(age) AS mean_age,
+       AVG(length_of_stay) AS mean_stay,
+       STDDEV_SAMP(cost) AS sd_cost
+FROM (SELECT * FROM hospital_north.stays
+      UNION ALL SELECT * FROM hospital_south.stays
+      UNION ALL SELECT * FROM hospital_east.stays) s
+GROUP BY diagnosis, age_band
+ORDER BY diagnosis, age_band""",
+            "the rare diagnosis has two patients, so its cell is suppressed",
+        ),
+    ),
+)
+
+SCENARIOS = {"bank": BANK, "hospital": HOSPITAL}
+
+
+def _say(msg: str) -> None:
+    print(f"[sealroom] {msg}", file=sys.stderr, flush=True)
+
+
+def run_demo(*, scenario: str = "all", state_dir: Path | None = None, as_json: bool = False) -> dict[str, Any]:
+    names = list(SCENARIOS) if scenario == "all" else [scenario]
+    tmp = None
+    if state_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="sealroom-demo-")
+        state_dir = Path(tmp.name)
+    state_dir = Path(state_dir)
+    out: dict[str, Any] = {"simulated": True, "state_dir": str(state_dir), "queries": []}
+    try:
+        for name in names:
+            sc = SCENARIOS[name]
+            _say(f"scenario {name}: {sc.description}")
+            parties = sc.parties(state_dir / "data" / name)
+            with Cluster(state_dir / name, parties, log=_say) as cluster, cluster.client() as client:
+                for q in sc.queries:
+                    _say(f"submitting: {q.title}")
+                    handle = client.submit(q.sql)
+                    handle.wait(on_progress=lambda st: _say(f"  {st['query_id']}: {st['status']} {st['progress']}"))
+                    result = client.result(handle.query_id)
+                    doc = result_document(result, title=q.title, sql=q.sql.strip())
+                    doc["scenario"] = name
+                    out["queries"].append(doc)
+                    if not as_json:
+                        print(render_result(result, title=q.title, sql=q.sql), flush=True)
+                        if q.note:
+                            print(f"\nnote: {q.note}", flush=True)
+                        print(flush=True)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return out
+
+
+def run_local(
+    *,
+    datasets: dict[str, str],
+    sql: str,
+    policies: dict[str, DatasetPolicy],
+    state_dir: Path | None = None,
+    as_json: bool = False,
+) -> dict[str, Any]:
+    by_party: dict[str, list[DatasetSpec]] = {}
+    for qualified, source in datasets.items():
+        party, name = qualified.split(".", 1)
+        by_party.setdefault(party, []).append(DatasetSpec(name, source, policies[qualified]))
+    parties = [PartySpec(p, tuple(ds)) for p, ds in by_party.items()]
+    tmp = None
+    if state_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="sealroom-local-")
+        state_dir = Path(tmp.name)
+    try:
+        with Cluster(Path(state_dir), parties, log=_say) as cluster, cluster.client() as client:
+            handle = client.submit(sql)
+            handle.wait(on_progress=lambda st: _say(f"{st['query_id']}: {st['status']} {st['progress']}"))
+            result = client.result(handle.query_id)
+            if not as_json:
+                print(render_result(result), flush=True)
+            return result_document(result, sql=sql.strip())
+    finally:
+        if tmp is not None:
+            tmp.cleanup()

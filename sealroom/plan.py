@@ -1,0 +1,190 @@
+"""Query plans, their canonical hash, and owners' approval signatures.
+
+A plan is the unit every data owner approves: the SQL, the analyst, the stages, each party's input
+(projected columns, schema hash, policy and its digest) and the owners' signing keys. Its hash is
+SHA-256 over its canonical JSON; it includes the query id and a random salt, so an approval for one
+query never verifies for another (replay). An approval is an Ed25519 signature over a
+domain-separated message holding the plan hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from sealroom.errors import ApprovalError, InvalidQueryError
+from sealroom.policy import DatasetPolicy, canonical_json
+
+PLAN_VERSION = 1
+APPROVAL_DOMAIN = b"sealroom/v1/approval\x00"
+STREAM_DOMAIN = b"sealroom/v1/stream-header\x00"
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """What one party contributes to a stage: a projection of one dataset."""
+
+    party: str
+    dataset: str
+    columns: tuple[str, ...]
+    policy: DatasetPolicy
+    table: str  # name of the input inside the enclave's engine
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.party}.{self.dataset}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "party": self.party,
+            "dataset": self.dataset,
+            "columns": list(self.columns),
+            "policy": self.policy.to_dict(),
+            "policy_digest": self.policy.digest(),
+            "table": self.table,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PlanInput:
+        policy = DatasetPolicy.from_dict(d["policy"], source="<plan>")
+        if policy.digest() != d["policy_digest"]:
+            raise InvalidQueryError("plan is inconsistent: a policy does not match its digest")
+        return cls(
+            party=d["party"],
+            dataset=d["dataset"],
+            columns=tuple(d["columns"]),
+            policy=policy,
+            table=d["table"],
+        )
+
+
+@dataclass(frozen=True)
+class Stage:
+    id: str
+    kind: str  # "tee" (and "mpc" once MPC stages exist)
+    sql: str  # the analyst's query, normalised; the enclave compiles it itself
+    inputs: tuple[PlanInput, ...]
+    output_columns: tuple[str, ...]
+    min_group_size: int  # strictest over inputs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "sql": self.sql,
+            "inputs": [i.to_dict() for i in self.inputs],
+            "output_columns": list(self.output_columns),
+            "min_group_size": self.min_group_size,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Stage:
+        return cls(
+            id=d["id"],
+            kind=d["kind"],
+            sql=d["sql"],
+            inputs=tuple(PlanInput.from_dict(i) for i in d["inputs"]),
+            output_columns=tuple(d["output_columns"]),
+            min_group_size=int(d["min_group_size"]),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    query_id: str
+    sql: str
+    analyst: str
+    stages: tuple[Stage, ...]
+    parties: dict[str, str]  # party -> Ed25519 public key (hex)
+    salt: str
+    created_at: float
+    version: int = PLAN_VERSION
+    _hash: str = field(default="", compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "query_id": self.query_id,
+            "sql": self.sql,
+            "analyst": self.analyst,
+            "stages": [s.to_dict() for s in self.stages],
+            "parties": dict(sorted(self.parties.items())),
+            "salt": self.salt,
+            "created_at": self.created_at,
+        }
+
+    def to_json(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_json()).hexdigest()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Plan:
+        try:
+            d = json.loads(data)
+            if d.get("version") != PLAN_VERSION:
+                raise InvalidQueryError(f"unsupported plan version {d.get('version')!r}")
+            return cls(
+                query_id=d["query_id"],
+                sql=d["sql"],
+                analyst=d["analyst"],
+                stages=tuple(Stage.from_dict(s) for s in d["stages"]),
+                parties=dict(d["parties"]),
+                salt=d["salt"],
+                created_at=float(d["created_at"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, InvalidQueryError):
+                raise
+            raise InvalidQueryError(f"malformed plan document ({type(exc).__name__})") from None
+
+    def inputs(self) -> list[PlanInput]:
+        return [i for s in self.stages for i in s.inputs]
+
+    def involved_parties(self) -> list[str]:
+        return sorted({i.party for i in self.inputs()})
+
+
+def approval_message(plan_hash: str) -> bytes:
+    return APPROVAL_DOMAIN + bytes.fromhex(plan_hash)
+
+
+def sign_approval(key: Ed25519PrivateKey, plan_hash: str) -> bytes:
+    return key.sign(approval_message(plan_hash))
+
+
+def verify_approval(public_key_hex: str, plan_hash: str, signature: bytes, *, party: str) -> None:
+    """Raise ApprovalError unless ``signature`` is ``party``'s approval of ``plan_hash``."""
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex)).verify(signature, approval_message(plan_hash))
+    except (InvalidSignature, ValueError):
+        raise ApprovalError(
+            f"the approval of {party} does not verify for this plan (forged, or signed for another plan)",
+            details={"party": party, "check": "approval_signature"},
+        ) from None
+
+
+def sign_stream_header(key: Ed25519PrivateKey, header: bytes) -> bytes:
+    """A party's signature over its sealed stream header: proves which owner sealed the stream.
+
+    HPKE base mode alone would let anyone holding the job's public key seal rows under any party's
+    name; the enclave accepts a stream only with this signature by the key the plan names.
+    """
+    return key.sign(STREAM_DOMAIN + header)
+
+
+def verify_stream_header(public_key_hex: str, header: bytes, signature: bytes) -> bool:
+    """True when ``signature`` is the owner's signature over ``header`` (the caller raises its own
+    uniform integrity error, so no detail of which check failed reaches the sender)."""
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex)).verify(signature, STREAM_DOMAIN + header)
+    except (InvalidSignature, ValueError):
+        return False
+    return True

@@ -1,0 +1,249 @@
+"""gRPC plumbing shared by every Sealroom server and client.
+
+- :func:`create_server` binds a server (port 0 picks a free port) and returns ``(server, port)``;
+  the standard health service is registered and set to SERVING by :func:`start`, NOT_SERVING
+  before a graceful stop.
+- :func:`translate_errors` is the one translator: a servicer method that raises a
+  :class:`~sealroom.errors.SealroomError` aborts with that error's gRPC status, its public
+  message, and its public details (JSON in trailing metadata); anything else is logged here and
+  sent as a generic INTERNAL error, so no internal message (which might hold data) crosses the wire.
+- :func:`unwrap` turns a client-side ``grpc.RpcError`` back into the matching SealroomError.
+- TLS: servers and channels take an optional :class:`TLSConfig`; without it they speak plaintext,
+  which is only appropriate on loopback (the demo). Party data is sealed end to end either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from sealroom.errors import (
+    InternalError,
+    SealroomError,
+    UnavailableError,
+    from_code,
+)
+
+log = logging.getLogger(__name__)
+
+ERROR_METADATA_KEY = "sealroom-error-bin"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_retries", 0),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Certificates for mutual or server-only TLS (PEM files)."""
+
+    ca_cert: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        if self.cert is None or self.key is None:
+            raise SealroomError("a TLS server needs both cert and key")
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=self.ca_cert.read_bytes(),
+            require_client_auth=False,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_cert.read_bytes(),
+            private_key=self.key.read_bytes() if self.key else None,
+            certificate_chain=self.cert.read_bytes() if self.cert else None,
+        )
+
+
+class Server:
+    """A bound gRPC server with its health service."""
+
+    def __init__(self, server: grpc.Server, port: int, health_servicer: health.HealthServicer):
+        self.grpc = server
+        self.port = port
+        self.health = health_servicer
+
+    def start(self) -> None:
+        self.grpc.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.grpc.stop(grace).wait()
+
+    def serve_until_signalled(self, on_stop: Callable[[], None] | None = None) -> None:
+        """Block until SIGINT/SIGTERM, then stop gracefully."""
+        stop = threading.Event()
+
+        def _handler(signum: int, frame: object) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+        stop.wait()
+        log.info("stopping")
+        if on_stop is not None:
+            on_stop()
+        self.stop()
+
+
+def create_server(
+    address: str,
+    *,
+    max_workers: int = 16,
+    tls: TLSConfig | None = None,
+    handlers: tuple[grpc.GenericRpcHandler, ...] = (),
+) -> Server:
+    """Bind a server at ``address`` (``host:0`` for a free port). Register servicers, then ``start()``."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=CHANNEL_OPTIONS,
+        handlers=handlers,
+    )
+    if tls is not None:
+        port = server.add_secure_port(address, tls.server_credentials())
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise UnavailableError(f"cannot listen on {address}: the address is in use or not local")
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    return Server(server, port, health_servicer)
+
+
+def open_channel(address: str, *, tls: TLSConfig | None = None) -> grpc.Channel:
+    if tls is not None:
+        return grpc.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def wait_healthy(address: str, *, timeout: float = 30.0, tls: TLSConfig | None = None) -> None:
+    """Wait until the server at ``address`` reports SERVING (UnavailableError after ``timeout``)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    with open_channel(address, tls=tls) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise UnavailableError(f"no healthy server at {address} after {timeout:.0f} s")
+            time.sleep(0.1)
+
+
+def abort(context: grpc.ServicerContext, err: SealroomError) -> None:
+    """Abort the call with ``err``'s status, public message and public details."""
+    context.set_trailing_metadata(((ERROR_METADATA_KEY, err.to_json().encode()),))
+    context.abort(err.grpc_status, err.message)
+
+
+def _handle(context: grpc.ServicerContext, name: str, exc: BaseException) -> None:
+    if isinstance(exc, SealroomError):
+        log.info("%s refused: %s", name, exc.code)
+        abort(context, exc)
+    else:
+        # Internal errors are logged by type only at INFO and with traceback at DEBUG: a
+        # third-party message can quote data (DuckDB conversion errors do), so it stays out of
+        # the default log and never crosses the wire.
+        log.error("%s failed with %s", name, type(exc).__name__)
+        log.debug("%s traceback", name, exc_info=exc)
+        abort(context, InternalError())
+
+
+def translate_errors(cls: type) -> type:
+    """Class decorator for servicers: wrap each RPC method with the error translator."""
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("_") or not callable(fn):
+            continue
+        setattr(cls, name, _wrap(name, fn))
+    return cls
+
+
+def _wrap(name: str, fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except grpc.RpcError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the one translator
+            if _is_abort(exc):
+                raise
+            _handle(context, name, exc)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort() raises a plain Exception subclass internal to grpc; let it through.
+    return type(exc).__module__.startswith("grpc")
+
+
+def raw_stream_handler(
+    service: str, method: str, fn: Callable[[Iterator[bytes], grpc.ServicerContext], bytes]
+) -> grpc.GenericRpcHandler:
+    """A client-streaming method over raw bytes (no protobuf copy), with the error translator."""
+
+    def behaviour(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        try:
+            return fn(request_iterator, context)
+        except Exception as exc:  # noqa: BLE001 - the one translator
+            if _is_abort(exc):
+                raise
+            _handle(context, f"{service}/{method}", exc)
+            raise AssertionError("unreachable") from exc
+
+    return grpc.method_handlers_generic_handler(
+        service,
+        {method: grpc.stream_unary_rpc_method_handler(behaviour)},
+    )
+
+
+def unwrap(exc: grpc.RpcError, *, peer: str = "server") -> SealroomError:
+    """Turn a client-side RpcError into the SealroomError the server meant."""
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == ERROR_METADATA_KEY:
+            try:
+                doc = json.loads(value)
+                return from_code(doc.get("code", "internal"), doc.get("message", ""), doc.get("details"))
+            except (ValueError, TypeError):
+                break
+    code = exc.code() if hasattr(exc, "code") else None
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return UnavailableError(f"{peer} unreachable or too slow ({code.name.lower()}); is it running?")
+    if code == grpc.StatusCode.CANCELLED:
+        return UnavailableError(f"call to {peer} was cancelled")
+    return InternalError(f"{peer} failed ({code.name if code else 'unknown'})")
+
+
+def call(peer: str, method: Callable[..., Any], request: Any, *, timeout: float | None = 60.0, **kw: Any) -> Any:
+    """Invoke a unary stub method, converting gRPC failures to SealroomError."""
+    try:
+        return method(request, timeout=timeout, **kw)
+    except grpc.RpcError as exc:
+        raise unwrap(exc, peer=peer) from None

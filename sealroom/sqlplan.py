@@ -1,0 +1,683 @@
+"""SQL analysis: what an analyst's query reads, whether it only outputs aggregates, and how the
+enclave runs it.
+
+The same code serves two sides that do not trust each other:
+
+- the coordinator's planner calls :func:`analyze` to refuse what Sealroom does not run (row-level
+  output, unsupported aggregates, outer joins...) and to learn which columns each party must send
+  (projection pushdown);
+- the enclave calls :func:`compile_stage` on the plan's SQL *itself*, with only the columns the
+  parties actually sent, and adds the hidden per-cell privacy-unit counts that the disclosure rules
+  need. It never runs SQL it did not compile.
+
+SQL surface: SELECT with COUNT(*), COUNT(col), COUNT(DISTINCT col), SUM, AVG, MIN, MAX,
+VAR/STDDEV (samp, pop); FROM ``party.dataset`` items joined by inner equi-joins, or a subquery that
+is a UNION ALL of ``SELECT ... FROM party.dataset [WHERE ...]`` branches; WHERE; GROUP BY; HAVING;
+ORDER BY and LIMIT on the released output. Refusals are :class:`InvalidQueryError` saying what to
+change. Messages may quote the analyst's own SQL, never party data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError
+
+from sealroom.errors import InvalidQueryError
+
+DIALECT = "duckdb"
+RESERVED_PREFIX = "__sr_"
+ROW_ID = "__sr_row"  # per-row id column the enclave appends to every loaded input
+UNION_UNIT = "__sr_unit"
+
+ALLOWED_AGGREGATES: dict[type[exp.Expression], str] = {
+    exp.Count: "COUNT",
+    exp.Sum: "SUM",
+    exp.Avg: "AVG",
+    exp.Min: "MIN",
+    exp.Max: "MAX",
+    exp.Variance: "VAR_SAMP",
+    exp.VariancePop: "VAR_POP",
+    exp.Stddev: "STDDEV",
+    exp.StddevSamp: "STDDEV_SAMP",
+    exp.StddevPop: "STDDEV_POP",
+}
+SUPPORTED_AGGREGATES_TEXT = (
+    "COUNT(*), COUNT(col), COUNT(DISTINCT col), SUM, AVG, MIN, MAX, VAR_SAMP, VAR_POP, STDDEV_SAMP, STDDEV_POP"
+)
+
+
+def _refuse(message: str, **details: object) -> InvalidQueryError:
+    return InvalidQueryError(message, details={k: v for k, v in details.items() if v is not None})
+
+
+@dataclass
+class _Branch:
+    """One dataset read by a FROM item (a table item has one; a UNION ALL item one per branch)."""
+
+    qualified: str  # party.dataset
+    table: exp.Table
+    select: exp.Select | None  # the UNION ALL branch, None for a plain table item
+    columns: list[str]  # columns available in the dataset (the schema as the caller knows it)
+
+
+@dataclass
+class _Source:
+    alias: str
+    kind: str  # "table" | "union"
+    branches: list[_Branch]
+    columns: list[str]  # columns visible to the outer query under this alias
+    node: exp.Expression  # the FROM/JOIN item
+    needed: list[str] = field(default_factory=list)  # outer-query columns used, in first-use order
+
+
+@dataclass(frozen=True)
+class OrderKey:
+    column: str
+    descending: bool
+    nulls_first: bool | None
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What the planner learns from a query."""
+
+    sql: str  # normalised SQL (DuckDB dialect)
+    datasets: tuple[str, ...]  # party.dataset, in order of appearance
+    needed_columns: Mapping[str, tuple[str, ...]]  # per dataset: columns the query reads
+    output_columns: tuple[str, ...]
+    group_columns: tuple[str, ...]  # output columns that are group keys
+    aggregates: tuple[str, ...]  # aggregate functions used
+    order_by: tuple[OrderKey, ...]
+    limit: int | None
+
+
+@dataclass(frozen=True)
+class UnitCheck:
+    """A hidden per-cell count of distinct privacy units for one FROM item."""
+
+    column: str  # hidden output column name
+    datasets: tuple[str, ...]  # party.dataset values counted by this check
+    unit: str  # human description, e.g. "customer_id" or "rows"
+
+
+@dataclass(frozen=True)
+class CompiledStage:
+    """What the enclave runs: an aggregate query with hidden unit counts, then order/limit."""
+
+    aggregate_sql: str
+    output_columns: tuple[str, ...]
+    group_columns: tuple[str, ...]
+    unit_checks: tuple[UnitCheck, ...]
+    order_by: tuple[OrderKey, ...]
+    limit: int | None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The enclave's view of one input: which engine table holds it and its privacy unit."""
+
+    qualified: str
+    table: str
+    columns: tuple[str, ...]
+    privacy_unit: str | None
+
+
+# --------------------------------------------------------------------------------------------
+# parsing and resolution
+
+
+def _parse(sql: str) -> exp.Select:
+    if not isinstance(sql, str) or not sql.strip():
+        raise _refuse("the query is empty: write one SELECT statement")
+    try:
+        statements = [s for s in sqlglot.parse(sql, read=DIALECT) if s is not None]
+    except ParseError as exc:
+        first = exc.errors[0] if exc.errors else {}
+        where = f" near line {first.get('line')}, column {first.get('col')}" if first else ""
+        raise _refuse(f"the query does not parse as SQL{where}: {first.get('description', 'syntax error')}") from None
+    if len(statements) != 1:
+        raise _refuse(f"send exactly one SELECT statement (got {len(statements)})")
+    tree = statements[0]
+    if isinstance(tree, exp.Union | exp.Intersect | exp.Except):
+        raise _refuse(
+            "a set operation at the top level would combine row sets; put the UNION ALL of datasets in a "
+            "subquery in FROM and aggregate over it, e.g. SELECT d, COUNT(*) FROM (SELECT * FROM a.t UNION "
+            "ALL SELECT * FROM b.t) u GROUP BY d"
+        )
+    if not isinstance(tree, exp.Select):
+        raise _refuse(f"only SELECT queries are run (got {tree.key.upper()}); Sealroom never modifies data")
+    return tree
+
+
+def _check_common(select: exp.Select, *, where: str) -> None:
+    if select.args.get("with_") or select.args.get("with"):
+        raise _refuse(f"WITH (common table expressions) is not supported {where}; inline the subquery")
+    for node in select.find_all(exp.Window):
+        raise _refuse(f"window functions are not supported {where}: {node.sql(DIALECT)}")
+    if select.args.get("distinct"):
+        raise _refuse(f"SELECT DISTINCT is not supported {where}; use GROUP BY and an aggregate")
+    for key in ("offset", "qualify", "laterals", "pivots"):
+        if select.args.get(key):
+            raise _refuse(f"{key.upper()} is not supported {where}")
+
+
+def _dataset_of(table: exp.Table, schemas: Mapping[str, Sequence[str]]) -> str:
+    if table.args.get("catalog") is not None or not table.db:
+        raise _refuse(
+            f"{table.sql(DIALECT)} does not name a party dataset; write party.dataset (e.g. bank_a.loans)",
+            table=table.sql(DIALECT),
+        )
+    qualified = f"{table.db}.{table.name}"
+    if qualified not in schemas:
+        known = ", ".join(sorted(schemas)) or "none"
+        raise _refuse(f"unknown dataset {qualified}; registered datasets: {known}", dataset=qualified)
+    return qualified
+
+
+def _output_name(e: exp.Expression) -> str:
+    if isinstance(e, exp.Alias):
+        return e.alias
+    if isinstance(e, exp.Column):
+        return e.name
+    return e.sql(DIALECT).lower()
+
+
+def _branch_source(item: exp.Subquery, schemas: Mapping[str, Sequence[str]]) -> _Source:
+    alias = item.alias
+    inner = item.this
+    if not alias:
+        raise _refuse("a subquery in FROM needs an alias, e.g. (SELECT ... UNION ALL SELECT ...) AS u")
+    selects: list[exp.Select] = []
+
+    def flatten(node: exp.Expression) -> None:
+        if isinstance(node, exp.Union):
+            if node.args.get("distinct"):
+                raise _refuse("use UNION ALL, not UNION: duplicates across parties are real rows")
+            flatten(node.this)
+            flatten(node.expression)
+        elif isinstance(node, exp.Select):
+            selects.append(node)
+        else:
+            raise _refuse("a subquery in FROM must be a UNION ALL of SELECTs from party datasets", subquery=alias)
+
+    flatten(inner)
+    if isinstance(inner, exp.Select):
+        raise _refuse(
+            "a subquery in FROM must be a UNION ALL of datasets; put filters in the outer WHERE",
+            subquery=alias,
+        )
+    branches: list[_Branch] = []
+    out_names: list[str] | None = None
+    for sel in selects:
+        _check_common(sel, where="inside the UNION ALL")
+        for key in ("joins", "group", "having", "order", "limit"):
+            if sel.args.get(key):
+                raise _refuse(f"{key.upper()} is not supported inside the UNION ALL {alias}; apply it outside")
+        if any(sel.find_all(exp.AggFunc)):
+            raise _refuse(f"aggregates inside the UNION ALL {alias} are not supported; aggregate outside it")
+        frm = sel.args.get("from_")
+        if frm is None or not isinstance(frm.this, exp.Table):
+            raise _refuse(f"each branch of the UNION ALL {alias} must read one party dataset")
+        qualified = _dataset_of(frm.this, schemas)
+        cols = list(schemas[qualified])
+        names: list[str] = []
+        for proj in sel.expressions:
+            if isinstance(proj, exp.Star):
+                names.extend(cols)
+            else:
+                names.append(_output_name(proj))
+        if out_names is None:
+            out_names = names
+        elif names != out_names:
+            raise _refuse(
+                f"the branches of the UNION ALL {alias} do not have the same columns; select the same "
+                "columns, in the same order, from each dataset",
+                subquery=alias,
+            )
+        branches.append(_Branch(qualified, frm.this, sel, cols))
+    assert out_names is not None
+    return _Source(alias, "union", branches, out_names, item)
+
+
+def _sources(tree: exp.Select, schemas: Mapping[str, Sequence[str]]) -> list[_Source]:
+    frm = tree.args.get("from_")
+    if frm is None:
+        raise _refuse("the query has no FROM clause; name party datasets as party.dataset")
+    items = [frm.this]
+    for join in tree.args.get("joins") or []:
+        side = (join.side or "").upper()
+        kind = (join.kind or "").upper()
+        if side or kind not in ("", "INNER"):
+            raise _refuse(
+                f"only inner joins are supported (got {' '.join(x for x in (side, kind) if x)} JOIN); "
+                "an outer or cross join would expose rows that have no match",
+            )
+        if join.args.get("using"):
+            raise _refuse("JOIN ... USING is not supported; write JOIN ... ON a.key = b.key")
+        if join.args.get("on") is None:
+            raise _refuse("every JOIN needs ON a.key = b.key (an equality between join-key columns)")
+        items.append(join.this)
+    sources: list[_Source] = []
+    for item in items:
+        if isinstance(item, exp.Table):
+            qualified = _dataset_of(item, schemas)
+            alias = item.alias_or_name
+            cols = list(schemas[qualified])
+            sources.append(_Source(alias, "table", [_Branch(qualified, item, None, cols)], cols, item))
+        elif isinstance(item, exp.Subquery):
+            sources.append(_branch_source(item, schemas))
+        else:
+            raise _refuse(
+                "FROM may name only party datasets (party.dataset), joined with inner joins, or a "
+                f"UNION ALL of them in a subquery (got {item.sql(DIALECT)[:60]})"
+            )
+    seen: set[str] = set()
+    for s in sources:
+        if s.alias in seen:
+            raise _refuse(f"the name {s.alias} is used twice in FROM; give each dataset its own alias")
+        seen.add(s.alias)
+    return sources
+
+
+def _outer_nodes(tree: exp.Select) -> list[exp.Expression]:
+    """Parts of the outer query that may hold column references (not the FROM subqueries)."""
+    nodes: list[exp.Expression] = list(tree.expressions)
+    for key in ("where", "group", "having", "order"):
+        if tree.args.get(key) is not None:
+            nodes.append(tree.args[key])
+    for join in tree.args.get("joins") or []:
+        nodes.append(join.args["on"])
+    return nodes
+
+
+def _resolve_columns(tree: exp.Select, sources: list[_Source]) -> None:
+    by_alias = {s.alias: s for s in sources}
+    output_aliases = {e.alias for e in tree.expressions if isinstance(e, exp.Alias)}
+    for node in _outer_nodes(tree):
+        for sub in node.find_all(exp.Subquery, exp.Select):
+            if sub is not node:
+                raise _refuse("subqueries are supported only as a UNION ALL of datasets in FROM")
+        for col in list(node.find_all(exp.Column)):
+            name = col.name
+            if name.startswith(RESERVED_PREFIX):
+                raise _refuse(f"column names starting with {RESERVED_PREFIX} are reserved", column=name)
+            if isinstance(col.this, exp.Star):
+                raise _refuse("SELECT t.* would output rows; select aggregates and grouped dimensions")
+            if col.args.get("db") is not None:
+                raise _refuse(
+                    f"write columns as alias.column, not {col.sql(DIALECT)}; give the dataset an alias in FROM"
+                )
+            if col.table:
+                src = by_alias.get(col.table)
+                if src is None:
+                    raise _refuse(
+                        f"{col.sql(DIALECT)} refers to {col.table}, which is not in FROM "
+                        f"(FROM names: {', '.join(by_alias)})"
+                    )
+                if name not in src.columns:
+                    raise _refuse(
+                        f"{src.alias} has no column {name}; its columns are: {', '.join(src.columns)}",
+                        column=name,
+                    )
+            else:
+                owners = [s for s in sources if name in s.columns]
+                refers_to_output = any(isinstance(a, exp.Order | exp.Having | exp.Group) for a in _ancestors(col))
+                if not owners:
+                    if refers_to_output and name in output_aliases:
+                        continue  # refers to an output alias
+                    raise _refuse(
+                        f"no dataset in FROM has a column {name}",
+                        column=name,
+                    )
+                if len(owners) > 1:
+                    raise _refuse(
+                        f"column {name} is ambiguous: it exists in {', '.join(s.alias for s in owners)}; "
+                        f"write alias.{name}",
+                        column=name,
+                    )
+                src = owners[0]
+                col.set("table", exp.to_identifier(src.alias))
+            if name not in src.needed:
+                src.needed.append(name)
+
+
+def _ancestors(node: exp.Expression) -> list[exp.Expression]:
+    out = []
+    p = node.parent
+    while p is not None:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def _check_join_conditions(tree: exp.Select) -> None:
+    for join in tree.args.get("joins") or []:
+        cond = join.args["on"]
+        parts = list(cond.flatten()) if isinstance(cond, exp.And) else [cond]
+        for part in parts:
+            if not (
+                isinstance(part, exp.EQ)
+                and isinstance(part.this, exp.Column)
+                and isinstance(part.expression, exp.Column)
+                and part.this.table != part.expression.table
+            ):
+                raise _refuse(
+                    f"join conditions must be equalities between key columns of two datasets "
+                    f"(a.key = b.key); got {part.sql(DIALECT)}"
+                )
+
+
+def _aggregates_in(node: exp.Expression) -> list[exp.AggFunc]:
+    return list(node.find_all(exp.AggFunc))
+
+
+def _check_aggregates(tree: exp.Select) -> list[str]:
+    used: list[str] = []
+    for key in ("where", "group"):
+        part = tree.args.get(key)
+        if part is not None and _aggregates_in(part):
+            raise _refuse(f"aggregates are not allowed in {key.upper()}; use HAVING")
+    for join in tree.args.get("joins") or []:
+        if _aggregates_in(join.args["on"]):
+            raise _refuse("aggregates are not allowed in JOIN conditions")
+    nodes = list(tree.expressions) + [tree.args[k] for k in ("having", "order") if tree.args.get(k)]
+    for node in nodes:
+        for agg in _aggregates_in(node):
+            name = ALLOWED_AGGREGATES.get(type(agg))
+            if name is None:
+                raise _refuse(
+                    f"aggregate {agg.sql(DIALECT)} is not supported; supported: {SUPPORTED_AGGREGATES_TEXT}",
+                    aggregate=type(agg).__name__.upper(),
+                )
+            inner_aggs = [a for a in agg.find_all(exp.AggFunc) if a is not agg]
+            if inner_aggs:
+                raise _refuse(f"nested aggregates are not supported: {agg.sql(DIALECT)}")
+            if isinstance(agg, exp.Count) and isinstance(agg.this, exp.Distinct):
+                name = "COUNT(DISTINCT)"
+            if name not in used:
+                used.append(name)
+    return used
+
+
+def _group_exprs(tree: exp.Select) -> list[exp.Expression]:
+    group = tree.args.get("group")
+    if group is None:
+        return []
+    if group.args.get("rollup") or group.args.get("cube") or group.args.get("grouping_sets"):
+        raise _refuse(
+            "ROLLUP, CUBE and GROUPING SETS are not supported: totals next to their parts could reveal "
+            "suppressed cells; run separate queries"
+        )
+    out: list[exp.Expression] = []
+    for g in group.expressions:
+        if isinstance(g, exp.Literal) and not g.is_string:
+            idx = int(g.this)
+            if not 1 <= idx <= len(tree.expressions):
+                raise _refuse(f"GROUP BY {idx} is out of range: the query has {len(tree.expressions)} outputs")
+            target = tree.expressions[idx - 1]
+            target = target.this if isinstance(target, exp.Alias) else target
+            if _aggregates_in(target):
+                raise _refuse(f"GROUP BY {idx} refers to an aggregate")
+            out.append(target.copy())
+        elif (
+            isinstance(g, exp.Column)
+            and not g.table
+            and any(isinstance(e, exp.Alias) and e.alias == g.name for e in tree.expressions)
+        ):
+            target = next(e for e in tree.expressions if isinstance(e, exp.Alias) and e.alias == g.name)
+            out.append(target.this.copy())
+        else:
+            out.append(g)
+    return out
+
+
+def _is_grouped(e: exp.Expression, groups_sql: set[str]) -> bool:
+    """True when every column in ``e`` outside aggregates is covered by a GROUP BY expression."""
+    if e.sql(DIALECT) in groups_sql:
+        return True
+    if isinstance(e, exp.AggFunc):
+        return True
+    if isinstance(e, exp.Column):
+        return False
+    return all(_is_grouped(child, groups_sql) for child in e.iter_expressions())
+
+
+def _outputs(tree: exp.Select, groups: list[exp.Expression], written: list[str]) -> tuple[list[str], list[str]]:
+    groups_sql = {g.sql(DIALECT) for g in groups}
+    names: list[str] = []
+    group_names: list[str] = []
+    has_agg = False
+    for e, written_name in zip(tree.expressions, written, strict=True):
+        if isinstance(e, exp.Star):
+            raise _refuse(
+                "SELECT * would output rows; Sealroom releases only aggregates. Select dimensions you "
+                "GROUP BY and aggregates such as COUNT(*), SUM(x), AVG(x)"
+            )
+        body = e.this if isinstance(e, exp.Alias) else e
+        if _aggregates_in(body):
+            has_agg = True
+        if not _is_grouped(body, groups_sql):
+            raise _refuse(
+                f"the output {body.sql(DIALECT)} would release row-level values: it is neither aggregated "
+                "nor in GROUP BY. Aggregate it (e.g. SUM, AVG, COUNT) or add it to GROUP BY",
+                output=_output_name(e),
+            )
+        name = written_name
+        base, i = name, 2
+        while name in names:
+            name = f"{base}_{i}"
+            i += 1
+        names.append(name)
+        if body.sql(DIALECT) in groups_sql:
+            group_names.append(name)
+    if not has_agg and not groups:
+        raise _refuse(
+            "the query outputs rows, not aggregates; Sealroom releases only aggregates. Add an aggregate "
+            "(COUNT(*), SUM(x), AVG(x)...) and GROUP BY the dimensions you want"
+        )
+    return names, group_names
+
+
+def _order_and_limit(tree: exp.Select, names: list[str]) -> tuple[list[OrderKey], int | None]:
+    keys: list[OrderKey] = []
+    order = tree.args.get("order")
+    if order is not None:
+        by_sql = {}
+        for e, n in zip(tree.expressions, names, strict=True):
+            body = e.this if isinstance(e, exp.Alias) else e
+            by_sql[body.sql(DIALECT)] = n
+        for o in order.expressions:
+            target = o.this
+            name: str | None = None
+            if isinstance(target, exp.Literal) and not target.is_string:
+                idx = int(target.this)
+                if 1 <= idx <= len(names):
+                    name = names[idx - 1]
+            elif isinstance(target, exp.Column) and not target.table and target.name in names:
+                name = target.name
+            else:
+                name = by_sql.get(target.sql(DIALECT))
+            if name is None:
+                raise _refuse(
+                    f"ORDER BY {target.sql(DIALECT)} must refer to an output column (by name, position, or "
+                    "the same expression); ordering applies to the released output only"
+                )
+            keys.append(OrderKey(name, bool(o.args.get("desc")), o.args.get("nulls_first")))
+    limit: int | None = None
+    lim = tree.args.get("limit")
+    if lim is not None:
+        value = lim.expression
+        if not (isinstance(value, exp.Literal) and not value.is_string and str(value.this).isdigit()):
+            raise _refuse("LIMIT must be a non-negative integer literal")
+        limit = int(value.this)
+    return keys, limit
+
+
+@dataclass
+class _Resolved:
+    tree: exp.Select
+    sources: list[_Source]
+    groups: list[exp.Expression]
+    names: list[str]
+    group_names: list[str]
+    aggregates: list[str]
+    order: list[OrderKey]
+    limit: int | None
+
+
+def _resolve(sql: str, schemas: Mapping[str, Sequence[str]]) -> _Resolved:
+    tree = _parse(sql)
+    _check_common(tree, where="")
+    sources = _sources(tree, schemas)
+    written = [_output_name(e) for e in tree.expressions]  # names as the analyst wrote them
+    _resolve_columns(tree, sources)
+    _check_join_conditions(tree)
+    aggregates = _check_aggregates(tree)
+    groups = _group_exprs(tree)
+    names, group_names = _outputs(tree, groups, written)
+    order, limit = _order_and_limit(tree, names)
+    return _Resolved(tree, sources, groups, names, group_names, aggregates, order, limit)
+
+
+def _branch_columns(src: _Source, branch: _Branch) -> tuple[list[exp.Expression], list[str]]:
+    """Pruned projections of a UNION ALL branch and the dataset columns they (and WHERE) read."""
+    assert branch.select is not None
+    projections: list[exp.Expression] = []
+    for proj in branch.select.expressions:
+        if isinstance(proj, exp.Star):
+            projections.extend(exp.column(c) for c in branch.columns)
+        else:
+            projections.append(proj)
+    kept = [p for p, name in zip(projections, src.columns, strict=True) if name in src.needed]
+    reads: list[str] = []
+    nodes: list[exp.Expression] = list(kept)
+    if branch.select.args.get("where") is not None:
+        nodes.append(branch.select.args["where"])
+    for node in nodes:
+        for col in ([node] if isinstance(node, exp.Column) else []) + list(node.find_all(exp.Column)):
+            if col.table and col.table != branch.table.alias_or_name:
+                raise _refuse(f"{col.sql(DIALECT)} does not belong to {branch.qualified} in the UNION ALL")
+            if col.name not in branch.columns:
+                raise _refuse(
+                    f"{branch.qualified} has no column {col.name}; its columns are: {', '.join(branch.columns)}",
+                    column=col.name,
+                    dataset=branch.qualified,
+                )
+            if col.name not in reads:
+                reads.append(col.name)
+    return kept, reads
+
+
+def analyze(sql: str, schemas: Mapping[str, Sequence[str]]) -> Analysis:
+    """Check that ``sql`` is in Sealroom's SQL surface and learn what it reads.
+
+    ``schemas`` maps ``party.dataset`` to its column names. Raises InvalidQueryError.
+    """
+    r = _resolve(sql, schemas)
+    needed: dict[str, list[str]] = {}
+    datasets: list[str] = []
+    for src in r.sources:
+        for br in src.branches:
+            if br.qualified in datasets:
+                raise _refuse(f"{br.qualified} appears twice; a self-join is not supported", dataset=br.qualified)
+            datasets.append(br.qualified)
+            if src.kind == "table":
+                reads = list(src.needed)
+            else:
+                _, reads = _branch_columns(src, br)
+            order = {c: i for i, c in enumerate(br.columns)}
+            needed[br.qualified] = sorted(reads, key=order.__getitem__)
+    return Analysis(
+        sql=r.tree.sql(DIALECT),
+        datasets=tuple(datasets),
+        needed_columns={k: tuple(v) for k, v in needed.items()},
+        output_columns=tuple(r.names),
+        group_columns=tuple(r.group_names),
+        aggregates=tuple(r.aggregates),
+        order_by=tuple(r.order),
+        limit=r.limit,
+    )
+
+
+def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
+    """Compile a stage's SQL for the in-enclave engine.
+
+    ``inputs`` are the enclave's own view of what it holds; each engine table has the input's
+    columns plus :data:`ROW_ID`. Adds one hidden ``COUNT(DISTINCT unit)`` per FROM item and strips
+    ORDER BY/LIMIT (applied to released rows only).
+    """
+    by_name = {i.qualified: i for i in inputs}
+    schemas = {i.qualified: list(i.columns) for i in inputs}
+    r = _resolve(sql, schemas)
+    tree = r.tree
+    checks: list[UnitCheck] = []
+    hidden: list[exp.Expression] = []
+    for n, src in enumerate(r.sources):
+        if src.kind == "table":
+            spec = by_name[src.branches[0].qualified]
+            _replace_table(src.branches[0].table, spec.table, src.alias)
+            unit_col = spec.privacy_unit or ROW_ID
+            unit_expr: exp.Expression = exp.column(unit_col, table=src.alias, quoted=True)
+            unit_desc = spec.privacy_unit or "rows"
+        else:
+            for k, br in enumerate(src.branches):
+                spec = by_name[br.qualified]
+                kept, _ = _branch_columns(src, br)
+                if spec.privacy_unit:
+                    unit = exp.cast(exp.column(spec.privacy_unit, quoted=True), "VARCHAR")
+                else:
+                    unit = exp.DPipe(
+                        this=exp.Literal.string(f"{k}:"),
+                        expression=exp.cast(exp.column(ROW_ID, quoted=True), "VARCHAR"),
+                    )
+                assert br.select is not None
+                br.select.set("expressions", [*kept, exp.alias_(unit, UNION_UNIT, quoted=True)])
+                _replace_table(br.table, spec.table, br.table.alias_or_name)
+            unit_expr = exp.column(UNION_UNIT, table=src.alias, quoted=True)
+            units = sorted({by_name[b.qualified].privacy_unit or "rows" for b in src.branches})
+            unit_desc = " / ".join(units)
+        name = f"__sr_units_{n}"
+        hidden.append(exp.alias_(exp.Count(this=exp.Distinct(expressions=[unit_expr])), name, quoted=True))
+        checks.append(UnitCheck(name, tuple(b.qualified for b in src.branches), unit_desc))
+    outputs = []
+    for e, out in zip(tree.expressions, r.names, strict=True):
+        body = e.this if isinstance(e, exp.Alias) else e
+        outputs.append(exp.alias_(body.copy(), out, quoted=True))
+    tree.set("expressions", outputs + hidden)
+    tree.set("order", None)
+    tree.set("limit", None)
+    return CompiledStage(
+        aggregate_sql=tree.sql(DIALECT),
+        output_columns=tuple(r.names),
+        group_columns=tuple(r.group_names),
+        unit_checks=tuple(checks),
+        order_by=tuple(r.order),
+        limit=r.limit,
+    )
+
+
+def _replace_table(table: exp.Table, engine_name: str, alias: str) -> None:
+    table.set("db", None)
+    table.set("catalog", None)
+    table.set("this", exp.to_identifier(engine_name, quoted=True))
+    table.set("alias", exp.TableAlias(this=exp.to_identifier(alias)))
+
+
+def order_sql(relation: str, order: Sequence[OrderKey], limit: int | None) -> str:
+    """SQL applying ORDER BY/LIMIT to released rows held in ``relation``."""
+    sql = f"SELECT * FROM {exp.to_identifier(relation, quoted=True).sql(DIALECT)}"
+    if order:
+        parts = []
+        for k in order:
+            p = exp.to_identifier(k.column, quoted=True).sql(DIALECT) + (" DESC" if k.descending else " ASC")
+            if k.nulls_first is not None:
+                p += " NULLS FIRST" if k.nulls_first else " NULLS LAST"
+            parts.append(p)
+        sql += " ORDER BY " + ", ".join(parts)
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return sql

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for the sealroom.v1 protocol (see proto/). Do not edit."""
