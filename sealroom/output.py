@@ -96,7 +96,10 @@ def render_result(result: Result, *, title: str | None = None, sql: str | None =
         lines.append("")
         lines.append(f"suppressed {len(result.suppressed)} cells (no values released):")
         for s in result.suppressed:
-            group = ", ".join(f"{k}={_cell(v)}" for k, v in s["group"].items()) or "(whole result)"
+            keys = sorted(
+                s["group"], key=lambda k: result.columns.index(k) if k in result.columns else len(result.columns)
+            )
+            group = ", ".join(f"{k}={_cell(s['group'][k])}" for k in keys) or "(whole result)"
             lines.append(f"  {group}: {s['reason']}")
     if result.receipt:
         res = result.receipt["result"]

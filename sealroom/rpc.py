@@ -177,7 +177,7 @@ def _handle(context: grpc.ServicerContext, name: str, exc: BaseException) -> Non
 def translate_errors(cls: type) -> type:
     """Class decorator for servicers: wrap each RPC method with the error translator."""
     for name, fn in list(vars(cls).items()):
-        if name.startswith("_") or not callable(fn):
+        if name.startswith("_") or not callable(fn) or getattr(fn, "_sealroom_translated", False):
             continue
         setattr(cls, name, _wrap(name, fn))
     return cls
@@ -195,6 +195,7 @@ def _wrap(name: str, fn: F) -> F:
                 raise
             _handle(context, name, exc)
 
+    wrapper._sealroom_translated = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
 
 

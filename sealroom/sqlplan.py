@@ -407,7 +407,12 @@ def _group_exprs(tree: exp.Select) -> list[exp.Expression]:
     group = tree.args.get("group")
     if group is None:
         return []
-    if group.args.get("rollup") or group.args.get("cube") or group.args.get("grouping_sets"):
+    if (
+        group.args.get("rollup")
+        or group.args.get("cube")
+        or group.args.get("grouping_sets")
+        or any(isinstance(g, exp.Rollup | exp.Cube | exp.GroupingSets) for g in group.expressions)
+    ):
         raise _refuse(
             "ROLLUP, CUBE and GROUPING SETS are not supported: totals next to their parts could reveal "
             "suppressed cells; run separate queries"

@@ -1,0 +1,170 @@
+"""The entry points as a newcomer runs them: `sealroom demo --json` and `sealroom local`, each
+starting the whole platform (separate processes, real gRPC on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import duckdb
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from sealroom.demo_data import bank_tables, hospital_tables
+
+pytestmark = pytest.mark.slow
+
+
+def sealroom(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sealroom.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    state = tmp_path_factory.mktemp("demo")
+    proc = sealroom("demo", "--json", "--state-dir", str(state))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_demo_json_is_one_document_with_the_contract_shape(demo):
+    doc, stderr = demo
+    assert doc["simulated"] is True
+    statuses = [(q["scenario"], q["status"]) for q in doc["queries"]]
+    assert statuses == [("bank", "released"), ("bank", "released"), ("bank", "refused"), ("hospital", "released")]
+    for q in doc["queries"]:
+        assert set(q) >= {"query_id", "status", "columns", "rows", "suppressed", "stages", "simulated"}
+        if q["status"] == "released":
+            assert q["simulated"] is True
+            assert [s["kind"] for s in q["stages"]] == ["tee"]
+            assert all(len(r) == len(q["columns"]) for r in q["rows"])
+    assert "[sealroom]" in stderr  # progress goes to stderr
+
+
+def test_demo_suppresses_small_cells_without_values(demo):
+    doc, _ = demo
+    join, _, _, cohort = doc["queries"]
+    assert [s["group"] for s in join["suppressed"]] == [{"rating": "CCC", "segment": "corporate"}]
+    assert "min" in join["suppressed"][0]["reason"] and join["suppressed"][0]["rule"] == "min_group_size"
+    assert not any(r[0] == "corporate" and r[1] == "CCC" for r in join["rows"])
+    assert [s["group"]["diagnosis"] for s in cohort["suppressed"]] == ["prion_disease"]
+
+
+def test_demo_refusal_explains_itself(demo):
+    doc, _ = demo
+    refused = doc["queries"][2]
+    assert refused["rows"] == [] and refused["columns"] == []
+    assert refused["reason"]["code"] == "invalid_query"
+    assert "row-level" in refused["reason"]["message"]
+
+
+def test_demo_released_cells_equal_plain_duckdb(demo):
+    """Correctness: the released cells are what DuckDB computes on the pooled data directly."""
+    doc, _ = demo
+    join, union, _, cohort = doc["queries"]
+    con = duckdb.connect()
+    for bank, table in bank_tables().items():
+        con.register(bank, table)
+    expected = con.sql(
+        "SELECT a.segment, a.rating, COUNT(*), SUM(a.exposure + b.exposure + c.exposure), "
+        "AVG(GREATEST(a.defaulted, b.defaulted, c.defaulted)) FROM bank_a a "
+        "JOIN bank_b b ON a.customer_id = b.customer_id JOIN bank_c c ON a.customer_id = c.customer_id "
+        "GROUP BY ALL HAVING COUNT(DISTINCT a.customer_id) >= 5 ORDER BY 1, 2"
+    ).fetchall()
+    assert len(join["rows"]) == len(expected)
+    for got, want in zip(join["rows"], expected, strict=True):
+        assert got[:3] == list(want[:3])
+        assert got[3] == pytest.approx(want[3]) and got[4] == pytest.approx(want[4])
+    totals = dict(
+        con.sql(
+            "SELECT segment, SUM(exposure) FROM (SELECT * FROM bank_a UNION ALL SELECT * FROM bank_b "
+            "UNION ALL SELECT * FROM bank_c) GROUP BY segment"
+        ).fetchall()
+    )
+    assert {r[0]: r[2] for r in union["rows"]} == pytest.approx(totals)
+    assert [r[2] for r in union["rows"]] == sorted((r[2] for r in union["rows"]), reverse=True)
+    for name, table in hospital_tables().items():
+        con.register(name, table)
+    n_patients = con.sql(
+        "SELECT COUNT(*) FROM (SELECT * FROM hospital_north UNION ALL SELECT * FROM hospital_south "
+        "UNION ALL SELECT * FROM hospital_east) WHERE diagnosis <> 'prion_disease'"
+    ).fetchall()[0][0]
+    assert sum(r[2] for r in cohort["rows"]) == n_patients
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("local")
+    a = pa.table(
+        {
+            "customer_id": pa.array(list(range(40)), pa.int64()),
+            "segment": ["retail"] * 30 + ["sme"] * 8 + ["corporate"] * 2,
+            "amount": pa.array([float(i) for i in range(40)]),
+        }
+    )
+    b = pa.table({"customer_id": pa.array(list(range(0, 40, 2)), pa.int64()), "amount": [1.0] * 20})
+    pq.write_table(a, d / "a.parquet")
+    pacsv.write_csv(b, d / "b.csv")
+    return d, a, b
+
+
+LOCAL_SQL = (
+    "SELECT a.segment, COUNT(*) AS n, SUM(a.amount + b.amount) AS total FROM bank_a.loans a "
+    "JOIN bank_b.loans b ON a.customer_id = b.customer_id GROUP BY a.segment ORDER BY a.segment"
+)
+
+
+def test_local_releases_and_suppresses(files):
+    d, _, _ = files
+    proc = sealroom(
+        "local",
+        "--json",
+        "--dataset",
+        f"bank_a.loans={d / 'a.parquet'}",
+        "--dataset",
+        f"bank_b.loans={d / 'b.csv'}",
+        "--privacy-unit",
+        "bank_a.loans=customer_id",
+        "--min-group-size",
+        "3",
+        LOCAL_SQL,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["status"] == "released"
+    # retail: customers 0..29 even -> 15; sme: 30..37 even -> 4; corporate: 38 -> 1 (suppressed at k=3)
+    assert doc["rows"] == [["retail", 15, pytest.approx(sum(range(0, 30, 2)) + 15.0)], ["sme", 4, 136.0]]
+    assert [s["group"] for s in doc["suppressed"]] == [{"segment": "corporate"}]
+    by_party = {i["party"]: i["columns"] for i in doc["inputs"]}
+    assert by_party == {"bank_a": ["customer_id", "segment", "amount"], "bank_b": ["customer_id", "amount"]}
+
+
+def test_local_refusal_exits_1_with_reason_on_stderr(files):
+    d, _, _ = files
+    proc = sealroom("local", "--dataset", f"bank_a.loans={d / 'a.parquet'}", "SELECT customer_id FROM bank_a.loans")
+    assert proc.returncode == 1
+    assert "refused" in proc.stderr and "GROUP BY" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--dataset", "bank_a.loans=/nonexistent/a.parquet"], "file not found"),
+        (["--dataset", "not-a-name=/x.parquet"], "PARTY.NAME=VALUE"),
+        (["--dataset", "{a}", "--privacy-unit", "bank_a.loans=nope"], "no such column"),
+        (["--dataset", "{a}", "--privacy-unit", "bank_z.loans=customer_id"], "no --dataset defines"),
+        (["--dataset", "{a}", "--min-group-size", "0"], "at least 1"),
+        ([], "at least one --dataset"),
+    ],
+)
+def test_local_unusable_arguments_exit_2(files, args, match):
+    d, _, _ = files
+    args = [a.replace("{a}", f"bank_a.loans={d / 'a.parquet'}") for a in args]
+    proc = sealroom("local", *args, "SELECT COUNT(*) FROM bank_a.loans", timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert match in proc.stderr
