@@ -12,11 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -27,6 +30,7 @@ from sealroom.errors import (
     AttestationError,
     JobFailedError,
     SealroomError,
+    UnavailableError,
     from_code,
 )
 from sealroom.plan import Plan, verify_approval
@@ -104,12 +108,41 @@ class Orchestrator:
         self.appraisal = appraisal
         self.party_timeout = party_timeout
         self.on_finished = on_finished
+        self._channels: set[grpc.Channel] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    @contextmanager
+    def _channel(self, address: str) -> Iterator[grpc.Channel]:
+        """A channel that :meth:`shutdown` can close, cancelling the calls in flight on it."""
+        channel = open_channel(address)
+        with self._lock:
+            if self._stopping:
+                channel.close()
+                raise UnavailableError("the coordinator is shutting down")
+            self._channels.add(channel)
+        try:
+            yield channel
+        finally:
+            with self._lock:
+                self._channels.discard(channel)
+            channel.close()
+
+    def shutdown(self) -> None:
+        """Cancel every call in flight; their queries end failed (and stay failed after a restart)."""
+        with self._lock:
+            self._stopping = True
+            channels = list(self._channels)
+        for ch in channels:
+            ch.close()
 
     def run(self, plan: Plan) -> None:
         qid = plan.query_id
         try:
             self._run(plan)
         except SealroomError as err:
+            if self._stopping:
+                err = JobFailedError("the coordinator stopped while this query was in flight; resubmit it")
             status = "refused" if err.code in ("policy_refusal", "approval", "invalid_query") else "failed"
             log.info("query %s %s: %s", qid, status, err.code)
             self.store.update_query(qid, status=status, error=err.to_dict(), progress=status)
@@ -138,7 +171,7 @@ class Orchestrator:
 
         # 1. Approvals: each owner checks the plan against its own policy and signs its hash.
         def review(party: str) -> tuple[str, str, bytes]:
-            with open_channel(parties[party]["address"]) as ch:
+            with self._channel(parties[party]["address"]) as ch:
                 resp = call(
                     party,
                     party_pb2_grpc.PartyAgentStub(ch).ReviewPlan,
@@ -162,7 +195,7 @@ class Orchestrator:
 
         # 2. The enclave job: a fresh key pair inside the enclave for this plan.
         self.store.update_query(qid, status="running", progress="creating enclave job")
-        with open_channel(self.enclave_address) as ch:
+        with self._channel(self.enclave_address) as ch:
             enclave = enclave_pb2_grpc.EnclaveStub(ch)
             job = call("enclave", enclave.CreateJob, enclave_pb2.CreateJobRequest(plan_json=plan_json))
             try:
@@ -170,7 +203,7 @@ class Orchestrator:
                 self.store.update_query(qid, progress=f"streaming 0/{len(involved)} parties")
 
                 def contribute(party: str) -> str:
-                    with open_channel(parties[party]["address"]) as pch:
+                    with self._channel(parties[party]["address"]) as pch:
                         try:
                             call(
                                 party,

@@ -84,13 +84,17 @@ class Coordinator:
             return query_id, "refused"
         self.store.update_query(query_id, plan_json=plan.to_json(), plan_hash=plan.hash)
         t = threading.Thread(target=self.orchestrator.run, args=(plan,), name=f"query-{query_id}", daemon=True)
+        self._threads = {q: th for q, th in self._threads.items() if th.is_alive()}
         self._threads[query_id] = t
         t.start()
         return query_id, "planning"
 
-    def wait_idle(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Cancel in-flight work, let query threads record their end, then close the store."""
+        self.orchestrator.shutdown()
         for t in list(self._threads.values()):
             t.join(timeout)
+        self.store.close()
 
 
 def _status(row, approvals: dict) -> coordinator_pb2.QueryStatus:
@@ -193,4 +197,4 @@ def serve(config: CoordinatorConfig, *, port_file: str | None = None) -> None:
     log.info("coordinator listening on port %d", server.port)
     if port_file:
         Path(port_file).write_text(str(server.port))
-    server.serve_until_signalled(on_stop=coordinator.store.close)
+    server.serve_until_signalled(on_stop=coordinator.shutdown)

@@ -84,6 +84,7 @@ class Cluster:
         self.party_timeout_seconds = party_timeout_seconds
         self.env = env
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._args: dict[str, list[str]] = {}
         self.addresses: dict[str, str] = {}
         self.measurement = ""
 
@@ -143,6 +144,7 @@ class Cluster:
         )
         logf.close()
         self.procs[name] = proc
+        self._args[name] = args
         return proc
 
     def _wait_port(self, name: str, timeout: float = 60.0) -> str:
@@ -213,6 +215,25 @@ class Cluster:
             wait_healthy(self.addresses[name])
         self.log(f"platform up: coordinator {coordinator}, enclave {enclave}, {len(self.parties)} party agents")
         return self
+
+    def kill(self, name: str) -> None:
+        """Stop one component abruptly (SIGKILL), as a crash would."""
+        proc = self.procs[name]
+        proc.kill()
+        proc.wait()
+
+    def restart(self, name: str) -> str:
+        """Stop one component (if running) and start it again with the same configuration."""
+        from sealroom.rpc import wait_healthy
+
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+        self._spawn(name, self._args[name])
+        address = self._wait_port(name)
+        wait_healthy(address)
+        return address
 
     @property
     def coordinator_address(self) -> str:
