@@ -14,8 +14,8 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +140,7 @@ class Orchestrator:
         qid = plan.query_id
         try:
             self._run(plan)
-        except SealroomError as err:
+        except SealroomError:
             if self._stopping:
                 err = JobFailedError("the coordinator stopped while this query was in flight; resubmit it")
             status = "refused" if err.code in ("policy_refusal", "approval", "invalid_query") else "failed"
