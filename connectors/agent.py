@@ -292,7 +292,13 @@ class PartyAgent:
                         dataset=inp.dataset, rows=summary.rows, bytes=summary.bytes, frames=summary.frames
                     )
                 )
-                log.info("streamed %s to job %s (%d frames)", inp.dataset, job_id, summary.frames)
+                log.info(
+                    "streamed %s to job %s (%d frames)%s",
+                    inp.dataset,
+                    job_id,
+                    summary.frames,
+                    " under SIMULATED attestation" if claims.simulated else "",
+                )
         return {"uploads": uploads, "claims": claims}
 
     def verify_enclave(self, evidence: Evidence, hpke_pk: bytes, signing_pk: bytes, nonce: bytes) -> Claims:

@@ -266,4 +266,7 @@ class Orchestrator:
             evidence=verified.evidence,
             simulated=bool(verified.doc["simulated"]),
         )
-        log.info("query %s released", qid)
+        if verified.doc["simulated"]:
+            log.warning("query %s released under SIMULATED attestation (no TEE)", qid)
+        else:
+            log.info("query %s released", qid)
