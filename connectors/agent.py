@@ -99,10 +99,28 @@ class PartyConfig:
                 policy = DatasetPolicy.from_dict(policy_value, source=root.source, prefix=f"{d.prefix}policy.")
             else:
                 policy = DatasetPolicy()
+            dname = d.str("name")
+            if not dname.isidentifier():
+                raise ConfigError(
+                    f"{root.source}: {d.prefix}name must be an identifier (letters, digits, _), e.g. loans",
+                    details={"file": root.source, "key": f"{d.prefix}name"},
+                )
+            if any(x.name == dname for x in datasets):
+                raise ConfigError(
+                    f"{root.source}: dataset {dname} is defined twice",
+                    details={"file": root.source, "key": f"{d.prefix}name"},
+                )
             source = d.str("source")
-            if "://" not in source and not Path(source).is_absolute():
-                source = str(root.base / source)
-            datasets.append(DatasetConfig(d.str("name"), source, policy, d.doc.get("description", "")))
+            if "://" not in source:
+                path = Path(source).expanduser()
+                source = str(path if path.is_absolute() else root.base / path)
+            description = d.doc.get("description", "")
+            if not isinstance(description, str):
+                raise ConfigError(
+                    f"{root.source}: {d.prefix}description must be a string",
+                    details={"file": root.source, "key": f"{d.prefix}description"},
+                )
+            datasets.append(DatasetConfig(dname, source, policy, description))
         if not datasets:
             raise ConfigError(
                 f"{root.source}: no [[dataset]] tables; a party agent serves at least one dataset",
@@ -288,9 +306,8 @@ class PartyAgent:
                 except grpc.RpcError as exc:
                     raise unwrap(exc, peer="enclave") from None
                 uploads.append(
-                    party_pb2.DatasetUpload(
-                        dataset=inp.dataset, rows=summary.rows, bytes=summary.bytes, frames=summary.frames
-                    )
+                    # Row counts stay with the owner; the coordinator learns what it sees anyway.
+                    party_pb2.DatasetUpload(dataset=inp.dataset, bytes=summary.bytes, frames=summary.frames)
                 )
                 log.info(
                     "streamed %s to job %s (%d frames)%s",

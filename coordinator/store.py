@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sealroom.errors import NotFoundError
+from sealroom.errors import AlreadyExistsError, NotFoundError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS parties (
@@ -114,8 +114,18 @@ class Store:
     # -- catalog -----------------------------------------------------------------------------
 
     def register_party(self, name: str, address: str, key_hex: str, datasets: list[dict[str, Any]]) -> None:
+        """Register (or re-register) a party. Its signing key is fixed at first registration: a
+        later registration under the same name with another key is refused, so nobody can take
+        over a party's name in the catalog by re-registering it."""
         now = time.time()
         with self.tx() as db:
+            row = db.execute("SELECT signing_public_key FROM parties WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != key_hex:
+                raise AlreadyExistsError(
+                    f"party {name} is registered with another signing key; an operator must remove the old "
+                    "registration before the party can register a new key",
+                    details={"party": name},
+                )
             db.execute(
                 "INSERT INTO parties(name, address, signing_public_key, registered_at) VALUES (?,?,?,?) "
                 "ON CONFLICT(name) DO UPDATE SET address=excluded.address, "
@@ -209,7 +219,7 @@ class Store:
         err = json.dumps({"code": "job_failed", "message": reason})
         with self.tx() as db:
             cur = db.execute(
-                f"UPDATE queries SET status = 'failed', error_json = ?, updated_at = ? "
+                f"UPDATE queries SET status = 'failed', progress = 'failed', error_json = ?, updated_at = ? "
                 f"WHERE status IN ({','.join('?' * len(IN_FLIGHT))})",
                 (err, time.time(), *IN_FLIGHT),
             )

@@ -1,4 +1,4 @@
-"""Ed25519 signing keys of data owners (and the coordinator): generate, store, load.
+"""Ed25519 signing keys of data owners: generate, store, load.
 
 Private keys are written PEM (PKCS#8) to files readable only by their owner (0600), created
 atomically so a key is never briefly world-readable. Keys come only from :func:`generate_signing_key`.

@@ -1,7 +1,7 @@
 """Query plans, their canonical hash, and owners' approval signatures.
 
 A plan is the unit every data owner approves: the SQL, the analyst, the stages, each party's input
-(projected columns, schema hash, policy and its digest) and the owners' signing keys. Its hash is
+(projected columns, policy and its digest) and the owners' signing keys. Its hash is
 SHA-256 over its canonical JSON; it includes the query id and a random salt, so an approval for one
 query never verifies for another (replay). An approval is an Ed25519 signature over a
 domain-separated message holding the plan hash.

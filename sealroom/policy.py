@@ -25,7 +25,9 @@ from sealroom.attestation import AppraisalPolicy, load_root_certificate
 from sealroom.errors import ConfigError
 
 DEFAULT_MIN_GROUP_SIZE = 5
-APPROVAL_MODES = ("auto", "manual")
+# Manual approval (a person signs each query) arrives with the approvals issue; until then a policy
+# asking for it is refused at load rather than silently auto-approved.
+APPROVAL_MODES = ("auto",)
 
 
 def canonical_json(doc: Any) -> bytes:
@@ -78,7 +80,7 @@ class DatasetPolicy:
         k = doc.get("min_group_size", DEFAULT_MIN_GROUP_SIZE)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigError(
-                f"{source}: {prefix}min_group_size must be an integer >= 1 (got {type(k).__name__})",
+                f"{source}: {prefix}min_group_size must be an integer >= 1",
                 details={"file": source, "key": f"{prefix}min_group_size"},
             )
         analysts = doc.get("analysts", ["*"])
@@ -90,7 +92,8 @@ class DatasetPolicy:
         approval = doc.get("approval", "auto")
         if approval not in APPROVAL_MODES:
             raise ConfigError(
-                f"{source}: {prefix}approval must be one of {', '.join(APPROVAL_MODES)}",
+                f"{source}: {prefix}approval must be one of {', '.join(APPROVAL_MODES)} (manual approval is not "
+                "available in this version)",
                 details={"file": source, "key": f"{prefix}approval"},
             )
         return cls(privacy_unit=unit, min_group_size=k, analysts=tuple(analysts), approval=approval)
@@ -140,9 +143,12 @@ class TrustPolicy:
                     details={"file": source, "key": f"trust.{key}"},
                 )
         ms = doc.get("measurements", [])
-        if not isinstance(ms, list) or not all(isinstance(m, str) for m in ms):
+        if not isinstance(ms, list) or not all(
+            isinstance(m, str) and len(m) in (64, 96) and all(c in "0123456789abcdefABCDEF" for c in m) for m in ms
+        ):
             raise ConfigError(
-                f"{source}: trust.measurements must be a list of hex measurements",
+                f"{source}: trust.measurements must be a list of hex measurements (SHA-256 or SHA-384, as "
+                "`sealroom enclave measure` prints them)",
                 details={"file": source, "key": "trust.measurements"},
             )
         allow = doc.get("allow_simulated", False)
@@ -152,6 +158,11 @@ class TrustPolicy:
                 details={"file": source, "key": "trust.allow_simulated"},
             )
         root = doc.get("dev_root")
+        if root is not None and (not isinstance(root, str) or not root):
+            raise ConfigError(
+                f"{source}: trust.dev_root must be the path of the dev root certificate",
+                details={"file": source, "key": "trust.dev_root"},
+            )
         if allow and not root:
             raise ConfigError(
                 f"{source}: trust.allow_simulated = true needs trust.dev_root (the dev root certificate "
@@ -159,14 +170,17 @@ class TrustPolicy:
                 details={"file": source, "key": "trust.dev_root"},
             )
         age = doc.get("max_evidence_age_seconds", 300)
-        if not isinstance(age, int) or age <= 0:
+        if not isinstance(age, int) or isinstance(age, bool) or age <= 0:
             raise ConfigError(
                 f"{source}: trust.max_evidence_age_seconds must be a positive integer",
                 details={"file": source, "key": "trust.max_evidence_age_seconds"},
             )
+        root_path = Path(root).expanduser() if root else None
+        if root_path is not None and not root_path.is_absolute():
+            root_path = base / root_path
         return cls(
             measurements=frozenset(m.lower() for m in ms),
             allow_simulated=allow,
-            dev_root=(base / root) if root else None,
+            dev_root=root_path,
             max_evidence_age_seconds=age,
         )

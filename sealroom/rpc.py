@@ -43,6 +43,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 0),
+    # A sealed stream's header (with the projected Arrow schema) travels in metadata; wide
+    # projections exceed gRPC's 8 KiB default.
+    ("grpc.max_metadata_size", 1024 * 1024),
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])

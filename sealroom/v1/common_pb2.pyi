@@ -99,11 +99,11 @@ class QueryResult(_message.Message):
     ERROR_JSON_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     status: _builtins.str
-    """released | refused | failed | pending | running"""
+    """planning | awaiting_approval | running | released | refused | failed"""
     arrow_table: _builtins.bytes
-    """Arrow IPC stream of the released rows (suppressed cells are null)"""
+    """Arrow IPC stream of the released cells (suppressed cells are left out)"""
     suppressed_json: _builtins.bytes
-    """[{"group": {...}, "reason": "..."}]"""
+    """[{"group": {...}, "rule": "...", "reason": "..."}], never a value"""
     plan_json: _builtins.bytes
     simulated: _builtins.bool
     receipt_json: _builtins.bytes
