@@ -140,9 +140,12 @@ class Orchestrator:
         qid = plan.query_id
         try:
             self._run(plan)
-        except SealroomError:
-            if self._stopping:
-                err = JobFailedError("the coordinator stopped while this query was in flight; resubmit it")
+        except SealroomError as caught:
+            err = (
+                JobFailedError("the coordinator stopped while this query was in flight; resubmit it")
+                if self._stopping
+                else caught
+            )
             status = "refused" if err.code in ("policy_refusal", "approval", "invalid_query") else "failed"
             log.info("query %s %s: %s", qid, status, err.code)
             self.store.update_query(qid, status=status, error=err.to_dict(), progress=status)

@@ -19,7 +19,7 @@ import pyarrow as pa
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
 from sealroom.plan import Plan, PlanInput, Stage
 from sealroom.policy import DatasetPolicy
-from sealroom.sqlplan import Analysis, analyze
+from sealroom.sqlplan import Analysis, InputSpec, analyze, compile_stage
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,11 @@ def plan_query(
         if entry.party not in party_keys:
             raise InvalidQueryError(f"party {entry.party} is not registered", details=where)
         inputs.append(PlanInput(entry.party, entry.dataset, columns, entry.policy, table=f"input_{n}"))
+    # Compile exactly as the enclave will, so a plan the enclave would refuse is refused here, early.
+    compile_stage(
+        analysis.sql,
+        [InputSpec(i.qualified, i.table, i.columns, i.policy.privacy_unit) for i in inputs],
+    )
     stage = Stage(
         id="s1",
         kind="tee",

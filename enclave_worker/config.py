@@ -43,4 +43,6 @@ class EnclaveConfig:
 
     @classmethod
     def load(cls, path: Path) -> EnclaveConfig:
-        return cls.from_table(file_table(path).table("enclave"))
+        root = file_table(path)
+        root.check_keys({"enclave"})
+        return cls.from_table(root.table("enclave"))

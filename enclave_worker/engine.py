@@ -26,6 +26,8 @@ from sealroom.errors import InvalidQueryError
 from sealroom.sqlplan import DIALECT, ROW_ID, CompiledStage, InputSpec, compile_stage, order_sql
 
 HAVING_COLUMN = "__sr_having"
+RELEASABLE_COLUMN = "__sr_releasable"  # every unit count reaches k
+KEEP_COLUMN = "__sr_keep"  # passes, and satisfies HAVING
 
 
 @dataclass(frozen=True)
@@ -85,25 +87,31 @@ def run_stage(
             row = exp.to_identifier(ROW_ID, quoted=True).sql(DIALECT)
             con.execute(f"CREATE VIEW {dst} AS SELECT *, row_number() OVER () AS {row} FROM {src}")
         con.execute("SET lock_configuration = true")
+        # The disclosure decision is computed in the engine too: every unit count must reach k.
+        k = int(min_group_size)
+        checks = " AND ".join(
+            f"COALESCE({exp.to_identifier(c.column, quoted=True).sql(DIALECT)} >= {k}, FALSE)"
+            for c in compiled.unit_checks
+        )
+        having = (
+            f"COALESCE({exp.to_identifier(HAVING_COLUMN, quoted=True).sql(DIALECT)}, FALSE)"
+            if HAVING_COLUMN in compiled.aggregate_sql
+            else "TRUE"
+        )
+        decided = (
+            f"SELECT *, ({checks or 'TRUE'}) AS {RELEASABLE_COLUMN}, "
+            f"({checks or 'TRUE'}) AND {having} AS {KEEP_COLUMN} "
+            f"FROM ({compiled.aggregate_sql})"
+        )
         try:
-            cells = con.sql(compiled.aggregate_sql).to_arrow_table()
+            cells = con.sql(decided).to_arrow_table()
         except duckdb.Error as exc:
             # DuckDB's messages can quote values (conversion errors); report the kind only.
             raise InvalidQueryError(
                 f"the stage failed in the engine ({type(exc).__name__}); check column types and expressions"
             ) from None
-        passing = None
-        for check in compiled.unit_checks:
-            ok = pc.greater_equal(cells[check.column], min_group_size)
-            passing = ok if passing is None else pc.and_(passing, ok)
-        if passing is None:
-            passing = pa.array([True] * cells.num_rows)
-        passing = pc.fill_null(passing, False)
-        suppressed = _suppressed(cells, passing, compiled, min_group_size, rule_datasets)
-        keep = passing
-        if HAVING_COLUMN in cells.column_names:
-            keep = pc.and_(keep, pc.fill_null(cells[HAVING_COLUMN], False))
-        released = cells.filter(keep).select(list(compiled.output_columns))
+        suppressed = _suppressed(cells, compiled, k, rule_datasets)
+        released = cells.filter(cells[KEEP_COLUMN]).select(list(compiled.output_columns))
         if compiled.order_by or compiled.limit is not None:
             con.register("__sr_released", released)
             released = con.sql(order_sql("__sr_released", compiled.order_by, compiled.limit)).to_arrow_table()
@@ -114,12 +122,11 @@ def run_stage(
 
 def _suppressed(
     cells: pa.Table,
-    passing: pa.Array,
     compiled: CompiledStage,
     k: int,
     rule_datasets: Sequence[str],
 ) -> list[dict[str, Any]]:
-    failing = cells.filter(pc.invert(passing))
+    failing = cells.filter(pc.invert(cells[RELEASABLE_COLUMN]))
     if failing.num_rows == 0:
         return []
     out: list[dict[str, Any]] = []

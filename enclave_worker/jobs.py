@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +28,11 @@ from enclave_worker.engine import compile_for_job, run_stage, table_to_ipc
 from sealroom.attestation import Evidence, report_data_for
 from sealroom.errors import (
     ApprovalError,
+    IntegrityError,
     InvalidQueryError,
     JobFailedError,
     NotFoundError,
+    PolicyRefusalError,
     ResourceExhaustedError,
     SealroomError,
 )
@@ -42,6 +44,10 @@ from sealroom.sqlplan import CompiledStage, InputSpec
 log = logging.getLogger(__name__)
 
 RESULT_VERSION = 1
+
+
+def _disconnected(party: str) -> JobFailedError:
+    return JobFailedError(f"{party} disconnected or its stream broke before the end; the job was stopped")
 
 
 def _raw(public_key: Any) -> bytes:
@@ -77,7 +83,7 @@ class Job:
     failed: SealroomError | None = None
     held_bytes: int = 0
     done: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    executing: bool = False
 
     def wipe(self) -> None:
         """Drop every reference to the job's data and keys."""
@@ -94,7 +100,7 @@ class JobRegistry:
         self.attester = attester
         self.clock = clock
         self._jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._held = 0
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -122,7 +128,9 @@ class JobRegistry:
     def reap(self) -> None:
         now = self.clock()
         with self._lock:
-            expired = [j for j in self._jobs.values() if now - j.created > self.config.job_ttl_seconds]
+            expired = [
+                j for j in self._jobs.values() if not j.executing and now - j.created > self.config.job_ttl_seconds
+            ]
         for job in expired:
             self._fail(job, JobFailedError("the job expired before it was executed"))
             with self._lock:
@@ -139,6 +147,11 @@ class JobRegistry:
         specs = []
         inputs: dict[tuple[str, str], _Input] = {}
         for inp in stage.inputs:
+            if not inp.policy.allows_analyst(plan.analyst):
+                raise PolicyRefusalError(
+                    f"{inp.qualified} may not be queried by analyst {plan.analyst} (its owner's policy)",
+                    details={"party": inp.party, "dataset": inp.dataset, "rule": "analysts"},
+                )
             unit = inp.policy.privacy_unit
             if unit is not None and unit not in inp.columns:
                 raise InvalidQueryError(
@@ -183,30 +196,42 @@ class JobRegistry:
             ),
             nonce=nonce,
         )
-        with job.lock:
+        with self._lock:
             job.issued_evidence.add(evidence.digest())
         return evidence
 
-    def upload(self, header_bytes: bytes, signature: bytes, frames: Iterable[bytes]) -> _Input:
-        """Open one party's sealed stream; commit its table only when the whole stream verified."""
-        header = StreamHeader.from_bytes(header_bytes)
+    def upload(
+        self,
+        header_bytes: bytes,
+        signature: bytes | None,
+        frames: Iterable[bytes],
+        *,
+        connected: Callable[[], bool] = lambda: True,
+    ) -> tuple[str, _Input]:
+        """Open one party's sealed stream; commit its table only when the whole stream verified.
+
+        Any stream that fails authentication fails the whole job (invariant 8): the other parties'
+        inputs are dropped with it and nothing is released.
+        """
+        header = StreamHeader.from_bytes(header_bytes)  # malformed: no job to fail
         ctx = header.context
         job = self._get(ctx.job_id)
-        key = (ctx.party, ctx.dataset)
-        with job.lock:
-            if job.failed is not None:
-                raise JobFailedError("the job has already failed; nothing more is accepted")
-            inp = job.inputs.get(key)
+        with self._lock:
+            if job.failed is not None or job.done or job.executing:
+                raise JobFailedError("the job has ended or is executing; nothing more is accepted")
+            inp = job.inputs.get((ctx.party, ctx.dataset))
             # Every check that a sender could fail on purpose raises the same IntegrityError.
             if (
                 inp is None
                 or inp.table is not None
                 or inp.streaming
+                or signature is None
                 or ctx.plan_hash.hex() != job.plan_hash
                 or ctx.evidence_hash not in job.issued_evidence
                 or job.hpke_key is None
                 or not verify_stream_header(job.plan.parties.get(ctx.party, ""), header_bytes, signature)
             ):
+                self._fail(job, integrity_error())
                 raise integrity_error()
             inp.streaming = True
             hpke_key = job.hpke_key
@@ -224,6 +249,8 @@ class JobRegistry:
                     continue
                 size = batch.nbytes
                 with self._lock:
+                    if job.failed is not None or job.done:
+                        raise job.failed or JobFailedError("the job ended while this stream was in flight")
                     if self._held + size > self.config.memory_limit_bytes:
                         raise ResourceExhaustedError(
                             "the enclave's memory limit was exceeded while loading inputs; "
@@ -235,28 +262,42 @@ class JobRegistry:
                 batches.append(batch)
             opener.close()
             table = pa.Table.from_batches(batches, schema=opener.schema)
-        except SealroomError as err:
+        except SealroomError as caught:
+            err = caught
+            if isinstance(err, IntegrityError) and not connected():
+                # A cancelled call can look like a stream cut short; say what happened.
+                err = _disconnected(ctx.party)
             self._fail(job, err)
-            raise
-        except Exception as exc:  # a disconnect surfaces as a grpc error from the iterator
-            err = JobFailedError(f"{ctx.party} disconnected or its stream broke before the end; the job was stopped")
+            raise err from None
+        except Exception as exc:  # a disconnect can also surface as a grpc error from the iterator
+            err = _disconnected(ctx.party)
             self._fail(job, err)
             raise err from exc
         finally:
-            inp.streaming = False
-        with job.lock:
-            if job.failed is not None:
-                raise job.failed
+            with self._lock:
+                inp.streaming = False
+        with self._lock:
+            if job.failed is not None or job.done:
+                raise job.failed or JobFailedError("the job ended while this stream was in flight")
             inp.table = table
             inp.rows = table.num_rows
             inp.bytes = held
             inp.frames = frames_n
             inp.header_sha256 = hashlib.sha256(header_bytes).hexdigest()
         log.info("job %s: input %s.%s loaded (%d frames)", job.id, ctx.party, ctx.dataset, frames_n)
-        return inp
+        return job.id, inp
 
     def execute(self, job_id: str, approvals: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
         job = self._get(job_id)
+        with self._lock:
+            if job.executing:
+                raise JobFailedError("the job is already executing")
+            if any(i.streaming for i in job.inputs.values()):
+                err = JobFailedError("Execute arrived while an input was still streaming; the job was stopped")
+                self._fail(job, err)
+                self._jobs.pop(job.id, None)
+                raise err
+            job.executing = True  # the reaper and late uploads leave it alone from here
         try:
             return self._execute(job, approvals)
         except SealroomError as err:
@@ -350,7 +391,8 @@ class JobRegistry:
             "executed_at": self.clock(),
         }
         body = canonical_json(doc)
-        assert job.signing_key is not None
+        if job.signing_key is None:
+            raise JobFailedError("the job's keys were wiped before it could sign its result")
         signature = job.signing_key.sign(body)
         log.info(
             "job %s executed: %d cells released, %d suppressed",

@@ -76,10 +76,13 @@ def _upload(registry: JobRegistry) -> object:
         metadata = dict(context.invocation_metadata())
         header = metadata.get(HEADER_METADATA_KEY)
         signature = metadata.get(SIGNATURE_METADATA_KEY)
-        if not isinstance(header, bytes) or not isinstance(signature, bytes):
+        if not isinstance(header, bytes):
             raise integrity_error()
-        inp = registry.upload(header, signature, frames)
+        job_id, inp = registry.upload(
+            header, signature if isinstance(signature, bytes) else None, frames, connected=context.is_active
+        )
         return enclave_pb2.UploadSummary(
+            job_id=job_id,
             party=inp.spec.party,
             dataset=inp.spec.dataset,
             frames=inp.frames,

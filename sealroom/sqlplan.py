@@ -30,7 +30,7 @@ from sealroom.errors import InvalidQueryError
 
 DIALECT = "duckdb"
 RESERVED_PREFIX = "__sr_"
-ROW_ID = "__sr_row"  # per-row id column the enclave appends to every loaded input
+ROW_ID = "__sr_row"  # per-row id the enclave adds to inputs without a declared privacy unit
 UNION_UNIT = "__sr_unit"
 
 ALLOWED_AGGREGATES: dict[type[exp.Expression], str] = {
@@ -612,12 +612,13 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
     """Compile a stage's SQL for the in-enclave engine.
 
     ``inputs`` are the enclave's own view of what it holds; each engine table has the input's
-    columns plus :data:`ROW_ID`. Adds one hidden ``COUNT(DISTINCT unit)`` per FROM item and strips
-    ORDER BY/LIMIT (applied to released rows only).
+    columns, plus :data:`ROW_ID` where the input declares no privacy unit. Adds one hidden
+    ``COUNT(DISTINCT unit)`` per FROM item and strips ORDER BY/LIMIT (applied to released rows only).
     """
     by_name = {i.qualified: i for i in inputs}
     schemas = {i.qualified: list(i.columns) for i in inputs}
     r = _resolve(sql, schemas)
+    _refuse_grouping_by_units(r, by_name)
     tree = r.tree
     checks: list[UnitCheck] = []
     hidden: list[exp.Expression] = []
@@ -663,6 +664,26 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
         order_by=tuple(r.order),
         limit=r.limit,
     )
+
+
+def _refuse_grouping_by_units(r: _Resolved, by_name: Mapping[str, InputSpec]) -> None:
+    """Grouping by a privacy unit (or an expression of it) makes every cell one unit: all would be
+    suppressed, and the suppressed list would disclose every identifier. Refuse it."""
+    by_alias = {s.alias: s for s in r.sources}
+    for g in r.groups:
+        for col in [g] if isinstance(g, exp.Column) else list(g.find_all(exp.Column)):
+            src = by_alias.get(col.table)
+            if src is None:
+                continue
+            for br in src.branches:
+                if by_name[br.qualified].privacy_unit == col.name:
+                    raise _refuse(
+                        f"GROUP BY {col.name} groups by the privacy unit of {br.qualified}: every cell would "
+                        "hold one unit. Group by a dimension (e.g. a segment, region or age band) instead",
+                        dataset=br.qualified,
+                        column=col.name,
+                        rule="privacy_unit",
+                    )
 
 
 def _replace_table(table: exp.Table, engine_name: str, alias: str) -> None:

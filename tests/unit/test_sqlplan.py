@@ -240,3 +240,21 @@ def test_released_cells_equal_plain_duckdb_and_respect_k(a_rows, b_rows, k):
         else:
             assert seg in suppressed and seg not in released
     assert len(released) + len(suppressed) == len(expected)
+
+
+@pytest.mark.parametrize("group", ["a.customer_id", "a.customer_id % 10", "1"])
+def test_grouping_by_a_privacy_unit_is_refused(group):
+    sql = f"SELECT a.customer_id, COUNT(*) FROM bank_a.loans a GROUP BY {group}"
+    if group != "1" and group != "a.customer_id":
+        sql = f"SELECT {group} AS bucket, COUNT(*) FROM bank_a.loans a GROUP BY {group}"
+    an = analyze(sql, SCHEMAS)
+    with pytest.raises(InvalidQueryError, match="privacy unit of bank_a.loans") as info:
+        compile_stage(an.sql, _inputs(an, {"bank_a.loans": "customer_id"}))
+    assert info.value.details["rule"] == "privacy_unit"
+
+
+def test_grouping_by_a_union_privacy_unit_is_refused():
+    sql = "SELECT patient_id, COUNT(*) FROM (SELECT * FROM h1.stays UNION ALL SELECT * FROM h2.stays) u GROUP BY 1"
+    an = analyze(sql, HOSP)
+    with pytest.raises(InvalidQueryError, match="privacy unit of h2.stays"):
+        compile_stage(an.sql, _inputs(an, {"h1.stays": None, "h2.stays": "patient_id"}))
