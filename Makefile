@@ -30,6 +30,7 @@ protos-check: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy sealroom enclave_worker coordinator connectors
 
 test: install protos-check lint
 	$(BIN)/python -m pytest

@@ -89,7 +89,7 @@ class PartyConfig:
             )
         t = root.table("trust", required=False)
         trust = TrustPolicy.from_dict(t.doc, source=root.source, base=root.base)
-        datasets = []
+        datasets: list[DatasetConfig] = []
         for d in root.tables("dataset"):
             d.check_keys({"name", "source", "policy", "description"})
             policy_value = d.doc.get("policy")

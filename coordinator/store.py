@@ -183,7 +183,8 @@ class Store:
         error: dict[str, Any] | None = None,
         progress: str | None = None,
     ) -> None:
-        sets, args = ["updated_at = ?"], [time.time()]
+        sets: list[str] = ["updated_at = ?"]
+        args: list[object] = [time.time()]
         for col, value in (
             ("status", status),
             ("plan_json", plan_json),

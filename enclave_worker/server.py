@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -71,7 +71,7 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
         return common_pb2.Empty()
 
 
-def _upload(registry: JobRegistry) -> object:
+def _upload(registry: JobRegistry) -> Callable[[Iterator[bytes], grpc.ServicerContext], bytes]:
     def handle(frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         metadata = dict(context.invocation_metadata())
         header = metadata.get(HEADER_METADATA_KEY)

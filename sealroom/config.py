@@ -7,6 +7,7 @@ and what was expected. Nothing is read at import time.
 
 from __future__ import annotations
 
+import builtins
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,19 +30,26 @@ def load_toml(path: Path) -> dict[str, Any]:
 class Table:
     """A TOML table with typed, validated access. ``prefix`` is the dotted path for messages."""
 
-    def __init__(self, doc: Mapping[str, Any], *, source: str, prefix: str = "", base: Path | None = None):
+    def __init__(
+        self,
+        doc: Mapping[builtins.str, Any],
+        *,
+        source: builtins.str,
+        prefix: builtins.str = "",
+        base: Path | None = None,
+    ):
         self.doc = doc
         self.source = source
         self.prefix = prefix
         self.base = base or Path(".")
 
-    def _err(self, key: str, expected: str) -> ConfigError:
+    def _err(self, key: builtins.str, expected: builtins.str) -> ConfigError:
         return ConfigError(
             f"{self.source}: {self.prefix}{key} must be {expected}",
             details={"file": self.source, "key": f"{self.prefix}{key}"},
         )
 
-    def check_keys(self, allowed: set[str]) -> None:
+    def check_keys(self, allowed: set[builtins.str]) -> None:
         for key in self.doc:
             if key not in allowed:
                 raise ConfigError(
@@ -49,7 +57,7 @@ class Table:
                     details={"file": self.source, "key": f"{self.prefix}{key}"},
                 )
 
-    def table(self, key: str, *, required: bool = True) -> Table:
+    def table(self, key: builtins.str, *, required: builtins.bool = True) -> Table:
         value = self.doc.get(key, _MISSING)
         if value is _MISSING:
             if required:
@@ -59,7 +67,7 @@ class Table:
             raise self._err(key, "a table")
         return Table(value, source=self.source, prefix=f"{self.prefix}{key}.", base=self.base)
 
-    def tables(self, key: str) -> list[Table]:
+    def tables(self, key: builtins.str) -> list[Table]:
         value = self.doc.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
             raise self._err(key, f"an array of tables ([[{self.prefix}{key}]])")
@@ -68,53 +76,59 @@ class Table:
             for i, v in enumerate(value)
         ]
 
-    def str(self, key: str, default: Any = _MISSING) -> str:
+    def str(self, key: builtins.str, default: Any = _MISSING) -> builtins.str:
         value = self.doc.get(key, default)
-        if value is _MISSING or not isinstance(value, str) or not value:
+        if value is _MISSING or not isinstance(value, builtins.str) or not value:
             raise self._err(key, "a non-empty string")
         return value
 
-    def opt_str(self, key: str) -> str | None:
+    def opt_str(self, key: builtins.str) -> builtins.str | None:
         value = self.doc.get(key)
         if value is None:
             return None
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, builtins.str) or not value:
             raise self._err(key, "a non-empty string")
         return value
 
-    def int(self, key: str, default: Any = _MISSING, *, minimum: int | None = None) -> int:
+    def int(self, key: builtins.str, default: Any = _MISSING, *, minimum: builtins.int | None = None) -> builtins.int:
         value = self.doc.get(key, default)
-        if value is _MISSING or not isinstance(value, int) or isinstance(value, bool):
+        if value is _MISSING or not isinstance(value, builtins.int) or isinstance(value, builtins.bool):
             raise self._err(key, "an integer")
         if minimum is not None and value < minimum:
             raise self._err(key, f"an integer >= {minimum}")
         return value
 
-    def float(self, key: str, default: Any = _MISSING, *, minimum: float | None = None) -> float:
+    def float(
+        self, key: builtins.str, default: Any = _MISSING, *, minimum: builtins.float | None = None
+    ) -> builtins.float:
         value = self.doc.get(key, default)
-        if value is _MISSING or isinstance(value, bool) or not isinstance(value, int | float):
+        if (
+            value is _MISSING
+            or isinstance(value, builtins.bool)
+            or not isinstance(value, builtins.int | builtins.float)
+        ):
             raise self._err(key, "a number")
         if minimum is not None and value < minimum:
             raise self._err(key, f"a number >= {minimum}")
         return float(value)
 
-    def bool(self, key: str, default: Any = _MISSING) -> bool:
+    def bool(self, key: builtins.str, default: Any = _MISSING) -> builtins.bool:
         value = self.doc.get(key, default)
-        if not isinstance(value, bool):
+        if not isinstance(value, builtins.bool):
             raise self._err(key, "true or false")
         return value
 
-    def path(self, key: str, default: Any = _MISSING) -> Path:
+    def path(self, key: builtins.str, default: Any = _MISSING) -> Path:
         value = self.doc.get(key, default)
-        if value is _MISSING or not isinstance(value, str | Path) or not str(value):
+        if value is _MISSING or not isinstance(value, builtins.str | Path) or not str(value):
             raise self._err(key, "a path")
         p = Path(value).expanduser()
         return p if p.is_absolute() else self.base / p
 
-    def opt_path(self, key: str) -> Path | None:
+    def opt_path(self, key: builtins.str) -> Path | None:
         return self.path(key) if self.doc.get(key) is not None else None
 
-    def choice(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> str:
+    def choice(self, key: builtins.str, choices: tuple[builtins.str, ...], default: Any = _MISSING) -> builtins.str:
         value = self.doc.get(key, default)
         if value not in choices:
             raise self._err(key, f"one of {', '.join(choices)}")

@@ -33,7 +33,7 @@ RESERVED_PREFIX = "__sr_"
 ROW_ID = "__sr_row"  # per-row id the enclave adds to inputs without a declared privacy unit
 UNION_UNIT = "__sr_unit"
 
-ALLOWED_AGGREGATES: dict[type[exp.Expression], str] = {
+ALLOWED_AGGREGATES: dict[type, str] = {
     exp.Count: "COUNT",
     exp.Sum: "SUM",
     exp.Avg: "AVG",
@@ -345,7 +345,7 @@ def _resolve_columns(tree: exp.Select, sources: list[_Source]) -> None:
                 src.needed.append(name)
 
 
-def _ancestors(node: exp.Expression) -> list[exp.Expression]:
+def _ancestors(node: exp.Expression) -> list[exp.Expr]:
     out = []
     p = node.parent
     while p is not None:
@@ -621,7 +621,7 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
     _refuse_grouping_by_units(r, by_name)
     tree = r.tree
     checks: list[UnitCheck] = []
-    hidden: list[exp.Expression] = []
+    hidden: list[exp.Expr] = []
     for n, src in enumerate(r.sources):
         if src.kind == "table":
             spec = by_name[src.branches[0].qualified]
@@ -633,6 +633,7 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
             for k, br in enumerate(src.branches):
                 spec = by_name[br.qualified]
                 kept, _ = _branch_columns(src, br)
+                unit: exp.Expression
                 if spec.privacy_unit:
                     unit = exp.cast(exp.column(spec.privacy_unit, quoted=True), "VARCHAR")
                 else:
