@@ -102,7 +102,8 @@ def plan_query(
 
 def explain_text(plan: Plan, analysis: Analysis) -> str:
     """A human-readable explanation of what would run, what each party sends, and who approves."""
-    lines = [f"Query {plan.query_id} by {plan.analyst}", f"  plan hash {plan.hash}", ""]
+    title = f"Plan for analyst {plan.analyst}" + ("" if plan.query_id == "explain" else f", query {plan.query_id}")
+    lines = [title, f"  plan hash {plan.hash} (a submitted query gets its own plan and hash)", ""]
     for stage in plan.stages:
         lines.append(f"Stage {stage.id} ({stage.kind.upper()}: runs inside an attested enclave worker)")
         lines.append(f"  outputs: {', '.join(stage.output_columns)}")
@@ -113,6 +114,8 @@ def explain_text(plan: Plan, analysis: Analysis) -> str:
             f"  disclosure: a cell is released only with at least {stage.min_group_size} distinct privacy "
             "units from every FROM item; smaller cells are suppressed (group keys and rule shown, no values)"
         )
+        if " WHERE " in stage.sql.upper():
+            lines.append("  filters: WHERE is applied inside the enclave (parties send the projected columns)")
         lines.append("  inputs (each party seals these columns to the enclave's attested key):")
         for inp in stage.inputs:
             unit = inp.policy.privacy_unit or "each row"

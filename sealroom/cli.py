@@ -24,7 +24,11 @@ class UsageError(Exception):
 
 
 def _coordinator(args: argparse.Namespace) -> str:
-    return args.coordinator or os.environ.get("SEALROOM_COORDINATOR", DEFAULT_COORDINATOR)
+    address = args.coordinator or os.environ.get("SEALROOM_COORDINATOR") or DEFAULT_COORDINATOR
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"the coordinator address must be HOST:PORT (got {address!r})")
+    return address
 
 
 def _emit(doc: Any) -> None:
