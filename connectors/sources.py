@@ -293,6 +293,8 @@ class ArrowIpcSource:
         names = _resolve_columns(self, schema, columns)
         physical = _physical(names, schema)
         included = None if physical is None else sorted(schema.get_field_index(n) for n in physical)
+        if included is not None and len(included) == len(schema):
+            included = None  # every column: read batches in place from the memory map, no copy
         return self._batches(included, names, batch_rows)
 
     def _batches(

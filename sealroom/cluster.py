@@ -134,6 +134,10 @@ class Cluster:
         logf = open(p["logs"] / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # Keep ~2 MiB frame buffers mapped instead of mmap/munmap per frame (measured in
+        # benchmarks/README.md: 5-10x fewer page faults on the sealed path). See docs/operations.md.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", "268435456")
         proc = subprocess.Popen(
             [sys.executable, "-m", "sealroom.cli", "--log-level", "info", *args, "--port-file", str(port_file)],
             stdout=logf,
