@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from sealroom.disclosure import check_uses
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
 from sealroom.plan import Plan, PlanInput, Stage
 from sealroom.policy import DatasetPolicy
@@ -52,7 +53,9 @@ def plan_query(
     catalog: Mapping[str, CatalogEntry],
     party_keys: Mapping[str, str],
 ) -> tuple[Plan, Analysis]:
-    analysis = analyze(sql, {q: e.schema.names for q, e in catalog.items()})
+    schemas = {q: e.schema.names for q, e in catalog.items()}
+    analysis = analyze(sql, schemas)
+    check_uses(analysis.uses, {q: catalog[q].policy for q in analysis.datasets}, schemas)
     inputs = []
     for n, qualified in enumerate(analysis.datasets):
         entry = catalog[qualified]

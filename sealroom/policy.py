@@ -25,9 +25,12 @@ from sealroom.attestation import AppraisalPolicy, load_root_certificate
 from sealroom.errors import ConfigError
 
 DEFAULT_MIN_GROUP_SIZE = 5
-# Manual approval (a person signs each query) arrives with the approvals issue; until then a policy
-# asking for it is refused at load rather than silently auto-approved.
-APPROVAL_MODES = ("auto",)
+APPROVAL_MODES = ("auto",)  # "manual" arrives with the manual approval flow
+
+# Column roles. What each allows is decided in one place: sealroom.disclosure.ALLOWED_USES.
+ROLES = ("join_key", "dimension", "measure", "filter_only", "forbidden", "open")
+MEASURE_AGGREGATES = ("count", "count_distinct", "sum", "avg", "min", "max", "var", "stddev")
+DEFAULT_MEASURE_AGGREGATES = ("count", "sum", "avg", "var", "stddev")
 
 
 def canonical_json(doc: Any) -> bytes:
@@ -35,14 +38,106 @@ def canonical_json(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _err(source: str, key: str, expected: str) -> ConfigError:
+    return ConfigError(f"{source}: {key} must be {expected}", details={"file": source, "key": key})
+
+
+def _check_keys(doc: Mapping[str, Any], known: set[str], *, source: str, prefix: str) -> None:
+    for key in doc:
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown key {prefix}{key}; expected one of {', '.join(sorted(known))}",
+                details={"file": source, "key": f"{prefix}{key}"},
+            )
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class ColumnRule:
+    """What an analyst may do with one column.
+
+    - ``join_key``: may be joined on (and counted); never output, grouped by or filtered on.
+    - ``dimension``: may be grouped by, output as a group key, filtered on, and counted.
+    - ``measure``: may be aggregated with ``aggregates`` only; the enclave clamps its values to
+      ``[min, max]`` before aggregating when bounds are declared.
+    - ``filter_only``: may appear in WHERE only.
+    - ``forbidden``: may not appear in a query at all.
+    - ``open``: no restriction (the permissive default of ``sealroom local``).
+    """
+
+    role: str
+    aggregates: tuple[str, ...] = ()
+    min: float | None = None
+    max: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role}
+        if self.role == "measure":
+            out["aggregates"] = list(self.aggregates)
+            out["min"] = self.min
+            out["max"] = self.max
+        return out
+
+    @classmethod
+    def from_dict(cls, doc: Any, *, source: str, prefix: str) -> ColumnRule:
+        if isinstance(doc, str):
+            doc = {"role": doc}
+        if not isinstance(doc, Mapping):
+            raise _err(source, prefix.rstrip("."), 'a role name or a table such as { role = "dimension" }')
+        _check_keys(doc, {"role", "aggregates", "min", "max"}, source=source, prefix=prefix)
+        role = doc.get("role")
+        if role not in ROLES:
+            raise _err(source, f"{prefix}role", f"one of {', '.join(ROLES)}")
+        if role != "measure":
+            for key in ("aggregates", "min", "max"):
+                if key in doc:
+                    raise _err(source, f"{prefix}{key}", f"left out: only a measure has {key}")
+            return cls(role)
+        aggs = doc.get("aggregates", list(DEFAULT_MEASURE_AGGREGATES))
+        if not isinstance(aggs, list) or not aggs or any(a not in MEASURE_AGGREGATES for a in aggs):
+            raise _err(source, f"{prefix}aggregates", f"a non-empty list drawn from {', '.join(MEASURE_AGGREGATES)}")
+        lo, hi = doc.get("min"), doc.get("max")
+        for key, v in (("min", lo), ("max", hi)):
+            if v is not None and not _number(v):
+                raise _err(source, f"{prefix}{key}", "a number")
+        if lo is not None and hi is not None and lo > hi:
+            raise _err(source, f"{prefix}min", f"at most {prefix}max")
+        return cls(
+            "measure",
+            tuple(sorted(set(aggs), key=MEASURE_AGGREGATES.index)),
+            float(lo) if lo is not None else None,
+            float(hi) if hi is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class Dominance:
+    """(n, k) dominance: a SUM cell is suppressed when its n largest units contribute >= k % of it."""
+
+    n: int
+    k: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "k": self.k}
+
+
 @dataclass(frozen=True)
 class DatasetPolicy:
-    """Disclosure rules for one dataset."""
+    """Disclosure rules for one dataset (one TOML file per dataset; see docs/configuration.md)."""
 
     privacy_unit: str | None = None
     min_group_size: int = DEFAULT_MIN_GROUP_SIZE
     analysts: tuple[str, ...] = ("*",)
     approval: str = "auto"
+    columns: Mapping[str, ColumnRule] = field(default_factory=dict)
+    default_role: str = "open"
+    dominance: Dominance | None = None
+
+    def __hash__(self) -> int:
+        return hash(self.digest())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +146,9 @@ class DatasetPolicy:
             "min_group_size": self.min_group_size,
             "analysts": list(self.analysts),
             "approval": self.approval,
+            "columns": {name: rule.to_dict() for name, rule in sorted(self.columns.items())},
+            "default_role": self.default_role,
+            "dominance": self.dominance.to_dict() if self.dominance else None,
         }
 
     def canonical(self) -> bytes:
@@ -62,41 +160,75 @@ class DatasetPolicy:
     def allows_analyst(self, analyst: str) -> bool:
         return "*" in self.analysts or analyst in self.analysts
 
+    def rule(self, column: str) -> ColumnRule:
+        """The rule for ``column`` (columns the policy does not list take ``default_role``)."""
+        rule = self.columns.get(column)
+        if rule is not None:
+            return rule
+        if self.default_role == "measure":
+            return ColumnRule("measure", DEFAULT_MEASURE_AGGREGATES)
+        return ColumnRule(self.default_role)
+
+    def columns_with_role(self, role: str, names: list[str]) -> list[str]:
+        return [c for c in names if self.rule(c).role == role]
+
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], *, source: str = "<policy>", prefix: str = "") -> DatasetPolicy:
-        known = {"version", "privacy_unit", "min_group_size", "analysts", "approval"}
-        for key in doc:
-            if key not in known:
-                raise ConfigError(
-                    f"{source}: unknown key {prefix}{key}; expected one of {', '.join(sorted(known))}",
-                    details={"file": source, "key": f"{prefix}{key}"},
-                )
+        known = {
+            "version", "privacy_unit", "min_group_size", "analysts", "approval", "columns", "default_role",
+            "dominance",
+        }  # fmt: skip
+        _check_keys(doc, known, source=source, prefix=prefix)
+        if doc.get("version", 1) != 1:
+            raise _err(source, f"{prefix}version", "1")
         unit = doc.get("privacy_unit")
         if unit is not None and (not isinstance(unit, str) or not unit):
-            raise ConfigError(
-                f"{source}: {prefix}privacy_unit must be a column name (a non-empty string)",
-                details={"file": source, "key": f"{prefix}privacy_unit"},
-            )
+            raise _err(source, f"{prefix}privacy_unit", "a column name (a non-empty string)")
         k = doc.get("min_group_size", DEFAULT_MIN_GROUP_SIZE)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigError(
-                f"{source}: {prefix}min_group_size must be an integer >= 1",
-                details={"file": source, "key": f"{prefix}min_group_size"},
-            )
+            raise _err(source, f"{prefix}min_group_size", "an integer >= 1")
         analysts = doc.get("analysts", ["*"])
         if not isinstance(analysts, list) or not analysts or not all(isinstance(a, str) and a for a in analysts):
-            raise ConfigError(
-                f'{source}: {prefix}analysts must be a non-empty list of analyst names (or ["*"])',
-                details={"file": source, "key": f"{prefix}analysts"},
-            )
+            raise _err(source, f"{prefix}analysts", 'a non-empty list of analyst names (or ["*"])')
         approval = doc.get("approval", "auto")
         if approval not in APPROVAL_MODES:
-            raise ConfigError(
-                f"{source}: {prefix}approval must be one of {', '.join(APPROVAL_MODES)} (manual approval is not "
-                "available in this version)",
-                details={"file": source, "key": f"{prefix}approval"},
+            raise _err(source, f"{prefix}approval", f"one of {', '.join(APPROVAL_MODES)}")
+        raw_columns = doc.get("columns", {})
+        if not isinstance(raw_columns, Mapping):
+            raise _err(source, f"{prefix}columns", "a table of column rules ([columns] amount = { role = ... })")
+        columns = {
+            str(name): ColumnRule.from_dict(rule, source=source, prefix=f"{prefix}columns.{name}.")
+            for name, rule in raw_columns.items()
+        }
+        # A policy that lists columns protects the ones it does not list; one that lists none is open.
+        default_role = doc.get("default_role", "forbidden" if columns else "open")
+        if default_role not in ROLES:
+            raise _err(source, f"{prefix}default_role", f"one of {', '.join(ROLES)}")
+        dominance = None
+        if doc.get("dominance") is not None:
+            d = doc["dominance"]
+            if not isinstance(d, Mapping):
+                raise _err(source, f"{prefix}dominance", "a table { n = 2, k = 80 }")
+            _check_keys(d, {"n", "k"}, source=source, prefix=f"{prefix}dominance.")
+            n, kk = d.get("n"), d.get("k")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise _err(source, f"{prefix}dominance.n", "an integer >= 1 (the number of largest units)")
+            if not _number(kk) or not 0 < kk <= 100:
+                raise _err(source, f"{prefix}dominance.k", "a percentage in (0, 100]")
+            dominance = Dominance(n, float(kk))
+        if unit is not None and unit in columns and columns[unit].role in ("measure", "forbidden"):
+            raise _err(
+                source, f"{prefix}columns.{unit}.role", "join_key, dimension or filter_only for the privacy unit"
             )
-        return cls(privacy_unit=unit, min_group_size=k, analysts=tuple(analysts), approval=approval)
+        return cls(
+            privacy_unit=unit,
+            min_group_size=k,
+            analysts=tuple(analysts),
+            approval=approval,
+            columns=columns,
+            default_role=default_role,
+            dominance=dominance,
+        )
 
     @classmethod
     def from_json(cls, data: bytes) -> DatasetPolicy:

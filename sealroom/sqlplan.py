@@ -45,6 +45,19 @@ ALLOWED_AGGREGATES: dict[type, str] = {
     exp.StddevSamp: "STDDEV_SAMP",
     exp.StddevPop: "STDDEV_POP",
 }
+# The names owners use for aggregates in their policies (sealroom.policy.MEASURE_AGGREGATES).
+POLICY_AGGREGATE_NAMES: dict[type, str] = {
+    exp.Count: "count",
+    exp.Sum: "sum",
+    exp.Avg: "avg",
+    exp.Min: "min",
+    exp.Max: "max",
+    exp.Variance: "var",
+    exp.VariancePop: "var",
+    exp.Stddev: "stddev",
+    exp.StddevSamp: "stddev",
+    exp.StddevPop: "stddev",
+}
 SUPPORTED_AGGREGATES_TEXT = (
     "COUNT(*), COUNT(col), COUNT(DISTINCT col), SUM, AVG, MIN, MAX, VAR_SAMP, VAR_POP, STDDEV_SAMP, STDDEV_POP"
 )
@@ -93,6 +106,7 @@ class Analysis:
     aggregates: tuple[str, ...]  # aggregate functions used
     order_by: tuple[OrderKey, ...]
     limit: int | None
+    uses: Mapping[str, Mapping[str, frozenset[str]]] = field(default_factory=dict)  # see column_uses
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,7 @@ class UnitCheck:
     column: str  # hidden output column name
     datasets: tuple[str, ...]  # party.dataset values counted by this check
     unit: str  # human description, e.g. "customer_id" or "rows"
+    expression: str = ""  # the unit expression in the compiled query (DuckDB SQL)
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,8 @@ class CompiledStage:
     unit_checks: tuple[UnitCheck, ...]
     order_by: tuple[OrderKey, ...]
     limit: int | None
+    sum_arguments: tuple[str, ...] = ()  # compiled SQL of every SUM(...) argument in the outputs
+    uses: Mapping[str, Mapping[str, frozenset[str]]] = field(default_factory=dict)  # see column_uses
 
 
 @dataclass(frozen=True)
@@ -551,12 +568,7 @@ def _resolve(sql: str, schemas: Mapping[str, Sequence[str]]) -> _Resolved:
 def _branch_columns(src: _Source, branch: _Branch) -> tuple[list[exp.Expression], list[str]]:
     """Pruned projections of a UNION ALL branch and the dataset columns they (and WHERE) read."""
     assert branch.select is not None
-    projections: list[exp.Expression] = []
-    for proj in branch.select.expressions:
-        if isinstance(proj, exp.Star):
-            projections.extend(exp.column(c) for c in branch.columns)
-        else:
-            projections.append(proj)
+    projections = _expanded_projections(branch)
     kept = [p for p, name in zip(projections, src.columns, strict=True) if name in src.needed]
     reads: list[str] = []
     nodes: list[exp.Expression] = list(kept)
@@ -575,6 +587,70 @@ def _branch_columns(src: _Source, branch: _Branch) -> tuple[list[exp.Expression]
             if col.name not in reads:
                 reads.append(col.name)
     return kept, reads
+
+
+def _use_of(col: exp.Column) -> str:
+    """How the query uses one column reference: join, filter, group, or aggregate:<name>."""
+    for a in _ancestors(col):
+        if isinstance(a, exp.AggFunc):
+            name = POLICY_AGGREGATE_NAMES.get(type(a), type(a).__name__.lower())
+            if isinstance(a, exp.Count) and isinstance(a.this, exp.Distinct):
+                name = "count_distinct"
+            return f"aggregate:{name}"
+    for a in _ancestors(col):
+        if isinstance(a, exp.Join):
+            return "join"
+        if isinstance(a, exp.Where):
+            return "filter"
+    return "group"  # select list, GROUP BY, HAVING or ORDER BY outside an aggregate: output/grouping
+
+
+def column_uses(r: _Resolved) -> dict[str, dict[str, frozenset[str]]]:
+    """For each dataset and column the query reads, the set of ways it is used.
+
+    Uses are ``join``, ``filter``, ``group`` (grouped by or output as a group key) and
+    ``aggregate:<count|count_distinct|sum|avg|min|max|var|stddev>``. A column of a UNION ALL is
+    charged to the dataset columns each branch projects into it; a branch's own WHERE is a filter.
+    """
+    by_alias = {s.alias: s for s in r.sources}
+    out: dict[str, dict[str, set[str]]] = {}
+
+    def add(qualified: str, column: str, use: str) -> None:
+        out.setdefault(qualified, {}).setdefault(column, set()).add(use)
+
+    for node in _outer_nodes(r.tree):
+        cols = [node] if isinstance(node, exp.Column) else list(node.find_all(exp.Column))
+        for col in cols:
+            src = by_alias.get(col.table) if col.table else None
+            if src is None:
+                continue  # a reference to an output alias
+            use = _use_of(col)
+            if src.kind == "table":
+                add(src.branches[0].qualified, col.name, use)
+                continue
+            i = src.columns.index(col.name)
+            for br in src.branches:
+                proj = _expanded_projections(br)[i]
+                for c in [proj] if isinstance(proj, exp.Column) else list(proj.find_all(exp.Column)):
+                    add(br.qualified, c.name, use)
+    for src in r.sources:
+        for br in src.branches:
+            where = br.select.args.get("where") if br.select is not None else None
+            if where is not None:
+                for c in where.find_all(exp.Column):
+                    add(br.qualified, c.name, "filter")
+    return {q: {c: frozenset(u) for c, u in cols.items()} for q, cols in out.items()}
+
+
+def _expanded_projections(branch: _Branch) -> list[exp.Expression]:
+    assert branch.select is not None
+    out: list[exp.Expression] = []
+    for proj in branch.select.expressions:
+        if isinstance(proj, exp.Star):
+            out.extend(exp.column(c) for c in branch.columns)
+        else:
+            out.append(proj)
+    return out
 
 
 def analyze(sql: str, schemas: Mapping[str, Sequence[str]]) -> Analysis:
@@ -605,6 +681,7 @@ def analyze(sql: str, schemas: Mapping[str, Sequence[str]]) -> Analysis:
         aggregates=tuple(r.aggregates),
         order_by=tuple(r.order),
         limit=r.limit,
+        uses=column_uses(r),
     )
 
 
@@ -619,6 +696,7 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
     schemas = {i.qualified: list(i.columns) for i in inputs}
     r = _resolve(sql, schemas)
     _refuse_grouping_by_units(r, by_name)
+    uses = column_uses(r)
     tree = r.tree
     checks: list[UnitCheck] = []
     hidden: list[exp.Expr] = []
@@ -649,11 +727,17 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
             unit_desc = " / ".join(units)
         name = f"__sr_units_{n}"
         hidden.append(exp.alias_(exp.Count(this=exp.Distinct(expressions=[unit_expr])), name, quoted=True))
-        checks.append(UnitCheck(name, tuple(b.qualified for b in src.branches), unit_desc))
+        checks.append(UnitCheck(name, tuple(b.qualified for b in src.branches), unit_desc, unit_expr.sql(DIALECT)))
     outputs = []
     for e, out in zip(tree.expressions, r.names, strict=True):
         body = e.this if isinstance(e, exp.Alias) else e
         outputs.append(exp.alias_(body.copy(), out, quoted=True))
+    sums = []
+    for o in outputs:
+        for agg in o.find_all(exp.Sum):
+            arg = agg.this.sql(DIALECT)
+            if arg not in sums:
+                sums.append(arg)
     tree.set("expressions", outputs + hidden)
     tree.set("order", None)
     tree.set("limit", None)
@@ -664,6 +748,8 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
         unit_checks=tuple(checks),
         order_by=tuple(r.order),
         limit=r.limit,
+        sum_arguments=tuple(sums),
+        uses=uses,
     )
 
 

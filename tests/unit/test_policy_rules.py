@@ -1,0 +1,174 @@
+"""Owners' policy files and the column rules the planner and the enclave enforce."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from coordinator.planner import CatalogEntry, plan_query
+from sealroom.disclosure import check_uses
+from sealroom.errors import ConfigError, PolicyRefusalError
+from sealroom.policy import ColumnRule, DatasetPolicy, Dominance, load_policy_file
+from sealroom.sqlplan import analyze
+
+POLICY_TOML = """
+privacy_unit = "customer_id"
+min_group_size = 10
+analysts = ["alice"]
+approval = "auto"
+dominance = { n = 2, k = 80 }
+
+[columns]
+customer_id = "join_key"
+segment = "dimension"
+rating = { role = "filter_only" }
+exposure = { role = "measure", aggregates = ["sum", "avg"], min = 0, max = 1000000 }
+ssn = "forbidden"
+"""
+
+
+def test_policy_file_round_trip(tmp_path):
+    path = tmp_path / "loans.toml"
+    path.write_text(POLICY_TOML)
+    p = load_policy_file(path)
+    assert p.privacy_unit == "customer_id" and p.min_group_size == 10 and p.analysts == ("alice",)
+    assert p.approval == "auto" and p.dominance == Dominance(2, 80.0)
+    assert p.rule("exposure") == ColumnRule("measure", ("sum", "avg"), 0.0, 1_000_000.0)
+    assert p.rule("segment").role == "dimension"
+    assert p.rule("unlisted").role == "forbidden"  # a policy that lists columns protects the rest
+    assert DatasetPolicy().rule("anything").role == "open"
+    assert DatasetPolicy.from_json(p.canonical()) == p and DatasetPolicy.from_json(p.canonical()).digest() == p.digest()
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ("min_group_size = 0", "min_group_size", "integer >= 1"),
+        ("min_group_size = true", "min_group_size", "integer >= 1"),
+        ("approval = 'sometimes'", "approval", "one of auto"),
+        ("analysts = []", "analysts", "non-empty list"),
+        ("colour = 'red'", "colour", "unknown key"),
+        ("[columns]\nx = 'boss'", "columns.x.role", "one of join_key"),
+        ("[columns]\nx = { role = 'dimension', min = 1 }", "columns.x.min", "only a measure"),
+        ("[columns]\nx = { role = 'measure', aggregates = ['median'] }", "columns.x.aggregates", "drawn from"),
+        ("[columns]\nx = { role = 'measure', min = 5, max = 1 }", "columns.x.min", "at most"),
+        ("[columns]\nx = { role = 'measure', max = 'lots' }", "columns.x.max", "a number"),
+        ("dominance = { n = 0, k = 80 }", "dominance.n", "integer >= 1"),
+        ("dominance = { n = 1, k = 120 }", "dominance.k", "percentage"),
+        ("privacy_unit = 'id'\n[columns]\nid = 'measure'", "columns.id.role", "privacy unit"),
+        ("default_role = 'maybe'", "default_role", "one of"),
+    ],
+)
+def test_malformed_policies_name_file_key_and_expectation(tmp_path, text, key, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_policy_file(path)
+    assert info.value.details == {"file": str(path), "key": key}
+    assert str(path) in info.value.message
+
+
+SCHEMA = pa.schema(
+    [
+        ("customer_id", pa.int64()),
+        ("segment", pa.string()),
+        ("rating", pa.string()),
+        ("exposure", pa.float64()),
+        ("ssn", pa.string()),
+    ]
+)
+POLICY = DatasetPolicy.from_dict(
+    {
+        "privacy_unit": "customer_id",
+        "columns": {
+            "customer_id": "join_key",
+            "segment": "dimension",
+            "rating": "filter_only",
+            "exposure": {"role": "measure", "aggregates": ["sum", "avg"]},
+            "ssn": "forbidden",
+        },
+    }
+)
+CATALOG = {f"bank_{x}.loans": CatalogEntry(f"bank_{x}", "loans", SCHEMA, POLICY) for x in "ab"}
+KEYS = {"bank_a": "00" * 32, "bank_b": "00" * 32}
+JOIN = "FROM bank_a.loans a JOIN bank_b.loans b ON a.customer_id = b.customer_id"
+
+
+def plan(sql):
+    return plan_query(sql, query_id="q", analyst="alice", catalog=CATALOG, party_keys=KEYS)
+
+
+@pytest.mark.parametrize(
+    ("sql", "party", "column", "use", "message"),
+    [
+        (
+            f"SELECT b.customer_id, COUNT(*) {JOIN} GROUP BY b.customer_id",
+            "bank_b",
+            "customer_id",
+            "group",
+            "bank_b.loans.customer_id is a join key and cannot be grouped by or output: group by a dimension such "
+            "as segment, or ask bank_b to make customer_id a dimension",
+        ),
+        (
+            "SELECT segment, MAX(exposure) FROM bank_a.loans GROUP BY segment",
+            "bank_a",
+            "exposure",
+            "aggregate:max",
+            "use one of SUM, AVG on exposure, or ask bank_a to allow MAX on it",
+        ),
+        ("SELECT rating, COUNT(*) FROM bank_a.loans GROUP BY rating", "bank_a", "rating", "group", "filter-only"),
+        ("SELECT COUNT(ssn) FROM bank_a.loans", "bank_a", "ssn", "aggregate:count", "does not share it"),
+        (
+            "SELECT a.segment, COUNT(*) FROM bank_a.loans a JOIN bank_b.loans b ON a.segment = b.segment "
+            "GROUP BY a.segment",
+            "bank_a",
+            "segment",
+            "join",
+            "join on a join key such as customer_id",
+        ),
+        ("SELECT SUM(segment) FROM bank_a.loans", "bank_a", "segment", "aggregate:sum", r"COUNT or COUNT\(DISTINCT\)"),
+        (
+            "SELECT segment, COUNT(*) FROM bank_a.loans WHERE exposure > 5 GROUP BY segment",
+            "bank_a",
+            "exposure",
+            "filter",
+            "remove the condition on exposure",
+        ),
+    ],
+)
+def test_refusals_name_party_dataset_column_rule_and_fix(sql, party, column, use, message):
+    with pytest.raises(PolicyRefusalError, match=message) as info:
+        plan(sql)
+    d = info.value.details
+    assert (d["party"], d["dataset"], d["column"], d["rule"], d["use"]) == (party, "loans", column, "column_role", use)
+    assert d["suggestion"] and d["suggestion"] in info.value.message
+    assert info.value.grpc_status.name == "PERMISSION_DENIED"
+
+
+def test_allowed_uses_plan_fine():
+    p = plan(
+        f"SELECT a.segment, COUNT(DISTINCT a.customer_id) AS n, SUM(a.exposure + b.exposure) AS total, "
+        f"AVG(b.exposure) {JOIN} WHERE a.rating = 'A' GROUP BY a.segment"
+    )
+    assert [i.columns for i in p[0].stages[0].inputs] == [
+        ("customer_id", "segment", "rating", "exposure"),
+        ("customer_id", "exposure"),
+    ]
+
+
+def test_union_branch_columns_are_charged_to_their_datasets():
+    sql = (
+        "SELECT segment, SUM(x) FROM (SELECT segment, exposure AS x FROM bank_a.loans "
+        "UNION ALL SELECT segment, rating AS x FROM bank_b.loans) u GROUP BY segment"
+    )
+    with pytest.raises(PolicyRefusalError) as info:
+        plan(sql)
+    assert (info.value.details["party"], info.value.details["column"]) == ("bank_b", "rating")
+
+
+def test_check_uses_is_usable_by_the_enclave_directly():
+    an = analyze("SELECT segment, SUM(exposure) FROM bank_a.loans GROUP BY segment", {"bank_a.loans": SCHEMA.names})
+    check_uses(an.uses, {"bank_a.loans": POLICY}, {"bank_a.loans": SCHEMA.names})
+    strict = DatasetPolicy.from_dict({"columns": {"segment": "dimension"}})  # exposure unlisted -> forbidden
+    with pytest.raises(PolicyRefusalError, match="exposure is forbidden"):
+        check_uses(an.uses, {"bank_a.loans": strict}, {"bank_a.loans": SCHEMA.names})
