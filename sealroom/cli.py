@@ -226,12 +226,13 @@ def cmd_local(args: argparse.Namespace) -> int:
     from connectors.sources import open_source
     from sealroom.demo import run_local
     from sealroom.errors import SealroomError
-    from sealroom.policy import DatasetPolicy
+    from sealroom.policy import DatasetPolicy, load_policy_file
 
     datasets = _pairs(args.dataset, "--dataset")
     if not datasets:
         raise UsageError("give at least one --dataset PARTY.NAME=SOURCE")
     units = _pairs(args.privacy_unit, "--privacy-unit")
+    policy_files = _pairs(args.policy, "--policy")
     if args.min_group_size < 1:
         raise UsageError("--min-group-size must be at least 1")
     policies = {}
@@ -243,13 +244,27 @@ def cmd_local(args: argparse.Namespace) -> int:
             schema = open_source(datasets[qualified], dataset=qualified).schema
         except SealroomError as err:
             raise UsageError(err.message) from None
-        unit = units.get(qualified)
+        if qualified in policy_files:
+            if qualified in units:
+                raise UsageError(
+                    f"{qualified} has a --policy file; declare its privacy unit there, not with --privacy-unit"
+                )
+            try:
+                policy = load_policy_file(Path(policy_files[qualified]))
+            except SealroomError as err:
+                raise UsageError(err.message) from None
+        else:
+            policy = DatasetPolicy(privacy_unit=units.get(qualified), min_group_size=args.min_group_size)
+        unit = policy.privacy_unit
         if unit is not None and unit not in schema.names:
-            raise UsageError(f"--privacy-unit {qualified}={unit}: no such column (columns: {', '.join(schema.names)})")
-        policies[qualified] = DatasetPolicy(privacy_unit=unit, min_group_size=args.min_group_size)
-    for qualified in units:
-        if qualified not in datasets:
-            raise UsageError(f"--privacy-unit names {qualified}, which no --dataset defines")
+            raise UsageError(
+                f"the privacy unit of {qualified} ({unit}) is not a column (columns: {', '.join(schema.names)})"
+            )
+        policies[qualified] = policy
+    for flag, given in (("--privacy-unit", units), ("--policy", policy_files)):
+        for qualified in given:
+            if qualified not in datasets:
+                raise UsageError(f"{flag} names {qualified}, which no --dataset defines")
     doc = run_local(
         datasets=datasets,
         sql=args.sql,
@@ -293,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     lo = with_json(sub.add_parser("local", help="run one query over your own files"))
     lo.add_argument("--dataset", action="append", default=[], metavar="PARTY.NAME=SOURCE")
     lo.add_argument("--privacy-unit", action="append", default=[], metavar="PARTY.NAME=COLUMN")
+    lo.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="PARTY.NAME=FILE",
+        help="the owner's TOML policy for a dataset (default: permissive apart from --min-group-size)",
+    )
     lo.add_argument("--min-group-size", type=int, default=5)
     lo.add_argument("--state-dir")
     lo.add_argument("sql")

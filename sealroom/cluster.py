@@ -35,6 +35,7 @@ class DatasetSpec:
 class PartySpec:
     name: str
     datasets: tuple[DatasetSpec, ...]
+    approval_ttl_seconds: float | None = None  # [party] approval_ttl_seconds (None: the agent's default)
 
 
 def _toml_value(v: Any) -> str:
@@ -55,15 +56,6 @@ def _toml_table(name: str, values: dict[str, Any], *, array: bool = False) -> st
     return "\n".join(lines) + "\n"
 
 
-def _policy_values(p: DatasetPolicy) -> dict[str, Any]:
-    return {
-        "privacy_unit": p.privacy_unit,
-        "min_group_size": p.min_group_size,
-        "analysts": list(p.analysts),
-        "approval": p.approval,
-    }
-
-
 class Cluster:
     """The platform's processes under one state directory. Use as a context manager."""
 
@@ -75,6 +67,7 @@ class Cluster:
         log: Callable[[str], None] = lambda msg: None,
         memory_limit_mb: int = 4096,
         party_timeout_seconds: float = 600.0,
+        approval_timeout_seconds: float | None = None,
         env: dict[str, str] | None = None,
     ):
         self.state_dir = Path(state_dir).resolve()
@@ -82,6 +75,7 @@ class Cluster:
         self.log = log
         self.memory_limit_mb = memory_limit_mb
         self.party_timeout_seconds = party_timeout_seconds
+        self.approval_timeout_seconds = approval_timeout_seconds
         self.env = env
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._args: dict[str, list[str]] = {}
@@ -167,6 +161,10 @@ class Cluster:
             time.sleep(0.05)
         raise UnavailableError(f"{name} did not start within {timeout:.0f} s; see {self.log_path(name)}")
 
+    def key_path(self, party: str) -> Path:
+        """The party's signing key (what ``sealroom approve/reject/revoke --key`` needs)."""
+        return self._paths()["keys"] / f"{party}.key"
+
     def log_path(self, name: str) -> Path:
         return self._paths()["logs"] / f"{name}.log"
 
@@ -187,6 +185,7 @@ class Cluster:
                     "state_dir": str(self.state_dir / "coordinator"),
                     "enclave": enclave,
                     "party_timeout_seconds": self.party_timeout_seconds,
+                    "approval_timeout_seconds": self.approval_timeout_seconds,
                 },
             )
             + _toml_table("trust", self._trust())
@@ -202,14 +201,18 @@ class Cluster:
                     "name": party.name,
                     "listen": "127.0.0.1:0",
                     "coordinator": coordinator,
-                    "signing_key": str(p["keys"] / f"{party.name}.key"),
+                    "signing_key": str(self.key_path(party.name)),
+                    "approval_ttl_seconds": party.approval_ttl_seconds,
                 },
             ) + _toml_table("trust", self._trust())
             for d in party.datasets:
+                policy_file = p["config"] / f"policy-{party.name}.{d.name}.toml"
+                policy_file.write_text(d.policy.to_toml())
                 text += _toml_table(
-                    "dataset", {"name": d.name, "source": d.source, "description": d.description}, array=True
+                    "dataset",
+                    {"name": d.name, "source": d.source, "description": d.description, "policy": str(policy_file)},
+                    array=True,
                 )
-                text += _toml_table("dataset.policy", _policy_values(d.policy))
             cfg.write_text(text)
             self.log(f"starting party agent {party.name}")
             self._spawn(f"party-{party.name}", ["party", "serve", "--config", str(cfg)])

@@ -234,6 +234,38 @@ class DatasetPolicy:
     def from_json(cls, data: bytes) -> DatasetPolicy:
         return cls.from_dict(json.loads(data), source="<registered policy>")
 
+    def to_toml(self) -> str:
+        """The policy as a TOML policy file (``load_policy_file`` reads it back to an equal policy)."""
+        doc = self.to_dict()
+        lines = []
+        for key in ("version", "privacy_unit", "min_group_size", "analysts", "approval", "default_role"):
+            if doc[key] is not None:
+                lines.append(f"{key} = {_toml(doc[key])}")
+        if doc["dominance"] is not None:
+            lines.append(f"dominance = {_toml(doc['dominance'])}")
+        if doc["columns"]:
+            lines += ["", "[columns]"]
+            lines += [f"{_toml_key(name)} = {_toml(rule)}" for name, rule in doc["columns"].items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml(x)}" for k, x in v.items() if x is not None) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
 
 def load_policy_file(path: Path) -> DatasetPolicy:
     """Load a TOML dataset policy file."""

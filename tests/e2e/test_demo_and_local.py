@@ -156,7 +156,7 @@ def test_local_refusal_exits_1_with_reason_on_stderr(files):
     [
         (["--dataset", "bank_a.loans=/nonexistent/a.parquet"], "file not found"),
         (["--dataset", "not-a-name=/x.parquet"], "PARTY.NAME=VALUE"),
-        (["--dataset", "{a}", "--privacy-unit", "bank_a.loans=nope"], "no such column"),
+        (["--dataset", "{a}", "--privacy-unit", "bank_a.loans=nope"], "is not a column"),
         (["--dataset", "{a}", "--privacy-unit", "bank_z.loans=customer_id"], "no --dataset defines"),
         (["--dataset", "{a}", "--min-group-size", "0"], "at least 1"),
         ([], "at least one --dataset"),
@@ -168,3 +168,61 @@ def test_local_unusable_arguments_exit_2(files, args, match):
     proc = sealroom("local", *args, "SELECT COUNT(*) FROM bank_a.loans", timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert match in proc.stderr
+
+
+POLICY_A = """
+privacy_unit = "customer_id"
+min_group_size = 3
+[columns]
+customer_id = "join_key"
+segment = "dimension"
+amount = { role = "measure", aggregates = ["sum", "avg"] }
+"""
+
+
+def test_local_policy_refusal_carries_party_dataset_column_rule_and_suggestion(files, tmp_path):
+    d, _, _ = files
+    (tmp_path / "a.toml").write_text(POLICY_A)
+    proc = sealroom(
+        "local",
+        "--json",
+        "--dataset",
+        f"bank_a.loans={d / 'a.parquet'}",
+        "--dataset",
+        f"bank_b.loans={d / 'b.csv'}",
+        "--policy",
+        f"bank_a.loans={tmp_path / 'a.toml'}",
+        "SELECT a.customer_id, COUNT(*) FROM bank_a.loans a JOIN bank_b.loans b ON a.customer_id = b.customer_id "
+        "GROUP BY a.customer_id",
+    )
+    assert proc.returncode == 1
+    doc = json.loads(proc.stdout)
+    assert doc["status"] == "refused"
+    d = doc["reason"]["details"]
+    assert (d["party"], d["dataset"], d["column"], d["rule"]) == ("bank_a", "loans", "customer_id", "column_role")
+    assert "group by a dimension such as segment" in d["suggestion"]
+    assert "join key" in proc.stderr
+
+
+def test_local_policy_allows_what_it_lists(files, tmp_path):
+    d, _, _ = files
+    (tmp_path / "a.toml").write_text(POLICY_A)
+    proc = sealroom(
+        "local",
+        "--json",
+        "--dataset",
+        f"bank_a.loans={d / 'a.parquet'}",
+        "--policy",
+        f"bank_a.loans={tmp_path / 'a.toml'}",
+        "SELECT segment, SUM(amount) AS total FROM bank_a.loans GROUP BY segment ORDER BY segment",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["rows"] == [["retail", 435.0], ["sme", 268.0]]  # corporate: 2 customers < 3
+    assert [x["group"] for x in doc["suppressed"]] == [{"segment": "corporate"}]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("min_group_size = 0")
+    proc = sealroom(
+        "local", "--dataset", f"bank_a.loans={d / 'a.parquet'}", "--policy", f"bank_a.loans={bad}", "SELECT 1"
+    )
+    assert proc.returncode == 2 and "min_group_size must be an integer >= 1" in proc.stderr

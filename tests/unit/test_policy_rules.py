@@ -172,3 +172,15 @@ def test_check_uses_is_usable_by_the_enclave_directly():
     strict = DatasetPolicy.from_dict({"columns": {"segment": "dimension"}})  # exposure unlisted -> forbidden
     with pytest.raises(PolicyRefusalError, match="exposure is forbidden"):
         check_uses(an.uses, {"bank_a.loans": strict}, {"bank_a.loans": SCHEMA.names})
+
+
+def test_policy_to_toml_reads_back_equal(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY_TOML)
+    p = load_policy_file(path)
+    again = tmp_path / "again.toml"
+    again.write_text(p.to_toml())
+    assert load_policy_file(again) == p and load_policy_file(again).digest() == p.digest()
+    open_policy = DatasetPolicy(privacy_unit="id", min_group_size=3)
+    again.write_text(open_policy.to_toml())
+    assert load_policy_file(again) == open_policy
