@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import sqlglot
+from sqlglot import exp
 
 from sealroom.disclosure import check_uses
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
@@ -103,19 +105,47 @@ def plan_query(
     return plan, analysis
 
 
+def output_rules(plan: Plan, analysis: Analysis) -> dict[str, list[str]]:
+    """For each output column, the owners' rules that apply to it (for explain)."""
+    stage = plan.stages[0]
+    by_name = {i.qualified: i for i in stage.inputs}
+    tree = sqlglot.parse_one(analysis.sql, read="duckdb")
+    strictest = sorted(i.qualified for i in stage.inputs if i.policy.min_group_size == stage.min_group_size)
+    out: dict[str, list[str]] = {}
+    for expression, name in zip(tree.expressions, analysis.output_columns, strict=True):
+        rules = [f"min {stage.min_group_size} distinct units per cell ({', '.join(strictest)})"]
+        if name in analysis.group_columns:
+            rules.insert(0, "group key (shown for suppressed cells too)")
+        names = {c.name for c in expression.find_all(exp.Column)}
+        for qualified, used in sorted(analysis.uses.items()):
+            policy = by_name[qualified].policy
+            for column in sorted(names & set(used)):
+                rule = policy.rule(column)
+                if rule.role == "measure" and (rule.min is not None or rule.max is not None):
+                    rules.append(f"{qualified}.{column} clamped to [{_bound(rule.min)}, {_bound(rule.max)}]")
+            if policy.dominance and any(isinstance(n, exp.Sum) for n in expression.find_all(exp.Sum)):
+                d = policy.dominance
+                rules.append(f"dominance ({d.n}, {d.k:g} %) of {qualified}")
+        out[name] = rules
+    return out
+
+
+def _bound(v: float | None) -> str:
+    return "-inf" if v is None else f"{v:g}"
+
+
 def explain_text(plan: Plan, analysis: Analysis) -> str:
-    """A human-readable explanation of what would run, what each party sends, and who approves."""
+    """A human-readable explanation of what would run, what each party sends, which rules apply to
+    each output column, and who approves."""
     title = f"Plan for analyst {plan.analyst}" + ("" if plan.query_id == "explain" else f", query {plan.query_id}")
     lines = [title, f"  plan hash {plan.hash} (a submitted query gets its own plan and hash)", ""]
     for stage in plan.stages:
         lines.append(f"Stage {stage.id} ({stage.kind.upper()}: runs inside an attested enclave worker)")
-        lines.append(f"  outputs: {', '.join(stage.output_columns)}")
-        if analysis.group_columns:
-            lines.append(f"  grouped by: {', '.join(analysis.group_columns)}")
-        lines.append(f"  aggregates: {', '.join(analysis.aggregates) or 'none (grouping only)'}")
+        lines.append("  outputs and the rules that apply to them:")
+        for name, rules in output_rules(plan, analysis).items():
+            lines.append(f"    {name}: {'; '.join(rules)}")
         lines.append(
-            f"  disclosure: a cell is released only with at least {stage.min_group_size} distinct privacy "
-            "units from every FROM item; smaller cells are suppressed (group keys and rule shown, no values)"
+            "  a cell that fails a rule is suppressed: its group keys and the rule are shown, never its values"
         )
         if " WHERE " in stage.sql.upper():
             lines.append("  filters: WHERE is applied inside the enclave (parties send the projected columns)")
@@ -127,7 +157,11 @@ def explain_text(plan: Plan, analysis: Analysis) -> str:
                 f"[privacy unit: {unit}; min group size {inp.policy.min_group_size}]"
             )
     lines.append("")
-    lines.append(f"Approvals needed from: {', '.join(plan.involved_parties())}")
+    modes = {}
+    for inp in plan.inputs():
+        modes.setdefault(inp.party, set()).add(inp.policy.approval)
+    approvers = [f"{p} ({'manual' if 'manual' in m else 'automatic'})" for p, m in sorted(modes.items())]
+    lines.append(f"Approvals needed from: {', '.join(approvers)}")
     if analysis.order_by or analysis.limit is not None:
         lines.append("ORDER BY / LIMIT apply to released cells only.")
     return "\n".join(lines)

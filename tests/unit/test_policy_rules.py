@@ -184,3 +184,35 @@ def test_policy_to_toml_reads_back_equal(tmp_path):
     open_policy = DatasetPolicy(privacy_unit="id", min_group_size=3)
     again.write_text(open_policy.to_toml())
     assert load_policy_file(again) == open_policy
+
+
+def test_explain_shows_rules_per_output_and_approval_modes():
+    from coordinator.planner import explain_text
+
+    strict = DatasetPolicy.from_dict(
+        {
+            "privacy_unit": "customer_id",
+            "min_group_size": 7,
+            "approval": "auto",
+            "dominance": {"n": 2, "k": 90},
+            "columns": {
+                "customer_id": "join_key",
+                "segment": "dimension",
+                "exposure": {"role": "measure", "aggregates": ["sum"], "min": 0, "max": 100},
+            },
+        }
+    )
+    catalog = {"bank_a.loans": CatalogEntry("bank_a", "loans", SCHEMA, strict)}
+    p, an = plan_query(
+        "SELECT segment, SUM(exposure) AS total FROM bank_a.loans GROUP BY segment",
+        query_id="explain",
+        analyst="alice",
+        catalog=catalog,
+        party_keys=KEYS,
+    )
+    text = explain_text(p, an)
+    assert "segment: group key" in text
+    assert "total: min 7 distinct units per cell (bank_a.loans); bank_a.loans.exposure clamped to [0, 100]" in text
+    assert "dominance (2, 90 %) of bank_a.loans" in text
+    assert "bank_a.loans: customer_id, segment, exposure" in text
+    assert "Approvals needed from: bank_a (automatic)" in text
