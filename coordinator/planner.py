@@ -157,7 +157,7 @@ def explain_text(plan: Plan, analysis: Analysis) -> str:
                 f"[privacy unit: {unit}; min group size {inp.policy.min_group_size}]"
             )
     lines.append("")
-    modes = {}
+    modes: dict[str, set[str]] = {}
     for inp in plan.inputs():
         modes.setdefault(inp.party, set()).add(inp.policy.approval)
     approvers = [f"{p} ({'manual' if 'manual' in m else 'automatic'})" for p, m in sorted(modes.items())]

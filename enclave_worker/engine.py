@@ -1,19 +1,33 @@
 """The in-enclave SQL engine: DuckDB over the job's opened inputs, then the disclosure rules.
 
 Security model: the engine runs only SQL that :func:`sealroom.sqlplan.compile_stage` produced from
-the approved plan inside this process. DuckDB is opened with external access disabled and its
-configuration locked before any analyst SQL runs, so a query cannot read files or load extensions.
-Disclosure: a cell is released only when every hidden distinct-privacy-unit count reaches the
-strictest minimum group size of the involved owners; otherwise only its group keys and the rule are
-reported. HAVING, ORDER BY and LIMIT apply to released cells only, so they cannot be used to probe
-suppressed values.
+the approved plan inside this process, plus the disclosure SQL built here from it. DuckDB is opened
+with external access disabled and its configuration locked before any analyst SQL runs, so a query
+cannot read files or load extensions.
+
+Disclosure rules, all computed inside DuckDB, and all of them applied to every cell (the strictest
+rule of every involved owner wins):
+
+- clamping: a measure column with declared bounds is clamped to ``[min, max]`` in the view that
+  exposes the input to the query, so every WHERE, JOIN and aggregate sees clamped values only;
+- minimum group size: every hidden distinct-privacy-unit count must reach the strictest
+  ``min_group_size`` of the involved owners;
+- dominance ``(n, k)``: for an input whose owner declares it, a cell is suppressed when the ``n``
+  largest contributions of that input's privacy units (absolute values, each unit's rows added up
+  first) make at least ``k`` % of the total of absolute contributions, for any SUM in the cell.
+
+A cell that fails a rule is reported with its group keys, the rule and a reason naming the rule's
+owner, never with a value or a share. HAVING, ORDER BY and LIMIT apply to released cells only, so
+they cannot be used to probe suppressed values.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import duckdb
@@ -21,13 +35,35 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlglot
 from sqlglot import exp
+from sqlglot.errors import SqlglotError
 
 from sealroom.errors import InvalidQueryError
-from sealroom.sqlplan import DIALECT, ROW_ID, CompiledStage, InputSpec, compile_stage, order_sql
+from sealroom.policy import Dominance
+from sealroom.sqlplan import DIALECT, ROW_ID, CompiledStage, InputSpec, UnitCheck, compile_stage, order_sql
 
 HAVING_COLUMN = "__sr_having"
-RELEASABLE_COLUMN = "__sr_releasable"  # every unit count reaches k
+RELEASABLE_COLUMN = "__sr_releasable"  # passes every disclosure rule
 KEEP_COLUMN = "__sr_keep"  # passes, and satisfies HAVING
+UNITS_OK_COLUMN = "__sr_units_ok"  # every unit count reaches k
+DOMINATED_COLUMN = "__sr_dominated"  # index of the first dominance rule the cell fails, or NULL
+GROUP_KEY_PREFIX = "__sr_g"  # hidden group-key columns the dominance verdicts are joined on
+
+Bounds = tuple[float | None, float | None]
+Clamps = Mapping[str, Mapping[str, Bounds]]  # engine table -> column -> (min, max)
+
+_INTEGER_RANGES = {
+    "TINYINT": (-(2**7), 2**7 - 1),
+    "SMALLINT": (-(2**15), 2**15 - 1),
+    "INTEGER": (-(2**31), 2**31 - 1),
+    "BIGINT": (-(2**63), 2**63 - 1),
+    "HUGEINT": (-(2**127), 2**127 - 1),
+    "UTINYINT": (0, 2**8 - 1),
+    "USMALLINT": (0, 2**16 - 1),
+    "UINTEGER": (0, 2**32 - 1),
+    "UBIGINT": (0, 2**64 - 1),
+    "UHUGEINT": (0, 2**128 - 1),
+}
+_FLOAT_TYPES = ("FLOAT", "DOUBLE")
 
 
 @dataclass(frozen=True)
@@ -38,14 +74,32 @@ class StageOutcome:
     rule_datasets: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class _DominanceRule:
+    dataset: str
+    rule: Dominance
+    check: int  # index into compiled.unit_checks: the FROM item holding ``dataset``
+
+
 def compile_for_job(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
     """Compile, moving HAVING into a hidden boolean output evaluated after suppression."""
     tree = sqlglot.parse_one(sql, read=DIALECT)
     having = tree.args.get("having")
     if having is None:
         return compile_stage(sql, inputs)
+    # HAVING may name an output alias (HAVING n > 1); once moved into the select list it could not,
+    # so such references are replaced by the aliased expression. Input columns keep precedence.
+    columns = {c for i in inputs for c in i.columns}
+    aliases = {e.alias: e.this for e in tree.expressions if isinstance(e, exp.Alias) and e.alias not in columns}
+
+    def unalias(node: exp.Expression) -> exp.Expression:
+        if isinstance(node, exp.Column) and not node.table and node.name in aliases:
+            return aliases[node.name].copy()
+        return node
+
+    condition = having.this.copy().transform(unalias)
     tree.set("having", None)
-    tree.set("expressions", [*tree.expressions, exp.alias_(having.this, HAVING_COLUMN, quoted=True)])
+    tree.set("expressions", [*tree.expressions, exp.alias_(condition, HAVING_COLUMN, quoted=True)])
     compiled = compile_stage(tree.sql(DIALECT), inputs)
     return replace(
         compiled,
@@ -61,13 +115,19 @@ def run_stage(
     min_group_size: int,
     rule_datasets: Sequence[str],
     row_id_tables: frozenset[str] = frozenset(),
+    clamps: Clamps | None = None,
+    dominance: Mapping[str, Dominance] | None = None,
     threads: int = 2,
 ) -> StageOutcome:
     """Run ``compiled`` over ``tables`` (engine name -> Arrow table) and apply the disclosure rules.
 
-    Tables named in ``row_id_tables`` (inputs without a declared privacy unit) get a per-row id so
-    that each row counts as one unit.
+    - ``row_id_tables``: inputs without a declared privacy unit; they get a per-row id so that each
+      row counts as one unit.
+    - ``clamps``: per engine table, the declared ``(min, max)`` of its measure columns (either may
+      be None); values are clamped before anything reads them. NULLs stay NULL.
+    - ``dominance``: per input (``party.dataset``), its owner's ``(n, k)`` dominance rule.
     """
+    rules = _dominance_rules(compiled, dominance or {})
     con = duckdb.connect(
         config={
             "enable_external_access": False,
@@ -78,31 +138,10 @@ def run_stage(
     )
     try:
         for name, table in tables.items():
-            if name not in row_id_tables:
-                con.register(name, table)
-                continue
-            con.register(f"{name}__arrow", table)
-            src = exp.to_identifier(f"{name}__arrow", quoted=True).sql(DIALECT)
-            dst = exp.to_identifier(name, quoted=True).sql(DIALECT)
-            row = exp.to_identifier(ROW_ID, quoted=True).sql(DIALECT)
-            con.execute(f"CREATE VIEW {dst} AS SELECT *, row_number() OVER () AS {row} FROM {src}")
+            _register_input(con, name, table, row_id=name in row_id_tables, bounds=(clamps or {}).get(name, {}))
         con.execute("SET lock_configuration = true")
-        # The disclosure decision is computed in the engine too: every unit count must reach k.
         k = int(min_group_size)
-        checks = " AND ".join(
-            f"COALESCE({exp.to_identifier(c.column, quoted=True).sql(DIALECT)} >= {k}, FALSE)"
-            for c in compiled.unit_checks
-        )
-        having = (
-            f"COALESCE({exp.to_identifier(HAVING_COLUMN, quoted=True).sql(DIALECT)}, FALSE)"
-            if HAVING_COLUMN in compiled.aggregate_sql
-            else "TRUE"
-        )
-        decided = (
-            f"SELECT *, ({checks or 'TRUE'}) AS {RELEASABLE_COLUMN}, "
-            f"({checks or 'TRUE'}) AND {having} AS {KEEP_COLUMN} "
-            f"FROM ({compiled.aggregate_sql})"
-        )
+        decided = _decision_sql(compiled, k, rules)
         try:
             cells = con.sql(decided).to_arrow_table()
         except duckdb.Error as exc:
@@ -110,7 +149,7 @@ def run_stage(
             raise InvalidQueryError(
                 f"the stage failed in the engine ({type(exc).__name__}); check column types and expressions"
             ) from None
-        suppressed = _suppressed(cells, compiled, k, rule_datasets)
+        suppressed = _suppressed(cells, compiled, k, rule_datasets, rules)
         released = cells.filter(cells[KEEP_COLUMN]).select(list(compiled.output_columns))
         if compiled.order_by or compiled.limit is not None:
             con.register("__sr_released", released)
@@ -120,32 +159,266 @@ def run_stage(
         con.close()
 
 
+# --------------------------------------------------------------------------------------------
+# inputs: per-row ids and clamping
+
+
+def _ident(name: str) -> str:
+    return exp.to_identifier(name, quoted=True).sql(DIALECT)
+
+
+def _register_input(
+    con: duckdb.DuckDBPyConnection, name: str, table: pa.Table, *, row_id: bool, bounds: Mapping[str, Bounds]
+) -> None:
+    """Expose ``table`` to the query as ``name``: as is, or through a view that adds the per-row id
+    and clamps the bounded measure columns (same columns, same order)."""
+    bounded = {c: b for c, b in bounds.items() if c in table.column_names and b != (None, None)}
+    if not row_id and not bounded:
+        con.register(name, table)
+        return
+    src = _ident(f"{name}__arrow")
+    con.register(f"{name}__arrow", table)
+    types = {row[0]: str(row[1]) for row in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
+    items = []
+    for column in table.column_names:
+        col = _ident(column)
+        if column in bounded:
+            lo, hi = bounded[column]
+            items.append(f"{_clamp_sql(col, types[column], lo, hi, column=column)} AS {col}")
+        else:
+            items.append(col)
+    if row_id:
+        items.append(f"row_number() OVER () AS {_ident(ROW_ID)}")
+    con.execute(f"CREATE VIEW {_ident(name)} AS SELECT {', '.join(items)} FROM {src}")
+
+
+def _clamp_sql(col: str, duck_type: str, lo: float | None, hi: float | None, *, column: str) -> str:
+    """``col`` clamped to ``[lo, hi]`` as LEAST(GREATEST(col, lo), hi) would, keeping NULLs (DuckDB's
+    LEAST/GREATEST skip NULLs) and, where the bounds allow it, the column's type."""
+    for bound in (lo, hi):
+        if bound is not None and (not isinstance(bound, int | float) or math.isnan(bound)):
+            raise InvalidQueryError(
+                f"the declared bounds of column {column} are not numbers", details={"column": column}
+            )
+    base = duck_type.upper()
+    literals: list[str | None] = []
+    exact = True  # the bounds are representable in the column's own type
+    if base in _FLOAT_TYPES:
+        literals = [None if b is None else f"CAST('{float(b)!r}' AS {base})" for b in (lo, hi)]
+    elif base in _INTEGER_RANGES:
+        t_min, t_max = _INTEGER_RANGES[base]
+        for b, is_lo in ((lo, True), (hi, False)):
+            if b is None or (is_lo and b <= t_min) or (not is_lo and b >= t_max):
+                literals.append(None)  # no value of the type lies beyond this bound
+            elif math.isfinite(b) and float(b).is_integer() and t_min <= int(b) <= t_max:
+                literals.append(f"CAST({int(b)} AS {base})")
+            else:
+                exact = False
+    elif base.startswith("DECIMAL"):
+        precision, scale = (int(x) for x in base[base.index("(") + 1 : -1].split(","))
+        limit = Decimal(10) ** (precision - scale)
+        for b, is_lo in ((lo, True), (hi, False)):
+            if b is None or (is_lo and b <= -limit) or (not is_lo and b >= limit):
+                literals.append(None)
+                continue
+            try:
+                d = Decimal(repr(float(b)))
+                fits = d.quantize(Decimal(1).scaleb(-scale)) == d
+            except InvalidOperation:
+                fits = False
+            if fits:
+                literals.append(f"CAST('{d}' AS {base})")
+            else:
+                exact = False
+    else:
+        raise InvalidQueryError(
+            f"column {column} has declared bounds but is not numeric ({duck_type}); its owner's policy "
+            "can bound numeric measures only",
+            details={"column": column, "rule": "bounds"},
+        )
+    if not exact:  # e.g. a fractional bound on an integer column: clamp in DOUBLE, as LEAST/GREATEST would
+        col = f"CAST({col} AS DOUBLE)"
+        literals = [None if b is None else f"CAST('{float(b)!r}' AS DOUBLE)" for b in (lo, hi)]
+    lo_sql, hi_sql = literals
+    whens = []
+    if lo_sql is not None:
+        whens.append(f"WHEN {col} < {lo_sql} THEN {lo_sql}")
+    if hi_sql is not None:
+        whens.append(f"WHEN {col} > {hi_sql} THEN {hi_sql}")
+    if not whens:
+        return col
+    return f"CASE {' '.join(whens)} ELSE {col} END"
+
+
+# --------------------------------------------------------------------------------------------
+# the disclosure decision
+
+
+def _dominance_rules(compiled: CompiledStage, dominance: Mapping[str, Dominance]) -> list[_DominanceRule]:
+    out = []
+    for dataset, rule in sorted(dominance.items()):
+        checks = [i for i, c in enumerate(compiled.unit_checks) if dataset in c.datasets]
+        if not checks:
+            raise InvalidQueryError(
+                f"the dominance rule of {dataset} names an input the stage does not read",
+                details={"dataset": dataset, "rule": "dominance"},
+            )
+        if not (isinstance(rule.n, int) and rule.n >= 1 and 0 < float(rule.k) <= 100):
+            raise InvalidQueryError(
+                f"the dominance rule of {dataset} is malformed", details={"dataset": dataset, "rule": "dominance"}
+            )
+        out.append(_DominanceRule(dataset, rule, checks[0]))
+    return out
+
+
+def _decision_sql(compiled: CompiledStage, k: int, rules: Sequence[_DominanceRule]) -> str:
+    """The cells with hidden verdict columns: units_ok, dominated (rule index), releasable, keep."""
+    counts = " AND ".join(f"COALESCE({_ident(c.column)} >= {k}, FALSE)" for c in compiled.unit_checks) or "TRUE"
+    having = f"COALESCE({_ident(HAVING_COLUMN)}, FALSE)" if HAVING_COLUMN in compiled.aggregate_sql else "TRUE"
+    # Dominance applies to SUM cells: without a SUM in the outputs there is nothing to dominate.
+    active = list(rules) if compiled.sum_arguments else []
+    if not active:
+        return (
+            f"SELECT *, ({counts}) AS {_ident(UNITS_OK_COLUMN)}, NULL::INTEGER AS {_ident(DOMINATED_COLUMN)}, "
+            f"({counts}) AS {_ident(RELEASABLE_COLUMN)}, ({counts}) AND {having} AS {_ident(KEEP_COLUMN)} "
+            f"FROM ({compiled.aggregate_sql})"
+        )
+    try:
+        tree = sqlglot.parse_one(compiled.aggregate_sql, read=DIALECT)
+        if not isinstance(tree, exp.Select):
+            raise InvalidQueryError("the compiled stage is not a SELECT")
+        groups = _resolved_groups(tree)
+        keys = [f"{GROUP_KEY_PREFIX}{i}" for i in range(len(groups))]
+        cells = tree.copy()
+        hidden_keys = [exp.alias_(g.copy(), key, quoted=True) for g, key in zip(groups, keys, strict=True)]
+        cells.set("expressions", [*cells.expressions, *hidden_keys])
+        ctes = [f"{_ident('__sr_cells')} AS ({cells.sql(DIALECT)})"]
+        for c in sorted({r.check for r in active}):
+            ctes.append(f"{_ident(f'__sr_contrib_{c}')} AS ({_contributions_sql(tree, groups, keys, compiled, c)})")
+            ctes.append(f"{_ident(f'__sr_ranked_{c}')} AS ({_ranked_sql(c, keys, len(compiled.sum_arguments))})")
+    except SqlglotError:
+        raise InvalidQueryError("the compiled stage could not be extended with the dominance rule") from None
+    joins = []
+    dominated = []
+    for i, r in enumerate(active):
+        name = _ident(f"__sr_dom_{i}")
+        ctes.append(f"{name} AS ({_dominated_sql(r, keys, len(compiled.sum_arguments))})")
+        on = " AND ".join(f"c.{_ident(key)} IS NOT DISTINCT FROM d{i}.{_ident(key)}" for key in keys) or "TRUE"
+        joins.append(f"LEFT JOIN {name} AS d{i} ON {on}")
+        dominated.append(f"WHEN COALESCE(d{i}.{_ident('__sr_dominated')}, FALSE) THEN {i}")
+    dom = f"(CASE {' '.join(dominated)} END)"
+    releasable = f"(({counts}) AND {dom} IS NULL)"
+    return (
+        f"WITH {', '.join(ctes)} "
+        f"SELECT c.*, ({counts}) AS {_ident(UNITS_OK_COLUMN)}, {dom} AS {_ident(DOMINATED_COLUMN)}, "
+        f"{releasable} AS {_ident(RELEASABLE_COLUMN)}, {releasable} AND {having} AS {_ident(KEEP_COLUMN)} "
+        f"FROM {_ident('__sr_cells')} AS c {' '.join(joins)}"
+    )
+
+
+def _resolved_groups(tree: exp.Select) -> list[exp.Expression]:
+    """The GROUP BY items with positions and output-alias references replaced by what they name."""
+    group = tree.args.get("group")
+    if group is None:
+        return []
+    bodies = [e.this if isinstance(e, exp.Alias) else e for e in tree.expressions]
+    aliases = {e.alias: e.this for e in tree.expressions if isinstance(e, exp.Alias)}
+    out: list[exp.Expression] = []
+    for g in group.expressions:
+        if isinstance(g, exp.Literal) and not g.is_string:
+            out.append(bodies[int(g.this) - 1].copy())
+            continue
+
+        def unalias(node: exp.Expression) -> exp.Expression:
+            if isinstance(node, exp.Column) and not node.table and node.name in aliases:
+                return aliases[node.name].copy()
+            return node
+
+        out.append(g.copy().transform(unalias))
+    return out
+
+
+def _contributions_sql(
+    tree: exp.Select, groups: Sequence[exp.Expression], keys: Sequence[str], compiled: CompiledStage, check: int
+) -> str:
+    """Per cell and per privacy unit of FROM item ``check``: that unit's total of each SUM argument."""
+    unit = sqlglot.parse_one(compiled.unit_checks[check].expression, read=DIALECT)
+    contrib = tree.copy()
+    items: list[exp.Expr] = [exp.alias_(g.copy(), key, quoted=True) for g, key in zip(groups, keys, strict=True)]
+    items.append(exp.alias_(unit.copy(), "__sr_u", quoted=True))
+    for j, arg in enumerate(compiled.sum_arguments):
+        items.append(exp.alias_(sqlglot.parse_one(f"SUM({arg})", read=DIALECT), f"__sr_c{j}", quoted=True))
+    contrib.set("expressions", items)
+    contrib.set("group", exp.Group(expressions=[*(g.copy() for g in groups), unit.copy()]))
+    return contrib.sql(DIALECT)
+
+
+def _ranked_sql(check: int, keys: Sequence[str], n_args: int) -> str:
+    partition = f"PARTITION BY {', '.join(_ident(key) for key in keys)} " if keys else ""
+    items = [_ident(key) for key in keys]
+    for j in range(n_args):
+        c = _ident(f"__sr_c{j}")
+        items.append(f"ABS({c}) AS {_ident(f'__sr_a{j}')}")
+        items.append(f"row_number() OVER ({partition}ORDER BY ABS({c}) DESC NULLS LAST) AS {_ident(f'__sr_r{j}')}")
+    return f"SELECT {', '.join(items)} FROM {_ident(f'__sr_contrib_{check}')}"
+
+
+def _dominated_sql(rule: _DominanceRule, keys: Sequence[str], n_args: int) -> str:
+    """Per cell: do the n largest units make at least k % of the absolute total, for any SUM?"""
+    n, k = int(rule.rule.n), float(rule.rule.k)
+    tests = []
+    for j in range(n_args):
+        a, r = _ident(f"__sr_a{j}"), _ident(f"__sr_r{j}")
+        top = f"CAST(SUM({a}) FILTER (WHERE {r} <= {n}) AS DOUBLE)"
+        total = f"CAST(SUM({a}) AS DOUBLE)"
+        tests.append(f"COALESCE({total} > 0 AND {top} * 100 >= {k!r} * {total}, FALSE)")
+    group = f" GROUP BY {', '.join(_ident(key) for key in keys)}" if keys else ""
+    select = [*(_ident(key) for key in keys), f"({' OR '.join(tests)}) AS {_ident('__sr_dominated')}"]
+    return f"SELECT {', '.join(select)} FROM {_ident(f'__sr_ranked_{rule.check}')}{group}"
+
+
 def _suppressed(
     cells: pa.Table,
     compiled: CompiledStage,
     k: int,
     rule_datasets: Sequence[str],
+    rules: Sequence[_DominanceRule],
 ) -> list[dict[str, Any]]:
     failing = cells.filter(pc.invert(cells[RELEASABLE_COLUMN]))
     if failing.num_rows == 0:
         return []
     out: list[dict[str, Any]] = []
     groups = failing.select(list(compiled.group_columns)).to_pylist() if compiled.group_columns else None
+    units_ok = failing[UNITS_OK_COLUMN].to_pylist()
+    dominated = failing[DOMINATED_COLUMN].to_pylist()
     for i in range(failing.num_rows):
-        short = [c for c in compiled.unit_checks if not (failing[c.column][i].as_py() or 0) >= k]
-        check = short[0]
-        out.append(
-            {
-                "group": _jsonable(groups[i]) if groups is not None else {},
-                "rule": "min_group_size",
-                "reason": (
-                    f"fewer than {k} distinct {check.unit} of {', '.join(check.datasets)} in this cell "
-                    f"(minimum group size, strictest of {', '.join(rule_datasets)})"
-                ),
-            }
-        )
+        if not units_ok[i]:
+            short = [c for c in compiled.unit_checks if not (failing[c.column][i].as_py() or 0) >= k]
+            rule, reason = "min_group_size", _min_group_reason(short[0], k, rule_datasets)
+        else:
+            rule, reason = "dominance", _dominance_reason(rules[int(dominated[i])], compiled.unit_checks)
+        out.append({"group": _jsonable(groups[i]) if groups is not None else {}, "rule": rule, "reason": reason})
     out.sort(key=lambda d: [str(v) for v in d["group"].values()])
     return out
+
+
+def _min_group_reason(check: UnitCheck, k: int, rule_datasets: Sequence[str]) -> str:
+    return (
+        f"fewer than {k} distinct {check.unit} of {', '.join(check.datasets)} in this cell "
+        f"(minimum group size, strictest of {', '.join(rule_datasets)})"
+    )
+
+
+def _dominance_reason(rule: _DominanceRule, checks: Sequence[UnitCheck]) -> str:
+    check = checks[rule.check]
+    n, k = rule.rule.n, float(rule.rule.k)
+    pct = f"{k:g}"
+    largest = (
+        f"largest {check.unit} of {', '.join(check.datasets)} contributes"
+        if n == 1
+        else (f"{n} largest {check.unit} of {', '.join(check.datasets)} contribute")
+    )
+    return f"the {largest} at least {pct}% of a SUM or AVG in this cell (dominance rule of {rule.dataset})"
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from enclave_worker.attester import Attester
 from enclave_worker.config import EnclaveConfig
-from enclave_worker.engine import compile_for_job, run_stage, table_to_ipc
+from enclave_worker.engine import Bounds, compile_for_job, run_stage, table_to_ipc
 from sealroom.attestation import Evidence, report_data_for
+from sealroom.disclosure import check_uses
 from sealroom.errors import (
     ApprovalError,
     IntegrityError,
@@ -37,7 +38,7 @@ from sealroom.errors import (
     SealroomError,
 )
 from sealroom.plan import Plan, PlanInput, verify_approval, verify_stream_header
-from sealroom.policy import canonical_json
+from sealroom.policy import Dominance, canonical_json
 from sealroom.sealed import OpeningStream, StreamHeader, integrity_error
 from sealroom.sqlplan import CompiledStage, InputSpec
 
@@ -84,6 +85,9 @@ class Job:
     held_bytes: int = 0
     done: bool = False
     executing: bool = False
+    clamps: dict[str, dict[str, Bounds]] = field(default_factory=dict)  # engine table -> column -> bounds
+    dominance: dict[str, Dominance] = field(default_factory=dict)  # party.dataset -> its (n, k) rule
+    rules: dict[str, Any] = field(default_factory=dict)  # the rules applied, for the result document
 
     def wipe(self) -> None:
         """Drop every reference to the job's data and keys."""
@@ -146,6 +150,11 @@ class JobRegistry:
         stage = tee[0]
         specs = []
         inputs: dict[tuple[str, str], _Input] = {}
+        tables = {i.table for i in stage.inputs}
+        datasets = {(i.party, i.dataset) for i in stage.inputs}
+        if len(tables) != len(stage.inputs) or len(datasets) != len(stage.inputs):
+            # Two inputs sharing an engine table would let one owner's rows stand in for another's.
+            raise InvalidQueryError("the plan names an input or an engine table twice")
         for inp in stage.inputs:
             if not inp.policy.allows_analyst(plan.analyst):
                 raise PolicyRefusalError(
@@ -163,8 +172,30 @@ class JobRegistry:
         # The enclave compiles the stage itself: the aggregate-only check and the hidden unit
         # counts do not depend on anything the coordinator computed.
         compiled = compile_for_job(stage.sql, specs)
+        # ...and re-checks every owner's column rules on what it compiled (not the planner's word).
+        check_uses(
+            compiled.uses,
+            {i.qualified: i.policy for i in stage.inputs},
+            {i.qualified: list(i.columns) for i in stage.inputs},
+        )
         k = max(i.policy.min_group_size for i in stage.inputs)
         strictest = tuple(sorted(i.qualified for i in stage.inputs if i.policy.min_group_size == k))
+        # Every owner's rules apply to every cell: its bounds to its measure columns, its dominance
+        # rule to its privacy units. Both come from the policies the owners signed in the plan.
+        clamps: dict[str, dict[str, Bounds]] = {}
+        clamped: list[dict[str, Any]] = []
+        for inp in stage.inputs:
+            for column in inp.columns:
+                rule = inp.policy.rule(column)
+                if rule.role == "measure" and (rule.min is not None or rule.max is not None):
+                    clamps.setdefault(inp.table, {})[column] = (rule.min, rule.max)
+                    clamped.append({"dataset": inp.qualified, "column": column, "min": rule.min, "max": rule.max})
+        dominance = {i.qualified: i.policy.dominance for i in stage.inputs if i.policy.dominance is not None}
+        rules = {
+            "min_group_size": k,
+            "dominance": [{"dataset": d, "n": r.n, "k": r.k} for d, r in sorted(dominance.items())],
+            "clamped": clamped,
+        }
         hpke_key = X25519PrivateKey.generate()
         signing_key = Ed25519PrivateKey.generate()
         job = Job(
@@ -180,6 +211,9 @@ class JobRegistry:
             signing_public=_raw(signing_key.public_key()),
             created=self.clock(),
             inputs=inputs,
+            clamps=clamps,
+            dominance=dominance,
+            rules=rules,
         )
         with self._lock:
             self._jobs[job.id] = job
@@ -342,6 +376,8 @@ class JobRegistry:
             min_group_size=job.min_group_size,
             rule_datasets=job.rule_datasets,
             row_id_tables=no_unit,
+            clamps=job.clamps,
+            dominance=job.dominance,
             threads=self.config.engine_threads,
         )
         ipc = table_to_ipc(outcome.released)
@@ -364,6 +400,7 @@ class JobRegistry:
             "result_sha256": hashlib.sha256(ipc).hexdigest(),
             "suppressed": outcome.suppressed,
             "min_group_size": outcome.min_group_size,
+            "rules": job.rules,
             "inputs": [
                 {
                     "party": i.spec.party,

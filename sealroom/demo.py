@@ -36,9 +36,43 @@ class Scenario:
     queries: tuple[DemoQuery, ...]
 
 
+# What each bank publishes about its dataset: the customer is the privacy unit and a join key only;
+# segment and rating may be grouped by; exposure, loans and default flags may only be aggregated
+# (exposures clamped to [0, 1e9]); a SUM cell where one customer holds 80 % or more is suppressed.
+BANK_POLICY = DatasetPolicy.from_dict(
+    {
+        "privacy_unit": "customer_id",
+        "min_group_size": 5,
+        "dominance": {"n": 1, "k": 80},
+        "columns": {
+            "customer_id": "join_key",
+            "segment": "dimension",
+            "rating": "dimension",
+            "exposure": {"role": "measure", "aggregates": ["sum", "avg", "stddev", "var"], "min": 0, "max": 1e9},
+            "loans": {"role": "measure", "aggregates": ["sum", "avg"]},
+            "defaulted": {"role": "measure", "aggregates": ["sum", "avg"], "min": 0, "max": 1},
+        },
+    }
+)
+HOSPITAL_POLICY = DatasetPolicy.from_dict(
+    {
+        "privacy_unit": "patient_id",
+        "min_group_size": 5,
+        "columns": {
+            "patient_id": "join_key",
+            "diagnosis": "dimension",
+            "age_band": "dimension",
+            "age": {"role": "measure", "aggregates": ["avg"], "min": 0, "max": 110},
+            "length_of_stay": {"role": "measure", "aggregates": ["sum", "avg"], "min": 0, "max": 365},
+            "cost": {"role": "measure", "aggregates": ["sum", "avg", "stddev"], "min": 0, "max": 1e6},
+        },
+    }
+)
+
+
 def _bank_parties(data_dir: Path) -> list[PartySpec]:
     paths = write_parquet(bank_tables(), data_dir, "exposures")
-    policy = DatasetPolicy(privacy_unit="customer_id", min_group_size=5)
+    policy = BANK_POLICY
     return [
         PartySpec(bank, (DatasetSpec("exposures", str(paths[bank]), policy, "exposure per customer"),))
         for bank in BANKS
@@ -47,7 +81,7 @@ def _bank_parties(data_dir: Path) -> list[PartySpec]:
 
 def _hospital_parties(data_dir: Path) -> list[PartySpec]:
     paths = write_parquet(hospital_tables(), data_dir, "stays")
-    policy = DatasetPolicy(privacy_unit="patient_id", min_group_size=5)
+    policy = HOSPITAL_POLICY
     return [PartySpec(h, (DatasetSpec("stays", str(paths[h]), policy, "inpatient stays"),)) for h in HOSPITALS]
 
 
@@ -68,7 +102,8 @@ JOIN bank_b.exposures b ON a.customer_id = b.customer_id
 JOIN bank_c.exposures c ON a.customer_id = c.customer_id
 GROUP BY a.segment, a.rating
 ORDER BY a.segment, a.rating""",
-            "the corporate/CCC cell has only three shared customers, so it is suppressed",
+            "the corporate/CCC cell has only three shared customers (minimum group size), and one customer "
+            "holds almost all of the private/A cell's exposure (dominance rule): both are suppressed",
         ),
         DemoQuery(
             "Exposure concentration across the three books",
@@ -82,6 +117,14 @@ FROM (SELECT * FROM bank_a.exposures
       UNION ALL SELECT * FROM bank_c.exposures) books
 GROUP BY segment
 ORDER BY total_exposure DESC""",
+        ),
+        DemoQuery(
+            "Exposure per customer (refused by the banks' policies)",
+            """
+SELECT b.customer_id, SUM(a.exposure) AS exposure
+FROM bank_a.exposures a JOIN bank_b.exposures b ON a.customer_id = b.customer_id
+GROUP BY b.customer_id""",
+            "the refusal names the party, dataset, column and rule, and the smallest change that would work",
         ),
         DemoQuery(
             "A query that would output rows (refused)",
@@ -100,8 +143,7 @@ HOSPITAL = Scenario(
         DemoQuery(
             "Cohort by diagnosis and age band",
             """
-SELECT diagnosis,
-       CASE WHEN age < 40 THEN '0-39' WHEN age < 65 THEN '40-64' ELSE '65+' END AS age_band,
+SELECT diagnosis, age_band,
        COUNT(DISTINCT patient_id) AS patients,
        AVG(age) AS mean_age,
        AVG(length_of_stay) AS mean_stay,

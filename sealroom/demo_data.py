@@ -2,7 +2,8 @@
 
 Banks: three banks hold exposures for overlapping customers (a shared customer id), with the
 customer's segment and internal rating; three corporate customers rated CCC are shared by all
-three banks, so that cell is too small to release.
+three banks, so that cell is too small to release; six private-banking customers are shared too,
+one of whom dominates that cell's exposure.
 
 Hospitals: three hospitals hold patient stays (age, diagnosis group, length of stay, cost); one rare
 diagnosis occurs in only a few patients across all sites, so it is suppressed.
@@ -36,6 +37,12 @@ def bank_tables(*, customers: int = 3000, seed: int = 7) -> dict[str, pa.Table]:
     rare = list(range(900_000, 900_003))
     for cid in rare:
         profile[cid] = ("corporate", "CCC")
+    # Six private-banking customers shared by all banks, one of whom holds almost all the exposure:
+    # enough customers for the minimum group size, but dominated by one (the dominance rule).
+    private = list(range(950_000, 950_006))
+    for cid in private:
+        profile[cid] = ("private", "A")
+    rare += private
     out = {}
     for b, bank in enumerate(BANKS):
         brng = random.Random(seed * 100 + b)
@@ -43,7 +50,9 @@ def bank_tables(*, customers: int = 3000, seed: int = 7) -> dict[str, pa.Table]:
         for cid, (segment, rating) in profile.items():
             if cid not in rare and brng.random() >= 0.8:
                 continue  # each bank serves a large, overlapping subset of customers
-            scale = {"retail": 20_000, "sme": 250_000, "corporate": 2_000_000}[segment]
+            scale = {"retail": 20_000, "sme": 250_000, "corporate": 2_000_000, "private": 100_000}[segment]
+            if cid == private[0]:
+                scale = 400_000_000  # the dominant private-banking customer
             pd_rate = {"A": 0.01, "B": 0.04, "C": 0.12, "CCC": 0.35}[rating]
             loans = brng.choice((1, 1, 1, 2, 3))
             cols["customer_id"].append(cid)
@@ -69,7 +78,9 @@ def hospital_tables(*, patients: int = 2500, seed: int = 11) -> dict[str, pa.Tab
     out = {}
     for h, hospital in enumerate(HOSPITALS):
         rng = random.Random(seed * 10 + h)
-        cols: dict[str, list] = {k: [] for k in ("patient_id", "age", "diagnosis", "length_of_stay", "cost")}
+        cols: dict[str, list] = {
+            k: [] for k in ("patient_id", "age", "age_band", "diagnosis", "length_of_stay", "cost")
+        }
         n = patients + 500 * h
         for i in range(n):
             diagnosis = rng.choices(DIAGNOSES, weights=(4, 3, 3, 2))[0]
@@ -77,12 +88,14 @@ def hospital_tables(*, patients: int = 2500, seed: int = 11) -> dict[str, pa.Tab
             los = max(1, int(rng.expovariate(1 / {"oncology": 9, "cardiology": 6}.get(diagnosis, 4))))
             cols["patient_id"].append(f"{hospital[9].upper()}{i:06d}")
             cols["age"].append(age)
+            cols["age_band"].append(age_band(age))
             cols["diagnosis"].append(diagnosis)
             cols["length_of_stay"].append(los)
             cols["cost"].append(round(los * rng.uniform(800, 1600), 2))
         if h < 2:  # two patients with a rare diagnosis, at two sites
             cols["patient_id"].append(f"{hospital[9].upper()}999999")
             cols["age"].append(45 + h)
+            cols["age_band"].append(age_band(45 + h))
             cols["diagnosis"].append(RARE_DIAGNOSIS)
             cols["length_of_stay"].append(21)
             cols["cost"].append(64_000.0)
@@ -90,12 +103,17 @@ def hospital_tables(*, patients: int = 2500, seed: int = 11) -> dict[str, pa.Tab
             {
                 "patient_id": pa.array(cols["patient_id"], pa.string()),
                 "age": pa.array(cols["age"], pa.int32()),
+                "age_band": pa.array(cols["age_band"], pa.string()),
                 "diagnosis": pa.array(cols["diagnosis"], pa.string()),
                 "length_of_stay": pa.array(cols["length_of_stay"], pa.int32()),
                 "cost": pa.array(cols["cost"], pa.float64()),
             }
         )
     return out
+
+
+def age_band(age: int) -> str:
+    return "0-39" if age < 40 else "40-64" if age < 65 else "65+"
 
 
 def write_parquet(tables: dict[str, pa.Table], directory: Path, dataset: str) -> dict[str, Path]:

@@ -213,7 +213,7 @@ class DatasetPolicy:
             n, kk = d.get("n"), d.get("k")
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise _err(source, f"{prefix}dominance.n", "an integer >= 1 (the number of largest units)")
-            if not _number(kk) or not 0 < kk <= 100:
+            if not isinstance(kk, int | float) or isinstance(kk, bool) or not 0 < kk <= 100:
                 raise _err(source, f"{prefix}dominance.k", "a percentage in (0, 100]")
             dominance = Dominance(n, float(kk))
         if unit is not None and unit in columns and columns[unit].role in ("measure", "forbidden"):

@@ -129,7 +129,7 @@ class CompiledStage:
     unit_checks: tuple[UnitCheck, ...]
     order_by: tuple[OrderKey, ...]
     limit: int | None
-    sum_arguments: tuple[str, ...] = ()  # compiled SQL of every SUM(...) argument in the outputs
+    sum_arguments: tuple[str, ...] = ()  # compiled SQL of every SUM(...) and AVG(...) argument in the outputs
     uses: Mapping[str, Mapping[str, frozenset[str]]] = field(default_factory=dict)  # see column_uses
 
 
@@ -734,7 +734,8 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
         outputs.append(exp.alias_(body.copy(), out, quoted=True))
     sums = []
     for o in outputs:
-        for agg in o.find_all(exp.Sum):
+        # AVG next to COUNT reveals the SUM, so AVG arguments fall under the dominance rule too.
+        for agg in [*o.find_all(exp.Sum), *o.find_all(exp.Avg)]:
             arg = agg.this.sql(DIALECT)
             if arg not in sums:
                 sums.append(arg)

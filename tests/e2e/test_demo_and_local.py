@@ -36,7 +36,13 @@ def test_demo_json_is_one_document_with_the_contract_shape(demo):
     doc, stderr = demo
     assert doc["simulated"] is True
     statuses = [(q["scenario"], q["status"]) for q in doc["queries"]]
-    assert statuses == [("bank", "released"), ("bank", "released"), ("bank", "refused"), ("hospital", "released")]
+    assert statuses == [
+        ("bank", "released"),
+        ("bank", "released"),
+        ("bank", "refused"),
+        ("bank", "refused"),
+        ("hospital", "released"),
+    ]
     for q in doc["queries"]:
         assert set(q) >= {"query_id", "status", "columns", "rows", "suppressed", "stages", "simulated"}
         if q["status"] == "released":
@@ -48,25 +54,31 @@ def test_demo_json_is_one_document_with_the_contract_shape(demo):
 
 def test_demo_suppresses_small_cells_without_values(demo):
     doc, _ = demo
-    join, _, _, cohort = doc["queries"]
-    assert [s["group"] for s in join["suppressed"]] == [{"rating": "CCC", "segment": "corporate"}]
-    assert "min" in join["suppressed"][0]["reason"] and join["suppressed"][0]["rule"] == "min_group_size"
-    assert not any(r[0] == "corporate" and r[1] == "CCC" for r in join["rows"])
+    join, union, _, _, cohort = doc["queries"]
+    assert [(s["group"], s["rule"]) for s in join["suppressed"]] == [
+        ({"rating": "CCC", "segment": "corporate"}, "min_group_size"),
+        ({"rating": "A", "segment": "private"}, "dominance"),
+    ]
+    assert not any((r[0], r[1]) in (("corporate", "CCC"), ("private", "A")) for r in join["rows"])
+    assert [(s["group"], s["rule"]) for s in union["suppressed"]] == [({"segment": "private"}, "dominance")]
     assert [s["group"]["diagnosis"] for s in cohort["suppressed"]] == ["prion_disease"]
 
 
-def test_demo_refusal_explains_itself(demo):
+def test_demo_refusals_explain_themselves(demo):
     doc, _ = demo
-    refused = doc["queries"][2]
-    assert refused["rows"] == [] and refused["columns"] == []
-    assert refused["reason"]["code"] == "invalid_query"
-    assert "row-level" in refused["reason"]["message"]
+    by_policy, rows = doc["queries"][2], doc["queries"][3]
+    assert by_policy["rows"] == [] and by_policy["columns"] == []
+    assert by_policy["reason"]["code"] == "policy_refusal"
+    d = by_policy["reason"]["details"]
+    assert (d["party"], d["dataset"], d["column"], d["rule"]) == ("bank_b", "exposures", "customer_id", "column_role")
+    assert d["suggestion"] == "group by a dimension such as segment, or ask bank_b to make customer_id a dimension"
+    assert rows["reason"]["code"] == "invalid_query" and "row-level" in rows["reason"]["message"]
 
 
 def test_demo_released_cells_equal_plain_duckdb(demo):
     """Correctness: the released cells are what DuckDB computes on the pooled data directly."""
     doc, _ = demo
-    join, union, _, cohort = doc["queries"]
+    join, union, _, _, cohort = doc["queries"]
     con = duckdb.connect()
     for bank, table in bank_tables().items():
         con.register(bank, table)
@@ -74,7 +86,7 @@ def test_demo_released_cells_equal_plain_duckdb(demo):
         "SELECT a.segment, a.rating, COUNT(*), SUM(a.exposure + b.exposure + c.exposure), "
         "AVG(GREATEST(a.defaulted, b.defaulted, c.defaulted)) FROM bank_a a "
         "JOIN bank_b b ON a.customer_id = b.customer_id JOIN bank_c c ON a.customer_id = c.customer_id "
-        "GROUP BY ALL HAVING COUNT(DISTINCT a.customer_id) >= 5 ORDER BY 1, 2"
+        "WHERE a.segment <> 'private' GROUP BY ALL HAVING COUNT(DISTINCT a.customer_id) >= 5 ORDER BY 1, 2"
     ).fetchall()
     assert len(join["rows"]) == len(expected)
     for got, want in zip(join["rows"], expected, strict=True):
@@ -83,7 +95,7 @@ def test_demo_released_cells_equal_plain_duckdb(demo):
     totals = dict(
         con.sql(
             "SELECT segment, SUM(exposure) FROM (SELECT * FROM bank_a UNION ALL SELECT * FROM bank_b "
-            "UNION ALL SELECT * FROM bank_c) GROUP BY segment"
+            "UNION ALL SELECT * FROM bank_c) WHERE segment <> 'private' GROUP BY segment"
         ).fetchall()
     )
     assert {r[0]: r[2] for r in union["rows"]} == pytest.approx(totals)
