@@ -5,6 +5,13 @@ that touches its data against its own policy and signs the plan hash, and, for a
 itself, verifies the enclave's evidence against its own trust policy and streams only the columns
 the plan needs, sealed to the enclave's attested job key. Its rows leave it only that way
 (invariant 1); its signing key never leaves it.
+
+Manual approval: when any of its datasets in a plan has ``approval = "manual"``, the agent runs every
+policy check and then holds the plan for its owner (``pending``) instead of signing it. The owner
+decides with ``sealroom approve/reject/revoke`` -- commands signed with the party's own key, so nobody
+else who can reach the agent (the coordinator included) can decide for the owner. Every approval,
+manual or automatic, lapses after ``approval_ttl_seconds``; the agent streams only for a plan whose
+approval it holds, live, itself.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +39,24 @@ from sealroom.config import Table, file_table
 from sealroom.errors import (
     ApprovalError,
     ConfigError,
+    InvalidQueryError,
+    NotFoundError,
     PolicyRefusalError,
+    ResourceExhaustedError,
     SealroomError,
     UnavailableError,
 )
 from sealroom.keys import load_signing_key, public_key_hex
-from sealroom.plan import Plan, sign_approval, sign_stream_header
+from sealroom.plan import (
+    OWNER_MESSAGE_MAX_SKEW_MS,
+    Plan,
+    PlanInput,
+    check_issued_at,
+    sign_approval,
+    sign_owner_action,
+    sign_stream_header,
+    verify_owner_command,
+)
 from sealroom.policy import DatasetPolicy, TrustPolicy, load_policy_file
 from sealroom.rpc import Server, call, create_server, open_channel, translate_errors, unwrap
 from sealroom.sealed import SealingStream, StreamContext, schema_hash
@@ -56,6 +76,12 @@ HEADER_METADATA_KEY = "sealroom-stream-header-bin"
 SIGNATURE_METADATA_KEY = "sealroom-stream-signature-bin"
 UPLOAD_PATH = "/sealroom.v1.EnclaveData/Upload"
 TARGET_FRAME_BYTES = 2 * 1024 * 1024
+# At most this many plans wait for the owner at once (ReviewPlan is open to anyone who can reach the
+# agent, so the list must not grow without bound); further manual plans are refused until some go.
+MAX_PENDING = 1000
+# Plans whose approval lapsed, was revoked or rejected, remembered to say so (bounded, oldest first).
+MAX_REMEMBERED = 4096
+COORDINATOR_CALL_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -75,12 +101,24 @@ class PartyConfig:
     datasets: tuple[DatasetConfig, ...]
     listen: str = "127.0.0.1:0"
     advertise_host: str = "127.0.0.1"
+    approval_ttl_seconds: float = 3600.0
+    pending_ttl_seconds: float = 86400.0
 
     @classmethod
     def from_table(cls, root: Table) -> PartyConfig:
         root.check_keys({"party", "trust", "dataset"})
         p = root.table("party")
-        p.check_keys({"name", "listen", "coordinator", "signing_key", "advertise_host"})
+        p.check_keys(
+            {
+                "name",
+                "listen",
+                "coordinator",
+                "signing_key",
+                "advertise_host",
+                "approval_ttl_seconds",
+                "pending_ttl_seconds",
+            }
+        )
         name = p.str("name")
         if not name.isidentifier():
             raise ConfigError(
@@ -134,11 +172,34 @@ class PartyConfig:
             datasets=tuple(datasets),
             listen=p.str("listen", "127.0.0.1:0"),
             advertise_host=p.str("advertise_host", "127.0.0.1"),
+            approval_ttl_seconds=p.float("approval_ttl_seconds", 3600.0, minimum=1.0),
+            pending_ttl_seconds=p.float("pending_ttl_seconds", 86400.0, minimum=1.0),
         )
 
     @classmethod
     def load(cls, path: Path) -> PartyConfig:
         return cls.from_table(file_table(path))
+
+
+@dataclass
+class HeldPlan:
+    """A plan this agent reviewed and holds: approved (signed, until ``expires_at``) or, for manual
+    approval, pending its owner's decision."""
+
+    plan: Plan
+    manual: bool
+    received_at: float
+    signature: bytes | None = None
+    expires_at: float = 0.0
+    streamed: bool = False  # this agent has streamed for the plan (it no longer awaits a decision)
+
+    @property
+    def approved(self) -> bool:
+        return self.signature is not None
+
+    def withdraw(self) -> None:
+        self.signature = None
+        self.expires_at = 0.0
 
 
 class PartyAgent:
@@ -152,7 +213,13 @@ class PartyAgent:
             self.sources[d.name] = open_source(d.source, dataset=f"{config.name}.{d.name}")
             self.policies[d.name] = d.policy
         self.schemas = {name: src.schema for name, src in self.sources.items()}
-        self._approved: dict[str, Plan] = {}
+        # plan hash -> held plan; query id -> plan hash (manual plans); plan hash -> why it is no
+        # longer approved ("expired", "revoked", "rejected"). All guarded by _lock, pruned by _prune.
+        self._held: dict[str, HeldPlan] = {}
+        self._manual: dict[str, str] = {}
+        self._gone: OrderedDict[str, str] = OrderedDict()
+        self._seen_commands: dict[bytes, float] = {}
+        self._last_issued_ms = 0
         self._lock = threading.Lock()
         self.appraisal = config.trust.appraisal()
 
@@ -197,9 +264,8 @@ class PartyAgent:
 
     # -- review ------------------------------------------------------------------------------
 
-    def review(self, plan_json: bytes) -> tuple[str, bytes]:
-        """Check a plan against this owner's policies; return (plan_hash, signature)."""
-        plan = Plan.from_json(plan_json)
+    def _check_plan(self, plan: Plan) -> list[PlanInput]:
+        """Every policy check of a plan; return this party's inputs. Raises the refusal."""
         me = self.config.name
         mine = [i for i in plan.inputs() if i.party == me]
         if not mine:
@@ -246,23 +312,116 @@ class PartyAgent:
                     "the plan's minimum group size is weaker than an involved owner's policy",
                     details={"party": me, "rule": "min_group_size"},
                 )
+        return mine
+
+    def review(self, plan_json: bytes) -> tuple[str, bytes | None, float]:
+        """Check a plan against this owner's policies; return (plan_hash, signature, expires_at).
+
+        The signature is None when the plan waits for the owner's manual decision (any of this
+        party's datasets in it has ``approval = "manual"``). A plan the owner already approved
+        returns that approval, unchanged; an automatic approval is signed afresh (a new lifetime).
+        """
+        plan = Plan.from_json(plan_json)
+        me = self.config.name
+        mine = self._check_plan(plan)
+        manual = any(self.policies[i.dataset].approval == "manual" for i in mine)
         plan_hash = plan.hash
-        signature = sign_approval(self.key, plan_hash)
+        now = time.time()
         with self._lock:
-            self._approved[plan_hash] = plan
-        log.info("approved plan %s for query %s", plan_hash[:12], plan.query_id)
-        return plan_hash, signature
+            self._prune(now)
+            if self._gone.get(plan_hash) == "rejected":
+                raise ApprovalError(
+                    f"the owner of {me} rejected this plan", details={"party": me, "rule": "rejected_by_owner"}
+                )
+            if not manual:
+                signature = sign_approval(self.key, plan_hash)
+                expires_at = now + self.config.approval_ttl_seconds
+                self._held[plan_hash] = HeldPlan(plan, False, now, signature, expires_at)
+                self._gone.pop(plan_hash, None)
+                log.info("approved plan %s for query %s", plan_hash[:12], plan.query_id)
+                return plan_hash, signature, expires_at
+            held = self._held.get(plan_hash)
+            if held is not None:
+                return plan_hash, held.signature, held.expires_at
+            other = self._manual.get(plan.query_id)
+            if other is not None and other != plan_hash:
+                raise ApprovalError(
+                    f"another plan for query {plan.query_id} already awaits the decision of {me}'s owner; a query "
+                    "has one plan",
+                    details={"party": me, "check": "query_plan"},
+                )
+            if sum(1 for h in self._held.values() if h.manual and not h.approved) >= MAX_PENDING:
+                raise ResourceExhaustedError(
+                    f"{MAX_PENDING} plans already await the decision of {me}'s owner; try again later",
+                    details={"party": me},
+                )
+            self._held[plan_hash] = HeldPlan(plan, True, now)
+            self._manual[plan.query_id] = plan_hash
+        log.info("plan %s for query %s awaits the owner's approval", plan_hash[:12], plan.query_id)
+        return plan_hash, None, 0.0
+
+    def _prune(self, now: float) -> None:
+        """Under _lock: lapse expired approvals and forget stale plans, so nothing grows unbounded.
+
+        A lapsed automatic approval is dropped. A lapsed manual one goes back to the owner (pending)
+        while the plan is younger than ``pending_ttl_seconds``; a pending plan older than that is
+        forgotten."""
+        for plan_hash, held in list(self._held.items()):
+            if held.approved and held.expires_at <= now:
+                self._remember(plan_hash, "expired")
+                log.info("the approval of plan %s (query %s) lapsed", plan_hash[:12], held.plan.query_id)
+                if held.manual and held.received_at + self.config.pending_ttl_seconds > now:
+                    held.withdraw()
+                else:
+                    self._forget(plan_hash)
+            elif not held.approved and held.received_at + self.config.pending_ttl_seconds <= now:
+                self._forget(plan_hash)
+        for digest, until in list(self._seen_commands.items()):
+            if until <= now:
+                del self._seen_commands[digest]
+
+    def _forget(self, plan_hash: str) -> None:
+        held = self._held.pop(plan_hash, None)
+        if held is not None and self._manual.get(held.plan.query_id) == plan_hash:
+            del self._manual[held.plan.query_id]
+
+    def _remember(self, plan_hash: str, why: str) -> None:
+        self._gone[plan_hash] = why
+        self._gone.move_to_end(plan_hash)
+        while len(self._gone) > MAX_REMEMBERED:
+            self._gone.popitem(last=False)
 
     # -- contribution ------------------------------------------------------------------------
 
     def contribute(self, plan_json: bytes, job_id: str, enclave_address: str) -> dict[str, Any]:
         plan_hash = hashlib.sha256(plan_json).hexdigest()
+        me = self.config.name
         with self._lock:
-            plan = self._approved.get(plan_hash)
-        if plan is None or plan.to_json() != plan_json:
+            self._prune(time.time())
+            held = self._held.get(plan_hash)
+            why = self._gone.get(plan_hash)
+        if held is None or not held.approved:
+            if why == "expired":
+                raise ApprovalError(
+                    f"the approval of {me} for this plan expired (approvals last "
+                    f"{self.config.approval_ttl_seconds:g} s); it streams data only under a live approval",
+                    details={"party": me, "check": "approval_expired"},
+                )
+            if why == "revoked":
+                raise ApprovalError(
+                    f"the owner of {me} revoked its approval of this plan; it streams no data for it",
+                    details={"party": me, "check": "approval_revoked"},
+                )
             raise ApprovalError(
-                f"{self.config.name} did not approve this plan; it streams data only for plans it signed",
-                details={"party": self.config.name, "check": "own_approval"},
+                f"{me} did not approve this plan; it streams data only for plans it signed"
+                + (" (the plan awaits the owner's decision)" if held is not None else ""),
+                details={"party": me, "check": "own_approval"},
+            )
+        plan = held.plan
+        if plan.to_json() != plan_json:
+            raise ApprovalError(
+                f"{me} did not approve this plan; it streams data only for plans it signed",
+                details={"party": me, "check": "own_approval"},
             )
         mine = [i for i in plan.inputs() if i.party == self.config.name]
         with open_channel(enclave_address) as channel:
@@ -316,7 +475,225 @@ class PartyAgent:
                     summary.frames,
                     " under SIMULATED attestation" if claims.simulated else "",
                 )
+        with self._lock:
+            held.streamed = True
         return {"uploads": uploads, "claims": claims}
+
+    # -- the owner's decisions (manual approval) -----------------------------------------------
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Manual plans held for the owner: waiting for a decision, or approved and still live."""
+        now = time.time()
+        me = self.config.name
+        with self._lock:
+            self._prune(now)
+            held = [(h, p) for h, p in self._held.items() if p.manual and not p.streamed]
+        out = []
+        for plan_hash, p in sorted(held, key=lambda x: x[1].received_at):
+            out.append(
+                {
+                    "query_id": p.plan.query_id,
+                    "plan_hash": plan_hash,
+                    "analyst": p.plan.analyst,
+                    "sql": p.plan.sql,
+                    "state": "approved" if p.approved else "pending",
+                    "inputs": [
+                        {"dataset": i.dataset, "columns": list(i.columns)} for i in p.plan.inputs() if i.party == me
+                    ],
+                    "parties": p.plan.involved_parties(),
+                    "min_group_size": max(s.min_group_size for s in p.plan.stages),
+                    "received_at": p.received_at,
+                    "expires_at": p.expires_at if p.approved else p.received_at + self.config.pending_ttl_seconds,
+                }
+            )
+        return out
+
+    def _authorize(self, action: str, command: party_pb2.OwnerCommand) -> None:
+        """The command must be signed by this party's own key, fresh, and never seen before."""
+        me = self.config.name
+        now = time.time()
+        check_issued_at(command.issued_at_ms, int(now * 1000), party=me)
+        verify_owner_command(
+            self.public_key_hex,
+            bytes(command.signature),
+            action,
+            party=me,
+            query_id=command.query_id,
+            issued_at_ms=command.issued_at_ms,
+            reason=command.reason,
+            plan_hash=command.plan_hash,
+        )
+        digest = hashlib.sha256(bytes(command.signature)).digest()
+        with self._lock:
+            self._prune(now)
+            if digest in self._seen_commands:
+                raise ApprovalError(
+                    f"this {action} command was already received; sign a new one",
+                    details={"party": me, "check": "replay"},
+                )
+            self._seen_commands[digest] = now + 2 * OWNER_MESSAGE_MAX_SKEW_MS / 1000
+
+    def _find(self, command: party_pb2.OwnerCommand) -> tuple[str, HeldPlan]:
+        """Under _lock: the manual plan the command names."""
+        plan_hash = self._manual.get(command.query_id)
+        held = self._held.get(plan_hash) if plan_hash else None
+        if plan_hash is None or held is None:
+            raise NotFoundError(
+                f"no plan of query {command.query_id} awaits the decision of {self.config.name}'s owner; "
+                "`sealroom pending` lists them",
+                details={"party": self.config.name, "query_id": command.query_id},
+            )
+        pinned = command.plan_hash.lower()
+        if pinned and (len(pinned) < 12 or not plan_hash.startswith(pinned)):
+            raise ApprovalError(
+                f"query {command.query_id} holds plan {plan_hash[:16]}..., not the plan you named; review it "
+                "again with `sealroom pending`",
+                details={"party": self.config.name, "check": "approval_plan_hash"},
+            )
+        return plan_hash, held
+
+    def _issued_ms(self) -> int:
+        with self._lock:
+            self._last_issued_ms = max(int(time.time() * 1000), self._last_issued_ms + 1)
+            return self._last_issued_ms
+
+    def _coordinator_call(self, method: str, request: Any) -> Any:
+        with open_channel(self.config.coordinator) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            return call("coordinator", getattr(stub, method), request, timeout=COORDINATOR_CALL_TIMEOUT)
+
+    def approve(self, command: party_pb2.OwnerCommand) -> dict[str, Any]:
+        """The owner approves: sign the plan hash, hold the approval, send it to the coordinator."""
+        self._authorize("approve", command)
+        me = self.config.name
+        now = time.time()
+        with self._lock:
+            plan_hash, held = self._find(command)
+            fresh = not held.approved
+            if fresh:
+                held.signature = sign_approval(self.key, plan_hash)
+                held.expires_at = now + self.config.approval_ttl_seconds
+                self._gone.pop(plan_hash, None)
+            signature, expires_at = held.signature, held.expires_at
+        assert signature is not None
+        qid = held.plan.query_id
+        issued = self._issued_ms()
+        expires_ms = int(expires_at * 1000)
+        request = coordinator_pb2.SubmitApprovalRequest(
+            query_id=qid,
+            party=me,
+            plan_hash=plan_hash,
+            signature=signature,
+            expires_at_ms=expires_ms,
+            issued_at_ms=issued,
+            owner_signature=sign_owner_action(
+                self.key,
+                "approve",
+                query_id=qid,
+                party=me,
+                plan_hash=plan_hash,
+                issued_at_ms=issued,
+                expires_at_ms=expires_ms,
+            ),
+        )
+        try:
+            resp = self._coordinator_call("SubmitApproval", request)
+        except SealroomError as err:
+            # The coordinator did not take it: the agent does not keep an approval nobody can use.
+            with self._lock:
+                if err.code == "not_found" or err.details.get("check") == "query_state":
+                    self._forget(plan_hash)
+                elif fresh and self._held.get(plan_hash) is held:
+                    held.withdraw()
+            raise
+        log.info("the owner approved plan %s for query %s", plan_hash[:12], qid)
+        return {
+            "query_id": qid,
+            "plan_hash": plan_hash,
+            "state": "approved",
+            "expires_at": expires_at,
+            "query_status": resp.status,
+            "awaiting": list(resp.awaiting),
+        }
+
+    def reject(self, command: party_pb2.OwnerCommand) -> dict[str, Any]:
+        """The owner rejects: the agent drops the plan for good, and the coordinator refuses the query."""
+        if not command.reason.strip():
+            raise InvalidQueryError("a rejection needs a reason (--reason TEXT); the analyst sees it")
+        self._authorize("reject", command)
+        me = self.config.name
+        with self._lock:
+            plan_hash, held = self._find(command)
+            self._forget(plan_hash)
+            self._remember(plan_hash, "rejected")
+        qid = held.plan.query_id
+        log.info("the owner rejected plan %s for query %s", plan_hash[:12], qid)
+        issued = self._issued_ms()
+        reason = command.reason.strip()
+        resp = self._coordinator_call(
+            "RejectQuery",
+            coordinator_pb2.RejectQueryRequest(
+                query_id=qid,
+                party=me,
+                plan_hash=plan_hash,
+                reason=reason,
+                issued_at_ms=issued,
+                owner_signature=sign_owner_action(
+                    self.key, "reject", query_id=qid, party=me, plan_hash=plan_hash, issued_at_ms=issued, reason=reason
+                ),
+            ),
+        )
+        return {
+            "query_id": qid,
+            "plan_hash": plan_hash,
+            "state": "rejected",
+            "expires_at": 0.0,
+            "query_status": resp.status,
+            "awaiting": list(resp.awaiting),
+        }
+
+    def revoke(self, command: party_pb2.OwnerCommand) -> dict[str, Any]:
+        """The owner withdraws an approval: the agent stops honouring it at once (the plan waits for
+        the owner again), and the coordinator removes it unless execution has started."""
+        self._authorize("revoke", command)
+        me = self.config.name
+        with self._lock:
+            plan_hash, held = self._find(command)
+            if not held.approved:
+                raise ApprovalError(
+                    f"{me} has not approved query {command.query_id}; there is nothing to revoke (reject it instead)",
+                    details={"party": me, "check": "not_approved"},
+                )
+            held.withdraw()
+            self._remember(plan_hash, "revoked")
+        qid = held.plan.query_id
+        log.info("the owner revoked its approval of plan %s for query %s", plan_hash[:12], qid)
+        issued = self._issued_ms()
+        try:
+            resp = self._coordinator_call(
+                "RevokeApproval",
+                coordinator_pb2.RevokeApprovalRequest(
+                    query_id=qid,
+                    party=me,
+                    plan_hash=plan_hash,
+                    issued_at_ms=issued,
+                    owner_signature=sign_owner_action(
+                        self.key, "revoke", query_id=qid, party=me, plan_hash=plan_hash, issued_at_ms=issued
+                    ),
+                ),
+            )
+        except SealroomError as err:
+            err.message = f"{err.message}; this agent no longer honours the approval and streams nothing for it"
+            err.args = (err.message,)
+            raise
+        return {
+            "query_id": qid,
+            "plan_hash": plan_hash,
+            "state": "pending",
+            "expires_at": 0.0,
+            "query_status": resp.status,
+            "awaiting": list(resp.awaiting),
+        }
 
     def verify_enclave(self, evidence: Evidence, hpke_pk: bytes, signing_pk: bytes, nonce: bytes) -> Claims:
         return verify_evidence(
@@ -345,10 +722,14 @@ class PartyServicer(party_pb2_grpc.PartyAgentServicer):
 
     def ReviewPlan(self, request, context):  # noqa: N802
         try:
-            plan_hash, signature = self.agent.review(request.plan_json)
+            plan_hash, signature, expires_at = self.agent.review(request.plan_json)
         except SealroomError as err:
             return party_pb2.ReviewPlanResponse(approved=False, error_json=err.to_json().encode())
-        return party_pb2.ReviewPlanResponse(approved=True, plan_hash=plan_hash, signature=signature)
+        if signature is None:
+            return party_pb2.ReviewPlanResponse(approved=False, pending=True, plan_hash=plan_hash)
+        return party_pb2.ReviewPlanResponse(
+            approved=True, plan_hash=plan_hash, signature=signature, expires_at=expires_at
+        )
 
     def Contribute(self, request, context):  # noqa: N802
         out = self.agent.contribute(request.plan_json, request.job_id, request.enclave_address)
@@ -360,6 +741,34 @@ class PartyServicer(party_pb2_grpc.PartyAgentServicer):
         return common_pb2.PartyInfo(
             name=self.agent.config.name, signing_public_key=bytes.fromhex(self.agent.public_key_hex)
         )
+
+    def ListPending(self, request, context):  # noqa: N802
+        return party_pb2.ListPendingResponse(
+            plans=[
+                party_pb2.PendingPlan(
+                    query_id=p["query_id"],
+                    plan_hash=p["plan_hash"],
+                    analyst=p["analyst"],
+                    sql=p["sql"],
+                    inputs=[party_pb2.PendingInput(dataset=i["dataset"], columns=i["columns"]) for i in p["inputs"]],
+                    state=p["state"],
+                    received_at=p["received_at"],
+                    expires_at=p["expires_at"],
+                    parties=p["parties"],
+                    min_group_size=p["min_group_size"],
+                )
+                for p in self.agent.pending()
+            ]
+        )
+
+    def Approve(self, request, context):  # noqa: N802
+        return party_pb2.OwnerCommandResponse(**self.agent.approve(request))
+
+    def Reject(self, request, context):  # noqa: N802
+        return party_pb2.OwnerCommandResponse(**self.agent.reject(request))
+
+    def Revoke(self, request, context):  # noqa: N802
+        return party_pb2.OwnerCommandResponse(**self.agent.revoke(request))
 
 
 def build_server(agent: PartyAgent) -> Server:

@@ -16,12 +16,13 @@ class CoordinatorConfig:
     trust: TrustPolicy
     listen: str = "127.0.0.1:0"
     party_timeout_seconds: float = 600.0
+    approval_timeout_seconds: float = 86400.0
 
     @classmethod
     def from_table(cls, root: Table) -> CoordinatorConfig:
         root.check_keys({"coordinator", "trust"})
         c = root.table("coordinator")
-        c.check_keys({"listen", "state_dir", "enclave", "party_timeout_seconds"})
+        c.check_keys({"listen", "state_dir", "enclave", "party_timeout_seconds", "approval_timeout_seconds"})
         t = root.table("trust", required=False)
         return cls(
             state_dir=c.path("state_dir"),
@@ -29,6 +30,7 @@ class CoordinatorConfig:
             trust=TrustPolicy.from_dict(t.doc, source=root.source, base=root.base),
             listen=c.str("listen", "127.0.0.1:0"),
             party_timeout_seconds=c.float("party_timeout_seconds", 600.0, minimum=1.0),
+            approval_timeout_seconds=c.float("approval_timeout_seconds", 86400.0, minimum=1.0),
         )
 
     @classmethod

@@ -5,6 +5,14 @@ cannot forge), asks each party agent to stream directly to the enclave, and veri
 signed result against attestation evidence under its own trust policy before storing it. Any
 failure ends the query as failed with a message naming the party or component; the enclave job is
 aborted so nothing is released.
+
+Manual approvals: an agent whose owner decides by hand answers the review ``pending``. The query
+then waits in ``pending_approval`` -- its thread blocked on the query's condition, holding no channel
+and no enclave job -- until every owner's approval is in (``SubmitApproval``), an owner rejects it
+(``RejectQuery``: refused), or ``approval_timeout_seconds`` pass (failed, naming who did not
+approve). Owners may revoke (``RevokeApproval``) until execution starts; a manual approval also
+lapses when its agent says it does. Once every approval is in, every agent is asked again, so each
+confirms (or refreshes) a live approval right before the enclave job is created.
 """
 
 from __future__ import annotations
@@ -13,10 +21,11 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -28,12 +37,13 @@ from sealroom.attestation import AppraisalPolicy, Evidence, report_data_for, ver
 from sealroom.errors import (
     ApprovalError,
     AttestationError,
+    InvalidQueryError,
     JobFailedError,
     SealroomError,
     UnavailableError,
     from_code,
 )
-from sealroom.plan import Plan, verify_approval
+from sealroom.plan import Plan, check_issued_at, verify_approval, verify_owner_action
 from sealroom.rpc import call, open_channel
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
@@ -93,6 +103,30 @@ def verify_result(
     )
 
 
+MAX_REJECT_REASON = 1000
+
+
+@dataclass
+class _Approvals:
+    """A query in flight, as far as its approvals go. ``cond`` guards every field and every change to
+    the query's approvals in the store."""
+
+    plan: Plan
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    # Bumped by every owner action on a party's approval, so a review answer obtained before the
+    # action never overwrites it.
+    revision: dict[str, int] = field(default_factory=dict)
+    # Manual approvals: when the party's agent stops honouring them (unix seconds).
+    expires: dict[str, float] = field(default_factory=dict)
+    # The newest issued_at_ms accepted from each party: an owner action is never accepted twice.
+    last_issued: dict[str, int] = field(default_factory=dict)
+    rejection: ApprovalError | None = None
+    started: bool = False
+
+    def bump(self, party: str) -> None:
+        self.revision[party] = self.revision.get(party, 0) + 1
+
+
 class Orchestrator:
     def __init__(
         self,
@@ -101,16 +135,19 @@ class Orchestrator:
         enclave_address: str,
         appraisal: AppraisalPolicy,
         party_timeout: float = 600.0,
+        approval_timeout: float = 86400.0,
         on_finished: Callable[[str], None] | None = None,
     ):
         self.store = store
         self.enclave_address = enclave_address
         self.appraisal = appraisal
         self.party_timeout = party_timeout
+        self.approval_timeout = approval_timeout
         self.on_finished = on_finished
         self._channels: set[grpc.Channel] = set()
         self._lock = threading.Lock()
         self._stopping = False
+        self._approvals: dict[str, _Approvals] = {}
 
     @contextmanager
     def _channel(self, address: str) -> Iterator[grpc.Channel]:
@@ -133,13 +170,20 @@ class Orchestrator:
         with self._lock:
             self._stopping = True
             channels = list(self._channels)
+            waiting = list(self._approvals.values())
         for ch in channels:
             ch.close()
+        for w in waiting:
+            with w.cond:
+                w.cond.notify_all()
 
     def run(self, plan: Plan) -> None:
         qid = plan.query_id
+        w = _Approvals(plan)
+        with self._lock:
+            self._approvals[qid] = w
         try:
-            self._run(plan)
+            self._run(plan, w)
         except SealroomError as caught:
             err = (
                 JobFailedError("the coordinator stopped while this query was in flight; resubmit it")
@@ -159,21 +203,23 @@ class Orchestrator:
                 progress="failed",
             )
         finally:
+            with self._lock:
+                self._approvals.pop(qid, None)
             if self.on_finished is not None:
                 self.on_finished(qid)
 
-    def _parties(self) -> dict[str, dict[str, Any]]:
-        return self.store.parties()
+    # -- approvals ---------------------------------------------------------------------------
 
-    def _run(self, plan: Plan) -> None:
+    def _review_all(self, plan: Plan, parties: dict[str, dict[str, Any]]) -> dict[str, tuple[str, bytes, float] | None]:
+        """Ask every involved agent to review the plan: party -> (plan_hash, signature, expires_at),
+        or None when the agent holds it for its owner's decision. A refusal raises."""
         qid = plan.query_id
-        parties = self._parties()
-        involved = plan.involved_parties()
         plan_json = plan.to_json()
-        self.store.update_query(qid, status="awaiting_approval", progress=f"approvals 0/{len(involved)}")
+        involved = plan.involved_parties()
 
-        # 1. Approvals: each owner checks the plan against its own policy and signs its hash.
-        def review(party: str) -> tuple[str, str, bytes]:
+        def review(party: str) -> tuple[str, tuple[str, bytes, float] | None]:
+            if party not in parties:
+                raise UnavailableError(f"party {party} is not registered", details={"party": party})
             with self._channel(parties[party]["address"]) as ch:
                 resp = call(
                     party,
@@ -181,6 +227,8 @@ class Orchestrator:
                     party_pb2.ReviewPlanRequest(plan_json=plan_json, query_id=qid),
                     timeout=self.party_timeout,
                 )
+            if resp.pending and not resp.approved and not resp.error_json:
+                return party, None
             if not resp.approved:
                 doc = json.loads(resp.error_json or b"{}")
                 err = from_code(doc.get("code", "approval"), doc.get("message", "rejected"), doc.get("details"))
@@ -189,15 +237,265 @@ class Orchestrator:
             verify_approval(plan.parties[party], resp.plan_hash, bytes(resp.signature), party=party)
             if resp.plan_hash != plan.hash:
                 raise ApprovalError(f"{party} approved another plan", details={"party": party})
-            return party, resp.plan_hash, bytes(resp.signature)
+            return party, (resp.plan_hash, bytes(resp.signature), float(resp.expires_at))
 
         with ThreadPoolExecutor(max_workers=max(1, len(involved))) as pool:
-            for n, (party, plan_hash, sig) in enumerate(pool.map(review, involved), start=1):
-                self.store.add_approval(qid, party, plan_hash, sig)
-                self.store.update_query(qid, progress=f"approvals {n}/{len(involved)}")
+            return dict(pool.map(review, involved))
+
+    def _collect_approvals(self, plan: Plan, w: _Approvals) -> None:
+        """Return once every involved party's approval is stored and its agent holds it live; mark
+        the query running (from then on an approval can no longer be revoked)."""
+        qid = plan.query_id
+        involved = plan.involved_parties()
+        deadline = time.monotonic() + self.approval_timeout
+        while True:
+            with w.cond:
+                revisions = dict(w.revision)
+            results = self._review_all(plan, self._parties())
+            with w.cond:
+                self._check_live(w)
+                for party, res in results.items():
+                    if w.revision.get(party, 0) != revisions.get(party, 0):
+                        continue  # the owner acted while the agent answered: the owner's action stands
+                    if res is None:
+                        # The agent holds no live approval (never given, revoked or lapsed).
+                        self.store.delete_approval(qid, party)
+                        w.expires.pop(party, None)
+                    else:
+                        self.store.add_approval(qid, party, res[0], res[1])
+                have = self.store.approvals(qid)
+                if all(p in have for p in involved):
+                    w.started = True
+                    self.store.update_query(qid, status="running", progress="creating enclave job")
+                    return
+            self._wait_for_owners(plan, w, deadline)
+
+    def _check_live(self, w: _Approvals) -> None:
+        if self._stopping:
+            raise UnavailableError("the coordinator is shutting down")
+        if w.rejection is not None:
+            raise w.rejection
+
+    def _wait_for_owners(self, plan: Plan, w: _Approvals, deadline: float) -> None:
+        """Block (without polling) until every involved party has an approval stored."""
+        qid = plan.query_id
+        involved = plan.involved_parties()
+        shown: tuple[int, tuple[str, ...]] | None = None
+        with w.cond:
+            while True:
+                self._check_live(w)
+                now = time.time()
+                for party, expires in list(w.expires.items()):
+                    if expires <= now:
+                        del w.expires[party]
+                        w.bump(party)
+                        if self.store.delete_approval(qid, party):
+                            log.info("query %s: the approval of %s lapsed", qid, party)
+                have = self.store.approvals(qid)
+                missing = tuple(p for p in involved if p not in have)
+                if not missing:
+                    return
+                if shown != (len(have), missing):
+                    shown = (len(have), missing)
+                    self.store.update_query(
+                        qid,
+                        status="pending_approval",
+                        progress=f"approvals {len(involved) - len(missing)}/{len(involved)}; "
+                        f"awaiting {', '.join(missing)}",
+                    )
+                    log.info("query %s pending approval by %s", qid, ", ".join(missing))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise JobFailedError(
+                        f"approval timed out after {self.approval_timeout:g} s: {', '.join(missing)} did not "
+                        "approve the query",
+                        details={"check": "approval_timeout", "awaiting": list(missing), "party": missing[0]},
+                    )
+                if w.expires:
+                    remaining = min(remaining, max(0.05, min(w.expires.values()) - now))
+                w.cond.wait(remaining)
+
+    # -- owner actions (SubmitApproval, RejectQuery, RevokeApproval) ---------------------------
+
+    def _in_flight(self, query_id: str, action: str) -> _Approvals:
+        with self._lock:
+            w = self._approvals.get(query_id)
+        if w is None:
+            row = self.store.query(query_id)  # NotFoundError for an unknown query
+            started = row.status in ("running", "released")
+            raise ApprovalError(
+                f"query {query_id} is {row.status}"
+                + ("; execution has started" if started else "; it no longer takes approvals"),
+                details={"query_id": query_id, "status": row.status, "check": "query_state"},
+            )
+        return w
+
+    def _authenticate(
+        self,
+        w: _Approvals,
+        action: str,
+        *,
+        party: str,
+        plan_hash: str,
+        issued_at_ms: int,
+        owner_signature: bytes,
+        reason: str = "",
+        expires_at_ms: int = 0,
+    ) -> str:
+        """Check that ``party`` itself signed this action for this query's plan; return its key."""
+        plan = w.plan
+        qid = plan.query_id
+        if party not in plan.involved_parties():
+            raise ApprovalError(
+                f"query {qid} reads no data of {party}; only an involved party may {action} it",
+                details={"party": party, "check": "party"},
+            )
+        key = plan.parties[party]
+        registered = self.store.parties().get(party)
+        if registered is None or registered["signing_public_key"] != key:
+            raise ApprovalError(
+                f"the plan of query {qid} names a key for {party} that is not its registered key",
+                details={"party": party, "check": "party_key"},
+            )
+        verify_owner_action(
+            key,
+            owner_signature,
+            action,
+            query_id=qid,
+            party=party,
+            plan_hash=plan_hash,
+            issued_at_ms=issued_at_ms,
+            reason=reason,
+            expires_at_ms=expires_at_ms,
+        )
+        if plan_hash != plan.hash:
+            raise ApprovalError(
+                f"{party} acted on another plan than the one query {qid} runs; the plan hashes differ",
+                details={"party": party, "check": "approval_plan_hash"},
+            )
+        check_issued_at(issued_at_ms, int(time.time() * 1000), party=party)
+        return key
+
+    def _accept(self, w: _Approvals, action: str, party: str, issued_at_ms: int) -> None:
+        """Under ``w.cond``: refuse an action on a query past approvals, or a replayed action."""
+        if w.started:
+            raise ApprovalError(
+                f"execution has started; the {action} of {party} comes too late",
+                details={"party": party, "check": "execution_started"},
+            )
+        if w.rejection is not None or self._stopping:
+            raise ApprovalError(
+                f"query {w.plan.query_id} is ending; it no longer takes approvals",
+                details={"party": party, "check": "query_state"},
+            )
+        if issued_at_ms <= w.last_issued.get(party, 0):
+            raise ApprovalError(
+                f"this {action} request of {party} was already received or is older than its last one",
+                details={"party": party, "check": "replay"},
+            )
+        w.last_issued[party] = issued_at_ms
+
+    def _snapshot(self, w: _Approvals) -> tuple[str, list[str]]:
+        qid = w.plan.query_id
+        have = self.store.approvals(qid)
+        return self.store.query(qid).status, [p for p in w.plan.involved_parties() if p not in have]
+
+    def submit_approval(
+        self,
+        query_id: str,
+        *,
+        party: str,
+        plan_hash: str,
+        signature: bytes,
+        expires_at_ms: int,
+        issued_at_ms: int,
+        owner_signature: bytes,
+    ) -> tuple[str, list[str]]:
+        """A party's manual approval: verified against its registered key and the query's plan hash."""
+        w = self._in_flight(query_id, "approve")
+        key = self._authenticate(
+            w,
+            "approve",
+            party=party,
+            plan_hash=plan_hash,
+            issued_at_ms=issued_at_ms,
+            owner_signature=owner_signature,
+            expires_at_ms=expires_at_ms,
+        )
+        verify_approval(key, plan_hash, signature, party=party)
+        expires_at = expires_at_ms / 1000
+        if expires_at <= time.time():
+            raise ApprovalError(
+                f"the approval of {party} has already lapsed", details={"party": party, "check": "approval_expired"}
+            )
+        with w.cond:
+            self._accept(w, "approval", party, issued_at_ms)
+            self.store.add_approval(query_id, party, plan_hash, signature)
+            w.expires[party] = expires_at
+            w.bump(party)
+            w.cond.notify_all()
+            log.info("query %s: %s approved", query_id, party)
+            return self._snapshot(w)
+
+    def reject_query(
+        self, query_id: str, *, party: str, plan_hash: str, reason: str, issued_at_ms: int, owner_signature: bytes
+    ) -> tuple[str, list[str]]:
+        """A party's owner refuses the query: it ends refused, with the owner's reason."""
+        w = self._in_flight(query_id, "reject")
+        self._authenticate(
+            w,
+            "reject",
+            party=party,
+            plan_hash=plan_hash,
+            issued_at_ms=issued_at_ms,
+            owner_signature=owner_signature,
+            reason=reason,
+        )
+        text = reason.strip()
+        if not text or len(text) > MAX_REJECT_REASON:
+            raise InvalidQueryError(f"a rejection needs a reason of 1 to {MAX_REJECT_REASON} characters")
+        with w.cond:
+            self._accept(w, "rejection", party, issued_at_ms)
+            w.rejection = ApprovalError(
+                f"{party} rejected this query: {text}",
+                details={"party": party, "rule": "rejected_by_owner", "owner_reason": text},
+            )
+            w.cond.notify_all()
+            log.info("query %s: rejected by %s", query_id, party)
+            return "refused", []
+
+    def revoke_approval(
+        self, query_id: str, *, party: str, plan_hash: str, issued_at_ms: int, owner_signature: bytes
+    ) -> tuple[str, list[str]]:
+        """Remove a party's approval while execution has not started; the query waits for it again."""
+        w = self._in_flight(query_id, "revoke")
+        self._authenticate(
+            w, "revoke", party=party, plan_hash=plan_hash, issued_at_ms=issued_at_ms, owner_signature=owner_signature
+        )
+        with w.cond:
+            self._accept(w, "revocation", party, issued_at_ms)
+            removed = self.store.delete_approval(query_id, party)
+            w.expires.pop(party, None)
+            w.bump(party)
+            w.cond.notify_all()
+            log.info("query %s: %s revoked its approval%s", query_id, party, "" if removed else " (none was held)")
+            return self._snapshot(w)
+
+    def _parties(self) -> dict[str, dict[str, Any]]:
+        return self.store.parties()
+
+    def _run(self, plan: Plan, w: _Approvals) -> None:
+        qid = plan.query_id
+        involved = plan.involved_parties()
+        plan_json = plan.to_json()
+        self.store.update_query(qid, status="awaiting_approval", progress=f"approvals 0/{len(involved)}")
+
+        # 1. Approvals: each owner checks the plan against its own policy and signs its hash, at once
+        # or (manual approval) when a person decides; the query is "running" from here on.
+        self._collect_approvals(plan, w)
+        parties = self._parties()  # an agent may have restarted (and moved) while the query waited
 
         # 2. The enclave job: a fresh key pair inside the enclave for this plan.
-        self.store.update_query(qid, status="running", progress="creating enclave job")
         with self._channel(self.enclave_address) as ch:
             enclave = enclave_pb2_grpc.EnclaveStub(ch)
             job = call("enclave", enclave.CreateJob, enclave_pb2.CreateJobRequest(plan_json=plan_json))

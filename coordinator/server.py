@@ -36,6 +36,7 @@ class Coordinator:
             enclave_address=config.enclave,
             appraisal=config.trust.appraisal(),
             party_timeout=config.party_timeout_seconds,
+            approval_timeout=config.approval_timeout_seconds,
         )
         self._threads: dict[str, threading.Thread] = {}
 
@@ -110,7 +111,9 @@ def _status(row, approvals: dict) -> coordinator_pb2.QueryStatus:
         updated_at=row.updated_at,
         error_json=json.dumps(row.error).encode() if row.error else b"",
         approved_by=sorted(approvals),
-        awaiting=[p for p in involved if p not in approvals] if row.status == "awaiting_approval" else [],
+        awaiting=[p for p in involved if p not in approvals]
+        if row.status in ("awaiting_approval", "pending_approval")
+        else [],
         progress=row.progress,
     )
 
@@ -182,6 +185,42 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return coordinator_pb2.ListQueriesResponse(
             queries=[_status(r, self.c.store.approvals(r.id)) for r in self.c.store.queries()]
         )
+
+    # Manual approvals: each request is signed by the acting party's registered key (see
+    # Orchestrator._authenticate), so only a party may approve, reject or revoke for itself.
+
+    def SubmitApproval(self, request, context):  # noqa: N802
+        status, awaiting = self.c.orchestrator.submit_approval(
+            request.query_id,
+            party=request.party,
+            plan_hash=request.plan_hash,
+            signature=bytes(request.signature),
+            expires_at_ms=request.expires_at_ms,
+            issued_at_ms=request.issued_at_ms,
+            owner_signature=bytes(request.owner_signature),
+        )
+        return coordinator_pb2.OwnerActionResponse(query_id=request.query_id, status=status, awaiting=awaiting)
+
+    def RejectQuery(self, request, context):  # noqa: N802
+        status, awaiting = self.c.orchestrator.reject_query(
+            request.query_id,
+            party=request.party,
+            plan_hash=request.plan_hash,
+            reason=request.reason,
+            issued_at_ms=request.issued_at_ms,
+            owner_signature=bytes(request.owner_signature),
+        )
+        return coordinator_pb2.OwnerActionResponse(query_id=request.query_id, status=status, awaiting=awaiting)
+
+    def RevokeApproval(self, request, context):  # noqa: N802
+        status, awaiting = self.c.orchestrator.revoke_approval(
+            request.query_id,
+            party=request.party,
+            plan_hash=request.plan_hash,
+            issued_at_ms=request.issued_at_ms,
+            owner_signature=bytes(request.owner_signature),
+        )
+        return coordinator_pb2.OwnerActionResponse(query_id=request.query_id, status=status, awaiting=awaiting)
 
 
 def build_server(config: CoordinatorConfig) -> tuple[Server, Coordinator]:

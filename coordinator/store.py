@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS releases (
 """
 
 TERMINAL = ("released", "refused", "failed")
-IN_FLIGHT = ("planning", "awaiting_approval", "running")
+IN_FLIGHT = ("planning", "awaiting_approval", "pending_approval", "running")
 
 
 @dataclass(frozen=True)
@@ -235,6 +235,12 @@ class Store:
                 "VALUES (?,?,?,?,?)",
                 (query_id, party, plan_hash, signature, time.time()),
             )
+
+    def delete_approval(self, query_id: str, party: str) -> bool:
+        """Remove a party's approval of a query (revoked or lapsed); True when there was one."""
+        with self.tx() as db:
+            cur = db.execute("DELETE FROM approvals WHERE query_id = ? AND party = ?", (query_id, party))
+            return cur.rowcount > 0
 
     def approvals(self, query_id: str) -> dict[str, tuple[str, bytes]]:
         with self._lock:

@@ -5,6 +5,16 @@ A plan is the unit every data owner approves: the SQL, the analyst, the stages, 
 SHA-256 over its canonical JSON; it includes the query id and a random salt, so an approval for one
 query never verifies for another (replay). An approval is an Ed25519 signature over a
 domain-separated message holding the plan hash.
+
+Manual approvals add two signed messages, both by the owner's key and domain-separated from the
+approval itself (so neither can ever be taken for an approval, nor one for the other):
+
+- an *owner command* (``sealroom approve/reject/revoke`` to the owner's own agent), which proves the
+  command comes from whoever holds the party's signing key, not from anyone who can reach the agent;
+- an *owner action* (the agent to the coordinator: SubmitApproval, RejectQuery, RevokeApproval),
+  which proves the party itself acts, for itself, on this query and plan.
+
+Both carry ``issued_at_ms``; receivers accept them only fresh and never twice.
 """
 
 from __future__ import annotations
@@ -23,6 +33,11 @@ from sealroom.policy import DatasetPolicy, canonical_json
 PLAN_VERSION = 1
 APPROVAL_DOMAIN = b"sealroom/v1/approval\x00"
 STREAM_DOMAIN = b"sealroom/v1/stream-header\x00"
+OWNER_ACTION_DOMAIN = b"sealroom/v1/owner-action\x00"
+OWNER_COMMAND_DOMAIN = b"sealroom/v1/owner-command\x00"
+OWNER_ACTIONS = ("approve", "reject", "revoke")
+# How far an owner command's or action's issued_at may be from the receiver's clock.
+OWNER_MESSAGE_MAX_SKEW_MS = 300_000
 
 
 @dataclass(frozen=True)
@@ -185,6 +200,105 @@ def verify_stream_header(public_key_hex: str, header: bytes, signature: bytes) -
     uniform integrity error, so no detail of which check failed reaches the sender)."""
     try:
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex)).verify(signature, STREAM_DOMAIN + header)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def _owner_message(domain: bytes, action: str, fields: dict[str, Any]) -> bytes:
+    if action not in OWNER_ACTIONS:
+        raise ValueError(f"unknown owner action {action!r}")
+    return domain + canonical_json({"action": action, **fields})
+
+
+def owner_action_message(
+    action: str,
+    *,
+    query_id: str,
+    party: str,
+    plan_hash: str,
+    issued_at_ms: int,
+    reason: str = "",
+    expires_at_ms: int = 0,
+) -> bytes:
+    """What a party signs when it approves, rejects or revokes at the coordinator:
+    ``"sealroom/v1/owner-action" 0x00 canonical_json({action, query_id, party, plan_hash, reason,
+    issued_at_ms, expires_at_ms})``."""
+    return _owner_message(
+        OWNER_ACTION_DOMAIN,
+        action,
+        {
+            "query_id": query_id,
+            "party": party,
+            "plan_hash": plan_hash,
+            "reason": reason,
+            "issued_at_ms": int(issued_at_ms),
+            "expires_at_ms": int(expires_at_ms),
+        },
+    )
+
+
+def sign_owner_action(key: Ed25519PrivateKey, action: str, **fields: Any) -> bytes:
+    return key.sign(owner_action_message(action, **fields))
+
+
+def verify_owner_action(public_key_hex: str, signature: bytes, action: str, **fields: Any) -> None:
+    """Raise ApprovalError unless ``signature`` is the party's own signature over this action."""
+    party = fields.get("party", "")
+    if not _verifies(public_key_hex, signature, owner_action_message(action, **fields)):
+        raise ApprovalError(
+            f"the {action} request for {party} is not signed by {party}'s registered key; only a party "
+            "may approve, reject or revoke for itself",
+            details={"party": party, "check": "owner_signature"},
+        )
+
+
+def owner_command_message(
+    action: str, *, party: str, query_id: str, issued_at_ms: int, reason: str = "", plan_hash: str = ""
+) -> bytes:
+    """What the owner signs to command its own agent (``sealroom approve/reject/revoke``):
+    ``"sealroom/v1/owner-command" 0x00 canonical_json({action, party, query_id, plan_hash, reason,
+    issued_at_ms})``. ``plan_hash`` is empty when the owner does not pin the plan."""
+    return _owner_message(
+        OWNER_COMMAND_DOMAIN,
+        action,
+        {
+            "party": party,
+            "query_id": query_id,
+            "plan_hash": plan_hash,
+            "reason": reason,
+            "issued_at_ms": int(issued_at_ms),
+        },
+    )
+
+
+def sign_owner_command(key: Ed25519PrivateKey, action: str, **fields: Any) -> bytes:
+    return key.sign(owner_command_message(action, **fields))
+
+
+def verify_owner_command(public_key_hex: str, signature: bytes, action: str, **fields: Any) -> None:
+    """Raise ApprovalError unless ``signature`` is by the agent's own key over this command."""
+    if not _verifies(public_key_hex, signature, owner_command_message(action, **fields)):
+        raise ApprovalError(
+            f"the {action} command is not signed by {fields.get('party', 'this party')}'s signing key; "
+            "run it with the key the agent uses (--key, or SEALROOM_PARTY_KEY)",
+            details={"party": fields.get("party", ""), "check": "owner_command_signature"},
+        )
+
+
+def check_issued_at(issued_at_ms: int, now_ms: int, *, party: str) -> None:
+    """Raise ApprovalError unless an owner message's ``issued_at_ms`` is within the allowed skew."""
+    if abs(now_ms - int(issued_at_ms)) > OWNER_MESSAGE_MAX_SKEW_MS:
+        raise ApprovalError(
+            f"the request of {party} is stale or dated in the future (more than "
+            f"{OWNER_MESSAGE_MAX_SKEW_MS // 1000} s from this server's clock); check the clocks and retry",
+            details={"party": party, "check": "issued_at"},
+        )
+
+
+def _verifies(public_key_hex: str, signature: bytes, message: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex)).verify(signature, message)
     except (InvalidSignature, ValueError):
         return False
     return True

@@ -25,7 +25,7 @@ from sealroom.attestation import AppraisalPolicy, load_root_certificate
 from sealroom.errors import ConfigError
 
 DEFAULT_MIN_GROUP_SIZE = 5
-APPROVAL_MODES = ("auto",)  # "manual" arrives with the manual approval flow
+APPROVAL_MODES = ("auto", "manual")
 
 # Column roles. What each allows is decided in one place: sealroom.disclosure.ALLOWED_USES.
 ROLES = ("join_key", "dimension", "measure", "filter_only", "forbidden", "open")

@@ -99,7 +99,7 @@ class QueryResult(_message.Message):
     ERROR_JSON_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     status: _builtins.str
-    """planning | awaiting_approval | running | released | refused | failed"""
+    """planning | awaiting_approval | pending_approval | running | released | refused | failed"""
     arrow_table: _builtins.bytes
     """Arrow IPC stream of the released cells (suppressed cells are left out)"""
     suppressed_json: _builtins.bytes

@@ -196,6 +196,7 @@ class QueryStatus(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     status: _builtins.str
+    """planning | awaiting_approval | pending_approval | running | released | refused | failed"""
     sql: _builtins.str
     analyst: _builtins.str
     created_at: _builtins.float
@@ -247,3 +248,137 @@ class ListQueriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListQueriesResponse: _TypeAlias = ListQueriesResponse  # noqa: Y015
+
+@_typing.final
+class SubmitApprovalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    PARTY_FIELD_NUMBER: _builtins.int
+    PLAN_HASH_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
+    OWNER_SIGNATURE_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    party: _builtins.str
+    plan_hash: _builtins.str
+    signature: _builtins.bytes
+    """the approval: Ed25519 over the approval message for plan_hash"""
+    expires_at_ms: _builtins.int
+    """when the party's agent stops honouring the approval"""
+    issued_at_ms: _builtins.int
+    owner_signature: _builtins.bytes
+    """owner_action_message("approve", ...)"""
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        party: _builtins.str = ...,
+        plan_hash: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+        expires_at_ms: _builtins.int = ...,
+        issued_at_ms: _builtins.int = ...,
+        owner_signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_ms", b"expires_at_ms", "issued_at_ms", b"issued_at_ms", "owner_signature", b"owner_signature", "party", b"party", "plan_hash", b"plan_hash", "query_id", b"query_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitApprovalRequest: _TypeAlias = SubmitApprovalRequest  # noqa: Y015
+
+@_typing.final
+class RejectQueryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    PARTY_FIELD_NUMBER: _builtins.int
+    PLAN_HASH_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
+    OWNER_SIGNATURE_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    party: _builtins.str
+    plan_hash: _builtins.str
+    reason: _builtins.str
+    issued_at_ms: _builtins.int
+    owner_signature: _builtins.bytes
+    """owner_action_message("reject", ...)"""
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        party: _builtins.str = ...,
+        plan_hash: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        issued_at_ms: _builtins.int = ...,
+        owner_signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["issued_at_ms", b"issued_at_ms", "owner_signature", b"owner_signature", "party", b"party", "plan_hash", b"plan_hash", "query_id", b"query_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectQueryRequest: _TypeAlias = RejectQueryRequest  # noqa: Y015
+
+@_typing.final
+class RevokeApprovalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    PARTY_FIELD_NUMBER: _builtins.int
+    PLAN_HASH_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
+    OWNER_SIGNATURE_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    party: _builtins.str
+    plan_hash: _builtins.str
+    issued_at_ms: _builtins.int
+    owner_signature: _builtins.bytes
+    """owner_action_message("revoke", ...)"""
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        party: _builtins.str = ...,
+        plan_hash: _builtins.str = ...,
+        issued_at_ms: _builtins.int = ...,
+        owner_signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["issued_at_ms", b"issued_at_ms", "owner_signature", b"owner_signature", "party", b"party", "plan_hash", b"plan_hash", "query_id", b"query_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeApprovalRequest: _TypeAlias = RevokeApprovalRequest  # noqa: Y015
+
+@_typing.final
+class OwnerActionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    AWAITING_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    status: _builtins.str
+    """the query's status after the action"""
+    @_builtins.property
+    def awaiting(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        awaiting: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["awaiting", b"awaiting", "query_id", b"query_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwnerActionResponse: _TypeAlias = OwnerActionResponse  # noqa: Y015

@@ -70,6 +70,21 @@ class CoordinatorStub:
                 request_serializer=sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_coordinator__pb2.ListQueriesResponse.FromString,
                 _registered_method=True)
+        self.SubmitApproval = channel.unary_unary(
+                '/sealroom.v1.Coordinator/SubmitApproval',
+                request_serializer=sealroom_dot_v1_dot_coordinator__pb2.SubmitApprovalRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_coordinator__pb2.OwnerActionResponse.FromString,
+                _registered_method=True)
+        self.RejectQuery = channel.unary_unary(
+                '/sealroom.v1.Coordinator/RejectQuery',
+                request_serializer=sealroom_dot_v1_dot_coordinator__pb2.RejectQueryRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_coordinator__pb2.OwnerActionResponse.FromString,
+                _registered_method=True)
+        self.RevokeApproval = channel.unary_unary(
+                '/sealroom.v1.Coordinator/RevokeApproval',
+                request_serializer=sealroom_dot_v1_dot_coordinator__pb2.RevokeApprovalRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_coordinator__pb2.OwnerActionResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -119,6 +134,28 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitApproval(self, request, context):
+        """Manual approvals, sent by a party agent on its owner's command. Each request is signed by the
+        party's registered key over sealroom.plan.owner_action_message (fresh, never replayed), and
+        names the plan hash of the query; only a party the plan involves may act, and only for itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectQuery(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApproval(self, request, context):
+        """Only while execution has not started (FAILED_PRECONDITION afterwards).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +193,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListQueries,
                     request_deserializer=sealroom_dot_v1_dot_common__pb2.Empty.FromString,
                     response_serializer=sealroom_dot_v1_dot_coordinator__pb2.ListQueriesResponse.SerializeToString,
+            ),
+            'SubmitApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitApproval,
+                    request_deserializer=sealroom_dot_v1_dot_coordinator__pb2.SubmitApprovalRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_coordinator__pb2.OwnerActionResponse.SerializeToString,
+            ),
+            'RejectQuery': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectQuery,
+                    request_deserializer=sealroom_dot_v1_dot_coordinator__pb2.RejectQueryRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_coordinator__pb2.OwnerActionResponse.SerializeToString,
+            ),
+            'RevokeApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApproval,
+                    request_deserializer=sealroom_dot_v1_dot_coordinator__pb2.RevokeApprovalRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_coordinator__pb2.OwnerActionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +399,87 @@ class Coordinator:
             '/sealroom.v1.Coordinator/ListQueries',
             sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
             sealroom_dot_v1_dot_coordinator__pb2.ListQueriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Coordinator/SubmitApproval',
+            sealroom_dot_v1_dot_coordinator__pb2.SubmitApprovalRequest.SerializeToString,
+            sealroom_dot_v1_dot_coordinator__pb2.OwnerActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectQuery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Coordinator/RejectQuery',
+            sealroom_dot_v1_dot_coordinator__pb2.RejectQueryRequest.SerializeToString,
+            sealroom_dot_v1_dot_coordinator__pb2.OwnerActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Coordinator/RevokeApproval',
+            sealroom_dot_v1_dot_coordinator__pb2.RevokeApprovalRequest.SerializeToString,
+            sealroom_dot_v1_dot_coordinator__pb2.OwnerActionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,14 @@ class CoordinatorStub:
     GetStatus: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.QueryRef, _coordinator_pb2.QueryStatus]
     GetResult: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.QueryRef, _common_pb2.QueryResult]
     ListQueries: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _coordinator_pb2.ListQueriesResponse]
+    SubmitApproval: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitApprovalRequest, _coordinator_pb2.OwnerActionResponse]
+    """Manual approvals, sent by a party agent on its owner's command. Each request is signed by the
+    party's registered key over sealroom.plan.owner_action_message (fresh, never replayed), and
+    names the plan hash of the query; only a party the plan involves may act, and only for itself.
+    """
+    RejectQuery: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RejectQueryRequest, _coordinator_pb2.OwnerActionResponse]
+    RevokeApproval: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RevokeApprovalRequest, _coordinator_pb2.OwnerActionResponse]
+    """Only while execution has not started (FAILED_PRECONDITION afterwards)."""
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -56,6 +64,14 @@ class CoordinatorAsyncStub(CoordinatorStub):
     GetStatus: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.QueryRef, _coordinator_pb2.QueryStatus]  # type: ignore[assignment]
     GetResult: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.QueryRef, _common_pb2.QueryResult]  # type: ignore[assignment]
     ListQueries: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _coordinator_pb2.ListQueriesResponse]  # type: ignore[assignment]
+    SubmitApproval: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitApprovalRequest, _coordinator_pb2.OwnerActionResponse]  # type: ignore[assignment]
+    """Manual approvals, sent by a party agent on its owner's command. Each request is signed by the
+    party's registered key over sealroom.plan.owner_action_message (fresh, never replayed), and
+    names the plan hash of the query; only a party the plan involves may act, and only for itself.
+    """
+    RejectQuery: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RejectQueryRequest, _coordinator_pb2.OwnerActionResponse]  # type: ignore[assignment]
+    RevokeApproval: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RevokeApprovalRequest, _coordinator_pb2.OwnerActionResponse]  # type: ignore[assignment]
+    """Only while execution has not started (FAILED_PRECONDITION afterwards)."""
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -108,5 +124,31 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _common_pb2.Empty,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.ListQueriesResponse, _abc.Awaitable[_coordinator_pb2.ListQueriesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SubmitApproval(
+        self,
+        request: _coordinator_pb2.SubmitApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.OwnerActionResponse, _abc.Awaitable[_coordinator_pb2.OwnerActionResponse]]:
+        """Manual approvals, sent by a party agent on its owner's command. Each request is signed by the
+        party's registered key over sealroom.plan.owner_action_message (fresh, never replayed), and
+        names the plan hash of the query; only a party the plan involves may act, and only for itself.
+        """
+
+    @_abc_1.abstractmethod
+    def RejectQuery(
+        self,
+        request: _coordinator_pb2.RejectQueryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.OwnerActionResponse, _abc.Awaitable[_coordinator_pb2.OwnerActionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeApproval(
+        self,
+        request: _coordinator_pb2.RevokeApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.OwnerActionResponse, _abc.Awaitable[_coordinator_pb2.OwnerActionResponse]]:
+        """Only while execution has not started (FAILED_PRECONDITION afterwards)."""
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

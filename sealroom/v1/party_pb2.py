@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sealroom.v1 import common_pb2 as sealroom_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sealroom/v1/party.proto\x12\x0bsealroom.v1\x1a\x18sealroom/v1/common.proto\"8\n\x11ReviewPlanRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08query_id\x18\x02 \x01(\t\"`\n\x12ReviewPlanResponse\x12\x10\n\x08\x61pproved\x18\x01 \x01(\x08\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x12\n\nerror_json\x18\x04 \x01(\x0c\"O\n\x11\x43ontributeRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x17\n\x0f\x65nclave_address\x18\x03 \x01(\t\"V\n\x12\x43ontributeResponse\x12+\n\x07uploads\x18\x01 \x03(\x0b\x32\x1a.sealroom.v1.DatasetUpload\x12\x13\n\x0b\x63laims_json\x18\x02 \x01(\x0c\"M\n\rDatasetUpload\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x03\x32\xe1\x01\n\nPartyAgent\x12M\n\nReviewPlan\x12\x1e.sealroom.v1.ReviewPlanRequest\x1a\x1f.sealroom.v1.ReviewPlanResponse\x12M\n\nContribute\x12\x1e.sealroom.v1.ContributeRequest\x1a\x1f.sealroom.v1.ContributeResponse\x12\x35\n\x07GetInfo\x12\x12.sealroom.v1.Empty\x1a\x16.sealroom.v1.PartyInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sealroom/v1/party.proto\x12\x0bsealroom.v1\x1a\x18sealroom/v1/common.proto\"8\n\x11ReviewPlanRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08query_id\x18\x02 \x01(\t\"\x85\x01\n\x12ReviewPlanResponse\x12\x10\n\x08\x61pproved\x18\x01 \x01(\x08\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x12\n\nerror_json\x18\x04 \x01(\x0c\x12\x0f\n\x07pending\x18\x05 \x01(\x08\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\"O\n\x11\x43ontributeRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x17\n\x0f\x65nclave_address\x18\x03 \x01(\t\"V\n\x12\x43ontributeResponse\x12+\n\x07uploads\x18\x01 \x03(\x0b\x32\x1a.sealroom.v1.DatasetUpload\x12\x13\n\x0b\x63laims_json\x18\x02 \x01(\x0c\"M\n\rDatasetUpload\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x03\"l\n\x0cOwnerCommand\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\x86\x01\n\x14OwnerCommandResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\x12\x14\n\x0cquery_status\x18\x05 \x01(\t\x12\x10\n\x08\x61waiting\x18\x06 \x03(\t\"0\n\x0cPendingInput\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x02 \x03(\t\"\xdc\x01\n\x0bPendingPlan\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0f\n\x07\x61nalyst\x18\x03 \x01(\t\x12\x0b\n\x03sql\x18\x04 \x01(\t\x12)\n\x06inputs\x18\x05 \x03(\x0b\x32\x19.sealroom.v1.PendingInput\x12\r\n\x05state\x18\x06 \x01(\t\x12\x13\n\x0breceived_at\x18\x07 \x01(\x01\x12\x12\n\nexpires_at\x18\x08 \x01(\x01\x12\x0f\n\x07parties\x18\t \x03(\t\x12\x16\n\x0emin_group_size\x18\n \x01(\x03\">\n\x13ListPendingResponse\x12\'\n\x05plans\x18\x01 \x03(\x0b\x32\x18.sealroom.v1.PendingPlan2\xff\x03\n\nPartyAgent\x12M\n\nReviewPlan\x12\x1e.sealroom.v1.ReviewPlanRequest\x1a\x1f.sealroom.v1.ReviewPlanResponse\x12M\n\nContribute\x12\x1e.sealroom.v1.ContributeRequest\x1a\x1f.sealroom.v1.ContributeResponse\x12\x35\n\x07GetInfo\x12\x12.sealroom.v1.Empty\x1a\x16.sealroom.v1.PartyInfo\x12\x43\n\x0bListPending\x12\x12.sealroom.v1.Empty\x1a .sealroom.v1.ListPendingResponse\x12G\n\x07\x41pprove\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponse\x12\x46\n\x06Reject\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponse\x12\x46\n\x06Revoke\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REVIEWPLANREQUEST']._serialized_start=66
   _globals['_REVIEWPLANREQUEST']._serialized_end=122
-  _globals['_REVIEWPLANRESPONSE']._serialized_start=124
-  _globals['_REVIEWPLANRESPONSE']._serialized_end=220
-  _globals['_CONTRIBUTEREQUEST']._serialized_start=222
-  _globals['_CONTRIBUTEREQUEST']._serialized_end=301
-  _globals['_CONTRIBUTERESPONSE']._serialized_start=303
-  _globals['_CONTRIBUTERESPONSE']._serialized_end=389
-  _globals['_DATASETUPLOAD']._serialized_start=391
-  _globals['_DATASETUPLOAD']._serialized_end=468
-  _globals['_PARTYAGENT']._serialized_start=471
-  _globals['_PARTYAGENT']._serialized_end=696
+  _globals['_REVIEWPLANRESPONSE']._serialized_start=125
+  _globals['_REVIEWPLANRESPONSE']._serialized_end=258
+  _globals['_CONTRIBUTEREQUEST']._serialized_start=260
+  _globals['_CONTRIBUTEREQUEST']._serialized_end=339
+  _globals['_CONTRIBUTERESPONSE']._serialized_start=341
+  _globals['_CONTRIBUTERESPONSE']._serialized_end=427
+  _globals['_DATASETUPLOAD']._serialized_start=429
+  _globals['_DATASETUPLOAD']._serialized_end=506
+  _globals['_OWNERCOMMAND']._serialized_start=508
+  _globals['_OWNERCOMMAND']._serialized_end=616
+  _globals['_OWNERCOMMANDRESPONSE']._serialized_start=619
+  _globals['_OWNERCOMMANDRESPONSE']._serialized_end=753
+  _globals['_PENDINGINPUT']._serialized_start=755
+  _globals['_PENDINGINPUT']._serialized_end=803
+  _globals['_PENDINGPLAN']._serialized_start=806
+  _globals['_PENDINGPLAN']._serialized_end=1026
+  _globals['_LISTPENDINGRESPONSE']._serialized_start=1028
+  _globals['_LISTPENDINGRESPONSE']._serialized_end=1090
+  _globals['_PARTYAGENT']._serialized_start=1093
+  _globals['_PARTYAGENT']._serialized_end=1604
 # @@protoc_insertion_point(module_scope)

@@ -48,11 +48,19 @@ class ReviewPlanResponse(_message.Message):
     PLAN_HASH_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     ERROR_JSON_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     approved: _builtins.bool
     plan_hash: _builtins.str
     signature: _builtins.bytes
     error_json: _builtins.bytes
     """refusal reason when not approved"""
+    pending: _builtins.bool
+    """The plan passed the policy checks but waits for the owner's manual decision (approved = false,
+    error_json empty); the owner's approval reaches the coordinator through SubmitApproval.
+    """
+    expires_at: _builtins.float
+    """when approved: the agent honours the approval until then (unix s)"""
     def __init__(
         self,
         *,
@@ -60,10 +68,12 @@ class ReviewPlanResponse(_message.Message):
         plan_hash: _builtins.str = ...,
         signature: _builtins.bytes = ...,
         error_json: _builtins.bytes = ...,
+        pending: _builtins.bool = ...,
+        expires_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "error_json", b"error_json", "plan_hash", b"plan_hash", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "error_json", b"error_json", "expires_at", b"expires_at", "pending", b"pending", "plan_hash", b"plan_hash", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -145,3 +155,176 @@ class DatasetUpload(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DatasetUpload: _TypeAlias = DatasetUpload  # noqa: Y015
+
+@_typing.final
+class OwnerCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PLAN_HASH_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    reason: _builtins.str
+    """Reject: shown to the analyst"""
+    plan_hash: _builtins.str
+    """optional: the plan the owner reviewed (hex); refused if it differs"""
+    issued_at_ms: _builtins.int
+    signature: _builtins.bytes
+    """Ed25519 by the party's signing key over sealroom.plan.owner_command_message(action, party,
+    query_id, plan_hash, reason, issued_at_ms); action is "approve", "reject" or "revoke".
+    """
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        plan_hash: _builtins.str = ...,
+        issued_at_ms: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["issued_at_ms", b"issued_at_ms", "plan_hash", b"plan_hash", "query_id", b"query_id", "reason", b"reason", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwnerCommand: _TypeAlias = OwnerCommand  # noqa: Y015
+
+@_typing.final
+class OwnerCommandResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    PLAN_HASH_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    QUERY_STATUS_FIELD_NUMBER: _builtins.int
+    AWAITING_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    plan_hash: _builtins.str
+    state: _builtins.str
+    """this agent's state for the plan: approved | pending | rejected"""
+    expires_at: _builtins.float
+    """approve: when the approval lapses (unix s)"""
+    query_status: _builtins.str
+    """the coordinator's status for the query after the action"""
+    @_builtins.property
+    def awaiting(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the parties the coordinator still awaits"""
+
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        plan_hash: _builtins.str = ...,
+        state: _builtins.str = ...,
+        expires_at: _builtins.float = ...,
+        query_status: _builtins.str = ...,
+        awaiting: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["awaiting", b"awaiting", "expires_at", b"expires_at", "plan_hash", b"plan_hash", "query_id", b"query_id", "query_status", b"query_status", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwnerCommandResponse: _TypeAlias = OwnerCommandResponse  # noqa: Y015
+
+@_typing.final
+class PendingInput(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """what this party would send, sealed, to the enclave"""
+
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        columns: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dataset", b"dataset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingInput: _TypeAlias = PendingInput  # noqa: Y015
+
+@_typing.final
+class PendingPlan(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    PLAN_HASH_FIELD_NUMBER: _builtins.int
+    ANALYST_FIELD_NUMBER: _builtins.int
+    SQL_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    PARTIES_FIELD_NUMBER: _builtins.int
+    MIN_GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    plan_hash: _builtins.str
+    analyst: _builtins.str
+    sql: _builtins.str
+    state: _builtins.str
+    """pending | approved"""
+    received_at: _builtins.float
+    expires_at: _builtins.float
+    """approved: when the approval lapses; pending: when the agent forgets it"""
+    min_group_size: _builtins.int
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingInput]: ...
+    @_builtins.property
+    def parties(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """every party the plan involves"""
+
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        plan_hash: _builtins.str = ...,
+        analyst: _builtins.str = ...,
+        sql: _builtins.str = ...,
+        inputs: _abc.Iterable[Global___PendingInput] | None = ...,
+        state: _builtins.str = ...,
+        received_at: _builtins.float = ...,
+        expires_at: _builtins.float = ...,
+        parties: _abc.Iterable[_builtins.str] | None = ...,
+        min_group_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyst", b"analyst", "expires_at", b"expires_at", "inputs", b"inputs", "min_group_size", b"min_group_size", "parties", b"parties", "plan_hash", b"plan_hash", "query_id", b"query_id", "received_at", b"received_at", "sql", b"sql", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingPlan: _TypeAlias = PendingPlan  # noqa: Y015
+
+@_typing.final
+class ListPendingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLANS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plans(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingPlan]: ...
+    def __init__(
+        self,
+        *,
+        plans: _abc.Iterable[Global___PendingPlan] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plans", b"plans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPendingResponse: _TypeAlias = ListPendingResponse  # noqa: Y015

@@ -50,6 +50,26 @@ class PartyAgentStub:
                 request_serializer=sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_common__pb2.PartyInfo.FromString,
                 _registered_method=True)
+        self.ListPending = channel.unary_unary(
+                '/sealroom.v1.PartyAgent/ListPending',
+                request_serializer=sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_party__pb2.ListPendingResponse.FromString,
+                _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/sealroom.v1.PartyAgent/Approve',
+                request_serializer=sealroom_dot_v1_dot_party__pb2.OwnerCommand.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_party__pb2.OwnerCommandResponse.FromString,
+                _registered_method=True)
+        self.Reject = channel.unary_unary(
+                '/sealroom.v1.PartyAgent/Reject',
+                request_serializer=sealroom_dot_v1_dot_party__pb2.OwnerCommand.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_party__pb2.OwnerCommandResponse.FromString,
+                _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/sealroom.v1.PartyAgent/Revoke',
+                request_serializer=sealroom_dot_v1_dot_party__pb2.OwnerCommand.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_party__pb2.OwnerCommandResponse.FromString,
+                _registered_method=True)
 
 
 class PartyAgentServicer:
@@ -76,6 +96,38 @@ class PartyAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPending(self, request, context):
+        """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
+        signed with the party's own signing key (sealroom.plan.sign_owner_command), so nobody else who
+        can reach the agent (the coordinator included) can decide for the owner.
+        Plans that wait for the owner's decision, and the manual approvals still live.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Approve(self, request, context):
+        """Sign the plan's hash, keep the approval (for approval_ttl_seconds) and send it to the coordinator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reject(self, request, context):
+        """Refuse the plan; the coordinator ends the query refused, with the owner's reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Revoke(self, request, context):
+        """Withdraw an approval before execution starts: the agent stops honouring it (the plan waits
+        for the owner again) and the coordinator removes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PartyAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +145,26 @@ def add_PartyAgentServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=sealroom_dot_v1_dot_common__pb2.Empty.FromString,
                     response_serializer=sealroom_dot_v1_dot_common__pb2.PartyInfo.SerializeToString,
+            ),
+            'ListPending': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPending,
+                    request_deserializer=sealroom_dot_v1_dot_common__pb2.Empty.FromString,
+                    response_serializer=sealroom_dot_v1_dot_party__pb2.ListPendingResponse.SerializeToString,
+            ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=sealroom_dot_v1_dot_party__pb2.OwnerCommand.FromString,
+                    response_serializer=sealroom_dot_v1_dot_party__pb2.OwnerCommandResponse.SerializeToString,
+            ),
+            'Reject': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reject,
+                    request_deserializer=sealroom_dot_v1_dot_party__pb2.OwnerCommand.FromString,
+                    response_serializer=sealroom_dot_v1_dot_party__pb2.OwnerCommandResponse.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=sealroom_dot_v1_dot_party__pb2.OwnerCommand.FromString,
+                    response_serializer=sealroom_dot_v1_dot_party__pb2.OwnerCommandResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +248,114 @@ class PartyAgent:
             '/sealroom.v1.PartyAgent/GetInfo',
             sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
             sealroom_dot_v1_dot_common__pb2.PartyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPending(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.PartyAgent/ListPending',
+            sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            sealroom_dot_v1_dot_party__pb2.ListPendingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.PartyAgent/Approve',
+            sealroom_dot_v1_dot_party__pb2.OwnerCommand.SerializeToString,
+            sealroom_dot_v1_dot_party__pb2.OwnerCommandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.PartyAgent/Reject',
+            sealroom_dot_v1_dot_party__pb2.OwnerCommand.SerializeToString,
+            sealroom_dot_v1_dot_party__pb2.OwnerCommandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.PartyAgent/Revoke',
+            sealroom_dot_v1_dot_party__pb2.OwnerCommand.SerializeToString,
+            sealroom_dot_v1_dot_party__pb2.OwnerCommandResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,20 @@ class PartyAgentStub:
     columns the (approved) plan needs directly to the enclave.
     """
     GetInfo: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _common_pb2.PartyInfo]
+    ListPending: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _party_pb2.ListPendingResponse]
+    """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
+    signed with the party's own signing key (sealroom.plan.sign_owner_command), so nobody else who
+    can reach the agent (the coordinator included) can decide for the owner.
+    Plans that wait for the owner's decision, and the manual approvals still live.
+    """
+    Approve: _grpc.UnaryUnaryMultiCallable[_party_pb2.OwnerCommand, _party_pb2.OwnerCommandResponse]
+    """Sign the plan's hash, keep the approval (for approval_ttl_seconds) and send it to the coordinator."""
+    Reject: _grpc.UnaryUnaryMultiCallable[_party_pb2.OwnerCommand, _party_pb2.OwnerCommandResponse]
+    """Refuse the plan; the coordinator ends the query refused, with the owner's reason."""
+    Revoke: _grpc.UnaryUnaryMultiCallable[_party_pb2.OwnerCommand, _party_pb2.OwnerCommandResponse]
+    """Withdraw an approval before execution starts: the agent stops honouring it (the plan waits
+    for the owner again) and the coordinator removes it.
+    """
 
 @_typing.type_check_only
 class PartyAgentAsyncStub(PartyAgentStub):
@@ -50,6 +64,20 @@ class PartyAgentAsyncStub(PartyAgentStub):
     columns the (approved) plan needs directly to the enclave.
     """
     GetInfo: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _common_pb2.PartyInfo]  # type: ignore[assignment]
+    ListPending: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _party_pb2.ListPendingResponse]  # type: ignore[assignment]
+    """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
+    signed with the party's own signing key (sealroom.plan.sign_owner_command), so nobody else who
+    can reach the agent (the coordinator included) can decide for the owner.
+    Plans that wait for the owner's decision, and the manual approvals still live.
+    """
+    Approve: _aio.UnaryUnaryMultiCallable[_party_pb2.OwnerCommand, _party_pb2.OwnerCommandResponse]  # type: ignore[assignment]
+    """Sign the plan's hash, keep the approval (for approval_ttl_seconds) and send it to the coordinator."""
+    Reject: _aio.UnaryUnaryMultiCallable[_party_pb2.OwnerCommand, _party_pb2.OwnerCommandResponse]  # type: ignore[assignment]
+    """Refuse the plan; the coordinator ends the query refused, with the owner's reason."""
+    Revoke: _aio.UnaryUnaryMultiCallable[_party_pb2.OwnerCommand, _party_pb2.OwnerCommandResponse]  # type: ignore[assignment]
+    """Withdraw an approval before execution starts: the agent stops honouring it (the plan waits
+    for the owner again) and the coordinator removes it.
+    """
 
 class PartyAgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -76,5 +104,43 @@ class PartyAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _common_pb2.Empty,
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.PartyInfo, _abc.Awaitable[_common_pb2.PartyInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def ListPending(
+        self,
+        request: _common_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.ListPendingResponse, _abc.Awaitable[_party_pb2.ListPendingResponse]]:
+        """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
+        signed with the party's own signing key (sealroom.plan.sign_owner_command), so nobody else who
+        can reach the agent (the coordinator included) can decide for the owner.
+        Plans that wait for the owner's decision, and the manual approvals still live.
+        """
+
+    @_abc_1.abstractmethod
+    def Approve(
+        self,
+        request: _party_pb2.OwnerCommand,
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.OwnerCommandResponse, _abc.Awaitable[_party_pb2.OwnerCommandResponse]]:
+        """Sign the plan's hash, keep the approval (for approval_ttl_seconds) and send it to the coordinator."""
+
+    @_abc_1.abstractmethod
+    def Reject(
+        self,
+        request: _party_pb2.OwnerCommand,
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.OwnerCommandResponse, _abc.Awaitable[_party_pb2.OwnerCommandResponse]]:
+        """Refuse the plan; the coordinator ends the query refused, with the owner's reason."""
+
+    @_abc_1.abstractmethod
+    def Revoke(
+        self,
+        request: _party_pb2.OwnerCommand,
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.OwnerCommandResponse, _abc.Awaitable[_party_pb2.OwnerCommandResponse]]:
+        """Withdraw an approval before execution starts: the agent stops honouring it (the plan waits
+        for the owner again) and the coordinator removes it.
+        """
 
 def add_PartyAgentServicer_to_server(servicer: PartyAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
