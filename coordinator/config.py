@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sealroom.auth import AnalystDirectory
 from sealroom.config import Table, file_table
+from sealroom.errors import ConfigError
 from sealroom.policy import TrustPolicy
 
 
@@ -17,13 +19,21 @@ class CoordinatorConfig:
     listen: str = "127.0.0.1:0"
     party_timeout_seconds: float = 600.0
     approval_timeout_seconds: float = 86400.0
+    # None: analysts are not authenticated (self-declared names; development only, logged loudly).
+    analysts: AnalystDirectory | None = None
 
     @classmethod
     def from_table(cls, root: Table) -> CoordinatorConfig:
-        root.check_keys({"coordinator", "trust"})
+        root.check_keys({"coordinator", "trust", "analysts"})
         c = root.table("coordinator")
         c.check_keys({"listen", "state_dir", "enclave", "party_timeout_seconds", "approval_timeout_seconds"})
         t = root.table("trust", required=False)
+        a = root.doc.get("analysts")
+        if a is not None and not isinstance(a, dict):
+            raise ConfigError(
+                f'{root.source}: analysts must be a table of name = "sha256:..." lines',
+                details={"file": root.source, "key": "analysts"},
+            )
         return cls(
             state_dir=c.path("state_dir"),
             enclave=c.str("enclave"),
@@ -31,6 +41,7 @@ class CoordinatorConfig:
             listen=c.str("listen", "127.0.0.1:0"),
             party_timeout_seconds=c.float("party_timeout_seconds", 600.0, minimum=1.0),
             approval_timeout_seconds=c.float("approval_timeout_seconds", 86400.0, minimum=1.0),
+            analysts=AnalystDirectory(a, source=root.source) if a is not None else None,
         )
 
     @classmethod

@@ -12,7 +12,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.orchestrator import Orchestrator
 from coordinator.planner import catalog_from_rows, explain_text, plan_query
 from coordinator.store import Store
-from sealroom.errors import InvalidQueryError, NotFoundError, SealroomError
+from sealroom.errors import AuthenticationError, InvalidQueryError, NotFoundError, SealroomError
 from sealroom.policy import DatasetPolicy
 from sealroom.rpc import Server, create_server, translate_errors
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -127,6 +127,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return coordinator_pb2.RegisterPartyResponse(datasets=self.c.register(request))
 
     def ListDatasets(self, request, context):  # noqa: N802
+        self._analyst(context)
         return coordinator_pb2.ListDatasetsResponse(
             datasets=[
                 common_pb2.DatasetInfo(
@@ -147,20 +148,38 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             ],
         )
 
+    def _analyst(self, context, claimed: str = "") -> str:
+        """The caller, authenticated by its token when the coordinator has an analyst directory."""
+        directory = self.c.config.analysts
+        if directory is None:
+            return claimed or DEFAULT_ANALYST
+        name = directory.authenticate(context.invocation_metadata())
+        if claimed and claimed != name:
+            raise AuthenticationError(f"the token is {name}'s; it cannot act as {claimed}")
+        return name
+
+    def _own_query(self, context, query_id: str):
+        analyst = self._analyst(context)
+        row = self.c.store.query(query_id)
+        if self.c.config.analysts is not None and row.analyst != analyst:
+            # Another analyst's query: do not even confirm that it exists.
+            raise NotFoundError(f"no query {query_id}; `sealroom status` lists your queries")
+        return row
+
     def Explain(self, request, context):  # noqa: N802
-        plan, text = self.c.explain(request.sql, request.analyst or DEFAULT_ANALYST)
+        plan, text = self.c.explain(request.sql, self._analyst(context, request.analyst))
         return coordinator_pb2.ExplainResponse(plan_json=plan.to_json(), plan_hash=plan.hash, text=text)
 
     def Submit(self, request, context):  # noqa: N802
-        qid, status = self.c.submit(request.sql, request.analyst or DEFAULT_ANALYST)
+        qid, status = self.c.submit(request.sql, self._analyst(context, request.analyst))
         return coordinator_pb2.SubmitResponse(query_id=qid, status=status)
 
     def GetStatus(self, request, context):  # noqa: N802
-        row = self.c.store.query(request.query_id)
+        row = self._own_query(context, request.query_id)
         return _status(row, self.c.store.approvals(row.id))
 
     def GetResult(self, request, context):  # noqa: N802
-        row = self.c.store.query(request.query_id)
+        row = self._own_query(context, request.query_id)
         out = common_pb2.QueryResult(query_id=row.id, status=row.status, plan_json=row.plan_json or b"")
         if row.error:
             out.error_json = json.dumps(row.error).encode()
@@ -182,9 +201,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return out
 
     def ListQueries(self, request, context):  # noqa: N802
-        return coordinator_pb2.ListQueriesResponse(
-            queries=[_status(r, self.c.store.approvals(r.id)) for r in self.c.store.queries()]
-        )
+        analyst = self._analyst(context)
+        mine = [r for r in self.c.store.queries() if self.c.config.analysts is None or r.analyst == analyst]
+        return coordinator_pb2.ListQueriesResponse(queries=[_status(r, self.c.store.approvals(r.id)) for r in mine])
 
     # Manual approvals: each request is signed by the acting party's registered key (see
     # Orchestrator._authenticate), so only a party may approve, reject or revoke for itself.
@@ -234,6 +253,8 @@ def serve(config: CoordinatorConfig, *, port_file: str | None = None) -> None:
     server, coordinator = build_server(config)
     server.start()
     log.info("coordinator listening on port %d", server.port)
+    if config.analysts is None:
+        log.warning("no [analysts] configured: analysts are NOT authenticated (names are self-declared)")
     if port_file:
         Path(port_file).write_text(str(server.port))
     server.serve_until_signalled(on_stop=coordinator.shutdown)

@@ -106,7 +106,23 @@ def cmd_dev_init(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from sealroom.client import Client
 
-    return Client(_coordinator(args), analyst=args.analyst)
+    token = args.token or os.environ.get("SEALROOM_TOKEN") or None
+    return Client(_coordinator(args), analyst=args.analyst, token=token)
+
+
+def cmd_analyst_token(args: argparse.Namespace) -> int:
+    from sealroom.auth import generate_token, token_hash
+
+    if not args.name.isidentifier():
+        raise UsageError("analyst names must be identifiers (letters, digits, _)")
+    token = generate_token()
+    line = f'{args.name} = "{token_hash(token)}"'
+    if args.json:
+        _emit({"analyst": args.name, "token": token, "config_line": line})
+    else:
+        print(f"token for {args.name} (give it to the analyst; it is shown once):\n  {token}")
+        print(f"add to the coordinator's configuration, under [analysts]:\n  {line}")
+    return EXIT_OK
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -435,7 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--coordinator", help=f"coordinator address (env SEALROOM_COORDINATOR, default {DEFAULT_COORDINATOR})"
         )
-        sp.add_argument("--analyst", default=os.environ.get("SEALROOM_ANALYST", "analyst"))
+        sp.add_argument(
+            "--analyst",
+            default=os.environ.get("SEALROOM_ANALYST", ""),
+            help="your analyst name (checked against your token where the coordinator authenticates analysts)",
+        )
+        sp.add_argument("--token", help="your analyst token (env SEALROOM_TOKEN)")
         return with_json(sp)
 
     d = with_json(sub.add_parser("demo", help="run the whole platform on synthetic data"))
@@ -477,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
             i.add_argument("--key", required=True)
             i.add_argument("--force", action="store_true")
             i.set_defaults(fn=cmd_party_init)
+
+    an = sub.add_parser("analyst", help="analyst credentials").add_subparsers(dest="action", required=True)
+    at = with_json(an.add_parser("token", help="make an analyst token and the coordinator config line"))
+    at.add_argument("name")
+    at.set_defaults(fn=cmd_analyst_token)
 
     dev = sub.add_parser("dev", help="development helpers").add_subparsers(dest="action", required=True)
     di = dev.add_parser("init", help="create the SIMULATED attestation dev root")

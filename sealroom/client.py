@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pyarrow as pa
 
+from sealroom.auth import bearer
 from sealroom.errors import SealroomError, from_code
 from sealroom.rpc import call, open_channel
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -115,10 +116,14 @@ def _error(raw: bytes) -> SealroomError | None:
 class Client:
     """Talks to a coordinator over gRPC."""
 
-    def __init__(self, address: str, *, analyst: str = "analyst", timeout: float = 60.0):
+    def __init__(self, address: str, *, analyst: str = "", token: str | None = None, timeout: float = 60.0):
+        """``token``: the analyst's bearer token (``sealroom analyst token NAME``); the coordinator
+        attributes every call to its owner. Without one, only a coordinator that runs without
+        analyst authentication (development) answers, and ``analyst`` names the caller."""
         self.address = address
         self.analyst = analyst
         self.timeout = timeout
+        self._metadata = bearer(token) if token else ()
         self._channel: grpc.Channel = open_channel(address)
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
@@ -132,7 +137,7 @@ class Client:
         self.close()
 
     def _call(self, method: Any, request: Any) -> Any:
-        return call("coordinator", method, request, timeout=self.timeout)
+        return call("coordinator", method, request, timeout=self.timeout, metadata=self._metadata)
 
     def datasets(self) -> list[dict[str, Any]]:
         resp = self._call(self._stub.ListDatasets, common_pb2.Empty())

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sealroom.auth import generate_token, token_hash
 from sealroom.errors import UnavailableError
 from sealroom.keys import generate_signing_key, save_signing_key
 from sealroom.policy import DatasetPolicy
@@ -68,6 +69,7 @@ class Cluster:
         memory_limit_mb: int = 4096,
         party_timeout_seconds: float = 600.0,
         approval_timeout_seconds: float | None = None,
+        analysts: Sequence[str] = ("analyst",),
         env: dict[str, str] | None = None,
     ):
         self.state_dir = Path(state_dir).resolve()
@@ -76,6 +78,7 @@ class Cluster:
         self.memory_limit_mb = memory_limit_mb
         self.party_timeout_seconds = party_timeout_seconds
         self.approval_timeout_seconds = approval_timeout_seconds
+        self.analysts = tuple(analysts)
         self.env = env
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._args: dict[str, list[str]] = {}
@@ -111,6 +114,19 @@ class Cluster:
             key = p["keys"] / f"{party.name}.key"
             if not key.exists():
                 save_signing_key(generate_signing_key(), key)
+        # One bearer token per analyst; the coordinator's config holds only their hashes.
+        for analyst in self.analysts:
+            path = self.token_path(analyst)
+            if not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(generate_token())
+
+    def token_path(self, analyst: str) -> Path:
+        return self._paths()["keys"] / f"analyst-{analyst}.token"
+
+    def token(self, analyst: str = "analyst") -> str:
+        return self.token_path(analyst).read_text().strip()
 
     def _trust(self) -> dict[str, Any]:
         return {
@@ -189,6 +205,7 @@ class Cluster:
                 },
             )
             + _toml_table("trust", self._trust())
+            + _toml_table("analysts", {a: token_hash(self.token(a)) for a in self.analysts})
         )
         self.log("starting the coordinator")
         self._spawn("coordinator", ["coordinator", "serve", "--config", str(coord_cfg)])
@@ -253,7 +270,7 @@ class Cluster:
     def client(self, analyst: str = "analyst") -> Any:
         from sealroom.client import Client
 
-        return Client(self.coordinator_address, analyst=analyst)
+        return Client(self.coordinator_address, analyst=analyst, token=self.token(analyst))
 
     def stop(self, timeout: float = 10.0) -> None:
         for proc in self.procs.values():

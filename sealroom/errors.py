@@ -24,6 +24,7 @@ __all__ = [
     "PolicyRefusalError",
     "ApprovalError",
     "AttestationError",
+    "AuthenticationError",
     "IntegrityError",
     "ResourceExhaustedError",
     "NotFoundError",
@@ -91,6 +92,13 @@ class AttestationError(SealroomError):
     """Attestation evidence did not verify or did not pass the relying party's policy."""
 
     code = "attestation"
+    grpc_status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class AuthenticationError(SealroomError):
+    """A caller could not be authenticated (missing or invalid analyst token)."""
+
+    code = "unauthenticated"
     grpc_status = grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -169,6 +177,7 @@ CATALOG: dict[str, type[SealroomError]] = {
         PolicyRefusalError,
         ApprovalError,
         AttestationError,
+        AuthenticationError,
         IntegrityError,
         ResourceExhaustedError,
         NotFoundError,

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sealroom.auth import bearer
 from sealroom.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.keys import generate_signing_key, load_signing_key
 from sealroom.plan import sign_approval, sign_owner_action, sign_owner_command
@@ -68,7 +69,9 @@ def platform(tmp_path_factory):
         PartySpec("bank_m", (DatasetSpec("loans", _loans(d / "m.parquet"), MANUAL),)),
         PartySpec("bank_t", (DatasetSpec("loans", _loans(d / "t.parquet"), MANUAL),), approval_ttl_seconds=1),
     ]
-    with Cluster(d / "state", parties, party_timeout_seconds=30, approval_timeout_seconds=300) as cluster:
+    with Cluster(
+        d / "state", parties, party_timeout_seconds=30, approval_timeout_seconds=300, analysts=("analyst", "alice")
+    ) as cluster:
         yield cluster
 
 
@@ -112,12 +115,20 @@ def status_is(client, qid: str, status: str, awaiting: list[str] | None = None) 
 
 
 def plan_json(platform: Cluster, qid: str) -> bytes:
+    """The query's plan, as the analyst who submitted it reads it."""
     with open_channel(platform.coordinator_address) as ch:
-        return bytes(
-            coordinator_pb2_grpc.CoordinatorStub(ch)
-            .GetResult(coordinator_pb2.QueryRef(query_id=qid), timeout=10)
-            .plan_json
-        )
+        stub = coordinator_pb2_grpc.CoordinatorStub(ch)
+        for analyst in platform.analysts:
+            try:
+                resp = stub.GetResult(
+                    coordinator_pb2.QueryRef(query_id=qid), timeout=10, metadata=bearer(platform.token(analyst))
+                )
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                continue
+            return bytes(resp.plan_json)
+    raise AssertionError(f"no analyst of the platform owns {qid}")
 
 
 def contribute_refused(platform: Cluster, party: str, plan: bytes):
@@ -154,7 +165,9 @@ def test_query_waits_for_the_manual_owner_and_runs_once_approved(platform):
         st = client.status(qid)
         assert st["approved_by"] == ["bank_a"] and "awaiting bank_m" in st["progress"]
         # The analyst's `sealroom status` shows who approved and who is awaited.
-        env = dict(os.environ, SEALROOM_COORDINATOR=platform.coordinator_address)
+        env = dict(
+            os.environ, SEALROOM_COORDINATOR=platform.coordinator_address, SEALROOM_TOKEN=platform.token("alice")
+        )
         shown = subprocess.run(
             [sys.executable, "-m", "sealroom.cli", "status", qid], capture_output=True, text=True, env=env, timeout=60
         )

@@ -96,7 +96,7 @@ def test_in_flight_query_is_marked_failed_after_a_restart(cluster):
             deadline = time.monotonic() + 20
             while handle.status()["status"] != "awaiting_approval" and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert handle.status()["status"] == "awaiting_approval"
+            assert handle.status()["status"] == "awaiting_approval", handle.status()["error"]
             assert handle.status()["awaiting"] == ["bank_z"]
         cluster.kill("coordinator")  # a crash: nothing gets to record the query's end
         cluster.restart("coordinator")
