@@ -8,15 +8,20 @@ user's own files.
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sealroom.client import QueryHandle
 from sealroom.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.demo_data import BANKS, HOSPITALS, bank_tables, hospital_tables, write_parquet
+from sealroom.errors import JobFailedError
 from sealroom.output import render_result, result_document
 from sealroom.policy import DatasetPolicy
 
@@ -70,11 +75,25 @@ HOSPITAL_POLICY = DatasetPolicy.from_dict(
 )
 
 
+# bank_c's data officer approves each query by hand (approval = "manual" in its policy).
+MANUAL_BANK = "bank_c"
+
+
 def _bank_parties(data_dir: Path) -> list[PartySpec]:
     paths = write_parquet(bank_tables(), data_dir, "exposures")
-    policy = BANK_POLICY
+    manual = dataclasses.replace(BANK_POLICY, approval="manual")
     return [
-        PartySpec(bank, (DatasetSpec("exposures", str(paths[bank]), policy, "exposure per customer"),))
+        PartySpec(
+            bank,
+            (
+                DatasetSpec(
+                    "exposures",
+                    str(paths[bank]),
+                    manual if bank == MANUAL_BANK else BANK_POLICY,
+                    "exposure per customer",
+                ),
+            ),
+        )
         for bank in BANKS
     ]
 
@@ -182,10 +201,11 @@ def run_demo(*, scenario: str = "all", state_dir: Path | None = None, as_json: b
                 for q in sc.queries:
                     _say(f"submitting: {q.title}")
                     handle = client.submit(q.sql)
-                    handle.wait(on_progress=lambda st: _say(f"  {st['query_id']}: {st['status']} {st['progress']}"))
+                    approved_by_hand = _wait_approving(cluster, handle)
                     result = client.result(handle.query_id)
                     doc = result_document(result, title=q.title, sql=q.sql.strip())
                     doc["scenario"] = name
+                    doc["manual_approvals"] = approved_by_hand
                     out["queries"].append(doc)
                     if not as_json:
                         print(render_result(result, title=q.title, sql=q.sql), flush=True)
@@ -196,6 +216,33 @@ def run_demo(*, scenario: str = "all", state_dir: Path | None = None, as_json: b
         if tmp is not None:
             tmp.cleanup()
     return out
+
+
+def _wait_approving(cluster: Cluster, handle: QueryHandle) -> list[str]:
+    """Wait for a query; when an owner with manual approval is awaited, approve as that owner would,
+    with the real command: ``sealroom approve QUERY_ID --agent ADDR --key KEY``."""
+    approved: list[str] = []
+    last = None
+    while True:
+        st = handle.status()
+        if (st["status"], st["progress"]) != last:
+            _say(f"  {st['query_id']}: {st['status']} {st['progress']}")
+            last = (st["status"], st["progress"])
+        if st["status"] in ("released", "refused", "failed"):
+            return approved
+        for party in st["awaiting"] if st["status"] == "pending_approval" else []:
+            if party in approved:
+                continue
+            agent = cluster.addresses[f"party-{party}"]
+            command = ["approve", handle.query_id, "--agent", agent, "--key", str(cluster.key_path(party)), "--json"]
+            _say(f"  {party}'s data officer reviews the plan and runs: sealroom {' '.join(command[:-1])}")
+            proc = subprocess.run(  # the owner's own CLI, as a person would run it
+                [sys.executable, "-m", "sealroom.cli", *command], capture_output=True, text=True, timeout=120
+            )
+            if proc.returncode != 0:
+                raise JobFailedError(f"the demo's manual approval by {party} failed: {proc.stderr.strip()[-300:]}")
+            approved.append(party)
+        time.sleep(0.1)
 
 
 def run_local(

@@ -50,6 +50,9 @@ def test_demo_json_is_one_document_with_the_contract_shape(demo):
             assert [s["kind"] for s in q["stages"]] == ["tee"]
             assert all(len(r) == len(q["columns"]) for r in q["rows"])
     assert "[sealroom]" in stderr  # progress goes to stderr
+    # bank_c's owner approves by hand: the released bank queries waited for its `sealroom approve`.
+    assert [q["manual_approvals"] for q in doc["queries"]] == [["bank_c"], ["bank_c"], [], [], []]
+    assert "bank_c's data officer reviews the plan and runs: sealroom approve" in stderr
 
 
 def test_demo_suppresses_small_cells_without_values(demo):
