@@ -57,6 +57,9 @@ def _suggestion(
     if role == "forbidden":
         return f"remove {column} from the query: {party} does not share it"
     if use == "group":
+        if column == policy.privacy_unit:
+            hint = f"group by a dimension such as {dims[0]}" if dims else "group by a dimension"
+            return f"{hint}: {column} is the privacy unit of {party}.{dataset}, which is never grouped by"
         if role == "measure":
             aggs = ", ".join(a.upper() for a in policy.rule(column).aggregates)
             return f"aggregate {column} ({aggs}) instead, {ask} dimension"

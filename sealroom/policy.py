@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ def _check_keys(doc: Mapping[str, Any], known: set[str], *, source: str, prefix:
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ class DatasetPolicy:
             "dominance",
         }  # fmt: skip
         _check_keys(doc, known, source=source, prefix=prefix)
-        if doc.get("version", 1) != 1:
+        version = doc.get("version", 1)
+        if isinstance(version, bool) or version != 1:
             raise _err(source, f"{prefix}version", "1")
         unit = doc.get("privacy_unit")
         if unit is not None and (not isinstance(unit, str) or not unit):

@@ -74,7 +74,10 @@ def test_demo_refusals_explain_themselves(demo):
     assert by_policy["reason"]["code"] == "policy_refusal"
     d = by_policy["reason"]["details"]
     assert (d["party"], d["dataset"], d["column"], d["rule"]) == ("bank_b", "exposures", "customer_id", "column_role")
-    assert d["suggestion"] == "group by a dimension such as segment, or ask bank_b to make customer_id a dimension"
+    assert d["suggestion"] == (
+        "group by a dimension such as segment: customer_id is the privacy unit of bank_b.exposures, which is never "
+        "grouped by"
+    )
     assert rows["reason"]["code"] == "invalid_query" and "row-level" in rows["reason"]["message"]
 
 

@@ -107,7 +107,7 @@ def plan(sql):
             "customer_id",
             "group",
             "bank_b.loans.customer_id is a join key and cannot be grouped by or output: group by a dimension such "
-            "as segment, or ask bank_b to make customer_id a dimension",
+            "as segment: customer_id is the privacy unit of bank_b.loans, which is never grouped by",
         ),
         (
             "SELECT segment, MAX(exposure) FROM bank_a.loans GROUP BY segment",
@@ -150,9 +150,14 @@ def test_allowed_uses_plan_fine():
         f"SELECT a.segment, COUNT(DISTINCT a.customer_id) AS n, SUM(a.exposure + b.exposure) AS total, "
         f"AVG(b.exposure) {JOIN} WHERE a.rating = 'A' GROUP BY a.segment"
     )
+    # rating is only filtered on: bank_a applies the filter itself and does not send the column.
     assert [i.columns for i in p[0].stages[0].inputs] == [
-        ("customer_id", "segment", "rating", "exposure"),
+        ("customer_id", "segment", "exposure"),
         ("customer_id", "exposure"),
+    ]
+    assert [(i.filter, i.filter_columns) for i in p[0].stages[0].inputs] == [
+        ("\"rating\" = 'A'", ("rating",)),
+        (None, ()),
     ]
 
 
@@ -172,6 +177,33 @@ def test_check_uses_is_usable_by_the_enclave_directly():
     strict = DatasetPolicy.from_dict({"columns": {"segment": "dimension"}})  # exposure unlisted -> forbidden
     with pytest.raises(PolicyRefusalError, match="exposure is forbidden"):
         check_uses(an.uses, {"bank_a.loans": strict}, {"bank_a.loans": SCHEMA.names})
+
+
+def test_a_join_key_that_is_not_the_unit_gets_the_make_it_a_dimension_suggestion():
+    policy = DatasetPolicy.from_dict(
+        {"privacy_unit": "ssn", "columns": {"customer_id": "join_key", "segment": "dimension", "ssn": "filter_only"}}
+    )
+    catalog = {"bank_b.loans": CatalogEntry("bank_b", "loans", SCHEMA, policy)}
+    with pytest.raises(PolicyRefusalError) as info:
+        plan_query(
+            "SELECT customer_id, COUNT(*) FROM bank_b.loans GROUP BY customer_id",
+            query_id="q",
+            analyst="alice",
+            catalog=catalog,
+            party_keys=KEYS,
+        )
+    assert info.value.message == (
+        "bank_b.loans.customer_id is a join key and cannot be grouped by or output: group by a dimension such as "
+        "segment, or ask bank_b to make customer_id a dimension"
+    )
+
+
+@pytest.mark.parametrize("bad", ["version = true", "[columns]\nx = { role = 'measure', max = nan }"])
+def test_booleans_and_nan_are_refused(tmp_path, bad):
+    path = tmp_path / "p.toml"
+    path.write_text(bad)
+    with pytest.raises(ConfigError):
+        load_policy_file(path)
 
 
 def test_policy_to_toml_reads_back_equal(tmp_path):
