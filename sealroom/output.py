@@ -73,6 +73,7 @@ def result_document(result: Result, *, title: str | None = None, sql: str | None
         doc["inputs"] = res["inputs"]
         doc["attestation"] = res["attestation"]
         doc["min_group_size"] = res["min_group_size"]
+        doc["rules"] = res.get("rules", {})
     return doc
 
 
