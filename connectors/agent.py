@@ -6,6 +6,12 @@ itself, verifies the enclave's evidence against its own trust policy and streams
 the plan needs, sealed to the enclave's attested job key. Its rows leave it only that way
 (invariant 1); its signing key never leaves it.
 
+Filter pushdown: when the plan gives one of its inputs a filter, the agent checks that the filter is
+exactly the one :func:`sealroom.plan.stage_pushdown` derives from the plan's SQL (so the
+coordinator cannot slip in a predicate of its own), applies it itself with a locked-down DuckDB over
+the streamed batches, and sends only the matching rows, padded so that the stream's size does not
+tell how many matched (see :func:`padded_batches`).
+
 Manual approval: when any of its datasets in a plan has ``approval = "manual"``, the agent runs every
 policy check and then holds the plan for its owner (``pending``) instead of signing it. The owner
 decides with ``sealroom approve/reject/revoke`` -- commands signed with the party's own key, so nobody
@@ -28,8 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import grpc
 import pyarrow as pa
+import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
@@ -44,6 +52,7 @@ from sealroom.errors import (
     PolicyRefusalError,
     ResourceExhaustedError,
     SealroomError,
+    SourceError,
     UnavailableError,
 )
 from sealroom.keys import load_signing_key, public_key_hex
@@ -55,11 +64,13 @@ from sealroom.plan import (
     sign_approval,
     sign_owner_action,
     sign_stream_header,
+    stage_pushdown,
     verify_owner_command,
 )
 from sealroom.policy import DatasetPolicy, TrustPolicy, load_policy_file
 from sealroom.rpc import Server, call, create_server, open_channel, translate_errors, unwrap
 from sealroom.sealed import SealingStream, StreamContext, schema_hash
+from sealroom.sqlplan import PAD_COLUMN
 from sealroom.v1 import (
     common_pb2,
     coordinator_pb2,
@@ -295,7 +306,7 @@ class PartyAgent:
                     details={**where, "rule": "analysts"},
                 )
             schema = self.schemas[inp.dataset]
-            for col in inp.columns:
+            for col in (*inp.columns, *inp.filter_columns):
                 if col not in schema.names:
                     raise PolicyRefusalError(
                         f"{me}.{inp.dataset} has no column {col}", details={**where, "column": col}
@@ -312,6 +323,10 @@ class PartyAgent:
                     "the plan's minimum group size is weaker than an involved owner's policy",
                     details={"party": me, "rule": "min_group_size"},
                 )
+            if any(i.party == me for i in stage.inputs):
+                # The filter this agent will run on its rows must be the one the SQL it signs implies,
+                # and so must every other party's: otherwise the plan would not compute that SQL.
+                stage_pushdown(stage)
         return mine
 
     def review(self, plan_json: bytes) -> tuple[str, bytes | None, float]:
@@ -442,6 +457,8 @@ class PartyAgent:
                 registered = self.schemas[inp.dataset]
                 check_schema(source, registered)
                 projected = pa.schema([registered.field(c) for c in inp.columns])
+                if inp.filter is not None:
+                    projected = projected.append(pa.field(PAD_COLUMN, pa.bool_(), nullable=False))
                 ctx = StreamContext(
                     job_id=job_id,
                     party=self.config.name,
@@ -452,7 +469,12 @@ class PartyAgent:
                 )
                 sealer = SealingStream(ctx, projected, job_key)
                 header = sealer.header.to_bytes()
-                frames = sealer.frames(_rebatch(source.batches(list(inp.columns)), TARGET_FRAME_BYTES))
+                if inp.filter is None:
+                    batches = _rebatch(source.batches(list(inp.columns)), TARGET_FRAME_BYTES)
+                else:
+                    batches = padded_batches(filtered_batches(source, registered, inp), projected)
+                failed: list[SealroomError] = []
+                frames = _until_failure(sealer.frames(batches), failed)
                 try:
                     summary = upload(
                         frames,
@@ -463,16 +485,21 @@ class PartyAgent:
                         timeout=3600,
                     )
                 except grpc.RpcError as exc:
+                    if failed:  # the source or the filter failed here: say so, not "the enclave failed"
+                        raise failed[0] from None
                     raise unwrap(exc, peer="enclave") from None
+                if failed:
+                    raise failed[0]
                 uploads.append(
                     # Row counts stay with the owner; the coordinator learns what it sees anyway.
                     party_pb2.DatasetUpload(dataset=inp.dataset, bytes=summary.bytes, frames=summary.frames)
                 )
                 log.info(
-                    "streamed %s to job %s (%d frames)%s",
+                    "streamed %s to job %s (%d frames%s)%s",
                     inp.dataset,
                     job_id,
                     summary.frames,
+                    ", filtered here and padded" if inp.filter is not None else "",
                     " under SIMULATED attestation" if claims.simulated else "",
                 )
         with self._lock:
@@ -704,6 +731,16 @@ class PartyAgent:
         )
 
 
+def _until_failure(frames: Iterator[bytes], failed: list[SealroomError]) -> Iterator[bytes]:
+    """``frames``, until reading the source (or filtering it) fails: the error is kept in ``failed``
+    for the agent to report, and the stream ends without its final frame, so the enclave refuses it
+    and fails the job (nothing is released)."""
+    try:
+        yield from frames
+    except SealroomError as err:
+        failed.append(err)
+
+
 def _rebatch(batches: Iterator[pa.RecordBatch], target_bytes: int) -> Iterator[pa.RecordBatch]:
     """Slice batches so each sealed frame holds about ``target_bytes`` (1-4 MiB moves fastest)."""
     for batch in batches:
@@ -713,6 +750,229 @@ def _rebatch(batches: Iterator[pa.RecordBatch], target_bytes: int) -> Iterator[p
         step = max(1, target_bytes // per_row)
         for start in range(0, batch.num_rows, step):
             yield batch.slice(start, step)
+
+
+# -- filter pushdown and padding ---------------------------------------------------------------
+
+# Padding (see padded_batches): a filtered stream carries at least this many rows, a power of two.
+MIN_PADDED_ROWS = 65_536
+MAX_FRAME_ROWS = 65_536
+MIN_FRAME_ROWS = 64
+# Bytes assumed per variable-width value when sizing frames; also each padded frame's minimum
+# filler per variable-width column and row.
+VAR_BYTES_PER_ROW = 32
+_ROWS_VIEW = "__sr_rows"
+_ROW_INDEX = "__sr_i"
+
+
+def _filter_connection() -> duckdb.DuckDBPyConnection:
+    """DuckDB as the enclave runs it: no file or network access, no extensions, locked settings."""
+    con = duckdb.connect(
+        config={
+            "enable_external_access": False,
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "threads": 1,
+        }
+    )
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def filtered_batches(source: Source, registered: pa.Schema, inp: PlanInput) -> Iterator[pa.RecordBatch]:
+    """The rows of ``inp``'s dataset that satisfy its filter, projected to ``inp.columns`` (in that
+    order, with the source's exact Arrow types), streamed batch by batch.
+
+    Only ``columns`` and ``filter_columns`` are read from the source. DuckDB sees only the filter
+    columns of one batch at a time (plus a row index) and returns the indices of the matching rows,
+    so the rows sent keep their exact types (DuckDB does not round-trip every Arrow type) and memory
+    stays a few batches. The predicate has WHERE semantics (NULL drops the row), as in the enclave.
+    A DuckDB error is reported by its kind only: its message can quote values.
+    """
+    assert inp.filter is not None
+    dataset = f"{inp.party}.{inp.dataset}"
+    wanted = set(inp.columns) | set(inp.filter_columns)
+    read = [c for c in registered.names if c in wanted]
+    query = f'SELECT "{_ROW_INDEX}" FROM "{_ROWS_VIEW}" WHERE {inp.filter} ORDER BY "{_ROW_INDEX}"'  # noqa: S608
+    index = pa.array([], pa.int64())
+    con = _filter_connection()
+    try:
+        for batch in source.batches(read):
+            n = batch.num_rows
+            if n == 0:
+                continue
+            if len(index) < n:
+                index = pa.array(range(max(n, 2 * len(index))), pa.int64())
+            view = pa.RecordBatch.from_arrays(
+                [*(batch.column(c) for c in inp.filter_columns), index.slice(0, n)],
+                names=[*inp.filter_columns, _ROW_INDEX],
+            )
+            con.register(_ROWS_VIEW, view)
+            try:
+                matches = con.sql(query).to_arrow_table().column(0).combine_chunks()
+            except duckdb.Error as exc:
+                raise SourceError(
+                    f"the filter of {dataset} failed in DuckDB ({type(exc).__name__}); check the query's "
+                    "conditions on this dataset's columns and types",
+                    details={"dataset": dataset, "error": type(exc).__name__},
+                ) from None
+            finally:
+                con.unregister(_ROWS_VIEW)
+            if len(matches):
+                yield batch.select(list(inp.columns)).take(matches)
+    finally:
+        con.close()
+
+
+def _is_var_width(t: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+    )
+
+
+def _row_width(t: pa.DataType) -> float:
+    """Bytes one value takes in a frame, estimated from the type alone (never from the data)."""
+    if _is_var_width(t):
+        offset = 8 if pa.types.is_large_string(t) or pa.types.is_large_binary(t) else 4
+        return offset + VAR_BYTES_PER_ROW + 0.125
+    try:
+        return t.bit_width / 8 + 0.125
+    except ValueError:
+        return 64.0  # nested and other types
+
+
+def frame_rows(schema: pa.Schema, target_bytes: int = TARGET_FRAME_BYTES) -> int:
+    """Rows per frame of a padded stream: a power of two (64 to 65,536) that depends on the schema
+    only, chosen so that a frame holds about ``target_bytes``."""
+    width = sum(_row_width(f.type) for f in schema)
+    rows = MAX_FRAME_ROWS
+    while rows > MIN_FRAME_ROWS and rows * width > target_bytes:
+        rows //= 2
+    return rows
+
+
+def _var_bytes(column: pa.Array) -> int:
+    if len(column) == 0:
+        return 0
+    total = pc.sum(pc.binary_length(column)).as_py()
+    return int(total or 0)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _filler(t: pa.DataType, rows: int, total: int) -> pa.Array:
+    """``rows`` padding values of a variable-width type holding ``total`` bytes: the first NULL (so
+    a padded frame always carries a validity bitmap), the others share the bytes."""
+    if rows <= 1:
+        return pa.nulls(rows, t)
+    k = rows - 1
+    q, r = divmod(max(0, total), k)
+    unit: str | bytes = "\0" if pa.types.is_string(t) or pa.types.is_large_string(t) else b"\0"
+    values: list[Any] = [None] + [unit * (q + 1)] * r + [unit * q] * (k - r)
+    return pa.array(values, t)
+
+
+def _pad_frame(tail: pa.RecordBatch, schema: pa.Schema, rows: int, var_target: dict[str, int]) -> pa.RecordBatch:
+    """``tail`` (real rows, fewer than ``rows``) completed with padding rows to ``rows`` rows."""
+    p = tail.num_rows
+    m = rows - p
+    arrays = []
+    for f in schema:
+        if f.name == PAD_COLUMN:
+            arrays.append(pa.concat_arrays([pa.repeat(False, p), pa.repeat(True, m)]))
+            continue
+        real = tail.column(f.name)
+        if _is_var_width(f.type):
+            pad = _filler(f.type, m, var_target[f.name] - _var_bytes(real))
+        else:
+            pad = pa.nulls(m, f.type)
+        arrays.append(pa.concat_arrays([real, pad]))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def padded_batches(
+    real: Iterator[pa.RecordBatch], schema: pa.Schema, *, target_bytes: int = TARGET_FRAME_BYTES
+) -> Iterator[pa.RecordBatch]:
+    """A filtered stream, cut into frames and padded so that its size does not tell how many rows
+    matched.
+
+    ``real`` are the matching rows (the columns of ``schema`` but :data:`PAD_COLUMN`); ``schema`` is
+    the sealed schema, whose last column is :data:`PAD_COLUMN` (False for real rows, True for
+    padding rows, which the enclave drops before anything reads its input).
+
+    Why: a filtered stream's frame count and sizes, seen by the network and by the enclave's host,
+    would otherwise count the matching rows, and could reveal a small count that the minimum group
+    size exists to hide.
+
+    The scheme: every frame holds ``F = frame_rows(schema)`` rows (a power of two that depends on
+    the schema only); real rows are cut into frames of F rows (sooner if a frame reaches
+    ``target_bytes``). Once ``n`` real rows have been read, the last real rows are completed with
+    padding rows to F rows, and padding frames follow, until the stream holds
+    ``max(65,536, next power of two >= n)`` rows. Padding rows are NULL in every column except that
+    the variable-width (string, binary) ones carry filler bytes, so that every padded frame holds
+    the same number of bytes in each such column: ``max(F * 32, next power of two >= the bytes of
+    the real rows in that frame)``.
+
+    What is hidden: for fewer than F matching rows (F is 2 MiB worth of rows, e.g. 32,768 rows of an
+    integer, a string and a float) whose variable-width values hold under 32 bytes a row on average,
+    the stream is the same whatever the count, 0 included: the same number of frames of the same
+    sizes. Above that, the row count shows only to its power of two (the frame count), except that
+    frames holding only real rows can be told apart from padded frames by their sizes: the count
+    then shows to within F rows, and variable-width bytes to within a power of two. Nested types are
+    padded with NULLs only.
+
+    The cost: a filtered input always sends at least 65,536 rows of its projected columns (about
+    ``65,536 x row width`` bytes, e.g. 3.4 MB for those three columns), and up to about twice its
+    matching rows above that, in bandwidth, sealing time and the enclave's receive time (padding
+    rows are dropped as each frame is opened, so the enclave does not hold them). Filter pushdown
+    still sends no row that fails the filter and no column only the filter reads. Padding to the
+    unfiltered row count instead would hide the count entirely, but would cost as much as sending
+    every row; an unfiltered input is not padded (its size shows its row count, as it always has).
+    """
+    f_rows = frame_rows(schema, target_bytes)
+    data_schema = pa.schema([f for f in schema if f.name != PAD_COLUMN])
+    pending: list[pa.RecordBatch] = []
+    rows = size = sent = 0
+
+    def real_frame() -> pa.RecordBatch:
+        batch = pa.concat_batches(pending) if len(pending) > 1 else pending[0]
+        return pa.RecordBatch.from_arrays([*batch.columns, pa.repeat(False, batch.num_rows)], schema=schema)
+
+    for batch in _rebatch(real, target_bytes):
+        per_row = max(1, batch.nbytes // batch.num_rows)
+        start = 0
+        while start < batch.num_rows:
+            room = max(1, (target_bytes - size) // per_row)
+            take = min(f_rows - rows, batch.num_rows - start, room)
+            piece = batch.slice(start, take)
+            pending.append(piece)
+            rows += take
+            size += piece.nbytes
+            start += take
+            if rows >= f_rows or take == room:
+                yield real_frame()
+                sent += rows
+                pending, rows, size = [], 0, 0
+    total = sent + rows
+    target_rows = max(MIN_PADDED_ROWS, _next_pow2(total))
+    empty = pa.RecordBatch.from_pylist([], schema=data_schema)
+    tail = (pa.concat_batches(pending) if len(pending) > 1 else pending[0]) if rows else empty
+    var_target = {
+        f.name: max(f_rows * VAR_BYTES_PER_ROW, _next_pow2(_var_bytes(tail.column(f.name))))
+        for f in data_schema
+        if _is_var_width(f.type)
+    }
+    if rows:
+        yield _pad_frame(tail, schema, f_rows, var_target)
+        sent += f_rows
+    filler: pa.RecordBatch | None = None
+    while sent < target_rows:
+        if filler is None:
+            filler = _pad_frame(empty, schema, f_rows, var_target)
+        yield filler
+        sent += f_rows
 
 
 @translate_errors

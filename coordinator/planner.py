@@ -1,9 +1,12 @@
 """The planner: from an analyst's SQL and the catalog to a plan every owner can check.
 
 It refuses what Sealroom does not run (see :mod:`sealroom.sqlplan`), checks each involved dataset's
-policy, and gives each party an input that holds only the columns the query needs plus the privacy
-unit (projection pushdown). The plan carries each involved policy, so the enclave enforces the
-rules from what the owners signed, not from anything the coordinator says later.
+policy (on the full query: a filter a party applies itself is still a filter use of its columns),
+and gives each party an input that holds only the columns the enclave's part of the query needs
+plus the privacy unit (projection pushdown), and the filter the party applies itself before sealing
+(filter pushdown), so the least data possible leaves it. The plan carries each involved policy,
+so the enclave enforces the rules from what the owners signed, not from anything the coordinator
+says later.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from typing import Any
 
 import pyarrow as pa
 import sqlglot
+import sqlglot.errors
 from sqlglot import exp
+from sqlglot.dialects.duckdb import DuckDB
 
 from sealroom.disclosure import check_uses
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
-from sealroom.plan import Plan, PlanInput, Stage
+from sealroom.plan import Plan, PlanInput, Stage, stage_pushdown
 from sealroom.policy import DatasetPolicy
 from sealroom.sqlplan import Analysis, InputSpec, analyze, compile_stage
 
@@ -78,12 +83,17 @@ def plan_query(
         columns = tuple(c for c in entry.schema.names if c in needed)
         if entry.party not in party_keys:
             raise InvalidQueryError(f"party {entry.party} is not registered", details=where)
-        inputs.append(PlanInput(entry.party, entry.dataset, columns, entry.policy, table=f"input_{n}"))
-    # Compile exactly as the enclave will, so a plan the enclave would refuse is refused here, early.
-    compile_stage(
-        analysis.sql,
-        [InputSpec(i.qualified, i.table, i.columns, i.policy.privacy_unit) for i in inputs],
-    )
+        inputs.append(
+            PlanInput(
+                entry.party,
+                entry.dataset,
+                columns,
+                entry.policy,
+                table=f"input_{n}",
+                filter=analysis.filters[qualified],
+                filter_columns=analysis.filter_columns[qualified],
+            )
+        )
     stage = Stage(
         id="s1",
         kind="tee",
@@ -91,6 +101,13 @@ def plan_query(
         inputs=tuple(inputs),
         output_columns=analysis.output_columns,
         min_group_size=max(i.policy.min_group_size for i in inputs),
+    )
+    # Recompute the pushdown and compile exactly as the enclave will (from the plan, over the columns
+    # it will receive), so a plan the enclave or a party would refuse is refused here, early.
+    pushed = stage_pushdown(stage)
+    compile_stage(
+        pushed.residual_sql,
+        [InputSpec(i.qualified, i.table, i.columns, i.policy.privacy_unit) for i in inputs],
     )
     involved = {i.party for i in inputs}
     plan = Plan(
@@ -130,6 +147,20 @@ def output_rules(plan: Plan, analysis: Analysis) -> dict[str, list[str]]:
     return out
 
 
+def _readable(predicate: str) -> str:
+    """A pushed filter as an owner would write it: identifiers unquoted where that reads the same."""
+    keywords = DuckDB.Tokenizer.KEYWORDS
+    try:
+        tree = sqlglot.parse_one(predicate, read="duckdb")
+        for ident in tree.find_all(exp.Identifier):
+            name = ident.name
+            if name.isidentifier() and name == name.lower() and name.upper() not in keywords:
+                ident.set("quoted", False)
+        return tree.sql("duckdb")
+    except sqlglot.errors.SqlglotError:
+        return predicate
+
+
 def _bound(v: float | None) -> str:
     return "-inf" if v is None else f"{v:g}"
 
@@ -147,15 +178,23 @@ def explain_text(plan: Plan, analysis: Analysis) -> str:
         lines.append(
             "  a cell that fails a rule is suppressed: its group keys and the rule are shown, never its values"
         )
-        if " WHERE " in stage.sql.upper():
-            lines.append("  filters: WHERE is applied inside the enclave (parties send the projected columns)")
-        lines.append("  inputs (each party seals these columns to the enclave's attested key):")
+        residual = stage_pushdown(stage).residual_sql
+        if any(sqlglot.parse_one(residual, read="duckdb").find_all(exp.Where)):
+            lines.append(
+                "  filters: the rest of WHERE (conditions across datasets or on a UNION ALL) is applied "
+                "inside the enclave"
+            )
+        lines.append(
+            "  inputs (each party applies its filter, then seals these columns to the enclave's attested key):"
+        )
         for inp in stage.inputs:
             unit = inp.policy.privacy_unit or "each row"
             lines.append(
                 f"    {inp.qualified}: {', '.join(inp.columns)}  "
                 f"[privacy unit: {unit}; min group size {inp.policy.min_group_size}]"
             )
+            if inp.filter is not None:
+                lines.append(f"      filter applied by {inp.party}: {_readable(inp.filter)}")
     lines.append("")
     modes: dict[str, set[str]] = {}
     for inp in plan.inputs():

@@ -4,6 +4,12 @@ A job lives only in this process's memory. Its X25519 key opens the data keys pa
 its Ed25519 key signs the result; both are bound into every piece of evidence the job hands out.
 A job fails as a whole (nothing released, its data dropped) when any stream fails to authenticate,
 a party disconnects mid-stream, the memory limit is exceeded, or it outlives its TTL.
+
+Filter pushdown: a party may filter its own rows before sealing. The job recomputes every input's
+filter from the plan's SQL itself (:func:`sealroom.plan.stage_pushdown`), refuses a plan whose
+filters differ, and compiles and runs only the residual query. A filtered stream carries the
+boolean column :data:`~sealroom.sqlplan.PAD_COLUMN` (and only a filtered one): its padding rows hide
+how many rows matched, and are dropped as each frame is opened, before anything reads the input.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -37,10 +44,10 @@ from sealroom.errors import (
     ResourceExhaustedError,
     SealroomError,
 )
-from sealroom.plan import Plan, PlanInput, verify_approval, verify_stream_header
+from sealroom.plan import Plan, PlanInput, stage_pushdown, verify_approval, verify_stream_header
 from sealroom.policy import Dominance, canonical_json
 from sealroom.sealed import OpeningStream, StreamHeader, integrity_error
-from sealroom.sqlplan import CompiledStage, InputSpec
+from sealroom.sqlplan import PAD_COLUMN, RESERVED_PREFIX, CompiledStage, InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +66,8 @@ def _raw(public_key: Any) -> bytes:
 class _Input:
     spec: PlanInput
     table: pa.Table | None = None
-    rows: int = 0
-    bytes: int = 0
+    rows: int = 0  # rows received, padding included (what the sender and the network know anyway)
+    bytes: int = 0  # plaintext bytes received, padding included
     frames: int = 0
     header_sha256: str = ""
     streaming: bool = False
@@ -167,17 +174,27 @@ class JobRegistry:
                     f"the plan does not send the privacy unit column of {inp.qualified}",
                     details={"dataset": inp.qualified, "column": unit},
                 )
+            if len(set(inp.columns)) != len(inp.columns) or any(
+                c.startswith(RESERVED_PREFIX) for c in (*inp.columns, *inp.filter_columns)
+            ):
+                raise InvalidQueryError(
+                    f"the plan's columns of {inp.qualified} repeat a name or use the reserved prefix {RESERVED_PREFIX}",
+                    details={"dataset": inp.qualified},
+                )
             specs.append(InputSpec(inp.qualified, inp.table, inp.columns, unit))
             inputs[(inp.party, inp.dataset)] = _Input(inp)
+        # The filters the parties apply must be exactly those the SQL implies (recomputed here, not
+        # taken from the coordinator); the enclave runs the rest of the query, the residual.
+        pushed = stage_pushdown(stage)
         # The enclave compiles the stage itself: the aggregate-only check and the hidden unit
         # counts do not depend on anything the coordinator computed.
-        compiled = compile_for_job(stage.sql, specs)
-        # ...and re-checks every owner's column rules on what it compiled (not the planner's word).
-        check_uses(
-            compiled.uses,
-            {i.qualified: i.policy for i in stage.inputs},
-            {i.qualified: list(i.columns) for i in stage.inputs},
-        )
+        compiled = compile_for_job(pushed.residual_sql, specs)
+        # ...and re-checks every owner's column rules on the full query, pushed filters included, and
+        # on what it compiled (not the planner's word).
+        policies = {i.qualified: i.policy for i in stage.inputs}
+        names = {i.qualified: [*i.columns, *(c for c in i.filter_columns if c not in i.columns)] for i in stage.inputs}
+        check_uses(pushed.uses, policies, names)
+        check_uses(compiled.uses, policies, names)
         k = max(i.policy.min_group_size for i in stage.inputs)
         strictest = tuple(sorted(i.qualified for i in stage.inputs if i.policy.min_group_size == k))
         # Every owner's rules apply to every cell: its bounds to its measure columns, its dominance
@@ -190,6 +207,15 @@ class JobRegistry:
                 if rule.role == "measure" and (rule.min is not None or rule.max is not None):
                     clamps.setdefault(inp.table, {})[column] = (rule.min, rule.max)
                     clamped.append({"dataset": inp.qualified, "column": column, "min": rule.min, "max": rule.max})
+            for column in inp.filter_columns:
+                rule = inp.policy.rule(column)
+                if rule.min is not None or rule.max is not None:
+                    # A party filters raw values; the enclave would have clamped them first. Roles
+                    # already forbid filtering on a measure: this keeps it so whatever roles allow.
+                    raise PolicyRefusalError(
+                        f"{inp.qualified}.{column} has declared bounds and cannot be filtered on by its party",
+                        details={"party": inp.party, "dataset": inp.dataset, "column": column, "rule": "bounds"},
+                    )
         dominance = {i.qualified: i.policy.dominance for i in stage.inputs if i.policy.dominance is not None}
         rules = {
             "min_group_size": k,
@@ -270,17 +296,30 @@ class JobRegistry:
             inp.streaming = True
             hpke_key = job.hpke_key
         batches: list[pa.RecordBatch] = []
-        held = 0
+        received = 0
+        rows = 0
         frames_n = 0
+        columns = list(inp.spec.columns)
+        padded = inp.spec.filter is not None
         try:
             opener = OpeningStream(header, hpke_key)
-            if opener.schema.names != list(inp.spec.columns):
+            # A filtered input carries the padding flag as its last column; any other never does.
+            expected = [*columns, PAD_COLUMN] if padded else columns
+            if opener.schema.names != expected or (padded and opener.schema.field(PAD_COLUMN).type != pa.bool_()):
                 raise integrity_error()
+            schema = pa.schema([opener.schema.field(c) for c in columns])
             for frame in frames:
                 batch = opener.open_batch(frame)
                 frames_n += 1
                 if batch is None:
                     continue
+                received += batch.nbytes
+                rows += batch.num_rows
+                if padded:
+                    # Drop the padding rows (NULL flags too, as WHERE NOT would) before anything else.
+                    batch = batch.filter(pc.invert(batch.column(PAD_COLUMN))).select(columns)
+                    if batch.num_rows == 0:
+                        continue
                 size = batch.nbytes
                 with self._lock:
                     if job.failed is not None or job.done:
@@ -292,10 +331,9 @@ class JobRegistry:
                         )
                     self._held += size
                     job.held_bytes += size
-                held += size
                 batches.append(batch)
             opener.close()
-            table = pa.Table.from_batches(batches, schema=opener.schema)
+            table = pa.Table.from_batches(batches, schema=schema)
         except SealroomError as caught:
             err = caught
             if isinstance(err, IntegrityError) and not connected():
@@ -314,8 +352,8 @@ class JobRegistry:
             if job.failed is not None or job.done:
                 raise job.failed or JobFailedError("the job ended while this stream was in flight")
             inp.table = table
-            inp.rows = table.num_rows
-            inp.bytes = held
+            inp.rows = rows
+            inp.bytes = received
             inp.frames = frames_n
             inp.header_sha256 = hashlib.sha256(header_bytes).hexdigest()
         log.info("job %s: input %s.%s loaded (%d frames)", job.id, ctx.party, ctx.dataset, frames_n)

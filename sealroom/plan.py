@@ -1,7 +1,7 @@
 """Query plans, their canonical hash, and owners' approval signatures.
 
 A plan is the unit every data owner approves: the SQL, the analyst, the stages, each party's input
-(projected columns, policy and its digest) and the owners' signing keys. Its hash is
+(projected columns, the filter it applies itself, policy and its digest) and the owners' signing keys. Its hash is
 SHA-256 over its canonical JSON; it includes the query id and a random salt, so an approval for one
 query never verifies for another (replay). An approval is an Ed25519 signature over a
 domain-separated message holding the plan hash.
@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from sealroom.errors import ApprovalError, InvalidQueryError
 from sealroom.policy import DatasetPolicy, canonical_json
+from sealroom.sqlplan import Pushdown, pushdown
 
 PLAN_VERSION = 1
 APPROVAL_DOMAIN = b"sealroom/v1/approval\x00"
@@ -42,20 +43,29 @@ OWNER_MESSAGE_MAX_SKEW_MS = 300_000
 
 @dataclass(frozen=True)
 class PlanInput:
-    """What one party contributes to a stage: a projection of one dataset."""
+    """What one party contributes to a stage: a projection of one dataset, filtered by the party.
+
+    ``columns`` are what the party seals and sends. ``filter`` is the predicate the party applies
+    itself before sealing (DuckDB SQL over the dataset's own column names, see
+    :func:`sealroom.sqlplan.pushdown`), or None; ``filter_columns`` are the columns it reads, which
+    are not sent unless ``columns`` holds them too. Both are keys of the plan's JSON only when a
+    filter is pushed, so a plan without one reads and hashes as before.
+    """
 
     party: str
     dataset: str
     columns: tuple[str, ...]
     policy: DatasetPolicy
     table: str  # name of the input inside the enclave's engine
+    filter: str | None = None
+    filter_columns: tuple[str, ...] = ()
 
     @property
     def qualified(self) -> str:
         return f"{self.party}.{self.dataset}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "party": self.party,
             "dataset": self.dataset,
             "columns": list(self.columns),
@@ -63,18 +73,32 @@ class PlanInput:
             "policy_digest": self.policy.digest(),
             "table": self.table,
         }
+        if self.filter is not None:
+            d["filter"] = self.filter
+            d["filter_columns"] = list(self.filter_columns)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PlanInput:
         policy = DatasetPolicy.from_dict(d["policy"], source="<plan>")
         if policy.digest() != d["policy_digest"]:
             raise InvalidQueryError("plan is inconsistent: a policy does not match its digest")
+        flt = d.get("filter")
+        filter_columns = tuple(d.get("filter_columns", ()))
+        if flt is not None and not isinstance(flt, str):
+            raise InvalidQueryError("plan is inconsistent: an input's filter is not SQL text")
+        if flt is None and filter_columns:
+            raise InvalidQueryError("plan is inconsistent: an input names filter columns but no filter")
+        if not all(isinstance(c, str) for c in (*d["columns"], *filter_columns)):
+            raise InvalidQueryError("plan is inconsistent: a column name is not a string")
         return cls(
             party=d["party"],
             dataset=d["dataset"],
             columns=tuple(d["columns"]),
             policy=policy,
             table=d["table"],
+            filter=flt,
+            filter_columns=filter_columns,
         )
 
 
@@ -165,6 +189,40 @@ class Plan:
 
     def involved_parties(self) -> list[str]:
         return sorted({i.party for i in self.inputs()})
+
+
+def stage_pushdown(stage: Stage) -> Pushdown:
+    """Recompute the stage's filter pushdown from its SQL, over the columns its inputs declare, and
+    check every input's ``filter`` and ``filter_columns`` against it. The planner, the enclave and
+    every party call this, so the coordinator can neither slip a predicate
+    of its own to a party nor make the enclave run a residual query the filters do not complete.
+    Raises InvalidQueryError.
+    """
+    views: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+    for inp in stage.inputs:
+        if inp.qualified in views:
+            raise InvalidQueryError("the plan names an input twice", details={"dataset": inp.qualified})
+        views[inp.qualified] = (inp.columns, inp.filter_columns)
+    try:
+        pd = pushdown(stage.sql, views)
+    except InvalidQueryError as err:
+        # The planner checks that its plans resolve this way: this plan's inputs were changed.
+        raise InvalidQueryError(
+            "the plan is inconsistent: its SQL does not resolve over the columns and filter columns its "
+            f"inputs declare ({err.message})",
+            details={**err.details, "check": "filter"},
+        ) from None
+    for inp in stage.inputs:
+        want = pd.filters.get(inp.qualified)
+        expected = (want.sql, want.columns) if want is not None else (None, ())
+        if (inp.filter, inp.filter_columns) != expected:
+            raise InvalidQueryError(
+                f"the plan's filter for {inp.qualified} is not the one its SQL implies; a plan cannot "
+                "push a predicate its SQL does not hold (re-plan the query, with the same Sealroom release "
+                "everywhere)",
+                details={"party": inp.party, "dataset": inp.dataset, "check": "filter"},
+            )
+    return pd
 
 
 def approval_message(plan_hash: str) -> bytes:

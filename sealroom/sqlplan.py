@@ -5,7 +5,8 @@ The same code serves two sides that do not trust each other:
 
 - the coordinator's planner calls :func:`analyze` to refuse what Sealroom does not run (row-level
   output, unsupported aggregates, outer joins...) and to learn which columns each party must send
-  (projection pushdown);
+  (projection pushdown), and which filters each party applies itself (filter pushdown, see
+  :func:`pushdown`);
 - the enclave calls :func:`compile_stage` on the plan's SQL *itself*, with only the columns the
   parties actually sent, and adds the hidden per-cell privacy-unit counts that the disclosure rules
   need. It never runs SQL it did not compile.
@@ -32,6 +33,9 @@ DIALECT = "duckdb"
 RESERVED_PREFIX = "__sr_"
 ROW_ID = "__sr_row"  # per-row id the enclave adds to inputs without a declared privacy unit
 UNION_UNIT = "__sr_unit"
+# Boolean column a party adds to its sealed stream when it applies a filter itself: True marks a
+# padding row (it hides how many rows matched), which the enclave drops before anything reads it.
+PAD_COLUMN = "__sr_pad"
 
 ALLOWED_AGGREGATES: dict[type, str] = {
     exp.Count: "COUNT",
@@ -75,6 +79,7 @@ class _Branch:
     table: exp.Table
     select: exp.Select | None  # the UNION ALL branch, None for a plain table item
     columns: list[str]  # columns available in the dataset (the schema as the caller knows it)
+    star: list[str] = field(default_factory=list)  # what ``*`` expands to (``columns`` unless some are filter-only)
 
 
 @dataclass
@@ -107,6 +112,27 @@ class Analysis:
     order_by: tuple[OrderKey, ...]
     limit: int | None
     uses: Mapping[str, Mapping[str, frozenset[str]]] = field(default_factory=dict)  # see column_uses
+    residual_sql: str = ""  # what the enclave runs: ``sql`` without the filters the parties apply
+    filters: Mapping[str, str | None] = field(default_factory=dict)  # per dataset: the filter it applies
+    filter_columns: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per dataset: columns it reads
+
+
+@dataclass(frozen=True)
+class PushedFilter:
+    """A predicate one dataset applies itself before sealing: DuckDB SQL over the dataset's own
+    unqualified, quoted column names, and the columns it reads (in order of first use)."""
+
+    sql: str
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Pushdown:
+    """Filter pushdown of one query: what each dataset filters itself, and what remains."""
+
+    residual_sql: str  # the query without the pushed filters: what the enclave compiles and runs
+    filters: Mapping[str, PushedFilter]  # party.dataset -> its filter (datasets without one are absent)
+    uses: Mapping[str, Mapping[str, frozenset[str]]]  # column_uses of the FULL query (pushed filters included)
 
 
 @dataclass(frozen=True)
@@ -203,25 +229,33 @@ def _output_name(e: exp.Expression) -> str:
     return e.sql(DIALECT).lower()
 
 
-def _branch_source(item: exp.Subquery, schemas: Mapping[str, Sequence[str]]) -> _Source:
+def _union_selects(node: exp.Expression, alias: str) -> list[exp.Select]:
+    """The SELECT branches of a UNION ALL, left to right."""
+    selects: list[exp.Select] = []
+
+    def flatten(n: exp.Expression) -> None:
+        if isinstance(n, exp.Union):
+            if n.args.get("distinct"):
+                raise _refuse("use UNION ALL, not UNION: duplicates across parties are real rows")
+            flatten(n.this)
+            flatten(n.expression)
+        elif isinstance(n, exp.Select):
+            selects.append(n)
+        else:
+            raise _refuse("a subquery in FROM must be a UNION ALL of SELECTs from party datasets", subquery=alias)
+
+    flatten(node)
+    return selects
+
+
+def _branch_source(
+    item: exp.Subquery, schemas: Mapping[str, Sequence[str]], hidden: Mapping[str, Sequence[str]]
+) -> _Source:
     alias = item.alias
     inner = item.this
     if not alias:
         raise _refuse("a subquery in FROM needs an alias, e.g. (SELECT ... UNION ALL SELECT ...) AS u")
-    selects: list[exp.Select] = []
-
-    def flatten(node: exp.Expression) -> None:
-        if isinstance(node, exp.Union):
-            if node.args.get("distinct"):
-                raise _refuse("use UNION ALL, not UNION: duplicates across parties are real rows")
-            flatten(node.this)
-            flatten(node.expression)
-        elif isinstance(node, exp.Select):
-            selects.append(node)
-        else:
-            raise _refuse("a subquery in FROM must be a UNION ALL of SELECTs from party datasets", subquery=alias)
-
-    flatten(inner)
+    selects = _union_selects(inner, alias)
     if isinstance(inner, exp.Select):
         raise _refuse(
             "a subquery in FROM must be a UNION ALL of datasets; put filters in the outer WHERE",
@@ -236,6 +270,8 @@ def _branch_source(item: exp.Subquery, schemas: Mapping[str, Sequence[str]]) -> 
                 raise _refuse(f"{key.upper()} is not supported inside the UNION ALL {alias}; apply it outside")
         if any(sel.find_all(exp.AggFunc)):
             raise _refuse(f"aggregates inside the UNION ALL {alias} are not supported; aggregate outside it")
+        if any(n is not sel for n in sel.find_all(exp.Select, exp.Subquery)):
+            raise _refuse(f"subqueries inside the UNION ALL {alias} are not supported", subquery=alias)
         frm = sel.args.get("from_")
         if frm is None or not isinstance(frm.this, exp.Table):
             raise _refuse(f"each branch of the UNION ALL {alias} must read one party dataset")
@@ -255,16 +291,24 @@ def _branch_source(item: exp.Subquery, schemas: Mapping[str, Sequence[str]]) -> 
                 "columns, in the same order, from each dataset",
                 subquery=alias,
             )
-        branches.append(_Branch(qualified, frm.this, sel, cols))
+        extra = [c for c in hidden.get(qualified, ()) if c not in cols]
+        branches.append(_Branch(qualified, frm.this, sel, cols + extra, cols))
     assert out_names is not None
     return _Source(alias, "union", branches, out_names, item)
 
 
-def _sources(tree: exp.Select, schemas: Mapping[str, Sequence[str]]) -> list[_Source]:
+def _from_items(tree: exp.Select) -> list[exp.Expression]:
+    """The FROM item and every JOIN item, in order."""
     frm = tree.args.get("from_")
     if frm is None:
         raise _refuse("the query has no FROM clause; name party datasets as party.dataset")
-    items = [frm.this]
+    return [frm.this, *(join.this for join in tree.args.get("joins") or [])]
+
+
+def _sources(
+    tree: exp.Select, schemas: Mapping[str, Sequence[str]], hidden: Mapping[str, Sequence[str]]
+) -> list[_Source]:
+    items = _from_items(tree)[:1]
     for join in tree.args.get("joins") or []:
         side = (join.side or "").upper()
         kind = (join.kind or "").upper()
@@ -284,9 +328,10 @@ def _sources(tree: exp.Select, schemas: Mapping[str, Sequence[str]]) -> list[_So
             qualified = _dataset_of(item, schemas)
             alias = item.alias_or_name
             cols = list(schemas[qualified])
-            sources.append(_Source(alias, "table", [_Branch(qualified, item, None, cols)], cols, item))
+            cols += [c for c in hidden.get(qualified, ()) if c not in cols]
+            sources.append(_Source(alias, "table", [_Branch(qualified, item, None, cols, cols)], cols, item))
         elif isinstance(item, exp.Subquery):
-            sources.append(_branch_source(item, schemas))
+            sources.append(_branch_source(item, schemas, hidden))
         else:
             raise _refuse(
                 "FROM may name only party datasets (party.dataset), joined with inner joins, or a "
@@ -551,10 +596,14 @@ class _Resolved:
     limit: int | None
 
 
-def _resolve(sql: str, schemas: Mapping[str, Sequence[str]]) -> _Resolved:
+def _resolve(
+    sql: str, schemas: Mapping[str, Sequence[str]], hidden: Mapping[str, Sequence[str]] | None = None
+) -> _Resolved:
+    """Parse, check and resolve ``sql``. ``hidden``: per dataset, columns that exist but that ``*``
+    does not expand to (the enclave's view of filter-only columns, which it never receives)."""
     tree = _parse(sql)
     _check_common(tree, where="")
-    sources = _sources(tree, schemas)
+    sources = _sources(tree, schemas, hidden or {})
     written = [_output_name(e) for e in tree.expressions]  # names as the analyst wrote them
     _resolve_columns(tree, sources)
     _check_join_conditions(tree)
@@ -575,18 +624,27 @@ def _branch_columns(src: _Source, branch: _Branch) -> tuple[list[exp.Expression]
     if branch.select.args.get("where") is not None:
         nodes.append(branch.select.args["where"])
     for node in nodes:
-        for col in ([node] if isinstance(node, exp.Column) else []) + list(node.find_all(exp.Column)):
-            if col.table and col.table != branch.table.alias_or_name:
-                raise _refuse(f"{col.sql(DIALECT)} does not belong to {branch.qualified} in the UNION ALL")
-            if col.name not in branch.columns:
-                raise _refuse(
-                    f"{branch.qualified} has no column {col.name}; its columns are: {', '.join(branch.columns)}",
-                    column=col.name,
-                    dataset=branch.qualified,
-                )
+        for col in node.find_all(exp.Column):
+            _check_branch_column(branch, col)
             if col.name not in reads:
                 reads.append(col.name)
     return kept, reads
+
+
+def _check_branch_column(branch: _Branch, col: exp.Column) -> None:
+    """A column inside a UNION ALL branch must be one of the branch dataset's own columns."""
+    if isinstance(col.this, exp.Star) or col.args.get("db") is not None:
+        raise _refuse(f"write {col.sql(DIALECT)} as a plain column of {branch.qualified} in the UNION ALL")
+    if col.table and col.table != branch.table.alias_or_name:
+        raise _refuse(f"{col.sql(DIALECT)} does not belong to {branch.qualified} in the UNION ALL")
+    if col.name.startswith(RESERVED_PREFIX):
+        raise _refuse(f"column names starting with {RESERVED_PREFIX} are reserved", column=col.name)
+    if col.name not in branch.columns:
+        raise _refuse(
+            f"{branch.qualified} has no column {col.name}; its columns are: {', '.join(branch.columns)}",
+            column=col.name,
+            dataset=branch.qualified,
+        )
 
 
 def _use_of(col: exp.Column) -> str:
@@ -647,25 +705,148 @@ def _expanded_projections(branch: _Branch) -> list[exp.Expression]:
     out: list[exp.Expression] = []
     for proj in branch.select.expressions:
         if isinstance(proj, exp.Star):
-            out.extend(exp.column(c) for c in branch.columns)
+            out.extend(exp.column(c) for c in branch.star)
         else:
             out.append(proj)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# filter pushdown
+
+# Nodes that keep a condition in the enclave: what a party cannot (or must not) evaluate on its own.
+_NOT_PUSHABLE = (exp.AggFunc, exp.Subquery, exp.Select, exp.Window, exp.Placeholder, exp.Parameter, exp.Star)
+
+
+def _conjuncts(node: exp.Expression) -> list[exp.Expression]:
+    """``node`` split on AND (through parentheses), left to right."""
+    inner = node
+    while isinstance(inner, exp.Paren):
+        inner = inner.this
+    if isinstance(inner, exp.And):
+        return _conjuncts(inner.this) + _conjuncts(inner.expression)
+    return [node]
+
+
+def _conjunction(parts: Sequence[exp.Expression]) -> exp.Expr:
+    copies = [p.copy() for p in parts]
+    if len(copies) == 1:
+        return copies[0]
+    return exp.and_(*copies, copy=False)
+
+
+def _push_target(conjunct: exp.Expression, by_alias: Mapping[str, _Source]) -> _Source | None:
+    """The plain-table FROM item that alone holds every column of ``conjunct``, if any."""
+    if any(isinstance(n, _NOT_PUSHABLE) for n in conjunct.walk()):
+        return None
+    aliases = {c.table for c in conjunct.find_all(exp.Column)}
+    if len(aliases) != 1:
+        return None  # no column (a constant or random condition), or columns of several FROM items
+    src = by_alias.get(aliases.pop())
+    return src if src is not None and src.kind == "table" else None
+
+
+def _render_filter(parts: Sequence[exp.Expression]) -> PushedFilter:
+    """The conjunction of ``parts`` over the dataset's own unqualified, quoted column names."""
+    pred = _conjunction(parts)
+    columns: list[str] = []
+    for col in list(pred.find_all(exp.Column, bfs=False)):
+        name = col.name
+        for key in ("table", "db", "catalog"):
+            col.set(key, None)
+        col.set("this", exp.to_identifier(name, quoted=True))
+        if name not in columns:
+            columns.append(name)
+    return PushedFilter(pred.sql(DIALECT), tuple(columns))
+
+
+def _pushdown(r: _Resolved) -> Pushdown:
+    """Filter pushdown of a resolved query. Deterministic: the planner, the enclave and each party
+    compute it from the same SQL and must agree (the enclave and the parties refuse a plan whose
+    filters differ from theirs).
+
+    - a conjunct of the outer WHERE (split on AND) whose columns all belong to one ``party.dataset``
+      FROM item, with no aggregate, subquery or parameter, goes to that dataset;
+    - a UNION ALL branch's own WHERE goes to the branch's dataset (when it reads a column);
+    - everything else (conditions across FROM items, on a UNION ALL alias, constants, OR across
+      tables) stays in the residual query, which the enclave runs.
+
+    Pushing is exact for Sealroom's SQL surface: joins are inner, so a row that fails a condition
+    on its own columns is in no output row; clamped measure columns cannot be filtered on (roles),
+    so a party never filters a value the enclave would have clamped first.
+    """
+    by_alias = {s.alias: s for s in r.sources}
+    pushed: dict[str, list[exp.Expression]] = {}
+    kept: list[exp.Expression] = []
+    where = r.tree.args.get("where")
+    if where is not None:
+        for conjunct in _conjuncts(where.this):
+            target = _push_target(conjunct, by_alias)
+            if target is None:
+                kept.append(conjunct)
+            else:
+                pushed.setdefault(target.branches[0].qualified, []).append(conjunct)
+    cleared: set[tuple[int, int]] = set()  # (FROM item, branch) whose WHERE was pushed
+    for n, src in enumerate(r.sources):
+        for k, br in enumerate(src.branches):
+            bw = br.select.args.get("where") if br.select is not None else None
+            if bw is None:
+                continue
+            cols = list(bw.this.find_all(exp.Column))
+            for col in cols:
+                _check_branch_column(br, col)
+            if cols and not any(isinstance(x, _NOT_PUSHABLE) for x in bw.this.walk()):
+                pushed[br.qualified] = [bw.this]
+                cleared.add((n, k))
+    residual = r.tree.copy()
+    if pushed and where is not None and len(kept) != len(_conjuncts(where.this)):
+        residual.set("where", exp.Where(this=_conjunction(kept)) if kept else None)
+    items = _from_items(residual)
+    for n, k in cleared:
+        item = items[n]
+        assert isinstance(item, exp.Subquery)
+        _union_selects(item.this, item.alias)[k].set("where", None)
+    return Pushdown(
+        residual_sql=residual.sql(DIALECT),
+        filters={q: _render_filter(parts) for q, parts in pushed.items()},
+        uses=column_uses(r),
+    )
+
+
+def pushdown(sql: str, inputs: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> Pushdown:
+    """Filter pushdown of a plan's SQL, as the enclave and each party recompute it.
+
+    ``inputs`` maps ``party.dataset`` to (the columns the party sends, the columns its filter
+    reads): the view the plan declares. Filter-only columns resolve in the full query but are not
+    part of what ``*`` expands to, as in the residual query the enclave compiles over what it
+    receives. Raises InvalidQueryError like :func:`analyze`.
+    """
+    schemas = {q: list(cols) for q, (cols, _) in inputs.items()}
+    hidden = {q: [c for c in fcols if c not in cols] for q, (cols, fcols) in inputs.items()}
+    return _pushdown(_resolve(sql, schemas, hidden))
 
 
 def analyze(sql: str, schemas: Mapping[str, Sequence[str]]) -> Analysis:
     """Check that ``sql`` is in Sealroom's SQL surface and learn what it reads.
 
     ``schemas`` maps ``party.dataset`` to its column names. Raises InvalidQueryError.
+    ``needed_columns`` are what each party must send for the residual query (the filters it applies
+    itself are not part of it); ``uses`` are those of the full query, pushed filters included.
     """
     r = _resolve(sql, schemas)
-    needed: dict[str, list[str]] = {}
     datasets: list[str] = []
     for src in r.sources:
         for br in src.branches:
             if br.qualified in datasets:
                 raise _refuse(f"{br.qualified} appears twice; a self-join is not supported", dataset=br.qualified)
             datasets.append(br.qualified)
+    normalised = r.tree.sql(DIALECT)
+    pd = _pushdown(r)
+    # What is sent: the columns the residual query reads (a filter-only column stays with its owner).
+    rr = _resolve(pd.residual_sql, schemas)
+    needed: dict[str, list[str]] = {}
+    for src in rr.sources:
+        for br in src.branches:
             if src.kind == "table":
                 reads = list(src.needed)
             else:
@@ -673,15 +854,18 @@ def analyze(sql: str, schemas: Mapping[str, Sequence[str]]) -> Analysis:
             order = {c: i for i, c in enumerate(br.columns)}
             needed[br.qualified] = sorted(reads, key=order.__getitem__)
     return Analysis(
-        sql=r.tree.sql(DIALECT),
+        sql=normalised,
         datasets=tuple(datasets),
-        needed_columns={k: tuple(v) for k, v in needed.items()},
+        needed_columns={k: tuple(needed[k]) for k in datasets},
         output_columns=tuple(r.names),
         group_columns=tuple(r.group_names),
         aggregates=tuple(r.aggregates),
         order_by=tuple(r.order),
         limit=r.limit,
-        uses=column_uses(r),
+        uses=pd.uses,
+        residual_sql=pd.residual_sql,
+        filters={q: pd.filters[q].sql if q in pd.filters else None for q in datasets},
+        filter_columns={q: pd.filters[q].columns if q in pd.filters else () for q in datasets},
     )
 
 

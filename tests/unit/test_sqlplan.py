@@ -41,7 +41,9 @@ def test_union_analysis_expands_star_to_needed_columns_only():
         "WHERE cost > 10) u GROUP BY diagnosis"
     )
     an = analyze(sql, HOSP)
-    assert an.needed_columns == {"h1.stays": ("diagnosis", "age"), "h2.stays": ("diagnosis", "age", "cost")}
+    # cost is read only by h2's own WHERE, which h2 applies itself (filter pushdown): it is not sent.
+    assert an.needed_columns == {"h1.stays": ("diagnosis", "age"), "h2.stays": ("diagnosis", "age")}
+    assert an.filters == {"h1.stays": None, "h2.stays": '"cost" > 10'}
     assert an.output_columns == ("diagnosis", "count(*)", "avg(age)")
 
 
