@@ -226,7 +226,12 @@ def _output_name(e: exp.Expression) -> str:
         return e.alias
     if isinstance(e, exp.Column):
         return e.name
-    return e.sql(DIALECT).lower()
+    # Without table qualifiers, so the planner (analyst's text) and the enclave (the normalised,
+    # qualified SQL of the plan) name an unaliased output the same way.
+    bare = e.copy()
+    for c in bare.find_all(exp.Column):
+        c.set("table", None)
+    return bare.sql(DIALECT).lower()
 
 
 def _union_selects(node: exp.Expression, alias: str) -> list[exp.Select]:
@@ -647,8 +652,24 @@ def _check_branch_column(branch: _Branch, col: exp.Column) -> None:
         )
 
 
+_CONDITIONS = (exp.Predicate, exp.Connector, exp.Not)
+
+
 def _use_of(col: exp.Column) -> str:
-    """How the query uses one column reference: join, filter, group, or aggregate:<name>."""
+    """How the query uses one column reference: join, filter, group, or aggregate:<name>.
+
+    A column inside an aggregate but in a condition (``COUNT(CASE WHEN key = 42 THEN 1 END)``,
+    ``SUM(amount > 100)``) is a *filter* use, not an aggregation: otherwise conditional aggregates
+    would test join keys or measures that the owner allows only to be joined or summed.
+    """
+    if any(isinstance(a, exp.AggFunc) for a in _ancestors(col)):
+        child: exp.Expression = col
+        for a in _ancestors(col):
+            if isinstance(a, exp.AggFunc):
+                break
+            if isinstance(a, _CONDITIONS) or (isinstance(a, exp.If) and a.this is child):
+                return "filter"
+            child = a
     for a in _ancestors(col):
         if isinstance(a, exp.AggFunc):
             name = POLICY_AGGREGATE_NAMES.get(type(a), type(a).__name__.lower())
@@ -948,7 +969,16 @@ def _refuse_grouping_by_units(r: _Resolved, by_name: Mapping[str, InputSpec]) ->
             if src is None:
                 continue
             for br in src.branches:
-                if by_name[br.qualified].privacy_unit == col.name:
+                unit = by_name[br.qualified].privacy_unit
+                if src.kind == "union":
+                    # The outer name may rename the unit: look at what the branch projects into it.
+                    proj = _expanded_projections(br)[src.columns.index(col.name)]
+                    underlying = {
+                        c.name for c in ([proj] if isinstance(proj, exp.Column) else proj.find_all(exp.Column))
+                    }
+                else:
+                    underlying = {col.name}
+                if unit is not None and unit in underlying:
                     raise _refuse(
                         f"GROUP BY {col.name} groups by the privacy unit of {br.qualified}: every cell would "
                         "hold one unit. Group by a dimension (e.g. a segment, region or age band) instead",

@@ -248,3 +248,54 @@ def test_explain_shows_rules_per_output_and_approval_modes():
     assert "dominance (2, 90 %) of bank_a.loans" in text
     assert "bank_a.loans: customer_id, segment, exposure" in text
     assert "Approvals needed from: bank_a (automatic)" in text
+
+
+@pytest.mark.parametrize(
+    ("sql", "column", "use"),
+    [
+        # a condition on a join key inside an aggregate would locate one customer in a segment
+        ("SELECT segment, COUNT(CASE WHEN customer_id = 42 THEN 1 END) FROM bank_a.loans GROUP BY segment",
+         "customer_id", "filter"),
+        # a comparison on a measure inside an aggregate filters on it, which WHERE may not
+        ("SELECT segment, SUM(CASE WHEN exposure > 100 THEN 1 ELSE 0 END) FROM bank_a.loans GROUP BY segment",
+         "exposure", "filter"),
+        ("SELECT segment, SUM(CAST(exposure > 100 AS INT)) FROM bank_a.loans GROUP BY segment", "exposure", "filter"),
+    ],
+)  # fmt: skip
+def test_conditions_inside_aggregates_are_filter_uses(sql, column, use):
+    with pytest.raises(PolicyRefusalError) as info:
+        plan(sql)
+    assert (info.value.details["column"], info.value.details["use"]) == (column, use)
+
+
+def test_conditional_sums_on_dimensions_are_allowed():
+    p, an = plan(
+        "SELECT segment, SUM(CASE WHEN segment = 'retail' THEN exposure END) AS s FROM bank_a.loans GROUP BY 1"
+    )
+    assert an.uses["bank_a.loans"] == {"segment": {"group", "filter"}, "exposure": {"aggregate:sum"}}
+
+
+def test_renaming_the_privacy_unit_in_a_union_does_not_escape_the_group_by_refusal():
+    from sealroom.sqlplan import InputSpec, compile_stage
+
+    sql = (
+        "SELECT c, COUNT(*) FROM (SELECT customer_id AS c, segment FROM bank_a.loans "
+        "UNION ALL SELECT customer_id AS c, segment FROM bank_b.loans) u GROUP BY c"
+    )
+    specs = [
+        InputSpec(f"bank_{x}.loans", f"t{i}", ("customer_id", "segment"), "customer_id") for i, x in enumerate("ab")
+    ]
+    with pytest.raises(Exception, match="privacy unit of bank_a.loans"):
+        compile_stage(sql, specs)
+
+
+def test_planner_and_enclave_name_unaliased_outputs_alike():
+    from sealroom.sqlplan import InputSpec, compile_stage
+
+    sql = (
+        "SELECT segment, AVG(exposure) FROM (SELECT * FROM bank_a.loans UNION ALL SELECT * FROM bank_b.loans) u "
+        "GROUP BY segment"
+    )
+    an = analyze(sql, {f"bank_{x}.loans": SCHEMA.names for x in "ab"})
+    specs = [InputSpec(q, f"t{i}", an.needed_columns[q], None) for i, q in enumerate(an.datasets)]
+    assert compile_stage(an.sql, specs).output_columns == an.output_columns == ("segment", "avg(exposure)")
