@@ -445,6 +445,8 @@ class PartyAgent:
             att = call("enclave", enclave.Attest, enclave_pb2.AttestRequest(job_id=job_id, nonce=nonce))
             evidence = Evidence.from_bytes(att.evidence)
             claims = self.verify_enclave(evidence, bytes(att.hpke_public_key), bytes(att.signing_public_key), nonce)
+            for inp in mine:  # each dataset's own trust section narrows the agent's
+                self.policies[inp.dataset].trust.check(claims, dataset=f"{me}.{inp.dataset}")
             job_key = X25519PublicKey.from_public_bytes(bytes(att.hpke_public_key))
             upload = channel.stream_unary(
                 UPLOAD_PATH,

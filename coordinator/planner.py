@@ -73,6 +73,17 @@ def plan_query(
                 f"allows; ask {entry.party} to add {analyst}",
                 details={**where, "rule": "analysts", "suggestion": f"ask {entry.party} to allow {analyst}"},
             )
+        if entry.policy.trust.mpc_only:
+            raise PolicyRefusalError(
+                f"{qualified} goes to no enclave (trust.mpc_only in its policy), and this version runs queries "
+                f"only in attested enclaves: ask {entry.party} to accept an enclave measurement, or leave "
+                f"{qualified} out of the query",
+                details={
+                    **where,
+                    "rule": "mpc_only",
+                    "suggestion": f"ask {entry.party} to accept an enclave measurement (trust.measurements)",
+                },
+            )
         unit = entry.policy.privacy_unit
         if unit is not None and unit not in entry.schema.names:
             raise PolicyRefusalError(

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sealroom.attestation import AppraisalPolicy, load_root_certificate
-from sealroom.errors import ConfigError
+from sealroom.errors import AttestationError, ConfigError
 
 DEFAULT_MIN_GROUP_SIZE = 5
 APPROVAL_MODES = ("auto", "manual")
@@ -126,6 +126,69 @@ class Dominance:
 
 
 @dataclass(frozen=True)
+class DatasetTrust:
+    """Which enclaves may receive this dataset, on top of the agent's own ``[trust]``.
+
+    ``measurements``: if set, the enclave's measurement must also be one of these; ``allow_simulated
+    = false`` refuses simulated evidence for this dataset even where the agent allows it;
+    ``mpc_only``: the dataset never goes to any enclave (only MPC stages may use it).
+    """
+
+    measurements: tuple[str, ...] | None = None
+    allow_simulated: bool | None = None
+    mpc_only: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mpc_only": self.mpc_only}
+        if self.measurements is not None:
+            out["measurements"] = list(self.measurements)
+        if self.allow_simulated is not None:
+            out["allow_simulated"] = self.allow_simulated
+        return out
+
+    def check(self, claims: Any, *, dataset: str) -> None:
+        """Raise AttestationError unless an enclave with ``claims`` may receive ``dataset``."""
+        if self.mpc_only:
+            raise AttestationError(
+                f"{dataset} goes to no enclave: its policy says trust.mpc_only", details={"check": "mpc_only"}
+            )
+        if self.allow_simulated is False and claims.simulated:
+            raise AttestationError(
+                f"{dataset} refuses simulated attestation (its policy sets trust.allow_simulated = false)",
+                details={"check": "simulated"},
+            )
+        if self.measurements is not None and claims.measurement not in self.measurements:
+            raise AttestationError(
+                f"the enclave's measurement {claims.measurement} is not among those {dataset}'s policy accepts "
+                "(trust.measurements)",
+                details={"check": "measurement"},
+            )
+
+    @classmethod
+    def from_dict(cls, doc: Any, *, source: str, prefix: str) -> DatasetTrust:
+        if not isinstance(doc, Mapping):
+            raise _err(
+                source, prefix.rstrip("."), "a table { measurements = [...], allow_simulated = ..., mpc_only = ... }"
+            )
+        _check_keys(doc, {"measurements", "allow_simulated", "mpc_only"}, source=source, prefix=prefix)
+        ms = doc.get("measurements")
+        if ms is not None and (
+            not isinstance(ms, list)
+            or not all(
+                isinstance(m, str) and len(m) in (64, 96) and all(c in "0123456789abcdefABCDEF" for c in m) for m in ms
+            )
+        ):
+            raise _err(source, f"{prefix}measurements", "a list of hex measurements")
+        allow = doc.get("allow_simulated")
+        if allow is not None and not isinstance(allow, bool):
+            raise _err(source, f"{prefix}allow_simulated", "true or false")
+        mpc_only = doc.get("mpc_only", False)
+        if not isinstance(mpc_only, bool):
+            raise _err(source, f"{prefix}mpc_only", "true or false")
+        return cls(tuple(m.lower() for m in ms) if ms is not None else None, allow, mpc_only)
+
+
+@dataclass(frozen=True)
 class DatasetPolicy:
     """Disclosure rules for one dataset (one TOML file per dataset; see docs/configuration.md)."""
 
@@ -136,6 +199,7 @@ class DatasetPolicy:
     columns: Mapping[str, ColumnRule] = field(default_factory=dict)
     default_role: str = "open"
     dominance: Dominance | None = None
+    trust: DatasetTrust = field(default_factory=DatasetTrust)
 
     def __hash__(self) -> int:
         return hash(self.digest())
@@ -150,6 +214,7 @@ class DatasetPolicy:
             "columns": {name: rule.to_dict() for name, rule in sorted(self.columns.items())},
             "default_role": self.default_role,
             "dominance": self.dominance.to_dict() if self.dominance else None,
+            **({"trust": self.trust.to_dict()} if self.trust != DatasetTrust() else {}),
         }
 
     def canonical(self) -> bytes:
@@ -177,7 +242,7 @@ class DatasetPolicy:
     def from_dict(cls, doc: Mapping[str, Any], *, source: str = "<policy>", prefix: str = "") -> DatasetPolicy:
         known = {
             "version", "privacy_unit", "min_group_size", "analysts", "approval", "columns", "default_role",
-            "dominance",
+            "dominance", "trust",
         }  # fmt: skip
         _check_keys(doc, known, source=source, prefix=prefix)
         version = doc.get("version", 1)
@@ -222,6 +287,11 @@ class DatasetPolicy:
             raise _err(
                 source, f"{prefix}columns.{unit}.role", "join_key, dimension or filter_only for the privacy unit"
             )
+        trust = (
+            DatasetTrust.from_dict(doc["trust"], source=source, prefix=f"{prefix}trust.")
+            if doc.get("trust") is not None
+            else DatasetTrust()
+        )
         return cls(
             privacy_unit=unit,
             min_group_size=k,
@@ -230,6 +300,7 @@ class DatasetPolicy:
             columns=columns,
             default_role=default_role,
             dominance=dominance,
+            trust=trust,
         )
 
     @classmethod
@@ -245,6 +316,8 @@ class DatasetPolicy:
                 lines.append(f"{key} = {_toml(doc[key])}")
         if doc["dominance"] is not None:
             lines.append(f"dominance = {_toml(doc['dominance'])}")
+        if "trust" in doc:
+            lines.append(f"trust = {_toml(doc['trust'])}")
         if doc["columns"]:
             lines += ["", "[columns]"]
             lines += [f"{_toml_key(name)} = {_toml(rule)}" for name, rule in doc["columns"].items()]

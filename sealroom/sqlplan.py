@@ -663,7 +663,7 @@ def _use_of(col: exp.Column) -> str:
     would test join keys or measures that the owner allows only to be joined or summed.
     """
     if any(isinstance(a, exp.AggFunc) for a in _ancestors(col)):
-        child: exp.Expression = col
+        child: exp.Expr = col
         for a in _ancestors(col):
             if isinstance(a, exp.AggFunc):
                 break

@@ -170,6 +170,29 @@ def test_agent_refuses_an_enclave_its_trust_policy_rejects(
     _holds_nothing_from_bank_a(enclave, job)
 
 
+@pytest.mark.parametrize(
+    ("dataset_trust", "check"),
+    [
+        ({"allow_simulated": False}, "simulated"),
+        ({"measurements": ["ab" * 48]}, "measurement"),
+    ],
+    ids=["dataset_refuses_simulated", "dataset_pins_another_measurement"],
+)
+def test_a_datasets_own_trust_section_narrows_the_agents(
+    dataset_trust: dict[str, object], check: str, agent_factory: Callable[..., Agent], enclave: EnclaveHandle
+) -> None:
+    """The agent trusts this simulated enclave, but the dataset's policy does not: nothing streams."""
+    policy = DatasetPolicy.from_dict({**POLICY.to_dict(), "trust": dataset_trust})
+    party = agent_factory(policy=policy)
+    plan = make_plan(SQL, [party.data])
+    assert party.review(plan).approved
+    job = enclave.create_job(plan)
+    rej = party.contribute_refused(plan.to_json(), job)
+    assert rej.status == grpc.StatusCode.UNAUTHENTICATED
+    assert rej.error.details.get("check") == check and "bank_a.loans" in rej.error.message
+    _holds_nothing_from_bank_a(enclave, job)
+
+
 def _one_byte_changed(plan_json: bytes) -> bytes:
     i = plan_json.index(b'"salt":"') + len(b'"salt":"')
     flipped = b"0" if plan_json[i : i + 1] != b"0" else b"1"

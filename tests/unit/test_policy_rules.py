@@ -299,3 +299,65 @@ def test_planner_and_enclave_name_unaliased_outputs_alike():
     an = analyze(sql, {f"bank_{x}.loans": SCHEMA.names for x in "ab"})
     specs = [InputSpec(q, f"t{i}", an.needed_columns[q], None) for i, q in enumerate(an.datasets)]
     assert compile_stage(an.sql, specs).output_columns == an.output_columns == ("segment", "avg(exposure)")
+
+
+def _claims(*, simulated=True, measurement="ab" * 48):
+    from datetime import UTC, datetime
+
+    from sealroom.attestation import Claims
+
+    return Claims(
+        platform="simulated",
+        measurement=measurement,
+        debug=False,
+        tcb={},
+        report_data=b"\0" * 64,
+        nonce=b"\0" * 32,
+        issued_at=datetime.now(UTC),
+        simulated=simulated,
+    )
+
+
+def test_a_datasets_trust_section_narrows_the_agents(tmp_path):
+    from sealroom.errors import AttestationError
+    from sealroom.policy import DatasetTrust
+
+    path = tmp_path / "p.toml"
+    path.write_text(f'trust = {{ measurements = ["{"cd" * 48}"], allow_simulated = false }}\n')
+    trust = load_policy_file(path).trust
+    assert trust == DatasetTrust(("cd" * 48,), False, False)
+    with pytest.raises(AttestationError, match="refuses simulated attestation") as info:
+        trust.check(_claims(simulated=True, measurement="cd" * 48), dataset="bank_a.loans")
+    assert info.value.details["check"] == "simulated"
+    with pytest.raises(AttestationError, match="not among those") as info:
+        trust.check(_claims(simulated=False), dataset="bank_a.loans")
+    trust.check(_claims(simulated=False, measurement="cd" * 48), dataset="bank_a.loans")  # accepted
+    DatasetTrust().check(_claims(), dataset="bank_a.loans")  # no section: the agent's [trust] decides
+    path.write_text("trust = { mpc_only = true }\n")
+    with pytest.raises(AttestationError, match="mpc_only"):
+        load_policy_file(path).trust.check(_claims(simulated=False), dataset="bank_a.loans")
+    again = tmp_path / "again.toml"
+    again.write_text(load_policy_file(path).to_toml())
+    assert load_policy_file(again) == load_policy_file(path)
+
+
+def test_an_mpc_only_dataset_is_refused_with_what_to_do():
+    mpc = DatasetPolicy.from_dict({"privacy_unit": "customer_id", "trust": {"mpc_only": True}})
+    catalog = {"bank_a.loans": CatalogEntry("bank_a", "loans", SCHEMA, mpc)}
+    with pytest.raises(PolicyRefusalError, match="goes to no enclave") as info:
+        plan_query(
+            "SELECT segment, COUNT(*) FROM bank_a.loans GROUP BY segment",
+            query_id="q",
+            analyst="alice",
+            catalog=catalog,
+            party_keys=KEYS,
+        )
+    assert info.value.details["rule"] == "mpc_only" and "measurement" in info.value.details["suggestion"]
+
+
+@pytest.mark.parametrize("bad", ["trust = { mpc_only = 1 }", "trust = { measurements = ['zz'] }", "trust = 5"])
+def test_malformed_trust_sections(tmp_path, bad):
+    path = tmp_path / "p.toml"
+    path.write_text(bad)
+    with pytest.raises(ConfigError, match="trust"):
+        load_policy_file(path)
