@@ -247,6 +247,7 @@ class PartyAgent:
                     policy_digest=d.policy.digest(),
                     policy_json=d.policy.canonical(),
                     description=d.description,
+                    approximate_rows=self._approximate_rows(d.name) if d.policy.share_row_count else 0,
                 )
             )
         return coordinator_pb2.RegisterPartyRequest(
@@ -257,6 +258,11 @@ class PartyAgent:
             ),
             datasets=datasets,
         )
+
+    def _approximate_rows(self, dataset: str) -> int:
+        """The dataset's row count to two significant digits (read streaming, no column loaded)."""
+        n = sum(b.num_rows for b in self.sources[dataset].batches([]))
+        return int(float(f"{n:.2g}")) if n else 0
 
     def register(self, address: str, *, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

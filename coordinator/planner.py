@@ -36,6 +36,7 @@ class CatalogEntry:
     dataset: str
     schema: pa.Schema
     policy: DatasetPolicy
+    approximate_rows: int = 0  # 0: the owner does not share it
 
     @property
     def qualified(self) -> str:
@@ -47,7 +48,7 @@ def catalog_from_rows(rows: list[dict[str, Any]]) -> dict[str, CatalogEntry]:
     for r in rows:
         schema = pa.ipc.read_schema(pa.py_buffer(r["arrow_schema"]))
         policy = DatasetPolicy.from_json(r["policy_json"])
-        entry = CatalogEntry(r["party"], r["name"], schema, policy)
+        entry = CatalogEntry(r["party"], r["name"], schema, policy, int(r.get("approximate_rows", 0)))
         out[entry.qualified] = entry
     return out
 
@@ -176,7 +177,7 @@ def _bound(v: float | None) -> str:
     return "-inf" if v is None else f"{v:g}"
 
 
-def explain_text(plan: Plan, analysis: Analysis) -> str:
+def explain_text(plan: Plan, analysis: Analysis, rows: Mapping[str, int] | None = None) -> str:
     """A human-readable explanation of what would run, what each party sends, which rules apply to
     each output column, and who approves."""
     title = f"Plan for analyst {plan.analyst}" + ("" if plan.query_id == "explain" else f", query {plan.query_id}")
@@ -204,6 +205,8 @@ def explain_text(plan: Plan, analysis: Analysis) -> str:
                 f"    {inp.qualified}: {', '.join(inp.columns)}  "
                 f"[privacy unit: {unit}; min group size {inp.policy.min_group_size}]"
             )
+            if rows and rows.get(inp.qualified):
+                lines.append(f"      about {rows[inp.qualified]:,} rows in the dataset (shared by its owner)")
             if inp.filter is not None:
                 lines.append(f"      filter applied by {inp.party}: {_readable(inp.filter)}")
     lines.append("")

@@ -60,6 +60,7 @@ class Coordinator:
                     "policy_json": bytes(d.policy_json),
                     "policy_digest": d.policy_digest,
                     "description": d.description,
+                    "approximate_rows": max(0, int(d.approximate_rows)),
                 }
             )
         self.store.register_party(party.name, party.address, bytes(party.signing_public_key).hex(), datasets)
@@ -73,7 +74,8 @@ class Coordinator:
 
     def explain(self, sql: str, analyst: str):
         plan, analysis = self._plan(sql, analyst, "explain")
-        return plan, explain_text(plan, analysis)
+        rows = {f"{d['party']}.{d['name']}": d["approximate_rows"] for d in self.store.datasets()}
+        return plan, explain_text(plan, analysis, rows)
 
     def submit(self, sql: str, analyst: str) -> tuple[str, str]:
         query_id = "q_" + secrets.token_hex(8)
@@ -137,6 +139,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     policy_digest=d["policy_digest"],
                     policy_json=d["policy_json"],
                     description=d["description"],
+                    approximate_rows=d["approximate_rows"],
                 )
                 for d in self.c.store.datasets()
             ],

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS datasets (
     policy_json BLOB NOT NULL,
     policy_digest TEXT NOT NULL,
     description TEXT NOT NULL DEFAULT '',
+    approximate_rows INTEGER NOT NULL DEFAULT 0,
     registered_at REAL NOT NULL,
     PRIMARY KEY (party, name)
 );
@@ -95,6 +96,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(datasets)").fetchall()}
+        if "approximate_rows" not in columns:  # a state directory from before this column
+            self._db.execute("ALTER TABLE datasets ADD COLUMN approximate_rows INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -136,8 +140,17 @@ class Store:
             for d in datasets:
                 db.execute(
                     "INSERT INTO datasets(party, name, arrow_schema, policy_json, policy_digest, description, "
-                    "registered_at) VALUES (?,?,?,?,?,?,?)",
-                    (name, d["name"], d["arrow_schema"], d["policy_json"], d["policy_digest"], d["description"], now),
+                    "approximate_rows, registered_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        name,
+                        d["name"],
+                        d["arrow_schema"],
+                        d["policy_json"],
+                        d["policy_digest"],
+                        d["description"],
+                        d.get("approximate_rows", 0),
+                        now,
+                    ),
                 )
 
     def parties(self) -> dict[str, dict[str, Any]]:
@@ -148,7 +161,8 @@ class Store:
     def datasets(self) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT party, name, arrow_schema, policy_json, policy_digest, description FROM datasets "
+                "SELECT party, name, arrow_schema, policy_json, policy_digest, description, approximate_rows "
+                "FROM datasets "
                 "ORDER BY party, name"
             ).fetchall()
         return [
@@ -159,6 +173,7 @@ class Store:
                 "policy_json": r[3],
                 "policy_digest": r[4],
                 "description": r[5],
+                "approximate_rows": r[6],
             }
             for r in rows
         ]

@@ -147,6 +147,7 @@ class Client:
                 "columns": pa.ipc.read_schema(pa.py_buffer(d.arrow_schema)).names,
                 "policy": json.loads(d.policy_json),
                 "description": d.description,
+                **({"approximate_rows": d.approximate_rows} if d.approximate_rows else {}),
             }
             for d in resp.datasets
         ]

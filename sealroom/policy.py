@@ -200,6 +200,7 @@ class DatasetPolicy:
     default_role: str = "open"
     dominance: Dominance | None = None
     trust: DatasetTrust = field(default_factory=DatasetTrust)
+    share_row_count: bool = False  # let explain show the dataset's row count, rounded
 
     def __hash__(self) -> int:
         return hash(self.digest())
@@ -215,6 +216,7 @@ class DatasetPolicy:
             "default_role": self.default_role,
             "dominance": self.dominance.to_dict() if self.dominance else None,
             **({"trust": self.trust.to_dict()} if self.trust != DatasetTrust() else {}),
+            **({"share_row_count": True} if self.share_row_count else {}),
         }
 
     def canonical(self) -> bytes:
@@ -242,7 +244,7 @@ class DatasetPolicy:
     def from_dict(cls, doc: Mapping[str, Any], *, source: str = "<policy>", prefix: str = "") -> DatasetPolicy:
         known = {
             "version", "privacy_unit", "min_group_size", "analysts", "approval", "columns", "default_role",
-            "dominance", "trust",
+            "dominance", "trust", "share_row_count",
         }  # fmt: skip
         _check_keys(doc, known, source=source, prefix=prefix)
         version = doc.get("version", 1)
@@ -292,6 +294,9 @@ class DatasetPolicy:
             if doc.get("trust") is not None
             else DatasetTrust()
         )
+        share = doc.get("share_row_count", False)
+        if not isinstance(share, bool):
+            raise _err(source, f"{prefix}share_row_count", "true or false")
         return cls(
             privacy_unit=unit,
             min_group_size=k,
@@ -301,6 +306,7 @@ class DatasetPolicy:
             default_role=default_role,
             dominance=dominance,
             trust=trust,
+            share_row_count=share,
         )
 
     @classmethod
@@ -318,6 +324,8 @@ class DatasetPolicy:
             lines.append(f"dominance = {_toml(doc['dominance'])}")
         if "trust" in doc:
             lines.append(f"trust = {_toml(doc['trust'])}")
+        if doc.get("share_row_count"):
+            lines.append("share_row_count = true")
         if doc["columns"]:
             lines += ["", "[columns]"]
             lines += [f"{_toml_key(name)} = {_toml(rule)}" for name, rule in doc["columns"].items()]

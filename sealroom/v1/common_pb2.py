@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sealroom/v1/common.proto\x12\x0bsealroom.v1\"\x81\x01\n\x0b\x44\x61tasetInfo\x12\r\n\x05party\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0c\x61rrow_schema\x18\x03 \x01(\x0c\x12\x15\n\rpolicy_digest\x18\x04 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x05 \x01(\x0c\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\"F\n\tPartyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\"\xad\x01\n\x0bQueryResult\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0b\x61rrow_table\x18\x03 \x01(\x0c\x12\x17\n\x0fsuppressed_json\x18\x04 \x01(\x0c\x12\x11\n\tplan_json\x18\x05 \x01(\x0c\x12\x11\n\tsimulated\x18\x06 \x01(\x08\x12\x14\n\x0creceipt_json\x18\x07 \x01(\x0c\x12\x12\n\nerror_json\x18\x08 \x01(\x0c\"\x07\n\x05\x45mptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sealroom/v1/common.proto\x12\x0bsealroom.v1\"\x9b\x01\n\x0b\x44\x61tasetInfo\x12\r\n\x05party\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0c\x61rrow_schema\x18\x03 \x01(\x0c\x12\x15\n\rpolicy_digest\x18\x04 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x05 \x01(\x0c\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12\x18\n\x10\x61pproximate_rows\x18\x07 \x01(\x03\"F\n\tPartyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\"\xad\x01\n\x0bQueryResult\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0b\x61rrow_table\x18\x03 \x01(\x0c\x12\x17\n\x0fsuppressed_json\x18\x04 \x01(\x0c\x12\x11\n\tplan_json\x18\x05 \x01(\x0c\x12\x11\n\tsimulated\x18\x06 \x01(\x08\x12\x14\n\x0creceipt_json\x18\x07 \x01(\x0c\x12\x12\n\nerror_json\x18\x08 \x01(\x0c\"\x07\n\x05\x45mptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sealroom.v1.common_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DATASETINFO']._serialized_start=42
-  _globals['_DATASETINFO']._serialized_end=171
-  _globals['_PARTYINFO']._serialized_start=173
-  _globals['_PARTYINFO']._serialized_end=243
-  _globals['_QUERYRESULT']._serialized_start=246
-  _globals['_QUERYRESULT']._serialized_end=419
-  _globals['_EMPTY']._serialized_start=421
-  _globals['_EMPTY']._serialized_end=428
+  _globals['_DATASETINFO']._serialized_end=197
+  _globals['_PARTYINFO']._serialized_start=199
+  _globals['_PARTYINFO']._serialized_end=269
+  _globals['_QUERYRESULT']._serialized_start=272
+  _globals['_QUERYRESULT']._serialized_end=445
+  _globals['_EMPTY']._serialized_start=447
+  _globals['_EMPTY']._serialized_end=454
 # @@protoc_insertion_point(module_scope)

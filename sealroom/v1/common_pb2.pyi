@@ -28,6 +28,7 @@ class DatasetInfo(_message.Message):
     POLICY_DIGEST_FIELD_NUMBER: _builtins.int
     POLICY_JSON_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    APPROXIMATE_ROWS_FIELD_NUMBER: _builtins.int
     party: _builtins.str
     name: _builtins.str
     """dataset name within the party ("loans")"""
@@ -38,6 +39,10 @@ class DatasetInfo(_message.Message):
     policy_json: _builtins.bytes
     """canonical JSON of the policy (public: rules, not data)"""
     description: _builtins.str
+    approximate_rows: _builtins.int
+    """Row count rounded to two significant digits, for explain; 0 where the owner's policy does not
+    share it (share_row_count).
+    """
     def __init__(
         self,
         *,
@@ -47,10 +52,11 @@ class DatasetInfo(_message.Message):
         policy_digest: _builtins.str = ...,
         policy_json: _builtins.bytes = ...,
         description: _builtins.str = ...,
+        approximate_rows: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrow_schema", b"arrow_schema", "description", b"description", "name", b"name", "party", b"party", "policy_digest", b"policy_digest", "policy_json", b"policy_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approximate_rows", b"approximate_rows", "arrow_schema", b"arrow_schema", "description", b"description", "name", b"name", "party", b"party", "policy_digest", b"policy_digest", "policy_json", b"policy_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

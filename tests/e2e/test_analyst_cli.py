@@ -24,7 +24,8 @@ def platform(tmp_path_factory):
         pa.table({"customer_id": pa.array(range(20), pa.int64()), "segment": ["retail"] * 12 + ["sme"] * 8}),
         d / "a.parquet",
     )
-    parties = [PartySpec("bank_a", (DatasetSpec("loans", str(d / "a.parquet"), DatasetPolicy("customer_id", 5)),))]
+    policy = DatasetPolicy("customer_id", 5, share_row_count=True)
+    parties = [PartySpec("bank_a", (DatasetSpec("loans", str(d / "a.parquet"), policy),))]
     with Cluster(d / "state", parties) as cluster:
         yield cluster
 
@@ -45,13 +46,15 @@ def test_datasets_and_explain(platform):
         {
             "dataset": "bank_a.loans",
             "columns": ["customer_id", "segment"],
-            "policy": DatasetPolicy("customer_id", 5).to_dict(),
+            "policy": DatasetPolicy("customer_id", 5, share_row_count=True).to_dict(),
             "description": "",
+            "approximate_rows": 20,
         }
     ]
     proc = cli(platform, "explain", SQL)
     assert proc.returncode == 0
     assert "bank_a.loans: customer_id, segment" in proc.stdout and "Approvals needed from: bank_a" in proc.stdout
+    assert "about 20 rows in the dataset (shared by its owner)" in proc.stdout
     plan = json.loads(cli(platform, "explain", "--json", SQL).stdout)["plan"]
     assert plan["stages"][0]["inputs"][0]["columns"] == ["customer_id", "segment"]
 
