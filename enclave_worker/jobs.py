@@ -246,7 +246,8 @@ class JobRegistry:
         log.info("job %s created for plan %s (%d inputs)", job.id, job.plan_hash[:12], len(inputs))
         return job
 
-    def attest(self, job_id: str, nonce: bytes) -> Evidence:
+    def attest(self, job_id: str, nonce: bytes) -> tuple[Evidence, Job]:
+        """Evidence binding the job's keys and ``nonce``, and the job (whose public keys go with it)."""
         if not isinstance(nonce, bytes) or not 16 <= len(nonce) <= 64:
             raise InvalidQueryError("the nonce must be 16 to 64 random bytes")
         job = self._get(job_id)
@@ -258,7 +259,7 @@ class JobRegistry:
         )
         with self._lock:
             job.issued_evidence.add(evidence.digest())
-        return evidence
+        return evidence, job
 
     def upload(
         self,

@@ -53,8 +53,7 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
         )
 
     def Attest(self, request, context):  # noqa: N802
-        evidence = self.registry.attest(request.job_id, request.nonce)
-        job = self.registry._get(request.job_id)
+        evidence, job = self.registry.attest(request.job_id, request.nonce)
         return enclave_pb2.AttestResponse(
             evidence=evidence.to_bytes(),
             hpke_public_key=job.hpke_public,
