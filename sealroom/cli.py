@@ -91,6 +91,64 @@ def cmd_party_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_attest_verify(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from sealroom.attestation.offline import decode_evidence, load_certificate, verify_platform_evidence
+
+    def read(path: str, what: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+    def cert(path: str, what: str) -> Any:
+        try:
+            return load_certificate(
+                decode_evidence(read(path, what)) if not path.endswith(".pem") else read(path, what)
+            )
+        except ValueError:
+            raise UsageError(f"{path} is not a PEM or DER certificate") from None
+
+    evidence = decode_evidence(read(args.evidence, "evidence"))
+    certificates = [cert(c, "certificate") for c in args.cert]
+    root = cert(args.root, "root certificate") if args.root else None
+    at = None
+    if args.at:
+        try:
+            at = datetime.fromisoformat(args.at.replace("Z", "+00:00"))
+        except ValueError:
+            raise UsageError(f"--at must be an ISO-8601 time such as 2023-09-18T12:00:00Z (got {args.at!r})") from None
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+    from sealroom.errors import AttestationError
+
+    try:
+        claims = verify_platform_evidence(
+            args.format,
+            evidence,
+            certificates=certificates,
+            root=root,
+            at=at,
+            allow_debug=args.allow_debug,
+            expect_measurement=args.expect_measurement,
+        )
+    except AttestationError as err:
+        check = err.details.get("check", "")
+        print(f"sealroom: refused ({check}): {err.message}", file=sys.stderr)
+        if args.json:
+            _emit({"verified": False, "check": check, "reason": err.to_dict()})
+        # Evidence that does not parse is unusable input (2); evidence that parses and fails a check
+        # is refused (1).
+        return EXIT_USAGE if check == "format" else EXIT_FAILED
+    if args.json:
+        _emit({"verified": True, "claims": claims.to_json_dict()})
+    else:
+        print(f"verified {claims.platform} evidence: measurement {claims.measurement}")
+        print(f"  debug {claims.debug}; tcb {dict(claims.tcb)}; report data {claims.report_data.hex()[:32]}...")
+    return EXIT_OK
+
+
 def cmd_dev_init(args: argparse.Namespace) -> int:
     from sealroom.attestation import dev_init
 
@@ -503,6 +561,19 @@ def build_parser() -> argparse.ArgumentParser:
     at = with_json(an.add_parser("token", help="make an analyst token and the coordinator config line"))
     at.add_argument("name")
     at.set_defaults(fn=cmd_analyst_token)
+
+    att = sub.add_parser("attest", help="attestation evidence").add_subparsers(dest="action", required=True)
+    av = with_json(att.add_parser("verify", help="verify a platform's raw attestation evidence offline"))
+    av.add_argument("--format", required=True, choices=["snp", "tdx", "sgx", "nitro"])
+    av.add_argument("evidence", help="raw binary, hex or base64 file, as the platform publishes it")
+    av.add_argument(
+        "--cert", action="append", default=[], help="a certificate the evidence does not carry (SNP: VCEK, ASK)"
+    )
+    av.add_argument("--root", help="replace the built-in pinned root")
+    av.add_argument("--at", help="verify as of this ISO-8601 time (test evidence has expired certificates)")
+    av.add_argument("--allow-debug", action="store_true", help="accept evidence from a debug enclave")
+    av.add_argument("--expect-measurement", metavar="HEX")
+    av.set_defaults(fn=cmd_attest_verify)
 
     dev = sub.add_parser("dev", help="development helpers").add_subparsers(dest="action", required=True)
     di = dev.add_parser("init", help="create the SIMULATED attestation dev root")
