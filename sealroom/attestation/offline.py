@@ -20,7 +20,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 from sealroom.attestation.platform import PlatformClaims
 from sealroom.errors import AttestationError
 
-FORMATS = ("snp", "nitro")
+FORMATS = ("snp", "tdx", "sgx", "nitro")
 
 
 def decode_evidence(data: bytes) -> bytes:
@@ -73,6 +73,12 @@ def verify_platform_evidence(
                 details={"check": "chain"},
             )
         claims = verify_snp(evidence, vcek=vceks[0], ask=others[0] if others else None, ark=root, now=at or _now())
+    elif fmt in ("tdx", "sgx"):
+        from sealroom.attestation.sgx import verify_sgx
+        from sealroom.attestation.tdx import verify_tdx
+
+        verify = verify_tdx if fmt == "tdx" else verify_sgx
+        claims = verify(evidence, roots=[root] if root is not None else None, now=at or _now())
     elif fmt == "nitro":
         from sealroom.attestation.nitro import verify_nitro
 

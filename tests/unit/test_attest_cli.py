@@ -77,3 +77,16 @@ def test_unusable_input_exits_2_or_names_what_is_missing(tmp_path, case):
     else:
         proc = attest("--format", "snp", str(SNP), "--at", AT)
         assert proc.returncode == 1 and "needs its VCEK" in proc.stderr
+
+
+def test_tdx_and_sgx_quotes_verify_from_the_command_line(tmp_path):
+    tdx = tmp_path / "tdx.dat"
+    tdx.write_bytes((DATA / "tdx" / "gotdxguest-quote-v4-spr-e4.dat").read_bytes()[:4935])
+    proc = attest("--format", "tdx", str(tdx), "--at", "2025-01-01T00:00:00Z", "--json")
+    assert proc.returncode == 0, proc.stderr
+    claims = json.loads(proc.stdout)["claims"]
+    assert claims["platform"] == "tdx" and claims["measurement"].startswith("6363b8043668a3ad")
+    sgx = DATA / "sgx" / "dcapqvl-sgx-quote-v3.bin"
+    proc = attest("--format", "sgx", str(sgx), "--at", "2025-01-01T00:00:00Z", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert bytes.fromhex(json.loads(proc.stdout)["claims"]["report_data"]).startswith(b"Hello, world!")
