@@ -38,6 +38,7 @@ from sealroom.attestation.evidence import (
     _is_lower_hex,
     _iso_utc,
 )
+from sealroom.attestation.hardware import VERIFIERS as HARDWARE_VERIFIERS
 from sealroom.attestation.simulated import verify_simulated
 from sealroom.errors import AttestationError
 
@@ -48,9 +49,9 @@ logger = logging.getLogger(__name__)
 FormatVerifier = Callable[..., Claims]
 """``verifier(evidence, *, policy, now) -> Claims``: checks format-specific crypto, appraises nothing."""
 
-# One verifier per format. Real TEE formats plug in here (later issue): each returns Claims whose
-# nonce and report_data are the ones the hardware signed.
-_VERIFIERS: Mapping[str, FormatVerifier] = {SIMULATED: verify_simulated}
+# One verifier per format: each returns Claims whose report_data (and nonce, where the platform
+# signs one) are the ones the hardware signed. Hardware formats verify against pinned vendor roots.
+_VERIFIERS: Mapping[str, FormatVerifier] = {SIMULATED: verify_simulated, **HARDWARE_VERIFIERS}
 SUPPORTED_FORMATS: tuple[str, ...] = tuple(sorted(_VERIFIERS))
 
 

@@ -533,7 +533,19 @@ def test_refused_when_attestation_key_certificate_expired(
     )
 
 
-@pytest.mark.parametrize("fmt", ["snp", "tdx", "sgx", "nitro", "bogus"])
+@pytest.mark.parametrize("fmt", ["tdx", "sgx", "nitro", "sev-snp"])
+def test_simulated_evidence_relabelled_as_hardware_is_refused(
+    root: DevRoot, nonce: bytes, report_data: bytes, now: datetime, fmt: str
+) -> None:
+    evidence = replace(attest(root, report_data=report_data, nonce=nonce), format=fmt)
+    with pytest.raises(AttestationError) as info:
+        verify_evidence(
+            evidence, policy=make_policy(root), expected_report_data=report_data, expected_nonce=nonce, now=now
+        )
+    assert info.value.details["check"] in ("format", "envelope", "chain")
+
+
+@pytest.mark.parametrize("fmt", ["snp", "bogus"])
 def test_refused_for_unsupported_format(
     root: DevRoot, nonce: bytes, report_data: bytes, now: datetime, fmt: str
 ) -> None:

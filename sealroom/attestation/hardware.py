@@ -1,0 +1,93 @@
+"""Hardware evidence inside the relying party's appraisal: the per-format verifiers of
+:func:`sealroom.attestation.verify_evidence` for ``sev-snp``, ``tdx``, ``sgx`` and ``nitro``.
+
+Each one verifies the raw evidence (``Evidence.evidence``) with the platform's offline verifier,
+against the built-in pinned vendor roots, and normalises the result to :class:`Claims` for the
+shared appraisal (nonce, report data, measurement allowlist, debug, minimum TCB, freshness).
+
+Freshness and the nonce: SEV-SNP, TDX and SGX reports carry no nonce and no time. The enclave puts
+``report_data_for(job keys, nonce)`` into their 64-byte report data, so the report-data check is
+what binds the relying party's fresh nonce; the envelope's nonce must match too, and the claims'
+issue time is the verification time. Nitro documents carry both a nonce and a signed timestamp,
+and must carry the 64 report-data bytes as ``user_data``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from cryptography import x509
+
+from sealroom.attestation.evidence import REPORT_DATA_BYTES, Claims, Evidence
+from sealroom.attestation.platform import PlatformClaims
+from sealroom.errors import AttestationError
+
+FORMATS = ("sev-snp", "tdx", "sgx", "nitro")
+
+
+def _claims(pc: PlatformClaims, evidence: Evidence, now: datetime) -> Claims:
+    if len(pc.report_data) != REPORT_DATA_BYTES:
+        raise AttestationError(
+            f"the {pc.platform} evidence binds {len(pc.report_data)} bytes of report data, not the "
+            f"{REPORT_DATA_BYTES} the enclave's keys and the nonce take",
+            details={"check": "report_data"},
+        )
+    return Claims(
+        platform=pc.platform,
+        measurement=pc.measurement,
+        debug=pc.debug,
+        tcb=dict(pc.tcb),
+        report_data=pc.report_data,
+        nonce=pc.nonce if pc.nonce is not None else evidence.nonce,
+        issued_at=pc.issued_at or now,
+        simulated=False,
+    )
+
+
+def _snp(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
+    from sealroom.attestation.offline import load_certificate
+    from sealroom.attestation.simulated import _split_der_certificates
+    from sealroom.attestation.snp import verify_snp
+
+    try:
+        certs = [load_certificate(der) for der in _split_der_certificates(evidence.aux)]
+    except ValueError:
+        raise AttestationError(
+            "SEV-SNP evidence must carry its VCEK (and optionally the ASK) as DER certificates in aux",
+            details={"check": "envelope"},
+        ) from None
+    vcek = [c for c in certs if _cn(c) == "SEV-VCEK"]
+    others = [c for c in certs if _cn(c) != "SEV-VCEK"]
+    if len(vcek) != 1:
+        raise AttestationError("SEV-SNP evidence must carry exactly one VCEK in aux", details={"check": "chain"})
+    return _claims(
+        verify_snp(evidence.evidence, vcek=vcek[0], ask=others[0] if others else None, now=now), evidence, now
+    )
+
+
+def _tdx(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
+    from sealroom.attestation.tdx import verify_tdx
+
+    return _claims(verify_tdx(evidence.evidence, now=now), evidence, now)
+
+
+def _sgx(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
+    from sealroom.attestation.sgx import verify_sgx
+
+    return _claims(verify_sgx(evidence.evidence, now=now), evidence, now)
+
+
+def _nitro(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
+    from sealroom.attestation.nitro import verify_nitro
+
+    return _claims(verify_nitro(evidence.evidence, now=now), evidence, now)
+
+
+def _cn(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+VERIFIERS: dict[str, Callable[..., Claims]] = {"sev-snp": _snp, "tdx": _tdx, "sgx": _sgx, "nitro": _nitro}

@@ -1,0 +1,121 @@
+"""Genuine hardware evidence through the relying party's appraisal (verify_evidence): a policy that
+accepts only a given TDX or SNP measurement accepts that evidence and refuses a simulated one."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from sealroom.attestation import (
+    AppraisalPolicy,
+    Evidence,
+    SimulatedAttester,
+    dev_init,
+    report_data_for,
+    verify_evidence,
+)
+from sealroom.attestation.nitro import verify_nitro
+from sealroom.attestation.offline import load_certificate
+from sealroom.attestation.snp import verify_snp
+from sealroom.attestation.tdx import verify_tdx
+from sealroom.errors import AttestationError
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+TDX = (DATA / "tdx" / "gotdxguest-quote-v4-spr-e4.dat").read_bytes()[:4935]
+SNP = (DATA / "snp" / "gosevguest-attestation-milan-debug.bin").read_bytes()
+VCEK = (DATA / "snp" / "gosevguest-vcek-milan.der").read_bytes()
+NITRO = (DATA / "nitro" / "evervault-attestation-doc.cbor").read_bytes()
+AT = datetime(2025, 1, 1, tzinfo=UTC)
+NONCE = b"n" * 32
+
+
+def _tdx_claims():
+    return verify_tdx(TDX, now=AT)
+
+
+def test_a_pinned_tdx_measurement_is_accepted_and_a_simulated_enclave_refused(tmp_path):
+    pc = _tdx_claims()
+    policy = AppraisalPolicy(measurements=frozenset({pc.measurement}))
+    claims = verify_evidence(
+        Evidence("tdx", TDX, b"", NONCE),
+        policy=policy,
+        expected_report_data=pc.report_data,
+        expected_nonce=NONCE,
+        now=AT,
+    )
+    assert claims.platform == "tdx" and claims.simulated is False and claims.measurement == pc.measurement
+    # The same relying party refuses simulated evidence, whatever its measurement says.
+    root = dev_init(tmp_path / "dev")
+    simulated = SimulatedAttester(root, measurement=pc.measurement).attest(
+        report_data=report_data_for(hpke_public_key=b"h" * 32, signing_public_key=b"s" * 32, nonce=NONCE),
+        nonce=NONCE,
+    )
+    with pytest.raises(AttestationError) as info:
+        verify_evidence(
+            simulated,
+            policy=policy,
+            expected_report_data=report_data_for(hpke_public_key=b"h" * 32, signing_public_key=b"s" * 32, nonce=NONCE),
+            expected_nonce=NONCE,
+        )
+    assert info.value.details["check"] == "simulated"
+
+
+@pytest.mark.parametrize(
+    ("change", "check"),
+    [
+        ({"measurements": frozenset({"00" * 48})}, "measurement"),
+        ({"report_data": os.urandom(64)}, "report_data"),
+        ({"nonce": b"m" * 32}, "nonce"),
+        ({"min_tcb": {"qe_svn": 10_000}}, "tcb"),
+    ],
+)
+def test_tdx_evidence_is_refused_when_a_policy_check_fails(change, check):
+    pc = _tdx_claims()
+    policy = AppraisalPolicy(
+        measurements=change.get("measurements", frozenset({pc.measurement})), min_tcb=change.get("min_tcb", {})
+    )
+    with pytest.raises(AttestationError) as info:
+        verify_evidence(
+            Evidence("tdx", TDX, b"", change.get("nonce", NONCE)),
+            policy=policy,
+            expected_report_data=change.get("report_data", pc.report_data),
+            expected_nonce=NONCE,
+            now=AT,
+        )
+    assert info.value.details["check"] == check
+
+
+def test_snp_evidence_with_its_vcek_in_aux_and_debug_refused_by_default():
+    vcek = load_certificate(VCEK)
+    pc = verify_snp(SNP, vcek=vcek, now=AT)
+    evidence = Evidence("sev-snp", SNP, VCEK, NONCE)
+    kwargs = {"expected_report_data": pc.report_data, "expected_nonce": NONCE, "now": AT}
+    with pytest.raises(AttestationError) as info:
+        verify_evidence(evidence, policy=AppraisalPolicy(measurements=frozenset({pc.measurement})), **kwargs)
+    assert info.value.details["check"] == "debug"
+    claims = verify_evidence(
+        evidence, policy=AppraisalPolicy(measurements=frozenset({pc.measurement}), allow_debug=True), **kwargs
+    )
+    assert claims.platform == "sev-snp" and claims.debug is True
+    with pytest.raises(AttestationError) as info:
+        verify_evidence(
+            Evidence("sev-snp", SNP, b"", NONCE), policy=AppraisalPolicy(measurements=frozenset()), **kwargs
+        )
+    assert info.value.details["check"] == "envelope"
+
+
+def test_nitro_evidence_must_bind_64_bytes_of_report_data():
+    pc = verify_nitro(NITRO)
+    assert pc.issued_at is not None
+    with pytest.raises(AttestationError) as info:
+        verify_evidence(
+            Evidence("nitro", NITRO, b"", NONCE),
+            policy=AppraisalPolicy(measurements=frozenset({pc.measurement})),
+            expected_report_data=b"\0" * 64,
+            expected_nonce=NONCE,
+            now=pc.issued_at + timedelta(seconds=1),
+        )
+    assert info.value.details["check"] == "report_data"
