@@ -332,3 +332,26 @@ def verify_quote(q: Quote, *, roots: Sequence[x509.Certificate] | None, now: dat
         raise fail(label, "signature", "attestation key is not a valid P-256 point") from None
     if not _verify_raw(att_key, q.signature, q.header + q.body):
         raise fail(label, "signature", "quote signature by the attestation key does not verify")
+
+
+def parse_and_verify(
+    quote: bytes,
+    *,
+    label: str,
+    version: int,
+    tee_type: int,
+    body_size: int,
+    roots: Sequence[x509.Certificate] | None,
+    now: datetime,
+) -> Quote:
+    """Type and version checks, parsing and the full DCAP verification: what TDX and SGX share."""
+    if not isinstance(quote, bytes | bytearray | memoryview):
+        raise fail(label, "format", "quote must be bytes")
+    raw = bytes(quote)
+    if len(raw) >= 2:
+        (found,) = struct.unpack_from("<H", raw, 0)
+        if found != version:
+            raise fail(label, "format", f"unsupported quote version {found}", version=found)
+    q = parse_quote(raw, label=label, version=version, tee_type=tee_type, body_size=body_size)
+    verify_quote(q, roots=roots, now=now, label=label)
+    return q

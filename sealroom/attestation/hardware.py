@@ -18,8 +18,6 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from cryptography import x509
-
 from sealroom.attestation.evidence import REPORT_DATA_BYTES, Claims, Evidence
 from sealroom.attestation.platform import PlatformClaims
 from sealroom.errors import AttestationError
@@ -47,9 +45,8 @@ def _claims(pc: PlatformClaims, evidence: Evidence, now: datetime) -> Claims:
 
 
 def _snp(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
-    from sealroom.attestation.offline import load_certificate
+    from sealroom.attestation.offline import load_certificate, verify_snp_with
     from sealroom.attestation.simulated import _split_der_certificates
-    from sealroom.attestation.snp import verify_snp
 
     try:
         certs = [load_certificate(der) for der in _split_der_certificates(evidence.aux)]
@@ -58,13 +55,7 @@ def _snp(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
             "SEV-SNP evidence must carry its VCEK (and optionally the ASK) as DER certificates in aux",
             details={"check": "envelope"},
         ) from None
-    vcek = [c for c in certs if _cn(c) == "SEV-VCEK"]
-    others = [c for c in certs if _cn(c) != "SEV-VCEK"]
-    if len(vcek) != 1:
-        raise AttestationError("SEV-SNP evidence must carry exactly one VCEK in aux", details={"check": "chain"})
-    return _claims(
-        verify_snp(evidence.evidence, vcek=vcek[0], ask=others[0] if others else None, now=now), evidence, now
-    )
+    return _claims(verify_snp_with(evidence.evidence, certs, ark=None, now=now), evidence, now)
 
 
 def _tdx(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
@@ -83,11 +74,6 @@ def _nitro(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
     from sealroom.attestation.nitro import verify_nitro
 
     return _claims(verify_nitro(evidence.evidence, now=now), evidence, now)
-
-
-def _cn(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(names[0].value) if names else ""
 
 
 VERIFIERS: dict[str, Callable[..., Claims]] = {"sev-snp": _snp, "tdx": _tdx, "sgx": _sgx, "nitro": _nitro}

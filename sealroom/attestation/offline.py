@@ -63,16 +63,7 @@ def verify_platform_evidence(
 ) -> PlatformClaims:
     """Verify and appraise; AttestationError (with ``details["check"]``) when refused."""
     if fmt == "snp":
-        from sealroom.attestation.snp import verify_snp
-
-        vceks = [c for c in certificates if _common_name(c) == "SEV-VCEK"]
-        others = [c for c in certificates if _common_name(c) != "SEV-VCEK"]
-        if len(vceks) != 1:
-            raise AttestationError(
-                "an SNP report needs its VCEK: pass it with --cert (AMD's KDS serves it for the chip and TCB)",
-                details={"check": "chain"},
-            )
-        claims = verify_snp(evidence, vcek=vceks[0], ask=others[0] if others else None, ark=root, now=at or _now())
+        claims = verify_snp_with(evidence, certificates, ark=root, now=at or _now())
     elif fmt in ("tdx", "sgx"):
         from sealroom.attestation.sgx import verify_sgx
         from sealroom.attestation.tdx import verify_tdx
@@ -100,6 +91,24 @@ def verify_platform_evidence(
             details={"check": "measurement"},
         )
     return claims
+
+
+def verify_snp_with(
+    report: bytes, certificates: Sequence[x509.Certificate], *, ark: x509.Certificate | None, now: datetime
+) -> PlatformClaims:
+    """Verify an SNP report with the certificates that came with it: exactly one VCEK (by its
+    subject, CN=SEV-VCEK) and optionally the ASK."""
+    from sealroom.attestation.snp import verify_snp
+
+    vceks = [c for c in certificates if _common_name(c) == "SEV-VCEK"]
+    others = [c for c in certificates if _common_name(c) != "SEV-VCEK"]
+    if len(vceks) != 1:
+        raise AttestationError(
+            "an SNP report needs exactly one VCEK with it (pass it with --cert; AMD's KDS serves it for the "
+            "chip and TCB)",
+            details={"check": "chain"},
+        )
+    return verify_snp(report, vcek=vceks[0], ask=others[0] if others else None, ark=ark, now=now)
 
 
 def _common_name(cert: x509.Certificate) -> str:

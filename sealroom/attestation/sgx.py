@@ -34,15 +34,15 @@ def verify_sgx(quote: bytes, *, roots: Sequence[x509.Certificate] | None = None,
 
     ``roots`` replaces the trust anchors (default: the bundled, pinned Intel SGX Root CA).
     """
-    if not isinstance(quote, bytes | bytearray | memoryview):
-        raise dcap.fail(_LABEL, "format", "quote must be bytes")
-    raw = bytes(quote)
-    if len(raw) >= 2:
-        (version,) = struct.unpack_from("<H", raw, 0)
-        if version not in SUPPORTED_VERSIONS:
-            raise dcap.fail(_LABEL, "format", f"unsupported quote version {version}", version=version)
-    q = dcap.parse_quote(raw, label=_LABEL, version=3, tee_type=dcap.TEE_TYPE_SGX, body_size=dcap.SGX_REPORT_SIZE)
-    dcap.verify_quote(q, roots=roots, now=now, label=_LABEL)
+    q = dcap.parse_and_verify(
+        quote,
+        label=_LABEL,
+        version=3,
+        tee_type=dcap.TEE_TYPE_SGX,
+        body_size=dcap.SGX_REPORT_SIZE,
+        roots=roots,
+        now=now,
+    )
 
     b = q.body
     attributes = b[0x30:0x40]

@@ -12,7 +12,6 @@ the attestation key (``"signature"``), and the QE report's binding of the attest
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -65,15 +64,15 @@ def verify_tdx(quote: bytes, *, roots: Sequence[x509.Certificate] | None = None,
 
     ``roots`` replaces the trust anchors (default: the bundled, pinned Intel SGX Root CA).
     """
-    if not isinstance(quote, bytes | bytearray | memoryview):
-        raise dcap.fail(_LABEL, "format", "quote must be bytes")
-    raw = bytes(quote)
-    if len(raw) >= 2:
-        (version,) = struct.unpack_from("<H", raw, 0)
-        if version not in SUPPORTED_VERSIONS:
-            raise dcap.fail(_LABEL, "format", f"unsupported quote version {version}", version=version)
-    q = dcap.parse_quote(raw, label=_LABEL, version=4, tee_type=dcap.TEE_TYPE_TDX, body_size=dcap.TDX_REPORT_SIZE)
-    dcap.verify_quote(q, roots=roots, now=now, label=_LABEL)
+    q = dcap.parse_and_verify(
+        quote,
+        label=_LABEL,
+        version=4,
+        tee_type=dcap.TEE_TYPE_TDX,
+        body_size=dcap.TDX_REPORT_SIZE,
+        roots=roots,
+        now=now,
+    )
 
     f = {name: q.body[off : off + size] for name, (off, size) in _FIELDS.items()}
     td_attributes = int.from_bytes(f["td_attributes"], "little")

@@ -76,7 +76,7 @@ def test_unusable_input_exits_2_or_names_what_is_missing(tmp_path, case):
         assert proc.returncode == 2 and "cannot read the evidence" in proc.stderr
     else:
         proc = attest("--format", "snp", str(SNP), "--at", AT)
-        assert proc.returncode == 1 and "needs its VCEK" in proc.stderr
+        assert proc.returncode == 1 and "needs exactly one VCEK" in proc.stderr
 
 
 def test_tdx_and_sgx_quotes_verify_from_the_command_line(tmp_path):
