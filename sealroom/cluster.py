@@ -8,7 +8,6 @@ operator's templates, see docs/operations.md), the coordinator's SQLite state an
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sealroom.auth import generate_token, token_hash
+from sealroom.config import toml_table
 from sealroom.errors import UnavailableError
 from sealroom.keys import generate_signing_key, save_signing_key
 from sealroom.policy import DatasetPolicy
@@ -37,24 +37,6 @@ class PartySpec:
     name: str
     datasets: tuple[DatasetSpec, ...]
     approval_ttl_seconds: float | None = None  # [party] approval_ttl_seconds (None: the agent's default)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str | Path):
-        return json.dumps(str(v))
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(type(v))
-
-
-def _toml_table(name: str, values: dict[str, Any], *, array: bool = False) -> str:
-    head = f"[[{name}]]" if array else f"[{name}]"
-    lines = [head] + [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
-    return "\n".join(lines) + "\n"
 
 
 class Cluster:
@@ -106,7 +88,7 @@ class Cluster:
             "dev_root": str(p["dev"]),
             "memory_limit_mb": self.memory_limit_mb,
         }
-        (p["config"] / "enclave.toml").write_text(_toml_table("enclave", enclave_values))
+        (p["config"] / "enclave.toml").write_text(toml_table("enclave", enclave_values))
         # The measurement a data owner pins: computed from the code and configuration, as
         # `sealroom enclave measure --config enclave.toml` prints it.
         self.measurement = enclave_measurement(EnclaveConfig.load(p["config"] / "enclave.toml").measured())
@@ -194,7 +176,7 @@ class Cluster:
         enclave = self._wait_port("enclave")
         coord_cfg = p["config"] / "coordinator.toml"
         coord_cfg.write_text(
-            _toml_table(
+            toml_table(
                 "coordinator",
                 {
                     "listen": "127.0.0.1:0",
@@ -204,15 +186,15 @@ class Cluster:
                     "approval_timeout_seconds": self.approval_timeout_seconds,
                 },
             )
-            + _toml_table("trust", self._trust())
-            + _toml_table("analysts", {a: token_hash(self.token(a)) for a in self.analysts})
+            + toml_table("trust", self._trust())
+            + toml_table("analysts", {a: token_hash(self.token(a)) for a in self.analysts})
         )
         self.log("starting the coordinator")
         self._spawn("coordinator", ["coordinator", "serve", "--config", str(coord_cfg)])
         coordinator = self._wait_port("coordinator")
         for party in self.parties:
             cfg = p["config"] / f"party-{party.name}.toml"
-            text = _toml_table(
+            text = toml_table(
                 "party",
                 {
                     "name": party.name,
@@ -221,11 +203,11 @@ class Cluster:
                     "signing_key": str(self.key_path(party.name)),
                     "approval_ttl_seconds": party.approval_ttl_seconds,
                 },
-            ) + _toml_table("trust", self._trust())
+            ) + toml_table("trust", self._trust())
             for d in party.datasets:
                 policy_file = p["config"] / f"policy-{party.name}.{d.name}.toml"
                 policy_file.write_text(d.policy.to_toml())
-                text += _toml_table(
+                text += toml_table(
                     "dataset",
                     {"name": d.name, "source": d.source, "description": d.description, "policy": str(policy_file)},
                     array=True,

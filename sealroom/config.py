@@ -8,6 +8,7 @@ and what was expected. Nothing is read at import time.
 from __future__ import annotations
 
 import builtins
+import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -133,6 +134,33 @@ class Table:
         if value not in choices:
             raise self._err(key, f"one of {', '.join(choices)}")
         return value
+
+
+def toml_key(key: str) -> str:
+    """A TOML key: bare where it can be, quoted otherwise."""
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
+
+
+def toml_value(v: Any) -> str:
+    """A TOML value (inline tables for mappings; ``None`` entries left out)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str | Path):
+        return json.dumps(str(v))
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(x)}" for k, x in v.items() if x is not None) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def toml_table(name: str, values: Mapping[str, Any], *, array: bool = False) -> str:
+    """A ``[name]`` (or ``[[name]]``) table of ``values``; ``None`` values are left out."""
+    head = f"[[{name}]]" if array else f"[{name}]"
+    lines = [head] + [f"{toml_key(k)} = {toml_value(v)}" for k, v in values.items() if v is not None]
+    return "\n".join(lines) + "\n"
 
 
 def file_table(path: Path) -> Table:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sealroom.attestation import AppraisalPolicy, load_root_certificate
+from sealroom.config import toml_key, toml_value
 from sealroom.errors import AttestationError, ConfigError
 
 DEFAULT_MIN_GROUP_SIZE = 5
@@ -319,35 +320,17 @@ class DatasetPolicy:
         lines = []
         for key in ("version", "privacy_unit", "min_group_size", "analysts", "approval", "default_role"):
             if doc[key] is not None:
-                lines.append(f"{key} = {_toml(doc[key])}")
+                lines.append(f"{key} = {toml_value(doc[key])}")
         if doc["dominance"] is not None:
-            lines.append(f"dominance = {_toml(doc['dominance'])}")
+            lines.append(f"dominance = {toml_value(doc['dominance'])}")
         if "trust" in doc:
-            lines.append(f"trust = {_toml(doc['trust'])}")
+            lines.append(f"trust = {toml_value(doc['trust'])}")
         if doc.get("share_row_count"):
             lines.append("share_row_count = true")
         if doc["columns"]:
             lines += ["", "[columns]"]
-            lines += [f"{_toml_key(name)} = {_toml(rule)}" for name, rule in doc["columns"].items()]
+            lines += [f"{toml_key(name)} = {toml_value(rule)}" for name, rule in doc["columns"].items()]
         return "\n".join(lines) + "\n"
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
-
-
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml(x)}" for k, x in v.items() if x is not None) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
 def load_policy_file(path: Path) -> DatasetPolicy:
