@@ -54,6 +54,15 @@ log = logging.getLogger(__name__)
 RESULT_VERSION = 1
 
 
+def _cancelled_within(connected: Callable[[], bool], *, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while connected():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def _disconnected(party: str) -> JobFailedError:
     return JobFailedError(f"{party} disconnected or its stream broke before the end; the job was stopped")
 
@@ -333,7 +342,15 @@ class JobRegistry:
                     self._held += size
                     job.held_bytes += size
                 batches.append(batch)
-            opener.close()
+            try:
+                opener.close()
+            except IntegrityError:
+                # The stream ended without its final frame: a party cut off mid-stream, or a
+                # truncated stream. gRPC can end the request iterator of a cancelled call a moment
+                # before it reports the call inactive, so give the cancellation that moment.
+                if _cancelled_within(connected, seconds=0.5):
+                    raise _disconnected(ctx.party) from None
+                raise
             table = pa.Table.from_batches(batches, schema=schema)
         except SealroomError as caught:
             err = caught
