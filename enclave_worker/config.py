@@ -8,7 +8,10 @@ from typing import Any
 
 from sealroom.config import Table, file_table
 
-ATTESTERS = ("simulated",)
+ATTESTERS = ("simulated", "sev-snp", "tdx", "sgx", "nitro")
+DEFAULT_TSM_PATH = Path("/sys/kernel/config/tsm/report")
+DEFAULT_GRAMINE_PATH = Path("/dev/attestation")
+DEFAULT_NSM_DEVICE = Path("/dev/nsm")
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,10 @@ class EnclaveConfig:
     listen: str = "127.0.0.1:0"
     attester: str = "simulated"
     dev_root: Path | None = None  # directory written by `sealroom dev init` (simulated only)
+    tsm_path: Path = DEFAULT_TSM_PATH  # configfs-tsm report directory (sev-snp, tdx)
+    snp_certificates: Path | None = None  # VCEK (and ASK) file, when the host supplies no certificate table
+    gramine_path: Path = DEFAULT_GRAMINE_PATH  # Gramine's attestation pseudo-files (sgx)
+    nsm_device: Path = DEFAULT_NSM_DEVICE  # the Nitro Secure Module (nitro)
     memory_limit_bytes: int = 2 * 1024**3
     job_ttl_seconds: int = 900
     engine_threads: int = 2
@@ -30,12 +37,29 @@ class EnclaveConfig:
 
     @classmethod
     def from_table(cls, t: Table) -> EnclaveConfig:
-        t.check_keys({"listen", "attester", "dev_root", "memory_limit_mb", "job_ttl_seconds", "engine_threads"})
+        t.check_keys(
+            {
+                "listen",
+                "attester",
+                "dev_root",
+                "memory_limit_mb",
+                "job_ttl_seconds",
+                "engine_threads",
+                "tsm_path",
+                "snp_certificates",
+                "gramine_path",
+                "nsm_device",
+            }
+        )
         attester = t.choice("attester", ATTESTERS, "simulated")
         return cls(
             listen=t.str("listen", "127.0.0.1:0"),
             attester=attester,
             dev_root=t.path("dev_root") if attester == "simulated" else t.opt_path("dev_root"),
+            tsm_path=t.path("tsm_path", DEFAULT_TSM_PATH),
+            snp_certificates=t.opt_path("snp_certificates"),
+            gramine_path=t.path("gramine_path", DEFAULT_GRAMINE_PATH),
+            nsm_device=t.path("nsm_device", DEFAULT_NSM_DEVICE),
             memory_limit_bytes=t.int("memory_limit_mb", 2048, minimum=1) * 1024 * 1024,
             job_ttl_seconds=t.int("job_ttl_seconds", 900, minimum=1),
             engine_threads=t.int("engine_threads", 2, minimum=1),

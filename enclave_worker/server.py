@@ -124,4 +124,7 @@ def serve(config: EnclaveConfig, *, ready: threading.Event | None = None, port_f
             registry.reap()
 
     threading.Thread(target=reaper, name="job-reaper", daemon=True).start()
-    server.serve_until_signalled(on_stop=stop.set)
+    try:
+        server.serve_until_signalled(on_stop=stop.set)
+    finally:
+        registry.attester.close()

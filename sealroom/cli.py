@@ -56,7 +56,15 @@ def cmd_enclave_measure(args: argparse.Namespace) -> int:
     from enclave_worker.config import EnclaveConfig
     from sealroom.attestation import enclave_measurement
 
-    m = enclave_measurement(EnclaveConfig.load(Path(args.config)).measured())
+    config = EnclaveConfig.load(Path(args.config))
+    if config.attester == "simulated":
+        m = enclave_measurement(config.measured())
+    else:  # the platform measures the image: ask it, from inside the confidential VM or enclave
+        from enclave_worker.attester import make_attester
+
+        attester = make_attester(config)
+        attester.close()
+        m = attester.measurement
     if args.json:
         _emit({"measurement": m})
     else:

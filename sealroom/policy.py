@@ -16,13 +16,16 @@ import hashlib
 import json
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from sealroom.attestation import AppraisalPolicy, load_root_certificate
+from sealroom.attestation.hardware import FORMATS as HARDWARE_FORMATS
 from sealroom.config import toml_key, toml_value
 from sealroom.errors import AttestationError, ConfigError
 
@@ -346,12 +349,23 @@ def load_policy_file(path: Path) -> DatasetPolicy:
 
 @dataclass(frozen=True)
 class TrustPolicy:
-    """Which enclaves a data owner's agent accepts (stays local to the owner)."""
+    """Which enclaves a data owner's agent accepts (stays local to the owner).
+
+    ``measurements`` is the allowlist; ``allow_simulated`` (with ``dev_root``) admits software
+    attestation for development; ``allow_debug`` admits debug-mode TEEs, whose memory the host can
+    read; ``min_tcb`` maps ``"<platform>.<component>"`` (or a bare component, for every platform) to
+    the lowest security version accepted; ``roots`` replaces the built-in vendor roots of a hardware
+    format with certificates from PEM files (a private PKI; normally left empty).
+    """
 
     measurements: frozenset[str] = field(default_factory=frozenset)
     allow_simulated: bool = False
     dev_root: Path | None = None
     max_evidence_age_seconds: int = 300
+    allow_debug: bool = False
+    min_tcb: Mapping[str, int] = field(default_factory=dict)
+    roots: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
+    expect: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def appraisal(self) -> AppraisalPolicy:
         """The attestation appraisal policy this trust section stands for."""
@@ -361,11 +375,26 @@ class TrustPolicy:
             allow_simulated=self.allow_simulated,
             simulated_roots=roots,
             max_age=timedelta(seconds=self.max_evidence_age_seconds),
+            allow_debug=self.allow_debug,
+            min_tcb=self.min_tcb,
+            platform_roots={
+                fmt: tuple(_load_root_pem(path, fmt) for path in paths) for fmt, paths in self.roots.items()
+            },
+            expect={key: frozenset(values) for key, values in self.expect.items()},
         )
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], *, source: str, base: Path) -> TrustPolicy:
-        known = {"measurements", "allow_simulated", "dev_root", "max_evidence_age_seconds"}
+        known = {
+            "measurements",
+            "allow_simulated",
+            "dev_root",
+            "max_evidence_age_seconds",
+            "allow_debug",
+            "min_tcb",
+            "roots",
+            "expect",
+        }
         for key in doc:
             if key not in known:
                 raise ConfigError(
@@ -378,7 +407,7 @@ class TrustPolicy:
         ):
             raise ConfigError(
                 f"{source}: trust.measurements must be a list of hex measurements (SHA-256 or SHA-384, as "
-                "`sealroom enclave measure` prints them)",
+                "`sealroom enclave measure` or `sealroom attest verify` print them)",
                 details={"file": source, "key": "trust.measurements"},
             )
         allow = doc.get("allow_simulated", False)
@@ -386,6 +415,12 @@ class TrustPolicy:
             raise ConfigError(
                 f"{source}: trust.allow_simulated must be true or false",
                 details={"file": source, "key": "trust.allow_simulated"},
+            )
+        allow_debug = doc.get("allow_debug", False)
+        if not isinstance(allow_debug, bool):
+            raise ConfigError(
+                f"{source}: trust.allow_debug must be true or false",
+                details={"file": source, "key": "trust.allow_debug"},
             )
         root = doc.get("dev_root")
         if root is not None and (not isinstance(root, str) or not root):
@@ -405,12 +440,94 @@ class TrustPolicy:
                 f"{source}: trust.max_evidence_age_seconds must be a positive integer",
                 details={"file": source, "key": "trust.max_evidence_age_seconds"},
             )
-        root_path = Path(root).expanduser() if root else None
-        if root_path is not None and not root_path.is_absolute():
-            root_path = base / root_path
+
+        def resolve(value: str) -> Path:
+            path = Path(value).expanduser()
+            return path if path.is_absolute() else base / path
+
+        root_path = resolve(root) if root else None
         return cls(
             measurements=frozenset(m.lower() for m in ms),
             allow_simulated=allow,
             dev_root=root_path,
             max_evidence_age_seconds=age,
+            allow_debug=allow_debug,
+            min_tcb=_min_tcb(doc.get("min_tcb", {}), source=source),
+            roots=_trust_roots(doc.get("roots", {}), source=source, resolve=resolve),
+            expect=_expect(doc.get("expect", {}), source=source),
         )
+
+
+def _expect(doc: object, *, source: str) -> dict[str, tuple[str, ...]]:
+    """``[trust.expect.<platform>]``: ``name = ["hex", ...]`` named measurements to pin."""
+    example = 'e.g. [trust.expect.tdx] rtmr1 = ["<96 hex digits>"]'
+    if not isinstance(doc, Mapping):
+        raise _err(source, "trust.expect", f"a table of platforms, {example}")
+    out: dict[str, tuple[str, ...]] = {}
+    for platform, names in doc.items():
+        if platform not in HARDWARE_FORMATS or not isinstance(names, Mapping):
+            raise _err(
+                source, f"trust.expect.{platform}", f"a table for a platform ({', '.join(HARDWARE_FORMATS)}), {example}"
+            )
+        for name, values in names.items():
+            if (
+                not isinstance(values, list)
+                or not values
+                or not all(
+                    isinstance(v, str) and v and len(v) % 2 == 0 and all(c in "0123456789abcdefABCDEF" for c in v)
+                    for v in values
+                )
+            ):
+                raise _err(source, f"trust.expect.{platform}.{name}", f"a non-empty list of hex values, {example}")
+            out[f"{platform}.{name}"] = tuple(v.lower() for v in values)
+    return out
+
+
+_TCB_EXAMPLE = 'e.g. [trust.min_tcb] "sev-snp" = { snp = 22, microcode = 213 }'
+
+
+def _min_tcb(doc: object, *, source: str) -> dict[str, int]:
+    """``[trust.min_tcb]``: ``platform = { component = n }`` tables, or ``component = n`` for all platforms."""
+    if not isinstance(doc, Mapping):
+        raise _err(source, "trust.min_tcb", f"a table of minimum security versions, {_TCB_EXAMPLE}")
+    out: dict[str, int] = {}
+
+    def put(key: str, value: object, shown: str) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise _err(source, shown, f"a non-negative integer security version, {_TCB_EXAMPLE}")
+        out[key] = value
+
+    for name, value in doc.items():
+        if isinstance(value, Mapping):
+            if name not in HARDWARE_FORMATS:
+                raise _err(source, f"trust.min_tcb.{name}", f"a platform: one of {', '.join(HARDWARE_FORMATS)}")
+            for component, n in value.items():
+                put(f"{name}.{component}", n, f"trust.min_tcb.{name}.{component}")
+        else:
+            put(name, value, f"trust.min_tcb.{name}")
+    return out
+
+
+def _trust_roots(doc: object, *, source: str, resolve: Callable[[str], Path]) -> dict[str, tuple[Path, ...]]:
+    """``[trust.roots]``: ``platform = ["root.pem", ...]`` replacing that platform's built-in roots."""
+    if not isinstance(doc, Mapping):
+        raise _err(source, "trust.roots", 'a table such as { "sev-snp" = ["ark.pem"] }')
+    out: dict[str, tuple[Path, ...]] = {}
+    for fmt, paths in doc.items():
+        if fmt not in HARDWARE_FORMATS:
+            raise _err(source, f"trust.roots.{fmt}", f"a platform: one of {', '.join(HARDWARE_FORMATS)}")
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+            raise _err(source, f"trust.roots.{fmt}", "a non-empty list of PEM certificate paths")
+        out[fmt] = tuple(resolve(p) for p in paths)
+    return out
+
+
+def _load_root_pem(path: Path, fmt: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"trust.roots.{fmt}: root certificate file not found: {path}", details={"file": str(path)}
+        ) from None
+    except ValueError:
+        raise ConfigError(f"trust.roots.{fmt}: {path} is not a PEM certificate", details={"file": str(path)}) from None

@@ -5,9 +5,9 @@ enclave's public keys, computes :func:`report_data_for` over those keys and the 
 :func:`verify_evidence` with its own :class:`AppraisalPolicy`. It gets :class:`Claims` back, or an
 :class:`~sealroom.errors.AttestationError` whose ``details["check"]`` names the failed step.
 
-Only the ``simulated`` format exists so far (:mod:`sealroom.attestation.simulated`: no TEE, for
-development, refused unless a policy sets ``allow_simulated``); real TEE formats plug in as more
-per-format verifiers.
+Formats: ``simulated`` (:mod:`sealroom.attestation.simulated`: no TEE, for development, refused
+unless a policy sets ``allow_simulated``), and the hardware formats ``sev-snp``, ``tdx``, ``sgx``
+and ``nitro`` (:mod:`sealroom.attestation.hardware`), verified offline against pinned vendor roots.
 """
 
 from sealroom.attestation.evidence import SIMULATED, Claims, Evidence, report_data_for

@@ -18,7 +18,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
@@ -218,6 +218,8 @@ class Claims:
     nonce: bytes
     issued_at: datetime
     simulated: bool
+    # Every named measurement the platform reports (TDX RTMRs, SNP HOST_DATA, Nitro PCRs...), hex.
+    measurements: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.platform, str) or not self.platform:
@@ -235,6 +237,11 @@ class Claims:
         if not isinstance(self.issued_at, datetime) or self.issued_at.utcoffset() is None:
             raise ValueError("issued_at must be a timezone-aware datetime")
         object.__setattr__(self, "issued_at", self.issued_at.astimezone(UTC))
+        if not isinstance(self.measurements, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.measurements.items()
+        ):
+            raise TypeError("measurements must map names to hex strings")
+        object.__setattr__(self, "measurements", MappingProxyType(dict(sorted(self.measurements.items()))))
 
     def to_json_dict(self) -> dict[str, Any]:
         """JSON-ready dict (bytes as lowercase hex, time as ISO 8601 UTC with ``Z``)."""
@@ -247,6 +254,7 @@ class Claims:
             "nonce": self.nonce.hex(),
             "issued_at": _iso_utc(self.issued_at),
             "simulated": self.simulated,
+            **({"measurements": dict(self.measurements)} if self.measurements else {}),
         }
 
 

@@ -41,7 +41,14 @@ def _claims(pc: PlatformClaims, evidence: Evidence, now: datetime) -> Claims:
         nonce=pc.nonce if pc.nonce is not None else evidence.nonce,
         issued_at=pc.issued_at or now,
         simulated=False,
+        measurements=pc.measurements,
     )
+
+
+def _roots(policy: Any, fmt: str) -> list[Any] | None:
+    """The relying party's replacement roots for ``fmt``, or None for the pinned vendor roots."""
+    roots = policy.platform_roots.get(fmt) if policy is not None else None
+    return list(roots) if roots else None
 
 
 def _snp(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
@@ -55,25 +62,45 @@ def _snp(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
             "SEV-SNP evidence must carry its VCEK (and optionally the ASK) as DER certificates in aux",
             details={"check": "envelope"},
         ) from None
-    return _claims(verify_snp_with(evidence.evidence, certs, ark=None, now=now), evidence, now)
+    return _claims(verify_snp_with(evidence.evidence, certs, roots=_roots(policy, "sev-snp"), now=now), evidence, now)
 
 
 def _tdx(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
     from sealroom.attestation.tdx import verify_tdx
 
-    return _claims(verify_tdx(evidence.evidence, now=now), evidence, now)
+    return _claims(verify_tdx(evidence.evidence, roots=_roots(policy, "tdx"), now=now), evidence, now)
 
 
 def _sgx(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
     from sealroom.attestation.sgx import verify_sgx
 
-    return _claims(verify_sgx(evidence.evidence, now=now), evidence, now)
+    return _claims(verify_sgx(evidence.evidence, roots=_roots(policy, "sgx"), now=now), evidence, now)
 
 
 def _nitro(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
     from sealroom.attestation.nitro import verify_nitro
 
-    return _claims(verify_nitro(evidence.evidence, now=now), evidence, now)
+    return _claims(verify_nitro(evidence.evidence, roots=_roots(policy, "nitro"), now=now), evidence, now)
 
 
 VERIFIERS: dict[str, Callable[..., Claims]] = {"sev-snp": _snp, "tdx": _tdx, "sgx": _sgx, "nitro": _nitro}
+
+
+def evidence_measurement(evidence: Evidence) -> str:
+    """The launch measurement in hardware ``evidence``, parsed but NOT verified.
+
+    For an enclave worker naming its own measurement at start-up (what it logs and reports in
+    ``GetInfo``); a relying party learns the measurement only from :func:`verify_evidence`.
+    """
+    from sealroom.attestation import nitro, sgx, snp, tdx
+
+    parsers: dict[str, Callable[[bytes], str]] = {
+        "sev-snp": snp.report_measurement,
+        "tdx": tdx.quote_measurement,
+        "sgx": sgx.quote_measurement,
+        "nitro": nitro.document_measurement,
+    }
+    parse = parsers.get(evidence.format)
+    if parse is None:
+        raise AttestationError(f"{evidence.format!r} is not a hardware format", details={"check": "format"})
+    return parse(evidence.evidence)

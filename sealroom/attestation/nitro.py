@@ -38,6 +38,7 @@ from sealroom.attestation.platform import PlatformClaims
 from sealroom.errors import AttestationError
 
 __all__ = [
+    "document_measurement",
     "AWS_NITRO_ROOT_G1_FILE",
     "AWS_NITRO_ROOT_G1_SHA256",
     "MAX_DOCUMENT_BYTES",
@@ -147,18 +148,8 @@ def _check_signature(leaf: x509.Certificate, protected: bytes, payload: bytes, s
         raise _fail("the Nitro attestation document's signature does not verify", "signature") from exc
 
 
-def verify_nitro(
-    document: bytes,
-    *,
-    roots: Sequence[x509.Certificate] | None = None,
-    now: datetime | None = None,
-) -> PlatformClaims:
-    """Verify a Nitro attestation document (raw CBOR or base64 of it) and return its claims.
-
-    ``roots`` replaces the pinned AWS Nitro Root G1; ``now`` (timezone-aware) is when the chain must
-    be valid, by default the document's own timestamp. Raises :class:`AttestationError` with
-    ``details["check"]`` in ``format``, ``root``, ``chain`` or ``signature``.
-    """
+def _decode(document: bytes) -> tuple[bytes, bytes, bytes, dict[Any, Any]]:
+    """A COSE_Sign1 attestation document's (protected header, payload bytes, signature, payload map)."""
     raw = _raw_document(document)
     try:
         outer = cbor.loads(raw)
@@ -185,6 +176,32 @@ def verify_nitro(
         raise _fail("the Nitro attestation document's protected header is not exactly {alg: ES384}", "format")
     if not isinstance(payload, dict):
         raise _fail("the Nitro attestation document's payload is not a map", "format")
+    return protected, payload_bytes, signature, payload
+
+
+def document_measurement(document: bytes) -> str:
+    """PCR0 of a Nitro attestation document, parsed but NOT verified: for an enclave naming its own."""
+    _, _, _, payload = _decode(document)
+    pcrs = _field(payload, "pcrs", dict)
+    pcr0 = pcrs.get(0)
+    if not isinstance(pcr0, bytes) or not pcr0:
+        raise _fail("the Nitro attestation document has no PCR0", "format")
+    return pcr0.hex()
+
+
+def verify_nitro(
+    document: bytes,
+    *,
+    roots: Sequence[x509.Certificate] | None = None,
+    now: datetime | None = None,
+) -> PlatformClaims:
+    """Verify a Nitro attestation document (raw CBOR or base64 of it) and return its claims.
+
+    ``roots`` replaces the pinned AWS Nitro Root G1; ``now`` (timezone-aware) is when the chain must
+    be valid, by default the document's own timestamp. Raises :class:`AttestationError` with
+    ``details["check"]`` in ``format``, ``root``, ``chain`` or ``signature``.
+    """
+    protected, payload_bytes, signature, payload = _decode(document)
 
     module_id = _field(payload, "module_id", str)
     if not module_id:

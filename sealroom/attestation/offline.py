@@ -63,7 +63,7 @@ def verify_platform_evidence(
 ) -> PlatformClaims:
     """Verify and appraise; AttestationError (with ``details["check"]``) when refused."""
     if fmt == "snp":
-        claims = verify_snp_with(evidence, certificates, ark=root, now=at or _now())
+        claims = verify_snp_with(evidence, certificates, roots=[root] if root is not None else None, now=at or _now())
     elif fmt in ("tdx", "sgx"):
         from sealroom.attestation.sgx import verify_sgx
         from sealroom.attestation.tdx import verify_tdx
@@ -94,10 +94,14 @@ def verify_platform_evidence(
 
 
 def verify_snp_with(
-    report: bytes, certificates: Sequence[x509.Certificate], *, ark: x509.Certificate | None, now: datetime
+    report: bytes,
+    certificates: Sequence[x509.Certificate],
+    *,
+    roots: Sequence[x509.Certificate] | None,
+    now: datetime,
 ) -> PlatformClaims:
     """Verify an SNP report with the certificates that came with it: exactly one VCEK (by its
-    subject, CN=SEV-VCEK) and optionally the ASK."""
+    subject, CN=SEV-VCEK) and optionally the ASK. ``roots`` replaces the pinned AMD roots."""
     from sealroom.attestation.snp import verify_snp
 
     vceks = [c for c in certificates if _common_name(c) == "SEV-VCEK"]
@@ -108,7 +112,7 @@ def verify_snp_with(
             "chip and TCB)",
             details={"check": "chain"},
         )
-    return verify_snp(report, vcek=vceks[0], ask=others[0] if others else None, ark=ark, now=now)
+    return verify_snp(report, vcek=vceks[0], ask=others[0] if others else None, roots=roots, now=now)
 
 
 def _common_name(cert: x509.Certificate) -> str:

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -79,7 +80,16 @@ class AppraisalPolicy:
     - ``simulated_roots``: dev root certificates pinned for simulated evidence (matched by the
       SHA-256 fingerprint of their DER).
     - ``allow_debug``: accept enclaves running in debug mode (memory readable by the host). Off.
-    - ``min_tcb``: every key listed must be present in the claims' TCB with a value ``>=`` this.
+    - ``min_tcb``: every key listed must be present in the claims' TCB with a value ``>=`` this. A key
+      ``"<platform>.<component>"`` (``"sev-snp.snp"``) applies only to evidence of that platform; a
+      bare ``"<component>"`` applies to every platform.
+    - ``expect``: named measurements besides the primary one, ``"<platform>.<name>"`` -> accepted
+      values (``"tdx.rtmr1"``, ``"tdx.rtmr2"``, ``"sev-snp.host_data"``, ``"nitro.pcr2"``...); each one
+      listed for the evidence's platform must be present with one of the accepted values. On TDX the
+      primary measurement (MRTD) covers the firmware only: pin RTMR1 and RTMR2 to pin the kernel,
+      initrd and command line (and through a dm-verity root hash there, the enclave worker's code).
+    - ``platform_roots``: per hardware format (``"sev-snp"``, ``"tdx"``, ``"sgx"``, ``"nitro"``), root
+      certificates that replace the vendor roots built in and pinned (for a private PKI or tests).
     - ``max_age``: evidence older than this (by its own ``issued_at``) is refused.
     - ``clock_skew``: evidence dated more than this in the future is refused.
     """
@@ -91,6 +101,8 @@ class AppraisalPolicy:
     min_tcb: Mapping[str, int] = field(default_factory=dict)
     max_age: timedelta = timedelta(minutes=5)
     clock_skew: timedelta = timedelta(seconds=30)
+    platform_roots: Mapping[str, tuple[x509.Certificate, ...]] = field(default_factory=dict)
+    expect: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "measurements", _measurements(self.measurements))
@@ -106,6 +118,22 @@ class AppraisalPolicy:
                 raise TypeError(f"simulated_roots must hold x509.Certificate, not {type(root).__name__}")
         object.__setattr__(self, "simulated_roots", roots)
         object.__setattr__(self, "min_tcb", _freeze_tcb(self.min_tcb, name="min_tcb"))
+        platform_roots: dict[str, tuple[x509.Certificate, ...]] = {}
+        for fmt, certs in dict(self.platform_roots).items():
+            if fmt not in HARDWARE_VERIFIERS:
+                raise ValueError(f"platform_roots names {fmt!r}; hardware formats are {', '.join(HARDWARE_VERIFIERS)}")
+            certs = (certs,) if isinstance(certs, x509.Certificate) else tuple(certs)
+            if not certs or not all(isinstance(c, x509.Certificate) for c in certs):
+                raise TypeError(f"platform_roots[{fmt!r}] must be a non-empty tuple of x509.Certificate")
+            platform_roots[fmt] = certs
+        object.__setattr__(self, "platform_roots", MappingProxyType(platform_roots))
+        expect: dict[str, frozenset[str]] = {}
+        for key, values in dict(self.expect).items():
+            platform, dot, name = key.partition(".")
+            if not dot or not name or platform not in HARDWARE_VERIFIERS:
+                raise ValueError(f"expect key {key!r} must be '<platform>.<measurement name>', e.g. 'tdx.rtmr1'")
+            expect[key] = _measurements(values)
+        object.__setattr__(self, "expect", MappingProxyType(expect))
         if not isinstance(self.max_age, timedelta) or self.max_age <= timedelta(0):
             raise ValueError("max_age must be a positive timedelta")
         if not isinstance(self.clock_skew, timedelta) or self.clock_skew < timedelta(0):
@@ -173,6 +201,19 @@ def _appraise(
             " trust this enclave build, add it to the accepted measurements",
         )
 
+    # Step 8b: the named measurements this relying party pins for the platform (TDX RTMRs...).
+    for key, accepted in policy.expect.items():
+        platform, _, name = key.partition(".")
+        if platform != claims.platform:
+            continue
+        reported = claims.measurements.get(name)
+        if reported is None or reported not in accepted:
+            raise _refuse(
+                "measurement",
+                f"the enclave's {name} is {reported or 'absent'}, not one the trust policy accepts ({key});"
+                " if you trust this enclave image, add the value it reports",
+            )
+
     # Step 9: debug enclaves expose their memory to the host.
     if claims.debug and not policy.allow_debug:
         raise _refuse(
@@ -181,8 +222,11 @@ def _appraise(
             " does not set allow_debug = true; run the enclave in production mode",
         )
 
-    # Step 10: minimum TCB, component by component.
-    for component, minimum in policy.min_tcb.items():
+    # Step 10: minimum TCB, component by component (a platform-qualified key only for that platform).
+    for key, minimum in policy.min_tcb.items():
+        platform, dot, component = key.rpartition(".")
+        if dot and platform != claims.platform:
+            continue
         actual = claims.tcb.get(component)
         if actual is None or actual < minimum:
             shown = "absent" if actual is None else str(actual)

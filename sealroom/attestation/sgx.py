@@ -21,12 +21,13 @@ from cryptography import x509
 from sealroom.attestation import dcap
 from sealroom.attestation.platform import PlatformClaims
 
-__all__ = ["SGX", "SUPPORTED_VERSIONS", "verify_sgx"]
+__all__ = ["SGX", "SUPPORTED_VERSIONS", "verify_sgx", "quote_measurement"]
 
 SGX = "sgx"
 SUPPORTED_VERSIONS = frozenset({3})
 _LABEL = "SGX"
 _ATTR_DEBUG = 1 << 1
+_MRENCLAVE = slice(0x40, 0x60)
 
 
 def verify_sgx(quote: bytes, *, roots: Sequence[x509.Certificate] | None = None, now: datetime) -> PlatformClaims:
@@ -48,7 +49,7 @@ def verify_sgx(quote: bytes, *, roots: Sequence[x509.Certificate] | None = None,
     attributes = b[0x30:0x40]
     flags = int.from_bytes(attributes[:8], "little")
     isv_prod_id, isv_svn = struct.unpack_from("<HH", b, 0x100)
-    mrenclave, mrsigner = b[0x40:0x60], b[0x80:0xA0]
+    mrenclave, mrsigner = b[_MRENCLAVE], b[0x80:0xA0]
     return PlatformClaims(
         platform=SGX,
         measurement=mrenclave.hex(),
@@ -66,3 +67,9 @@ def verify_sgx(quote: bytes, *, roots: Sequence[x509.Certificate] | None = None,
             "quote_size": q.size,
         },
     )
+
+
+def quote_measurement(quote: bytes) -> str:
+    """The MRENCLAVE of an SGX quote, parsed but NOT verified: for an enclave naming its own measurement."""
+    q = dcap.parse_quote(quote, label=_LABEL, version=3, tee_type=dcap.TEE_TYPE_SGX, body_size=dcap.SGX_REPORT_SIZE)
+    return q.body[_MRENCLAVE].hex()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -44,6 +45,7 @@ __all__ = [
     "verify_snp",
     "bundled_ark",
     "bundled_ask",
+    "report_measurement",
 ]
 
 SEV_SNP = "sev-snp"
@@ -222,21 +224,53 @@ def _check_link(child: x509.Certificate, issuer: x509.Certificate, child_name: s
         ) from None
 
 
-def _product_for(ark: x509.Certificate | None, ask: x509.Certificate | None, vcek: x509.Certificate) -> str:
+_ROOT_PRODUCT_BY_CN = {"ARK-Milan": "milan", "ARK-Genoa": "genoa", "ARK-Turin": "turin"}
+
+
+def _trusted_roots(roots: Sequence[x509.Certificate] | None) -> dict[str, x509.Certificate]:
+    """Product -> the ARK trusted for it: the bundled, pinned AMD roots, or ``roots`` instead.
+
+    A replacement root names its product the way AMD's do (CN ``ARK-Milan``, ``ARK-Genoa`` or
+    ``ARK-Turin``): the product fixes the layout of the report's TCB fields.
+    """
+    if roots is None:
+        return {product: bundled_ark(product) for product in PINNED_ARK_SHA256}
+    trusted: dict[str, x509.Certificate] = {}
+    for root in roots:
+        names = root.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        product = _ROOT_PRODUCT_BY_CN.get(str(names[0].value)) if names else None
+        if product is None:
+            raise _fail(
+                "root",
+                "a replacement SEV-SNP root must be an AMD ARK (common name ARK-Milan, ARK-Genoa or ARK-Turin)",
+                fingerprint=_fingerprint(root),
+            )
+        trusted[product] = root
+    if not trusted:
+        raise _fail("root", "no SEV-SNP root is trusted (the list of replacement roots is empty)")
+    return trusted
+
+
+def _product_for(
+    ark: x509.Certificate | None,
+    ask: x509.Certificate | None,
+    vcek: x509.Certificate,
+    trusted: dict[str, x509.Certificate],
+) -> str:
     if ark is not None:
         fp = _fingerprint(ark)
-        for product, pin in PINNED_ARK_SHA256.items():
-            if fp == pin:
+        for product, root in trusted.items():
+            if fp == _fingerprint(root):
                 return product
-        raise _fail("root", "ARK is not a pinned AMD root", fingerprint=fp)
-    # No ARK given: the product whose bundled ARK issued the ASK (if given), else whose ASK issued the VCEK.
-    for product in PINNED_ARK_SHA256:
+        raise _fail("root", "ARK is not a trusted AMD root", fingerprint=fp)
+    # No ARK given: the product whose trusted ARK issued the ASK (if given), else whose ASK issued the VCEK.
+    for product, root in trusted.items():
         if ask is not None:
-            if ask.issuer == bundled_ark(product).subject:
+            if ask.issuer == root.subject:
                 return product
         elif vcek.issuer == bundled_ask(product).subject:
             return product
-    raise _fail("chain", "no pinned AMD product issued this certificate chain")
+    raise _fail("chain", "no trusted AMD product root issued this certificate chain")
 
 
 # ------------------------------------------------------------------------------------------------ TCB
@@ -304,23 +338,27 @@ def verify_snp(
     vcek: x509.Certificate,
     ask: x509.Certificate | None = None,
     ark: x509.Certificate | None = None,
+    roots: Sequence[x509.Certificate] | None = None,
     now: datetime,
 ) -> PlatformClaims:
     """Verify a raw SEV-SNP attestation report and its VCEK chain at ``now``; return its claims.
 
-    ``ark``, when given, must be one of the pinned AMD roots (else check ``"root"``); when omitted the
-    pinned root of the product that issued the chain is used. ``ask`` defaults to the ASK bundled for
-    that product. ``now`` must be timezone-aware.
+    ``roots`` replaces the trusted ARKs (default: the AMD roots bundled in ``roots/`` and pinned by
+    fingerprint); a replacement names its product by its common name, as AMD's do. ``ark``, when
+    given, must be one of the trusted roots (else check ``"root"``); when omitted the trusted root of
+    the product that issued the chain is used. ``ask`` defaults to the ASK bundled for that product.
+    ``now`` must be timezone-aware.
     """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be a timezone-aware datetime")
     rep = _parse(report)
 
-    product = _product_for(ark, ask, vcek)
-    ark_cert = ark if ark is not None else bundled_ark(product)
+    trusted = _trusted_roots(roots)
+    product = _product_for(ark, ask, vcek, trusted)
+    ark_cert = ark if ark is not None else trusted[product]
     ask_cert = ask if ask is not None else bundled_ask(product)
-    if _fingerprint(ark_cert) != PINNED_ARK_SHA256[product]:  # defence in depth
-        raise _fail("root", "ARK is not a pinned AMD root")
+    if _fingerprint(ark_cert) != _fingerprint(trusted[product]):  # defence in depth
+        raise _fail("root", "ARK is not a trusted AMD root")
 
     _check_link(ark_cert, ark_cert, "ARK", "ARK")
     _check_link(ask_cert, ark_cert, "ASK", "ARK")
@@ -374,3 +412,8 @@ def verify_snp(
             "report_id": rep.report_id.hex(),
         },
     )
+
+
+def report_measurement(report: bytes) -> str:
+    """The MEASUREMENT of an SNP report, parsed but NOT verified: for an enclave naming its own."""
+    return _parse(report).measurement.hex()

@@ -20,7 +20,7 @@ from cryptography import x509
 from sealroom.attestation import dcap
 from sealroom.attestation.platform import PlatformClaims
 
-__all__ = ["TDX", "SUPPORTED_VERSIONS", "verify_tdx"]
+__all__ = ["TDX", "SUPPORTED_VERSIONS", "verify_tdx", "quote_measurement"]
 
 TDX = "tdx"
 SUPPORTED_VERSIONS = frozenset({4})
@@ -96,3 +96,10 @@ def verify_tdx(quote: bytes, *, roots: Sequence[x509.Certificate] | None = None,
             "quote_size": q.size,
         },
     )
+
+
+def quote_measurement(quote: bytes) -> str:
+    """The MRTD of a TDX quote, parsed but NOT verified: for an enclave naming its own measurement."""
+    q = dcap.parse_quote(quote, label=_LABEL, version=4, tee_type=dcap.TEE_TYPE_TDX, body_size=dcap.TDX_REPORT_SIZE)
+    off, size = _FIELDS["mrtd"]
+    return q.body[off : off + size].hex()

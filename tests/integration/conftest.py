@@ -21,10 +21,13 @@ from typing import Any
 
 import grpc
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
+from connectors.agent import DatasetConfig, PartyAgent, PartyConfig
+from connectors.agent import build_server as build_agent_server
 from coordinator.planner import CatalogEntry, plan_query
 from enclave_worker.config import EnclaveConfig
 from enclave_worker.jobs import Job, JobRegistry
@@ -41,10 +44,10 @@ from sealroom.attestation import (
 from sealroom.errors import SealroomError
 from sealroom.keys import generate_signing_key, public_key_hex
 from sealroom.plan import Plan, sign_approval, sign_stream_header
-from sealroom.policy import DatasetPolicy
+from sealroom.policy import DatasetPolicy, TrustPolicy
 from sealroom.rpc import Server, open_channel, unwrap
 from sealroom.sealed import SealingStream, StreamContext, integrity_error, schema_hash
-from sealroom.v1 import enclave_pb2, enclave_pb2_grpc
+from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
 HEADER_METADATA_KEY = "sealroom-stream-header-bin"
 SIGNATURE_METADATA_KEY = "sealroom-stream-signature-bin"
@@ -399,3 +402,62 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 def replace_context(**changes: Any) -> Callable[[StreamContext], StreamContext]:
     return lambda ctx: dataclasses.replace(ctx, **changes)
+
+
+# --------------------------------------------------------------------------------------------------
+# a real party agent
+
+
+@dataclass
+class Agent:
+    """A running party agent for bank_a (its data in a parquet file) and what the enclave knows of it."""
+
+    agent: PartyAgent
+    stub: party_pb2_grpc.PartyAgentStub
+    data: PartyData  # bank_a's key, table and policy, for building plans
+
+    def review(self, plan: Plan | bytes) -> party_pb2.ReviewPlanResponse:
+        plan_json = plan if isinstance(plan, bytes) else plan.to_json()
+        return self.stub.ReviewPlan(party_pb2.ReviewPlanRequest(plan_json=plan_json, query_id="q"), timeout=10)
+
+    def contribute(self, plan_json: bytes, job: JobHandle, address: str | None = None) -> party_pb2.ContributeResponse:
+        request = party_pb2.ContributeRequest(
+            plan_json=plan_json, job_id=job.job_id, enclave_address=address or job.enclave.address
+        )
+        return self.stub.Contribute(request, timeout=30)
+
+    def contribute_refused(self, plan_json: bytes, job: JobHandle, address: str | None = None) -> Rejection:
+        try:
+            self.contribute(plan_json, job, address)
+        except grpc.RpcError as exc:
+            return rejection(exc)
+        raise AssertionError("the party agent streamed data it must not stream")
+
+
+def start_agent(
+    directory: Path, trust: TrustPolicy, policy: DatasetPolicy, *, sql_table: pa.Table | None = None
+) -> tuple[Agent, Callable[[], None]]:
+    """bank_a's PartyAgent serving ``loans`` (60 rows, parquet) under ``trust``, on 127.0.0.1 port 0."""
+    directory.mkdir(parents=True, exist_ok=True)
+    table = sql_table if sql_table is not None else secret_loans(60)
+    path = directory / "bank_a.parquet"
+    pq.write_table(table, path)
+    key = generate_signing_key()
+    config = PartyConfig(
+        name="bank_a",
+        coordinator="127.0.0.1:9",  # never contacted: these tests drive the agent directly
+        signing_key=directory / "unused.key",
+        trust=trust,
+        datasets=(DatasetConfig("loans", str(path), policy),),
+    )
+    agent = PartyAgent(config, signing_key=key)
+    server = build_agent_server(agent)
+    server.start()
+    channel = open_channel(f"127.0.0.1:{server.port}")
+
+    def cleanup() -> None:
+        channel.close()
+        server.stop(grace=0.5)
+
+    data = make_party("bank_a", table, policy=policy, key=key)
+    return Agent(agent, party_pb2_grpc.PartyAgentStub(channel), data), cleanup

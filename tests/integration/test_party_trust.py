@@ -11,63 +11,32 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import pyarrow.parquet as pq
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from connectors.agent import DatasetConfig, PartyAgent, PartyConfig, build_server
 from sealroom.attestation import dev_init
 from sealroom.errors import ApprovalError, AttestationError, IntegrityError, PolicyRefusalError
 from sealroom.keys import generate_signing_key, public_key_hex
 from sealroom.plan import Plan
 from sealroom.policy import DatasetPolicy, TrustPolicy
-from sealroom.rpc import create_server, open_channel, raw_stream_handler
-from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
+from sealroom.rpc import create_server, raw_stream_handler
+from sealroom.v1 import enclave_pb2, enclave_pb2_grpc
 from tests.integration.conftest import (
+    Agent,
     EnclaveHandle,
     JobHandle,
-    PartyData,
-    Rejection,
     approval,
     make_party,
     make_plan,
-    rejection,
-    secret_loans,
+    start_agent,
 )
 
 SQL = "SELECT segment, COUNT(*) AS n, SUM(exposure) AS total FROM bank_a.loans GROUP BY segment"
 POLICY = DatasetPolicy(privacy_unit="customer_id", min_group_size=3, analysts=("alice",))
-
-
-@dataclass
-class Agent:
-    """A running party agent for bank_a (its data in a parquet file) and what the enclave knows of it."""
-
-    agent: PartyAgent
-    stub: party_pb2_grpc.PartyAgentStub
-    data: PartyData  # bank_a's key, table and policy, for building plans
-
-    def review(self, plan: Plan | bytes) -> party_pb2.ReviewPlanResponse:
-        plan_json = plan if isinstance(plan, bytes) else plan.to_json()
-        return self.stub.ReviewPlan(party_pb2.ReviewPlanRequest(plan_json=plan_json, query_id="q"), timeout=10)
-
-    def contribute(self, plan_json: bytes, job: JobHandle, address: str | None = None) -> party_pb2.ContributeResponse:
-        request = party_pb2.ContributeRequest(
-            plan_json=plan_json, job_id=job.job_id, enclave_address=address or job.enclave.address
-        )
-        return self.stub.Contribute(request, timeout=30)
-
-    def contribute_refused(self, plan_json: bytes, job: JobHandle, address: str | None = None) -> Rejection:
-        try:
-            self.contribute(plan_json, job, address)
-        except grpc.RpcError as exc:
-            return rejection(exc)
-        raise AssertionError("the party agent streamed data it must not stream")
 
 
 def _trust(enclave: EnclaveHandle, dev_dir: Path, **changes: object) -> TrustPolicy:
@@ -82,29 +51,9 @@ def agent_factory(tmp_path: Path, dev_dir: Path, enclave: EnclaveHandle) -> Iter
     cleanups: list[Callable[[], None]] = []
 
     def factory(trust: TrustPolicy | None = None, policy: DatasetPolicy = POLICY) -> Agent:
-        table = secret_loans(60)
-        path = tmp_path / f"bank_a_{len(cleanups)}.parquet"
-        pq.write_table(table, path)
-        key = generate_signing_key()
-        config = PartyConfig(
-            name="bank_a",
-            coordinator="127.0.0.1:9",  # never contacted: these tests drive the agent directly
-            signing_key=tmp_path / "unused.key",
-            trust=trust or _trust(enclave, dev_dir),
-            datasets=(DatasetConfig("loans", str(path), policy),),
-        )
-        agent = PartyAgent(config, signing_key=key)
-        server = build_server(agent)
-        server.start()
-        channel = open_channel(f"127.0.0.1:{server.port}")
-
-        def cleanup() -> None:
-            channel.close()
-            server.stop(grace=0.5)
-
+        agent, cleanup = start_agent(tmp_path / f"agent{len(cleanups)}", trust or _trust(enclave, dev_dir), policy)
         cleanups.append(cleanup)
-        data = make_party("bank_a", table, policy=policy, key=key)
-        return Agent(agent, party_pb2_grpc.PartyAgentStub(channel), data)
+        return agent
 
     yield factory
     for cleanup in reversed(cleanups):

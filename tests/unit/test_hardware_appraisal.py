@@ -119,3 +119,59 @@ def test_nitro_evidence_must_bind_64_bytes_of_report_data():
             now=pc.issued_at + timedelta(seconds=1),
         )
     assert info.value.details["check"] == "report_data"
+
+
+def _trust(doc: dict, tmp_path: Path) -> AppraisalPolicy:
+    from sealroom.policy import TrustPolicy
+
+    return TrustPolicy.from_dict(doc, source="party.toml", base=tmp_path).appraisal()
+
+
+def test_a_trust_section_pins_tdx_rtmrs_and_platform_tcb_minimums(tmp_path):
+    """MRTD measures the TD's firmware only; the kernel, initrd and command line are in RTMR1/2."""
+    pc = _tdx_claims()
+    ms = pc.measurements
+    kwargs = {"expected_report_data": pc.report_data, "expected_nonce": NONCE, "now": AT}
+    evidence = Evidence("tdx", TDX, b"", NONCE)
+    pinned = {"measurements": [pc.measurement], "expect": {"tdx": {"rtmr1": [ms["rtmr1"]], "rtmr2": [ms["rtmr2"]]}}}
+    claims = verify_evidence(evidence, policy=_trust(pinned, tmp_path), **kwargs)
+    assert (
+        claims.measurements["rtmr1"] == ms["rtmr1"] and claims.to_json_dict()["measurements"]["mrtd"] == pc.measurement
+    )
+    other = {**pinned, "expect": {"tdx": {"rtmr1": [ms["rtmr1"]], "rtmr2": ["00" * 48]}}}
+    with pytest.raises(AttestationError, match="rtmr2") as info:
+        verify_evidence(evidence, policy=_trust(other, tmp_path), **kwargs)
+    assert info.value.details["check"] == "measurement"
+    # An SNP pin does not apply to TDX evidence; a TDX minimum does.
+    snp_only = {**pinned, "expect": {"sev-snp": {"host_data": ["00" * 32]}}, "min_tcb": {"sev-snp": {"snp": 99}}}
+    verify_evidence(evidence, policy=_trust(snp_only, tmp_path), **kwargs)
+    with pytest.raises(AttestationError) as info:
+        verify_evidence(evidence, policy=_trust({**pinned, "min_tcb": {"tdx": {"qe_svn": 10_000}}}, tmp_path), **kwargs)
+    assert info.value.details["check"] == "tcb"
+
+
+@pytest.mark.parametrize(
+    ("doc", "key"),
+    [
+        ({"allow_debug": "yes"}, "trust.allow_debug"),
+        ({"min_tcb": {"sev": {"snp": 1}}}, "trust.min_tcb.sev"),
+        ({"min_tcb": {"tdx": {"qe_svn": -1}}}, "trust.min_tcb.tdx.qe_svn"),
+        ({"roots": {"sev-snp": "ark.pem"}}, "trust.roots.sev-snp"),
+        ({"expect": {"tdx": {"rtmr1": ["xyz"]}}}, "trust.expect.tdx.rtmr1"),
+        ({"expect": {"tpm": {"pcr7": ["00"]}}}, "trust.expect.tpm"),
+    ],
+)
+def test_trust_section_mistakes_name_the_key(doc, key, tmp_path):
+    from sealroom.errors import ConfigError
+    from sealroom.policy import TrustPolicy
+
+    with pytest.raises(ConfigError) as info:
+        TrustPolicy.from_dict(doc, source="party.toml", base=tmp_path)
+    assert info.value.details["key"] == key and key in str(info.value)
+
+
+def test_a_missing_root_file_is_a_clear_error(tmp_path):
+    from sealroom.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not found"):
+        _trust({"roots": {"sev-snp": ["nowhere.pem"]}}, tmp_path)
