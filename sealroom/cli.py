@@ -121,6 +121,19 @@ def cmd_attest_verify(args: argparse.Namespace) -> int:
     evidence = decode_evidence(read(args.evidence, "evidence"))
     certificates = [cert(c, "certificate") for c in args.cert]
     root = cert(args.root, "root certificate") if args.root else None
+    collateral = None
+    if args.collateral:
+        if args.format not in ("tdx", "sgx"):
+            raise UsageError(f"--collateral applies to --format tdx or sgx, not {args.format}")
+        from sealroom.attestation.collateral import load_collateral
+        from sealroom.errors import AttestationError
+
+        try:
+            collateral = load_collateral(args.collateral)
+        except OSError as exc:
+            raise UsageError(f"cannot read the collateral {args.collateral}: {exc.strerror}") from None
+        except AttestationError as exc:
+            raise UsageError(f"unusable collateral {args.collateral}: {exc.message}") from None
     at = None
     if args.at:
         try:
@@ -140,6 +153,8 @@ def cmd_attest_verify(args: argparse.Namespace) -> int:
             at=at,
             allow_debug=args.allow_debug,
             expect_measurement=args.expect_measurement,
+            collateral=collateral,
+            allow_out_of_date=args.allow_out_of_date,
         )
     except AttestationError as err:
         check = err.details.get("check", "")
@@ -154,6 +169,9 @@ def cmd_attest_verify(args: argparse.Namespace) -> int:
     else:
         print(f"verified {claims.platform} evidence: measurement {claims.measurement}")
         print(f"  debug {claims.debug}; tcb {dict(claims.tcb)}; report data {claims.report_data.hex()[:32]}...")
+        if "tcb_status" in claims.details:
+            advisories = ", ".join(claims.details["advisory_ids"]) or "none"
+            print(f"  TCB status {claims.details['tcb_status']} (advisories: {advisories})")
     return EXIT_OK
 
 
@@ -581,6 +599,17 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--at", help="verify as of this ISO-8601 time (test evidence has expired certificates)")
     av.add_argument("--allow-debug", action="store_true", help="accept evidence from a debug enclave")
     av.add_argument("--expect-measurement", metavar="HEX")
+    av.add_argument(
+        "--collateral",
+        metavar="FILE_OR_DIR",
+        help="Intel collateral for a tdx/sgx quote: a QuoteCollateralV3 JSON file, or a directory of PCS files "
+        "(TCB info, QE identity, their issuer chain, PCK and root CA CRLs); its TCB status is then appraised",
+    )
+    av.add_argument(
+        "--allow-out-of-date",
+        action="store_true",
+        help="with --collateral, accept a platform whose TCB status is OutOfDate (Revoked is always refused)",
+    )
     av.set_defaults(fn=cmd_attest_verify)
 
     dev = sub.add_parser("dev", help="development helpers").add_subparsers(dest="action", required=True)

@@ -1,4 +1,4 @@
-"""Intel DCAP ECDSA quotes (SGX quote v3, TDX quote v4): parsing and offline verification.
+"""Intel DCAP ECDSA quotes (SGX quote v3, TDX quote v4 and v5): parsing and offline verification.
 
 Shared by :mod:`sealroom.attestation.tdx` and :mod:`sealroom.attestation.sgx`. A quote is a 48-byte
 header, a TEE-specific body (SGX: 384-byte enclave report; TDX: 584-byte TD report), a 4-byte
@@ -7,21 +7,25 @@ P-256/SHA-256 over header || body), the attestation public key (raw x||y), the Q
 report (384-byte SGX report body) and its signature by the PCK leaf, the QE authentication data, and
 certification data of type 5 (PEM PCK chain, leaf -> intermediate -> root). In quote v4 the QE
 report, its signature, the auth data and the inner certification data are wrapped in certification
-data of type 6.
+data of type 6. Quote v5 puts a body descriptor between header and body: a u16 body type and a u32
+body size (TDX: type 2 = TD 1.0 report, 584 bytes; type 3 = TD 1.5 report, 648 bytes); the quote
+signature then covers header || body type || body size || body (the signed length dcap-qvl computes
+for v5), and the signature data is laid out as in v4.
 
 :func:`verify_quote` checks, in order: the chain's root is a pinned Intel SGX Root CA (SHA-256
 fingerprint of the DER certificate; check ``"root"``), each link's ECDSA signature and each
 certificate's validity at ``now`` (check ``"chain"``), the QE report signature by the PCK leaf
 (``"signature"``), QE report_data[0:32] = SHA-256(attestation key || QE auth data) (``"qe_binding"``)
 and the quote signature by the attestation key (``"signature"``). Malformed input is check
-``"format"``. Collateral (TCB info, QE identity, CRLs) is not evaluated: that is appraisal.
+``"format"``. Collateral (TCB info, QE identity, CRLs) is evaluated apart, by
+:mod:`sealroom.attestation.collateral`, from :func:`pck_extensions` and the parsed :class:`Quote`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -42,13 +46,20 @@ __all__ = [
     "TEE_TYPE_SGX",
     "TEE_TYPE_TDX",
     "PINNED_INTEL_ROOT_SHA256",
+    "PckExtensions",
     "Quote",
     "bundled_intel_root",
+    "check_chain",
     "fail",
     "fingerprint",
+    "p256_key",
+    "parse_and_verify",
+    "pck_extensions",
     "pck_fmspc",
+    "peek_version",
     "parse_quote",
     "verify_quote",
+    "verify_raw",
 ]
 
 HEADER_SIZE = 48
@@ -102,6 +113,13 @@ class Quote:
     qe_auth_data: bytes
     pck_chain: tuple[x509.Certificate, ...]  # leaf first
     size: int  # bytes the structure uses (anything after must be zero padding)
+    body_type: int | None = None  # quote v5's body type; None for v3 and v4
+    body_descriptor: bytes = b""  # quote v5's body type (u16) and size (u32); empty for v3 and v4
+
+    @property
+    def signed_data(self) -> bytes:
+        """The bytes the attestation key signs: header, v5 body descriptor, body."""
+        return self.header + self.body_descriptor + self.body
 
 
 class _Reader:
@@ -133,8 +151,22 @@ def _parse_pck_chain(data: bytes, label: str) -> tuple[x509.Certificate, ...]:
     return tuple(certs)
 
 
-def parse_quote(quote: bytes, *, label: str, version: int, tee_type: int, body_size: int) -> Quote:
-    """Parse a DCAP ECDSA quote of the given ``version``/``tee_type``; structural errors are ``"format"``."""
+def parse_quote(
+    quote: bytes,
+    *,
+    label: str,
+    version: int,
+    tee_type: int,
+    body_size: int | None = None,
+    body_types: Mapping[int, int] | None = None,
+) -> Quote:
+    """Parse a DCAP ECDSA quote of the given ``version``/``tee_type``; structural errors are ``"format"``.
+
+    Versions 3 and 4 take ``body_size``; version 5 takes ``body_types``, the body types accepted and
+    the size each must declare.
+    """
+    if (version >= 5) != (body_types is not None) or (version < 5) != (body_size is not None):
+        raise ValueError("quote v5 takes body_types; v3 and v4 take body_size")
     if not isinstance(quote, bytes | bytearray | memoryview):
         raise fail(label, "format", "quote must be bytes")
     raw = bytes(quote)
@@ -149,6 +181,28 @@ def parse_quote(quote: bytes, *, label: str, version: int, tee_type: int, body_s
         raise fail(label, "format", f"unsupported attestation key type {att_key_type}")
     r = _Reader(raw, 0, len(raw), label)
     header = r.take(HEADER_SIZE, "header")
+    body_type: int | None = None
+    descriptor = b""
+    if body_types is not None:
+        descriptor = r.take(6, "body descriptor")
+        body_type, declared = struct.unpack("<HI", descriptor)
+        if body_type not in body_types:
+            raise fail(
+                label,
+                "format",
+                f"unknown quote body type {body_type} (supported: {', '.join(map(str, sorted(body_types)))})",
+                body_type=body_type,
+            )
+        if declared != body_types[body_type]:
+            raise fail(
+                label,
+                "format",
+                f"body type {body_type} declares {declared} bytes, expected {body_types[body_type]}",
+                body_type=body_type,
+                body_size=declared,
+            )
+        body_size = declared
+    assert body_size is not None
     body = r.take(body_size, "report body")
     sig_len = r.u32("signature data length")
     sig_end = r.pos + sig_len
@@ -198,29 +252,39 @@ def parse_quote(quote: bytes, *, label: str, version: int, tee_type: int, body_s
         qe_auth_data=qe_auth_data,
         pck_chain=_parse_pck_chain(cert_data, label),
         size=sig_end,
+        body_type=body_type,
+        body_descriptor=descriptor,
     )
 
 
-def _p256_key(key: object, label: str, check: str, what: str) -> ec.EllipticCurvePublicKey:
+def p256_key(key: object, *, label: str, check: str, what: str) -> ec.EllipticCurvePublicKey:
+    """``key`` as an ECDSA P-256 public key; AttestationError (``check``) if it is anything else."""
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise fail(label, check, f"{what} is not an ECDSA P-256 key")
     return key
 
 
-def _verify_raw(key: ec.EllipticCurvePublicKey, sig: bytes, data: bytes) -> bool:
+def verify_raw(
+    key: ec.EllipticCurvePublicKey, sig: bytes, data: bytes, *, label: str, check: str, what: str, **extra: object
+) -> None:
+    """Verify a raw r||s ECDSA P-256/SHA-256 signature (64 bytes); AttestationError (``check``) if it fails."""
     r = int.from_bytes(sig[:32], "big")
     s = int.from_bytes(sig[32:], "big")
-    if r == 0 or s == 0:
-        return False
+    if len(sig) != 64 or r == 0 or s == 0:
+        raise fail(label, check, f"{what} does not verify (malformed signature)", **extra)
     try:
         key.verify(encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
-        return False
-    return True
+        raise fail(label, check, f"{what} does not verify", **extra) from None
 
 
 _OID_SGX_EXTENSIONS = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
-_OID_FMSPC_DER = bytes.fromhex("2a864886f84d010d0104")  # 1.2.840.113741.1.13.1.4
+_OID_SGX_PREFIX = bytes.fromhex("2a864886f84d010d01")  # 1.2.840.113741.1.13.1
+_OID_FMSPC_DER = _OID_SGX_PREFIX + b"\x04"  # .4
+_OID_TCB_DER = (
+    _OID_SGX_PREFIX + b"\x02"
+)  # .2 (sequence of .2.1 .. .2.16 CPU SVN components, .2.17 PCESVN, .2.18 CPUSVN)
+_OID_PCEID_DER = _OID_SGX_PREFIX + b"\x03"  # .3
 
 
 def _der_items(data: bytes) -> list[tuple[int, bytes]]:
@@ -244,66 +308,160 @@ def _der_items(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+def _sgx_extension_items(leaf: x509.Certificate) -> dict[bytes, tuple[int, bytes]]:
+    """OID (DER content) -> (tag, content) of each member of the PCK leaf's Intel SGX extension."""
+    ext = leaf.extensions.get_extension_for_oid(_OID_SGX_EXTENSIONS).value
+    if not isinstance(ext, x509.UnrecognizedExtension):
+        raise ValueError("SGX extension is not raw DER")
+    (outer,) = _der_items(ext.value)
+    if outer[0] != 0x30:
+        raise ValueError("SGX extension is not a SEQUENCE")
+    out: dict[bytes, tuple[int, bytes]] = {}
+    for tag, content in _der_items(outer[1]):
+        if tag != 0x30:
+            raise ValueError("SGX extension member is not a SEQUENCE")
+        items = _der_items(content)
+        if len(items) != 2 or items[0][0] != 0x06:
+            raise ValueError("SGX extension member is not (OID, value)")
+        if items[0][1] in out:
+            raise ValueError("SGX extension member repeated")
+        out[items[0][1]] = items[1]
+    return out
+
+
 def pck_fmspc(leaf: x509.Certificate) -> str | None:
     """The FMSPC (hex) in the PCK leaf's Intel SGX extension, or None if absent or unreadable (display only)."""
     try:
-        ext = leaf.extensions.get_extension_for_oid(_OID_SGX_EXTENSIONS).value
-        if not isinstance(ext, x509.UnrecognizedExtension):
-            return None
-        (outer,) = _der_items(ext.value)
-        for tag, content in _der_items(outer[1]) if outer[0] == 0x30 else []:
-            if tag != 0x30:
-                continue
-            items = _der_items(content)
-            if len(items) == 2 and items[0] == (0x06, _OID_FMSPC_DER) and items[1][0] == 0x04:
-                return items[1][1].hex()
-    except (ValueError, x509.ExtensionNotFound):
+        tag, value = _sgx_extension_items(leaf)[_OID_FMSPC_DER]
+    except (ValueError, KeyError, x509.ExtensionNotFound):
         return None
-    return None
+    return value.hex() if tag == 0x04 else None
 
 
-_NAMES = ("PCK leaf", "PCK CA", "root")
+@dataclass(frozen=True)
+class PckExtensions:
+    """What the PCK leaf certifies about the platform (Intel SGX PCK Certificate and CRL Profile)."""
+
+    fmspc: str  # hex, lowercase
+    pce_id: str  # hex, lowercase
+    cpu_svn_components: tuple[int, ...]  # 16 SGX TCB component SVNs
+    pce_svn: int
+    cpu_svn: bytes  # 16 bytes
 
 
-def _check_chain(
-    chain: tuple[x509.Certificate, ...], roots: Sequence[x509.Certificate] | None, now: datetime, label: str
+def pck_extensions(leaf: x509.Certificate, *, label: str, check: str) -> PckExtensions:
+    """The FMSPC, PCE ID and TCB (16 CPU SVN components and PCESVN) the PCK leaf certifies.
+
+    AttestationError (``check``) when the extension is absent or malformed.
+    """
+
+    def integer(item: tuple[int, bytes]) -> int:
+        tag, content = item
+        if tag != 0x02 or not content:
+            raise ValueError("SVN is not an INTEGER")
+        value = int.from_bytes(content, "big", signed=True)
+        if value < 0 or value > 0xFFFF:
+            raise ValueError("SVN out of range")
+        return value
+
+    try:
+        items = _sgx_extension_items(leaf)
+        fmspc, pce_id, tcb = items[_OID_FMSPC_DER], items[_OID_PCEID_DER], items[_OID_TCB_DER]
+        if fmspc[0] != 0x04 or len(fmspc[1]) != 6 or pce_id[0] != 0x04 or len(pce_id[1]) != 2 or tcb[0] != 0x30:
+            raise ValueError("FMSPC, PCE-ID or TCB has the wrong type or size")
+        svns: dict[int, tuple[int, bytes]] = {}
+        for tag, content in _der_items(tcb[1]):
+            member = _der_items(content) if tag == 0x30 else []
+            if len(member) != 2 or member[0][0] != 0x06:
+                raise ValueError("TCB member is not (OID, value)")
+            oid = member[0][1]
+            if len(oid) != len(_OID_TCB_DER) + 1 or not oid.startswith(_OID_TCB_DER):
+                raise ValueError("TCB member has an unexpected OID")
+            svns[oid[-1]] = member[1]  # 1.2.840.113741.1.13.1.2.<n>, n in 1..18
+        components = tuple(integer(svns[i]) for i in range(1, 17))
+        pce_svn = integer(svns[17])
+        if svns[18][0] != 0x04 or len(svns[18][1]) != 16:
+            raise ValueError("CPUSVN is not 16 bytes")
+    except x509.ExtensionNotFound:
+        raise fail(label, check, "PCK leaf carries no Intel SGX extension") from None
+    except (ValueError, KeyError, IndexError) as exc:
+        raise fail(label, check, f"PCK leaf's Intel SGX extension is malformed: {exc}") from None
+    if any(c > 0xFF for c in components):
+        raise fail(label, check, "PCK leaf's CPU SVN component out of range")
+    return PckExtensions(
+        fmspc=fmspc[1].hex(),
+        pce_id=pce_id[1].hex(),
+        cpu_svn_components=components,
+        pce_svn=pce_svn,
+        cpu_svn=svns[18][1],
+    )
+
+
+_PCK_NAMES = ("PCK leaf", "PCK CA", "root")
+
+
+def check_chain(
+    chain: Sequence[x509.Certificate],
+    *,
+    roots: Sequence[x509.Certificate] | None,
+    now: datetime,
+    label: str,
+    names: Sequence[str] = _PCK_NAMES,
+    root_check: str = "root",
+    chain_check: str = "chain",
+    **extra: object,
 ) -> None:
+    """Check a chain (leaf first, root last, named by ``names``) to a pinned root at ``now``.
+
+    The last certificate must equal a trust anchor (SHA-256 of its DER; default: the bundled Intel SGX
+    Root CA), else ``root_check``; each link's issuer name, CA constraint and ECDSA signature and
+    each certificate's validity, else ``chain_check``. ``extra`` goes into the error's details.
+    """
+    if not chain or len(names) != len(chain):
+        raise fail(label, chain_check, f"certificate chain has {len(chain)} certificates, expected {len(names)}")
     root = chain[-1]
     anchors = [bundled_intel_root()] if roots is None else list(roots)
     fp = fingerprint(root)
     if fp not in {fingerprint(a) for a in anchors}:
-        raise fail(label, "root", "PCK chain does not end at a pinned Intel SGX Root CA", fingerprint=fp)
+        raise fail(
+            label, root_check, f"{names[0]} chain does not end at a pinned Intel SGX Root CA", fingerprint=fp, **extra
+        )
     for i, cert in enumerate(chain):
-        issuer = chain[min(i + 1, len(chain) - 1)]
-        name, issuer_name = _NAMES[i], _NAMES[min(i + 1, len(chain) - 1)]
+        j = min(i + 1, len(chain) - 1)
+        issuer, name, issuer_name = chain[j], names[i], names[j]
         if cert.issuer != issuer.subject:
-            raise fail(label, "chain", f"{name} issuer does not name the {issuer_name}", certificate=name)
+            raise fail(label, chain_check, f"{name} issuer does not name the {issuer_name}", certificate=name, **extra)
         hash_alg = cert.signature_hash_algorithm
         if not isinstance(hash_alg, hashes.SHA256 | hashes.SHA384 | hashes.SHA512):
-            raise fail(label, "chain", f"{name} has an unsupported signature algorithm", certificate=name)
+            raise fail(label, chain_check, f"{name} has an unsupported signature algorithm", certificate=name, **extra)
         try:
             is_ca = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
         except x509.ExtensionNotFound:
             is_ca = False
         if not is_ca:
-            raise fail(label, "chain", f"{issuer_name} is not a CA certificate", certificate=issuer_name)
+            raise fail(label, chain_check, f"{issuer_name} is not a CA certificate", certificate=issuer_name, **extra)
         key = issuer.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise fail(label, "chain", f"{issuer_name} key is not ECDSA", certificate=issuer_name)
+            raise fail(label, chain_check, f"{issuer_name} key is not ECDSA", certificate=issuer_name, **extra)
         try:
             key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_alg))
         except InvalidSignature:
             raise fail(
-                label, "chain", f"{name} signature by the {issuer_name} does not verify", certificate=name
+                label,
+                chain_check,
+                f"{name} signature by the {issuer_name} does not verify",
+                certificate=name,
+                **extra,
             ) from None
         if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
             raise fail(
                 label,
-                "chain",
+                chain_check,
                 f"{name} certificate not valid at {now.isoformat()}",
                 certificate=name,
                 not_before=cert.not_valid_before_utc.isoformat(),
                 not_after=cert.not_valid_after_utc.isoformat(),
+                **extra,
             )
 
 
@@ -315,11 +473,17 @@ def verify_quote(q: Quote, *, roots: Sequence[x509.Certificate] | None, now: dat
     """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be a timezone-aware datetime")
-    _check_chain(q.pck_chain, roots, now, label)
+    check_chain(q.pck_chain, roots=roots, now=now, label=label)
 
-    pck_key = _p256_key(q.pck_chain[0].public_key(), label, "signature", "PCK leaf key")
-    if not _verify_raw(pck_key, q.qe_report_signature, q.qe_report):
-        raise fail(label, "signature", "QE report signature by the PCK leaf does not verify")
+    pck_key = p256_key(q.pck_chain[0].public_key(), label=label, check="signature", what="PCK leaf key")
+    verify_raw(
+        pck_key,
+        q.qe_report_signature,
+        q.qe_report,
+        label=label,
+        check="signature",
+        what="QE report signature by the PCK leaf",
+    )
 
     expected = hashlib.sha256(q.attestation_key + q.qe_auth_data).digest()
     bound = q.qe_report[_QE_REPORT_DATA_OFFSET : _QE_REPORT_DATA_OFFSET + 32]
@@ -330,8 +494,22 @@ def verify_quote(q: Quote, *, roots: Sequence[x509.Certificate] | None, now: dat
         att_key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + q.attestation_key)
     except ValueError:
         raise fail(label, "signature", "attestation key is not a valid P-256 point") from None
-    if not _verify_raw(att_key, q.signature, q.header + q.body):
-        raise fail(label, "signature", "quote signature by the attestation key does not verify")
+    verify_raw(
+        att_key,
+        q.signature,
+        q.signed_data,
+        label=label,
+        check="signature",
+        what="quote signature by the attestation key",
+    )
+
+
+def peek_version(quote: object, *, label: str) -> tuple[bytes, int | None]:
+    """``quote`` as bytes and its version field (None if too short to hold one); ``"format"`` if not bytes."""
+    if not isinstance(quote, bytes | bytearray | memoryview):
+        raise fail(label, "format", "quote must be bytes")
+    raw = bytes(quote)
+    return raw, (int(struct.unpack_from("<H", raw, 0)[0]) if len(raw) >= 2 else None)
 
 
 def parse_and_verify(
@@ -345,13 +523,9 @@ def parse_and_verify(
     now: datetime,
 ) -> Quote:
     """Type and version checks, parsing and the full DCAP verification: what TDX and SGX share."""
-    if not isinstance(quote, bytes | bytearray | memoryview):
-        raise fail(label, "format", "quote must be bytes")
-    raw = bytes(quote)
-    if len(raw) >= 2:
-        (found,) = struct.unpack_from("<H", raw, 0)
-        if found != version:
-            raise fail(label, "format", f"unsupported quote version {found}", version=found)
+    raw, found = peek_version(quote, label=label)
+    if found is not None and found != version:
+        raise fail(label, "format", f"unsupported quote version {found}", version=found)
     q = parse_quote(raw, label=label, version=version, tee_type=tee_type, body_size=body_size)
     verify_quote(q, roots=roots, now=now, label=label)
     return q

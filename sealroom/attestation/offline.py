@@ -2,7 +2,12 @@
 
 Reads evidence as the platforms publish it (raw binary, hex or base64), verifies it with the
 format's verifier at a chosen time, then appraises the claims with the simple policy a relying
-party states on the command line: debug refused unless allowed, and an expected measurement.
+party states on the command line: debug refused unless allowed, an expected measurement, and, for
+TDX and SGX quotes given Intel collateral (:mod:`sealroom.attestation.collateral`), the TCB status:
+``Revoked`` is always refused (by the evaluation itself), ``OutOfDate`` and
+``OutOfDateConfigurationNeeded`` unless out-of-date platforms are allowed; the other statuses
+(``UpToDate``, ``SWHardeningNeeded``, ``ConfigurationNeeded``, ``ConfigurationAndSWHardeningNeeded``)
+are accepted and reported with their advisories.
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ import string
 import warnings
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
 from sealroom.attestation.platform import PlatformClaims
 from sealroom.errors import AttestationError
+
+if TYPE_CHECKING:
+    from sealroom.attestation.collateral import Collateral
 
 FORMATS = ("snp", "tdx", "sgx", "nitro")
 
@@ -60,8 +69,17 @@ def verify_platform_evidence(
     at: datetime | None = None,
     allow_debug: bool = False,
     expect_measurement: str | None = None,
+    collateral: Collateral | None = None,
+    allow_out_of_date: bool = False,
 ) -> PlatformClaims:
-    """Verify and appraise; AttestationError (with ``details["check"]``) when refused."""
+    """Verify and appraise; AttestationError (with ``details["check"]``) when refused.
+
+    ``collateral`` (TDX and SGX only; ValueError for other formats) is evaluated with the quote and
+    its TCB status appraised: out-of-date statuses are refused (check ``"tcb_status"``) unless
+    ``allow_out_of_date``.
+    """
+    if collateral is not None and fmt not in ("tdx", "sgx"):
+        raise ValueError(f"collateral applies to tdx and sgx evidence, not {fmt}")
     if fmt == "snp":
         claims = verify_snp_with(evidence, certificates, roots=[root] if root is not None else None, now=at or _now())
     elif fmt in ("tdx", "sgx"):
@@ -69,7 +87,7 @@ def verify_platform_evidence(
         from sealroom.attestation.tdx import verify_tdx
 
         verify = verify_tdx if fmt == "tdx" else verify_sgx
-        claims = verify(evidence, roots=[root] if root is not None else None, now=at or _now())
+        claims = verify(evidence, roots=[root] if root is not None else None, now=at or _now(), collateral=collateral)
     elif fmt == "nitro":
         from sealroom.attestation.nitro import verify_nitro
 
@@ -90,6 +108,17 @@ def verify_platform_evidence(
             f"measurement {claims.measurement} is not the expected {expect_measurement.lower()}",
             details={"check": "measurement"},
         )
+    if collateral is not None:
+        from sealroom.attestation.collateral import OUT_OF_DATE_STATUSES
+
+        status, advisories = claims.details["tcb_status"], claims.details["advisory_ids"]
+        if status in OUT_OF_DATE_STATUSES and not allow_out_of_date:
+            raise AttestationError(
+                f"the platform's TCB status is {status} (advisories: {', '.join(advisories) or 'none'}): it lacks "
+                "security updates Intel has published; refused (update the platform's microcode, BIOS or TDX "
+                "module, or pass --allow-out-of-date to accept it)",
+                details={"check": "tcb_status", "tcb_status": status, "advisory_ids": list(advisories)},
+            )
     return claims
 
 

@@ -7,7 +7,10 @@ data type 5) ends at the pinned Intel SGX Root CA (``"root"``), each link and it
 attestation key (``"signature"``), and the QE report's binding of the attestation key
 (``"qe_binding"``). Quotes whose certification data carries no PCK chain (types 1-4) are refused
 (``"format"``). It returns :class:`~sealroom.attestation.platform.PlatformClaims` and appraises
-nothing (debug enclaves verify with ``debug=True``; TCB info, QE identity and CRLs are not evaluated).
+nothing (debug enclaves verify with ``debug=True``). Given ``collateral`` (TCB info, QE identity,
+CRLs), it also evaluates it with :func:`sealroom.attestation.collateral.evaluate` and adds the TCB
+status and advisories to the claims' details; without collateral, no TCB status, QE identity or
+revocation is checked.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
 from sealroom.attestation import dcap
 from sealroom.attestation.platform import PlatformClaims
+
+if TYPE_CHECKING:
+    from sealroom.attestation.collateral import Collateral
 
 __all__ = ["SGX", "SUPPORTED_VERSIONS", "verify_sgx", "quote_measurement"]
 
@@ -30,10 +37,17 @@ _ATTR_DEBUG = 1 << 1
 _MRENCLAVE = slice(0x40, 0x60)
 
 
-def verify_sgx(quote: bytes, *, roots: Sequence[x509.Certificate] | None = None, now: datetime) -> PlatformClaims:
+def verify_sgx(
+    quote: bytes,
+    *,
+    roots: Sequence[x509.Certificate] | None = None,
+    now: datetime,
+    collateral: Collateral | None = None,
+) -> PlatformClaims:
     """Verify an SGX DCAP quote v3 at ``now`` (timezone-aware); return its claims.
 
-    ``roots`` replaces the trust anchors (default: the bundled, pinned Intel SGX Root CA).
+    ``roots`` replaces the trust anchors (default: the bundled, pinned Intel SGX Root CA), for the
+    quote's PCK chain and, when ``collateral`` is given, for the collateral's issuer chains and CRLs.
     """
     q = dcap.parse_and_verify(
         quote,
@@ -50,6 +64,19 @@ def verify_sgx(quote: bytes, *, roots: Sequence[x509.Certificate] | None = None,
     flags = int.from_bytes(attributes[:8], "little")
     isv_prod_id, isv_svn = struct.unpack_from("<HH", b, 0x100)
     mrenclave, mrsigner = b[_MRENCLAVE], b[0x80:0xA0]
+    details: dict[str, object] = {
+        "version": q.version,
+        "cpu_svn": b[0:16].hex(),
+        "misc_select": int.from_bytes(b[16:20], "little"),
+        "attributes": attributes.hex(),
+        "qe_vendor_id": q.qe_vendor_id.hex(),
+        "fmspc": dcap.pck_fmspc(q.pck_chain[0]),
+        "quote_size": q.size,
+    }
+    if collateral is not None:
+        from sealroom.attestation.collateral import evaluate
+
+        details.update(evaluate(q, collateral, roots=roots, now=now).to_details())
     return PlatformClaims(
         platform=SGX,
         measurement=mrenclave.hex(),
@@ -57,15 +84,7 @@ def verify_sgx(quote: bytes, *, roots: Sequence[x509.Certificate] | None = None,
         debug=bool(flags & _ATTR_DEBUG),
         tcb={"isv_svn": isv_svn, "isv_prod_id": isv_prod_id, "qe_svn": q.qe_svn, "pce_svn": q.pce_svn},
         report_data=b[0x140:0x180],
-        details={
-            "version": q.version,
-            "cpu_svn": b[0:16].hex(),
-            "misc_select": int.from_bytes(b[16:20], "little"),
-            "attributes": attributes.hex(),
-            "qe_vendor_id": q.qe_vendor_id.hex(),
-            "fmspc": dcap.pck_fmspc(q.pck_chain[0]),
-            "quote_size": q.size,
-        },
+        details=details,
     )
 
 

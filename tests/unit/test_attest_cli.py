@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SNP = DATA / "snp" / "gosevguest-attestation-milan-debug.bin"
@@ -90,3 +91,61 @@ def test_tdx_and_sgx_quotes_verify_from_the_command_line(tmp_path):
     proc = attest("--format", "sgx", str(sgx), "--at", "2025-01-01T00:00:00Z", "--json")
     assert proc.returncode == 0, proc.stderr
     assert bytes.fromhex(json.loads(proc.stdout)["claims"]["report_data"]).startswith(b"Hello, world!")
+
+
+def test_intel_collateral_from_the_command_line(tmp_path):
+    sgx = DATA / "sgx" / "dcapqvl-sgx-quote-v3.bin"
+    collateral = DATA / "sgx" / "dcapqvl-sgx-quote-v3-collateral.json"
+    proc = attest(
+        "--format", "sgx", str(sgx), "--collateral", str(collateral), "--at", "2025-07-01T00:00:00Z", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    details = json.loads(proc.stdout)["claims"]["details"]
+    assert details["tcb_status"] == "ConfigurationAndSWHardeningNeeded"
+    assert details["advisory_ids"] == ["INTEL-SA-00289", "INTEL-SA-00615"]
+    proc = attest("--format", "sgx", str(sgx), "--collateral", str(collateral), "--at", "2025-07-01T00:00:00Z")
+    assert proc.returncode == 0 and "TCB status ConfigurationAndSWHardeningNeeded" in proc.stdout
+    # Stale collateral (after its nextUpdate) is refused (1).
+    proc = attest("--format", "sgx", str(sgx), "--collateral", str(collateral), "--at", "2025-08-01T00:00:00Z")
+    assert proc.returncode == 1 and "refused (collateral)" in proc.stderr and "stale" in proc.stderr
+    # The genuine TDX collateral (a directory of PCS files) lists no TCB level for this platform: refused (1).
+    tdx = tmp_path / "tdx.dat"
+    tdx.write_bytes((DATA / "tdx" / "gotdxguest-quote-v4-spr-e4.dat").read_bytes()[:4935])
+    proc = attest("--format", "tdx", str(tdx), "--collateral", str(DATA / "tdx"), "--at", "2023-07-01T00:00:00Z")
+    assert proc.returncode == 1 and "refused (tcb_status)" in proc.stderr
+
+
+def test_out_of_date_tcb_refused_unless_allowed(tmp_path):
+    from tests.unit.test_collateral import PCK, TEE, _level, _tdx_lab
+
+    lab = _tdx_lab([_level(PCK, 11, TEE, "OutOfDate", "INTEL-SA-00001")])
+    quote, root, coll = tmp_path / "quote.dat", tmp_path / "root.pem", tmp_path / "collateral"
+    quote.write_bytes(lab.forged.quote)
+    root.write_bytes(lab.forged.root.public_bytes(serialization.Encoding.PEM))
+    coll.mkdir()
+    files = lab.files()
+    for name in ("tcb_info", "qe_identity", "pck_crl", "root_crl"):
+        (coll / name).write_bytes(files[name])
+    (coll / "chain.pem").write_bytes(files["tcb_info_issuer_chain"])
+    args = ("--format", "tdx", str(quote), "--root", str(root), "--collateral", str(coll), "--at", "2023-07-01T00:00Z")
+    proc = attest(*args)
+    assert proc.returncode == 1 and "refused (tcb_status)" in proc.stderr and "INTEL-SA-00001" in proc.stderr
+    proc = attest(*args, "--allow-out-of-date", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["claims"]["details"]["tcb_status"] == "OutOfDate"
+
+
+@pytest.mark.parametrize("case", ["not_intel", "malformed", "missing"])
+def test_unusable_collateral_exits_2(tmp_path, case):
+    sgx = str(DATA / "sgx" / "dcapqvl-sgx-quote-v3.bin")
+    if case == "not_intel":
+        proc = attest("--format", "snp", str(SNP), "--cert", str(VCEK), "--collateral", str(DATA / "tdx"))
+        assert proc.returncode == 2 and "--collateral applies to" in proc.stderr
+    elif case == "malformed":
+        bad = tmp_path / "c.json"
+        bad.write_text('{"tcb_info": 1}')
+        proc = attest("--format", "sgx", sgx, "--collateral", str(bad))
+        assert proc.returncode == 2 and "unusable collateral" in proc.stderr
+    else:
+        proc = attest("--format", "sgx", sgx, "--collateral", str(tmp_path / "nope"))
+        assert proc.returncode == 2 and "collateral" in proc.stderr
