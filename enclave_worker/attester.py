@@ -10,8 +10,8 @@ it, before the server listens):
 - ``sev-snp`` and ``tdx``: a confidential VM's report through Linux configfs-tsm (kernel 6.7+):
   the worker creates its own report entry under ``tsm_path`` (``/sys/kernel/config/tsm/report``),
   writes the 64 report-data bytes to ``inblob`` and reads the signed report from ``outblob``; for
-  SEV-SNP the certificate table in ``auxblob`` supplies the VCEK (or ``snp_certificates`` does,
-  when the host does not provide it). ``generation`` must have moved by exactly our one write:
+  SEV-SNP the certificate table in ``auxblob`` supplies the VCEK or VLEK (or ``snp_certificates``
+  does, when the host does not provide it). ``generation`` must have moved by exactly our one write:
   anything else means another writer raced us and the report may not hold our report data.
 - ``sgx``: a DCAP quote from Gramine's ``/dev/attestation`` pseudo-files (``user_report_data`` in,
   ``quote`` out).
@@ -36,6 +36,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
+
+from cryptography.x509.oid import NameOID
 
 from enclave_worker.config import EnclaveConfig
 from sealroom.attestation import Evidence, SimulatedAttester, enclave_measurement, load_dev_root
@@ -186,7 +188,7 @@ class _ConfigfsTsm:
                     f"a {provider} provider (configfs-tsm reports {found!r})",
                     "set enclave.attester to the platform this VM runs on (sev_guest: sev-snp, tdx_guest: tdx)",
                 )
-            self._extra_certs = b""
+            self._extra_certs: list[bytes] = []
             if platform == "sev-snp" and config.snp_certificates is not None:
                 self._extra_certs = _snp_certificate_file(config.snp_certificates)
             probe = self.attest(report_data=bytes(REPORT_DATA_BYTES), nonce=bytes(16))
@@ -223,7 +225,7 @@ class _ConfigfsTsm:
             report = _read(self._entry / "outblob")
             aux = b""
             if self.format == "sev-snp":
-                aux = self._snp_certificates()
+                aux = self._snp_certificates(report)
             after = self._generation()
         if after != before + 1:
             raise AttestationError(
@@ -235,25 +237,22 @@ class _ConfigfsTsm:
             raise AttestationError("configfs-tsm returned an empty report", details={"check": "attester"})
         return Evidence(format=self.format, evidence=report, aux=aux, nonce=nonce)
 
-    def _snp_certificates(self) -> bytes:
-        """DER VCEK (and ASK) for the envelope's ``aux``: from the host's table, else the configured file."""
+    def _snp_certificates(self, report: bytes) -> bytes:
+        """DER certificates for the envelope's ``aux``: the report's signing key (VCEK, or VLEK for a
+        VLEK-signed report) and its intermediate, from the host's table and the configured file."""
+        leaf = "vlek" if len(report) > 0x48 and (report[0x48] >> 2) & 0b111 == 1 else "vcek"
         table = _read(self._entry / "auxblob")
         certs = snp_certificates_from_table(table) if table else {}
-        if "vcek" in certs:
-            return certs["vcek"] + certs.get("ask", b"")
-        if self._extra_certs:
-            return self._extra_certs
-        if "vlek" in certs:
-            raise _unreachable(
-                "sev-snp",
-                "a VCEK (the host provides a VLEK, which this version does not verify)",
-                "fetch the VCEK for this chip and TCB from AMD's KDS and set enclave.snp_certificates",
-            )
+        chosen = [certs[k] for k in (leaf, "ask") if k in certs]
+        chosen += [der for der in self._extra_certs if der not in chosen]
+        if leaf in certs or any(kind == leaf for kind in _snp_kinds(self._extra_certs)):
+            return b"".join(chosen)
+        where = "/vlek/v1/<product>/ (with the ASVK)" if leaf == "vlek" else "/vcek/v1/<product>/<chip id>"
         raise _unreachable(
             "sev-snp",
-            "a VCEK (the host supplied no certificate table)",
-            "fetch the VCEK for this chip and TCB from AMD's KDS (https://kdsintf.amd.com/vcek/v1/...) "
-            "and set enclave.snp_certificates to the DER or PEM file",
+            f"a {leaf.upper()} (the host supplied no certificate table holding one)",
+            f"fetch it from AMD's KDS (https://kdsintf.amd.com{where}) and set enclave.snp_certificates "
+            "to the DER or PEM file",
         )
 
     def close(self) -> None:
@@ -264,8 +263,20 @@ class _ConfigfsTsm:
                 log.warning("could not remove configfs-tsm entry %s (%s)", self._entry, type(exc).__name__)
 
 
-def _snp_certificate_file(path: Path) -> bytes:
-    """The DER of every certificate in ``path`` (PEM or DER), concatenated as the envelope carries them."""
+def _snp_kinds(ders: list[bytes]) -> list[str]:
+    """ "vcek", "vlek" or "other" for each DER certificate, by its common name."""
+    from sealroom.attestation.offline import load_certificate
+
+    kinds = []
+    for der in ders:
+        names = load_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = str(names[0].value) if names else ""
+        kinds.append({"SEV-VCEK": "vcek", "SEV-VLEK": "vlek"}.get(cn, "other"))
+    return kinds
+
+
+def _snp_certificate_file(path: Path) -> list[bytes]:
+    """The DER of every certificate in ``path`` (PEM or DER)."""
     from cryptography.hazmat.primitives import serialization
 
     from sealroom.attestation.offline import load_certificate
@@ -285,7 +296,7 @@ def _snp_certificate_file(path: Path) -> bytes:
         raise ConfigError(
             f"enclave.snp_certificates: {path} holds no PEM or DER certificate", details={"file": str(path)}
         ) from None
-    return b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)
+    return [c.public_bytes(serialization.Encoding.DER) for c in certs]
 
 
 # --- Gramine (SGX) ---------------------------------------------------------------------------

@@ -366,6 +366,8 @@ class TrustPolicy:
     min_tcb: Mapping[str, int] = field(default_factory=dict)
     roots: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
     expect: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    snp_allow_migration_agent: bool = False
+    snp_max_vmpl: int = 0
 
     def appraisal(self) -> AppraisalPolicy:
         """The attestation appraisal policy this trust section stands for."""
@@ -381,6 +383,8 @@ class TrustPolicy:
                 fmt: tuple(_load_root_pem(path, fmt) for path in paths) for fmt, paths in self.roots.items()
             },
             expect={key: frozenset(values) for key, values in self.expect.items()},
+            snp_allow_migration_agent=self.snp_allow_migration_agent,
+            snp_max_vmpl=self.snp_max_vmpl,
         )
 
     @classmethod
@@ -394,6 +398,8 @@ class TrustPolicy:
             "min_tcb",
             "roots",
             "expect",
+            "snp_allow_migration_agent",
+            "snp_max_vmpl",
         }
         for key in doc:
             if key not in known:
@@ -422,6 +428,12 @@ class TrustPolicy:
                 f"{source}: trust.allow_debug must be true or false",
                 details={"file": source, "key": "trust.allow_debug"},
             )
+        allow_ma = doc.get("snp_allow_migration_agent", False)
+        if not isinstance(allow_ma, bool):
+            raise _err(source, "trust.snp_allow_migration_agent", "true or false")
+        vmpl = doc.get("snp_max_vmpl", 0)
+        if not isinstance(vmpl, int) or isinstance(vmpl, bool) or not 0 <= vmpl <= 3:
+            raise _err(source, "trust.snp_max_vmpl", "an integer from 0 to 3")
         root = doc.get("dev_root")
         if root is not None and (not isinstance(root, str) or not root):
             raise ConfigError(
@@ -455,6 +467,8 @@ class TrustPolicy:
             min_tcb=_min_tcb(doc.get("min_tcb", {}), source=source),
             roots=_trust_roots(doc.get("roots", {}), source=source, resolve=resolve),
             expect=_expect(doc.get("expect", {}), source=source),
+            snp_allow_migration_agent=allow_ma,
+            snp_max_vmpl=vmpl,
         )
 
 

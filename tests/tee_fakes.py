@@ -35,6 +35,7 @@ from cryptography.x509.oid import NameOID
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 _AMD = "1.3.6.1.4.1.3704.1"
 VCEK_GUID = uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd").bytes
+VLEK_GUID = uuid.UUID("a8074bc2-a25a-483e-aae6-39c045a0b8a1").bytes
 ASK_GUID = uuid.UUID("4ab7b379-bbac-4fe4-a02f-05aef327c782").bytes
 
 
@@ -49,7 +50,11 @@ def _der_int(n: int) -> bytes:
 
 @dataclass
 class FakeAmdPki:
-    """A Milan-shaped AMD certificate chain under a test ARK, and the chip/TCB its VCEK certifies."""
+    """A Milan-shaped AMD certificate chain under a test ARK, and the chip/TCB its VCEK certifies.
+
+    With ``vlek=True`` the chain is ARK -> ASVK -> VLEK (as AMD issues to cloud providers): ``ask``
+    holds the ASVK, ``vcek`` the VLEK, and reports say they are VLEK-signed.
+    """
 
     ark: x509.Certificate
     ask: x509.Certificate
@@ -57,9 +62,10 @@ class FakeAmdPki:
     vcek_key: ec.EllipticCurvePrivateKey
     chip_id: bytes
     tcb: dict[str, int]
+    vlek: bool = False
 
     @classmethod
-    def create(cls, *, tcb: dict[str, int] | None = None) -> FakeAmdPki:
+    def create(cls, *, tcb: dict[str, int] | None = None, vlek: bool = False) -> FakeAmdPki:
         tcb = tcb or {"bootloader": 3, "tee": 0, "snp": 20, "microcode": 209}
         now = datetime.now(UTC)
         valid = (now - timedelta(days=1), now + timedelta(days=365))
@@ -79,15 +85,20 @@ class FakeAmdPki:
             )
 
         ark = build("ARK-Milan", "ARK-Milan", ark_key.public_key(), 1).sign(ark_key, hashes.SHA384(), rsa_padding=_PSS)
-        ask = build("SEV-Milan", "ARK-Milan", ask_key.public_key(), 2).sign(ark_key, hashes.SHA384(), rsa_padding=_PSS)
+        mid, leaf = ("SEV-VLEK-Milan", "SEV-VLEK") if vlek else ("SEV-Milan", "SEV-VCEK")
+        ask = build(mid, "ARK-Milan", ask_key.public_key(), 2).sign(ark_key, hashes.SHA384(), rsa_padding=_PSS)
         chip_id = hashlib.sha512(b"sealroom test chip").digest()
-        vb = build("SEV-VCEK", "SEV-Milan", vcek_key.public_key(), 3)
+        vb = build(leaf, mid, vcek_key.public_key(), 3)
         for i, name in ((1, "bootloader"), (2, "tee"), (3, "snp"), (8, "microcode")):
             ext = x509.UnrecognizedExtension(x509.ObjectIdentifier(f"{_AMD}.3.{i}"), _der_int(tcb[name]))
             vb = vb.add_extension(ext, critical=False)
-        hwid = x509.UnrecognizedExtension(x509.ObjectIdentifier(f"{_AMD}.4"), bytes([0x04, 0x40]) + chip_id)
-        vcek = vb.add_extension(hwid, critical=False).sign(ask_key, hashes.SHA384(), rsa_padding=_PSS)
-        return cls(ark, ask, vcek, vcek_key, chip_id, tcb)
+        if vlek:  # no hwID: a VLEK names the cloud provider (CSP_ID), not a chip
+            csp = b"sealroom-test-cloud"
+            ext = x509.UnrecognizedExtension(x509.ObjectIdentifier(f"{_AMD}.5"), bytes([0x0C, len(csp)]) + csp)
+        else:
+            ext = x509.UnrecognizedExtension(x509.ObjectIdentifier(f"{_AMD}.4"), bytes([0x04, 0x40]) + chip_id)
+        vcek = vb.add_extension(ext, critical=False).sign(ask_key, hashes.SHA384(), rsa_padding=_PSS)
+        return cls(ark, ask, vcek, vcek_key, chip_id, tcb, vlek)
 
     def ark_pem(self) -> bytes:
         return self.ark.public_bytes(serialization.Encoding.PEM)
@@ -95,16 +106,25 @@ class FakeAmdPki:
     def der(self, cert: x509.Certificate) -> bytes:
         return cert.public_bytes(serialization.Encoding.DER)
 
-    def report(self, report_data: bytes, *, measurement: bytes, debug: bool = False) -> bytes:
+    def report(
+        self,
+        report_data: bytes,
+        *,
+        measurement: bytes,
+        debug: bool = False,
+        migration_agent: bool = False,
+        vmpl: int = 0,
+    ) -> bytes:
         """A version-2 SNP report signed by the VCEK, binding ``report_data`` (64 bytes)."""
         assert len(report_data) == 64 and len(measurement) == 48
         raw = bytearray(0x4A0)
-        policy = (1 << 17) | (1 << 16) | (1 << 19 if debug else 0)
+        policy = (1 << 17) | (1 << 16) | (1 << 19 if debug else 0) | (1 << 18 if migration_agent else 0)
         struct.pack_into("<IIQ", raw, 0, 2, 0, policy)
-        struct.pack_into("<II", raw, 0x30, 0, 1)  # VMPL 0, ECDSA P-384 with SHA-384
+        struct.pack_into("<II", raw, 0x30, vmpl, 1)  # VMPL, ECDSA P-384 with SHA-384
         t = self.tcb
         tcb = bytes([t["bootloader"], t["tee"], 0, 0, 0, 0, t["snp"], t["microcode"]])
         raw[0x38:0x40] = tcb  # current TCB
+        struct.pack_into("<I", raw, 0x48, (1 if self.vlek else 0) << 2)  # SIGNING_KEY
         raw[0x50:0x90] = report_data
         raw[0x90:0xC0] = measurement
         raw[0x180:0x188] = tcb  # reported TCB
@@ -115,13 +135,17 @@ class FakeAmdPki:
         return bytes(raw)
 
     def cert_table(self) -> bytes:
-        """The certificate table a host hands the guest in ``auxblob``: VCEK and ASK, then a zero entry."""
-        vcek, ask = self.der(self.vcek), self.der(self.ask)
+        """The certificate table a host hands the guest in ``auxblob``: VCEK and ASK (a VLEK alone, as
+        a cloud provider's host would), then a zero entry."""
+        leaf = self.der(self.vcek)
+        if self.vlek:
+            return VLEK_GUID + struct.pack("<II", 48, len(leaf)) + bytes(24) + leaf
+        ask = self.der(self.ask)
         header = 24 * 3
-        table = VCEK_GUID + struct.pack("<II", header, len(vcek))
-        table += ASK_GUID + struct.pack("<II", header + len(vcek), len(ask))
+        table = VCEK_GUID + struct.pack("<II", header, len(leaf))
+        table += ASK_GUID + struct.pack("<II", header + len(leaf), len(ask))
         table += bytes(24)
-        return table + vcek + ask
+        return table + leaf + ask
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -59,10 +59,31 @@ def _snp(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
         certs = [load_certificate(der) for der in _split_der_certificates(evidence.aux)]
     except ValueError:
         raise AttestationError(
-            "SEV-SNP evidence must carry its VCEK (and optionally the ASK) as DER certificates in aux",
+            "SEV-SNP evidence must carry its VCEK (and optionally the ASK), or its VLEK and ASVK, as DER "
+            "certificates in aux",
             details={"check": "envelope"},
         ) from None
-    return _claims(verify_snp_with(evidence.evidence, certs, roots=_roots(policy, "sev-snp"), now=now), evidence, now)
+    pc = verify_snp_with(evidence.evidence, certs, roots=_roots(policy, "sev-snp"), now=now)
+    if policy is not None:
+        _snp_guest_policy(pc, policy)
+    return _claims(pc, evidence, now)
+
+
+def _snp_guest_policy(pc: PlatformClaims, policy: Any) -> None:
+    """The SEV-SNP guest policy bits and VMPL the relying party's policy governs."""
+    if pc.details.get("migration_agent") and not policy.snp_allow_migration_agent:
+        raise AttestationError(
+            "the SEV-SNP guest policy admits a migration agent, which can export the guest's memory; the trust"
+            " policy does not set snp_allow_migration_agent = true",
+            details={"check": "migration_agent"},
+        )
+    vmpl = pc.details.get("vmpl", 0)
+    if vmpl > policy.snp_max_vmpl:
+        raise AttestationError(
+            f"the SEV-SNP report was requested at VMPL {vmpl}, above the trust policy's snp_max_vmpl"
+            f" {policy.snp_max_vmpl}: a more privileged layer runs below the enclave",
+            details={"check": "vmpl"},
+        )
 
 
 def _tdx(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:

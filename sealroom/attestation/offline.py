@@ -129,19 +129,20 @@ def verify_snp_with(
     roots: Sequence[x509.Certificate] | None,
     now: datetime,
 ) -> PlatformClaims:
-    """Verify an SNP report with the certificates that came with it: exactly one VCEK (by its
-    subject, CN=SEV-VCEK) and optionally the ASK. ``roots`` replaces the pinned AMD roots."""
+    """Verify an SNP report with the certificates that came with it: exactly one VCEK or VLEK (by its
+    subject, CN=SEV-VCEK or SEV-VLEK) and optionally the ASK (for a VLEK, the ASVK). ``roots``
+    replaces the pinned AMD roots."""
     from sealroom.attestation.snp import verify_snp
 
-    vceks = [c for c in certificates if _common_name(c) == "SEV-VCEK"]
-    others = [c for c in certificates if _common_name(c) != "SEV-VCEK"]
-    if len(vceks) != 1:
+    leaves = [c for c in certificates if _common_name(c) in ("SEV-VCEK", "SEV-VLEK")]
+    others = [c for c in certificates if _common_name(c) not in ("SEV-VCEK", "SEV-VLEK")]
+    if len(leaves) != 1:
         raise AttestationError(
-            "an SNP report needs exactly one VCEK with it (pass it with --cert; AMD's KDS serves it for the "
-            "chip and TCB)",
+            "an SNP report needs exactly one VCEK (or, for a VLEK-signed report, one VLEK and its ASVK) with it "
+            "(pass it with --cert; AMD's KDS serves the VCEK for the chip and TCB)",
             details={"check": "chain"},
         )
-    return verify_snp(report, vcek=vceks[0], ask=others[0] if others else None, roots=roots, now=now)
+    return verify_snp(report, vcek=leaves[0], ask=others[0] if others else None, roots=roots, now=now)
 
 
 def _common_name(cert: x509.Certificate) -> str:

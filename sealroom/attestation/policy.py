@@ -88,6 +88,10 @@ class AppraisalPolicy:
       listed for the evidence's platform must be present with one of the accepted values. On TDX the
       primary measurement (MRTD) covers the firmware only: pin RTMR1 and RTMR2 to pin the kernel,
       initrd and command line (and through a dm-verity root hash there, the enclave worker's code).
+    - ``snp_allow_migration_agent``: accept SEV-SNP guests whose policy admits a migration agent (which
+      can export the guest's memory to another host). Off.
+    - ``snp_max_vmpl``: the highest VMPL an SEV-SNP report may be requested from (0: the guest's most
+      privileged level; a higher one means a more privileged layer, e.g. a paravisor, sits below).
     - ``platform_roots``: per hardware format (``"sev-snp"``, ``"tdx"``, ``"sgx"``, ``"nitro"``), root
       certificates that replace the vendor roots built in and pinned (for a private PKI or tests).
     - ``max_age``: evidence older than this (by its own ``issued_at``) is refused.
@@ -103,10 +107,14 @@ class AppraisalPolicy:
     clock_skew: timedelta = timedelta(seconds=30)
     platform_roots: Mapping[str, tuple[x509.Certificate, ...]] = field(default_factory=dict)
     expect: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    snp_allow_migration_agent: bool = False
+    snp_max_vmpl: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "measurements", _measurements(self.measurements))
-        for name in ("allow_simulated", "allow_debug"):
+        if type(self.snp_max_vmpl) is not int or not 0 <= self.snp_max_vmpl <= 3:
+            raise ValueError("snp_max_vmpl must be an int from 0 to 3")
+        for name in ("allow_simulated", "allow_debug", "snp_allow_migration_agent"):
             if type(getattr(self, name)) is not bool:
                 raise TypeError(f"{name} must be bool")
         roots = self.simulated_roots

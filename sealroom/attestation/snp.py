@@ -10,7 +10,11 @@ and CHIP_ID match the VCEK's AMD extensions (OID arc ``1.3.6.1.4.1.3704.1``). It
 bit 19) verifies, with ``debug=True``; refusing it is the relying party's policy.
 
 The chain is checked directly rather than with a generic path builder because the VCEK has no
-authority key identifier. VLEK-signed reports are not supported (refused, check ``"format"``).
+authority key identifier. A report signed by a VLEK (a key AMD issues to a cloud provider rather than
+to one chip; AWS uses them) is verified the same way along ARK -> ASVK -> VLEK: the leaf's role must
+match the report's SIGNING_KEY field, the TCB is bound to the VLEK's extensions, and there is no chip
+id to bind (the VLEK's CSP_ID names the provider). AMD does not publish ASVKs beside the ARKs here,
+so a VLEK must come with its ASVK.
 
 Every refusal raises :class:`~sealroom.errors.AttestationError` with ``details["check"]`` one of
 ``"format"``, ``"root"``, ``"chain"``, ``"signature"``, ``"tcb_binding"``.
@@ -73,6 +77,10 @@ _OID_TCB = {
     "microcode": x509.ObjectIdentifier(_AMD_ARC + ".3.8"),
 }
 _OID_FMC_SPL = x509.ObjectIdentifier(_AMD_ARC + ".3.9")  # Turin only
+_OID_CSP_ID = x509.ObjectIdentifier(_AMD_ARC + ".5")  # VLEK only: the cloud provider it was issued to
+
+# REPORT.SIGNING_KEY -> the leaf certificate's common name.
+SIGNING_KEYS = {0: "SEV-VCEK", 1: "SEV-VLEK"}
 
 # Policy bits.
 _POLICY_SMT = 1 << 16
@@ -128,6 +136,7 @@ class _Report:
     author_key_digest: bytes
     report_id: bytes
     reported_tcb: int
+    signing_key: int
     chip_id: bytes
     signed: bytes
     sig_r: bytes
@@ -150,8 +159,8 @@ def _parse(report: bytes) -> _Report:
     (platform_info,) = struct.unpack_from("<Q", raw, 0x40)
     (flags,) = struct.unpack_from("<I", raw, 0x48)
     signing_key = (flags >> 2) & 0b111
-    if signing_key != 0:
-        raise _fail("format", f"report not signed by a VCEK (SIGNING_KEY={signing_key}); only VCEK is supported")
+    if signing_key not in SIGNING_KEYS:
+        raise _fail("format", f"report not signed by a VCEK or VLEK (SIGNING_KEY={signing_key})")
     (reported_tcb,) = struct.unpack_from("<Q", raw, 0x180)
     return _Report(
         version=version,
@@ -170,6 +179,7 @@ def _parse(report: bytes) -> _Report:
         author_key_digest=raw[0x110:0x140],
         report_id=raw[0x140:0x160],
         reported_tcb=reported_tcb,
+        signing_key=signing_key,
         chip_id=raw[0x1A0:0x1E0],
         signed=raw[:SIGNED_SIZE],
         sig_r=raw[0x2A0:0x2E8],
@@ -316,6 +326,8 @@ def _check_tcb_binding(rep: _Report, vcek: x509.Certificate, product: str, tcb: 
         if raw is not None and _der_small_int(raw, _OID_FMC_SPL.dotted_string) != tcb["fmc"]:
             raise _fail("tcb_binding", "reported fmc SPL differs from the VCEK's", component="fmc")
 
+    if rep.signing_key == 1:  # a VLEK is not chip-specific: there is no hwID to bind
+        return
     hwid = _ext_bytes(vcek, _OID_HWID)
     if hwid is None:
         raise _fail("tcb_binding", "VCEK lacks the hwID extension")
@@ -353,6 +365,14 @@ def verify_snp(
         raise ValueError("now must be a timezone-aware datetime")
     rep = _parse(report)
 
+    leaf = SIGNING_KEYS[rep.signing_key]
+    names = vcek.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if not names or names[0].value != leaf:
+        raise _fail(
+            "chain", f"the report is signed by a {leaf[4:]}, but the certificate given is not one", certificate=leaf
+        )
+    if leaf == "SEV-VLEK" and ask is None:
+        raise _fail("chain", "a VLEK-signed report needs its ASVK (AMD KDS serves it at /vlek/v1/<product>/cert_chain)")
     trusted = _trusted_roots(roots)
     product = _product_for(ark, ask, vcek, trusted)
     ark_cert = ark if ark is not None else trusted[product]
@@ -360,16 +380,17 @@ def verify_snp(
     if _fingerprint(ark_cert) != _fingerprint(trusted[product]):  # defence in depth
         raise _fail("root", "ARK is not a trusted AMD root")
 
+    mid, end = ("ASK", "VCEK") if leaf == "SEV-VCEK" else ("ASVK", "VLEK")
     _check_link(ark_cert, ark_cert, "ARK", "ARK")
-    _check_link(ask_cert, ark_cert, "ASK", "ARK")
-    _check_link(vcek, ask_cert, "VCEK", "ASK")
-    for cert, name in ((ark_cert, "ARK"), (ask_cert, "ASK"), (vcek, "VCEK")):
+    _check_link(ask_cert, ark_cert, mid, "ARK")
+    _check_link(vcek, ask_cert, end, mid)
+    for cert, name in ((ark_cert, "ARK"), (ask_cert, mid), (vcek, end)):
         _check_validity(cert, now, name)
 
     # Report signature: ECDSA P-384/SHA-384, r and s little-endian in 72-byte fields.
     vcek_key = vcek.public_key()
     if not isinstance(vcek_key, ec.EllipticCurvePublicKey) or not isinstance(vcek_key.curve, ec.SECP384R1):
-        raise _fail("signature", "VCEK key is not ECDSA P-384")
+        raise _fail("signature", f"{end} key is not ECDSA P-384")
     if any(rep.sig_reserved):
         raise _fail("signature", "reserved bytes after the signature are not zero")
     r = int.from_bytes(rep.sig_r, "little")
@@ -379,7 +400,7 @@ def verify_snp(
     try:
         vcek_key.verify(encode_dss_signature(r, s), rep.signed, ec.ECDSA(hashes.SHA384()))
     except InvalidSignature:
-        raise _fail("signature", "report signature by the VCEK does not verify") from None
+        raise _fail("signature", f"report signature by the {end} does not verify") from None
 
     tcb = _tcb_fields(rep.reported_tcb, product)
     _check_tcb_binding(rep, vcek, product, tcb)
@@ -410,8 +431,20 @@ def verify_snp(
             "platform_info": rep.platform_info,
             "reported_tcb": rep.reported_tcb,
             "report_id": rep.report_id.hex(),
+            "signing_key": end.lower(),
+            **({"csp_id": _csp_id(vcek)} if end == "VLEK" else {}),
         },
     )
+
+
+def _csp_id(vlek: x509.Certificate) -> str:
+    raw = _ext_bytes(vlek, _OID_CSP_ID)
+    if raw is None:
+        return ""
+    # A DER UTF8String (tag 0x0C, short length): the cloud provider's name.
+    if len(raw) >= 2 and raw[0] == 0x0C and raw[1] == len(raw) - 2:
+        return raw[2:].decode("utf-8", "replace")[:64]
+    return raw.hex()[:128]
 
 
 def report_measurement(report: bytes) -> str:

@@ -29,7 +29,7 @@ from enclave_worker.attester import (
     snp_certificates_from_table,
 )
 from enclave_worker.config import EnclaveConfig
-from sealroom.attestation import AppraisalPolicy, cbor, report_data_for, verify_evidence
+from sealroom.attestation import AppraisalPolicy, Evidence, cbor, report_data_for, verify_evidence
 from sealroom.attestation.nitro import verify_nitro
 from sealroom.errors import AttestationError, ConfigError
 from tests.tee_fakes import FakeAmdPki, FakeConfigfsTsm, FakeGramine
@@ -323,3 +323,53 @@ def test_enclave_measure_asks_the_platform(tmp_path: Path, pki: FakeAmdPki, tsm:
     out = _cli("enclave", "measure", "--config", str(config), "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"measurement": MEASUREMENT.hex()}
+
+
+def test_a_vlek_signed_report_verifies_with_its_asvk(tmp_path: Path) -> None:
+    """A cloud provider's host hands the guest a VLEK only; the ASVK comes from enclave.snp_certificates."""
+    vlek = FakeAmdPki.create(vlek=True)
+    fake = FakeConfigfsTsm(
+        tmp_path / "report",
+        make_report=lambda data: vlek.report(data, measurement=MEASUREMENT),
+        auxblob=vlek.cert_table(),
+    )
+    asvk = tmp_path / "asvk.pem"
+    asvk.write_bytes(vlek.ask.public_bytes(serialization.Encoding.PEM))
+    nonce = os.urandom(16)
+    rd = hashlib.sha512(nonce).digest()
+    try:
+        for extra, refused in ((None, True), (asvk, False)):
+            attester = make_attester(_config(attester="sev-snp", tsm_path=fake.root, snp_certificates=extra))
+            try:
+                evidence = attester.attest(report_data=rd, nonce=nonce)
+            finally:
+                attester.close()
+            if refused:  # the VLEK alone: no ASVK to chain it to the ARK
+                with pytest.raises(AttestationError, match="ASVK") as ei:
+                    verify_evidence(evidence, policy=_policy(vlek), expected_report_data=rd, expected_nonce=nonce)
+                assert ei.value.details["check"] == "chain"
+                continue
+            claims = verify_evidence(evidence, policy=_policy(vlek), expected_report_data=rd, expected_nonce=nonce)
+            assert claims.platform == "sev-snp" and claims.measurement == MEASUREMENT.hex()
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize(
+    ("report_kw", "check", "allowed"),
+    [
+        ({"migration_agent": True}, "migration_agent", {"snp_allow_migration_agent": True}),
+        ({"vmpl": 2}, "vmpl", {"snp_max_vmpl": 2}),
+    ],
+)
+def test_snp_guest_policy_bits_and_vmpl_are_appraised(
+    report_kw: dict[str, object], check: str, allowed: dict[str, object], pki: FakeAmdPki
+) -> None:
+    nonce = os.urandom(16)
+    rd = hashlib.sha512(nonce).digest()
+    report = pki.report(rd, measurement=MEASUREMENT, **report_kw)  # type: ignore[arg-type]
+    evidence = Evidence("sev-snp", report, pki.der(pki.vcek) + pki.der(pki.ask), nonce)
+    with pytest.raises(AttestationError) as ei:
+        verify_evidence(evidence, policy=_policy(pki), expected_report_data=rd, expected_nonce=nonce)
+    assert ei.value.details["check"] == check
+    assert verify_evidence(evidence, policy=_policy(pki, **allowed), expected_report_data=rd, expected_nonce=nonce)

@@ -140,3 +140,38 @@ def test_vcek_from_another_chain_is_refused(report: bytes) -> None:
     with pytest.raises(AttestationError) as ei:
         verify_snp(report, vcek=bundled_ask("milan"), now=NOW)
     assert ei.value.details["check"] == "chain"
+
+
+def test_vlek_signed_reports_chain_through_the_asvk() -> None:
+    """AMD issues VLEKs to cloud providers (ARK -> ASVK -> VLEK); the leaf's role must match the report."""
+    from tests.tee_fakes import FakeAmdPki
+
+    now = datetime.now(UTC)
+    vlek = FakeAmdPki.create(vlek=True)
+    report = vlek.report(bytes(64), measurement=bytes(range(48)))
+    claims = verify_snp(report, vcek=vlek.vcek, ask=vlek.ask, roots=[vlek.ark], now=now)
+    assert claims.details["signing_key"] == "vlek" and claims.details["csp_id"] == "sealroom-test-cloud"
+    assert claims.measurement == bytes(range(48)).hex()
+    with pytest.raises(AttestationError, match="ASVK") as ei:
+        verify_snp(report, vcek=vlek.vcek, roots=[vlek.ark], now=now)
+    assert ei.value.details["check"] == "chain"
+    # The same report with a VCEK of another chain, and a VCEK-signed report with a VLEK: the roles differ.
+    vcek = FakeAmdPki.create()
+    with pytest.raises(AttestationError) as ei:
+        verify_snp(report, vcek=vcek.vcek, ask=vcek.ask, roots=[vcek.ark], now=now)
+    assert ei.value.details["check"] == "chain"
+    with pytest.raises(AttestationError) as ei:
+        verify_snp(
+            vcek.report(bytes(64), measurement=bytes(48)), vcek=vlek.vcek, ask=vlek.ask, roots=[vlek.ark], now=now
+        )
+    assert ei.value.details["check"] == "chain"
+    # A test root is trusted only where a policy names it: not by default.
+    with pytest.raises(AttestationError) as ei:
+        verify_snp(report, vcek=vlek.vcek, ask=vlek.ask, now=now)
+    assert ei.value.details["check"] in {"chain", "root"}
+    # Signing key 2 (none of VCEK, VLEK) is refused as a format error.
+    bad = bytearray(report)
+    bad[0x48] = 2 << 2
+    with pytest.raises(AttestationError) as ei:
+        verify_snp(bytes(bad), vcek=vlek.vcek, ask=vlek.ask, roots=[vlek.ark], now=now)
+    assert ei.value.details["check"] == "format"
