@@ -368,6 +368,8 @@ class TrustPolicy:
     expect: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     snp_allow_migration_agent: bool = False
     snp_max_vmpl: int = 0
+    intel_collateral: Mapping[str, Path] = field(default_factory=dict)
+    allow_out_of_date: bool = False
 
     def appraisal(self) -> AppraisalPolicy:
         """The attestation appraisal policy this trust section stands for."""
@@ -385,6 +387,8 @@ class TrustPolicy:
             expect={key: frozenset(values) for key, values in self.expect.items()},
             snp_allow_migration_agent=self.snp_allow_migration_agent,
             snp_max_vmpl=self.snp_max_vmpl,
+            intel_collateral={fmt: _load_collateral(path, fmt) for fmt, path in self.intel_collateral.items()},
+            allow_out_of_date=self.allow_out_of_date,
         )
 
     @classmethod
@@ -400,6 +404,8 @@ class TrustPolicy:
             "expect",
             "snp_allow_migration_agent",
             "snp_max_vmpl",
+            "intel_collateral",
+            "allow_out_of_date",
         }
         for key in doc:
             if key not in known:
@@ -434,6 +440,18 @@ class TrustPolicy:
         vmpl = doc.get("snp_max_vmpl", 0)
         if not isinstance(vmpl, int) or isinstance(vmpl, bool) or not 0 <= vmpl <= 3:
             raise _err(source, "trust.snp_max_vmpl", "an integer from 0 to 3")
+        allow_ood = doc.get("allow_out_of_date", False)
+        if not isinstance(allow_ood, bool):
+            raise _err(source, "trust.allow_out_of_date", "true or false")
+        collateral = doc.get("intel_collateral", {})
+        if not isinstance(collateral, Mapping) or not all(
+            fmt in ("tdx", "sgx") and isinstance(v, str) and v for fmt, v in collateral.items()
+        ):
+            raise _err(
+                source,
+                "trust.intel_collateral",
+                'a table { tdx = "DIR_OR_FILE", sgx = "DIR_OR_FILE" } of Intel collateral from the PCS or a PCCS',
+            )
         root = doc.get("dev_root")
         if root is not None and (not isinstance(root, str) or not root):
             raise ConfigError(
@@ -469,6 +487,8 @@ class TrustPolicy:
             expect=_expect(doc.get("expect", {}), source=source),
             snp_allow_migration_agent=allow_ma,
             snp_max_vmpl=vmpl,
+            intel_collateral={fmt: resolve(v) for fmt, v in collateral.items()},
+            allow_out_of_date=allow_ood,
         )
 
 
@@ -534,6 +554,20 @@ def _trust_roots(doc: object, *, source: str, resolve: Callable[[str], Path]) ->
             raise _err(source, f"trust.roots.{fmt}", "a non-empty list of PEM certificate paths")
         out[fmt] = tuple(resolve(p) for p in paths)
     return out
+
+
+def _load_collateral(path: Path, fmt: str) -> Any:
+    from sealroom.attestation.collateral import load_collateral
+
+    if not path.exists():
+        raise ConfigError(f"trust.intel_collateral.{fmt}: not found: {path}", details={"file": str(path)})
+    try:
+        return load_collateral(path)
+    except AttestationError as exc:
+        raise ConfigError(
+            f"trust.intel_collateral.{fmt}: {path} is not usable Intel collateral ({exc.message})",
+            details={"file": str(path), "key": f"trust.intel_collateral.{fmt}"},
+        ) from None
 
 
 def _load_root_pem(path: Path, fmt: str) -> x509.Certificate:

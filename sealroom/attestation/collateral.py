@@ -68,6 +68,7 @@ from sealroom.errors import AttestationError
 
 __all__ = [
     "OUT_OF_DATE_STATUSES",
+    "check_tcb_status",
     "TCB_STATUSES",
     "Collateral",
     "CollateralResult",
@@ -716,3 +717,16 @@ def evaluate(
         tcb_evaluation_data_number=tcb_info.get("tcbEvaluationDataNumber", int),
         collateral_expires=min(expiries),
     )
+
+
+def check_tcb_status(details: Mapping[str, Any], *, allow_out_of_date: bool, how_to_allow: str) -> None:
+    """Refuse (check ``"tcb_status"``) claims whose collateral-derived TCB status is out of date,
+    unless allowed; ``how_to_allow`` names the switch that allows it (a CLI flag, a config key)."""
+    status, advisories = details["tcb_status"], details["advisory_ids"]
+    if status in OUT_OF_DATE_STATUSES and not allow_out_of_date:
+        raise AttestationError(
+            f"the platform's TCB status is {status} (advisories: {', '.join(advisories) or 'none'}): it lacks "
+            "security updates Intel has published; refused (update the platform's microcode, BIOS or TDX "
+            f"module, or set {how_to_allow} to accept it)",
+            details={"check": "tcb_status", "tcb_status": status, "advisory_ids": list(advisories)},
+        )

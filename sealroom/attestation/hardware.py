@@ -51,6 +51,19 @@ def _roots(policy: Any, fmt: str) -> list[Any] | None:
     return list(roots) if roots else None
 
 
+def _with_collateral(
+    verify: Callable[..., PlatformClaims], fmt: str, evidence: Evidence, policy: Any, now: datetime
+) -> PlatformClaims:
+    """A DCAP quote verified, and appraised against Intel's collateral where the policy holds some."""
+    collateral = policy.intel_collateral.get(fmt) if policy is not None else None
+    pc = verify(evidence.evidence, roots=_roots(policy, fmt), now=now, collateral=collateral)
+    if collateral is not None:
+        from sealroom.attestation.collateral import check_tcb_status
+
+        check_tcb_status(pc.details, allow_out_of_date=policy.allow_out_of_date, how_to_allow="trust.allow_out_of_date")
+    return pc
+
+
 def _snp(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
     from sealroom.attestation.offline import load_certificate, verify_snp_with
     from sealroom.attestation.simulated import _split_der_certificates
@@ -89,13 +102,13 @@ def _snp_guest_policy(pc: PlatformClaims, policy: Any) -> None:
 def _tdx(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
     from sealroom.attestation.tdx import verify_tdx
 
-    return _claims(verify_tdx(evidence.evidence, roots=_roots(policy, "tdx"), now=now), evidence, now)
+    return _claims(_with_collateral(verify_tdx, "tdx", evidence, policy, now), evidence, now)
 
 
 def _sgx(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
     from sealroom.attestation.sgx import verify_sgx
 
-    return _claims(verify_sgx(evidence.evidence, roots=_roots(policy, "sgx"), now=now), evidence, now)
+    return _claims(_with_collateral(verify_sgx, "sgx", evidence, policy, now), evidence, now)
 
 
 def _nitro(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:

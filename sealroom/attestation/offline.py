@@ -109,16 +109,9 @@ def verify_platform_evidence(
             details={"check": "measurement"},
         )
     if collateral is not None:
-        from sealroom.attestation.collateral import OUT_OF_DATE_STATUSES
+        from sealroom.attestation.collateral import check_tcb_status
 
-        status, advisories = claims.details["tcb_status"], claims.details["advisory_ids"]
-        if status in OUT_OF_DATE_STATUSES and not allow_out_of_date:
-            raise AttestationError(
-                f"the platform's TCB status is {status} (advisories: {', '.join(advisories) or 'none'}): it lacks "
-                "security updates Intel has published; refused (update the platform's microcode, BIOS or TDX "
-                "module, or pass --allow-out-of-date to accept it)",
-                details={"check": "tcb_status", "tcb_status": status, "advisory_ids": list(advisories)},
-            )
+        check_tcb_status(claims.details, allow_out_of_date=allow_out_of_date, how_to_allow="--allow-out-of-date")
     return claims
 
 

@@ -92,6 +92,11 @@ class AppraisalPolicy:
       can export the guest's memory to another host). Off.
     - ``snp_max_vmpl``: the highest VMPL an SEV-SNP report may be requested from (0: the guest's most
       privileged level; a higher one means a more privileged layer, e.g. a paravisor, sits below).
+    - ``intel_collateral``: per format (``"tdx"``, ``"sgx"``), Intel collateral (TCB info, QE identity,
+      CRLs; a :class:`~sealroom.attestation.collateral.Collateral`) evaluated with every quote: the
+      PCK chain must not be revoked and the platform's TCB status must not be out of date (unless
+      ``allow_out_of_date``); Revoked is always refused. Without it, quotes are verified but Intel's
+      view of the platform's patch level is not consulted.
     - ``platform_roots``: per hardware format (``"sev-snp"``, ``"tdx"``, ``"sgx"``, ``"nitro"``), root
       certificates that replace the vendor roots built in and pinned (for a private PKI or tests).
     - ``max_age``: evidence older than this (by its own ``issued_at``) is refused.
@@ -109,12 +114,18 @@ class AppraisalPolicy:
     expect: Mapping[str, frozenset[str]] = field(default_factory=dict)
     snp_allow_migration_agent: bool = False
     snp_max_vmpl: int = 0
+    intel_collateral: Mapping[str, object] = field(default_factory=dict)
+    allow_out_of_date: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "measurements", _measurements(self.measurements))
         if type(self.snp_max_vmpl) is not int or not 0 <= self.snp_max_vmpl <= 3:
             raise ValueError("snp_max_vmpl must be an int from 0 to 3")
-        for name in ("allow_simulated", "allow_debug", "snp_allow_migration_agent"):
+        for fmt in self.intel_collateral:
+            if fmt not in ("tdx", "sgx"):
+                raise ValueError(f"intel_collateral applies to tdx and sgx quotes, not {fmt!r}")
+        object.__setattr__(self, "intel_collateral", MappingProxyType(dict(self.intel_collateral)))
+        for name in ("allow_simulated", "allow_debug", "snp_allow_migration_agent", "allow_out_of_date"):
             if type(getattr(self, name)) is not bool:
                 raise TypeError(f"{name} must be bool")
         roots = self.simulated_roots

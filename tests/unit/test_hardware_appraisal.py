@@ -175,3 +175,62 @@ def test_a_missing_root_file_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="not found"):
         _trust({"roots": {"sev-snp": ["nowhere.pem"]}}, tmp_path)
+
+
+def test_intel_collateral_in_the_trust_section(tmp_path):
+    """With collateral configured, the agents' appraisal consults Intel's view of the platform: the
+    genuine SGX quote's status (ConfigurationAndSWHardeningNeeded) passes; the genuine TDX quote's
+    platform has no TCB level in its collateral and is refused; stale collateral is refused."""
+    from sealroom.attestation.sgx import verify_sgx
+
+    sgx = (DATA / "sgx" / "dcapqvl-sgx-quote-v3.bin").read_bytes()
+    sgx_at = datetime(2025, 7, 1, tzinfo=UTC)
+    pc = verify_sgx(sgx, now=sgx_at)
+    doc = {
+        "measurements": [pc.measurement],
+        "intel_collateral": {"sgx": str(DATA / "sgx" / "dcapqvl-sgx-quote-v3-collateral.json")},
+    }
+    kwargs = {"expected_report_data": pc.report_data, "expected_nonce": NONCE}
+    evidence = Evidence("sgx", sgx, b"", NONCE)
+    verify_evidence(evidence, policy=_trust(doc, tmp_path), now=sgx_at, **kwargs)
+    with pytest.raises(AttestationError) as info:
+        verify_evidence(evidence, policy=_trust(doc, tmp_path), now=datetime(2025, 8, 1, tzinfo=UTC), **kwargs)
+    assert info.value.details["check"] == "collateral"
+
+    tdx_dir = tmp_path / "tdx-collateral"
+    tdx_dir.mkdir()
+    for name in (
+        "gotdxguest-pckcrl.der",
+        "gotdxguest-qeidentity-response.json",
+        "gotdxguest-rootcrl.der",
+        "gotdxguest-tcbinfo-response.json",
+        "qeidentity_issuer_chain.pem",
+        "tcbinfo_issuer_chain.pem",
+    ):
+        (tdx_dir / name).write_bytes((DATA / "tdx" / name).read_bytes())
+    tdx_at = datetime(2023, 7, 1, tzinfo=UTC)
+    pt = verify_tdx(TDX, now=tdx_at)
+    tdx_doc = {"measurements": [pt.measurement], "intel_collateral": {"tdx": str(tdx_dir)}}
+    with pytest.raises(AttestationError) as info:
+        verify_evidence(
+            Evidence("tdx", TDX, b"", NONCE),
+            policy=_trust(tdx_doc, tmp_path),
+            expected_report_data=pt.report_data,
+            expected_nonce=NONCE,
+            now=tdx_at,
+        )
+    assert info.value.details["check"] == "tcb_status"
+    # Without collateral the same quote passes: the check really comes from the collateral.
+    verify_evidence(
+        Evidence("tdx", TDX, b"", NONCE),
+        policy=_trust({"measurements": [pt.measurement]}, tmp_path),
+        expected_report_data=pt.report_data,
+        expected_nonce=NONCE,
+        now=tdx_at,
+    )
+    from sealroom.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="intel_collateral"):
+        _trust({"intel_collateral": {"snp": "x"}}, tmp_path)
+    with pytest.raises(ConfigError, match="not found"):
+        _trust({"intel_collateral": {"tdx": "missing-dir"}}, tmp_path)
