@@ -148,6 +148,13 @@ class FakeAmdPki:
         return table + leaf + ask
 
 
+def _atomic_write(path: Path, text: str) -> None:
+    """Replace ``path``'s content in one step: a reader never sees it empty or half written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -250,7 +257,7 @@ class FakeConfigfsTsm:
     def _populate(self, entry: Path) -> None:
         def report(request: bytes) -> bytes:
             generation = int((entry / "generation").read_text()) + 1 + self.extra_writes
-            (entry / "generation").write_text(f"{generation}\n")
+            _atomic_write(entry / "generation", f"{generation}\n")
             self.requests.append(request)
             return self.make_report(request)
 
@@ -261,8 +268,8 @@ class FakeConfigfsTsm:
         else:
             (entry / "auxblob").write_bytes(b"")
         self._devices.append(_Device(entry / "inblob", responses))
-        (entry / "provider").write_text(self.provider + "\n")
-        (entry / "generation").write_text("0\n")  # last: the attester waits for all attributes
+        _atomic_write(entry / "provider", self.provider + "\n")
+        _atomic_write(entry / "generation", "0\n")  # last: the attester waits for all attributes
 
     def entries(self) -> list[Path]:
         return [p for p in self.root.iterdir() if p.is_dir()]
