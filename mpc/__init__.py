@@ -1,4 +1,29 @@
-"""MPC fallback (MPyC players and secure aggregation programs) — arrives with the MPC issue.
+"""MPC fallback: secure aggregation of the parties' local partial aggregates with MPyC.
 
-Security model (to hold when it lands): semi-honest, honest majority (t < m/2, at least 3 players).
+Security model: semi-honest, honest majority. MPyC's Shamir secret sharing among m >= 3 players
+with threshold t < m/2 (default ``(m - 1) // 2``): any t players together learn nothing beyond
+what is opened; t + 1 colluding players learn every input. Players follow the protocol (a
+malicious player can change the result, not read others' inputs beyond t). Helper players (no
+input) may be added to reach three players; the plan must state them and the assumption
+(:meth:`mpc.spec.StageSpec.trust_assumption`). Players talk over mutual TLS with per-session
+certificates (:mod:`mpc.tls`).
+
+What is opened, deliberately: the pass/suppress pattern over the public group domain, then only
+the requested aggregates of passing groups (see :mod:`mpc.program`). Never a party's own value,
+never a value of a suppressed group.
+
+Modules (only :mod:`mpc.player` and :mod:`mpc.program` import MPyC, and only inside a player
+process; servers may import :mod:`mpc.session`, :mod:`mpc.spec`, :mod:`mpc.partials`,
+:mod:`mpc.result`, :mod:`mpc.tls`):
+
+- :mod:`mpc.spec`: ``StageSpec`` (public description of a stage) and its derived ``Layout``;
+- :mod:`mpc.partials`: ``local_partials(rows, spec, party=...)`` computes a party's ``Partials``
+  with DuckDB over the public group domain;
+- :mod:`mpc.session`: ``run_session(spec, partials, timeout=...)`` runs all players here;
+  ``PlayerProcess`` runs one (a party agent's own player);
+- :mod:`mpc.result`: ``MpcResult``, the opened cells, suppressed keys, rule, players and trust
+  assumption, canonical and signable;
+- :mod:`mpc.tls`: ``SessionCA`` and ``PlayerCredentials``.
+
+See docs/mpc.md.
 """

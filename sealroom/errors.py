@@ -33,6 +33,7 @@ __all__ = [
     "JobFailedError",
     "ConfigError",
     "SourceError",
+    "MpcError",
     "InternalError",
     "CATALOG",
     "from_code",
@@ -159,6 +160,15 @@ class SourceError(SealroomError):
     grpc_status = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class MpcError(JobFailedError):
+    """An MPC session ended without a release: a player crashed, stalled, disconnected, refused a peer
+    or failed. ``details`` name the player (``player`` index, ``party`` name) and the ``reason``;
+    never a value."""
+
+    code = "mpc"
+    grpc_status = grpc.StatusCode.ABORTED
+
+
 class InternalError(SealroomError):
     """Anything unexpected. Its public message is generic; the cause is only logged server-side."""
 
@@ -186,6 +196,7 @@ CATALOG: dict[str, type[SealroomError]] = {
         JobFailedError,
         ConfigError,
         SourceError,
+        MpcError,
         InternalError,
     )
 }

@@ -1,0 +1,220 @@
+"""A party's local partial aggregates over the public group domain, computed by DuckDB on its own rows.
+
+For every group key of the stage's domain, in order, the party computes what its layout needs:
+row count, non-null count, sum and sum of squares of the clamped fixed-point measure, minimum and
+maximum, and distinct privacy units. Groups the party does not hold get zeros (and neutral extrema:
+the declared bound), so the vectors it secret-shares have the same length and form whatever rows it
+holds: nothing reveals which groups it has. Rows whose key is outside the domain are left out (as
+if filtered).
+
+DuckDB runs as in the enclave and the party agent's filter (no file or network access, no
+extensions, locked settings). A DuckDB failure is reported by its kind only; its message could
+quote a value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from mpc.spec import GroupColumn, StageSpec
+from sealroom.errors import ResourceExhaustedError, SourceError
+
+_VIEW = "__sealroom_mpc_rows"
+
+
+def _connection() -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(
+        config={
+            "enable_external_access": False,
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "threads": 1,
+        }
+    )
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class Partials:
+    """One input-holding player's vectors over the domain (Python ints, fixed-point encoded).
+
+    ``cap``: the capped count compared with the minimum group size (see :class:`mpc.spec.Layout`);
+    ``values``: the exact vectors by layout name (``rows``, ``n:c``, ``s:c``, ``q:c``);
+    ``extrema``: ``min:c`` / ``max:c`` vectors.
+    """
+
+    cap: list[int]
+    values: dict[str, list[int]] = field(default_factory=dict)
+    extrema: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_input(self, spec: StageSpec) -> dict[str, Any]:
+        lay = spec.layout
+        g = len(spec.domain)
+        if len(self.cap) != g or set(self.values) != set(lay.rows) or set(self.extrema) != set(lay.extrema):
+            raise ValueError("partials do not match the stage's layout")
+        if any(len(v) != g for v in (*self.values.values(), *self.extrema.values())):
+            raise ValueError("partials do not cover the group domain")
+        return {"cap": self.cap, "values": self.values, "extrema": self.extrema}
+
+
+def _group_expr(g: GroupColumn) -> str:
+    col = _q(g.name)
+    if g.bins is None:
+        return col
+    cases = " ".join(
+        f"WHEN {col} >= {float(lo)!r} AND {col} < {float(hi)!r} THEN '{label}'"
+        for (lo, hi), label in zip(zip(g.bins, g.bins[1:], strict=False), g.labels(), strict=True)
+    )
+    return f"CASE {cases} ELSE NULL END"
+
+
+def _reader(rows: Any) -> pa.RecordBatchReader | pa.Table | None:
+    if isinstance(rows, pa.Table | pa.RecordBatchReader):
+        return rows
+    if hasattr(rows, "__arrow_c_stream__"):
+        return pa.RecordBatchReader.from_stream(rows)
+    it = iter(rows)
+    first = next(it, None)
+    if first is None:
+        return None
+
+    def chain(first: pa.RecordBatch, rest: Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
+        yield first
+        yield from rest
+
+    return pa.RecordBatchReader.from_batches(first.schema, chain(first, it))
+
+
+def local_partials(rows: Any, spec: StageSpec, *, party: str) -> Partials:
+    """This party's :class:`Partials` for ``spec`` from ``rows`` (a pyarrow Table, a
+    RecordBatchReader, anything with ``__arrow_c_stream__``, or an iterable of record batches).
+
+    Raises SourceError (a column is missing, a non-nullable measure holds NULLs, DuckDB failed) or
+    ResourceExhaustedError (a group holds more rows than the stage's declared ``max_rows``, so the
+    bit lengths chosen from it could overflow). Errors name the party and the column, never a value.
+    """
+    lay = spec.layout
+    g = len(spec.domain)
+    index = {tuple(k): i for i, k in enumerate(spec.domain)}
+    values = {r: [0] * g for r in lay.rows}
+    extrema = {e: [_neutral(spec, e)] * g for e in lay.extrema}
+    counts = [0] * g
+    reader = _reader(rows)
+    if reader is None:
+        return _finish(spec, counts, values, extrema)
+    names = set(reader.schema.names)
+    needed = [c.name for c in spec.group_by] + sorted(
+        {r.split(":", 1)[1] for r in (*lay.rows, *lay.extrema) if ":" in r}
+    )
+    if spec.threshold_on == "units":
+        assert spec.unit_column is not None
+        needed.append(spec.unit_column)
+    for col in needed:
+        if col not in names:
+            raise SourceError(
+                f"{party}'s rows have no column {col}, which the MPC stage needs",
+                details={"party": party, "column": col},
+            )
+    selects = [f"{_group_expr(c)} AS {_q('g' + str(i))}" for i, c in enumerate(spec.group_by)]
+    selects.append('COUNT(*) AS "rows"')
+    outputs = ["rows"]
+    measures = sorted({r.split(":", 1)[1] for r in (*lay.rows, *lay.extrema) if ":" in r})
+    for c in measures:
+        ms = spec.measure(c)
+        # Clamped to the declared bounds, fixed point. (LEAST/GREATEST skip NULLs: keep NULL as NULL.)
+        clamped = f"LEAST(GREATEST(CAST(round(CAST({_q(c)} AS DOUBLE) * {ms.scale}) AS HUGEINT), {ms.lo}), {ms.hi})"
+        xq = f"(CASE WHEN {_q(c)} IS NULL THEN NULL ELSE {clamped} END)"
+        selects += [
+            f"COUNT({_q(c)}) AS {_q('n:' + c)}",
+            f"COALESCE(SUM({xq}), 0) AS {_q('s:' + c)}",
+            f"COALESCE(SUM({xq} * {xq}), 0) AS {_q('q:' + c)}",
+            f"COALESCE(MIN({xq}), {ms.hi}) AS {_q('min:' + c)}",
+            f"COALESCE(MAX({xq}), {ms.lo}) AS {_q('max:' + c)}",
+        ]
+        outputs += [f"{k}:{c}" for k in ("n", "s", "q", "min", "max")]
+    if spec.threshold_on == "units":
+        assert spec.unit_column is not None
+        selects.append(f"COUNT(DISTINCT {_q(spec.unit_column)}) AS units")
+        outputs.append("units")
+    group_cols = ", ".join(_q("g" + str(i)) for i in range(len(spec.group_by)))
+    sql = f"SELECT {', '.join(selects)} FROM {_VIEW} GROUP BY {group_cols}"  # noqa: S608 - names quoted
+    nulls = {c: 0 for c in measures}
+    con = _connection()
+    try:
+        con.register(_VIEW, reader)
+        try:
+            fetched = con.sql(sql).fetchall()
+        except duckdb.Error as exc:
+            raise SourceError(
+                f"the local MPC partials of {party} failed in DuckDB ({type(exc).__name__}); check the measure "
+                "columns' types and values against the stage's declared bounds",
+                details={"party": party, "error": type(exc).__name__},
+            ) from None
+        finally:
+            con.unregister(_VIEW)
+    finally:
+        con.close()
+    ng = len(spec.group_by)
+    units = [0] * g
+    for row in fetched:
+        i = index.get(tuple(row[:ng]))
+        if i is None:
+            continue
+        got = dict(zip(outputs, row[ng:], strict=True))
+        rows_n = int(got["rows"])
+        if rows_n > spec.max_rows:
+            raise ResourceExhaustedError(
+                f"{party} holds more rows in one group than the MPC stage's max_rows ({spec.max_rows}) allows, "
+                "so its sums could overflow the chosen bit lengths: raise max_rows in the stage",
+                details={"party": party, "rule": "max_rows"},
+            )
+        counts[i] = rows_n
+        if "units" in got:
+            units[i] = int(got["units"])
+        if "rows" in values:
+            values["rows"][i] = rows_n
+        for c in measures:
+            nulls[c] += rows_n - int(got[f"n:{c}"])
+            for kind in ("n", "s", "q"):
+                if f"{kind}:{c}" in values:
+                    values[f"{kind}:{c}"][i] = int(got[f"{kind}:{c}"])
+            for kind in ("min", "max"):
+                if f"{kind}:{c}" in extrema:
+                    if got[f"n:{c}"]:
+                        extrema[f"{kind}:{c}"][i] = int(got[f"{kind}:{c}"])
+    for c, n in nulls.items():
+        if n and not spec.measure(c).nullable:
+            raise SourceError(
+                f"{party}'s measure {c} holds NULLs, but the MPC stage declares it not nullable",
+                details={"party": party, "column": c},
+            )
+    return _finish(spec, units if spec.threshold_on == "units" else counts, values, extrema)
+
+
+def _neutral(spec: StageSpec, name: str) -> int:
+    """What a player without a value contributes to MIN (the upper bound) or MAX (the lower bound)."""
+    kind, column = name.split(":", 1)
+    ms = spec.measure(column)
+    return ms.hi if kind == "min" else ms.lo
+
+
+def _finish(
+    spec: StageSpec, counts: list[int], values: dict[str, list[int]], extrema: dict[str, list[int]]
+) -> Partials:
+    lay = spec.layout
+    k = spec.min_group_size
+    if lay.cap == 1:
+        cap = [int(c >= k) for c in counts]
+    else:
+        cap = [min(c, lay.cap) for c in counts]
+    return Partials(cap=cap, values=values, extrema=extrema)

@@ -1,0 +1,208 @@
+"""One MPC player, as its own short-lived process: ``python -m mpc.player SPEC OUT``.
+
+Run from the player's private directory, which holds ``.config/`` (its TLS key and certificate and
+the session CA; see :mod:`mpc.tls`) and ``SPEC`` (the stage, its own index, the players'
+addresses, its timeouts and its own input, if any). MPyC reads ``sys.argv`` when it is imported,
+so this module sets ``sys.argv`` first and imports MPyC only then; nothing else in the platform
+imports MPyC.
+
+The process binds only to 127.0.0.1 (or the host its spec names), always uses mutual TLS
+(``--ssl``), and bounds everything MPyC leaves unbounded: connecting (``start_timeout``), the whole
+program (``run_timeout``), and a peer whose connection drops (it stops at once and names the peer).
+It writes ``OUT`` (JSON) once, atomically: ``{"status": "ok", "result": ...}`` with only opened
+values, or ``{"status": "error", "reason": ..., "peers": [...]}`` naming players, never a value.
+While it runs it touches ``heartbeat`` in its directory every 0.2 s, so a runner can tell a stalled
+player from one that waits for others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import ssl
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_ERROR = 3
+HEARTBEAT = "heartbeat"
+# After seeing a peer drop, a player keeps its own connections open this long before it exits, so
+# the players still running see only the first peer drop and name it (not the players that noticed).
+LINGER = 2.0
+
+
+class _PlayerFailure(Exception):
+    def __init__(self, reason: str, peers: list[int] | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.peers = sorted(set(peers or []))
+
+
+def _loopback_loop(bind_host: str, tls_refused: set[tuple[str, int]]) -> asyncio.AbstractEventLoop:
+    """An event loop whose servers bind to ``bind_host`` unless told otherwise (MPyC listens on all
+    interfaces) and which records the peers whose TLS certificate this player refused."""
+
+    class _Loop(asyncio.SelectorEventLoop):
+        async def create_server(self, *args: Any, **kw: Any) -> Any:  # type: ignore[override]
+            if kw.get("host") is None and (len(args) < 2 or args[1] is None):
+                kw["host"] = bind_host
+            return await super().create_server(*args, **kw)
+
+        async def create_connection(self, *args: Any, **kw: Any) -> Any:  # type: ignore[override]
+            try:
+                return await super().create_connection(*args, **kw)
+            except ssl.SSLError:
+                tls_refused.add((str(args[1]), int(args[2])))
+                raise
+
+    return _Loop()
+
+
+def _heartbeat(path: Path, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            path.write_bytes(b"")
+        except OSError:
+            return
+        stop.wait(0.2)
+
+
+def _write(out: Path, doc: dict[str, Any]) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, out)
+
+
+async def _session(mpc: Any, doc: dict[str, Any], tls_refused: set[tuple[str, int]]) -> dict[str, Any]:
+    from mpc import program
+    from mpc.spec import StageSpec
+
+    spec = StageSpec.from_dict(doc["stage"])
+    me = int(doc["index"])
+    addresses = [(str(h), int(p)) for h, p in doc["addresses"]]
+    try:
+        await asyncio.wait_for(mpc.start(), timeout=float(doc["start_timeout"]))
+    except TimeoutError:
+        refused = [i for i, a in enumerate(addresses) if a in tls_refused]
+        if refused:
+            raise _PlayerFailure("tls_refused", refused) from None
+        missing = [p.pid for p in mpc.parties if p.pid != me and p.protocol is None]
+        raise _PlayerFailure("start_timeout", missing) from None
+    except OSError as exc:
+        raise _PlayerFailure("port_in_use" if exc.errno == errno.EADDRINUSE else "listen_failed", [me]) from None
+    t0 = time.perf_counter()
+
+    threading.Thread(target=_watch_in_thread, args=(mpc, me), daemon=True).start()
+
+    async def watch_peers() -> int:
+        while True:
+            gone = _ordered(_FIRST_GONE, _gone_peers(mpc, me))
+            if gone:
+                return gone[0]
+            await asyncio.sleep(0.02)
+
+    work = asyncio.ensure_future(program.run(mpc, spec, doc.get("input")))
+    watch = asyncio.ensure_future(watch_peers())
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if work not in done:
+        work.cancel()
+        raise _PlayerFailure("peer_disconnected", [watch.result()])
+    result = work.result()
+    seconds = time.perf_counter() - t0
+    sent = sum(p.protocol.nbytes_sent for p in mpc.parties if p.pid != me and p.protocol is not None)
+    await mpc.shutdown()
+    return {"result": result, "stats": {"seconds": seconds, "bytes_sent": sent}}
+
+
+# Peers in the order this player first saw their connection drop (recorded by a thread, so the
+# order holds even when MPyC stops the event loop on a reset connection).
+_FIRST_GONE: list[int] = []
+
+
+def _watch_in_thread(mpc: Any, me: int) -> None:
+    while True:
+        for pid in _gone_peers(mpc, me):
+            if pid not in _FIRST_GONE:
+                _FIRST_GONE.append(pid)
+        time.sleep(0.01)
+
+
+def _ordered(first: list[int], gone: list[int]) -> list[int]:
+    return [p for p in first if p in gone] + [p for p in gone if p not in first]
+
+
+def _gone_peers(mpc: Any, me: int) -> list[int]:
+    """Peers whose connection to this player has dropped (after start)."""
+    gone = []
+    for p in mpc.parties:
+        if p.pid == me:
+            continue
+        proto = p.protocol
+        transport = getattr(proto, "transport", None)
+        if proto is None or transport is None or transport.is_closing():
+            gone.append(int(p.pid))
+    return gone
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2:
+        print("usage: python -m mpc.player SPEC OUT", file=sys.stderr)
+        return 2
+    spec_path, out = Path(args[0]), Path(args[1])
+    doc = json.loads(spec_path.read_text())
+    me = int(doc["index"])
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(Path(HEARTBEAT), stop), daemon=True).start()
+    mpyc_argv = [sys.argv[0], "--ssl", "--no-log", "-I", str(me), "-T", str(int(doc["stage"]["threshold"]))]
+    for host, port in doc["addresses"]:
+        mpyc_argv += ["-P", f"{host}:{int(port)}"]
+    sys.argv = mpyc_argv  # MPyC parses sys.argv when imported: set it first
+    tls_refused: set[tuple[str, int]] = set()
+    loop = _loopback_loop(str(doc.get("bind_host", "127.0.0.1")), tls_refused)
+    asyncio.set_event_loop(loop)
+    from mpyc.runtime import mpc  # noqa: E402 - deliberately after sys.argv and the event loop
+
+    code = EXIT_OK
+    try:
+        done = mpc.run(asyncio.wait_for(_session(mpc, doc, tls_refused), timeout=float(doc["run_timeout"])))
+        _write(out, {"status": "ok", "index": me, **done})
+    except _PlayerFailure as exc:
+        _write(out, {"status": "error", "index": me, "reason": exc.reason, "peers": exc.peers})
+        code = EXIT_ERROR
+        if exc.reason == "peer_disconnected":
+            time.sleep(LINGER)  # keep our connections up a moment, so other players blame the right peer
+    except TimeoutError:
+        _write(out, {"status": "error", "index": me, "reason": "timeout", "peers": []})
+        code = EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - reported by kind only: a message could quote a value
+        # MPyC stops the event loop when a protocol task fails, e.g. on a connection reset by a peer.
+        gone = _ordered(_FIRST_GONE, _gone_peers(mpc, me)) if getattr(mpc, "start_time", None) else []
+        if gone:
+            _write(out, {"status": "error", "index": me, "reason": "peer_disconnected", "peers": gone})
+            stop.set()
+            time.sleep(LINGER)
+            os._exit(EXIT_ERROR)
+        if os.environ.get("SEALROOM_MPC_DEBUG") == "1":  # developers only: a traceback may quote values
+            import traceback
+
+            traceback.print_exc()
+        _write(out, {"status": "error", "index": me, "reason": "failed", "kind": type(exc).__name__, "peers": []})
+        code = EXIT_ERROR
+    stop.set()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # MPyC may still hold pending futures or connections after a failure: leave at once.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The opened result of an MPC stage, as a structure others sign and put in receipts.
+
+:class:`MpcResult` holds only what the players opened: the released cells of passing groups (group
+key -> requested aggregates), the keys of the suppressed groups (never a value of theirs), the
+disclosure rule applied inside the MPC, the players, the threshold, and the trust assumption in
+words. :meth:`MpcResult.canonical` is canonical JSON (sorted keys, no whitespace) and
+:meth:`MpcResult.digest` its SHA-256: what a release record binds and what players or owners sign
+(:meth:`MpcResult.sign` with an Ed25519 key, domain-separated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from mpc.spec import StageSpec, canonical_json
+
+RESULT_VERSION = 1
+SIGN_DOMAIN = b"sealroom/v1/mpc-result\x00"
+SECURITY_MODEL = "mpyc-shamir-semi-honest"
+MPYC_VERSION = "0.11"
+
+
+@dataclass(frozen=True)
+class MpcResult:
+    session_id: str
+    spec_digest: str
+    group_by: tuple[str, ...]
+    aggregates: tuple[str, ...]
+    cells: tuple[tuple[tuple[Any, ...], dict[str, Any]], ...]
+    suppressed: tuple[tuple[Any, ...], ...]
+    rule: dict[str, Any]
+    players: tuple[dict[str, Any], ...]
+    threshold: int
+    trust_assumption: str
+    stats: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_opened(cls, spec: StageSpec, opened: dict[str, Any], *, stats: dict[str, Any] | None = None) -> MpcResult:
+        """Map a player's opened output (pattern over the domain, columns over passing groups) to keys."""
+        pattern = opened["pattern"]
+        if len(pattern) != len(spec.domain):
+            raise ValueError("the opened pattern does not cover the group domain")
+        passing = [key for key, ok in zip(spec.domain, pattern, strict=True) if ok]
+        columns = opened.get("columns", {})
+        cells = tuple(
+            (tuple(key), {a.name: columns[a.name][i] for a in spec.aggregates}) for i, key in enumerate(passing)
+        )
+        suppressed = tuple(tuple(key) for key, ok in zip(spec.domain, pattern, strict=True) if not ok)
+        combine = "any_player" if spec.layout.cap == 1 and spec.threshold_on == "units" else "sum"
+        rule = {
+            "name": "min_group_size",
+            "min_group_size": spec.min_group_size,
+            "on": spec.threshold_on,
+            "combine": combine,
+            "applied": "inside the MPC (one secure comparison per group); only passing groups were opened",
+        }
+        return cls(
+            session_id=spec.session_id,
+            spec_digest=spec.digest(),
+            group_by=tuple(g.name for g in spec.group_by),
+            aggregates=tuple(a.name for a in spec.aggregates),
+            cells=cells,
+            suppressed=suppressed,
+            rule=rule,
+            players=tuple({"index": i, **p.to_dict()} for i, p in enumerate(spec.players)),
+            threshold=spec.t,
+            trust_assumption=spec.trust_assumption(),
+            stats=dict(stats or {}),
+        )
+
+    def as_dict(self) -> dict[tuple[Any, ...], dict[str, Any]]:
+        """Released cells by group key."""
+        return {key: values for key, values in self.cells}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything that is signed (``stats`` are not: they are timings of this run)."""
+        return {
+            "version": RESULT_VERSION,
+            "kind": "mpc",
+            "security_model": SECURITY_MODEL,
+            "mpyc_version": MPYC_VERSION,
+            "session_id": self.session_id,
+            "spec_digest": self.spec_digest,
+            "group_by": list(self.group_by),
+            "aggregates": list(self.aggregates),
+            "cells": [{"key": list(k), "values": _json_values(v)} for k, v in self.cells],
+            "suppressed": [list(k) for k in self.suppressed],
+            "rule": self.rule,
+            "players": list(self.players),
+            "threshold": self.threshold,
+            "trust_assumption": self.trust_assumption,
+        }
+
+    def canonical(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical()).hexdigest()
+
+    def signing_message(self) -> bytes:
+        return SIGN_DOMAIN + bytes.fromhex(self.digest())
+
+    def sign(self, key: Ed25519PrivateKey) -> bytes:
+        """An Ed25519 signature over the domain-separated digest (verify with ``signing_message()``)."""
+        return key.sign(self.signing_message())
+
+    def to_table(self) -> Any:
+        """The released cells as a pyarrow Table: the group-by columns, then the aggregates."""
+        import pyarrow as pa
+
+        cols: dict[str, list[Any]] = {g: [] for g in self.group_by}
+        cols.update({a: [] for a in self.aggregates})
+        for key, values in self.cells:
+            for g, v in zip(self.group_by, key, strict=True):
+                cols[g].append(v)
+            for a in self.aggregates:
+                cols[a].append(values[a])
+        return pa.table(cols)
+
+
+def _json_values(values: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out
