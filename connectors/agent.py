@@ -34,14 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import grpc
 import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from connectors.sources import Source, check_schema, open_source
+from connectors.sources import FilterPushdown, Source, check_schema, filter_batches, open_source, resolve_spec
 from sealroom.attestation import Claims, Evidence, report_data_for, verify_evidence
 from sealroom.config import Table, file_table
 from sealroom.errors import (
@@ -52,7 +51,6 @@ from sealroom.errors import (
     PolicyRefusalError,
     ResourceExhaustedError,
     SealroomError,
-    SourceError,
     UnavailableError,
 )
 from sealroom.keys import load_signing_key, public_key_hex
@@ -159,10 +157,8 @@ class PartyConfig:
                     f"{root.source}: dataset {dname} is defined twice",
                     details={"file": root.source, "key": f"{d.prefix}name"},
                 )
-            source = d.str("source")
-            if "://" not in source:
-                path = Path(source).expanduser()
-                source = str(path if path.is_absolute() else root.base / path)
+            # A relative file path (sqlite:///b.db, x.duckdb?table=t included) is relative to the file.
+            source = resolve_spec(d.str("source"), root.base)
             description = d.doc.get("description", "")
             if not isinstance(description, str):
                 raise ConfigError(
@@ -769,67 +765,25 @@ MIN_FRAME_ROWS = 64
 # Bytes assumed per variable-width value when sizing frames; also each padded frame's minimum
 # filler per variable-width column and row.
 VAR_BYTES_PER_ROW = 32
-_ROWS_VIEW = "__sr_rows"
-_ROW_INDEX = "__sr_i"
-
-
-def _filter_connection() -> duckdb.DuckDBPyConnection:
-    """DuckDB as the enclave runs it: no file or network access, no extensions, locked settings."""
-    con = duckdb.connect(
-        config={
-            "enable_external_access": False,
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            "threads": 1,
-        }
-    )
-    con.execute("SET lock_configuration = true")
-    return con
 
 
 def filtered_batches(source: Source, registered: pa.Schema, inp: PlanInput) -> Iterator[pa.RecordBatch]:
     """The rows of ``inp``'s dataset that satisfy its filter, projected to ``inp.columns`` (in that
-    order, with the source's exact Arrow types), streamed batch by batch.
+    order, with the source's exact Arrow types), streamed batch by batch. WHERE semantics (NULL drops
+    the row), as in the enclave.
 
-    Only ``columns`` and ``filter_columns`` are read from the source. DuckDB sees only the filter
-    columns of one batch at a time (plus a row index) and returns the indices of the matching rows,
-    so the rows sent keep their exact types (DuckDB does not round-trip every Arrow type) and memory
-    stays a few batches. The predicate has WHERE semantics (NULL drops the row), as in the enclave.
-    A DuckDB error is reported by its kind only: its message can quote values.
+    A source that filters in its own engine (:class:`~connectors.sources.FilterPushdown`: the SQL
+    sources) receives the projection and the filter, its literals as bound parameters, and applies
+    itself whatever its engine cannot evaluate exactly as DuckDB does. For any other source only
+    ``columns`` and ``filter_columns`` are read, and :func:`~connectors.sources.filter_batches`
+    applies the filter here with a locked-down DuckDB.
     """
     assert inp.filter is not None
-    dataset = f"{inp.party}.{inp.dataset}"
+    if isinstance(source, FilterPushdown):
+        return source.filtered_batches(inp.columns, inp.filter, schema=registered)
     wanted = set(inp.columns) | set(inp.filter_columns)
     read = [c for c in registered.names if c in wanted]
-    query = f'SELECT "{_ROW_INDEX}" FROM "{_ROWS_VIEW}" WHERE {inp.filter} ORDER BY "{_ROW_INDEX}"'  # noqa: S608
-    index = pa.array([], pa.int64())
-    con = _filter_connection()
-    try:
-        for batch in source.batches(read):
-            n = batch.num_rows
-            if n == 0:
-                continue
-            if len(index) < n:
-                index = pa.array(range(max(n, 2 * len(index))), pa.int64())
-            view = pa.RecordBatch.from_arrays(
-                [*(batch.column(c) for c in inp.filter_columns), index.slice(0, n)],
-                names=[*inp.filter_columns, _ROW_INDEX],
-            )
-            con.register(_ROWS_VIEW, view)
-            try:
-                matches = con.sql(query).to_arrow_table().column(0).combine_chunks()
-            except duckdb.Error as exc:
-                raise SourceError(
-                    f"the filter of {dataset} failed in DuckDB ({type(exc).__name__}); check the query's "
-                    "conditions on this dataset's columns and types",
-                    details={"dataset": dataset, "error": type(exc).__name__},
-                ) from None
-            finally:
-                con.unregister(_ROWS_VIEW)
-            if len(matches):
-                yield batch.select(list(inp.columns)).take(matches)
-    finally:
-        con.close()
+    return filter_batches(source.batches(read), inp.filter, inp.filter_columns, inp.columns, dataset=inp.qualified)
 
 
 def _is_var_width(t: pa.DataType) -> bool:

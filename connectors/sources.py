@@ -1,11 +1,16 @@
 """Data sources: where a data owner's rows come from.
 
-:func:`open_source` turns a spec (a file or directory path, a pyarrow Table, a pandas DataFrame, or
-any object exporting ``__arrow_c_stream__``) into a :class:`Source`: a schema that can be read on its
-own, and a stream of Arrow record batches projected to the columns a plan asks for, in the order it
-asks for them, at most ``batch_rows`` rows each. Files are streamed, so a job holds a few batches in
-memory, never the whole table; a column that is not asked for is not decoded (for CSV, not even
-converted).
+:func:`open_source` turns a spec (a file or directory path, a database URI -- see
+:mod:`connectors.databases` --, a pyarrow Table, a pandas DataFrame, or any object exporting
+``__arrow_c_stream__``) into a :class:`Source`: a schema that can be read on its own, and a stream of
+Arrow record batches projected to the columns a plan asks for, in the order it asks for them, at most
+``batch_rows`` rows each. Files and databases are streamed, so a job holds a few batches in memory,
+never the whole table; a column that is not asked for is not decoded (for CSV, not even converted).
+
+Filtering: a source that can filter in its own engine implements :class:`FilterPushdown` (the SQL
+sources do: the database receives the projection and the WHERE, its literals as parameters); for the
+others :func:`filter_batches` applies the plan's filter here, with a locked-down DuckDB, batch by
+batch. Either way the predicate has WHERE semantics (NULL drops the row).
 
 Security model: this module runs on the data owner's machine and sees raw rows; it reveals none of
 them. Its errors (:class:`~sealroom.errors.SourceError`) and log lines name the dataset, the file,
@@ -32,11 +37,13 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.ipc as paipc
 
+from connectors.databases import is_database_spec, open_database, resolve_database_spec
 from sealroom.errors import SourceError
 
 if TYPE_CHECKING:
@@ -53,8 +60,11 @@ __all__ = [
     "TableSource",
     "PandasSource",
     "StreamSource",
+    "FilterPushdown",
     "open_source",
+    "resolve_spec",
     "check_schema",
+    "filter_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,6 +102,25 @@ class Source(Protocol):
         """Stream the rows as batches of at most ``batch_rows`` rows, holding only the requested
         columns (all when ``None``) in the requested order. Column names are checked before the
         iterator is returned: one that does not exist raises :class:`SourceError`."""
+        ...
+
+
+@runtime_checkable
+class FilterPushdown(Protocol):
+    """A source that filters in its own engine (a database): the optional capability the party agent
+    uses, when a source has it, instead of :func:`filter_batches`."""
+
+    def filtered_batches(
+        self,
+        columns: Sequence[str],
+        predicate: str,
+        *,
+        schema: pa.Schema | None = None,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+    ) -> Iterator[pa.RecordBatch]:
+        """The rows that satisfy ``predicate`` (DuckDB SQL over the dataset's own column names, as
+        :func:`sealroom.sqlplan.pushdown` renders it; WHERE semantics: NULL drops the row), projected
+        to ``columns`` in that order. Literals reach the engine as bound parameters only."""
         ...
 
 
@@ -471,8 +500,10 @@ class StreamSource:
 
 SUPPORTED_KINDS = (
     "CSV (.csv, .csv.gz), TSV (.tsv, .tsv.gz), Parquet (.parquet, .pq, or a directory of Parquet "
-    "files, hive partitioning supported), Arrow IPC (.arrow, .feather, .ipc), a pyarrow Table, "
-    "a pandas DataFrame, or an object with __arrow_c_stream__"
+    "files, hive partitioning supported), Arrow IPC (.arrow, .feather, .ipc), a DuckDB or SQLite "
+    "database file (PATH.duckdb?table=NAME, duckdb:///PATH?table=NAME or ?query=SELECT..., "
+    "sqlite:///PATH?table=NAME), PostgreSQL (postgresql://USER@HOST:PORT/DB?table=NAME or "
+    "?query=SELECT...), a pyarrow Table, a pandas DataFrame, or an object with __arrow_c_stream__"
 )
 
 _PathOpener = Callable[[Path, str], Source]
@@ -516,6 +547,8 @@ def _opener_for(spec: object, dataset: str) -> Callable[[], Source]:
         return partial(PandasSource, spec, dataset=dataset)
     if isinstance(spec, str | os.PathLike):
         text = os.fsdecode(spec)
+        if is_database_spec(text):
+            return partial(open_database, text, dataset=dataset)
         if _URI.match(text):
             raise _unsupported(dataset, f"a URI with scheme {text.split(':', 1)[0]!r}")
         path = Path(text)
@@ -532,6 +565,18 @@ def _opener_for(spec: object, dataset: str) -> Callable[[], Source]:
         return partial(StreamSource, spec, dataset=dataset)
     kind = type(spec)
     raise _unsupported(dataset, f"an object of type {kind.__module__}.{kind.__qualname__}")
+
+
+def resolve_spec(spec: str, base: Path) -> str:
+    """A source spec as written in a config file or on the command line, with a relative file path
+    (``data/a.csv``, ``x.duckdb?table=t``, ``sqlite:///b.db?table=t``) made absolute against
+    ``base``; network URIs are returned unchanged."""
+    if is_database_spec(spec):
+        return resolve_database_spec(spec, base)
+    if _URI.match(spec):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
 
 
 def check_schema(source: Source, expected: pa.Schema) -> None:
@@ -563,6 +608,74 @@ def check_schema(source: Source, expected: pa.Schema) -> None:
             + "; restore the source or register the dataset again",
             details={"dataset": source.dataset, "columns": columns, "problems": problems},
         )
+
+
+# --- Filtering here ---------------------------------------------------------------------------
+
+_ROWS_VIEW = "__sr_rows"
+_ROW_INDEX = "__sr_i"
+
+
+def _filter_connection() -> duckdb.DuckDBPyConnection:
+    """DuckDB as the enclave runs it: no file or network access, no extensions, locked settings."""
+    con = duckdb.connect(
+        config={
+            "enable_external_access": False,
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "threads": 1,
+        }
+    )
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def filter_batches(
+    batches: Iterator[pa.RecordBatch],
+    predicate: str,
+    predicate_columns: Sequence[str],
+    columns: Sequence[str],
+    *,
+    dataset: str,
+) -> Iterator[pa.RecordBatch]:
+    """The rows of ``batches`` that satisfy ``predicate`` (DuckDB SQL over ``predicate_columns``),
+    projected to ``columns``, batch by batch.
+
+    DuckDB sees only the predicate's columns of one batch at a time (plus a row index) and returns
+    the indices of the matching rows, so the rows kept keep their exact types (DuckDB does not
+    round-trip every Arrow type) and memory stays a few batches. WHERE semantics (NULL drops the
+    row), as in the enclave. A DuckDB error is reported by its kind only: its message can quote
+    values.
+    """
+    query = f'SELECT "{_ROW_INDEX}" FROM "{_ROWS_VIEW}" WHERE {predicate} ORDER BY "{_ROW_INDEX}"'  # noqa: S608
+    index = pa.array([], pa.int64())
+    con = _filter_connection()
+    try:
+        for batch in batches:
+            n = batch.num_rows
+            if n == 0:
+                continue
+            if len(index) < n:
+                index = pa.array(range(max(n, 2 * len(index))), pa.int64())
+            view = pa.RecordBatch.from_arrays(
+                [*(batch.column(c) for c in predicate_columns), index.slice(0, n)],
+                names=[*predicate_columns, _ROW_INDEX],
+            )
+            con.register(_ROWS_VIEW, view)
+            try:
+                matches = con.sql(query).to_arrow_table().column(0).combine_chunks()
+            except duckdb.Error as exc:
+                raise SourceError(
+                    f"the filter of {dataset} failed in DuckDB ({type(exc).__name__}); check the query's "
+                    "conditions on this dataset's columns and types",
+                    details={"dataset": dataset, "error": type(exc).__name__},
+                ) from None
+            finally:
+                con.unregister(_ROWS_VIEW)
+            if len(matches):
+                yield batch.select(list(columns)).take(matches)
+    finally:
+        con.close()
 
 
 # --- Helpers ----------------------------------------------------------------------------------

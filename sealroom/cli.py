@@ -461,7 +461,7 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from connectors.sources import open_source
+    from connectors.sources import open_source, resolve_spec
     from sealroom.demo import run_local
     from sealroom.errors import SealroomError
     from sealroom.policy import DatasetPolicy, load_policy_file
@@ -475,9 +475,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         raise UsageError("--min-group-size must be at least 1")
     policies = {}
     for qualified, source in datasets.items():
-        path = Path(source)
-        if "://" not in source:
-            datasets[qualified] = str(path.resolve())
+        datasets[qualified] = resolve_spec(source, Path.cwd())  # relative paths (sqlite:///b.db too)
         try:
             schema = open_source(datasets[qualified], dataset=qualified).schema
         except SealroomError as err:

@@ -212,7 +212,9 @@ def test_unsupported_kinds_list_the_supported_ones(tmp_path: Path) -> None:
         open_source(sheet, dataset=DATASET)
     for kind in (".csv", ".csv.gz", ".tsv", ".parquet", ".pq", ".arrow", ".feather", ".ipc", "DataFrame"):
         assert kind in info.value.message
-    with pytest.raises(SourceError, match=r"URI with scheme 'postgresql' is not a supported source"):
+    with pytest.raises(SourceError, match=r"URI with scheme 's3' is not a supported source"):
+        open_source("s3://bucket/loans.parquet", dataset=DATASET)
+    with pytest.raises(SourceError, match=r"needs exactly one of \?table=NAME or \?query="):
         open_source("postgresql://db.internal/loans", dataset=DATASET)
     with pytest.raises(SourceError, match=r"object of type builtins\.dict is not a supported source"):
         open_source({"i64": [1, 2]}, dataset=DATASET)
