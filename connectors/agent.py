@@ -91,6 +91,8 @@ MAX_PENDING = 1000
 # Plans whose approval lapsed, was revoked or rejected, remembered to say so (bounded, oldest first).
 MAX_REMEMBERED = 4096
 COORDINATOR_CALL_TIMEOUT = 30.0
+# Stream counters (GetProgress) are kept for this many recent jobs.
+MAX_PROGRESS_JOBS = 64
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,8 @@ class PartyAgent:
         self._last_issued_ms = 0
         self._lock = threading.Lock()
         self.appraisal = config.trust.appraisal()
+        # job id -> this agent's streams for it (what GetProgress reports), the newest jobs last.
+        self._streams: OrderedDict[str, list[StreamCounter]] = OrderedDict()
 
     # -- registration ------------------------------------------------------------------------
 
@@ -410,6 +414,12 @@ class PartyAgent:
 
     # -- contribution ------------------------------------------------------------------------
 
+    def progress(self, job_id: str) -> list[StreamCounter]:
+        """This agent's streams for a job (empty before it streams; kept for the last
+        :data:`MAX_PROGRESS_JOBS` jobs, so the final counts can be read once a stream has ended)."""
+        with self._lock:
+            return list(self._streams.get(job_id, ()))
+
     def contribute(self, plan_json: bytes, job_id: str, enclave_address: str) -> dict[str, Any]:
         plan_hash = hashlib.sha256(plan_json).hexdigest()
         me = self.config.name
@@ -456,6 +466,10 @@ class PartyAgent:
                 response_deserializer=enclave_pb2.UploadSummary.FromString,
             )
             uploads = []
+            with self._lock:
+                self._streams[job_id] = []
+                while len(self._streams) > MAX_PROGRESS_JOBS:
+                    self._streams.popitem(last=False)
             for inp in mine:
                 source = self.sources[inp.dataset]
                 registered = self.schemas[inp.dataset]
@@ -477,8 +491,11 @@ class PartyAgent:
                     batches = _rebatch(source.batches(list(inp.columns)), TARGET_FRAME_BYTES)
                 else:
                     batches = padded_batches(filtered_batches(source, registered, inp), projected)
+                counter = StreamCounter(inp.dataset, rows_shared=self.policies[inp.dataset].share_row_count)
+                with self._lock:
+                    self._streams.setdefault(job_id, []).append(counter)
                 failed: list[SealroomError] = []
-                frames = _until_failure(sealer.frames(batches), failed)
+                frames = counter.count_frames(_until_failure(sealer.frames(counter.count_rows(batches)), failed))
                 try:
                     summary = upload(
                         frames,
@@ -494,6 +511,7 @@ class PartyAgent:
                     raise unwrap(exc, peer="enclave") from None
                 if failed:
                     raise failed[0]
+                counter.done = True
                 uploads.append(
                     # Row counts stay with the owner; the coordinator learns what it sees anyway.
                     party_pb2.DatasetUpload(dataset=inp.dataset, bytes=summary.bytes, frames=summary.frames)
@@ -735,6 +753,45 @@ class PartyAgent:
         )
 
 
+class StreamCounter:
+    """How far one dataset's sealed stream has got, for progress displays (``GetProgress``).
+
+    Counts sealed bytes and frames (what the network sees anyway) and the rows sealed, padding rows
+    included; rows are reported only when the owner shares the dataset's row count, and then
+    rounded to two significant digits, as at registration. Never a value.
+    """
+
+    def __init__(self, dataset: str, *, rows_shared: bool):
+        self.dataset = dataset
+        self.rows_shared = rows_shared
+        self.rows = self.bytes = self.frames = 0
+        self.done = False
+
+    def count_rows(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            self.rows += batch.num_rows
+            yield batch
+
+    def count_frames(self, frames: Iterator[bytes]) -> Iterator[bytes]:
+        for frame in frames:
+            self.bytes += len(frame)
+            self.frames += 1
+            yield frame
+
+    def reported_rows(self) -> int:
+        return int(float(f"{self.rows:.2g}")) if self.rows_shared and self.rows else 0
+
+    def to_proto(self) -> party_pb2.StreamProgress:
+        return party_pb2.StreamProgress(
+            dataset=self.dataset,
+            bytes=self.bytes,
+            frames=self.frames,
+            rows_shared=self.rows_shared,
+            rows=self.reported_rows(),
+            done=self.done,
+        )
+
+
 def _until_failure(frames: Iterator[bytes], failed: list[SealroomError]) -> Iterator[bytes]:
     """``frames``, until reading the source (or filtering it) fails: the error is kept in ``failed``
     for the agent to report, and the stream ends without its final frame, so the enclave refuses it
@@ -958,6 +1015,9 @@ class PartyServicer(party_pb2_grpc.PartyAgentServicer):
         return party_pb2.ContributeResponse(
             uploads=out["uploads"], claims_json=json.dumps(out["claims"].to_json_dict()).encode()
         )
+
+    def GetProgress(self, request, context):  # noqa: N802
+        return party_pb2.ProgressResponse(streams=[c.to_proto() for c in self.agent.progress(request.job_id)])
 
     def GetInfo(self, request, context):  # noqa: N802
         return common_pb2.PartyInfo(

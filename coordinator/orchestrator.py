@@ -22,9 +22,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,56 @@ def verify_result(
 
 
 MAX_REJECT_REASON = 1000
+# How often the coordinator asks the party agents how far their streams have got.
+PROGRESS_INTERVAL = 0.25
+
+
+class StreamProgress:
+    """Per-party progress of a job's sealed streams, as the query's ``progress`` shows it.
+
+    While the parties stream (and while the enclave executes) ``progress`` is one JSON document::
+
+        {"text": "streaming 1/3 parties",
+         "parties": {"bank_a": {"bytes": 4194336, "frames": 2, "rows": 12000, "rows_total": 30000, "done": false}}}
+
+    ``bytes`` and ``frames`` are the sealed stream's size, which the coordinator sees anyway; ``rows``
+    (padding rows included, two significant digits) only where the owner shares its row count, else
+    null; ``rows_total`` is the registered (rounded) row count of an unfiltered input whose owner
+    shares it, else null. Never a value from the data. Clients show ``text`` where they want a line.
+    """
+
+    def __init__(self, plan: Plan, datasets: Sequence[dict[str, Any]]):
+        shared = {(d["party"], d["name"]): int(d.get("approximate_rows") or 0) for d in datasets}
+        self.parties: dict[str, dict[str, Any]] = {}
+        for party in plan.involved_parties():
+            mine = [i for i in plan.inputs() if i.party == party]
+            totals = [shared.get((party, i.dataset), 0) if i.filter is None else 0 for i in mine]
+            self.parties[party] = {
+                "bytes": 0,
+                "frames": 0,
+                "rows": None,
+                "rows_total": sum(totals) if totals and all(totals) else None,
+                "done": False,
+            }
+
+    def update(self, party: str, streams: Sequence[party_pb2.StreamProgress]) -> None:
+        entry = self.parties[party]
+        if not streams or entry["done"]:
+            return
+        entry["bytes"] = sum(s.bytes for s in streams)
+        entry["frames"] = sum(s.frames for s in streams)
+        entry["rows"] = sum(s.rows for s in streams) if all(s.rows_shared for s in streams) else None
+
+    def finish(self, party: str, streams: Sequence[party_pb2.StreamProgress] | None) -> None:
+        """The party's stream has ended: its final counts (when its agent gave them)."""
+        if streams:
+            self.update(party, streams)
+        self.parties[party]["done"] = True
+
+    def to_json(self, phase: str) -> str:
+        done = sum(1 for e in self.parties.values() if e["done"])
+        text = f"streaming {done}/{len(self.parties)} parties" if phase == "streaming" else phase
+        return json.dumps({"text": text, "parties": self.parties}, sort_keys=True)
 
 
 @dataclass
@@ -484,6 +534,58 @@ class Orchestrator:
     def _parties(self) -> dict[str, dict[str, Any]]:
         return self.store.parties()
 
+    def _watch_streams(
+        self,
+        qid: str,
+        job_id: str,
+        futures: dict[str, Future[party_pb2.ContributeResponse]],
+        parties: dict[str, dict[str, Any]],
+        tracker: StreamProgress,
+    ) -> None:
+        """Until every party's stream has ended, ask each streaming agent how far it has got and
+        publish it in the query's progress. Best effort: a failed or unanswered progress call is
+        skipped (the party's Contribute call reports real failures), and an agent without
+        GetProgress is not asked again."""
+        shown = ""
+        with ExitStack() as stack:
+            stubs: dict[str, party_pb2_grpc.PartyAgentStub] = {}
+            for party in futures:
+                try:
+                    channel = stack.enter_context(self._channel(parties[party]["address"]))
+                except SealroomError:
+                    continue
+                stubs[party] = party_pb2_grpc.PartyAgentStub(channel)
+
+            def ask(party: str) -> Sequence[party_pb2.StreamProgress] | None:
+                stub = stubs.get(party)
+                if stub is None:
+                    return None
+                try:
+                    return list(stub.GetProgress(party_pb2.ProgressRequest(job_id=job_id), timeout=2).streams)
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                        stubs.pop(party)
+                except ValueError:  # the channel was closed: the coordinator is stopping
+                    pass
+                return None
+
+            while True:
+                for party, fut in futures.items():
+                    if fut.done() and fut.exception() is None and not tracker.parties[party]["done"]:
+                        tracker.finish(party, ask(party))  # the agent keeps its final counts
+                streaming = [p for p, fut in futures.items() if not fut.done()]
+                for party in streaming:
+                    streams = ask(party)
+                    if streams is not None:
+                        tracker.update(party, streams)
+                doc = tracker.to_json("streaming")
+                if doc != shown:
+                    self.store.update_query(qid, progress=doc)
+                    shown = doc
+                if not streaming:
+                    return
+                wait([futures[p] for p in streaming], timeout=PROGRESS_INTERVAL)
+
     def _run(self, plan: Plan, w: _Approvals) -> None:
         qid = plan.query_id
         involved = plan.involved_parties()
@@ -501,12 +603,13 @@ class Orchestrator:
             job = call("enclave", enclave.CreateJob, enclave_pb2.CreateJobRequest(plan_json=plan_json))
             try:
                 # 3. Each party verifies the enclave's evidence itself and streams sealed batches to it.
-                self.store.update_query(qid, progress=f"streaming 0/{len(involved)} parties")
+                tracker = StreamProgress(plan, self.store.datasets())
+                self.store.update_query(qid, progress=tracker.to_json("streaming"))
 
-                def contribute(party: str) -> str:
+                def contribute(party: str) -> party_pb2.ContributeResponse:
                     with self._channel(parties[party]["address"]) as pch:
                         try:
-                            call(
+                            return call(
                                 party,
                                 party_pb2_grpc.PartyAgentStub(pch).Contribute,
                                 party_pb2.ContributeRequest(
@@ -519,18 +622,15 @@ class Orchestrator:
                                 f"{party} could not contribute: {err.message}",
                                 details={**err.details, "party": party, "cause": err.code},
                             ) from None
-                    return party
 
                 with ThreadPoolExecutor(max_workers=max(1, len(involved))) as pool:
-                    futures = [pool.submit(contribute, p) for p in involved]
-                    done = 0
-                    for fut in futures:
+                    futures = {p: pool.submit(contribute, p) for p in involved}
+                    self._watch_streams(qid, job.job_id, futures, parties, tracker)
+                    for fut in futures.values():
                         fut.result()
-                        done += 1
-                        self.store.update_query(qid, progress=f"streaming {done}/{len(involved)} parties")
 
                 # 4. Execute with every approval; the enclave re-verifies them itself.
-                self.store.update_query(qid, progress="executing in the enclave")
+                self.store.update_query(qid, progress=tracker.to_json("executing in the enclave"))
                 approvals = self.store.approvals(qid)
                 resp = call(
                     "enclave",

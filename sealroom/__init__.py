@@ -2,8 +2,12 @@
 
 The ``sealroom`` package is the shared kernel (wire stubs, sealed stream, attestation, SQL analysis,
 plans, errors, config) and the composition root (CLI, Python client, demo). Kernel modules import no
-component package; the enclave worker loads only the kernel, so nothing heavy is imported here:
-``sealroom.Client`` is resolved lazily.
+component package; the enclave worker loads only the kernel, so nothing heavy is imported here: the
+analyst's names below are resolved lazily.
+
+- ``sealroom.Client``: an analyst's connection to a coordinator (``sealroom.client``).
+- ``sealroom.local_platform(scenario)``: a whole platform on this machine with synthetic data, for
+  notebooks (``sealroom.local``).
 """
 
 from __future__ import annotations
@@ -11,12 +15,21 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Client", "__version__"]
+__all__ = ["Client", "LocalPlatform", "QueryHandle", "Result", "__version__", "local_platform"]
+
+_LAZY = {
+    "Client": "sealroom.client",
+    "QueryHandle": "sealroom.client",
+    "Result": "sealroom.client",
+    "LocalPlatform": "sealroom.local",
+    "local_platform": "sealroom.local",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Client":
-        from sealroom.client import Client
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(name)
+    import importlib
 
-        return Client
-    raise AttributeError(name)
+    return getattr(importlib.import_module(module), name)

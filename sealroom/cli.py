@@ -179,6 +179,9 @@ def cmd_dev_init(args: argparse.Namespace) -> int:
     from sealroom.attestation import dev_init
 
     root = dev_init(Path(args.dir), force=args.force)
+    if args.json:
+        _emit({"simulated": True, "dev_root": str(root.cert_path), "key": str(root.key_path)})
+        return EXIT_OK
     print(f"wrote the SIMULATED dev attestation root: {root.cert_path} (and its key {root.key_path})")
     print("relying parties pin the .crt with trust.dev_root and trust.allow_simulated = true")
     return EXIT_OK
@@ -243,7 +246,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
             else:
                 print(f"{st['query_id']}: {st['status']}")
             return EXIT_OK if st["status"] != "refused" else EXIT_FAILED
-        handle.wait(args.timeout, on_progress=lambda st: print(f"{st['status']} {st['progress']}", file=sys.stderr))
+        from sealroom.output import ProgressDisplay
+
+        # A terminal gets per-party progress bars on stderr; --json gets nothing but the document.
+        progress = None if args.json else ProgressDisplay()
+        handle.wait(args.timeout, on_progress=progress)
         result = c.result(handle.query_id)
     if args.json:
         _emit(result_document(result, sql=args.sql))
@@ -611,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     av.set_defaults(fn=cmd_attest_verify)
 
     dev = sub.add_parser("dev", help="development helpers").add_subparsers(dest="action", required=True)
-    di = dev.add_parser("init", help="create the SIMULATED attestation dev root")
+    di = with_json(dev.add_parser("init", help="create the SIMULATED attestation dev root"))
     di.add_argument("--dir", default=str(Path.home() / ".sealroom" / "dev"))
     di.add_argument("--force", action="store_true")
     di.set_defaults(fn=cmd_dev_init)

@@ -22,7 +22,7 @@ from sealroom.client import QueryHandle
 from sealroom.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.demo_data import BANKS, HOSPITALS, bank_tables, hospital_tables, write_parquet
 from sealroom.errors import JobFailedError
-from sealroom.output import render_result, result_document
+from sealroom.output import ProgressDisplay, render_result, result_document
 from sealroom.policy import DatasetPolicy
 
 
@@ -265,7 +265,7 @@ def run_local(
     try:
         with Cluster(Path(state_dir), parties, log=_say) as cluster, cluster.client() as client:
             handle = client.submit(sql)
-            handle.wait(on_progress=lambda st: _say(f"{st['query_id']}: {st['status']} {st['progress']}"))
+            handle.wait(on_progress=None if as_json else ProgressDisplay(prefix="[sealroom] "))
             result = client.result(handle.query_id)
             if not as_json:
                 print(render_result(result), flush=True)

@@ -1,11 +1,17 @@
-"""How results look to a person (aligned tables) and to a program (one JSON document)."""
+"""How results look to a person (aligned tables, progress bars) and to a program (one JSON document).
+
+Progress is drawn on stderr, and only when stderr is a terminal; a program reading ``--json`` output
+gets one JSON document on stdout and no progress at all.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+from collections.abc import Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, TextIO
 
 from sealroom.client import Result
 
@@ -24,7 +30,8 @@ def jsonable(v: Any) -> Any:
     return str(v)
 
 
-def _cell(v: Any) -> str:
+def cell_text(v: Any) -> str:
+    """One cell as a person reads it: thousands separators, 4 decimals below 1,000, ``·`` for null."""
     v = jsonable(v)
     if v is None:
         return "·"
@@ -36,7 +43,7 @@ def _cell(v: Any) -> str:
 
 
 def format_table(columns: list[str], rows: list[list[Any]]) -> str:
-    cells = [[_cell(v) for v in r] for r in rows]
+    cells = [[cell_text(v) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     numeric = [all(isinstance(jsonable(r[i]), int | float) or r[i] is None for r in rows) for i in range(len(columns))]
 
@@ -100,7 +107,7 @@ def render_result(result: Result, *, title: str | None = None, sql: str | None =
             keys = sorted(
                 s["group"], key=lambda k: result.columns.index(k) if k in result.columns else len(result.columns)
             )
-            group = ", ".join(f"{k}={_cell(s['group'][k])}" for k in keys) or "(whole result)"
+            group = ", ".join(f"{k}={cell_text(s['group'][k])}" for k in keys) or "(whole result)"
             lines.append(f"  {group}: {s['reason']}")
     if result.receipt:
         res = result.receipt["result"]
@@ -118,3 +125,103 @@ def render_result(result: Result, *, title: str | None = None, sql: str | None =
         )
         lines.append("  coordinator saw: the plan, approvals, ciphertext sizes, and the released cells above")
     return "\n".join(lines)
+
+
+# -- progress -------------------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def progress_lines(status: dict[str, Any], *, width: int = 24) -> list[str]:
+    """A query's progress as lines of text: its state, then, while the parties stream, one bar per
+    party with what it has sent: sealed bytes and frames, and rows where its owner shares row counts
+    (the bar fills against the owner's shared row count; without one it only moves). Counts only,
+    never a value from the data."""
+    head = f"{status['query_id']}: {status['status']}"
+    if status.get("progress") and status["progress"] != status["status"]:
+        head += f" - {status['progress']}"
+    lines = [head]
+    parties: dict[str, dict[str, Any]] = status.get("parties") or {}
+    name_width = max((len(p) for p in parties), default=0)
+    for party in sorted(parties):
+        e = parties[party]
+        rows, total, frames = e.get("rows"), e.get("rows_total"), int(e.get("frames") or 0)
+        if e.get("done"):
+            fraction: float | None = 1.0
+        elif rows is not None and total:
+            fraction = min(1.0, rows / total)
+        else:
+            fraction = None
+        if fraction is None:  # no total to fill against: a block that moves with every frame sent
+            pos = (frames * 3) % max(1, width - 2)
+            bar = " " * pos + "===" + " " * (width - 3 - pos)
+            pct = "    "
+        else:
+            filled = int(round(fraction * width))
+            bar = "#" * filled + "-" * (width - filled)
+            pct = f"{fraction:4.0%}"
+        parts = [f"  {party:<{name_width}} [{bar}] {pct}"]
+        if rows is not None:
+            parts.append(f"{rows:,}" + (f"/{total:,}" if total else "") + " rows")
+        parts.append(f"{human_bytes(int(e.get('bytes') or 0))} in {frames:,} frames")
+        parts.append("sent" if e.get("done") else "sending")
+        lines.append("  ".join(parts))
+    return lines
+
+
+class ProgressDisplay:
+    """The ``on_progress`` callback of :meth:`sealroom.client.QueryHandle.wait` for a terminal.
+
+    On a TTY it redraws the query's state and one progress bar per streaming party in place; on
+    anything else it writes one line per change of state or step (not per byte), prefixed with
+    ``prefix``. Call :meth:`close` when the wait is over.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, prefix: str = "", tty: bool | None = None, width: int = 24):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = _isatty(self.stream) if tty is None else tty
+        self.prefix = prefix
+        self.width = width
+        self._drawn = 0
+        self._last: tuple[str, str] | None = None
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        if self.tty:
+            self._draw(progress_lines(status, width=self.width))
+            return
+        key = (str(status["status"]), str(status.get("progress", "")))
+        if key != self._last:
+            self._last = key
+            self.stream.write(f"{self.prefix}{status['query_id']}: {key[0]} {key[1]}\n")
+            self.stream.flush()
+
+    def _draw(self, lines: Sequence[str]) -> None:
+        out = f"\x1b[{self._drawn}F" if self._drawn else ""  # back to the first line drawn last time
+        out += "".join(f"{self.prefix}{line}\x1b[K\n" for line in lines)
+        if len(lines) < self._drawn:  # clear what the previous drawing left below
+            out += "\x1b[K\n" * (self._drawn - len(lines)) + f"\x1b[{self._drawn - len(lines)}F"
+        self._drawn = len(lines)
+        self.stream.write(out)
+        self.stream.flush()
+
+    def close(self) -> None:
+        self._drawn = 0
+
+    def __enter__(self) -> ProgressDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

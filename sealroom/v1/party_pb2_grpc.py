@@ -50,6 +50,11 @@ class PartyAgentStub:
                 request_serializer=sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_common__pb2.PartyInfo.FromString,
                 _registered_method=True)
+        self.GetProgress = channel.unary_unary(
+                '/sealroom.v1.PartyAgent/GetProgress',
+                request_serializer=sealroom_dot_v1_dot_party__pb2.ProgressRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_party__pb2.ProgressResponse.FromString,
+                _registered_method=True)
         self.ListPending = channel.unary_unary(
                 '/sealroom.v1.PartyAgent/ListPending',
                 request_serializer=sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
@@ -92,6 +97,15 @@ class PartyAgentServicer:
 
     def GetInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProgress(self, request, context):
+        """How far this agent's sealed streams for a job have got, for progress displays: bytes and frames
+        (what the network sees anyway), and rows only for datasets whose owner shares its row count
+        (share_row_count), rounded to two significant digits. Nothing else about the data.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -145,6 +159,11 @@ def add_PartyAgentServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=sealroom_dot_v1_dot_common__pb2.Empty.FromString,
                     response_serializer=sealroom_dot_v1_dot_common__pb2.PartyInfo.SerializeToString,
+            ),
+            'GetProgress': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProgress,
+                    request_deserializer=sealroom_dot_v1_dot_party__pb2.ProgressRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_party__pb2.ProgressResponse.SerializeToString,
             ),
             'ListPending': grpc.unary_unary_rpc_method_handler(
                     servicer.ListPending,
@@ -248,6 +267,33 @@ class PartyAgent:
             '/sealroom.v1.PartyAgent/GetInfo',
             sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
             sealroom_dot_v1_dot_common__pb2.PartyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.PartyAgent/GetProgress',
+            sealroom_dot_v1_dot_party__pb2.ProgressRequest.SerializeToString,
+            sealroom_dot_v1_dot_party__pb2.ProgressResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,11 @@ class PartyAgentStub:
     columns the (approved) plan needs directly to the enclave.
     """
     GetInfo: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _common_pb2.PartyInfo]
+    GetProgress: _grpc.UnaryUnaryMultiCallable[_party_pb2.ProgressRequest, _party_pb2.ProgressResponse]
+    """How far this agent's sealed streams for a job have got, for progress displays: bytes and frames
+    (what the network sees anyway), and rows only for datasets whose owner shares its row count
+    (share_row_count), rounded to two significant digits. Nothing else about the data.
+    """
     ListPending: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _party_pb2.ListPendingResponse]
     """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
     signed with the party's own signing key (sealroom.plan.sign_owner_command), so nobody else who
@@ -64,6 +69,11 @@ class PartyAgentAsyncStub(PartyAgentStub):
     columns the (approved) plan needs directly to the enclave.
     """
     GetInfo: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _common_pb2.PartyInfo]  # type: ignore[assignment]
+    GetProgress: _aio.UnaryUnaryMultiCallable[_party_pb2.ProgressRequest, _party_pb2.ProgressResponse]  # type: ignore[assignment]
+    """How far this agent's sealed streams for a job have got, for progress displays: bytes and frames
+    (what the network sees anyway), and rows only for datasets whose owner shares its row count
+    (share_row_count), rounded to two significant digits. Nothing else about the data.
+    """
     ListPending: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _party_pb2.ListPendingResponse]  # type: ignore[assignment]
     """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
     signed with the party's own signing key (sealroom.plan.sign_owner_command), so nobody else who
@@ -104,6 +114,17 @@ class PartyAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _common_pb2.Empty,
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.PartyInfo, _abc.Awaitable[_common_pb2.PartyInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def GetProgress(
+        self,
+        request: _party_pb2.ProgressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.ProgressResponse, _abc.Awaitable[_party_pb2.ProgressResponse]]:
+        """How far this agent's sealed streams for a job have got, for progress displays: bytes and frames
+        (what the network sees anyway), and rows only for datasets whose owner shares its row count
+        (share_row_count), rounded to two significant digits. Nothing else about the data.
+        """
 
     @_abc_1.abstractmethod
     def ListPending(
