@@ -11,6 +11,11 @@ passing):
 - ``bare``: ``benchmarks/mpc_bare.py``, a minimal MPyC script doing the same inputs, additions,
   comparison (same bit lengths) and openings, with the same TLS certificates; timed from starting
   its processes until all have exited.
+- ``tee``: the same query over the same rows on the TEE path: one party agent per player (Parquet
+  files), the coordinator and a (simulated) enclave worker running as processes, started once per
+  case; timed from submitting ``SELECT g, COUNT(*), SUM(x) FROM (... UNION ALL ...) GROUP BY g``
+  until the verified release (plan, approvals, attestation, sealed streams, DuckDB, disclosure
+  rules, signed result). It must release exactly the cells the MPC stage opens.
 
 Both wall times include starting the interpreters and MPyC and connecting (about 0.4 s a session);
 ``mpc s`` is the secure computation alone (at the slowest player). Runs alternate platform/bare.
@@ -39,8 +44,9 @@ TARGETS = {"seconds_10000_groups_3_players": 10.0, "platform_vs_bare": 1.3}
 BARE = Path(__file__).resolve().parent / "mpc_bare.py"
 
 
-def make_case(players: int, groups: int, seed: int = SEED) -> tuple[Any, dict[int, Any]]:
-    """The stage and every player's partials (seeded; no DuckDB here: the MPC stage alone)."""
+def make_case(players: int, groups: int, seed: int = SEED) -> tuple[Any, dict[int, Any], list[Any]]:
+    """The stage, every player's partials and the rows they summarise (seeded; the partials are
+    computed here with numpy, not DuckDB: the MPC stage alone is measured)."""
     import numpy as np
 
     sys.path.insert(0, str(REPO))
@@ -57,14 +63,54 @@ def make_case(players: int, groups: int, seed: int = SEED) -> tuple[Any, dict[in
         min_group_size=K,
         max_rows=2**20,
     )
+    import pyarrow as pa
+
     rng = np.random.default_rng(seed + players * 100_003 + groups)
     partials = {}
+    tables = []
     mean_rows = K / players  # about half of the groups reach K rows in all
     for i in range(players):
         rows = rng.poisson(mean_rows, groups)
-        sums = [int(r) * int(v) for r, v in zip(rows, rng.integers(0, 1000, groups), strict=True)]
-        partials[i] = Partials(cap=[min(int(r), K) for r in rows], values={"rows": [int(r) for r in rows], "s:x": sums})
-    return spec, partials
+        g = np.repeat(np.arange(groups, dtype=np.int64), rows)
+        x = rng.integers(0, 1000, len(g), dtype=np.int64)
+        sums = np.bincount(g, weights=x, minlength=groups).astype(np.int64)
+        partials[i] = Partials(
+            cap=[min(int(r), K) for r in rows], values={"rows": [int(r) for r in rows], "s:x": [int(v) for v in sums]}
+        )
+        tables.append(pa.table({"g": g, "x": x}))
+    return spec, partials, tables
+
+
+def tee_sql(players: int) -> str:
+    union = " UNION ALL ".join(f"SELECT g, x FROM party{i}.t" for i in range(players))
+    return f"SELECT g, COUNT(*) AS n, SUM(x) AS total FROM ({union}) AS u GROUP BY g"
+
+
+def run_tee(tables: list[Any], workdir: Path, repeat: int) -> list[dict[str, Any]]:
+    """The same query on the TEE path, ``repeat`` times on one running platform."""
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(REPO))
+    from sealroom.cluster import Cluster, DatasetSpec, PartySpec
+    from sealroom.policy import DatasetPolicy
+
+    state = Path(tempfile.mkdtemp(prefix="tee-", dir=workdir))
+    parties = []
+    for i, table in enumerate(tables):
+        path = state / f"party{i}.parquet"
+        pq.write_table(table, path)
+        parties.append(PartySpec(f"party{i}", (DatasetSpec("t", str(path), DatasetPolicy(min_group_size=K)),)))
+    sql = tee_sql(len(tables))
+    out = []
+    with Cluster(state / "platform", parties, log=lambda _msg: None) as cluster, cluster.client() as client:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            result = client.run(sql)
+            seconds = time.perf_counter() - t0
+            result.raise_for_status()
+            rows = result.rows()
+            out.append({"seconds": seconds, "passing": len(rows), "checksum": sum(int(n) + int(t) for _, n, t in rows)})
+    return out
 
 
 def run_platform(spec: Any, partials: dict[int, Any]) -> dict[str, Any]:
@@ -149,7 +195,7 @@ def bench(players: list[int], groups: list[int], repeat: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sealroom-bench-mpc-") as tmp:
         for m in players:
             for g in groups:
-                spec, partials = make_case(m, g)
+                spec, partials, tables = make_case(m, g)
                 plat: list[dict[str, Any]] = []
                 bare: list[dict[str, Any]] = []
                 for r in range(repeat):
@@ -165,6 +211,10 @@ def bench(players: list[int], groups: list[int], repeat: int) -> dict[str, Any]:
                     )
                 if plat[0]["passing"] != bare[0]["passing"] or plat[0]["checksum"] != bare[0]["checksum"]:
                     raise RuntimeError(f"platform and bare disagree for {m} players, {g} groups")
+                tee = run_tee(tables, Path(tmp), repeat)
+                log(f"{m} players, {g:,} groups: TEE path {median([x['seconds'] for x in tee]):.2f} s")
+                if (tee[0]["passing"], tee[0]["checksum"]) != (plat[0]["passing"], plat[0]["checksum"]):
+                    raise RuntimeError(f"the TEE path and the MPC stage disagree for {m} players, {g} groups")
                 p_med = median([x["seconds"] for x in plat])
                 b_med = median([x["seconds"] for x in bare])
                 runs.append(
@@ -183,7 +233,12 @@ def bench(players: list[int], groups: list[int], repeat: int) -> dict[str, Any]:
                             "median_seconds": b_med,
                             "median_mpc_seconds": median([x["mpc_seconds"] for x in bare]),
                         },
+                        "tee": {
+                            "seconds": [x["seconds"] for x in tee],
+                            "median_seconds": median([x["seconds"] for x in tee]),
+                        },
                         "platform_vs_bare": p_med / b_med,
+                        "mpc_vs_tee": p_med / median([x["seconds"] for x in tee]),
                         "platform_vs_bare_mpc": median([x["mpc_seconds"] for x in plat])
                         / median([x["mpc_seconds"] for x in bare]),
                     }
@@ -194,10 +249,11 @@ def bench(players: list[int], groups: list[int], repeat: int) -> dict[str, Any]:
 def render(doc: dict[str, Any]) -> str:
     lines = [
         f"MPC stage (COUNT(*), SUM(x), minimum group size {doc['min_group_size']}): platform vs bare MPyC, "
-        f"median of {doc['repeat']} alternating run(s); {doc['machine']['cpus']} CPUs shared by all players",
+        f"median of {doc['repeat']} alternating run(s); {doc['machine']['cpus']} CPUs shared by all players; "
+        "TEE: the same query end to end on a running (simulated) TEE platform",
         "",
         f"{'players':>7}{'groups':>8}{'passing':>9}{'platform s':>12}{'bare s':>9}{'ratio':>8}"
-        f"{'platform mpc s':>16}{'bare mpc s':>12}{'mpc ratio':>11}{'MB sent p0':>12}",
+        f"{'platform mpc s':>16}{'bare mpc s':>12}{'mpc ratio':>11}{'MB sent p0':>12}{'TEE s':>8}{'MPC/TEE':>9}",
     ]
     for r in doc["runs"]:
         p, b = r["platform"], r["bare"]
@@ -205,6 +261,7 @@ def render(doc: dict[str, Any]) -> str:
             f"{r['players']:>7}{r['groups']:>8,}{r['passing']:>9,}{p['median_seconds']:>12.2f}{b['median_seconds']:>9.2f}"
             f"{r['platform_vs_bare']:>7.2f}x{p['median_mpc_seconds']:>16.2f}{b['median_mpc_seconds']:>12.2f}"
             f"{r['platform_vs_bare_mpc']:>10.2f}x{p['bytes_sent_player0'] / 1e6:>12.2f}"
+            f"{r['tee']['median_seconds']:>8.2f}{r['mpc_vs_tee']:>8.2f}x"
         )
     lines.append("")
     for k, v in doc["verdicts"].items():

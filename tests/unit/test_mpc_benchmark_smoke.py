@@ -29,6 +29,8 @@ def test_every_case_ran_on_both_sides(doc: dict) -> None:
         for side in ("platform", "bare"):
             assert len(r[side]["seconds"]) == 1 and r[side]["median_seconds"] > r[side]["median_mpc_seconds"] > 0
         assert r["platform_vs_bare"] == r["platform"]["median_seconds"] / r["bare"]["median_seconds"]
+        # the TEE path ran the same query and released the same cells (the benchmark checks it)
+        assert len(r["tee"]["seconds"]) == 1 and r["mpc_vs_tee"] > 0
     assert doc["targets"] == {"seconds_10000_groups_3_players": 10.0, "platform_vs_bare": 1.3}
     assert "platform / bare, worst case" in doc["verdicts"]
 
@@ -40,7 +42,7 @@ def test_text_report_renders(doc: dict, monkeypatch: pytest.MonkeyPatch) -> None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     text = module.render(doc)
-    assert "platform s" in text and "bare s" in text and "worst case" in text
+    assert "platform s" in text and "bare s" in text and "worst case" in text and "TEE s" in text
 
 
 def test_fewer_than_three_players_is_refused() -> None:
