@@ -235,7 +235,11 @@ class Cluster:
         proc = self.procs[name]
         if proc.poll() is None:
             proc.terminate()
-            proc.wait(10)
+            try:
+                proc.wait(30)  # a graceful stop lets query threads record their end (seconds on a busy host)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # what is in flight is failed on restart anyway, from the durable state
+                proc.wait()
         self._spawn(name, self._args[name])
         address = self._wait_port(name)
         wait_healthy(address)
