@@ -63,6 +63,42 @@ def _loopback_loop(bind_host: str, tls_refused: set[tuple[str, int]]) -> asyncio
     return _Loop()
 
 
+def _install_peer_name_check(refused: set[int]) -> None:
+    """Make the listening side check a connecting peer's name, as the connecting side does.
+
+    MPyC checks ``MPyC party <i>`` against the certificate only where it connects; where it listens
+    it takes the index the peer announces (the first two bytes it sends). Without this check any
+    player could connect under another player's index and receive the messages meant for it. A
+    peer whose certificate names another index is disconnected before MPyC registers it, and
+    recorded in ``refused`` (reported as ``tls_refused``).
+    """
+    from mpyc import asyncoro  # the protocol class only: importing it does not parse sys.argv
+
+    data_received = asyncoro.MessageExchanger.data_received
+    connection_lost = asyncoro.MessageExchanger.connection_lost
+    refused_protocols: set[int] = set()
+
+    def checked_data_received(self: Any, data: bytes) -> None:
+        if self.peer_pid is None and self.transport is not None and len(self.bytes) + len(data) >= 2:
+            claimed = int.from_bytes((bytes(self.bytes) + bytes(data))[:2], "little")
+            cert = self.transport.get_extra_info("peercert") or {}
+            names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+            if names != [f"MPyC party {claimed}"]:
+                refused.add(claimed)
+                refused_protocols.add(id(self))
+                self.transport.abort()
+                return
+        data_received(self, data)
+
+    def checked_connection_lost(self: Any, exc: Exception | None) -> None:
+        if id(self) in refused_protocols:  # never registered with the runtime: nothing to undo
+            return
+        connection_lost(self, exc)
+
+    asyncoro.MessageExchanger.data_received = checked_data_received  # type: ignore[method-assign]
+    asyncoro.MessageExchanger.connection_lost = checked_connection_lost  # type: ignore[method-assign]
+
+
 def _heartbeat(path: Path, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
@@ -78,7 +114,9 @@ def _write(out: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, out)
 
 
-async def _session(mpc: Any, doc: dict[str, Any], tls_refused: set[tuple[str, int]]) -> dict[str, Any]:
+async def _session(
+    mpc: Any, doc: dict[str, Any], tls_refused: set[tuple[str, int]], name_refused: set[int]
+) -> dict[str, Any]:
     from mpc import program
     from mpc.spec import StageSpec
 
@@ -88,7 +126,7 @@ async def _session(mpc: Any, doc: dict[str, Any], tls_refused: set[tuple[str, in
     try:
         await asyncio.wait_for(mpc.start(), timeout=float(doc["start_timeout"]))
     except TimeoutError:
-        refused = [i for i, a in enumerate(addresses) if a in tls_refused]
+        refused = [i for i, a in enumerate(addresses) if a in tls_refused] + sorted(name_refused)
         if refused:
             raise _PlayerFailure("tls_refused", refused) from None
         missing = [p.pid for p in mpc.parties if p.pid != me and p.protocol is None]
@@ -167,13 +205,17 @@ def main(argv: list[str] | None = None) -> int:
         mpyc_argv += ["-P", f"{host}:{int(port)}"]
     sys.argv = mpyc_argv  # MPyC parses sys.argv when imported: set it first
     tls_refused: set[tuple[str, int]] = set()
+    name_refused: set[int] = set()
+    _install_peer_name_check(name_refused)
     loop = _loopback_loop(str(doc.get("bind_host", "127.0.0.1")), tls_refused)
     asyncio.set_event_loop(loop)
     from mpyc.runtime import mpc  # noqa: E402 - deliberately after sys.argv and the event loop
 
     code = EXIT_OK
     try:
-        done = mpc.run(asyncio.wait_for(_session(mpc, doc, tls_refused), timeout=float(doc["run_timeout"])))
+        done = mpc.run(
+            asyncio.wait_for(_session(mpc, doc, tls_refused, name_refused), timeout=float(doc["run_timeout"]))
+        )
         _write(out, {"status": "ok", "index": me, **done})
     except _PlayerFailure as exc:
         _write(out, {"status": "error", "index": me, "reason": exc.reason, "peers": exc.peers})

@@ -276,6 +276,7 @@ def run_session(
     workdir: Path | None = None,
     credentials: Mapping[int, PlayerCredentials] | None = None,
     port_retries: int = 2,
+    ca: SessionCA | None = None,
 ) -> MpcResult:
     """Run every player of ``spec`` on this host and return the opened result.
 
@@ -285,14 +286,15 @@ def run_session(
     :class:`MpcError` naming the player; on any failure every player is killed and reaped and
     nothing is returned. ``workdir`` keeps the players' directories (logs, outputs) there for
     inspection; by default they are temporary and removed. ``credentials`` overrides the
-    session CA's (tests use it to present a certificate from another CA).
+    session CA's (tests use it to present a certificate from another CA); ``ca`` is the session CA
+    (default: a fresh one; tests pass theirs to present its certificates under the wrong index).
     """
     if set(partials) != set(spec.input_players):
         raise ValueError("partials must be given for exactly the players that hold input")
     start_timeout = min(timeout, DEFAULT_START_TIMEOUT) if start_timeout is None else start_timeout
     for attempt in range(port_retries + 1):
         try:
-            return _run_once(spec, partials, timeout, start_timeout, stall_timeout, bind_host, workdir, credentials)
+            return _run_once(spec, partials, timeout, start_timeout, stall_timeout, bind_host, workdir, credentials, ca)
         except _PortRace:
             log.info("MPC session %s: a port was taken while starting; retrying (%d)", spec.session_id, attempt + 1)
     raise _error(spec, None, "listen_failed")
@@ -311,9 +313,10 @@ def _run_once(
     bind_host: str,
     workdir: Path | None,
     credentials: Mapping[int, PlayerCredentials] | None,
+    ca: SessionCA | None = None,
 ) -> MpcResult:
     m = len(spec.players)
-    ca = SessionCA(spec.session_id)
+    ca = ca or SessionCA(spec.session_id)
     ports = free_ports(m, bind_host)
     addresses = [(bind_host, p) for p in ports]
     base = Path(tempfile.mkdtemp(prefix="sealroom-mpc-", dir=workdir))

@@ -6,10 +6,11 @@ whoever issues the session's certificates); each player gets a certificate with 
 (:func:`generate_player_key`) so that only its public key reaches the issuer. A certificate from
 any other CA is refused by every peer.
 
-MPyC checks the peer's name only on the connecting side; the listening side checks only that the
-certificate comes from the session CA. So, under this CA, a player could claim another player's
-index when it connects: acceptable under the semi-honest model (players follow the protocol), and
-the reason every session gets a fresh CA.
+MPyC checks the peer's name only on the connecting side; :mod:`mpc.player` adds the check where it
+listens, so a certificate for ``MPyC party <j>`` is accepted only from a peer that announces index
+``j``. Whoever holds a session CA's key can still issue a certificate for any index: only the
+runner that starts every player (:func:`mpc.session.run_session`) holds one; see docs/mpc.md for
+players run at different owners.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import pytest
 from mpc.partials import local_partials
 from mpc.session import run_session
 from mpc.spec import Aggregate, GroupColumn, Measure, Player, StageSpec
-from mpc.tls import SessionCA
+from mpc.tls import PlayerCredentials, SessionCA
 from sealroom.errors import MpcError
 
 pytestmark = pytest.mark.slow
@@ -395,3 +395,22 @@ def test_a_port_taken_before_a_player_listens_is_retried(tmp_path: Path, monkeyp
     assert len(calls) == 2 and calls[1][1] != calls[0][1]
     assert len(result.cells) + len(result.suppressed) == 30
     no_children_left()
+
+
+def test_a_player_claiming_another_index_is_refused_by_the_listening_side(tmp_path: Path):
+    """MPyC checks a peer's name only where it connects; the listener takes the index the peer
+    announces. Player 0 (which only connects) presents the session CA's certificate for player 1:
+    the listeners (players 1 and 2) must refuse it, or player 0 could pose as player 1."""
+    players = (Player("bank_a"), Player("bank_b"), Player("bank_c"))
+    spec = make_spec(players, (Aggregate("n", "count"),), session_id="impostor")
+    rng = np.random.default_rng(2)
+    partials = {i: local_partials(party_table(rng, 30, boundary={}), spec, party=p.name) for i, p in enumerate(players)}
+    ca = SessionCA(spec.session_id)
+    as_one = ca.credentials(1)
+    impostor = PlayerCredentials(0, as_one.ca_pem, as_one.cert_pem, as_one.key_pem)  # index 0, CN "MPyC party 1"
+    with pytest.raises(MpcError) as e:
+        run_session(spec, partials, timeout=30, start_timeout=3, workdir=tmp_path, credentials={0: impostor}, ca=ca)
+    assert e.value.details["player"] == 0 and e.value.details["reason"] == "tls_refused"
+    assert not [o for o in tmp_path.rglob("out.json") if json.loads(o.read_text())["status"] == "ok"]
+    no_children_left()
+    ports_are_free(tmp_path)
