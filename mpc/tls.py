@@ -16,16 +16,35 @@ players run at different owners.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sealroom.errors import MpcError
+
 VALIDITY = datetime.timedelta(hours=6)
+_CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
 
 
 def player_cn(index: int) -> str:
@@ -81,20 +100,7 @@ class SessionCA:
             .not_valid_before(self._now - datetime.timedelta(minutes=5))
             .not_valid_after(self._now + VALIDITY)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_CA_KEY_USAGE, critical=True)
             .sign(self._key, hashes.SHA256())
         )
 
@@ -128,3 +134,164 @@ class SessionCA:
         """Key and certificate for player ``index`` generated here (for players run on this host)."""
         key = generate_player_key()
         return PlayerCredentials(index, self.ca_pem, self.issue(index, key.public_key()), key_pem(key))
+
+
+# --- players at different owners: one name-constrained CA per player, signed by its identity key ----
+
+OFFER_DOMAIN = b"sealroom/v1/mpc-player-ca\x00"
+
+
+def _identity_error(index: int, what: str) -> MpcError:
+    return MpcError(
+        f"MPC player {index}'s certificate offer {what}; the session cannot start",
+        details={"reason": "identity", "player": index},
+    )
+
+
+def offer_message(session: str, index: int, ca_der: bytes) -> bytes:
+    """What a player's identity key signs: the session (plan hash and stage), its index, its CA."""
+    body = {"session": session, "index": index, "ca_sha256": hashlib.sha256(ca_der).hexdigest()}
+    return OFFER_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class PlayerOffer:
+    """A player's public offer: its own CA certificate (PEM), signed by the player's identity key
+    (an owner's Ed25519 key, the enclave's attested job key, the coordinator's key)."""
+
+    session: str
+    index: int
+    ca_pem: bytes
+    signature: bytes
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "session": self.session,
+            "index": self.index,
+            "ca_pem": self.ca_pem.decode("ascii"),
+            "signature": self.signature.hex(),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> PlayerOffer:
+        return cls(
+            str(doc["session"]), int(doc["index"]), str(doc["ca_pem"]).encode("ascii"), bytes.fromhex(doc["signature"])
+        )
+
+
+class PlayerIdentity:
+    """Where one player runs: its own CA, *name-constrained* to ``MPyC party <index>`` (so it can
+    issue a certificate for no other player), and its TLS key and certificate under that CA.
+
+    The player's identity key signs :meth:`offer`; :meth:`credentials` verifies every player's
+    offer against the identity keys the plan names and returns the credentials MPyC needs, with
+    the bundle of all players' CAs as ``mpyc_ca.crt``. No party can then pose as another player:
+    a peer's certificate must chain to that peer's own CA (name constraints), must name the index
+    the peer announces (checked where players connect and, by :mod:`mpc.player`, where they
+    listen), and every CA in the bundle is signed by the identity the plan gives that index.
+    """
+
+    def __init__(self, session: str, index: int, *, now: datetime.datetime | None = None):
+        self.session = session
+        self.index = index
+        now = now or datetime.datetime.now(datetime.UTC)
+        self._ca_key = ec.generate_private_key(ec.SECP256R1())
+        self._key = generate_player_key()
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Sealroom MPC player {index} CA {session}")])
+        leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, player_cn(index))])
+        not_before, not_after = now - datetime.timedelta(minutes=5), now + VALIDITY
+        self.ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(self._ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.NameConstraints(permitted_subtrees=[x509.DirectoryName(leaf_name)], excluded_subtrees=None),
+                critical=True,
+            )
+            .add_extension(_CA_KEY_USAGE, critical=True)
+            .sign(self._ca_key, hashes.SHA256())
+        )
+        self.certificate = (
+            x509.CertificateBuilder()
+            .subject_name(leaf_name)
+            .issuer_name(ca_name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .sign(self._ca_key, hashes.SHA256())
+        )
+
+    def offer(self, sign: Callable[[bytes], bytes]) -> PlayerOffer:
+        """This player's offer, signed with ``sign`` (the identity key's ``sign`` method)."""
+        ca_der = self.ca.public_bytes(serialization.Encoding.DER)
+        pem = self.ca.public_bytes(serialization.Encoding.PEM)
+        return PlayerOffer(self.session, self.index, pem, sign(offer_message(self.session, self.index, ca_der)))
+
+    def credentials(
+        self, offers: Sequence[PlayerOffer], identities: Mapping[int, Ed25519PublicKey]
+    ) -> PlayerCredentials:
+        """Verify every player's offer against ``identities`` (index -> the identity key the plan
+        names) and return this player's credentials with the bundle of verified CAs. Raises
+        :class:`MpcError` naming the first player whose offer does not verify."""
+        by_index: dict[int, PlayerOffer] = {}
+        for offer in offers:
+            if offer.index in by_index:
+                raise _identity_error(offer.index, "is given twice")
+            by_index[offer.index] = offer
+        if set(by_index) != set(identities):
+            missing = sorted(set(identities) - set(by_index)) or sorted(set(by_index) - set(identities))
+            raise _identity_error(missing[0], "is missing (or not expected)")
+        bundle = []
+        for index in sorted(by_index):
+            bundle.append(verify_offer(by_index[index], session=self.session, identity=identities[index]))
+        own = self.ca.public_bytes(serialization.Encoding.PEM)
+        if by_index[self.index].ca_pem.strip() != own.strip():
+            raise _identity_error(self.index, "is not this player's own CA")
+        return PlayerCredentials(
+            self.index,
+            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in bundle),
+            self.certificate.public_bytes(serialization.Encoding.PEM),
+            key_pem(self._key),
+        )
+
+
+def verify_offer(offer: PlayerOffer, *, session: str, identity: Ed25519PublicKey) -> x509.Certificate:
+    """The offer's CA certificate, once its signature, session and name constraint are checked."""
+    if offer.session != session:
+        raise _identity_error(offer.index, "is for another session")
+    try:
+        ca = x509.load_pem_x509_certificate(offer.ca_pem)
+    except ValueError:
+        raise _identity_error(offer.index, "carries no PEM certificate") from None
+    try:
+        identity.verify(
+            offer.signature, offer_message(session, offer.index, ca.public_bytes(serialization.Encoding.DER))
+        )
+    except InvalidSignature:
+        raise _identity_error(offer.index, "is not signed by the identity the plan names for it") from None
+    try:
+        constraints = ca.extensions.get_extension_for_class(x509.NameConstraints)
+        basic = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise _identity_error(offer.index, "carries a CA without the name constraint to its own index") from None
+    expected = [x509.DirectoryName(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, player_cn(offer.index))]))]
+    if (
+        not constraints.critical
+        or list(constraints.value.permitted_subtrees or []) != expected
+        or constraints.value.excluded_subtrees
+        or not basic.ca
+        or basic.path_length != 0
+    ):
+        raise _identity_error(offer.index, "carries a CA that may issue certificates for other players")
+    return ca

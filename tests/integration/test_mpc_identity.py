@@ -1,0 +1,167 @@
+"""Player identities for MPC sessions whose players run at different owners (mpc.tls.PlayerIdentity).
+
+Each player's CA is name-constrained to its own index and signed by its identity key; a real MPyC
+session runs on the resulting credentials, and real TLS handshakes show that a player cannot use
+its own CA to pose as another player.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+
+from mpc.partials import local_partials
+from mpc.session import run_session
+from mpc.spec import Aggregate, Player
+from mpc.tls import PlayerIdentity, PlayerOffer, SessionCA, player_cn
+from sealroom.errors import MpcError
+from tests.integration.test_mpc_session import make_spec, party_table
+
+SESSION = "plan-0123:s2"
+
+
+@pytest.fixture
+def players() -> tuple[list[PlayerIdentity], list[Ed25519PrivateKey], list[PlayerOffer]]:
+    identities = [PlayerIdentity(SESSION, i) for i in range(3)]
+    keys = [Ed25519PrivateKey.generate() for _ in range(3)]
+    offers = [ident.offer(key.sign) for ident, key in zip(identities, keys, strict=True)]
+    return identities, keys, offers
+
+
+def _public(keys: list[Ed25519PrivateKey]) -> dict[int, object]:
+    return {i: k.public_key() for i, k in enumerate(keys)}
+
+
+def test_a_session_runs_on_identity_bound_credentials(players, tmp_path: Path) -> None:
+    identities, keys, offers = players
+    creds = {i: ident.credentials(offers, _public(keys)) for i, ident in enumerate(identities)}  # type: ignore[arg-type]
+    assert all(c.ca_pem.count(b"BEGIN CERTIFICATE") == 3 for c in creds.values())
+    parties = (Player("bank_a"), Player("bank_b"), Player("bank_c"))
+    spec = make_spec(parties, (Aggregate("n", "count"),), session_id="identity")
+    rng = np.random.default_rng(3)
+    partials = {i: local_partials(party_table(rng, 30, boundary={}), spec, party=p.name) for i, p in enumerate(parties)}
+    result = run_session(spec, partials, timeout=60, workdir=tmp_path, credentials=creds)
+    assert len(result.cells) + len(result.suppressed) == len(spec.domain) and result.cells
+
+
+def _write(directory: Path, name: str, data: bytes) -> Path:
+    path = directory / name
+    path.write_bytes(data)
+    return path
+
+
+def _handshake(
+    tmp_path: Path, server: tuple[bytes, bytes], client: tuple[bytes, bytes], bundle: bytes, name: str
+) -> None:
+    """A TLS handshake as MPyC makes it (mutual, the bundle as CA file, ``name`` checked by the
+    client); raises ssl.SSLError when a side refuses."""
+    ca = _write(tmp_path, "bundle.pem", bundle)
+    s_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
+    s_ctx.verify_mode = ssl.CERT_REQUIRED
+    s_ctx.load_cert_chain(_write(tmp_path, "s.crt", server[0]), _write(tmp_path, "s.key", server[1]))
+    c_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    c_ctx.load_cert_chain(_write(tmp_path, "c.crt", client[0]), _write(tmp_path, "c.key", client[1]))
+    listener = socket.create_server(("127.0.0.1", 0))
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with s_ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError) as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with (
+            socket.create_connection(listener.getsockname()) as raw,
+            c_ctx.wrap_socket(raw, server_hostname=name) as tls,
+        ):
+            tls.sendall(b"x")
+    finally:
+        t.join(10)
+        listener.close()
+    if errors:
+        raise errors[0]
+
+
+def _forged_leaf(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, index: int) -> tuple[bytes, bytes]:
+    """A certificate for ``MPyC party <index>`` issued with another player's CA key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, player_cn(index))]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(ca.not_valid_before_utc)
+        .not_valid_after(ca.not_valid_after_utc)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), pem
+
+
+def test_a_player_cannot_pose_as_another_with_its_own_ca(players, tmp_path: Path) -> None:
+    identities, keys, offers = players
+    creds = [ident.credentials(offers, _public(keys)) for ident in identities]  # type: ignore[arg-type]
+    bundle = creds[0].ca_pem
+    # The real player 1 and player 2 shake hands.
+    _handshake(
+        tmp_path, (creds[1].cert_pem, creds[1].key_pem), (creds[2].cert_pem, creds[2].key_pem), bundle, player_cn(1)
+    )
+    # Player 0 issues itself a certificate for index 1 with its own CA: refused by TLS itself, as a
+    # server (the client checks the chain) and as a client (the server checks the chain).
+    forged = _forged_leaf(identities[0]._ca_key, identities[0].ca, 1)
+    with pytest.raises(ssl.SSLError):
+        _handshake(tmp_path, forged, (creds[2].cert_pem, creds[2].key_pem), bundle, player_cn(1))
+    with pytest.raises(ssl.SSLError):
+        _handshake(tmp_path, (creds[2].cert_pem, creds[2].key_pem), forged, bundle, player_cn(2))
+    # Control: the same forgery under an unconstrained CA would pass (what the constraint prevents).
+    loose = SessionCA("loose")
+    loose_leaf = _forged_leaf(loose._key, loose.certificate, 1)
+    loose_bundle = bundle + loose.ca_pem
+    _handshake(tmp_path, loose_leaf, (creds[2].cert_pem, creds[2].key_pem), loose_bundle, player_cn(1))
+
+
+def test_offers_are_verified_against_the_plans_identities(players) -> None:
+    identities, keys, offers = players
+    me = identities[0]
+    # Signed by another key than the one the plan names for player 2.
+    with pytest.raises(MpcError) as e:
+        me.credentials(offers, {**_public(keys), 2: Ed25519PrivateKey.generate().public_key()})  # type: ignore[arg-type]
+    assert e.value.details == {"reason": "identity", "player": 2}
+    # Replayed from another session.
+    other = PlayerIdentity("another-plan:s2", 1)
+    with pytest.raises(MpcError, match="another session"):
+        me.credentials([offers[0], other.offer(keys[1].sign), offers[2]], _public(keys))  # type: ignore[arg-type]
+    # A CA that may issue certificates for any index (no name constraint), properly signed.
+    loose = SessionCA("loose")
+    from mpc.tls import offer_message
+
+    der = loose.certificate.public_bytes(serialization.Encoding.DER)
+    unconstrained = PlayerOffer(SESSION, 1, loose.ca_pem, keys[1].sign(offer_message(SESSION, 1, der)))
+    with pytest.raises(MpcError, match="name constraint|other players"):
+        me.credentials([offers[0], unconstrained, offers[2]], _public(keys))  # type: ignore[arg-type]
+    # Missing, duplicated, or someone else's CA in this player's own slot.
+    with pytest.raises(MpcError, match="missing"):
+        me.credentials(offers[:2], _public(keys))  # type: ignore[arg-type]
+    with pytest.raises(MpcError, match="twice"):
+        me.credentials([*offers, offers[1]], _public(keys))  # type: ignore[arg-type]
+    stranger = PlayerIdentity(SESSION, 0).offer(keys[0].sign)
+    with pytest.raises(MpcError, match="own CA"):
+        me.credentials([stranger, offers[1], offers[2]], _public(keys))  # type: ignore[arg-type]
+    # Offers travel as JSON.
+    assert PlayerOffer.from_dict(offers[1].to_dict()) == offers[1]
