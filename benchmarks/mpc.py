@@ -137,7 +137,7 @@ def run_bare(spec: Any, partials: dict[int, Any], workdir: Path) -> dict[str, An
     m = len(spec.players)
     ca = SessionCA(spec.session_id)
     ports = free_ports(m)
-    argv_tail = ["--ssl", "--no-log", "-T", str(spec.t)]
+    argv_tail = ["--ssl", "--no-log", "--mix32-64bit", "-T", str(spec.t)]  # as the platform's players
     for p in ports:
         argv_tail += ["-P", f"127.0.0.1:{p}"]
     dirs = []

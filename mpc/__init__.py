@@ -2,8 +2,10 @@
 
 Security model: semi-honest, honest majority. MPyC's Shamir secret sharing among m >= 3 players
 with threshold t < m/2 (default ``(m - 1) // 2``): any t players together learn nothing beyond
-what is opened; t + 1 colluding players learn every input. Players follow the protocol (a
-malicious player can change the result, not read others' inputs beyond t). Helper players (no
+what is opened; t + 1 colluding players learn every input. Players follow the protocol: a
+malicious player can change the result. What a peer sends never runs as code (MPyC's pickles carry
+plain values only; secure arrays travel as field bytes, see :mod:`mpc.player`), and a peer must
+present a certificate naming exactly its own index on both sides of a connection. Helper players (no
 input) may be added to reach three players; the plan must state them and the assumption
 (:meth:`mpc.spec.StageSpec.trust_assumption`). Players talk over mutual TLS with per-session
 certificates (:mod:`mpc.tls`).

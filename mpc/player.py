@@ -43,9 +43,17 @@ class _PlayerFailure(Exception):
         self.peers = sorted(set(peers or []))
 
 
-def _loopback_loop(bind_host: str, tls_refused: set[tuple[str, int]]) -> asyncio.AbstractEventLoop:
+def _common_names(cert: dict[str, Any] | None) -> list[str]:
+    return [v for rdn in (cert or {}).get("subject", ()) for k, v in rdn if k == "commonName"]
+
+
+def _loopback_loop(
+    bind_host: str, tls_refused: set[tuple[str, int]], addresses: list[tuple[str, int]]
+) -> asyncio.AbstractEventLoop:
     """An event loop whose servers bind to ``bind_host`` unless told otherwise (MPyC listens on all
-    interfaces) and which records the peers whose TLS certificate this player refused."""
+    interfaces), which checks where this player connects that the peer's certificate names exactly
+    that peer (OpenSSL's hostname check accepts a subject with several common names, and a
+    name-constrained CA may add names after its own), and which records the peers it refused."""
 
     class _Loop(asyncio.SelectorEventLoop):
         async def create_server(self, *args: Any, **kw: Any) -> Any:  # type: ignore[override]
@@ -54,13 +62,42 @@ def _loopback_loop(bind_host: str, tls_refused: set[tuple[str, int]]) -> asyncio
             return await super().create_server(*args, **kw)
 
         async def create_connection(self, *args: Any, **kw: Any) -> Any:  # type: ignore[override]
+            address = (str(args[1]), int(args[2]))
             try:
-                return await super().create_connection(*args, **kw)
+                transport, protocol = await super().create_connection(*args, **kw)
             except ssl.SSLError:
-                tls_refused.add((str(args[1]), int(args[2])))
+                tls_refused.add(address)
                 raise
+            index = addresses.index(address) if address in addresses else -1
+            if kw.get("ssl") is not None and _common_names(transport.get_extra_info("peercert")) != [
+                f"MPyC party {index}"
+            ]:
+                tls_refused.add(address)
+                transport.abort()
+                raise ssl.SSLError("the peer's certificate does not name exactly the player at this address")
+            return transport, protocol
 
     return _Loop()
+
+
+def _refuse_pickled_code() -> None:
+    """MPyC unpickles what peers send (start-up data; secure arrays unless ``--mix32-64bit``). A
+    pickle can name any importable callable, so any peer could run code in this player: accept
+    plain values only (numbers, strings, bytes, lists, tuples, dicts), never a global."""
+    import io
+    import pickle
+    import types
+
+    import mpyc.runtime
+
+    class _PlainValues(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            raise pickle.UnpicklingError("an MPC peer sent a pickled global: refused")
+
+    def loads(data: bytes) -> Any:
+        return _PlainValues(io.BytesIO(data)).load()
+
+    mpyc.runtime.pickle = types.SimpleNamespace(dumps=pickle.dumps, loads=loads)  # type: ignore[attr-defined]
 
 
 def _install_peer_name_check(refused: set[int]) -> None:
@@ -82,8 +119,7 @@ def _install_peer_name_check(refused: set[int]) -> None:
         if self.peer_pid is None and self.transport is not None and len(self.bytes) + len(data) >= 2:
             claimed = int.from_bytes((bytes(self.bytes) + bytes(data))[:2], "little")
             cert = self.transport.get_extra_info("peercert") or {}
-            names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
-            if names != [f"MPyC party {claimed}"]:
+            if _common_names(cert) != [f"MPyC party {claimed}"]:
                 refused.add(claimed)
                 refused_protocols.add(id(self))
                 self.transport.abort()
@@ -200,16 +236,21 @@ def main(argv: list[str] | None = None) -> int:
     me = int(doc["index"])
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(Path(HEARTBEAT), stop), daemon=True).start()
-    mpyc_argv = [sys.argv[0], "--ssl", "--no-log", "-I", str(me), "-T", str(int(doc["stage"]["threshold"]))]
+    # --mix32-64bit: secure arrays travel as field bytes, not pickles (see _refuse_pickled_code).
+    mpyc_argv = [sys.argv[0], "--ssl", "--no-log", "--mix32-64bit", "-I", str(me)]
+    mpyc_argv += ["-T", str(int(doc["stage"]["threshold"]))]
     for host, port in doc["addresses"]:
         mpyc_argv += ["-P", f"{host}:{int(port)}"]
     sys.argv = mpyc_argv  # MPyC parses sys.argv when imported: set it first
     tls_refused: set[tuple[str, int]] = set()
     name_refused: set[int] = set()
     _install_peer_name_check(name_refused)
-    loop = _loopback_loop(str(doc.get("bind_host", "127.0.0.1")), tls_refused)
+    addresses = [(str(h), int(p)) for h, p in doc["addresses"]]
+    loop = _loopback_loop(str(doc.get("bind_host", "127.0.0.1")), tls_refused, addresses)
     asyncio.set_event_loop(loop)
     from mpyc.runtime import mpc  # noqa: E402 - deliberately after sys.argv and the event loop
+
+    _refuse_pickled_code()
 
     code = EXIT_OK
     try:

@@ -84,6 +84,9 @@ def _error(spec: StageSpec, index: int | None, reason: str, **details: Any) -> M
     return MpcError(msg, details={"reason": reason, "player": index, "party": name, "session": spec.session_id})
 
 
+_PLAYER_ENV = frozenset({"PATH", "HOME", "LANG", "TMPDIR", "SYSTEMROOT", "VIRTUAL_ENV", "SEALROOM_MPC_DEBUG"})
+
+
 class PlayerProcess:
     """One player of one session as a child process of the caller (e.g. a party agent).
 
@@ -163,8 +166,10 @@ class PlayerProcess:
         fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH")]))
+        # A player gets only what Python needs, never the caller's secrets (database passwords,
+        # tokens) in its environment.
+        env = {k: v for k, v in os.environ.items() if k in _PLAYER_ENV or k.startswith(("LC_", "MPYC_"))}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mpc.player", str(spec_path), str(self.out_path)],

@@ -197,7 +197,7 @@ class PlayerIdentity:
         now = now or datetime.datetime.now(datetime.UTC)
         self._ca_key = ec.generate_private_key(ec.SECP256R1())
         self._key = generate_player_key()
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Sealroom MPC player {index} CA {session}")])
+        ca_name = _ca_name(session, index)
         leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, player_cn(index))])
         not_before, not_after = now - datetime.timedelta(minutes=5), now + VALIDITY
         self.ca = (
@@ -266,6 +266,12 @@ class PlayerIdentity:
         )
 
 
+def _ca_name(session: str, index: int) -> x509.Name:
+    """A player CA's exact subject (a common name is at most 64 characters: the session by its digest)."""
+    tag = hashlib.sha256(session.encode()).hexdigest()[:16]
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Sealroom MPC player {index} CA {tag}")])
+
+
 def verify_offer(offer: PlayerOffer, *, session: str, identity: Ed25519PublicKey) -> x509.Certificate:
     """The offer's CA certificate, once its signature, session and name constraint are checked."""
     if offer.session != session:
@@ -286,6 +292,8 @@ def verify_offer(offer: PlayerOffer, *, session: str, identity: Ed25519PublicKey
     except x509.ExtensionNotFound:
         raise _identity_error(offer.index, "carries a CA without the name constraint to its own index") from None
     expected = [x509.DirectoryName(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, player_cn(offer.index))]))]
+    if ca.subject != _ca_name(session, offer.index) or ca.issuer != ca.subject:
+        raise _identity_error(offer.index, "carries a CA with another name than this session gives player's CA")
     if (
         not constraints.critical
         or list(constraints.value.permitted_subtrees or []) != expected

@@ -165,3 +165,142 @@ def test_offers_are_verified_against_the_plans_identities(players) -> None:
         me.credentials([stranger, offers[1], offers[2]], _public(keys))  # type: ignore[arg-type]
     # Offers travel as JSON.
     assert PlayerOffer.from_dict(offers[1].to_dict()) == offers[1]
+
+
+def _two_cn_leaf(ca_key, ca: x509.Certificate, own: int, claimed: int) -> tuple[bytes, bytes]:
+    """A leaf from player ``own``'s CA whose subject is ``CN=MPyC party <own>, CN=MPyC party <claimed>``:
+    inside the CA's name constraint (a prefix match), and OpenSSL's hostname check accepts any CN."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, player_cn(own)),
+            x509.NameAttribute(NameOID.COMMON_NAME, player_cn(claimed)),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(ca.not_valid_before_utc)
+        .not_valid_after(ca.not_valid_after_utc)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), pem
+
+
+@pytest.mark.parametrize("where", ["connecting", "listening"])
+def test_a_certificate_naming_two_players_is_refused(players, tmp_path: Path, where: str) -> None:
+    """Player 1's CA may issue ``CN=MPyC party 1, CN=MPyC party <j>``. Presented by whoever answers
+    at player 2's address (checked where players 0 and 1 connect), or by a peer connecting to others
+    (checked where they listen): each player requires exactly one name, the peer's own."""
+    from mpc.tls import PlayerCredentials
+
+    identities, keys, offers = players
+    creds = {i: ident.credentials(offers, _public(keys)) for i, ident in enumerate(identities)}  # type: ignore[arg-type]
+    if where == "connecting":  # the listener at player 2's address presents "party 1, party 2"
+        cert, key = _two_cn_leaf(identities[1]._ca_key, identities[1].ca, 1, 2)
+        creds[2] = PlayerCredentials(2, creds[2].ca_pem, cert, key)
+        blamed = 2
+    else:  # player 0 (it only connects) presents "party 1, party 0"
+        cert, key = _two_cn_leaf(identities[1]._ca_key, identities[1].ca, 1, 0)
+        creds[0] = PlayerCredentials(0, creds[0].ca_pem, cert, key)
+        blamed = 0
+    parties = (Player("bank_a"), Player("bank_b"), Player("bank_c"))
+    spec = make_spec(parties, (Aggregate("n", "count"),), session_id=f"two-cn-{where}")
+    rng = np.random.default_rng(4)
+    partials = {i: local_partials(party_table(rng, 30, boundary={}), spec, party=p.name) for i, p in enumerate(parties)}
+    with pytest.raises(MpcError) as e:
+        run_session(spec, partials, timeout=30, start_timeout=3, workdir=tmp_path, credentials=creds)
+    assert e.value.details["reason"] == "tls_refused" and e.value.details["player"] == blamed
+
+
+ROGUE = """
+import os, pickle, sys
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch " + {marker!r},))
+
+_dumps = pickle.dumps
+pickle.dumps = lambda obj, *a, **k: _dumps(Payload())  # every pickle this player sends runs code on unpickling
+from mpc.player import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_peer_cannot_run_code_in_other_players_through_pickles(tmp_path: Path) -> None:
+    """MPyC unpickles what peers send: a player whose pickles carry a callable must not get it run by
+    the other players (they accept plain values only, and arrays travel as field bytes)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from mpc.session import PlayerProcess, free_ports
+    from mpc.spec import Player as P
+
+    players = (P("bank_a"), P("bank_b"), P("bank_c"))
+    spec = make_spec(players, (Aggregate("n", "count"),), session_id="pickle")
+    rng = np.random.default_rng(5)
+    partials = {i: local_partials(party_table(rng, 30, boundary={}), spec, party=p.name) for i, p in enumerate(players)}
+    ca = SessionCA(spec.session_id)
+    addresses = [("127.0.0.1", port) for port in free_ports(3)]
+    marker = tmp_path / "EXECUTED"
+    honest = [
+        PlayerProcess(
+            spec,
+            i,
+            addresses=addresses,
+            credentials=ca.credentials(i),
+            partials=partials[i],
+            directory=tmp_path / f"p{i}",
+            start_timeout=10,
+            run_timeout=20,
+        )
+        for i in (0, 2)
+    ]
+    # The rogue is player 1, with the certificate the session CA issued to it: its spec as the runner lays it out.
+    rogue = PlayerProcess(
+        spec,
+        1,
+        addresses=addresses,
+        credentials=ca.credentials(1),
+        partials=partials[1],
+        directory=tmp_path / "p1",
+        start_timeout=10,
+        run_timeout=20,
+    )
+    rogue.start()
+    rogue.kill()
+    script = tmp_path / "rogue.py"
+    script.write_text(ROGUE.format(marker=str(marker)))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "spec.json", "out.json"],
+        cwd=tmp_path / "p1",
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for h in honest:
+            h.start()
+        outcomes = []
+        for h in honest:
+            try:
+                h.wait(30)
+                outcomes.append("ok")
+            except MpcError as exc:
+                outcomes.append(exc.details["reason"])
+    finally:
+        proc.kill()
+        proc.wait()
+        for h in honest:
+            h.close()
+        rogue.close()
+    time.sleep(0.2)
+    assert not marker.exists(), "an MPC peer ran code in another player"
+    assert "ok" not in outcomes  # the honest players refused the session; nothing was released
