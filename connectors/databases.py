@@ -489,21 +489,20 @@ class _Translator:
         return exp.Placeholder()
 
     def _collate(self, tree: exp.Expr) -> None:
-        """Compare strings byte-wise, as DuckDB does: ``COLLATE "C"`` for PostgreSQL orderings and
-        LIKE (its equality is byte-wise under any deterministic collation), ``COLLATE BINARY`` for
-        every SQLite string comparison (a column may be declared NOCASE)."""
-        if self.dialect == "duckdb":
-            return
+        """Compare strings byte-wise, as the local DuckDB filter does, whatever collation a column
+        was declared with: ``COLLATE "C"`` for PostgreSQL (a nondeterministic ICU collation makes even
+        ``=`` and ``IN`` case-insensitive), ``COLLATE C`` for DuckDB (a column may be ``NOCASE``),
+        ``COLLATE BINARY`` for SQLite. Every string comparison, equality included: a row the plan's
+        filter excludes must never leave the owner."""
+        collation = {
+            "postgres": lambda: exp.Identifier(this="C", quoted=True),
+            "duckdb": lambda: exp.var("C"),
+        }.get(self.dialect, lambda: exp.var("BINARY"))
         for node in list(tree.find_all(*_COMPARISONS, exp.Between, exp.In, exp.Like)):
-            if self.dialect == "postgres" and not isinstance(node, (*_ORDERING, exp.Like)):
-                continue
             for key in ("this", "expression"):
                 side = node.args.get(key)
                 if isinstance(side, exp.Column) and self._column_type(side) == "string":
-                    collation = (
-                        exp.Identifier(this="C", quoted=True) if self.dialect == "postgres" else exp.var("BINARY")
-                    )
-                    side.replace(exp.Collate(this=side.copy(), expression=collation))
+                    side.replace(exp.Collate(this=side.copy(), expression=collation()))
 
 
 class _NotLiteral:

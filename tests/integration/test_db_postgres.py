@@ -111,7 +111,7 @@ def test_projection_and_filter_happen_in_postgresql(pg_schema) -> None:
     [(sql, params)] = sent
     assert sql == (
         'DECLARE "__sr_cursor" NO SCROLL CURSOR FOR SELECT "customer_id", "amount" '
-        f'FROM "{pg_schema.name}"."guarded" WHERE ("rating" = $1) AND ("segment" <> $2)'
+        f'FROM "{pg_schema.name}"."guarded" WHERE ("rating" COLLATE "C" = $1) AND ("segment" COLLATE "C" <> $2)'
     )
     assert params == ("A", SECRET) and SECRET not in sql
     # Without pushdown (the same rows, filtered here) the poisoned view fails: the proof holds.
@@ -278,7 +278,7 @@ def test_only_columns_postgresql_compares_like_duckdb_are_pushed(pg_schema) -> N
     assert got == want
     assert sent[0] == (
         'DECLARE "__sr_cursor" NO SCROLL CURSOR FOR SELECT "id", "code", "score" '
-        f'FROM "{pg_schema.name}"."codes" WHERE ("label" <> $1)'
+        f'FROM "{pg_schema.name}"."codes" WHERE ("label" COLLATE "C" <> $1)'
     )
 
 
@@ -310,3 +310,26 @@ def test_property_postgresql_keeps_what_duckdb_keeps(rows_table, predicate: str)
         for r in b.to_pylist()
     ]
     assert got == want
+
+
+@pytest.mark.postgres
+def test_a_nondeterministic_collation_does_not_widen_the_pushed_filter(pg_schema) -> None:
+    """A column under a case-insensitive ICU collation: even '=' and IN would match 'ALICE' for
+    'alice' in PostgreSQL. The pushed filter compares byte-wise (COLLATE "C"), as the plan's filter
+    does, so a row the approved filter excludes never leaves the owner."""
+    s = pg_schema.name
+    pg_schema.execute(f"CREATE COLLATION {s}.ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)")
+    pg_schema.execute(f"CREATE TABLE {s}.people (name text COLLATE {s}.ci, v integer)")
+    pg_schema.execute(f"INSERT INTO {s}.people VALUES ('alice', 1), ('ALICE', 2), ('bob', 3)")
+    source = open_source(pg_schema.source("people"), dataset=DATASET)
+    for predicate, expected in (
+        ("\"name\" = 'alice'", [1]),
+        ("\"name\" IN ('alice', 'bob')", [1, 3]),
+        ("\"name\" <> 'alice'", [2, 3]),
+    ):
+        got = [
+            r["v"]
+            for b in source.filtered_batches(["name", "v"], predicate, schema=source.schema)
+            for r in b.to_pylist()
+        ]
+        assert sorted(got) == expected, predicate

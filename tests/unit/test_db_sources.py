@@ -252,7 +252,7 @@ def test_pushed_sql_holds_no_literal_and_binds_them_in_order() -> None:
         assert out.params == (expected[:5] if dialect == "sqlite" else expected), dialect
     pg = translate_filter(predicate, SCHEMA, dialect="postgres")
     assert pg.where == (
-        '("segment" = $1) AND ("exposure" BETWEEN $2 AND $3) AND ("id" IN ($4, $5)) '
+        '("segment" COLLATE "C" = $1) AND ("exposure" BETWEEN $2 AND $3) AND ("id" IN ($4, $5)) '
         'AND (NOT "rating" IS NULL) AND ("opened" >= $6)'
     )
 
@@ -262,13 +262,13 @@ def test_pushed_sql_holds_no_literal_and_binds_them_in_order() -> None:
     [
         # byte-wise string order: COLLATE "C" on PostgreSQL orderings, BINARY on every SQLite comparison
         ("\"segment\" < 'b'", "postgres", '("segment" COLLATE "C" < $1)', None),
-        ("\"segment\" = 'b'", "postgres", '("segment" = $1)', None),
+        ("\"segment\" = 'b'", "postgres", '("segment" COLLATE "C" = $1)', None),
         ("\"segment\" = 'b'", "sqlite", '("segment" COLLATE BINARY = ?)', None),
         # SQLite's LIKE ignores case, PostgreSQL's escapes with a backslash: DuckDB keeps those
         ("\"segment\" LIKE 'r%'", "postgres", '("segment" COLLATE "C" LIKE $1)', None),
         ("\"segment\" LIKE 'r%'", "sqlite", None, "(\"segment\" LIKE 'r%')"),
         ("\"segment\" LIKE 'a\\_%'", "postgres", None, "(\"segment\" LIKE 'a\\_%')"),
-        ("\"segment\" LIKE 'a\\_%'", "duckdb", '("segment" LIKE ?)', None),
+        ("\"segment\" LIKE 'a\\_%'", "duckdb", '("segment" COLLATE C LIKE ?)', None),
         # arithmetic, functions, casts and mixed types stay with DuckDB; the rest is pushed
         ('"exposure" + 1 > 2 AND "id" > 3', "postgres", '("id" > $1)', '("exposure" + 1 > 2)'),
         ("lower(\"segment\") = 'sme'", "duckdb", None, "(LOWER(\"segment\") = 'sme')"),
@@ -276,7 +276,7 @@ def test_pushed_sql_holds_no_literal_and_binds_them_in_order() -> None:
         ("\"id\" = '3'", "postgres", None, "(\"id\" = '3')"),
         ('"exposure" > 2', "postgres", '("exposure" > $1)', None),
         # an OR is pushed only as a whole
-        ('("id" = 1 OR "exposure" * 2 > 3) AND "rating" = \'A\'', "postgres", '("rating" = $1)', None),
+        ('("id" = 1 OR "exposure" * 2 > 3) AND "rating" = \'A\'', "postgres", '("rating" COLLATE "C" = $1)', None),
         ('"defaulted" AND NOT "defaulted" IS NULL', "postgres", '("defaulted") AND (NOT "defaulted" IS NULL)', None),
         ("\"opened\" < DATE '2024-03-01'", "postgres", '("opened" < $1)', None),
         ("\"opened\" < '2024-03-01'", "sqlite", None, "(\"opened\" < '2024-03-01')"),
@@ -354,7 +354,12 @@ def test_the_agent_pushes_into_sql_sources_and_pads_after(duckdb_file: Path) -> 
     )
     rows = list(filtered_batches(source, registered, inp))
     assert [r["id"] for b in rows for r in b.to_pylist()] == [2, 6]
-    assert sent == [('SELECT "id", "exposure" FROM "loans" WHERE ("rating" = ? OR "segment" = ?)', (SECRET, "sme"))]
+    assert sent == [
+        (
+            'SELECT "id", "exposure" FROM "loans" WHERE ("rating" COLLATE C = ? OR "segment" COLLATE C = ?)',
+            (SECRET, "sme"),
+        )
+    ]
     sealed = pa.schema([registered.field("id"), registered.field("exposure"), pa.field(PAD_COLUMN, pa.bool_(), False)])
     frames = list(padded_batches(iter(rows), sealed))
     assert sum(f.num_rows for f in frames) >= 65_536
@@ -519,3 +524,29 @@ def test_property_sqlite_keeps_what_duckdb_keeps(predicate: str, sqlite_file: Pa
     source = open_source(f"sqlite:///{sqlite_file}?table=loans", dataset=DATASET)
     got = [r["id"] for b in source.filtered_batches(["id"], predicate) for r in b.to_pylist()]
     assert got == _local(predicate, ["id"], sqlite_rows)
+
+
+def test_a_case_insensitive_column_does_not_widen_the_pushed_filter(tmp_path: Path) -> None:
+    """A DuckDB column declared COLLATE NOCASE: the filter pushed into the database must keep the
+    rows the plan's filter keeps (byte-wise, as the enclave and the local filter compare), so a row
+    the approved filter excludes never leaves the owner."""
+    import duckdb
+
+    path = tmp_path / "nocase.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE t (name VARCHAR COLLATE NOCASE, v INTEGER)")
+    con.execute("INSERT INTO t VALUES ('alice', 1), ('ALICE', 2), ('bob', 3)")
+    con.close()
+    source = open_source(f"duckdb:///{path}?table=t", dataset=DATASET)
+    for predicate, expected in (
+        ("\"name\" = 'alice'", [1]),
+        ("\"name\" IN ('alice', 'bob')", [1, 3]),
+        ("\"name\" <> 'alice'", [2, 3]),
+        ("\"name\" LIKE 'a%'", [1]),
+    ):
+        got = [
+            r["v"]
+            for b in source.filtered_batches(["name", "v"], predicate, schema=source.schema)
+            for r in b.to_pylist()
+        ]
+        assert sorted(got) == expected, predicate
