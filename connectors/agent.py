@@ -23,6 +23,7 @@ approval it holds, live, itself.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from connectors.sources import FilterPushdown, Source, check_schema, filter_batches, open_source, resolve_spec
 from sealroom.attestation import Claims, Evidence, report_data_for, verify_evidence
 from sealroom.config import Table, file_table
+from sealroom.disclosure import check_uses
 from sealroom.errors import (
     ApprovalError,
     ConfigError,
@@ -58,7 +60,10 @@ from sealroom.plan import (
     OWNER_MESSAGE_MAX_SKEW_MS,
     Plan,
     PlanInput,
+    Stage,
     check_issued_at,
+    declared_domains,
+    mpc_stage_query,
     sign_approval,
     sign_owner_action,
     sign_stream_header,
@@ -114,6 +119,7 @@ class PartyConfig:
     advertise_host: str = "127.0.0.1"
     approval_ttl_seconds: float = 3600.0
     pending_ttl_seconds: float = 86400.0
+    mpc_host: str = "127.0.0.1"  # where this owner's MPC players listen (the other players connect)
 
     @classmethod
     def from_table(cls, root: Table) -> PartyConfig:
@@ -128,6 +134,7 @@ class PartyConfig:
                 "advertise_host",
                 "approval_ttl_seconds",
                 "pending_ttl_seconds",
+                "mpc_host",
             }
         )
         name = p.str("name")
@@ -183,6 +190,7 @@ class PartyConfig:
             advertise_host=p.str("advertise_host", "127.0.0.1"),
             approval_ttl_seconds=p.float("approval_ttl_seconds", 3600.0, minimum=1.0),
             pending_ttl_seconds=p.float("pending_ttl_seconds", 86400.0, minimum=1.0),
+            mpc_host=p.str("mpc_host", "127.0.0.1"),
         )
 
     @classmethod
@@ -222,6 +230,7 @@ class PartyAgent:
             self.sources[d.name] = open_source(d.source, dataset=f"{config.name}.{d.name}")
             self.policies[d.name] = d.policy
         self.schemas = {name: src.schema for name, src in self.sources.items()}
+        self._mpc_players: Any = None  # connectors.mpc_player.MpcPlayers, made on first use
         # plan hash -> held plan; query id -> plan hash (manual plans); plan hash -> why it is no
         # longer approved ("expired", "revoked", "rejected"). All guarded by _lock, pruned by _prune.
         self._held: dict[str, HeldPlan] = {}
@@ -329,11 +338,162 @@ class PartyAgent:
                     "the plan's minimum group size is weaker than an involved owner's policy",
                     details={"party": me, "rule": "min_group_size"},
                 )
-            if any(i.party == me for i in stage.inputs):
+            if stage.kind == "mpc" or stage.feeds is not None:
+                if any(i.party == me for i in stage.inputs):
+                    self._check_mpc_stage(plan, stage)
+            elif any(i.party == me for i in stage.inputs):
                 # The filter this agent will run on its rows must be the one the SQL it signs implies,
                 # and so must every other party's: otherwise the plan would not compute that SQL.
                 stage_pushdown(stage)
         return mine
+
+    def _check_mpc_stage(self, plan: Plan, stage: Stage) -> None:  # noqa: C901 - one check per rule, in order
+        """Re-check an MPC stage this party's data goes to (directly, or through the TEE stage feeding
+        it) against this owner's own policies: it computes what the plan's SQL implies (filters,
+        aggregates, group columns, release), k is at least each of its datasets' min_group_size and
+        counts its privacy units, the measures' bounds lie inside its declared bounds, its columns are
+        used only as their roles allow, the group domain is exactly what the involved policies
+        declare, its datasets go to an enclave only where its policy allows and otherwise are held by
+        its own player only, and the players and holders agree with the spec. Raises the refusal."""
+        from mpc.spec import GroupColumn, StageSpec
+
+        me = self.config.name
+        q = mpc_stage_query(plan, stage)
+        if stage.feeds is not None:
+            stage = next(s for s in plan.stages if s.id == stage.feeds)
+        assert stage.mpc is not None and stage.holders is not None and stage.release is not None
+        try:
+            spec = StageSpec.from_dict(stage.mpc)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, InvalidQueryError):
+                raise
+            raise InvalidQueryError(f"plan is inconsistent: malformed MPC stage spec ({type(exc).__name__})") from None
+        feeding = [s for s in plan.stages if s.feeds == stage.id]
+        every = [*stage.inputs, *(i for s in feeding for i in s.inputs)]
+        mine = [i for i in every if i.party == me]
+
+        def refuse(message: str, rule: str, **details: Any) -> PolicyRefusalError:
+            return PolicyRefusalError(message, details={"party": me, "stage": stage.id, "rule": rule, **details})
+
+        # What the stage computes is what the SQL this owner signs implies.
+        computed = [(a.name, a.func, a.column) for a in spec.aggregates]
+        implied = list(q.aggregates)
+
+        def same(x: tuple[str, str, str | None], y: tuple[str, str, str | None]) -> bool:
+            # COUNT(col) may run as COUNT(*) only where col can hold no NULL (checked here for this
+            # party's own datasets; the planner checked every registered schema).
+            if x == y:
+                return True
+            return (
+                x[:2] == y[:2] == (x[0], "count")
+                and x[2] is None
+                and y[2] is not None
+                and not any(
+                    self.schemas[i.dataset].field(y[2]).nullable for i in mine if y[2] in self.schemas[i.dataset].names
+                )
+            )
+
+        if (
+            [g.name for g in spec.group_by] != list(q.group_columns)
+            or len(computed) != len(implied)
+            or not all(same(x, y) for x, y in zip(computed, implied, strict=False))
+            or stage.release.get("outputs") != [list(o) for o in q.outputs]
+            or stage.release.get("having") != q.having
+            or stage.release.get("order_by") != [[o.column, o.descending, o.nulls_first] for o in q.order_by]
+            or stage.release.get("limit") != q.limit
+            or tuple(stage.output_columns) != tuple(o[0] for o in q.outputs)
+        ):
+            raise refuse(
+                "the plan's MPC stage does not compute what its SQL says (group columns, aggregates or release "
+                "differ); re-plan the query",
+                "plan_consistency",
+            )
+        for inp in mine:
+            policy = self.policies[inp.dataset]
+            where = {"dataset": inp.dataset}
+            if spec.min_group_size < policy.min_group_size:
+                raise refuse(
+                    f"the MPC stage releases cells of {spec.min_group_size}, below the minimum group size "
+                    f"{policy.min_group_size} of {me}.{inp.dataset}",
+                    "min_group_size",
+                    **where,
+                )
+            if policy.privacy_unit and spec.threshold_on != "units":
+                raise refuse(
+                    f"the MPC stage counts rows, but {me}.{inp.dataset} protects distinct {policy.privacy_unit} "
+                    "values (its privacy unit)",
+                    "privacy_unit",
+                    **where,
+                )
+            if spec.threshold_on == "units" and spec.units_disjoint:
+                raise refuse(
+                    "the MPC stage assumes no privacy unit appears at two players, which this owner cannot know",
+                    "privacy_unit",
+                    **where,
+                )
+            for m in spec.measures:
+                rule = policy.rule(m.column)
+                if rule.role == "open":
+                    continue
+                if rule.min is None or rule.max is None or m.min < rule.min or m.max > rule.max:
+                    raise refuse(
+                        f"the MPC stage's bounds for {m.column} ([{m.min:g}, {m.max:g}]) are not inside those "
+                        f"{me}.{inp.dataset} declares ([{_bound(rule.min)}, {_bound(rule.max)}])",
+                        "bounds",
+                        column=m.column,
+                        **where,
+                    )
+            if policy.dominance is not None and any(a.func in ("sum", "avg") for a in spec.aggregates):
+                raise refuse(
+                    f"{me}.{inp.dataset} has a dominance rule, which an MPC stage does not apply to its SUM/AVG",
+                    "dominance",
+                    **where,
+                )
+        check_uses(
+            {i.qualified: q.uses.get(i.qualified, {}) for i in mine},
+            {i.qualified: self.policies[i.dataset] for i in mine},
+            {i.qualified: self.schemas[i.dataset].names for i in mine},
+        )
+        # The domain is exactly what the involved policies (carried in the plan, digests checked) declare.
+        declared = declared_domains(q.group_columns, [(i.qualified, i.policy) for i in every])
+        keys: list[list[Any]] = []
+        for g, (kind, values) in zip(spec.group_by, declared, strict=True):
+            want = GroupColumn(g.name, tuple(values)) if kind == "bins" else GroupColumn(g.name)
+            if g != want:
+                raise refuse(
+                    f"the MPC stage groups {g.name} otherwise than the policies declare", "domain", column=g.name
+                )
+            keys.append(want.labels() if kind == "bins" else list(values))
+        if [list(k) for k in spec.domain] != [list(k) for k in itertools.product(*keys)]:
+            raise refuse("the MPC stage's group domain is not the one the involved policies declare", "domain")
+        # Who holds what: this party's MPC-side datasets only by its own player, its TEE-side ones only
+        # where its policy accepts an enclave; helpers hold nothing.
+        for n, player in enumerate(spec.players):
+            holder = stage.holders.get(str(n))
+            if player.holds_input != (holder is not None):
+                raise refuse(f"the MPC stage's player {n} ({player.name}) and its holders disagree", "players")
+            if holder is not None and "party" in holder and holder["party"] != player.name:
+                raise refuse(
+                    f"the MPC stage's player {n} ({player.name}) would hold {holder['party']}'s input", "players"
+                )
+        if len(stage.holders) != len(spec.input_players):
+            raise refuse("the MPC stage names holders that are not players", "players")
+        held = {(h["party"], d) for h in stage.holders.values() if "party" in h for d in h.get("datasets", ())}
+        fed = {h["stage"] for h in stage.holders.values() if "stage" in h}
+        for inp in stage.inputs:
+            if (inp.party, inp.dataset) not in held:
+                raise refuse(f"no player of its owner holds {inp.qualified} in the MPC stage", "players")
+        if held != {(i.party, i.dataset) for i in stage.inputs} or fed != {s.id for s in feeding}:
+            raise refuse("the MPC stage's holders do not match its inputs", "players")
+        for s in feeding:
+            for inp in s.inputs:
+                if inp.party == me and self.policies[inp.dataset].trust.mpc_only:
+                    raise refuse(
+                        f"{me}.{inp.dataset} goes to no enclave (trust.mpc_only in its policy), and the plan streams "
+                        "it to the enclave",
+                        "mpc_only",
+                        dataset=inp.dataset,
+                    )
 
     def review(self, plan_json: bytes) -> tuple[str, bytes | None, float]:
         """Check a plan against this owner's policies; return (plan_hash, signature, expires_at).
@@ -420,7 +580,19 @@ class PartyAgent:
         with self._lock:
             return list(self._streams.get(job_id, ()))
 
-    def contribute(self, plan_json: bytes, job_id: str, enclave_address: str) -> dict[str, Any]:
+    @property
+    def mpc_players(self) -> Any:
+        """This agent's MPC players (imported on first use: agents without MPC stages never load mpc/)."""
+        if self._mpc_players is None:
+            from connectors.mpc_player import MpcPlayers
+
+            self._mpc_players = MpcPlayers(self, approved_plan=self.approved_plan, host=self.config.mpc_host)
+        return self._mpc_players
+
+    def approved_plan(self, plan_json: bytes) -> Plan:
+        """The plan, if this agent holds a live approval of exactly these bytes; else ApprovalError
+        saying why (never approved, expired, revoked, or awaiting the owner). Data moves (sealed to an
+        enclave, or as MPC shares) only for a plan this returns."""
         plan_hash = hashlib.sha256(plan_json).hexdigest()
         me = self.config.name
         with self._lock:
@@ -450,6 +622,12 @@ class PartyAgent:
                 f"{me} did not approve this plan; it streams data only for plans it signed",
                 details={"party": me, "check": "own_approval"},
             )
+        return plan
+
+    def contribute(self, plan_json: bytes, job_id: str, enclave_address: str) -> dict[str, Any]:
+        plan = self.approved_plan(plan_json)
+        plan_hash = hashlib.sha256(plan_json).hexdigest()
+        me = self.config.name
         mine = [i for i in plan.inputs() if i.party == self.config.name]
         with open_channel(enclave_address) as channel:
             enclave = enclave_pb2_grpc.EnclaveStub(channel)
@@ -524,9 +702,15 @@ class PartyAgent:
                     ", filtered here and padded" if inp.filter is not None else "",
                     " under SIMULATED attestation" if claims.simulated else "",
                 )
-        with self._lock:
-            held.streamed = True
+        self.mark_used(plan_hash)
         return {"uploads": uploads, "claims": claims}
+
+    def mark_used(self, plan_hash: str) -> None:
+        """Data moved for this plan (sealed streams or MPC shares): it no longer awaits a decision."""
+        with self._lock:
+            held = self._held.get(plan_hash)
+            if held is not None:
+                held.streamed = True
 
     # -- the owner's decisions (manual approval) -----------------------------------------------
 
@@ -792,6 +976,10 @@ class StreamCounter:
         )
 
 
+def _bound(v: float | None) -> str:
+    return "none" if v is None else f"{v:g}"
+
+
 def _until_failure(frames: Iterator[bytes], failed: list[SealroomError]) -> Iterator[bytes]:
     """``frames``, until reading the source (or filtering it) fails: the error is kept in ``failed``
     for the agent to report, and the stream ends without its final frame, so the enclave refuses it
@@ -1018,6 +1206,13 @@ class PartyServicer(party_pb2_grpc.PartyAgentServicer):
 
     def GetProgress(self, request, context):  # noqa: N802
         return party_pb2.ProgressResponse(streams=[c.to_proto() for c in self.agent.progress(request.job_id)])
+
+    def PrepareMpc(self, request, context):  # noqa: N802
+        return self.agent.mpc_players.prepare(request.plan_json, request.stage_id, request.index)
+
+    def RunMpc(self, request, context):  # noqa: N802
+        # A cancelled call (the coordinator ends the stage: another player failed) stops the player.
+        return self.agent.mpc_players.run(request, on_cancel=context.add_callback)
 
     def GetInfo(self, request, context):  # noqa: N802
         return common_pb2.PartyInfo(

@@ -19,6 +19,8 @@ class CoordinatorConfig:
     listen: str = "127.0.0.1:0"
     party_timeout_seconds: float = 600.0
     approval_timeout_seconds: float = 86400.0
+    mpc_host: str = "127.0.0.1"  # where the coordinator's helper MPC players listen
+    mpc_timeout_seconds: float = 120.0  # an MPC stage's players must finish within this
     # None: analysts are not authenticated (self-declared names; development only, logged loudly).
     analysts: AnalystDirectory | None = None
 
@@ -26,7 +28,17 @@ class CoordinatorConfig:
     def from_table(cls, root: Table) -> CoordinatorConfig:
         root.check_keys({"coordinator", "trust", "analysts"})
         c = root.table("coordinator")
-        c.check_keys({"listen", "state_dir", "enclave", "party_timeout_seconds", "approval_timeout_seconds"})
+        c.check_keys(
+            {
+                "listen",
+                "state_dir",
+                "enclave",
+                "party_timeout_seconds",
+                "approval_timeout_seconds",
+                "mpc_host",
+                "mpc_timeout_seconds",
+            }
+        )
         t = root.table("trust", required=False)
         a = root.doc.get("analysts")
         if a is not None and not isinstance(a, dict):
@@ -41,6 +53,8 @@ class CoordinatorConfig:
             listen=c.str("listen", "127.0.0.1:0"),
             party_timeout_seconds=c.float("party_timeout_seconds", 600.0, minimum=1.0),
             approval_timeout_seconds=c.float("approval_timeout_seconds", 86400.0, minimum=1.0),
+            mpc_host=c.str("mpc_host", "127.0.0.1"),
+            mpc_timeout_seconds=c.float("mpc_timeout_seconds", 120.0, minimum=1.0),
             analysts=AnalystDirectory(a, source=root.source) if a is not None else None,
         )
 

@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import pyarrow as pa
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from coordinator.mpc_stage import mpc_only_stage, run_mpc_stage
 from coordinator.store import Store
 from sealroom.attestation import AppraisalPolicy, Evidence, report_data_for, verify_evidence
 from sealroom.errors import (
@@ -43,7 +45,8 @@ from sealroom.errors import (
     UnavailableError,
     from_code,
 )
-from sealroom.plan import Plan, check_issued_at, verify_approval, verify_owner_action
+from sealroom.plan import Plan, Stage, check_issued_at, verify_approval, verify_owner_action
+from sealroom.policy import canonical_json
 from sealroom.rpc import call, open_channel
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
@@ -187,6 +190,8 @@ class Orchestrator:
         party_timeout: float = 600.0,
         approval_timeout: float = 86400.0,
         on_finished: Callable[[str], None] | None = None,
+        mpc_host: str = "127.0.0.1",
+        mpc_timeout: float = 120.0,
     ):
         self.store = store
         self.enclave_address = enclave_address
@@ -194,6 +199,8 @@ class Orchestrator:
         self.party_timeout = party_timeout
         self.approval_timeout = approval_timeout
         self.on_finished = on_finished
+        self.mpc_host = mpc_host
+        self.mpc_timeout = mpc_timeout
         self._channels: set[grpc.Channel] = set()
         self._lock = threading.Lock()
         self._stopping = False
@@ -586,8 +593,42 @@ class Orchestrator:
                     return
                 wait([futures[p] for p in streaming], timeout=PROGRESS_INTERVAL)
 
+    def _run_mpc(self, plan: Plan, stage: Stage, w: _Approvals) -> None:
+        """An MPC plan: approvals, then the owners' players and the coordinator's helpers."""
+        qid = plan.query_id
+        involved = plan.involved_parties()
+        self.store.update_query(qid, status="awaiting_approval", progress=f"approvals 0/{len(involved)}")
+        self._collect_approvals(plan, w)
+        parties = self._parties()
+        self.store.update_query(qid, progress="MPC stage: players computing (secret-shared)")
+        release = run_mpc_stage(
+            plan,
+            stage,
+            addresses={p: parties[p]["address"] for p in involved},
+            channel=self._channel,
+            host=self.mpc_host,
+            timeout=self.mpc_timeout,
+        )
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, release.table.schema) as writer:
+            writer.write_table(release.table)
+        self.store.release(
+            qid,
+            arrow_table=sink.getvalue().to_pybytes(),
+            suppressed=release.suppressed,
+            result_json=canonical_json(release.record),
+            signature=b"",
+            evidence=b"",
+            simulated=False,
+        )
+        log.info("query %s released by MPC (%s)", qid, release.record["trust_assumption"])
+
     def _run(self, plan: Plan, w: _Approvals) -> None:
         qid = plan.query_id
+        mpc_stage = mpc_only_stage(plan)  # a hybrid plan is refused here, before any owner is asked
+        if mpc_stage is not None:
+            self._run_mpc(plan, mpc_stage, w)
+            return
         involved = plan.involved_parties()
         plan_json = plan.to_json()
         self.store.update_query(qid, status="awaiting_approval", progress=f"approvals 0/{len(involved)}")

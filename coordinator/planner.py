@@ -25,7 +25,7 @@ from sqlglot.dialects.duckdb import DuckDB
 
 from sealroom.disclosure import check_uses
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
-from sealroom.plan import Plan, PlanInput, Stage, stage_pushdown
+from sealroom.plan import Plan, PlanInput, Stage, declared_domains, stage_pushdown
 from sealroom.policy import DatasetPolicy
 from sealroom.sqlplan import Analysis, InputSpec, analyze, compile_stage
 
@@ -65,6 +65,7 @@ def plan_query(
     analysis = analyze(sql, schemas)
     check_uses(analysis.uses, {q: catalog[q].policy for q in analysis.datasets}, schemas)
     inputs = []
+    to_enclave, own_players, mpc_reason = _enclave_split([catalog[q] for q in analysis.datasets])
     for n, qualified in enumerate(analysis.datasets):
         entry = catalog[qualified]
         where = {"party": entry.party, "dataset": entry.dataset}
@@ -73,17 +74,6 @@ def plan_query(
                 f"{qualified} may not be queried by analyst {analyst}: its policy lists the analysts it "
                 f"allows; ask {entry.party} to add {analyst}",
                 details={**where, "rule": "analysts", "suggestion": f"ask {entry.party} to allow {analyst}"},
-            )
-        if entry.policy.trust.mpc_only:
-            raise PolicyRefusalError(
-                f"{qualified} goes to no enclave (trust.mpc_only in its policy), and this version runs queries "
-                f"only in attested enclaves: ask {entry.party} to accept an enclave measurement, or leave "
-                f"{qualified} out of the query",
-                details={
-                    **where,
-                    "rule": "mpc_only",
-                    "suggestion": f"ask {entry.party} to accept an enclave measurement (trust.measurements)",
-                },
             )
         unit = entry.policy.privacy_unit
         if unit is not None and unit not in entry.schema.names:
@@ -95,6 +85,8 @@ def plan_query(
         columns = tuple(c for c in entry.schema.names if c in needed)
         if entry.party not in party_keys:
             raise InvalidQueryError(f"party {entry.party} is not registered", details=where)
+        if mpc_reason is not None:
+            continue
         inputs.append(
             PlanInput(
                 entry.party,
@@ -106,6 +98,18 @@ def plan_query(
                 filter_columns=analysis.filter_columns[qualified],
             )
         )
+    if mpc_reason is not None:
+        plan = _plan_mpc(
+            analysis,
+            query_id=query_id,
+            analyst=analyst,
+            catalog=catalog,
+            party_keys=party_keys,
+            to_enclave=to_enclave,
+            own_players=own_players,
+            reason=mpc_reason,
+        )
+        return plan, analysis
     stage = Stage(
         id="s1",
         kind="tee",
@@ -182,7 +186,10 @@ def explain_text(plan: Plan, analysis: Analysis, rows: Mapping[str, int] | None 
     each output column, and who approves."""
     title = f"Plan for analyst {plan.analyst}" + ("" if plan.query_id == "explain" else f", query {plan.query_id}")
     lines = [title, f"  plan hash {plan.hash} (a submitted query gets its own plan and hash)", ""]
-    for stage in plan.stages:
+    mpc = any(s.kind == "mpc" for s in plan.stages)
+    if mpc:
+        lines += _explain_mpc(plan)
+    for stage in () if mpc else plan.stages:
         lines.append(f"Stage {stage.id} ({stage.kind.upper()}: runs inside an attested enclave worker)")
         lines.append("  outputs and the rules that apply to them:")
         for name, rules in output_rules(plan, analysis).items():
@@ -218,3 +225,431 @@ def explain_text(plan: Plan, analysis: Analysis, rows: Mapping[str, int] | None 
     if analysis.order_by or analysis.limit is not None:
         lines.append("ORDER BY / LIMIT apply to released cells only.")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# MPC and hybrid plans (see docs/mpc.md, "Planning")
+
+ENCLAVE_PLAYER = "enclave"
+COORDINATOR_PLAYER = "coordinator"
+MIN_PLAYERS = 3
+MAX_GROUPS = 100_000  # the public group domain of one MPC stage (the product of its columns' domains)
+FLOAT_DECIMALS = 4  # fixed-point decimals of a floating-point measure (fewer if its bounds would overflow)
+
+
+@dataclass(frozen=True)
+class _MpcReason:
+    """Why a query must run as MPC: the dataset that refuses every enclave (or all of them, when no
+    enclave measurement is common to all) and the words for it."""
+
+    entry: CatalogEntry
+    rule: str  # "mpc_only" | "no_common_enclave"
+    text: str
+
+
+def _refuses_enclaves(entry: CatalogEntry) -> bool:
+    trust = entry.policy.trust
+    return trust.mpc_only or trust.measurements == ()
+
+
+def _enclave_split(
+    entries: list[CatalogEntry],
+) -> tuple[list[CatalogEntry], list[CatalogEntry], _MpcReason | None]:
+    """(datasets streamed to the enclave, datasets whose owners run their own MPC players, why MPC).
+
+    - every dataset accepts an enclave, and the datasets that list accepted measurements
+      (``trust.measurements``) have one in common: no MPC (the plan is a TEE plan as before);
+    - some datasets accept no enclave (``trust.mpc_only``, or an empty measurement list), and the
+      others have a measurement in common: a hybrid plan (the others stream to the enclave, which
+      joins the MPC stage as one player);
+    - the datasets that accept enclaves have no measurement in common: every owner runs its own
+      player (no enclave holds input).
+    """
+    refusing = [e for e in entries if _refuses_enclaves(e)]
+    accepting = [e for e in entries if not _refuses_enclaves(e)]
+    lists = [set(e.policy.trust.measurements or ()) for e in accepting if e.policy.trust.measurements is not None]
+    if lists and not set.intersection(*lists):
+        named = ", ".join(e.qualified for e in accepting if e.policy.trust.measurements is not None)
+        return (
+            [],
+            entries,
+            _MpcReason(
+                accepting[0],
+                "no_common_enclave",
+                f"no enclave measurement is accepted by every involved dataset (the trust.measurements of {named} "
+                "have none in common)",
+            ),
+        )
+    if not refusing:
+        return entries, [], None
+    first = refusing[0]
+    why = "trust.mpc_only" if first.policy.trust.mpc_only else "an empty trust.measurements"
+    return (
+        accepting,
+        refusing,
+        _MpcReason(first, "mpc_only", f"{first.qualified} goes to no enclave ({why} in its policy)"),
+    )
+
+
+def _cannot_run(reason: _MpcReason, message: str, mpc_rule: str, suggestion: str, **details: Any) -> PolicyRefusalError:
+    e = reason.entry
+    # The other way to make it runnable: the owners agree on an enclave.
+    suggestion += (
+        f"; or ask {e.party} to accept an enclave measurement (trust.measurements), so that the query runs in the "
+        "enclave"
+        if reason.rule == "mpc_only"
+        else "; or ask the owners to accept a common enclave measurement (trust.measurements)"
+    )
+    return PolicyRefusalError(
+        f"{reason.text}, so this query must run as MPC, and MPC cannot run it: {message}. To make it runnable: "
+        f"{suggestion}",
+        details={
+            "party": e.party,
+            "dataset": e.dataset,
+            **{k: v for k, v in details.items() if v is not None},
+            "rule": reason.rule,
+            "mpc_rule": mpc_rule,
+            "suggestion": suggestion,
+        },
+    )
+
+
+def _decimals(column: str, fields: list[pa.Field]) -> int | None:
+    """Fixed-point decimals for a measure: 0 for integers, the scale of decimals, FLOAT_DECIMALS for
+    floating point; None for a non-numeric column."""
+    out = 0
+    for f in fields:
+        t = f.type
+        if pa.types.is_integer(t):
+            continue
+        if pa.types.is_decimal(t):
+            out = max(out, min(int(t.scale), 12))  # type: ignore[attr-defined]
+        elif pa.types.is_floating(t):
+            out = max(out, FLOAT_DECIMALS)
+        else:
+            return None
+    return out
+
+
+def _mpc_domain(q: Any, catalog: Mapping[str, CatalogEntry], reason: _MpcReason) -> tuple[list[Any], list[Any]]:
+    """The stage's group-by columns and public domain, from the owners' declarations: the union of
+    the declared ``values`` (first-declared order), or the ``bins`` every owner declares alike."""
+    from mpc.spec import GroupColumn
+
+    group_by: list[GroupColumn] = []
+    keys: list[list[Any]] = []
+    try:
+        declared = declared_domains(q.group_columns, [(ds, catalog[ds].policy) for ds in q.datasets])
+    except InvalidQueryError as err:
+        d = err.details
+        raise _cannot_run(
+            reason,
+            err.message,
+            "domain",
+            str(d["suggestion"]),
+            column=d.get("column"),
+            domain_dataset=d.get("domain_dataset"),
+        ) from None
+    for col, (kind, declared_keys) in zip(q.group_columns, declared, strict=True):
+        if kind == "bins":
+            for ds in q.datasets:
+                t = catalog[ds].schema.field(col).type
+                if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
+                    raise _cannot_run(
+                        reason,
+                        f"{ds}.{col} is not numeric, so it cannot be grouped into the declared bins",
+                        "domain",
+                        f"declare values (not bins) for {col}",
+                        column=col,
+                    )
+            g = GroupColumn(col, declared_keys)
+            group_by.append(g)
+            keys.append(g.labels())
+        else:
+            group_by.append(GroupColumn(col))
+            keys.append(list(declared_keys))
+    size = 1
+    for k in keys:
+        size *= len(k)
+    if size > MAX_GROUPS:
+        raise _cannot_run(
+            reason,
+            f"the public group domain of {', '.join(q.group_columns)} has {size:,} cells, more than {MAX_GROUPS:,}",
+            "domain",
+            "group by fewer columns, or declare coarser domains",
+        )
+    return group_by, keys
+
+
+def _plan_mpc(
+    analysis: Analysis,
+    *,
+    query_id: str,
+    analyst: str,
+    catalog: Mapping[str, CatalogEntry],
+    party_keys: Mapping[str, str],
+    to_enclave: list[CatalogEntry],
+    own_players: list[CatalogEntry],
+    reason: _MpcReason,
+) -> Plan:
+    """An MPC plan (every owner runs a player) or a hybrid plan (owners who accept the enclave stream
+    to a TEE stage whose enclave joins the MPC stage as one more player), or the refusal saying why
+    the query cannot run as MPC and what would make it runnable."""
+    import itertools
+
+    from mpc.bounds import measure_from_rules
+    from mpc.bounds import min_group_size as strictest
+    from mpc.spec import Aggregate, Player, StageSpec
+    from sealroom.plan import mpc_stage_query
+    from sealroom.sqlplan import UNION_UNIT, mpc_query
+
+    schemas = {q: e.schema.names for q, e in catalog.items()}
+    try:
+        q = mpc_query(analysis.sql, schemas)
+    except InvalidQueryError as err:
+        d = err.details
+        raise _cannot_run(
+            reason,
+            err.message,
+            str(d.get("rule", "sql")),
+            str(d.get("suggestion", "rewrite the query")),
+            column=d.get("column"),
+        ) from None
+    entries = [catalog[ds] for ds in q.datasets]
+    policies = [e.policy for e in entries]
+    group_by, keys = _mpc_domain(q, catalog, reason)
+    # Owners' rules the MPC does not apply itself: refuse rather than release without them.
+    sums = [a for a in q.aggregates if a[1] in ("sum", "avg")]
+    for e in entries:
+        if e.policy.dominance is not None and sums:
+            raise _cannot_run(
+                reason,
+                f"{e.qualified}'s policy has a dominance rule, which MPC stages do not apply, and the query asks "
+                f"for {sums[0][1].upper()}({sums[0][2]})",
+                "dominance",
+                f"drop SUM and AVG from the query, or ask {e.party} to lift the dominance rule",
+                column=sums[0][2],
+            )
+    aggregates: list[Aggregate] = []
+    measured: list[str] = []
+    for name, func, col in q.aggregates:
+        if col is not None and func == "count" and any(e.policy.rule(col).role != "measure" for e in entries):
+            fields = [e.schema.field(col) for e in entries]
+            if any(f.nullable for f in fields):
+                raise _cannot_run(
+                    reason,
+                    f"COUNT({col}) needs {col} declared as a measure with bounds in every involved policy",
+                    "count_column",
+                    "use COUNT(*)",
+                    column=col,
+                )
+            col = None  # COUNT of a column that holds no NULL anywhere is COUNT(*)
+        aggregates.append(Aggregate(name, func, col))
+        if col is not None and col not in measured:
+            measured.append(col)
+    decimals: dict[str, int] = {}
+    for col in measured:
+        dec = _decimals(col, [e.schema.field(col) for e in entries])
+        if dec is None:
+            raise _cannot_run(
+                reason, f"{col} is not numeric", "measure", f"aggregate a numeric column, not {col}", column=col
+            )
+        decimals[col] = dec
+    unit = any(p.privacy_unit for p in policies)
+    k = strictest(policies)
+    # Players: each owner of an MPC-side dataset runs one, then the enclave holding the others'
+    # partials, then helpers holding no input until there are three.
+    players: list[Player] = []
+    holders: dict[str, dict[str, Any]] = {}
+    for e in own_players:
+        if all(p.name != e.party for p in players):
+            holders[str(len(players))] = {
+                "party": e.party,
+                "datasets": [x.dataset for x in own_players if x.party == e.party],
+            }
+            players.append(Player(e.party))
+    mpc_id = "s2" if to_enclave else "s1"
+    if to_enclave:
+        holders[str(len(players))] = {"stage": "s1"}
+        players.append(Player(ENCLAVE_PLAYER))
+    for helper in (COORDINATOR_PLAYER, ENCLAVE_PLAYER):
+        if len(players) < MIN_PLAYERS and all(p.name != helper for p in players):
+            players.append(Player(helper, holds_input=False))
+    spec = None
+    while spec is None:
+        try:
+            measures = [
+                measure_from_rules(
+                    col,
+                    [(e.qualified, e.policy.rule(col)) for e in entries],
+                    decimals=decimals[col],
+                    nullable=any(e.schema.field(col).nullable for e in entries),
+                )
+                for col in measured
+            ]
+            spec = StageSpec(
+                session_id=f"{query_id}-{mpc_id}",
+                group_by=tuple(group_by),
+                domain=tuple(itertools.product(*keys)),
+                aggregates=tuple(aggregates),
+                players=tuple(players),
+                measures=tuple(measures),
+                min_group_size=k,
+                threshold_on="units" if unit else "rows",
+                unit_column=UNION_UNIT if unit else None,
+            )
+        except InvalidQueryError as err:
+            col = err.details.get("column")
+            if err.details.get("rule") == "overflow" and col in decimals and decimals[col] > 0:
+                decimals[col] -= 1  # fewer fixed-point decimals before giving up
+                continue
+            d = err.details
+            suggestion = {
+                "bounds": f"declare min and max for {d.get('column')} in {d.get('dataset', 'every involved')} policy",
+                "players": "involve parties with distinct names",
+            }.get(str(d.get("rule")), "see the message")
+            raise _cannot_run(
+                reason, err.message, str(d.get("rule", "spec")), suggestion, column=d.get("column")
+            ) from None
+
+    def plan_input(e: CatalogEntry) -> PlanInput:
+        n = analysis.datasets.index(e.qualified)
+        unit_col = e.policy.privacy_unit
+        needed = set(q.columns[e.qualified]) | ({unit_col} if unit_col else set())
+        flt = q.filters.get(e.qualified)
+        return PlanInput(
+            e.party,
+            e.dataset,
+            tuple(c for c in e.schema.names if c in needed),
+            e.policy,
+            table=f"input_{n}",
+            filter=flt.sql if flt is not None else None,
+            filter_columns=flt.columns if flt is not None else (),
+        )
+
+    stages: list[Stage] = []
+    if to_enclave:
+        stages.append(
+            Stage(
+                id="s1",
+                kind="tee",
+                sql=analysis.sql,
+                inputs=tuple(plan_input(e) for e in to_enclave),
+                output_columns=(),
+                min_group_size=k,
+                feeds=mpc_id,
+            )
+        )
+    stages.append(
+        Stage(
+            id=mpc_id,
+            kind="mpc",
+            sql=analysis.sql,
+            inputs=tuple(plan_input(e) for e in own_players),
+            output_columns=analysis.output_columns,
+            min_group_size=k,
+            mpc=spec.to_dict(),
+            holders=holders,
+            release={
+                "outputs": [list(o) for o in q.outputs],
+                "having": q.having,
+                "order_by": [[o.column, o.descending, o.nulls_first] for o in q.order_by],
+                "limit": q.limit,
+            },
+        )
+    )
+    involved = sorted({e.party for e in entries})
+    plan = Plan(
+        query_id=query_id,
+        sql=analysis.sql,
+        analyst=analyst,
+        stages=tuple(stages),
+        parties={p: party_keys[p] for p in involved},
+        salt=secrets.token_hex(16),
+        created_at=round(time.time(), 3),
+    )
+    # Recompute the stage as every party and the runtime will, from the plan alone.
+    mpc_stage_query(plan, stages[-1])
+    return plan
+
+
+def _explain_mpc(plan: Plan) -> list[str]:
+    """Explain lines for an MPC or hybrid plan: both stages and who sees what."""
+    from mpc.spec import StageSpec
+
+    lines: list[str] = []
+    for stage in plan.stages:
+        if stage.feeds is not None:
+            lines.append(
+                f"Stage {stage.id} (TEE: runs inside an attested enclave worker; releases nothing, feeds stage "
+                f"{stage.feeds})"
+            )
+            lines.append(
+                "  the enclave computes these parties' partial aggregates over the public group domain of stage "
+                f"{stage.feeds}, and joins it as the player {ENCLAVE_PLAYER!r} holding them"
+            )
+            lines.append(
+                "  inputs (each party applies its filter, then seals these columns to the enclave's attested key):"
+            )
+            _explain_inputs(stage, lines, sees="the enclave sees these rows; no other party or player does")
+            continue
+        if stage.mpc is None:
+            continue
+        spec = StageSpec.from_dict(stage.mpc)
+        info = spec.explain()
+        lines.append(f"Stage {stage.id} (MPC: secure multiparty computation with MPyC; releases the output)")
+        lines.append(f"  trust assumption: {info['trust_assumption']}")
+        lines.append("  players:")
+        holders = stage.holders or {}
+        for p in info["players"]:
+            h = holders.get(str(p["index"]))
+            if h is None:
+                role = "helper: holds no input, only computes on secret shares"
+            elif "stage" in h:
+                role = f"holds the partial aggregates the enclave computed in stage {h['stage']}"
+            else:
+                role = f"holds the partial aggregates of {', '.join(h['party'] + '.' + d for d in h['datasets'])}"
+            lines.append(f"    {p['index']}: {p['name']} ({role})")
+        groups = " x ".join(
+            f"{g.name} ({'bins ' + ', '.join(g.labels()) if g.bins is not None else 'declared values'})"
+            for g in spec.group_by
+        )
+        lines.append(f"  public group domain: {info['groups']} cells: {groups}")
+        rule = info["rule"]
+        on = "distinct privacy units" if rule["on"] == "units" else "rows"
+        combine = (
+            " (some single input holder must hold them: units are not known to be disjoint across players)"
+            if rule["combine"] == "any_player"
+            else ""
+        )
+        lines.append(
+            f"  rule applied inside the MPC: a cell passes with at least {rule['min_group_size']} {on}{combine}"
+        )
+        if spec.measures:
+            bounds = "; ".join(f"{m.column} in [{m.min:g}, {m.max:g}], {m.decimals} decimals" for m in spec.measures)
+            lines.append(f"  measures clamped to the owners' bounds: {bounds}")
+        lines.append("  opened: " + "; ".join(info["opened"]))
+        lines.append(f"  never opened: {info['never_opened']}")
+        lines.append(f"  transport: {info['transport']}")
+        release = stage.release or {}
+        if release.get("having"):
+            lines.append(f"  HAVING {release['having']} applies to released cells only")
+        if stage.inputs:
+            lines.append(
+                "  parties running their own player (they compute partials on their own rows; nothing leaves "
+                "them but secret shares):"
+            )
+            _explain_inputs(stage, lines, sees="nobody sees these rows but their owner")
+    return lines
+
+
+def _explain_inputs(stage: Stage, lines: list[str], *, sees: str) -> None:
+    for inp in stage.inputs:
+        unit = inp.policy.privacy_unit or "each row"
+        lines.append(
+            f"    {inp.qualified}: {', '.join(inp.columns)}  [privacy unit: {unit}; min group size "
+            f"{inp.policy.min_group_size}]"
+        )
+        if inp.filter is not None:
+            lines.append(f"      filter applied by {inp.party}: {_readable(inp.filter)}")
+    lines.append(f"    ({sees})")

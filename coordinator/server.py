@@ -37,6 +37,8 @@ class Coordinator:
             appraisal=config.trust.appraisal(),
             party_timeout=config.party_timeout_seconds,
             approval_timeout=config.approval_timeout_seconds,
+            mpc_host=config.mpc_host,
+            mpc_timeout=config.mpc_timeout_seconds,
         )
         self._threads: dict[str, threading.Thread] = {}
 

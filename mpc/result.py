@@ -103,7 +103,7 @@ class MpcResult:
         return hashlib.sha256(self.canonical()).hexdigest()
 
     def signing_message(self) -> bytes:
-        return SIGN_DOMAIN + bytes.fromhex(self.digest())
+        return signing_message(self.to_dict())
 
     def sign(self, key: Ed25519PrivateKey) -> bytes:
         """An Ed25519 signature over the domain-separated digest (verify with ``signing_message()``)."""
@@ -130,3 +130,22 @@ def _json_values(values: dict[str, Any]) -> dict[str, Any]:
             v = None
         out[k] = v
     return out
+
+
+def signing_message(doc: dict[str, Any]) -> bytes:
+    """What a player signs for a result document (``MpcResult.to_dict()``, as it travels in JSON)."""
+    return SIGN_DOMAIN + hashlib.sha256(canonical_json(doc)).digest()
+
+
+def result_table(doc: dict[str, Any]) -> Any:
+    """The released cells of a result document as a pyarrow Table: group-by columns, then aggregates."""
+    import pyarrow as pa
+
+    cols: dict[str, list[Any]] = {g: [] for g in doc["group_by"]}
+    cols.update({a: [] for a in doc["aggregates"]})
+    for cell in doc["cells"]:
+        for g, v in zip(doc["group_by"], cell["key"], strict=True):
+            cols[g].append(v)
+        for a in doc["aggregates"]:
+            cols[a].append(cell["values"][a])
+    return pa.table(cols)

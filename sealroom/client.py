@@ -138,11 +138,18 @@ class Result:
         )
 
     def stages(self) -> list[dict[str, Any]]:
-        """The plan's stages: id, kind (``tee`` or ``mpc``) and the datasets each reads."""
+        """The plan's stages: id, kind (``tee`` or ``mpc``) and the datasets each reads; a TEE stage
+        feeding an MPC stage names it (``feeds``); an MPC stage lists its ``players``."""
         if not self.plan:
             return []
         return [
-            {"id": s["id"], "kind": s["kind"], "inputs": [f"{i['party']}.{i['dataset']}" for i in s["inputs"]]}
+            {
+                "id": s["id"],
+                "kind": s["kind"],
+                "inputs": [f"{i['party']}.{i['dataset']}" for i in s["inputs"]],
+                **({"feeds": s["feeds"]} if "feeds" in s else {}),
+                **({"players": s["mpc"]["players"]} if "mpc" in s else {}),
+            }
             for s in self.plan["stages"]
         ]
 
@@ -151,12 +158,12 @@ class Result:
         enclave, and the sealed frames and bytes."""
         if not self.receipt:
             return []
+        # An MPC release names each dataset's player instead: its rows never left, only shares did.
         return [
             {
                 "dataset": f"{i['party']}.{i['dataset']}",
                 "columns": list(i["columns"]),
-                "frames": i["frames"],
-                "bytes": i["bytes"],
+                **({"mpc_player": i["player"]} if "player" in i else {"frames": i["frames"], "bytes": i["bytes"]}),
             }
             for i in self.receipt["result"]["inputs"]
         ]

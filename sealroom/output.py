@@ -78,9 +78,12 @@ def result_document(result: Result, *, title: str | None = None, sql: str | None
     if result.receipt:
         res = result.receipt["result"]
         doc["inputs"] = res["inputs"]
-        doc["attestation"] = res["attestation"]
         doc["min_group_size"] = res["min_group_size"]
-        doc["rules"] = res.get("rules", {})
+        if res.get("kind") == "sealroom.mpc_release":  # released by MPC: no enclave, the players instead
+            doc["mpc"] = {"players": res["players"], "trust_assumption": res["trust_assumption"]}
+        else:
+            doc["attestation"] = res["attestation"]
+            doc["rules"] = res.get("rules", {})
     return doc
 
 

@@ -19,8 +19,10 @@ Both carry ``issued_at_ms``; receivers accept them only fresh and never twice.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +31,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from sealroom.errors import ApprovalError, InvalidQueryError
 from sealroom.policy import DatasetPolicy, canonical_json
-from sealroom.sqlplan import Pushdown, pushdown
+from sealroom.sqlplan import MpcQuery, Pushdown, mpc_query, pushdown
 
 PLAN_VERSION = 1
+STAGE_KINDS = ("tee", "mpc")
 APPROVAL_DOMAIN = b"sealroom/v1/approval\x00"
 STREAM_DOMAIN = b"sealroom/v1/stream-header\x00"
 OWNER_ACTION_DOMAIN = b"sealroom/v1/owner-action\x00"
@@ -104,15 +107,36 @@ class PlanInput:
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage of a plan: ``tee`` (inside an attested enclave worker) or ``mpc`` (MPyC players).
+
+    A TEE stage runs ``sql`` over its inputs and releases its outputs, unless it ``feeds`` an MPC
+    stage: then it releases nothing and computes only its inputs' partial aggregates over the MPC
+    stage's public group domain, and the enclave joins that MPC stage as the player holding them.
+
+    An MPC stage carries ``mpc``, the public :class:`mpc.spec.StageSpec` as its ``to_dict()``
+    (players, group domain, aggregates, measures' bounds, k, threshold: all covered by the plan
+    hash, so an owner's approval covers them); ``holders``, which input each input-holding player
+    holds (``{"<index>": {"party": p, "datasets": [...]}}`` for a party's own player over its inputs
+    of this stage, ``{"<index>": {"stage": "s1"}}`` for the enclave holding the partials of the TEE
+    stage that feeds it); and ``release``: how the opened cells become the output (``outputs``:
+    ``[name, "group" | "aggregate", source]`` per output column, ``having`` over output names,
+    applied to released cells only). The optional keys are in the plan's JSON only when set, so a
+    plan without MPC reads and hashes as before.
+    """
+
     id: str
-    kind: str  # "tee" (and "mpc" once MPC stages exist)
+    kind: str  # "tee" | "mpc"
     sql: str  # the analyst's query, normalised; the enclave compiles it itself
     inputs: tuple[PlanInput, ...]
     output_columns: tuple[str, ...]
     min_group_size: int  # strictest over inputs
+    feeds: str | None = None  # a TEE stage whose partials feed this MPC stage
+    mpc: dict[str, Any] | None = None  # StageSpec.to_dict()
+    holders: dict[str, dict[str, Any]] | None = None  # player index (as text) -> what it holds
+    release: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "id": self.id,
             "kind": self.kind,
             "sql": self.sql,
@@ -120,16 +144,44 @@ class Stage:
             "output_columns": list(self.output_columns),
             "min_group_size": self.min_group_size,
         }
+        if self.feeds is not None:
+            d["feeds"] = self.feeds
+        # Copies: a caller editing the document must not change the (frozen) stage.
+        if self.mpc is not None:
+            d["mpc"] = copy.deepcopy(self.mpc)
+        if self.holders is not None:
+            d["holders"] = copy.deepcopy(self.holders)
+        if self.release is not None:
+            d["release"] = copy.deepcopy(self.release)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Stage:
+        kind = d["kind"]
+        if kind not in STAGE_KINDS:
+            raise InvalidQueryError(f"plan is inconsistent: unknown stage kind {kind!r}")
+        mpc, holders, release, feeds = d.get("mpc"), d.get("holders"), d.get("release"), d.get("feeds")
+        if (
+            (kind == "mpc") != (mpc is not None)
+            or (mpc is None) != (holders is None)
+            or (mpc is None) != (release is None)
+        ):
+            raise InvalidQueryError("plan is inconsistent: an MPC stage needs mpc, holders and release, and only it")
+        if feeds is not None and (kind != "tee" or not isinstance(feeds, str)):
+            raise InvalidQueryError("plan is inconsistent: only a TEE stage feeds an MPC stage")
+        if mpc is not None and not (isinstance(mpc, dict) and isinstance(holders, dict) and isinstance(release, dict)):
+            raise InvalidQueryError("plan is inconsistent: malformed MPC stage")
         return cls(
             id=d["id"],
-            kind=d["kind"],
+            kind=kind,
             sql=d["sql"],
             inputs=tuple(PlanInput.from_dict(i) for i in d["inputs"]),
             output_columns=tuple(d["output_columns"]),
             min_group_size=int(d["min_group_size"]),
+            feeds=feeds,
+            mpc=mpc,
+            holders=holders,
+            release=release,
         )
 
 
@@ -223,6 +275,113 @@ def stage_pushdown(stage: Stage) -> Pushdown:
                 details={"party": inp.party, "dataset": inp.dataset, "check": "filter"},
             )
     return pd
+
+
+def mpc_stage_query(plan: Plan, stage: Stage) -> MpcQuery:
+    """Recompute what an MPC stage computes (:func:`sealroom.sqlplan.mpc_query`) from its SQL, over
+    the columns its inputs and those of the TEE stages feeding it declare, and check that every
+    such input's filter is the one the SQL implies and that together they are exactly the datasets
+    the SQL reads. ``stage`` may be the MPC stage or a TEE stage feeding it. The planner, every
+    party and the runtime call this. Raises InvalidQueryError."""
+    if stage.feeds is not None:
+        target = [s for s in plan.stages if s.id == stage.feeds and s.kind == "mpc"]
+        if len(target) != 1:
+            raise InvalidQueryError(f"plan is inconsistent: stage {stage.id} feeds no MPC stage of the plan")
+        stage = target[0]
+    if stage.kind != "mpc":
+        raise InvalidQueryError(f"stage {stage.id} is not an MPC stage")
+    feeding = [s for s in plan.stages if s.feeds == stage.id]
+    inputs = [i for s in (stage, *feeding) for i in s.inputs]
+    if any(s.sql != stage.sql for s in feeding):
+        raise InvalidQueryError("plan is inconsistent: a TEE stage feeding an MPC stage has other SQL")
+    # Every dataset resolves over the same columns (all that any input declares), so a UNION ALL of
+    # SELECT * expands alike in every branch whatever each party filters on.
+    names: list[str] = []
+    for inp in inputs:
+        for c in (*inp.columns, *inp.filter_columns):
+            if c not in names:
+                names.append(c)
+    views: dict[str, list[str]] = {}
+    for inp in inputs:
+        if inp.qualified in views:
+            raise InvalidQueryError("the plan names an input twice", details={"dataset": inp.qualified})
+        views[inp.qualified] = names
+    try:
+        q = mpc_query(stage.sql, views)
+    except InvalidQueryError as err:
+        raise InvalidQueryError(
+            f"the plan is inconsistent: its MPC stage's SQL does not resolve over its inputs ({err.message})",
+            details={**err.details, "check": "filter"},
+        ) from None
+    if sorted(q.datasets) != sorted(views):
+        raise InvalidQueryError("the plan is inconsistent: its MPC stage's inputs are not the datasets its SQL reads")
+    for inp in inputs:
+        want = q.filters.get(inp.qualified)
+        expected = (want.sql, want.columns) if want is not None else (None, ())
+        if (inp.filter, inp.filter_columns) != expected:
+            raise InvalidQueryError(
+                f"the plan's filter for {inp.qualified} is not the one its SQL implies; a plan cannot "
+                "push a predicate its SQL does not hold (re-plan the query, with the same Sealroom release "
+                "everywhere)",
+                details={"party": inp.party, "dataset": inp.dataset, "check": "filter"},
+            )
+    return q
+
+
+def declared_domains(
+    columns: Sequence[str], policies: Sequence[tuple[str, DatasetPolicy]]
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """The public group domain each GROUP BY column of an MPC stage takes from the owners'
+    policies (``(party.dataset, policy)`` for every dataset the stage reads): ``("values", keys)``,
+    the union of the declared values in first-declared order, or ``("bins", edges)`` when every
+    owner declares the same bins. The planner and every party derive it alike. Raises
+    InvalidQueryError (``details``: rule ``domain``, the column, the dataset, a suggestion)."""
+    out: list[tuple[str, tuple[Any, ...]]] = []
+    for col in columns:
+        decls: list[tuple[str, tuple[str, tuple[Any, ...]]]] = []
+        for qualified, policy in policies:
+            dom = policy.rule(col).domain
+            if dom is None:
+                raise InvalidQueryError(
+                    f"GROUP BY {col} needs its public domain, and {qualified}'s policy declares none",
+                    details={
+                        "rule": "domain",
+                        "column": col,
+                        "domain_dataset": qualified,
+                        "suggestion": f"declare the domain of column {col} in {qualified}'s policy "
+                        '(values = ["...", ...] or bins = [...])',
+                    },
+                )
+            decls.append((qualified, dom))
+        kinds = {kind: qualified for qualified, (kind, _) in decls}
+        if len(kinds) > 1:
+            raise InvalidQueryError(
+                f"{col} is declared with values in {kinds['values']}'s policy and with bins in {kinds['bins']}'s",
+                details={
+                    "rule": "domain",
+                    "column": col,
+                    "suggestion": f"declare the domain of {col} the same way (values or bins) in every involved policy",
+                },
+            )
+        if "bins" in kinds:
+            edges = decls[0][1][1]
+            differ = [q for q, (_, e) in decls if e != edges]
+            if differ:
+                raise InvalidQueryError(
+                    f"the owners declare different bins for {col} ({decls[0][0]} and {differ[0]})",
+                    details={
+                        "rule": "domain",
+                        "column": col,
+                        "suggestion": f"declare the same bins for {col} in every involved policy",
+                    },
+                )
+            out.append(("bins", tuple(edges)))
+        else:
+            values: list[Any] = []
+            for _, (_, vs) in decls:
+                values += [v for v in vs if v not in values]
+            out.append(("values", tuple(values)))
+    return out
 
 
 def approval_message(plan_hash: str) -> bytes:

@@ -408,3 +408,145 @@ class ProgressResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProgressResponse: _TypeAlias = ProgressResponse  # noqa: Y015
+
+@_typing.final
+class PrepareMpcRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_JSON_FIELD_NUMBER: _builtins.int
+    STAGE_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    plan_json: _builtins.bytes
+    stage_id: _builtins.str
+    index: _builtins.int
+    """the player this owner runs (the stage's holders say which)"""
+    def __init__(
+        self,
+        *,
+        plan_json: _builtins.bytes = ...,
+        stage_id: _builtins.str = ...,
+        index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "plan_json", b"plan_json", "stage_id", b"stage_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareMpcRequest: _TypeAlias = PrepareMpcRequest  # noqa: Y015
+
+@_typing.final
+class MpcOffer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    OFFER_JSON_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    offer_json: _builtins.bytes
+    """mpc.tls.PlayerOffer.to_dict(): the player's CA, signed"""
+    host: _builtins.str
+    """where the player listens"""
+    port: _builtins.int
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        offer_json: _builtins.bytes = ...,
+        host: _builtins.str = ...,
+        port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "index", b"index", "offer_json", b"offer_json", "port", b"port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MpcOffer: _TypeAlias = MpcOffer  # noqa: Y015
+
+@_typing.final
+class RunMpcRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HelperKeysEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PLAN_JSON_FIELD_NUMBER: _builtins.int
+    STAGE_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    OFFERS_FIELD_NUMBER: _builtins.int
+    HELPER_KEYS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    plan_json: _builtins.bytes
+    stage_id: _builtins.str
+    index: _builtins.int
+    timeout_seconds: _builtins.float
+    @_builtins.property
+    def offers(self) -> _containers.RepeatedCompositeFieldContainer[Global___MpcOffer]:
+        """every player's offer and address, this one's included"""
+
+    @_builtins.property
+    def helper_keys(self) -> _containers.ScalarMap[_builtins.int, _builtins.bytes]:
+        """Identity keys of helper players (index -> raw Ed25519 public key): their CAs are
+        name-constrained to their own index, so an unverifiable helper can pose as no other player.
+        """
+
+    def __init__(
+        self,
+        *,
+        plan_json: _builtins.bytes = ...,
+        stage_id: _builtins.str = ...,
+        index: _builtins.int = ...,
+        offers: _abc.Iterable[Global___MpcOffer] | None = ...,
+        helper_keys: _abc.Mapping[_builtins.int, _builtins.bytes] | None = ...,
+        timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["helper_keys", b"helper_keys", "index", b"index", "offers", b"offers", "plan_json", b"plan_json", "stage_id", b"stage_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunMpcRequest: _TypeAlias = RunMpcRequest  # noqa: Y015
+
+@_typing.final
+class MpcOutcome(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    result_json: _builtins.bytes
+    """mpc.result.MpcResult.to_dict(): opened cells, suppressed keys, rule"""
+    signature: _builtins.bytes
+    """Ed25519 by the owner's key over MpcResult.signing_message()"""
+    def __init__(
+        self,
+        *,
+        result_json: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result_json", b"result_json", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MpcOutcome: _TypeAlias = MpcOutcome  # noqa: Y015

@@ -55,6 +55,16 @@ class PartyAgentStub:
                 request_serializer=sealroom_dot_v1_dot_party__pb2.ProgressRequest.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_party__pb2.ProgressResponse.FromString,
                 _registered_method=True)
+        self.PrepareMpc = channel.unary_unary(
+                '/sealroom.v1.PartyAgent/PrepareMpc',
+                request_serializer=sealroom_dot_v1_dot_party__pb2.PrepareMpcRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_party__pb2.MpcOffer.FromString,
+                _registered_method=True)
+        self.RunMpc = channel.unary_unary(
+                '/sealroom.v1.PartyAgent/RunMpc',
+                request_serializer=sealroom_dot_v1_dot_party__pb2.RunMpcRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_party__pb2.MpcOutcome.FromString,
+                _registered_method=True)
         self.ListPending = channel.unary_unary(
                 '/sealroom.v1.PartyAgent/ListPending',
                 request_serializer=sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
@@ -105,6 +115,23 @@ class PartyAgentServicer:
         """How far this agent's sealed streams for a job have got, for progress displays: bytes and frames
         (what the network sees anyway), and rows only for datasets whose owner shares its row count
         (share_row_count), rounded to two significant digits. Nothing else about the data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrepareMpc(self, request, context):
+        """MPC stages (docs/adr/0004): for an approved plan, compute this owner's partial aggregates over
+        the stage's public domain, create its player's name-constrained CA and key, and return the CA
+        signed by the owner's key with the address the player will listen on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunMpc(self, request, context):
+        """Verify every player's offer against the identities the plan names, run this owner's player,
+        and return the opened result (public: only what the stage opens) signed by the owner's key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +191,16 @@ def add_PartyAgentServicer_to_server(servicer, server):
                     servicer.GetProgress,
                     request_deserializer=sealroom_dot_v1_dot_party__pb2.ProgressRequest.FromString,
                     response_serializer=sealroom_dot_v1_dot_party__pb2.ProgressResponse.SerializeToString,
+            ),
+            'PrepareMpc': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareMpc,
+                    request_deserializer=sealroom_dot_v1_dot_party__pb2.PrepareMpcRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_party__pb2.MpcOffer.SerializeToString,
+            ),
+            'RunMpc': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunMpc,
+                    request_deserializer=sealroom_dot_v1_dot_party__pb2.RunMpcRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_party__pb2.MpcOutcome.SerializeToString,
             ),
             'ListPending': grpc.unary_unary_rpc_method_handler(
                     servicer.ListPending,
@@ -294,6 +331,60 @@ class PartyAgent:
             '/sealroom.v1.PartyAgent/GetProgress',
             sealroom_dot_v1_dot_party__pb2.ProgressRequest.SerializeToString,
             sealroom_dot_v1_dot_party__pb2.ProgressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareMpc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.PartyAgent/PrepareMpc',
+            sealroom_dot_v1_dot_party__pb2.PrepareMpcRequest.SerializeToString,
+            sealroom_dot_v1_dot_party__pb2.MpcOffer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunMpc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.PartyAgent/RunMpc',
+            sealroom_dot_v1_dot_party__pb2.RunMpcRequest.SerializeToString,
+            sealroom_dot_v1_dot_party__pb2.MpcOutcome.FromString,
             options,
             channel_credentials,
             insecure,

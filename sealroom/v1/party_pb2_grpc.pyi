@@ -44,6 +44,15 @@ class PartyAgentStub:
     (what the network sees anyway), and rows only for datasets whose owner shares its row count
     (share_row_count), rounded to two significant digits. Nothing else about the data.
     """
+    PrepareMpc: _grpc.UnaryUnaryMultiCallable[_party_pb2.PrepareMpcRequest, _party_pb2.MpcOffer]
+    """MPC stages (docs/adr/0004): for an approved plan, compute this owner's partial aggregates over
+    the stage's public domain, create its player's name-constrained CA and key, and return the CA
+    signed by the owner's key with the address the player will listen on.
+    """
+    RunMpc: _grpc.UnaryUnaryMultiCallable[_party_pb2.RunMpcRequest, _party_pb2.MpcOutcome]
+    """Verify every player's offer against the identities the plan names, run this owner's player,
+    and return the opened result (public: only what the stage opens) signed by the owner's key.
+    """
     ListPending: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _party_pb2.ListPendingResponse]
     """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
     signed with the party's own signing key (sealroom.plan.sign_owner_command), so nobody else who
@@ -73,6 +82,15 @@ class PartyAgentAsyncStub(PartyAgentStub):
     """How far this agent's sealed streams for a job have got, for progress displays: bytes and frames
     (what the network sees anyway), and rows only for datasets whose owner shares its row count
     (share_row_count), rounded to two significant digits. Nothing else about the data.
+    """
+    PrepareMpc: _aio.UnaryUnaryMultiCallable[_party_pb2.PrepareMpcRequest, _party_pb2.MpcOffer]  # type: ignore[assignment]
+    """MPC stages (docs/adr/0004): for an approved plan, compute this owner's partial aggregates over
+    the stage's public domain, create its player's name-constrained CA and key, and return the CA
+    signed by the owner's key with the address the player will listen on.
+    """
+    RunMpc: _aio.UnaryUnaryMultiCallable[_party_pb2.RunMpcRequest, _party_pb2.MpcOutcome]  # type: ignore[assignment]
+    """Verify every player's offer against the identities the plan names, run this owner's player,
+    and return the opened result (public: only what the stage opens) signed by the owner's key.
     """
     ListPending: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _party_pb2.ListPendingResponse]  # type: ignore[assignment]
     """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
@@ -124,6 +142,27 @@ class PartyAgentServicer(metaclass=_abc_1.ABCMeta):
         """How far this agent's sealed streams for a job have got, for progress displays: bytes and frames
         (what the network sees anyway), and rows only for datasets whose owner shares its row count
         (share_row_count), rounded to two significant digits. Nothing else about the data.
+        """
+
+    @_abc_1.abstractmethod
+    def PrepareMpc(
+        self,
+        request: _party_pb2.PrepareMpcRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.MpcOffer, _abc.Awaitable[_party_pb2.MpcOffer]]:
+        """MPC stages (docs/adr/0004): for an approved plan, compute this owner's partial aggregates over
+        the stage's public domain, create its player's name-constrained CA and key, and return the CA
+        signed by the owner's key with the address the player will listen on.
+        """
+
+    @_abc_1.abstractmethod
+    def RunMpc(
+        self,
+        request: _party_pb2.RunMpcRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.MpcOutcome, _abc.Awaitable[_party_pb2.MpcOutcome]]:
+        """Verify every player's offer against the identities the plan names, run this owner's player,
+        and return the opened result (public: only what the stage opens) signed by the owner's key.
         """
 
     @_abc_1.abstractmethod

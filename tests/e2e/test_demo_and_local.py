@@ -244,3 +244,38 @@ def test_local_policy_allows_what_it_lists(files, tmp_path):
         "local", "--dataset", f"bank_a.loans={d / 'a.parquet'}", "--policy", f"bank_a.loans={bad}", "SELECT 1"
     )
     assert proc.returncode == 2 and "min_group_size must be an integer >= 1" in proc.stderr
+
+
+POLICY_MPC_ONLY = """
+privacy_unit = "customer_id"
+min_group_size = 3
+trust = { mpc_only = true }
+[columns]
+customer_id = "join_key"
+segment = { role = "dimension", values = ["retail", "sme", "corporate"] }
+amount = { role = "measure", aggregates = ["sum", "avg"], min = 0, max = 1000 }
+"""
+
+
+def test_local_mpc_only_shows_the_mpc_stage_and_its_players(files, tmp_path):
+    """A policy that says mpc_only gets an MPC plan: ``--json`` shows its stage with kind mpc and
+    the players (the owner's own, then the helpers that make three)."""
+    d, _, _ = files
+    (tmp_path / "a.toml").write_text(POLICY_MPC_ONLY)
+    proc = sealroom(
+        "local",
+        "--json",
+        "--dataset",
+        f"bank_a.loans={d / 'a.parquet'}",
+        "--policy",
+        f"bank_a.loans={tmp_path / 'a.toml'}",
+        "SELECT segment, COUNT(*) AS n, SUM(amount) AS total FROM bank_a.loans GROUP BY segment",
+    )
+    doc = json.loads(proc.stdout)
+    (stage,) = doc["stages"]
+    assert stage["kind"] == "mpc" and stage["inputs"] == ["bank_a.loans"]
+    assert [(p["name"], p["holds_input"]) for p in stage["players"]] == [
+        ("bank_a", True),
+        ("coordinator", False),
+        ("enclave", False),
+    ]

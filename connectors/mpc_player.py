@@ -1,0 +1,224 @@
+"""A data owner's MPC player: the agent's side of an MPC stage (docs/adr/0004).
+
+For a plan the owner approved, :meth:`MpcPlayers.prepare` computes the owner's partial aggregates
+over the stage's public group domain from its own rows (the same projection and filters as a TEE
+stage; nothing leaves the agent here), creates the player's name-constrained CA and key
+(:class:`mpc.tls.PlayerIdentity`) and returns the CA signed with the owner's key, with the address
+the player will listen on. :meth:`MpcPlayers.run` verifies every player's offer against the
+identities the plan names (owners' keys; helpers are name-constrained to their own index), runs the
+player (:class:`mpc.session.PlayerProcess`, its own process: the agent never imports MPyC), and
+returns the opened result signed with the owner's key. Only secret shares of the partials leave the
+agent, to the other players, over mutual TLS.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from connectors.sources import check_schema
+from mpc.partials import Partials, local_partials
+from mpc.result import MpcResult
+from mpc.session import PlayerProcess, free_ports
+from mpc.spec import StageSpec
+from mpc.tls import PlayerIdentity, PlayerOffer
+from sealroom.errors import ApprovalError, InvalidQueryError, MpcError
+from sealroom.plan import Plan, PlanInput, mpc_stage_query
+from sealroom.v1 import party_pb2
+
+if TYPE_CHECKING:
+    from connectors.agent import PartyAgent
+
+log = logging.getLogger(__name__)
+
+# Prepared players waiting for RunMpc (bounded; oldest first), and how long one may wait.
+MAX_PREPARED = 64
+PREPARED_TTL_SECONDS = 600.0
+
+
+@dataclass
+class _Prepared:
+    plan: Plan
+    spec: StageSpec
+    identity: PlayerIdentity
+    partials: Partials
+    host: str
+    port: int
+    created: float
+
+
+def session_id(plan: Plan, stage_id: str) -> str:
+    """What player identities are bound to: this plan (its hash) and this stage."""
+    return f"{plan.hash}:{stage_id}"
+
+
+def mpc_stage(plan: Plan, stage_id: str) -> tuple[Any, StageSpec]:
+    for stage in plan.stages:
+        if stage.id == stage_id and stage.kind == "mpc" and stage.mpc is not None:
+            return stage, StageSpec.from_dict(stage.mpc)
+    raise InvalidQueryError(f"the plan has no MPC stage {stage_id!r}", details={"stage": stage_id})
+
+
+class MpcPlayers:
+    """The MPC players one agent runs, at most one per (plan, stage, index)."""
+
+    def __init__(
+        self,
+        agent: PartyAgent,
+        *,
+        approved_plan: Callable[[bytes], Plan],
+        host: str = "127.0.0.1",
+    ):
+        self.agent = agent
+        self.approved_plan = approved_plan
+        self.host = host
+        self._lock = threading.Lock()
+        self._prepared: OrderedDict[tuple[str, str, int], _Prepared] = OrderedDict()
+
+    # -- PrepareMpc ---------------------------------------------------------------------------
+
+    def prepare(self, plan_json: bytes, stage_id: str, index: int) -> party_pb2.MpcOffer:
+        me = self.agent.config.name
+        plan = self.approved_plan(plan_json)
+        stage, spec = mpc_stage(plan, stage_id)
+        holder = (stage.holders or {}).get(str(index))
+        if not holder or holder.get("party") != me:
+            raise ApprovalError(
+                f"player {index} of stage {stage_id} is not {me}'s to run", details={"party": me, "player": index}
+            )
+        mpc_stage_query(plan, stage)  # the stage computes what its SQL says (raises otherwise)
+        mine = [i for i in stage.inputs if i.party == me and i.dataset in holder.get("datasets", ())]
+        if not mine:
+            raise ApprovalError(f"{me} holds no input of stage {stage_id}", details={"party": me})
+        partials = local_partials(self._rows(mine, spec), spec, party=me)
+        identity = PlayerIdentity(session_id(plan, stage_id), index)
+        (port,) = free_ports(1, self.host)
+        prepared = _Prepared(plan, spec, identity, partials, self.host, port, time.monotonic())
+        with self._lock:
+            self._prune()
+            self._prepared[(plan.hash, stage_id, index)] = prepared
+        offer = identity.offer(self.agent.key.sign)
+        log.info("MPC stage %s of plan %s: player %d prepared", stage_id, plan.hash[:12], index)
+        return party_pb2.MpcOffer(
+            index=index, offer_json=json.dumps(offer.to_dict()).encode(), host=self.host, port=port
+        )
+
+    def _rows(self, inputs: list[PlanInput], spec: StageSpec) -> Iterator[pa.RecordBatch]:
+        """This owner's rows for the stage: each input's columns, filtered by the owner itself, with
+        its privacy unit (whatever each dataset calls it) as the stage's unit column."""
+        from connectors.agent import filtered_batches
+
+        def one(inp: PlanInput) -> Iterator[pa.RecordBatch]:
+            source = self.agent.sources[inp.dataset]
+            registered = self.agent.schemas[inp.dataset]
+            check_schema(source, registered)
+            if inp.filter is None:
+                batches = source.batches(list(inp.columns))
+            else:
+                batches = filtered_batches(source, registered, inp)
+            unit = inp.policy.privacy_unit
+            if spec.unit_column is None or unit is None or spec.unit_column in inp.columns:
+                return batches
+            return (
+                pa.RecordBatch.from_arrays([*b.columns, b.column(unit)], names=[*b.schema.names, spec.unit_column])
+                for b in batches
+            )
+
+        return itertools.chain.from_iterable(one(i) for i in inputs)
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        for key, p in list(self._prepared.items()):
+            if now - p.created > PREPARED_TTL_SECONDS:
+                del self._prepared[key]
+        while len(self._prepared) >= MAX_PREPARED:
+            self._prepared.popitem(last=False)
+
+    # -- RunMpc -------------------------------------------------------------------------------
+
+    def run(
+        self, request: party_pb2.RunMpcRequest, *, on_cancel: Callable[[Callable[[], None]], object] | None = None
+    ) -> party_pb2.MpcOutcome:
+        me = self.agent.config.name
+        plan = self.approved_plan(request.plan_json)
+        stage, spec = mpc_stage(plan, request.stage_id)
+        with self._lock:
+            prepared = self._prepared.pop((plan.hash, request.stage_id, request.index), None)
+        if prepared is None:
+            raise ApprovalError(
+                f"{me} has no prepared player {request.index} for stage {request.stage_id} of this plan "
+                "(prepare it first; a prepared player waits at most "
+                f"{PREPARED_TTL_SECONDS:.0f} s)",
+                details={"party": me, "player": request.index},
+            )
+        offers = [PlayerOffer.from_dict(json.loads(o.offer_json)) for o in request.offers]
+        addresses: dict[int, tuple[str, int]] = {o.index: (o.host, int(o.port)) for o in request.offers}
+        if set(addresses) != set(range(len(spec.players))) or addresses[request.index] != (
+            prepared.host,
+            prepared.port,
+        ):
+            raise MpcError(
+                "the players' addresses do not cover the stage's players (or misplace this one)",
+                details={"reason": "addresses", "player": request.index},
+            )
+        identities = self._identities(plan, stage, spec, dict(request.helper_keys))
+        credentials = prepared.identity.credentials(offers, identities)
+        timeout = float(request.timeout_seconds) or 120.0
+        self.agent.mark_used(plan.hash)
+        with PlayerProcess(
+            spec,
+            request.index,
+            addresses=[addresses[i] for i in range(len(spec.players))],
+            credentials=credentials,
+            partials=prepared.partials,
+            start_timeout=min(30.0, timeout),
+            run_timeout=timeout,
+            bind_host=prepared.host,
+        ) as player:
+            player.start()
+            if on_cancel is not None:
+                on_cancel(player.kill)  # gRPC runs it when the call ends, cancelled or not
+            doc = player.wait()
+        result = MpcResult.from_opened(spec, doc["result"])
+        log.info("MPC stage %s of plan %s: player %d done", request.stage_id, plan.hash[:12], request.index)
+        return party_pb2.MpcOutcome(
+            result_json=result.canonical(), signature=self.agent.key.sign(result.signing_message())
+        )
+
+    @staticmethod
+    def _identities(
+        plan: Plan, stage: Any, spec: StageSpec, helper_keys: dict[int, bytes]
+    ) -> dict[int, Ed25519PublicKey]:
+        """Index -> the identity key the plan names: an owner's key for its player; a helper's key as
+        the coordinator sends it (its CA is name-constrained to its own index)."""
+        out: dict[int, Ed25519PublicKey] = {}
+        for i, player in enumerate(spec.players):
+            holder = (stage.holders or {}).get(str(i))
+            if player.holds_input:
+                party = holder.get("party") if holder else None
+                if party is None or party not in plan.parties:
+                    raise MpcError(
+                        f"MPC player {i} holds no owner's input this runtime can verify (an enclave player is not "
+                        "supported yet)",
+                        details={"reason": "identity", "player": i},
+                    )
+                out[i] = Ed25519PublicKey.from_public_bytes(bytes.fromhex(plan.parties[party]))
+            else:
+                key = helper_keys.get(i)
+                if key is None or len(key) != 32:
+                    raise MpcError(
+                        f"MPC helper player {i} comes without its identity key",
+                        details={"reason": "identity", "player": i},
+                    )
+                out[i] = Ed25519PublicKey.from_public_bytes(key)
+        return out

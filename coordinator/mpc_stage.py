@@ -1,0 +1,332 @@
+"""Running a plan's MPC stage: the coordinator's side (docs/adr/0004, docs/mpc.md).
+
+The owners' agents run the players that hold their partial aggregates; the coordinator runs the
+helper players the plan adds (they hold no input), each as its own ``python -m mpc.player``
+process (the coordinator never imports MPyC). The exchange:
+
+1. ``PrepareMpc`` at every owner holding a player: the agent checks its own approval of the plan,
+   computes its partials from its own rows, and returns its player's name-constrained CA signed with
+   the owner's key, and the address its player will listen on. The coordinator creates its helpers'
+   identities the same way, under a key made for this session.
+2. ``RunMpc`` at every owner at once, with every offer: each player verifies every offer against the
+   identities the plan names before it trusts any CA, then the players run; the coordinator's
+   helpers run beside them.
+3. Every owner returns the opened result signed with its key; the coordinator checks the
+   signatures and that every player opened the same result, then applies the stage's release
+   (output columns, HAVING on released cells, ORDER BY, LIMIT).
+
+A player that fails, stalls or disconnects ends the stage: every call returns an error naming it,
+the coordinator's helpers are killed, and nothing is released.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pyarrow as pa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from mpc.result import MpcResult, result_table, signing_message
+from mpc.session import PlayerProcess, free_ports
+from mpc.spec import StageSpec, canonical_json
+from mpc.tls import PlayerIdentity, PlayerOffer
+from sealroom.errors import JobFailedError, MpcError, SealroomError
+from sealroom.plan import Plan, Stage
+from sealroom.rpc import call
+from sealroom.v1 import party_pb2, party_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RELEASE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MpcRelease:
+    """A verified MPC release: the released table, the suppressed cells, and the signed record."""
+
+    table: pa.Table
+    suppressed: list[dict[str, Any]]
+    record: dict[str, Any]  # what is stored as the release's result document (see release_record)
+
+
+def session_id(plan: Plan, stage_id: str) -> str:
+    return f"{plan.hash}:{stage_id}"
+
+
+def mpc_only_stage(plan: Plan) -> Stage | None:
+    """The plan's MPC stage if the plan is MPC alone; None for a TEE plan. A hybrid plan (a TEE
+    stage feeding the MPC stage) is refused: its enclave player is not built yet."""
+    mpc = [s for s in plan.stages if s.kind == "mpc"]
+    if not mpc:
+        return None
+    if len(plan.stages) != 1:
+        raise JobFailedError(
+            "this plan is hybrid (owners who accept the enclave stream to it and the enclave joins the MPC stage "
+            "as a player); running the enclave's player is not available in this build: nothing was sent and "
+            "nothing was released (sealroom explain shows the full plan)",
+            details={"stage": mpc[0].id, "kind": "mpc", "reason": "hybrid_unavailable"},
+        )
+    return mpc[0]
+
+
+def run_mpc_stage(
+    plan: Plan,
+    stage: Stage,
+    *,
+    addresses: dict[str, str],
+    channel: Callable[[str], AbstractContextManager[grpc.Channel]],
+    host: str = "127.0.0.1",
+    timeout: float = 120.0,
+) -> MpcRelease:
+    """Run ``stage`` with the owners' agents (party -> agent address) and return the verified
+    release; raises MpcError or JobFailedError naming the player or party when anything fails."""
+    assert stage.mpc is not None and stage.holders is not None and stage.release is not None
+    spec = StageSpec.from_dict(stage.mpc)
+    plan_json = plan.to_json()
+    session = session_id(plan, stage.id)
+    holders = {int(i): h for i, h in stage.holders.items()}
+    helpers = [i for i, p in enumerate(spec.players) if not p.holds_input]
+
+    def party_call(party: str, method: str, request: Any, call_timeout: float) -> Any:
+        with channel(addresses[party]) as ch:
+            stub = party_pb2_grpc.PartyAgentStub(ch)
+            try:
+                return call(party, getattr(stub, method), request, timeout=call_timeout)
+            except SealroomError as err:
+                if isinstance(err, MpcError):
+                    raise
+                raise JobFailedError(
+                    f"{party} could not take part in the MPC stage: {err.message}",
+                    details={**err.details, "party": party, "cause": err.code},
+                ) from None
+
+    # 1. Offers: the owners' players, then the coordinator's helpers.
+    with ThreadPoolExecutor(max_workers=max(1, len(holders))) as pool:
+        futures = {
+            i: pool.submit(
+                party_call,
+                h["party"],
+                "PrepareMpc",
+                party_pb2.PrepareMpcRequest(plan_json=plan_json, stage_id=stage.id, index=i),
+                timeout,
+            )
+            for i, h in holders.items()
+        }
+        offers = {i: f.result() for i, f in futures.items()}
+    helper_state: dict[int, tuple[PlayerIdentity, Ed25519PrivateKey]] = {}
+    for i in helpers:
+        identity, key = PlayerIdentity(session, i), Ed25519PrivateKey.generate()
+        (port,) = free_ports(1, host)
+        offer = identity.offer(key.sign)
+        helper_state[i] = (identity, key)
+        offers[i] = party_pb2.MpcOffer(index=i, offer_json=json.dumps(offer.to_dict()).encode(), host=host, port=port)
+    all_offers = [offers[i] for i in range(len(spec.players))]
+    helper_keys = {i: _raw(key.public_key()) for i, (_, key) in helper_state.items()}
+    identities: dict[int, Ed25519PublicKey] = {i: _owner_key(plan, h["party"]) for i, h in holders.items()}
+    identities.update({i: key.public_key() for i, (_, key) in helper_state.items()})
+
+    # 2. Run every player at once: the owners' through their agents, the helpers here.
+    run_request = {
+        i: party_pb2.RunMpcRequest(
+            plan_json=plan_json,
+            stage_id=stage.id,
+            index=i,
+            offers=all_offers,
+            helper_keys=helper_keys,
+            timeout_seconds=timeout,
+        )
+        for i in holders
+    }
+    helper_players = [
+        PlayerProcess(
+            spec,
+            i,
+            addresses=[(o.host, int(o.port)) for o in all_offers],
+            credentials=identity.credentials(
+                [PlayerOffer.from_dict(json.loads(o.offer_json)) for o in all_offers], identities
+            ),
+            partials=None,
+            start_timeout=min(30.0, timeout),
+            run_timeout=timeout,
+            bind_host=host,
+        )
+        for i, (identity, _) in helper_state.items()
+    ]
+    outcomes: dict[int, party_pb2.MpcOutcome] = {}
+    helper_docs: list[dict[str, Any]] = []
+    open_channels: list[grpc.Channel] = []
+
+    def run_party(i: int) -> party_pb2.MpcOutcome:
+        party = holders[i]["party"]
+        with channel(addresses[party]) as ch:
+            open_channels.append(ch)
+            try:
+                return call(party, party_pb2_grpc.PartyAgentStub(ch).RunMpc, run_request[i], timeout=timeout + 30)
+            except SealroomError as err:
+                if isinstance(err, MpcError):
+                    raise
+                raise JobFailedError(
+                    f"{party} could not take part in the MPC stage: {err.message}",
+                    details={**err.details, "party": party, "cause": err.code},
+                ) from None
+
+    errors: list[BaseException] = []  # in the order they happened: the first is the cause
+    try:
+        for p in helper_players:
+            p.start()
+        with ThreadPoolExecutor(max_workers=max(1, len(holders) + len(helper_players))) as pool:
+            jobs: dict[Future[Any], tuple[str, int]] = {pool.submit(run_party, i): ("party", i) for i in holders}
+            jobs.update({pool.submit(p.wait): ("helper", p.index) for p in helper_players})
+            for fut in as_completed(jobs):
+                kind, i = jobs[fut]
+                try:
+                    value = fut.result()
+                except BaseException as exc:  # noqa: BLE001 - the first one is raised below
+                    if not errors:  # end the stage everywhere at once: cancel the calls, stop the helpers
+                        for ch in list(open_channels):
+                            ch.close()
+                        for p in helper_players:
+                            p.kill()
+                    errors.append(exc)
+                    continue
+                if kind == "party":
+                    outcomes[i] = value
+                else:
+                    helper_docs.append(value)
+        if errors:
+            raise _first(errors)
+    finally:
+        for p in helper_players:
+            p.close()
+
+    # 3. Every player opened the same result, and every owner signed it.
+    docs = {i: json.loads(o.result_json) for i, o in outcomes.items()}
+    for i, o in outcomes.items():
+        try:
+            identities[i].verify(o.signature, signing_message(docs[i]))
+        except InvalidSignature:
+            raise MpcError(
+                f"MPC player {i} ({holders[i]['party']}) returned a result its owner's key did not sign",
+                details={"reason": "signature", "player": i, "party": holders[i]["party"]},
+            ) from None
+    expected = docs[min(docs)] if docs else MpcResult.from_opened(spec, helper_docs[0]["result"]).to_dict()
+    digest = hashlib.sha256(canonical_json(expected)).hexdigest()
+    for i, doc in docs.items():
+        if hashlib.sha256(canonical_json(doc)).hexdigest() != digest:
+            raise MpcError(
+                f"MPC player {i} ({holders[i]['party']}) opened a different result than the others",
+                details={"reason": "disagreement", "player": i, "party": holders[i]["party"]},
+            )
+    for doc in helper_docs:
+        if MpcResult.from_opened(spec, doc["result"]).digest() != digest:
+            raise MpcError("a helper player opened a different result", details={"reason": "disagreement"})
+
+    table, suppressed = apply_release(expected, stage.release, spec)
+    record = release_record(plan, stage, expected, {holders[i]["party"]: outcomes[i].signature.hex() for i in outcomes})
+    log.info(
+        "MPC stage %s of query %s: %d cells released, %d suppressed",
+        stage.id,
+        plan.query_id,
+        table.num_rows,
+        len(suppressed),
+    )
+    return MpcRelease(table, suppressed, record)
+
+
+def _raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _owner_key(plan: Plan, party: str) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(bytes.fromhex(plan.parties[party]))
+
+
+def _first(errors: list[BaseException]) -> BaseException:
+    """The error to report: the first that happened (the cause; the others are its consequences,
+    or the cancellations it triggered), preferring one that names a failed player."""
+    for exc in errors:
+        if isinstance(exc, MpcError) and exc.details.get("reason") not in ("peer_disconnected", "start_timeout"):
+            return exc
+    return errors[0]
+
+
+def apply_release(
+    doc: dict[str, Any], release: dict[str, Any], spec: StageSpec
+) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """The released table (output columns in order; HAVING, ORDER BY and LIMIT on released cells
+    only) and the suppressed cells (group keys and the rule, never a value)."""
+    import duckdb
+
+    cells = result_table(doc)
+    outputs = [tuple(o) for o in release["outputs"]]
+    table = pa.table({name: cells[source] for name, _kind, source in outputs})
+    group_names = {source: name for name, kind, source in outputs if kind == "group"}
+    clauses = []
+    if release.get("having"):
+        clauses.append(f"WHERE {release['having']}")
+    if release.get("order_by"):
+        keys = [
+            f'"{c}" {"DESC" if desc else "ASC"} NULLS {"FIRST" if nulls_first else "LAST"}'
+            for c, desc, nulls_first in release["order_by"]
+        ]
+        clauses.append("ORDER BY " + ", ".join(keys))
+    if release.get("limit") is not None:
+        clauses.append(f"LIMIT {int(release['limit'])}")
+    if clauses:
+        con = duckdb.connect(config={"enable_external_access": False, "threads": 1})
+        try:
+            con.register("released", table)
+            table = con.sql("SELECT * FROM released " + " ".join(clauses)).to_arrow_table()  # noqa: S608
+        finally:
+            con.close()
+    k = doc["rule"]["min_group_size"]
+    reason = (
+        f"fewer than {k} {'distinct units' if doc['rule']['on'] == 'units' else 'rows'} in this cell "
+        "(minimum group size, compared inside the MPC: the cell was never opened)"
+    )
+    suppressed = [
+        {
+            "group": {group_names.get(g, g): v for g, v in zip(doc["group_by"], key, strict=True)},
+            "rule": "min_group_size",
+            "reason": reason,
+        }
+        for key in doc["suppressed"]
+    ]
+    return table, suppressed
+
+
+def release_record(plan: Plan, stage: Stage, doc: dict[str, Any], signatures: dict[str, str]) -> dict[str, Any]:
+    """The stored record of an MPC release: the opened result, the owners' signatures over it, the
+    players and the trust assumption; what a receipt binds for an MPC stage."""
+    inputs = [
+        {"party": i.party, "dataset": i.dataset, "columns": list(i.columns), "player": int(n)}
+        for n, h in sorted((stage.holders or {}).items())
+        for i in stage.inputs
+        if i.party == h.get("party") and i.dataset in h.get("datasets", ())
+    ]
+    return {
+        "version": RELEASE_VERSION,
+        "kind": "sealroom.mpc_release",
+        "query_id": plan.query_id,
+        "plan_hash": plan.hash,
+        "stage": stage.id,
+        "result": doc,
+        "result_sha256": hashlib.sha256(canonical_json(doc)).hexdigest(),
+        "signatures": signatures,
+        "players": doc["players"],
+        "trust_assumption": doc["trust_assumption"],
+        "min_group_size": doc["rule"]["min_group_size"],
+        "released_rows": len(doc["cells"]),
+        "inputs": inputs,
+        "simulated": False,
+    }
