@@ -524,6 +524,217 @@ def cmd_local(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- compliance: receipts and the audit log -----------------------------------------------------
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def _ed25519_hex(value: str, flag: str) -> str:
+    """An Ed25519 public key given as 64 hex characters, a signed-note verifier key (NAME+ID+KEY), a
+    PEM public key, or a file holding one of these; returned as hex."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from sealroom.tlog import NoteVerifier
+
+    text = value.strip()
+    if not (len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)) and "+" not in text:
+        text = _read_file(value, f"{flag} key").decode("utf-8", "replace").strip()
+    if len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text):
+        return text.lower()
+    if text.startswith("-----BEGIN PUBLIC KEY-----"):
+        try:
+            key = serialization.load_pem_public_key(text.encode())
+        except ValueError:
+            key = None
+        if isinstance(key, Ed25519PublicKey):
+            return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    try:
+        return NoteVerifier.from_vkey(text).public_key.hex()
+    except ValueError:
+        raise UsageError(
+            f"{flag} must be an Ed25519 public key: 64 hex characters, a verifier key NAME+KEYID+KEY, "
+            "a PEM public key, or a file holding one"
+        ) from None
+
+
+def _receipt_appraisal(args: argparse.Namespace) -> Any:
+    """A function receipt -> AppraisalPolicy | None from --trust, --allow-simulated and --dev-root."""
+    import dataclasses
+    import tomllib
+
+    from sealroom.attestation import AppraisalPolicy, load_root_certificate
+    from sealroom.errors import AttestationError, ConfigError
+    from sealroom.policy import TrustPolicy
+
+    base = None
+    if args.trust:
+        try:
+            doc = tomllib.loads(_read_file(args.trust, "trust file").decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{args.trust} is not TOML: {exc}") from None
+        section = doc.get("trust", doc)
+        if not isinstance(section, dict):
+            raise UsageError(f"{args.trust}: [trust] must be a table")
+        try:
+            base = TrustPolicy.from_dict(section, source=args.trust, base=Path(args.trust).resolve().parent).appraisal()
+        except (ConfigError, AttestationError) as err:
+            raise UsageError(err.message) from None
+    if args.dev_root and not args.allow_simulated:
+        raise UsageError("--dev-root goes with --allow-simulated")
+    root = None
+    if args.allow_simulated:
+        if not args.dev_root:
+            raise UsageError("--allow-simulated needs --dev-root CRT (the dev root the enclave's evidence chains to)")
+        try:
+            root = load_root_certificate(Path(args.dev_root))
+        except (AttestationError, ConfigError, OSError, ValueError) as err:
+            raise UsageError(f"unusable --dev-root {args.dev_root}: {err}") from None
+
+    def appraisal(receipt: Any) -> Any:
+        if root is None:
+            return base
+        if base is not None:
+            return dataclasses.replace(base, allow_simulated=True, simulated_roots=(*base.simulated_roots, root))
+        # No --trust: the chain to the dev root and the key binding are checked; the measurement is
+        # the one the receipt states (not pinned).
+        stages = receipt.get("stages") if isinstance(receipt, dict) else None
+        measurements = {
+            s["measurement"] for s in stages or [] if isinstance(s, dict) and isinstance(s.get("measurement"), str)
+        }
+        return AppraisalPolicy(measurements=frozenset(measurements), allow_simulated=True, simulated_roots=(root,))
+
+    return appraisal
+
+
+def _refusal(args: argparse.Namespace, err: Any) -> int:
+    check = err.details.get("check", "")
+    print(f"sealroom: refused ({check}): {err.message}", file=sys.stderr)
+    if args.json:
+        _emit({"verified": False, "check": check, "reason": err.to_dict()})
+    return EXIT_FAILED
+
+
+def cmd_receipt_verify(args: argparse.Namespace) -> int:
+    from sealroom.errors import AuditError
+    from sealroom.receipts import load_receipt, verify_receipt
+
+    try:
+        receipt = load_receipt(_read_file(args.file, "receipt"))
+    except ValueError as exc:
+        raise UsageError(f"{args.file}: {exc}") from None
+    result = _read_file(args.result, "result file") if args.result else None
+    key = _ed25519_hex(args.coordinator_key, "--coordinator-key") if args.coordinator_key else None
+    appraisal = _receipt_appraisal(args)(receipt)
+    try:
+        out = verify_receipt(receipt, appraisal=appraisal, coordinator_key=key, result_bytes=result)
+    except AuditError as err:
+        return _refusal(args, err)
+    warnings = _receipt_warnings(out, args)
+    if args.json:
+        _emit({**out.to_dict(), "warnings": warnings})
+        return EXIT_OK
+    print(f"verified the receipt of query {out.query_id} (plan {out.plan_hash[:16]}…), analyst {out.analyst}")
+    print(f"  approved by {', '.join(out.parties)}; {out.suppressed_cells} cell(s) suppressed")
+    print(f"  released result sha256 {out.result_sha256}" + (" (the file given matches)" if result else ""))
+    for c in out.claims:
+        print(f"  attested {c.platform} measurement {c.measurement}")
+    for w in warnings:
+        print(f"  note: {w}")
+    return EXIT_OK
+
+
+def _receipt_warnings(out: Any, args: argparse.Namespace) -> list[str]:
+    warnings = []
+    if out.simulated:
+        warnings.append("SIMULATED attestation: no TEE protected this release")
+    if not out.evidence_appraised:
+        warnings.append("attestation evidence not appraised (give --trust, or --allow-simulated --dev-root)")
+    elif args.allow_simulated and not args.trust:
+        warnings.append("the enclave measurement was not pinned (give --trust with trust.measurements)")
+    if not out.coordinator_key_pinned:
+        warnings.append("coordinator key not pinned: the countersignature is only self-consistent")
+    return warnings
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from sealroom.errors import AuditError
+    from sealroom.receipts import verify_receipt
+    from sealroom.tlog import NoteVerifier, SignedCheckpoint, load_export, verify_log
+
+    try:
+        export = load_export(_read_file(args.log, "log"))
+    except ValueError as exc:
+        raise UsageError(f"{args.log}: {exc}") from None
+    log_key = None
+    if args.log_key:
+        log_key = NoteVerifier(export["origin"], bytes.fromhex(_ed25519_hex(args.log_key, "--log-key")))
+    witnesses = []
+    for value in args.witness_key:
+        name, sep, key = value.partition("=")
+        if "+" in value and not sep:
+            try:
+                witnesses.append(NoteVerifier.from_vkey(value))
+            except ValueError:
+                raise UsageError(f"--witness-key {value!r} is not a verifier key") from None
+            continue
+        if not sep or not name:
+            raise UsageError(f"--witness-key expects NAME=HEX or a verifier key NAME+KEYID+KEY (got {value!r})")
+        try:
+            witnesses.append(NoteVerifier(name, bytes.fromhex(_ed25519_hex(key, "--witness-key"))))
+        except ValueError as exc:
+            raise UsageError(f"--witness-key {name}: {exc}") from None
+    if args.quorum is not None and not 0 <= args.quorum <= len(witnesses):
+        raise UsageError(f"--quorum must be between 0 and the number of --witness-key ({len(witnesses)})")
+    trusted = []
+    for path in args.checkpoint:
+        try:
+            trusted.append(SignedCheckpoint.from_text(_read_file(path, "checkpoint")))
+        except AuditError as err:
+            raise UsageError(f"{path}: {err.message}") from None
+    if args.coordinator_key:
+        coordinator_key: str | None = _ed25519_hex(args.coordinator_key, "--coordinator-key")
+    else:  # the coordinator countersigns receipts with its log key
+        coordinator_key = log_key.public_key.hex() if log_key is not None else None
+    appraisal_for = _receipt_appraisal(args)
+
+    def check_receipt(receipt: Any) -> None:
+        verify_receipt(receipt, appraisal=appraisal_for(receipt), coordinator_key=coordinator_key)
+
+    try:
+        report = verify_log(
+            export,
+            log_key=log_key,
+            witnesses=witnesses,
+            quorum=args.quorum,
+            trusted=trusted,
+            verify_receipt=check_receipt,
+        )
+    except AuditError as err:
+        return _refusal(args, err)
+    warnings = []
+    if not report.log_key_pinned:
+        warnings.append("log key not pinned (--log-key): the log is only self-consistent")
+    if appraisal_for({}) is None and not args.allow_simulated:
+        warnings.append("receipts' attestation evidence not appraised (give --trust, or --allow-simulated --dev-root)")
+    if args.json:
+        _emit({**report.to_dict(), "warnings": warnings})
+        return EXIT_OK
+    kinds = ", ".join(f"{n} {t}" for t, n in sorted(report.entries_by_type.items()))
+    print(f"verified log {report.origin}: {report.size} entries ({kinds or 'none'}), {report.checkpoints} checkpoints")
+    print(f"  {report.receipts} release receipt(s) verified; root at size {report.size}: {report.root.hex()}")
+    if witnesses:
+        print(f"  co-signed by the witness quorum up to size {report.witnessed_size}")
+    for w in warnings:
+        print(f"  note: {w}")
+    return EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 
@@ -622,6 +833,35 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--dir", default=str(Path.home() / ".sealroom" / "dev"))
     di.add_argument("--force", action="store_true")
     di.set_defaults(fn=cmd_dev_init)
+
+    rc = sub.add_parser("receipt", help="release receipts").add_subparsers(dest="action", required=True)
+    rv = with_json(rc.add_parser("verify", help="verify a release receipt offline"))
+    rv.add_argument("file", help="the receipt (JSON)")
+    rv.add_argument("--result", help="check that this result file (Arrow IPC stream) is the one released")
+    rv.add_argument("--coordinator-key", metavar="HEX_OR_FILE", help="the coordinator's Ed25519 public key to pin")
+    rv.add_argument("--trust", metavar="TOML", help="appraise the attestation evidence with this [trust] table")
+    rv.add_argument("--allow-simulated", action="store_true", help="accept SIMULATED evidence (no TEE)")
+    rv.add_argument("--dev-root", metavar="CRT", help="the dev root certificate (with --allow-simulated)")
+    rv.set_defaults(fn=cmd_receipt_verify)
+
+    au = sub.add_parser("audit", help="the compliance reviewer's tools").add_subparsers(dest="action", required=True)
+    avf = with_json(au.add_parser("verify", help="verify an exported transparency log: entries, checkpoints, receipts"))
+    avf.add_argument("--log", required=True, help="the exported log (JSON)")
+    avf.add_argument("--log-key", metavar="HEX_OR_VKEY", help="the log's Ed25519 public key to pin")
+    avf.add_argument(
+        "--witness-key", action="append", default=[], metavar="NAME=HEX", help="a witness whose co-signature counts"
+    )
+    avf.add_argument("--quorum", type=int, help="witness co-signatures required (default: every --witness-key)")
+    avf.add_argument(
+        "--checkpoint", action="append", default=[], metavar="FILE", help="a checkpoint seen elsewhere (e.g. a witness)"
+    )
+    avf.add_argument(
+        "--coordinator-key", metavar="HEX_OR_FILE", help="receipts' countersigning key (default: the log key)"
+    )
+    avf.add_argument("--trust", metavar="TOML", help="appraise receipts' attestation evidence with this [trust] table")
+    avf.add_argument("--allow-simulated", action="store_true", help="accept SIMULATED evidence (no TEE)")
+    avf.add_argument("--dev-root", metavar="CRT", help="the dev root certificate (with --allow-simulated)")
+    avf.set_defaults(fn=cmd_audit_verify)
 
     analyst(sub.add_parser("datasets", help="list registered datasets")).set_defaults(fn=cmd_datasets)
     e = analyst(sub.add_parser("explain", help="show the plan for a query without running it"))

@@ -34,6 +34,7 @@ __all__ = [
     "ConfigError",
     "SourceError",
     "MpcError",
+    "AuditError",
     "InternalError",
     "CATALOG",
     "from_code",
@@ -169,6 +170,16 @@ class MpcError(JobFailedError):
     grpc_status = grpc.StatusCode.ABORTED
 
 
+class AuditError(SealroomError):
+    """A release receipt, transparency-log entry or checkpoint does not verify (tampered, forged,
+    forked, truncated, or bound to something else). ``details["check"]`` names the failed check;
+    ``details`` may also name the ``entry`` (sequence number), ``checkpoint`` (position) and
+    ``query_id``. Never a value from the data."""
+
+    code = "audit"
+    grpc_status = grpc.StatusCode.DATA_LOSS
+
+
 class InternalError(SealroomError):
     """Anything unexpected. Its public message is generic; the cause is only logged server-side."""
 
@@ -197,6 +208,7 @@ CATALOG: dict[str, type[SealroomError]] = {
         ConfigError,
         SourceError,
         MpcError,
+        AuditError,
         InternalError,
     )
 }
