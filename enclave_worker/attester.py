@@ -235,7 +235,7 @@ class _ConfigfsTsm:
             )
         if not report:
             raise AttestationError("configfs-tsm returned an empty report", details={"check": "attester"})
-        return Evidence(format=self.format, evidence=report, aux=aux, nonce=nonce)
+        return _answered(Evidence(format=self.format, evidence=report, aux=aux, nonce=nonce), report_data)
 
     def _snp_certificates(self, report: bytes) -> bytes:
         """DER certificates for the envelope's ``aux``: the report's signing key (VCEK, or VLEK for a
@@ -330,7 +330,7 @@ class _Gramine:
         with self._lock:
             _write(self._dir / "user_report_data", report_data)
             quote = _read(self._dir / "quote")
-        return Evidence(format="sgx", evidence=quote, aux=b"", nonce=nonce)
+        return _answered(Evidence(format="sgx", evidence=quote, aux=b"", nonce=nonce), report_data)
 
     def close(self) -> None:
         pass
@@ -422,7 +422,9 @@ class _Nitro:
                     f"the NSM request failed ({_errno_name(exc)})",
                     details={"check": "attester"},
                 ) from None
-        return Evidence(format="nitro", evidence=nsm_attestation_document(response), aux=b"", nonce=nonce)
+        return _answered(
+            Evidence(format="nitro", evidence=nsm_attestation_document(response), aux=b"", nonce=nonce), report_data
+        )
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -430,6 +432,21 @@ class _Nitro:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _answered(evidence: Evidence, report_data: bytes) -> Evidence:
+    """``evidence``, once it is checked to bind the report data this request wrote: another process
+    writing to the same interface (configfs-tsm, Gramine's files, the NSM) between our write and our
+    read would otherwise hand us a report that binds someone else's keys."""
+    from sealroom.attestation.hardware import evidence_report_data
+
+    if evidence_report_data(evidence) != report_data:
+        raise AttestationError(
+            f"the {evidence.format} report does not bind the report data this request wrote (another process "
+            "used the attestation interface at the same time); it is not used",
+            details={"check": "attester"},
+        )
+    return evidence
 
 
 def _measurement_of(evidence: Evidence) -> str:

@@ -93,12 +93,17 @@ def _upload(registry: JobRegistry) -> Callable[[Iterator[bytes], grpc.ServicerCo
 
 
 def build_server(config: EnclaveConfig) -> tuple[Server, JobRegistry]:
-    registry = JobRegistry(config, make_attester(config))
-    server = create_server(
-        config.listen,
-        handlers=(raw_stream_handler(DATA_SERVICE, UPLOAD_METHOD, _upload(registry)),),
-    )
-    enclave_pb2_grpc.add_EnclaveServicer_to_server(EnclaveServicer(registry), server.grpc)
+    attester = make_attester(config)
+    try:
+        registry = JobRegistry(config, attester)
+        server = create_server(
+            config.listen,
+            handlers=(raw_stream_handler(DATA_SERVICE, UPLOAD_METHOD, _upload(registry)),),
+        )
+        enclave_pb2_grpc.add_EnclaveServicer_to_server(EnclaveServicer(registry), server.grpc)
+    except BaseException:
+        attester.close()  # its configfs-tsm entry or NSM descriptor does not outlive a failed start
+        raise
     return server, registry
 
 

@@ -138,3 +138,25 @@ def evidence_measurement(evidence: Evidence) -> str:
     if parse is None:
         raise AttestationError(f"{evidence.format!r} is not a hardware format", details={"check": "format"})
     return parse(evidence.evidence)
+
+
+def evidence_report_data(evidence: Evidence) -> bytes:
+    """The report data bound into hardware ``evidence`` (SNP/TDX/SGX report data, Nitro user_data),
+    parsed but NOT verified: for an attester checking that the platform answered its request."""
+    from sealroom.attestation import dcap, nitro, snp, tdx
+
+    raw = evidence.evidence
+    if evidence.format == "sev-snp":
+        return snp._parse(raw).report_data
+    if evidence.format == "tdx":
+        q = tdx.parse_tdx_quote(raw)
+        off, size = tdx._FIELDS["report_data"]
+        return q.body[off : off + size]
+    if evidence.format == "sgx":
+        q = dcap.parse_quote(raw, label="SGX", version=3, tee_type=dcap.TEE_TYPE_SGX, body_size=dcap.SGX_REPORT_SIZE)
+        return q.body[0x140:0x180]
+    if evidence.format == "nitro":
+        _, _, _, payload = nitro._decode(raw)
+        user_data = payload.get("user_data")
+        return user_data if isinstance(user_data, bytes) else b""
+    raise AttestationError(f"{evidence.format!r} is not a hardware format", details={"check": "format"})

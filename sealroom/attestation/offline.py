@@ -128,7 +128,11 @@ def verify_snp_with(
     from sealroom.attestation.snp import verify_snp
 
     leaves = [c for c in certificates if _common_name(c) in ("SEV-VCEK", "SEV-VLEK")]
-    others = [c for c in certificates if _common_name(c) not in ("SEV-VCEK", "SEV-VLEK")]
+    # The intermediate (ASK "SEV-<Product>" or ASVK "SEV-VLEK-<Product>"), whatever the order the
+    # certificates came in; a self-signed certificate (an ARK sent along) is not one.
+    others = [
+        c for c in certificates if _common_name(c).startswith("SEV-") and c not in leaves and c.issuer != c.subject
+    ]
     if len(leaves) != 1:
         raise AttestationError(
             "an SNP report needs exactly one VCEK (or, for a VLEK-signed report, one VLEK and its ASVK) with it "

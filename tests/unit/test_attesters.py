@@ -56,6 +56,27 @@ def tsm(tmp_path: Path, pki: FakeAmdPki) -> Iterator[FakeConfigfsTsm]:
     fake.close()
 
 
+TDX_QUOTE = (DATA / "tdx" / "gotdxguest-quote-v4-spr-e4.dat").read_bytes()[:4935]
+SGX_QUOTE = (DATA / "sgx" / "dcapqvl-sgx-quote-v3.bin").read_bytes()
+NITRO_DOC = (DATA / "nitro" / "evervault-attestation-doc.cbor").read_bytes()
+
+
+def _with_report_data(fmt: str, raw: bytes, report_data: bytes) -> bytes:
+    """A genuine quote or document with its report data replaced, as a platform answering this
+    request would bind it (its signature no longer verifies: the attester parses, never verifies)."""
+    if fmt == "tdx":
+        off = 48 + 520
+        return raw[:off] + report_data + raw[off + 64 :]
+    if fmt == "sgx":
+        off = 48 + 0x140
+        return raw[:off] + report_data + raw[off + 64 :]
+    outer = cbor.loads(raw)
+    outer = outer.value if isinstance(outer, cbor.Tagged) else outer
+    payload = cbor.loads(outer[2])
+    payload["user_data"] = report_data
+    return cbor.dumps([outer[0], outer[1], cbor.dumps(payload), outer[3]])
+
+
 def _config(**kw: object) -> EnclaveConfig:
     return EnclaveConfig(listen="127.0.0.1:0", **kw)  # type: ignore[arg-type]
 
@@ -143,17 +164,31 @@ def test_snp_attester_without_a_vcek_refuses_to_start_unless_configured(tmp_path
 
 
 def test_tdx_attester_reads_a_quote_and_names_its_mrtd(tmp_path: Path) -> None:
-    quote = (DATA / "tdx" / "gotdxguest-quote-v4-spr-e4.dat").read_bytes()[:4935]
-    fake = FakeConfigfsTsm(tmp_path / "report", provider="tdx_guest", make_report=lambda _data: quote)
+    fake = FakeConfigfsTsm(
+        tmp_path / "report", provider="tdx_guest", make_report=lambda data: _with_report_data("tdx", TDX_QUOTE, data)
+    )
     try:
         attester = make_attester(_config(attester="tdx", tsm_path=fake.root))
         try:
             assert attester.measurement.startswith("6363b8043668a3ad")
             evidence = attester.attest(report_data=bytes(range(64)), nonce=os.urandom(16))
-            assert evidence.format == "tdx" and evidence.evidence == quote and evidence.aux == b""
+            assert evidence.format == "tdx" and evidence.aux == b""
+            assert evidence.evidence == _with_report_data("tdx", TDX_QUOTE, bytes(range(64)))
             assert fake.requests[-1] == bytes(range(64))
         finally:
             attester.close()
+    finally:
+        fake.close()
+
+
+def test_a_report_that_does_not_bind_the_request_is_not_used(tmp_path: Path) -> None:
+    """Another process using the interface at the same moment could hand this worker a report for
+    someone else's report data: the attester checks what it got (here the platform answers every
+    request with the same quote)."""
+    fake = FakeConfigfsTsm(tmp_path / "report", provider="tdx_guest", make_report=lambda _data: TDX_QUOTE)
+    try:
+        with pytest.raises(AttestationError, match="does not bind the report data"):
+            make_attester(_config(attester="tdx", tsm_path=fake.root))
     finally:
         fake.close()
 
@@ -182,13 +217,15 @@ def test_a_hardware_attester_it_cannot_reach_refuses_to_start(tmp_path: Path, pk
 
 
 def test_gramine_attester_writes_user_report_data_and_reads_the_quote(tmp_path: Path) -> None:
-    quote = (DATA / "sgx" / "dcapqvl-sgx-quote-v3.bin").read_bytes()
+    quote = SGX_QUOTE
     seen: list[bytes] = []
-    fake = FakeGramine(tmp_path / "attestation", quote=lambda data: seen.append(data) or quote)
+    fake = FakeGramine(
+        tmp_path / "attestation", quote=lambda data: seen.append(data) or _with_report_data("sgx", quote, data)
+    )
     try:
         attester = make_attester(_config(attester="sgx", gramine_path=tmp_path / "attestation"))
         evidence = attester.attest(report_data=b"\x07" * 64, nonce=os.urandom(16))
-        assert evidence.format == "sgx" and evidence.evidence == quote
+        assert evidence.format == "sgx" and evidence.evidence == _with_report_data("sgx", quote, b"\x07" * 64)
         assert seen[-1] == b"\x07" * 64
         assert len(attester.measurement) == 64
     finally:
@@ -222,14 +259,15 @@ def test_nsm_request_and_response_framing(tmp_path: Path) -> None:
 
     def transport(fd: int, req: bytes) -> bytes:
         calls.append(req)
-        return cbor.dumps({"Attestation": {"document": document}})
+        user_data = cbor.loads(req)["Attestation"]["user_data"]  # the NSM binds what it is asked to
+        return cbor.dumps({"Attestation": {"document": _with_report_data("nitro", document, user_data)}})
 
     attester = _Nitro(_config(attester="nitro", nsm_device=device), transport=transport)
     try:
         claims = verify_nitro(document)  # at the document's own time
         assert attester.measurement == claims.measurement
         evidence = attester.attest(report_data=b"\x03" * 64, nonce=b"\x04" * 16)
-        assert evidence.format == "nitro" and evidence.evidence == document
+        assert evidence.format == "nitro" and evidence.evidence == _with_report_data("nitro", document, b"\x03" * 64)
         assert cbor.loads(calls[-1])["Attestation"]["user_data"] == b"\x03" * 64
     finally:
         attester.close()
@@ -373,3 +411,14 @@ def test_snp_guest_policy_bits_and_vmpl_are_appraised(
         verify_evidence(evidence, policy=_policy(pki), expected_report_data=rd, expected_nonce=nonce)
     assert ei.value.details["check"] == check
     assert verify_evidence(evidence, policy=_policy(pki, **allowed), expected_report_data=rd, expected_nonce=nonce)
+
+
+def test_certificates_in_any_order_with_an_ark_among_them(pki: FakeAmdPki) -> None:
+    """Evidence carrying ARK, VCEK and ASK in any order verifies: the intermediate is found by its
+    role, and an ARK sent along is not mistaken for it."""
+    nonce = os.urandom(16)
+    rd = hashlib.sha512(nonce).digest()
+    report = pki.report(rd, measurement=MEASUREMENT)
+    for order in ((pki.ark, pki.vcek, pki.ask), (pki.ask, pki.ark, pki.vcek)):
+        evidence = Evidence("sev-snp", report, b"".join(pki.der(c) for c in order), nonce)
+        assert verify_evidence(evidence, policy=_policy(pki), expected_report_data=rd, expected_nonce=nonce)
