@@ -669,7 +669,9 @@ class PartyAgent:
                     batches = _rebatch(source.batches(list(inp.columns)), TARGET_FRAME_BYTES)
                 else:
                     batches = padded_batches(filtered_batches(source, registered, inp), projected)
-                counter = StreamCounter(inp.dataset, rows_shared=self.policies[inp.dataset].share_row_count)
+                counter = StreamCounter(
+                    inp.dataset, rows_shared=self.policies[inp.dataset].share_row_count, padded=inp.filter is not None
+                )
                 with self._lock:
                     self._streams.setdefault(job_id, []).append(counter)
                 failed: list[SealroomError] = []
@@ -945,9 +947,13 @@ class StreamCounter:
     rounded to two significant digits, as at registration. Never a value.
     """
 
-    def __init__(self, dataset: str, *, rows_shared: bool):
+    def __init__(self, dataset: str, *, rows_shared: bool, padded: bool = False):
         self.dataset = dataset
         self.rows_shared = rows_shared
+        # A filtered stream is padded so that its size does not tell how many rows passed the filter;
+        # counts taken while it streams would show real frames from padding ones by their rate and
+        # size, so it reports nothing until it has ended.
+        self.padded = padded
         self.rows = self.bytes = self.frames = 0
         self.done = False
 
@@ -966,12 +972,13 @@ class StreamCounter:
         return int(float(f"{self.rows:.2g}")) if self.rows_shared and self.rows else 0
 
     def to_proto(self) -> party_pb2.StreamProgress:
+        hidden = self.padded and not self.done
         return party_pb2.StreamProgress(
             dataset=self.dataset,
-            bytes=self.bytes,
-            frames=self.frames,
+            bytes=0 if hidden else self.bytes,
+            frames=0 if hidden else self.frames,
             rows_shared=self.rows_shared,
-            rows=self.reported_rows(),
+            rows=0 if hidden else self.reported_rows(),
             done=self.done,
         )
 

@@ -564,6 +564,8 @@ def translate_filter(
     literal a parameter) and the residual (DuckDB SQL, applied by the caller). Only conditions on
     the ``pushable`` columns (all when None) can go to the database."""
     tree = sqlglot.parse_one(predicate, read="duckdb")
+    for node in tree.walk():  # an analyst's SQL comments are free text: they do not reach the database
+        node.comments = None
     translator = _Translator(schema, dialect, pushable)
     pushed: list[exp.Expr] = []
     kept: list[exp.Expr] = []

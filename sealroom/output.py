@@ -141,20 +141,38 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+_CONTROL = dict.fromkeys([*range(0x20), 0x7F, *range(0x80, 0xA0)], "?")
+
+
+def printable(value: object) -> str:
+    """``value`` as text with control characters replaced: what the coordinator sends (states,
+    names) is drawn on the analyst's terminal, and an escape sequence in it must not drive the terminal."""
+    return str(value).translate(_CONTROL)
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def progress_lines(status: dict[str, Any], *, width: int = 24) -> list[str]:
     """A query's progress as lines of text: its state, then, while the parties stream, one bar per
     party with what it has sent: sealed bytes and frames, and rows where its owner shares row counts
     (the bar fills against the owner's shared row count; without one it only moves). Counts only,
-    never a value from the data."""
-    head = f"{status['query_id']}: {status['status']}"
+    never a value from the data. Text from the coordinator is drawn with control characters
+    replaced, and malformed entries are skipped."""
+    head = f"{printable(status['query_id'])}: {printable(status['status'])}"
     if status.get("progress") and status["progress"] != status["status"]:
-        head += f" - {status['progress']}"
+        head += f" - {printable(status['progress'])}"
     lines = [head]
-    parties: dict[str, dict[str, Any]] = status.get("parties") or {}
+    raw = status.get("parties")
+    parties: dict[str, dict[str, Any]] = (
+        {printable(k): v for k, v in raw.items() if isinstance(v, dict)} if isinstance(raw, dict) else {}
+    )
     name_width = max((len(p) for p in parties), default=0)
     for party in sorted(parties):
         e = parties[party]
-        rows, total, frames = e.get("rows"), e.get("rows_total"), int(e.get("frames") or 0)
+        rows = _count(e.get("rows")) if e.get("rows") is not None else None
+        total, frames = _count(e.get("rows_total")), _count(e.get("frames"))
         if e.get("done"):
             fraction: float | None = 1.0
         elif rows is not None and total:
@@ -172,7 +190,7 @@ def progress_lines(status: dict[str, Any], *, width: int = 24) -> list[str]:
         parts = [f"  {party:<{name_width}} [{bar}] {pct}"]
         if rows is not None:
             parts.append(f"{rows:,}" + (f"/{total:,}" if total else "") + " rows")
-        parts.append(f"{human_bytes(int(e.get('bytes') or 0))} in {frames:,} frames")
+        parts.append(f"{human_bytes(_count(e.get('bytes')))} in {frames:,} frames")
         parts.append("sent" if e.get("done") else "sending")
         lines.append("  ".join(parts))
     return lines
@@ -201,7 +219,9 @@ class ProgressDisplay:
         key = (str(status["status"]), str(status.get("progress", "")))
         if key != self._last:
             self._last = key
-            self.stream.write(f"{self.prefix}{status['query_id']}: {key[0]} {key[1]}\n")
+            self.stream.write(
+                f"{self.prefix}{printable(status['query_id'])}: {printable(key[0])} {printable(key[1])}\n"
+            )
             self.stream.flush()
 
     def _draw(self, lines: Sequence[str]) -> None:

@@ -550,3 +550,11 @@ def test_a_case_insensitive_column_does_not_widen_the_pushed_filter(tmp_path: Pa
             for r in b.to_pylist()
         ]
         assert sorted(got) == expected, predicate
+
+
+def test_comments_in_the_analysts_sql_do_not_reach_the_database() -> None:
+    schema = pa.schema([("segment", pa.string()), ("id", pa.int64())])
+    pg = translate_filter(
+        '"segment" = \'b\' /* note: customer 4711 */ AND "id" > 2 -- trailing', schema, dialect="postgres"
+    )
+    assert pg.where is not None and "4711" not in pg.where and "note" not in pg.where and "--" not in pg.where

@@ -12,6 +12,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "mpc.py"
 
+pytestmark = pytest.mark.slow  # starts MPC players and a whole TEE platform
+
 
 @pytest.fixture(scope="module")
 def doc() -> dict:

@@ -137,3 +137,39 @@ def test_dev_init_json(tmp_path, capsys):
     assert doc["simulated"] is True
     assert doc["dev_root"].endswith(".crt") and (tmp_path / "dev").is_dir()
     assert str(tmp_path / "dev") in doc["key"]
+
+
+def test_text_from_the_coordinator_cannot_drive_the_terminal() -> None:
+    """States, names and progress text come from the coordinator: escape sequences in them are drawn
+    harmless, and malformed party entries are skipped, not a crash."""
+    from sealroom.output import progress_lines
+
+    status = {
+        "query_id": "q1\x1b[2J",
+        "status": "running\x07",
+        "progress": "streaming\x1b]0;owned\x07",
+        "parties": {"bank_a\x1b[31m": {"bytes": 10, "frames": 1, "rows": None, "rows_total": None}, "bad": "x"},
+    }
+    text = "\n".join(progress_lines(status))
+    assert "\x1b" not in text and "\x07" not in text
+    assert "bank_a?[31m" in text and "bad" not in text
+
+
+def test_a_filtered_stream_reports_nothing_until_it_has_ended() -> None:
+    """A filtered stream is padded so that its size hides how many rows passed the filter; counts
+    taken while it streams would tell real frames from padding: it reports only when done."""
+    import pyarrow as pa
+
+    from connectors.agent import StreamCounter
+
+    counter = StreamCounter("loans", rows_shared=True, padded=True)
+    list(counter.count_frames(iter([b"x" * 100, b"y" * 50])))
+    list(counter.count_rows(iter([pa.record_batch({"a": [1, 2, 3]})])))
+    live = counter.to_proto()
+    assert (live.bytes, live.frames, live.rows, live.done) == (0, 0, 0, False)
+    counter.done = True
+    final = counter.to_proto()
+    assert (final.bytes, final.frames, final.rows, final.done) == (150, 2, 3, True)
+    unfiltered = StreamCounter("loans", rows_shared=False)
+    list(unfiltered.count_frames(iter([b"z" * 10])))
+    assert unfiltered.to_proto().bytes == 10  # an unfiltered stream shows its size anyway
