@@ -51,6 +51,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
+from sealroom.duck import locked_config
 from sealroom.errors import SourceError
 
 __all__ = [
@@ -804,16 +805,7 @@ class DuckDbSource(SqlSource):
                 f"dataset {self.dataset}: database file not found: {self.path}",
                 details={"dataset": self.dataset, "path": str(self.path)},
             )
-        con = duckdb.connect(
-            str(self.path),
-            read_only=True,
-            config={
-                "enable_external_access": False,
-                "autoinstall_known_extensions": False,
-                "autoload_known_extensions": False,
-                "threads": 1,
-            },
-        )
+        con = duckdb.connect(str(self.path), read_only=True, config=locked_config())
         try:
             yield con
         finally:

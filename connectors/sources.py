@@ -44,6 +44,7 @@ import pyarrow.dataset as pads
 import pyarrow.ipc as paipc
 
 from connectors.databases import is_database_spec, open_database, resolve_database_spec
+from sealroom.duck import locked_connection
 from sealroom.errors import SourceError
 
 if TYPE_CHECKING:
@@ -618,16 +619,7 @@ _ROW_INDEX = "__sr_i"
 
 def _filter_connection() -> duckdb.DuckDBPyConnection:
     """DuckDB as the enclave runs it: no file or network access, no extensions, locked settings."""
-    con = duckdb.connect(
-        config={
-            "enable_external_access": False,
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            "threads": 1,
-        }
-    )
-    con.execute("SET lock_configuration = true")
-    return con
+    return locked_connection()
 
 
 def filter_batches(

@@ -37,6 +37,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
+from sealroom.duck import locked_connection
 from sealroom.errors import InvalidQueryError
 from sealroom.policy import Dominance
 from sealroom.sqlplan import DIALECT, ROW_ID, CompiledStage, InputSpec, UnitCheck, compile_stage, order_sql
@@ -128,14 +129,7 @@ def run_stage(
     - ``dominance``: per input (``party.dataset``), its owner's ``(n, k)`` dominance rule.
     """
     rules = _dominance_rules(compiled, dominance or {})
-    con = duckdb.connect(
-        config={
-            "enable_external_access": False,
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            "threads": threads,
-        }
-    )
+    con = locked_connection(threads=threads, lock=False)  # locked once the inputs are registered
     try:
         for name, table in tables.items():
             _register_input(con, name, table, row_id=name in row_id_tables, bounds=(clamps or {}).get(name, {}))

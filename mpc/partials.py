@@ -22,22 +22,14 @@ import duckdb
 import pyarrow as pa
 
 from mpc.spec import GroupColumn, StageSpec
+from sealroom.duck import locked_connection
 from sealroom.errors import ResourceExhaustedError, SourceError
 
 _VIEW = "__sealroom_mpc_rows"
 
 
 def _connection() -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(
-        config={
-            "enable_external_access": False,
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            "threads": 1,
-        }
-    )
-    con.execute("SET lock_configuration = true")
-    return con
+    return locked_connection()
 
 
 def _q(name: str) -> str:
