@@ -97,8 +97,11 @@ def run_mpc_stage(
     holders = {int(i): h for i, h in stage.holders.items()}
     helpers = [i for i, p in enumerate(spec.players) if not p.holds_input]
 
+    open_channels: list[grpc.Channel] = []  # RunMpc calls in flight, closed to cancel them
+
     def party_call(party: str, method: str, request: Any, call_timeout: float) -> Any:
         with channel(addresses[party]) as ch:
+            open_channels.append(ch)
             stub = party_pb2_grpc.PartyAgentStub(ch)
             try:
                 return call(party, getattr(stub, method), request, timeout=call_timeout)
@@ -109,6 +112,8 @@ def run_mpc_stage(
                     f"{party} could not take part in the MPC stage: {err.message}",
                     details={**err.details, "party": party, "cause": err.code},
                 ) from None
+            finally:
+                open_channels.remove(ch)
 
     # 1. Offers: the owners' players, then the coordinator's helpers.
     with ThreadPoolExecutor(max_workers=max(1, len(holders))) as pool:
@@ -164,28 +169,16 @@ def run_mpc_stage(
     ]
     outcomes: dict[int, party_pb2.MpcOutcome] = {}
     helper_docs: list[dict[str, Any]] = []
-    open_channels: list[grpc.Channel] = []
-
-    def run_party(i: int) -> party_pb2.MpcOutcome:
-        party = holders[i]["party"]
-        with channel(addresses[party]) as ch:
-            open_channels.append(ch)
-            try:
-                return call(party, party_pb2_grpc.PartyAgentStub(ch).RunMpc, run_request[i], timeout=timeout + 30)
-            except SealroomError as err:
-                if isinstance(err, MpcError):
-                    raise
-                raise JobFailedError(
-                    f"{party} could not take part in the MPC stage: {err.message}",
-                    details={**err.details, "party": party, "cause": err.code},
-                ) from None
 
     errors: list[BaseException] = []  # in the order they happened: the first is the cause
     try:
         for p in helper_players:
             p.start()
         with ThreadPoolExecutor(max_workers=max(1, len(holders) + len(helper_players))) as pool:
-            jobs: dict[Future[Any], tuple[str, int]] = {pool.submit(run_party, i): ("party", i) for i in holders}
+            jobs: dict[Future[Any], tuple[str, int]] = {
+                pool.submit(party_call, holders[i]["party"], "RunMpc", run_request[i], timeout + 30): ("party", i)
+                for i in holders
+            }
             jobs.update({pool.submit(p.wait): ("helper", p.index) for p in helper_players})
             for fut in as_completed(jobs):
                 kind, i = jobs[fut]
