@@ -101,7 +101,10 @@ class Server:
 
         signal.signal(signal.SIGTERM, _handler)
         signal.signal(signal.SIGINT, _handler)
-        stop.wait()
+        # Wake up regularly: Python runs signal handlers in the main thread between bytecodes, and an
+        # untimed wait can leave a SIGTERM unhandled for as long as the process stays busy elsewhere.
+        while not stop.wait(0.2):
+            pass
         log.info("stopping")
         if on_stop is not None:
             on_stop()
