@@ -23,6 +23,9 @@ class CoordinatorConfig:
     mpc_timeout_seconds: float = 120.0  # an MPC stage's players must finish within this
     # None: analysts are not authenticated (self-declared names; development only, logged loudly).
     analysts: AnalystDirectory | None = None
+    # The Ed25519 key that signs the transparency log's checkpoints and countersigns receipts (PEM,
+    # PKCS#8). None: ``<state_dir>/log.key``, generated on first start (docs/audit.md).
+    log_key: Path | None = None
 
     @classmethod
     def from_table(cls, root: Table) -> CoordinatorConfig:
@@ -37,6 +40,7 @@ class CoordinatorConfig:
                 "approval_timeout_seconds",
                 "mpc_host",
                 "mpc_timeout_seconds",
+                "log_key",
             }
         )
         t = root.table("trust", required=False)
@@ -56,6 +60,7 @@ class CoordinatorConfig:
             mpc_host=c.str("mpc_host", "127.0.0.1"),
             mpc_timeout_seconds=c.float("mpc_timeout_seconds", 120.0, minimum=1.0),
             analysts=AnalystDirectory(a, source=root.source) if a is not None else None,
+            log_key=c.opt_path("log_key"),
         )
 
     @classmethod

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,7 +48,9 @@ from sealroom.errors import (
 )
 from sealroom.plan import Plan, Stage, check_issued_at, verify_approval, verify_owner_action
 from sealroom.policy import canonical_json
+from sealroom.receipts import MpcStage, TeeStage, build_receipt
 from sealroom.rpc import call, open_channel
+from sealroom.tlog import is_ident
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,7 @@ def verify_result(
 
 
 MAX_REJECT_REASON = 1000
+HEX = re.compile(r"(?:[0-9a-f]{2}){1,256}")
 # How often the coordinator asks the party agents how far their streams have got.
 PROGRESS_INTERVAL = 0.25
 
@@ -250,6 +254,8 @@ class Orchestrator:
             status = "refused" if err.code in ("policy_refusal", "approval", "invalid_query") else "failed"
             log.info("query %s %s: %s", qid, status, err.code)
             self.store.update_query(qid, status=status, error=err.to_dict(), progress=status)
+            if status == "refused":
+                self._log_rejection(plan, err)
         except Exception as exc:  # noqa: BLE001 - a query must end, whatever happened
             log.error("query %s failed with %s", qid, type(exc).__name__)
             log.debug("traceback", exc_info=exc)
@@ -264,6 +270,18 @@ class Orchestrator:
                 self._approvals.pop(qid, None)
             if self.on_finished is not None:
                 self.on_finished(qid)
+
+    def _log_rejection(self, plan: Plan, err: SealroomError) -> None:
+        """A ``rejected`` entry when an involved owner (its agent, or its person) refused the plan."""
+        party = err.details.get("party")
+        if party not in plan.involved_parties():
+            return
+        rule = err.details.get("rule")
+        extra = {"rule": rule} if is_ident(rule) else {}
+        try:
+            self.store.append_event("rejected", query_id=plan.query_id, party=party, plan_hash=plan.hash, **extra)
+        except SealroomError as exc:
+            log.error("query %s: the rejection could not be logged (%s)", plan.query_id, exc.code)
 
     # -- approvals ---------------------------------------------------------------------------
 
@@ -612,14 +630,47 @@ class Orchestrator:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, release.table.schema) as writer:
             writer.write_table(release.table)
+        arrow_table = sink.getvalue().to_pybytes()
+        record = release.record
+        self.store.append_event(
+            "stage_executed",
+            query_id=qid,
+            stage=stage.id,
+            kind="mpc",
+            plan_hash=plan.hash,
+            simulated=False,
+            result_doc_sha256=record["result_sha256"],
+            players=len(record["players"]),
+        )
+        # The receipt binds the opened result and every player's signature over it: the owners' (their
+        # keys from the plan) and, for the helper players the coordinator ran (which opened the same
+        # result, checked in run_mpc_stage), the coordinator's, with its log key.
+        signatures = {party: (plan.parties[party], bytes.fromhex(sig)) for party, sig in record["signatures"].items()}
+        for player in record["result"].get("players", []):
+            if not player.get("holds_input", True) and player.get("name") not in signatures:
+                helper = self.store.sign_mpc_result(record["result"])
+                if helper is not None:
+                    signatures[str(player["name"])] = helper
+        mpc = MpcStage(stage.id, record["result"], signatures)
+        released_at = time.time()
+        receipt = build_receipt(
+            plan=plan,
+            approvals=self.store.approvals(qid),
+            stages=[mpc],
+            submitted_at=self.store.query(qid).created_at,
+            released_at=released_at,
+            result_sha256=hashlib.sha256(arrow_table).hexdigest(),
+        )
         self.store.release(
             qid,
-            arrow_table=sink.getvalue().to_pybytes(),
+            arrow_table=arrow_table,
             suppressed=release.suppressed,
-            result_json=canonical_json(release.record),
+            result_json=canonical_json(record),
             signature=b"",
             evidence=b"",
             simulated=False,
+            receipt=receipt,
+            released_at=released_at,
         )
         log.info("query %s released by MPC (%s)", qid, release.record["trust_assumption"])
 
@@ -699,6 +750,32 @@ class Orchestrator:
             signing_public=bytes(job.signing_public_key),
             appraisal=self.appraisal,
         )
+        att = verified.doc.get("attestation", {})
+        stage_event: dict[str, Any] = {
+            "query_id": qid,
+            "stage": str(verified.doc.get("stage")),
+            "kind": "tee",
+            "plan_hash": plan.hash,
+            "simulated": bool(verified.doc["simulated"]),
+            "evidence_sha256": att.get("evidence_sha256"),
+            "result_doc_sha256": hashlib.sha256(verified.result_json).hexdigest(),
+        }
+        if is_ident(att.get("format")):
+            stage_event["platform"] = att["format"]
+        measurement = str(att.get("measurement") or "").lower()
+        if HEX.fullmatch(measurement):  # every platform's measurement is hex; the log takes nothing else
+            stage_event["measurement"] = measurement
+        self.store.append_event("stage_executed", **stage_event)
+        # 6. The receipt (countersigned by the store with the log key) and the release, with its log
+        # entry, in one transaction.
+        released_at = time.time()
+        receipt = build_receipt(
+            plan=plan,
+            approvals=approvals,
+            stages=[TeeStage(verified.result_json, verified.signature, verified.evidence)],
+            submitted_at=self.store.query(qid).created_at,
+            released_at=released_at,
+        )
         self.store.release(
             qid,
             arrow_table=verified.arrow_table,
@@ -707,6 +784,8 @@ class Orchestrator:
             signature=verified.signature,
             evidence=verified.evidence,
             simulated=bool(verified.doc["simulated"]),
+            receipt=receipt,
+            released_at=released_at,
         )
         if verified.doc["simulated"]:
             log.warning("query %s released under SIMULATED attestation (no TEE)", qid)

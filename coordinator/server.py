@@ -2,24 +2,51 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
 import threading
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from coordinator.config import CoordinatorConfig
 from coordinator.orchestrator import Orchestrator
 from coordinator.planner import catalog_from_rows, explain_text, plan_query
 from coordinator.store import Store
 from sealroom.errors import AuthenticationError, InvalidQueryError, NotFoundError, SealroomError
+from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex, save_signing_key
 from sealroom.policy import DatasetPolicy
 from sealroom.rpc import Server, create_server, translate_errors
+from sealroom.tlog import is_ident
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ANALYST = "analyst"
+LOG_KEY_FILE = "log.key"  # the log's private key, when [coordinator] log_key is not set
+LOG_VKEY_FILE = "log.vkey"  # the log's verifier key NAME+ID+KEY, published for reviewers
+LOG_INFO_FILE = "log.json"  # origin, verifier key, public key and database, for reviewers' tools
+
+
+def load_log_key(config: CoordinatorConfig) -> Ed25519PrivateKey:
+    """The coordinator's log key: ``[coordinator] log_key``, or ``<state_dir>/log.key`` (created on first
+    start, mode 0600)."""
+    if config.log_key is not None:
+        return load_signing_key(config.log_key)
+    path = config.state_dir / LOG_KEY_FILE
+    if not path.exists():
+        save_signing_key(generate_signing_key(), path)
+        log.info("created the transparency log key %s", path)
+    return load_signing_key(path)
+
+
+def publish_log_key(state_dir: Path, *, origin: str, vkey: str, public_key: str) -> None:
+    """Write the log's public identity next to its database, for a reviewer with the state dir."""
+    (state_dir / LOG_VKEY_FILE).write_text(vkey + "\n")
+    info = {"origin": origin, "log_key": vkey, "public_key": public_key, "database": "coordinator.db"}
+    (state_dir / LOG_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 class Coordinator:
@@ -27,7 +54,16 @@ class Coordinator:
 
     def __init__(self, config: CoordinatorConfig):
         self.config = config
-        self.store = Store(config.state_dir / "coordinator.db")
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        key = load_log_key(config)
+        self.store = Store(config.state_dir / "coordinator.db", log_key=key)
+        assert self.store.log is not None
+        publish_log_key(
+            config.state_dir,
+            origin=self.store.log.origin,
+            vkey=self.store.log.signer.verifier.vkey(),
+            public_key=public_key_hex(key),
+        )
         n = self.store.fail_in_flight("the coordinator restarted while this query was in flight; resubmit it")
         if n:
             log.warning("%d in-flight queries were marked failed after a restart", n)
@@ -80,6 +116,11 @@ class Coordinator:
         return plan, explain_text(plan, analysis, rows)
 
     def submit(self, sql: str, analyst: str) -> tuple[str, str]:
+        if not is_ident(analyst):
+            raise InvalidQueryError(
+                "analyst names are letters, digits and _ . : - (starting with a letter or digit), "
+                "so that the audit log can record who submitted a query"
+            )
         query_id = "q_" + secrets.token_hex(8)
         self.store.create_query(query_id, sql, analyst)
         try:
@@ -88,6 +129,13 @@ class Coordinator:
             self.store.update_query(query_id, status="refused", error=err.to_dict(), progress="refused")
             return query_id, "refused"
         self.store.update_query(query_id, plan_json=plan.to_json(), plan_hash=plan.hash)
+        self.store.append_event(
+            "query_submitted",
+            query_id=query_id,
+            analyst=analyst,
+            sql_sha256=hashlib.sha256(sql.encode("utf-8")).hexdigest(),
+            plan_hash=plan.hash,
+        )
         t = threading.Thread(target=self.orchestrator.run, args=(plan,), name=f"query-{query_id}", daemon=True)
         self._threads = {q: th for q, th in self._threads.items() if th.is_alive()}
         self._threads[query_id] = t
@@ -195,12 +243,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             out.arrow_table = rel["arrow_table"]
             out.suppressed_json = json.dumps(rel["suppressed"]).encode()
             out.simulated = rel["simulated"]
+            # receipt_json: the enclave's signed result as before ("result", "result_json", "signature",
+            # "evidence"), plus "countersigned": the release receipt the coordinator countersigned and
+            # logged (`sealroom receipt verify`; null for a release from before receipts).
             out.receipt_json = json.dumps(
                 {
                     "result": json.loads(rel["result_json"]),
                     "result_json": rel["result_json"].decode(),
                     "signature": rel["signature"].hex(),
                     "evidence": rel["evidence"].decode(),
+                    "countersigned": rel["receipt"],
                 }
             ).encode()
         return out

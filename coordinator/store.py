@@ -1,23 +1,36 @@
-"""The coordinator's durable state in SQLite: catalog, queries, approvals, releases.
+"""The coordinator's durable state in SQLite: catalog, queries, approvals, releases, and the
+transparency log (docs/audit.md).
 
 Writes are single transactions; a query's state moves forward only. On start, queries that were in
 flight when the process stopped are marked failed (their enclave jobs died with them), so nothing
 is left half-done and nothing committed is lost.
+
+The transparency log (:class:`sealroom.tlog.TransparencyLog` over :class:`SQLiteLogStore`) lives in
+the same database and is written under the same lock: a registration, an approval or a release and
+its log entry commit together or not at all (the log's SAVEPOINT nests in the store's transaction).
+The release's receipt is countersigned here, with the log's key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sealroom.errors import AlreadyExistsError, NotFoundError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from sealroom.errors import AlreadyExistsError, InvalidQueryError, NotFoundError
+from sealroom.keys import public_key_hex
+from sealroom.policy import canonical_json
+from sealroom.receipts import MPC_RESULT_DOMAIN, countersign
+from sealroom.tlog import LogEntry, NoteSigner, SQLiteLogStore, TransparencyLog
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS parties (
@@ -65,9 +78,16 @@ CREATE TABLE IF NOT EXISTS releases (
     signature BLOB NOT NULL,
     evidence BLOB NOT NULL,
     simulated INTEGER NOT NULL,
-    released_at REAL NOT NULL
+    released_at REAL NOT NULL,
+    receipt_json BLOB
 );
 """
+
+
+def log_origin(key: Ed25519PrivateKey) -> str:
+    """The log's origin (a checkpoint's first line): stable for the coordinator's log key."""
+    return "sealroom.coordinator/" + hashlib.sha256(bytes.fromhex(public_key_hex(key))).hexdigest()[:16]
+
 
 TERMINAL = ("released", "refused", "failed")
 IN_FLIGHT = ("planning", "awaiting_approval", "pending_approval", "running")
@@ -88,7 +108,11 @@ class QueryRow:
 
 
 class Store:
-    def __init__(self, path: Path):
+    """``log_key``: the coordinator's Ed25519 log key; with it every catalog change, approval and
+    release is also appended to the transparency log (``self.log``), and releases get a
+    countersigned receipt. Without it (tools, old tests) nothing is logged."""
+
+    def __init__(self, path: Path, *, log_key: Ed25519PrivateKey | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
@@ -99,6 +123,13 @@ class Store:
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(datasets)").fetchall()}
         if "approximate_rows" not in columns:  # a state directory from before this column
             self._db.execute("ALTER TABLE datasets ADD COLUMN approximate_rows INTEGER NOT NULL DEFAULT 0")
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(releases)").fetchall()}
+        if "receipt_json" not in columns:  # a state directory from before receipts
+            self._db.execute("ALTER TABLE releases ADD COLUMN receipt_json BLOB")
+        self._log_key = log_key
+        self.log: TransparencyLog | None = None
+        if log_key is not None:
+            self.log = TransparencyLog(SQLiteLogStore(self._db), NoteSigner(log_origin(log_key), log_key))
 
     def close(self) -> None:
         with self._lock:
@@ -112,8 +143,41 @@ class Store:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
+                self._resync_log()
                 raise
             self._db.execute("COMMIT")
+
+    def _resync_log(self) -> None:
+        """After a rollback: the log's in-memory tree follows the entries that were committed."""
+        if self.log is not None and self.log.size != self.log.store.size():
+            self.log = TransparencyLog(self.log.store, self.log.signer, clock=self.log.clock)
+
+    def _append(self, type: str, **fields: Any) -> LogEntry | None:
+        """Append one event; the caller holds ``self._lock`` (inside :meth:`tx` it commits with the
+        transaction). An event the log cannot record (a name that is no identifier) is refused."""
+        if self.log is None:
+            return None
+        try:
+            return self.log.append(type, **fields)
+        except ValueError as exc:
+            raise InvalidQueryError(f"the audit log cannot record this {type} event: {exc}") from None
+
+    def sign_mpc_result(self, result: Mapping[str, Any]) -> tuple[str, bytes] | None:
+        """(public key hex, signature) of the coordinator's helper players over an opened MPC result,
+        with the log key (the players' domain, ``MPC_RESULT_DOMAIN``); None without a log key."""
+        if self._log_key is None:
+            return None
+        message = MPC_RESULT_DOMAIN + hashlib.sha256(canonical_json(dict(result))).digest()
+        return public_key_hex(self._log_key), self._log_key.sign(message)
+
+    def append_event(self, type: str, **fields: Any) -> LogEntry | None:
+        """Append one event to the transparency log on its own (see ``EVENT_TYPES`` in sealroom.tlog)."""
+        with self._lock:
+            try:
+                return self._append(type, **fields)
+            except BaseException:
+                self._resync_log()
+                raise
 
     # -- catalog -----------------------------------------------------------------------------
 
@@ -136,8 +200,25 @@ class Store:
                 "signing_public_key=excluded.signing_public_key, registered_at=excluded.registered_at",
                 (name, address, key_hex, now),
             )
+            before = {
+                r[0]: (r[1], bytes(r[2]))
+                for r in db.execute(
+                    "SELECT name, policy_digest, arrow_schema FROM datasets WHERE party = ?", (name,)
+                ).fetchall()
+            }
+            same_key = row is not None
             db.execute("DELETE FROM datasets WHERE party = ?", (name,))
             for d in datasets:
+                # Logged when new or changed (policy, schema or owner key), not at every agent restart.
+                if not same_key or before.get(d["name"]) != (d["policy_digest"], bytes(d["arrow_schema"])):
+                    self._append(
+                        "dataset_registered",
+                        party=name,
+                        dataset=d["name"],
+                        policy_digest=d["policy_digest"],
+                        schema_sha256=hashlib.sha256(bytes(d["arrow_schema"])).hexdigest(),
+                        owner_key_sha256=hashlib.sha256(bytes.fromhex(key_hex)).hexdigest(),
+                    )
                 db.execute(
                     "INSERT INTO datasets(party, name, arrow_schema, policy_json, policy_digest, description, "
                     "approximate_rows, registered_at) VALUES (?,?,?,?,?,?,?,?)",
@@ -244,7 +325,15 @@ class Store:
     # -- approvals and releases --------------------------------------------------------------
 
     def add_approval(self, query_id: str, party: str, plan_hash: str, signature: bytes) -> None:
+        """Store a party's approval; log ``approved`` when it is new (or another signature)."""
         with self.tx() as db:
+            old = db.execute(
+                "SELECT plan_hash, signature FROM approvals WHERE query_id = ? AND party = ?", (query_id, party)
+            ).fetchone()
+            if old is None or (old[0], bytes(old[1])) != (plan_hash, bytes(signature)):
+                self._append(
+                    "approved", query_id=query_id, party=party, plan_hash=plan_hash, signature=bytes(signature).hex()
+                )
             db.execute(
                 "INSERT OR REPLACE INTO approvals(query_id, party, plan_hash, signature, approved_at) "
                 "VALUES (?,?,?,?,?)",
@@ -274,25 +363,48 @@ class Store:
         signature: bytes,
         evidence: bytes,
         simulated: bool,
-    ) -> None:
-        """Store the release and mark the query released, in one transaction."""
-        now = time.time()
+        receipt: Mapping[str, Any] | None = None,
+        released_at: float | None = None,
+    ) -> dict[str, Any] | None:
+        """Store the release and mark the query released, in one transaction; with the log, also
+        countersign ``receipt`` (built with ``released_at``) and append its ``released`` entry in
+        that same transaction. Returns the countersigned receipt (None without a log)."""
+        now = time.time() if released_at is None else released_at
+        signed = None
+        if self.log is not None:
+            if receipt is None:
+                raise ValueError("a release recorded in the transparency log needs its receipt")
+            assert self._log_key is not None
+            signed = countersign(receipt, self._log_key)
         with self.tx() as db:
             db.execute(
                 "INSERT INTO releases(query_id, arrow_table, suppressed_json, result_json, signature, evidence, "
-                "simulated, released_at) VALUES (?,?,?,?,?,?,?,?)",
-                (query_id, arrow_table, json.dumps(suppressed), result_json, signature, evidence, int(simulated), now),
+                "simulated, released_at, receipt_json) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    query_id,
+                    arrow_table,
+                    json.dumps(suppressed),
+                    result_json,
+                    signature,
+                    evidence,
+                    int(simulated),
+                    now,
+                    canonical_json(signed) if signed is not None else None,
+                ),
             )
             db.execute(
                 "UPDATE queries SET status = 'released', progress = 'released', updated_at = ? WHERE id = ?",
                 (now, query_id),
             )
+            if self.log is not None and signed is not None:
+                self.log.append_release(signed)
+        return signed
 
     def get_release(self, query_id: str) -> dict[str, Any] | None:
         with self._lock:
             r = self._db.execute(
-                "SELECT arrow_table, suppressed_json, result_json, signature, evidence, simulated, released_at "
-                "FROM releases WHERE query_id = ?",
+                "SELECT arrow_table, suppressed_json, result_json, signature, evidence, simulated, released_at, "
+                "receipt_json FROM releases WHERE query_id = ?",
                 (query_id,),
             ).fetchone()
         if r is None:
@@ -305,4 +417,5 @@ class Store:
             "evidence": bytes(r[4]),
             "simulated": bool(r[5]),
             "released_at": r[6],
+            "receipt": json.loads(r[7]) if r[7] is not None else None,
         }

@@ -662,20 +662,13 @@ def _receipt_warnings(out: Any, args: argparse.Namespace) -> list[str]:
     return warnings
 
 
-def cmd_audit_verify(args: argparse.Namespace) -> int:
+def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What `audit verify` (and list/show/export, for their status column) check a log with."""
     from sealroom.errors import AuditError
-    from sealroom.receipts import verify_receipt
-    from sealroom.tlog import NoteVerifier, SignedCheckpoint, load_export, verify_log
+    from sealroom.tlog import NoteVerifier, SignedCheckpoint
 
-    try:
-        export = load_export(_read_file(args.log, "log"))
-    except ValueError as exc:
-        raise UsageError(f"{args.log}: {exc}") from None
-    log_key = None
-    if args.log_key:
-        log_key = NoteVerifier(export["origin"], bytes.fromhex(_ed25519_hex(args.log_key, "--log-key")))
     witnesses = []
-    for value in args.witness_key:
+    for value in getattr(args, "witness_key", []):
         name, sep, key = value.partition("=")
         if "+" in value and not sep:
             try:
@@ -689,49 +682,526 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             witnesses.append(NoteVerifier(name, bytes.fromhex(_ed25519_hex(key, "--witness-key"))))
         except ValueError as exc:
             raise UsageError(f"--witness-key {name}: {exc}") from None
-    if args.quorum is not None and not 0 <= args.quorum <= len(witnesses):
+    quorum = getattr(args, "quorum", None)
+    if quorum is not None and not 0 <= quorum <= len(witnesses):
         raise UsageError(f"--quorum must be between 0 and the number of --witness-key ({len(witnesses)})")
     trusted = []
-    for path in args.checkpoint:
+    for path in getattr(args, "checkpoint", []):
         try:
             trusted.append(SignedCheckpoint.from_text(_read_file(path, "checkpoint")))
         except AuditError as err:
             raise UsageError(f"{path}: {err.message}") from None
-    if args.coordinator_key:
-        coordinator_key: str | None = _ed25519_hex(args.coordinator_key, "--coordinator-key")
-    else:  # the coordinator countersigns receipts with its log key
-        coordinator_key = log_key.public_key.hex() if log_key is not None else None
-    appraisal_for = _receipt_appraisal(args)
+    return {
+        "log_key": _ed25519_hex(args.log_key, "--log-key") if args.log_key else None,
+        "coordinator_key": _ed25519_hex(args.coordinator_key, "--coordinator-key")
+        if getattr(args, "coordinator_key", None)
+        else None,
+        "witnesses": witnesses,
+        "quorum": quorum,
+        "trusted": trusted,
+        "appraisal_for": _receipt_appraisal(args),
+    }
+
+
+def _verify_export(export: dict[str, Any], log_key_hex: str | None, opts: dict[str, Any]) -> Any:
+    """verify_log over one export with the options; raises AuditError naming the first failure."""
+    from sealroom.receipts import verify_receipt
+    from sealroom.tlog import NoteVerifier, verify_log
+
+    log_key = NoteVerifier(export["origin"], bytes.fromhex(log_key_hex)) if log_key_hex else None
+    # The coordinator countersigns receipts with its log key.
+    coordinator_key = opts["coordinator_key"] or log_key_hex
+    appraisal_for = opts["appraisal_for"]
 
     def check_receipt(receipt: Any) -> None:
         verify_receipt(receipt, appraisal=appraisal_for(receipt), coordinator_key=coordinator_key)
 
-    try:
-        report = verify_log(
-            export,
-            log_key=log_key,
-            witnesses=witnesses,
-            quorum=args.quorum,
-            trusted=trusted,
-            verify_receipt=check_receipt,
+    return verify_log(
+        export,
+        log_key=log_key,
+        witnesses=opts["witnesses"],
+        quorum=opts["quorum"],
+        trusted=opts["trusted"],
+        verify_receipt=check_receipt,
+    )
+
+
+def _state_logs(state_dir: str) -> list[Path]:
+    """The coordinator state directories under ``state_dir`` (itself, or e.g. the demo's
+    ``DIR/<scenario>/coordinator``): each holds ``coordinator.db`` and the published ``log.json``."""
+    root = Path(state_dir)
+    if not root.is_dir():
+        raise UsageError(f"--state-dir {state_dir} is not a directory")
+    if (root / "log.json").is_file() and (root / "coordinator.db").is_file():
+        return [root]
+    found = sorted(p.parent for p in root.glob("**/log.json") if (p.parent / "coordinator.db").is_file())
+    if not found:
+        raise UsageError(
+            f"{state_dir} holds no coordinator state (coordinator.db with log.json); give the coordinator's "
+            "state_dir, or a directory above it"
         )
-    except AuditError as err:
-        return _refusal(args, err)
-    warnings = []
-    if not report.log_key_pinned:
-        warnings.append("log key not pinned (--log-key): the log is only self-consistent")
-    if appraisal_for({}) is None and not args.allow_simulated:
-        warnings.append("receipts' attestation evidence not appraised (give --trust, or --allow-simulated --dev-root)")
-    if args.json:
-        _emit({**report.to_dict(), "warnings": warnings})
-        return EXIT_OK
+    return found
+
+
+def _load_state_log(directory: Path) -> tuple[dict[str, Any], str]:
+    """The kernel's export of the log in ``directory``'s database (opened read-only), and the
+    published log key (hex) from ``log.vkey``."""
+    import sqlite3
+
+    from sealroom.tlog import NoteVerifier, SQLiteLogStore, export_store
+
+    try:
+        vkey = NoteVerifier.from_vkey(_read_file(str(directory / "log.vkey"), "log key").decode("utf-8"))
+        info = json.loads(_read_file(str(directory / "log.json"), "log description"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{directory}: the published log key or log.json is malformed: {exc}") from None
+    if not isinstance(info, dict) or info.get("origin") != vkey.name:
+        raise UsageError(f"{directory}: log.json and log.vkey name different logs")
+    try:
+        db = sqlite3.connect(f"{(directory / 'coordinator.db').resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            export = export_store(SQLiteLogStore(db), origin=vkey.name, log_key=vkey)
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise UsageError(f"{directory / 'coordinator.db'}: cannot read the log: {exc}") from None
+    return export, vkey.public_key.hex()
+
+
+def _print_report(report: Any, witnesses: bool, prefix: str = "") -> None:
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(report.entries_by_type.items()))
-    print(f"verified log {report.origin}: {report.size} entries ({kinds or 'none'}), {report.checkpoints} checkpoints")
+    print(
+        f"{prefix}verified log {report.origin}: {report.size} entries ({kinds or 'none'}), "
+        f"{report.checkpoints} checkpoints"
+    )
     print(f"  {report.receipts} release receipt(s) verified; root at size {report.size}: {report.root.hex()}")
     if witnesses:
         print(f"  co-signed by the witness quorum up to size {report.witnessed_size}")
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from sealroom.errors import AuditError
+    from sealroom.tlog import load_export
+
+    if bool(args.log) == bool(args.state_dir):
+        raise UsageError("give either --log FILE (an exported log) or --state-dir DIR (a coordinator's state)")
+    opts = _verify_options(args)
+    warnings = []
+    if opts["appraisal_for"]({}) is None and not args.allow_simulated:
+        warnings.append("receipts' attestation evidence not appraised (give --trust, or --allow-simulated --dev-root)")
+    if args.log:
+        try:
+            export = load_export(_read_file(args.log, "log"))
+        except ValueError as exc:
+            raise UsageError(f"{args.log}: {exc}") from None
+        try:
+            report = _verify_export(export, opts["log_key"], opts)
+        except AuditError as err:
+            return _refusal(args, err)
+        if not report.log_key_pinned:
+            warnings.insert(0, "log key not pinned (--log-key): the log is only self-consistent")
+        if args.json:
+            _emit({**report.to_dict(), "warnings": warnings})
+            return EXIT_OK
+        _print_report(report, bool(opts["witnesses"]))
+        for w in warnings:
+            print(f"  note: {w}")
+        return EXIT_OK
+
+    # --state-dir: every coordinator log found there, with the key each coordinator published.
+    if not opts["log_key"]:
+        warnings.insert(
+            0, "log key read from the state directory (log.vkey); pin it with --log-key for an independent check"
+        )
+    reports = []
+    for directory in _state_logs(args.state_dir):
+        export, published = _load_state_log(directory)
+        try:
+            report = _verify_export(export, opts["log_key"] or published, opts)
+        except AuditError as err:
+            err.details.setdefault("log", str(directory))
+            print(f"sealroom: refused ({err.details.get('check', '')}): {directory}: {err.message}", file=sys.stderr)
+            if args.json:
+                _emit(
+                    {
+                        "verified": False,
+                        "check": err.details.get("check", ""),
+                        "log": str(directory),
+                        "reason": err.to_dict(),
+                    }
+                )
+            return EXIT_FAILED
+        reports.append((directory, report))
+    if args.json:
+        _emit(
+            {
+                "verified": True,
+                "logs": [{"directory": str(d), **r.to_dict()} for d, r in reports],
+                "warnings": warnings,
+            }
+        )
+        return EXIT_OK
+    for directory, report in reports:
+        _print_report(report, bool(opts["witnesses"]), prefix=f"{directory}: ")
     for w in warnings:
         print(f"  note: {w}")
+    return EXIT_OK
+
+
+def _iso(ts: Any) -> str:
+    from datetime import UTC, datetime
+
+    if not isinstance(ts, int | float):
+        return "?"
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _audit_releases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every release in the state dir's logs, described from its receipt, with its verification
+    status: ``verified``, ``refused (CHECK)`` (its receipt), or ``log refused (CHECK)`` (the log)."""
+    from sealroom.errors import AuditError
+    from sealroom.receipts import verify_receipt
+    from sealroom.tlog import receipt_sha256
+
+    opts = _verify_options(args)
+    appraisal_for = opts["appraisal_for"]
+    out: list[dict[str, Any]] = []
+    for directory in _state_logs(args.state_dir):
+        export, published = _load_state_log(directory)
+        key = opts["log_key"] or published
+        try:
+            _verify_export(export, key, opts)
+            log_error = None
+        except AuditError as err:
+            log_error = err
+        entries = [e for e in export["entries"] if isinstance(e, dict) and isinstance(e.get("event"), dict)]
+        approved_at: dict[tuple[str, str], int] = {}
+        for e in entries:
+            if e.get("type") == "approved":
+                approved_at[(str(e["event"].get("query_id")), str(e["event"].get("party")))] = e.get("time_ms", 0)
+        for e in entries:
+            if e.get("type") != "released":
+                continue
+            receipt = export["receipts"].get(str(e.get("seq")))
+            status = "verified"
+            if not isinstance(receipt, dict):
+                status, receipt = "refused (receipt_missing)", {}
+            elif receipt_sha256(receipt) != e["event"].get("receipt_sha256"):
+                status = "refused (receipt_hash)"
+            else:
+                try:
+                    verify_receipt(receipt, appraisal=appraisal_for(receipt), coordinator_key=key)
+                except AuditError as err:
+                    status = f"refused ({err.details.get('check')})"
+            if status == "verified" and log_error is not None:
+                status = f"log refused ({log_error.details.get('check')})"
+            out.append(_describe(receipt, e, status, directory, export["origin"], approved_at))
+    return out
+
+
+def _describe(
+    receipt: dict[str, Any],
+    entry: dict[str, Any],
+    status: str,
+    directory: Path,
+    origin: str,
+    approved_at: dict[tuple[str, str], int],
+) -> dict[str, Any]:
+    """One release in words, from its receipt (defensively: a tampered receipt still gets a row)."""
+
+    def get(doc: Any, *path: str) -> Any:
+        for key in path:
+            doc = doc.get(key) if isinstance(doc, dict) else None
+        return doc
+
+    def listed(doc: Any) -> list[Any]:
+        return doc if isinstance(doc, list) else []
+
+    qid = get(receipt, "query", "id") or get(entry, "event", "query_id")
+    datasets = sorted(
+        {f"{d.get('party')}.{d.get('dataset')}" for d in listed(receipt.get("datasets")) if isinstance(d, dict)}
+    )
+    stages = []
+    for s in listed(receipt.get("stages")):
+        if not isinstance(s, dict):
+            continue
+        if s.get("kind") == "tee":
+            att = get(s, "result", "attestation") or {}
+            stages.append(
+                {
+                    "id": s.get("id"),
+                    "kind": "tee",
+                    "platform": s.get("format"),
+                    "measurement": s.get("measurement"),
+                    "simulated": s.get("simulated"),
+                    "evidence_sha256": att.get("evidence_sha256") if isinstance(att, dict) else None,
+                    "executed_at": _iso(get(s, "result", "executed_at")),
+                }
+            )
+        else:
+            stages.append(
+                {
+                    "id": s.get("id"),
+                    "kind": "mpc",
+                    "players": [p.get("name") for p in listed(s.get("players")) if isinstance(p, dict)],
+                    "threshold": get(s, "result", "threshold"),
+                    "trust_assumption": s.get("trust_assumption"),
+                    "simulated": s.get("simulated"),
+                }
+            )
+    approvals = [
+        {
+            "party": a.get("party"),
+            "public_key": a.get("public_key"),
+            "plan_hash": a.get("plan_hash"),
+            "logged_at": _iso(approved_at[(str(qid), str(a.get("party")))] / 1000)
+            if (str(qid), str(a.get("party"))) in approved_at
+            else None,
+        }
+        for a in listed(receipt.get("approvals"))
+        if isinstance(a, dict)
+    ]
+    suppressed = [c for c in listed(get(receipt, "disclosure", "suppressed")) if isinstance(c, dict)]
+    return {
+        "query_id": qid,
+        "released_at": _iso(get(receipt, "timestamps", "released_at")),
+        "released_ts": get(receipt, "timestamps", "released_at"),
+        "submitted_at": _iso(get(receipt, "timestamps", "submitted_at")),
+        "analyst": get(receipt, "query", "analyst"),
+        "sql": get(receipt, "query", "sql"),
+        "plan_hash": get(receipt, "query", "plan_hash"),
+        "datasets": datasets,
+        "parties": sorted({d.split(".", 1)[0] for d in datasets}),
+        "approvals": approvals,
+        "stages": stages,
+        "suppressed": suppressed,
+        "rules": get(receipt, "disclosure", "rules"),
+        "rows": get(receipt, "result", "rows"),
+        "columns": get(receipt, "result", "columns"),
+        "result_sha256": get(receipt, "result", "sha256"),
+        "suppressed_cells": len(suppressed),
+        "simulated": receipt.get("simulated") if receipt else get(entry, "event", "simulated"),
+        "status": status,
+        "entry": entry.get("seq"),
+        "log": origin,
+        "directory": str(directory),
+    }
+
+
+def cmd_audit_list(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    since = None
+    if args.since:
+        try:
+            since = datetime.fromisoformat(args.since)
+        except ValueError:
+            raise UsageError(f"--since must be an ISO-8601 date or time (got {args.since!r})") from None
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+    if args.dataset and args.dataset.count(".") != 1:
+        raise UsageError("--dataset is PARTY.DATASET")
+    rows = []
+    for r in _audit_releases(args):
+        if since is not None and not (
+            isinstance(r["released_ts"], int | float) and r["released_ts"] >= since.timestamp()
+        ):
+            continue
+        if args.dataset and args.dataset not in r["datasets"]:
+            continue
+        if args.analyst and r["analyst"] != args.analyst:
+            continue
+        rows.append(r)
+    keys = ("query_id", "released_at", "analyst", "datasets", "rows", "suppressed_cells", "simulated", "status", "log")
+    if args.json:
+        _emit({"releases": [{k: r[k] for k in keys} for r in rows]})
+        return EXIT_OK
+    if not rows:
+        print("no releases")
+        return EXIT_OK
+    print(f"{'QUERY':<20} {'RELEASED (UTC)':<21} {'ANALYST':<12} {'ROWS':>5} {'SUPPR':>5}  STATUS  DATASETS")
+    for r in rows:
+        status = r["status"] + (", SIMULATED" if r["simulated"] else "")
+        print(
+            f"{r['query_id']!s:<20} {r['released_at']:<21} {r['analyst']!s:<12} {r['rows']!s:>5} "
+            f"{r['suppressed_cells']:>5}  {status}  {', '.join(r['datasets'])}"
+        )
+    return EXIT_OK
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    found = [r for r in _audit_releases(args) if r["query_id"] == args.release_id]
+    if not found:
+        print(f"sealroom: no release {args.release_id} in the logs under {args.state_dir}", file=sys.stderr)
+        if args.json:
+            _emit({"found": False, "query_id": args.release_id})
+        return EXIT_FAILED
+    r = found[-1]
+    r = {k: v for k, v in r.items() if k != "released_ts"}
+    if args.json:
+        _emit(r)
+        return EXIT_OK
+    print(f"release {r['query_id']} (log {r['log']}, entry {r['entry']}): {r['status'].upper()}")
+    print(f"  analyst {r['analyst']}; submitted {r['submitted_at']}, released {r['released_at']}")
+    print(f"  plan hash {r['plan_hash']}")
+    print("  SQL:")
+    for line in str(r["sql"]).strip().splitlines():
+        print(f"    {line}")
+    print(f"  parties: {', '.join(r['parties'])}; datasets: {', '.join(r['datasets'])}")
+    for a in r["approvals"]:
+        print(f"  approved by {a['party']} (key {str(a['public_key'])[:16]}…, logged {a['logged_at'] or '?'})")
+    for s in r["stages"]:
+        if s["kind"] == "tee":
+            sim = " (SIMULATED attestation: no TEE)" if s["simulated"] else ""
+            print(f"  stage {s['id']}: enclave, {s['platform']} measurement {s['measurement']}{sim}")
+            print(f"    evidence sha256 {s['evidence_sha256']}, executed {s['executed_at']}")
+        else:
+            print(f"  stage {s['id']}: MPC, players {', '.join(map(str, s['players']))}, threshold {s['threshold']}")
+            print(f"    trust assumption: {s['trust_assumption']}")
+    print(f"  released {r['rows']} row(s), columns {', '.join(map(str, r['columns'] or []))}")
+    print(f"  result sha256 {r['result_sha256']}")
+    if not r["suppressed"]:
+        print("  no cell suppressed")
+    for c in r["suppressed"]:
+        group = ", ".join(f"{k}={v}" for k, v in (c.get("group") or {}).items())
+        print(f"  suppressed cell {group or '(all)'}: {c.get('rule')}: {c.get('reason')}")
+    return EXIT_OK
+
+
+HTML_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:75em;color:#222}"
+    "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #bbb;padding:.25em .5em;"
+    "text-align:left;vertical-align:top}pre{background:#f4f4f4;padding:.5em;white-space:pre-wrap}"
+    ".ok{color:#065f46;font-weight:bold}.bad{color:#b91c1c;font-weight:bold}.sim{color:#92400e}"
+    "section{border-top:2px solid #ddd;margin-top:1.5em}"
+)
+
+
+def audit_html(releases: list[dict[str, Any]], logs: list[dict[str, Any]]) -> str:
+    """One self-contained HTML page (no script, no external resource); every value is escaped."""
+    from html import escape
+
+    def e(v: Any) -> str:
+        return escape("" if v is None else str(v), quote=True)
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>Sealroom audit report</title>",
+        f"<style>{HTML_STYLE}</style></head><body>",
+        "<h1>Sealroom audit report</h1>",
+        "<h2>Logs</h2><table><tr><th>log</th><th>directory</th><th>entries</th><th>status</th></tr>",
+    ]
+    for lg in logs:
+        cls = "ok" if lg["status"] == "verified" else "bad"
+        parts.append(
+            f"<tr><td>{e(lg['origin'])}</td><td>{e(lg['directory'])}</td><td>{e(lg['entries'])}</td>"
+            f'<td class="{cls}">{e(lg["status"])}</td></tr>'
+        )
+    parts.append("</table>")
+    parts.append(f"<h2>Releases ({len(releases)})</h2>")
+    for r in releases:
+        cls = "ok" if r["status"] == "verified" else "bad"
+        parts.append(f'<section id="{e(r["query_id"])}"><h3>Release {e(r["query_id"])}</h3>')
+        parts.append(f'<p>Verification: <span class="{cls}">{e(r["status"])}</span>')
+        if r["simulated"]:
+            parts.append(' &mdash; <span class="sim">SIMULATED attestation: no TEE protected this release</span>')
+        parts.append("</p><table>")
+        for label, value in (
+            ("analyst", r["analyst"]),
+            ("submitted", r["submitted_at"]),
+            ("released", r["released_at"]),
+            ("parties", ", ".join(r["parties"])),
+            ("datasets", ", ".join(r["datasets"])),
+            ("plan hash", r["plan_hash"]),
+            ("released rows", r["rows"]),
+            ("columns", ", ".join(map(str, r["columns"] or []))),
+            ("result sha256", r["result_sha256"]),
+            ("log entry", f"{r['log']} #{r['entry']}"),
+        ):
+            parts.append(f"<tr><th>{e(label)}</th><td>{e(value)}</td></tr>")
+        parts.append(f"</table><h4>Query</h4><pre>{e(str(r['sql']).strip())}</pre>")
+        parts.append("<h4>Approvals</h4><table><tr><th>party</th><th>public key</th><th>logged</th></tr>")
+        for a in r["approvals"]:
+            parts.append(f"<tr><td>{e(a['party'])}</td><td>{e(a['public_key'])}</td><td>{e(a['logged_at'])}</td></tr>")
+        parts.append("</table><h4>Execution</h4><table>")
+        for s in r["stages"]:
+            if s["kind"] == "tee":
+                sim = " (SIMULATED)" if s["simulated"] else ""
+                parts.append(
+                    f"<tr><th>stage {e(s['id'])}: enclave</th><td>platform {e(s['platform'])}{e(sim)}<br>"
+                    f"measurement {e(s['measurement'])}<br>evidence sha256 {e(s['evidence_sha256'])}<br>"
+                    f"executed {e(s['executed_at'])}</td></tr>"
+                )
+            else:
+                parts.append(
+                    f"<tr><th>stage {e(s['id'])}: MPC</th><td>players {e(', '.join(map(str, s['players'])))}<br>"
+                    f"threshold {e(s['threshold'])}<br>trust assumption: {e(s['trust_assumption'])}</td></tr>"
+                )
+        parts.append("</table><h4>Suppressed cells</h4>")
+        if not r["suppressed"]:
+            parts.append("<p>none</p>")
+        else:
+            parts.append("<table><tr><th>stage</th><th>cell</th><th>rule</th><th>reason</th></tr>")
+            for c in r["suppressed"]:
+                group = ", ".join(f"{k}={v}" for k, v in (c.get("group") or {}).items())
+                parts.append(
+                    f"<tr><td>{e(c.get('stage'))}</td><td>{e(group)}</td><td>{e(c.get('rule'))}</td>"
+                    f"<td>{e(c.get('reason'))}</td></tr>"
+                )
+            parts.append("</table>")
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from sealroom.errors import AuditError
+
+    if args.json and not args.output:
+        raise UsageError("--json prints a summary of the export; give -o FILE for the export itself")
+    directories = _state_logs(args.state_dir)
+    releases: list[dict[str, Any]] | None = None
+    if args.format == "json":
+        if len(directories) != 1:
+            raise UsageError(
+                f"{args.state_dir} holds {len(directories)} coordinator logs; export one at a time with the "
+                f"--state-dir of one of: {', '.join(str(d) for d in directories)}"
+            )
+        export, _ = _load_state_log(directories[0])
+        text = json.dumps(export, indent=1) + "\n"
+    else:
+        opts = _verify_options(args)
+        logs = []
+        for directory in directories:
+            export, published = _load_state_log(directory)
+            try:
+                _verify_export(export, opts["log_key"] or published, opts)
+                status = "verified"
+            except AuditError as err:
+                status = f"refused ({err.details.get('check')}): {err.message}"
+            logs.append(
+                {
+                    "origin": export["origin"],
+                    "directory": str(directory),
+                    "entries": len(export["entries"]),
+                    "status": status,
+                }
+            )
+        releases = _audit_releases(args)
+        text = audit_html(releases, logs)
+    if args.output:
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+    else:
+        sys.stdout.write(text)
+    if args.json:
+        summary: dict[str, Any] = {"format": args.format, "output": args.output, "logs": [str(d) for d in directories]}
+        if releases is not None:
+            summary["releases"] = [{"query_id": r["query_id"], "status": r["status"]} for r in releases]
+        _emit(summary)
     return EXIT_OK
 
 
@@ -845,9 +1315,10 @@ def build_parser() -> argparse.ArgumentParser:
     rv.set_defaults(fn=cmd_receipt_verify)
 
     au = sub.add_parser("audit", help="the compliance reviewer's tools").add_subparsers(dest="action", required=True)
-    avf = with_json(au.add_parser("verify", help="verify an exported transparency log: entries, checkpoints, receipts"))
-    avf.add_argument("--log", required=True, help="the exported log (JSON)")
-    avf.add_argument("--log-key", metavar="HEX_OR_VKEY", help="the log's Ed25519 public key to pin")
+    avf = with_json(au.add_parser("verify", help="verify a transparency log: entries, checkpoints, receipts"))
+    src = avf.add_mutually_exclusive_group(required=True)
+    src.add_argument("--log", help="an exported log (JSON)")
+    src.add_argument("--state-dir", help="a coordinator's state directory (or one above it, e.g. a demo's)")
     avf.add_argument(
         "--witness-key", action="append", default=[], metavar="NAME=HEX", help="a witness whose co-signature counts"
     )
@@ -858,10 +1329,33 @@ def build_parser() -> argparse.ArgumentParser:
     avf.add_argument(
         "--coordinator-key", metavar="HEX_OR_FILE", help="receipts' countersigning key (default: the log key)"
     )
-    avf.add_argument("--trust", metavar="TOML", help="appraise receipts' attestation evidence with this [trust] table")
-    avf.add_argument("--allow-simulated", action="store_true", help="accept SIMULATED evidence (no TEE)")
-    avf.add_argument("--dev-root", metavar="CRT", help="the dev root certificate (with --allow-simulated)")
-    avf.set_defaults(fn=cmd_audit_verify)
+
+    def reviewer(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--log-key", metavar="HEX_OR_VKEY", help="the log's Ed25519 public key to pin")
+        sp.add_argument(
+            "--trust", metavar="TOML", help="appraise receipts' attestation evidence with this [trust] table"
+        )
+        sp.add_argument("--allow-simulated", action="store_true", help="accept SIMULATED evidence (no TEE)")
+        sp.add_argument("--dev-root", metavar="CRT", help="the dev root certificate (with --allow-simulated)")
+        return sp
+
+    reviewer(avf).set_defaults(fn=cmd_audit_verify)
+    state_help = "a coordinator's state directory (or one above it, e.g. a demo's)"
+    al = reviewer(with_json(au.add_parser("list", help="list releases with their verification status")))
+    al.add_argument("--state-dir", required=True, help=state_help)
+    al.add_argument("--since", metavar="ISO", help="only releases at or after this time (UTC unless it says)")
+    al.add_argument("--dataset", metavar="PARTY.DATASET", help="only releases that read this dataset")
+    al.add_argument("--analyst", metavar="NAME", help="only this analyst's releases")
+    al.set_defaults(fn=cmd_audit_list)
+    ash = reviewer(with_json(au.add_parser("show", help="one release in words")))
+    ash.add_argument("release_id", help="the release's query id")
+    ash.add_argument("--state-dir", required=True, help=state_help)
+    ash.set_defaults(fn=cmd_audit_show)
+    aex = reviewer(with_json(au.add_parser("export", help="export the log (json) or a self-contained report (html)")))
+    aex.add_argument("--format", choices=["json", "html"], required=True)
+    aex.add_argument("--state-dir", required=True, help=state_help)
+    aex.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    aex.set_defaults(fn=cmd_audit_export)
 
     analyst(sub.add_parser("datasets", help="list registered datasets")).set_defaults(fn=cmd_datasets)
     e = analyst(sub.add_parser("explain", help="show the plan for a query without running it"))

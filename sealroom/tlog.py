@@ -79,6 +79,8 @@ __all__ = [
     "SQLiteLogStore",
     "TransparencyLog",
     "EXPORT_FORMAT",
+    "export_store",
+    "is_ident",
     "LogReport",
     "load_export",
     "verify_log",
@@ -711,6 +713,11 @@ EVENT_TYPES: Mapping[str, Mapping[str, str]] = MappingProxyType(
 )
 
 
+def is_ident(value: Any) -> bool:
+    """True when ``value`` can be an entry's identifier field (party, dataset, analyst, query id, rule)."""
+    return isinstance(value, str) and _IDENT.fullmatch(value) is not None
+
+
 def _valid(kind: str, value: Any) -> bool:
     if kind == "ident":
         return isinstance(value, str) and _IDENT.fullmatch(value) is not None
@@ -1042,27 +1049,33 @@ class TransparencyLog:
 
     def export(self) -> dict[str, Any]:
         """The whole log as one JSON-ready document (:func:`verify_log` reads it with nothing else)."""
-        entries = []
-        for data in self.store.entries():
-            try:
-                entries.append(json.loads(data.decode("utf-8")))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                entries.append({"unreadable": _b64(data)})  # exported as it is; verification names it
-        receipts: dict[str, Any] = {}
-        for seq, data in self.store.receipts().items():
-            try:
-                receipts[str(seq)] = json.loads(data.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                receipts[str(seq)] = {"unreadable": _b64(data)}
-        return {
-            "format": EXPORT_FORMAT,
-            "version": EXPORT_VERSION,
-            "origin": self.origin,
-            "log_key": self.signer.verifier.vkey(),
-            "entries": entries,
-            "checkpoints": self.store.checkpoints(),
-            "receipts": receipts,
-        }
+        return export_store(self.store, origin=self.origin, log_key=self.signer.verifier)
+
+
+def export_store(store: LogStore, *, origin: str, log_key: NoteVerifier) -> dict[str, Any]:
+    """The export document of a stored log, without its private key: what a reviewer builds from a
+    copy of the coordinator's database and the log's published verifier key."""
+    entries = []
+    for data in store.entries():
+        try:
+            entries.append(json.loads(data.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            entries.append({"unreadable": _b64(data)})  # exported as it is; verification names it
+    receipts: dict[str, Any] = {}
+    for seq, data in store.receipts().items():
+        try:
+            receipts[str(seq)] = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            receipts[str(seq)] = {"unreadable": _b64(data)}
+    return {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "origin": origin,
+        "log_key": log_key.vkey(),
+        "entries": entries,
+        "checkpoints": store.checkpoints(),
+        "receipts": receipts,
+    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -93,3 +93,24 @@ def pg_schema(postgres: Postgres, request: pytest.FixtureRequest) -> Iterator[Pg
         yield PgSchema(postgres, name)
     finally:
         postgres.execute(f'DROP SCHEMA "{name}" CASCADE')
+
+
+# --- a real headless browser (Debian's chromium; `make test` installs it where it can) -----------
+
+
+def _browser_required() -> bool:
+    return bool(os.environ.get("CI")) or os.environ.get("SEALROOM_REQUIRE_BROWSER") == "1"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The path of a headless-capable Chromium, or a skip saying why (a failure in CI)."""
+    import shutil
+
+    path = os.environ.get("SEALROOM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        why = "no chromium on PATH (Debian: apt-get install chromium; `make test` installs it when run as root)"
+        if _browser_required():
+            pytest.fail(f"{why}; CI (CI or SEALROOM_REQUIRE_BROWSER=1) requires it", pytrace=False)
+        pytest.skip(why)
+    return path
