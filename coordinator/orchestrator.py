@@ -786,6 +786,7 @@ class Orchestrator:
             simulated=bool(verified.doc["simulated"]),
             receipt=receipt,
             released_at=released_at,
+            progress=tracker.to_json("released"),  # what each party sent stays visible in the status
         )
         if verified.doc["simulated"]:
             log.warning("query %s released under SIMULATED attestation (no TEE)", qid)

@@ -365,10 +365,12 @@ class Store:
         simulated: bool,
         receipt: Mapping[str, Any] | None = None,
         released_at: float | None = None,
+        progress: str = "released",
     ) -> dict[str, Any] | None:
         """Store the release and mark the query released, in one transaction; with the log, also
         countersign ``receipt`` (built with ``released_at``) and append its ``released`` entry in
-        that same transaction. Returns the countersigned receipt (None without a log)."""
+        that same transaction. ``progress`` is what the query's status keeps showing (the streams'
+        final counts, for a TEE release). Returns the countersigned receipt (None without a log)."""
         now = time.time() if released_at is None else released_at
         signed = None
         if self.log is not None:
@@ -393,8 +395,8 @@ class Store:
                 ),
             )
             db.execute(
-                "UPDATE queries SET status = 'released', progress = 'released', updated_at = ? WHERE id = ?",
-                (now, query_id),
+                "UPDATE queries SET status = 'released', progress = ?, updated_at = ? WHERE id = ?",
+                (progress, now, query_id),
             )
             if self.log is not None and signed is not None:
                 self.log.append_release(signed)
