@@ -73,7 +73,7 @@ from sealroom.plan import (
 from sealroom.policy import DatasetPolicy, TrustPolicy, load_policy_file
 from sealroom.rpc import Server, call, create_server, open_channel, translate_errors, unwrap
 from sealroom.sealed import SealingStream, StreamContext, schema_hash
-from sealroom.sqlplan import PAD_COLUMN
+from sealroom.sqlplan import PAD_COLUMN, UNION_UNIT
 from sealroom.v1 import (
     common_pb2,
     coordinator_pb2,
@@ -425,6 +425,15 @@ class PartyAgent:
                     "privacy_unit",
                     **where,
                 )
+            if (spec.threshold_on == "units") != (spec.unit_column == UNION_UNIT) or (
+                spec.unit_column is not None and spec.unit_column in self.schemas[inp.dataset].names
+            ):
+                raise refuse(
+                    "the MPC stage does not count this owner's privacy unit (its unit column must be the one "
+                    f"{me}'s player derives from {inp.dataset}'s privacy unit, never a column the plan names)",
+                    "privacy_unit",
+                    **where,
+                )
             if spec.threshold_on == "units" and spec.units_disjoint:
                 raise refuse(
                     "the MPC stage assumes no privacy unit appears at two players, which this owner cannot know",
@@ -478,6 +487,16 @@ class PartyAgent:
                 )
         if len(stage.holders) != len(spec.input_players):
             raise refuse("the MPC stage names holders that are not players", "players")
+        # The coordinator runs every helper player: with more than t of them it would hold enough
+        # shares to reconstruct the owners' partials (t + 1 colluding players learn every input).
+        helpers = [p.name for p in spec.players if not p.holds_input]
+        if len(helpers) > spec.t:
+            raise refuse(
+                f"the MPC stage has {len(helpers)} helper players ({', '.join(helpers)}), all run by the coordinator, "
+                f"more than the {spec.t} that may collude at threshold t={spec.t}: the coordinator could reconstruct "
+                "the owners' inputs",
+                "players",
+            )
         held = {(h["party"], d) for h in stage.holders.values() if "party" in h for d in h.get("datasets", ())}
         fed = {h["stage"] for h in stage.holders.values() if "stage" in h}
         for inp in stage.inputs:

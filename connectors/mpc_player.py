@@ -126,9 +126,14 @@ class MpcPlayers:
                 batches = source.batches(list(inp.columns))
             else:
                 batches = filtered_batches(source, registered, inp)
-            unit = inp.policy.privacy_unit
-            if spec.unit_column is None or unit is None or spec.unit_column in inp.columns:
+            if spec.unit_column is None:
                 return batches
+            unit = self.agent.policies[inp.dataset].privacy_unit  # the owner's own policy, not the plan's
+            if unit is None or spec.unit_column in registered.names:
+                raise ApprovalError(
+                    f"the MPC stage counts units in a column {inp.dataset} does not derive from its privacy unit",
+                    details={"party": self.agent.config.name, "dataset": inp.dataset, "rule": "privacy_unit"},
+                )
             return (
                 pa.RecordBatch.from_arrays([*b.columns, b.column(unit)], names=[*b.schema.names, spec.unit_column])
                 for b in batches

@@ -264,22 +264,24 @@ def apply_release(
     outputs = [tuple(o) for o in release["outputs"]]
     table = pa.table({name: cells[source] for name, _kind, source in outputs})
     group_names = {source: name for name, kind, source in outputs if kind == "group"}
-    clauses = []
-    if release.get("having"):
-        clauses.append(f"WHERE {release['having']}")
-    if release.get("order_by"):
-        keys = [
-            f'"{c}" {"DESC" if desc else "ASC"} NULLS {"FIRST" if nulls_first else "LAST"}'
-            for c, desc, nulls_first in release["order_by"]
-        ]
-        clauses.append("ORDER BY " + ", ".join(keys))
-    if release.get("limit") is not None:
-        clauses.append(f"LIMIT {int(release['limit'])}")
-    if clauses:
+    if release.get("having") or release.get("order_by") or release.get("limit") is not None:
+        # DuckDB's relational API: each clause is parsed as one expression, never as statements, and
+        # the analyst's output names are quoted identifiers (a '"' in a name is doubled).
         con = duckdb.connect(config={"enable_external_access": False, "threads": 1})
         try:
-            con.register("released", table)
-            table = con.sql("SELECT * FROM released " + " ".join(clauses)).to_arrow_table()  # noqa: S608
+            rel = con.from_arrow(table)
+            if release.get("having"):
+                rel = rel.filter(str(release["having"]))
+            if release.get("order_by"):
+                rel = rel.order(
+                    ", ".join(
+                        f"{_ident(c)} {'DESC' if desc else 'ASC'} NULLS {'FIRST' if nulls_first else 'LAST'}"
+                        for c, desc, nulls_first in release["order_by"]
+                    )
+                )
+            if release.get("limit") is not None:
+                rel = rel.limit(int(release["limit"]))
+            table = rel.to_arrow_table()
         finally:
             con.close()
     k = doc["rule"]["min_group_size"]
@@ -296,6 +298,10 @@ def apply_release(
         for key in doc["suppressed"]
     ]
     return table, suppressed
+
+
+def _ident(name: object) -> str:
+    return '"' + str(name).replace('"', '""') + '"'
 
 
 def release_record(plan: Plan, stage: Stage, doc: dict[str, Any], signatures: dict[str, str]) -> dict[str, Any]:

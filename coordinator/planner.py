@@ -472,9 +472,18 @@ def _plan_mpc(
     if to_enclave:
         holders[str(len(players))] = {"stage": "s1"}
         players.append(Player(ENCLAVE_PLAYER))
-    for helper in (COORDINATOR_PLAYER, ENCLAVE_PLAYER):
-        if len(players) < MIN_PLAYERS and all(p.name != helper for p in players):
-            players.append(Player(helper, holds_input=False))
+    # One helper at most: the coordinator runs it, and at threshold t = 1 a second player run by the
+    # coordinator would give it two of three shares, enough to reconstruct the owners' inputs.
+    if len(players) < MIN_PLAYERS:
+        players.append(Player(COORDINATOR_PLAYER, holds_input=False))
+    if len(players) < MIN_PLAYERS:
+        raise _cannot_run(
+            reason,
+            f"an MPC stage needs at least {MIN_PLAYERS} players and only one owner ({players[0].name}) takes part: "
+            "a second helper would be run by the coordinator too, which could then reconstruct its input",
+            "players",
+            "add a second owner's dataset to the query, or let the owner accept an enclave measurement",
+        )
     spec = None
     while spec is None:
         try:

@@ -258,8 +258,9 @@ amount = { role = "measure", aggregates = ["sum", "avg"], min = 0, max = 1000 }
 
 
 def test_local_mpc_only_shows_the_mpc_stage_and_its_players(files, tmp_path):
-    """A policy that says mpc_only gets an MPC plan: ``--json`` shows its stage with kind mpc and
-    the players (the owner's own, then the helpers that make three)."""
+    """Policies that say mpc_only get an MPC plan, and it runs: ``--json`` shows the stage with kind
+    mpc and its players (the owners' own, then the coordinator's helper that makes three), and only
+    the cells that pass the minimum group size inside the MPC are released."""
     d, _, _ = files
     (tmp_path / "a.toml").write_text(POLICY_MPC_ONLY)
     proc = sealroom(
@@ -267,15 +268,25 @@ def test_local_mpc_only_shows_the_mpc_stage_and_its_players(files, tmp_path):
         "--json",
         "--dataset",
         f"bank_a.loans={d / 'a.parquet'}",
+        "--dataset",
+        f"bank_c.loans={d / 'a.parquet'}",
         "--policy",
         f"bank_a.loans={tmp_path / 'a.toml'}",
-        "SELECT segment, COUNT(*) AS n, SUM(amount) AS total FROM bank_a.loans GROUP BY segment",
+        "--policy",
+        f"bank_c.loans={tmp_path / 'a.toml'}",
+        "SELECT segment, COUNT(*) AS n, SUM(amount) AS total FROM "
+        "(SELECT * FROM bank_a.loans UNION ALL SELECT * FROM bank_c.loans) u GROUP BY segment ORDER BY segment",
     )
     doc = json.loads(proc.stdout)
     (stage,) = doc["stages"]
-    assert stage["kind"] == "mpc" and stage["inputs"] == ["bank_a.loans"]
+    assert stage["kind"] == "mpc" and sorted(stage["inputs"]) == ["bank_a.loans", "bank_c.loans"]
     assert [(p["name"], p["holds_input"]) for p in stage["players"]] == [
         ("bank_a", True),
+        ("bank_c", True),
         ("coordinator", False),
-        ("enclave", False),
     ]
+    assert doc["status"] == "released", doc.get("reason")
+    # corporate: 2 customers at each bank, below k = 3 at every player: never opened.
+    assert doc["rows"] == [["retail", 60, 870.0], ["sme", 16, 536.0]]
+    assert [s["group"] for s in doc["suppressed"]] == [{"segment": "corporate"}]
+    assert "honest majority" in doc["mpc"]["trust_assumption"]

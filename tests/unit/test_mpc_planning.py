@@ -198,16 +198,8 @@ def test_hybrid_plan_two_enclave_owners_and_one_mpc_only():
 
 
 def test_helper_players_below_three():
-    one = _plan(
-        "SELECT diagnosis, COUNT(*) AS n FROM hospital_east.stays GROUP BY diagnosis", hospital_east=MPC_ONLY
-    ).stages[0]
-    spec = StageSpec.from_dict(one.mpc or {})
-    assert [(p.name, p.holds_input) for p in spec.players] == [
-        ("hospital_east", True),
-        ("coordinator", False),
-        ("enclave", False),
-    ]
-    assert one.holders == {"0": {"party": "hospital_east", "datasets": ["stays"]}}
+    # One owner alone is refused (see test_a_single_owner_mpc_query_is_refused_not_given_two_helpers);
+    # two owners get one helper, the coordinator.
     two = _plan(
         "SELECT diagnosis, COUNT(*) AS n FROM (SELECT * FROM hospital_east.stays UNION ALL "
         "SELECT * FROM hospital_north.stays) u GROUP BY diagnosis",
@@ -615,3 +607,39 @@ def test_agent_refuses_a_malformed_spec_as_inconsistent(east: PartyAgent):
     plan = _edit(_hybrid(east), lambda d: d["stages"][1]["mpc"].pop("domain"))
     with pytest.raises(InvalidQueryError, match="malformed MPC stage spec"):
         east.review(plan.to_json())
+
+
+# --------------------------------------------------------------------------------------------------
+# found by review: the coordinator runs every helper, and the unit column is the owner's own
+
+
+def _with_helpers(doc: dict[str, Any]) -> None:
+    """Two more helper players (m = 5, t = 2): the coordinator would run three of five players."""
+    mpc = doc["stages"][1]["mpc"]
+    mpc["players"] += [{"name": "helper_x", "holds_input": False}, {"name": "helper_y", "holds_input": False}]
+    mpc["threshold"] = 2
+
+
+@pytest.mark.parametrize(
+    ("change", "rule"),
+    [
+        (_with_helpers, "players"),
+        (_spec_edit("unit_column", "cost"), "privacy_unit"),
+        (_spec_edit("unit_column", "__sr_other"), "privacy_unit"),
+    ],
+    ids=["more-helpers-than-t", "unit-column-a-plain-column", "unit-column-renamed"],
+)
+def test_agent_refuses_what_would_let_the_coordinator_reconstruct_or_miscount(east: PartyAgent, change: Any, rule: str):
+    plan = _edit(_hybrid(east), change)
+    with pytest.raises(PolicyRefusalError) as info:
+        east.review(plan.to_json())
+    assert info.value.details["rule"] == rule, info.value.message
+
+
+def test_a_single_owner_mpc_query_is_refused_not_given_two_helpers():
+    """With one owner, both helpers would be the coordinator's: two of three shares, enough to
+    reconstruct the owner's input. The planner refuses and says what would make it runnable."""
+    err = _refusal(
+        "SELECT diagnosis, COUNT(*) AS n FROM hospital_east.stays GROUP BY diagnosis", hospital_east=MPC_ONLY
+    )
+    assert err.details["mpc_rule"] == "players" and "second owner" in err.message
