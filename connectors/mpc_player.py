@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 # Prepared players waiting for RunMpc (bounded; oldest first), and how long one may wait.
 MAX_PREPARED = 64
 PREPARED_TTL_SECONDS = 600.0
+# The longest an owner lets its player run, whatever the coordinator asks.
+MAX_RUN_SECONDS = 1800.0
 
 
 @dataclass
@@ -178,7 +180,9 @@ class MpcPlayers:
             )
         identities = self._identities(plan, stage, spec, dict(request.helper_keys))
         credentials = prepared.identity.credentials(offers, identities)
-        timeout = float(request.timeout_seconds) or 120.0
+        # The coordinator proposes the deadline; the owner bounds it (a player never runs for longer).
+        requested = float(request.timeout_seconds)
+        timeout = min(requested, MAX_RUN_SECONDS) if requested > 0 and requested == requested else 120.0
         self.agent.mark_used(plan.hash)
         with PlayerProcess(
             spec,
@@ -191,8 +195,9 @@ class MpcPlayers:
             bind_host=prepared.host,
         ) as player:
             player.start()
-            if on_cancel is not None:
-                on_cancel(player.kill)  # gRPC runs it when the call ends, cancelled or not
+            # gRPC runs it when the call ends, cancelled or not; False: the call has ended already.
+            if on_cancel is not None and on_cancel(player.kill) is False:
+                player.kill()
             doc = player.wait()
         result = MpcResult.from_opened(spec, doc["result"])
         log.info("MPC stage %s of plan %s: player %d done", request.stage_id, plan.hash[:12], request.index)

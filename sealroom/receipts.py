@@ -492,6 +492,27 @@ def _verify_mpc_stage(stage: Mapping[str, Any], *, plan: Plan, job_keys: Sequenc
             )
         if not _verifies(sig.get("public_key"), sig.get("signature"), message):
             raise _refuse("mpc_signature", f"stage {sid}: the signature of player {name} does not verify", stage=sid)
+    # The opened result is the one of this plan's MPC stage: its spec (players, domain, aggregates,
+    # bounds, k, threshold) is the one the owners approved, as part of the plan hash.
+    planned = next((s for s in plan.stages if s.id == sid and s.kind == "mpc" and s.mpc is not None), None)
+    if planned is None or not isinstance(planned.mpc, dict):
+        raise _refuse("mpc_plan", f"stage {sid}: the plan has no such MPC stage", stage=sid)
+    spec = planned.mpc  # StageSpec.to_dict(), as the planner wrote it and the owners approved it
+    rule = result.get("rule") if isinstance(result.get("rule"), dict) else {}
+    if (
+        result.get("spec_digest") != hashlib.sha256(canonical_json(spec)).hexdigest()
+        or result.get("session_id") != spec.get("session_id")
+        or rule.get("min_group_size") != spec.get("min_group_size")
+        or result.get("threshold") != spec.get("threshold")
+        or [p.get("name") for p in result.get("players", []) if isinstance(p, dict)]
+        != [p.get("name") for p in spec.get("players", []) if isinstance(p, dict)]
+    ):
+        raise _refuse(
+            "mpc_plan",
+            f"stage {sid}: the MPC result is not the one of this plan's stage (spec, session, k, threshold or players "
+            "differ)",
+            stage=sid,
+        )
     m = len(named)
     t = result.get("threshold")
     if stage.get("trust_assumption") != result.get("trust_assumption") or type(t) is not int or m < 3 or not 2 * t < m:

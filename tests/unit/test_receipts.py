@@ -351,25 +351,26 @@ def test_the_mpc_domain_is_the_players(r: Release) -> None:
 # MPC stages: the players' signatures and trust assumption
 
 
-def _mpc_release(r: Release) -> tuple[Plan, MpcResult, dict[str, Ed25519PrivateKey]]:
+def _mpc_release(r: Release, threshold: int = 1) -> tuple[Plan, MpcResult, dict[str, Ed25519PrivateKey]]:
     c = make_party("bank_c", loans_table([(1, "x", 1.0)]))
     keys = {"bank_a": r.parties[0].key, "bank_b": r.parties[1].key, "bank_c": c.key}
-    stage = dataclasses.replace(
-        r.plan.stages[0], kind="mpc", mpc={"session_id": "m1"}, holders={"0": {"party": "bank_a"}}, release={}
-    )
+    players = [{"name": n, "holds_input": True} for n in sorted(keys)]
+    # The plan's stage spec (as StageSpec.to_dict() writes it, abridged): the result must be its.
+    spec = {"version": 1, "session_id": "m1", "min_group_size": 2, "threshold": threshold, "players": players}
+    stage = dataclasses.replace(r.plan.stages[0], kind="mpc", mpc=spec, holders={"0": {"party": "bank_a"}}, release={})
     plan = dataclasses.replace(
         r.plan, stages=(stage,), parties={**r.plan.parties, "bank_c": c.public_key_hex}, query_id="q_mpc1"
     )
     result = MpcResult(
         session_id="m1",
-        spec_digest="ab" * 32,
+        spec_digest=hashlib.sha256(canonical_json(spec)).hexdigest(),
         group_by=("segment",),
         aggregates=("n",),
         cells=((("retail",), {"n": 6}),),
         suppressed=(("solo",),),
         rule={"name": "min_group_size", "min_group_size": 2},
-        players=tuple({"index": i, "name": n, "holds_input": True} for i, n in enumerate(sorted(keys))),
-        threshold=1,
+        players=tuple({"index": i, **p} for i, p in enumerate(players)),
+        threshold=threshold,
         trust_assumption="semi-honest, honest majority: no 2 of the 3 players collude",
     )
     return plan, result, keys
@@ -416,12 +417,19 @@ def test_an_mpc_receipt_binds_every_players_signature_and_the_trust_assumption(r
     bad = copy.deepcopy(receipt)
     bad["stages"][0]["trust_assumption"] = "malicious security"
     assert refused(r, bad).details["check"] == "mpc_trust"
+    # A genuinely signed result of another stage spec (other k, other session, other spec) than the plan's.
+    for change in (
+        {"spec_digest": "ab" * 32},
+        {"session_id": "m2"},
+        {"rule": {"name": "min_group_size", "min_group_size": 1}},
+    ):
+        other = dataclasses.replace(result, **change)
+        assert refused(r, _mpc_receipt(r, plan, other, keys), appraisal=None).details["check"] == "mpc_plan"
 
 
 def test_an_mpc_with_a_dishonest_majority_threshold_is_refused(r: Release) -> None:
-    plan, result, keys = _mpc_release(r)
-    weak = dataclasses.replace(result, threshold=2)
-    assert refused(r, _mpc_receipt(r, plan, weak, keys), appraisal=None).details["check"] == "mpc_trust"
+    plan, result, keys = _mpc_release(r, threshold=2)  # t = 2 of m = 3: two colluding players learn all
+    assert refused(r, _mpc_receipt(r, plan, result, keys), appraisal=None).details["check"] == "mpc_trust"
 
 
 def test_build_receipt_refuses_parts_that_do_not_fit(r: Release) -> None:
