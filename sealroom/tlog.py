@@ -1313,6 +1313,25 @@ def verify_log(
         query = receipt.get("query")
         if not isinstance(query, Mapping) or query.get("id") != entry.query_id:
             raise _refuse("receipt_hash", f"{entry.label()}: its receipt is for another query", entry=entry.seq)
+        # What the entry summarises (and listings show) is what its receipt says.
+        result_doc = receipt.get("result")
+        result: Mapping[str, Any] = result_doc if isinstance(result_doc, Mapping) else {}
+        disclosure_doc = receipt.get("disclosure")
+        disclosure: Mapping[str, Any] = disclosure_doc if isinstance(disclosure_doc, Mapping) else {}
+        suppressed = disclosure.get("suppressed")
+        if (
+            entry.event.get("plan_hash") != query.get("plan_hash")
+            or entry.event.get("result_sha256") != result.get("sha256")
+            or entry.event.get("simulated") != bool(receipt.get("simulated"))
+            or entry.event.get("suppressed_cells") != (len(suppressed) if isinstance(suppressed, list) else None)
+        ):
+            raise _refuse(
+                "receipt_hash",
+                f"{entry.label()}: the entry's plan hash, result hash, simulated flag or suppressed count differs "
+                "from its receipt's",
+                entry=entry.seq,
+                query_id=entry.query_id,
+            )
         if verify_receipt is not None:
             try:
                 verify_receipt(receipt)

@@ -666,3 +666,22 @@ def test_the_sqlite_store_appends_atomically(tmp_path: Path, log_signer: NoteSig
     reopened = TransparencyLog(SQLiteLogStore(tmp_path / "log.db"), log_signer, clock=Clock())
     assert reopened.size == 1
     assert verify_log(reopened.export(), log_key=log_signer.verifier).size == 1
+
+
+@pytest.mark.parametrize("field", ["plan_hash", "result_sha256", "simulated", "suppressed_cells"])
+def test_a_released_entry_must_summarise_its_receipt(log: TransparencyLog, field: str) -> None:
+    """The log's signer wrote a `released` entry whose summary (what listings show) differs from the
+    receipt it stores: the receipt's hash matches, the summary does not."""
+    receipt = _receipt("q_9999")
+    fields = {
+        "query_id": "q_9999",
+        "plan_hash": receipt["query"]["plan_hash"],
+        "result_sha256": receipt["result"]["sha256"],
+        "simulated": True,
+        "suppressed_cells": 1,
+    }
+    fields[field] = {"plan_hash": "0" * 64, "result_sha256": "1" * 64, "simulated": False, "suppressed_cells": 0}[field]
+    log.append("released", receipt=receipt, **fields)
+    with pytest.raises(AuditError) as info:
+        _verify(log)
+    assert info.value.details["check"] == "receipt_hash" and "differs from its receipt" in info.value.message
