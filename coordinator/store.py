@@ -141,11 +141,12 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT (disk full, I/O error) leaves it open too
+                    self._db.execute("ROLLBACK")
                 self._resync_log()
                 raise
-            self._db.execute("COMMIT")
 
     def _resync_log(self) -> None:
         """After a rollback: the log's in-memory tree follows the entries that were committed."""
