@@ -37,8 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from cryptography.x509.oid import NameOID
-
 from enclave_worker.config import EnclaveConfig
 from sealroom.attestation import Evidence, SimulatedAttester, enclave_measurement, load_dev_root
 from sealroom.attestation.evidence import REPORT_DATA_BYTES
@@ -266,13 +264,10 @@ class _ConfigfsTsm:
 def _snp_kinds(ders: list[bytes]) -> list[str]:
     """ "vcek", "vlek" or "other" for each DER certificate, by its common name."""
     from sealroom.attestation.offline import load_certificate
+    from sealroom.attestation.platform import common_name
 
-    kinds = []
-    for der in ders:
-        names = load_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        cn = str(names[0].value) if names else ""
-        kinds.append({"SEV-VCEK": "vcek", "SEV-VLEK": "vlek"}.get(cn, "other"))
-    return kinds
+    roles = {"SEV-VCEK": "vcek", "SEV-VLEK": "vlek"}
+    return [roles.get(common_name(load_certificate(der).subject), "other") for der in ders]
 
 
 def _snp_certificate_file(path: Path) -> list[bytes]:

@@ -64,6 +64,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sealroom.attestation import dcap
+from sealroom.attestation.evidence import _reject_duplicate_keys as _no_duplicates
+from sealroom.attestation.platform import common_name as _common_name
 from sealroom.errors import AttestationError
 
 __all__ = [
@@ -97,15 +99,6 @@ def _bad(message: str, **extra: object) -> AttestationError:
 
 
 # --------------------------------------------------------------------------- parsing
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
 
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -277,11 +270,6 @@ class Collateral:
             pck_crl=_load_crl(pck_crl, "PCK CRL"),
             root_crl=_load_crl(root_crl, "root CA CRL"),
         )
-
-
-def _common_name(name: x509.Name) -> str:
-    attrs = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else ""
 
 
 def load_collateral(path: str | Path) -> Collateral:

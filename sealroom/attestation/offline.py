@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
-from sealroom.attestation.platform import PlatformClaims
+from sealroom.attestation.platform import PlatformClaims, common_name
 from sealroom.errors import AttestationError
 
 if TYPE_CHECKING:
@@ -125,13 +125,15 @@ def verify_snp_with(
     """Verify an SNP report with the certificates that came with it: exactly one VCEK or VLEK (by its
     subject, CN=SEV-VCEK or SEV-VLEK) and optionally the ASK (for a VLEK, the ASVK). ``roots``
     replaces the pinned AMD roots."""
-    from sealroom.attestation.snp import verify_snp
+    from sealroom.attestation.snp import SIGNING_KEYS, verify_snp
 
-    leaves = [c for c in certificates if _common_name(c) in ("SEV-VCEK", "SEV-VLEK")]
+    leaves = [c for c in certificates if common_name(c.subject) in SIGNING_KEYS.values()]
     # The intermediate (ASK "SEV-<Product>" or ASVK "SEV-VLEK-<Product>"), whatever the order the
     # certificates came in; a self-signed certificate (an ARK sent along) is not one.
     others = [
-        c for c in certificates if _common_name(c).startswith("SEV-") and c not in leaves and c.issuer != c.subject
+        c
+        for c in certificates
+        if common_name(c.subject).startswith("SEV-") and c not in leaves and c.issuer != c.subject
     ]
     if len(leaves) != 1:
         raise AttestationError(
@@ -140,11 +142,6 @@ def verify_snp_with(
             details={"check": "chain"},
         )
     return verify_snp(report, vcek=leaves[0], ask=others[0] if others else None, roots=roots, now=now)
-
-
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(names[0].value) if names else ""
 
 
 def _now() -> datetime:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from cryptography import x509
+
 
 @dataclass(frozen=True)
 class PlatformClaims:
@@ -40,3 +42,9 @@ class PlatformClaims:
             "issued_at": self.issued_at.isoformat() if self.issued_at else None,
             "details": {k: (v.hex() if isinstance(v, bytes) else v) for k, v in self.details.items()},
         }
+
+
+def common_name(name: x509.Name) -> str:
+    """The first common name of ``name`` (a certificate's subject or issuer), or ""."""
+    attrs = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else ""

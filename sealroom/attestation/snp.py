@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import SignatureAlgorithmOID
 
-from sealroom.attestation.platform import PlatformClaims
+from sealroom.attestation.platform import PlatformClaims, common_name
 from sealroom.errors import AttestationError
 
 __all__ = [
@@ -247,8 +247,7 @@ def _trusted_roots(roots: Sequence[x509.Certificate] | None) -> dict[str, x509.C
         return {product: bundled_ark(product) for product in PINNED_ARK_SHA256}
     trusted: dict[str, x509.Certificate] = {}
     for root in roots:
-        names = root.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        product = _ROOT_PRODUCT_BY_CN.get(str(names[0].value)) if names else None
+        product = _ROOT_PRODUCT_BY_CN.get(common_name(root.subject))
         if product is None:
             raise _fail(
                 "root",
@@ -366,8 +365,7 @@ def verify_snp(
     rep = _parse(report)
 
     leaf = SIGNING_KEYS[rep.signing_key]
-    names = vcek.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    if not names or names[0].value != leaf:
+    if common_name(vcek.subject) != leaf:
         raise _fail(
             "chain", f"the report is signed by a {leaf[4:]}, but the certificate given is not one", certificate=leaf
         )
