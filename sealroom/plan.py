@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from sealroom.errors import ApprovalError, InvalidQueryError
 from sealroom.policy import DatasetPolicy, canonical_json
-from sealroom.sqlplan import MpcQuery, Pushdown, mpc_query, pushdown
+from sealroom.sqlplan import MpcQuery, Pushdown, PushedFilter, mpc_query, pushdown
 
 PLAN_VERSION = 1
 STAGE_KINDS = ("tee", "mpc")
@@ -264,8 +264,14 @@ def stage_pushdown(stage: Stage) -> Pushdown:
             f"inputs declare ({err.message})",
             details={**err.details, "check": "filter"},
         ) from None
-    for inp in stage.inputs:
-        want = pd.filters.get(inp.qualified)
+    _check_filters(stage.inputs, pd.filters)
+    return pd
+
+
+def _check_filters(inputs: Iterable[PlanInput], filters: Mapping[str, PushedFilter]) -> None:
+    """Every input's filter is exactly the one its SQL implies (or none where it implies none)."""
+    for inp in inputs:
+        want = filters.get(inp.qualified)
         expected = (want.sql, want.columns) if want is not None else (None, ())
         if (inp.filter, inp.filter_columns) != expected:
             raise InvalidQueryError(
@@ -274,7 +280,6 @@ def stage_pushdown(stage: Stage) -> Pushdown:
                 "everywhere)",
                 details={"party": inp.party, "dataset": inp.dataset, "check": "filter"},
             )
-    return pd
 
 
 def mpc_stage_query(plan: Plan, stage: Stage) -> MpcQuery:
@@ -315,16 +320,7 @@ def mpc_stage_query(plan: Plan, stage: Stage) -> MpcQuery:
         ) from None
     if sorted(q.datasets) != sorted(views):
         raise InvalidQueryError("the plan is inconsistent: its MPC stage's inputs are not the datasets its SQL reads")
-    for inp in inputs:
-        want = q.filters.get(inp.qualified)
-        expected = (want.sql, want.columns) if want is not None else (None, ())
-        if (inp.filter, inp.filter_columns) != expected:
-            raise InvalidQueryError(
-                f"the plan's filter for {inp.qualified} is not the one its SQL implies; a plan cannot "
-                "push a predicate its SQL does not hold (re-plan the query, with the same Sealroom release "
-                "everywhere)",
-                details={"party": inp.party, "dataset": inp.dataset, "check": "filter"},
-            )
+    _check_filters(inputs, q.filters)
     return q
 
 
