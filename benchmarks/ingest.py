@@ -604,6 +604,7 @@ class SealedRoute(Route):
         party_cfg = tmp / f"{tag}-party.toml"
         party_cfg.write_text(
             f'[party]\nname = "{PARTY}"\ncoordinator = "127.0.0.1:1"\nsigning_key = "{tmp / f"{tag}-party.key"}"\n'
+            "unsafe_no_witness = true\n"  # no coordinator here, so no transparency log to witness
             f'[trust]\nallow_simulated = true\ndev_root = "{bench.dev_root / "dev-root.crt"}"\n'
             f'measurements = ["{measurement}"]\n'
             f'[[dataset]]\nname = "{DATASET}"\nsource = "{bench.ipc_path}"\n'

@@ -42,11 +42,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from connectors.sources import FilterPushdown, Source, check_schema, filter_batches, open_source, resolve_spec
+from connectors.witness import LogWitness
 from sealroom.attestation import Claims, Evidence, report_data_for, verify_evidence
 from sealroom.config import Table, file_table
 from sealroom.disclosure import check_uses
 from sealroom.errors import (
     ApprovalError,
+    AuditError,
     ConfigError,
     InvalidQueryError,
     NotFoundError,
@@ -74,6 +76,7 @@ from sealroom.policy import DatasetPolicy, TrustPolicy, load_policy_file
 from sealroom.rpc import Server, call, create_server, open_channel, translate_errors, unwrap
 from sealroom.sealed import SealingStream, StreamContext, schema_hash
 from sealroom.sqlplan import PAD_COLUMN, UNION_UNIT
+from sealroom.tlog import NoteVerifier
 from sealroom.v1 import (
     common_pb2,
     coordinator_pb2,
@@ -120,6 +123,17 @@ class PartyConfig:
     approval_ttl_seconds: float = 3600.0
     pending_ttl_seconds: float = 86400.0
     mpc_host: str = "127.0.0.1"  # where this owner's MPC players listen (the other players connect)
+    # The agent witnesses the coordinator's transparency log before it approves (connectors/witness.py).
+    # state_dir: where it keeps what it co-signed (None: "<name>-state" next to the signing key);
+    # log_key: the log's verifier key, pinned (None: trusted on first use, then kept in state_dir).
+    state_dir: Path | None = None
+    log_key: NoteVerifier | None = None
+    # Approve without witnessing: tests and benchmarks without a coordinator only (logged as a warning).
+    unsafe_no_witness: bool = False
+
+    @property
+    def witness_state_dir(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.signing_key.parent / f"{self.name}-state"
 
     @classmethod
     def from_table(cls, root: Table) -> PartyConfig:
@@ -135,6 +149,9 @@ class PartyConfig:
                 "approval_ttl_seconds",
                 "pending_ttl_seconds",
                 "mpc_host",
+                "state_dir",
+                "log_key",
+                "unsafe_no_witness",
             }
         )
         name = p.str("name")
@@ -191,11 +208,38 @@ class PartyConfig:
             approval_ttl_seconds=p.float("approval_ttl_seconds", 3600.0, minimum=1.0),
             pending_ttl_seconds=p.float("pending_ttl_seconds", 86400.0, minimum=1.0),
             mpc_host=p.str("mpc_host", "127.0.0.1"),
+            state_dir=p.opt_path("state_dir"),
+            log_key=_log_key(p),
+            unsafe_no_witness=p.bool("unsafe_no_witness", False),
         )
 
     @classmethod
     def load(cls, path: Path) -> PartyConfig:
         return cls.from_table(file_table(path))
+
+
+def _log_key(p: Table) -> NoteVerifier | None:
+    """``[party] log_key``: the coordinator's log verifier key ``NAME+KEYID+KEY``, or the path of a
+    file holding one (e.g. a copy of the coordinator's published ``log.vkey``)."""
+    value = p.opt_str("log_key")
+    if value is None:
+        return None
+    where = {"file": p.source, "key": f"{p.prefix}log_key"}
+    try:
+        return NoteVerifier.from_vkey(value)
+    except ValueError:
+        pass  # a file that holds one
+    try:
+        text = p.path("log_key").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError(
+            f"{p.source}: {p.prefix}log_key is neither a verifier key NAME+KEYID+KEY nor a readable file",
+            details=where,
+        ) from None
+    try:
+        return NoteVerifier.from_vkey(text)
+    except ValueError as exc:
+        raise ConfigError(f"{p.source}: {p.prefix}log_key is not a verifier key: {exc}", details=where) from None
 
 
 @dataclass
@@ -242,6 +286,21 @@ class PartyAgent:
         self.appraisal = config.trust.appraisal()
         # job id -> this agent's streams for it (what GetProgress reports), the newest jobs last.
         self._streams: OrderedDict[str, list[StreamCounter]] = OrderedDict()
+        # The witness of the coordinator's transparency log, consulted before every approval.
+        self.witness: LogWitness | None = None
+        if config.unsafe_no_witness:
+            log.warning(
+                "witnessing is OFF (unsafe_no_witness): this agent approves without checking that the "
+                "coordinator's transparency log is consistent with what it saw; for tests and benchmarks only"
+            )
+        else:
+            self.witness = LogWitness(
+                party=config.name,
+                key=self.key,
+                state_dir=config.witness_state_dir,
+                log_key=config.log_key,
+                call=self._coordinator_call,
+            )
 
     # -- registration ------------------------------------------------------------------------
 
@@ -282,6 +341,8 @@ class PartyAgent:
                 try:
                     call("coordinator", stub.RegisterParty, request, timeout=10)
                     log.info("registered %d datasets with the coordinator", len(request.datasets))
+                    if self.witness is not None:
+                        self.witness.trust_on_first_use()
                     return
                 except UnavailableError:
                     if time.monotonic() > deadline:
@@ -526,6 +587,8 @@ class PartyAgent:
         mine = self._check_plan(plan)
         manual = any(self.policies[i.dataset].approval == "manual" for i in mine)
         plan_hash = plan.hash
+        if not manual:
+            self._witness_log(plan.query_id)  # before signing anything: the log must extend what it saw
         now = time.time()
         with self._lock:
             self._prune(now)
@@ -816,10 +879,36 @@ class PartyAgent:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             return call("coordinator", getattr(stub, method), request, timeout=COORDINATOR_CALL_TIMEOUT)
 
+    def _witness_log(self, query_id: str) -> None:
+        """Witness the coordinator's log before an approval (connectors/witness.py): co-sign its latest
+        checkpoint once it is checked to extend the last one this agent co-signed. Raises
+        ApprovalError naming the failed check (``fork``, ``rollback``, ``consistency_proof``...)."""
+        if self.witness is None:
+            return
+        me = self.config.name
+        try:
+            self.witness.witness(query_id=query_id)
+        except AuditError as err:
+            check = str(err.details.get("check", "audit"))
+            log.error(
+                "refusing to approve query %s: the coordinator's transparency log failed the witness check (%s)",
+                query_id,
+                check,
+            )
+            raise ApprovalError(
+                f"{me} refuses to approve query {query_id}: the coordinator's transparency log failed the "
+                f"witness check ({check}): {err.message}",
+                details={"party": me, "check": check, "rule": "log_witness"},
+            ) from None
+
     def approve(self, command: party_pb2.OwnerCommand) -> dict[str, Any]:
-        """The owner approves: sign the plan hash, hold the approval, send it to the coordinator."""
+        """The owner approves: witness the log, sign the plan hash, hold the approval, send it to the
+        coordinator."""
         self._authorize("approve", command)
         me = self.config.name
+        with self._lock:
+            self._find(command)  # nothing awaits the owner: say so before calling the coordinator
+        self._witness_log(command.query_id)
         now = time.time()
         with self._lock:
             plan_hash, held = self._find(command)

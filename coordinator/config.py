@@ -9,6 +9,7 @@ from sealroom.auth import AnalystDirectory
 from sealroom.config import Table, file_table
 from sealroom.errors import ConfigError
 from sealroom.policy import TrustPolicy
+from sealroom.ropa import Collaboration
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,13 @@ class CoordinatorConfig:
     # The Ed25519 key that signs the transparency log's checkpoints and countersigns receipts (PEM,
     # PKCS#8). None: ``<state_dir>/log.key``, generated on first start (docs/audit.md).
     log_key: Path | None = None
+    # The operator's [collaboration] declaration for the record of processing (docs/audit.md); None
+    # when the config declares none (the record then lists it as a gap).
+    collaboration: Collaboration | None = None
 
     @classmethod
     def from_table(cls, root: Table) -> CoordinatorConfig:
-        root.check_keys({"coordinator", "trust", "analysts"})
+        root.check_keys({"coordinator", "trust", "analysts", "collaboration"})
         c = root.table("coordinator")
         c.check_keys(
             {
@@ -61,6 +65,9 @@ class CoordinatorConfig:
             mpc_timeout_seconds=c.float("mpc_timeout_seconds", 120.0, minimum=1.0),
             analysts=AnalystDirectory(a, source=root.source) if a is not None else None,
             log_key=c.opt_path("log_key"),
+            collaboration=Collaboration.from_table(root.table("collaboration"))
+            if root.doc.get("collaboration") is not None
+            else None,
         )
 
     @classmethod

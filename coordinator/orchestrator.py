@@ -334,7 +334,7 @@ class Orchestrator:
                         continue  # the owner acted while the agent answered: the owner's action stands
                     if res is None:
                         # The agent holds no live approval (never given, revoked or lapsed).
-                        self.store.delete_approval(qid, party)
+                        self.store.delete_approval(qid, party, event="approval_lapsed", cause="not_held_by_agent")
                         w.expires.pop(party, None)
                     else:
                         self.store.add_approval(qid, party, res[0], res[1])
@@ -364,7 +364,7 @@ class Orchestrator:
                     if expires <= now:
                         del w.expires[party]
                         w.bump(party)
-                        if self.store.delete_approval(qid, party):
+                        if self.store.delete_approval(qid, party, event="approval_lapsed", cause="expired"):
                             log.info("query %s: the approval of %s lapsed", qid, party)
                 have = self.store.approvals(qid)
                 missing = tuple(p for p in involved if p not in have)
@@ -549,7 +549,14 @@ class Orchestrator:
         )
         with w.cond:
             self._accept(w, "revocation", party, issued_at_ms)
-            removed = self.store.delete_approval(query_id, party)
+            removed = self.store.delete_approval(
+                query_id,
+                party,
+                event="approval_revoked",
+                plan_hash=plan_hash,
+                issued_at_ms=issued_at_ms,
+                owner_signature=owner_signature.hex(),
+            )
             w.expires.pop(party, None)
             w.bump(party)
             w.cond.notify_all()

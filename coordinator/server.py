@@ -7,6 +7,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -14,12 +15,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from coordinator.config import CoordinatorConfig
 from coordinator.orchestrator import Orchestrator
 from coordinator.planner import catalog_from_rows, explain_text, plan_query
+from coordinator.records import publish_collaboration, refusal_event
 from coordinator.store import Store
 from sealroom.errors import AuthenticationError, InvalidQueryError, NotFoundError, SealroomError
 from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex, save_signing_key
+from sealroom.plan import check_issued_at, verify_owner_action
 from sealroom.policy import DatasetPolicy
 from sealroom.rpc import Server, create_server, translate_errors
-from sealroom.tlog import is_ident
+from sealroom.tlog import SignedCheckpoint, is_ident
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class Coordinator:
             vkey=self.store.log.signer.verifier.vkey(),
             public_key=public_key_hex(key),
         )
+        publish_collaboration(self.store, config)  # for the record of processing (`sealroom audit ropa`)
         n = self.store.fail_in_flight("the coordinator restarted while this query was in flight; resubmit it")
         if n:
             log.warning("%d in-flight queries were marked failed after a restart", n)
@@ -126,7 +130,9 @@ class Coordinator:
         try:
             plan, _ = self._plan(sql, analyst, query_id)
         except SealroomError as err:
-            self.store.update_query(query_id, status="refused", error=err.to_dict(), progress="refused")
+            registered = [(d["party"], d["name"]) for d in self.store.datasets()]
+            event = refusal_event(err, analyst=analyst, sql=sql, datasets=registered)
+            self.store.refuse_query(query_id, error=err.to_dict(), event=event)  # logged as query_refused
             return query_id, "refused"
         self.store.update_query(query_id, plan_json=plan.to_json(), plan_hash=plan.hash)
         self.store.append_event(
@@ -141,6 +147,41 @@ class Coordinator:
         self._threads[query_id] = t
         t.start()
         return query_id, "planning"
+
+    # -- the transparency log's witnesses (docs/audit.md, "Witnesses") -------------------------
+
+    def checkpoint(self) -> tuple[str, str]:
+        """(the latest checkpoint note with the co-signatures stored for it, the log's verifier key)."""
+        signed = self.store.checkpoint()
+        assert self.store.log is not None
+        return signed.to_text(), self.store.log.signer.verifier.vkey()
+
+    def submit_cosignature(
+        self, party: str, checkpoint: str, *, query_id: str, issued_at_ms: int, owner_signature: bytes
+    ) -> tuple[int, tuple[str, ...]]:
+        """A party agent's witness co-signature of a checkpoint: the request is signed by the party's
+        registered key (``owner_action_message("cosign", ..., plan_hash=SHA-256 of the checkpoint's
+        body)``, fresh), like an owner action; the store then checks the witness signature itself and
+        that the checkpoint is the log's. Returns (size, the witnesses now co-signing it)."""
+        registered = self.store.parties().get(party)
+        if registered is None:
+            raise NotFoundError(f"party {party} is not registered", details={"party": party})
+        if query_id and not is_ident(query_id):
+            raise InvalidQueryError("a co-signature names its query by its id (q_...), or none")
+        signed = SignedCheckpoint.from_text(checkpoint)
+        verify_owner_action(
+            registered["signing_public_key"],
+            owner_signature,
+            "cosign",
+            query_id=query_id,
+            party=party,
+            plan_hash=hashlib.sha256(signed.checkpoint.body().encode("utf-8")).hexdigest(),
+            issued_at_ms=issued_at_ms,
+        )
+        check_issued_at(issued_at_ms, int(time.time() * 1000), party=party)
+        witnesses = self.store.add_cosignature(party, signed)
+        log.info("party %s co-signed the log's checkpoint of size %d", party, signed.checkpoint.size)
+        return signed.checkpoint.size, witnesses
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Cancel in-flight work, let query threads record their end, then close the store."""
@@ -297,6 +338,27 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             owner_signature=bytes(request.owner_signature),
         )
         return coordinator_pb2.OwnerActionResponse(query_id=request.query_id, status=status, awaiting=awaiting)
+
+    # The transparency log, for the party agents that witness it. Checkpoints and proofs are public
+    # (sizes, hashes, signatures); a co-signature is signed by the party's registered key.
+
+    def GetCheckpoint(self, request, context):  # noqa: N802
+        text, vkey = self.c.checkpoint()
+        return coordinator_pb2.CheckpointResponse(checkpoint=text, log_key=vkey)
+
+    def GetConsistencyProof(self, request, context):  # noqa: N802
+        hashes = self.c.store.consistency_proof(int(request.old_size), int(request.new_size))
+        return coordinator_pb2.ConsistencyProofResponse(hashes=hashes)
+
+    def SubmitCosignature(self, request, context):  # noqa: N802
+        size, witnesses = self.c.submit_cosignature(
+            request.party,
+            request.checkpoint,
+            query_id=request.query_id,
+            issued_at_ms=request.issued_at_ms,
+            owner_signature=bytes(request.owner_signature),
+        )
+        return coordinator_pb2.SubmitCosignatureResponse(size=size, witnesses=witnesses)
 
 
 def build_server(config: CoordinatorConfig) -> tuple[Server, Coordinator]:

@@ -26,11 +26,19 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sealroom.errors import AlreadyExistsError, InvalidQueryError, NotFoundError
+from sealroom.errors import AlreadyExistsError, AuditError, InvalidQueryError, NotFoundError
 from sealroom.keys import public_key_hex
 from sealroom.policy import canonical_json
 from sealroom.receipts import MPC_RESULT_DOMAIN, countersign
-from sealroom.tlog import LogEntry, NoteSigner, SQLiteLogStore, TransparencyLog
+from sealroom.tlog import (
+    LogEntry,
+    NoteSigner,
+    NoteVerifier,
+    SignedCheckpoint,
+    SQLiteLogStore,
+    TransparencyLog,
+    witness_verifier,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS parties (
@@ -87,6 +95,13 @@ CREATE TABLE IF NOT EXISTS releases (
 def log_origin(key: Ed25519PrivateKey) -> str:
     """The log's origin (a checkpoint's first line): stable for the coordinator's log key."""
     return "sealroom.coordinator/" + hashlib.sha256(bytes.fromhex(public_key_hex(key))).hexdigest()[:16]
+
+
+def registered_witnesses(db: sqlite3.Connection) -> list[NoteVerifier]:
+    """The witness keys of the registered parties (``<party>.witness``, the owner's key), from a
+    coordinator database (e.g. opened read-only by a reviewer's tool), sorted by name."""
+    rows = db.execute("SELECT name, signing_public_key FROM parties ORDER BY name").fetchall()
+    return [witness_verifier(r[0], r[1]) for r in rows]
 
 
 TERMINAL = ("released", "refused", "failed")
@@ -179,6 +194,75 @@ class Store:
             except BaseException:
                 self._resync_log()
                 raise
+
+    # -- the transparency log's witnesses (the party agents) ----------------------------------
+
+    def _witness_log(self) -> TransparencyLog:
+        if self.log is None:
+            raise NotFoundError("this coordinator keeps no transparency log")
+        return self.log
+
+    def checkpoint(self) -> SignedCheckpoint:
+        """The log's latest checkpoint with every co-signature stored for it. Read under the store's
+        lock, so it is always a committed size: never one that a failing transaction is about to
+        roll back (a witness that co-signed it would then see the next entry as a fork)."""
+        with self._lock:
+            return self._witness_log().checkpoint()
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        """RFC 9162 ``PROOF(old_size, D[new_size])`` over the committed log."""
+        with self._lock:
+            log = self._witness_log()
+            if not 0 <= old_size <= new_size <= log.size:
+                raise InvalidQueryError(
+                    f"a consistency proof needs 0 <= old_size <= new_size <= {log.size} (the log's size); "
+                    f"got {old_size} and {new_size}"
+                )
+            return log.consistency_proof(old_size, new_size)
+
+    def add_cosignature(self, party: str, cosigned: SignedCheckpoint) -> tuple[str, ...]:
+        """Store ``party``'s witness co-signature of one of the log's checkpoints, once; return the
+        witnesses whose co-signatures are stored for that checkpoint. ``AuditError`` when the
+        checkpoint is not one the log signed (``checkpoint_origin``, ``checkpoint_signature``,
+        ``fork``) or when the party's witness signature is missing or does not verify with the key
+        it registered (``witness_signature``). Only the log's and this witness's lines are stored."""
+        with self.tx() as db:
+            log = self._witness_log()
+            row = db.execute("SELECT signing_public_key FROM parties WHERE name = ?", (party,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"party {party} is not registered", details={"party": party})
+            witness = witness_verifier(party, row[0])
+            cp = cosigned.checkpoint
+            cosigned.verify(log.signer.verifier)
+            if cp.size > log.size or log.root(cp.size) != cp.root:
+                raise AuditError(
+                    f"the checkpoint of size {cp.size} that {party} co-signed is not one of this log's",
+                    details={"check": "fork", "party": party},
+                )
+            try:
+                cosigned.verify(log.signer.verifier, witnesses=[witness])
+            except AuditError:
+                raise AuditError(
+                    f"the checkpoint carries no valid co-signature of {witness.name} by the key {party} registered",
+                    details={"check": "witness_signature", "party": party},
+                ) from None
+            keep = {(log.signer.verifier.name, log.signer.verifier.key_id), (witness.name, witness.key_id)}
+            note = SignedCheckpoint(cp, tuple(s for s in cosigned.signatures if (s.name, s.key_id) in keep))
+            mine = next(s for s in note.signatures if s.name == witness.name)
+            stored = note
+            held = False
+            for text in log.store.checkpoints(cp.size):
+                try:
+                    other = SignedCheckpoint.from_text(text)
+                except AuditError:
+                    continue
+                if other.checkpoint == cp:
+                    held = held or mine in other.signatures
+                    stored = stored.merged(other)
+            if not held:
+                log.add_cosigned(note)
+        names = {s.name for s in stored.signatures} - {log.signer.verifier.name}
+        return tuple(sorted(names))
 
     # -- catalog -----------------------------------------------------------------------------
 
@@ -313,6 +397,34 @@ class Store:
             ids = [r[0] for r in self._db.execute("SELECT id FROM queries ORDER BY created_at").fetchall()]
         return [self.query(i) for i in ids]
 
+    def refuse_query(self, query_id: str, *, error: dict[str, Any], event: Mapping[str, Any]) -> None:
+        """Mark a query refused before it was planned and log ``query_refused`` (``event``: its fields)
+        in the same transaction."""
+        with self.tx() as db:
+            cur = db.execute(
+                "UPDATE queries SET status = 'refused', progress = 'refused', error_json = ?, updated_at = ? "
+                "WHERE id = ?",
+                (json.dumps(error), time.time(), query_id),
+            )
+            if cur.rowcount != 1:
+                raise NotFoundError(f"no query {query_id}")
+            self._append("query_refused", query_id=query_id, **event)
+
+    def latest_event(self, type: str) -> LogEntry | None:
+        """The log's last entry of this type (None without a log or without such an entry)."""
+        if self.log is None:
+            return None
+        needle = f'%"type":{json.dumps(type)}%'  # entries are canonical JSON, holding no free text
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT entry FROM tlog_entries WHERE CAST(entry AS TEXT) LIKE ? ORDER BY seq DESC", (needle,)
+            ).fetchall()
+        for (data,) in rows:
+            entry = LogEntry.from_bytes(bytes(data))
+            if entry.type == type:
+                return entry
+        return None
+
     def fail_in_flight(self, reason: str) -> int:
         err = json.dumps({"code": "job_failed", "message": reason})
         with self.tx() as db:
@@ -341,10 +453,17 @@ class Store:
                 (query_id, party, plan_hash, signature, time.time()),
             )
 
-    def delete_approval(self, query_id: str, party: str) -> bool:
-        """Remove a party's approval of a query (revoked or lapsed); True when there was one."""
+    def delete_approval(self, query_id: str, party: str, *, event: str | None = None, **fields: Any) -> bool:
+        """Remove a party's approval of a query (revoked or lapsed); True when there was one. With
+        ``event`` (``approval_revoked`` or ``approval_lapsed``), a removed approval is logged in the
+        same transaction, with the stored plan hash unless ``fields`` give the one the owner signed."""
         with self.tx() as db:
+            row = db.execute(
+                "SELECT plan_hash FROM approvals WHERE query_id = ? AND party = ?", (query_id, party)
+            ).fetchone()
             cur = db.execute("DELETE FROM approvals WHERE query_id = ? AND party = ?", (query_id, party))
+            if row is not None and event is not None:
+                self._append(event, query_id=query_id, party=party, **{"plan_hash": row[0], **fields})
             return cur.rowcount > 0
 
     def approvals(self, query_id: str) -> dict[str, tuple[str, bytes]]:

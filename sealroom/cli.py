@@ -748,6 +748,7 @@ def _load_state_log(directory: Path) -> tuple[dict[str, Any], str]:
     published log key (hex) from ``log.vkey``."""
     import sqlite3
 
+    from coordinator.store import registered_witnesses
     from sealroom.tlog import NoteVerifier, SQLiteLogStore, export_store
 
     try:
@@ -760,7 +761,10 @@ def _load_state_log(directory: Path) -> tuple[dict[str, Any], str]:
     try:
         db = sqlite3.connect(f"{(directory / 'coordinator.db').resolve().as_uri()}?mode=ro", uri=True)
         try:
-            export = export_store(SQLiteLogStore(db), origin=vkey.name, log_key=vkey)
+            # The registered owners' keys go along as the witnesses' keys; verify_log binds each to
+            # the owner key hash that the log's own dataset_registered entries record.
+            witnesses = registered_witnesses(db)
+            export = export_store(SQLiteLogStore(db), origin=vkey.name, log_key=vkey, witnesses=witnesses)
         finally:
             db.close()
     except sqlite3.Error as exc:
@@ -777,6 +781,14 @@ def _print_report(report: Any, witnesses: bool, prefix: str = "") -> None:
     print(f"  {report.receipts} release receipt(s) verified; root at size {report.size}: {report.root.hex()}")
     if witnesses:
         print(f"  co-signed by the witness quorum up to size {report.witnessed_size}")
+    for w in report.witnesses:
+        source = "pinned key" if w["pinned"] else "registered owner key"
+        sizes = [str(c["size"]) for c in report.cosigned if w["name"] in c["witnesses"]]
+        shown = ", ".join(sizes[-8:]) if len(sizes) <= 8 else "…, " + ", ".join(sizes[-8:])
+        what = f"co-signed checkpoint sizes {shown}" if sizes else "no co-signature"
+        print(f"  witness {w['name']} ({source}): {what}")
+    if report.unverified_cosignatures:
+        print(f"  note: {report.unverified_cosignatures} co-signature(s) by keys not known here were not checked")
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -859,6 +871,7 @@ def _iso(ts: Any) -> str:
 def _audit_releases(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every release in the state dir's logs, described from its receipt, with its verification
     status: ``verified``, ``refused (CHECK)`` (its receipt), or ``log refused (CHECK)`` (the log)."""
+    from sealroom.audit_events import query_history
     from sealroom.errors import AuditError
     from sealroom.receipts import verify_receipt
     from sealroom.tlog import receipt_sha256
@@ -895,8 +908,26 @@ def _audit_releases(args: argparse.Namespace) -> list[dict[str, Any]]:
                     status = f"refused ({err.details.get('check')})"
             if status == "verified" and log_error is not None:
                 status = f"log refused ({log_error.details.get('check')})"
-            out.append(_describe(receipt, e, status, directory, export["origin"], approved_at))
+            described = _describe(receipt, e, status, directory, export["origin"], approved_at)
+            # Every entry about the query: submitted, approved, revoked or lapsed, executed, released.
+            described["history"] = query_history(export, str(e["event"].get("query_id")))
+            out.append(described)
     return out
+
+
+def _audit_events(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The refused queries and withdrawn approvals (``query_refused``, ``rejected``,
+    ``approval_revoked``, ``approval_lapsed``) in the state dir's logs, in log order per log."""
+    from sealroom.audit_events import notable_events
+
+    out: list[dict[str, Any]] = []
+    for directory in _state_logs(args.state_dir):
+        export, _ = _load_state_log(directory)
+        out += [{**ev, "log": export["origin"], "directory": str(directory)} for ev in notable_events(export)]
+    return out
+
+
+EVENT_KEYS = ("entry", "time", "type", "query_id", "party", "dataset", "analyst", "rule", "text", "log")
 
 
 def _describe(
@@ -1012,29 +1043,63 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
         if args.analyst and r["analyst"] != args.analyst:
             continue
         rows.append(r)
+    events = []
+    for ev in _audit_events(args):
+        if since is not None and not (type(ev["time_ms"]) is int and ev["time_ms"] >= since.timestamp() * 1000):
+            continue
+        if args.analyst and ev["analyst"] != args.analyst:
+            continue
+        if args.dataset and not (
+            (ev["party"], ev["dataset"]) == tuple(args.dataset.split("."))
+            if ev["type"] == "query_refused"
+            else ev["party"] == args.dataset.split(".")[0]
+        ):
+            continue
+        events.append(ev)
     keys = ("query_id", "released_at", "analyst", "datasets", "rows", "suppressed_cells", "simulated", "status", "log")
     if args.json:
-        _emit({"releases": [{k: r[k] for k in keys} for r in rows]})
+        _emit(
+            {
+                "releases": [{k: r[k] for k in keys} for r in rows],
+                "events": [{k: ev[k] for k in EVENT_KEYS} for ev in events],
+            }
+        )
         return EXIT_OK
     if not rows:
         print("no releases")
-        return EXIT_OK
-    print(f"{'QUERY':<20} {'RELEASED (UTC)':<21} {'ANALYST':<12} {'ROWS':>5} {'SUPPR':>5}  STATUS  DATASETS")
+    else:
+        print(f"{'QUERY':<20} {'RELEASED (UTC)':<21} {'ANALYST':<12} {'ROWS':>5} {'SUPPR':>5}  STATUS  DATASETS")
     for r in rows:
         status = r["status"] + (", SIMULATED" if r["simulated"] else "")
         print(
             f"{r['query_id']!s:<20} {r['released_at']:<21} {r['analyst']!s:<12} {r['rows']!s:>5} "
             f"{r['suppressed_cells']:>5}  {status}  {', '.join(r['datasets'])}"
         )
+    if events:
+        print(f"\nrefused queries and withdrawn approvals ({len(events)}):")
+        print(f"{'QUERY':<20} {'LOGGED (UTC)':<21} {'EVENT':<17} WHAT")
+        for ev in events:
+            print(f"{ev['query_id']!s:<20} {ev['time']:<21} {ev['type']!s:<17} {ev['text']}")
     return EXIT_OK
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
     found = [r for r in _audit_releases(args) if r["query_id"] == args.release_id]
     if not found:
+        # Not released: what the logs say about the query (refused, rejected, approvals withdrawn).
+        from sealroom.audit_events import query_history
+
+        history = []
+        for directory in _state_logs(args.state_dir):
+            export, _ = _load_state_log(directory)
+            history += [{**h, "log": export["origin"]} for h in query_history(export, args.release_id)]
         print(f"sealroom: no release {args.release_id} in the logs under {args.state_dir}", file=sys.stderr)
         if args.json:
-            _emit({"found": False, "query_id": args.release_id})
+            _emit({"found": False, "query_id": args.release_id, "history": history})
+        elif history:
+            print(f"query {args.release_id} was not released; the log records:")
+            for h in history:
+                print(f"  {h['time']}  entry {h['entry']}: {h['text']}")
         return EXIT_FAILED
     r = found[-1]
     r = {k: v for k, v in r.items() if k != "released_ts"}
@@ -1065,6 +1130,9 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     for c in r["suppressed"]:
         group = ", ".join(f"{k}={v}" for k, v in (c.get("group") or {}).items())
         print(f"  suppressed cell {group or '(all)'}: {c.get('rule')}: {c.get('reason')}")
+    print("  log history:")
+    for h in r["history"]:
+        print(f"    {h['time']}  entry {h['entry']}: {h['text']}")
     return EXIT_OK
 
 
@@ -1077,8 +1145,11 @@ HTML_STYLE = (
 )
 
 
-def audit_html(releases: list[dict[str, Any]], logs: list[dict[str, Any]]) -> str:
-    """One self-contained HTML page (no script, no external resource); every value is escaped."""
+def audit_html(
+    releases: list[dict[str, Any]], logs: list[dict[str, Any]], events: list[dict[str, Any]] | None = None
+) -> str:
+    """One self-contained HTML page (no script, no external resource); every value is escaped.
+    ``events``: the refused queries and withdrawn approvals (``_audit_events``)."""
     from html import escape
 
     def e(v: Any) -> str:
@@ -1150,6 +1221,27 @@ def audit_html(releases: list[dict[str, Any]], logs: list[dict[str, Any]]) -> st
                     f"<td>{e(c.get('reason'))}</td></tr>"
                 )
             parts.append("</table>")
+        parts.append("<h4>Log history</h4><table><tr><th>entry</th><th>logged (UTC)</th><th>event</th></tr>")
+        for h in r.get("history", []):
+            parts.append(f"<tr><td>{e(h['entry'])}</td><td>{e(h['time'])}</td><td>{e(h['text'])}</td></tr>")
+        parts.append("</table>")
+        parts.append("</section>")
+    if events is not None:
+        parts.append(f'<section id="withdrawals"><h2>Refused queries and withdrawn approvals ({len(events)})</h2>')
+        if not events:
+            parts.append("<p>none</p>")
+        else:
+            parts.append(
+                "<table><tr><th>query</th><th>logged (UTC)</th><th>event</th><th>party</th><th>analyst</th>"
+                "<th>rule</th><th>what</th><th>log entry</th></tr>"
+            )
+            for ev in events:
+                parts.append(
+                    f"<tr><td>{e(ev['query_id'])}</td><td>{e(ev['time'])}</td><td>{e(ev['type'])}</td>"
+                    f"<td>{e(ev['party'])}</td><td>{e(ev['analyst'])}</td><td>{e(ev['rule'])}</td>"
+                    f"<td>{e(ev['text'])}</td><td>{e(ev['log'])} #{e(ev['entry'])}</td></tr>"
+                )
+            parts.append("</table>")
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -1189,7 +1281,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
                 }
             )
         releases = _audit_releases(args)
-        text = audit_html(releases, logs)
+        text = audit_html(releases, logs, _audit_events(args))
     if args.output:
         try:
             Path(args.output).write_text(text, encoding="utf-8")
@@ -1202,6 +1294,90 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
         if releases is not None:
             summary["releases"] = [{"query_id": r["query_id"], "status": r["status"]} for r in releases]
         _emit(summary)
+    return EXIT_OK
+
+
+def cmd_audit_ropa(args: argparse.Namespace) -> int:
+    """The record of processing of every coordinator under --state-dir (sealroom.ropa)."""
+    import sqlite3
+
+    from sealroom.errors import AuditError, ConfigError
+    from sealroom.ropa import (
+        CoordinatorState,
+        build_ropa,
+        read_catalog,
+        read_declaration,
+        ropa_html,
+        ropa_json,
+        ropa_markdown,
+    )
+
+    if args.json and not args.output and args.format != "json":
+        raise UsageError("--json prints a summary of the record; give -o FILE for the record itself (or --format json)")
+    opts = _verify_options(args)
+    receipts: dict[tuple[str, Any], str] = {(r["directory"], r["entry"]): r["status"] for r in _audit_releases(args)}
+    states = []
+    for directory in _state_logs(args.state_dir):
+        export, published = _load_state_log(directory)
+        try:
+            _verify_export(export, opts["log_key"] or published, opts)
+            status = "verified"
+        except AuditError as err:
+            status = f"refused ({err.details.get('check')}): {err.message}"
+        try:
+            declaration = read_declaration(directory)
+            datasets, parties = read_catalog(directory)
+        except ConfigError as err:
+            raise UsageError(err.message) from None
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        except sqlite3.Error as exc:
+            raise UsageError(f"{directory / 'coordinator.db'}: cannot read the catalog: {exc}") from None
+        states.append(
+            CoordinatorState(
+                directory=str(directory),
+                export=export,
+                log_status=status,
+                declaration=declaration,
+                datasets=datasets,
+                parties=parties,
+                receipt_status={seq: st for (d, seq), st in receipts.items() if d == str(directory)},
+            )
+        )
+    doc = build_ropa(states)
+    text = {"json": ropa_json, "md": ropa_markdown, "html": ropa_html}[args.format](doc)
+    if not args.output:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+    gaps = sorted({g["check"] for rec in doc["records"] for g in rec["gaps"]})
+    releases = sum(rec["summary"]["releases"] for rec in doc["records"])
+    if args.json:
+        _emit(
+            {
+                "format": args.format,
+                "output": args.output,
+                "records": [
+                    {
+                        "directory": rec["log"]["directory"],
+                        "collaboration": (rec["collaboration"] or {}).get("name"),
+                        "log_status": rec["log"]["status"],
+                        "releases": rec["summary"]["releases"],
+                        "gaps": [g["check"] for g in rec["gaps"]],
+                    }
+                    for rec in doc["records"]
+                ],
+            }
+        )
+    else:
+        print(
+            f"wrote the record of processing of {len(doc['records'])} collaboration(s), {releases} release(s), to "
+            f"{args.output}" + (f"; gaps: {', '.join(gaps)}" if gaps else ""),
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -1356,6 +1532,18 @@ def build_parser() -> argparse.ArgumentParser:
     aex.add_argument("--state-dir", required=True, help=state_help)
     aex.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
     aex.set_defaults(fn=cmd_audit_export)
+    aro = reviewer(
+        with_json(au.add_parser("ropa", help="the record of processing (GDPR Article 30) of each collaboration"))
+    )
+    aro.add_argument("--state-dir", required=True, help=state_help)
+    aro.add_argument(
+        "--format",
+        choices=["md", "json", "html"],
+        default="md",
+        help="md (default), json (canonical, versioned: sealroom.ropa) or html (one self-contained page)",
+    )
+    aro.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    aro.set_defaults(fn=cmd_audit_ropa)
 
     analyst(sub.add_parser("datasets", help="list registered datasets")).set_defaults(fn=cmd_datasets)
     e = analyst(sub.add_parser("explain", help="show the plan for a query without running it"))

@@ -22,6 +22,7 @@ from sealroom.config import toml_table
 from sealroom.errors import UnavailableError
 from sealroom.keys import generate_signing_key, save_signing_key
 from sealroom.policy import DatasetPolicy
+from sealroom.ropa import Collaboration
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Cluster:
         approval_timeout_seconds: float | None = None,
         analysts: Sequence[str] = ("analyst",),
         env: dict[str, str] | None = None,
+        collaboration: Collaboration | None = None,
     ):
         self.state_dir = Path(state_dir).resolve()
         self.parties = list(parties)
@@ -62,6 +64,7 @@ class Cluster:
         self.approval_timeout_seconds = approval_timeout_seconds
         self.analysts = tuple(analysts)
         self.env = env
+        self.collaboration = collaboration  # the coordinator's [collaboration] (record of processing)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._args: dict[str, list[str]] = {}
         self.addresses: dict[str, str] = {}
@@ -163,6 +166,10 @@ class Cluster:
         """The party's signing key (what ``sealroom approve/reject/revoke --key`` needs)."""
         return self._paths()["keys"] / f"{party}.key"
 
+    def party_state_dir(self, party: str) -> Path:
+        """The party agent's own state: its witness state of the coordinator's log."""
+        return self.state_dir / "parties" / party
+
     def log_path(self, name: str) -> Path:
         return self._paths()["logs"] / f"{name}.log"
 
@@ -188,10 +195,14 @@ class Cluster:
             )
             + toml_table("trust", self._trust())
             + toml_table("analysts", {a: token_hash(self.token(a)) for a in self.analysts})
+            + (toml_table("collaboration", self.collaboration.to_dict()) if self.collaboration is not None else "")
         )
         self.log("starting the coordinator")
         self._spawn("coordinator", ["coordinator", "serve", "--config", str(coord_cfg)])
         coordinator = self._wait_port("coordinator")
+        # The agents keep calling the coordinator (they witness its log before every approval), so a
+        # restart("coordinator") binds the port it got now: its config names it from here on.
+        coord_cfg.write_text(coord_cfg.read_text().replace('listen = "127.0.0.1:0"', f'listen = "{coordinator}"', 1))
         for party in self.parties:
             cfg = p["config"] / f"party-{party.name}.toml"
             text = toml_table(
@@ -202,6 +213,9 @@ class Cluster:
                     "coordinator": coordinator,
                     "signing_key": str(self.key_path(party.name)),
                     "approval_ttl_seconds": party.approval_ttl_seconds,
+                    # What the agent co-signed of the coordinator's log, and the log key it trusted
+                    # on first use (docs/audit.md, "Witnesses").
+                    "state_dir": str(self.party_state_dir(party.name)),
                 },
             ) + toml_table("trust", self._trust())
             for d in party.datasets:

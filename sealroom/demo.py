@@ -23,7 +23,8 @@ from sealroom.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.demo_data import BANKS, HOSPITALS, bank_tables, hospital_tables, write_parquet
 from sealroom.errors import JobFailedError
 from sealroom.output import ProgressDisplay, render_result, result_document
-from sealroom.policy import DatasetPolicy
+from sealroom.policy import DatasetPolicy, ProcessingRecord
+from sealroom.ropa import Collaboration
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class Scenario:
     description: str
     parties: Callable[[Path], list[PartySpec]]
     queries: tuple[DemoQuery, ...]
+    # For the record of processing (`sealroom audit ropa`): the operator's [collaboration], and what
+    # every owner declares in its policy's [processing] (each naming itself the controller).
+    collaboration: Collaboration | None = None
+    processing: ProcessingRecord | None = None
 
 
 # What each bank publishes about its dataset: the customer is the privacy unit and a join key only;
@@ -104,6 +109,47 @@ def _hospital_parties(data_dir: Path) -> list[PartySpec]:
     return [PartySpec(h, (DatasetSpec("stays", str(paths[h]), policy, "inpatient stays"),)) for h in HOSPITALS]
 
 
+# What the owners declare for the record of processing (GDPR Article 30) in [processing].
+BANK_PROCESSING = ProcessingRecord(
+    purposes=("credit_risk_statistics",),
+    legal_basis="legitimate_interests",
+    data_subjects=("retail, SME and corporate credit customers",),
+    personal_data=("customer identifier", "customer segment", "internal credit rating", "credit exposure",
+                   "number of loans", "default flag"),
+    retention="source data kept by the bank for 10 years after the end of the customer relationship; "
+    "an enclave holds it only for the duration of one query",
+)  # fmt: skip
+HOSPITAL_PROCESSING = ProcessingRecord(
+    purposes=("cohort_statistics",),
+    legal_basis="public_task",
+    data_subjects=("inpatients",),
+    personal_data=("patient identifier", "age and age band", "diagnosis group", "length of stay", "cost of stay"),
+    special_categories=("health",),
+    special_category_condition="archiving_research_or_statistics",
+    retention="medical records kept by the hospital for 20 years after the last stay; an enclave holds them "
+    "only for the duration of one query",
+)
+
+
+def _declare_processing(parties: list[PartySpec], processing: ProcessingRecord | None) -> list[PartySpec]:
+    """Every dataset's policy with ``processing`` in it, each party naming itself (a synthetic
+    organisation) as the controller."""
+    if processing is None:
+        return parties
+    out = []
+    for party in parties:
+        mine = dataclasses.replace(
+            processing,
+            controller=f"{party.name.replace('_', ' ').title()} (synthetic demo organisation)",
+            contact=f"dpo@{party.name.replace('_', '-')}.example",
+        )
+        datasets = tuple(
+            dataclasses.replace(d, policy=dataclasses.replace(d.policy, processing=mine)) for d in party.datasets
+        )
+        out.append(dataclasses.replace(party, datasets=datasets))
+    return out
+
+
 BANK = Scenario(
     "bank",
     "Cross-bank risk: three banks join their books on a shared customer id",
@@ -152,6 +198,18 @@ SELECT a.customer_id, a.exposure
 FROM bank_a.exposures a JOIN bank_b.exposures b ON a.customer_id = b.customer_id""",
         ),
     ),
+    collaboration=Collaboration(
+        name="Cross-bank credit risk study (synthetic demo)",
+        purpose="credit_risk_statistics",
+        description="Exposure, concentration and default rates of customers shared by three banks, by segment "
+        "and rating; aggregates only",
+        contact="risk-study@consortium.example",
+        operator="the consortium's platform team (runs the coordinator and the enclave workers)",
+        recipients=("credit risk analysts of the participating banks",),
+        result_retention="released aggregates are kept 5 years by the analysts' banks",
+        log_retention="the audit log and the receipts are kept 10 years by the operator",
+    ),
+    processing=BANK_PROCESSING,
 )
 
 HOSPITAL = Scenario(
@@ -175,6 +233,18 @@ ORDER BY diagnosis, age_band""",
             "the rare diagnosis has two patients, so its cell is suppressed",
         ),
     ),
+    collaboration=Collaboration(
+        name="Multi-site inpatient cohort statistics (synthetic demo)",
+        purpose="cohort_statistics",
+        description="Cohort sizes, ages, lengths of stay and costs by diagnosis group and age band across three "
+        "hospitals; aggregates only",
+        contact="cohort-study@hospitals.example",
+        operator="the hospitals' shared research IT (runs the coordinator and the enclave workers)",
+        recipients=("epidemiologists of the participating hospitals",),
+        result_retention="released aggregates are kept 10 years with the study's records",
+        log_retention="the audit log and the receipts are kept 10 years by the operator",
+    ),
+    processing=HOSPITAL_PROCESSING,
 )
 
 SCENARIOS = {"bank": BANK, "hospital": HOSPITAL}
@@ -196,8 +266,11 @@ def run_demo(*, scenario: str = "all", state_dir: Path | None = None, as_json: b
         for name in names:
             sc = SCENARIOS[name]
             _say(f"scenario {name}: {sc.description}")
-            parties = sc.parties(state_dir / "data" / name)
-            with Cluster(state_dir / name, parties, log=_say) as cluster, cluster.client() as client:
+            parties = _declare_processing(sc.parties(state_dir / "data" / name), sc.processing)
+            with (
+                Cluster(state_dir / name, parties, log=_say, collaboration=sc.collaboration) as cluster,
+                cluster.client() as client,
+            ):
                 for q in sc.queries:
                     _say(f"submitting: {q.title}")
                     handle = client.submit(q.sql)

@@ -11,8 +11,9 @@ approval itself (so neither can ever be taken for an approval, nor one for the o
 
 - an *owner command* (``sealroom approve/reject/revoke`` to the owner's own agent), which proves the
   command comes from whoever holds the party's signing key, not from anyone who can reach the agent;
-- an *owner action* (the agent to the coordinator: SubmitApproval, RejectQuery, RevokeApproval),
-  which proves the party itself acts, for itself, on this query and plan.
+- an *owner action* (the agent to the coordinator: SubmitApproval, RejectQuery, RevokeApproval, and
+  SubmitCosignature for its witness co-signatures of the transparency log), which proves the party
+  itself acts, for itself, on this query and plan (or checkpoint).
 
 Both carry ``issued_at_ms``; receivers accept them only fresh and never twice.
 """
@@ -39,7 +40,9 @@ APPROVAL_DOMAIN = b"sealroom/v1/approval\x00"
 STREAM_DOMAIN = b"sealroom/v1/stream-header\x00"
 OWNER_ACTION_DOMAIN = b"sealroom/v1/owner-action\x00"
 OWNER_COMMAND_DOMAIN = b"sealroom/v1/owner-command\x00"
-OWNER_ACTIONS = ("approve", "reject", "revoke")
+# "cosign": an agent's witness co-signature of the coordinator's log (SubmitCosignature), whose
+# plan_hash field holds the SHA-256 of the co-signed checkpoint's body. Owner commands use the first three.
+OWNER_ACTIONS = ("approve", "reject", "revoke", "cosign")
 # How far an owner command's or action's issued_at may be from the receiver's clock.
 OWNER_MESSAGE_MAX_SKEW_MS = 300_000
 

@@ -73,6 +73,8 @@ __all__ = [
     "Checkpoint",
     "SignedCheckpoint",
     "Witness",
+    "WITNESS_SUFFIX",
+    "witness_verifier",
     "EVENT_TYPES",
     "LogEntry",
     "LogStore",
@@ -615,6 +617,17 @@ class SignedCheckpoint:
         return out
 
 
+WITNESS_SUFFIX = ".witness"
+
+
+def witness_verifier(party: str, public_key: Ed25519PublicKey | bytes | str) -> NoteVerifier:
+    """The verifier key of ``party``'s witness: key name ``"<party>.witness"``, and the party's own
+    Ed25519 key (the owner key it registered and signs approvals with). A checkpoint body is
+    printable text without a NUL byte, so it can never equal one of the party's other signed
+    messages (each of which starts with a NUL-terminated ``sealroom/v1/...`` domain)."""
+    return NoteVerifier.from_public_key(f"{party}{WITNESS_SUFFIX}", public_key)
+
+
 class Witness:
     """A party agent's witness: co-signs a checkpoint only after checking it extends the last one it
     co-signed, so the coordinator cannot show two owners two different histories.
@@ -709,8 +722,35 @@ EVENT_TYPES: Mapping[str, Mapping[str, str]] = MappingProxyType(
             "decision": "decision",
             "reason_sha256": "sha256?",
         },
+        # The planner (or a policy) refused a submitted query: no plan exists. ``code`` is the error
+        # code, ``rule`` the rule it named; ``party``/``dataset`` only when they are registered.
+        "query_refused": {
+            "query_id": "ident",
+            "analyst": "ident",
+            "sql_sha256": "sha256",
+            "code": "ident",
+            "rule": "ident?",
+            "party": "ident?",
+            "dataset": "ident?",
+        },
+        # An owner withdrew its stored approval before execution, with its own signed request
+        # (``owner_signature`` over the owner-action message of ``issued_at_ms``: sealroom.plan).
+        "approval_revoked": {
+            "query_id": "ident",
+            "party": "ident",
+            "plan_hash": "sha256",
+            "issued_at_ms": "count?",
+            "owner_signature": "hex?",
+        },
+        # A stored approval stopped counting: its expiry passed (``expired``), or the owner's agent no
+        # longer holds it (``not_held_by_agent``: lapsed or revoked at the agent).
+        "approval_lapsed": {"query_id": "ident", "party": "ident", "plan_hash": "sha256", "cause": "lapse_cause"},
+        # The operator's declaration of the collaboration (``collaboration.json``, for the record of
+        # processing) as published at the coordinator's start, when it changed.
+        "collaboration_declared": {"declaration_sha256": "sha256"},
     }
 )
+LAPSE_CAUSES = ("expired", "not_held_by_agent")
 
 
 def is_ident(value: Any) -> bool:
@@ -733,6 +773,8 @@ def _valid(kind: str, value: Any) -> bool:
         return value in ("tee", "mpc")
     if kind == "decision":
         return value in DECISIONS
+    if kind == "lapse_cause":
+        return value in LAPSE_CAUSES
     raise AssertionError(kind)
 
 
@@ -1052,9 +1094,15 @@ class TransparencyLog:
         return export_store(self.store, origin=self.origin, log_key=self.signer.verifier)
 
 
-def export_store(store: LogStore, *, origin: str, log_key: NoteVerifier) -> dict[str, Any]:
+def export_store(
+    store: LogStore, *, origin: str, log_key: NoteVerifier, witnesses: Sequence[NoteVerifier] = ()
+) -> dict[str, Any]:
     """The export document of a stored log, without its private key: what a reviewer builds from a
-    copy of the coordinator's database and the log's published verifier key."""
+    copy of the coordinator's database and the log's published verifier key.
+
+    ``witnesses``: the witnesses' verifier keys (the registered parties' owner keys, see
+    :func:`witness_verifier`), exported as ``"witnesses"`` so that :func:`verify_log` can check
+    their co-signatures; it binds each to the owner key hash the log's own entries record."""
     entries = []
     for data in store.entries():
         try:
@@ -1075,7 +1123,7 @@ def export_store(store: LogStore, *, origin: str, log_key: NoteVerifier) -> dict
         "entries": entries,
         "checkpoints": store.checkpoints(),
         "receipts": receipts,
-    }
+    } | ({"witnesses": sorted(w.vkey() for w in witnesses)} if witnesses else {})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1095,6 +1143,13 @@ class LogReport:
     witnessed_size: int  # the largest size co-signed by the witness quorum (0 without witnesses)
     log_key_pinned: bool
     releases: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    # Per witness whose key was known (pinned, or exported and bound to the log's owner keys):
+    # {"name", "pinned", "checkpoints" (sizes it co-signed), "latest_size"}.
+    witnesses: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    # Per checkpoint size with verified co-signatures: {"size", "witnesses": [names]}.
+    cosigned: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    # Co-signature lines by keys the verifier does not know, left unchecked (and uncounted).
+    unverified_cosignatures: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1108,6 +1163,9 @@ class LogReport:
             "witnessed_size": self.witnessed_size,
             "log_key_pinned": self.log_key_pinned,
             "releases": [dict(r) for r in self.releases],
+            "witnesses": [dict(w) for w in self.witnesses],
+            "cosigned": [{"size": c["size"], "witnesses": list(c["witnesses"])} for c in self.cosigned],
+            "unverified_cosignatures": self.unverified_cosignatures,
         }
 
 
@@ -1141,7 +1199,10 @@ def verify_log(
 
     ``log_key`` pins the log's key; None takes the key the export names (self-consistency only:
     the report says ``log_key_pinned=False``). ``witnesses`` and ``quorum`` (default: all) require
-    co-signatures on the latest checkpoint. ``trusted``: checkpoints obtained elsewhere (from a
+    co-signatures on the latest checkpoint. Every co-signature by a known witness key is checked:
+    ``witnesses`` (pinned), and the export's ``"witnesses"`` (the registered owners' keys, each of
+    which must hash to an ``owner_key_sha256`` that the log's ``dataset_registered`` entries record
+    for its party; a pinned key of the same name takes precedence). ``trusted``: checkpoints obtained elsewhere (from a
     witness, a party agent, an earlier audit): each must be a checkpoint of this very history, which
     exposes a log that was rolled back or forked since. ``verify_receipt`` is called on every
     release's receipt (e.g. :func:`sealroom.receipts.verify_receipt` with the keys pinned); its
@@ -1157,7 +1218,10 @@ def verify_log(
        last good checkpoint is named);
     6. ``unsigned_entries``/``entry_time``: every entry is covered by a signed checkpoint, and time
        does not run backwards;
-    7. ``witness_quorum``: the latest checkpoint carries the witnesses' quorum;
+    7. ``witness_key``/``witness_signature``: every exported witness key is an owner key the log
+       records, and every co-signature by a known witness key verifies (the report lists who
+       co-signed which checkpoint); ``witness_quorum``: the latest checkpoint carries the
+       witnesses' quorum;
     8. ``fork``/``rollback``: every trusted checkpoint is a checkpoint of this history;
     9. ``receipt_missing``/``receipt_orphan``/``receipt_hash``/``receipt``: every release has its
        receipt, whose hash is the one the entry records, and which verifies.
@@ -1259,7 +1323,37 @@ def verify_log(
         if entry.time_ms < prev.time_ms:
             raise _refuse("entry_time", f"{entry.label()} is dated before the entry it follows", entry=entry.seq)
 
-    # 7. Witnesses on the latest checkpoint.
+    # 7a. Witness keys: pinned ones, and the export's, bound to the owner keys the log records.
+    known = _known_witnesses(export, entries, witnesses)
+    # 7b. Every co-signature by a known witness key verifies (a forged or altered one is named).
+    cosigned_by: dict[int, set[str]] = {}
+    unverified = 0
+    for k, signed in checkpoints:
+        body = signed.checkpoint.body().encode("utf-8")
+        for sig in signed.signatures:
+            if sig.name == log_key.name and sig.key_id == log_key.key_id:
+                continue
+            verifier = known.get(sig.name, (None, False))[0]
+            if verifier is None or verifier.key_id != sig.key_id:
+                unverified += 1
+                continue
+            if not verifier.verifies(body, sig.signature):
+                raise _refuse(
+                    "witness_signature",
+                    f"checkpoint {k} (size {signed.checkpoint.size}): the co-signature of {sig.name} does not "
+                    "verify; it was forged, or the checkpoint was changed after it was co-signed",
+                    checkpoint=k,
+                    witness=sig.name,
+                )
+            cosigned_by.setdefault(signed.checkpoint.size, set()).add(sig.name)
+    witness_rows = []
+    for name in sorted(known):
+        sizes = [size for size, names in cosigned_by.items() if name in names]
+        witness_rows.append(
+            {"name": name, "pinned": known[name][1], "checkpoints": len(sizes), "latest_size": max(sizes, default=0)}
+        )
+
+    # 7c. Witnesses on the latest checkpoint.
     witnessed = 0
     if witnesses:
         need = len(witnesses) if quorum is None else quorum
@@ -1371,4 +1465,43 @@ def verify_log(
         witnessed_size=witnessed,
         log_key_pinned=pinned,
         releases=tuple(releases),
+        witnesses=tuple(witness_rows),
+        cosigned=tuple({"size": size, "witnesses": sorted(cosigned_by[size])} for size in sorted(cosigned_by)),
+        unverified_cosignatures=unverified,
     )
+
+
+def _known_witnesses(
+    export: Mapping[str, Any], entries: Sequence[LogEntry], pinned: Sequence[NoteVerifier]
+) -> dict[str, tuple[NoteVerifier, bool]]:
+    """name -> (verifier, pinned): the export's witness keys, each of which must be ``<party>.witness``
+    with a key whose SHA-256 the log's ``dataset_registered`` entries record as the party's owner key
+    (``witness_key`` otherwise), then the pinned keys (which replace an exported key of the same name)."""
+    owner_keys: dict[str, set[str]] = {}
+    for e in entries:
+        if e.type == "dataset_registered" and "owner_key_sha256" in e.event:
+            owner_keys.setdefault(str(e.event["party"]), set()).add(str(e.event["owner_key_sha256"]))
+    raw = export.get("witnesses", [])
+    if not isinstance(raw, list):
+        raise _refuse("witness_key", "the log export's witnesses are not a list of verifier keys")
+    known: dict[str, tuple[NoteVerifier, bool]] = {}
+    for i, text in enumerate(raw):
+        try:
+            verifier = NoteVerifier.from_vkey(text) if isinstance(text, str) else None
+        except ValueError:
+            verifier = None
+        if verifier is None:
+            raise _refuse("witness_key", f"witness key {i} of the log export is not a verifier key")
+        party = verifier.name.removesuffix(WITNESS_SUFFIX)
+        digest = hashlib.sha256(verifier.public_key).hexdigest()
+        if party == verifier.name or digest not in owner_keys.get(party, set()):
+            raise _refuse(
+                "witness_key",
+                f"the log export's key for witness {verifier.name} is not an owner key that the log's "
+                f"dataset_registered entries record for {party}",
+                witness=verifier.name,
+            )
+        known[verifier.name] = (verifier, False)
+    for verifier in pinned:
+        known[verifier.name] = (verifier, True)
+    return known

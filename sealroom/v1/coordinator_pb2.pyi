@@ -382,3 +382,158 @@ class OwnerActionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OwnerActionResponse: _TypeAlias = OwnerActionResponse  # noqa: Y015
+
+@_typing.final
+class GetCheckpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTY_FIELD_NUMBER: _builtins.int
+    party: _builtins.str
+    """the witness asking (optional; for the coordinator's own log lines)"""
+    def __init__(
+        self,
+        *,
+        party: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["party", b"party"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCheckpointRequest: _TypeAlias = GetCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class CheckpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    LOG_KEY_FIELD_NUMBER: _builtins.int
+    checkpoint: _builtins.str
+    """the latest C2SP tlog-checkpoint note: the log's signature, then co-signatures"""
+    log_key: _builtins.str
+    """the log's verifier key NAME+KEYID+KEY (what an agent trusts on first use)"""
+    def __init__(
+        self,
+        *,
+        checkpoint: _builtins.str = ...,
+        log_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "log_key", b"log_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointResponse: _TypeAlias = CheckpointResponse  # noqa: Y015
+
+@_typing.final
+class ConsistencyProofRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_SIZE_FIELD_NUMBER: _builtins.int
+    NEW_SIZE_FIELD_NUMBER: _builtins.int
+    PARTY_FIELD_NUMBER: _builtins.int
+    old_size: _builtins.int
+    new_size: _builtins.int
+    """at most the log's current size"""
+    party: _builtins.str
+    """the witness asking (optional; for the coordinator's own log lines)"""
+    def __init__(
+        self,
+        *,
+        old_size: _builtins.int = ...,
+        new_size: _builtins.int = ...,
+        party: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_size", b"new_size", "old_size", b"old_size", "party", b"party"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsistencyProofRequest: _TypeAlias = ConsistencyProofRequest  # noqa: Y015
+
+@_typing.final
+class ConsistencyProofResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HASHES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """RFC 9162 section 2.1.4 PROOF(old_size, D[new_size])"""
+
+    def __init__(
+        self,
+        *,
+        hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsistencyProofResponse: _TypeAlias = ConsistencyProofResponse  # noqa: Y015
+
+@_typing.final
+class SubmitCosignatureRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTY_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
+    OWNER_SIGNATURE_FIELD_NUMBER: _builtins.int
+    party: _builtins.str
+    checkpoint: _builtins.str
+    """the checkpoint note carrying the party's "<party>.witness" signature line"""
+    query_id: _builtins.str
+    """the query the party is about to approve ("" when none)"""
+    issued_at_ms: _builtins.int
+    owner_signature: _builtins.bytes
+    """owner_action_message("cosign", query_id, party, plan_hash = SHA-256 (hex) of the checkpoint's
+    body, issued_at_ms)
+    """
+    def __init__(
+        self,
+        *,
+        party: _builtins.str = ...,
+        checkpoint: _builtins.str = ...,
+        query_id: _builtins.str = ...,
+        issued_at_ms: _builtins.int = ...,
+        owner_signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "issued_at_ms", b"issued_at_ms", "owner_signature", b"owner_signature", "party", b"party", "query_id", b"query_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitCosignatureRequest: _TypeAlias = SubmitCosignatureRequest  # noqa: Y015
+
+@_typing.final
+class SubmitCosignatureResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    WITNESSES_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """the size of the co-signed checkpoint"""
+    @_builtins.property
+    def witnesses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """every witness whose co-signature the coordinator holds for it"""
+
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        witnesses: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["size", b"size", "witnesses", b"witnesses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitCosignatureResponse: _TypeAlias = SubmitCosignatureResponse  # noqa: Y015

@@ -85,6 +85,21 @@ class CoordinatorStub:
                 request_serializer=sealroom_dot_v1_dot_coordinator__pb2.RevokeApprovalRequest.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_coordinator__pb2.OwnerActionResponse.FromString,
                 _registered_method=True)
+        self.GetCheckpoint = channel.unary_unary(
+                '/sealroom.v1.Coordinator/GetCheckpoint',
+                request_serializer=sealroom_dot_v1_dot_coordinator__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_coordinator__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
+        self.GetConsistencyProof = channel.unary_unary(
+                '/sealroom.v1.Coordinator/GetConsistencyProof',
+                request_serializer=sealroom_dot_v1_dot_coordinator__pb2.ConsistencyProofRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_coordinator__pb2.ConsistencyProofResponse.FromString,
+                _registered_method=True)
+        self.SubmitCosignature = channel.unary_unary(
+                '/sealroom.v1.Coordinator/SubmitCosignature',
+                request_serializer=sealroom_dot_v1_dot_coordinator__pb2.SubmitCosignatureRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_coordinator__pb2.SubmitCosignatureResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -156,6 +171,29 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCheckpoint(self, request, context):
+        """The transparency log, for the party agents that witness it (docs/audit.md, "Witnesses"). These
+        two return public log data only: sizes, hashes and signatures.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConsistencyProof(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitCosignature(self, request, context):
+        """A party's co-signature of a checkpoint the log signed. The witness signature ("<party>.witness")
+        must verify with the party's registered key, and the request is signed by that key over
+        sealroom.plan.owner_action_message("cosign", ...), like the owner actions above.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +246,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.RevokeApproval,
                     request_deserializer=sealroom_dot_v1_dot_coordinator__pb2.RevokeApprovalRequest.FromString,
                     response_serializer=sealroom_dot_v1_dot_coordinator__pb2.OwnerActionResponse.SerializeToString,
+            ),
+            'GetCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=sealroom_dot_v1_dot_coordinator__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_coordinator__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'GetConsistencyProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsistencyProof,
+                    request_deserializer=sealroom_dot_v1_dot_coordinator__pb2.ConsistencyProofRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_coordinator__pb2.ConsistencyProofResponse.SerializeToString,
+            ),
+            'SubmitCosignature': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitCosignature,
+                    request_deserializer=sealroom_dot_v1_dot_coordinator__pb2.SubmitCosignatureRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_coordinator__pb2.SubmitCosignatureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +533,87 @@ class Coordinator:
             '/sealroom.v1.Coordinator/RevokeApproval',
             sealroom_dot_v1_dot_coordinator__pb2.RevokeApprovalRequest.SerializeToString,
             sealroom_dot_v1_dot_coordinator__pb2.OwnerActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Coordinator/GetCheckpoint',
+            sealroom_dot_v1_dot_coordinator__pb2.GetCheckpointRequest.SerializeToString,
+            sealroom_dot_v1_dot_coordinator__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsistencyProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Coordinator/GetConsistencyProof',
+            sealroom_dot_v1_dot_coordinator__pb2.ConsistencyProofRequest.SerializeToString,
+            sealroom_dot_v1_dot_coordinator__pb2.ConsistencyProofResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitCosignature(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Coordinator/SubmitCosignature',
+            sealroom_dot_v1_dot_coordinator__pb2.SubmitCosignatureRequest.SerializeToString,
+            sealroom_dot_v1_dot_coordinator__pb2.SubmitCosignatureResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,16 @@ class CoordinatorStub:
     RejectQuery: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RejectQueryRequest, _coordinator_pb2.OwnerActionResponse]
     RevokeApproval: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RevokeApprovalRequest, _coordinator_pb2.OwnerActionResponse]
     """Only while execution has not started (FAILED_PRECONDITION afterwards)."""
+    GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetCheckpointRequest, _coordinator_pb2.CheckpointResponse]
+    """The transparency log, for the party agents that witness it (docs/audit.md, "Witnesses"). These
+    two return public log data only: sizes, hashes and signatures.
+    """
+    GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ConsistencyProofRequest, _coordinator_pb2.ConsistencyProofResponse]
+    SubmitCosignature: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitCosignatureRequest, _coordinator_pb2.SubmitCosignatureResponse]
+    """A party's co-signature of a checkpoint the log signed. The witness signature ("<party>.witness")
+    must verify with the party's registered key, and the request is signed by that key over
+    sealroom.plan.owner_action_message("cosign", ...), like the owner actions above.
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -72,6 +82,16 @@ class CoordinatorAsyncStub(CoordinatorStub):
     RejectQuery: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RejectQueryRequest, _coordinator_pb2.OwnerActionResponse]  # type: ignore[assignment]
     RevokeApproval: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RevokeApprovalRequest, _coordinator_pb2.OwnerActionResponse]  # type: ignore[assignment]
     """Only while execution has not started (FAILED_PRECONDITION afterwards)."""
+    GetCheckpoint: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetCheckpointRequest, _coordinator_pb2.CheckpointResponse]  # type: ignore[assignment]
+    """The transparency log, for the party agents that witness it (docs/audit.md, "Witnesses"). These
+    two return public log data only: sizes, hashes and signatures.
+    """
+    GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ConsistencyProofRequest, _coordinator_pb2.ConsistencyProofResponse]  # type: ignore[assignment]
+    SubmitCosignature: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitCosignatureRequest, _coordinator_pb2.SubmitCosignatureResponse]  # type: ignore[assignment]
+    """A party's co-signature of a checkpoint the log signed. The witness signature ("<party>.witness")
+    must verify with the party's registered key, and the request is signed by that key over
+    sealroom.plan.owner_action_message("cosign", ...), like the owner actions above.
+    """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -150,5 +170,33 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.OwnerActionResponse, _abc.Awaitable[_coordinator_pb2.OwnerActionResponse]]:
         """Only while execution has not started (FAILED_PRECONDITION afterwards)."""
+
+    @_abc_1.abstractmethod
+    def GetCheckpoint(
+        self,
+        request: _coordinator_pb2.GetCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.CheckpointResponse, _abc.Awaitable[_coordinator_pb2.CheckpointResponse]]:
+        """The transparency log, for the party agents that witness it (docs/audit.md, "Witnesses"). These
+        two return public log data only: sizes, hashes and signatures.
+        """
+
+    @_abc_1.abstractmethod
+    def GetConsistencyProof(
+        self,
+        request: _coordinator_pb2.ConsistencyProofRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ConsistencyProofResponse, _abc.Awaitable[_coordinator_pb2.ConsistencyProofResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SubmitCosignature(
+        self,
+        request: _coordinator_pb2.SubmitCosignatureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.SubmitCosignatureResponse, _abc.Awaitable[_coordinator_pb2.SubmitCosignatureResponse]]:
+        """A party's co-signature of a checkpoint the log signed. The witness signature ("<party>.witness")
+        must verify with the party's registered key, and the request is signed by that key over
+        sealroom.plan.owner_action_message("cosign", ...), like the owner actions above.
+        """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -124,3 +124,68 @@ def test_the_html_report_renders_in_a_headless_browser(demo_dir: Path, chromium:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert png.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_the_record_of_processing_renders_in_a_headless_browser(demo_dir: Path, chromium: str, tmp_path: Path) -> None:
+    """`sealroom audit ropa` on the demo's state: the collaboration and the owners' declarations that
+    the demo's configs and policies carry, both releases as processing activities, the planner's
+    refusals counted, and a self-contained page that a real browser renders."""
+    import re
+
+    as_json = subprocess.run(
+        [sys.executable, "-m", "sealroom.cli", "audit", "ropa", "--state-dir", str(demo_dir), "--format", "json"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert as_json.returncode == 0, as_json.stderr
+    doc = json.loads(as_json.stdout)
+    assert doc["format"] == "sealroom.ropa" and doc["version"] == 1
+    (rec,) = doc["records"]
+    assert rec["log"]["status"] == "verified" and rec["declaration"]["matches_log"] is True
+    assert rec["collaboration"]["purpose"] == "credit_risk_statistics"
+    assert [d["party"] for d in rec["datasets"]] == ["bank_a", "bank_b", "bank_c"]
+    assert all(d["processing"]["legal_basis"] == "legitimate_interests" for d in rec["datasets"])
+    assert [g["check"] for g in rec["gaps"]] == ["simulated_attestation"]
+    assert rec["summary"]["releases"] == 2 and rec["summary"]["queries_refused"] == 2
+    ids = [a["query_id"] for a in rec["activities"]]
+
+    report = tmp_path / "ropa.html"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sealroom.cli", "audit", "ropa", "--state-dir", str(demo_dir), "--format", "html",
+         "-o", str(report)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "gaps: simulated_attestation" in proc.stderr
+    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-extensions", "--no-first-run"]
+    dom = subprocess.run([*browser, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    rendered = dom.stdout
+    assert "<title>Record of processing activities</title>" in rendered
+    assert "Cross-bank credit risk study (synthetic demo)" in rendered
+    for heading in ("Controllers", "Datasets and categories of data", "Recipients", "Processing activities",
+                    "Transfers", "Technical and organisational measures", "Gaps"):  # fmt: skip
+        assert f"{heading}" in rendered
+    assert "Bank A (synthetic demo organisation)" in rendered and "legitimate_interests" in rendered
+    for qid in ids:
+        assert qid in rendered
+    assert "SELECT" not in rendered  # no SQL text (it may hold literals): the receipts have it
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", rendered) and "<script" not in rendered
+    shot = tmp_path / "ropa.png"
+    png = subprocess.run(
+        [*browser, f"--screenshot={shot}", "--window-size=1200,1600", report.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert png.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+    # The reviewer's audit report lists the planner's refusals next to the releases.
+    audit = tmp_path / "audit.html"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sealroom.cli", "audit", "export", "--format", "html", "--state-dir", str(demo_dir),
+         "-o", str(audit)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    page = audit.read_text()
+    section = page[page.index('id="withdrawals"') :]
+    assert "Refused queries and withdrawn approvals (2)" in section and section.count("query_refused") == 2
+    assert "Log history" in page

@@ -449,6 +449,7 @@ def start_agent(
         signing_key=directory / "unused.key",
         trust=trust,
         datasets=(DatasetConfig("loans", str(path), policy),),
+        unsafe_no_witness=True,  # no coordinator, so no log to witness (tests/integration/test_witness.py does)
     )
     agent = PartyAgent(config, signing_key=key)
     server = build_agent_server(agent)

@@ -239,7 +239,11 @@ def test_an_owner_rejection_is_logged(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "audit closes" not in json.dumps(log)  # the owner's free-text reason stays out of the log
     code, out, err = _verify_state(capsys, tmp_path / "state")
     assert code == 0 and "1 rejected" in out and "0 release receipt(s)" in out, err
-    assert run(capsys, "audit", "list", "--state-dir", str(tmp_path / "state"))[1].strip() == "no releases"
+    listed = run(capsys, "audit", "list", "--state-dir", str(tmp_path / "state"))[1]
+    assert listed.startswith("no releases\n")  # the rejection is listed below the (no) releases
+    assert "refused queries and withdrawn approvals (1)" in listed
+    assert "rejected by bank_m (rejected_by_owner)" in listed
+    assert "audit closes" not in listed
 
 
 @pytest.mark.parametrize("hospitals", [3, 2], ids=["three_owners", "two_owners_and_a_helper"])

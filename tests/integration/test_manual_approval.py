@@ -416,6 +416,7 @@ def test_auto_approvals_lapse_too_and_the_agent_forgets_them(tmp_path):
         trust=TrustPolicy(),
         datasets=(DatasetConfig("loans", str(tmp_path / "a.parquet"), AUTO),),
         approval_ttl_seconds=1,
+        unsafe_no_witness=True,  # no coordinator, so no log to witness
     )
     agent = PartyAgent(config, signing_key=key)
     data = make_party("bank_a", table, policy=AUTO, key=key)

@@ -474,6 +474,7 @@ def _agent(tmp_path: Path, party: str, policy: DatasetPolicy) -> PartyAgent:
         signing_key=tmp_path / "unused.key",
         trust=TrustPolicy(),
         datasets=(DatasetConfig("stays", str(path), policy),),
+        unsafe_no_witness=True,  # no coordinator, so no log to witness
     )
     return PartyAgent(config, signing_key=generate_signing_key())
 

@@ -281,6 +281,7 @@ def agent(tmp_path: Path) -> PartyAgent:
         signing_key=tmp_path / "unused.key",
         trust=TrustPolicy(),
         datasets=(DatasetConfig("loans", str(path), POLICY),),
+        unsafe_no_witness=True,  # no coordinator, so no log to witness
     )
     return PartyAgent(config, signing_key=generate_signing_key())
 

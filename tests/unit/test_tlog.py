@@ -345,7 +345,7 @@ def test_entries_refuse_unknown_fields_types_and_values() -> None:
             LogEntry(0, 1, type_, event)
     for spec in EVENT_TYPES.values():
         assert all(
-            kind.rstrip("?") in {"ident", "sha256", "hex", "bool", "count", "stage_kind", "decision"}
+            kind.rstrip("?") in {"ident", "sha256", "hex", "bool", "count", "stage_kind", "decision", "lapse_cause"}
             for kind in spec.values()
         )
 
