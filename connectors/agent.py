@@ -23,7 +23,6 @@ approval it holds, live, itself.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -64,7 +63,7 @@ from sealroom.plan import (
     PlanInput,
     Stage,
     check_issued_at,
-    declared_domains,
+    mpc_player_keys,
     mpc_stage_query,
     sign_approval,
     sign_owner_action,
@@ -416,19 +415,15 @@ class PartyAgent:
         used only as their roles allow, the group domain is exactly what the involved policies
         declare, its datasets go to an enclave only where its policy allows and otherwise are held by
         its own player only, and the players and holders agree with the spec. Raises the refusal."""
-        from mpc.spec import GroupColumn, StageSpec
+        from mpc.bounds import stage_consistency_violation, stage_rule_violation
+        from mpc.spec import StageSpec
 
         me = self.config.name
         q = mpc_stage_query(plan, stage)
         if stage.feeds is not None:
             stage = next(s for s in plan.stages if s.id == stage.feeds)
         assert stage.mpc is not None and stage.holders is not None and stage.release is not None
-        try:
-            spec = StageSpec.from_dict(stage.mpc)
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, InvalidQueryError):
-                raise
-            raise InvalidQueryError(f"plan is inconsistent: malformed MPC stage spec ({type(exc).__name__})") from None
+        spec = StageSpec.from_dict(stage.mpc)
         feeding = [s for s in plan.stages if s.feeds == stage.id]
         every = [*stage.inputs, *(i for s in feeding for i in s.inputs)]
         mine = [i for i in every if i.party == me]
@@ -436,118 +431,67 @@ class PartyAgent:
         def refuse(message: str, rule: str, **details: Any) -> PolicyRefusalError:
             return PolicyRefusalError(message, details={"party": me, "stage": stage.id, "rule": rule, **details})
 
-        # What the stage computes is what the SQL this owner signs implies.
-        computed = [(a.name, a.func, a.column) for a in spec.aggregates]
-        implied = list(q.aggregates)
-
-        def same(x: tuple[str, str, str | None], y: tuple[str, str, str | None]) -> bool:
-            # COUNT(col) may run as COUNT(*) only where col can hold no NULL (checked here for this
-            # party's own datasets; the planner checked every registered schema).
-            if x == y:
-                return True
-            return (
-                x[:2] == y[:2] == (x[0], "count")
-                and x[2] is None
-                and y[2] is not None
-                and not any(
-                    self.schemas[i.dataset].field(y[2]).nullable for i in mine if y[2] in self.schemas[i.dataset].names
-                )
+        # What the stage computes is what the SQL this owner signs implies, over the domain the
+        # involved policies (carried in the plan, digests checked) declare. COUNT(col) may run as
+        # COUNT(*) only where col can hold no NULL (checked here for this party's own datasets; the
+        # planner checked every registered schema).
+        def count_star(col: str) -> bool:
+            return not any(
+                self.schemas[i.dataset].field(col).nullable for i in mine if col in self.schemas[i.dataset].names
             )
 
-        if (
-            [g.name for g in spec.group_by] != list(q.group_columns)
-            or len(computed) != len(implied)
-            or not all(same(x, y) for x, y in zip(computed, implied, strict=False))
-            or stage.release.get("outputs") != [list(o) for o in q.outputs]
-            or stage.release.get("having") != q.having
-            or stage.release.get("order_by") != [[o.column, o.descending, o.nulls_first] for o in q.order_by]
-            or stage.release.get("limit") != q.limit
-            or tuple(stage.output_columns) != tuple(o[0] for o in q.outputs)
-        ):
-            raise refuse(
-                "the plan's MPC stage does not compute what its SQL says (group columns, aggregates or release "
-                "differ); re-plan the query",
-                "plan_consistency",
-            )
+        violation = stage_consistency_violation(stage, spec, q, every, count_star=count_star)
+        if violation is not None:
+            raise refuse(violation[0], violation[1], **violation[2])
         for inp in mine:
-            policy = self.policies[inp.dataset]
-            where = {"dataset": inp.dataset}
-            if spec.min_group_size < policy.min_group_size:
-                raise refuse(
-                    f"the MPC stage releases cells of {spec.min_group_size}, below the minimum group size "
-                    f"{policy.min_group_size} of {me}.{inp.dataset}",
-                    "min_group_size",
-                    **where,
-                )
-            if policy.privacy_unit and spec.threshold_on != "units":
-                raise refuse(
-                    f"the MPC stage counts rows, but {me}.{inp.dataset} protects distinct {policy.privacy_unit} "
-                    "values (its privacy unit)",
-                    "privacy_unit",
-                    **where,
-                )
-            if (spec.threshold_on == "units") != (spec.unit_column == UNION_UNIT) or (
-                spec.unit_column is not None and spec.unit_column in self.schemas[inp.dataset].names
-            ):
-                raise refuse(
-                    "the MPC stage does not count this owner's privacy unit (its unit column must be the one "
-                    f"{me}'s player derives from {inp.dataset}'s privacy unit, never a column the plan names)",
-                    "privacy_unit",
-                    **where,
-                )
-            if spec.threshold_on == "units" and spec.units_disjoint:
-                raise refuse(
-                    "the MPC stage assumes no privacy unit appears at two players, which this owner cannot know",
-                    "privacy_unit",
-                    **where,
-                )
-            for m in spec.measures:
-                rule = policy.rule(m.column)
-                if rule.role == "open":
-                    continue
-                if rule.min is None or rule.max is None or m.min < rule.min or m.max > rule.max:
-                    raise refuse(
-                        f"the MPC stage's bounds for {m.column} ([{m.min:g}, {m.max:g}]) are not inside those "
-                        f"{me}.{inp.dataset} declares ([{_bound(rule.min)}, {_bound(rule.max)}])",
-                        "bounds",
-                        column=m.column,
-                        **where,
-                    )
-            if policy.dominance is not None and any(a.func in ("sum", "avg") for a in spec.aggregates):
-                raise refuse(
-                    f"{me}.{inp.dataset} has a dominance rule, which an MPC stage does not apply to its SUM/AVG",
-                    "dominance",
-                    **where,
-                )
+            violation = stage_rule_violation(
+                spec,
+                self.policies[inp.dataset],
+                dataset=f"{me}.{inp.dataset}",
+                columns=self.schemas[inp.dataset].names,
+                unit_column=UNION_UNIT,
+            )
+            if violation is not None:
+                message, rule, details = violation
+                raise refuse(message, rule, dataset=inp.dataset, **details)
         check_uses(
             {i.qualified: q.uses.get(i.qualified, {}) for i in mine},
             {i.qualified: self.policies[i.dataset] for i in mine},
             {i.qualified: self.schemas[i.dataset].names for i in mine},
         )
-        # The domain is exactly what the involved policies (carried in the plan, digests checked) declare.
-        declared = declared_domains(q.group_columns, [(i.qualified, i.policy) for i in every])
-        keys: list[list[Any]] = []
-        for g, (kind, values) in zip(spec.group_by, declared, strict=True):
-            want = GroupColumn(g.name, tuple(values)) if kind == "bins" else GroupColumn(g.name)
-            if g != want:
-                raise refuse(
-                    f"the MPC stage groups {g.name} otherwise than the policies declare", "domain", column=g.name
-                )
-            keys.append(want.labels() if kind == "bins" else list(values))
-        if [list(k) for k in spec.domain] != [list(k) for k in itertools.product(*keys)]:
-            raise refuse("the MPC stage's group domain is not the one the involved policies declare", "domain")
         # Who holds what: this party's MPC-side datasets only by its own player, its TEE-side ones only
         # where its policy accepts an enclave; helpers hold nothing.
+        if set(stage.holders) != {str(n) for n in range(len(spec.players))}:
+            raise refuse("the MPC stage's holders do not name exactly its players", "players")
+        coordinator_key = self.witness.log_key if self.witness is not None else None
+        if self.witness is not None and coordinator_key is None and any(not p.holds_input for p in spec.players):
+            raise refuse(
+                "the MPC stage has a helper player run by the coordinator, and this agent does not know the "
+                "coordinator's log key yet to check the helper's identity (it learns it at registration, or pin it "
+                "with [party] log_key)",
+                "players",
+            )
         for n, player in enumerate(spec.players):
-            holder = stage.holders.get(str(n))
-            if player.holds_input != (holder is not None):
+            holder = stage.holders[str(n)]
+            if player.holds_input == ("helper" in holder):
                 raise refuse(f"the MPC stage's player {n} ({player.name}) and its holders disagree", "players")
-            if holder is not None and "party" in holder and holder["party"] != player.name:
+            if "party" in holder and holder["party"] != player.name:
                 raise refuse(
                     f"the MPC stage's player {n} ({player.name}) would hold {holder['party']}'s input", "players"
                 )
-        if len(stage.holders) != len(spec.input_players):
-            raise refuse("the MPC stage names holders that are not players", "players")
+            # A helper's identity is the coordinator's key (the log key this agent witnesses): a helper
+            # under any other key could be someone else's second player.
+            if "helper" in holder and (
+                holder["helper"] != player.name
+                or (coordinator_key is not None and holder.get("key") != coordinator_key.public_key.hex())
+            ):
+                raise refuse(
+                    f"the MPC stage's helper player {n} is not named with the coordinator's key", "players", player=n
+                )
+        try:
+            mpc_player_keys(plan, stage)
+        except InvalidQueryError as err:
+            raise refuse(err.message, "players") from None
         # The coordinator runs every helper player: with more than t of them it would hold enough
         # shares to reconstruct the owners' partials (t + 1 colluding players learn every input).
         helpers = [p.name for p in spec.players if not p.holds_input]
@@ -710,7 +654,11 @@ class PartyAgent:
         plan = self.approved_plan(plan_json)
         plan_hash = hashlib.sha256(plan_json).hexdigest()
         me = self.config.name
-        mine = [i for i in plan.inputs() if i.party == self.config.name]
+        # Only what goes to an enclave: a dataset of this owner that an MPC stage reads directly stays
+        # here (its own player holds its partials).
+        mine = [i for s in plan.stages if s.kind == "tee" for i in s.inputs if i.party == me]
+        if not mine:
+            raise ApprovalError(f"the plan streams no data of {me} to an enclave", details={"party": me})
         with open_channel(enclave_address) as channel:
             enclave = enclave_pb2_grpc.EnclaveStub(channel)
             nonce = os.urandom(32)
@@ -1089,10 +1037,6 @@ class StreamCounter:
             rows=0 if hidden else self.reported_rows(),
             done=self.done,
         )
-
-
-def _bound(v: float | None) -> str:
-    return "none" if v is None else f"{v:g}"
 
 
 def _until_failure(frames: Iterator[bytes], failed: list[SealroomError]) -> Iterator[bytes]:

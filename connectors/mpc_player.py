@@ -31,9 +31,10 @@ from mpc.partials import Partials, local_partials
 from mpc.result import MpcResult
 from mpc.session import PlayerProcess, free_ports
 from mpc.spec import StageSpec
-from mpc.tls import PlayerIdentity, PlayerOffer
+from mpc.tls import PlayerIdentity, PlayerOffer, identity_keys
+from sealroom.attestation import Evidence
 from sealroom.errors import ApprovalError, InvalidQueryError, MpcError
-from sealroom.plan import Plan, PlanInput, mpc_stage_query
+from sealroom.plan import Plan, PlanInput, mpc_player_keys, mpc_stage_query
 from sealroom.v1 import party_pb2
 
 if TYPE_CHECKING:
@@ -178,7 +179,10 @@ class MpcPlayers:
                 "the players' addresses do not cover the stage's players (or misplace this one)",
                 details={"reason": "addresses", "player": request.index},
             )
-        identities = self._identities(plan, stage, spec, dict(request.helper_keys))
+        enclave = self._enclave_key(plan, stage, request.enclave) if request.HasField("enclave") else None
+        # Every player's identity key as the plan names it (the helpers' too: never one the request
+        # brings, or whoever calls could add players of its own); the enclave's is its attested key.
+        identities = identity_keys(mpc_player_keys(plan, stage), enclave)
         credentials = prepared.identity.credentials(offers, identities)
         # The coordinator proposes the deadline; the owner bounds it (a player never runs for longer).
         requested = float(request.timeout_seconds)
@@ -205,30 +209,22 @@ class MpcPlayers:
             result_json=result.canonical(), signature=self.agent.key.sign(result.signing_message())
         )
 
-    @staticmethod
-    def _identities(
-        plan: Plan, stage: Any, spec: StageSpec, helper_keys: dict[int, bytes]
-    ) -> dict[int, Ed25519PublicKey]:
-        """Index -> the identity key the plan names: an owner's key for its player; a helper's key as
-        the coordinator sends it (its CA is name-constrained to its own index)."""
-        out: dict[int, Ed25519PublicKey] = {}
-        for i, player in enumerate(spec.players):
-            holder = (stage.holders or {}).get(str(i))
-            if player.holds_input:
-                party = holder.get("party") if holder else None
-                if party is None or party not in plan.parties:
-                    raise MpcError(
-                        f"MPC player {i} holds no owner's input this runtime can verify (an enclave player is not "
-                        "supported yet)",
-                        details={"reason": "identity", "player": i},
-                    )
-                out[i] = Ed25519PublicKey.from_public_bytes(bytes.fromhex(plan.parties[party]))
-            else:
-                key = helper_keys.get(i)
-                if key is None or len(key) != 32:
-                    raise MpcError(
-                        f"MPC helper player {i} comes without its identity key",
-                        details={"reason": "identity", "player": i},
-                    )
-                out[i] = Ed25519PublicKey.from_public_bytes(key)
-        return out
+    def _enclave_key(self, plan: Plan, stage: Any, enclave: party_pb2.EnclavePlayer) -> Ed25519PublicKey:
+        """The enclave player's identity key (hybrid plans): the signing key of the job that the
+        evidence binds to this plan's hash. The evidence must pass this agent's own appraisal and
+        the trust section of every dataset streamed to that enclave (as the plan carries those
+        owners' policies): this owner does not send the enclave its data, but its player must know
+        the enclave is the code those owners accepted, not the coordinator posing as a player."""
+        feeding = [s for s in plan.stages if s.feeds == stage.id]
+        if not feeding:
+            raise MpcError(
+                "the coordinator sent an enclave player for a stage no TEE stage feeds",
+                details={"reason": "identity", "stage": stage.id},
+            )
+        evidence = Evidence.from_bytes(bytes(enclave.evidence))
+        signing = bytes(enclave.signing_public_key)
+        claims = self.agent.verify_enclave(evidence, bytes(enclave.hpke_public_key), signing, bytes.fromhex(plan.hash))
+        for s in feeding:
+            for inp in s.inputs:
+                inp.policy.trust.check(claims, dataset=inp.qualified)
+        return Ed25519PublicKey.from_public_bytes(signing)

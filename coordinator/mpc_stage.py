@@ -33,17 +33,16 @@ from typing import Any
 import grpc
 import pyarrow as pa
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mpc.result import MpcResult, result_table, signing_message
 from mpc.session import PlayerProcess, free_ports
 from mpc.spec import StageSpec, canonical_json
 from mpc.tls import PlayerIdentity, PlayerOffer
-from sealroom.errors import JobFailedError, MpcError, SealroomError
-from sealroom.plan import Plan, Stage
+from sealroom.errors import InvalidQueryError, JobFailedError, MpcError, SealroomError
+from sealroom.plan import Plan, Stage, mpc_player_keys
 from sealroom.rpc import call
-from sealroom.v1 import party_pb2, party_pb2_grpc
+from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +62,44 @@ def session_id(plan: Plan, stage_id: str) -> str:
     return f"{plan.hash}:{stage_id}"
 
 
-def mpc_only_stage(plan: Plan) -> Stage | None:
-    """The plan's MPC stage if the plan is MPC alone; None for a TEE plan. A hybrid plan (a TEE
-    stage feeding the MPC stage) is refused: its enclave player is not built yet."""
+def plan_mpc_stage(plan: Plan) -> Stage | None:
+    """The plan's MPC stage (None for a TEE plan). Every TEE stage of a plan with an MPC stage must
+    feed it: the runtime runs one MPC stage, fed by at most one enclave job."""
     mpc = [s for s in plan.stages if s.kind == "mpc"]
     if not mpc:
         return None
-    if len(plan.stages) != 1:
-        raise JobFailedError(
-            "this plan is hybrid (owners who accept the enclave stream to it and the enclave joins the MPC stage "
-            "as a player); running the enclave's player is not available in this build: nothing was sent and "
-            "nothing was released (sealroom explain shows the full plan)",
-            details={"stage": mpc[0].id, "kind": "mpc", "reason": "hybrid_unavailable"},
+    tee = [s for s in plan.stages if s.kind == "tee"]
+    if len(mpc) != 1 or len(tee) > 1 or any(s.feeds != mpc[0].id for s in tee):
+        raise InvalidQueryError(
+            "this plan's stages are not one MPC stage, fed by at most one TEE stage; re-plan the query",
+            details={"stage": mpc[0].id, "kind": "mpc"},
         )
     return mpc[0]
+
+
+def enclave_player_index(stage: Stage) -> int:
+    """The index of the enclave's player in ``stage`` (a hybrid plan's MPC stage)."""
+    mine = [int(i) for i, h in (stage.holders or {}).items() if "stage" in h]
+    if len(mine) != 1:
+        raise InvalidQueryError("plan is inconsistent: the MPC stage names no single enclave player")
+    return mine[0]
+
+
+@dataclass(frozen=True)
+class EnclavePlayer:
+    """The enclave's player in a hybrid plan's MPC stage: its job (at ``address``), prepared
+    (``offer``), and what the owners' players check before they trust its CA (``attested``: the
+    evidence binding the job's keys to the plan hash; the coordinator verified it already)."""
+
+    index: int
+    address: str
+    job_id: str
+    offer: party_pb2.MpcOffer
+    attested: party_pb2.EnclavePlayer
+
+    @property
+    def key(self) -> Ed25519PublicKey:
+        return Ed25519PublicKey.from_public_bytes(bytes(self.attested.signing_public_key))
 
 
 def run_mpc_stage(
@@ -87,15 +110,26 @@ def run_mpc_stage(
     channel: Callable[[str], AbstractContextManager[grpc.Channel]],
     host: str = "127.0.0.1",
     timeout: float = 120.0,
+    prepare_enclave: Callable[[], EnclavePlayer] | None = None,
+    helper: tuple[str, Callable[[bytes], bytes]] | None = None,
 ) -> MpcRelease:
-    """Run ``stage`` with the owners' agents (party -> agent address) and return the verified
-    release; raises MpcError or JobFailedError naming the player or party when anything fails."""
+    """Run ``stage`` with the owners' agents (party -> agent address) and return the verified release;
+    raises MpcError or JobFailedError naming the player or party when anything fails.
+    ``prepare_enclave`` (hybrid plans): prepares the enclave's player and returns it, called once the
+    owners' players are prepared (so the evidence they check is fresh). ``helper``: the
+    coordinator's identity (public key hex and ``sign``) for the helper players the plan names."""
     assert stage.mpc is not None and stage.holders is not None and stage.release is not None
     spec = StageSpec.from_dict(stage.mpc)
     plan_json = plan.to_json()
     session = session_id(plan, stage.id)
-    holders = {int(i): h for i, h in stage.holders.items()}
+    holders = {int(i): h for i, h in stage.holders.items() if "party" in h}
     helpers = [i for i, p in enumerate(spec.players) if not p.holds_input]
+    fed = [int(i) for i, h in stage.holders.items() if "stage" in h]
+    if (prepare_enclave is None) != (not fed):
+        raise InvalidQueryError("the MPC stage's enclave player and the enclave job given do not match")
+    names = {i: h["party"] for i, h in holders.items()}
+    names.update({i: "the enclave" for i in fed})
+    enclave: EnclavePlayer | None = None
 
     open_channels: list[grpc.Channel] = []  # RunMpc calls in flight, closed to cancel them
 
@@ -115,7 +149,24 @@ def run_mpc_stage(
             finally:
                 open_channels.remove(ch)
 
-    # 1. Offers: the owners' players, then the coordinator's helpers.
+    def enclave_call(request: enclave_pb2.EnclaveRunMpcRequest, call_timeout: float) -> Any:
+        assert enclave is not None
+        with channel(enclave.address) as ch:
+            open_channels.append(ch)
+            try:
+                return call("enclave", enclave_pb2_grpc.EnclaveStub(ch).RunMpc, request, timeout=call_timeout)
+            except SealroomError as err:
+                if isinstance(err, MpcError):
+                    raise
+                raise JobFailedError(
+                    f"the enclave's MPC player could not take part in the MPC stage: {err.message}",
+                    details={**err.details, "player": enclave.index, "cause": err.code},
+                ) from None
+            finally:
+                open_channels.remove(ch)
+
+    # 1. Offers: the owners' players, then the enclave's (prepared last, so the evidence the owners
+    # check is fresh), then the coordinator's helpers.
     with ThreadPoolExecutor(max_workers=max(1, len(holders))) as pool:
         futures = {
             i: pool.submit(
@@ -128,17 +179,34 @@ def run_mpc_stage(
             for i, h in holders.items()
         }
         offers = {i: f.result() for i, f in futures.items()}
-    helper_state: dict[int, tuple[PlayerIdentity, Ed25519PrivateKey]] = {}
+    if prepare_enclave is not None:
+        enclave = prepare_enclave()
+        if enclave.offer.index != enclave.index or [enclave.index] != fed:
+            raise MpcError(
+                "the enclave returned an offer for another player",
+                details={"reason": "identity", "player": enclave.index},
+            )
+        offers[enclave.index] = enclave.offer
+    # Every player's identity key, as the plan names it (the enclave's: its attested job key).
+    keys = mpc_player_keys(plan, stage)
+    identities: dict[int, Ed25519PublicKey] = {
+        i: Ed25519PublicKey.from_public_bytes(bytes.fromhex(k)) for i, k in keys.items() if k is not None
+    }
+    if enclave is not None:
+        identities[enclave.index] = enclave.key
+    helper_state: dict[int, PlayerIdentity] = {}
     for i in helpers:
-        identity, key = PlayerIdentity(session, i), Ed25519PrivateKey.generate()
+        if helper is None or keys[i] != helper[0]:
+            raise MpcError(
+                f"the plan names another identity for helper player {i} than this coordinator's key; re-plan the query",
+                details={"reason": "identity", "player": i},
+            )
+        identity = PlayerIdentity(session, i)
         (port,) = free_ports(1, host)
-        offer = identity.offer(key.sign)
-        helper_state[i] = (identity, key)
+        offer = identity.offer(helper[1])
+        helper_state[i] = identity
         offers[i] = party_pb2.MpcOffer(index=i, offer_json=json.dumps(offer.to_dict()).encode(), host=host, port=port)
     all_offers = [offers[i] for i in range(len(spec.players))]
-    helper_keys = {i: _raw(key.public_key()) for i, (_, key) in helper_state.items()}
-    identities: dict[int, Ed25519PublicKey] = {i: _owner_key(plan, h["party"]) for i, h in holders.items()}
-    identities.update({i: key.public_key() for i, (_, key) in helper_state.items()})
 
     # 2. Run every player at once: the owners' through their agents, the helpers here.
     run_request = {
@@ -147,8 +215,8 @@ def run_mpc_stage(
             stage_id=stage.id,
             index=i,
             offers=all_offers,
-            helper_keys=helper_keys,
             timeout_seconds=timeout,
+            enclave=enclave.attested if enclave is not None else None,
         )
         for i in holders
     }
@@ -165,7 +233,7 @@ def run_mpc_stage(
             run_timeout=timeout,
             bind_host=host,
         )
-        for i, (identity, _) in helper_state.items()
+        for i, identity in helper_state.items()
     ]
     outcomes: dict[int, party_pb2.MpcOutcome] = {}
     helper_docs: list[dict[str, Any]] = []
@@ -174,12 +242,17 @@ def run_mpc_stage(
     try:
         for p in helper_players:
             p.start()
-        with ThreadPoolExecutor(max_workers=max(1, len(holders) + len(helper_players))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, len(holders) + len(helper_players) + len(fed))) as pool:
             jobs: dict[Future[Any], tuple[str, int]] = {
                 pool.submit(party_call, holders[i]["party"], "RunMpc", run_request[i], timeout + 30): ("party", i)
                 for i in holders
             }
             jobs.update({pool.submit(p.wait): ("helper", p.index) for p in helper_players})
+            if enclave is not None:
+                request = enclave_pb2.EnclaveRunMpcRequest(
+                    job_id=enclave.job_id, offers=all_offers, timeout_seconds=timeout
+                )
+                jobs[pool.submit(enclave_call, request, timeout + 30)] = ("party", enclave.index)
             for fut in as_completed(jobs):
                 kind, i = jobs[fut]
                 try:
@@ -209,23 +282,24 @@ def run_mpc_stage(
             identities[i].verify(o.signature, signing_message(docs[i]))
         except InvalidSignature:
             raise MpcError(
-                f"MPC player {i} ({holders[i]['party']}) returned a result its owner's key did not sign",
-                details={"reason": "signature", "player": i, "party": holders[i]["party"]},
+                f"MPC player {i} ({names[i]}) returned a result its owner's key did not sign",
+                details={"reason": "signature", "player": i, "party": names[i]},
             ) from None
     expected = docs[min(docs)] if docs else MpcResult.from_opened(spec, helper_docs[0]["result"]).to_dict()
     digest = hashlib.sha256(canonical_json(expected)).hexdigest()
     for i, doc in docs.items():
         if hashlib.sha256(canonical_json(doc)).hexdigest() != digest:
             raise MpcError(
-                f"MPC player {i} ({holders[i]['party']}) opened a different result than the others",
-                details={"reason": "disagreement", "player": i, "party": holders[i]["party"]},
+                f"MPC player {i} ({names[i]}) opened a different result than the others",
+                details={"reason": "disagreement", "player": i, "party": names[i]},
             )
     for doc in helper_docs:
         if MpcResult.from_opened(spec, doc["result"]).digest() != digest:
             raise MpcError("a helper player opened a different result", details={"reason": "disagreement"})
 
     table, suppressed = apply_release(expected, stage.release, spec)
-    record = release_record(plan, stage, expected, {holders[i]["party"]: outcomes[i].signature.hex() for i in outcomes})
+    signatures = {spec.players[i].name: outcomes[i].signature.hex() for i in outcomes}
+    record = release_record(plan, stage, expected, signatures)
     log.info(
         "MPC stage %s of query %s: %d cells released, %d suppressed",
         stage.id,
@@ -234,14 +308,6 @@ def run_mpc_stage(
         len(suppressed),
     )
     return MpcRelease(table, suppressed, record)
-
-
-def _raw(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def _owner_key(plan: Plan, party: str) -> Ed25519PublicKey:
-    return Ed25519PublicKey.from_public_bytes(bytes.fromhex(plan.parties[party]))
 
 
 def _first(errors: list[BaseException]) -> BaseException:
@@ -307,11 +373,16 @@ def _ident(name: object) -> str:
 def release_record(plan: Plan, stage: Stage, doc: dict[str, Any], signatures: dict[str, str]) -> dict[str, Any]:
     """The stored record of an MPC release: the opened result, the owners' signatures over it, the
     players and the trust assumption; what a receipt binds for an MPC stage."""
+
+    def held(h: dict[str, Any]) -> list[Any]:
+        if "stage" in h:  # the enclave's player: the inputs of the TEE stage feeding this one
+            return [i for s in plan.stages if s.id == h["stage"] and s.feeds == stage.id for i in s.inputs]
+        return [i for i in stage.inputs if i.party == h.get("party") and i.dataset in h.get("datasets", ())]
+
     inputs = [
         {"party": i.party, "dataset": i.dataset, "columns": list(i.columns), "player": int(n)}
-        for n, h in sorted((stage.holders or {}).items())
-        for i in stage.inputs
-        if i.party == h.get("party") and i.dataset in h.get("datasets", ())
+        for n, h in sorted((stage.holders or {}).items(), key=lambda kv: int(kv[0]))
+        for i in held(h)
     ]
     return {
         "version": RELEASE_VERSION,

@@ -34,7 +34,8 @@ import pyarrow as pa
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from coordinator.mpc_stage import mpc_only_stage, run_mpc_stage
+from coordinator.mpc_stage import EnclavePlayer, MpcRelease, enclave_player_index, plan_mpc_stage, run_mpc_stage
+from coordinator.planner import ENCLAVE_PLAYER
 from coordinator.store import Store
 from sealroom.attestation import AppraisalPolicy, Evidence, report_data_for, verify_evidence
 from sealroom.errors import (
@@ -94,7 +95,12 @@ def verify_result(
     doc = json.loads(response.result_json)
     if doc.get("plan_hash") != plan.hash or doc.get("query_id") != plan.query_id:
         raise AttestationError("the enclave's result is for another plan", details={"check": "result_plan"})
-    if doc.get("result_sha256") != hashlib.sha256(response.arrow_table).hexdigest():
+    # A stage that feeds an MPC stage releases nothing: its document says so, and comes without a table.
+    arrow_table = getattr(response, "arrow_table", None)
+    released = doc.get("result_sha256") if arrow_table is None else hashlib.sha256(arrow_table).hexdigest()
+    if doc.get("result_sha256") != released or (
+        arrow_table is None and (released is not None or doc.get("released_rows"))
+    ):
         raise AttestationError(
             "the released table does not match the hash the enclave signed", details={"check": "result_hash"}
         )
@@ -104,7 +110,7 @@ def verify_result(
         doc,
         bytes(response.result_json),
         bytes(response.signature),
-        bytes(response.arrow_table),
+        bytes(arrow_table or b""),
         bytes(response.evidence),
     )
 
@@ -132,8 +138,10 @@ class StreamProgress:
     def __init__(self, plan: Plan, datasets: Sequence[dict[str, Any]]):
         shared = {(d["party"], d["name"]): int(d.get("approximate_rows") or 0) for d in datasets}
         self.parties: dict[str, dict[str, Any]] = {}
-        for party in plan.involved_parties():
-            mine = [i for i in plan.inputs() if i.party == party]
+        # Only what is streamed to an enclave (in a hybrid plan, not the mpc_only owners' data).
+        streamed = [i for s in plan.stages if s.kind == "tee" for i in s.inputs]
+        for party in sorted({i.party for i in streamed}):
+            mine = [i for i in streamed if i.party == party]
             totals = [shared.get((party, i.dataset), 0) if i.filter is None else 0 for i in mine]
             self.parties[party] = {
                 "bytes": 0,
@@ -633,12 +641,23 @@ class Orchestrator:
             channel=self._channel,
             host=self.mpc_host,
             timeout=self.mpc_timeout,
+            helper=self.store.helper_identity(),
         )
+        self._release_mpc(plan, stage, release, feed=None)
+
+    def _release_mpc(self, plan: Plan, stage: Stage, release: MpcRelease, *, feed: VerifiedResult | None) -> None:
+        """Log the stages and store an MPC stage's release with its receipt (``feed``: the verified
+        document of the enclave job that fed it, in a hybrid plan)."""
+        qid = plan.query_id
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, release.table.schema) as writer:
             writer.write_table(release.table)
         arrow_table = sink.getvalue().to_pybytes()
         record = release.record
+        stages: list[TeeStage | MpcStage] = []
+        if feed is not None:
+            self._log_tee_stage(plan, feed)
+            stages.append(TeeStage(feed.result_json, feed.signature, feed.evidence))
         self.store.append_event(
             "stage_executed",
             query_id=qid,
@@ -650,44 +669,73 @@ class Orchestrator:
             players=len(record["players"]),
         )
         # The receipt binds the opened result and every player's signature over it: the owners' (their
-        # keys from the plan) and, for the helper players the coordinator ran (which opened the same
-        # result, checked in run_mpc_stage), the coordinator's, with its log key.
-        signatures = {party: (plan.parties[party], bytes.fromhex(sig)) for party, sig in record["signatures"].items()}
+        # keys from the plan), the enclave's (its attested job key), and, for the helper players the
+        # coordinator ran (which opened the same result, checked in run_mpc_stage), the coordinator's,
+        # with its log key.
+        keys = dict(plan.parties)
+        if feed is not None:
+            keys[ENCLAVE_PLAYER] = str(feed.doc["signing_public_key"])
+        signatures = {name: (keys[name], bytes.fromhex(sig)) for name, sig in record["signatures"].items()}
         for player in record["result"].get("players", []):
             if not player.get("holds_input", True) and player.get("name") not in signatures:
                 helper = self.store.sign_mpc_result(record["result"])
                 if helper is not None:
                     signatures[str(player["name"])] = helper
-        mpc = MpcStage(stage.id, record["result"], signatures)
+        stages.append(MpcStage(stage.id, record["result"], signatures))
         released_at = time.time()
         receipt = build_receipt(
             plan=plan,
             approvals=self.store.approvals(qid),
-            stages=[mpc],
+            stages=stages,
             submitted_at=self.store.query(qid).created_at,
             released_at=released_at,
             result_sha256=hashlib.sha256(arrow_table).hexdigest(),
         )
+        simulated = bool(receipt["simulated"])
+        if feed is not None:
+            record = {**record, "simulated": simulated, "feed": feed.doc}
         self.store.release(
             qid,
             arrow_table=arrow_table,
             suppressed=release.suppressed,
             result_json=canonical_json(record),
             signature=b"",
-            evidence=b"",
-            simulated=False,
+            evidence=feed.evidence if feed is not None else b"",
+            simulated=simulated,
             receipt=receipt,
             released_at=released_at,
         )
+        if simulated:
+            log.warning("query %s released by MPC, its enclave player under SIMULATED attestation (no TEE)", qid)
         log.info("query %s released by MPC (%s)", qid, release.record["trust_assumption"])
+
+    def _log_tee_stage(self, plan: Plan, verified: VerifiedResult) -> None:
+        att = verified.doc.get("attestation", {})
+        stage_event: dict[str, Any] = {
+            "query_id": plan.query_id,
+            "stage": str(verified.doc.get("stage")),
+            "kind": "tee",
+            "plan_hash": plan.hash,
+            "simulated": bool(verified.doc["simulated"]),
+            "evidence_sha256": att.get("evidence_sha256"),
+            "result_doc_sha256": hashlib.sha256(verified.result_json).hexdigest(),
+        }
+        if is_ident(att.get("format")):
+            stage_event["platform"] = att["format"]
+        measurement = str(att.get("measurement") or "").lower()
+        if HEX.fullmatch(measurement):  # every platform's measurement is hex; the log takes nothing else
+            stage_event["measurement"] = measurement
+        self.store.append_event("stage_executed", **stage_event)
 
     def _run(self, plan: Plan, w: _Approvals) -> None:
         qid = plan.query_id
-        mpc_stage = mpc_only_stage(plan)  # a hybrid plan is refused here, before any owner is asked
-        if mpc_stage is not None:
+        mpc_stage = plan_mpc_stage(plan)
+        if mpc_stage is not None and len(plan.stages) == 1:
             self._run_mpc(plan, mpc_stage, w)
             return
         involved = plan.involved_parties()
+        # The parties whose rows go to the enclave (in a hybrid plan, not the mpc_only owners).
+        streaming = sorted({i.party for s in plan.stages if s.kind == "tee" for i in s.inputs})
         plan_json = plan.to_json()
         self.store.update_query(qid, status="awaiting_approval", progress=f"approvals 0/{len(involved)}")
 
@@ -722,26 +770,77 @@ class Orchestrator:
                                 details={**err.details, "party": party, "cause": err.code},
                             ) from None
 
-                with ThreadPoolExecutor(max_workers=max(1, len(involved))) as pool:
-                    futures = {p: pool.submit(contribute, p) for p in involved}
+                with ThreadPoolExecutor(max_workers=max(1, len(streaming))) as pool:
+                    futures = {p: pool.submit(contribute, p) for p in streaming}
                     self._watch_streams(qid, job.job_id, futures, parties, tracker)
                     for fut in futures.values():
                         fut.result()
 
-                # 4. Execute with every approval; the enclave re-verifies them itself.
-                self.store.update_query(qid, progress=tracker.to_json("executing in the enclave"))
                 approvals = self.store.approvals(qid)
-                resp = call(
-                    "enclave",
-                    enclave.Execute,
-                    enclave_pb2.ExecuteRequest(
-                        job_id=job.job_id,
-                        approvals=[
-                            enclave_pb2.Approval(party=p, plan_hash=h, signature=s) for p, (h, s) in approvals.items()
-                        ],
-                    ),
-                    timeout=self.party_timeout,
-                )
+                approval_msgs = [
+                    enclave_pb2.Approval(party=p, plan_hash=h, signature=s) for p, (h, s) in approvals.items()
+                ]
+                if mpc_stage is not None:
+                    # 4'. A hybrid plan: the enclave computes the streamed inputs' partials and joins
+                    # the MPC stage as a player, next to the mpc_only owners' players.
+                    self.store.update_query(qid, progress=tracker.to_json("MPC stage: players computing"))
+                    index = enclave_player_index(mpc_stage)
+                    fed: list[VerifiedResult] = []
+
+                    def prepare_enclave() -> EnclavePlayer:
+                        prepared = call(
+                            "enclave",
+                            enclave.PrepareMpc,
+                            enclave_pb2.EnclavePrepareMpcRequest(
+                                job_id=job.job_id, stage_id=mpc_stage.id, index=index, approvals=approval_msgs
+                            ),
+                            timeout=self.party_timeout,
+                        )
+                        feed = verify_result(
+                            prepared,
+                            plan=plan,
+                            hpke_public=bytes(job.hpke_public_key),
+                            signing_public=bytes(job.signing_public_key),
+                            appraisal=self.appraisal,
+                        )
+                        if feed.doc.get("feeds") != mpc_stage.id or feed.doc.get("player") != index:
+                            raise AttestationError(
+                                "the enclave's document is not for the MPC stage it was asked to join",
+                                details={"check": "result_plan"},
+                            )
+                        fed.append(feed)
+                        return EnclavePlayer(
+                            index=index,
+                            address=self.enclave_address,
+                            job_id=job.job_id,
+                            offer=prepared.offer,
+                            attested=party_pb2.EnclavePlayer(
+                                evidence=feed.evidence,
+                                hpke_public_key=bytes(job.hpke_public_key),
+                                signing_public_key=bytes(job.signing_public_key),
+                            ),
+                        )
+
+                    release = run_mpc_stage(
+                        plan,
+                        mpc_stage,
+                        addresses={p: parties[p]["address"] for p in involved},
+                        channel=self._channel,
+                        host=self.mpc_host,
+                        timeout=self.mpc_timeout,
+                        helper=self.store.helper_identity(),
+                        prepare_enclave=prepare_enclave,
+                    )
+                    (feed,) = fed
+                else:
+                    # 4. Execute with every approval; the enclave re-verifies them itself.
+                    self.store.update_query(qid, progress=tracker.to_json("executing in the enclave"))
+                    resp = call(
+                        "enclave",
+                        enclave.Execute,
+                        enclave_pb2.ExecuteRequest(job_id=job.job_id, approvals=approval_msgs),
+                        timeout=self.party_timeout,
+                    )
             except BaseException:
                 try:
                     enclave.AbortJob(enclave_pb2.JobRef(job_id=job.job_id), timeout=10)
@@ -749,6 +848,9 @@ class Orchestrator:
                     pass
                 raise
 
+        if mpc_stage is not None:
+            self._release_mpc(plan, mpc_stage, release, feed=feed)
+            return
         # 5. Verify and store the release.
         verified = verify_result(
             resp,
@@ -757,22 +859,7 @@ class Orchestrator:
             signing_public=bytes(job.signing_public_key),
             appraisal=self.appraisal,
         )
-        att = verified.doc.get("attestation", {})
-        stage_event: dict[str, Any] = {
-            "query_id": qid,
-            "stage": str(verified.doc.get("stage")),
-            "kind": "tee",
-            "plan_hash": plan.hash,
-            "simulated": bool(verified.doc["simulated"]),
-            "evidence_sha256": att.get("evidence_sha256"),
-            "result_doc_sha256": hashlib.sha256(verified.result_json).hexdigest(),
-        }
-        if is_ident(att.get("format")):
-            stage_event["platform"] = att["format"]
-        measurement = str(att.get("measurement") or "").lower()
-        if HEX.fullmatch(measurement):  # every platform's measurement is hex; the log takes nothing else
-            stage_event["measurement"] = measurement
-        self.store.append_event("stage_executed", **stage_event)
+        self._log_tee_stage(plan, verified)
         # 6. The receipt (countersigned by the store with the log key) and the release, with its log
         # entry, in one transaction.
         released_at = time.time()

@@ -60,7 +60,10 @@ def plan_query(
     analyst: str,
     catalog: Mapping[str, CatalogEntry],
     party_keys: Mapping[str, str],
+    helper_key: str | None = None,
 ) -> tuple[Plan, Analysis]:
+    """Plan ``sql``. ``helper_key``: the coordinator's Ed25519 key (hex), named in an MPC plan as the
+    identity of the helper player it runs (without it such a plan cannot run)."""
     schemas = {q: e.schema.names for q, e in catalog.items()}
     analysis = analyze(sql, schemas)
     check_uses(analysis.uses, {q: catalog[q].policy for q in analysis.datasets}, schemas)
@@ -108,6 +111,7 @@ def plan_query(
             to_enclave=to_enclave,
             own_players=own_players,
             reason=mpc_reason,
+            helper_key=helper_key,
         )
         return plan, analysis
     stage = Stage(
@@ -233,6 +237,8 @@ def explain_text(plan: Plan, analysis: Analysis, rows: Mapping[str, int] | None 
 ENCLAVE_PLAYER = "enclave"
 COORDINATOR_PLAYER = "coordinator"
 MIN_PLAYERS = 3
+# Player names the platform uses for the players it runs: no party may register under them.
+RESERVED_PARTY_NAMES = frozenset({ENCLAVE_PLAYER, COORDINATOR_PLAYER})
 MAX_GROUPS = 100_000  # the public group domain of one MPC stage (the product of its columns' domains)
 FLOAT_DECIMALS = 4  # fixed-point decimals of a floating-point measure (fewer if its bounds would overflow)
 
@@ -391,6 +397,7 @@ def _plan_mpc(
     to_enclave: list[CatalogEntry],
     own_players: list[CatalogEntry],
     reason: _MpcReason,
+    helper_key: str | None = None,
 ) -> Plan:
     """An MPC plan (every owner runs a player) or a hybrid plan (owners who accept the enclave stream
     to a TEE stage whose enclave joins the MPC stage as one more player), or the refusal saying why
@@ -475,6 +482,9 @@ def _plan_mpc(
     # One helper at most: the coordinator runs it, and at threshold t = 1 a second player run by the
     # coordinator would give it two of three shares, enough to reconstruct the owners' inputs.
     if len(players) < MIN_PLAYERS:
+        # The plan names the helper's identity key, so every player (and every owner approving the
+        # plan) knows which key the helper's offer must carry: nobody else can run it.
+        holders[str(len(players))] = {"helper": COORDINATOR_PLAYER, **({"key": helper_key} if helper_key else {})}
         players.append(Player(COORDINATOR_PLAYER, holds_input=False))
     if len(players) < MIN_PLAYERS:
         raise _cannot_run(
@@ -611,8 +621,8 @@ def _explain_mpc(plan: Plan) -> list[str]:
         lines.append("  players:")
         holders = stage.holders or {}
         for p in info["players"]:
-            h = holders.get(str(p["index"]))
-            if h is None:
+            h = holders.get(str(p["index"])) or {}
+            if "helper" in h or not h:
                 role = "helper: holds no input, only computes on secret shares"
             elif "stage" in h:
                 role = f"holds the partial aggregates the enclave computed in stage {h['stage']}"

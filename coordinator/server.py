@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.config import CoordinatorConfig
 from coordinator.orchestrator import Orchestrator
-from coordinator.planner import catalog_from_rows, explain_text, plan_query
+from coordinator.planner import RESERVED_PARTY_NAMES, catalog_from_rows, explain_text, plan_query
 from coordinator.records import publish_collaboration, refusal_event
 from coordinator.store import Store
 from sealroom.errors import AuthenticationError, InvalidQueryError, NotFoundError, SealroomError
@@ -86,6 +86,12 @@ class Coordinator:
         party = request.party
         if not party.name.isidentifier():
             raise InvalidQueryError("party names must be identifiers (letters, digits, _)")
+        if party.name in RESERVED_PARTY_NAMES:
+            raise InvalidQueryError(
+                f"the party name {party.name!r} is reserved (it names a player the platform runs in MPC plans); "
+                "register under another name",
+                details={"party": party.name},
+            )
         if len(party.signing_public_key) != 32:
             raise InvalidQueryError("signing_public_key must be a 32-byte Ed25519 public key")
         datasets = []
@@ -112,7 +118,15 @@ class Coordinator:
     def _plan(self, sql: str, analyst: str, query_id: str):
         catalog = catalog_from_rows(self.store.datasets())
         keys = {name: p["signing_public_key"] for name, p in self.store.parties().items()}
-        return plan_query(sql, query_id=query_id, analyst=analyst, catalog=catalog, party_keys=keys)
+        helper = self.store.helper_identity()
+        return plan_query(
+            sql,
+            query_id=query_id,
+            analyst=analyst,
+            catalog=catalog,
+            party_keys=keys,
+            helper_key=helper[0] if helper is not None else None,
+        )
 
     def explain(self, sql: str, analyst: str):
         plan, analysis = self._plan(sql, analyst, "explain")

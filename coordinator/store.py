@@ -18,7 +18,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +177,13 @@ class Store:
             return self.log.append(type, **fields)
         except ValueError as exc:
             raise InvalidQueryError(f"the audit log cannot record this {type} event: {exc}") from None
+
+    def helper_identity(self) -> tuple[str, Callable[[bytes], bytes]] | None:
+        """The identity of the coordinator's MPC helper players: the log key (public key hex, and its
+        ``sign``), which the plans name; None without a log key."""
+        if self._log_key is None:
+            return None
+        return public_key_hex(self._log_key), self._log_key.sign
 
     def sign_mpc_result(self, result: Mapping[str, Any]) -> tuple[str, bytes] | None:
         """(public key hex, signature) of the coordinator's helper players over an opened MPC result,

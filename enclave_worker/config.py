@@ -12,6 +12,8 @@ ATTESTERS = ("simulated", "sev-snp", "tdx", "sgx", "nitro")
 DEFAULT_TSM_PATH = Path("/sys/kernel/config/tsm/report")
 DEFAULT_GRAMINE_PATH = Path("/dev/attestation")
 DEFAULT_NSM_DEVICE = Path("/dev/nsm")
+# Memory-backed on Linux; each player makes its own private (0700) directory under it with mkdtemp.
+DEFAULT_MPC_SCRATCH = Path("/dev/shm")  # noqa: S108
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,9 @@ class EnclaveConfig:
     memory_limit_bytes: int = 2 * 1024**3
     job_ttl_seconds: int = 900
     engine_threads: int = 2
+    mpc_host: str = "127.0.0.1"  # where the enclave's MPC player listens (hybrid plans)
+    # Where the enclave's MPC player keeps its TLS key: must be memory-backed inside the TEE (tmpfs).
+    mpc_scratch_dir: Path = DEFAULT_MPC_SCRATCH
 
     def measured(self) -> dict[str, Any]:
         """The configuration that is part of the enclave's measurement (security-relevant only)."""
@@ -49,6 +54,8 @@ class EnclaveConfig:
                 "snp_certificates",
                 "gramine_path",
                 "nsm_device",
+                "mpc_host",
+                "mpc_scratch_dir",
             }
         )
         attester = t.choice("attester", ATTESTERS, "simulated")
@@ -63,6 +70,8 @@ class EnclaveConfig:
             memory_limit_bytes=t.int("memory_limit_mb", 2048, minimum=1) * 1024 * 1024,
             job_ttl_seconds=t.int("job_ttl_seconds", 900, minimum=1),
             engine_threads=t.int("engine_threads", 2, minimum=1),
+            mpc_host=t.str("mpc_host", "127.0.0.1"),
+            mpc_scratch_dir=t.path("mpc_scratch_dir", DEFAULT_MPC_SCRATCH),
         )
 
     @classmethod

@@ -87,7 +87,7 @@ class Job:
     id: str
     plan: Plan
     plan_hash: str
-    compiled: CompiledStage
+    compiled: CompiledStage | None  # None for a stage that feeds an MPC stage (``feed``)
     min_group_size: int
     rule_datasets: tuple[str, ...]
     hpke_key: X25519PrivateKey | None
@@ -104,11 +104,17 @@ class Job:
     clamps: dict[str, dict[str, Bounds]] = field(default_factory=dict)  # engine table -> column -> bounds
     dominance: dict[str, Dominance] = field(default_factory=dict)  # party.dataset -> its (n, k) rule
     rules: dict[str, Any] = field(default_factory=dict)  # the rules applied, for the result document
+    feed: Any = None  # enclave_worker.mpc_feed.FeedPlayer: this job's player in the MPC stage it feeds
 
     def wipe(self) -> None:
         """Drop every reference to the job's data and keys."""
         for inp in self.inputs.values():
             inp.table = None
+        if self.feed is not None:
+            self.feed.partials = None
+            self.feed.cancelled.set()  # a failed or aborted job's player never starts, or stops
+            if self.feed.kill is not None:
+                self.feed.kill()
         self.hpke_key = None
         self.signing_key = None
         self.held_bytes = 0
@@ -192,18 +198,31 @@ class JobRegistry:
                 )
             specs.append(InputSpec(inp.qualified, inp.table, inp.columns, unit))
             inputs[(inp.party, inp.dataset)] = _Input(inp)
-        # The filters the parties apply must be exactly those the SQL implies (recomputed here, not
-        # taken from the coordinator); the enclave runs the rest of the query, the residual.
-        pushed = stage_pushdown(stage)
-        # The enclave compiles the stage itself: the aggregate-only check and the hidden unit
-        # counts do not depend on anything the coordinator computed.
-        compiled = compile_for_job(pushed.residual_sql, specs)
-        # ...and re-checks every owner's column rules on the full query, pushed filters included, and
-        # on what it compiled (not the planner's word).
-        policies = {i.qualified: i.policy for i in stage.inputs}
-        names = {i.qualified: [*i.columns, *(c for c in i.filter_columns if c not in i.columns)] for i in stage.inputs}
-        check_uses(pushed.uses, policies, names)
-        check_uses(compiled.uses, policies, names)
+        compiled: CompiledStage | None = None
+        feed = None
+        if stage.feeds is not None:
+            # A stage feeding an MPC stage: the enclave computes its inputs' partials over the MPC
+            # stage's public domain and joins it as a player. The filters are recomputed for the MPC
+            # stage's query; each owner re-checked the stage against its own policy before approving,
+            # and the job runs only with every owner's approval.
+            from enclave_worker.mpc_feed import FeedPlayer  # only hybrid jobs load mpc/ (never MPyC)
+
+            feed = FeedPlayer.for_stage(plan, stage, host=self.config.mpc_host, scratch=self.config.mpc_scratch_dir)
+        else:
+            # The filters the parties apply must be exactly those the SQL implies (recomputed here, not
+            # taken from the coordinator); the enclave runs the rest of the query, the residual.
+            pushed = stage_pushdown(stage)
+            # The enclave compiles the stage itself: the aggregate-only check and the hidden unit
+            # counts do not depend on anything the coordinator computed.
+            compiled = compile_for_job(pushed.residual_sql, specs)
+            # ...and re-checks every owner's column rules on the full query, pushed filters included,
+            # and on what it compiled (not the planner's word).
+            policies = {i.qualified: i.policy for i in stage.inputs}
+            names = {
+                i.qualified: [*i.columns, *(c for c in i.filter_columns if c not in i.columns)] for i in stage.inputs
+            }
+            check_uses(pushed.uses, policies, names)
+            check_uses(compiled.uses, policies, names)
         k = max(i.policy.min_group_size for i in stage.inputs)
         strictest = tuple(sorted(i.qualified for i in stage.inputs if i.policy.min_group_size == k))
         # Every owner's rules apply to every cell: its bounds to its measure columns, its dominance
@@ -226,11 +245,23 @@ class JobRegistry:
                         details={"party": inp.party, "dataset": inp.dataset, "column": column, "rule": "bounds"},
                     )
         dominance = {i.qualified: i.policy.dominance for i in stage.inputs if i.policy.dominance is not None}
-        rules = {
+        rules: dict[str, Any] = {
             "min_group_size": k,
             "dominance": [{"dataset": d, "n": r.n, "k": r.k} for d, r in sorted(dominance.items())],
             "clamped": clamped,
         }
+        if feed is not None:
+            # What applies is the MPC stage's rule (checked above against every streamed policy),
+            # inside the MPC: say that, not the TEE path's rules this job does not run.
+            spec = feed.spec
+            k = spec.min_group_size
+            rules = {
+                "min_group_size": k,
+                "counted": "distinct privacy units" if spec.threshold_on == "units" else "rows",
+                "applied_in": f"MPC stage {feed.mpc_stage.id}",
+                "clamped": [{"column": m.column, "min": m.min, "max": m.max} for m in spec.measures],
+                "mpc_spec_sha256": hashlib.sha256(canonical_json(spec.to_dict())).hexdigest(),
+            }
         hpke_key = X25519PrivateKey.generate()
         signing_key = Ed25519PrivateKey.generate()
         job = Job(
@@ -249,6 +280,7 @@ class JobRegistry:
             clamps=clamps,
             dominance=dominance,
             rules=rules,
+            feed=feed,
         )
         with self._lock:
             self._jobs[job.id] = job
@@ -287,7 +319,12 @@ class JobRegistry:
         ctx = header.context
         job = self._get(ctx.job_id)
         with self._lock:
-            if job.failed is not None or job.done or job.executing:
+            if (
+                job.failed is not None
+                or job.done
+                or job.executing
+                or (job.feed is not None and job.feed.identity is not None)
+            ):
                 raise JobFailedError("the job has ended or is executing; nothing more is accepted")
             inp = job.inputs.get((ctx.party, ctx.dataset))
             # Every check that a sender could fail on purpose raises the same IntegrityError.
@@ -377,33 +414,47 @@ class JobRegistry:
         log.info("job %s: input %s.%s loaded (%d frames)", job.id, ctx.party, ctx.dataset, frames_n)
         return job.id, inp
 
-    def execute(self, job_id: str, approvals: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
+    def _begin(self, job_id: str) -> Job:
+        """The job, marked executing (the reaper and late uploads leave it alone from here)."""
         job = self._get(job_id)
         with self._lock:
             if job.executing:
                 raise JobFailedError("the job is already executing")
             if any(i.streaming for i in job.inputs.values()):
-                err = JobFailedError("Execute arrived while an input was still streaming; the job was stopped")
+                err = JobFailedError("the job was asked to run while an input was still streaming; it was stopped")
                 self._fail(job, err)
                 self._jobs.pop(job.id, None)
                 raise err
-            job.executing = True  # the reaper and late uploads leave it alone from here
+            job.executing = True
+        return job
+
+    def _end(self, job: Job) -> None:
+        """The job is over, released or not: its data and keys are dropped."""
+        with self._lock:
+            self._held -= job.held_bytes
+            job.wipe()
+            job.done = True
+            self._jobs.pop(job.id, None)
+
+    def execute(self, job_id: str, approvals: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
+        job = self._begin(job_id)
         try:
+            if job.feed is not None:
+                raise InvalidQueryError(
+                    f"this job feeds MPC stage {job.feed.mpc_stage.id} and releases nothing itself; its player runs "
+                    "with PrepareMpc and RunMpc"
+                )
             return self._execute(job, approvals)
         except SealroomError as err:
             self._fail(job, err)
             raise
         finally:
-            with self._lock:
-                self._held -= job.held_bytes
-                job.wipe()
-                job.done = True
-                self._jobs.pop(job.id, None)
+            self._end(job)
 
-    def _execute(self, job: Job, approvals: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
+    def _check_ready(self, job: Job, approvals: dict[str, tuple[str, bytes]]) -> None:
+        """Every owner whose data the plan touches approved exactly this plan, and every input arrived."""
         if job.failed is not None:
             raise job.failed
-        # 1. Every owner whose data the plan touches approved exactly this plan.
         for party in job.plan.involved_parties():
             if party not in approvals:
                 raise ApprovalError(
@@ -420,23 +471,15 @@ class JobRegistry:
             if key_hex is None:
                 raise ApprovalError(f"the plan carries no signing key for {party}", details={"party": party})
             verify_approval(key_hex, plan_hash, signature, party=party)
-        # 2. Every input arrived, sealed to this job, for this plan.
         missing = [f"{p}.{d}" for (p, d), i in job.inputs.items() if i.table is None]
         if missing:
             raise JobFailedError(f"inputs missing: {', '.join(missing)} did not arrive", details={"missing": missing})
-        tables = {i.spec.table: i.table for i in job.inputs.values() if i.table is not None}
-        no_unit = frozenset(i.spec.table for i in job.inputs.values() if not i.spec.policy.privacy_unit)
-        outcome = run_stage(
-            job.compiled,
-            tables,
-            min_group_size=job.min_group_size,
-            rule_datasets=job.rule_datasets,
-            row_id_tables=no_unit,
-            clamps=job.clamps,
-            dominance=job.dominance,
-            threads=self.config.engine_threads,
-        )
-        ipc = table_to_ipc(outcome.released)
+
+    def _signed(
+        self, job: Job, approvals: dict[str, tuple[str, bytes]], stage: dict[str, Any]
+    ) -> tuple[bytes, bytes, Evidence]:
+        """The job's result document (``stage``: what the stage produced) with what it read, the rules,
+        the approvals it checked and the attestation binding its keys to the plan hash; signed."""
         nonce = bytes.fromhex(job.plan_hash)
         evidence = self.attester.attest(
             report_data=report_data_for(
@@ -444,18 +487,15 @@ class JobRegistry:
             ),
             nonce=nonce,
         )
+        tee = next(s for s in job.plan.stages if s.kind == "tee")
         doc = {
             "version": RESULT_VERSION,
             "kind": "sealroom.result",
             "job_id": job.id,
             "query_id": job.plan.query_id,
             "plan_hash": job.plan_hash,
-            "stage": job.plan.stages[0].id,
-            "output_columns": list(job.compiled.output_columns),
-            "released_rows": outcome.released.num_rows,
-            "result_sha256": hashlib.sha256(ipc).hexdigest(),
-            "suppressed": outcome.suppressed,
-            "min_group_size": outcome.min_group_size,
+            "stage": tee.id,
+            **stage,
             "rules": job.rules,
             "inputs": [
                 {
@@ -486,7 +526,37 @@ class JobRegistry:
         body = canonical_json(doc)
         if job.signing_key is None:
             raise JobFailedError("the job's keys were wiped before it could sign its result")
-        signature = job.signing_key.sign(body)
+        return body, job.signing_key.sign(body), evidence
+
+    def _execute(self, job: Job, approvals: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
+        # 1. Every owner whose data the plan touches approved exactly this plan; 2. every input
+        # arrived, sealed to this job, for this plan.
+        self._check_ready(job, approvals)
+        assert job.compiled is not None
+        tables = {i.spec.table: i.table for i in job.inputs.values() if i.table is not None}
+        no_unit = frozenset(i.spec.table for i in job.inputs.values() if not i.spec.policy.privacy_unit)
+        outcome = run_stage(
+            job.compiled,
+            tables,
+            min_group_size=job.min_group_size,
+            rule_datasets=job.rule_datasets,
+            row_id_tables=no_unit,
+            clamps=job.clamps,
+            dominance=job.dominance,
+            threads=self.config.engine_threads,
+        )
+        ipc = table_to_ipc(outcome.released)
+        body, signature, evidence = self._signed(
+            job,
+            approvals,
+            {
+                "output_columns": list(job.compiled.output_columns),
+                "released_rows": outcome.released.num_rows,
+                "result_sha256": hashlib.sha256(ipc).hexdigest(),
+                "suppressed": outcome.suppressed,
+                "min_group_size": outcome.min_group_size,
+            },
+        )
         log.info(
             "job %s executed: %d cells released, %d suppressed",
             job.id,
@@ -494,6 +564,97 @@ class JobRegistry:
             len(outcome.suppressed),
         )
         return {"result_json": body, "signature": signature, "arrow_table": ipc, "evidence": evidence.to_bytes()}
+
+    # -- the enclave as an MPC player (a stage that feeds an MPC stage) ------------------------
+
+    def prepare_mpc(
+        self, job_id: str, stage_id: str, index: int, approvals: dict[str, tuple[str, bytes]]
+    ) -> dict[str, Any]:
+        """With every approval and input in: compute the inputs' partials, drop the rows, and return
+        the player's signed offer with the job's signed feed document and its evidence."""
+        job = self._begin(job_id)
+        try:
+            feed = job.feed
+            if feed is None or stage_id != feed.mpc_stage.id or index != feed.index:
+                raise InvalidQueryError(
+                    f"this job does not feed MPC stage {stage_id} as player {index}",
+                    details={"stage": stage_id, "player": index},
+                )
+            if feed.identity is not None:
+                raise JobFailedError("the job's MPC player was already prepared")
+            self._check_ready(job, approvals)
+            if job.signing_key is None:
+                raise JobFailedError("the job's keys were wiped before its player was prepared")
+            offer = feed.prepare([(i.spec, i.table) for i in job.inputs.values()], job.signing_key.sign)
+            with self._lock:  # the rows are not needed any more: only the partials go on
+                self._held -= job.held_bytes
+                job.held_bytes = 0
+                for inp in job.inputs.values():
+                    inp.table = None
+            body, signature, evidence = self._signed(
+                job,
+                approvals,
+                {
+                    "feeds": feed.mpc_stage.id,
+                    "player": feed.index,
+                    "output_columns": [],
+                    "released_rows": 0,
+                    "result_sha256": None,
+                    "suppressed": [],
+                    "min_group_size": job.min_group_size,
+                },
+            )
+        except BaseException as exc:
+            err = exc if isinstance(exc, SealroomError) else JobFailedError("the enclave could not prepare its player")
+            self._fail(job, err)
+            self._end(job)
+            if err is exc:
+                raise
+            raise err from exc
+        with self._lock:
+            job.executing = False  # waits for RunMpc; the reaper ends it after the job's TTL
+        log.info("job %s: MPC player %d prepared for stage %s", job.id, index, stage_id)
+        return {"offer": offer, "result_json": body, "signature": signature, "evidence": evidence.to_bytes()}
+
+    def run_mpc(
+        self,
+        job_id: str,
+        offers: list[dict[str, Any]],
+        *,
+        timeout_seconds: float,
+        on_cancel: Callable[[Callable[[], None]], object] | None = None,
+    ) -> tuple[bytes, bytes]:
+        """Run the prepared player; the opened result and the job key's signature over it. The job
+        ends here, whatever happens."""
+        job = self._get(job_id)
+        with self._lock:
+            if job.feed is None or job.feed.identity is None or job.failed is not None:
+                raise JobFailedError("the job has no prepared MPC player (PrepareMpc comes first)")
+            if job.executing:
+                raise JobFailedError("the job's MPC player is already running")
+            job.executing = True
+            key = job.signing_key
+        feed = job.feed
+
+        def sign(message: bytes) -> bytes:
+            with self._lock:  # a job that failed or was aborted while its player ran signs nothing
+                if job.failed is not None or job.signing_key is None:
+                    raise job.failed or JobFailedError("the job ended while its MPC player ran")
+                return job.signing_key.sign(message)
+
+        try:
+            if key is None:
+                raise JobFailedError("the job's keys were wiped before its player ran")
+            return feed.run(offers, key.public_key(), sign, timeout_seconds=timeout_seconds, on_cancel=on_cancel)
+        except SealroomError as err:
+            self._fail(job, err)
+            raise
+        except Exception as exc:
+            failed = JobFailedError("the enclave's MPC player failed; nothing was released")
+            self._fail(job, failed)
+            raise failed from exc
+        finally:
+            self._end(job)
 
     def abort(self, job_id: str) -> None:
         try:

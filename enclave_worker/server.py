@@ -15,7 +15,7 @@ from enclave_worker.jobs import JobRegistry
 from sealroom import __version__
 from sealroom.rpc import Server, create_server, raw_stream_handler, translate_errors
 from sealroom.sealed import integrity_error
-from sealroom.v1 import common_pb2, enclave_pb2, enclave_pb2_grpc
+from sealroom.v1 import common_pb2, enclave_pb2, enclave_pb2_grpc, party_pb2
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,28 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
         approvals = {a.party: (a.plan_hash, bytes(a.signature)) for a in request.approvals}
         out = self.registry.execute(request.job_id, approvals)
         return enclave_pb2.ExecuteResponse(**out)
+
+    def PrepareMpc(self, request, context):  # noqa: N802
+        approvals = {a.party: (a.plan_hash, bytes(a.signature)) for a in request.approvals}
+        out = self.registry.prepare_mpc(request.job_id, request.stage_id, request.index, approvals)
+        return enclave_pb2.EnclavePrepareMpcResponse(
+            offer=party_pb2.MpcOffer(**out["offer"]),
+            result_json=out["result_json"],
+            signature=out["signature"],
+            evidence=out["evidence"],
+        )
+
+    def RunMpc(self, request, context):  # noqa: N802
+        offers = [
+            {"index": o.index, "offer_json": o.offer_json, "host": o.host, "port": o.port} for o in request.offers
+        ]
+        result_json, signature = self.registry.run_mpc(
+            request.job_id,
+            offers,
+            timeout_seconds=float(request.timeout_seconds),
+            on_cancel=context.add_callback,  # a cancelled call stops the player at once
+        )
+        return party_pb2.MpcOutcome(result_json=result_json, signature=signature)
 
     def AbortJob(self, request, context):  # noqa: N802
         self.registry.abort(request.job_id)

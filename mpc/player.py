@@ -2,7 +2,8 @@
 
 Run from the player's private directory, which holds ``.config/`` (its TLS key and certificate and
 the session CA; see :mod:`mpc.tls`) and ``SPEC`` (the stage, its own index, the players'
-addresses, its timeouts and its own input, if any). MPyC reads ``sys.argv`` when it is imported,
+addresses, its timeouts). Its own input, if any, comes on standard input (JSON; ``null`` for a
+helper), so a player's partials are never written to a file. MPyC reads ``sys.argv`` when it is imported,
 so this module sets ``sys.argv`` first and imports MPyC only then; nothing else in the platform
 imports MPyC.
 
@@ -18,6 +19,7 @@ player from one that waits for others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -226,13 +228,28 @@ def _gone_peers(mpc: Any, me: int) -> list[int]:
     return gone
 
 
+def _no_core_dumps() -> None:
+    """No core file, and not dumpable (nor ptrace-attachable by other processes of the same user):
+    the player's memory holds its partials and its TLS key."""
+    import resource
+
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4, to 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2:
         print("usage: python -m mpc.player SPEC OUT", file=sys.stderr)
         return 2
+    _no_core_dumps()  # before the input arrives: a crash must not write its memory to a disk
     spec_path, out = Path(args[0]), Path(args[1])
     doc = json.loads(spec_path.read_text())
+    doc["input"] = json.loads(sys.stdin.buffer.read() or b"null")  # the partials come by pipe, never a file
     me = int(doc["index"])
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(Path(HEARTBEAT), stop), daemon=True).start()

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -59,6 +60,15 @@ REASONS = {
 }
 
 
+def _feed(proc: subprocess.Popen[bytes], data: bytes) -> None:
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(data)
+        proc.stdin.close()
+    except (BrokenPipeError, OSError, ValueError):  # the player died or was killed: wait() says how
+        pass
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct ports free on ``host`` right now (the OS picks them; a player that loses its
     port to a race reports ``port_in_use`` and :func:`run_session` retries with fresh ones)."""
@@ -92,8 +102,9 @@ class PlayerProcess:
 
     ``addresses`` are every player's ``(host, port)`` in index order (this player listens on its
     own); ``partials`` is this player's input (None for a helper). :meth:`start` writes the
-    player's private directory (mode 0700: TLS credentials, the spec with its own input) and starts
-    ``python -m mpc.player``; :meth:`wait` returns its opened result or raises
+    player's private directory (mode 0700, under ``scratch`` if given: TLS credentials and the
+    public spec), starts ``python -m mpc.player`` and hands it its input by pipe (never a file);
+    :meth:`wait` returns its opened result or raises
     :class:`MpcError`; :meth:`close` kills it if it still runs and removes the directory (unless
     ``keep`` is set). Use it as a context manager.
     """
@@ -110,6 +121,7 @@ class PlayerProcess:
         run_timeout: float = DEFAULT_TIMEOUT,
         bind_host: str = "127.0.0.1",
         directory: Path | None = None,
+        scratch: Path | None = None,
         keep: bool = False,
     ):
         if not 0 <= index < len(spec.players) or len(addresses) != len(spec.players):
@@ -129,9 +141,12 @@ class PlayerProcess:
         self.bind_host = bind_host
         self.keep = keep
         self._own_dir = directory is None
-        self.directory = directory or Path(tempfile.mkdtemp(prefix=f"sealroom-mpc-{index}-"))
+        # Its own private directory (removed by close()) under ``scratch``, or the system's temp dir.
+        self.directory = directory or Path(tempfile.mkdtemp(prefix=f"sealroom-mpc-{index}-", dir=scratch))
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
+        self._lock = threading.Lock()
+        self._killed = False  # kill() came first: start() never starts the process
 
     @property
     def name(self) -> str:
@@ -160,8 +175,10 @@ class PlayerProcess:
             "bind_host": self.bind_host,
             "start_timeout": self.start_timeout,
             "run_timeout": self.run_timeout,
-            "input": self.partials.to_input(self.spec) if self.partials is not None else None,
         }
+        # The player's input (its partials) goes through a pipe, never a file: only the public spec
+        # and the TLS credentials MPyC reads from files are in the directory.
+        secret = json.dumps(self.partials.to_input(self.spec) if self.partials is not None else None).encode()
         spec_path = self.directory / "spec.json"
         fd = os.open(spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -170,16 +187,24 @@ class PlayerProcess:
         # tokens) in its environment.
         env = {k: v for k, v in os.environ.items() if k in _PLAYER_ENV or k.startswith(("LC_", "MPYC_"))}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))
-        with open(self.log_path, "ab") as logf:
+        with self._lock, open(self.log_path, "ab") as logf:
+            if self._killed:
+                raise MpcError(
+                    f"MPC player {self.index} was stopped before it started; nothing was released",
+                    details={"reason": "stopped", "player": self.index},
+                )
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mpc.player", str(spec_path), str(self.out_path)],
                 cwd=self.directory,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
             )
+        # The input by pipe, from a thread: a player that never reads it cannot block the caller
+        # (wait() and kill() still end it).
+        threading.Thread(target=_feed, args=(self.proc, secret), name=f"mpc-input-{self.index}", daemon=True).start()
         self.started_at = time.monotonic()
         log.info("MPC player %d started (pid %d)", self.index, self.proc.pid)
 
@@ -203,7 +228,9 @@ class PlayerProcess:
         return doc
 
     def kill(self) -> None:
-        """Kill the player (SIGKILL to its process group) and reap it."""
+        """Kill the player (SIGKILL to its process group) and reap it; before start(), it never starts."""
+        with self._lock:
+            self._killed = True
         if self.proc is None:
             return
         if self.proc.poll() is None:

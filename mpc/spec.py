@@ -249,8 +249,18 @@ class StageSpec:
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> StageSpec:
-        if doc.get("version") != SPEC_VERSION:
+        """The spec a plan carries (``to_dict()``); InvalidQueryError when it is malformed or invalid."""
+        if not isinstance(doc, Mapping) or doc.get("version") != SPEC_VERSION:
             raise _refuse(f"MPC stage spec version must be {SPEC_VERSION}", rule="version")
+        try:
+            return cls._from_dict(doc)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if type(exc).__name__ == "InvalidQueryError":
+                raise
+            raise _refuse(f"plan is inconsistent: malformed MPC stage spec ({type(exc).__name__})") from None
+
+    @classmethod
+    def _from_dict(cls, doc: Mapping[str, Any]) -> StageSpec:
         return cls(
             session_id=str(doc["session_id"]),
             group_by=tuple(

@@ -266,6 +266,23 @@ class PlayerIdentity:
         )
 
 
+def identity_keys(
+    named: Mapping[int, str | None], enclave: Ed25519PublicKey | None = None
+) -> dict[int, Ed25519PublicKey]:
+    """Index -> the key each player's offer must be signed with: the key (hex) the plan names for an
+    owner's player or a helper (``sealroom.plan.mpc_player_keys``), and ``enclave``, the attested job
+    key, for the enclave's player (None in ``named``). Raises MpcError naming a player without one."""
+    out: dict[int, Ed25519PublicKey] = {}
+    for i, key in named.items():
+        if key is not None:
+            out[i] = Ed25519PublicKey.from_public_bytes(bytes.fromhex(key))
+        elif enclave is not None:
+            out[i] = enclave
+        else:
+            raise _identity_error(i, "is the enclave's, and no attested job key was given for it")
+    return out
+
+
 def _ca_name(session: str, index: int) -> x509.Name:
     """A player CA's exact subject (a common name is at most 64 characters: the session by its digest)."""
     tag = hashlib.sha256(session.encode()).hexdigest()[:16]

@@ -158,15 +158,20 @@ class Result:
         enclave, and the sealed frames and bytes."""
         if not self.receipt:
             return []
-        # An MPC release names each dataset's player instead: its rows never left, only shares did.
-        return [
-            {
-                "dataset": f"{i['party']}.{i['dataset']}",
-                "columns": list(i["columns"]),
-                **({"mpc_player": i["player"]} if "player" in i else {"frames": i["frames"], "bytes": i["bytes"]}),
-            }
-            for i in self.receipt["result"]["inputs"]
-        ]
+        # An MPC release names each dataset's player: an owner's own player (its rows never left, only
+        # shares did), or in a hybrid plan the enclave's, which the rows were streamed (sealed) to.
+        res = self.receipt["result"]
+        streamed = {(i["party"], i["dataset"]): i for i in (res.get("feed") or res).get("inputs", []) if "frames" in i}
+        out = []
+        for i in res["inputs"]:
+            entry: dict[str, Any] = {"dataset": f"{i['party']}.{i['dataset']}", "columns": list(i["columns"])}
+            sent = streamed.get((i["party"], i["dataset"]))
+            if sent is not None:
+                entry.update(frames=sent["frames"], bytes=sent["bytes"])
+            if "player" in i:
+                entry["mpc_player"] = i["player"]
+            out.append(entry)
+        return out
 
     # -- display -----------------------------------------------------------------------------
 
@@ -206,7 +211,12 @@ class Result:
         inputs = self.inputs()
         if inputs:
             sent = "".join(
-                f"<li>{esc(i['dataset'])}: {esc(', '.join(i['columns']))} ({i['frames']} sealed frames)</li>"
+                f"<li>{esc(i['dataset'])}: {esc(', '.join(i['columns']))} ("
+                + "; ".join(
+                    ([f"{i['frames']} sealed frames to the enclave"] if "frames" in i else [])
+                    + ([f"held by MPC player {i['mpc_player']}"] if "mpc_player" in i else [])
+                )
+                + ")</li>"
                 for i in inputs
             )
             parts.append(f"<details><summary>what went where</summary><ul>{sent}</ul></details>")

@@ -20,10 +20,19 @@ from typing import Any
 
 from sealroom.client import QueryHandle
 from sealroom.cluster import Cluster, DatasetSpec, PartySpec
-from sealroom.demo_data import BANKS, HOSPITALS, bank_tables, hospital_tables, write_parquet
+from sealroom.demo_data import (
+    AGE_BANDS,
+    BANKS,
+    DIAGNOSES,
+    HOSPITALS,
+    RARE_DIAGNOSIS,
+    bank_tables,
+    hospital_tables,
+    write_parquet,
+)
 from sealroom.errors import JobFailedError
 from sealroom.output import ProgressDisplay, render_result, result_document
-from sealroom.policy import DatasetPolicy, ProcessingRecord
+from sealroom.policy import DatasetPolicy, DatasetTrust, ProcessingRecord
 from sealroom.ropa import Collaboration
 
 
@@ -70,8 +79,10 @@ HOSPITAL_POLICY = DatasetPolicy.from_dict(
         "min_group_size": 5,
         "columns": {
             "patient_id": "join_key",
-            "diagnosis": "dimension",
-            "age_band": "dimension",
+            # The public group domains: an MPC stage computes every cell of diagnosis x age band,
+            # so no party's data reveals which groups it holds.
+            "diagnosis": {"role": "dimension", "values": [*DIAGNOSES, RARE_DIAGNOSIS]},
+            "age_band": {"role": "dimension", "values": list(AGE_BANDS)},
             "age": {"role": "measure", "aggregates": ["avg"], "min": 0, "max": 110},
             "length_of_stay": {"role": "measure", "aggregates": ["sum", "avg"], "min": 0, "max": 365},
             "cost": {"role": "measure", "aggregates": ["sum", "avg", "stddev"], "min": 0, "max": 1e6},
@@ -103,10 +114,28 @@ def _bank_parties(data_dir: Path) -> list[PartySpec]:
     ]
 
 
+# hospital_east accepts no enclave (trust.mpc_only): its rows never leave it, so the cohort query
+# runs as a hybrid plan (the others stream to the enclave, which joins the MPC stage as a player).
+MPC_ONLY_HOSPITAL = "hospital_east"
+
+
 def _hospital_parties(data_dir: Path) -> list[PartySpec]:
     paths = write_parquet(hospital_tables(), data_dir, "stays")
-    policy = HOSPITAL_POLICY
-    return [PartySpec(h, (DatasetSpec("stays", str(paths[h]), policy, "inpatient stays"),)) for h in HOSPITALS]
+    mpc_only = dataclasses.replace(HOSPITAL_POLICY, trust=DatasetTrust(mpc_only=True))
+    return [
+        PartySpec(
+            h,
+            (
+                DatasetSpec(
+                    "stays",
+                    str(paths[h]),
+                    mpc_only if h == MPC_ONLY_HOSPITAL else HOSPITAL_POLICY,
+                    "inpatient stays, one row per patient",
+                ),
+            ),
+        )
+        for h in HOSPITALS
+    ]
 
 
 # What the owners declare for the record of processing (GDPR Article 30) in [processing].
@@ -221,7 +250,7 @@ HOSPITAL = Scenario(
             "Cohort by diagnosis and age band",
             """
 SELECT diagnosis, age_band,
-       COUNT(DISTINCT patient_id) AS patients,
+       COUNT(*) AS patients,
        AVG(age) AS mean_age,
        AVG(length_of_stay) AS mean_stay,
        STDDEV_SAMP(cost) AS sd_cost
@@ -230,7 +259,9 @@ FROM (SELECT * FROM hospital_north.stays
       UNION ALL SELECT * FROM hospital_east.stays) s
 GROUP BY diagnosis, age_band
 ORDER BY diagnosis, age_band""",
-            "the rare diagnosis has two patients, so its cell is suppressed",
+            "hospital_east accepts no enclave, so the plan is hybrid: hospital_north and hospital_south stream to "
+            "the enclave, which joins hospital_east's player (and the coordinator's helper) in an MPC stage; the "
+            "rare diagnosis has two patients, so its cells are suppressed inside the MPC, never opened",
         ),
     ),
     collaboration=Collaboration(

@@ -23,6 +23,7 @@ BANKS = ("bank_a", "bank_b", "bank_c")
 HOSPITALS = ("hospital_north", "hospital_south", "hospital_east")
 DIAGNOSES = ("cardiology", "oncology", "orthopedics", "respiratory")
 RARE_DIAGNOSIS = "prion_disease"
+AGE_BANDS = ("0-39", "40-64", "65+")
 
 
 def bank_tables(*, customers: int = 3000, seed: int = 7) -> dict[str, pa.Table]:
@@ -99,21 +100,25 @@ def hospital_tables(*, patients: int = 2500, seed: int = 11) -> dict[str, pa.Tab
             cols["diagnosis"].append(RARE_DIAGNOSIS)
             cols["length_of_stay"].append(21)
             cols["cost"].append(64_000.0)
+        # Every field is required (NOT NULL): an MPC stage then opens a cell's count with its sums
+        # and divides in the clear, instead of dividing in fixed point inside the MPC.
+        types = {
+            "patient_id": pa.string(),
+            "age": pa.int32(),
+            "age_band": pa.string(),
+            "diagnosis": pa.string(),
+            "length_of_stay": pa.int32(),
+            "cost": pa.float64(),
+        }
         out[hospital] = pa.table(
-            {
-                "patient_id": pa.array(cols["patient_id"], pa.string()),
-                "age": pa.array(cols["age"], pa.int32()),
-                "age_band": pa.array(cols["age_band"], pa.string()),
-                "diagnosis": pa.array(cols["diagnosis"], pa.string()),
-                "length_of_stay": pa.array(cols["length_of_stay"], pa.int32()),
-                "cost": pa.array(cols["cost"], pa.float64()),
-            }
+            [pa.array(cols[name], t) for name, t in types.items()],
+            schema=pa.schema([pa.field(name, t, nullable=False) for name, t in types.items()]),
         )
     return out
 
 
 def age_band(age: int) -> str:
-    return "0-39" if age < 40 else "40-64" if age < 65 else "65+"
+    return AGE_BANDS[0] if age < 40 else AGE_BANDS[1] if age < 65 else AGE_BANDS[2]
 
 
 def write_parquet(tables: dict[str, pa.Table], directory: Path, dataset: str) -> dict[str, Path]:

@@ -79,8 +79,10 @@ def result_document(result: Result, *, title: str | None = None, sql: str | None
         res = result.receipt["result"]
         doc["inputs"] = res["inputs"]
         doc["min_group_size"] = res["min_group_size"]
-        if res.get("kind") == "sealroom.mpc_release":  # released by MPC: no enclave, the players instead
+        if res.get("kind") == "sealroom.mpc_release":  # released by MPC: the players instead of one enclave
             doc["mpc"] = {"players": res["players"], "trust_assumption": res["trust_assumption"]}
+            if "feed" in res:  # hybrid: the enclave that computed the streamed inputs' partials is a player
+                doc["attestation"] = res["feed"]["attestation"]
         else:
             doc["attestation"] = res["attestation"]
             doc["rules"] = res.get("rules", {})
@@ -116,18 +118,52 @@ def render_result(result: Result, *, title: str | None = None, sql: str | None =
         res = result.receipt["result"]
         lines.append("")
         lines.append("what went where:")
-        for i in res["inputs"]:
+        if res.get("kind") == "sealroom.mpc_release":
+            lines += _mpc_where(res)
+        else:
+            for i in res["inputs"]:
+                lines.append(
+                    f"  {i['party']}.{i['dataset']} -> enclave: columns {', '.join(i['columns'])}; "
+                    f"{i['frames']} sealed frames, {i['bytes']:,} bytes"
+                )
+            att = res["attestation"]
             lines.append(
-                f"  {i['party']}.{i['dataset']} -> enclave: columns {', '.join(i['columns'])}; "
-                f"{i['frames']} sealed frames, {i['bytes']:,} bytes"
+                f"  enclave measurement {att['measurement'][:16]}... ({att['format']}); "
+                f"approvals: {', '.join(a['party'] for a in res['approvals'])}"
             )
-        att = res["attestation"]
-        lines.append(
-            f"  enclave measurement {att['measurement'][:16]}... ({att['format']}); "
-            f"approvals: {', '.join(a['party'] for a in res['approvals'])}"
-        )
         lines.append("  coordinator saw: the plan, approvals, ciphertext sizes, and the released cells above")
     return "\n".join(lines)
+
+
+def _mpc_where(res: dict[str, Any]) -> list[str]:
+    """What went where in an MPC release: each dataset's player, and for a hybrid plan what was
+    streamed (sealed) to the enclave that joined the MPC as a player."""
+    lines = []
+    players = res["players"]
+    feed = res.get("feed") or {}
+    streamed = {(i["party"], i["dataset"]): i for i in feed.get("inputs", [])}
+    for i in res["inputs"]:
+        player = players[i["player"]]["name"] if i["player"] < len(players) else i["player"]
+        sent = streamed.get((i["party"], i["dataset"]))
+        if sent is not None:
+            lines.append(
+                f"  {i['party']}.{i['dataset']} -> enclave: columns {', '.join(i['columns'])}; "
+                f"{sent['frames']} sealed frames, {sent['bytes']:,} bytes; the enclave holds its partials as MPC "
+                f"player {i['player']} ({player})"
+            )
+        else:
+            lines.append(
+                f"  {i['party']}.{i['dataset']}: stayed with its owner; MPC player {i['player']} ({player}) computed "
+                "its partials, only secret shares left"
+            )
+    helpers = [f"{n} ({p['name']})" for n, p in enumerate(players) if not p.get("holds_input", True)]
+    if helpers:
+        lines.append(f"  helper player {', '.join(helpers)}: held no input, computed on secret shares only")
+    lines.append(f"  trust assumption: {res['trust_assumption']}")
+    if feed:
+        att = feed["attestation"]
+        lines.append(f"  enclave measurement {att['measurement'][:16]}... ({att['format']})")
+    return lines
 
 
 # -- progress -------------------------------------------------------------------------------------

@@ -172,7 +172,12 @@ class Stage:
             raise InvalidQueryError("plan is inconsistent: an MPC stage needs mpc, holders and release, and only it")
         if feeds is not None and (kind != "tee" or not isinstance(feeds, str)):
             raise InvalidQueryError("plan is inconsistent: only a TEE stage feeds an MPC stage")
-        if mpc is not None and not (isinstance(mpc, dict) and isinstance(holders, dict) and isinstance(release, dict)):
+        if mpc is not None and not (
+            isinstance(mpc, dict)
+            and isinstance(holders, dict)
+            and isinstance(release, dict)
+            and all(isinstance(h, dict) for h in holders.values())
+        ):
             raise InvalidQueryError("plan is inconsistent: malformed MPC stage")
         return cls(
             id=d["id"],
@@ -325,6 +330,52 @@ def mpc_stage_query(plan: Plan, stage: Stage) -> MpcQuery:
         raise InvalidQueryError("the plan is inconsistent: its MPC stage's inputs are not the datasets its SQL reads")
     _check_filters(inputs, q.filters)
     return q
+
+
+def mpc_player_keys(plan: Plan, stage: Stage) -> dict[int, str | None]:
+    """Index -> the Ed25519 identity key (hex) the plan names for each player of MPC stage ``stage``,
+    which every player checks each other player's offer against: an owner's player, the owner's key
+    (``plan.parties``); a helper player, the key its ``holders`` entry names (the coordinator's);
+    the enclave's player, None (its key is the attested job key, bound to the plan hash by evidence
+    at run time). The plan hash covers them all, so every owner's approval covers who the players
+    are. Raises InvalidQueryError when a player's entry is missing or names no usable key."""
+    players = (stage.mpc or {}).get("players")
+    holders = stage.holders or {}
+    if (
+        not isinstance(players, list)
+        or set(holders) != {str(i) for i in range(len(players))}
+        or not all(isinstance(h, dict) for h in holders.values())
+    ):
+        raise InvalidQueryError(f"plan is inconsistent: stage {stage.id}'s holders do not name every MPC player")
+    out: dict[int, str | None] = {}
+    for i, player in enumerate(players):
+        h = holders[str(i)]
+        holds = bool(isinstance(player, dict) and player.get("holds_input", True))
+        if holds and "party" in h and h["party"] in plan.parties:
+            out[i] = plan.parties[h["party"]]
+        elif holds and "stage" in h:
+            out[i] = None
+        elif not holds and "helper" in h and _is_key_hex(h.get("key")):
+            out[i] = str(h["key"])
+        else:
+            raise InvalidQueryError(
+                f"plan is inconsistent: MPC player {i} of stage {stage.id} names no identity the players can verify "
+                "(an owner of the plan, the enclave, or a helper with its key)",
+                details={"stage": stage.id, "player": i},
+            )
+    named = [k for k in out.values() if k is not None]
+    if len(named) != len(set(named)):
+        # One key behind two players (say an owner's key as the helper's) would give one party two
+        # shares of every input.
+        raise InvalidQueryError(
+            f"plan is inconsistent: stage {stage.id} names one identity key for two MPC players",
+            details={"stage": stage.id, "check": "players"},
+        )
+    return out
+
+
+def _is_key_hex(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def declared_domains(

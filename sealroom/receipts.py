@@ -30,6 +30,7 @@ pre-suppression value and no secret key. (It holds *public* keys and signatures.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -43,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from sealroom.attestation import SIMULATED, AppraisalPolicy, Claims, Evidence, report_data_for, verify_evidence
 from sealroom.errors import AttestationError, AuditError, SealroomError
-from sealroom.plan import Plan, approval_message
+from sealroom.plan import Plan, approval_message, mpc_player_keys
 from sealroom.policy import canonical_json
 
 __all__ = [
@@ -466,7 +467,25 @@ def _verify_tee_stage(
     return claims
 
 
-def _verify_mpc_stage(stage: Mapping[str, Any], *, plan: Plan, job_keys: Sequence[str]) -> None:
+def _legacy_helpers(stage: Any, coordinator_key: Any) -> Any:
+    """A plan from before the helpers' keys were named in ``holders``: its helper players are the
+    coordinator's, so they must have signed with the key that countersigned the receipt (the pinned
+    coordinator key, when the reviewer gives one; step 11 checks it)."""
+    players = (stage.mpc or {}).get("players") if stage is not None else None
+    holders = dict(stage.holders or {}) if stage is not None else {}
+    if not isinstance(players, list) or not isinstance(coordinator_key, str):
+        return stage
+    missing = {
+        str(i): {"helper": p.get("name"), "key": coordinator_key}
+        for i, p in enumerate(players)
+        if isinstance(p, dict) and not p.get("holds_input", True) and str(i) not in holders
+    }
+    return dataclasses.replace(stage, holders={**holders, **missing}) if missing else stage
+
+
+def _verify_mpc_stage(
+    stage: Mapping[str, Any], *, plan: Plan, job_keys: Sequence[str], coordinator_key: Any = None
+) -> None:
     sid = stage.get("id")
     result = _get(stage, "result", dict, f"stage {sid} ")
     players = _get(stage, "players", list, f"stage {sid} ")
@@ -475,18 +494,25 @@ def _verify_mpc_stage(stage: Mapping[str, Any], *, plan: Plan, job_keys: Sequenc
     signers = {str(p.get("name")): p for p in players if isinstance(p, dict)}
     if not named or sorted(named) != sorted(signers):
         raise _refuse("mpc_signature", f"stage {sid}: not every MPC player signed the result", stage=sid)
-    holds = {str(p.get("name")): p.get("holds_input", True) for p in result["players"]}
-    for name in named:
+    # Every player signs with the identity the plan names for it (by its index, not its name): an
+    # owner's player with the owner's key, a helper with the key its holders entry names (the
+    # coordinator's), the enclave's player with the attested job key of the TEE stage feeding it.
+    planned_stage = next((s for s in plan.stages if s.id == sid and s.kind == "mpc" and s.mpc is not None), None)
+    try:
+        keyed = _legacy_helpers(planned_stage, coordinator_key)
+        named_keys = mpc_player_keys(plan, keyed) if keyed is not None else None
+    except SealroomError:
+        named_keys = None
+    if named_keys is None or len(named_keys) != len(named):
+        raise _refuse("mpc_plan", f"stage {sid}: the plan names no identity for every MPC player", stage=sid)
+    for i, name in enumerate(named):
         sig = signers[name]
-        # A party's player signs with the key the plan (and its approval) names; the enclave's
-        # player (hybrid plans) with the attested job key of the TEE stage feeding it. A helper
-        # player holds no input and signs with the key it states.
-        expected = plan.parties.get(name)
-        if expected is None and name == "enclave":
+        expected = named_keys[i]
+        if expected is None:
             expected = job_keys[0] if len(job_keys) == 1 else None
             if expected is None:
                 raise _refuse("mpc_player_key", f"stage {sid}: no attested job key for the enclave player", stage=sid)
-        if (holds.get(name) or expected is not None) and expected != sig.get("public_key"):
+        if expected != sig.get("public_key"):
             raise _refuse(
                 "mpc_player_key", f"stage {sid}: player {name} signed with a key that is not its own", stage=sid
             )
@@ -494,7 +520,7 @@ def _verify_mpc_stage(stage: Mapping[str, Any], *, plan: Plan, job_keys: Sequenc
             raise _refuse("mpc_signature", f"stage {sid}: the signature of player {name} does not verify", stage=sid)
     # The opened result is the one of this plan's MPC stage: its spec (players, domain, aggregates,
     # bounds, k, threshold) is the one the owners approved, as part of the plan hash.
-    planned = next((s for s in plan.stages if s.id == sid and s.kind == "mpc" and s.mpc is not None), None)
+    planned = planned_stage
     if planned is None or not isinstance(planned.mpc, dict):
         raise _refuse("mpc_plan", f"stage {sid}: the plan has no such MPC stage", stage=sid)
     spec = planned.mpc  # StageSpec.to_dict(), as the planner wrote it and the owners approved it
@@ -661,7 +687,9 @@ def _verify_receipt(
                 claims.append(c)
         else:
             job_keys = [str(s["result"].get("signing_public_key")) for s in stages if s["kind"] == "tee"]
-            _verify_mpc_stage(stage, plan=plan, job_keys=job_keys)
+            _verify_mpc_stage(
+                stage, plan=plan, job_keys=job_keys, coordinator_key=receipt["coordinator"].get("public_key")
+            )
 
     # 6. Disclosure decisions.
     if disclosure != {"suppressed": _suppressed(stages), "rules": _rules(stages)}:

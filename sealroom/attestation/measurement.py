@@ -8,12 +8,14 @@ computing it: a simulated measurement is a claim, not a proof.
 What is hashed (SHA-384, every item length-framed so no two inputs collide by concatenation):
 
 1. the version tag ``sealroom/v1/enclave-measurement``;
-2. every ``*.py`` file of the installed ``enclave_worker`` and ``sealroom`` packages, by sorted
+2. every ``*.py`` file of the installed ``enclave_worker``, ``sealroom`` and ``mpc`` packages (the
+   worker computes MPC partials and runs ``python -m mpc.player`` for hybrid plans), by sorted
    relative POSIX path, path and contents; except ``sealroom``'s composition-root modules (``cli``,
    ``client``, ``demo``, ``demo_data``, ``cluster``: user entry points the enclave never loads) and
    the generated ``sealroom/v1/*.pyi`` stubs (not code). A package that is not installed is skipped;
-3. the installed versions of the libraries the worker loads: grpcio, protobuf, pyarrow, duckdb,
-   cryptography, sqlglot (read from package metadata, without importing them);
+3. the installed versions of the libraries the worker and its MPC player load: grpcio, protobuf,
+   pyarrow, duckdb, cryptography, sqlglot, mpyc, gmpy2, numpy (read from package metadata, without
+   importing them);
 4. canonical JSON of the worker's ``config`` (``None`` is the same as ``{}``).
 """
 
@@ -32,7 +34,7 @@ from typing import Any
 __all__ = ["enclave_measurement", "MEASURED_PACKAGES", "MEASURED_DISTRIBUTIONS"]
 
 _VERSION_TAG = b"sealroom/v1/enclave-measurement"
-MEASURED_PACKAGES: tuple[str, ...] = ("enclave_worker", "sealroom")
+MEASURED_PACKAGES: tuple[str, ...] = ("enclave_worker", "sealroom", "mpc")
 MEASURED_DISTRIBUTIONS: tuple[str, ...] = (
     "grpcio",
     "protobuf",
@@ -40,6 +42,9 @@ MEASURED_DISTRIBUTIONS: tuple[str, ...] = (
     "duckdb",
     "cryptography",
     "sqlglot",
+    "mpyc",
+    "gmpy2",
+    "numpy",  # MPyC (and pyarrow) load it
 )
 # Composition-root modules of `sealroom` (as a module `x.py` or, should one grow, a package `x/`).
 _EXCLUDED_SEALROOM_MODULES = frozenset({"cli", "client", "demo", "demo_data", "cluster"})

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from sealroom.v1 import party_pb2 as _party_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -293,3 +294,94 @@ class JobRef(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobRef: _TypeAlias = JobRef  # noqa: Y015
+
+@_typing.final
+class EnclavePrepareMpcRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STAGE_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    stage_id: _builtins.str
+    """the MPC stage the job's stage feeds"""
+    index: _builtins.int
+    """the enclave's player in it (the stage's holders say which)"""
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Approval]: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        stage_id: _builtins.str = ...,
+        index: _builtins.int = ...,
+        approvals: _abc.Iterable[Global___Approval] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "index", b"index", "job_id", b"job_id", "stage_id", b"stage_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnclavePrepareMpcRequest: _TypeAlias = EnclavePrepareMpcRequest  # noqa: Y015
+
+@_typing.final
+class EnclavePrepareMpcResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    result_json: _builtins.bytes
+    """the job's document: what it read, the rules, approvals, attestation"""
+    signature: _builtins.bytes
+    """Ed25519 by the job's key over result_json"""
+    evidence: _builtins.bytes
+    """binds the job's keys to the plan hash"""
+    @_builtins.property
+    def offer(self) -> _party_pb2.MpcOffer: ...
+    def __init__(
+        self,
+        *,
+        offer: _party_pb2.MpcOffer | None = ...,
+        result_json: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        evidence: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["offer", b"offer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "offer", b"offer", "result_json", b"result_json", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnclavePrepareMpcResponse: _TypeAlias = EnclavePrepareMpcResponse  # noqa: Y015
+
+@_typing.final
+class EnclaveRunMpcRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    OFFERS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    timeout_seconds: _builtins.float
+    @_builtins.property
+    def offers(self) -> _containers.RepeatedCompositeFieldContainer[_party_pb2.MpcOffer]:
+        """every player's offer and address, the enclave's included"""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        offers: _abc.Iterable[_party_pb2.MpcOffer] | None = ...,
+        timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "offers", b"offers", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnclaveRunMpcRequest: _TypeAlias = EnclaveRunMpcRequest  # noqa: Y015

@@ -5,6 +5,7 @@ import warnings
 
 from sealroom.v1 import common_pb2 as sealroom_dot_v1_dot_common__pb2
 from sealroom.v1 import enclave_pb2 as sealroom_dot_v1_dot_enclave__pb2
+from sealroom.v1 import party_pb2 as sealroom_dot_v1_dot_party__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -60,6 +61,16 @@ class EnclaveStub:
                 request_serializer=sealroom_dot_v1_dot_enclave__pb2.JobRef.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_common__pb2.Empty.FromString,
                 _registered_method=True)
+        self.PrepareMpc = channel.unary_unary(
+                '/sealroom.v1.Enclave/PrepareMpc',
+                request_serializer=sealroom_dot_v1_dot_enclave__pb2.EnclavePrepareMpcRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_enclave__pb2.EnclavePrepareMpcResponse.FromString,
+                _registered_method=True)
+        self.RunMpc = channel.unary_unary(
+                '/sealroom.v1.Enclave/RunMpc',
+                request_serializer=sealroom_dot_v1_dot_enclave__pb2.EnclaveRunMpcRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_party__pb2.MpcOutcome.FromString,
+                _registered_method=True)
 
 
 class EnclaveServicer:
@@ -99,6 +110,24 @@ class EnclaveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareMpc(self, request, context):
+        """A job whose stage feeds an MPC stage (hybrid plans): with every approval and input in, compute
+        the inputs' partial aggregates over the MPC stage's public domain, drop the rows, and return
+        the enclave player's offer (its CA signed with the job's key) and the job's signed document
+        with evidence binding the job's keys to the plan hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunMpc(self, request, context):
+        """Verify every player's offer, run the enclave's player, and return the opened result signed
+        with the job's key. The job ends here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnclaveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +155,16 @@ def add_EnclaveServicer_to_server(servicer, server):
                     servicer.AbortJob,
                     request_deserializer=sealroom_dot_v1_dot_enclave__pb2.JobRef.FromString,
                     response_serializer=sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            ),
+            'PrepareMpc': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareMpc,
+                    request_deserializer=sealroom_dot_v1_dot_enclave__pb2.EnclavePrepareMpcRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_enclave__pb2.EnclavePrepareMpcResponse.SerializeToString,
+            ),
+            'RunMpc': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunMpc,
+                    request_deserializer=sealroom_dot_v1_dot_enclave__pb2.EnclaveRunMpcRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_party__pb2.MpcOutcome.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +302,60 @@ class Enclave:
             '/sealroom.v1.Enclave/AbortJob',
             sealroom_dot_v1_dot_enclave__pb2.JobRef.SerializeToString,
             sealroom_dot_v1_dot_common__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareMpc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Enclave/PrepareMpc',
+            sealroom_dot_v1_dot_enclave__pb2.EnclavePrepareMpcRequest.SerializeToString,
+            sealroom_dot_v1_dot_enclave__pb2.EnclavePrepareMpcResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunMpc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Enclave/RunMpc',
+            sealroom_dot_v1_dot_enclave__pb2.EnclaveRunMpcRequest.SerializeToString,
+            sealroom_dot_v1_dot_party__pb2.MpcOutcome.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from grpc import aio as _aio
 from sealroom.v1 import common_pb2 as _common_pb2
 from sealroom.v1 import enclave_pb2 as _enclave_pb2
+from sealroom.v1 import party_pb2 as _party_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -42,6 +43,16 @@ class EnclaveStub:
     disclosure rules and return the signed result. The job's data is wiped afterwards.
     """
     AbortJob: _grpc.UnaryUnaryMultiCallable[_enclave_pb2.JobRef, _common_pb2.Empty]
+    PrepareMpc: _grpc.UnaryUnaryMultiCallable[_enclave_pb2.EnclavePrepareMpcRequest, _enclave_pb2.EnclavePrepareMpcResponse]
+    """A job whose stage feeds an MPC stage (hybrid plans): with every approval and input in, compute
+    the inputs' partial aggregates over the MPC stage's public domain, drop the rows, and return
+    the enclave player's offer (its CA signed with the job's key) and the job's signed document
+    with evidence binding the job's keys to the plan hash.
+    """
+    RunMpc: _grpc.UnaryUnaryMultiCallable[_enclave_pb2.EnclaveRunMpcRequest, _party_pb2.MpcOutcome]
+    """Verify every player's offer, run the enclave's player, and return the opened result signed
+    with the job's key. The job ends here.
+    """
 
 @_typing.type_check_only
 class EnclaveAsyncStub(EnclaveStub):
@@ -56,6 +67,16 @@ class EnclaveAsyncStub(EnclaveStub):
     disclosure rules and return the signed result. The job's data is wiped afterwards.
     """
     AbortJob: _aio.UnaryUnaryMultiCallable[_enclave_pb2.JobRef, _common_pb2.Empty]  # type: ignore[assignment]
+    PrepareMpc: _aio.UnaryUnaryMultiCallable[_enclave_pb2.EnclavePrepareMpcRequest, _enclave_pb2.EnclavePrepareMpcResponse]  # type: ignore[assignment]
+    """A job whose stage feeds an MPC stage (hybrid plans): with every approval and input in, compute
+    the inputs' partial aggregates over the MPC stage's public domain, drop the rows, and return
+    the enclave player's offer (its CA signed with the job's key) and the job's signed document
+    with evidence binding the job's keys to the plan hash.
+    """
+    RunMpc: _aio.UnaryUnaryMultiCallable[_enclave_pb2.EnclaveRunMpcRequest, _party_pb2.MpcOutcome]  # type: ignore[assignment]
+    """Verify every player's offer, run the enclave's player, and return the opened result signed
+    with the job's key. The job ends here.
+    """
 
 class EnclaveServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -97,5 +118,27 @@ class EnclaveServicer(metaclass=_abc_1.ABCMeta):
         request: _enclave_pb2.JobRef,
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.Empty, _abc.Awaitable[_common_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def PrepareMpc(
+        self,
+        request: _enclave_pb2.EnclavePrepareMpcRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enclave_pb2.EnclavePrepareMpcResponse, _abc.Awaitable[_enclave_pb2.EnclavePrepareMpcResponse]]:
+        """A job whose stage feeds an MPC stage (hybrid plans): with every approval and input in, compute
+        the inputs' partial aggregates over the MPC stage's public domain, drop the rows, and return
+        the enclave player's offer (its CA signed with the job's key) and the job's signed document
+        with evidence binding the job's keys to the plan hash.
+        """
+
+    @_abc_1.abstractmethod
+    def RunMpc(
+        self,
+        request: _enclave_pb2.EnclaveRunMpcRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.MpcOutcome, _abc.Awaitable[_party_pb2.MpcOutcome]]:
+        """Verify every player's offer, run the enclave's player, and return the opened result signed
+        with the job's key. The job ends here.
+        """
 
 def add_EnclaveServicer_to_server(servicer: EnclaveServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -469,32 +469,12 @@ Global___MpcOffer: _TypeAlias = MpcOffer  # noqa: Y015
 class RunMpcRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    @_typing.final
-    class HelperKeysEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.int
-        value: _builtins.bytes
-        def __init__(
-            self,
-            *,
-            key: _builtins.int = ...,
-            value: _builtins.bytes = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
     PLAN_JSON_FIELD_NUMBER: _builtins.int
     STAGE_ID_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     OFFERS_FIELD_NUMBER: _builtins.int
-    HELPER_KEYS_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    ENCLAVE_FIELD_NUMBER: _builtins.int
     plan_json: _builtins.bytes
     stage_id: _builtins.str
     index: _builtins.int
@@ -504,9 +484,9 @@ class RunMpcRequest(_message.Message):
         """every player's offer and address, this one's included"""
 
     @_builtins.property
-    def helper_keys(self) -> _containers.ScalarMap[_builtins.int, _builtins.bytes]:
-        """Identity keys of helper players (index -> raw Ed25519 public key): their CAs are
-        name-constrained to their own index, so an unverifiable helper can pose as no other player.
+    def enclave(self) -> Global___EnclavePlayer:
+        """Hybrid plans: the enclave player's attested job (its identity key is the job's signing key);
+        each owner checks the evidence before its player trusts the enclave's CA.
         """
 
     def __init__(
@@ -516,16 +496,42 @@ class RunMpcRequest(_message.Message):
         stage_id: _builtins.str = ...,
         index: _builtins.int = ...,
         offers: _abc.Iterable[Global___MpcOffer] | None = ...,
-        helper_keys: _abc.Mapping[_builtins.int, _builtins.bytes] | None = ...,
         timeout_seconds: _builtins.float = ...,
+        enclave: Global___EnclavePlayer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enclave", b"enclave"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["helper_keys", b"helper_keys", "index", b"index", "offers", b"offers", "plan_json", b"plan_json", "stage_id", b"stage_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enclave", b"enclave", "index", b"index", "offers", b"offers", "plan_json", b"plan_json", "stage_id", b"stage_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunMpcRequest: _TypeAlias = RunMpcRequest  # noqa: Y015
+
+@_typing.final
+class EnclavePlayer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    HPKE_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    evidence: _builtins.bytes
+    """binds the job's keys to the plan hash (nonce)"""
+    hpke_public_key: _builtins.bytes
+    signing_public_key: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        evidence: _builtins.bytes = ...,
+        hpke_public_key: _builtins.bytes = ...,
+        signing_public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "hpke_public_key", b"hpke_public_key", "signing_public_key", b"signing_public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnclavePlayer: _TypeAlias = EnclavePlayer  # noqa: Y015
 
 @_typing.final
 class MpcOutcome(_message.Message):

@@ -47,7 +47,9 @@ def test_demo_json_is_one_document_with_the_contract_shape(demo):
         assert set(q) >= {"query_id", "status", "columns", "rows", "suppressed", "stages", "simulated"}
         if q["status"] == "released":
             assert q["simulated"] is True
-            assert [s["kind"] for s in q["stages"]] == ["tee"]
+            # The hospital cohort is hybrid: hospital_east accepts no enclave (trust.mpc_only).
+            kinds = ["tee", "mpc"] if q["scenario"] == "hospital" else ["tee"]
+            assert [s["kind"] for s in q["stages"]] == kinds
             assert all(len(r) == len(q["columns"]) for r in q["rows"])
     assert "[sealroom]" in stderr  # progress goes to stderr
     # bank_c's owner approves by hand: the released bank queries waited for its `sealroom approve`.
@@ -64,7 +66,33 @@ def test_demo_suppresses_small_cells_without_values(demo):
     ]
     assert not any((r[0], r[1]) in (("corporate", "CCC"), ("private", "A")) for r in join["rows"])
     assert [(s["group"], s["rule"]) for s in union["suppressed"]] == [({"segment": "private"}, "dominance")]
-    assert [s["group"]["diagnosis"] for s in cohort["suppressed"]] == ["prion_disease"]
+    # The rare diagnosis, in every age band of the public domain: compared inside the MPC, never opened.
+    assert [(s["group"]["diagnosis"], s["group"]["age_band"]) for s in cohort["suppressed"]] == [
+        ("prion_disease", band) for band in ("0-39", "40-64", "65+")
+    ]
+    assert all("never opened" in s["reason"] for s in cohort["suppressed"])
+
+
+def test_demo_hospital_cohort_is_a_hybrid_plan(demo):
+    """hospital_north and hospital_south stream sealed rows to the enclave; hospital_east's rows never
+    leave it: its own MPC player, the enclave's player and the coordinator's helper compute the cells."""
+    doc, _ = demo
+    cohort = doc["queries"][4]
+    tee, mpc = cohort["stages"]
+    assert tee["feeds"] == mpc["id"] and tee["inputs"] == ["hospital_north.stays", "hospital_south.stays"]
+    assert mpc["inputs"] == ["hospital_east.stays"]
+    assert [(p["name"], p["holds_input"]) for p in mpc["players"]] == [
+        ("hospital_east", True),
+        ("enclave", True),
+        ("coordinator", False),
+    ]
+    assert "honest majority" in cohort["mpc"]["trust_assumption"] and "coordinator" in cohort["mpc"]["trust_assumption"]
+    assert cohort["attestation"]["simulated"] is True
+    assert sorted((i["party"], i["player"]) for i in cohort["inputs"]) == [
+        ("hospital_east", 0),
+        ("hospital_north", 1),
+        ("hospital_south", 1),
+    ]
 
 
 def test_demo_refusals_explain_themselves(demo):
@@ -113,6 +141,17 @@ def test_demo_released_cells_equal_plain_duckdb(demo):
         "UNION ALL SELECT * FROM hospital_east) WHERE diagnosis <> 'prion_disease'"
     ).fetchall()[0][0]
     assert sum(r[2] for r in cohort["rows"]) == n_patients
+    # Every released cell of the hybrid plan is what DuckDB computes on the pooled rows: counts
+    # exact, means and deviations within the fixed-point tolerance.
+    pooled = con.sql(
+        "SELECT diagnosis, age_band, COUNT(*), AVG(age), AVG(length_of_stay), STDDEV_SAMP(cost) FROM "
+        "(SELECT * FROM hospital_north UNION ALL SELECT * FROM hospital_south UNION ALL SELECT * FROM hospital_east) "
+        "WHERE diagnosis <> 'prion_disease' GROUP BY ALL ORDER BY 1, 2"
+    ).fetchall()
+    assert [tuple(r[:3]) for r in cohort["rows"]] == [tuple(r[:3]) for r in pooled]
+    for got, want in zip(cohort["rows"], pooled, strict=True):
+        assert got[3:5] == pytest.approx(list(want[3:5]), rel=1e-9)
+        assert got[5] == pytest.approx(want[5], rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +329,40 @@ def test_local_mpc_only_shows_the_mpc_stage_and_its_players(files, tmp_path):
     assert doc["rows"] == [["retail", 60, 870.0], ["sme", 16, 536.0]]
     assert [s["group"] for s in doc["suppressed"]] == [{"segment": "corporate"}]
     assert "honest majority" in doc["mpc"]["trust_assumption"]
+
+
+def test_local_hybrid_runs_the_enclave_as_a_player(files, tmp_path):
+    """One owner says mpc_only, the other accepts the enclave: the plan is hybrid and runs, the text
+    output says what went where (the streamed dataset to the enclave, the other kept by its owner)."""
+    d, _, _ = files
+    (tmp_path / "a.toml").write_text(POLICY_MPC_ONLY)
+    (tmp_path / "b.toml").write_text(POLICY_MPC_ONLY.replace("trust = { mpc_only = true }\n", ""))
+    args = [
+        "local",
+        "--dataset",
+        f"bank_a.loans={d / 'a.parquet'}",
+        "--dataset",
+        f"bank_b.loans={d / 'a.parquet'}",
+        "--policy",
+        f"bank_a.loans={tmp_path / 'a.toml'}",
+        "--policy",
+        f"bank_b.loans={tmp_path / 'b.toml'}",
+        "SELECT segment, COUNT(*) AS n, SUM(amount) AS total FROM "
+        "(SELECT * FROM bank_a.loans UNION ALL SELECT * FROM bank_b.loans) u GROUP BY segment ORDER BY segment",
+    ]
+    proc = sealroom(*args[:1], "--json", *args[1:])
+    doc = json.loads(proc.stdout)
+    assert doc["status"] == "released", doc.get("reason")
+    tee, mpc = doc["stages"]
+    assert (tee["kind"], tee["inputs"], tee["feeds"]) == ("tee", ["bank_b.loans"], mpc["id"])
+    assert [(p["name"], p["holds_input"]) for p in mpc["players"]] == [
+        ("bank_a", True),
+        ("enclave", True),
+        ("coordinator", False),
+    ]
+    assert doc["rows"] == [["retail", 60, 870.0], ["sme", 16, 536.0]]
+    assert [s["group"] for s in doc["suppressed"]] == [{"segment": "corporate"}]
+    proc = sealroom(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bank_a.loans: stayed with its owner" in proc.stdout
+    assert "bank_b.loans -> enclave" in proc.stdout and "MPC player 1 (enclave)" in proc.stdout

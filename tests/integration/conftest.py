@@ -121,13 +121,19 @@ def make_plan(
     analyst: str = "alice",
     query_id: str | None = None,
     party_keys: dict[str, str] | None = None,
+    helper_key: str | None = None,
 ) -> Plan:
     catalog: dict[str, CatalogEntry] = {}
     for p in parties:
         catalog.update(p.catalog())
     keys = party_keys or {p.name: p.public_key_hex for p in parties}
     plan, _ = plan_query(
-        sql, query_id=query_id or "q_" + os.urandom(6).hex(), analyst=analyst, catalog=catalog, party_keys=keys
+        sql,
+        query_id=query_id or "q_" + os.urandom(6).hex(),
+        analyst=analyst,
+        catalog=catalog,
+        party_keys=keys,
+        helper_key=helper_key,
     )
     return plan
 

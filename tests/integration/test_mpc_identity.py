@@ -7,6 +7,7 @@ its own CA to pose as another player.
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import threading
@@ -282,9 +283,13 @@ def test_a_peer_cannot_run_code_in_other_players_through_pickles(tmp_path: Path)
         [sys.executable, str(script), "spec.json", "out.json"],
         cwd=tmp_path / "p1",
         env=env,
+        stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(partials[1].to_input(spec)).encode())  # its input, by pipe as PlayerProcess does
+    proc.stdin.close()
     try:
         for h in honest:
             h.start()

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 
 from mpc.partials import local_partials
-from mpc.session import run_session
+from mpc.session import PlayerProcess, free_ports, run_session
 from mpc.spec import Aggregate, GroupColumn, Measure, Player, StageSpec
 from mpc.tls import PlayerCredentials, SessionCA
 from sealroom.errors import MpcError
@@ -134,6 +134,12 @@ def test_three_players_match_duckdb_and_suppress_at_k_minus_1(tmp_path: Path):
         assert str(p.values["s:x"][4]) not in text
     outs = [json.loads(p.read_text()) for p in tmp_path.rglob("out.json")]
     assert len(outs) == 3 and all(o["result"]["pattern"][4] == 0 for o in outs)
+    # ...nor in any file a player had: its input came by pipe (its spec file is public).
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith((".key", ".crt"))]
+    assert files and all("input" not in json.loads(p.read_text()) for p in files if p.name == "spec.json")
+    every = "\n".join(p.read_text(errors="replace") for p in files)
+    for p in partials.values():
+        assert json.dumps(p.values["s:x"]) not in every and json.dumps(p.cap) not in every
     no_children_left()
     ports_are_free(tmp_path)
 
@@ -414,3 +420,24 @@ def test_a_player_claiming_another_index_is_refused_by_the_listening_side(tmp_pa
     assert not [o for o in tmp_path.rglob("out.json") if json.loads(o.read_text())["status"] == "ok"]
     no_children_left()
     ports_are_free(tmp_path)
+
+
+def test_a_player_killed_before_it_starts_never_starts(tmp_path: Path):
+    """An abort that lands before the process exists: start() refuses, nothing runs."""
+    players = (Player("bank_a"), Player("bank_b"), Player("bank_c"))
+    spec = make_spec(players, (Aggregate("n", "count"),), session_id="killed")
+    ca = SessionCA(spec.session_id)
+    rng = np.random.default_rng(3)
+    p = PlayerProcess(
+        spec,
+        0,
+        addresses=[("127.0.0.1", port) for port in free_ports(3)],
+        credentials=ca.credentials(0),
+        partials=local_partials(party_table(rng, 10, boundary={}), spec, party="bank_a"),
+        directory=tmp_path / "p0",
+    )
+    p.kill()
+    with pytest.raises(MpcError, match="stopped before it started"):
+        p.start()
+    assert p.proc is None
+    no_children_left()

@@ -4,7 +4,7 @@
 |------------------|----------------------------|
 | sealroom kernel  | third-party only           |
 | coordinator      | kernel, mpc (planning)     |
-| enclave_worker   | kernel                     |
+| enclave_worker   | kernel, mpc adapter (hybrid plans: never mpc.player/program, never MPyC) |
 | mpc              | kernel                     |
 | connectors       | kernel, mpc                |
 | composition root | everything (sealroom.cli, client, demo, demo_data, cluster, output) |
@@ -29,7 +29,7 @@ COMPOSITION_ROOT = frozenset({f"sealroom.{m}" for m in ("cli", "client", "demo",
 FORBIDDEN: dict[str, frozenset[str]] = {
     "sealroom": COMPONENTS,  # the kernel imports no component
     "coordinator": frozenset({"enclave_worker", "connectors"}),
-    "enclave_worker": frozenset({"coordinator", "connectors", "mpc", "pandas", "mpyc"}),
+    "enclave_worker": frozenset({"coordinator", "connectors", "pandas", "mpyc"}),
     "connectors": frozenset({"coordinator", "enclave_worker"}),
     "mpc": frozenset({"coordinator", "enclave_worker", "connectors"}),
 }
@@ -106,6 +106,27 @@ def violations() -> list[str]:
 
 def test_no_forbidden_import_arrow() -> None:
     assert violations() == []
+
+
+# What the enclave worker may use of mpc/ (its player for hybrid plans): the partials, the player's
+# identity and the adapter that starts ``python -m mpc.player`` as its own process. Never the
+# modules that import MPyC (whose runtime reads sys.argv on import).
+ENCLAVE_MPC = frozenset({"mpc.bounds", "mpc.partials", "mpc.result", "mpc.session", "mpc.spec", "mpc.tls"})
+
+
+def test_enclave_worker_uses_only_the_mpc_adapter() -> None:
+    used = set()
+    for path in source_files():
+        for imp in imports_of(path):
+            if imp.module.startswith("enclave_worker") and imp.top == "mpc":
+                assert imp.target in ENCLAVE_MPC, f"{path.relative_to(REPO)}:{imp.line} imports {imp.target}"
+                used.add(imp.target)
+    assert "mpc.session" in used  # the walker sees the enclave's player (not a vacuous pass)
+    for module in ENCLAVE_MPC:  # ...and none of those modules reaches MPyC
+        for imp in imports_of(REPO / (module.replace(".", "/") + ".py")):
+            assert imp.top != "mpyc" and imp.target not in ("mpc.player", "mpc.program"), (
+                f"{module} imports {imp.target}"
+            )
 
 
 def test_coordinator_and_enclave_worker_never_import_each_other() -> None:

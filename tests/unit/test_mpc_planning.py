@@ -18,7 +18,7 @@ from coordinator.planner import CatalogEntry, explain_text, plan_query
 from mpc.spec import StageSpec
 from sealroom.errors import ConfigError, InvalidQueryError, PolicyRefusalError
 from sealroom.keys import generate_signing_key
-from sealroom.plan import Plan, mpc_stage_query
+from sealroom.plan import Plan, mpc_player_keys, mpc_stage_query
 from sealroom.policy import ColumnRule, DatasetPolicy, DatasetTrust, Dominance, TrustPolicy, load_policy_file
 
 HOSPITALS = ("hospital_north", "hospital_south", "hospital_east")
@@ -64,8 +64,13 @@ def _catalog(**policies: DatasetPolicy) -> dict[str, CatalogEntry]:
     return {f"{h}.stays": CatalogEntry(h, "stays", SCHEMA, policies.get(h, POLICY)) for h in HOSPITALS}
 
 
+HELPER = "ab" * 32  # the coordinator's key, as the planner names it for its helper player
+
+
 def _plan(sql: str = COHORT, keys: dict[str, str] | None = None, **policies: DatasetPolicy) -> Plan:
-    plan, _ = plan_query(sql, query_id="q1", analyst="alice", catalog=_catalog(**policies), party_keys=keys or KEYS)
+    plan, _ = plan_query(
+        sql, query_id="q1", analyst="alice", catalog=_catalog(**policies), party_keys=keys or KEYS, helper_key=HELPER
+    )
     return plan
 
 
@@ -174,6 +179,19 @@ def test_mpc_when_every_owner_is_mpc_only():
     assert Plan.from_json(plan.to_json()).hash == plan.hash
 
 
+def test_every_mpc_player_has_its_own_identity_key():
+    """The players' keys come from the plan: owners' keys, None for the enclave (its attested job key),
+    the helper's from its holders entry; one key behind two players, or a player without one, is refused."""
+    plan = _plan(hospital_east=MPC_ONLY)
+    stage = plan.stages[-1]
+    assert mpc_player_keys(plan, stage) == {0: KEYS["hospital_east"], 1: None, 2: HELPER}
+    assert stage.holders is not None
+    for bad in ({"helper": "coordinator", "key": KEYS["hospital_east"]}, {"helper": "coordinator"}, {"party": "x"}):
+        tampered = dataclasses.replace(stage, holders={**stage.holders, "2": bad})
+        with pytest.raises(InvalidQueryError):
+            mpc_player_keys(plan, tampered)
+
+
 def test_hybrid_plan_two_enclave_owners_and_one_mpc_only():
     plan = _plan(hospital_east=MPC_ONLY)
     tee, mpc = plan.stages
@@ -186,7 +204,12 @@ def test_hybrid_plan_two_enclave_owners_and_one_mpc_only():
         ("enclave", True),
         ("coordinator", False),
     ]
-    assert mpc.holders == {"0": {"party": "hospital_east", "datasets": ["stays"]}, "1": {"stage": "s1"}}
+    assert mpc.holders == {
+        "0": {"party": "hospital_east", "datasets": ["stays"]},
+        "1": {"stage": "s1"},
+        # The helper's identity is named in the plan (the coordinator's key): every owner approves it.
+        "2": {"helper": "coordinator", "key": HELPER},
+    }
     assert "helper players holding no input: coordinator" in spec.trust_assumption()
     assert plan.involved_parties() == sorted(HOSPITALS)
     # The plan's hash covers the spec: changing k, a bound or a player changes what owners sign.

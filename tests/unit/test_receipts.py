@@ -357,7 +357,8 @@ def _mpc_release(r: Release, threshold: int = 1) -> tuple[Plan, MpcResult, dict[
     players = [{"name": n, "holds_input": True} for n in sorted(keys)]
     # The plan's stage spec (as StageSpec.to_dict() writes it, abridged): the result must be its.
     spec = {"version": 1, "session_id": "m1", "min_group_size": 2, "threshold": threshold, "players": players}
-    stage = dataclasses.replace(r.plan.stages[0], kind="mpc", mpc=spec, holders={"0": {"party": "bank_a"}}, release={})
+    holders = {str(i): {"party": n} for i, n in enumerate(sorted(keys))}
+    stage = dataclasses.replace(r.plan.stages[0], kind="mpc", mpc=spec, holders=holders, release={})
     plan = dataclasses.replace(
         r.plan, stages=(stage,), parties={**r.plan.parties, "bank_c": c.public_key_hex}, query_id="q_mpc1"
     )
@@ -425,6 +426,36 @@ def test_an_mpc_receipt_binds_every_players_signature_and_the_trust_assumption(r
     ):
         other = dataclasses.replace(result, **change)
         assert refused(r, _mpc_receipt(r, plan, other, keys), appraisal=None).details["check"] == "mpc_plan"
+
+
+def test_a_helper_player_signs_with_the_key_the_plan_names(r: Release) -> None:
+    """bank_c's player replaced by the coordinator's helper: its signature must be by the key the
+    plan's holders name for it, not by any key the receipt states."""
+    plan, result, keys = _mpc_release(r)
+    coordinator = Ed25519PrivateKey.generate()
+    stage = plan.stages[0]
+    assert stage.mpc is not None and stage.holders is not None
+    players = [*stage.mpc["players"][:2], {"name": "coordinator", "holds_input": False}]
+    spec = {**stage.mpc, "players": players}
+    holders = {**stage.holders, "2": {"helper": "coordinator", "key": public_key_hex(coordinator)}}
+    stage = dataclasses.replace(stage, mpc=spec, holders=holders)
+    plan = dataclasses.replace(plan, stages=(stage,), parties={k: v for k, v in plan.parties.items() if k != "bank_c"})
+    result = dataclasses.replace(
+        result,
+        spec_digest=hashlib.sha256(canonical_json(spec)).hexdigest(),
+        players=tuple({"index": i, **p} for i, p in enumerate(players)),
+    )
+    signers = {"bank_a": keys["bank_a"], "bank_b": keys["bank_b"], "coordinator": coordinator}
+    verify(r, _mpc_receipt(r, plan, result, signers), appraisal=None)
+    mallory = {**signers, "coordinator": Ed25519PrivateKey.generate()}
+    assert refused(r, _mpc_receipt(r, plan, result, mallory), appraisal=None).details["check"] == "mpc_player_key"
+    # A plan from before helpers were named in its holders: the helper is the coordinator, so it
+    # must have signed with the key that countersigns the receipt.
+    legacy_stage = dataclasses.replace(stage, holders={k: v for k, v in holders.items() if k != "2"})
+    legacy = dataclasses.replace(plan, stages=(legacy_stage,))
+    by_coordinator = {**signers, "coordinator": r.coordinator_key}
+    verify(r, _mpc_receipt(r, legacy, result, by_coordinator), appraisal=None)
+    assert refused(r, _mpc_receipt(r, legacy, result, signers), appraisal=None).details["check"] == "mpc_player_key"
 
 
 def test_an_mpc_with_a_dishonest_majority_threshold_is_refused(r: Release) -> None:
