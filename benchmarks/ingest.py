@@ -653,7 +653,7 @@ class SealedRoute(Route):
             out = call("party", self.party.Contribute, request, timeout=3600)
             seconds = time.perf_counter() - t0
         finally:
-            call("enclave", self.enclave.AbortJob, enclave_pb2.JobRef(job_id=job.job_id))
+            call("enclave", self.enclave.AbortJob, enclave_pb2.JobRef(job_id=job.job_id, job_token=job.job_token))
         (upload,) = out.uploads
         # The party agent reports bytes and frames the enclave holds (row counts stay with the owner).
         return {"seconds": seconds, "bytes": upload.bytes, "frames": upload.frames}

@@ -58,6 +58,7 @@ class _Prepared:
     host: str
     port: int
     created: float
+    offer: party_pb2.MpcOffer | None = None
 
 
 def session_id(plan: Plan, stage_id: str) -> str:
@@ -103,18 +104,27 @@ class MpcPlayers:
         mine = [i for i in stage.inputs if i.party == me and i.dataset in holder.get("datasets", ())]
         if not mine:
             raise ApprovalError(f"{me} holds no input of stage {stage_id}", details={"party": me})
+        key = (plan.hash, stage_id, index)
+        with self._lock:
+            self._prune()
+            earlier = self._prepared.get(key)
+        if earlier is not None and earlier.offer is not None:
+            return earlier.offer  # prepared already: the same player (a second call replaces nothing)
         partials = local_partials(self._rows(mine, spec), spec, party=me)
         identity = PlayerIdentity(session_id(plan, stage_id), index)
         (port,) = free_ports(1, self.host)
-        prepared = _Prepared(plan, spec, identity, partials, self.host, port, time.monotonic())
+        offer = party_pb2.MpcOffer(
+            index=index,
+            offer_json=json.dumps(identity.offer(self.agent.key.sign).to_dict()).encode(),
+            host=self.host,
+            port=port,
+        )
+        prepared = _Prepared(plan, spec, identity, partials, self.host, port, time.monotonic(), offer)
         with self._lock:
             self._prune()
-            self._prepared[(plan.hash, stage_id, index)] = prepared
-        offer = identity.offer(self.agent.key.sign)
+            earlier = self._prepared.setdefault(key, prepared)  # two calls at once: the first one stays
         log.info("MPC stage %s of plan %s: player %d prepared", stage_id, plan.hash[:12], index)
-        return party_pb2.MpcOffer(
-            index=index, offer_json=json.dumps(offer.to_dict()).encode(), host=self.host, port=port
-        )
+        return earlier.offer or offer
 
     def _rows(self, inputs: list[PlanInput], spec: StageSpec) -> Iterator[pa.RecordBatch]:
         """This owner's rows for the stage: each input's columns, filtered by the owner itself, with
@@ -160,8 +170,9 @@ class MpcPlayers:
         me = self.agent.config.name
         plan = self.approved_plan(request.plan_json)
         stage, spec = mpc_stage(plan, request.stage_id)
-        with self._lock:
-            prepared = self._prepared.pop((plan.hash, request.stage_id, request.index), None)
+        key = (plan.hash, request.stage_id, request.index)
+        with self._lock:  # taken only once the request checks out: a bad request does not use it up
+            prepared = self._prepared.get(key)
         if prepared is None:
             raise ApprovalError(
                 f"{me} has no prepared player {request.index} for stage {request.stage_id} of this plan "
@@ -184,6 +195,13 @@ class MpcPlayers:
         # brings, or whoever calls could add players of its own); the enclave's is its attested key.
         identities = identity_keys(mpc_player_keys(plan, stage), enclave)
         credentials = prepared.identity.credentials(offers, identities)
+        with self._lock:
+            if self._prepared.get(key) is not prepared:
+                raise ApprovalError(
+                    f"{me}'s player {request.index} for stage {request.stage_id} is already running or gone",
+                    details={"party": me, "player": request.index},
+                )
+            del self._prepared[key]
         # The coordinator proposes the deadline; the owner bounds it (a player never runs for longer).
         requested = float(request.timeout_seconds)
         timeout = min(requested, MAX_RUN_SECONDS) if requested > 0 and requested == requested else 120.0

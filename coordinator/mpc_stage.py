@@ -94,6 +94,7 @@ class EnclavePlayer:
     index: int
     address: str
     job_id: str
+    job_token: bytes  # the job's creator's token (CreateJob): only it may run the job's player
     offer: party_pb2.MpcOffer
     attested: party_pb2.EnclavePlayer
 
@@ -250,7 +251,7 @@ def run_mpc_stage(
             jobs.update({pool.submit(p.wait): ("helper", p.index) for p in helper_players})
             if enclave is not None:
                 request = enclave_pb2.EnclaveRunMpcRequest(
-                    job_id=enclave.job_id, offers=all_offers, timeout_seconds=timeout
+                    job_id=enclave.job_id, offers=all_offers, timeout_seconds=timeout, job_token=enclave.job_token
                 )
                 jobs[pool.submit(enclave_call, request, timeout + 30)] = ("party", enclave.index)
             for fut in as_completed(jobs):

@@ -792,7 +792,11 @@ class Orchestrator:
                             "enclave",
                             enclave.PrepareMpc,
                             enclave_pb2.EnclavePrepareMpcRequest(
-                                job_id=job.job_id, stage_id=mpc_stage.id, index=index, approvals=approval_msgs
+                                job_id=job.job_id,
+                                stage_id=mpc_stage.id,
+                                index=index,
+                                approvals=approval_msgs,
+                                job_token=job.job_token,
                             ),
                             timeout=self.party_timeout,
                         )
@@ -813,6 +817,7 @@ class Orchestrator:
                             index=index,
                             address=self.enclave_address,
                             job_id=job.job_id,
+                            job_token=bytes(job.job_token),
                             offer=prepared.offer,
                             attested=party_pb2.EnclavePlayer(
                                 evidence=feed.evidence,
@@ -838,12 +843,12 @@ class Orchestrator:
                     resp = call(
                         "enclave",
                         enclave.Execute,
-                        enclave_pb2.ExecuteRequest(job_id=job.job_id, approvals=approval_msgs),
+                        enclave_pb2.ExecuteRequest(job_id=job.job_id, approvals=approval_msgs, job_token=job.job_token),
                         timeout=self.party_timeout,
                     )
             except BaseException:
                 try:
-                    enclave.AbortJob(enclave_pb2.JobRef(job_id=job.job_id), timeout=10)
+                    enclave.AbortJob(enclave_pb2.JobRef(job_id=job.job_id, job_token=job.job_token), timeout=10)
                 except Exception:  # noqa: BLE001, S110 - best effort; the job also expires
                     pass
                 raise

@@ -15,7 +15,9 @@ how many rows matched, and are dropped as each frame is opened, before anything 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
+import os
 import threading
 import time
 import uuid
@@ -36,6 +38,7 @@ from sealroom.attestation import Evidence, report_data_for
 from sealroom.disclosure import check_uses
 from sealroom.errors import (
     ApprovalError,
+    AuthenticationError,
     IntegrityError,
     InvalidQueryError,
     JobFailedError,
@@ -105,6 +108,7 @@ class Job:
     dominance: dict[str, Dominance] = field(default_factory=dict)  # party.dataset -> its (n, k) rule
     rules: dict[str, Any] = field(default_factory=dict)  # the rules applied, for the result document
     feed: Any = None  # enclave_worker.mpc_feed.FeedPlayer: this job's player in the MPC stage it feeds
+    token: bytes = field(default_factory=lambda: os.urandom(32), repr=False)  # its creator's, for control calls
 
     def wipe(self) -> None:
         """Drop every reference to the job's data and keys."""
@@ -414,9 +418,17 @@ class JobRegistry:
         log.info("job %s: input %s.%s loaded (%d frames)", job.id, ctx.party, ctx.dataset, frames_n)
         return job.id, inp
 
-    def _begin(self, job_id: str) -> Job:
-        """The job, marked executing (the reaper and late uploads leave it alone from here)."""
+    def _authorized(self, job_id: str, token: bytes) -> Job:
+        """The job, if ``token`` is the one its creator got: the parties know the job id (they stream
+        to it) but may not run, end or join it. A wrong token changes nothing about the job."""
         job = self._get(job_id)
+        if not hmac.compare_digest(job.token, bytes(token)):
+            raise AuthenticationError("only the job's creator may run, end or join it (the job token is wrong)")
+        return job
+
+    def _begin(self, job_id: str, token: bytes) -> Job:
+        """The job, marked executing (the reaper and late uploads leave it alone from here)."""
+        job = self._authorized(job_id, token)
         with self._lock:
             if job.executing:
                 raise JobFailedError("the job is already executing")
@@ -436,8 +448,8 @@ class JobRegistry:
             job.done = True
             self._jobs.pop(job.id, None)
 
-    def execute(self, job_id: str, approvals: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
-        job = self._begin(job_id)
+    def execute(self, job_id: str, approvals: dict[str, tuple[str, bytes]], token: bytes) -> dict[str, Any]:
+        job = self._begin(job_id, token)
         try:
             if job.feed is not None:
                 raise InvalidQueryError(
@@ -568,11 +580,11 @@ class JobRegistry:
     # -- the enclave as an MPC player (a stage that feeds an MPC stage) ------------------------
 
     def prepare_mpc(
-        self, job_id: str, stage_id: str, index: int, approvals: dict[str, tuple[str, bytes]]
+        self, job_id: str, stage_id: str, index: int, approvals: dict[str, tuple[str, bytes]], token: bytes
     ) -> dict[str, Any]:
         """With every approval and input in: compute the inputs' partials, drop the rows, and return
         the player's signed offer with the job's signed feed document and its evidence."""
-        job = self._begin(job_id)
+        job = self._begin(job_id, token)
         try:
             feed = job.feed
             if feed is None or stage_id != feed.mpc_stage.id or index != feed.index:
@@ -621,12 +633,13 @@ class JobRegistry:
         job_id: str,
         offers: list[dict[str, Any]],
         *,
+        token: bytes,
         timeout_seconds: float,
         on_cancel: Callable[[Callable[[], None]], object] | None = None,
     ) -> tuple[bytes, bytes]:
         """Run the prepared player; the opened result and the job key's signature over it. The job
         ends here, whatever happens."""
-        job = self._get(job_id)
+        job = self._authorized(job_id, token)
         with self._lock:
             if job.feed is None or job.feed.identity is None or job.failed is not None:
                 raise JobFailedError("the job has no prepared MPC player (PrepareMpc comes first)")
@@ -656,9 +669,9 @@ class JobRegistry:
         finally:
             self._end(job)
 
-    def abort(self, job_id: str) -> None:
+    def abort(self, job_id: str, token: bytes) -> None:
         try:
-            job = self._get(job_id)
+            job = self._authorized(job_id, token)
         except NotFoundError:
             return
         self._fail(job, JobFailedError("the job was aborted"))

@@ -49,7 +49,7 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
     def CreateJob(self, request, context):  # noqa: N802
         job = self.registry.create(request.plan_json)
         return enclave_pb2.CreateJobResponse(
-            job_id=job.id, hpke_public_key=job.hpke_public, signing_public_key=job.signing_public
+            job_id=job.id, hpke_public_key=job.hpke_public, signing_public_key=job.signing_public, job_token=job.token
         )
 
     def Attest(self, request, context):  # noqa: N802
@@ -62,12 +62,14 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
 
     def Execute(self, request, context):  # noqa: N802
         approvals = {a.party: (a.plan_hash, bytes(a.signature)) for a in request.approvals}
-        out = self.registry.execute(request.job_id, approvals)
+        out = self.registry.execute(request.job_id, approvals, bytes(request.job_token))
         return enclave_pb2.ExecuteResponse(**out)
 
     def PrepareMpc(self, request, context):  # noqa: N802
         approvals = {a.party: (a.plan_hash, bytes(a.signature)) for a in request.approvals}
-        out = self.registry.prepare_mpc(request.job_id, request.stage_id, request.index, approvals)
+        out = self.registry.prepare_mpc(
+            request.job_id, request.stage_id, request.index, approvals, bytes(request.job_token)
+        )
         return enclave_pb2.EnclavePrepareMpcResponse(
             offer=party_pb2.MpcOffer(**out["offer"]),
             result_json=out["result_json"],
@@ -82,13 +84,14 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
         result_json, signature = self.registry.run_mpc(
             request.job_id,
             offers,
+            token=bytes(request.job_token),
             timeout_seconds=float(request.timeout_seconds),
             on_cancel=context.add_callback,  # a cancelled call stops the player at once
         )
         return party_pb2.MpcOutcome(result_json=result_json, signature=signature)
 
     def AbortJob(self, request, context):  # noqa: N802
-        self.registry.abort(request.job_id)
+        self.registry.abort(request.job_id, bytes(request.job_token))
         return common_pb2.Empty()
 
 

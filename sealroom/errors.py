@@ -98,7 +98,7 @@ class AttestationError(SealroomError):
 
 
 class AuthenticationError(SealroomError):
-    """A caller could not be authenticated (missing or invalid analyst token)."""
+    """A caller could not be authenticated (a missing or invalid analyst token, or an enclave job's token)."""
 
     code = "unauthenticated"
     grpc_status = grpc.StatusCode.UNAUTHENTICATED

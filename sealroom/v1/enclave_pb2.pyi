@@ -127,21 +127,27 @@ class CreateJobResponse(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     HPKE_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    JOB_TOKEN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     hpke_public_key: _builtins.bytes
     """X25519 raw"""
     signing_public_key: _builtins.bytes
     """Ed25519 raw"""
+    job_token: _builtins.bytes
+    """Only the job's creator (the coordinator) gets it; Execute, PrepareMpc, RunMpc and AbortJob need
+    it. The parties, who learn the job id to stream to it, cannot run, end or join the job.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         hpke_public_key: _builtins.bytes = ...,
         signing_public_key: _builtins.bytes = ...,
+        job_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hpke_public_key", b"hpke_public_key", "job_id", b"job_id", "signing_public_key", b"signing_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hpke_public_key", b"hpke_public_key", "job_id", b"job_id", "job_token", b"job_token", "signing_public_key", b"signing_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -227,7 +233,9 @@ class ExecuteRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     APPROVALS_FIELD_NUMBER: _builtins.int
+    JOB_TOKEN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    job_token: _builtins.bytes
     @_builtins.property
     def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Approval]: ...
     def __init__(
@@ -235,10 +243,11 @@ class ExecuteRequest(_message.Message):
         *,
         job_id: _builtins.str = ...,
         approvals: _abc.Iterable[Global___Approval] | None = ...,
+        job_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "job_id", b"job_id", "job_token", b"job_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -281,15 +290,18 @@ class JobRef(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
+    JOB_TOKEN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    job_token: _builtins.bytes
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
+        job_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "job_token", b"job_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -303,11 +315,13 @@ class EnclavePrepareMpcRequest(_message.Message):
     STAGE_ID_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     APPROVALS_FIELD_NUMBER: _builtins.int
+    JOB_TOKEN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     stage_id: _builtins.str
     """the MPC stage the job's stage feeds"""
     index: _builtins.int
     """the enclave's player in it (the stage's holders say which)"""
+    job_token: _builtins.bytes
     @_builtins.property
     def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Approval]: ...
     def __init__(
@@ -317,10 +331,11 @@ class EnclavePrepareMpcRequest(_message.Message):
         stage_id: _builtins.str = ...,
         index: _builtins.int = ...,
         approvals: _abc.Iterable[Global___Approval] | None = ...,
+        job_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "index", b"index", "job_id", b"job_id", "stage_id", b"stage_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "index", b"index", "job_id", b"job_id", "job_token", b"job_token", "stage_id", b"stage_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -365,8 +380,10 @@ class EnclaveRunMpcRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     OFFERS_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    JOB_TOKEN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     timeout_seconds: _builtins.float
+    job_token: _builtins.bytes
     @_builtins.property
     def offers(self) -> _containers.RepeatedCompositeFieldContainer[_party_pb2.MpcOffer]:
         """every player's offer and address, the enclave's included"""
@@ -377,10 +394,11 @@ class EnclaveRunMpcRequest(_message.Message):
         job_id: _builtins.str = ...,
         offers: _abc.Iterable[_party_pb2.MpcOffer] | None = ...,
         timeout_seconds: _builtins.float = ...,
+        job_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "offers", b"offers", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "job_token", b"job_token", "offers", b"offers", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

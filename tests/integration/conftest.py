@@ -203,6 +203,7 @@ class EnclaveHandle:
             job_id=resp.job_id,
             hpke_public=bytes(resp.hpke_public_key),
             signing_public=bytes(resp.signing_public_key),
+            token=bytes(resp.job_token),
         )
         job.attest()
         return job
@@ -255,6 +256,7 @@ class JobHandle:
     job_id: str
     hpke_public: bytes
     signing_public: bytes
+    token: bytes = b""  # the job's creator's token (Execute, PrepareMpc, RunMpc, AbortJob)
     evidence: Evidence | None = None
     nonce: bytes = b""
 
@@ -333,7 +335,7 @@ class JobHandle:
 
     def execute(self, approvals: Sequence[enclave_pb2.Approval]) -> enclave_pb2.ExecuteResponse:
         return self.enclave.stub.Execute(
-            enclave_pb2.ExecuteRequest(job_id=self.job_id, approvals=list(approvals)), timeout=30
+            enclave_pb2.ExecuteRequest(job_id=self.job_id, approvals=list(approvals), job_token=self.token), timeout=30
         )
 
     def execute_rejected(self, approvals: Sequence[enclave_pb2.Approval]) -> Rejection:

@@ -416,7 +416,7 @@ def test_job_ended_while_a_stream_is_in_flight_releases_its_memory(end: str, enc
             rej = job.execute_rejected(approvals(plan, [a, b]))
             assert rej.status == grpc.StatusCode.ABORTED  # bank_a's input has not arrived
         else:
-            enclave.stub.AbortJob(enclave_pb2.JobRef(job_id=job.job_id), timeout=10)
+            enclave.stub.AbortJob(enclave_pb2.JobRef(job_id=job.job_id, job_token=job.token), timeout=10)
         assert enclave.job(job.job_id) is None
     finally:
         gate.release.set()

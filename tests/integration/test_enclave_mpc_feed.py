@@ -80,6 +80,7 @@ class Hybrid:
     ) -> enclave_pb2.EnclavePrepareMpcResponse:
         request = enclave_pb2.EnclavePrepareMpcRequest(
             job_id=self.job.job_id,
+            job_token=self.job.token,
             stage_id=self.mpc.id,
             index=self.index,
             approvals=approvals(self.plan, self.everyone if parties is None else parties),
@@ -129,7 +130,11 @@ def test_prepare_needs_every_streamed_input(enclave: EnclaveHandle) -> None:
     with pytest.raises(grpc.RpcError) as info:
         enclave.stub.PrepareMpc(
             enclave_pb2.EnclavePrepareMpcRequest(
-                job_id=job.job_id, stage_id=plan.stages[1].id, index=index, approvals=approvals(plan, [a, b, c])
+                job_id=job.job_id,
+                job_token=job.token,
+                stage_id=plan.stages[1].id,
+                index=index,
+                approvals=approvals(plan, [a, b, c]),
             ),
             timeout=30,
         )
@@ -177,7 +182,9 @@ def test_run_refuses_offers_that_do_not_cover_the_players(enclave: EnclaveHandle
     prepared = h.prepare(enclave)
     with pytest.raises(grpc.RpcError) as info:
         enclave.stub.RunMpc(
-            enclave_pb2.EnclaveRunMpcRequest(job_id=h.job.job_id, offers=[prepared.offer], timeout_seconds=5),
+            enclave_pb2.EnclaveRunMpcRequest(
+                job_id=h.job.job_id, job_token=h.job.token, offers=[prepared.offer], timeout_seconds=5
+            ),
             timeout=30,
         )
     refused = rejection(info.value)
@@ -204,7 +211,10 @@ def test_run_verifies_every_offer_against_the_identities_the_plan_names(enclave:
         )
     with pytest.raises(grpc.RpcError) as info:
         enclave.stub.RunMpc(
-            enclave_pb2.EnclaveRunMpcRequest(job_id=h.job.job_id, offers=offers, timeout_seconds=5), timeout=30
+            enclave_pb2.EnclaveRunMpcRequest(
+                job_id=h.job.job_id, job_token=h.job.token, offers=offers, timeout_seconds=5
+            ),
+            timeout=30,
         )
     refused = rejection(info.value)
     assert refused.error.code == "mpc" and refused.error.details["player"] == (0 if forged == "owner" else 2)
@@ -357,7 +367,9 @@ def test_abort_stops_the_running_enclave_player(enclave: EnclaveHandle) -> None:
         try:
             outcome.append(
                 enclave.stub.RunMpc(
-                    enclave_pb2.EnclaveRunMpcRequest(job_id=h.job.job_id, offers=offers, timeout_seconds=60),
+                    enclave_pb2.EnclaveRunMpcRequest(
+                        job_id=h.job.job_id, job_token=h.job.token, offers=offers, timeout_seconds=60
+                    ),
                     timeout=90,
                 )
             )
@@ -374,7 +386,7 @@ def test_abort_stops_the_running_enclave_player(enclave: EnclaveHandle) -> None:
         time.sleep(0.02)
     assert players(), "the enclave's player never started"
     started = time.monotonic()
-    enclave.stub.AbortJob(enclave_pb2.JobRef(job_id=h.job.job_id), timeout=10)
+    enclave.stub.AbortJob(enclave_pb2.JobRef(job_id=h.job.job_id, job_token=h.job.token), timeout=10)
     thread.join(30)
     assert not thread.is_alive() and time.monotonic() - started < 10
     (refused,) = outcome
@@ -443,8 +455,65 @@ def test_streamed_inputs_of_different_types_and_units_combine(enclave: EnclaveHa
     index = next(int(i) for i, x in (plan.stages[1].holders or {}).items() if "stage" in x)
     prepared = enclave.stub.PrepareMpc(
         enclave_pb2.EnclavePrepareMpcRequest(
-            job_id=job.job_id, stage_id=plan.stages[1].id, index=index, approvals=approvals(plan, [a, b, c])
+            job_id=job.job_id,
+            job_token=job.token,
+            stage_id=plan.stages[1].id,
+            index=index,
+            approvals=approvals(plan, [a, b, c]),
         ),
         timeout=30,
     )
     assert prepared.offer.index == index
+
+
+def test_only_the_jobs_creator_may_run_end_or_join_it(enclave: EnclaveHandle) -> None:
+    """The parties learn the job id to stream to it; without the token CreateJob gave its creator
+    they can neither prepare nor run its player, execute it, nor end it, and trying changes nothing."""
+    h = hybrid(enclave)
+    index, stage_id = h.index, h.mpc.id
+    calls = {
+        "prepare": lambda token: enclave.stub.PrepareMpc(
+            enclave_pb2.EnclavePrepareMpcRequest(
+                job_id=h.job.job_id,
+                job_token=token,
+                stage_id=stage_id,
+                index=index,
+                approvals=approvals(h.plan, h.everyone),
+            ),
+            timeout=30,
+        ),
+        "execute": lambda token: enclave.stub.Execute(
+            enclave_pb2.ExecuteRequest(job_id=h.job.job_id, approvals=approvals(h.plan, h.everyone), job_token=token),
+            timeout=30,
+        ),
+        "abort": lambda token: enclave.stub.AbortJob(
+            enclave_pb2.JobRef(job_id=h.job.job_id, job_token=token), timeout=10
+        ),
+        "run": lambda token: enclave.stub.RunMpc(
+            enclave_pb2.EnclaveRunMpcRequest(job_id=h.job.job_id, job_token=token, timeout_seconds=5), timeout=30
+        ),
+    }
+    for name, rpc in calls.items():
+        for token in (b"", bytes(32), h.job.token[:-1] + bytes([h.job.token[-1] ^ 1])):
+            with pytest.raises(grpc.RpcError) as info:
+                rpc(token)
+            assert rejection(info.value).error.code == "unauthenticated", name
+    assert enclave.job(h.job.job_id) is not None  # untouched: its creator can still prepare it
+    assert h.prepare(enclave).offer.index == index
+
+
+def test_an_owners_prepared_player_survives_calls_by_others(enclave: EnclaveHandle, owner: Agent) -> None:
+    """Whoever knows the plan can call an owner's PrepareMpc and RunMpc: a second PrepareMpc returns
+    the same player (it replaces nothing), and a RunMpc that does not check out uses nothing up."""
+    h = hybrid(enclave, a=owner.data)
+    assert owner.review(h.plan).approved
+    prepare = party_pb2.PrepareMpcRequest(plan_json=h.plan.to_json(), stage_id=h.mpc.id, index=0)
+    first = owner.stub.PrepareMpc(prepare, timeout=30)
+    assert owner.stub.PrepareMpc(prepare, timeout=30) == first
+    bad = party_pb2.RunMpcRequest(
+        plan_json=h.plan.to_json(), stage_id=h.mpc.id, index=0, offers=[first], timeout_seconds=5
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        owner.stub.RunMpc(bad, timeout=30)
+    assert rejection(info.value).error.details["reason"] == "addresses"
+    assert owner.stub.PrepareMpc(prepare, timeout=30) == first  # still prepared, still the same player

@@ -224,7 +224,7 @@ def test_enclave_compiles_only_the_residual(registry: JobRegistry):
     sql = job.compiled.aggregate_sql
     assert "a.exposure > b.exposure" in sql
     assert "rating" not in sql and "defaulted" not in sql
-    registry.abort(job.id)
+    registry.abort(job.id, job.token)
 
 
 @pytest.mark.parametrize(
