@@ -492,16 +492,6 @@ class PartyAgent:
             mpc_player_keys(plan, stage)
         except InvalidQueryError as err:
             raise refuse(err.message, "players") from None
-        # The coordinator runs every helper player: with more than t of them it would hold enough
-        # shares to reconstruct the owners' partials (t + 1 colluding players learn every input).
-        helpers = [p.name for p in spec.players if not p.holds_input]
-        if len(helpers) > spec.t:
-            raise refuse(
-                f"the MPC stage has {len(helpers)} helper players ({', '.join(helpers)}), all run by the coordinator, "
-                f"more than the {spec.t} that may collude at threshold t={spec.t}: the coordinator could reconstruct "
-                "the owners' inputs",
-                "players",
-            )
         held = {(h["party"], d) for h in stage.holders.values() if "party" in h for d in h.get("datasets", ())}
         fed = {h["stage"] for h in stage.holders.values() if "stage" in h}
         for inp in stage.inputs:

@@ -29,12 +29,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from connectors.sources import check_schema
 from mpc.partials import Partials, local_partials
 from mpc.result import MpcResult
-from mpc.session import PlayerProcess, free_ports
+from mpc.session import PlayerProcess, bounded_timeout, free_ports, player_addresses
 from mpc.spec import StageSpec
 from mpc.tls import PlayerIdentity, PlayerOffer, identity_keys
 from sealroom.attestation import Evidence
 from sealroom.errors import ApprovalError, InvalidQueryError, MpcError
-from sealroom.plan import Plan, PlanInput, mpc_player_keys, mpc_stage_query
+from sealroom.plan import Plan, PlanInput, mpc_player_keys, mpc_session, mpc_stage_query
 from sealroom.v1 import party_pb2
 
 if TYPE_CHECKING:
@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 # Prepared players waiting for RunMpc (bounded; oldest first), and how long one may wait.
 MAX_PREPARED = 64
 PREPARED_TTL_SECONDS = 600.0
-# The longest an owner lets its player run, whatever the coordinator asks.
-MAX_RUN_SECONDS = 1800.0
 
 
 @dataclass
@@ -59,11 +57,6 @@ class _Prepared:
     port: int
     created: float
     offer: party_pb2.MpcOffer | None = None
-
-
-def session_id(plan: Plan, stage_id: str) -> str:
-    """What player identities are bound to: this plan (its hash) and this stage."""
-    return f"{plan.hash}:{stage_id}"
 
 
 def mpc_stage(plan: Plan, stage_id: str) -> tuple[Any, StageSpec]:
@@ -111,7 +104,7 @@ class MpcPlayers:
         if earlier is not None and earlier.offer is not None:
             return earlier.offer  # prepared already: the same player (a second call replaces nothing)
         partials = local_partials(self._rows(mine, spec), spec, party=me)
-        identity = PlayerIdentity(session_id(plan, stage_id), index)
+        identity = PlayerIdentity(mpc_session(plan, stage_id), index)
         (port,) = free_ports(1, self.host)
         offer = party_pb2.MpcOffer(
             index=index,
@@ -181,15 +174,12 @@ class MpcPlayers:
                 details={"party": me, "player": request.index},
             )
         offers = [PlayerOffer.from_dict(json.loads(o.offer_json)) for o in request.offers]
-        addresses: dict[int, tuple[str, int]] = {o.index: (o.host, int(o.port)) for o in request.offers}
-        if set(addresses) != set(range(len(spec.players))) or addresses[request.index] != (
-            prepared.host,
-            prepared.port,
-        ):
-            raise MpcError(
-                "the players' addresses do not cover the stage's players (or misplace this one)",
-                details={"reason": "addresses", "player": request.index},
-            )
+        addresses = player_addresses(
+            spec,
+            request.index,
+            {o.index: (o.host, int(o.port)) for o in request.offers},
+            (prepared.host, prepared.port),
+        )
         enclave = self._enclave_key(plan, stage, request.enclave) if request.HasField("enclave") else None
         # Every player's identity key as the plan names it (the helpers' too: never one the request
         # brings, or whoever calls could add players of its own); the enclave's is its attested key.
@@ -203,13 +193,12 @@ class MpcPlayers:
                 )
             del self._prepared[key]
         # The coordinator proposes the deadline; the owner bounds it (a player never runs for longer).
-        requested = float(request.timeout_seconds)
-        timeout = min(requested, MAX_RUN_SECONDS) if requested > 0 and requested == requested else 120.0
+        timeout = bounded_timeout(float(request.timeout_seconds))
         self.agent.mark_used(plan.hash)
         with PlayerProcess(
             spec,
             request.index,
-            addresses=[addresses[i] for i in range(len(spec.players))],
+            addresses=addresses,
             credentials=credentials,
             partials=prepared.partials,
             start_timeout=min(30.0, timeout),

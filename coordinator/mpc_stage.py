@@ -40,7 +40,7 @@ from mpc.session import PlayerProcess, free_ports
 from mpc.spec import StageSpec, canonical_json
 from mpc.tls import PlayerIdentity, PlayerOffer
 from sealroom.errors import InvalidQueryError, JobFailedError, MpcError, SealroomError
-from sealroom.plan import Plan, Stage, mpc_player_keys
+from sealroom.plan import Plan, Stage, mpc_player_keys, mpc_session
 from sealroom.rpc import call
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
@@ -56,10 +56,6 @@ class MpcRelease:
     table: pa.Table
     suppressed: list[dict[str, Any]]
     record: dict[str, Any]  # what is stored as the release's result document (see release_record)
-
-
-def session_id(plan: Plan, stage_id: str) -> str:
-    return f"{plan.hash}:{stage_id}"
 
 
 def plan_mpc_stage(plan: Plan) -> Stage | None:
@@ -122,7 +118,7 @@ def run_mpc_stage(
     assert stage.mpc is not None and stage.holders is not None and stage.release is not None
     spec = StageSpec.from_dict(stage.mpc)
     plan_json = plan.to_json()
-    session = session_id(plan, stage.id)
+    session = mpc_session(plan, stage.id)
     holders = {int(i): h for i, h in stage.holders.items() if "party" in h}
     helpers = [i for i, p in enumerate(spec.players) if not p.holds_input]
     fed = [int(i) for i, h in stage.holders.items() if "stage" in h]

@@ -634,16 +634,27 @@ class Orchestrator:
         self._collect_approvals(plan, w)
         parties = self._parties()
         self.store.update_query(qid, progress="MPC stage: players computing (secret-shared)")
-        release = run_mpc_stage(
+        self._release_mpc(plan, stage, self._mpc_stage(plan, stage, parties), feed=None)
+
+    def _mpc_stage(
+        self,
+        plan: Plan,
+        stage: Stage,
+        parties: dict[str, dict[str, Any]],
+        prepare_enclave: Callable[[], EnclavePlayer] | None = None,
+    ) -> MpcRelease:
+        """Run the MPC stage with the involved owners' agents, this coordinator's helper identity
+        and, in a hybrid plan, the enclave's player."""
+        return run_mpc_stage(
             plan,
             stage,
-            addresses={p: parties[p]["address"] for p in involved},
+            addresses={p: parties[p]["address"] for p in plan.involved_parties()},
             channel=self._channel,
             host=self.mpc_host,
             timeout=self.mpc_timeout,
             helper=self.store.helper_identity(),
+            prepare_enclave=prepare_enclave,
         )
-        self._release_mpc(plan, stage, release, feed=None)
 
     def _release_mpc(self, plan: Plan, stage: Stage, release: MpcRelease, *, feed: VerifiedResult | None) -> None:
         """Log the stages and store an MPC stage's release with its receipt (``feed``: the verified
@@ -826,16 +837,7 @@ class Orchestrator:
                             ),
                         )
 
-                    release = run_mpc_stage(
-                        plan,
-                        mpc_stage,
-                        addresses={p: parties[p]["address"] for p in involved},
-                        channel=self._channel,
-                        host=self.mpc_host,
-                        timeout=self.mpc_timeout,
-                        helper=self.store.helper_identity(),
-                        prepare_enclave=prepare_enclave,
-                    )
+                    release = self._mpc_stage(plan, mpc_stage, parties, prepare_enclave)
                     (feed,) = fed
                 else:
                     # 4. Execute with every approval; the enclave re-verifies them itself.

@@ -38,20 +38,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mpc.bounds import stage_consistency_violation, stage_rule_violation
 from mpc.partials import Partials, local_partials
 from mpc.result import MpcResult
-from mpc.session import PlayerProcess, free_ports
+from mpc.session import PlayerProcess, bounded_timeout, free_ports, player_addresses
 from mpc.spec import StageSpec
 from mpc.tls import PlayerIdentity, PlayerOffer, identity_keys
 from sealroom.disclosure import check_uses
 from sealroom.errors import InvalidQueryError, JobFailedError, MpcError, PolicyRefusalError
-from sealroom.plan import Plan, PlanInput, Stage, mpc_player_keys, mpc_stage_query
+from sealroom.plan import Plan, PlanInput, Stage, mpc_player_keys, mpc_session, mpc_stage_query
 from sealroom.sqlplan import UNION_UNIT
 
 log = logging.getLogger(__name__)
 
 # The name the planner gives the enclave's player (coordinator.planner.ENCLAVE_PLAYER).
 ENCLAVE_PLAYER = "enclave"
-# The longest the enclave lets its player run, whatever the coordinator asks.
-MAX_RUN_SECONDS = 1800.0
 
 
 @dataclass
@@ -104,13 +102,6 @@ class FeedPlayer:
         violation = stage_consistency_violation(target, spec, q, every, count_star=lambda _col: True)
         if violation is not None:
             raise PolicyRefusalError(violation[0], details={"stage": target.id, "rule": violation[1], **violation[2]})
-        helpers = [p.name for p in spec.players if not p.holds_input]
-        if len(helpers) > spec.t:
-            raise PolicyRefusalError(
-                f"the MPC stage has {len(helpers)} helper players, more than the {spec.t} that may collude at "
-                f"threshold t={spec.t}",
-                details={"stage": target.id, "rule": "players"},
-            )
         for inp in stage.inputs:
             violation = stage_rule_violation(
                 spec, inp.policy, dataset=inp.qualified, columns=inp.columns, unit_column=UNION_UNIT
@@ -128,16 +119,11 @@ class FeedPlayer:
         check_scratch(scratch)  # before any data arrives
         return cls(plan, stage, target, spec, mine[0], host, scratch)
 
-    @property
-    def session(self) -> str:
-        """What player identities are bound to: this plan (its hash) and the MPC stage."""
-        return f"{self.plan.hash}:{self.mpc_stage.id}"
-
     def prepare(self, tables: list[tuple[PlanInput, pa.Table]], sign: Callable[[bytes], bytes]) -> dict[str, Any]:
         """Compute the partials from the inputs' rows (each with its privacy unit as the stage's
         unit column), create the player's identity and reserve its port; return the offer."""
         self.partials = local_partials(_rows(tables, self.spec), self.spec, party=ENCLAVE_PLAYER)
-        self.identity = PlayerIdentity(self.session, self.index)
+        self.identity = PlayerIdentity(mpc_session(self.plan, self.mpc_stage.id), self.index)
         (self.port,) = free_ports(1, self.host)
         offer = self.identity.offer(sign)
         return {
@@ -166,26 +152,22 @@ class FeedPlayer:
                 details={"reason": "not_prepared", "player": self.index},
             )
         parsed = [PlayerOffer.from_dict(json.loads(o["offer_json"])) for o in offers]
-        addresses = {int(o["index"]): (str(o["host"]), int(o["port"])) for o in offers}
-        if set(addresses) != set(range(len(self.spec.players))) or addresses[self.index] != (self.host, self.port):
-            raise MpcError(
-                "the players' addresses do not cover the stage's players (or misplace the enclave's)",
-                details={"reason": "addresses", "player": self.index},
-            )
+        addresses = player_addresses(
+            self.spec,
+            self.index,
+            {int(o["index"]): (str(o["host"]), int(o["port"])) for o in offers},
+            (self.host, self.port),
+        )
         # Every player's identity key as the plan names it (which every owner approved); this player's
         # own is the job's key. Never a key the request brings, or whoever calls could add players.
         identities = identity_keys(mpc_player_keys(self.plan, self.mpc_stage), own_key)
         credentials = self.identity.credentials(parsed, identities)
-        timeout = (
-            min(timeout_seconds, MAX_RUN_SECONDS)
-            if timeout_seconds > 0 and timeout_seconds == timeout_seconds
-            else 120.0
-        )
+        timeout = bounded_timeout(timeout_seconds)
         partials, self.partials = self.partials, None  # the player process holds them from here on
         with PlayerProcess(
             self.spec,
             self.index,
-            addresses=[addresses[i] for i in range(len(self.spec.players))],
+            addresses=addresses,
             credentials=credentials,
             partials=partials,
             start_timeout=min(30.0, timeout),

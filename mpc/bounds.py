@@ -117,7 +117,8 @@ def stage_consistency_violation(
     stage: Any, spec: StageSpec, q: Any, inputs: Sequence[Any], *, count_star: Callable[[str], bool]
 ) -> tuple[str, str, dict[str, Any]] | None:
     """The first way MPC stage ``stage`` (its ``spec``) does not compute what its SQL implies
-    (``q``: :func:`sealroom.plan.mpc_stage_query`), as (message, rule, details), or None: the group
+    (``q``: :func:`sealroom.plan.mpc_stage_query`), as (message, rule, details), or None: more
+    helper players than may collude (the coordinator runs them all), the group
     columns, the aggregates (``count_star(col)``: whether COUNT(col) may run as COUNT(*), i.e. col
     holds no NULL), the release (outputs, HAVING, ORDER BY, LIMIT), and the group domain, which must
     be exactly what the policies of ``inputs`` (every input of the stage and of the stages feeding
@@ -128,6 +129,17 @@ def stage_consistency_violation(
     from mpc.spec import GroupColumn
     from sealroom.plan import declared_domains
 
+    # The coordinator runs every helper player: with more than t of them it would hold enough shares
+    # to reconstruct the owners' partials (t + 1 colluding players learn every input).
+    helpers = [p.name for p in spec.players if not p.holds_input]
+    if len(helpers) > spec.t:
+        return (
+            f"the MPC stage has {len(helpers)} helper players ({', '.join(helpers)}), all run by the coordinator, "
+            f"more than the {spec.t} that may collude at threshold t={spec.t}: the coordinator could reconstruct "
+            "the owners' inputs",
+            "players",
+            {},
+        )
     computed = [(a.name, a.func, a.column) for a in spec.aggregates]
     implied = list(q.aggregates)
 

@@ -39,6 +39,8 @@ from sealroom.errors import MpcError
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 120.0
+# The longest an owner (or the enclave) lets its player run, whatever the coordinator asks.
+MAX_RUN_SECONDS = 1800.0
 DEFAULT_START_TIMEOUT = 30.0
 DEFAULT_STALL_TIMEOUT = 15.0
 # After a first player fails, how long the others get to write their own view before all are killed.
@@ -67,6 +69,26 @@ def _feed(proc: subprocess.Popen[bytes], data: bytes) -> None:
         proc.stdin.close()
     except (BrokenPipeError, OSError, ValueError):  # the player died or was killed: wait() says how
         pass
+
+
+def bounded_timeout(requested: float) -> float:
+    """The run time a player's owner grants: what the coordinator proposes, at most
+    :data:`MAX_RUN_SECONDS` (:data:`DEFAULT_TIMEOUT` when it proposes nothing usable)."""
+    return min(requested, MAX_RUN_SECONDS) if requested > 0 and requested == requested else DEFAULT_TIMEOUT
+
+
+def player_addresses(
+    spec: StageSpec, index: int, addresses: Mapping[int, tuple[str, int]], own: tuple[str, int]
+) -> list[tuple[str, int]]:
+    """Every player's address in index order, from the offers' ``addresses`` (index -> (host,
+    port)); MpcError unless they cover exactly the stage's players and put player ``index`` where it
+    listens (``own``)."""
+    if set(addresses) != set(range(len(spec.players))) or addresses[index] != own:
+        raise MpcError(
+            "the players' addresses do not cover the stage's players (or misplace this one)",
+            details={"reason": "addresses", "player": index},
+        )
+    return [addresses[i] for i in range(len(spec.players))]
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:

@@ -104,21 +104,15 @@ def cmd_attest_verify(args: argparse.Namespace) -> int:
 
     from sealroom.attestation.offline import decode_evidence, load_certificate, verify_platform_evidence
 
-    def read(path: str, what: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read the {what} {path}: {exc.strerror}") from None
-
     def cert(path: str, what: str) -> Any:
         try:
             return load_certificate(
-                decode_evidence(read(path, what)) if not path.endswith(".pem") else read(path, what)
+                decode_evidence(_read_file(path, what)) if not path.endswith(".pem") else _read_file(path, what)
             )
         except ValueError:
             raise UsageError(f"{path} is not a PEM or DER certificate") from None
 
-    evidence = decode_evidence(read(args.evidence, "evidence"))
+    evidence = decode_evidence(_read_file(args.evidence, "evidence"))
     certificates = [cert(c, "certificate") for c in args.cert]
     root = cert(args.root, "root certificate") if args.root else None
     collateral = None

@@ -332,6 +332,11 @@ def mpc_stage_query(plan: Plan, stage: Stage) -> MpcQuery:
     return q
 
 
+def mpc_session(plan: Plan, stage_id: str) -> str:
+    """What an MPC stage's player identities are bound to: this plan (its hash) and this stage."""
+    return f"{plan.hash}:{stage_id}"
+
+
 def mpc_player_keys(plan: Plan, stage: Stage) -> dict[int, str | None]:
     """Index -> the Ed25519 identity key (hex) the plan names for each player of MPC stage ``stage``,
     which every player checks each other player's offer against: an owner's player, the owner's key

@@ -11,6 +11,7 @@ frame, header or signature before it goes on the wire.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -470,3 +471,37 @@ def start_agent(
 
     data = make_party("bank_a", table, policy=policy, key=key)
     return Agent(agent, party_pb2_grpc.PartyAgentStub(channel), data), cleanup
+
+
+# --------------------------------------------------------------------------------------------------
+# MPC player processes of a running platform
+
+
+def player_processes(cluster: Any) -> list[str]:
+    """The command lines of the MPC player processes anywhere under ``cluster``'s processes."""
+    import psutil
+
+    found = []
+    for proc in cluster.procs.values():
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "mpc.player" in " ".join(child.cmdline()):
+                    found.append(" ".join(child.cmdline()))
+    return found
+
+
+def kill_first_player(pid: int, *, timeout: float) -> bool:
+    """Kill the first MPC player process started under process ``pid`` (an agent, the enclave) as soon
+    as it appears; False when none appeared within ``timeout`` seconds."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in parent.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "mpc.player" in " ".join(child.cmdline()):
+                    child.kill()
+                    return True
+        time.sleep(0.005)
+    return False

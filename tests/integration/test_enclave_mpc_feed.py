@@ -126,18 +126,8 @@ def test_prepare_needs_every_streamed_input(enclave: EnclaveHandle) -> None:
     job = enclave.create_job(plan)
     job.attest()
     enclave.upload(job.seal(b))  # bank_c's input never arrives
-    index = next(int(i) for i, x in (plan.stages[1].holders or {}).items() if "stage" in x)
     with pytest.raises(grpc.RpcError) as info:
-        enclave.stub.PrepareMpc(
-            enclave_pb2.EnclavePrepareMpcRequest(
-                job_id=job.job_id,
-                job_token=job.token,
-                stage_id=plan.stages[1].id,
-                index=index,
-                approvals=approvals(plan, [a, b, c]),
-            ),
-            timeout=30,
-        )
+        Hybrid(plan, job, [b, c], [a, b, c]).prepare(enclave)
     refused = rejection(info.value)
     assert refused.error.code == "job_failed" and "bank_c.loans" in refused.error.message
 
@@ -452,18 +442,8 @@ def test_streamed_inputs_of_different_types_and_units_combine(enclave: EnclaveHa
     job.attest()
     for p in (b, c):
         enclave.upload(job.seal(p))
-    index = next(int(i) for i, x in (plan.stages[1].holders or {}).items() if "stage" in x)
-    prepared = enclave.stub.PrepareMpc(
-        enclave_pb2.EnclavePrepareMpcRequest(
-            job_id=job.job_id,
-            job_token=job.token,
-            stage_id=plan.stages[1].id,
-            index=index,
-            approvals=approvals(plan, [a, b, c]),
-        ),
-        timeout=30,
-    )
-    assert prepared.offer.index == index
+    h = Hybrid(plan, job, [b, c], [a, b, c])
+    assert h.prepare(enclave).offer.index == h.index
 
 
 def test_only_the_jobs_creator_may_run_end_or_join_it(enclave: EnclaveHandle) -> None:

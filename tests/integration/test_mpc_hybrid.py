@@ -4,7 +4,6 @@ computes their partial aggregates and joins the MPC stage as one more player nex
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
@@ -23,6 +22,7 @@ from sealroom.policy import DatasetPolicy, DatasetTrust
 from sealroom.receipts import verify_receipt
 from sealroom.rpc import open_channel
 from sealroom.v1 import common_pb2, enclave_pb2_grpc
+from tests.integration.conftest import kill_first_player, player_processes
 
 pytestmark = pytest.mark.slow
 
@@ -93,17 +93,6 @@ def _expected(tables: list[pa.Table]) -> dict[tuple[str, str], tuple[int, float,
         "FROM stays GROUP BY ALL"
     ).fetchall()
     return {(d, b): (n, m, sd) for d, b, n, m, sd, _units in rows}
-
-
-def _players(cluster: Cluster) -> list[str]:
-    import psutil
-
-    return [
-        " ".join(c.cmdline())
-        for proc in cluster.procs.values()
-        for c in psutil.Process(proc.pid).children(recursive=True)
-        if "mpc.player" in " ".join(c.cmdline())
-    ]
 
 
 @pytest.mark.parametrize(
@@ -179,7 +168,7 @@ def test_hybrid_plan_releases_what_pooled_duckdb_computes(
             loaded = set(enclave_pb2_grpc.EnclaveStub(ch).GetInfo(common_pb2.Empty(), timeout=10).loaded_packages)
         assert "mpyc" not in loaded and "coordinator" not in loaded and "connectors" not in loaded
         time.sleep(0.3)
-        assert _players(cluster) == []
+        assert player_processes(cluster) == []
         # The enclave player's private directory (its TLS key, in memory) is gone with it.
         assert set(Path("/dev/shm").glob("sealroom-mpc-*")) == scratch
 
@@ -187,24 +176,12 @@ def test_hybrid_plan_releases_what_pooled_duckdb_computes(
 def test_a_crashed_enclave_player_ends_the_stage_and_releases_nothing(tmp_path: Path) -> None:
     """The enclave's player process dies mid-stage: the query fails naming the enclave's player,
     nothing is released, and no player process is left anywhere."""
-    import psutil
-
     parties, _ = _platform(tmp_path, 3, {2})
     with Cluster(tmp_path / "state", parties, log=lambda _m: None) as cluster, cluster.client() as client:
-        enclave = psutil.Process(cluster.procs["enclave"].pid)
         handle = client.submit(_sql(3))
-        deadline = time.monotonic() + 60
-        killed = False
-        while not killed and time.monotonic() < deadline:
-            for child in enclave.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    if "mpc.player" in " ".join(child.cmdline()):
-                        child.kill()
-                        killed = True
-            time.sleep(0.005)
-        assert killed, "the enclave's player never started"
+        assert kill_first_player(cluster.procs["enclave"].pid, timeout=60), "the enclave's player never started"
         result = handle.result(120, raise_on_error=False)
         assert result.status == "failed" and result.table is None
         assert result.error is not None and "enclave" in result.error.message, result.error
         time.sleep(0.5)
-        assert _players(cluster) == []
+        assert player_processes(cluster) == []

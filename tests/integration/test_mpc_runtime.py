@@ -4,7 +4,6 @@ cells that pass the minimum group size are released (real processes, real gRPC, 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
@@ -19,6 +18,7 @@ import pytest
 from sealroom.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.output import result_document
 from sealroom.policy import DatasetPolicy, DatasetTrust
+from tests.integration.conftest import kill_first_player, player_processes
 
 pytestmark = pytest.mark.slow
 
@@ -114,30 +114,12 @@ def test_mpc_only_owners_release_only_passing_cells(tmp_path: Path, hospitals: i
 def test_a_crashed_player_ends_the_stage_naming_its_owner(tmp_path: Path) -> None:
     """hospital_1's player process dies mid-stage: the query fails naming hospital_1, nothing is
     released, and no player process is left anywhere."""
-    import psutil
-
     parties, _ = _platform(tmp_path, 3)
     with Cluster(tmp_path / "state", parties, log=lambda _m: None) as cluster, cluster.client() as client:
-        agent = psutil.Process(cluster.procs["party-hospital_1"].pid)
         handle = client.submit(_sql(3))
-        deadline = time.monotonic() + 30
-        killed = False
-        while not killed and time.monotonic() < deadline:
-            for child in agent.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    if "mpc.player" in " ".join(child.cmdline()):
-                        child.kill()
-                        killed = True
-            time.sleep(0.005)
-        assert killed, "hospital_1's player never started"
+        assert kill_first_player(cluster.procs["party-hospital_1"].pid, timeout=30), "hospital_1's player never started"
         result = handle.result(120, raise_on_error=False)
         assert result.status == "failed" and result.table is None
         assert result.error is not None and "hospital_1" in result.error.message, result.error
         time.sleep(0.5)
-        leftovers = [
-            c
-            for name, proc in cluster.procs.items()
-            for c in psutil.Process(proc.pid).children(recursive=True)
-            if "mpc.player" in " ".join(c.cmdline())
-        ]
-        assert leftovers == []
+        assert player_processes(cluster) == []
