@@ -24,9 +24,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sealroom.cluster import Cluster, DatasetSpec, PartySpec  # noqa: E402
-from sealroom.demo import HOSPITAL, HOSPITAL_POLICY, MPC_ONLY_HOSPITAL  # noqa: E402
-from sealroom.demo_data import HOSPITALS, hospital_tables, write_parquet  # noqa: E402
+from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec  # noqa: E402
+from sealroom.app.demo import HOSPITAL, HOSPITAL_POLICY, MPC_ONLY_HOSPITAL  # noqa: E402
+from sealroom.app.demo_data import HOSPITALS, hospital_tables, write_parquet  # noqa: E402
 from sealroom.policy import DatasetTrust  # noqa: E402
 
 

@@ -111,7 +111,7 @@ def make_table(rows: int, seed: int = SEED) -> Any:
 
 def write_ipc(table: Any, path: Path, frame_bytes: int) -> int:
     """Write ``table`` as an Arrow IPC file in batches that the party agent sends unchanged (the
-    same rows per batch as ``connectors.agent._rebatch`` cuts); returns the rows per batch."""
+    same rows per batch as ``connectors.agent.rebatch`` cuts); returns the rows per batch."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
@@ -257,10 +257,11 @@ def worker_party(args: argparse.Namespace) -> None:
     import logging
 
     from connectors import agent as agent_mod
+    from connectors.agent import party as party_mod
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.frame_bytes:
-        agent_mod.TARGET_FRAME_BYTES = args.frame_bytes
+        party_mod.TARGET_FRAME_BYTES = args.frame_bytes  # what contribute() cuts the party's batches to
     patch_sender(_mods(args))
     agent = agent_mod.PartyAgent(agent_mod.PartyConfig.load(Path(args.config)))
     server = agent_mod.build_server(agent)
@@ -384,7 +385,7 @@ def worker_raw_server(args: argparse.Namespace) -> None:
 def worker_raw_client(args: argparse.Namespace) -> None:
     """Diagnostic sender: reads the file as the party agent does and streams ``batch.serialize()``
     bytes (one copy, like the sealed frame) over the raw-bytes gRPC shape."""
-    from connectors.agent import TARGET_FRAME_BYTES, _rebatch
+    from connectors.agent import TARGET_FRAME_BYTES, rebatch
     from connectors.sources import open_source
     from sealroom.rpc import open_channel
 
@@ -396,7 +397,7 @@ def worker_raw_client(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         with open_channel(args.location) as channel:
             upload = channel.stream_unary(f"/{RAW_SERVICE}/{RAW_UPLOAD}")
-            frames = (b.serialize().to_pybytes() for b in _rebatch(source.batches(), target))
+            frames = (b.serialize().to_pybytes() for b in rebatch(source.batches(), target))
             reply = json.loads(upload(frames, metadata=(("schema-bin", source.schema.serialize().to_pybytes()),)))
             seconds = time.perf_counter() - t0
             channel.stream_unary(f"/{RAW_SERVICE}/{RAW_DROP}")(iter(()))
@@ -487,7 +488,7 @@ def worker_sflight_client(args: argparse.Namespace) -> None:
     import pyarrow.flight as flight
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-    from connectors.agent import TARGET_FRAME_BYTES, _rebatch
+    from connectors.agent import TARGET_FRAME_BYTES, rebatch
     from connectors.sources import open_source
     from sealroom import sealed
 
@@ -517,7 +518,7 @@ def worker_sflight_client(args: argparse.Namespace) -> None:
         writer, _ = client.do_put(flight.FlightDescriptor.for_command(sealer.header.to_bytes()), empty)
         pending = None
         seq = 0
-        for batch in _rebatch(source.batches(), target):
+        for batch in rebatch(source.batches(), target):
             if pending is not None:
                 writer.write_metadata(seal_into_buffer(sealer, pending.serialize(), seq, False))
                 seq += 1

@@ -51,7 +51,7 @@ def make_case(players: int, groups: int, seed: int = SEED) -> tuple[Any, dict[in
 
     sys.path.insert(0, str(REPO))
     from mpc.partials import Partials
-    from mpc.spec import Aggregate, GroupColumn, Measure, Player, StageSpec
+    from sealroom.planning.mpc_spec import Aggregate, GroupColumn, Measure, Player, StageSpec
 
     spec = StageSpec(
         session_id=f"bench-{players}-{groups}",
@@ -91,7 +91,7 @@ def run_tee(tables: list[Any], workdir: Path, repeat: int) -> list[dict[str, Any
     import pyarrow.parquet as pq
 
     sys.path.insert(0, str(REPO))
-    from sealroom.cluster import Cluster, DatasetSpec, PartySpec
+    from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
     from sealroom.policy import DatasetPolicy
 
     state = Path(tempfile.mkdtemp(prefix="tee-", dir=workdir))

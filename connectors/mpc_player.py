@@ -30,11 +30,11 @@ from connectors.sources import check_schema
 from mpc.partials import Partials, local_partials
 from mpc.result import MpcResult
 from mpc.session import PlayerProcess, bounded_timeout, free_ports, player_addresses
-from mpc.spec import StageSpec
 from mpc.tls import PlayerIdentity, PlayerOffer, identity_keys
 from sealroom.attestation import Evidence
 from sealroom.errors import ApprovalError, InvalidQueryError, MpcError
-from sealroom.plan import Plan, PlanInput, mpc_player_keys, mpc_session, mpc_stage_query
+from sealroom.planning.mpc_spec import StageSpec
+from sealroom.planning.plan import Plan, PlanInput, mpc_player_keys, mpc_session, mpc_stage_query
 from sealroom.v1 import party_pb2
 
 if TYPE_CHECKING:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sealroom.audit.ropa import Collaboration
 from sealroom.auth import AnalystDirectory
 from sealroom.config import Table, file_table
 from sealroom.errors import ConfigError
 from sealroom.policy import TrustPolicy
-from sealroom.ropa import Collaboration
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mpc.result import MpcResult, result_table, signing_message
 from mpc.session import PlayerProcess, free_ports
-from mpc.spec import StageSpec, canonical_json
 from mpc.tls import PlayerIdentity, PlayerOffer
+from sealroom.canonical import canonical_json
 from sealroom.errors import InvalidQueryError, JobFailedError, MpcError, SealroomError
-from sealroom.plan import Plan, Stage, mpc_player_keys, mpc_session
+from sealroom.planning.mpc_spec import StageSpec
+from sealroom.planning.plan import Plan, Stage, mpc_player_keys, mpc_session
 from sealroom.rpc import call
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 

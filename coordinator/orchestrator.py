@@ -38,6 +38,9 @@ from coordinator.mpc_stage import EnclavePlayer, MpcRelease, enclave_player_inde
 from coordinator.planner import ENCLAVE_PLAYER
 from coordinator.store import Store
 from sealroom.attestation import AppraisalPolicy, Evidence, report_data_for, verify_evidence
+from sealroom.audit.receipts import MpcStage, TeeStage, build_receipt
+from sealroom.audit.tlog import is_ident
+from sealroom.canonical import canonical_json
 from sealroom.errors import (
     ApprovalError,
     AttestationError,
@@ -47,11 +50,9 @@ from sealroom.errors import (
     UnavailableError,
     from_code,
 )
-from sealroom.plan import Plan, Stage, check_issued_at, verify_approval, verify_owner_action
-from sealroom.policy import canonical_json
-from sealroom.receipts import MpcStage, TeeStage, build_receipt
+from sealroom.planning.plan import Plan, Stage
 from sealroom.rpc import call, open_channel
-from sealroom.tlog import is_ident
+from sealroom.signing import check_issued_at, verify_approval, verify_owner_action
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The planner: from an analyst's SQL and the catalog to a plan every owner can check.
 
-It refuses what Sealroom does not run (see :mod:`sealroom.sqlplan`), checks each involved dataset's
+It refuses what Sealroom does not run (see :mod:`sealroom.planning.sql`), checks each involved dataset's
 policy (on the full query: a filter a party applies itself is still a filter use of its columns),
 and gives each party an input that holds only the columns the enclave's part of the query needs
 plus the privacy unit (projection pushdown), and the filter the party applies itself before sealing
@@ -23,11 +23,11 @@ import sqlglot.errors
 from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
 
-from sealroom.disclosure import check_uses
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
-from sealroom.plan import Plan, PlanInput, Stage, declared_domains, stage_pushdown
+from sealroom.planning.disclosure import check_uses
+from sealroom.planning.plan import Plan, PlanInput, Stage, declared_domains, stage_pushdown
+from sealroom.planning.sql import Analysis, InputSpec, analyze, compile_stage
 from sealroom.policy import DatasetPolicy
-from sealroom.sqlplan import Analysis, InputSpec, analyze, compile_stage
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,7 @@ def _decimals(column: str, fields: list[pa.Field]) -> int | None:
 def _mpc_domain(q: Any, catalog: Mapping[str, CatalogEntry], reason: _MpcReason) -> tuple[list[Any], list[Any]]:
     """The stage's group-by columns and public domain, from the owners' declarations: the union of
     the declared ``values`` (first-declared order), or the ``bins`` every owner declares alike."""
-    from mpc.spec import GroupColumn
+    from sealroom.planning.mpc_spec import GroupColumn
 
     group_by: list[GroupColumn] = []
     keys: list[list[Any]] = []
@@ -404,11 +404,11 @@ def _plan_mpc(
     the query cannot run as MPC and what would make it runnable."""
     import itertools
 
-    from mpc.bounds import measure_from_rules
-    from mpc.bounds import min_group_size as strictest
-    from mpc.spec import Aggregate, Player, StageSpec
-    from sealroom.plan import mpc_stage_query
-    from sealroom.sqlplan import UNION_UNIT, mpc_query
+    from sealroom.planning.bounds import measure_from_rules
+    from sealroom.planning.bounds import min_group_size as strictest
+    from sealroom.planning.mpc_spec import Aggregate, Player, StageSpec
+    from sealroom.planning.plan import mpc_stage_query
+    from sealroom.planning.sql import UNION_UNIT, mpc_query
 
     schemas = {q: e.schema.names for q, e in catalog.items()}
     try:
@@ -594,7 +594,7 @@ def _plan_mpc(
 
 def _explain_mpc(plan: Plan) -> list[str]:
     """Explain lines for an MPC or hybrid plan: both stages and who sees what."""
-    from mpc.spec import StageSpec
+    from sealroom.planning.mpc_spec import StageSpec
 
     lines: list[str] = []
     for stage in plan.stages:

@@ -1,6 +1,6 @@
 """The in-enclave SQL engine: DuckDB over the job's opened inputs, then the disclosure rules.
 
-Security model: the engine runs only SQL that :func:`sealroom.sqlplan.compile_stage` produced from
+Security model: the engine runs only SQL that :func:`sealroom.planning.sql.compile_stage` produced from
 the approved plan inside this process, plus the disclosure SQL built here from it. DuckDB is opened
 with external access disabled and its configuration locked before any analyst SQL runs, so a query
 cannot read files or load extensions.
@@ -39,8 +39,8 @@ from sqlglot.errors import SqlglotError
 
 from sealroom.duck import locked_connection
 from sealroom.errors import InvalidQueryError
+from sealroom.planning.sql import DIALECT, ROW_ID, CompiledStage, InputSpec, UnitCheck, compile_stage, order_sql
 from sealroom.policy import Dominance
-from sealroom.sqlplan import DIALECT, ROW_ID, CompiledStage, InputSpec, UnitCheck, compile_stage, order_sql
 
 HAVING_COLUMN = "__sr_having"
 RELEASABLE_COLUMN = "__sr_releasable"  # passes every disclosure rule

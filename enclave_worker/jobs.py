@@ -6,9 +6,9 @@ A job fails as a whole (nothing released, its data dropped) when any stream fail
 a party disconnects mid-stream, the memory limit is exceeded, or it outlives its TTL.
 
 Filter pushdown: a party may filter its own rows before sealing. The job recomputes every input's
-filter from the plan's SQL itself (:func:`sealroom.plan.stage_pushdown`), refuses a plan whose
+filter from the plan's SQL itself (:func:`sealroom.planning.plan.stage_pushdown`), refuses a plan whose
 filters differ, and compiles and runs only the residual query. A filtered stream carries the
-boolean column :data:`~sealroom.sqlplan.PAD_COLUMN` (and only a filtered one): its padding rows hide
+boolean column :data:`~sealroom.planning.sql.PAD_COLUMN` (and only a filtered one): its padding rows hide
 how many rows matched, and are dropped as each frame is opened, before anything reads the input.
 """
 
@@ -35,7 +35,7 @@ from enclave_worker.attester import Attester
 from enclave_worker.config import EnclaveConfig
 from enclave_worker.engine import Bounds, compile_for_job, run_stage, table_to_ipc
 from sealroom.attestation import Evidence, report_data_for
-from sealroom.disclosure import check_uses
+from sealroom.canonical import canonical_json
 from sealroom.errors import (
     ApprovalError,
     AuthenticationError,
@@ -47,10 +47,12 @@ from sealroom.errors import (
     ResourceExhaustedError,
     SealroomError,
 )
-from sealroom.plan import Plan, PlanInput, stage_pushdown, verify_approval, verify_stream_header
-from sealroom.policy import Dominance, canonical_json
+from sealroom.planning.disclosure import check_uses
+from sealroom.planning.plan import Plan, PlanInput, stage_pushdown
+from sealroom.planning.sql import PAD_COLUMN, RESERVED_PREFIX, CompiledStage, InputSpec
+from sealroom.policy import Dominance
 from sealroom.sealed import OpeningStream, StreamHeader, integrity_error
-from sealroom.sqlplan import PAD_COLUMN, RESERVED_PREFIX, CompiledStage, InputSpec
+from sealroom.signing import verify_approval, verify_stream_header
 
 log = logging.getLogger(__name__)
 
@@ -332,18 +334,21 @@ class JobRegistry:
                 raise JobFailedError("the job has ended or is executing; nothing more is accepted")
             inp = job.inputs.get((ctx.party, ctx.dataset))
             # Every check that a sender could fail on purpose raises the same IntegrityError.
-            if (
-                inp is None
-                or inp.table is not None
-                or inp.streaming
-                or signature is None
-                or ctx.plan_hash.hex() != job.plan_hash
-                or ctx.evidence_hash not in job.issued_evidence
-                or job.hpke_key is None
-                or not verify_stream_header(job.plan.parties.get(ctx.party, ""), header_bytes, signature)
-            ):
+            try:
+                if (
+                    inp is None
+                    or inp.table is not None
+                    or inp.streaming
+                    or signature is None
+                    or ctx.plan_hash.hex() != job.plan_hash
+                    or ctx.evidence_hash not in job.issued_evidence
+                    or job.hpke_key is None
+                ):
+                    raise integrity_error()
+                verify_stream_header(job.plan.parties.get(ctx.party, ""), header_bytes, signature)
+            except IntegrityError:
                 self._fail(job, integrity_error())
-                raise integrity_error()
+                raise integrity_error() from None
             inp.streaming = True
             hpke_key = job.hpke_key
         batches: list[pa.RecordBatch] = []

@@ -35,16 +35,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from mpc.bounds import stage_consistency_violation, stage_rule_violation
 from mpc.partials import Partials, local_partials
 from mpc.result import MpcResult
 from mpc.session import PlayerProcess, bounded_timeout, free_ports, player_addresses
-from mpc.spec import StageSpec
 from mpc.tls import PlayerIdentity, PlayerOffer, identity_keys
-from sealroom.disclosure import check_uses
 from sealroom.errors import InvalidQueryError, JobFailedError, MpcError, PolicyRefusalError
-from sealroom.plan import Plan, PlanInput, Stage, mpc_player_keys, mpc_session, mpc_stage_query
-from sealroom.sqlplan import UNION_UNIT
+from sealroom.planning.bounds import stage_consistency_violation, stage_rule_violation
+from sealroom.planning.disclosure import check_uses
+from sealroom.planning.mpc_spec import StageSpec
+from sealroom.planning.plan import Plan, PlanInput, Stage, mpc_player_keys, mpc_session, mpc_stage_query
+from sealroom.planning.sql import UNION_UNIT
 
 log = logging.getLogger(__name__)
 

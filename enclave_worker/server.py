@@ -16,14 +16,9 @@ from sealroom import __version__
 from sealroom.rpc import Server, create_server, raw_stream_handler, translate_errors
 from sealroom.sealed import integrity_error
 from sealroom.v1 import common_pb2, enclave_pb2, enclave_pb2_grpc, party_pb2
+from sealroom.wire import DATA_SERVICE, HEADER_METADATA_KEY, SIGNATURE_METADATA_KEY, UPLOAD_METHOD
 
 log = logging.getLogger(__name__)
-
-HEADER_METADATA_KEY = "sealroom-stream-header-bin"
-SIGNATURE_METADATA_KEY = "sealroom-stream-signature-bin"
-DATA_SERVICE = "sealroom.v1.EnclaveData"
-UPLOAD_METHOD = "Upload"
-UPLOAD_PATH = f"/{DATA_SERVICE}/{UPLOAD_METHOD}"
 
 
 def loaded_packages() -> list[str]:

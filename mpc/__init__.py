@@ -7,7 +7,7 @@ malicious player can change the result. What a peer sends never runs as code (MP
 plain values only; secure arrays travel as field bytes, see :mod:`mpc.player`), and a peer must
 present a certificate naming exactly its own index on both sides of a connection. Helper players (no
 input) may be added to reach three players; the plan must state them and the assumption
-(:meth:`mpc.spec.StageSpec.trust_assumption`). Players talk over mutual TLS with per-session
+(:meth:`sealroom.planning.mpc_spec.StageSpec.trust_assumption`). Players talk over mutual TLS with per-session
 certificates (:mod:`mpc.tls`).
 
 What is opened, deliberately: the pass/suppress pattern over the public group domain, then only
@@ -15,10 +15,10 @@ the requested aggregates of passing groups (see :mod:`mpc.program`). Never a par
 never a value of a suppressed group.
 
 Modules (only :mod:`mpc.player` and :mod:`mpc.program` import MPyC, and only inside a player
-process; servers may import :mod:`mpc.session`, :mod:`mpc.spec`, :mod:`mpc.partials`,
+process; servers may import :mod:`mpc.session`, :mod:`sealroom.planning.mpc_spec`, :mod:`mpc.partials`,
 :mod:`mpc.result`, :mod:`mpc.tls`):
 
-- :mod:`mpc.spec`: ``StageSpec`` (public description of a stage) and its derived ``Layout``;
+- :mod:`sealroom.planning.mpc_spec`: ``StageSpec`` (public description of a stage) and its derived ``Layout``;
 - :mod:`mpc.partials`: ``local_partials(rows, spec, party=...)`` computes a party's ``Partials``
   with DuckDB over the public group domain;
 - :mod:`mpc.session`: ``run_session(spec, partials, timeout=...)`` runs all players here;

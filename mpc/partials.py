@@ -21,9 +21,9 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from mpc.spec import GroupColumn, StageSpec
 from sealroom.duck import locked_connection
 from sealroom.errors import ResourceExhaustedError, SourceError
+from sealroom.planning.mpc_spec import GroupColumn, StageSpec
 
 _VIEW = "__sealroom_mpc_rows"
 
@@ -40,7 +40,7 @@ def _q(name: str) -> str:
 class Partials:
     """One input-holding player's vectors over the domain (Python ints, fixed-point encoded).
 
-    ``cap``: the capped count compared with the minimum group size (see :class:`mpc.spec.Layout`);
+    ``cap``: the capped count compared with the minimum group size (see :class:`sealroom.planning.mpc_spec.Layout`);
     ``values``: the exact vectors by layout name (``rows``, ``n:c``, ``s:c``, ``q:c``);
     ``extrema``: ``min:c`` / ``max:c`` vectors.
     """

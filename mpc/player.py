@@ -156,7 +156,7 @@ async def _session(
     mpc: Any, doc: dict[str, Any], tls_refused: set[tuple[str, int]], name_refused: set[int]
 ) -> dict[str, Any]:
     from mpc import program
-    from mpc.spec import StageSpec
+    from sealroom.planning.mpc_spec import StageSpec
 
     spec = StageSpec.from_dict(doc["stage"])
     me = int(doc["index"])

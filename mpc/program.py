@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mpc.spec import Layout, StageSpec
+from sealroom.planning.mpc_spec import Layout, StageSpec
 
 
 def _holder_array(stype: Any, values: list[Any] | None, shape: tuple[int, ...]) -> Any:

@@ -17,7 +17,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mpc.spec import StageSpec, canonical_json
+from sealroom.canonical import canonical_json
+from sealroom.planning.mpc_spec import StageSpec
 
 RESULT_VERSION = 1
 SIGN_DOMAIN = b"sealroom/v1/mpc-result\x00"

@@ -32,9 +32,9 @@ from typing import Any
 import mpc as _mpc_package
 from mpc.partials import Partials
 from mpc.result import MpcResult
-from mpc.spec import StageSpec
 from mpc.tls import PlayerCredentials, SessionCA
 from sealroom.errors import MpcError
+from sealroom.planning.mpc_spec import StageSpec
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sealroom.canonical import canonical_json
 from sealroom.errors import MpcError
 
 VALIDITY = datetime.timedelta(hours=6)
@@ -151,7 +151,7 @@ def _identity_error(index: int, what: str) -> MpcError:
 def offer_message(session: str, index: int, ca_der: bytes) -> bytes:
     """What a player's identity key signs: the session (plan hash and stage), its index, its CA."""
     body = {"session": session, "index": index, "ca_sha256": hashlib.sha256(ca_der).hexdigest()}
-    return OFFER_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return OFFER_DOMAIN + canonical_json(body)
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ def identity_keys(
     named: Mapping[int, str | None], enclave: Ed25519PublicKey | None = None
 ) -> dict[int, Ed25519PublicKey]:
     """Index -> the key each player's offer must be signed with: the key (hex) the plan names for an
-    owner's player or a helper (``sealroom.plan.mpc_player_keys``), and ``enclave``, the attested job
+    owner's player or a helper (``sealroom.planning.plan.mpc_player_keys``), and ``enclave``, the attested job
     key, for the enclave's player (None in ``named``). Raises MpcError naming a player without one."""
     out: dict[int, Ed25519PublicKey] = {}
     for i, key in named.items():

@@ -5,9 +5,9 @@ plans, errors, config) and the composition root (CLI, Python client, demo). Kern
 component package; the enclave worker loads only the kernel, so nothing heavy is imported here: the
 analyst's names below are resolved lazily.
 
-- ``sealroom.Client``: an analyst's connection to a coordinator (``sealroom.client``).
+- ``sealroom.Client``: an analyst's connection to a coordinator (``sealroom.app.client``).
 - ``sealroom.local_platform(scenario)``: a whole platform on this machine with synthetic data, for
-  notebooks (``sealroom.local``).
+  notebooks (``sealroom.app.local``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ __version__ = "0.1.0"
 __all__ = ["Client", "LocalPlatform", "QueryHandle", "Result", "__version__", "local_platform"]
 
 _LAZY = {
-    "Client": "sealroom.client",
-    "QueryHandle": "sealroom.client",
-    "Result": "sealroom.client",
-    "LocalPlatform": "sealroom.local",
-    "local_platform": "sealroom.local",
+    "Client": "sealroom.app.client",
+    "QueryHandle": "sealroom.app.client",
+    "Result": "sealroom.app.client",
+    "LocalPlatform": "sealroom.app.local",
+    "local_platform": "sealroom.app.local",
 }
 
 

@@ -26,21 +26,17 @@ from cryptography import x509
 
 from sealroom.attestation import AppraisalPolicy, load_root_certificate
 from sealroom.attestation.hardware import FORMATS as HARDWARE_FORMATS
+from sealroom.canonical import canonical_json
 from sealroom.config import toml_key, toml_value
 from sealroom.errors import AttestationError, ConfigError
 
 DEFAULT_MIN_GROUP_SIZE = 5
 APPROVAL_MODES = ("auto", "manual")
 
-# Column roles. What each allows is decided in one place: sealroom.disclosure.ALLOWED_USES.
+# Column roles. What each allows is decided in one place: sealroom.planning.disclosure.ALLOWED_USES.
 ROLES = ("join_key", "dimension", "measure", "filter_only", "forbidden", "open")
 MEASURE_AGGREGATES = ("count", "count_distinct", "sum", "avg", "min", "max", "var", "stddev")
 DEFAULT_MEASURE_AGGREGATES = ("count", "sum", "avg", "var", "stddev")
-
-
-def canonical_json(doc: Any) -> bytes:
-    """Canonical JSON: sorted keys, no insignificant whitespace, UTF-8."""
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _err(source: str, key: str, expected: str) -> ConfigError:

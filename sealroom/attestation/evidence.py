@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
+from sealroom.canonical import canonical_json
 from sealroom.errors import AttestationError
 
 __all__ = [
@@ -53,11 +54,6 @@ REPORT_DATA_BYTES = 64
 
 _REPORT_DATA_TAG = b"sealroom/v1/report-data"
 _ENVELOPE_KEYS = frozenset({"v", "format", "evidence", "aux", "nonce"})
-
-
-def _canonical_json(obj: Any) -> bytes:
-    """Deterministic JSON: sorted keys, no whitespace, ASCII only, no NaN."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -130,7 +126,7 @@ class Evidence:
 
     def to_bytes(self) -> bytes:
         """Canonical encoding: sorted-key JSON ``{"aux","evidence","format","nonce","v"}``, base64 bytes."""
-        return _canonical_json(
+        return canonical_json(
             {
                 "v": ENVELOPE_VERSION,
                 "format": self.format,

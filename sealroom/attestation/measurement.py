@@ -10,8 +10,8 @@ What is hashed (SHA-384, every item length-framed so no two inputs collide by co
 1. the version tag ``sealroom/v1/enclave-measurement``;
 2. every ``*.py`` file of the installed ``enclave_worker``, ``sealroom`` and ``mpc`` packages (the
    worker computes MPC partials and runs ``python -m mpc.player`` for hybrid plans), by sorted
-   relative POSIX path, path and contents; except ``sealroom``'s composition-root modules (``cli``,
-   ``client``, ``demo``, ``demo_data``, ``cluster``: user entry points the enclave never loads) and
+   relative POSIX path, path and contents; except ``sealroom``'s composition root (``sealroom/app/`` and
+   the ``sealroom/cli.py`` entry point: user entry points the enclave never loads) and
    the generated ``sealroom/v1/*.pyi`` stubs (not code). A package that is not installed is skipped;
 3. the installed versions of the libraries the worker and its MPC player load: grpcio, protobuf,
    pyarrow, duckdb, cryptography, sqlglot, mpyc, gmpy2, numpy (read from package metadata, without
@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from sealroom.canonical import canonical_json
 
 __all__ = ["enclave_measurement", "MEASURED_PACKAGES", "MEASURED_DISTRIBUTIONS"]
 
@@ -47,7 +48,7 @@ MEASURED_DISTRIBUTIONS: tuple[str, ...] = (
     "numpy",  # MPyC (and pyarrow) load it
 )
 # Composition-root modules of `sealroom` (as a module `x.py` or, should one grow, a package `x/`).
-_EXCLUDED_SEALROOM_MODULES = frozenset({"cli", "client", "demo", "demo_data", "cluster"})
+_EXCLUDED_SEALROOM_MODULES = frozenset({"app", "cli"})
 
 
 def _frame(data: bytes) -> bytes:
@@ -91,11 +92,16 @@ def _distribution_version(name: str) -> str:
         return ""
 
 
-def _json_default(value: object) -> Any:
+def _plain(value: object) -> Any:
+    """``value`` with mappings as dicts and sets as sorted lists, for the canonical encoder."""
     if isinstance(value, Mapping):
-        return dict(value)
+        return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, set | frozenset):
         return sorted(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
     raise TypeError(f"config value of type {type(value).__name__} is not JSON-serialisable")
 
 
@@ -105,14 +111,7 @@ def enclave_measurement(config: Mapping[str, object] | None = None) -> str:
         config = {}
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a mapping, not {type(config).__name__}")
-    config_json = json.dumps(
-        dict(config),
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=True,
-        allow_nan=False,
-        default=_json_default,
-    ).encode("ascii")
+    config_json = canonical_json(_plain(dict(config)))
 
     h = hashlib.sha384(_frame(_VERSION_TAG))
     for package in MEASURED_PACKAGES:

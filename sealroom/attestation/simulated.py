@@ -48,12 +48,12 @@ from sealroom.attestation.evidence import (
     _as_bytes,
     _b64,
     _b64decode_field,
-    _canonical_json,
     _freeze_tcb,
     _is_lower_hex,
     _iso_utc,
     _strict_json_object,
 )
+from sealroom.canonical import canonical_json
 from sealroom.errors import AlreadyExistsError, AttestationError, ConfigError
 
 if TYPE_CHECKING:
@@ -376,7 +376,7 @@ class SimulatedAttester:
             raise ValueError(f"report_data must be {REPORT_DATA_BYTES} bytes, got {len(report_data)}")
         if len(nonce) < MIN_NONCE_BYTES:
             raise ValueError(f"nonce must be at least {MIN_NONCE_BYTES} bytes, got {len(nonce)}")
-        report = _canonical_json(
+        report = canonical_json(
             {
                 "version": REPORT_VERSION,
                 "platform": SIMULATED,
@@ -392,7 +392,7 @@ class SimulatedAttester:
         signature = self._key.sign(report, ec.ECDSA(hashes.SHA384()))
         return Evidence(
             format=SIMULATED,
-            evidence=_canonical_json({"report": _b64(report), "signature": _b64(signature)}),
+            evidence=canonical_json({"report": _b64(report), "signature": _b64(signature)}),
             aux=self._certificate.public_bytes(serialization.Encoding.DER),
             nonce=nonce,
         )

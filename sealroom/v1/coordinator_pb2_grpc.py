@@ -151,7 +151,7 @@ class CoordinatorServicer:
 
     def SubmitApproval(self, request, context):
         """Manual approvals, sent by a party agent on its owner's command. Each request is signed by the
-        party's registered key over sealroom.plan.owner_action_message (fresh, never replayed), and
+        party's registered key over sealroom.signing.owner_action_message (fresh, never replayed), and
         names the plan hash of the query; only a party the plan involves may act, and only for itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -188,7 +188,7 @@ class CoordinatorServicer:
     def SubmitCosignature(self, request, context):
         """A party's co-signature of a checkpoint the log signed. The witness signature ("<party>.witness")
         must verify with the party's registered key, and the request is signed by that key over
-        sealroom.plan.owner_action_message("cosign", ...), like the owner actions above.
+        sealroom.signing.owner_action_message("cosign", ...), like the owner actions above.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,7 +45,7 @@ class CoordinatorStub:
     ListQueries: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _coordinator_pb2.ListQueriesResponse]
     SubmitApproval: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitApprovalRequest, _coordinator_pb2.OwnerActionResponse]
     """Manual approvals, sent by a party agent on its owner's command. Each request is signed by the
-    party's registered key over sealroom.plan.owner_action_message (fresh, never replayed), and
+    party's registered key over sealroom.signing.owner_action_message (fresh, never replayed), and
     names the plan hash of the query; only a party the plan involves may act, and only for itself.
     """
     RejectQuery: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RejectQueryRequest, _coordinator_pb2.OwnerActionResponse]
@@ -59,7 +59,7 @@ class CoordinatorStub:
     SubmitCosignature: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitCosignatureRequest, _coordinator_pb2.SubmitCosignatureResponse]
     """A party's co-signature of a checkpoint the log signed. The witness signature ("<party>.witness")
     must verify with the party's registered key, and the request is signed by that key over
-    sealroom.plan.owner_action_message("cosign", ...), like the owner actions above.
+    sealroom.signing.owner_action_message("cosign", ...), like the owner actions above.
     """
 
 @_typing.type_check_only
@@ -76,7 +76,7 @@ class CoordinatorAsyncStub(CoordinatorStub):
     ListQueries: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _coordinator_pb2.ListQueriesResponse]  # type: ignore[assignment]
     SubmitApproval: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitApprovalRequest, _coordinator_pb2.OwnerActionResponse]  # type: ignore[assignment]
     """Manual approvals, sent by a party agent on its owner's command. Each request is signed by the
-    party's registered key over sealroom.plan.owner_action_message (fresh, never replayed), and
+    party's registered key over sealroom.signing.owner_action_message (fresh, never replayed), and
     names the plan hash of the query; only a party the plan involves may act, and only for itself.
     """
     RejectQuery: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RejectQueryRequest, _coordinator_pb2.OwnerActionResponse]  # type: ignore[assignment]
@@ -90,7 +90,7 @@ class CoordinatorAsyncStub(CoordinatorStub):
     SubmitCosignature: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitCosignatureRequest, _coordinator_pb2.SubmitCosignatureResponse]  # type: ignore[assignment]
     """A party's co-signature of a checkpoint the log signed. The witness signature ("<party>.witness")
     must verify with the party's registered key, and the request is signed by that key over
-    sealroom.plan.owner_action_message("cosign", ...), like the owner actions above.
+    sealroom.signing.owner_action_message("cosign", ...), like the owner actions above.
     """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
@@ -152,7 +152,7 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.OwnerActionResponse, _abc.Awaitable[_coordinator_pb2.OwnerActionResponse]]:
         """Manual approvals, sent by a party agent on its owner's command. Each request is signed by the
-        party's registered key over sealroom.plan.owner_action_message (fresh, never replayed), and
+        party's registered key over sealroom.signing.owner_action_message (fresh, never replayed), and
         names the plan hash of the query; only a party the plan involves may act, and only for itself.
         """
 
@@ -196,7 +196,7 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_coordinator_pb2.SubmitCosignatureResponse, _abc.Awaitable[_coordinator_pb2.SubmitCosignatureResponse]]:
         """A party's co-signature of a checkpoint the log signed. The witness signature ("<party>.witness")
         must verify with the party's registered key, and the request is signed by that key over
-        sealroom.plan.owner_action_message("cosign", ...), like the owner actions above.
+        sealroom.signing.owner_action_message("cosign", ...), like the owner actions above.
         """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

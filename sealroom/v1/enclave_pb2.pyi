@@ -26,7 +26,7 @@ class UploadSummary(_message.Message):
       /sealroom.v1.EnclaveData/Upload
       request metadata "sealroom-stream-header-bin": sealroom.sealed.StreamHeader.to_bytes()
       request metadata "sealroom-stream-signature-bin": the owner's Ed25519 signature over the header
-        (sealroom.plan.sign_stream_header), checked against the key the plan names for the party
+        (sealroom.signing.sign_stream_header), checked against the key the plan names for the party
       request messages: sealed frames (1 flag byte + AES-256-GCM ciphertext and tag)
       response: UploadSummary (serialized protobuf)
     See docs/wire.md.

@@ -172,7 +172,7 @@ class OwnerCommand(_message.Message):
     """optional: the plan the owner reviewed (hex); refused if it differs"""
     issued_at_ms: _builtins.int
     signature: _builtins.bytes
-    """Ed25519 by the party's signing key over sealroom.plan.owner_command_message(action, party,
+    """Ed25519 by the party's signing key over sealroom.signing.owner_command_message(action, party,
     query_id, plan_hash, reason, issued_at_ms); action is "approve", "reject" or "revoke".
     """
     def __init__(

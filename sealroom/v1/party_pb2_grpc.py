@@ -139,7 +139,7 @@ class PartyAgentServicer:
 
     def ListPending(self, request, context):
         """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
-        signed with the party's own signing key (sealroom.plan.sign_owner_command), so nobody else who
+        signed with the party's own signing key (sealroom.signing.sign_owner_command), so nobody else who
         can reach the agent (the coordinator included) can decide for the owner.
         Plans that wait for the owner's decision, and the manual approvals still live.
         """

@@ -55,7 +55,7 @@ class PartyAgentStub:
     """
     ListPending: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _party_pb2.ListPendingResponse]
     """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
-    signed with the party's own signing key (sealroom.plan.sign_owner_command), so nobody else who
+    signed with the party's own signing key (sealroom.signing.sign_owner_command), so nobody else who
     can reach the agent (the coordinator included) can decide for the owner.
     Plans that wait for the owner's decision, and the manual approvals still live.
     """
@@ -94,7 +94,7 @@ class PartyAgentAsyncStub(PartyAgentStub):
     """
     ListPending: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _party_pb2.ListPendingResponse]  # type: ignore[assignment]
     """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
-    signed with the party's own signing key (sealroom.plan.sign_owner_command), so nobody else who
+    signed with the party's own signing key (sealroom.signing.sign_owner_command), so nobody else who
     can reach the agent (the coordinator included) can decide for the owner.
     Plans that wait for the owner's decision, and the manual approvals still live.
     """
@@ -172,7 +172,7 @@ class PartyAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_party_pb2.ListPendingResponse, _abc.Awaitable[_party_pb2.ListPendingResponse]]:
         """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
-        signed with the party's own signing key (sealroom.plan.sign_owner_command), so nobody else who
+        signed with the party's own signing key (sealroom.signing.sign_owner_command), so nobody else who
         can reach the agent (the coordinator included) can decide for the owner.
         Plans that wait for the owner's decision, and the manual approvals still live.
         """

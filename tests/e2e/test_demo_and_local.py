@@ -13,7 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from sealroom.demo_data import bank_tables, hospital_tables
+from sealroom.app.demo_data import bank_tables, hospital_tables
 
 pytestmark = pytest.mark.slow
 

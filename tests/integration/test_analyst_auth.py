@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from coordinator.config import CoordinatorConfig
+from sealroom.app.client import Client
+from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.auth import AnalystDirectory, generate_token, token_hash
-from sealroom.client import Client
-from sealroom.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.errors import AuthenticationError, ConfigError, NotFoundError, PolicyRefusalError
 from sealroom.policy import DatasetPolicy
 

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sealroom.app.cli import main
 from sealroom.attestation import AppraisalPolicy, load_root_certificate
-from sealroom.cli import main
+from sealroom.audit.receipts import verify_receipt
+from sealroom.audit.tlog import NoteVerifier, SQLiteLogStore, export_store, verify_log
 from sealroom.errors import AuditError
-from sealroom.receipts import verify_receipt
-from sealroom.tlog import NoteVerifier, SQLiteLogStore, export_store, verify_log
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ GROUP BY a.segment ORDER BY a.segment"""
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from sealroom.cluster import Cluster, DatasetSpec, PartySpec
+    from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
     from sealroom.policy import DatasetPolicy
 
     d = tmp_path_factory.mktemp("audit")
@@ -214,7 +214,7 @@ def _verify_state(capsys: pytest.CaptureFixture[str], state: Path) -> tuple[int,
 
 
 def test_an_owner_rejection_is_logged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from sealroom.cluster import Cluster, DatasetSpec, PartySpec
+    from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
     from tests.integration.test_manual_approval import AUTO, MANUAL, SQL_AM, _loans, status_is, wait_until
 
     parties = [
@@ -250,7 +250,7 @@ def test_an_owner_rejection_is_logged(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_an_mpc_release_has_a_verifiable_receipt(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], hospitals: int
 ) -> None:
-    from sealroom.cluster import Cluster
+    from sealroom.app.cluster import Cluster
     from tests.integration.test_mpc_runtime import _platform, _sql
 
     parties, _ = _platform(tmp_path, hospitals)

@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sealroom.cluster import Cluster, DatasetSpec, PartySpec
+from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
+from sealroom.audit.ropa import Collaboration
 from sealroom.keys import load_signing_key, public_key_hex
-from sealroom.plan import verify_owner_action
 from sealroom.policy import DatasetPolicy, ProcessingRecord
-from sealroom.ropa import Collaboration
+from sealroom.signing import verify_owner_action
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +99,11 @@ def owner(platform: Cluster, party: str, *args: str) -> dict[str, Any]:
         SEALROOM_PARTY_KEY=str(platform.key_path(party)),
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "sealroom.cli", *args, "--json"], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-m", "sealroom.cli", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 import sealroom
-from sealroom.demo import BANK
-from sealroom.demo_data import bank_tables
+from sealroom.app.demo import BANK
+from sealroom.app.demo_data import bank_tables
 from sealroom.errors import AuthenticationError, InvalidQueryError, PolicyRefusalError, SealroomError
 
 pytestmark = pytest.mark.slow

@@ -17,12 +17,12 @@ import pytest
 from hypothesis import given, settings
 
 from connectors.agent import filtered_batches
-from connectors.databases import PostgresSource
 from connectors.sources import TableSource, check_schema, filter_batches, open_source
+from connectors.sources.databases import PostgresSource
 from sealroom.errors import SourceError
-from sealroom.plan import PlanInput
+from sealroom.planning.plan import PlanInput
 from sealroom.policy import DatasetPolicy
-from tests.unit.test_db_sources import KINDS, ROWS, predicates
+from tests.unit.connectors.test_db_sources import KINDS, ROWS, predicates
 
 pytestmark = pytest.mark.postgres
 

@@ -25,12 +25,13 @@ import pyarrow as pa
 import pytest
 
 from coordinator.orchestrator import verify_result
+from sealroom.canonical import canonical_json
 from sealroom.errors import ApprovalError, IntegrityError, InvalidQueryError, JobFailedError
 from sealroom.keys import generate_signing_key
-from sealroom.plan import Plan
-from sealroom.policy import DatasetPolicy, canonical_json
+from sealroom.planning.plan import Plan
+from sealroom.policy import DatasetPolicy
 from sealroom.v1 import enclave_pb2
-from tests.integration.conftest import (
+from tests.harness.enclave import (
     HEADER_METADATA_KEY,
     INTEGRITY_MESSAGE,
     SECRET,

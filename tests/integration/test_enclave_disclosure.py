@@ -16,10 +16,11 @@ import pyarrow as pa
 import pytest
 
 from coordinator.orchestrator import verify_result
+from sealroom.canonical import canonical_json
 from sealroom.errors import AttestationError, PolicyRefusalError
-from sealroom.plan import Plan
-from sealroom.policy import ColumnRule, DatasetPolicy, Dominance, canonical_json
-from tests.integration.conftest import (
+from sealroom.planning.plan import Plan
+from sealroom.policy import ColumnRule, DatasetPolicy, Dominance
+from tests.harness.enclave import (
     SECRET,
     SECRET_NUMBER,
     EnclaveHandle,

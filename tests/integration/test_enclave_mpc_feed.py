@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from coordinator.orchestrator import verify_result
 from mpc.tls import PlayerIdentity
-from sealroom.plan import Plan, Stage
+from sealroom.planning.plan import Plan, Stage
 from sealroom.policy import DatasetPolicy, DatasetTrust, TrustPolicy
 from sealroom.v1 import enclave_pb2, party_pb2
-from tests.integration.conftest import (
+from tests.harness.enclave import (
     Agent,
     EnclaveHandle,
     JobHandle,

@@ -24,7 +24,7 @@ from enclave_worker.config import EnclaveConfig
 from sealroom.attestation import enclave_measurement
 from sealroom.rpc import open_channel, wait_healthy
 from sealroom.v1 import common_pb2
-from tests.integration.conftest import (
+from tests.harness.enclave import (
     SECRET,
     SECRET_NUMBER,
     EnclaveHandle,

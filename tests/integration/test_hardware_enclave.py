@@ -25,8 +25,8 @@ from sealroom.errors import AttestationError
 from sealroom.policy import DatasetPolicy, TrustPolicy
 from sealroom.rpc import open_channel
 from sealroom.v1 import common_pb2
-from tests.integration.conftest import Agent, EnclaveHandle, approval, make_plan, start_agent
-from tests.tee_fakes import FakeAmdPki, FakeConfigfsTsm
+from tests.harness.enclave import Agent, EnclaveHandle, approval, make_plan, start_agent
+from tests.harness.tee_fakes import FakeAmdPki, FakeConfigfsTsm
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="the fake configfs-tsm tree needs FIFOs (POSIX)")
 

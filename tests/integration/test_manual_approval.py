@@ -22,12 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.auth import bearer
-from sealroom.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.keys import generate_signing_key, load_signing_key
-from sealroom.plan import sign_approval, sign_owner_action, sign_owner_command
 from sealroom.policy import DatasetPolicy
 from sealroom.rpc import open_channel, unwrap
+from sealroom.signing import sign_approval, sign_owner_action, sign_owner_command
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, party_pb2, party_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -169,7 +169,11 @@ def test_query_waits_for_the_manual_owner_and_runs_once_approved(platform):
             os.environ, SEALROOM_COORDINATOR=platform.coordinator_address, SEALROOM_TOKEN=platform.token("alice")
         )
         shown = subprocess.run(
-            [sys.executable, "-m", "sealroom.cli", "status", qid], capture_output=True, text=True, env=env, timeout=60
+            [sys.executable, "-m", "sealroom.cli", "status", qid],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
         )
         assert "pending_approval" in shown.stdout and "bank_m" in shown.stdout
 
@@ -404,7 +408,7 @@ def test_auto_approvals_lapse_too_and_the_agent_forgets_them(tmp_path):
     from connectors.agent import DatasetConfig, PartyAgent, PartyConfig
     from sealroom.errors import ApprovalError
     from sealroom.policy import TrustPolicy
-    from tests.integration.conftest import make_party, make_plan, secret_loans
+    from tests.harness.enclave import make_party, make_plan, secret_loans
 
     table = secret_loans(30)
     pq.write_table(table, tmp_path / "a.parquet")

@@ -15,14 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
+from sealroom.app.render import result_document
 from sealroom.attestation import AppraisalPolicy, load_root_certificate
-from sealroom.cluster import Cluster, DatasetSpec, PartySpec
-from sealroom.output import result_document
+from sealroom.audit.receipts import verify_receipt
 from sealroom.policy import DatasetPolicy, DatasetTrust
-from sealroom.receipts import verify_receipt
 from sealroom.rpc import open_channel
 from sealroom.v1 import common_pb2, enclave_pb2_grpc
-from tests.integration.conftest import kill_first_player, player_processes
+from tests.harness.enclave import kill_first_player, player_processes
 
 pytestmark = pytest.mark.slow
 

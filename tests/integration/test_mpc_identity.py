@@ -23,9 +23,9 @@ from cryptography.x509.oid import NameOID
 
 from mpc.partials import local_partials
 from mpc.session import run_session
-from mpc.spec import Aggregate, Player
 from mpc.tls import PlayerIdentity, PlayerOffer, SessionCA, player_cn
 from sealroom.errors import MpcError
+from sealroom.planning.mpc_spec import Aggregate, Player
 from tests.integration.test_mpc_session import make_spec, party_table
 
 SESSION = "plan-0123:s2"
@@ -241,7 +241,7 @@ def test_a_peer_cannot_run_code_in_other_players_through_pickles(tmp_path: Path)
     import time
 
     from mpc.session import PlayerProcess, free_ports
-    from mpc.spec import Player as P
+    from sealroom.planning.mpc_spec import Player as P
 
     players = (P("bank_a"), P("bank_b"), P("bank_c"))
     spec = make_spec(players, (Aggregate("n", "count"),), session_id="pickle")

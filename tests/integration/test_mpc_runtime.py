@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sealroom.cluster import Cluster, DatasetSpec, PartySpec
-from sealroom.output import result_document
+from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
+from sealroom.app.render import result_document
 from sealroom.policy import DatasetPolicy, DatasetTrust
-from tests.integration.conftest import kill_first_player, player_processes
+from tests.harness.enclave import kill_first_player, player_processes
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,9 @@ import pytest
 
 from mpc.partials import local_partials
 from mpc.session import PlayerProcess, free_ports, run_session
-from mpc.spec import Aggregate, GroupColumn, Measure, Player, StageSpec
 from mpc.tls import PlayerCredentials, SessionCA
 from sealroom.errors import MpcError
+from sealroom.planning.mpc_spec import Aggregate, GroupColumn, Measure, Player, StageSpec
 
 pytestmark = pytest.mark.slow
 

@@ -21,11 +21,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sealroom.attestation import dev_init
 from sealroom.errors import ApprovalError, AttestationError, IntegrityError, PolicyRefusalError
 from sealroom.keys import generate_signing_key, public_key_hex
-from sealroom.plan import Plan
+from sealroom.planning.plan import Plan
 from sealroom.policy import DatasetPolicy, TrustPolicy
 from sealroom.rpc import create_server, raw_stream_handler
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc
-from tests.integration.conftest import (
+from tests.harness.enclave import (
     Agent,
     EnclaveHandle,
     JobHandle,

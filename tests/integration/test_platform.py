@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sealroom.cluster import Cluster, DatasetSpec, PartySpec
+from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.policy import DatasetPolicy
 from sealroom.rpc import call
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sealroom.cluster import Cluster, DatasetSpec, PartySpec
+from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.policy import DatasetPolicy
 from sealroom.rpc import open_channel
 from sealroom.v1 import party_pb2, party_pb2_grpc

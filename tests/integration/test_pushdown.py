@@ -13,11 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from connectors.agent import MIN_PADDED_ROWS
-from sealroom.cluster import Cluster, DatasetSpec, PartySpec
-from sealroom.plan import Plan
+from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
+from sealroom.planning.plan import Plan
 from sealroom.policy import DatasetPolicy
-
-from .conftest import approvals, make_party, make_plan, rejection
+from tests.harness.enclave import approvals, make_party, make_plan, rejection
 
 pytestmark = pytest.mark.slow
 

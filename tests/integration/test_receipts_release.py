@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sealroom.cli import main
+from sealroom.app.cli import main
+from sealroom.audit.tlog import NoteSigner, SignedCheckpoint, SQLiteLogStore, TransparencyLog, Witness
+from sealroom.canonical import canonical_json
 from sealroom.errors import AuditError
 from sealroom.keys import public_key_hex
-from sealroom.policy import canonical_json
-from sealroom.tlog import NoteSigner, SignedCheckpoint, SQLiteLogStore, TransparencyLog, Witness
-from tests.integration.conftest import EnclaveHandle
-from tests.unit.test_receipts import Release, release_once
+from tests.harness.enclave import EnclaveHandle
+from tests.unit.audit.test_receipts import Release, release_once
 
 ORIGIN = "coordinator.sealroom.test/log"
 
@@ -182,7 +182,7 @@ def test_audit_verify_cli_on_a_clean_log(audit: Audit, capsys: pytest.CaptureFix
     assert [r["query_id"] for r in doc["releases"]] == [r.plan.query_id for r in audit.releases]
     # The same through the installed command, in its own process.
     proc = subprocess.run(
-        [sys.executable, "-c", "from sealroom.cli import main; main()", "audit", "verify", "--log", str(path),
+        [sys.executable, "-c", "from sealroom.app.cli import main; main()", "audit", "verify", "--log", str(path),
          "--log-key", audit.key_hex],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip

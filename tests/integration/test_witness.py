@@ -25,15 +25,22 @@ from connectors.agent import DatasetConfig, PartyAgent, PartyConfig
 from connectors.agent import build_server as build_agent_server
 from connectors.witness import LOG_KEY_FILE
 from coordinator.config import CoordinatorConfig
-from coordinator.server import Coordinator, CoordinatorServicer
+from coordinator.servicer import Coordinator, CoordinatorServicer
 from coordinator.store import log_origin
-from sealroom.cli import main
+from sealroom.app.cli import main
+from sealroom.audit.tlog import (
+    NoteSigner,
+    NoteVerifier,
+    SignedCheckpoint,
+    SQLiteLogStore,
+    TransparencyLog,
+    witness_verifier,
+)
 from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex
 from sealroom.policy import DatasetPolicy, TrustPolicy
 from sealroom.rpc import Server, create_server, open_channel, translate_errors, unwrap
-from sealroom.tlog import NoteSigner, NoteVerifier, SignedCheckpoint, SQLiteLogStore, TransparencyLog, witness_verifier
 from sealroom.v1 import coordinator_pb2, coordinator_pb2_grpc
-from tests.integration.conftest import EnclaveHandle
+from tests.harness.enclave import EnclaveHandle
 
 SQL = (
     "SELECT a.segment, COUNT(*) AS n FROM bank_a.loans a JOIN bank_b.loans b ON a.customer_id = b.customer_id "
@@ -226,7 +233,7 @@ def test_witnessing_over_grpc_forks_rollbacks_and_forged_cosignatures(
     latest = SignedCheckpoint.from_text(p.coordinator.checkpoint()[0])
     impostor = generate_signing_key()
     forged = latest.with_signature(NoteSigner("bank_a.witness", impostor).sign(latest.checkpoint.body()))
-    from tests.unit.test_witness import cosign_request
+    from tests.unit.connectors.test_witness import cosign_request
 
     before = p.store.log.store.checkpoints()
     with open_channel(p.address) as channel:

@@ -1,0 +1,295 @@
+"""Start the whole platform on this machine: enclave worker, coordinator and one party agent per
+organisation, each a real gRPC server on 127.0.0.1 in its own process.
+
+Used by ``sealroom demo``, ``sealroom local`` and the end-to-end tests. Everything lives under one
+state directory: the dev attestation root, the parties' signing keys, generated config files (an
+operator's templates, see docs/operations.md), the coordinator's SQLite state and each process's log.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sealroom.audit.ropa import Collaboration
+from sealroom.auth import generate_token, token_hash
+from sealroom.config import toml_table
+from sealroom.errors import UnavailableError
+from sealroom.keys import generate_signing_key, save_signing_key
+from sealroom.policy import DatasetPolicy
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    source: str
+    policy: DatasetPolicy = field(default_factory=DatasetPolicy)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PartySpec:
+    name: str
+    datasets: tuple[DatasetSpec, ...]
+    approval_ttl_seconds: float | None = None  # [party] approval_ttl_seconds (None: the agent's default)
+
+
+class Cluster:
+    """The platform's processes under one state directory. Use as a context manager."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        parties: Sequence[PartySpec],
+        *,
+        log: Callable[[str], None] = lambda msg: None,
+        memory_limit_mb: int = 4096,
+        party_timeout_seconds: float = 600.0,
+        approval_timeout_seconds: float | None = None,
+        analysts: Sequence[str] = ("analyst",),
+        env: dict[str, str] | None = None,
+        collaboration: Collaboration | None = None,
+    ):
+        self.state_dir = Path(state_dir).resolve()
+        self.parties = list(parties)
+        self.log = log
+        self.memory_limit_mb = memory_limit_mb
+        self.party_timeout_seconds = party_timeout_seconds
+        self.approval_timeout_seconds = approval_timeout_seconds
+        self.analysts = tuple(analysts)
+        self.env = env
+        self.collaboration = collaboration  # the coordinator's [collaboration] (record of processing)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._args: dict[str, list[str]] = {}
+        self.addresses: dict[str, str] = {}
+        self.measurement = ""
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def _paths(self) -> dict[str, Path]:
+        s = self.state_dir
+        return {"dev": s / "dev", "keys": s / "keys", "config": s / "config", "logs": s / "logs", "run": s / "run"}
+
+    def prepare(self) -> None:
+        from enclave_worker.config import EnclaveConfig
+        from sealroom.attestation import dev_init, enclave_measurement
+
+        p = self._paths()
+        for d in p.values():
+            d.mkdir(parents=True, exist_ok=True)
+        if not (p["dev"] / "dev-root.crt").exists():
+            dev_init(p["dev"])
+        enclave_values = {
+            "listen": "127.0.0.1:0",
+            "attester": "simulated",
+            "dev_root": str(p["dev"]),
+            "memory_limit_mb": self.memory_limit_mb,
+        }
+        (p["config"] / "enclave.toml").write_text(toml_table("enclave", enclave_values))
+        # The measurement a data owner pins: computed from the code and configuration, as
+        # `sealroom enclave measure --config enclave.toml` prints it.
+        self.measurement = enclave_measurement(EnclaveConfig.load(p["config"] / "enclave.toml").measured())
+        for party in self.parties:
+            key = p["keys"] / f"{party.name}.key"
+            if not key.exists():
+                save_signing_key(generate_signing_key(), key)
+        # One bearer token per analyst; the coordinator's config holds only their hashes.
+        for analyst in self.analysts:
+            path = self.token_path(analyst)
+            if not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(generate_token())
+
+    def token_path(self, analyst: str) -> Path:
+        return self._paths()["keys"] / f"analyst-{analyst}.token"
+
+    def token(self, analyst: str = "analyst") -> str:
+        return self.token_path(analyst).read_text().strip()
+
+    def _trust(self) -> dict[str, Any]:
+        return {
+            "allow_simulated": True,
+            "dev_root": str(self._paths()["dev"] / "dev-root.crt"),
+            "measurements": [self.measurement],
+        }
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        p = self._paths()
+        port_file = p["run"] / f"{name}.port"
+        port_file.unlink(missing_ok=True)
+        logf = open(p["logs"] / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        # Keep ~2 MiB frame buffers mapped instead of mmap/munmap per frame (measured in
+        # benchmarks/README.md: 5-10x fewer page faults on the sealed path). See docs/operations.md.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", "268435456")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sealroom.cli", "--log-level", "info", *args, "--port-file", str(port_file)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.state_dir,
+        )
+        logf.close()
+        self.procs[name] = proc
+        self._args[name] = args
+        return proc
+
+    def _wait_port(self, name: str, timeout: float = 60.0) -> str:
+        port_file = self._paths()["run"] / f"{name}.port"
+        deadline = time.monotonic() + timeout
+        proc = self.procs[name]
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise UnavailableError(
+                    f"{name} exited with status {proc.returncode} while starting; see {self.log_path(name)}"
+                )
+            if port_file.exists() and port_file.read_text().strip():
+                address = f"127.0.0.1:{int(port_file.read_text())}"
+                self.addresses[name] = address
+                return address
+            time.sleep(0.05)
+        raise UnavailableError(f"{name} did not start within {timeout:.0f} s; see {self.log_path(name)}")
+
+    def key_path(self, party: str) -> Path:
+        """The party's signing key (what ``sealroom approve/reject/revoke --key`` needs)."""
+        return self._paths()["keys"] / f"{party}.key"
+
+    def party_state_dir(self, party: str) -> Path:
+        """The party agent's own state: its witness state of the coordinator's log."""
+        return self.state_dir / "parties" / party
+
+    def log_path(self, name: str) -> Path:
+        return self._paths()["logs"] / f"{name}.log"
+
+    def start(self) -> Cluster:
+        from sealroom.rpc import wait_healthy
+
+        self.prepare()
+        p = self._paths()
+        self.log("starting the enclave worker (simulated attestation)")
+        self._spawn("enclave", ["enclave", "serve", "--config", str(p["config"] / "enclave.toml")])
+        enclave = self._wait_port("enclave")
+        coord_cfg = p["config"] / "coordinator.toml"
+        coord_cfg.write_text(
+            toml_table(
+                "coordinator",
+                {
+                    "listen": "127.0.0.1:0",
+                    "state_dir": str(self.state_dir / "coordinator"),
+                    "enclave": enclave,
+                    "party_timeout_seconds": self.party_timeout_seconds,
+                    "approval_timeout_seconds": self.approval_timeout_seconds,
+                },
+            )
+            + toml_table("trust", self._trust())
+            + toml_table("analysts", {a: token_hash(self.token(a)) for a in self.analysts})
+            + (toml_table("collaboration", self.collaboration.to_dict()) if self.collaboration is not None else "")
+        )
+        self.log("starting the coordinator")
+        self._spawn("coordinator", ["coordinator", "serve", "--config", str(coord_cfg)])
+        coordinator = self._wait_port("coordinator")
+        # The agents keep calling the coordinator (they witness its log before every approval), so a
+        # restart("coordinator") binds the port it got now: its config names it from here on.
+        coord_cfg.write_text(coord_cfg.read_text().replace('listen = "127.0.0.1:0"', f'listen = "{coordinator}"', 1))
+        for party in self.parties:
+            cfg = p["config"] / f"party-{party.name}.toml"
+            text = toml_table(
+                "party",
+                {
+                    "name": party.name,
+                    "listen": "127.0.0.1:0",
+                    "coordinator": coordinator,
+                    "signing_key": str(self.key_path(party.name)),
+                    "approval_ttl_seconds": party.approval_ttl_seconds,
+                    # What the agent co-signed of the coordinator's log, and the log key it trusted
+                    # on first use (docs/audit.md, "Witnesses").
+                    "state_dir": str(self.party_state_dir(party.name)),
+                },
+            ) + toml_table("trust", self._trust())
+            for d in party.datasets:
+                policy_file = p["config"] / f"policy-{party.name}.{d.name}.toml"
+                policy_file.write_text(d.policy.to_toml())
+                text += toml_table(
+                    "dataset",
+                    {"name": d.name, "source": d.source, "description": d.description, "policy": str(policy_file)},
+                    array=True,
+                )
+            cfg.write_text(text)
+            self.log(f"starting party agent {party.name}")
+            self._spawn(f"party-{party.name}", ["party", "serve", "--config", str(cfg)])
+        for party in self.parties:
+            self._wait_port(f"party-{party.name}")
+        for name in self.procs:
+            wait_healthy(self.addresses[name])
+        self.log(f"platform up: coordinator {coordinator}, enclave {enclave}, {len(self.parties)} party agents")
+        return self
+
+    def kill(self, name: str) -> None:
+        """Stop one component abruptly (SIGKILL), as a crash would."""
+        proc = self.procs[name]
+        proc.kill()
+        proc.wait()
+
+    def restart(self, name: str) -> str:
+        """Stop one component (if running) and start it again with the same configuration."""
+        from sealroom.rpc import wait_healthy
+
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)  # a graceful stop lets query threads record their end (seconds on a busy host)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # what is in flight is failed on restart anyway, from the durable state
+                proc.wait()
+        self._spawn(name, self._args[name])
+        address = self._wait_port(name)
+        wait_healthy(address)
+        return address
+
+    @property
+    def coordinator_address(self) -> str:
+        return self.addresses["coordinator"]
+
+    @property
+    def enclave_address(self) -> str:
+        return self.addresses["enclave"]
+
+    def client(self, analyst: str = "analyst") -> Any:
+        from sealroom.app.client import Client
+
+        return Client(self.coordinator_address, analyst=analyst, token=self.token(analyst))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> Cluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

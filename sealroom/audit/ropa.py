@@ -1,0 +1,1099 @@
+"""The record of processing activities (GDPR Article 30) of a collaboration, from a coordinator's state.
+
+Who declares what:
+
+- each data owner declares, per dataset, in its signed policy (``[processing]``,
+  :class:`sealroom.policy.ProcessingRecord`): the purposes the dataset may be used for, the lawful
+  basis, the categories of data subjects and of personal data, special categories and their Article
+  9(2) condition, the retention of the source data, the controller and a contact;
+- the coordinator's operator declares the collaboration (``[collaboration]`` in the coordinator's
+  config, :class:`Collaboration`): its name, its purpose (one purpose identifier, which each
+  dataset's ``processing.purposes`` must list), a description, a contact point, who operates the
+  platform, the categories of recipients, the retention of released results and of the log, and any
+  transfer to a third country. The coordinator publishes it at every start as
+  ``<state_dir>/collaboration.json`` (with the names of the analysts it authenticates) and logs the
+  SHA-256 of that document (``collaboration_declared``) whenever it changes.
+
+:func:`build_ropa` then derives the record from what the coordinator holds: the catalog (the
+owners' current policies, each checked against its ``dataset_registered`` entry), the transparency
+log (releases, refusals, revocations) and the release receipts (who received which release, which
+enclave or MPC ran it). The technical and organisational measures are taken from the real policies
+and receipts, not from a template. What the record needs and does not find is listed under
+``gaps``.
+
+What it reveals: identifiers, counts, dates, digests and what owners and operator declared for
+publication. Never a row value, a released value, a key, or the SQL text (which may hold literals):
+a reviewer reads those in the receipts (``sealroom audit show``).
+
+The JSON form is canonical (sorted keys, no insignificant whitespace) and versioned
+(``format: sealroom.audit.ropa``, ``version``); :func:`ropa_markdown` and :func:`ropa_html` render it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from sealroom.canonical import canonical_json
+from sealroom.config import Table
+from sealroom.policy import MAX_PROCESSING_TEXT, DatasetPolicy, is_purpose
+
+__all__ = [
+    "ROPA_FORMAT",
+    "ROPA_VERSION",
+    "COLLABORATION_FILE",
+    "Collaboration",
+    "collaboration_document",
+    "declaration_sha256",
+    "CoordinatorState",
+    "read_declaration",
+    "read_catalog",
+    "build_ropa",
+    "ropa_json",
+    "ropa_markdown",
+    "ropa_html",
+]
+
+ROPA_FORMAT = "sealroom.audit.ropa"
+ROPA_VERSION = 1
+COLLABORATION_FORMAT = "sealroom.collaboration"
+COLLABORATION_VERSION = 1
+COLLABORATION_FILE = "collaboration.json"  # published next to coordinator.db and log.json
+
+
+# --------------------------------------------------------------------------------------------------
+# The operator's declaration
+
+
+def _texts(t: Table, key: str, what: str) -> tuple[str, ...]:
+    value = t.doc.get(key, [])
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and v.strip() and len(v) <= MAX_PROCESSING_TEXT for v in value
+    ):
+        raise t._err(key, f"a list of {what} (non-empty strings of at most {MAX_PROCESSING_TEXT} characters)")
+    return tuple(value)
+
+
+def _opt_text(t: Table, key: str) -> str | None:
+    value = t.doc.get(key)
+    if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > MAX_PROCESSING_TEXT):
+        raise t._err(key, f"a non-empty string of at most {MAX_PROCESSING_TEXT} characters")
+    return value
+
+
+@dataclass(frozen=True)
+class Collaboration:
+    """The operator's ``[collaboration]``: what the record of processing says about the whole
+    collaboration (docs/configuration.md). ``purpose`` is a purpose identifier that every involved
+    dataset's ``[processing] purposes`` should list."""
+
+    name: str
+    purpose: str
+    description: str | None = None
+    contact: str | None = None
+    operator: str | None = None
+    recipients: tuple[str, ...] = ()
+    result_retention: str | None = None
+    log_retention: str | None = None
+    transfers: tuple[str, ...] = ()
+
+    KEYS = (
+        "name", "purpose", "description", "contact", "operator", "recipients", "result_retention",
+        "log_retention", "transfers",
+    )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """The declaration as JSON (and as the TOML table's keys): optional keys only when set."""
+        out: dict[str, Any] = {"name": self.name, "purpose": self.purpose}
+        for key in ("description", "contact", "operator", "result_retention", "log_retention"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.recipients:
+            out["recipients"] = list(self.recipients)
+        if self.transfers:
+            out["transfers"] = list(self.transfers)
+        return out
+
+    @classmethod
+    def from_table(cls, t: Table) -> Collaboration:
+        """Validate a ``[collaboration]`` table; a ConfigError names the file and the key."""
+        t.check_keys(set(cls.KEYS))
+        name = _opt_text(t, "name")
+        if name is None:
+            raise t._err("name", "the collaboration's name (a non-empty string)")
+        purpose = t.doc.get("purpose")
+        if not isinstance(purpose, str) or not is_purpose(purpose):
+            raise t._err(
+                "purpose",
+                'a purpose identifier (letters, digits and _ . : -, e.g. "credit_risk_statistics") that the '
+                "datasets' [processing] purposes list",
+            )
+        return cls(
+            name=name,
+            purpose=purpose,
+            description=_opt_text(t, "description"),
+            contact=_opt_text(t, "contact"),
+            operator=_opt_text(t, "operator"),
+            recipients=_texts(t, "recipients", "categories of recipients"),
+            result_retention=_opt_text(t, "result_retention"),
+            log_retention=_opt_text(t, "log_retention"),
+            transfers=_texts(t, "transfers", "transfers to third countries or international organisations"),
+        )
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], *, source: str = "<collaboration>") -> Collaboration:
+        return cls.from_table(Table(doc, source=source, prefix="collaboration."))
+
+
+def collaboration_document(collaboration: Collaboration | None, *, analysts: Sequence[str] | None) -> dict[str, Any]:
+    """What the coordinator publishes as ``collaboration.json``: the declaration (or null) and the
+    names of the analysts it authenticates (null: analysts are not authenticated)."""
+    return {
+        "format": COLLABORATION_FORMAT,
+        "version": COLLABORATION_VERSION,
+        "collaboration": collaboration.to_dict() if collaboration is not None else None,
+        "analysts": sorted(analysts) if analysts is not None else None,
+    }
+
+
+def declaration_sha256(document: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the published document's canonical JSON: what ``collaboration_declared`` logs."""
+    return hashlib.sha256(canonical_json(dict(document))).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a coordinator's state (read-only)
+
+
+def read_declaration(directory: Path) -> dict[str, Any] | None:
+    """The published ``collaboration.json`` (None when the coordinator published none: a state
+    directory from before it). ``ValueError`` when it is malformed."""
+    path = Path(directory) / COLLABORATION_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not JSON") from None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != COLLABORATION_FORMAT
+        or doc.get("version") != COLLABORATION_VERSION
+        or set(doc) != {"format", "version", "collaboration", "analysts"}
+    ):
+        raise ValueError(f"{path} is not a {COLLABORATION_FORMAT} document of version {COLLABORATION_VERSION}")
+    if doc["collaboration"] is not None:
+        Collaboration.from_dict(doc["collaboration"], source=str(path))  # ConfigError when malformed
+    analysts = doc["analysts"]
+    if analysts is not None and (not isinstance(analysts, list) or not all(isinstance(a, str) for a in analysts)):
+        raise ValueError(f"{path}: analysts must be a list of names or null")
+    return doc
+
+
+def read_catalog(directory: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The datasets (party, name, description, policy_json, policy_digest) and the parties (name ->
+    signing key hex) in ``directory/coordinator.db``, opened read-only."""
+    db = sqlite3.connect(f"{(Path(directory) / 'coordinator.db').resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT party, name, description, policy_json, policy_digest FROM datasets ORDER BY party, name"
+        ).fetchall()
+        parties = dict(db.execute("SELECT name, signing_public_key FROM parties ORDER BY name").fetchall())
+    finally:
+        db.close()
+    datasets = [
+        {"party": r[0], "name": r[1], "description": r[2], "policy_json": bytes(r[3]), "policy_digest": r[4]}
+        for r in rows
+    ]
+    return datasets, parties
+
+
+@dataclass(frozen=True)
+class CoordinatorState:
+    """What :func:`build_ropa` reads about one coordinator: its state directory, the log's export
+    (``sealroom.audit.tlog.export_store``), the log's verification status (``verified`` or the refusal),
+    the published declaration (:func:`read_declaration`), the catalog (:func:`read_catalog`), and
+    the verification status of each release's receipt (by the seq of its ``released`` entry)."""
+
+    directory: str
+    export: Mapping[str, Any]
+    log_status: str = "verified"
+    declaration: Mapping[str, Any] | None = None
+    datasets: Sequence[Mapping[str, Any]] = ()
+    parties: Mapping[str, str] = field(default_factory=dict)
+    receipt_status: Mapping[int, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the record
+
+
+def _iso_ms(ms: Any) -> str | None:
+    if type(ms) is not int:
+        return None
+    return _iso(ms / 1000)
+
+
+def _iso(ts: Any) -> str | None:
+    if not isinstance(ts, int | float) or isinstance(ts, bool):
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _get(doc: Any, *path: str) -> Any:
+    for key in path:
+        doc = doc.get(key) if isinstance(doc, Mapping) else None
+    return doc
+
+
+def _listed(doc: Any) -> list[Any]:
+    return doc if isinstance(doc, list) else []
+
+
+def _entries(export: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [e for e in _listed(export.get("entries")) if isinstance(e, Mapping) and isinstance(e.get("event"), Mapping)]
+
+
+def _gap(check: str, message: str, **where: Any) -> dict[str, Any]:
+    return {"check": check, "message": message, **{k: v for k, v in where.items() if v is not None}}
+
+
+def _safeguards(policy: DatasetPolicy) -> dict[str, Any]:
+    roles: dict[str, int] = {}
+    for rule in policy.columns.values():
+        roles[rule.role] = roles.get(rule.role, 0) + 1
+    bounded = sorted(
+        name
+        for name, rule in policy.columns.items()
+        if rule.role == "measure" and (rule.min is not None or rule.max is not None)
+    )
+    trust = policy.trust
+    return {
+        "privacy_unit": policy.privacy_unit,
+        "min_group_size": policy.min_group_size,
+        "dominance": policy.dominance.to_dict() if policy.dominance else None,
+        "approval": policy.approval,
+        "analysts": list(policy.analysts),
+        "column_roles": dict(sorted(roles.items())),
+        "default_role": policy.default_role,
+        "bounded_measures": bounded,
+        "enclave": {
+            "mpc_only": trust.mpc_only,
+            "allow_simulated": trust.allow_simulated,
+            "measurements": list(trust.measurements) if trust.measurements is not None else None,
+        },
+    }
+
+
+def _activity(entry: Mapping[str, Any], receipt: Any, status: str, purpose: str | None) -> dict[str, Any]:
+    """One release as a processing activity: who, what datasets, when, how many cells; no value."""
+    receipt = receipt if isinstance(receipt, Mapping) else {}
+    event = entry["event"]
+    datasets = sorted(
+        {
+            f"{d.get('party')}.{d.get('dataset')}"
+            for d in _listed(receipt.get("datasets"))
+            if isinstance(d, Mapping) and isinstance(d.get("party"), str) and isinstance(d.get("dataset"), str)
+        }
+    )
+    execution = []
+    for s in _listed(receipt.get("stages")):
+        if not isinstance(s, Mapping):
+            continue
+        if s.get("kind") == "tee":
+            execution.append(
+                {
+                    "stage": s.get("id"),
+                    "kind": "tee",
+                    "platform": s.get("format"),
+                    "measurement": s.get("measurement"),
+                    "simulated": bool(s.get("simulated")),
+                }
+            )
+        elif s.get("kind") == "mpc":
+            execution.append(
+                {
+                    "stage": s.get("id"),
+                    "kind": "mpc",
+                    "players": len(_listed(s.get("players"))),
+                    "threshold": _get(s, "result", "threshold"),
+                    "trust_assumption": s.get("trust_assumption"),
+                    "simulated": False,
+                }
+            )
+    rows = _get(receipt, "result", "rows")
+    return {
+        "query_id": event.get("query_id"),
+        "analyst": _get(receipt, "query", "analyst"),
+        "purpose": purpose,
+        "datasets": datasets,
+        "parties": sorted({d.split(".", 1)[0] for d in datasets}),
+        "approvals": len(_listed(receipt.get("approvals"))),
+        "submitted_at": _iso(_get(receipt, "timestamps", "submitted_at")),
+        "released_at": _iso(_get(receipt, "timestamps", "released_at")) or _iso_ms(entry.get("time_ms")),
+        "cells_released": rows if type(rows) is int else None,
+        "cells_suppressed": event.get("suppressed_cells"),
+        "execution": execution,
+        "simulated": bool(event.get("simulated")),
+        "status": status,
+        "log_entry": entry.get("seq"),
+    }
+
+
+def _record(state: CoordinatorState) -> dict[str, Any]:
+    export = state.export
+    entries = _entries(export)
+    receipts: Mapping[str, Any] = export["receipts"] if isinstance(export.get("receipts"), Mapping) else {}
+    gaps: list[dict[str, Any]] = []
+    origin = export.get("origin")
+
+    # -- the collaboration, as declared and as logged --------------------------------------------
+    doc = state.declaration
+    collaboration = _get(doc, "collaboration") if doc is not None else None
+    analysts = _get(doc, "analysts") if doc is not None else None
+    declared = [e for e in entries if e.get("type") == "collaboration_declared"]
+    declaration = None
+    if doc is not None:
+        digest = declaration_sha256(doc)
+        last = declared[-1] if declared else None
+        declaration = {
+            "sha256": digest,
+            "logged_entry": last.get("seq") if last is not None else None,
+            "logged_at": _iso_ms(last.get("time_ms")) if last is not None else None,
+            "matches_log": last is not None and last["event"].get("declaration_sha256") == digest,
+        }
+        if collaboration is not None and not declaration["matches_log"]:
+            gaps.append(
+                _gap(
+                    "declaration_not_logged",
+                    "the published collaboration.json is not the declaration that the log records last; restart "
+                    "the coordinator to log it, or find out who changed the file",
+                )
+            )
+    if collaboration is None:
+        gaps.append(
+            _gap(
+                "no_collaboration",
+                "the coordinator declares no [collaboration]: name, purpose, contact, recipients and retention "
+                "are missing from the record",
+            )
+        )
+    else:
+        for key, what in (
+            ("contact", "a contact point for data subjects (Article 26)"),
+            ("result_retention", "the retention of released results"),
+            ("log_retention", "the retention of the audit log"),
+        ):
+            if key not in collaboration:
+                gaps.append(_gap(f"no_{key}", f"[collaboration] {key} is not declared: {what}"))
+        if not collaboration.get("recipients"):
+            gaps.append(
+                _gap("no_recipients", "[collaboration] recipients is not declared: the categories of recipients")
+            )
+    purpose = collaboration.get("purpose") if isinstance(collaboration, Mapping) else None
+    if analysts is None:
+        gaps.append(
+            _gap(
+                "analysts_not_authenticated",
+                "the coordinator does not authenticate analysts ([analysts]): recipients are self-declared names",
+            )
+        )
+
+    # -- the log: registrations, releases and the events around them ------------------------------
+    registered: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[str(e.get("type"))] = counts.get(str(e.get("type")), 0) + 1
+        if e.get("type") == "dataset_registered":
+            ev = e["event"]
+            registered[(str(ev.get("party")), str(ev.get("dataset")), str(ev.get("policy_digest")))] = e
+    activities = []
+    for e in entries:
+        if e.get("type") != "released":
+            continue
+        seq = e.get("seq")
+        receipt = receipts.get(str(seq))
+        status = state.receipt_status.get(seq, "not verified") if type(seq) is int else "not verified"
+        activities.append(_activity(e, receipt, status, purpose))
+
+    # -- parties and their datasets ---------------------------------------------------------------
+    releases_of: dict[str, int] = {}
+    for a in activities:
+        for d in a["datasets"]:
+            releases_of[d] = releases_of.get(d, 0) + 1
+    datasets = []
+    controllers: dict[str, dict[str, Any]] = {}
+    for row in sorted(state.datasets, key=lambda r: (str(r.get("party")), str(r.get("name")))):
+        party, name = str(row.get("party")), str(row.get("name"))
+        qualified = f"{party}.{name}"
+        try:
+            policy = DatasetPolicy.from_json(bytes(row["policy_json"]))
+        except Exception:  # noqa: BLE001 - a catalog row the record cannot read is a gap, not a crash
+            gaps.append(_gap("policy_unreadable", f"the policy of {qualified} in the catalog cannot be read",
+                             party=party, dataset=name))  # fmt: skip
+            continue
+        digest = policy.digest()
+        logged = registered.get((party, name, digest))
+        if digest != row.get("policy_digest") or logged is None:
+            gaps.append(
+                _gap(
+                    "policy_not_logged",
+                    f"the policy of {qualified} in the catalog is not one that a dataset_registered entry records",
+                    party=party,
+                    dataset=name,
+                )
+            )
+        processing = policy.processing.to_dict() if policy.processing is not None else None
+        if processing is None:
+            gaps.append(
+                _gap(
+                    "no_processing_record",
+                    f"{party} declares no [processing] for {qualified}: purposes, lawful basis and categories "
+                    "of data are missing",
+                    party=party,
+                    dataset=name,
+                )
+            )
+        else:
+            if purpose is not None and purpose not in processing["purposes"]:
+                gaps.append(
+                    _gap(
+                        "purpose_not_declared",
+                        f"the collaboration's purpose {purpose} is not among the purposes {party} declares for "
+                        f"{qualified} ({', '.join(processing['purposes'])})",
+                        party=party,
+                        dataset=name,
+                    )
+                )
+            if "retention" not in processing:
+                gaps.append(
+                    _gap(
+                        "no_retention",
+                        f"{party} declares no retention for {qualified}",
+                        party=party,
+                        dataset=name,
+                    )
+                )
+            ctl = controllers.setdefault(party, {"party": party, "controller": None, "contact": None})
+            for key in ("controller", "contact"):
+                if processing.get(key) and ctl[key] is None:
+                    ctl[key] = processing[key]
+        controllers.setdefault(party, {"party": party, "controller": None, "contact": None})
+        datasets.append(
+            {
+                "party": party,
+                "dataset": name,
+                "description": row.get("description") or None,
+                "policy_digest": digest,
+                "registered_entry": logged.get("seq") if logged is not None else None,
+                "registered_at": _iso_ms(logged.get("time_ms")) if logged is not None else None,
+                "processing": processing,
+                "safeguards": _safeguards(policy),
+                "releases": releases_of.get(qualified, 0),
+            }
+        )
+    for party, ctl in controllers.items():
+        owner_key = state.parties.get(party)
+        ctl["owner_key_sha256"] = (
+            hashlib.sha256(bytes.fromhex(owner_key)).hexdigest() if isinstance(owner_key, str) else None
+        )
+        if ctl["controller"] is None:
+            gaps.append(_gap("no_controller", f"{party} names no controller in its datasets' [processing]",
+                             party=party))  # fmt: skip
+
+    # -- recipients -------------------------------------------------------------------------------
+    received: dict[str, dict[str, Any]] = {}
+    for a in activities:
+        who = a["analyst"] if isinstance(a["analyst"], str) else "?"
+        r = received.setdefault(who, {"analyst": who, "releases": 0, "first": a["released_at"], "last": None})
+        r["releases"] += 1
+        r["last"] = a["released_at"]
+    recipients = {
+        "declared": list(_get(collaboration, "recipients") or []),
+        "authorised_analysts": analysts,
+        "received_releases": [received[k] for k in sorted(received)],
+    }
+
+    # -- transfers, and the technical and organisational measures --------------------------------
+    tee = [x for a in activities for x in a["execution"] if x["kind"] == "tee"]
+    mpc = [x for a in activities for x in a["execution"] if x["kind"] == "mpc"]
+    simulated = [a for a in activities if a["simulated"]]
+    transfers = {
+        "third_countries": list(_get(collaboration, "transfers") or []),
+        "data_flows": [
+            "No row leaves a data owner in the clear: rows are sealed (HPKE, AES-256-GCM) to an enclave whose "
+            "attestation the owner verified itself, for a plan the owner signed; on MPC stages only secret "
+            "shares of partial aggregates leave the owner.",
+            "The coordinator and its operator see plans, approvals, ciphertexts and released aggregates, "
+            "never rows or keys.",
+            "Only aggregates that pass every involved owner's disclosure rules leave the enclave or the MPC, "
+            "to the analyst who submitted the query.",
+        ],
+        "stages": {"tee": len(tee), "mpc": len(mpc)},
+    }
+    technical = _technical(datasets, tee, mpc, export, state.log_status, len(activities))
+    organisational = _organisational(datasets, analysts, counts)
+    if simulated:
+        gaps.append(
+            _gap(
+                "simulated_attestation",
+                f"{len(simulated)} release(s) ran under SIMULATED attestation: no TEE protected them "
+                "(development only)",
+            )
+        )
+    if state.log_status != "verified":
+        gaps.append(_gap("log_not_verified", f"the log does not verify: {state.log_status}"))
+    unverified = [a["query_id"] for a in activities if a["status"] != "verified"]
+    if unverified:
+        gaps.append(
+            _gap(
+                "receipt_not_verified",
+                f"{len(unverified)} release(s) whose receipt does not verify: {', '.join(map(str, unverified))}",
+            )
+        )
+
+    released_at = [a["released_at"] for a in activities if a["released_at"]]
+    summary = {
+        "releases": len(activities),
+        "cells_released": sum(a["cells_released"] or 0 for a in activities),
+        "cells_suppressed": sum(a["cells_suppressed"] or 0 for a in activities),
+        "queries_submitted": counts.get("query_submitted", 0),
+        "queries_refused": counts.get("query_refused", 0),
+        "rejected_by_owners": counts.get("rejected", 0),
+        "approvals": counts.get("approved", 0),
+        "approvals_revoked": counts.get("approval_revoked", 0),
+        "approvals_lapsed": counts.get("approval_lapsed", 0),
+        "first_release": min(released_at) if released_at else None,
+        "last_release": max(released_at) if released_at else None,
+    }
+    return {
+        "log": {
+            "origin": origin,
+            "directory": state.directory,
+            "entries": len(_listed(export.get("entries"))),
+            "status": state.log_status,
+        },
+        "as_of": _iso_ms(entries[-1].get("time_ms")) if entries else None,
+        "collaboration": collaboration,
+        "declaration": declaration,
+        "controllers": [controllers[p] for p in sorted(controllers)],
+        "datasets": datasets,
+        "recipients": recipients,
+        "activities": activities,
+        "summary": summary,
+        "transfers": transfers,
+        "measures": {"technical": technical, "organisational": organisational},
+        "gaps": gaps,
+    }
+
+
+def _m(mid: str, text: str) -> dict[str, str]:
+    return {"id": mid, "text": text}
+
+
+def _technical(
+    datasets: list[dict[str, Any]],
+    tee: list[dict[str, Any]],
+    mpc: list[dict[str, Any]],
+    export: Mapping[str, Any],
+    log_status: str,
+    releases: int,
+) -> list[dict[str, str]]:
+    out = [
+        _m(
+            "sealed_transport",
+            "TLS between components, and end-to-end encryption of every party's rows to the enclave's job key "
+            "(HPKE, RFC 9180; AES-256-GCM batches whose associated data binds job, party, dataset and sequence).",
+        )
+    ]
+    if tee:
+        platforms = sorted({"no TEE (simulated)" if x["simulated"] else str(x["platform"]) for x in tee})
+        measurements = sorted({str(x["measurement"]) for x in tee})
+        sim = sum(1 for x in tee if x["simulated"])
+        out.append(
+            _m(
+                "attested_enclave",
+                f"{len(tee)} enclave stage(s) on {', '.join(platforms)}, measurement(s) {', '.join(measurements)}; "
+                "each owner verified the attestation evidence against its own trust policy before sealing its "
+                "rows to the enclave" + (f"; {sim} stage(s) under SIMULATED attestation (no TEE)" if sim else "") + ".",
+            )
+        )
+    if mpc:
+        players = sorted({int(x["players"]) for x in mpc})
+        out.append(
+            _m(
+                "mpc",
+                f"{len(mpc)} MPC stage(s) with {', '.join(map(str, players))} players: Shamir secret sharing "
+                "(MPyC), secure against a semi-honest minority (t < m/2); only cells that pass the minimum "
+                "group size are opened.",
+            )
+        )
+    for d in datasets:
+        s = d["safeguards"]
+        parts = [
+            f"cells need at least {s['min_group_size']} distinct "
+            + (f"{s['privacy_unit']} values" if s["privacy_unit"] else "rows (no privacy unit declared)")
+        ]
+        if s["dominance"]:
+            parts.append(f"dominance rule (n = {s['dominance']['n']}, k = {s['dominance']['k']:g} %)")
+        if s["bounded_measures"]:
+            parts.append(f"measures clamped to declared bounds: {', '.join(s['bounded_measures'])}")
+        roles = ", ".join(f"{n} {r}" for r, n in s["column_roles"].items())
+        parts.append(f"column roles: {roles or 'none listed'} (other columns: {s['default_role']})")
+        enclave = s["enclave"]
+        if enclave["mpc_only"]:
+            parts.append("never sent to an enclave (MPC only)")
+        elif enclave["measurements"] is not None:
+            parts.append(f"only to enclave measurement(s) {', '.join(enclave['measurements']) or '(none)'}")
+        if enclave["allow_simulated"] is False:
+            parts.append("simulated attestation refused")
+        out.append(_m(f"disclosure:{d['party']}.{d['dataset']}", f"{d['party']}.{d['dataset']}: " + "; ".join(parts)))
+    if datasets:
+        strictest = max(d["safeguards"]["min_group_size"] for d in datasets)
+        out.append(
+            _m(
+                "strictest_rule",
+                f"When several owners are involved the strictest rule wins: minimum group size up to {strictest}; "
+                "suppressed cells are released without their values.",
+            )
+        )
+    out.append(
+        _m(
+            "transparency_log",
+            f"Tamper-evident log {export.get('origin')} (RFC 6962 Merkle tree, signed checkpoints): "
+            f"{len(_listed(export.get('entries')))} entries, status {log_status}; {releases} release receipt(s) "
+            "bind the plan, the owners' approvals, the attestation and the disclosure decisions.",
+        )
+    )
+    return out
+
+
+def _organisational(datasets: list[dict[str, Any]], analysts: Any, counts: Mapping[str, int]) -> list[dict[str, str]]:
+    manual = [f"{d['party']}.{d['dataset']}" for d in datasets if d["safeguards"]["approval"] == "manual"]
+    auto = [f"{d['party']}.{d['dataset']}" for d in datasets if d["safeguards"]["approval"] == "auto"]
+    out = [
+        _m(
+            "owner_approval",
+            "Every plan is signed (Ed25519) by each involved owner before any data moves"
+            + (f"; a person approves each query for {', '.join(manual)}" if manual else "")
+            + (f"; the owner's agent approves by policy for {', '.join(auto)}" if auto else "")
+            + f". Logged: {counts.get('approved', 0)} approval(s), {counts.get('approval_revoked', 0)} revoked, "
+            f"{counts.get('approval_lapsed', 0)} lapsed, {counts.get('rejected', 0)} rejection(s).",
+        ),
+        _m(
+            "analyst_access",
+            (
+                f"Analysts authenticate with tokens; authorised: {', '.join(analysts) or 'none'}"
+                if isinstance(analysts, list)
+                else "Analysts are NOT authenticated (names are self-declared)"
+            )
+            + "; each dataset's policy lists the analysts it allows.",
+        ),
+        _m(
+            "query_review",
+            "The planner refuses a query that a policy does not allow before anything is sent "
+            f"({counts.get('query_refused', 0)} refused and logged); the enclave re-checks every plan itself.",
+        ),
+    ]
+    return out
+
+
+def build_ropa(states: Sequence[CoordinatorState]) -> dict[str, Any]:
+    """The record of processing of every coordinator (one collaboration each) in ``states``."""
+    records = [_record(s) for s in states]
+    times = [r["as_of"] for r in records if r["as_of"]]
+    return {
+        "format": ROPA_FORMAT,
+        "version": ROPA_VERSION,
+        "as_of": max(times) if times else None,
+        "records": records,
+    }
+
+
+def ropa_json(doc: Mapping[str, Any]) -> str:
+    """The canonical JSON text of the record (sorted keys, no insignificant whitespace), with a newline."""
+    return canonical_json(dict(doc)).decode("utf-8") + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _md(value: Any) -> str:
+    """Markdown-escaped text for a table cell or a line (declared text is not trusted markup)."""
+    text = "" if value is None else str(value)
+    text = " ".join(text.split())
+    for ch in "\\`*[]<>|#":
+        text = text.replace(ch, "\\" + ch)
+    # An underscore inside a word (bank_a) is never emphasis in CommonMark; one at a word's edge may be.
+    text = re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", text)
+    return text or "—"
+
+
+def _md_list(values: Any) -> str:
+    return ", ".join(_md(v) for v in _listed(values)) or "—"
+
+
+def _code(value: Any) -> str:
+    text = "" if value is None else str(value).replace("`", "'")
+    return f"`{text}`" if text else "—"
+
+
+def _md_row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [_md_row(*head), _md_row(*("---" for _ in head)), *(_md_row(*r) for r in rows)]
+
+
+def _special(p: Mapping[str, Any]) -> str | None:
+    special = ", ".join(p.get("special_categories") or [])
+    return f"{special} (Art. 9(2): {p.get('special_category_condition')})" if special else None
+
+
+def ropa_markdown(doc: Mapping[str, Any]) -> str:
+    """The record as Markdown (one section per collaboration)."""
+    out = ["# Record of processing activities (GDPR Article 30)", ""]
+    out.append(f"Generated by Sealroom from the coordinators' state, as of {_md(doc.get('as_of'))}.")
+    out.append("No row value, released value, key or SQL text appears in this record.")
+    for rec in _listed(doc.get("records")):
+        c = rec.get("collaboration") or {}
+        out += ["", f"## {_md(c.get('name') or 'Undeclared collaboration')}", ""]
+        log = rec["log"]
+        out.append(f"- Log: {_code(log['origin'])}, {log['entries']} entries, status: {_md(log['status'])}")
+        out.append(f"- State directory: {_code(log['directory'])}")
+        decl = rec.get("declaration")
+        if decl:
+            where = (
+                f"logged at entry {decl['logged_entry']} ({decl['logged_at']})"
+                if decl["logged_entry"] is not None
+                else "not logged"
+            )
+            differs = "" if decl["matches_log"] else " (differs from the log)"
+            out.append(f"- Declaration: sha256 {_code(decl['sha256'])}, {where}{differs}")
+
+        out += ["", "### The collaboration", ""]
+        out.append(f"- Purpose: {_code(c.get('purpose'))}")
+        for label, key in (
+            ("Description", "description"),
+            ("Contact", "contact"),
+            ("Operator", "operator"),
+            ("Retention of released results", "result_retention"),
+            ("Retention of the log", "log_retention"),
+        ):
+            out.append(f"- {label}: {_md(c.get(key))}")
+
+        out += ["", "### Controllers", ""]
+        out += _md_table(
+            ("party", "controller", "contact", "owner key (sha256)"),
+            [
+                (_code(x["party"]), _md(x["controller"]), _md(x["contact"]), _code(x["owner_key_sha256"]))
+                for x in rec["controllers"]
+            ],
+        )
+
+        out += ["", "### Datasets and categories of data", ""]
+        rows = []
+        for d in rec["datasets"]:
+            p = d.get("processing") or {}
+            rows.append(
+                (
+                    _code(f"{d['party']}.{d['dataset']}"),
+                    ", ".join(_code(x) for x in p.get("purposes") or []) or "—",
+                    _md(p.get("legal_basis")),
+                    _md_list(p.get("data_subjects")),
+                    _md_list(p.get("personal_data")),
+                    _md(_special(p)),
+                    _md(p.get("retention")),
+                    str(d["releases"]),
+                )
+            )
+        out += _md_table(
+            ("dataset", "purposes", "lawful basis", "data subjects", "personal data", "special categories",
+             "retention", "releases"),
+            rows,
+        )  # fmt: skip
+
+        r = rec["recipients"]
+        authorised = r["authorised_analysts"]
+        out += ["", "### Recipients", ""]
+        out.append(f"- Declared: {_md_list(r['declared'])}")
+        if isinstance(authorised, list):
+            out.append(f"- Authorised analysts: {', '.join(_code(a) for a in authorised) or 'none'}")
+        else:
+            out.append("- Authorised analysts: not authenticated (self-declared names)")
+        for x in r["received_releases"]:
+            out.append(
+                f"- {_code(x['analyst'])} received {x['releases']} release(s), {_md(x['first'])} to {_md(x['last'])}"
+            )
+
+        s = rec["summary"]
+        out += ["", "### Processing activities (releases)", ""]
+        out.append(_summary_text(s))
+        if rec["activities"]:
+            out.append("")
+            out += _md_table(
+                ("query", "analyst", "purpose", "datasets", "released (UTC)", "cells", "suppressed", "execution",
+                 "receipt"),
+                [
+                    (
+                        _code(a["query_id"]),
+                        _code(a["analyst"]),
+                        _code(a["purpose"]),
+                        ", ".join(_code(x) for x in a["datasets"]),
+                        _md(a["released_at"]),
+                        _md(a["cells_released"]),
+                        _md(a["cells_suppressed"]),
+                        _md(_execution_text(a["execution"])),
+                        _md(a["status"]),
+                    )
+                    for a in rec["activities"]
+                ],
+            )  # fmt: skip
+
+        t = rec["transfers"]
+        third = _md_list(t["third_countries"]) if t["third_countries"] else "none declared"
+        out += ["", "### Transfers", ""]
+        out.append(f"- To third countries or international organisations: {third}")
+        out += [f"- {_md(line)}" for line in t["data_flows"]]
+
+        out += ["", "### Technical and organisational measures", ""]
+        for kind in ("technical", "organisational"):
+            out += [f"- ({kind}) {_md(m['text'])}" for m in rec["measures"][kind]]
+
+        out += ["", "### Gaps", ""]
+        if not rec["gaps"]:
+            out.append("None: every item of the record is declared and verified.")
+        out += [f"- {_code(g['check'])}: {_md(g['message'])}" for g in rec["gaps"]]
+    return "\n".join(out) + "\n"
+
+
+def _n(count: Any, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+def _summary_text(s: Mapping[str, Any]) -> str:
+    """The processing activities' counts in one sentence (numbers only)."""
+    return (
+        f"{_n(s['releases'], 'release', 'releases')}, {_n(s['cells_released'], 'cell', 'cells')} released, "
+        f"{s['cells_suppressed']} suppressed; {_n(s['queries_submitted'], 'query', 'queries')} planned, "
+        f"{s['queries_refused']} refused by the planner, {s['rejected_by_owners']} rejected by owners; "
+        f"{_n(s['approvals'], 'approval', 'approvals')}, {s['approvals_revoked']} revoked, "
+        f"{s['approvals_lapsed']} lapsed."
+    )
+
+
+def _execution_text(execution: Sequence[Mapping[str, Any]]) -> str:
+    parts = []
+    for x in execution:
+        if x.get("kind") == "tee":
+            parts.append("enclave, SIMULATED attestation" if x.get("simulated") else f"enclave, {x.get('platform')}")
+        else:
+            parts.append(f"MPC, {x.get('players')} players")
+    return "; ".join(parts) or "—"
+
+
+HTML_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:80em;color:#222}"
+    "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #bbb;padding:.25em .5em;"
+    "text-align:left;vertical-align:top}code{font-size:.9em}"
+    ".ok{color:#065f46;font-weight:bold}.bad{color:#b91c1c;font-weight:bold}"
+    "section{border-top:2px solid #ddd;margin-top:1.5em}"
+)
+
+
+def ropa_html(doc: Mapping[str, Any]) -> str:
+    """One self-contained HTML page (no script, no external resource); every value is escaped."""
+
+    def e(v: Any) -> str:
+        return escape("" if v is None else str(v), quote=True)
+
+    def row(*cells: Any, head: bool = False, status: int | None = None) -> str:
+        """A table row; the cell at index ``status`` is styled as a verification status."""
+        tag = "th" if head else "td"
+        out = []
+        for i, c in enumerate(cells):
+            cls = f' class="{"ok" if c == "verified" else "bad"}"' if i == status else ""
+            out.append(f"<{tag}{cls}>{e(c)}</{tag}>")
+        return "<tr>" + "".join(out) + "</tr>"
+
+    def dash(v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            return ", ".join(map(str, v)) or "—"
+        return "—" if v is None or v == "" else v
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>Record of processing activities</title>",
+        f"<style>{HTML_STYLE}</style></head><body>",
+        "<h1>Record of processing activities (GDPR Article 30)</h1>",
+        f"<p>Generated by Sealroom from the coordinators' state, as of {e(dash(doc.get('as_of')))}. "
+        "No row value, released value, key or SQL text appears in this record.</p>",
+    ]
+    for n, rec in enumerate(_listed(doc.get("records"))):
+        c = rec.get("collaboration") or {}
+        log = rec["log"]
+        status_cls = "ok" if log["status"] == "verified" else "bad"
+        parts.append(f'<section id="record-{n}"><h2>{e(c.get("name") or "Undeclared collaboration")}</h2>')
+        parts.append("<table>")
+        parts.append(f"<tr><th>log</th><td>{e(log['origin'])}</td></tr>")
+        parts.append(f'<tr><th>log status</th><td class="{status_cls}">{e(log["status"])}</td></tr>')
+        parts.append(f"<tr><th>entries</th><td>{e(log['entries'])}</td></tr>")
+        decl = rec.get("declaration")
+        if decl:
+            where = (
+                f"logged at entry {decl['logged_entry']} ({decl['logged_at']})"
+                if decl["logged_entry"] is not None
+                else "not logged"
+            )
+            parts.append(f"<tr><th>declaration</th><td>sha256 {e(decl['sha256'])}, {e(where)}</td></tr>")
+        for label, key in (
+            ("purpose", "purpose"),
+            ("description", "description"),
+            ("contact", "contact"),
+            ("operator", "operator"),
+            ("retention of released results", "result_retention"),
+            ("retention of the log", "log_retention"),
+        ):
+            parts.append(f"<tr><th>{e(label)}</th><td>{e(dash(c.get(key)))}</td></tr>")
+        parts.append("</table>")
+
+        parts.append("<h3>Controllers</h3><table>")
+        parts.append(row("party", "controller", "contact", "owner key (sha256)", head=True))
+        for ctl in rec["controllers"]:
+            parts.append(
+                row(ctl["party"], dash(ctl["controller"]), dash(ctl["contact"]), dash(ctl["owner_key_sha256"]))
+            )
+        parts.append("</table>")
+
+        parts.append("<h3>Datasets and categories of data</h3><table>")
+        parts.append(
+            row(
+                "dataset",
+                "purposes",
+                "lawful basis",
+                "data subjects",
+                "personal data",
+                "special categories",
+                "retention",
+                "safeguards",
+                "releases",
+                head=True,
+            )  # fmt: skip
+        )
+        for d in rec["datasets"]:
+            p = d.get("processing") or {}
+            special = _special(p)
+            s = d["safeguards"]
+            safeguards = (
+                f"min group size {s['min_group_size']}"
+                + (f", dominance n={s['dominance']['n']} k={s['dominance']['k']:g}%" if s["dominance"] else "")
+                + f", approval {s['approval']}"
+            )
+            parts.append(
+                row(
+                    f"{d['party']}.{d['dataset']}",
+                    dash(p.get("purposes")),
+                    dash(p.get("legal_basis")),
+                    dash(p.get("data_subjects")),
+                    dash(p.get("personal_data")),
+                    dash(special),
+                    dash(p.get("retention")),
+                    safeguards,
+                    d["releases"],
+                )
+            )
+        parts.append("</table>")
+
+        r = rec["recipients"]
+        authorised = r["authorised_analysts"]
+        parts.append("<h3>Recipients</h3><table>")
+        parts.append(f"<tr><th>declared</th><td>{e(dash(r['declared']))}</td></tr>")
+        parts.append(
+            "<tr><th>authorised analysts</th><td>"
+            + e(dash(authorised) if isinstance(authorised, list) else "not authenticated")
+            + "</td></tr>"
+        )
+        for x in r["received_releases"]:
+            parts.append(
+                f"<tr><th>analyst {e(x['analyst'])}</th><td>received {e(x['releases'])} release(s), "
+                f"{e(x['first'])} to {e(x['last'])}</td></tr>"
+            )
+        parts.append("</table>")
+
+        s = rec["summary"]
+        parts.append("<h3>Processing activities (releases)</h3>")
+        parts.append(f"<p>{e(_summary_text(s))}</p>")
+        parts.append('<table class="activities">')
+        parts.append(
+            row(
+                "query",
+                "analyst",
+                "purpose",
+                "datasets",
+                "released (UTC)",
+                "cells",
+                "suppressed",
+                "execution",
+                "receipt",
+                head=True,
+            )  # fmt: skip
+        )
+        for a in rec["activities"]:
+            parts.append(
+                row(
+                    a["query_id"],
+                    a["analyst"],
+                    dash(a["purpose"]),
+                    dash(a["datasets"]),
+                    dash(a["released_at"]),
+                    dash(a["cells_released"]),
+                    dash(a["cells_suppressed"]),
+                    _execution_text(a["execution"]),
+                    a["status"],
+                    status=8,
+                )
+            )
+        parts.append("</table>")
+
+        t = rec["transfers"]
+        parts.append("<h3>Transfers</h3><ul>")
+        parts.append(
+            "<li>To third countries or international organisations: "
+            + e(dash(t["third_countries"]) if t["third_countries"] else "none declared")
+            + "</li>"
+        )
+        parts += [f"<li>{e(line)}</li>" for line in t["data_flows"]]
+        parts.append("</ul>")
+
+        parts.append("<h3>Technical and organisational measures</h3><table>")
+        for kind in ("technical", "organisational"):
+            for m in rec["measures"][kind]:
+                parts.append(row(kind, m["text"]))
+        parts.append("</table>")
+
+        parts.append("<h3>Gaps</h3>")
+        if not rec["gaps"]:
+            parts.append('<p class="ok">None: every item of the record is declared and verified.</p>')
+        else:
+            parts.append('<table class="gaps">' + row("check", "what is missing", head=True))
+            parts += [row(g["check"], g["message"]) for g in rec["gaps"]]
+            parts.append("</table>")
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,478 @@
+"""The public description of one MPC stage, identical for every player, and what follows from it.
+
+Nothing here is secret: the group domain, the aggregates asked for, the measures' declared bounds
+and fixed-point scales, the rule, and the players. Every player derives the same :class:`Layout`
+(which vectors each input-holding player secret-shares, their bit lengths, what is opened) from the
+same :class:`StageSpec`, so the players run identical programs (MPyC matches messages by a program
+counter).
+
+Encoding. A measure value ``v`` is clamped to its declared ``[min, max]`` and encoded as the
+integer ``round(v * 10**decimals)`` (the *scale* is ``10**decimals``). Sums, sums of squares, minima
+and maxima are exact on these integers. Bit lengths come from the declared bounds and
+``max_rows`` (the most rows one party may hold in one group), never from the data, so they reveal
+nothing and no sum can silently wrap; a party whose data exceeds ``max_rows`` is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sealroom.canonical import canonical_json
+
+SPEC_VERSION = 1
+# COUNT(col) counts non-null values of col; COUNT(*) is ``count`` without a column.
+AGGREGATES = ("count", "sum", "avg", "var_samp", "var_pop", "stddev_samp", "stddev_pop", "min", "max")
+# A party computes its partials with DuckDB in HUGEINT (signed 128 bits): keep every local partial
+# within this many bits (a sum of squares of large, finely scaled values can exceed it: refused).
+MAX_LOCAL_BITS = 120
+# The secure program's integer type; generous, but a bound keeps a careless spec from asking for
+# thousand-bit fields.
+MAX_SECURE_BITS = 400
+MAX_FIXED_POINT_BITS = 600
+DEFAULT_MAX_ROWS = 2**32 - 1
+# Relative precision (bits) of the few results divided inside the MPC (AVG/VAR with no count opened).
+FRACTION_BITS = 40
+
+
+def trust_assumption(players: Sequence[Player], threshold: int) -> str:
+    """The trust assumption, in words, for plans, explain and release records."""
+    m = len(players)
+    colluders = threshold + 1
+    helpers = [p.name for p in players if not p.holds_input]
+    text = (
+        f"semi-honest, honest majority: no {colluders} of the {m} players collude "
+        f"(Shamir secret sharing, threshold t={threshold}, MPyC); players follow the protocol"
+    )
+    if helpers:
+        text += f"; helper players holding no input: {', '.join(helpers)}"
+    return text
+
+
+@dataclass(frozen=True)
+class Player:
+    """One MPC player: ``name`` is the party (or helper) that runs it; ``holds_input`` is False for a
+    helper player that only computes (it adds no input, so it cannot change the result)."""
+
+    name: str
+    holds_input: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "holds_input": self.holds_input}
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A measure column's public encoding: declared bounds (from the owners' policies, the
+    strictest), the fixed-point scale ``10**decimals``, and whether it may hold NULLs."""
+
+    column: str
+    min: float
+    max: float
+    decimals: int = 0
+    nullable: bool = True
+
+    @property
+    def scale(self) -> int:
+        return 10**self.decimals
+
+    @property
+    def lo(self) -> int:
+        return math.floor(self.min * self.scale)
+
+    @property
+    def hi(self) -> int:
+        return math.ceil(self.max * self.scale)
+
+    @property
+    def magnitude(self) -> int:
+        return max(abs(self.lo), abs(self.hi))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "column": self.column,
+            "min": self.min,
+            "max": self.max,
+            "decimals": self.decimals,
+            "nullable": self.nullable,
+        }
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One output column: ``func`` over ``column`` (None only for COUNT(*)), released as ``name``."""
+
+    name: str
+    func: str
+    column: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "func": self.func, "column": self.column}
+
+
+@dataclass(frozen=True)
+class GroupColumn:
+    """A group-by column. ``bins`` (ascending edges) turns a numeric column into bins
+    ``[e0, e1), [e1, e2), ...`` labelled ``"[e0, e1)"``; without bins the values are the keys."""
+
+    name: str
+    bins: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "bins": list(self.bins) if self.bins is not None else None}
+
+    def labels(self) -> list[str]:
+        assert self.bins is not None
+        return [bin_label(lo, hi) for lo, hi in zip(self.bins, self.bins[1:], strict=False)]
+
+
+def bin_label(lo: float, hi: float) -> str:
+    def fmt(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+    return f"[{fmt(lo)}, {fmt(hi)})"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything public about one MPC stage (see the module docstring).
+
+    - ``domain``: the ordered, public group keys (tuples, one value per group-by column); every
+      input-holding player contributes a vector over exactly this domain.
+    - ``min_group_size`` (k) and ``threshold_on``: ``"rows"`` compares each group's total row count
+      with k; ``"units"`` compares distinct privacy units (``unit_column``). Distinct units add up
+      across players only if no unit appears at two players: set ``units_disjoint`` then;
+      otherwise a group passes only if some single player holds at least k units in it (a safe
+      lower bound on the true distinct count).
+    - ``threshold``: Shamir threshold t (at most t players may collude); default ``(m - 1) // 2``.
+    """
+
+    session_id: str
+    group_by: tuple[GroupColumn, ...]
+    domain: tuple[tuple[Any, ...], ...]
+    aggregates: tuple[Aggregate, ...]
+    players: tuple[Player, ...]
+    measures: tuple[Measure, ...] = ()
+    min_group_size: int = 5
+    threshold_on: str = "rows"
+    unit_column: str | None = None
+    units_disjoint: bool = False
+    max_rows: int = DEFAULT_MAX_ROWS
+    threshold: int | None = None
+    fraction_bits: int = FRACTION_BITS
+    _layout: Layout | None = field(default=None, init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.threshold is None:
+            object.__setattr__(self, "threshold", (len(self.players) - 1) // 2)
+        object.__setattr__(self, "_layout", _validate(self))
+
+    @property
+    def t(self) -> int:
+        assert self.threshold is not None  # set in __post_init__
+        return self.threshold
+
+    @property
+    def layout(self) -> Layout:
+        assert self._layout is not None
+        return self._layout
+
+    @property
+    def input_players(self) -> tuple[int, ...]:
+        return tuple(i for i, p in enumerate(self.players) if p.holds_input)
+
+    def measure(self, column: str) -> Measure:
+        for m in self.measures:
+            if m.column == column:
+                return m
+        raise KeyError(column)
+
+    def trust_assumption(self) -> str:
+        return trust_assumption(self.players, self.t)
+
+    def explain(self) -> dict[str, Any]:
+        """Who sees what, for ``explain`` and plans: players (helpers marked), the threshold and
+        the assumption in words, the rule applied inside the MPC, and what is opened."""
+        lay = self.layout
+        opened = ["the pass/suppress pattern over the public group domain"]
+        for a in self.aggregates:
+            what = f"{a.func.upper()}({a.column or '*'})"
+            if a.column in lay.divided and a.func not in ("count", "sum", "min", "max"):
+                what += " (divided inside the MPC; only the quotient is opened)"
+            opened.append(f"{what} of passing groups, as {a.name}")
+        if lay.null_flags:
+            opened.append(f"whether {', '.join(lay.null_flags)} has no value in a passing group (shown as NULL)")
+        return {
+            "kind": "mpc",
+            "players": [{"index": i, **p.to_dict()} for i, p in enumerate(self.players)],
+            "threshold": self.t,
+            "trust_assumption": self.trust_assumption(),
+            "rule": {
+                "min_group_size": self.min_group_size,
+                "on": self.threshold_on,
+                "combine": "any_player" if lay.cap == 1 and self.threshold_on == "units" else "sum",
+            },
+            "groups": len(self.domain),
+            "opened": opened,
+            "never_opened": "any party's own partials; any value of a suppressed group",
+            "transport": "mutual TLS with per-session certificates (MPyC --ssl)",
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": SPEC_VERSION,
+            "session_id": self.session_id,
+            "group_by": [g.to_dict() for g in self.group_by],
+            "domain": [list(k) for k in self.domain],
+            "aggregates": [a.to_dict() for a in self.aggregates],
+            "players": [p.to_dict() for p in self.players],
+            "measures": [m.to_dict() for m in self.measures],
+            "min_group_size": self.min_group_size,
+            "threshold_on": self.threshold_on,
+            "unit_column": self.unit_column,
+            "units_disjoint": self.units_disjoint,
+            "max_rows": self.max_rows,
+            "threshold": self.t,
+            "fraction_bits": self.fraction_bits,
+        }
+
+    def digest(self) -> str:
+        return hashlib.sha256(canonical_json(self.to_dict())).hexdigest()
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> StageSpec:
+        """The spec a plan carries (``to_dict()``); InvalidQueryError when it is malformed or invalid."""
+        if not isinstance(doc, Mapping) or doc.get("version") != SPEC_VERSION:
+            raise _refuse(f"MPC stage spec version must be {SPEC_VERSION}", rule="version")
+        try:
+            return cls._from_dict(doc)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if type(exc).__name__ == "InvalidQueryError":
+                raise
+            raise _refuse(f"plan is inconsistent: malformed MPC stage spec ({type(exc).__name__})") from None
+
+    @classmethod
+    def _from_dict(cls, doc: Mapping[str, Any]) -> StageSpec:
+        return cls(
+            session_id=str(doc["session_id"]),
+            group_by=tuple(
+                GroupColumn(g["name"], tuple(g["bins"]) if g.get("bins") is not None else None) for g in doc["group_by"]
+            ),
+            domain=tuple(tuple(k) for k in doc["domain"]),
+            aggregates=tuple(Aggregate(a["name"], a["func"], a.get("column")) for a in doc["aggregates"]),
+            players=tuple(Player(p["name"], bool(p["holds_input"])) for p in doc["players"]),
+            measures=tuple(
+                Measure(m["column"], m["min"], m["max"], int(m["decimals"]), bool(m["nullable"]))
+                for m in doc["measures"]
+            ),
+            min_group_size=int(doc["min_group_size"]),
+            threshold_on=str(doc["threshold_on"]),
+            unit_column=doc.get("unit_column"),
+            units_disjoint=bool(doc["units_disjoint"]),
+            max_rows=int(doc["max_rows"]),
+            threshold=int(doc["threshold"]),
+            fraction_bits=int(doc["fraction_bits"]),
+        )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the secure program does, derived from a :class:`StageSpec` (identical at every player).
+
+    - ``counts``: for each measure, the vector that counts its non-null values (``"rows"`` when
+      the measure is not nullable, so an opened COUNT(*) makes its AVG/VAR cheap);
+    - ``rows``: names of the exact integer vectors each input holder shares, stacked as one
+      ``len(rows) x groups`` matrix: ``"rows"`` (row count), ``"n:c"`` (non-null count of c),
+      ``"s:c"`` (sum), ``"q:c"`` (sum of squares); ``extrema``: ``"min:c"``/``"max:c"`` vectors.
+    - ``cap``/``cut``/``cmp_bits``: each holder shares ``min(its count, cap)`` (or, with
+      ``cap == 1``, whether its own units reach k); a group passes when the sum reaches ``cut``.
+      Capping keeps the one comparison per group short (``cmp_bits``) without changing its outcome.
+    - ``opened``: exact vectors opened for passing groups; ``divided``: measures whose AVG/VAR is
+      divided inside the MPC because their count is not opened; ``null_flags``: measures whose
+      all-NULL flag must be computed (an all-NULL cell shows as NULL in the output anyway).
+    - ``int_bits``/``fxp_bits``: bit lengths of the secure types (from the declared bounds).
+    """
+
+    counts: tuple[tuple[str, str], ...]
+    rows: tuple[str, ...]
+    extrema: tuple[str, ...]
+    cap: int
+    cut: int
+    cmp_bits: int
+    int_bits: int
+    opened: tuple[str, ...]
+    divided: tuple[str, ...]
+    null_flags: tuple[str, ...]
+    fxp_bits: int
+    fxp_frac: int
+    count_bits: int
+
+    def count_of(self, column: str) -> str:
+        return dict(self.counts)[column]
+
+
+def _refuse(message: str, **details: Any) -> Exception:
+    from sealroom.errors import InvalidQueryError  # here: a player process need not load gRPC
+
+    return InvalidQueryError(message, details={"stage": "mpc", **details})
+
+
+def _validate(spec: StageSpec) -> Layout:  # noqa: C901 - one check per rule, in order
+    m = len(spec.players)
+    if m < 3:
+        raise _refuse(
+            f"an MPC stage needs at least 3 players (honest majority); it has {m}: add helper players",
+            rule="players",
+        )
+    names = [p.name for p in spec.players]
+    if len(set(names)) != m:
+        raise _refuse("MPC players must have distinct names", rule="players")
+    holders = [p for p in spec.players if p.holds_input]
+    if not holders:
+        raise _refuse("an MPC stage needs at least one player holding input", rule="players")
+    t = spec.t
+    if not 1 <= t or 2 * t >= m:
+        raise _refuse(f"threshold t={t} must satisfy 1 <= t < m/2 for m={m} players", rule="threshold")
+    if not spec.group_by or not spec.domain:
+        raise _refuse("an MPC stage needs GROUP BY columns and a non-empty public group domain", rule="domain")
+    if any(len(k) != len(spec.group_by) for k in spec.domain):
+        raise _refuse("every group key in the domain needs one value per group-by column", rule="domain")
+    if len(set(spec.domain)) != len(spec.domain):
+        raise _refuse("the group domain lists a key twice", rule="domain")
+    if spec.min_group_size < 1 or spec.max_rows < 1:
+        raise _refuse("min_group_size and max_rows must be at least 1", rule="min_group_size")
+    if spec.threshold_on not in ("rows", "units"):
+        raise _refuse('threshold_on must be "rows" or "units"', rule="threshold_on")
+    if spec.threshold_on == "units" and not spec.unit_column:
+        raise _refuse("threshold_on = units needs the privacy unit column", rule="threshold_on")
+    if not spec.aggregates or len({a.name for a in spec.aggregates}) != len(spec.aggregates):
+        raise _refuse("an MPC stage needs aggregates with distinct output names", rule="aggregates")
+    measures = {ms.column: ms for ms in spec.measures}
+    if len(measures) != len(spec.measures):
+        raise _refuse("a measure is declared twice", rule="measures")
+    for ms in spec.measures:
+        if not (math.isfinite(ms.min) and math.isfinite(ms.max)) or ms.min > ms.max:
+            raise _refuse(f"measure {ms.column} needs finite bounds min <= max", column=ms.column, rule="bounds")
+        if not 0 <= ms.decimals <= 12:
+            raise _refuse(f"measure {ms.column}: decimals must be 0..12", column=ms.column, rule="bounds")
+
+    # The count of a measure's non-null values: the row count itself when the measure is not nullable.
+    def count_of(c: str) -> str:
+        return f"n:{c}" if measures[c].nullable else "rows"
+
+    need: dict[str, set[str]] = {}
+    vectors: set[str] = set()
+    extrema: list[str] = []
+    public: set[str] = set()
+    for a in spec.aggregates:
+        if a.func not in AGGREGATES:
+            raise _refuse(
+                f"{a.func.upper()} is not computed by MPC stages (they take {', '.join(AGGREGATES)})",
+                rule="aggregate",
+                aggregate=a.name,
+            )
+        if a.column is None:
+            if a.func != "count":
+                raise _refuse(f"{a.func.upper()} needs a column", rule="aggregate", aggregate=a.name)
+            vectors.add("rows")
+            public.add("rows")
+            continue
+        if a.column not in measures:
+            raise _refuse(
+                f"{a.func.upper()}({a.column}) needs {a.column} declared as a measure with bounds (the owners' "
+                "policies give min and max): MPC sums without declared bounds could overflow silently",
+                column=a.column,
+                rule="bounds",
+            )
+        c = a.column
+        need.setdefault(c, set())
+        if a.func not in ("sum", "min", "max") or measures[c].nullable:
+            # SUM/MIN/MAX of a non-nullable measure over a passing group (>= 1 row) needs no count.
+            vectors.add(count_of(c))
+        if a.func == "count":
+            public.add(count_of(c))
+        elif a.func == "sum":
+            vectors.add(f"s:{c}")
+            public.add(f"s:{c}")
+        elif a.func == "avg":
+            vectors.add(f"s:{c}")
+        elif a.func in ("var_samp", "var_pop", "stddev_samp", "stddev_pop"):
+            vectors |= {f"s:{c}", f"q:{c}"}
+        else:
+            extrema.append(f"{a.func}:{c}")
+    rows: list[str] = ["rows"] if "rows" in vectors else []
+    for c in sorted(need):
+        rows += [f"{kind}:{c}" for kind in ("n", "s", "q") if f"{kind}:{c}" in vectors]
+    divided: list[str] = []
+    null_flags: list[str] = []
+    opened = set(public)
+    ratios = ("avg", "var_samp", "var_pop", "stddev_samp", "stddev_pop")
+    for c in sorted(need):
+        n_public = count_of(c) in public
+        if not n_public and any(a.column == c and a.func in ratios for a in spec.aggregates):
+            divided.append(c)
+        if not n_public and count_of(c) in vectors and (measures[c].nullable or c in divided):
+            null_flags.append(c)
+        if n_public and any(a.column == c and a.func == "avg" for a in spec.aggregates):
+            opened.add(f"s:{c}")  # AVG = SUM / COUNT with the count public: the sum is a bijection of it
+    # Bit lengths from declared bounds only.
+    holders_n = len(holders)
+    total_rows = holders_n * spec.max_rows
+    k = spec.min_group_size
+    if spec.threshold_on == "units" and not spec.units_disjoint:
+        cap, cut = 1, 1
+    else:
+        cap, cut = k, k
+    cmp_bits = (holders_n * cap).bit_length() + 1
+    bits = total_rows.bit_length() + 1
+    local = spec.max_rows.bit_length()
+    for c in sorted(need):
+        mag = max(measures[c].magnitude, 1)
+        bits = max(bits, (total_rows * mag).bit_length() + 1)
+        local = max(local, (spec.max_rows * mag).bit_length() + 1)
+        if f"q:{c}" in rows:
+            bits = max(bits, (total_rows * mag * mag).bit_length() + 1)
+            # var numerator n*q - s^2
+            bits = max(bits, (total_rows * total_rows * mag * mag).bit_length() + 2)
+            local = max(local, (spec.max_rows * mag * mag).bit_length() + 1)
+        if local > MAX_LOCAL_BITS or bits > MAX_SECURE_BITS:
+            ms = measures[c]
+            raise _refuse(
+                f"the declared bounds of {c} (min {ms.min}, max {ms.max}, {ms.decimals} decimals) with up to "
+                f"{spec.max_rows} rows per party and group need {max(local, bits)} bits, more than MPC stages "
+                f"allow ({MAX_LOCAL_BITS} per party, {MAX_SECURE_BITS} in total): narrow the bounds, use fewer "
+                "decimals or lower max_rows",
+                column=c,
+                rule="overflow",
+            )
+    bits = max(bits, 32)
+    fxp_frac = fxp_bits = 0
+    if divided:
+        # MPyC's fixed-point division needs l = 2f; the quotient's relative error is about
+        # denominator * 2^-f, and numerators (up to 2^bits) must stay below 2^(f-1).
+        fxp_frac = max(bits + 2, 2 * (total_rows.bit_length() + 1) + spec.fraction_bits)
+        fxp_bits = 2 * fxp_frac
+        if fxp_bits > MAX_FIXED_POINT_BITS:
+            raise _refuse(
+                f"dividing inside the MPC with these bounds needs {fxp_bits}-bit fixed point, more than "
+                f"{MAX_FIXED_POINT_BITS}: narrow the bounds, lower max_rows, or also ask for the count",
+                rule="overflow",
+            )
+    return Layout(
+        counts=tuple((c, count_of(c)) for c in sorted(need)),
+        rows=tuple(rows),
+        extrema=tuple(extrema),
+        cap=cap,
+        cut=cut,
+        cmp_bits=cmp_bits,
+        int_bits=bits,
+        opened=tuple(r for r in rows if r in opened),
+        divided=tuple(divided),
+        null_flags=tuple(null_flags),
+        fxp_bits=fxp_bits,
+        fxp_frac=fxp_frac,
+        count_bits=total_rows.bit_length(),
+    )

@@ -1,0 +1,174 @@
+"""Owners' signatures: approvals of plans, sealed-stream headers, owner commands and owner actions.
+
+An approval is an Ed25519 signature over a domain-separated message holding a plan hash (SHA-256
+of the plan's canonical JSON, :mod:`sealroom.planning.plan`).
+
+Manual approvals add two signed messages, both by the owner's key and domain-separated from the
+approval itself (so neither can ever be taken for an approval, nor one for the other):
+
+- an *owner command* (``sealroom approve/reject/revoke`` to the owner's own agent), which proves the
+  command comes from whoever holds the party's signing key, not from anyone who can reach the agent;
+- an *owner action* (the agent to the coordinator: SubmitApproval, RejectQuery, RevokeApproval, and
+  SubmitCosignature for its witness co-signatures of the transparency log), which proves the party
+  itself acts, for itself, on this query and plan (or checkpoint).
+
+Both carry ``issued_at_ms``; receivers accept them only fresh and never twice.
+
+Every ``verify_*`` here returns nothing and raises on failure (pyca's ``verify``), never a bool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from sealroom.canonical import canonical_json
+from sealroom.errors import ApprovalError
+from sealroom.sealed import integrity_error
+
+APPROVAL_DOMAIN = b"sealroom/v1/approval\x00"
+STREAM_DOMAIN = b"sealroom/v1/stream-header\x00"
+OWNER_ACTION_DOMAIN = b"sealroom/v1/owner-action\x00"
+OWNER_COMMAND_DOMAIN = b"sealroom/v1/owner-command\x00"
+# "cosign": an agent's witness co-signature of the coordinator's log (SubmitCosignature), whose
+# plan_hash field holds the SHA-256 of the co-signed checkpoint's body. Owner commands use the first three.
+OWNER_ACTIONS = ("approve", "reject", "revoke", "cosign")
+# How far an owner command's or action's issued_at may be from the receiver's clock.
+OWNER_MESSAGE_MAX_SKEW_MS = 300_000
+
+
+def approval_message(plan_hash: str) -> bytes:
+    return APPROVAL_DOMAIN + bytes.fromhex(plan_hash)
+
+
+def sign_approval(key: Ed25519PrivateKey, plan_hash: str) -> bytes:
+    return key.sign(approval_message(plan_hash))
+
+
+def verify_approval(public_key_hex: str, plan_hash: str, signature: bytes, *, party: str) -> None:
+    """Raise ApprovalError unless ``signature`` is ``party``'s approval of ``plan_hash``."""
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex)).verify(signature, approval_message(plan_hash))
+    except (InvalidSignature, ValueError):
+        raise ApprovalError(
+            f"the approval of {party} does not verify for this plan (forged, or signed for another plan)",
+            details={"party": party, "check": "approval_signature"},
+        ) from None
+
+
+def sign_stream_header(key: Ed25519PrivateKey, header: bytes) -> bytes:
+    """A party's signature over its sealed stream header: proves which owner sealed the stream.
+
+    HPKE base mode alone would let anyone holding the job's public key seal rows under any party's
+    name; the enclave accepts a stream only with this signature by the key the plan names.
+    """
+    return key.sign(STREAM_DOMAIN + header)
+
+
+def verify_stream_header(public_key_hex: str, header: bytes, signature: bytes) -> None:
+    """Raise the sealed stream's one :class:`~sealroom.errors.IntegrityError` unless ``signature`` is
+    the owner's signature over ``header`` (the same error as every other stream check, so no detail
+    of which check failed reaches the sender)."""
+    if not _verifies(public_key_hex, signature, STREAM_DOMAIN + header):
+        raise integrity_error()
+
+
+def _owner_message(domain: bytes, action: str, fields: dict[str, Any]) -> bytes:
+    if action not in OWNER_ACTIONS:
+        raise ValueError(f"unknown owner action {action!r}")
+    return domain + canonical_json({"action": action, **fields})
+
+
+def owner_action_message(
+    action: str,
+    *,
+    query_id: str,
+    party: str,
+    plan_hash: str,
+    issued_at_ms: int,
+    reason: str = "",
+    expires_at_ms: int = 0,
+) -> bytes:
+    """What a party signs when it approves, rejects or revokes at the coordinator:
+    ``"sealroom/v1/owner-action" 0x00 canonical_json({action, query_id, party, plan_hash, reason,
+    issued_at_ms, expires_at_ms})``."""
+    return _owner_message(
+        OWNER_ACTION_DOMAIN,
+        action,
+        {
+            "query_id": query_id,
+            "party": party,
+            "plan_hash": plan_hash,
+            "reason": reason,
+            "issued_at_ms": int(issued_at_ms),
+            "expires_at_ms": int(expires_at_ms),
+        },
+    )
+
+
+def sign_owner_action(key: Ed25519PrivateKey, action: str, **fields: Any) -> bytes:
+    return key.sign(owner_action_message(action, **fields))
+
+
+def verify_owner_action(public_key_hex: str, signature: bytes, action: str, **fields: Any) -> None:
+    """Raise ApprovalError unless ``signature`` is the party's own signature over this action."""
+    party = fields.get("party", "")
+    if not _verifies(public_key_hex, signature, owner_action_message(action, **fields)):
+        raise ApprovalError(
+            f"the {action} request for {party} is not signed by {party}'s registered key; only a party "
+            "may approve, reject or revoke for itself",
+            details={"party": party, "check": "owner_signature"},
+        )
+
+
+def owner_command_message(
+    action: str, *, party: str, query_id: str, issued_at_ms: int, reason: str = "", plan_hash: str = ""
+) -> bytes:
+    """What the owner signs to command its own agent (``sealroom approve/reject/revoke``):
+    ``"sealroom/v1/owner-command" 0x00 canonical_json({action, party, query_id, plan_hash, reason,
+    issued_at_ms})``. ``plan_hash`` is empty when the owner does not pin the plan."""
+    return _owner_message(
+        OWNER_COMMAND_DOMAIN,
+        action,
+        {
+            "party": party,
+            "query_id": query_id,
+            "plan_hash": plan_hash,
+            "reason": reason,
+            "issued_at_ms": int(issued_at_ms),
+        },
+    )
+
+
+def sign_owner_command(key: Ed25519PrivateKey, action: str, **fields: Any) -> bytes:
+    return key.sign(owner_command_message(action, **fields))
+
+
+def verify_owner_command(public_key_hex: str, signature: bytes, action: str, **fields: Any) -> None:
+    """Raise ApprovalError unless ``signature`` is by the agent's own key over this command."""
+    if not _verifies(public_key_hex, signature, owner_command_message(action, **fields)):
+        raise ApprovalError(
+            f"the {action} command is not signed by {fields.get('party', 'this party')}'s signing key; "
+            "run it with the key the agent uses (--key, or SEALROOM_PARTY_KEY)",
+            details={"party": fields.get("party", ""), "check": "owner_command_signature"},
+        )
+
+
+def check_issued_at(issued_at_ms: int, now_ms: int, *, party: str) -> None:
+    """Raise ApprovalError unless an owner message's ``issued_at_ms`` is within the allowed skew."""
+    if abs(now_ms - int(issued_at_ms)) > OWNER_MESSAGE_MAX_SKEW_MS:
+        raise ApprovalError(
+            f"the request of {party} is stale or dated in the future (more than "
+            f"{OWNER_MESSAGE_MAX_SKEW_MS // 1000} s from this server's clock); check the clocks and retry",
+            details={"party": party, "check": "issued_at"},
+        )
+
+
+def _verifies(public_key_hex: str, signature: bytes, message: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex)).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
