@@ -25,7 +25,8 @@ from typing import Any
 from cryptography import x509
 
 from sealroom.attestation import AppraisalPolicy, load_root_certificate
-from sealroom.attestation.hardware import FORMATS as HARDWARE_FORMATS
+from sealroom.attestation.collateral import Collateral, load_collateral
+from sealroom.attestation.platform import HARDWARE_FORMATS
 from sealroom.canonical import canonical_json
 from sealroom.config import toml_key, toml_value
 from sealroom.errors import AttestationError, ConfigError
@@ -795,9 +796,7 @@ def _trust_roots(doc: object, *, source: str, resolve: Callable[[str], Path]) ->
     return out
 
 
-def _load_collateral(path: Path, fmt: str) -> Any:
-    from sealroom.attestation.collateral import load_collateral
-
+def _load_collateral(path: Path, fmt: str) -> Collateral:
     if not path.exists():
         raise ConfigError(f"trust.intel_collateral.{fmt}: not found: {path}", details={"file": str(path)})
     try:

@@ -41,6 +41,7 @@ from sealroom.attestation.platform import PlatformClaims, common_name
 from sealroom.errors import AttestationError
 
 __all__ = [
+    "report_report_data",
     "SEV_SNP",
     "REPORT_SIZE",
     "SIGNED_SIZE",
@@ -448,3 +449,8 @@ def _csp_id(vlek: x509.Certificate) -> str:
 def report_measurement(report: bytes) -> str:
     """The MEASUREMENT of an SNP report, parsed but NOT verified: for an enclave naming its own."""
     return _parse(report).measurement.hex()
+
+
+def report_report_data(report: bytes) -> bytes:
+    """The REPORT_DATA of an SNP report, parsed but NOT verified: for an attester checking its request."""
+    return _parse(report).report_data
