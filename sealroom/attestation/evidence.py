@@ -86,7 +86,8 @@ class Evidence:
                 "evidence": b64(self.evidence),
                 "aux": b64(self.aux),
                 "nonce": b64(self.nonce),
-            }
+            },
+            allow_nan=False,
         )
 
     @classmethod

@@ -381,12 +381,13 @@ class SimulatedAttester:
                 "report_data": report_data.hex(),
                 "nonce": nonce.hex(),
                 "issued_at": iso_utc(self._now()),
-            }
+            },
+            allow_nan=False,
         )
         signature = self._key.sign(report, ec.ECDSA(hashes.SHA384()))
         return Evidence(
             format=SIMULATED,
-            evidence=canonical_json({"report": b64(report), "signature": b64(signature)}),
+            evidence=canonical_json({"report": b64(report), "signature": b64(signature)}, allow_nan=False),
             aux=self._certificate.public_bytes(serialization.Encoding.DER),
             nonce=nonce,
         )
