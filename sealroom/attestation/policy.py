@@ -72,14 +72,27 @@ def _appraise(
     now: datetime,
 ) -> None:
     """Steps 5-11: check verified claims against the relying party's policy and expectations."""
-    # Step 5 (defence in depth: a verifier for any format may report simulated claims).
+    _check_simulated(claims, policy)
+    _check_nonce(claims, evidence, expected_nonce)
+    _check_report_data(claims, expected_report_data)
+    _check_measurement(claims, policy)
+    _check_named_measurements(claims, policy)
+    _check_debug(claims, policy)
+    _check_tcb(claims, policy)
+    _check_freshness(claims, policy, now)
+
+
+def _check_simulated(claims: Claims, policy: AppraisalPolicy) -> None:
+    """Step 5 (defence in depth: a verifier for any format may report simulated claims)."""
     if claims.simulated and not policy.allow_simulated:
         raise _refuse(
             "simulated",
             "simulated evidence refused: the relying party's trust policy does not set allow_simulated = true",
         )
 
-    # Step 6: the nonce the evidence signs is the one this relying party sent (and so is the envelope's).
+
+def _check_nonce(claims: Claims, evidence: Evidence, expected_nonce: bytes) -> None:
+    """Step 6: the nonce the evidence signs is the one this relying party sent (and so is the envelope's)."""
     if not (hmac.compare_digest(claims.nonce, expected_nonce) and hmac.compare_digest(evidence.nonce, expected_nonce)):
         raise _refuse(
             "nonce",
@@ -87,7 +100,9 @@ def _appraise(
             " or meant for another request; request fresh evidence with a new nonce",
         )
 
-    # Step 7: report data binds the keys the enclave presented (and the nonce) into the evidence.
+
+def _check_report_data(claims: Claims, expected_report_data: bytes) -> None:
+    """Step 7: report data binds the keys the enclave presented (and the nonce) into the evidence."""
     if not hmac.compare_digest(claims.report_data, expected_report_data):
         raise _refuse(
             "report_data",
@@ -95,7 +110,9 @@ def _appraise(
             " offered are not the ones the attested enclave holds; do not send it data",
         )
 
-    # Step 8: measurement allowlist.
+
+def _check_measurement(claims: Claims, policy: AppraisalPolicy) -> None:
+    """Step 8: measurement allowlist."""
     if not policy.measurements:
         raise _refuse(
             "measurement",
@@ -109,7 +126,9 @@ def _appraise(
             " trust this enclave build, add it to the accepted measurements",
         )
 
-    # Step 8b: the named measurements this relying party pins for the platform (TDX RTMRs...).
+
+def _check_named_measurements(claims: Claims, policy: AppraisalPolicy) -> None:
+    """Step 8b: the named measurements this relying party pins for the platform (TDX RTMRs...)."""
     for key, accepted in policy.expect.items():
         platform, _, name = key.partition(".")
         if platform != claims.platform:
@@ -122,7 +141,9 @@ def _appraise(
                 " if you trust this enclave image, add the value it reports",
             )
 
-    # Step 9: debug enclaves expose their memory to the host.
+
+def _check_debug(claims: Claims, policy: AppraisalPolicy) -> None:
+    """Step 9: debug enclaves expose their memory to the host."""
     if claims.debug and not policy.allow_debug:
         raise _refuse(
             "debug",
@@ -130,7 +151,9 @@ def _appraise(
             " does not set allow_debug = true; run the enclave in production mode",
         )
 
-    # Step 10: minimum TCB, component by component (a platform-qualified key only for that platform).
+
+def _check_tcb(claims: Claims, policy: AppraisalPolicy) -> None:
+    """Step 10: minimum TCB, component by component (a platform-qualified key only for that platform)."""
     for key, minimum in policy.min_tcb.items():
         platform, dot, component = key.rpartition(".")
         if dot and platform != claims.platform:
@@ -144,7 +167,9 @@ def _appraise(
                 " update the enclave platform's firmware/microcode or lower min_tcb",
             )
 
-    # Step 11: freshness, by the evidence's own (signed) issue time.
+
+def _check_freshness(claims: Claims, policy: AppraisalPolicy, now: datetime) -> None:
+    """Step 11: freshness, by the evidence's own (signed) issue time."""
     age = now - claims.issued_at
     if age > policy.max_age:
         raise _refuse(
