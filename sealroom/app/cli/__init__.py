@@ -281,3 +281,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
