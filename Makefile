@@ -1,13 +1,14 @@
 # Sealroom developer commands. A fresh machine needs only Python 3.11+, pip and make.
 #   make demo   set everything up and run the whole platform on synthetic data
 #   make test   set everything up and run the checks and the test suite (what CI runs)
+#   make test-fast   the unit tests only (tests/unit), for quick local loops
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint protos protos-check bench lock clean browser
+.PHONY: install demo test test-fast lint protos protos-check bench lock clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Sealroom needs Python 3.11 or newer (set PYTHON=python3.11)")'
@@ -43,6 +44,10 @@ browser:
 
 test: install protos-check lint browser
 	$(BIN)/python -m pytest
+
+# Unit tests only: no lint, no browser, no integration or end-to-end platform runs. `make test` is what CI runs.
+test-fast: install
+	$(BIN)/python -m pytest tests/unit
 
 bench: install
 	$(BIN)/python benchmarks/ingest.py

@@ -19,6 +19,21 @@ from sealroom.errors import ConfigError
 _MISSING = object()
 
 
+def key_error(source: str, key: str, expected: str) -> ConfigError:
+    """``"<source>: <key> must be <expected>"``, naming the file and the key in its details."""
+    return ConfigError(f"{source}: {key} must be {expected}", details={"file": source, "key": key})
+
+
+def check_keys(doc: Mapping[str, Any], known: set[str], *, source: str, prefix: str = "") -> None:
+    """Raise ConfigError for the first key of ``doc`` that is not in ``known`` (shown under ``prefix``)."""
+    for key in doc:
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown key {prefix}{key}; expected one of {', '.join(sorted(known))}",
+                details={"file": source, "key": f"{prefix}{key}"},
+            )
+
+
 def load_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(Path(path).read_text())
@@ -45,18 +60,10 @@ class Table:
         self.base = base or Path(".")
 
     def _err(self, key: builtins.str, expected: builtins.str) -> ConfigError:
-        return ConfigError(
-            f"{self.source}: {self.prefix}{key} must be {expected}",
-            details={"file": self.source, "key": f"{self.prefix}{key}"},
-        )
+        return key_error(self.source, f"{self.prefix}{key}", expected)
 
     def check_keys(self, allowed: set[builtins.str]) -> None:
-        for key in self.doc:
-            if key not in allowed:
-                raise ConfigError(
-                    f"{self.source}: unknown key {self.prefix}{key}; expected one of {', '.join(sorted(allowed))}",
-                    details={"file": self.source, "key": f"{self.prefix}{key}"},
-                )
+        check_keys(self.doc, allowed, source=self.source, prefix=self.prefix)
 
     def table(self, key: builtins.str, *, required: builtins.bool = True) -> Table:
         value = self.doc.get(key, _MISSING)

@@ -19,6 +19,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -144,8 +145,6 @@ def open_channel(address: str, *, tls: TLSConfig | None = None) -> grpc.Channel:
 
 def wait_healthy(address: str, *, timeout: float = 30.0, tls: TLSConfig | None = None) -> None:
     """Wait until the server at ``address`` reports SERVING (UnavailableError after ``timeout``)."""
-    import time
-
     deadline = time.monotonic() + timeout
     with open_channel(address, tls=tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)

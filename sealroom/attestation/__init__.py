@@ -10,9 +10,10 @@ unless a policy sets ``allow_simulated``), and the hardware formats ``sev-snp``,
 and ``nitro`` (:mod:`sealroom.attestation.hardware`), verified offline against pinned vendor roots.
 """
 
+from sealroom.attestation.appraisal import AppraisalPolicy
 from sealroom.attestation.evidence import SIMULATED, Claims, Evidence, report_data_for
 from sealroom.attestation.measurement import enclave_measurement
-from sealroom.attestation.policy import AppraisalPolicy, verify_evidence
+from sealroom.attestation.policy import verify_evidence
 from sealroom.attestation.simulated import (
     DevRoot,
     SimulatedAttester,

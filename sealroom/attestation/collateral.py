@@ -64,7 +64,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sealroom.attestation import dcap
-from sealroom.attestation.evidence import _reject_duplicate_keys as _no_duplicates
+from sealroom.attestation.encoding import reject_duplicate_keys
 from sealroom.attestation.platform import common_name as _common_name
 from sealroom.errors import AttestationError
 
@@ -106,7 +106,7 @@ _WS = re.compile(r"[ \t\n\r]*")
 
 def _raw_members(text: str) -> dict[str, str]:
     """The top-level members of a JSON object, each as the exact text of its value."""
-    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+    decoder = json.JSONDecoder(object_pairs_hook=reject_duplicate_keys)
     out: dict[str, str] = {}
 
     def skip(pos: int) -> int:
@@ -178,7 +178,7 @@ class SignedStructure:
     def from_parts(cls, name: str, body: bytes | str, signature_hex: str, issuer_chain: bytes | str) -> SignedStructure:
         raw = body.encode() if isinstance(body, str) else body
         try:
-            fields = json.loads(raw, object_pairs_hook=_no_duplicates)
+            fields = json.loads(raw, object_pairs_hook=reject_duplicate_keys)
             signature = bytes.fromhex(signature_hex)
         except (ValueError, TypeError) as exc:
             raise _bad(f"{name} is not JSON with a hex signature: {exc}", item=name) from None
@@ -239,7 +239,7 @@ class Collateral:
         (PEM), ``pck_crl`` and ``root_ca_crl`` (hex DER). A ``pck_crl_issuer_chain`` is ignored: the
         PCK CRL is checked against the PCK CA in the quote's own (verified) chain."""
         try:
-            doc = json.loads(data, object_pairs_hook=_no_duplicates)
+            doc = json.loads(data, object_pairs_hook=reject_duplicate_keys)
             if not isinstance(doc, dict):
                 raise ValueError("not a JSON object")
             texts = {

@@ -170,40 +170,21 @@ def parse_quote(
     if not isinstance(quote, bytes | bytearray | memoryview):
         raise fail(label, "format", "quote must be bytes")
     raw = bytes(quote)
-    if len(raw) < HEADER_SIZE:
-        raise fail(label, "format", f"quote is {len(raw)} bytes, shorter than its header", length=len(raw))
-    q_version, att_key_type, q_tee_type, qe_svn, pce_svn = struct.unpack_from("<HHIHH", raw, 0)
-    if q_version != version:
-        raise fail(label, "format", f"unsupported quote version {q_version}", version=q_version)
-    if q_tee_type != tee_type:
-        raise fail(label, "format", f"unexpected TEE type {q_tee_type:#x}", tee_type=q_tee_type)
-    if att_key_type != _ATT_KEY_ECDSA_P256:
-        raise fail(label, "format", f"unsupported attestation key type {att_key_type}")
+    # 1. The header: this version, this TEE, an ECDSA P-256 attestation key.
+    q_version, att_key_type, q_tee_type, qe_svn, pce_svn = _check_header(
+        raw, label=label, version=version, tee_type=tee_type
+    )
     r = _Reader(raw, 0, len(raw), label)
     header = r.take(HEADER_SIZE, "header")
+    # 2. The report body (v5: after a descriptor naming its type and size).
     body_type: int | None = None
     descriptor = b""
     if body_types is not None:
         descriptor = r.take(6, "body descriptor")
-        body_type, declared = struct.unpack("<HI", descriptor)
-        if body_type not in body_types:
-            raise fail(
-                label,
-                "format",
-                f"unknown quote body type {body_type} (supported: {', '.join(map(str, sorted(body_types)))})",
-                body_type=body_type,
-            )
-        if declared != body_types[body_type]:
-            raise fail(
-                label,
-                "format",
-                f"body type {body_type} declares {declared} bytes, expected {body_types[body_type]}",
-                body_type=body_type,
-                body_size=declared,
-            )
-        body_size = declared
+        body_type, body_size = _body_type_and_size(descriptor, body_types, label=label)
     assert body_size is not None
     body = r.take(body_size, "report body")
+    # 3. The signature data: signature, attestation key, QE report and the PCK chain.
     sig_len = r.u32("signature data length")
     sig_end = r.pos + sig_len
     if sig_end > len(raw):
@@ -212,25 +193,12 @@ def parse_quote(
     signature = r.take(64, "quote signature")
     attestation_key = r.take(64, "attestation key")
     if version >= 4:
-        outer_type = r.u16("certification data type")
-        outer_size = r.u32("certification data size")
-        if outer_type != _CERT_QE_REPORT:
-            raise fail(label, "format", f"unsupported certification data type {outer_type}", cert_type=outer_type)
-        if r.pos + outer_size != sig_end:
-            raise fail(label, "format", "certification data size does not match the signature data length")
+        _check_qe_report_certification(r, sig_end, label=label)
     qe_report = r.take(SGX_REPORT_SIZE, "QE report")
     qe_report_signature = r.take(64, "QE report signature")
     qe_auth_data = r.take(r.u16("QE auth data length"), "QE auth data")
-    cert_type = r.u16("certification data type")
-    cert_size = r.u32("certification data size")
-    if cert_type != _CERT_PCK_CHAIN:
-        raise fail(
-            label,
-            "format",
-            f"certification data type {cert_type} carries no PCK certificate chain (only type 5 is supported)",
-            cert_type=cert_type,
-        )
-    cert_data = r.take(cert_size, "certification data")
+    cert_data = _pck_certification_data(r, label=label)
+    # 4. The signature data ends where its length says, and only zero padding follows it.
     if r.pos != sig_end:
         raise fail(label, "format", "signature data has trailing bytes", offset=r.pos)
     if any(raw[sig_end:]):
@@ -255,6 +223,65 @@ def parse_quote(
         body_type=body_type,
         body_descriptor=descriptor,
     )
+
+
+def _check_header(raw: bytes, *, label: str, version: int, tee_type: int) -> tuple[int, int, int, int, int]:
+    """(version, attestation key type, TEE type, QE SVN, PCE SVN) of a header of the expected kind."""
+    if len(raw) < HEADER_SIZE:
+        raise fail(label, "format", f"quote is {len(raw)} bytes, shorter than its header", length=len(raw))
+    q_version, att_key_type, q_tee_type, qe_svn, pce_svn = struct.unpack_from("<HHIHH", raw, 0)
+    if q_version != version:
+        raise fail(label, "format", f"unsupported quote version {q_version}", version=q_version)
+    if q_tee_type != tee_type:
+        raise fail(label, "format", f"unexpected TEE type {q_tee_type:#x}", tee_type=q_tee_type)
+    if att_key_type != _ATT_KEY_ECDSA_P256:
+        raise fail(label, "format", f"unsupported attestation key type {att_key_type}")
+    return q_version, att_key_type, q_tee_type, qe_svn, pce_svn
+
+
+def _body_type_and_size(descriptor: bytes, body_types: Mapping[int, int], *, label: str) -> tuple[int, int]:
+    """A v5 body descriptor's type and size, both as ``body_types`` accepts them."""
+    body_type, declared = struct.unpack("<HI", descriptor)
+    if body_type not in body_types:
+        raise fail(
+            label,
+            "format",
+            f"unknown quote body type {body_type} (supported: {', '.join(map(str, sorted(body_types)))})",
+            body_type=body_type,
+        )
+    if declared != body_types[body_type]:
+        raise fail(
+            label,
+            "format",
+            f"body type {body_type} declares {declared} bytes, expected {body_types[body_type]}",
+            body_type=body_type,
+            body_size=declared,
+        )
+    return body_type, declared
+
+
+def _check_qe_report_certification(r: _Reader, sig_end: int, *, label: str) -> None:
+    """v4 and later wrap the QE report in certification data of type 6 that fills the signature data."""
+    outer_type = r.u16("certification data type")
+    outer_size = r.u32("certification data size")
+    if outer_type != _CERT_QE_REPORT:
+        raise fail(label, "format", f"unsupported certification data type {outer_type}", cert_type=outer_type)
+    if r.pos + outer_size != sig_end:
+        raise fail(label, "format", "certification data size does not match the signature data length")
+
+
+def _pck_certification_data(r: _Reader, *, label: str) -> bytes:
+    """The certification data of type 5 (the PCK certificate chain)."""
+    cert_type = r.u16("certification data type")
+    cert_size = r.u32("certification data size")
+    if cert_type != _CERT_PCK_CHAIN:
+        raise fail(
+            label,
+            "format",
+            f"certification data type {cert_type} carries no PCK certificate chain (only type 5 is supported)",
+            cert_type=cert_type,
+        )
+    return r.take(cert_size, "certification data")
 
 
 def p256_key(key: object, *, label: str, check: str, what: str) -> ec.EllipticCurvePublicKey:

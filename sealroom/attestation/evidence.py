@@ -12,10 +12,7 @@ may be logged or shown in error messages. A key is bound into evidence only thro
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +20,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
+from sealroom.attestation.encoding import as_bytes, b64, b64decode_field, is_lower_hex, iso_utc, strict_json_object
 from sealroom.canonical import canonical_json
 from sealroom.errors import AttestationError
 
@@ -56,51 +54,6 @@ _REPORT_DATA_TAG = b"sealroom/v1/report-data"
 _ENVELOPE_KEYS = frozenset({"v", "format", "evidence", "aux", "nonce"})
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _strict_json_object(data: bytes, *, what: str, check: str) -> dict[str, Any]:
-    """Parse ``data`` as one UTF-8 JSON object without duplicate keys, or raise AttestationError."""
-    try:
-        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        raise AttestationError(
-            f"{what} is not valid JSON ({exc}); it must be produced by the attester unchanged",
-            details={"check": check},
-        ) from None
-    if not isinstance(obj, dict):
-        raise AttestationError(f"{what} must be a JSON object", details={"check": check})
-    return obj
-
-
-def _b64decode_field(obj: Mapping[str, Any], key: str, *, what: str, check: str) -> bytes:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        raise AttestationError(f"{what}: field {key!r} must be a base64 string", details={"check": check})
-    try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
-    except (UnicodeEncodeError, binascii.Error):
-        raise AttestationError(f"{what}: field {key!r} is not valid base64", details={"check": check}) from None
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _as_bytes(name: str, value: object) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, bytearray | memoryview):
-        return bytes(value)
-    raise TypeError(f"{name} must be bytes, not {type(value).__name__}")
-
-
 @dataclass(frozen=True)
 class Evidence:
     """Attestation evidence of one format, with what a verifier needs beside it.
@@ -122,7 +75,7 @@ class Evidence:
         if not self.format:
             raise ValueError("format must not be empty")
         for name in ("evidence", "aux", "nonce"):
-            object.__setattr__(self, name, _as_bytes(name, getattr(self, name)))
+            object.__setattr__(self, name, as_bytes(name, getattr(self, name)))
 
     def to_bytes(self) -> bytes:
         """Canonical encoding: sorted-key JSON ``{"aux","evidence","format","nonce","v"}``, base64 bytes."""
@@ -130,10 +83,11 @@ class Evidence:
             {
                 "v": ENVELOPE_VERSION,
                 "format": self.format,
-                "evidence": _b64(self.evidence),
-                "aux": _b64(self.aux),
-                "nonce": _b64(self.nonce),
-            }
+                "evidence": b64(self.evidence),
+                "aux": b64(self.aux),
+                "nonce": b64(self.nonce),
+            },
+            allow_nan=False,
         )
 
     @classmethod
@@ -142,14 +96,14 @@ class Evidence:
 
         Strict: exactly the five known keys, version 1, no duplicate keys, strict base64.
         """
-        data = _as_bytes("data", data)
+        data = as_bytes("data", data)
         what = "attestation evidence envelope"
         if len(data) > MAX_ENVELOPE_BYTES:
             raise AttestationError(
                 f"{what} is {len(data)} bytes, over the {MAX_ENVELOPE_BYTES}-byte limit",
                 details={"check": "envelope"},
             )
-        obj = _strict_json_object(data, what=what, check="envelope")
+        obj = strict_json_object(data, what=what, check="envelope")
         keys = set(obj)
         if keys != _ENVELOPE_KEYS:
             missing = sorted(_ENVELOPE_KEYS - keys)
@@ -169,9 +123,9 @@ class Evidence:
             raise AttestationError(f"{what}: 'format' must be a non-empty string", details={"check": "envelope"})
         return cls(
             format=fmt,
-            evidence=_b64decode_field(obj, "evidence", what=what, check="envelope"),
-            aux=_b64decode_field(obj, "aux", what=what, check="envelope"),
-            nonce=_b64decode_field(obj, "nonce", what=what, check="envelope"),
+            evidence=b64decode_field(obj, "evidence", what=what, check="envelope"),
+            aux=b64decode_field(obj, "aux", what=what, check="envelope"),
+            nonce=b64decode_field(obj, "nonce", what=what, check="envelope"),
         )
 
     def digest(self) -> bytes:
@@ -179,7 +133,8 @@ class Evidence:
         return hashlib.sha256(self.to_bytes()).digest()
 
 
-def _freeze_tcb(tcb: Mapping[str, int], *, name: str = "tcb") -> Mapping[str, int]:
+def freeze_tcb(tcb: Mapping[str, int], *, name: str = "tcb") -> Mapping[str, int]:
+    """A read-only, key-sorted copy of a TCB mapping (component name -> non-negative security version)."""
     if not isinstance(tcb, Mapping):
         raise TypeError(f"{name} must be a mapping of str to int, not {type(tcb).__name__}")
     out: dict[str, int] = {}
@@ -192,14 +147,6 @@ def _freeze_tcb(tcb: Mapping[str, int], *, name: str = "tcb") -> Mapping[str, in
             raise ValueError(f"{name}[{key!r}] must be >= 0, got {value}")
         out[key] = value
     return MappingProxyType(dict(sorted(out.items())))
-
-
-def _is_lower_hex(value: str) -> bool:
-    return bool(value) and len(value) % 2 == 0 and all(c in "0123456789abcdef" for c in value)
-
-
-def _iso_utc(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -220,16 +167,16 @@ class Claims:
     def __post_init__(self) -> None:
         if not isinstance(self.platform, str) or not self.platform:
             raise ValueError("platform must be a non-empty str")
-        if not isinstance(self.measurement, str) or not _is_lower_hex(self.measurement):
+        if not isinstance(self.measurement, str) or not is_lower_hex(self.measurement):
             raise ValueError("measurement must be a non-empty, even-length lowercase hex string")
         if type(self.debug) is not bool or type(self.simulated) is not bool:
             raise TypeError("debug and simulated must be bool")
-        object.__setattr__(self, "tcb", _freeze_tcb(self.tcb))
-        report_data = _as_bytes("report_data", self.report_data)
+        object.__setattr__(self, "tcb", freeze_tcb(self.tcb))
+        report_data = as_bytes("report_data", self.report_data)
         if len(report_data) != REPORT_DATA_BYTES:
             raise ValueError(f"report_data must be {REPORT_DATA_BYTES} bytes, got {len(report_data)}")
         object.__setattr__(self, "report_data", report_data)
-        object.__setattr__(self, "nonce", _as_bytes("nonce", self.nonce))
+        object.__setattr__(self, "nonce", as_bytes("nonce", self.nonce))
         if not isinstance(self.issued_at, datetime) or self.issued_at.utcoffset() is None:
             raise ValueError("issued_at must be a timezone-aware datetime")
         object.__setattr__(self, "issued_at", self.issued_at.astimezone(UTC))
@@ -248,7 +195,7 @@ class Claims:
             "tcb": dict(self.tcb),
             "report_data": self.report_data.hex(),
             "nonce": self.nonce.hex(),
-            "issued_at": _iso_utc(self.issued_at),
+            "issued_at": iso_utc(self.issued_at),
             "simulated": self.simulated,
             **({"measurements": dict(self.measurements)} if self.measurements else {}),
         }
@@ -265,9 +212,9 @@ def report_data_for(*, hpke_public_key: bytes, signing_public_key: bytes, nonce:
     u32be(len(nonce)) || nonce)``, with the keys in their raw public encodings.
     """
     parts = {
-        "hpke_public_key": _as_bytes("hpke_public_key", hpke_public_key),
-        "signing_public_key": _as_bytes("signing_public_key", signing_public_key),
-        "nonce": _as_bytes("nonce", nonce),
+        "hpke_public_key": as_bytes("hpke_public_key", hpke_public_key),
+        "signing_public_key": as_bytes("signing_public_key", signing_public_key),
+        "nonce": as_bytes("nonce", nonce),
     }
     for name, value in parts.items():
         if not value:

@@ -16,13 +16,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
+from cryptography import x509
+
+from sealroom.attestation import nitro, sgx, snp, tdx
+from sealroom.attestation.appraisal import AppraisalPolicy
+from sealroom.attestation.collateral import check_tcb_status
+from sealroom.attestation.encoding import split_der_certificates
 from sealroom.attestation.evidence import REPORT_DATA_BYTES, Claims, Evidence
+from sealroom.attestation.offline import load_certificate, verify_snp_with
 from sealroom.attestation.platform import PlatformClaims
 from sealroom.errors import AttestationError
 
-FORMATS = ("sev-snp", "tdx", "sgx", "nitro")
+__all__ = [
+    "verify_snp_evidence",
+    "verify_tdx_evidence",
+    "verify_sgx_evidence",
+    "verify_nitro_evidence",
+    "evidence_measurement",
+    "evidence_report_data",
+]
 
 
 def _claims(pc: PlatformClaims, evidence: Evidence, now: datetime) -> Claims:
@@ -45,31 +58,27 @@ def _claims(pc: PlatformClaims, evidence: Evidence, now: datetime) -> Claims:
     )
 
 
-def _roots(policy: Any, fmt: str) -> list[Any] | None:
+def _roots(policy: AppraisalPolicy, fmt: str) -> list[x509.Certificate] | None:
     """The relying party's replacement roots for ``fmt``, or None for the pinned vendor roots."""
-    roots = policy.platform_roots.get(fmt) if policy is not None else None
+    roots = policy.platform_roots.get(fmt)
     return list(roots) if roots else None
 
 
 def _with_collateral(
-    verify: Callable[..., PlatformClaims], fmt: str, evidence: Evidence, policy: Any, now: datetime
+    verify: Callable[..., PlatformClaims], fmt: str, evidence: Evidence, policy: AppraisalPolicy, now: datetime
 ) -> PlatformClaims:
     """A DCAP quote verified, and appraised against Intel's collateral where the policy holds some."""
-    collateral = policy.intel_collateral.get(fmt) if policy is not None else None
+    collateral = policy.intel_collateral.get(fmt)
     pc = verify(evidence.evidence, roots=_roots(policy, fmt), now=now, collateral=collateral)
     if collateral is not None:
-        from sealroom.attestation.collateral import check_tcb_status
-
         check_tcb_status(pc.details, allow_out_of_date=policy.allow_out_of_date, how_to_allow="trust.allow_out_of_date")
     return pc
 
 
-def _snp(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
-    from sealroom.attestation.offline import load_certificate, verify_snp_with
-    from sealroom.attestation.simulated import _split_der_certificates
-
+def verify_snp_evidence(evidence: Evidence, *, policy: AppraisalPolicy, now: datetime) -> Claims:
+    """An SEV-SNP report with its VCEK (or VLEK) chain in ``aux``, and the policy's guest-policy bits."""
     try:
-        certs = [load_certificate(der) for der in _split_der_certificates(evidence.aux)]
+        certs = [load_certificate(der) for der in split_der_certificates(evidence.aux)]
     except ValueError:
         raise AttestationError(
             "SEV-SNP evidence must carry its VCEK (and optionally the ASK), or its VLEK and ASVK, as DER "
@@ -77,12 +86,11 @@ def _snp(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
             details={"check": "envelope"},
         ) from None
     pc = verify_snp_with(evidence.evidence, certs, roots=_roots(policy, "sev-snp"), now=now)
-    if policy is not None:
-        _snp_guest_policy(pc, policy)
+    _snp_guest_policy(pc, policy)
     return _claims(pc, evidence, now)
 
 
-def _snp_guest_policy(pc: PlatformClaims, policy: Any) -> None:
+def _snp_guest_policy(pc: PlatformClaims, policy: AppraisalPolicy) -> None:
     """The SEV-SNP guest policy bits and VMPL the relying party's policy governs."""
     if pc.details.get("migration_agent") and not policy.snp_allow_migration_agent:
         raise AttestationError(
@@ -99,25 +107,19 @@ def _snp_guest_policy(pc: PlatformClaims, policy: Any) -> None:
         )
 
 
-def _tdx(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
-    from sealroom.attestation.tdx import verify_tdx
-
-    return _claims(_with_collateral(verify_tdx, "tdx", evidence, policy, now), evidence, now)
-
-
-def _sgx(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
-    from sealroom.attestation.sgx import verify_sgx
-
-    return _claims(_with_collateral(verify_sgx, "sgx", evidence, policy, now), evidence, now)
+def verify_tdx_evidence(evidence: Evidence, *, policy: AppraisalPolicy, now: datetime) -> Claims:
+    """A TDX quote, with Intel's collateral where the policy holds some."""
+    return _claims(_with_collateral(tdx.verify_tdx, "tdx", evidence, policy, now), evidence, now)
 
 
-def _nitro(evidence: Evidence, *, policy: Any, now: datetime) -> Claims:
-    from sealroom.attestation.nitro import verify_nitro
+def verify_sgx_evidence(evidence: Evidence, *, policy: AppraisalPolicy, now: datetime) -> Claims:
+    """An SGX quote, with Intel's collateral where the policy holds some."""
+    return _claims(_with_collateral(sgx.verify_sgx, "sgx", evidence, policy, now), evidence, now)
 
-    return _claims(verify_nitro(evidence.evidence, roots=_roots(policy, "nitro"), now=now), evidence, now)
 
-
-VERIFIERS: dict[str, Callable[..., Claims]] = {"sev-snp": _snp, "tdx": _tdx, "sgx": _sgx, "nitro": _nitro}
+def verify_nitro_evidence(evidence: Evidence, *, policy: AppraisalPolicy, now: datetime) -> Claims:
+    """A Nitro attestation document (COSE_Sign1), which signs its own nonce and time."""
+    return _claims(nitro.verify_nitro(evidence.evidence, roots=_roots(policy, "nitro"), now=now), evidence, now)
 
 
 def evidence_measurement(evidence: Evidence) -> str:
@@ -126,8 +128,6 @@ def evidence_measurement(evidence: Evidence) -> str:
     For an enclave worker naming its own measurement at start-up (what it logs and reports in
     ``GetInfo``); a relying party learns the measurement only from :func:`verify_evidence`.
     """
-    from sealroom.attestation import nitro, sgx, snp, tdx
-
     parsers: dict[str, Callable[[bytes], str]] = {
         "sev-snp": snp.report_measurement,
         "tdx": tdx.quote_measurement,
@@ -143,20 +143,13 @@ def evidence_measurement(evidence: Evidence) -> str:
 def evidence_report_data(evidence: Evidence) -> bytes:
     """The report data bound into hardware ``evidence`` (SNP/TDX/SGX report data, Nitro user_data),
     parsed but NOT verified: for an attester checking that the platform answered its request."""
-    from sealroom.attestation import dcap, nitro, snp, tdx
-
-    raw = evidence.evidence
-    if evidence.format == "sev-snp":
-        return snp._parse(raw).report_data
-    if evidence.format == "tdx":
-        q = tdx.parse_tdx_quote(raw)
-        off, size = tdx._FIELDS["report_data"]
-        return q.body[off : off + size]
-    if evidence.format == "sgx":
-        q = dcap.parse_quote(raw, label="SGX", version=3, tee_type=dcap.TEE_TYPE_SGX, body_size=dcap.SGX_REPORT_SIZE)
-        return q.body[0x140:0x180]
-    if evidence.format == "nitro":
-        _, _, _, payload = nitro._decode(raw)
-        user_data = payload.get("user_data")
-        return user_data if isinstance(user_data, bytes) else b""
-    raise AttestationError(f"{evidence.format!r} is not a hardware format", details={"check": "format"})
+    parsers: dict[str, Callable[[bytes], bytes]] = {
+        "sev-snp": snp.report_report_data,
+        "tdx": tdx.quote_report_data,
+        "sgx": sgx.quote_report_data,
+        "nitro": nitro.document_user_data,
+    }
+    parse = parsers.get(evidence.format)
+    if parse is None:
+        raise AttestationError(f"{evidence.format!r} is not a hardware format", details={"check": "format"})
+    return parse(evidence.evidence)

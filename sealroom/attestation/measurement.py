@@ -111,7 +111,7 @@ def enclave_measurement(config: Mapping[str, object] | None = None) -> str:
         config = {}
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a mapping, not {type(config).__name__}")
-    config_json = canonical_json(_plain(dict(config)))
+    config_json = canonical_json(_plain(dict(config)), allow_nan=False)
 
     h = hashlib.sha384(_frame(_VERSION_TAG))
     for package in MEASURED_PACKAGES:

@@ -39,6 +39,7 @@ from sealroom.errors import AttestationError
 
 __all__ = [
     "document_measurement",
+    "document_user_data",
     "AWS_NITRO_ROOT_G1_FILE",
     "AWS_NITRO_ROOT_G1_SHA256",
     "MAX_DOCUMENT_BYTES",
@@ -187,6 +188,14 @@ def document_measurement(document: bytes) -> str:
     if not isinstance(pcr0, bytes) or not pcr0:
         raise _fail("the Nitro attestation document has no PCR0", "format")
     return pcr0.hex()
+
+
+def document_user_data(document: bytes) -> bytes:
+    """The ``user_data`` of a Nitro attestation document (``b""`` when absent), parsed but NOT verified:
+    for an attester checking that the platform answered its request."""
+    _, _, _, payload = _decode(document)
+    user_data = payload.get("user_data")
+    return user_data if isinstance(user_data, bytes) else b""
 
 
 def verify_nitro(

@@ -17,17 +17,18 @@ import binascii
 import string
 import warnings
 from collections.abc import Sequence
-from datetime import datetime
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
+from sealroom.attestation.collateral import Collateral, check_tcb_status
+from sealroom.attestation.nitro import verify_nitro
 from sealroom.attestation.platform import PlatformClaims, common_name
+from sealroom.attestation.sgx import verify_sgx
+from sealroom.attestation.snp import SIGNING_KEYS, verify_snp
+from sealroom.attestation.tdx import verify_tdx
 from sealroom.errors import AttestationError
-
-if TYPE_CHECKING:
-    from sealroom.attestation.collateral import Collateral
 
 FORMATS = ("snp", "tdx", "sgx", "nitro")
 
@@ -83,14 +84,9 @@ def verify_platform_evidence(
     if fmt == "snp":
         claims = verify_snp_with(evidence, certificates, roots=[root] if root is not None else None, now=at or _now())
     elif fmt in ("tdx", "sgx"):
-        from sealroom.attestation.sgx import verify_sgx
-        from sealroom.attestation.tdx import verify_tdx
-
         verify = verify_tdx if fmt == "tdx" else verify_sgx
         claims = verify(evidence, roots=[root] if root is not None else None, now=at or _now(), collateral=collateral)
     elif fmt == "nitro":
-        from sealroom.attestation.nitro import verify_nitro
-
         claims = verify_nitro(evidence, roots=[root] if root is not None else None, now=at)
     else:
         raise AttestationError(
@@ -109,8 +105,6 @@ def verify_platform_evidence(
             details={"check": "measurement"},
         )
     if collateral is not None:
-        from sealroom.attestation.collateral import check_tcb_status
-
         check_tcb_status(claims.details, allow_out_of_date=allow_out_of_date, how_to_allow="--allow-out-of-date")
     return claims
 
@@ -125,8 +119,6 @@ def verify_snp_with(
     """Verify an SNP report with the certificates that came with it: exactly one VCEK or VLEK (by its
     subject, CN=SEV-VCEK or SEV-VLEK) and optionally the ASK (for a VLEK, the ASVK). ``roots``
     replaces the pinned AMD roots."""
-    from sealroom.attestation.snp import SIGNING_KEYS, verify_snp
-
     leaves = [c for c in certificates if common_name(c.subject) in SIGNING_KEYS.values()]
     # The intermediate (ASK "SEV-<Product>" or ASVK "SEV-VLEK-<Product>"), whatever the order the
     # certificates came in; a self-signed certificate (an ARK sent along) is not one.
@@ -145,6 +137,4 @@ def verify_snp_with(
 
 
 def _now() -> datetime:
-    from datetime import UTC
-
     return datetime.now(UTC)

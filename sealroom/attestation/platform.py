@@ -16,6 +16,9 @@ from typing import Any
 
 from cryptography import x509
 
+HARDWARE_FORMATS = ("sev-snp", "tdx", "sgx", "nitro")
+"""The evidence formats of real TEE platforms (each verified by its own module against pinned vendor roots)."""
+
 
 @dataclass(frozen=True)
 class PlatformClaims:

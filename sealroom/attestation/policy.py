@@ -17,29 +17,16 @@ every acceptance is logged at WARNING.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from types import MappingProxyType
+from typing import Protocol
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
-from sealroom.attestation.evidence import (
-    MIN_NONCE_BYTES,
-    REPORT_DATA_BYTES,
-    SIMULATED,
-    Claims,
-    Evidence,
-    _as_bytes,
-    _freeze_tcb,
-    _is_lower_hex,
-    _iso_utc,
-)
-from sealroom.attestation.hardware import VERIFIERS as HARDWARE_VERIFIERS
+from sealroom.attestation import hardware
+from sealroom.attestation.appraisal import AppraisalPolicy
+from sealroom.attestation.encoding import as_bytes, iso_utc
+from sealroom.attestation.evidence import MIN_NONCE_BYTES, REPORT_DATA_BYTES, SIMULATED, Claims, Evidence
 from sealroom.attestation.simulated import verify_simulated
 from sealroom.errors import AttestationError
 
@@ -47,122 +34,24 @@ __all__ = ["AppraisalPolicy", "verify_evidence", "SUPPORTED_FORMATS"]
 
 logger = logging.getLogger(__name__)
 
-FormatVerifier = Callable[..., Claims]
-"""``verifier(evidence, *, policy, now) -> Claims``: checks format-specific crypto, appraises nothing."""
 
-# One verifier per format: each returns Claims whose report_data (and nonce, where the platform
-# signs one) are the ones the hardware signed. Hardware formats verify against pinned vendor roots.
-_VERIFIERS: Mapping[str, FormatVerifier] = {SIMULATED: verify_simulated, **HARDWARE_VERIFIERS}
+class FormatVerifier(Protocol):
+    """``verifier(evidence, *, policy, now) -> Claims``: checks format-specific crypto, appraises nothing."""
+
+    def __call__(self, evidence: Evidence, *, policy: AppraisalPolicy, now: datetime) -> Claims: ...
+
+
+# The one registry of verifiers, one per format: each returns Claims whose report_data (and nonce,
+# where the platform signs one) are the ones the hardware signed. Hardware formats verify against
+# pinned vendor roots. The verifiers import the policy type; nothing they import points back here.
+_VERIFIERS: Mapping[str, FormatVerifier] = {
+    SIMULATED: verify_simulated,
+    "sev-snp": hardware.verify_snp_evidence,
+    "tdx": hardware.verify_tdx_evidence,
+    "sgx": hardware.verify_sgx_evidence,
+    "nitro": hardware.verify_nitro_evidence,
+}
 SUPPORTED_FORMATS: tuple[str, ...] = tuple(sorted(_VERIFIERS))
-
-
-def _measurements(value: object) -> frozenset[str]:
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise TypeError("measurements must be a set of hex strings (not a single string)")
-    out: set[str] = set()
-    for item in value:
-        if not isinstance(item, str):
-            raise TypeError(f"each measurement must be a hex str, not {type(item).__name__}")
-        normalised = item.strip().lower()
-        if not _is_lower_hex(normalised):
-            raise ValueError(f"measurement {item!r} is not a non-empty, even-length hex string")
-        out.add(normalised)
-    return frozenset(out)
-
-
-@dataclass(frozen=True, kw_only=True)
-class AppraisalPolicy:
-    """One relying party's trust policy for enclave evidence. Safe defaults: refuse what is not allowed.
-
-    - ``measurements``: allowlist of enclave measurements (hex, case-insensitive). Required. An empty
-      allowlist is accepted at construction but refuses every enclave (check ``measurement``).
-    - ``allow_simulated``: accept ``simulated`` evidence (no TEE!). Off by default.
-    - ``simulated_roots``: dev root certificates pinned for simulated evidence (matched by the
-      SHA-256 fingerprint of their DER).
-    - ``allow_debug``: accept enclaves running in debug mode (memory readable by the host). Off.
-    - ``min_tcb``: every key listed must be present in the claims' TCB with a value ``>=`` this. A key
-      ``"<platform>.<component>"`` (``"sev-snp.snp"``) applies only to evidence of that platform; a
-      bare ``"<component>"`` applies to every platform.
-    - ``expect``: named measurements besides the primary one, ``"<platform>.<name>"`` -> accepted
-      values (``"tdx.rtmr1"``, ``"tdx.rtmr2"``, ``"sev-snp.host_data"``, ``"nitro.pcr2"``...); each one
-      listed for the evidence's platform must be present with one of the accepted values. On TDX the
-      primary measurement (MRTD) covers the firmware only: pin RTMR1 and RTMR2 to pin the kernel,
-      initrd and command line (and through a dm-verity root hash there, the enclave worker's code).
-    - ``snp_allow_migration_agent``: accept SEV-SNP guests whose policy admits a migration agent (which
-      can export the guest's memory to another host). Off.
-    - ``snp_max_vmpl``: the highest VMPL an SEV-SNP report may be requested from (0: the guest's most
-      privileged level; a higher one means a more privileged layer, e.g. a paravisor, sits below).
-    - ``intel_collateral``: per format (``"tdx"``, ``"sgx"``), Intel collateral (TCB info, QE identity,
-      CRLs; a :class:`~sealroom.attestation.collateral.Collateral`) evaluated with every quote: the
-      PCK chain must not be revoked and the platform's TCB status must not be out of date (unless
-      ``allow_out_of_date``); Revoked is always refused. Without it, quotes are verified but Intel's
-      view of the platform's patch level is not consulted.
-    - ``platform_roots``: per hardware format (``"sev-snp"``, ``"tdx"``, ``"sgx"``, ``"nitro"``), root
-      certificates that replace the vendor roots built in and pinned (for a private PKI or tests).
-    - ``max_age``: evidence older than this (by its own ``issued_at``) is refused.
-    - ``clock_skew``: evidence dated more than this in the future is refused.
-    """
-
-    measurements: frozenset[str]
-    allow_simulated: bool = False
-    simulated_roots: tuple[x509.Certificate, ...] = ()
-    allow_debug: bool = False
-    min_tcb: Mapping[str, int] = field(default_factory=dict)
-    max_age: timedelta = timedelta(minutes=5)
-    clock_skew: timedelta = timedelta(seconds=30)
-    platform_roots: Mapping[str, tuple[x509.Certificate, ...]] = field(default_factory=dict)
-    expect: Mapping[str, frozenset[str]] = field(default_factory=dict)
-    snp_allow_migration_agent: bool = False
-    snp_max_vmpl: int = 0
-    intel_collateral: Mapping[str, object] = field(default_factory=dict)
-    allow_out_of_date: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "measurements", _measurements(self.measurements))
-        if type(self.snp_max_vmpl) is not int or not 0 <= self.snp_max_vmpl <= 3:
-            raise ValueError("snp_max_vmpl must be an int from 0 to 3")
-        for fmt in self.intel_collateral:
-            if fmt not in ("tdx", "sgx"):
-                raise ValueError(f"intel_collateral applies to tdx and sgx quotes, not {fmt!r}")
-        object.__setattr__(self, "intel_collateral", MappingProxyType(dict(self.intel_collateral)))
-        for name in ("allow_simulated", "allow_debug", "snp_allow_migration_agent", "allow_out_of_date"):
-            if type(getattr(self, name)) is not bool:
-                raise TypeError(f"{name} must be bool")
-        roots = self.simulated_roots
-        if isinstance(roots, x509.Certificate):
-            raise TypeError("simulated_roots must be a tuple of certificates, not one certificate")
-        roots = tuple(roots)
-        for root in roots:
-            if not isinstance(root, x509.Certificate):
-                raise TypeError(f"simulated_roots must hold x509.Certificate, not {type(root).__name__}")
-        object.__setattr__(self, "simulated_roots", roots)
-        object.__setattr__(self, "min_tcb", _freeze_tcb(self.min_tcb, name="min_tcb"))
-        platform_roots: dict[str, tuple[x509.Certificate, ...]] = {}
-        for fmt, certs in dict(self.platform_roots).items():
-            if fmt not in HARDWARE_VERIFIERS:
-                raise ValueError(f"platform_roots names {fmt!r}; hardware formats are {', '.join(HARDWARE_VERIFIERS)}")
-            certs = (certs,) if isinstance(certs, x509.Certificate) else tuple(certs)
-            if not certs or not all(isinstance(c, x509.Certificate) for c in certs):
-                raise TypeError(f"platform_roots[{fmt!r}] must be a non-empty tuple of x509.Certificate")
-            platform_roots[fmt] = certs
-        object.__setattr__(self, "platform_roots", MappingProxyType(platform_roots))
-        expect: dict[str, frozenset[str]] = {}
-        for key, values in dict(self.expect).items():
-            platform, dot, name = key.partition(".")
-            if not dot or not name or platform not in HARDWARE_VERIFIERS:
-                raise ValueError(f"expect key {key!r} must be '<platform>.<measurement name>', e.g. 'tdx.rtmr1'")
-            expect[key] = _measurements(values)
-        object.__setattr__(self, "expect", MappingProxyType(expect))
-        if not isinstance(self.max_age, timedelta) or self.max_age <= timedelta(0):
-            raise ValueError("max_age must be a positive timedelta")
-        if not isinstance(self.clock_skew, timedelta) or self.clock_skew < timedelta(0):
-            raise ValueError("clock_skew must be a non-negative timedelta")
-
-    def simulated_root_fingerprints(self) -> frozenset[str]:
-        """SHA-256 fingerprints (hex) of the DER of the pinned simulated roots."""
-        return frozenset(
-            hashlib.sha256(r.public_bytes(serialization.Encoding.DER)).hexdigest() for r in self.simulated_roots
-        )
 
 
 def _refuse(check: str, message: str) -> AttestationError:
@@ -183,14 +72,27 @@ def _appraise(
     now: datetime,
 ) -> None:
     """Steps 5-11: check verified claims against the relying party's policy and expectations."""
-    # Step 5 (defence in depth: a verifier for any format may report simulated claims).
+    _check_simulated(claims, policy)
+    _check_nonce(claims, evidence, expected_nonce)
+    _check_report_data(claims, expected_report_data)
+    _check_measurement(claims, policy)
+    _check_named_measurements(claims, policy)
+    _check_debug(claims, policy)
+    _check_tcb(claims, policy)
+    _check_freshness(claims, policy, now)
+
+
+def _check_simulated(claims: Claims, policy: AppraisalPolicy) -> None:
+    """Step 5 (defence in depth: a verifier for any format may report simulated claims)."""
     if claims.simulated and not policy.allow_simulated:
         raise _refuse(
             "simulated",
             "simulated evidence refused: the relying party's trust policy does not set allow_simulated = true",
         )
 
-    # Step 6: the nonce the evidence signs is the one this relying party sent (and so is the envelope's).
+
+def _check_nonce(claims: Claims, evidence: Evidence, expected_nonce: bytes) -> None:
+    """Step 6: the nonce the evidence signs is the one this relying party sent (and so is the envelope's)."""
     if not (hmac.compare_digest(claims.nonce, expected_nonce) and hmac.compare_digest(evidence.nonce, expected_nonce)):
         raise _refuse(
             "nonce",
@@ -198,7 +100,9 @@ def _appraise(
             " or meant for another request; request fresh evidence with a new nonce",
         )
 
-    # Step 7: report data binds the keys the enclave presented (and the nonce) into the evidence.
+
+def _check_report_data(claims: Claims, expected_report_data: bytes) -> None:
+    """Step 7: report data binds the keys the enclave presented (and the nonce) into the evidence."""
     if not hmac.compare_digest(claims.report_data, expected_report_data):
         raise _refuse(
             "report_data",
@@ -206,7 +110,9 @@ def _appraise(
             " offered are not the ones the attested enclave holds; do not send it data",
         )
 
-    # Step 8: measurement allowlist.
+
+def _check_measurement(claims: Claims, policy: AppraisalPolicy) -> None:
+    """Step 8: measurement allowlist."""
     if not policy.measurements:
         raise _refuse(
             "measurement",
@@ -220,7 +126,9 @@ def _appraise(
             " trust this enclave build, add it to the accepted measurements",
         )
 
-    # Step 8b: the named measurements this relying party pins for the platform (TDX RTMRs...).
+
+def _check_named_measurements(claims: Claims, policy: AppraisalPolicy) -> None:
+    """Step 8b: the named measurements this relying party pins for the platform (TDX RTMRs...)."""
     for key, accepted in policy.expect.items():
         platform, _, name = key.partition(".")
         if platform != claims.platform:
@@ -233,7 +141,9 @@ def _appraise(
                 " if you trust this enclave image, add the value it reports",
             )
 
-    # Step 9: debug enclaves expose their memory to the host.
+
+def _check_debug(claims: Claims, policy: AppraisalPolicy) -> None:
+    """Step 9: debug enclaves expose their memory to the host."""
     if claims.debug and not policy.allow_debug:
         raise _refuse(
             "debug",
@@ -241,7 +151,9 @@ def _appraise(
             " does not set allow_debug = true; run the enclave in production mode",
         )
 
-    # Step 10: minimum TCB, component by component (a platform-qualified key only for that platform).
+
+def _check_tcb(claims: Claims, policy: AppraisalPolicy) -> None:
+    """Step 10: minimum TCB, component by component (a platform-qualified key only for that platform)."""
     for key, minimum in policy.min_tcb.items():
         platform, dot, component = key.rpartition(".")
         if dot and platform != claims.platform:
@@ -255,20 +167,22 @@ def _appraise(
                 " update the enclave platform's firmware/microcode or lower min_tcb",
             )
 
-    # Step 11: freshness, by the evidence's own (signed) issue time.
+
+def _check_freshness(claims: Claims, policy: AppraisalPolicy, now: datetime) -> None:
+    """Step 11: freshness, by the evidence's own (signed) issue time."""
     age = now - claims.issued_at
     if age > policy.max_age:
         raise _refuse(
             "freshness",
-            f"the evidence was issued at {_iso_utc(claims.issued_at)}, {_seconds(age)} before"
-            f" {_iso_utc(now)}, older than the policy's max_age of {_seconds(policy.max_age)};"
+            f"the evidence was issued at {iso_utc(claims.issued_at)}, {_seconds(age)} before"
+            f" {iso_utc(now)}, older than the policy's max_age of {_seconds(policy.max_age)};"
             " request fresh evidence",
         )
     if -age > policy.clock_skew:
         raise _refuse(
             "freshness",
-            f"the evidence was issued at {_iso_utc(claims.issued_at)}, {_seconds(-age)} after"
-            f" {_iso_utc(now)}, beyond the allowed clock skew of {_seconds(policy.clock_skew)};"
+            f"the evidence was issued at {iso_utc(claims.issued_at)}, {_seconds(-age)} after"
+            f" {iso_utc(now)}, beyond the allowed clock skew of {_seconds(policy.clock_skew)};"
             " check the enclave host's and this machine's clocks",
         )
 
@@ -311,8 +225,8 @@ def verify_evidence(
         raise TypeError(f"evidence must be an Evidence, not {type(evidence).__name__}")
     if not isinstance(policy, AppraisalPolicy):
         raise TypeError(f"policy must be an AppraisalPolicy, not {type(policy).__name__}")
-    expected_report_data = _as_bytes("expected_report_data", expected_report_data)
-    expected_nonce = _as_bytes("expected_nonce", expected_nonce)
+    expected_report_data = as_bytes("expected_report_data", expected_report_data)
+    expected_nonce = as_bytes("expected_nonce", expected_nonce)
     if len(expected_report_data) != REPORT_DATA_BYTES:
         raise ValueError(f"expected_report_data must be {REPORT_DATA_BYTES} bytes, got {len(expected_report_data)}")
     if len(expected_nonce) < MIN_NONCE_BYTES:

@@ -18,23 +18,21 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from cryptography import x509
 
 from sealroom.attestation import dcap
+from sealroom.attestation.collateral import Collateral, evaluate
 from sealroom.attestation.platform import PlatformClaims
 
-if TYPE_CHECKING:
-    from sealroom.attestation.collateral import Collateral
-
-__all__ = ["SGX", "SUPPORTED_VERSIONS", "verify_sgx", "quote_measurement"]
+__all__ = ["SGX", "SUPPORTED_VERSIONS", "verify_sgx", "quote_measurement", "quote_report_data"]
 
 SGX = "sgx"
 SUPPORTED_VERSIONS = frozenset({3})
 _LABEL = "SGX"
 _ATTR_DEBUG = 1 << 1
 _MRENCLAVE = slice(0x40, 0x60)
+_REPORT_DATA = slice(0x140, 0x180)
 
 
 def verify_sgx(
@@ -74,8 +72,6 @@ def verify_sgx(
         "quote_size": q.size,
     }
     if collateral is not None:
-        from sealroom.attestation.collateral import evaluate
-
         details.update(evaluate(q, collateral, roots=roots, now=now).to_details())
     return PlatformClaims(
         platform=SGX,
@@ -83,12 +79,20 @@ def verify_sgx(
         measurements={"mrenclave": mrenclave.hex(), "mrsigner": mrsigner.hex()},
         debug=bool(flags & _ATTR_DEBUG),
         tcb={"isv_svn": isv_svn, "isv_prod_id": isv_prod_id, "qe_svn": q.qe_svn, "pce_svn": q.pce_svn},
-        report_data=b[0x140:0x180],
+        report_data=b[_REPORT_DATA],
         details=details,
     )
 
 
 def quote_measurement(quote: bytes) -> str:
     """The MRENCLAVE of an SGX quote, parsed but NOT verified: for an enclave naming its own measurement."""
-    q = dcap.parse_quote(quote, label=_LABEL, version=3, tee_type=dcap.TEE_TYPE_SGX, body_size=dcap.SGX_REPORT_SIZE)
-    return q.body[_MRENCLAVE].hex()
+    return _parse(quote).body[_MRENCLAVE].hex()
+
+
+def quote_report_data(quote: bytes) -> bytes:
+    """The REPORTDATA of an SGX quote, parsed but NOT verified: for an attester checking its request."""
+    return _parse(quote).body[_REPORT_DATA]
+
+
+def _parse(quote: bytes) -> dcap.Quote:
+    return dcap.parse_quote(quote, label=_LABEL, version=3, tee_type=dcap.TEE_TYPE_SGX, body_size=dcap.SGX_REPORT_SIZE)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -39,25 +39,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
-from sealroom.attestation.evidence import (
-    MIN_NONCE_BYTES,
-    REPORT_DATA_BYTES,
-    SIMULATED,
-    Claims,
-    Evidence,
-    _as_bytes,
-    _b64,
-    _b64decode_field,
-    _freeze_tcb,
-    _is_lower_hex,
-    _iso_utc,
-    _strict_json_object,
+from sealroom.attestation.appraisal import AppraisalPolicy
+from sealroom.attestation.encoding import (
+    MAX_DER_CERTIFICATES,
+    as_bytes,
+    b64,
+    b64decode_field,
+    is_lower_hex,
+    iso_utc,
+    split_der_certificates,
+    strict_json_object,
 )
+from sealroom.attestation.evidence import MIN_NONCE_BYTES, REPORT_DATA_BYTES, SIMULATED, Claims, Evidence, freeze_tcb
 from sealroom.canonical import canonical_json
 from sealroom.errors import AlreadyExistsError, AttestationError, ConfigError
-
-if TYPE_CHECKING:
-    from sealroom.attestation.policy import AppraisalPolicy
 
 __all__ = [
     "DEV_ROOT_CERT_FILE",
@@ -85,7 +80,6 @@ _ROOT_VALIDITY = timedelta(days=3652)  # 10 years
 _KEY_VALIDITY = timedelta(days=30)
 # Backdate notBefore so that a verifier whose clock lags a little still accepts a fresh certificate.
 _BACKDATE = timedelta(hours=1)
-_MAX_AUX_CERTS = 4
 _CURVE = ec.SECP384R1
 _REPORT_KEYS = frozenset(
     {"version", "platform", "simulated", "measurement", "debug", "tcb", "report_data", "nonce", "issued_at"}
@@ -295,7 +289,7 @@ def _normalise_measurement(measurement: object) -> str:
     if not isinstance(measurement, str):
         raise TypeError(f"measurement must be a hex str, not {type(measurement).__name__}")
     value = measurement.lower()
-    if not _is_lower_hex(value):
+    if not is_lower_hex(value):
         raise ValueError("measurement must be a non-empty, even-length hex string")
     return value
 
@@ -327,7 +321,7 @@ class SimulatedAttester:
             raise TypeError("debug must be bool")
         self._measurement = _normalise_measurement(measurement)
         self._debug = debug
-        self._tcb = _freeze_tcb(tcb or {})
+        self._tcb = freeze_tcb(tcb or {})
         self._clock = clock or _utc_now
         now = self._now()
         self._key = ec.generate_private_key(_CURVE())
@@ -370,8 +364,8 @@ class SimulatedAttester:
 
     def attest(self, *, report_data: bytes, nonce: bytes) -> Evidence:
         """Sign a report binding ``report_data`` (64 bytes) and the relying party's ``nonce``."""
-        report_data = _as_bytes("report_data", report_data)
-        nonce = _as_bytes("nonce", nonce)
+        report_data = as_bytes("report_data", report_data)
+        nonce = as_bytes("nonce", nonce)
         if len(report_data) != REPORT_DATA_BYTES:
             raise ValueError(f"report_data must be {REPORT_DATA_BYTES} bytes, got {len(report_data)}")
         if len(nonce) < MIN_NONCE_BYTES:
@@ -386,13 +380,14 @@ class SimulatedAttester:
                 "tcb": dict(self._tcb),
                 "report_data": report_data.hex(),
                 "nonce": nonce.hex(),
-                "issued_at": _iso_utc(self._now()),
-            }
+                "issued_at": iso_utc(self._now()),
+            },
+            allow_nan=False,
         )
         signature = self._key.sign(report, ec.ECDSA(hashes.SHA384()))
         return Evidence(
             format=SIMULATED,
-            evidence=canonical_json({"report": _b64(report), "signature": _b64(signature)}),
+            evidence=canonical_json({"report": b64(report), "signature": b64(signature)}, allow_nan=False),
             aux=self._certificate.public_bytes(serialization.Encoding.DER),
             nonce=nonce,
         )
@@ -405,35 +400,6 @@ class SimulatedAttester:
 
 def _refuse(check: str, message: str) -> AttestationError:
     return AttestationError(message, details={"check": check})
-
-
-def _split_der_certificates(data: bytes) -> list[bytes]:
-    """Split concatenated DER certificates (each an ASN.1 SEQUENCE) without trusting any length."""
-    out: list[bytes] = []
-    pos = 0
-    while pos < len(data):
-        if len(out) == _MAX_AUX_CERTS:
-            raise ValueError(f"more than {_MAX_AUX_CERTS} certificates")
-        if pos + 2 > len(data) or data[pos] != 0x30:
-            raise ValueError("not a DER SEQUENCE")
-        first = data[pos + 1]
-        header = 2
-        if first < 0x80:
-            length = first
-        else:
-            n = first & 0x7F
-            if n == 0 or n > 4 or pos + 2 + n > len(data):
-                raise ValueError("bad DER length")
-            length = int.from_bytes(data[pos + 2 : pos + 2 + n], "big")
-            header += n
-        end = pos + header + length
-        if end > len(data):
-            raise ValueError("truncated DER")
-        out.append(data[pos:end])
-        pos = end
-    if not out:
-        raise ValueError("no certificate")
-    return out
 
 
 def _require_leaf_basic_constraints(
@@ -457,7 +423,7 @@ def _verify_chain(aux: bytes, roots: tuple[x509.Certificate, ...], now: datetime
             " of the enclave host (written by `sealroom dev init`) to simulated_roots",
         )
     try:
-        der_certs = _split_der_certificates(aux)
+        der_certs = split_der_certificates(aux)
         certs = [x509.load_der_x509_certificate(der) for der in der_certs]
     except ValueError as exc:
         raise _refuse(
@@ -473,7 +439,7 @@ def _verify_chain(aux: bytes, roots: tuple[x509.Certificate, ...], now: datetime
         verification.PolicyBuilder()
         .store(verification.Store(list(roots)))
         .time(now)
-        .max_chain_depth(_MAX_AUX_CERTS)
+        .max_chain_depth(MAX_DER_CERTIFICATES)
         .extension_policies(ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy)
         .build_client_verifier()
     )
@@ -483,7 +449,7 @@ def _verify_chain(aux: bytes, roots: tuple[x509.Certificate, ...], now: datetime
         raise _refuse(
             "chain",
             "the attestation key certificate does not chain to a pinned simulated root valid at"
-            f" {_iso_utc(now)} ({exc}); pin the dev-root.crt of the enclave host, or, if it expired,"
+            f" {iso_utc(now)} ({exc}); pin the dev-root.crt of the enclave host, or, if it expired,"
             " restart the enclave worker to get a fresh attestation key",
         ) from None
     pinned = {hashlib.sha256(r.public_bytes(serialization.Encoding.DER)).digest() for r in roots}
@@ -496,7 +462,7 @@ def _verify_chain(aux: bytes, roots: tuple[x509.Certificate, ...], now: datetime
 def _parse_report(report: bytes) -> Claims:
     """Parse a signed report into claims. Only ever called after the signature verified."""
     what = "the signed simulated report"
-    obj = _strict_json_object(report, what=what, check="envelope")
+    obj = strict_json_object(report, what=what, check="envelope")
     if set(obj) != _REPORT_KEYS:
         raise _refuse("envelope", f"{what} must have exactly the keys {sorted(_REPORT_KEYS)}")
     if type(obj["version"]) is not int or obj["version"] != REPORT_VERSION:
@@ -505,7 +471,7 @@ def _parse_report(report: bytes) -> Claims:
         raise _refuse("envelope", f"{what} must claim platform 'simulated' and simulated true")
     try:
         measurement = obj["measurement"]
-        if not isinstance(measurement, str) or not _is_lower_hex(measurement):
+        if not isinstance(measurement, str) or not is_lower_hex(measurement):
             raise ValueError("measurement must be lowercase hex")
         if type(obj["debug"]) is not bool:
             raise ValueError("debug must be a boolean")
@@ -521,7 +487,7 @@ def _parse_report(report: bytes) -> Claims:
         hex_fields: dict[str, bytes] = {}
         for key in ("report_data", "nonce"):
             value = obj[key]
-            if not isinstance(value, str) or (value and not _is_lower_hex(value)):
+            if not isinstance(value, str) or (value and not is_lower_hex(value)):
                 raise ValueError(f"{key} must be lowercase hex")
             hex_fields[key] = bytes.fromhex(value)
         return Claims(
@@ -555,11 +521,11 @@ def verify_simulated(evidence: Evidence, *, policy: AppraisalPolicy, now: dateti
             " allow_simulated = true (simulated attestation has no TEE behind it; allow it only for"
             " development)",
         )
-    obj = _strict_json_object(evidence.evidence, what="simulated evidence", check="envelope")
+    obj = strict_json_object(evidence.evidence, what="simulated evidence", check="envelope")
     if set(obj) != _EVIDENCE_KEYS:
         raise _refuse("envelope", f"simulated evidence must have exactly the keys {sorted(_EVIDENCE_KEYS)}")
-    report = _b64decode_field(obj, "report", what="simulated evidence", check="envelope")
-    signature = _b64decode_field(obj, "signature", what="simulated evidence", check="envelope")
+    report = b64decode_field(obj, "report", what="simulated evidence", check="envelope")
+    signature = b64decode_field(obj, "signature", what="simulated evidence", check="envelope")
 
     # Step 3: certificate chain to a pinned root, every certificate valid at `now`.
     leaf = _verify_chain(evidence.aux, policy.simulated_roots, now)

@@ -41,6 +41,7 @@ from sealroom.attestation.platform import PlatformClaims, common_name
 from sealroom.errors import AttestationError
 
 __all__ = [
+    "report_report_data",
     "SEV_SNP",
     "REPORT_SIZE",
     "SIGNED_SIZE",
@@ -362,8 +363,28 @@ def verify_snp(
     """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be a timezone-aware datetime")
+    # 1. The report parses (size, version, reserved fields).
     rep = _parse(report)
+    # 2-3. The signing key's chain: the right kind of leaf, up to a trusted AMD root, valid at now.
+    product, end = _verify_chain(rep, vcek=vcek, ask=ask, ark=ark, roots=roots, now=now)
+    # 4. The report's signature by that key.
+    _verify_report_signature(rep, vcek, end)
+    # 5. The TCB the report states is the one the VCEK was issued for (and the chip its hwID names).
+    tcb = _tcb_fields(rep.reported_tcb, product)
+    _check_tcb_binding(rep, vcek, product, tcb)
+    return _claims(rep, vcek, product, end, tcb)
 
+
+def _verify_chain(
+    rep: _Report,
+    *,
+    vcek: x509.Certificate,
+    ask: x509.Certificate | None,
+    ark: x509.Certificate | None,
+    roots: Sequence[x509.Certificate] | None,
+    now: datetime,
+) -> tuple[str, str]:
+    """The ARK -> ASK (ASVK) -> VCEK (VLEK) chain at ``now``: the product and the leaf's kind."""
     leaf = SIGNING_KEYS[rep.signing_key]
     if common_name(vcek.subject) != leaf:
         raise _fail(
@@ -384,8 +405,11 @@ def verify_snp(
     _check_link(vcek, ask_cert, end, mid)
     for cert, name in ((ark_cert, "ARK"), (ask_cert, mid), (vcek, end)):
         _check_validity(cert, now, name)
+    return product, end
 
-    # Report signature: ECDSA P-384/SHA-384, r and s little-endian in 72-byte fields.
+
+def _verify_report_signature(rep: _Report, vcek: x509.Certificate, end: str) -> None:
+    """ECDSA P-384/SHA-384 by the VCEK (VLEK), r and s little-endian in 72-byte fields."""
     vcek_key = vcek.public_key()
     if not isinstance(vcek_key, ec.EllipticCurvePublicKey) or not isinstance(vcek_key.curve, ec.SECP384R1):
         raise _fail("signature", f"{end} key is not ECDSA P-384")
@@ -400,9 +424,8 @@ def verify_snp(
     except InvalidSignature:
         raise _fail("signature", f"report signature by the {end} does not verify") from None
 
-    tcb = _tcb_fields(rep.reported_tcb, product)
-    _check_tcb_binding(rep, vcek, product, tcb)
 
+def _claims(rep: _Report, vcek: x509.Certificate, product: str, end: str, tcb: dict[str, int]) -> PlatformClaims:
     return PlatformClaims(
         platform=SEV_SNP,
         measurement=rep.measurement.hex(),
@@ -448,3 +471,8 @@ def _csp_id(vlek: x509.Certificate) -> str:
 def report_measurement(report: bytes) -> str:
     """The MEASUREMENT of an SNP report, parsed but NOT verified: for an enclave naming its own."""
     return _parse(report).measurement.hex()
+
+
+def report_report_data(report: bytes) -> bytes:
+    """The REPORT_DATA of an SNP report, parsed but NOT verified: for an attester checking its request."""
+    return _parse(report).report_data

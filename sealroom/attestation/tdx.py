@@ -19,17 +19,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from cryptography import x509
 
 from sealroom.attestation import dcap
+from sealroom.attestation.collateral import Collateral, evaluate
 from sealroom.attestation.platform import PlatformClaims
 
-if TYPE_CHECKING:
-    from sealroom.attestation.collateral import Collateral
-
-__all__ = ["TDX", "SUPPORTED_VERSIONS", "BODY_TD10", "BODY_TD15", "parse_tdx_quote", "verify_tdx", "quote_measurement"]
+__all__ = [
+    "TDX",
+    "SUPPORTED_VERSIONS",
+    "BODY_TD10",
+    "BODY_TD15",
+    "parse_tdx_quote",
+    "verify_tdx",
+    "quote_measurement",
+    "quote_report_data",
+]
 
 TDX = "tdx"
 SUPPORTED_VERSIONS = frozenset({4, 5})
@@ -125,8 +131,6 @@ def verify_tdx(
         details["tee_tcb_svn2"] = f["tee_tcb_svn2"].hex()
     tcb.update({"qe_svn": q.qe_svn, "pce_svn": q.pce_svn})
     if collateral is not None:
-        from sealroom.attestation.collateral import evaluate
-
         details.update(evaluate(q, collateral, roots=roots, now=now).to_details())
     return PlatformClaims(
         platform=TDX,
@@ -144,3 +148,10 @@ def quote_measurement(quote: bytes) -> str:
     q = parse_tdx_quote(quote)
     off, size = _FIELDS["mrtd"]
     return q.body[off : off + size].hex()
+
+
+def quote_report_data(quote: bytes) -> bytes:
+    """The REPORTDATA of a TDX quote (v4 or v5), parsed but NOT verified: for an attester checking its request."""
+    q = parse_tdx_quote(quote)
+    off, size = _FIELDS["report_data"]
+    return q.body[off : off + size]
