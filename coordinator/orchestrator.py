@@ -6,6 +6,10 @@ signed result against attestation evidence under its own trust policy before sto
 failure ends the query as failed with a message naming the party or component; the enclave job is
 aborted so nothing is released.
 
+This module runs a query from its approvals to its end (:meth:`Orchestrator.run`) and stores an MPC
+stage's release; a TEE stage's steps (the enclave job, the streams, execution, the verified release)
+are in ``coordinator.tee_stage``, and an MPC stage's run in ``coordinator.mpc_stage``.
+
 Manual approvals: an agent whose owner decides by hand answers the review ``pending``. The query
 then waits in ``pending_approval`` -- its thread blocked on the query's condition, holding no channel
 and no enclave job -- until every owner's approval is in (``SubmitApproval``), an owner rejects it
@@ -20,30 +24,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import pyarrow as pa
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from coordinator.mpc_stage import EnclavePlayer, MpcRelease, enclave_player_index, plan_mpc_stage, run_mpc_stage
 from coordinator.planner import ENCLAVE_PLAYER
-from coordinator.store import Store
-from sealroom.attestation import AppraisalPolicy, Evidence, report_data_for, verify_evidence
+from coordinator.store import CoordinatorStore, PartyRecord
+from coordinator.tee_stage import TeeStageRunner, VerifiedResult, log_tee_stage
+from sealroom.attestation import AppraisalPolicy
 from sealroom.audit.receipts import MpcStage, TeeStage, build_receipt
 from sealroom.audit.tlog import is_ident
 from sealroom.canonical import canonical_json
 from sealroom.errors import (
     ApprovalError,
-    AttestationError,
     InvalidQueryError,
     JobFailedError,
     SealroomError,
@@ -53,123 +53,11 @@ from sealroom.errors import (
 from sealroom.planning.plan import Plan, Stage
 from sealroom.rpc import call, open_channel
 from sealroom.signing import check_issued_at, verify_approval, verify_owner_action
-from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
+from sealroom.v1 import party_pb2, party_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class VerifiedResult:
-    doc: dict[str, Any]
-    result_json: bytes
-    signature: bytes
-    arrow_table: bytes
-    evidence: bytes
-
-
-def verify_result(
-    response: Any,
-    *,
-    plan: Plan,
-    hpke_public: bytes,
-    signing_public: bytes,
-    appraisal: AppraisalPolicy,
-) -> VerifiedResult:
-    """Check the enclave's signed result: evidence, signature, plan and result hashes."""
-    evidence = Evidence.from_bytes(response.evidence)
-    nonce = bytes.fromhex(plan.hash)
-    verify_evidence(
-        evidence,
-        policy=appraisal,
-        expected_report_data=report_data_for(
-            hpke_public_key=hpke_public, signing_public_key=signing_public, nonce=nonce
-        ),
-        expected_nonce=nonce,
-    )
-    try:
-        Ed25519PublicKey.from_public_bytes(signing_public).verify(response.signature, response.result_json)
-    except InvalidSignature:
-        raise AttestationError(
-            "the enclave's result signature does not verify with its attested key",
-            details={"check": "result_signature"},
-        ) from None
-    doc = json.loads(response.result_json)
-    if doc.get("plan_hash") != plan.hash or doc.get("query_id") != plan.query_id:
-        raise AttestationError("the enclave's result is for another plan", details={"check": "result_plan"})
-    # A stage that feeds an MPC stage releases nothing: its document says so, and comes without a table.
-    arrow_table = getattr(response, "arrow_table", None)
-    released = doc.get("result_sha256") if arrow_table is None else hashlib.sha256(arrow_table).hexdigest()
-    if doc.get("result_sha256") != released or (
-        arrow_table is None and (released is not None or doc.get("released_rows"))
-    ):
-        raise AttestationError(
-            "the released table does not match the hash the enclave signed", details={"check": "result_hash"}
-        )
-    if doc.get("attestation", {}).get("evidence_sha256") != evidence.digest().hex():
-        raise AttestationError("the result names other evidence", details={"check": "result_evidence"})
-    return VerifiedResult(
-        doc,
-        bytes(response.result_json),
-        bytes(response.signature),
-        bytes(arrow_table or b""),
-        bytes(response.evidence),
-    )
-
-
 MAX_REJECT_REASON = 1000
-HEX = re.compile(r"(?:[0-9a-f]{2}){1,256}")
-# How often the coordinator asks the party agents how far their streams have got.
-PROGRESS_INTERVAL = 0.25
-
-
-class StreamProgress:
-    """Per-party progress of a job's sealed streams, as the query's ``progress`` shows it.
-
-    While the parties stream (and while the enclave executes) ``progress`` is one JSON document::
-
-        {"text": "streaming 1/3 parties",
-         "parties": {"bank_a": {"bytes": 4194336, "frames": 2, "rows": 12000, "rows_total": 30000, "done": false}}}
-
-    ``bytes`` and ``frames`` are the sealed stream's size, which the coordinator sees anyway; ``rows``
-    (padding rows included, two significant digits) only where the owner shares its row count, else
-    null; ``rows_total`` is the registered (rounded) row count of an unfiltered input whose owner
-    shares it, else null. Never a value from the data. Clients show ``text`` where they want a line.
-    """
-
-    def __init__(self, plan: Plan, datasets: Sequence[dict[str, Any]]):
-        shared = {(d["party"], d["name"]): int(d.get("approximate_rows") or 0) for d in datasets}
-        self.parties: dict[str, dict[str, Any]] = {}
-        # Only what is streamed to an enclave (in a hybrid plan, not the mpc_only owners' data).
-        streamed = [i for s in plan.stages if s.kind == "tee" for i in s.inputs]
-        for party in sorted({i.party for i in streamed}):
-            mine = [i for i in streamed if i.party == party]
-            totals = [shared.get((party, i.dataset), 0) if i.filter is None else 0 for i in mine]
-            self.parties[party] = {
-                "bytes": 0,
-                "frames": 0,
-                "rows": None,
-                "rows_total": sum(totals) if totals and all(totals) else None,
-                "done": False,
-            }
-
-    def update(self, party: str, streams: Sequence[party_pb2.StreamProgress]) -> None:
-        entry = self.parties[party]
-        if not streams or entry["done"]:
-            return
-        entry["bytes"] = sum(s.bytes for s in streams)
-        entry["frames"] = sum(s.frames for s in streams)
-        entry["rows"] = sum(s.rows for s in streams) if all(s.rows_shared for s in streams) else None
-
-    def finish(self, party: str, streams: Sequence[party_pb2.StreamProgress] | None) -> None:
-        """The party's stream has ended: its final counts (when its agent gave them)."""
-        if streams:
-            self.update(party, streams)
-        self.parties[party]["done"] = True
-
-    def to_json(self, phase: str) -> str:
-        done = sum(1 for e in self.parties.values() if e["done"])
-        text = f"streaming {done}/{len(self.parties)} parties" if phase == "streaming" else phase
-        return json.dumps({"text": text, "parties": self.parties}, sort_keys=True)
 
 
 @dataclass
@@ -196,7 +84,7 @@ class _Approvals:
 class Orchestrator:
     def __init__(
         self,
-        store: Store,
+        store: CoordinatorStore,
         *,
         enclave_address: str,
         appraisal: AppraisalPolicy,
@@ -294,7 +182,7 @@ class Orchestrator:
 
     # -- approvals ---------------------------------------------------------------------------
 
-    def _review_all(self, plan: Plan, parties: dict[str, dict[str, Any]]) -> dict[str, tuple[str, bytes, float] | None]:
+    def _review_all(self, plan: Plan, parties: Mapping[str, PartyRecord]) -> dict[str, tuple[str, bytes, float] | None]:
         """Ask every involved agent to review the plan: party -> (plan_hash, signature, expires_at),
         or None when the agent holds it for its owner's decision. A refusal raises."""
         qid = plan.query_id
@@ -304,7 +192,7 @@ class Orchestrator:
         def review(party: str) -> tuple[str, tuple[str, bytes, float] | None]:
             if party not in parties:
                 raise UnavailableError(f"party {party} is not registered", details={"party": party})
-            with self._channel(parties[party]["address"]) as ch:
+            with self._channel(parties[party].address) as ch:
                 resp = call(
                     party,
                     party_pb2_grpc.PartyAgentStub(ch).ReviewPlan,
@@ -436,7 +324,7 @@ class Orchestrator:
             )
         key = plan.parties[party]
         registered = self.store.parties().get(party)
-        if registered is None or registered["signing_public_key"] != key:
+        if registered is None or registered.signing_public_key != key:
             raise ApprovalError(
                 f"the plan of query {qid} names a key for {party} that is not its registered key",
                 details={"party": party, "check": "party_key"},
@@ -572,76 +460,86 @@ class Orchestrator:
             log.info("query %s: %s revoked its approval%s", query_id, party, "" if removed else " (none was held)")
             return self._snapshot(w)
 
-    def _parties(self) -> dict[str, dict[str, Any]]:
+    def _parties(self) -> dict[str, PartyRecord]:
         return self.store.parties()
 
-    def _watch_streams(
-        self,
-        qid: str,
-        job_id: str,
-        futures: dict[str, Future[party_pb2.ContributeResponse]],
-        parties: dict[str, dict[str, Any]],
-        tracker: StreamProgress,
+    # -- running a plan ----------------------------------------------------------------------
+
+    def _run(self, plan: Plan, w: _Approvals) -> None:
+        mpc_stage = plan_mpc_stage(plan)
+        if mpc_stage is not None and len(plan.stages) == 1:
+            self._run_mpc(plan, mpc_stage, w)
+            return
+        # The parties whose rows go to the enclave (in a hybrid plan, not the mpc_only owners).
+        streaming = sorted({i.party for s in plan.stages if s.kind == "tee" for i in s.inputs})
+        parties = self._approve(plan, w)
+        if mpc_stage is None:
+            self._run_tee(plan, streaming, parties)
+        else:
+            self._run_hybrid(plan, mpc_stage, streaming, parties)
+
+    def _approve(self, plan: Plan, w: _Approvals) -> dict[str, PartyRecord]:
+        """1. Approvals: each owner checks the plan against its own policy and signs its hash, at once
+        or (manual approval) when a person decides; the query is "running" from here on. Returns the
+        parties as registered now (an agent may have restarted, and moved, while the query waited)."""
+        involved = plan.involved_parties()
+        self.store.update_query(plan.query_id, status="awaiting_approval", progress=f"approvals 0/{len(involved)}")
+        self._collect_approvals(plan, w)
+        return self._parties()
+
+    def _tee_stage(self) -> TeeStageRunner:
+        return TeeStageRunner(
+            store=self.store,
+            enclave_address=self.enclave_address,
+            appraisal=self.appraisal,
+            party_timeout=self.party_timeout,
+            channel=self._channel,
+        )
+
+    def _run_tee(self, plan: Plan, streaming: Sequence[str], parties: Mapping[str, PartyRecord]) -> None:
+        """A TEE plan: 2. the enclave job, 3. the parties' streams, 4. execution, then 5. the verified
+        release (see coordinator.tee_stage)."""
+        tee = self._tee_stage()
+        with tee.job(plan) as job:
+            tracker = job.stream(streaming, parties)
+            approvals = self.store.approvals(plan.query_id)
+            response = job.execute(approvals, tracker)
+        tee.release(plan, job.verify(response), approvals, tracker)
+
+    def _run_hybrid(
+        self, plan: Plan, mpc_stage: Stage, streaming: Sequence[str], parties: Mapping[str, PartyRecord]
     ) -> None:
-        """Until every party's stream has ended, ask each streaming agent how far it has got and
-        publish it in the query's progress. Best effort: a failed or unanswered progress call is
-        skipped (the party's Contribute call reports real failures), and an agent without
-        GetProgress is not asked again."""
-        shown = ""
-        with ExitStack() as stack:
-            stubs: dict[str, party_pb2_grpc.PartyAgentStub] = {}
-            for party in futures:
-                try:
-                    channel = stack.enter_context(self._channel(parties[party]["address"]))
-                except SealroomError:
-                    continue
-                stubs[party] = party_pb2_grpc.PartyAgentStub(channel)
+        """A hybrid plan: the enclave job and the streams as for a TEE plan, then the enclave computes
+        the streamed inputs' partials and joins the MPC stage as a player, next to the mpc_only
+        owners' players; the MPC stage's release records the enclave's document that fed it."""
+        tee = self._tee_stage()
+        with tee.job(plan) as job:
+            tracker = job.stream(streaming, parties)
+            approvals = self.store.approvals(plan.query_id)
+            self.store.update_query(plan.query_id, progress=tracker.to_json("MPC stage: players computing"))
+            index = enclave_player_index(mpc_stage)
+            fed: list[VerifiedResult] = []
 
-            def ask(party: str) -> Sequence[party_pb2.StreamProgress] | None:
-                stub = stubs.get(party)
-                if stub is None:
-                    return None
-                try:
-                    return list(stub.GetProgress(party_pb2.ProgressRequest(job_id=job_id), timeout=2).streams)
-                except grpc.RpcError as exc:
-                    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                        stubs.pop(party)
-                except ValueError:  # the channel was closed: the coordinator is stopping
-                    pass
-                return None
+            def prepare_enclave() -> EnclavePlayer:
+                player, feed = job.prepare_mpc_player(mpc_stage.id, index, approvals)
+                fed.append(feed)
+                return player
 
-            while True:
-                for party, fut in futures.items():
-                    if fut.done() and fut.exception() is None and not tracker.parties[party]["done"]:
-                        tracker.finish(party, ask(party))  # the agent keeps its final counts
-                streaming = [p for p, fut in futures.items() if not fut.done()]
-                for party in streaming:
-                    streams = ask(party)
-                    if streams is not None:
-                        tracker.update(party, streams)
-                doc = tracker.to_json("streaming")
-                if doc != shown:
-                    self.store.update_query(qid, progress=doc)
-                    shown = doc
-                if not streaming:
-                    return
-                wait([futures[p] for p in streaming], timeout=PROGRESS_INTERVAL)
+            release = self._mpc_stage(plan, mpc_stage, parties, prepare_enclave)
+            (feed,) = fed
+        self._release_mpc(plan, mpc_stage, release, feed=feed)
 
     def _run_mpc(self, plan: Plan, stage: Stage, w: _Approvals) -> None:
         """An MPC plan: approvals, then the owners' players and the coordinator's helpers."""
-        qid = plan.query_id
-        involved = plan.involved_parties()
-        self.store.update_query(qid, status="awaiting_approval", progress=f"approvals 0/{len(involved)}")
-        self._collect_approvals(plan, w)
-        parties = self._parties()
-        self.store.update_query(qid, progress="MPC stage: players computing (secret-shared)")
+        parties = self._approve(plan, w)
+        self.store.update_query(plan.query_id, progress="MPC stage: players computing (secret-shared)")
         self._release_mpc(plan, stage, self._mpc_stage(plan, stage, parties), feed=None)
 
     def _mpc_stage(
         self,
         plan: Plan,
         stage: Stage,
-        parties: dict[str, dict[str, Any]],
+        parties: Mapping[str, PartyRecord],
         prepare_enclave: Callable[[], EnclavePlayer] | None = None,
     ) -> MpcRelease:
         """Run the MPC stage with the involved owners' agents, this coordinator's helper identity
@@ -649,7 +547,7 @@ class Orchestrator:
         return run_mpc_stage(
             plan,
             stage,
-            addresses={p: parties[p]["address"] for p in plan.involved_parties()},
+            addresses={p: parties[p].address for p in plan.involved_parties()},
             channel=self._channel,
             host=self.mpc_host,
             timeout=self.mpc_timeout,
@@ -668,7 +566,7 @@ class Orchestrator:
         record = release.record
         stages: list[TeeStage | MpcStage] = []
         if feed is not None:
-            self._log_tee_stage(plan, feed)
+            log_tee_stage(self.store, plan, feed)
             stages.append(TeeStage(feed.result_json, feed.signature, feed.evidence))
         self.store.append_event(
             "stage_executed",
@@ -720,177 +618,3 @@ class Orchestrator:
         if simulated:
             log.warning("query %s released by MPC, its enclave player under SIMULATED attestation (no TEE)", qid)
         log.info("query %s released by MPC (%s)", qid, release.record["trust_assumption"])
-
-    def _log_tee_stage(self, plan: Plan, verified: VerifiedResult) -> None:
-        att = verified.doc.get("attestation", {})
-        stage_event: dict[str, Any] = {
-            "query_id": plan.query_id,
-            "stage": str(verified.doc.get("stage")),
-            "kind": "tee",
-            "plan_hash": plan.hash,
-            "simulated": bool(verified.doc["simulated"]),
-            "evidence_sha256": att.get("evidence_sha256"),
-            "result_doc_sha256": hashlib.sha256(verified.result_json).hexdigest(),
-        }
-        if is_ident(att.get("format")):
-            stage_event["platform"] = att["format"]
-        measurement = str(att.get("measurement") or "").lower()
-        if HEX.fullmatch(measurement):  # every platform's measurement is hex; the log takes nothing else
-            stage_event["measurement"] = measurement
-        self.store.append_event("stage_executed", **stage_event)
-
-    def _run(self, plan: Plan, w: _Approvals) -> None:
-        qid = plan.query_id
-        mpc_stage = plan_mpc_stage(plan)
-        if mpc_stage is not None and len(plan.stages) == 1:
-            self._run_mpc(plan, mpc_stage, w)
-            return
-        involved = plan.involved_parties()
-        # The parties whose rows go to the enclave (in a hybrid plan, not the mpc_only owners).
-        streaming = sorted({i.party for s in plan.stages if s.kind == "tee" for i in s.inputs})
-        plan_json = plan.to_json()
-        self.store.update_query(qid, status="awaiting_approval", progress=f"approvals 0/{len(involved)}")
-
-        # 1. Approvals: each owner checks the plan against its own policy and signs its hash, at once
-        # or (manual approval) when a person decides; the query is "running" from here on.
-        self._collect_approvals(plan, w)
-        parties = self._parties()  # an agent may have restarted (and moved) while the query waited
-
-        # 2. The enclave job: a fresh key pair inside the enclave for this plan.
-        with self._channel(self.enclave_address) as ch:
-            enclave = enclave_pb2_grpc.EnclaveStub(ch)
-            job = call("enclave", enclave.CreateJob, enclave_pb2.CreateJobRequest(plan_json=plan_json))
-            try:
-                # 3. Each party verifies the enclave's evidence itself and streams sealed batches to it.
-                tracker = StreamProgress(plan, self.store.datasets())
-                self.store.update_query(qid, progress=tracker.to_json("streaming"))
-
-                def contribute(party: str) -> party_pb2.ContributeResponse:
-                    with self._channel(parties[party]["address"]) as pch:
-                        try:
-                            return call(
-                                party,
-                                party_pb2_grpc.PartyAgentStub(pch).Contribute,
-                                party_pb2.ContributeRequest(
-                                    plan_json=plan_json, job_id=job.job_id, enclave_address=self.enclave_address
-                                ),
-                                timeout=self.party_timeout,
-                            )
-                        except SealroomError as err:
-                            raise JobFailedError(
-                                f"{party} could not contribute: {err.message}",
-                                details={**err.details, "party": party, "cause": err.code},
-                            ) from None
-
-                with ThreadPoolExecutor(max_workers=max(1, len(streaming))) as pool:
-                    futures = {p: pool.submit(contribute, p) for p in streaming}
-                    self._watch_streams(qid, job.job_id, futures, parties, tracker)
-                    for fut in futures.values():
-                        fut.result()
-
-                approvals = self.store.approvals(qid)
-                approval_msgs = [
-                    enclave_pb2.Approval(party=p, plan_hash=h, signature=s) for p, (h, s) in approvals.items()
-                ]
-                if mpc_stage is not None:
-                    # 4'. A hybrid plan: the enclave computes the streamed inputs' partials and joins
-                    # the MPC stage as a player, next to the mpc_only owners' players.
-                    self.store.update_query(qid, progress=tracker.to_json("MPC stage: players computing"))
-                    index = enclave_player_index(mpc_stage)
-                    fed: list[VerifiedResult] = []
-
-                    def prepare_enclave() -> EnclavePlayer:
-                        prepared = call(
-                            "enclave",
-                            enclave.PrepareMpc,
-                            enclave_pb2.EnclavePrepareMpcRequest(
-                                job_id=job.job_id,
-                                stage_id=mpc_stage.id,
-                                index=index,
-                                approvals=approval_msgs,
-                                job_token=job.job_token,
-                            ),
-                            timeout=self.party_timeout,
-                        )
-                        feed = verify_result(
-                            prepared,
-                            plan=plan,
-                            hpke_public=bytes(job.hpke_public_key),
-                            signing_public=bytes(job.signing_public_key),
-                            appraisal=self.appraisal,
-                        )
-                        if feed.doc.get("feeds") != mpc_stage.id or feed.doc.get("player") != index:
-                            raise AttestationError(
-                                "the enclave's document is not for the MPC stage it was asked to join",
-                                details={"check": "result_plan"},
-                            )
-                        fed.append(feed)
-                        return EnclavePlayer(
-                            index=index,
-                            address=self.enclave_address,
-                            job_id=job.job_id,
-                            job_token=bytes(job.job_token),
-                            offer=prepared.offer,
-                            attested=party_pb2.EnclavePlayer(
-                                evidence=feed.evidence,
-                                hpke_public_key=bytes(job.hpke_public_key),
-                                signing_public_key=bytes(job.signing_public_key),
-                            ),
-                        )
-
-                    release = self._mpc_stage(plan, mpc_stage, parties, prepare_enclave)
-                    (feed,) = fed
-                else:
-                    # 4. Execute with every approval; the enclave re-verifies them itself.
-                    self.store.update_query(qid, progress=tracker.to_json("executing in the enclave"))
-                    resp = call(
-                        "enclave",
-                        enclave.Execute,
-                        enclave_pb2.ExecuteRequest(job_id=job.job_id, approvals=approval_msgs, job_token=job.job_token),
-                        timeout=self.party_timeout,
-                    )
-            except BaseException:
-                try:
-                    enclave.AbortJob(enclave_pb2.JobRef(job_id=job.job_id, job_token=job.job_token), timeout=10)
-                except Exception:  # noqa: BLE001, S110 - best effort; the job also expires
-                    pass
-                raise
-
-        if mpc_stage is not None:
-            self._release_mpc(plan, mpc_stage, release, feed=feed)
-            return
-        # 5. Verify and store the release.
-        verified = verify_result(
-            resp,
-            plan=plan,
-            hpke_public=bytes(job.hpke_public_key),
-            signing_public=bytes(job.signing_public_key),
-            appraisal=self.appraisal,
-        )
-        self._log_tee_stage(plan, verified)
-        # 6. The receipt (countersigned by the store with the log key) and the release, with its log
-        # entry, in one transaction.
-        released_at = time.time()
-        receipt = build_receipt(
-            plan=plan,
-            approvals=approvals,
-            stages=[TeeStage(verified.result_json, verified.signature, verified.evidence)],
-            submitted_at=self.store.query(qid).created_at,
-            released_at=released_at,
-        )
-        self.store.release(
-            qid,
-            arrow_table=verified.arrow_table,
-            suppressed=verified.doc["suppressed"],
-            result_json=verified.result_json,
-            signature=verified.signature,
-            evidence=verified.evidence,
-            simulated=bool(verified.doc["simulated"]),
-            receipt=receipt,
-            released_at=released_at,
-            progress=tracker.to_json("released"),  # what each party sent stays visible in the status
-        )
-        if verified.doc["simulated"]:
-            log.warning("query %s released under SIMULATED attestation (no TEE)", qid)
-        else:
-            log.info("query %s released", qid)

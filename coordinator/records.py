@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
-from coordinator.store import Store
+from coordinator.store import CoordinatorStore
 from sealroom.audit.ropa import COLLABORATION_FILE, collaboration_document, declaration_sha256
 from sealroom.audit.tlog import is_ident
 from sealroom.errors import SealroomError
@@ -29,7 +29,7 @@ from sealroom.errors import SealroomError
 log = logging.getLogger(__name__)
 
 
-def publish_collaboration(store: Store, config: CoordinatorConfig) -> str:
+def publish_collaboration(store: CoordinatorStore, config: CoordinatorConfig) -> str:
     """Write ``collaboration.json`` into the state directory and log its digest when it changed
     (nothing is logged for a coordinator that never declared a collaboration). Returns the digest."""
     analysts = config.analysts.names() if config.analysts is not None else None

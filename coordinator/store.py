@@ -9,6 +9,11 @@ The transparency log (:class:`sealroom.audit.tlog.TransparencyLog` over :class:`
 the same database and is written under the same lock: a registration, an approval or a release and
 its log entry commit together or not at all (the log's SAVEPOINT nests in the store's transaction).
 The release's receipt is countersigned here, with the log's key.
+
+The orchestrator and the service see the state through :class:`CoordinatorStore` (a small
+interface with typed rows: :class:`PartyRecord`, :class:`DatasetRecord`, :class:`QueryRecord`,
+:class:`Approval`, :class:`ReleaseRecord`); :class:`SQLiteStore` is its implementation. The
+schema and the SQL are those of every earlier version, so existing state directories still open.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -109,7 +114,58 @@ IN_FLIGHT = ("planning", "awaiting_approval", "pending_approval", "running")
 
 
 @dataclass(frozen=True)
-class QueryRow:
+class PartyRecord:
+    """A registered party: where its agent listens and the Ed25519 key it registered (hex)."""
+
+    name: str
+    address: str
+    signing_public_key: str
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A registered dataset: its Arrow schema and policy (as the owner published them), no rows.
+    ``approximate_rows``: the (rounded) row count its owner shares, 0 when it shares none."""
+
+    party: str
+    name: str
+    arrow_schema: bytes
+    policy_json: bytes
+    policy_digest: str
+    description: str = ""
+    approximate_rows: int = 0
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.party}.{self.name}"
+
+    @classmethod
+    def from_mapping(cls, party: str, doc: Mapping[str, Any]) -> DatasetRecord:
+        """A dataset of ``party`` from a mapping with the registration's keys (``name``,
+        ``arrow_schema``, ``policy_json``, ``policy_digest``, ``description`` and, optionally,
+        ``approximate_rows``): the form tools and tests register datasets in."""
+        return cls(
+            party=party,
+            name=doc["name"],
+            arrow_schema=doc["arrow_schema"],
+            policy_json=doc["policy_json"],
+            policy_digest=doc["policy_digest"],
+            description=doc["description"],
+            approximate_rows=doc.get("approximate_rows", 0),
+        )
+
+
+class Approval(NamedTuple):
+    """A party's stored approval of a query: the plan hash it signed and its signature."""
+
+    plan_hash: str
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    """A query as the store holds it. ``error``: the error document of a refused or failed query."""
+
     id: str
     sql: str
     analyst: str
@@ -122,8 +178,87 @@ class QueryRow:
     updated_at: float
 
 
-class Store:
-    """``log_key``: the coordinator's Ed25519 log key; with it every catalog change, approval and
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """A stored release. ``suppressed`` (the suppressed cells) and ``receipt`` (the countersigned
+    release receipt; None for a release from before receipts) are the JSON documents the
+    analyst's result carries."""
+
+    arrow_table: bytes
+    suppressed: list[dict[str, Any]]
+    result_json: bytes
+    signature: bytes
+    evidence: bytes
+    simulated: bool
+    released_at: float
+    receipt: dict[str, Any] | None
+
+
+class CoordinatorStore(Protocol):
+    """The coordinator's state as the orchestrator and the service use it (implemented by
+    :class:`SQLiteStore`). Every change that the transparency log records is appended in the same
+    transaction as the change itself."""
+
+    # -- the transparency log and the coordinator's identity in it
+    def log_verifier(self) -> NoteVerifier: ...
+    def helper_identity(self) -> tuple[str, Callable[[bytes], bytes]] | None: ...
+    def sign_mpc_result(self, result: Mapping[str, Any]) -> tuple[str, bytes] | None: ...
+    def append_event(self, type: str, **fields: Any) -> LogEntry | None: ...
+    def latest_event(self, type: str) -> LogEntry | None: ...
+    def checkpoint(self) -> SignedCheckpoint: ...
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]: ...
+    def add_cosignature(self, party: str, cosigned: SignedCheckpoint) -> tuple[str, ...]: ...
+
+    # -- catalog
+    def register_party(
+        self, name: str, address: str, key_hex: str, datasets: Sequence[DatasetRecord | Mapping[str, Any]]
+    ) -> None: ...
+    def parties(self) -> dict[str, PartyRecord]: ...
+    def datasets(self) -> list[DatasetRecord]: ...
+
+    # -- queries
+    def create_query(self, query_id: str, sql: str, analyst: str) -> None: ...
+    def update_query(
+        self,
+        query_id: str,
+        *,
+        status: str | None = None,
+        plan_json: bytes | None = None,
+        plan_hash: str | None = None,
+        error: dict[str, Any] | None = None,
+        progress: str | None = None,
+    ) -> None: ...
+    def query(self, query_id: str) -> QueryRecord: ...
+    def queries(self) -> list[QueryRecord]: ...
+    def refuse_query(self, query_id: str, *, error: dict[str, Any], event: Mapping[str, Any]) -> None: ...
+    def fail_in_flight(self, reason: str) -> int: ...
+
+    # -- approvals and releases
+    def add_approval(self, query_id: str, party: str, plan_hash: str, signature: bytes) -> None: ...
+    def delete_approval(self, query_id: str, party: str, *, event: str | None = None, **fields: Any) -> bool: ...
+    def approvals(self, query_id: str) -> dict[str, Approval]: ...
+    def release(
+        self,
+        query_id: str,
+        *,
+        arrow_table: bytes,
+        suppressed: list[dict[str, Any]],
+        result_json: bytes,
+        signature: bytes,
+        evidence: bytes,
+        simulated: bool,
+        receipt: Mapping[str, Any] | None = None,
+        released_at: float | None = None,
+        progress: str = "released",
+    ) -> dict[str, Any] | None: ...
+    def get_release(self, query_id: str) -> ReleaseRecord | None: ...
+    def close(self) -> None: ...
+
+
+class SQLiteStore:
+    """The coordinator's state in one SQLite database (:class:`CoordinatorStore`).
+
+    ``log_key``: the coordinator's Ed25519 log key; with it every catalog change, approval and
     release is also appended to the transparency log (``self.log``), and releases get a
     countersigned receipt. Without it (tools, old tests) nothing is logged."""
 
@@ -177,6 +312,10 @@ class Store:
             return self.log.append(type, **fields)
         except ValueError as exc:
             raise InvalidQueryError(f"the audit log cannot record this {type} event: {exc}") from None
+
+    def log_verifier(self) -> NoteVerifier:
+        """The verifier key of the log's checkpoints (its name is the log's origin)."""
+        return self._witness_log().signer.verifier
 
     def helper_identity(self) -> tuple[str, Callable[[bytes], bytes]] | None:
         """The identity of the coordinator's MPC helper players: the log key (public key hex, and its
@@ -273,11 +412,17 @@ class Store:
 
     # -- catalog -----------------------------------------------------------------------------
 
-    def register_party(self, name: str, address: str, key_hex: str, datasets: list[dict[str, Any]]) -> None:
+    def register_party(
+        self, name: str, address: str, key_hex: str, datasets: Sequence[DatasetRecord | Mapping[str, Any]]
+    ) -> None:
         """Register (or re-register) a party. Its signing key is fixed at first registration: a
         later registration under the same name with another key is refused, so nobody can take
-        over a party's name in the catalog by re-registering it."""
+        over a party's name in the catalog by re-registering it. Each dataset is a
+        :class:`DatasetRecord` of this party, or a mapping (see :meth:`DatasetRecord.from_mapping`)."""
         now = time.time()
+        records = [d if isinstance(d, DatasetRecord) else DatasetRecord.from_mapping(name, d) for d in datasets]
+        if any(d.party != name for d in records):
+            raise InvalidQueryError("each dataset must belong to the registering party", details={"party": name})
         with self.tx() as db:
             row = db.execute("SELECT signing_public_key FROM parties WHERE name = ?", (name,)).fetchone()
             if row is not None and row[0] != key_hex:
@@ -300,15 +445,15 @@ class Store:
             }
             same_key = row is not None
             db.execute("DELETE FROM datasets WHERE party = ?", (name,))
-            for d in datasets:
+            for d in records:
                 # Logged when new or changed (policy, schema or owner key), not at every agent restart.
-                if not same_key or before.get(d["name"]) != (d["policy_digest"], bytes(d["arrow_schema"])):
+                if not same_key or before.get(d.name) != (d.policy_digest, bytes(d.arrow_schema)):
                     self._append(
                         "dataset_registered",
                         party=name,
-                        dataset=d["name"],
-                        policy_digest=d["policy_digest"],
-                        schema_sha256=hashlib.sha256(bytes(d["arrow_schema"])).hexdigest(),
+                        dataset=d.name,
+                        policy_digest=d.policy_digest,
+                        schema_sha256=hashlib.sha256(bytes(d.arrow_schema)).hexdigest(),
                         owner_key_sha256=hashlib.sha256(bytes.fromhex(key_hex)).hexdigest(),
                     )
                 db.execute(
@@ -316,22 +461,22 @@ class Store:
                     "approximate_rows, registered_at) VALUES (?,?,?,?,?,?,?,?)",
                     (
                         name,
-                        d["name"],
-                        d["arrow_schema"],
-                        d["policy_json"],
-                        d["policy_digest"],
-                        d["description"],
-                        d.get("approximate_rows", 0),
+                        d.name,
+                        d.arrow_schema,
+                        d.policy_json,
+                        d.policy_digest,
+                        d.description,
+                        d.approximate_rows,
                         now,
                     ),
                 )
 
-    def parties(self) -> dict[str, dict[str, Any]]:
+    def parties(self) -> dict[str, PartyRecord]:
         with self._lock:
             rows = self._db.execute("SELECT name, address, signing_public_key FROM parties").fetchall()
-        return {r[0]: {"address": r[1], "signing_public_key": r[2]} for r in rows}
+        return {r[0]: PartyRecord(name=r[0], address=r[1], signing_public_key=r[2]) for r in rows}
 
-    def datasets(self) -> list[dict[str, Any]]:
+    def datasets(self) -> list[DatasetRecord]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT party, name, arrow_schema, policy_json, policy_digest, description, approximate_rows "
@@ -339,15 +484,15 @@ class Store:
                 "ORDER BY party, name"
             ).fetchall()
         return [
-            {
-                "party": r[0],
-                "name": r[1],
-                "arrow_schema": r[2],
-                "policy_json": r[3],
-                "policy_digest": r[4],
-                "description": r[5],
-                "approximate_rows": r[6],
-            }
+            DatasetRecord(
+                party=r[0],
+                name=r[1],
+                arrow_schema=r[2],
+                policy_json=r[3],
+                policy_digest=r[4],
+                description=r[5],
+                approximate_rows=r[6],
+            )
             for r in rows
         ]
 
@@ -388,7 +533,7 @@ class Store:
             if cur.rowcount != 1:
                 raise NotFoundError(f"no query {query_id}")
 
-    def query(self, query_id: str) -> QueryRow:
+    def query(self, query_id: str) -> QueryRecord:
         with self._lock:
             r = self._db.execute(
                 "SELECT id, sql, analyst, status, plan_json, plan_hash, error_json, progress, created_at, "
@@ -397,9 +542,9 @@ class Store:
             ).fetchone()
         if r is None:
             raise NotFoundError(f"no query {query_id}; `sealroom status` lists known queries")
-        return QueryRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None, r[7], r[8], r[9])
+        return QueryRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else None, r[7], r[8], r[9])
 
-    def queries(self) -> list[QueryRow]:
+    def queries(self) -> list[QueryRecord]:
         with self._lock:
             ids = [r[0] for r in self._db.execute("SELECT id FROM queries ORDER BY created_at").fetchall()]
         return [self.query(i) for i in ids]
@@ -473,12 +618,12 @@ class Store:
                 self._append(event, query_id=query_id, party=party, **{"plan_hash": row[0], **fields})
             return cur.rowcount > 0
 
-    def approvals(self, query_id: str) -> dict[str, tuple[str, bytes]]:
+    def approvals(self, query_id: str) -> dict[str, Approval]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT party, plan_hash, signature FROM approvals WHERE query_id = ?", (query_id,)
             ).fetchall()
-        return {r[0]: (r[1], bytes(r[2])) for r in rows}
+        return {r[0]: Approval(r[1], bytes(r[2])) for r in rows}
 
     def release(
         self,
@@ -529,7 +674,7 @@ class Store:
                 self.log.append_release(signed)
         return signed
 
-    def get_release(self, query_id: str) -> dict[str, Any] | None:
+    def get_release(self, query_id: str) -> ReleaseRecord | None:
         with self._lock:
             r = self._db.execute(
                 "SELECT arrow_table, suppressed_json, result_json, signature, evidence, simulated, released_at, "
@@ -538,13 +683,13 @@ class Store:
             ).fetchone()
         if r is None:
             return None
-        return {
-            "arrow_table": bytes(r[0]),
-            "suppressed": json.loads(r[1]),
-            "result_json": bytes(r[2]),
-            "signature": bytes(r[3]),
-            "evidence": bytes(r[4]),
-            "simulated": bool(r[5]),
-            "released_at": r[6],
-            "receipt": json.loads(r[7]) if r[7] is not None else None,
-        }
+        return ReleaseRecord(
+            arrow_table=bytes(r[0]),
+            suppressed=json.loads(r[1]),
+            result_json=bytes(r[2]),
+            signature=bytes(r[3]),
+            evidence=bytes(r[4]),
+            simulated=bool(r[5]),
+            released_at=r[6],
+            receipt=json.loads(r[7]) if r[7] is not None else None,
+        )

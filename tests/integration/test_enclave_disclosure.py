@@ -15,7 +15,7 @@ import grpc
 import pyarrow as pa
 import pytest
 
-from coordinator.orchestrator import verify_result
+from coordinator.tee_stage import verify_result
 from sealroom.canonical import canonical_json
 from sealroom.errors import AttestationError, PolicyRefusalError
 from sealroom.planning.plan import Plan

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from coordinator.orchestrator import verify_result
+from coordinator.tee_stage import verify_result
 from mpc.tls import PlayerIdentity
 from sealroom.planning.plan import Plan, Stage
 from sealroom.policy import DatasetPolicy, DatasetTrust, TrustPolicy

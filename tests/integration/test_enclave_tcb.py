@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from coordinator.orchestrator import verify_result
+from coordinator.tee_stage import verify_result
 from enclave_worker.config import EnclaveConfig
 from sealroom.attestation import enclave_measurement
 from sealroom.rpc import open_channel, wait_healthy

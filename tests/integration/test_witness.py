@@ -25,7 +25,8 @@ from connectors.agent import DatasetConfig, PartyAgent, PartyConfig
 from connectors.agent import build_server as build_agent_server
 from connectors.witness import LOG_KEY_FILE
 from coordinator.config import CoordinatorConfig
-from coordinator.servicer import Coordinator, CoordinatorServicer
+from coordinator.service import Coordinator
+from coordinator.servicer import CoordinatorServicer
 from coordinator.store import log_origin
 from sealroom.app.cli import main
 from sealroom.audit.tlog import (

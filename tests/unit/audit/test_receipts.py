@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.orchestrator import VerifiedResult, verify_result
+from coordinator.tee_stage import VerifiedResult, verify_result
 from mpc.result import SIGN_DOMAIN, MpcResult
 from sealroom.attestation import AppraisalPolicy, dev_init, load_root_certificate
 from sealroom.audit.receipts import (

@@ -17,8 +17,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.config import CoordinatorConfig
-from coordinator.servicer import Coordinator
-from coordinator.store import Store
+from coordinator.service import Coordinator
+from coordinator.store import SQLiteStore as Store
 from sealroom.app.cli import main
 from sealroom.app.demo import BANK_POLICY, HOSPITAL_POLICY
 from sealroom.audit.events import describe, notable_events, query_history

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from connectors.agent import DatasetConfig, PartyAgent, PartyConfig
 from connectors.witness import LOG_KEY_FILE, LogWitness, state_file
 from coordinator.config import CoordinatorConfig
-from coordinator.servicer import Coordinator, CoordinatorServicer
+from coordinator.service import Coordinator
+from coordinator.servicer import CoordinatorServicer
 from coordinator.store import log_origin, registered_witnesses
 from sealroom.audit.tlog import (
     NoteSigner,

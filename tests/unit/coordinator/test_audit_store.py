@@ -15,8 +15,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.config import CoordinatorConfig
-from coordinator.servicer import Coordinator
-from coordinator.store import Store, log_origin
+from coordinator.service import Coordinator
+from coordinator.store import SQLiteStore, log_origin
 from sealroom.audit.tlog import NoteVerifier, SQLiteLogStore, export_store, verify_log
 from sealroom.errors import ConfigError, InvalidQueryError
 from sealroom.keys import public_key_hex, save_signing_key
@@ -35,19 +35,19 @@ def dataset(name: str = "loans", digest: str = DIGEST, schema: bytes = b"schema-
     }
 
 
-def entries(store: Store) -> list[dict[str, Any]]:
+def entries(store: SQLiteStore) -> list[dict[str, Any]]:
     assert store.log is not None
     return [json.loads(e) for e in store.log.store.entries()]
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Any:
-    s = Store(tmp_path / "coordinator.db", log_key=Ed25519PrivateKey.generate())
+    s = SQLiteStore(tmp_path / "coordinator.db", log_key=Ed25519PrivateKey.generate())
     yield s
     s.close()
 
 
-def test_registration_is_logged_when_new_or_changed(store: Store) -> None:
+def test_registration_is_logged_when_new_or_changed(store: SQLiteStore) -> None:
     key = "11" * 32
     store.register_party("bank_a", "127.0.0.1:1", key, [dataset()])
     store.register_party("bank_a", "127.0.0.1:2", key, [dataset()])  # an agent restart: nothing new
@@ -65,7 +65,7 @@ def test_registration_is_logged_when_new_or_changed(store: Store) -> None:
     assert "free text" not in json.dumps(log) and "127.0.0.1" not in json.dumps(log)
 
 
-def test_an_event_the_log_cannot_record_rolls_the_registration_back(store: Store) -> None:
+def test_an_event_the_log_cannot_record_rolls_the_registration_back(store: SQLiteStore) -> None:
     store.register_party("bank_a", "127.0.0.1:1", "11" * 32, [dataset()])
     with pytest.raises(InvalidQueryError, match="audit log cannot record"):
         store.register_party("_bank", "127.0.0.1:1", "22" * 32, [dataset()])
@@ -78,7 +78,7 @@ def test_an_event_the_log_cannot_record_rolls_the_registration_back(store: Store
     verify_log(store.log.export(), log_key=store.log.signer.verifier)
 
 
-def test_approvals_are_logged_once_each(store: Store) -> None:
+def test_approvals_are_logged_once_each(store: SQLiteStore) -> None:
     store.add_approval("q_1", "bank_a", DIGEST, b"\x01" * 64)
     store.add_approval("q_1", "bank_a", DIGEST, b"\x01" * 64)  # the same approval, refreshed
     store.delete_approval("q_1", "bank_a")
@@ -88,7 +88,7 @@ def test_approvals_are_logged_once_each(store: Store) -> None:
     assert log[0]["event"]["signature"] == "01" * 64 and log[0]["event"]["plan_hash"] == DIGEST
 
 
-def test_a_release_with_a_log_needs_its_receipt(store: Store) -> None:
+def test_a_release_with_a_log_needs_its_receipt(store: SQLiteStore) -> None:
     store.create_query("q_1", "SELECT 1", "alice")
     with pytest.raises(ValueError, match="needs its receipt"):
         store.release(
@@ -107,10 +107,10 @@ def test_a_store_from_before_receipts_is_migrated(tmp_path: Path) -> None:
     db.execute("INSERT INTO releases VALUES ('q_old', x'00', '[]', x'7b7d', x'', x'', 1, 1.0)")
     db.commit()
     db.close()
-    store = Store(tmp_path / "coordinator.db", log_key=Ed25519PrivateKey.generate())
+    store = SQLiteStore(tmp_path / "coordinator.db", log_key=Ed25519PrivateKey.generate())
     try:
         old = store.get_release("q_old")
-        assert old is not None and old["receipt"] is None
+        assert old is not None and old.receipt is None
     finally:
         store.close()
 
