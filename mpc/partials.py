@@ -40,7 +40,8 @@ def _q(name: str) -> str:
 class Partials:
     """One input-holding player's vectors over the domain (Python ints, fixed-point encoded).
 
-    ``cap``: the capped count compared with the minimum group size (see :class:`sealroom.planning.mpc_spec.Layout`);
+    ``cap``: the capped count compared with the minimum group size (see
+    :class:`sealroom.planning.mpc_spec.Layout`);
     ``values``: the exact vectors by layout name (``rows``, ``n:c``, ``s:c``, ``q:c``);
     ``extrema``: ``min:c`` / ``max:c`` vectors.
     """
@@ -95,19 +96,25 @@ def local_partials(rows: Any, spec: StageSpec, *, party: str) -> Partials:
     ResourceExhaustedError (a group holds more rows than the stage's declared ``max_rows``, so the
     bit lengths chosen from it could overflow). Errors name the party and the column, never a value.
     """
-    lay = spec.layout
-    g = len(spec.domain)
-    index = {tuple(k): i for i, k in enumerate(spec.domain)}
-    values = {r: [0] * g for r in lay.rows}
-    extrema = {e: [_neutral(spec, e)] * g for e in lay.extrema}
-    counts = [0] * g
+    totals = _Totals.empty(spec)
     reader = _reader(rows)
-    if reader is None:
-        return _finish(spec, counts, values, extrema)
-    names = set(reader.schema.names)
-    needed = [c.name for c in spec.group_by] + sorted(
-        {r.split(":", 1)[1] for r in (*lay.rows, *lay.extrema) if ":" in r}
-    )
+    if reader is not None:
+        _check_columns(set(reader.schema.names), spec, party)
+        sql, outputs = _partials_sql(spec)
+        for row in _fetch(reader, sql, party):
+            totals.add(spec, row, outputs, party)
+        totals.check_nulls(spec, party)
+    return _finish(spec, totals.units if spec.threshold_on == "units" else totals.counts, totals.values, totals.extrema)
+
+
+def _measure_columns(spec: StageSpec) -> list[str]:
+    """The measure columns the stage's layout needs vectors of, in order."""
+    lay = spec.layout
+    return sorted({r.split(":", 1)[1] for r in (*lay.rows, *lay.extrema) if ":" in r})
+
+
+def _check_columns(names: set[str], spec: StageSpec, party: str) -> None:
+    needed = [c.name for c in spec.group_by] + _measure_columns(spec)
     if spec.threshold_on == "units":
         assert spec.unit_column is not None
         needed.append(spec.unit_column)
@@ -117,11 +124,14 @@ def local_partials(rows: Any, spec: StageSpec, *, party: str) -> Partials:
                 f"{party}'s rows have no column {col}, which the MPC stage needs",
                 details={"party": party, "column": col},
             )
+
+
+def _partials_sql(spec: StageSpec) -> tuple[str, list[str]]:
+    """The one GROUP BY query over the party's rows, and the names of its columns after the group key."""
     selects = [f"{_group_expr(c)} AS {_q('g' + str(i))}" for i, c in enumerate(spec.group_by)]
     selects.append('COUNT(*) AS "rows"')
     outputs = ["rows"]
-    measures = sorted({r.split(":", 1)[1] for r in (*lay.rows, *lay.extrema) if ":" in r})
-    for c in measures:
+    for c in _measure_columns(spec):
         ms = spec.measure(c)
         # Clamped to the declared bounds, fixed point. (LEAST/GREATEST skip NULLs: keep NULL as NULL.)
         clamped = f"LEAST(GREATEST(CAST(round(CAST({_q(c)} AS DOUBLE) * {ms.scale}) AS HUGEINT), {ms.lo}), {ms.hi})"
@@ -140,12 +150,16 @@ def local_partials(rows: Any, spec: StageSpec, *, party: str) -> Partials:
         outputs.append("units")
     group_cols = ", ".join(_q("g" + str(i)) for i in range(len(spec.group_by)))
     sql = f"SELECT {', '.join(selects)} FROM {_VIEW} GROUP BY {group_cols}"  # noqa: S608 - names quoted
-    nulls = {c: 0 for c in measures}
+    return sql, outputs
+
+
+def _fetch(reader: pa.RecordBatchReader | pa.Table, sql: str, party: str) -> list[tuple[Any, ...]]:
+    """``sql`` over the party's rows in a locked DuckDB connection; a failure is reported by its kind only."""
     con = _connection()
     try:
         con.register(_VIEW, reader)
         try:
-            fetched = con.sql(sql).fetchall()
+            return con.sql(sql).fetchall()
         except duckdb.Error as exc:
             raise SourceError(
                 f"the local MPC partials of {party} failed in DuckDB ({type(exc).__name__}); check the measure "
@@ -156,12 +170,40 @@ def local_partials(rows: Any, spec: StageSpec, *, party: str) -> Partials:
             con.unregister(_VIEW)
     finally:
         con.close()
-    ng = len(spec.group_by)
-    units = [0] * g
-    for row in fetched:
-        i = index.get(tuple(row[:ng]))
+
+
+@dataclass
+class _Totals:
+    """The party's vectors over the domain while the grouped rows are read (zeros and neutral
+    extrema for the groups it does not hold), and the NULLs seen per measure."""
+
+    index: dict[tuple[Any, ...], int]
+    counts: list[int]
+    units: list[int]
+    values: dict[str, list[int]]
+    extrema: dict[str, list[int]]
+    nulls: dict[str, int]
+
+    @classmethod
+    def empty(cls, spec: StageSpec) -> _Totals:
+        lay = spec.layout
+        g = len(spec.domain)
+        return cls(
+            index={tuple(k): i for i, k in enumerate(spec.domain)},
+            counts=[0] * g,
+            units=[0] * g,
+            values={r: [0] * g for r in lay.rows},
+            extrema={e: [_neutral(spec, e)] * g for e in lay.extrema},
+            nulls={c: 0 for c in _measure_columns(spec)},
+        )
+
+    def add(self, spec: StageSpec, row: tuple[Any, ...], outputs: list[str], party: str) -> None:
+        """One grouped row: its key's place in the domain (a key outside it is left out, as if
+        filtered), after the ``max_rows`` check."""
+        ng = len(spec.group_by)
+        i = self.index.get(tuple(row[:ng]))
         if i is None:
-            continue
+            return
         got = dict(zip(outputs, row[ng:], strict=True))
         rows_n = int(got["rows"])
         if rows_n > spec.max_rows:
@@ -170,27 +212,27 @@ def local_partials(rows: Any, spec: StageSpec, *, party: str) -> Partials:
                 "so its sums could overflow the chosen bit lengths: raise max_rows in the stage",
                 details={"party": party, "rule": "max_rows"},
             )
-        counts[i] = rows_n
+        self.counts[i] = rows_n
         if "units" in got:
-            units[i] = int(got["units"])
-        if "rows" in values:
-            values["rows"][i] = rows_n
-        for c in measures:
-            nulls[c] += rows_n - int(got[f"n:{c}"])
+            self.units[i] = int(got["units"])
+        if "rows" in self.values:
+            self.values["rows"][i] = rows_n
+        for c in self.nulls:
+            self.nulls[c] += rows_n - int(got[f"n:{c}"])
             for kind in ("n", "s", "q"):
-                if f"{kind}:{c}" in values:
-                    values[f"{kind}:{c}"][i] = int(got[f"{kind}:{c}"])
+                if f"{kind}:{c}" in self.values:
+                    self.values[f"{kind}:{c}"][i] = int(got[f"{kind}:{c}"])
             for kind in ("min", "max"):
-                if f"{kind}:{c}" in extrema:
-                    if got[f"n:{c}"]:
-                        extrema[f"{kind}:{c}"][i] = int(got[f"{kind}:{c}"])
-    for c, n in nulls.items():
-        if n and not spec.measure(c).nullable:
-            raise SourceError(
-                f"{party}'s measure {c} holds NULLs, but the MPC stage declares it not nullable",
-                details={"party": party, "column": c},
-            )
-    return _finish(spec, units if spec.threshold_on == "units" else counts, values, extrema)
+                if f"{kind}:{c}" in self.extrema and got[f"n:{c}"]:  # no value here: keep the neutral fill
+                    self.extrema[f"{kind}:{c}"][i] = int(got[f"{kind}:{c}"])
+
+    def check_nulls(self, spec: StageSpec, party: str) -> None:
+        for c, n in self.nulls.items():
+            if n and not spec.measure(c).nullable:
+                raise SourceError(
+                    f"{party}'s measure {c} holds NULLs, but the MPC stage declares it not nullable",
+                    details={"party": party, "column": c},
+                )
 
 
 def _neutral(spec: StageSpec, name: str) -> int:

@@ -20,15 +20,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
+import io
 import json
 import os
+import pickle
+import resource
 import ssl
 import sys
 import threading
 import time
+import traceback
+import types
 from pathlib import Path
 from typing import Any
+
+from mpc import program
+from sealroom.planning.mpc_spec import StageSpec
 
 EXIT_OK = 0
 EXIT_ERROR = 3
@@ -86,11 +95,7 @@ def _refuse_pickled_code() -> None:
     """MPyC unpickles what peers send (start-up data; secure arrays unless ``--mix32-64bit``). A
     pickle can name any importable callable, so any peer could run code in this player: accept
     plain values only (numbers, strings, bytes, lists, tuples, dicts), never a global."""
-    import io
-    import pickle
-    import types
-
-    import mpyc.runtime
+    import mpyc.runtime  # only here, once sys.argv is set: importing it parses sys.argv
 
     class _PlainValues(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
@@ -111,7 +116,8 @@ def _install_peer_name_check(refused: set[int]) -> None:
     peer whose certificate names another index is disconnected before MPyC registers it, and
     recorded in ``refused`` (reported as ``tls_refused``).
     """
-    from mpyc import asyncoro  # the protocol class only: importing it does not parse sys.argv
+    # Only here: MPyC is loaded in a player process alone (the protocol class does not parse sys.argv).
+    from mpyc import asyncoro
 
     data_received = asyncoro.MessageExchanger.data_received
     connection_lost = asyncoro.MessageExchanger.connection_lost
@@ -153,11 +159,8 @@ def _write(out: Path, doc: dict[str, Any]) -> None:
 
 
 async def _session(
-    mpc: Any, doc: dict[str, Any], tls_refused: set[tuple[str, int]], name_refused: set[int]
+    mpc: Any, doc: dict[str, Any], peers: _PeerWatch, tls_refused: set[tuple[str, int]], name_refused: set[int]
 ) -> dict[str, Any]:
-    from mpc import program
-    from sealroom.planning.mpc_spec import StageSpec
-
     spec = StageSpec.from_dict(doc["stage"])
     me = int(doc["index"])
     addresses = [(str(h), int(p)) for h, p in doc["addresses"]]
@@ -173,11 +176,11 @@ async def _session(
         raise _PlayerFailure("port_in_use" if exc.errno == errno.EADDRINUSE else "listen_failed", [me]) from None
     t0 = time.perf_counter()
 
-    threading.Thread(target=_watch_in_thread, args=(mpc, me), daemon=True).start()
+    threading.Thread(target=peers.record, daemon=True).start()
 
     async def watch_peers() -> int:
         while True:
-            gone = _ordered(_FIRST_GONE, _gone_peers(mpc, me))
+            gone = peers.gone()
             if gone:
                 return gone[0]
             await asyncio.sleep(0.02)
@@ -198,46 +201,47 @@ async def _session(
     return {"result": result, "stats": {"seconds": seconds, "bytes_sent": sent}}
 
 
-# Peers in the order this player first saw their connection drop (recorded by a thread, so the
-# order holds even when MPyC stops the event loop on a reset connection).
-_FIRST_GONE: list[int] = []
+class _PeerWatch:
+    """Which peers' connections to this player have dropped, in the order this player first saw
+    them drop: :meth:`record` runs in a thread, so the order holds even when MPyC stops the event
+    loop on a reset connection."""
 
+    def __init__(self, mpc: Any, me: int):
+        self._mpc = mpc
+        self._me = me
+        self._first_gone: list[int] = []
 
-def _watch_in_thread(mpc: Any, me: int) -> None:
-    while True:
-        for pid in _gone_peers(mpc, me):
-            if pid not in _FIRST_GONE:
-                _FIRST_GONE.append(pid)
-        time.sleep(0.01)
+    def record(self) -> None:
+        while True:
+            for pid in self._dropped():
+                if pid not in self._first_gone:
+                    self._first_gone.append(pid)
+            time.sleep(0.01)
 
+    def gone(self) -> list[int]:
+        """The dropped peers, the first seen first."""
+        first, gone = self._first_gone, self._dropped()
+        return [p for p in first if p in gone] + [p for p in gone if p not in first]
 
-def _ordered(first: list[int], gone: list[int]) -> list[int]:
-    return [p for p in first if p in gone] + [p for p in gone if p not in first]
-
-
-def _gone_peers(mpc: Any, me: int) -> list[int]:
-    """Peers whose connection to this player has dropped (after start)."""
-    gone = []
-    for p in mpc.parties:
-        if p.pid == me:
-            continue
-        proto = p.protocol
-        transport = getattr(proto, "transport", None)
-        if proto is None or transport is None or transport.is_closing():
-            gone.append(int(p.pid))
-    return gone
+    def _dropped(self) -> list[int]:
+        """Peers whose connection to this player has dropped (after start)."""
+        gone = []
+        for p in self._mpc.parties:
+            if p.pid == self._me:
+                continue
+            proto = p.protocol
+            transport = getattr(proto, "transport", None)
+            if proto is None or transport is None or transport.is_closing():
+                gone.append(int(p.pid))
+        return gone
 
 
 def _no_core_dumps() -> None:
     """No core file, and not dumpable (nor ptrace-attachable by other processes of the same user):
     the player's memory holds its partials and its TLS key."""
-    import resource
-
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4, to 0
 
 
@@ -269,10 +273,11 @@ def main(argv: list[str] | None = None) -> int:
 
     _refuse_pickled_code()
 
+    peers = _PeerWatch(mpc, me)
     code = EXIT_OK
     try:
         done = mpc.run(
-            asyncio.wait_for(_session(mpc, doc, tls_refused, name_refused), timeout=float(doc["run_timeout"]))
+            asyncio.wait_for(_session(mpc, doc, peers, tls_refused, name_refused), timeout=float(doc["run_timeout"]))
         )
         _write(out, {"status": "ok", "index": me, **done})
     except _PlayerFailure as exc:
@@ -285,15 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - reported by kind only: a message could quote a value
         # MPyC stops the event loop when a protocol task fails, e.g. on a connection reset by a peer.
-        gone = _ordered(_FIRST_GONE, _gone_peers(mpc, me)) if getattr(mpc, "start_time", None) else []
+        gone = peers.gone() if getattr(mpc, "start_time", None) else []
         if gone:
             _write(out, {"status": "error", "index": me, "reason": "peer_disconnected", "peers": gone})
             stop.set()
             time.sleep(LINGER)
             os._exit(EXIT_ERROR)
         if os.environ.get("SEALROOM_MPC_DEBUG") == "1":  # developers only: a traceback may quote values
-            import traceback
-
             traceback.print_exc()
         _write(out, {"status": "error", "index": me, "reason": "failed", "kind": type(exc).__name__, "peers": []})
         code = EXIT_ERROR

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealroom.canonical import canonical_json
@@ -110,18 +112,9 @@ class MpcResult:
         """An Ed25519 signature over the domain-separated digest (verify with ``signing_message()``)."""
         return key.sign(self.signing_message())
 
-    def to_table(self) -> Any:
+    def to_table(self) -> pa.Table:
         """The released cells as a pyarrow Table: the group-by columns, then the aggregates."""
-        import pyarrow as pa
-
-        cols: dict[str, list[Any]] = {g: [] for g in self.group_by}
-        cols.update({a: [] for a in self.aggregates})
-        for key, values in self.cells:
-            for g, v in zip(self.group_by, key, strict=True):
-                cols[g].append(v)
-            for a in self.aggregates:
-                cols[a].append(values[a])
-        return pa.table(cols)
+        return _cells_table(self.group_by, self.aggregates, self.cells)
 
 
 def _json_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -138,15 +131,19 @@ def signing_message(doc: dict[str, Any]) -> bytes:
     return SIGN_DOMAIN + hashlib.sha256(canonical_json(doc)).digest()
 
 
-def result_table(doc: dict[str, Any]) -> Any:
+def result_table(doc: dict[str, Any]) -> pa.Table:
     """The released cells of a result document as a pyarrow Table: group-by columns, then aggregates."""
-    import pyarrow as pa
+    return _cells_table(doc["group_by"], doc["aggregates"], ((c["key"], c["values"]) for c in doc["cells"]))
 
-    cols: dict[str, list[Any]] = {g: [] for g in doc["group_by"]}
-    cols.update({a: [] for a in doc["aggregates"]})
-    for cell in doc["cells"]:
-        for g, v in zip(doc["group_by"], cell["key"], strict=True):
+
+def _cells_table(
+    group_by: Sequence[str], aggregates: Sequence[str], cells: Iterable[tuple[Sequence[Any], Mapping[str, Any]]]
+) -> pa.Table:
+    cols: dict[str, list[Any]] = {g: [] for g in group_by}
+    cols.update({a: [] for a in aggregates})
+    for key, values in cells:
+        for g, v in zip(group_by, key, strict=True):
             cols[g].append(v)
-        for a in doc["aggregates"]:
-            cols[a].append(cell["values"][a])
+        for a in aggregates:
+            cols[a].append(values[a])
     return pa.table(cols)

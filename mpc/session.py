@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import mpc as _mpc_package
 from mpc.partials import Partials
 from mpc.result import MpcResult
 from mpc.tls import PlayerCredentials, SessionCA
@@ -47,7 +46,8 @@ DEFAULT_STALL_TIMEOUT = 15.0
 REPORT_GRACE = 2.0
 # Each player's own deadline is a backstop for a runner that died: a little later than the runner's.
 PLAYER_TIMEOUT_MARGIN = 5.0
-_REPO = Path(_mpc_package.__file__).resolve().parent.parent
+# The folder that holds the mpc package: a player process imports mpc.player from there.
+_REPO = Path(__file__).resolve().parents[1]
 REASONS = {
     "crashed": "exited without a result",
     "stalled": "stopped responding",

@@ -51,6 +51,67 @@ def player_cn(index: int) -> str:
     return f"MPyC party {index}"
 
 
+def _player_name(index: int) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, player_cn(index))])
+
+
+def _validity(now: datetime.datetime) -> tuple[datetime.datetime, datetime.datetime]:
+    """A certificate's not-before and not-after: from five minutes ago (clock skew) for VALIDITY."""
+    return now - datetime.timedelta(minutes=5), now + VALIDITY
+
+
+def _ca_certificate(
+    name: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    now: datetime.datetime,
+    *,
+    constraints: x509.NameConstraints | None = None,
+) -> x509.Certificate:
+    """A self-signed CA certificate that may sign end-entity certificates only (path length 0),
+    optionally name-constrained."""
+    not_before, not_after = _validity(now)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+    )
+    if constraints is not None:
+        builder = builder.add_extension(constraints, critical=True)
+    return builder.add_extension(_CA_KEY_USAGE, critical=True).sign(key, hashes.SHA256())
+
+
+def _player_certificate(
+    index: int,
+    public_key: ec.EllipticCurvePublicKey,
+    issuer: x509.Name,
+    ca_key: ec.EllipticCurvePrivateKey,
+    now: datetime.datetime,
+) -> x509.Certificate:
+    """Player ``index``'s certificate, usable as TLS client and server. No subjectAltName: MPyC's
+    peers check the name ``MPyC party <i>`` against the CN."""
+    not_before, not_after = _validity(now)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_player_name(index))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
 def generate_player_key() -> ec.EllipticCurvePrivateKey:
     """A fresh P-256 key for one player and one session."""
     return ec.generate_private_key(ec.SECP256R1())
@@ -91,18 +152,7 @@ class SessionCA:
         self._key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Sealroom MPC session {session_id}")])
         self._name = name
-        self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(self._now - datetime.timedelta(minutes=5))
-            .not_valid_after(self._now + VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_CA_KEY_USAGE, critical=True)
-            .sign(self._key, hashes.SHA256())
-        )
+        self.certificate = _ca_certificate(name, self._key, self._now)
 
     @property
     def ca_pem(self) -> bytes:
@@ -112,22 +162,7 @@ class SessionCA:
         """A certificate (PEM) for player ``index`` on ``public_key``, usable as TLS client and server.
 
         No subjectAltName: MPyC's peers check the name ``MPyC party <i>`` against the CN."""
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, player_cn(index))])
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(self._name)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(self._now - datetime.timedelta(minutes=5))
-            .not_valid_after(self._now + VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
-            .sign(self._key, hashes.SHA256())
-        )
+        cert = _player_certificate(index, public_key, self._name, self._key, self._now)
         return cert.public_bytes(serialization.Encoding.PEM)
 
     def credentials(self, index: int) -> PlayerCredentials:
@@ -198,39 +233,11 @@ class PlayerIdentity:
         self._ca_key = ec.generate_private_key(ec.SECP256R1())
         self._key = generate_player_key()
         ca_name = _ca_name(session, index)
-        leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, player_cn(index))])
-        not_before, not_after = now - datetime.timedelta(minutes=5), now + VALIDITY
-        self.ca = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(self._ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.NameConstraints(permitted_subtrees=[x509.DirectoryName(leaf_name)], excluded_subtrees=None),
-                critical=True,
-            )
-            .add_extension(_CA_KEY_USAGE, critical=True)
-            .sign(self._ca_key, hashes.SHA256())
+        only_this_player = x509.NameConstraints(
+            permitted_subtrees=[x509.DirectoryName(_player_name(index))], excluded_subtrees=None
         )
-        self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(leaf_name)
-            .issuer_name(ca_name)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
-            .sign(self._ca_key, hashes.SHA256())
-        )
+        self.ca = _ca_certificate(ca_name, self._ca_key, now, constraints=only_this_player)
+        self.certificate = _player_certificate(index, self._key.public_key(), ca_name, self._ca_key, now)
 
     def offer(self, sign: Callable[[bytes], bytes]) -> PlayerOffer:
         """This player's offer, signed with ``sign`` (the identity key's ``sign`` method)."""
@@ -308,7 +315,7 @@ def verify_offer(offer: PlayerOffer, *, session: str, identity: Ed25519PublicKey
         basic = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         raise _identity_error(offer.index, "carries a CA without the name constraint to its own index") from None
-    expected = [x509.DirectoryName(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, player_cn(offer.index))]))]
+    expected = [x509.DirectoryName(_player_name(offer.index))]
     if ca.subject != _ca_name(session, offer.index) or ca.issuer != ca.subject:
         raise _identity_error(offer.index, "carries a CA with another name than this session gives player's CA")
     if (

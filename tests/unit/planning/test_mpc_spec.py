@@ -215,7 +215,7 @@ def test_bounds_and_group_size_from_the_owners_policies():
 def test_clear_finishing_of_opened_values_and_nulls():
     """What the players do in the clear with what they opened (mpc.program._finish): scale back,
     divide by a public count, NULL where a passing group has no value of a nullable measure."""
-    from mpc.program import _finish
+    from mpc.program import clear_columns as _finish
 
     s = spec(
         aggregates=(
