@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _common
-from _common import REPO, log, median
+import common
+from common import REPO, log, median
 
 SEED = 20261127
 K = 5
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "min_group_size": K,
         "repeat": args.repeat,
         "targets": TARGETS,
-        "machine": {**_common.machine(), "mpyc": "0.11"},
+        "machine": {**common.machine(), "mpyc": "0.11"},
     }
     doc.update(bench(players, groups, args.repeat))
     doc["verdicts"] = verdicts(doc)

@@ -5,13 +5,15 @@ plans, errors, config) and the composition root (CLI, Python client, demo). Kern
 component package; the enclave worker loads only the kernel, so nothing heavy is imported here: the
 analyst's names below are resolved lazily.
 
-- ``sealroom.Client``: an analyst's connection to a coordinator (``sealroom.app.client``).
+- ``sealroom.Client``: an analyst's connection to a coordinator (``sealroom.app.client``), and
+  ``sealroom.QueryHandle`` and ``sealroom.Result`` (``sealroom.app.result``), what it hands back.
 - ``sealroom.local_platform(scenario)``: a whole platform on this machine with synthetic data, for
   notebooks (``sealroom.app.local``).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
@@ -20,7 +22,7 @@ __all__ = ["Client", "LocalPlatform", "QueryHandle", "Result", "__version__", "l
 _LAZY = {
     "Client": "sealroom.app.client",
     "QueryHandle": "sealroom.app.client",
-    "Result": "sealroom.app.client",
+    "Result": "sealroom.app.result",
     "LocalPlatform": "sealroom.app.local",
     "local_platform": "sealroom.app.local",
 }
@@ -30,6 +32,4 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(name)
-    import importlib
-
     return getattr(importlib.import_module(module), name)

@@ -17,12 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from enclave_worker.config import EnclaveConfig
+from sealroom.app.client import Client
+from sealroom.attestation import dev_init, enclave_measurement
 from sealroom.audit.ropa import Collaboration
 from sealroom.auth import generate_token, token_hash
 from sealroom.config import toml_table
 from sealroom.errors import UnavailableError
 from sealroom.keys import generate_signing_key, save_signing_key
 from sealroom.policy import DatasetPolicy
+from sealroom.rpc import wait_healthy
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,6 @@ class Cluster:
         return {"dev": s / "dev", "keys": s / "keys", "config": s / "config", "logs": s / "logs", "run": s / "run"}
 
     def prepare(self) -> None:
-        from enclave_worker.config import EnclaveConfig
-        from sealroom.attestation import dev_init, enclave_measurement
-
         p = self._paths()
         for d in p.values():
             d.mkdir(parents=True, exist_ok=True)
@@ -166,6 +167,28 @@ class Cluster:
         """The party's signing key (what ``sealroom approve/reject/revoke --key`` needs)."""
         return self._paths()["keys"] / f"{party}.key"
 
+    def approve_command(self, query_id: str, party: str) -> list[str]:
+        """The owner's own command that approves ``query_id`` as ``party``'s data officer would run it:
+        ``approve QUERY_ID --agent ADDRESS --key KEY --json`` (the arguments after ``sealroom``)."""
+        return [
+            "approve",
+            query_id,
+            "--agent",
+            self.addresses[f"party-{party}"],
+            "--key",
+            str(self.key_path(party)),
+            "--json",
+        ]
+
+    def approve_as_owner(self, query_id: str, party: str) -> subprocess.CompletedProcess[str]:
+        """Run :meth:`approve_command` with the real CLI, as a person would; the caller reads the outcome."""
+        return subprocess.run(
+            [sys.executable, "-m", "sealroom.cli", *self.approve_command(query_id, party)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
     def party_state_dir(self, party: str) -> Path:
         """The party agent's own state: its witness state of the coordinator's log."""
         return self.state_dir / "parties" / party
@@ -174,8 +197,6 @@ class Cluster:
         return self._paths()["logs"] / f"{name}.log"
 
     def start(self) -> Cluster:
-        from sealroom.rpc import wait_healthy
-
         self.prepare()
         p = self._paths()
         self.log("starting the enclave worker (simulated attestation)")
@@ -244,8 +265,6 @@ class Cluster:
 
     def restart(self, name: str) -> str:
         """Stop one component (if running) and start it again with the same configuration."""
-        from sealroom.rpc import wait_healthy
-
         proc = self.procs[name]
         if proc.poll() is None:
             proc.terminate()
@@ -267,9 +286,7 @@ class Cluster:
     def enclave_address(self) -> str:
         return self.addresses["enclave"]
 
-    def client(self, analyst: str = "analyst") -> Any:
-        from sealroom.app.client import Client
-
+    def client(self, analyst: str = "analyst") -> Client:
         return Client(self.coordinator_address, analyst=analyst, token=self.token(analyst))
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -9,7 +9,6 @@ user's own files.
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,8 @@ from sealroom.app.demo_data import (
     hospital_tables,
     write_parquet,
 )
-from sealroom.app.render import ProgressDisplay, render_result, result_document
+from sealroom.app.render import ProgressDisplay, result_document
+from sealroom.app.result import render_result
 from sealroom.audit.ropa import Collaboration
 from sealroom.errors import JobFailedError
 from sealroom.policy import DatasetPolicy, DatasetTrust, ProcessingRecord
@@ -337,12 +337,9 @@ def _wait_approving(cluster: Cluster, handle: QueryHandle) -> list[str]:
         for party in st["awaiting"] if st["status"] == "pending_approval" else []:
             if party in approved:
                 continue
-            agent = cluster.addresses[f"party-{party}"]
-            command = ["approve", handle.query_id, "--agent", agent, "--key", str(cluster.key_path(party)), "--json"]
+            command = cluster.approve_command(handle.query_id, party)
             _say(f"  {party}'s data officer reviews the plan and runs: sealroom {' '.join(command[:-1])}")
-            proc = subprocess.run(  # the owner's own CLI, as a person would run it
-                [sys.executable, "-m", "sealroom.cli", *command], capture_output=True, text=True, timeout=120
-            )
+            proc = cluster.approve_as_owner(handle.query_id, party)  # the owner's own CLI, as a person would run it
             if proc.returncode != 0:
                 raise JobFailedError(f"the demo's manual approval by {party} failed: {proc.stderr.strip()[-300:]}")
             approved.append(party)

@@ -16,8 +16,6 @@ plays that owner's data officer with the real ``sealroom approve`` command.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 import time
 import weakref
@@ -27,6 +25,7 @@ from typing import Any
 
 from sealroom.app.client import TERMINAL, Client, QueryHandle
 from sealroom.app.cluster import Cluster
+from sealroom.app.demo import SCENARIOS
 from sealroom.errors import ApprovalError, ConfigError
 
 __all__ = ["LocalPlatform", "local_platform"]
@@ -54,8 +53,6 @@ class LocalPlatform:
         state_dir: str | Path | None = None,
         log: Callable[[str], None] | None = None,
     ):
-        from sealroom.app.demo import SCENARIOS
-
         if scenario not in SCENARIOS:
             raise ConfigError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
         self.scenario = SCENARIOS[scenario]
@@ -109,18 +106,7 @@ class LocalPlatform:
         ADDRESS --key KEY`` (the owner's own command, signed with its own key). Returns the command's
         JSON answer; raises :class:`~sealroom.errors.ApprovalError` if the agent refuses."""
         query_id = query.query_id if isinstance(query, QueryHandle) else query
-        command = [
-            "approve",
-            query_id,
-            "--agent",
-            self.cluster.addresses[f"party-{party}"],
-            "--key",
-            str(self.cluster.key_path(party)),
-            "--json",
-        ]
-        proc = subprocess.run(
-            [sys.executable, "-m", "sealroom.cli", *command], capture_output=True, text=True, timeout=120
-        )
+        proc = self.cluster.approve_as_owner(query_id, party)
         if proc.returncode != 0:
             reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
             raise ApprovalError(f"{party} could not approve {query_id}: {reason}", details={"party": party})

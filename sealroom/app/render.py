@@ -1,4 +1,5 @@
-"""How results look to a person (aligned tables, progress bars) and to a program (one JSON document).
+"""How results look to a program (one JSON document) and how a query's progress looks to a person
+(progress bars); a result's own text report is :func:`sealroom.app.result.render_result`.
 
 Progress is drawn on stderr, and only when stderr is a terminal; a program reading ``--json`` output
 gets one JSON document on stdout and no progress at all.
@@ -6,53 +7,12 @@ gets one JSON document on stdout and no progress at all.
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from collections.abc import Sequence
-from decimal import Decimal
 from typing import Any, TextIO
 
-from sealroom.app.client import Result
-
-
-def jsonable(v: Any) -> Any:
-    if isinstance(v, Decimal):
-        return int(v) if v == v.to_integral_value() else float(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: jsonable(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [jsonable(x) for x in v]
-    if v is None or isinstance(v, bool | int | float | str):
-        return v
-    return str(v)
-
-
-def cell_text(v: Any) -> str:
-    """One cell as a person reads it: thousands separators, 4 decimals below 1,000, ``·`` for null."""
-    v = jsonable(v)
-    if v is None:
-        return "·"
-    if isinstance(v, float):
-        return f"{v:,.4f}" if abs(v) < 1000 else f"{v:,.2f}"
-    if isinstance(v, int) and not isinstance(v, bool):
-        return f"{v:,}"
-    return str(v)
-
-
-def format_table(columns: list[str], rows: list[list[Any]]) -> str:
-    cells = [[cell_text(v) for v in r] for r in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    numeric = [all(isinstance(jsonable(r[i]), int | float) or r[i] is None for r in rows) for i in range(len(columns))]
-
-    def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))
-
-    out = [line(columns), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in cells]
-    return "\n".join(x.rstrip() for x in out)
+from sealroom.app.cells import jsonable
+from sealroom.app.result import Result
 
 
 def result_document(result: Result, *, title: str | None = None, sql: str | None = None) -> dict[str, Any]:
@@ -87,83 +47,6 @@ def result_document(result: Result, *, title: str | None = None, sql: str | None
             doc["attestation"] = res["attestation"]
             doc["rules"] = res.get("rules", {})
     return doc
-
-
-def render_result(result: Result, *, title: str | None = None, sql: str | None = None) -> str:
-    lines = []
-    if title:
-        lines += [title, "=" * len(title)]
-    if sql:
-        lines += ["", *("  " + x for x in sql.strip().splitlines()), ""]
-    if result.status != "released":
-        reason = result.error.message if result.error else "no reason recorded"
-        lines.append(f"{result.status.upper()}: {reason}")
-        if result.error and result.error.details:
-            lines.append("  details: " + json.dumps(jsonable(result.error.details), sort_keys=True))
-        return "\n".join(lines)
-    sim = "  [SIMULATED attestation: no TEE; for development only]" if result.simulated else ""
-    lines.append(f"released {len(result.rows())} cells (query {result.query_id}){sim}")
-    lines.append("")
-    lines.append(format_table(result.columns, result.rows()))
-    if result.suppressed:
-        lines.append("")
-        lines.append(f"suppressed {len(result.suppressed)} cells (no values released):")
-        for s in result.suppressed:
-            keys = sorted(
-                s["group"], key=lambda k: result.columns.index(k) if k in result.columns else len(result.columns)
-            )
-            group = ", ".join(f"{k}={cell_text(s['group'][k])}" for k in keys) or "(whole result)"
-            lines.append(f"  {group}: {s['reason']}")
-    if result.receipt:
-        res = result.receipt["result"]
-        lines.append("")
-        lines.append("what went where:")
-        if res.get("kind") == "sealroom.mpc_release":
-            lines += _mpc_where(res)
-        else:
-            for i in res["inputs"]:
-                lines.append(
-                    f"  {i['party']}.{i['dataset']} -> enclave: columns {', '.join(i['columns'])}; "
-                    f"{i['frames']} sealed frames, {i['bytes']:,} bytes"
-                )
-            att = res["attestation"]
-            lines.append(
-                f"  enclave measurement {att['measurement'][:16]}... ({att['format']}); "
-                f"approvals: {', '.join(a['party'] for a in res['approvals'])}"
-            )
-        lines.append("  coordinator saw: the plan, approvals, ciphertext sizes, and the released cells above")
-    return "\n".join(lines)
-
-
-def _mpc_where(res: dict[str, Any]) -> list[str]:
-    """What went where in an MPC release: each dataset's player, and for a hybrid plan what was
-    streamed (sealed) to the enclave that joined the MPC as a player."""
-    lines = []
-    players = res["players"]
-    feed = res.get("feed") or {}
-    streamed = {(i["party"], i["dataset"]): i for i in feed.get("inputs", [])}
-    for i in res["inputs"]:
-        player = players[i["player"]]["name"] if i["player"] < len(players) else i["player"]
-        sent = streamed.get((i["party"], i["dataset"]))
-        if sent is not None:
-            lines.append(
-                f"  {i['party']}.{i['dataset']} -> enclave: columns {', '.join(i['columns'])}; "
-                f"{sent['frames']} sealed frames, {sent['bytes']:,} bytes; the enclave holds its partials as MPC "
-                f"player {i['player']} ({player})"
-            )
-        else:
-            lines.append(
-                f"  {i['party']}.{i['dataset']}: stayed with its owner; MPC player {i['player']} ({player}) computed "
-                "its partials, only secret shares left"
-            )
-    helpers = [f"{n} ({p['name']})" for n, p in enumerate(players) if not p.get("holds_input", True)]
-    if helpers:
-        lines.append(f"  helper player {', '.join(helpers)}: held no input, computed on secret shares only")
-    lines.append(f"  trust assumption: {res['trust_assumption']}")
-    if feed:
-        att = feed["attestation"]
-        lines.append(f"  enclave measurement {att['measurement'][:16]}... ({att['format']})")
-    return lines
 
 
 # -- progress -------------------------------------------------------------------------------------

@@ -1,23 +1,53 @@
+"""The analyst's commands: list datasets, explain, submit, follow and fetch queries."""
+
 from __future__ import annotations
 
 import argparse
+import os
 
-from sealroom.app.cli.common import EXIT_FAILED, EXIT_OK, UsageError, client_for, emit
+from sealroom.app.cells import format_table
+from sealroom.app.cli.common import EXIT_FAILED, EXIT_OK, Subparsers, add_command, emit, parse_address, with_json
+from sealroom.app.client import DEFAULT_COORDINATOR, Client, coordinator_address
+from sealroom.app.render import ProgressDisplay, result_document
+from sealroom.app.result import render_result
 
 
-def cmd_analyst_token(args: argparse.Namespace) -> int:
-    from sealroom.auth import generate_token, token_hash
+def add_parsers(sub: Subparsers) -> None:
+    analyst(add_command(sub, "datasets")).set_defaults(handler=cmd_datasets)
+    e = analyst(add_command(sub, "explain"))
+    e.add_argument("sql")
+    e.set_defaults(handler=cmd_explain)
+    s = analyst(add_command(sub, "submit"))
+    s.add_argument("sql")
+    s.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    s.add_argument("--timeout", type=float, default=600.0)
+    s.set_defaults(handler=cmd_submit)
+    st = analyst(add_command(sub, "status"))
+    st.add_argument("query_id", nargs="?")
+    st.set_defaults(handler=cmd_status)
+    r = analyst(add_command(sub, "result"))
+    r.add_argument("query_id")
+    r.set_defaults(handler=cmd_result)
 
-    if not args.name.isidentifier():
-        raise UsageError("analyst names must be identifiers (letters, digits, _)")
-    token = generate_token()
-    line = f'{args.name} = "{token_hash(token)}"'
-    if args.json:
-        emit({"analyst": args.name, "token": token, "config_line": line})
-    else:
-        print(f"token for {args.name} (give it to the analyst; it is shown once):\n  {token}")
-        print(f"add to the coordinator's configuration, under [analysts]:\n  {line}")
-    return EXIT_OK
+
+def analyst(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every analyst command takes: where the coordinator is and who is asking."""
+    sp.add_argument(
+        "--coordinator", help=f"coordinator address (env SEALROOM_COORDINATOR, default {DEFAULT_COORDINATOR})"
+    )
+    sp.add_argument(
+        "--analyst",
+        default=os.environ.get("SEALROOM_ANALYST", ""),
+        help="your analyst name (checked against your token where the coordinator authenticates analysts)",
+    )
+    sp.add_argument("--token", help="your analyst token (env SEALROOM_TOKEN)")
+    return with_json(sp)
+
+
+def client_for(args: argparse.Namespace) -> Client:
+    """The client an analyst command's flags describe (read here, at the edge)."""
+    address = parse_address(coordinator_address(args.coordinator), "coordinator")
+    return Client(address, analyst=args.analyst, token=args.token)  # the client falls back on $SEALROOM_TOKEN
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -43,8 +73,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from sealroom.app.render import render_result, result_document
-
     with client_for(args) as c:
         handle = c.submit(args.sql)
         if not args.wait:
@@ -54,8 +82,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
             else:
                 print(f"{st['query_id']}: {st['status']}")
             return EXIT_OK if st["status"] != "refused" else EXIT_FAILED
-        from sealroom.app.render import ProgressDisplay
-
         # A terminal gets per-party progress bars on stderr; --json gets nothing but the document.
         progress = None if args.json else ProgressDisplay()
         handle.wait(args.timeout, on_progress=progress)
@@ -73,8 +99,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         emit(rows if not args.query_id else rows[0])
         return EXIT_OK
-    from sealroom.app.render import format_table
-
     print(
         format_table(
             ["query", "status", "progress", "approved by", "awaiting", "analyst"],
@@ -98,8 +122,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_result(args: argparse.Namespace) -> int:
-    from sealroom.app.render import render_result, result_document
-
     with client_for(args) as c:
         result = c.result(args.query_id)
     if args.json:

@@ -1,51 +1,101 @@
+"""Attestation on the command line: verify a platform's raw evidence offline (SEV-SNP, TDX, SGX,
+Nitro), and create the SIMULATED dev root that development platforms attest with.
+"""
+
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Any
+from datetime import UTC, datetime
+from pathlib import Path
 
-from sealroom.app.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, emit, read_file
+from cryptography import x509
+
+from sealroom.app.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Subparsers,
+    UsageError,
+    add_command,
+    emit,
+    read_file,
+    report_refusal,
+    with_json,
+)
+from sealroom.attestation import dev_init
+from sealroom.attestation.collateral import Collateral, load_collateral
+from sealroom.attestation.offline import decode_evidence, load_certificate, verify_platform_evidence
+from sealroom.errors import AttestationError
+
+
+def add_parsers(sub: Subparsers) -> None:
+    att = add_command(sub, "attest").add_subparsers(dest="action", required=True)
+    av = with_json(att.add_parser("verify", help="verify a platform's raw attestation evidence offline"))
+    av.add_argument("--format", required=True, choices=["snp", "tdx", "sgx", "nitro"])
+    av.add_argument("evidence", help="raw binary, hex or base64 file, as the platform publishes it")
+    av.add_argument(
+        "--cert", action="append", default=[], help="a certificate the evidence does not carry (SNP: VCEK, ASK)"
+    )
+    av.add_argument("--root", help="replace the built-in pinned root")
+    av.add_argument("--at", help="verify as of this ISO-8601 time (test evidence has expired certificates)")
+    av.add_argument("--allow-debug", action="store_true", help="accept evidence from a debug enclave")
+    av.add_argument("--expect-measurement", metavar="HEX")
+    av.add_argument(
+        "--collateral",
+        metavar="FILE_OR_DIR",
+        help="Intel collateral for a tdx/sgx quote: a QuoteCollateralV3 JSON file, or a directory of PCS files "
+        "(TCB info, QE identity, their issuer chain, PCK and root CA CRLs); its TCB status is then appraised",
+    )
+    av.add_argument(
+        "--allow-out-of-date",
+        action="store_true",
+        help="with --collateral, accept a platform whose TCB status is OutOfDate (Revoked is always refused)",
+    )
+    av.set_defaults(handler=cmd_attest_verify)
+
+    dev = add_command(sub, "dev").add_subparsers(dest="action", required=True)
+    di = with_json(dev.add_parser("init", help="create the SIMULATED attestation dev root"))
+    di.add_argument("--dir", default=str(Path.home() / ".sealroom" / "dev"))
+    di.add_argument("--force", action="store_true")
+    di.set_defaults(handler=cmd_dev_init)
+
+
+def certificate(path: str, what: str) -> x509.Certificate:
+    """A certificate file, PEM (``.pem``) or DER in raw, hex or base64 form."""
+    raw = read_file(path, what)
+    try:
+        return load_certificate(raw if path.endswith(".pem") else decode_evidence(raw))
+    except ValueError:
+        raise UsageError(f"{path} is not a PEM or DER certificate") from None
+
+
+def collateral_for(platform: str, path: str) -> Collateral:
+    """Intel collateral for a ``tdx`` or ``sgx`` quote, from a file or a directory of PCS files."""
+    if platform not in ("tdx", "sgx"):
+        raise UsageError(f"--collateral applies to --format tdx or sgx, not {platform}")
+    try:
+        return load_collateral(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read the collateral {path}: {exc.strerror}") from None
+    except AttestationError as exc:
+        raise UsageError(f"unusable collateral {path}: {exc.message}") from None
+
+
+def verification_time(value: str) -> datetime:
+    """``--at``: an ISO-8601 time, UTC unless it says otherwise."""
+    try:
+        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--at must be an ISO-8601 time such as 2023-09-18T12:00:00Z (got {value!r})") from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def cmd_attest_verify(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
-
-    from sealroom.attestation.offline import decode_evidence, load_certificate, verify_platform_evidence
-
-    def cert(path: str, what: str) -> Any:
-        try:
-            return load_certificate(
-                decode_evidence(read_file(path, what)) if not path.endswith(".pem") else read_file(path, what)
-            )
-        except ValueError:
-            raise UsageError(f"{path} is not a PEM or DER certificate") from None
-
     evidence = decode_evidence(read_file(args.evidence, "evidence"))
-    certificates = [cert(c, "certificate") for c in args.cert]
-    root = cert(args.root, "root certificate") if args.root else None
-    collateral = None
-    if args.collateral:
-        if args.format not in ("tdx", "sgx"):
-            raise UsageError(f"--collateral applies to --format tdx or sgx, not {args.format}")
-        from sealroom.attestation.collateral import load_collateral
-        from sealroom.errors import AttestationError
-
-        try:
-            collateral = load_collateral(args.collateral)
-        except OSError as exc:
-            raise UsageError(f"cannot read the collateral {args.collateral}: {exc.strerror}") from None
-        except AttestationError as exc:
-            raise UsageError(f"unusable collateral {args.collateral}: {exc.message}") from None
-    at = None
-    if args.at:
-        try:
-            at = datetime.fromisoformat(args.at.replace("Z", "+00:00"))
-        except ValueError:
-            raise UsageError(f"--at must be an ISO-8601 time such as 2023-09-18T12:00:00Z (got {args.at!r})") from None
-        if at.tzinfo is None:
-            at = at.replace(tzinfo=UTC)
-    from sealroom.errors import AttestationError
-
+    certificates = [certificate(c, "certificate") for c in args.cert]
+    root = certificate(args.root, "root certificate") if args.root else None
+    collateral = collateral_for(args.format, args.collateral) if args.collateral else None
+    at = verification_time(args.at) if args.at else None
     try:
         claims = verify_platform_evidence(
             args.format,
@@ -59,10 +109,7 @@ def cmd_attest_verify(args: argparse.Namespace) -> int:
             allow_out_of_date=args.allow_out_of_date,
         )
     except AttestationError as err:
-        check = err.details.get("check", "")
-        print(f"sealroom: refused ({check}): {err.message}", file=sys.stderr)
-        if args.json:
-            emit({"verified": False, "check": check, "reason": err.to_dict()})
+        check = report_refusal(err, as_json=args.json)
         # Evidence that does not parse is unusable input (2); evidence that parses and fails a check
         # is refused (1).
         return EXIT_USAGE if check == "format" else EXIT_FAILED
@@ -74,4 +121,14 @@ def cmd_attest_verify(args: argparse.Namespace) -> int:
         if "tcb_status" in claims.details:
             advisories = ", ".join(claims.details["advisory_ids"]) or "none"
             print(f"  TCB status {claims.details['tcb_status']} (advisories: {advisories})")
+    return EXIT_OK
+
+
+def cmd_dev_init(args: argparse.Namespace) -> int:
+    root = dev_init(Path(args.dir), force=args.force)
+    if args.json:
+        emit({"simulated": True, "dev_root": str(root.cert_path), "key": str(root.key_path)})
+        return EXIT_OK
+    print(f"wrote the SIMULATED dev attestation root: {root.cert_path} (and its key {root.key_path})")
+    print("relying parties pin the .crt with trust.dev_root and trust.allow_simulated = true")
     return EXIT_OK

@@ -9,13 +9,83 @@ from typing import Any
 from sealroom.app.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
+    Subparsers,
     UsageError,
+    add_command,
     ed25519_hex,
     emit,
     iso_time,
     print_refusal,
     read_file,
+    with_json,
 )
+
+
+def add_parsers(sub: Subparsers) -> None:
+    rc = add_command(sub, "receipt").add_subparsers(dest="action", required=True)
+    rv = with_json(rc.add_parser("verify", help="verify a release receipt offline"))
+    rv.add_argument("file", help="the receipt (JSON)")
+    rv.add_argument("--result", help="check that this result file (Arrow IPC stream) is the one released")
+    rv.add_argument("--coordinator-key", metavar="HEX_OR_FILE", help="the coordinator's Ed25519 public key to pin")
+    rv.add_argument("--trust", metavar="TOML", help="appraise the attestation evidence with this [trust] table")
+    rv.add_argument("--allow-simulated", action="store_true", help="accept SIMULATED evidence (no TEE)")
+    rv.add_argument("--dev-root", metavar="CRT", help="the dev root certificate (with --allow-simulated)")
+    rv.set_defaults(handler=cmd_receipt_verify)
+
+    au = add_command(sub, "audit").add_subparsers(dest="action", required=True)
+    avf = with_json(au.add_parser("verify", help="verify a transparency log: entries, checkpoints, receipts"))
+    src = avf.add_mutually_exclusive_group(required=True)
+    src.add_argument("--log", help="an exported log (JSON)")
+    src.add_argument("--state-dir", help="a coordinator's state directory (or one above it, e.g. a demo's)")
+    avf.add_argument(
+        "--witness-key", action="append", default=[], metavar="NAME=HEX", help="a witness whose co-signature counts"
+    )
+    avf.add_argument("--quorum", type=int, help="witness co-signatures required (default: every --witness-key)")
+    avf.add_argument(
+        "--checkpoint", action="append", default=[], metavar="FILE", help="a checkpoint seen elsewhere (e.g. a witness)"
+    )
+    avf.add_argument(
+        "--coordinator-key", metavar="HEX_OR_FILE", help="receipts' countersigning key (default: the log key)"
+    )
+
+    def reviewer(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--log-key", metavar="HEX_OR_VKEY", help="the log's Ed25519 public key to pin")
+        sp.add_argument(
+            "--trust", metavar="TOML", help="appraise receipts' attestation evidence with this [trust] table"
+        )
+        sp.add_argument("--allow-simulated", action="store_true", help="accept SIMULATED evidence (no TEE)")
+        sp.add_argument("--dev-root", metavar="CRT", help="the dev root certificate (with --allow-simulated)")
+        return sp
+
+    reviewer(avf).set_defaults(handler=cmd_audit_verify)
+    state_help = "a coordinator's state directory (or one above it, e.g. a demo's)"
+    al = reviewer(with_json(au.add_parser("list", help="list releases with their verification status")))
+    al.add_argument("--state-dir", required=True, help=state_help)
+    al.add_argument("--since", metavar="ISO", help="only releases at or after this time (UTC unless it says)")
+    al.add_argument("--dataset", metavar="PARTY.DATASET", help="only releases that read this dataset")
+    al.add_argument("--analyst", metavar="NAME", help="only this analyst's releases")
+    al.set_defaults(handler=cmd_audit_list)
+    ash = reviewer(with_json(au.add_parser("show", help="one release in words")))
+    ash.add_argument("release_id", help="the release's query id")
+    ash.add_argument("--state-dir", required=True, help=state_help)
+    ash.set_defaults(handler=cmd_audit_show)
+    aex = reviewer(with_json(au.add_parser("export", help="export the log (json) or a self-contained report (html)")))
+    aex.add_argument("--format", choices=["json", "html"], required=True)
+    aex.add_argument("--state-dir", required=True, help=state_help)
+    aex.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    aex.set_defaults(handler=cmd_audit_export)
+    aro = reviewer(
+        with_json(au.add_parser("ropa", help="the record of processing (GDPR Article 30) of each collaboration"))
+    )
+    aro.add_argument("--state-dir", required=True, help=state_help)
+    aro.add_argument(
+        "--format",
+        choices=["md", "json", "html"],
+        default="md",
+        help="md (default), json (canonical, versioned: sealroom.audit.ropa) or html (one self-contained page)",
+    )
+    aro.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    aro.set_defaults(handler=cmd_audit_ropa)
 
 
 def _receipt_appraisal(args: argparse.Namespace) -> Any:

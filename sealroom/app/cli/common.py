@@ -1,25 +1,77 @@
+"""What every command shares: exit codes, the command words, how arguments are checked, and how
+output is printed. Loaded by every command, so by ``sealroom enclave serve`` too: it imports no
+component and nothing heavy.
+"""
+
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from sealroom.app.cells import jsonable
+from sealroom.errors import SealroomError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-
-DEFAULT_COORDINATOR = "127.0.0.1:7100"
+# What ``ArgumentParser.add_subparsers`` returns: argparse has no public name for its type.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 class UsageError(Exception):
     """Unusable arguments (exit 2)."""
 
 
-def coordinator_address(args: argparse.Namespace) -> str:
-    address = args.coordinator or os.environ.get("SEALROOM_COORDINATOR") or DEFAULT_COORDINATOR
-    return parse_address(address, "coordinator")
+@dataclass(frozen=True)
+class Command:
+    """A top-level command word: the module under ``sealroom.app.cli`` that defines it, and the one
+    line ``sealroom --help`` shows for it."""
+
+    module: str
+    help: str
+
+
+# Every command word in the order ``sealroom --help`` lists them. Each module's ``add_parsers``
+# defines its own words in full; the parser of a command that does not run needs only this line.
+COMMANDS: dict[str, Command] = {
+    "demo": Command("local", "run the whole platform on synthetic data"),
+    "local": Command("local", "run one query over your own files"),
+    "coordinator": Command("serve", "run the coordinator"),
+    "enclave": Command("serve", "run an enclave worker"),
+    "party": Command("serve", "run a data owner's party agent"),
+    "analyst": Command("serve", "analyst credentials"),
+    "attest": Command("attest", "attestation evidence"),
+    "dev": Command("attest", "development helpers"),
+    "receipt": Command("audit", "release receipts"),
+    "audit": Command("audit", "the compliance reviewer's tools"),
+    "datasets": Command("analyst", "list registered datasets"),
+    "explain": Command("analyst", "show the plan for a query without running it"),
+    "submit": Command("analyst", "submit a query"),
+    "status": Command("analyst", "show a query's state (or all queries)"),
+    "result": Command("analyst", "print a query's released result"),
+    "pending": Command("owner", "owner: list plans awaiting your decision"),
+    "approve": Command("owner", "owner: approve a pending query"),
+    "reject": Command("owner", "owner: reject a pending query"),
+    "revoke": Command("owner", "owner: revoke your approval before the query runs"),
+}
+
+
+def add_command(sub: Subparsers, word: str) -> argparse.ArgumentParser:
+    """The parser of the top-level command ``word``, with its line from :data:`COMMANDS`."""
+    return sub.add_parser(word, help=COMMANDS[word].help)
+
+
+def with_json(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sp.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    return sp
 
 
 def parse_address(value: str, what: str) -> str:
@@ -30,28 +82,18 @@ def parse_address(value: str, what: str) -> str:
 
 
 def emit(doc: Any) -> None:
-    from sealroom.app.render import jsonable
-
     print(json.dumps(jsonable(doc), indent=2, sort_keys=False))
 
 
-def client_for(args: argparse.Namespace) -> Any:
-    from sealroom.app.client import Client
-
-    token = args.token or os.environ.get("SEALROOM_TOKEN") or None
-    return Client(coordinator_address(args), analyst=args.analyst, token=token)
-
-
-def agent_address(args: argparse.Namespace) -> str:
-    address = args.agent or os.environ.get("SEALROOM_PARTY_AGENT")
+def agent_address(given: str | None) -> str:
+    """The party agent's address: ``--agent``, else ``$SEALROOM_PARTY_AGENT``."""
+    address = given or os.environ.get("SEALROOM_PARTY_AGENT")
     if not address:
         raise UsageError("give the party agent's address with --agent HOST:PORT (or set SEALROOM_PARTY_AGENT)")
     return parse_address(address, "party agent")
 
 
 def when(ts: float) -> str:
-    import datetime
-
     return datetime.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
@@ -75,18 +117,21 @@ def read_file(path: str, what: str) -> bytes:
         raise UsageError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
+def _is_hex_key(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
 def ed25519_hex(value: str, flag: str) -> str:
     """An Ed25519 public key given as 64 hex characters, a signed-note verifier key (NAME+ID+KEY), a
     PEM public key, or a file holding one of these; returned as hex."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
+    # Lazy: only the reviewer's commands take keys, and every other command (``sealroom enclave
+    # serve`` among them) must not load the audit room.
     from sealroom.audit.tlog import NoteVerifier
 
     text = value.strip()
-    if not (len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)) and "+" not in text:
+    if not _is_hex_key(text) and "+" not in text:
         text = read_file(value, f"{flag} key").decode("utf-8", "replace").strip()
-    if len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text):
+    if _is_hex_key(text):
         return text.lower()
     if text.startswith("-----BEGIN PUBLIC KEY-----"):
         try:
@@ -104,17 +149,23 @@ def ed25519_hex(value: str, flag: str) -> str:
         ) from None
 
 
-def print_refusal(args: argparse.Namespace, err: Any) -> int:
-    check = err.details.get("check", "")
+def report_refusal(err: SealroomError, *, as_json: bool) -> str:
+    """Say on stderr (and with ``as_json`` in the JSON document) that verification refused, and
+    why; return the check that refused."""
+    check = str(err.details.get("check", ""))
     print(f"sealroom: refused ({check}): {err.message}", file=sys.stderr)
-    if args.json:
+    if as_json:
         emit({"verified": False, "check": check, "reason": err.to_dict()})
+    return check
+
+
+def print_refusal(args: argparse.Namespace, err: SealroomError) -> int:
+    """:func:`report_refusal` for the reviewer's commands; exit 1."""
+    report_refusal(err, as_json=args.json)
     return EXIT_FAILED
 
 
 def iso_time(ts: Any) -> str:
-    from datetime import UTC, datetime
-
     if not isinstance(ts, int | float):
         return "?"
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

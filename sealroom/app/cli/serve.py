@@ -1,12 +1,47 @@
+"""The operator's commands: run the coordinator, an enclave worker or a party agent from its config
+file, print the measurement an owner pins, create an owner's signing key, make an analyst's token.
+
+Each server runs in a process of its own that must load only its own component (a test reads the
+modules a started enclave worker has loaded), so each command imports its component when it runs.
+"""
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from sealroom.app.cli.common import EXIT_OK, emit
+from sealroom.app.cli.common import COMMANDS, EXIT_OK, Subparsers, UsageError, add_command, emit, with_json
+from sealroom.auth import generate_token, token_hash
+from sealroom.keys import generate_signing_key, public_key_hex, save_signing_key
+
+SERVERS = ("coordinator", "enclave", "party")
+
+
+def add_parsers(sub: Subparsers) -> None:
+    handlers = {"coordinator": cmd_coordinator_serve, "enclave": cmd_enclave_serve, "party": cmd_party_serve}
+    for name in SERVERS:
+        grp = add_command(sub, name).add_subparsers(dest="action", required=True, metavar="ACTION")
+        s = grp.add_parser("serve", help=COMMANDS[name].help)  # the serve action says what its word says
+        s.add_argument("--config", required=True)
+        s.add_argument("--port-file", help="write the bound port here once serving")
+        s.set_defaults(handler=handlers[name])
+        if name == "enclave":
+            m = with_json(grp.add_parser("measure", help="print the measurement a data owner pins"))
+            m.add_argument("--config", required=True)
+            m.set_defaults(handler=cmd_enclave_measure)
+        if name == "party":
+            i = with_json(grp.add_parser("init", help="create the owner's Ed25519 signing key"))
+            i.add_argument("--key", required=True)
+            i.add_argument("--force", action="store_true")
+            i.set_defaults(handler=cmd_party_init)
+    an = add_command(sub, "analyst").add_subparsers(dest="action", required=True)
+    at = with_json(an.add_parser("token", help="make an analyst token and the coordinator config line"))
+    at.add_argument("name")
+    at.set_defaults(handler=cmd_analyst_token)
 
 
 def cmd_enclave_serve(args: argparse.Namespace) -> int:
+    # Lazy (as every server's): this process is the enclave worker and loads nothing else.
     from enclave_worker.config import EnclaveConfig
     from enclave_worker.server import serve
 
@@ -15,6 +50,8 @@ def cmd_enclave_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_enclave_measure(args: argparse.Namespace) -> int:
+    # Lazy: the enclave worker's code, which the coordinator's and the agents' processes never load.
+    from enclave_worker.attester import make_attester
     from enclave_worker.config import EnclaveConfig
     from sealroom.attestation import enclave_measurement
 
@@ -22,8 +59,6 @@ def cmd_enclave_measure(args: argparse.Namespace) -> int:
     if config.attester == "simulated":
         m = enclave_measurement(config.measured())
     else:  # the platform measures the image: ask it, from inside the confidential VM or enclave
-        from enclave_worker.attester import make_attester
-
         attester = make_attester(config)
         attester.close()
         m = attester.measurement
@@ -35,6 +70,7 @@ def cmd_enclave_measure(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator_serve(args: argparse.Namespace) -> int:
+    # Lazy (as every server's): this process is the coordinator and loads no other component.
     from coordinator.config import CoordinatorConfig
     from coordinator.servicer import serve
 
@@ -43,6 +79,7 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_party_serve(args: argparse.Namespace) -> int:
+    # Lazy (as every server's): this process is the party agent and loads no other component.
     from connectors.agent import PartyConfig, serve
 
     serve(PartyConfig.load(Path(args.config)), port_file=args.port_file)
@@ -50,8 +87,6 @@ def cmd_party_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_party_init(args: argparse.Namespace) -> int:
-    from sealroom.keys import generate_signing_key, public_key_hex, save_signing_key
-
     key = generate_signing_key()
     save_signing_key(key, Path(args.key), overwrite=args.force)
     if args.json:
@@ -61,13 +96,14 @@ def cmd_party_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_dev_init(args: argparse.Namespace) -> int:
-    from sealroom.attestation import dev_init
-
-    root = dev_init(Path(args.dir), force=args.force)
+def cmd_analyst_token(args: argparse.Namespace) -> int:
+    if not args.name.isidentifier():
+        raise UsageError("analyst names must be identifiers (letters, digits, _)")
+    token = generate_token()
+    line = f'{args.name} = "{token_hash(token)}"'
     if args.json:
-        emit({"simulated": True, "dev_root": str(root.cert_path), "key": str(root.key_path)})
-        return EXIT_OK
-    print(f"wrote the SIMULATED dev attestation root: {root.cert_path} (and its key {root.key_path})")
-    print("relying parties pin the .crt with trust.dev_root and trust.allow_simulated = true")
+        emit({"analyst": args.name, "token": token, "config_line": line})
+    else:
+        print(f"token for {args.name} (give it to the analyst; it is shown once):\n  {token}")
+        print(f"add to the coordinator's configuration, under [analysts]:\n  {line}")
     return EXIT_OK

@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from sealroom.app.client import Result
+from sealroom.app.result import Result
 from sealroom.errors import PolicyRefusalError
 
 SUPPRESSED = [

@@ -9,9 +9,10 @@ import json
 
 import pytest
 
+from sealroom.app.cells import format_table
 from sealroom.app.cli import build_parser, main
 from sealroom.app.client import parse_progress
-from sealroom.app.render import ProgressDisplay, format_table, human_bytes, progress_lines
+from sealroom.app.render import ProgressDisplay, human_bytes, progress_lines
 
 
 def status(**parties):
