@@ -41,7 +41,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sealroom.audit.tlog import HASH_SIZE, WITNESS_SUFFIX, NoteSigner, NoteVerifier, SignedCheckpoint, Witness
+from sealroom.audit.merkle import HASH_SIZE
+from sealroom.audit.notes import WITNESS_SUFFIX, NoteSigner, NoteVerifier, SignedCheckpoint, Witness
 from sealroom.errors import AuditError, ConfigError, SealroomError
 from sealroom.signing import sign_owner_action
 from sealroom.v1 import coordinator_pb2

@@ -38,8 +38,8 @@ from coordinator.mpc_stage import EnclavePlayer, MpcRelease, enclave_player_inde
 from coordinator.planner import ENCLAVE_PLAYER
 from coordinator.store import Store
 from sealroom.attestation import AppraisalPolicy, Evidence, report_data_for, verify_evidence
+from sealroom.audit.entries import is_ident
 from sealroom.audit.receipts import MpcStage, TeeStage, build_receipt
-from sealroom.audit.tlog import is_ident
 from sealroom.canonical import canonical_json
 from sealroom.errors import (
     ApprovalError,

@@ -22,8 +22,8 @@ from typing import Any
 
 from coordinator.config import CoordinatorConfig
 from coordinator.store import Store
+from sealroom.audit.entries import is_ident
 from sealroom.audit.ropa import COLLABORATION_FILE, collaboration_document, declaration_sha256
-from sealroom.audit.tlog import is_ident
 from sealroom.errors import SealroomError
 
 log = logging.getLogger(__name__)

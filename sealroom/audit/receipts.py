@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sealroom.attestation import SIMULATED, AppraisalPolicy, Claims, Evidence, report_data_for, verify_evidence
+from sealroom.audit.refusals import refuse
 from sealroom.canonical import canonical_json
 from sealroom.errors import AttestationError, AuditError, SealroomError
 from sealroom.planning.plan import Plan, mpc_player_keys
@@ -57,7 +58,7 @@ __all__ = [
     "MpcStage",
     "build_receipt",
     "countersign",
-    "receipt_digest",
+    "receipt_sha256",
     "load_receipt",
     "VerifiedReceipt",
     "verify_receipt",
@@ -88,10 +89,6 @@ _KEYS = frozenset(
         "countersignature",
     }
 )
-
-
-def _refuse(check: str, message: str, **details: Any) -> AuditError:
-    return AuditError(message, details={"check": check, **details})
 
 
 def _raw(key: Ed25519PublicKey) -> bytes:
@@ -293,8 +290,8 @@ def countersign(receipt: Mapping[str, Any], coordinator_key: Ed25519PrivateKey) 
     return out
 
 
-def receipt_digest(receipt: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of the whole receipt's canonical JSON (what the log's ``released`` entry records)."""
+def receipt_sha256(receipt: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the whole receipt's canonical JSON: what the log's ``released`` entry records."""
     return _sha256(canonical_json(dict(receipt)))
 
 
@@ -363,7 +360,7 @@ def _key_hex(key: Ed25519PublicKey | bytes | str) -> str:
 
 def _get(doc: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if not isinstance(doc, Mapping) or not isinstance(doc.get(key), kind):
-        raise _refuse("format", f"the receipt's {where}{key} is missing or malformed")
+        raise refuse("format", f"the receipt's {where}{key} is missing or malformed")
     return doc[key]
 
 
@@ -382,7 +379,7 @@ def _verify_tee_stage(
     job_key = doc.get("signing_public_key")
     # 5a. The enclave signed this result document with its job key.
     if not _verifies(job_key, signature, canonical_json(doc)):
-        raise _refuse(
+        raise refuse(
             "result_signature",
             f"stage {sid}: the enclave's result signature does not verify with the job key it names",
             stage=sid,
@@ -394,14 +391,12 @@ def _verify_tee_stage(
         or doc.get("query_id") != plan.query_id
         or doc.get("stage") != sid
     ):
-        raise _refuse(
-            "result_plan", f"stage {sid}: the enclave's result is for another plan, query or stage", stage=sid
-        )
+        raise refuse("result_plan", f"stage {sid}: the enclave's result is for another plan, query or stage", stage=sid)
     # 5c. ...having checked exactly the approvals this receipt shows.
     seen = sorted((a.get("party"), a.get("plan_hash"), a.get("signature")) for a in doc.get("approvals", []))
     shown = sorted((a.get("party"), a.get("plan_hash"), a.get("signature")) for a in approvals)
     if seen != shown:
-        raise _refuse(
+        raise refuse(
             "result_approvals",
             f"stage {sid}: the approvals the enclave checked are not the ones this receipt shows",
             stage=sid,
@@ -410,15 +405,15 @@ def _verify_tee_stage(
     try:
         evidence = Evidence.from_bytes(canonical_json(envelope))
     except AttestationError:
-        raise _refuse("result_evidence", f"stage {sid}: the evidence envelope is malformed", stage=sid) from None
+        raise refuse("result_evidence", f"stage {sid}: the evidence envelope is malformed", stage=sid) from None
     att = doc.get("attestation") if isinstance(doc.get("attestation"), dict) else {}
     if att.get("evidence_sha256") != evidence.digest().hex():
-        raise _refuse(
+        raise refuse(
             "result_evidence", f"stage {sid}: the result names other attestation evidence than the receipt's", stage=sid
         )
     nonce = bytes.fromhex(plan.hash)
     if evidence.nonce != nonce:
-        raise _refuse(
+        raise refuse(
             "evidence_binding", f"stage {sid}: the evidence answers another nonce than this plan's hash", stage=sid
         )
     # 5e. Stage summary fields agree with what the enclave signed.
@@ -429,7 +424,7 @@ def _verify_tee_stage(
         or stage.get("measurement") != att.get("measurement")
         or stage.get("simulated") is not simulated
     ):
-        raise _refuse(
+        raise refuse(
             "stage_summary",
             f"stage {sid}: its format, measurement or simulated flag differs from what the enclave signed",
             stage=sid,
@@ -443,12 +438,12 @@ def _verify_tee_stage(
         signing = bytes.fromhex(job_key)
         expected = report_data_for(hpke_public_key=hpke, signing_public_key=signing, nonce=nonce)
     except (ValueError, TypeError):
-        raise _refuse("evidence_binding", f"stage {sid}: the result names malformed job keys", stage=sid) from None
+        raise refuse("evidence_binding", f"stage {sid}: the result names malformed job keys", stage=sid) from None
     at = now
     if at is None:
         executed = doc.get("executed_at")
         if not isinstance(executed, int | float):
-            raise _refuse("format", f"stage {sid}: the result has no executed_at time")
+            raise refuse("format", f"stage {sid}: the result has no executed_at time")
         at = datetime.fromtimestamp(executed, UTC)
     try:
         claims = verify_evidence(
@@ -462,7 +457,7 @@ def _verify_tee_stage(
             details={"check": check, "attestation_check": inner, "stage": sid},
         ) from None
     if claims.measurement != att.get("measurement"):
-        raise _refuse(
+        raise refuse(
             "evidence_binding", f"stage {sid}: the result names another measurement than the evidence", stage=sid
         )
     return claims
@@ -494,7 +489,7 @@ def _verify_mpc_stage(
     named = [str(p.get("name")) for p in result.get("players", []) if isinstance(p, dict)]
     signers = {str(p.get("name")): p for p in players if isinstance(p, dict)}
     if not named or sorted(named) != sorted(signers):
-        raise _refuse("mpc_signature", f"stage {sid}: not every MPC player signed the result", stage=sid)
+        raise refuse("mpc_signature", f"stage {sid}: not every MPC player signed the result", stage=sid)
     # Every player signs with the identity the plan names for it (by its index, not its name): an
     # owner's player with the owner's key, a helper with the key its holders entry names (the
     # coordinator's), the enclave's player with the attested job key of the TEE stage feeding it.
@@ -505,25 +500,25 @@ def _verify_mpc_stage(
     except SealroomError:
         named_keys = None
     if named_keys is None or len(named_keys) != len(named):
-        raise _refuse("mpc_plan", f"stage {sid}: the plan names no identity for every MPC player", stage=sid)
+        raise refuse("mpc_plan", f"stage {sid}: the plan names no identity for every MPC player", stage=sid)
     for i, name in enumerate(named):
         sig = signers[name]
         expected = named_keys[i]
         if expected is None:
             expected = job_keys[0] if len(job_keys) == 1 else None
             if expected is None:
-                raise _refuse("mpc_player_key", f"stage {sid}: no attested job key for the enclave player", stage=sid)
+                raise refuse("mpc_player_key", f"stage {sid}: no attested job key for the enclave player", stage=sid)
         if expected != sig.get("public_key"):
-            raise _refuse(
+            raise refuse(
                 "mpc_player_key", f"stage {sid}: player {name} signed with a key that is not its own", stage=sid
             )
         if not _verifies(sig.get("public_key"), sig.get("signature"), message):
-            raise _refuse("mpc_signature", f"stage {sid}: the signature of player {name} does not verify", stage=sid)
+            raise refuse("mpc_signature", f"stage {sid}: the signature of player {name} does not verify", stage=sid)
     # The opened result is the one of this plan's MPC stage: its spec (players, domain, aggregates,
     # bounds, k, threshold) is the one the owners approved, as part of the plan hash.
     planned = planned_stage
     if planned is None or not isinstance(planned.mpc, dict):
-        raise _refuse("mpc_plan", f"stage {sid}: the plan has no such MPC stage", stage=sid)
+        raise refuse("mpc_plan", f"stage {sid}: the plan has no such MPC stage", stage=sid)
     spec = planned.mpc  # StageSpec.to_dict(), as the planner wrote it and the owners approved it
     rule = result.get("rule") if isinstance(result.get("rule"), dict) else {}
     if (
@@ -534,7 +529,7 @@ def _verify_mpc_stage(
         or [p.get("name") for p in result.get("players", []) if isinstance(p, dict)]
         != [p.get("name") for p in spec.get("players", []) if isinstance(p, dict)]
     ):
-        raise _refuse(
+        raise refuse(
             "mpc_plan",
             f"stage {sid}: the MPC result is not the one of this plan's stage (spec, session, k, threshold or players "
             "differ)",
@@ -543,13 +538,13 @@ def _verify_mpc_stage(
     m = len(named)
     t = result.get("threshold")
     if stage.get("trust_assumption") != result.get("trust_assumption") or type(t) is not int or m < 3 or not 2 * t < m:
-        raise _refuse(
+        raise refuse(
             "mpc_trust",
             f"stage {sid}: the MPC's trust assumption is misstated or not an honest majority (t < m/2, m >= 3)",
             stage=sid,
         )
     if stage.get("simulated") is not False:
-        raise _refuse("stage_summary", f"stage {sid}: an MPC stage is never simulated", stage=sid)
+        raise refuse("stage_summary", f"stage {sid}: an MPC stage is never simulated", stage=sid)
 
 
 def verify_receipt(
@@ -602,7 +597,7 @@ def verify_receipt(
         )
     except (KeyError, TypeError, AttributeError, IndexError) as exc:
         # A structure no step expected (a list where an object belongs...): malformed, never a pass.
-        raise _refuse("format", f"the receipt is malformed ({type(exc).__name__})") from None
+        raise refuse("format", f"the receipt is malformed ({type(exc).__name__})") from None
 
 
 def _verify_receipt(
@@ -615,11 +610,11 @@ def _verify_receipt(
 ) -> VerifiedReceipt:
     # 1. Format.
     if not isinstance(receipt, Mapping) or receipt.get("kind") != RECEIPT_KIND:
-        raise _refuse("format", f"not a {RECEIPT_KIND} document")
+        raise refuse("format", f"not a {RECEIPT_KIND} document")
     if receipt.get("version") != RECEIPT_VERSION:
-        raise _refuse("format", f"receipt version {receipt.get('version')!r} is not {RECEIPT_VERSION}")
+        raise refuse("format", f"receipt version {receipt.get('version')!r} is not {RECEIPT_VERSION}")
     if set(receipt) != _KEYS:
-        raise _refuse("format", f"a receipt has exactly the fields {', '.join(sorted(_KEYS))}")
+        raise refuse("format", f"a receipt has exactly the fields {', '.join(sorted(_KEYS))}")
     query = _get(receipt, "query", dict, "")
     plan_doc = _get(receipt, "plan", dict, "")
     approvals = _get(receipt, "approvals", list, "")
@@ -629,19 +624,19 @@ def _verify_receipt(
     timestamps = _get(receipt, "timestamps", dict, "")
     coordinator = _get(receipt, "coordinator", dict, "")
     if not stages or not all(isinstance(s, dict) for s in stages) or not all(isinstance(a, dict) for a in approvals):
-        raise _refuse("format", "the receipt's stages or approvals are malformed")
+        raise refuse("format", "the receipt's stages or approvals are malformed")
 
     # 2. The plan and its hash.
     plan_json = canonical_json(plan_doc)
     try:
         plan = Plan.from_json(plan_json)
     except SealroomError as err:
-        raise _refuse("plan", f"the receipt's plan does not parse: {err.message}") from None
+        raise refuse("plan", f"the receipt's plan does not parse: {err.message}") from None
     if plan.to_json() != plan_json:
-        raise _refuse("plan", "the receipt's plan holds fields a plan does not have")
+        raise refuse("plan", "the receipt's plan holds fields a plan does not have")
     plan_hash = _sha256(plan_json)
     if query.get("plan_hash") != plan_hash:
-        raise _refuse("plan_hash", "the receipt's plan does not hash to its plan hash")
+        raise refuse("plan_hash", "the receipt's plan does not hash to its plan hash")
 
     # 3. The summary fields are the plan's.
     if (
@@ -650,36 +645,34 @@ def _verify_receipt(
         or query.get("analyst") != plan.analyst
         or set(query) != {"id", "sql", "analyst", "plan_hash"}
     ):
-        raise _refuse("plan_summary", "the receipt's query id, SQL or analyst is not the plan's")
+        raise refuse("plan_summary", "the receipt's query id, SQL or analyst is not the plan's")
     if receipt["datasets"] != _datasets(plan):
-        raise _refuse("plan_summary", "the receipt's datasets or policy digests are not the plan's")
+        raise refuse("plan_summary", "the receipt's datasets or policy digests are not the plan's")
 
     # 4. Approvals.
     involved = plan.involved_parties()
     listed = [a.get("party") for a in approvals]
     for party in involved:
         if listed.count(party) != 1:
-            raise _refuse("approval_missing", f"the receipt holds no single approval by {party}", party=party)
+            raise refuse("approval_missing", f"the receipt holds no single approval by {party}", party=party)
     for a in approvals:
         party = a.get("party")
         if party not in involved:
-            raise _refuse(
-                "approval_unexpected", f"the receipt lists an approval by {party}, whose data it did not read"
-            )
+            raise refuse("approval_unexpected", f"the receipt lists an approval by {party}, whose data it did not read")
         if a.get("public_key") != plan.parties.get(party):
-            raise _refuse("approval_key", f"the approval of {party} names another key than the plan", party=party)
+            raise refuse("approval_key", f"the approval of {party} names another key than the plan", party=party)
         if a.get("plan_hash") != plan_hash:
-            raise _refuse("approval_plan_hash", f"the approval of {party} is for another plan", party=party)
+            raise refuse("approval_plan_hash", f"the approval of {party} is for another plan", party=party)
         try:
             message = approval_message(plan_hash)
         except ValueError:
-            raise _refuse("plan_hash", "the plan hash is not hex") from None
+            raise refuse("plan_hash", "the plan hash is not hex") from None
         if not _verifies(a.get("public_key"), a.get("signature"), message):
-            raise _refuse("approval_signature", f"the approval signature of {party} does not verify", party=party)
+            raise refuse("approval_signature", f"the approval signature of {party} does not verify", party=party)
 
     # 5. Stages.
     if [(s.get("id"), s.get("kind")) for s in stages] != [(s.id, s.kind) for s in plan.stages]:
-        raise _refuse("stages", "the receipt's stages are not the plan's")
+        raise refuse("stages", "the receipt's stages are not the plan's")
     claims: list[Claims] = []
     for stage in stages:
         if stage["kind"] == "tee":
@@ -694,7 +687,7 @@ def _verify_receipt(
 
     # 6. Disclosure decisions.
     if disclosure != {"suppressed": _suppressed(stages), "rules": _rules(stages)}:
-        raise _refuse("disclosure", "the receipt's disclosure decisions are not those the stages signed")
+        raise refuse("disclosure", "the receipt's disclosure decisions are not those the stages signed")
 
     # 7. The released result.
     rows, columns, signed_sha = _released(stages)
@@ -705,12 +698,12 @@ def _verify_receipt(
         or result.get("columns") != columns
         or result.get("format") != RESULT_FORMAT
     ):
-        raise _refuse("result_hash", "the receipt's result hash, rows or columns are not those the last stage signed")
+        raise refuse("result_hash", "the receipt's result hash, rows or columns are not those the last stage signed")
 
     # 8. Simulated is stated, never hidden.
     simulated = any(s.get("simulated") is True for s in stages)
     if receipt.get("simulated") is not simulated:
-        raise _refuse("simulated_flag", "the receipt's simulated flag differs from its stages' attestation")
+        raise refuse("simulated_flag", "the receipt's simulated flag differs from its stages' attestation")
 
     # 9. Timestamps.
     submitted, released = timestamps.get("submitted_at"), timestamps.get("released_at")
@@ -722,11 +715,11 @@ def _verify_receipt(
         or timestamps.get("executed_at") != (max(executed) if executed else None)
         or set(timestamps) != {"submitted_at", "executed_at", "released_at"}
     ):
-        raise _refuse("timestamps", "the receipt's timestamps are out of order or not the enclave's")
+        raise refuse("timestamps", "the receipt's timestamps are out of order or not the enclave's")
 
     # 10. The result file.
     if result_bytes is not None and _sha256(bytes(result_bytes)) != result["sha256"]:
-        raise _refuse("result_file", "the result file is not the released result (its SHA-256 differs)")
+        raise refuse("result_file", "the result file is not the released result (its SHA-256 differs)")
 
     # 11. The coordinator's countersignature, by the pinned key.
     named_key = coordinator.get("public_key")
@@ -734,11 +727,11 @@ def _verify_receipt(
     if pinned:
         assert coordinator_key is not None
         if _key_hex(coordinator_key) != named_key:
-            raise _refuse("coordinator_key", "the receipt is countersigned by another key than the coordinator's")
+            raise refuse("coordinator_key", "the receipt is countersigned by another key than the coordinator's")
     if set(coordinator) != {"public_key"} or not _verifies(
         named_key, receipt.get("countersignature"), _signed_body(receipt)
     ):
-        raise _refuse("countersignature", "the coordinator's countersignature does not verify over this receipt")
+        raise refuse("countersignature", "the coordinator's countersignature does not verify over this receipt")
 
     return VerifiedReceipt(
         query_id=plan.query_id,

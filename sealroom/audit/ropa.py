@@ -26,7 +26,7 @@ publication. Never a row value, a released value, a key, or the SQL text (which 
 a reviewer reads those in the receipts (``sealroom audit show``).
 
 The JSON form is canonical (sorted keys, no insignificant whitespace) and versioned
-(``format: sealroom.audit.ropa``, ``version``); :func:`ropa_markdown` and :func:`ropa_html` render it.
+(``format: sealroom.ropa``, ``version``); :func:`ropa_markdown` and :func:`ropa_html` render it.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ __all__ = [
     "ropa_html",
 ]
 
-ROPA_FORMAT = "sealroom.audit.ropa"
+ROPA_FORMAT = "sealroom.ropa"  # the document's format name: fixed, whatever the module's path
 ROPA_VERSION = 1
 COLLABORATION_FORMAT = "sealroom.collaboration"
 COLLABORATION_VERSION = 1
@@ -221,7 +221,7 @@ def read_catalog(directory: Path) -> tuple[list[dict[str, Any]], dict[str, str]]
 @dataclass(frozen=True)
 class CoordinatorState:
     """What :func:`build_ropa` reads about one coordinator: its state directory, the log's export
-    (``sealroom.audit.tlog.export_store``), the log's verification status (``verified`` or the refusal),
+    (``sealroom.audit.log.export_store``), the log's verification status (``verified`` or the refusal),
     the published declaration (:func:`read_declaration`), the catalog (:func:`read_catalog`), and
     the verification status of each release's receipt (by the seq of its ``released`` entry)."""
 

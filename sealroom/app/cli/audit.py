@@ -111,7 +111,7 @@ def _receipt_warnings(out: Any, args: argparse.Namespace) -> list[str]:
 
 def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
     """What `audit verify` (and list/show/export, for their status column) check a log with."""
-    from sealroom.audit.tlog import NoteVerifier, SignedCheckpoint
+    from sealroom.audit.notes import NoteVerifier, SignedCheckpoint
     from sealroom.errors import AuditError
 
     witnesses = []
@@ -152,8 +152,9 @@ def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _verify_export(export: dict[str, Any], log_key_hex: str | None, opts: dict[str, Any]) -> Any:
     """verify_log over one export with the options; raises AuditError naming the first failure."""
+    from sealroom.audit.notes import NoteVerifier
     from sealroom.audit.receipts import verify_receipt
-    from sealroom.audit.tlog import NoteVerifier, verify_log
+    from sealroom.audit.verify import verify_log
 
     log_key = NoteVerifier(export["origin"], bytes.fromhex(log_key_hex)) if log_key_hex else None
     # The coordinator countersigns receipts with its log key.
@@ -196,7 +197,9 @@ def _load_state_log(directory: Path) -> tuple[dict[str, Any], str]:
     import sqlite3
 
     from coordinator.store import registered_witnesses
-    from sealroom.audit.tlog import NoteVerifier, SQLiteLogStore, export_store
+    from sealroom.audit.log import export_store
+    from sealroom.audit.notes import NoteVerifier
+    from sealroom.audit.store import SQLiteLogStore
 
     try:
         vkey = NoteVerifier.from_vkey(read_file(str(directory / "log.vkey"), "log key").decode("utf-8"))
@@ -239,7 +242,7 @@ def _print_report(report: Any, witnesses: bool, prefix: str = "") -> None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from sealroom.audit.tlog import load_export
+    from sealroom.audit.log import load_export
     from sealroom.errors import AuditError
 
     if bool(args.log) == bool(args.state_dir):
@@ -311,8 +314,7 @@ def _audit_releases(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every release in the state dir's logs, described from its receipt, with its verification
     status: ``verified``, ``refused (CHECK)`` (its receipt), or ``log refused (CHECK)`` (the log)."""
     from sealroom.audit.events import query_history
-    from sealroom.audit.receipts import verify_receipt
-    from sealroom.audit.tlog import receipt_sha256
+    from sealroom.audit.receipts import receipt_sha256, verify_receipt
     from sealroom.errors import AuditError
 
     opts = _verify_options(args)

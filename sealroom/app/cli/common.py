@@ -81,7 +81,7 @@ def ed25519_hex(value: str, flag: str) -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from sealroom.audit.tlog import NoteVerifier
+    from sealroom.audit.notes import NoteVerifier
 
     text = value.strip()
     if not (len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)) and "+" not in text:

@@ -28,8 +28,10 @@ from sealroom.audit.receipts import (
     build_receipt,
     countersign,
     load_receipt,
-    receipt_digest,
     verify_receipt,
+)
+from sealroom.audit.receipts import (
+    receipt_sha256 as receipt_digest,
 )
 from sealroom.canonical import canonical_json
 from sealroom.errors import AuditError

@@ -21,7 +21,10 @@ from coordinator.servicer import Coordinator
 from coordinator.store import Store
 from sealroom.app.cli import main
 from sealroom.app.demo import BANK_POLICY, HOSPITAL_POLICY
+from sealroom.audit.entries import LogEntry
 from sealroom.audit.events import describe, notable_events, query_history
+from sealroom.audit.log import export_store
+from sealroom.audit.notes import NoteVerifier
 from sealroom.audit.ropa import (
     Collaboration,
     CoordinatorState,
@@ -32,7 +35,7 @@ from sealroom.audit.ropa import (
     ropa_json,
     ropa_markdown,
 )
-from sealroom.audit.tlog import LogEntry, NoteVerifier, SQLiteLogStore, export_store
+from sealroom.audit.store import SQLiteLogStore
 from sealroom.canonical import canonical_json
 from sealroom.errors import ConfigError
 from sealroom.keys import public_key_hex
@@ -486,7 +489,7 @@ def _build(directory: Path, **kw: Any) -> dict[str, Any]:
 
 def test_the_record_from_a_coordinators_state(state: Path) -> None:
     doc = _build(state, receipt_status={})
-    assert doc["format"] == "sealroom.audit.ropa" and doc["version"] == 1
+    assert doc["format"] == "sealroom.ropa" and doc["version"] == 1
     (rec,) = doc["records"]
     assert rec["collaboration"]["purpose"] == "credit_risk_statistics"
     assert rec["declaration"]["matches_log"] is True and rec["declaration"]["logged_entry"] == 0
