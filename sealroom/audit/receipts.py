@@ -368,17 +368,32 @@ def _verify_tee_stage(
     stage: Mapping[str, Any],
     *,
     plan: Plan,
-    approvals: list[Mapping[str, Any]],
+    approvals: Sequence[Mapping[str, Any]],
     appraisal: AppraisalPolicy | None,
     now: datetime | None,
 ) -> Claims | None:
+    """Step 5 for a TEE stage: 5a-5c the enclave's signed result, 5d its evidence, 5e the stage's
+    summary, 5f (with an appraisal policy) the appraisal of the evidence, whose claims it returns."""
     sid = stage.get("id")
     doc = _get(stage, "result", dict, f"stage {sid} ")
     signature = _get(stage, "signature", str, f"stage {sid} ")
     envelope = _get(stage, "evidence", dict, f"stage {sid} ")
-    job_key = doc.get("signing_public_key")
+    _verify_tee_result(doc, signature, sid=sid, plan=plan, approvals=approvals)
+    att = doc.get("attestation") if isinstance(doc.get("attestation"), dict) else {}
+    evidence = _tee_evidence(envelope, att, sid=sid, plan=plan)
+    _verify_tee_summary(stage, doc, att, evidence, sid=sid)
+    if appraisal is None:
+        return None
+    return _appraise_tee_evidence(doc, att, evidence, sid=sid, plan=plan, appraisal=appraisal, now=now)
+
+
+def _verify_tee_result(
+    doc: Mapping[str, Any], signature: str, *, sid: Any, plan: Plan, approvals: Sequence[Mapping[str, Any]]
+) -> None:
+    """Steps 5a-5c: the enclave signed this result document with its job key, for this plan, query
+    and stage, having checked exactly the approvals this receipt shows."""
     # 5a. The enclave signed this result document with its job key.
-    if not _verifies(job_key, signature, canonical_json(doc)):
+    if not _verifies(doc.get("signing_public_key"), signature, canonical_json(doc)):
         raise refuse(
             "result_signature",
             f"stage {sid}: the enclave's result signature does not verify with the job key it names",
@@ -401,22 +416,29 @@ def _verify_tee_stage(
             f"stage {sid}: the approvals the enclave checked are not the ones this receipt shows",
             stage=sid,
         )
-    # 5d. The evidence is the one the result names, answering the plan-hash nonce.
+
+
+def _tee_evidence(envelope: Mapping[str, Any], att: Mapping[str, Any], *, sid: Any, plan: Plan) -> Evidence:
+    """Step 5d: the evidence is the one the result names, answering the plan-hash nonce."""
     try:
         evidence = Evidence.from_bytes(canonical_json(envelope))
     except AttestationError:
         raise refuse("result_evidence", f"stage {sid}: the evidence envelope is malformed", stage=sid) from None
-    att = doc.get("attestation") if isinstance(doc.get("attestation"), dict) else {}
     if att.get("evidence_sha256") != evidence.digest().hex():
         raise refuse(
             "result_evidence", f"stage {sid}: the result names other attestation evidence than the receipt's", stage=sid
         )
-    nonce = bytes.fromhex(plan.hash)
-    if evidence.nonce != nonce:
+    if evidence.nonce != bytes.fromhex(plan.hash):
         raise refuse(
             "evidence_binding", f"stage {sid}: the evidence answers another nonce than this plan's hash", stage=sid
         )
-    # 5e. Stage summary fields agree with what the enclave signed.
+    return evidence
+
+
+def _verify_tee_summary(
+    stage: Mapping[str, Any], doc: Mapping[str, Any], att: Mapping[str, Any], evidence: Evidence, *, sid: Any
+) -> None:
+    """Step 5e: the stage's summary fields agree with what the enclave signed."""
     simulated = bool(doc.get("simulated")) or evidence.format == SIMULATED or bool(att.get("simulated"))
     if (
         stage.get("format") != att.get("format")
@@ -429,12 +451,24 @@ def _verify_tee_stage(
             f"stage {sid}: its format, measurement or simulated flag differs from what the enclave signed",
             stage=sid,
         )
-    if appraisal is None:
-        return None
-    # 5f. The evidence binds the job keys (and the nonce) and passes the reviewer's appraisal,
-    # as of the time the enclave signed (evidence is long expired when a receipt is audited).
+
+
+def _appraise_tee_evidence(
+    doc: Mapping[str, Any],
+    att: Mapping[str, Any],
+    evidence: Evidence,
+    *,
+    sid: Any,
+    plan: Plan,
+    appraisal: AppraisalPolicy,
+    now: datetime | None,
+) -> Claims:
+    """Step 5f: the evidence binds the job keys (and the nonce) and passes the reviewer's appraisal,
+    as of the time the enclave signed (evidence is long expired when a receipt is audited)."""
+    nonce = bytes.fromhex(plan.hash)
     try:
         hpke = bytes.fromhex(doc.get("hpke_public_key", ""))
+        job_key: Any = doc.get("signing_public_key")
         signing = bytes.fromhex(job_key)
         expected = report_data_for(hpke_public_key=hpke, signing_public_key=signing, nonce=nonce)
     except (ValueError, TypeError):
@@ -600,6 +634,20 @@ def verify_receipt(
         raise refuse("format", f"the receipt is malformed ({type(exc).__name__})") from None
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """The receipt's top-level fields, each of the type step 1 checked."""
+
+    query: dict[str, Any]
+    plan: dict[str, Any]
+    approvals: list[dict[str, Any]]
+    stages: list[dict[str, Any]]
+    disclosure: dict[str, Any]
+    result: dict[str, Any]
+    timestamps: dict[str, Any]
+    coordinator: dict[str, Any]
+
+
 def _verify_receipt(
     receipt: Mapping[str, Any],
     *,
@@ -608,26 +656,61 @@ def _verify_receipt(
     result_bytes: bytes | None,
     now: datetime | None,
 ) -> VerifiedReceipt:
-    # 1. Format.
+    parts = _check_format(receipt)  # 1
+    plan, plan_hash = _verify_plan(parts)  # 2
+    _verify_plan_summary(receipt, parts, plan)  # 3
+    involved = _verify_approvals(parts, plan, plan_hash)  # 4
+    claims = _verify_stages(parts, plan, appraisal=appraisal, now=now)  # 5
+    _verify_disclosure(parts)  # 6
+    _verify_released(parts)  # 7
+    simulated = _verify_simulated_flag(receipt, parts)  # 8
+    _verify_timestamps(parts)  # 9
+    if result_bytes is not None and _sha256(bytes(result_bytes)) != parts.result["sha256"]:  # 10
+        raise refuse("result_file", "the result file is not the released result (its SHA-256 differs)")
+    named_key = _verify_countersignature(receipt, parts, coordinator_key)  # 11
+    return VerifiedReceipt(
+        query_id=plan.query_id,
+        plan_hash=plan_hash,
+        analyst=plan.analyst,
+        result_sha256=parts.result["sha256"],
+        parties=tuple(involved),
+        simulated=simulated,
+        evidence_appraised=appraisal is not None,
+        claims=tuple(claims),
+        coordinator_key=str(named_key),
+        coordinator_key_pinned=coordinator_key is not None,
+        result_file_checked=result_bytes is not None,
+        suppressed_cells=len(parts.disclosure["suppressed"]),
+    )
+
+
+def _check_format(receipt: Mapping[str, Any]) -> _Parts:
+    """Step 1: a receipt of this kind and version, with every field."""
     if not isinstance(receipt, Mapping) or receipt.get("kind") != RECEIPT_KIND:
         raise refuse("format", f"not a {RECEIPT_KIND} document")
     if receipt.get("version") != RECEIPT_VERSION:
         raise refuse("format", f"receipt version {receipt.get('version')!r} is not {RECEIPT_VERSION}")
     if set(receipt) != _KEYS:
         raise refuse("format", f"a receipt has exactly the fields {', '.join(sorted(_KEYS))}")
-    query = _get(receipt, "query", dict, "")
-    plan_doc = _get(receipt, "plan", dict, "")
-    approvals = _get(receipt, "approvals", list, "")
-    stages = _get(receipt, "stages", list, "")
-    disclosure = _get(receipt, "disclosure", dict, "")
-    result = _get(receipt, "result", dict, "")
-    timestamps = _get(receipt, "timestamps", dict, "")
-    coordinator = _get(receipt, "coordinator", dict, "")
+    parts = _Parts(
+        query=_get(receipt, "query", dict, ""),
+        plan=_get(receipt, "plan", dict, ""),
+        approvals=_get(receipt, "approvals", list, ""),
+        stages=_get(receipt, "stages", list, ""),
+        disclosure=_get(receipt, "disclosure", dict, ""),
+        result=_get(receipt, "result", dict, ""),
+        timestamps=_get(receipt, "timestamps", dict, ""),
+        coordinator=_get(receipt, "coordinator", dict, ""),
+    )
+    stages, approvals = parts.stages, parts.approvals
     if not stages or not all(isinstance(s, dict) for s in stages) or not all(isinstance(a, dict) for a in approvals):
         raise refuse("format", "the receipt's stages or approvals are malformed")
+    return parts
 
-    # 2. The plan and its hash.
-    plan_json = canonical_json(plan_doc)
+
+def _verify_plan(parts: _Parts) -> tuple[Plan, str]:
+    """Step 2: the plan parses, holds nothing a plan does not, and hashes to the plan hash."""
+    plan_json = canonical_json(parts.plan)
     try:
         plan = Plan.from_json(plan_json)
     except SealroomError as err:
@@ -635,10 +718,14 @@ def _verify_receipt(
     if plan.to_json() != plan_json:
         raise refuse("plan", "the receipt's plan holds fields a plan does not have")
     plan_hash = _sha256(plan_json)
-    if query.get("plan_hash") != plan_hash:
+    if parts.query.get("plan_hash") != plan_hash:
         raise refuse("plan_hash", "the receipt's plan does not hash to its plan hash")
+    return plan, plan_hash
 
-    # 3. The summary fields are the plan's.
+
+def _verify_plan_summary(receipt: Mapping[str, Any], parts: _Parts, plan: Plan) -> None:
+    """Step 3: the query id, SQL, analyst and datasets are the plan's."""
+    query = parts.query
     if (
         query.get("id") != plan.query_id
         or query.get("sql") != plan.sql
@@ -649,13 +736,16 @@ def _verify_receipt(
     if receipt["datasets"] != _datasets(plan):
         raise refuse("plan_summary", "the receipt's datasets or policy digests are not the plan's")
 
-    # 4. Approvals.
+
+def _verify_approvals(parts: _Parts, plan: Plan, plan_hash: str) -> list[str]:
+    """Step 4: every involved owner approved this plan hash with the key the plan names, and nobody
+    else is listed. Returns the involved parties."""
     involved = plan.involved_parties()
-    listed = [a.get("party") for a in approvals]
-    for party in involved:
-        if listed.count(party) != 1:
-            raise refuse("approval_missing", f"the receipt holds no single approval by {party}", party=party)
-    for a in approvals:
+    listed = [a.get("party") for a in parts.approvals]
+    for owner in involved:
+        if listed.count(owner) != 1:
+            raise refuse("approval_missing", f"the receipt holds no single approval by {owner}", party=owner)
+    for a in parts.approvals:
         party = a.get("party")
         if party not in involved:
             raise refuse("approval_unexpected", f"the receipt lists an approval by {party}, whose data it did not read")
@@ -669,8 +759,14 @@ def _verify_receipt(
             raise refuse("plan_hash", "the plan hash is not hex") from None
         if not _verifies(a.get("public_key"), a.get("signature"), message):
             raise refuse("approval_signature", f"the approval signature of {party} does not verify", party=party)
+    return list(involved)
 
-    # 5. Stages.
+
+def _verify_stages(
+    parts: _Parts, plan: Plan, *, appraisal: AppraisalPolicy | None, now: datetime | None
+) -> list[Claims]:
+    """Step 5: the receipt's stages are the plan's, and each verifies (TEE or MPC)."""
+    stages, approvals = parts.stages, parts.approvals
     if [(s.get("id"), s.get("kind")) for s in stages] != [(s.id, s.kind) for s in plan.stages]:
         raise refuse("stages", "the receipt's stages are not the plan's")
     claims: list[Claims] = []
@@ -681,16 +777,20 @@ def _verify_receipt(
                 claims.append(c)
         else:
             job_keys = [str(s["result"].get("signing_public_key")) for s in stages if s["kind"] == "tee"]
-            _verify_mpc_stage(
-                stage, plan=plan, job_keys=job_keys, coordinator_key=receipt["coordinator"].get("public_key")
-            )
+            _verify_mpc_stage(stage, plan=plan, job_keys=job_keys, coordinator_key=parts.coordinator.get("public_key"))
+    return claims
 
-    # 6. Disclosure decisions.
-    if disclosure != {"suppressed": _suppressed(stages), "rules": _rules(stages)}:
+
+def _verify_disclosure(parts: _Parts) -> None:
+    """Step 6: the suppressed cells and rules are those the stages signed."""
+    if parts.disclosure != {"suppressed": _suppressed(parts.stages), "rules": _rules(parts.stages)}:
         raise refuse("disclosure", "the receipt's disclosure decisions are not those the stages signed")
 
-    # 7. The released result.
-    rows, columns, signed_sha = _released(stages)
+
+def _verify_released(parts: _Parts) -> None:
+    """Step 7: the released result's hash, rows and columns are those the last stage signed."""
+    result = parts.result
+    rows, columns, signed_sha = _released(parts.stages)
     if (
         not isinstance(result.get("sha256"), str)
         or (signed_sha is not None and result.get("sha256") != signed_sha)
@@ -700,14 +800,20 @@ def _verify_receipt(
     ):
         raise refuse("result_hash", "the receipt's result hash, rows or columns are not those the last stage signed")
 
-    # 8. Simulated is stated, never hidden.
-    simulated = any(s.get("simulated") is True for s in stages)
+
+def _verify_simulated_flag(receipt: Mapping[str, Any], parts: _Parts) -> bool:
+    """Step 8: simulated is stated, never hidden: the receipt says simulated exactly when a stage was."""
+    simulated = any(s.get("simulated") is True for s in parts.stages)
     if receipt.get("simulated") is not simulated:
         raise refuse("simulated_flag", "the receipt's simulated flag differs from its stages' attestation")
+    return simulated
 
-    # 9. Timestamps.
+
+def _verify_timestamps(parts: _Parts) -> None:
+    """Step 9: submitted <= released, and executed_at is the enclave's."""
+    timestamps = parts.timestamps
     submitted, released = timestamps.get("submitted_at"), timestamps.get("released_at")
-    executed = [s["result"].get("executed_at") for s in stages if s["kind"] == "tee"]
+    executed = [s["result"].get("executed_at") for s in parts.stages if s["kind"] == "tee"]
     if (
         not isinstance(submitted, int | float)
         or not isinstance(released, int | float)
@@ -717,33 +823,18 @@ def _verify_receipt(
     ):
         raise refuse("timestamps", "the receipt's timestamps are out of order or not the enclave's")
 
-    # 10. The result file.
-    if result_bytes is not None and _sha256(bytes(result_bytes)) != result["sha256"]:
-        raise refuse("result_file", "the result file is not the released result (its SHA-256 differs)")
 
-    # 11. The coordinator's countersignature, by the pinned key.
+def _verify_countersignature(
+    receipt: Mapping[str, Any], parts: _Parts, coordinator_key: Ed25519PublicKey | bytes | str | None
+) -> Any:
+    """Step 11: the coordinator (the pinned key, when given) countersigned everything above. Returns
+    the key the receipt names."""
+    coordinator = parts.coordinator
     named_key = coordinator.get("public_key")
-    pinned = coordinator_key is not None
-    if pinned:
-        assert coordinator_key is not None
-        if _key_hex(coordinator_key) != named_key:
-            raise refuse("coordinator_key", "the receipt is countersigned by another key than the coordinator's")
+    if coordinator_key is not None and _key_hex(coordinator_key) != named_key:
+        raise refuse("coordinator_key", "the receipt is countersigned by another key than the coordinator's")
     if set(coordinator) != {"public_key"} or not _verifies(
         named_key, receipt.get("countersignature"), _signed_body(receipt)
     ):
         raise refuse("countersignature", "the coordinator's countersignature does not verify over this receipt")
-
-    return VerifiedReceipt(
-        query_id=plan.query_id,
-        plan_hash=plan_hash,
-        analyst=plan.analyst,
-        result_sha256=result["sha256"],
-        parties=tuple(involved),
-        simulated=simulated,
-        evidence_appraised=appraisal is not None,
-        claims=tuple(claims),
-        coordinator_key=str(named_key),
-        coordinator_key_pinned=pinned,
-        result_file_checked=result_bytes is not None,
-        suppressed_cells=len(disclosure["suppressed"]),
-    )
+    return named_key
