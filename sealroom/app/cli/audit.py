@@ -577,118 +577,8 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-HTML_STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:75em;color:#222}"
-    "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #bbb;padding:.25em .5em;"
-    "text-align:left;vertical-align:top}pre{background:#f4f4f4;padding:.5em;white-space:pre-wrap}"
-    ".ok{color:#065f46;font-weight:bold}.bad{color:#b91c1c;font-weight:bold}.sim{color:#92400e}"
-    "section{border-top:2px solid #ddd;margin-top:1.5em}"
-)
-
-
-def audit_html(
-    releases: list[dict[str, Any]], logs: list[dict[str, Any]], events: list[dict[str, Any]] | None = None
-) -> str:
-    """One self-contained HTML page (no script, no external resource); every value is escaped.
-    ``events``: the refused queries and withdrawn approvals (``_audit_events``)."""
-    from html import escape
-
-    def e(v: Any) -> str:
-        return escape("" if v is None else str(v), quote=True)
-
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        "<title>Sealroom audit report</title>",
-        f"<style>{HTML_STYLE}</style></head><body>",
-        "<h1>Sealroom audit report</h1>",
-        "<h2>Logs</h2><table><tr><th>log</th><th>directory</th><th>entries</th><th>status</th></tr>",
-    ]
-    for lg in logs:
-        cls = "ok" if lg["status"] == "verified" else "bad"
-        parts.append(
-            f"<tr><td>{e(lg['origin'])}</td><td>{e(lg['directory'])}</td><td>{e(lg['entries'])}</td>"
-            f'<td class="{cls}">{e(lg["status"])}</td></tr>'
-        )
-    parts.append("</table>")
-    parts.append(f"<h2>Releases ({len(releases)})</h2>")
-    for r in releases:
-        cls = "ok" if r["status"] == "verified" else "bad"
-        parts.append(f'<section id="{e(r["query_id"])}"><h3>Release {e(r["query_id"])}</h3>')
-        parts.append(f'<p>Verification: <span class="{cls}">{e(r["status"])}</span>')
-        if r["simulated"]:
-            parts.append(' &mdash; <span class="sim">SIMULATED attestation: no TEE protected this release</span>')
-        parts.append("</p><table>")
-        for label, value in (
-            ("analyst", r["analyst"]),
-            ("submitted", r["submitted_at"]),
-            ("released", r["released_at"]),
-            ("parties", ", ".join(r["parties"])),
-            ("datasets", ", ".join(r["datasets"])),
-            ("plan hash", r["plan_hash"]),
-            ("released rows", r["rows"]),
-            ("columns", ", ".join(map(str, r["columns"] or []))),
-            ("result sha256", r["result_sha256"]),
-            ("log entry", f"{r['log']} #{r['entry']}"),
-        ):
-            parts.append(f"<tr><th>{e(label)}</th><td>{e(value)}</td></tr>")
-        parts.append(f"</table><h4>Query</h4><pre>{e(str(r['sql']).strip())}</pre>")
-        parts.append("<h4>Approvals</h4><table><tr><th>party</th><th>public key</th><th>logged</th></tr>")
-        for a in r["approvals"]:
-            parts.append(f"<tr><td>{e(a['party'])}</td><td>{e(a['public_key'])}</td><td>{e(a['logged_at'])}</td></tr>")
-        parts.append("</table><h4>Execution</h4><table>")
-        for s in r["stages"]:
-            if s["kind"] == "tee":
-                sim = " (SIMULATED)" if s["simulated"] else ""
-                parts.append(
-                    f"<tr><th>stage {e(s['id'])}: enclave</th><td>platform {e(s['platform'])}{e(sim)}<br>"
-                    f"measurement {e(s['measurement'])}<br>evidence sha256 {e(s['evidence_sha256'])}<br>"
-                    f"executed {e(s['executed_at'])}</td></tr>"
-                )
-            else:
-                parts.append(
-                    f"<tr><th>stage {e(s['id'])}: MPC</th><td>players {e(', '.join(map(str, s['players'])))}<br>"
-                    f"threshold {e(s['threshold'])}<br>trust assumption: {e(s['trust_assumption'])}</td></tr>"
-                )
-        parts.append("</table><h4>Suppressed cells</h4>")
-        if not r["suppressed"]:
-            parts.append("<p>none</p>")
-        else:
-            parts.append("<table><tr><th>stage</th><th>cell</th><th>rule</th><th>reason</th></tr>")
-            for c in r["suppressed"]:
-                group = ", ".join(f"{k}={v}" for k, v in (c.get("group") or {}).items())
-                parts.append(
-                    f"<tr><td>{e(c.get('stage'))}</td><td>{e(group)}</td><td>{e(c.get('rule'))}</td>"
-                    f"<td>{e(c.get('reason'))}</td></tr>"
-                )
-            parts.append("</table>")
-        parts.append("<h4>Log history</h4><table><tr><th>entry</th><th>logged (UTC)</th><th>event</th></tr>")
-        for h in r.get("history", []):
-            parts.append(f"<tr><td>{e(h['entry'])}</td><td>{e(h['time'])}</td><td>{e(h['text'])}</td></tr>")
-        parts.append("</table>")
-        parts.append("</section>")
-    if events is not None:
-        parts.append(f'<section id="withdrawals"><h2>Refused queries and withdrawn approvals ({len(events)})</h2>')
-        if not events:
-            parts.append("<p>none</p>")
-        else:
-            parts.append(
-                "<table><tr><th>query</th><th>logged (UTC)</th><th>event</th><th>party</th><th>analyst</th>"
-                "<th>rule</th><th>what</th><th>log entry</th></tr>"
-            )
-            for ev in events:
-                parts.append(
-                    f"<tr><td>{e(ev['query_id'])}</td><td>{e(ev['time'])}</td><td>{e(ev['type'])}</td>"
-                    f"<td>{e(ev['party'])}</td><td>{e(ev['analyst'])}</td><td>{e(ev['rule'])}</td>"
-                    f"<td>{e(ev['text'])}</td><td>{e(ev['log'])} #{e(ev['entry'])}</td></tr>"
-                )
-            parts.append("</table>")
-        parts.append("</section>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
-
 def cmd_audit_export(args: argparse.Namespace) -> int:
+    from sealroom.audit.report import audit_html
     from sealroom.errors import AuditError
 
     if args.json and not args.output:
@@ -742,15 +632,8 @@ def cmd_audit_ropa(args: argparse.Namespace) -> int:
     """The record of processing of every coordinator under --state-dir (sealroom.audit.ropa)."""
     import sqlite3
 
-    from sealroom.audit.ropa import (
-        CoordinatorState,
-        build_ropa,
-        read_catalog,
-        read_declaration,
-        ropa_html,
-        ropa_json,
-        ropa_markdown,
-    )
+    from sealroom.audit.report import ropa_html, ropa_markdown
+    from sealroom.audit.ropa import CoordinatorState, build_ropa, read_catalog, read_declaration, ropa_json
     from sealroom.errors import AuditError, ConfigError
 
     if args.json and not args.output and args.format != "json":

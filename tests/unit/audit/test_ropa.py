@@ -25,15 +25,14 @@ from sealroom.audit.entries import LogEntry
 from sealroom.audit.events import describe, notable_events, query_history
 from sealroom.audit.log import export_store
 from sealroom.audit.notes import NoteVerifier
+from sealroom.audit.report import ropa_html, ropa_markdown
 from sealroom.audit.ropa import (
     Collaboration,
     CoordinatorState,
     build_ropa,
     read_catalog,
     read_declaration,
-    ropa_html,
     ropa_json,
-    ropa_markdown,
 )
 from sealroom.audit.store import SQLiteLogStore
 from sealroom.canonical import canonical_json
