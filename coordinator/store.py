@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sealroom.audit.entries import LogEntry
 from sealroom.audit.log import TransparencyLog
 from sealroom.audit.notes import NoteSigner, NoteVerifier, SignedCheckpoint, witness_verifier
-from sealroom.audit.receipts import MPC_RESULT_DOMAIN, countersign
+from sealroom.audit.receipt_stages import MPC_RESULT_DOMAIN
+from sealroom.audit.receipts import countersign
 from sealroom.audit.store import SQLiteLogStore
 from sealroom.canonical import canonical_json
 from sealroom.errors import AlreadyExistsError, AuditError, InvalidQueryError, NotFoundError

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from coordinator.orchestrator import VerifiedResult, verify_result
 from mpc.result import SIGN_DOMAIN, MpcResult
 from sealroom.attestation import AppraisalPolicy, dev_init, load_root_certificate
+from sealroom.audit.receipt_stages import MPC_RESULT_DOMAIN
 from sealroom.audit.receipts import (
-    MPC_RESULT_DOMAIN,
     MpcStage,
     TeeStage,
     build_receipt,
