@@ -5,7 +5,7 @@ witnesses the log, in this order:
 
 1. fetch the log's latest checkpoint (``GetCheckpoint``) and, when it is larger than the last
    checkpoint this agent co-signed, the consistency proof from that size (``GetConsistencyProof``);
-2. check them with :class:`sealroom.audit.tlog.Witness`: the log's signature under the log key this agent
+2. check them with :class:`sealroom.audit.notes.Witness`: the log's signature under the log key this agent
    trusts (``checkpoint_origin``, ``checkpoint_signature``), no smaller size than it co-signed
    (``rollback``), no other root for the same size (``fork``), the proof (``consistency_proof``);
 3. keep the new checkpoint on disk (atomically: a temporary file, fsync, rename, fsync of the
@@ -41,7 +41,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sealroom.audit.tlog import HASH_SIZE, WITNESS_SUFFIX, NoteSigner, NoteVerifier, SignedCheckpoint, Witness
+from sealroom.audit.merkle import HASH_SIZE
+from sealroom.audit.notes import WITNESS_SUFFIX, NoteSigner, NoteVerifier, SignedCheckpoint, Witness
 from sealroom.errors import AuditError, ConfigError, SealroomError
 from sealroom.signing import sign_owner_action
 from sealroom.v1 import coordinator_pb2

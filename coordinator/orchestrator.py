@@ -39,8 +39,8 @@ from coordinator.planner import ENCLAVE_PLAYER
 from coordinator.store import CoordinatorStore, PartyRecord
 from coordinator.tee_stage import TeeStageRunner, VerifiedResult, log_tee_stage
 from sealroom.attestation import AppraisalPolicy
+from sealroom.audit.entries import is_ident
 from sealroom.audit.receipts import MpcStage, TeeStage, build_receipt
-from sealroom.audit.tlog import is_ident
 from sealroom.canonical import canonical_json
 from sealroom.errors import (
     ApprovalError,

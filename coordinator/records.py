@@ -1,6 +1,6 @@
 """What the coordinator records for compliance besides the plain state changes.
 
-The operator's collaboration declaration, published for the record of processing (sealroom.audit.ropa):
+The operator's collaboration declaration, published for the record of processing (sealroom.ropa):
 at every start the coordinator writes ``<state_dir>/collaboration.json``: its ``[collaboration]``
 (or null) and the names of the analysts it authenticates (or null). When that document differs from
 the one the log last recorded, it appends ``collaboration_declared`` with the document's SHA-256, so
@@ -22,8 +22,8 @@ from typing import Any
 
 from coordinator.config import CoordinatorConfig
 from coordinator.store import CoordinatorStore
+from sealroom.audit.entries import is_ident
 from sealroom.audit.ropa import COLLABORATION_FILE, collaboration_document, declaration_sha256
-from sealroom.audit.tlog import is_ident
 from sealroom.errors import SealroomError
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,8 @@ from coordinator.orchestrator import Orchestrator
 from coordinator.planner import RESERVED_PARTY_NAMES, CatalogEntry, explain_text, plan_query
 from coordinator.records import publish_collaboration, refusal_event
 from coordinator.store import Approval, CoordinatorStore, DatasetRecord, QueryRecord, ReleaseRecord, SQLiteStore
-from sealroom.audit.tlog import SignedCheckpoint, is_ident
+from sealroom.audit.entries import is_ident
+from sealroom.audit.notes import SignedCheckpoint
 from sealroom.errors import AuthenticationError, InvalidQueryError, NotFoundError, SealroomError
 from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex, save_signing_key
 from sealroom.planning.plan import Plan

@@ -5,7 +5,7 @@ Writes are single transactions; a query's state moves forward only. On start, qu
 flight when the process stopped are marked failed (their enclave jobs died with them), so nothing
 is left half-done and nothing committed is lost.
 
-The transparency log (:class:`sealroom.audit.tlog.TransparencyLog` over :class:`SQLiteLogStore`) lives in
+The transparency log (:class:`sealroom.audit.log.TransparencyLog` over :class:`SQLiteLogStore`) lives in
 the same database and is written under the same lock: a registration, an approval or a release and
 its log entry commit together or not at all (the log's SAVEPOINT nests in the store's transaction).
 The release's receipt is countersigned here, with the log's key.
@@ -31,16 +31,12 @@ from typing import Any, NamedTuple, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sealroom.audit.receipts import MPC_RESULT_DOMAIN, countersign
-from sealroom.audit.tlog import (
-    LogEntry,
-    NoteSigner,
-    NoteVerifier,
-    SignedCheckpoint,
-    SQLiteLogStore,
-    TransparencyLog,
-    witness_verifier,
-)
+from sealroom.audit.entries import LogEntry
+from sealroom.audit.log import TransparencyLog
+from sealroom.audit.notes import NoteSigner, NoteVerifier, SignedCheckpoint, witness_verifier
+from sealroom.audit.receipt_stages import MPC_RESULT_DOMAIN
+from sealroom.audit.receipts import countersign
+from sealroom.audit.store import SQLiteLogStore
 from sealroom.canonical import canonical_json
 from sealroom.errors import AlreadyExistsError, AuditError, InvalidQueryError, NotFoundError
 from sealroom.keys import public_key_hex
@@ -333,7 +329,7 @@ class SQLiteStore:
         return public_key_hex(self._log_key), self._log_key.sign(message)
 
     def append_event(self, type: str, **fields: Any) -> LogEntry | None:
-        """Append one event to the transparency log on its own (see ``EVENT_TYPES`` in sealroom.audit.tlog)."""
+        """Append one event to the transparency log on its own (see ``EVENT_TYPES`` in sealroom.audit.entries)."""
         with self._lock:
             try:
                 return self._append(type, **fields)

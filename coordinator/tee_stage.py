@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from coordinator.mpc_stage import EnclavePlayer
 from coordinator.store import Approval, CoordinatorStore, DatasetRecord, PartyRecord
 from sealroom.attestation import AppraisalPolicy, Evidence, report_data_for, verify_evidence
+from sealroom.audit.entries import is_ident
 from sealroom.audit.receipts import TeeStage, build_receipt
-from sealroom.audit.tlog import is_ident
 from sealroom.errors import AttestationError, JobFailedError, SealroomError
 from sealroom.planning.plan import Plan
 from sealroom.rpc import call

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from connectors.sources import resolve_spec
-from sealroom.audit.tlog import NoteVerifier
+from sealroom.audit.notes import NoteVerifier
 from sealroom.config import Table, file_table
 from sealroom.errors import (
     ConfigError,

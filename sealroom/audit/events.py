@@ -1,8 +1,8 @@
 """Log entries in words, for the reviewer's commands (``sealroom audit list/show/export``).
 
-The entries hold identifiers, digests, counts and flags only (``sealroom.audit.tlog.EVENT_TYPES``), so
+The entries hold identifiers, digests, counts and flags only (``sealroom.audit.entries.EVENT_TYPES``), so
 what is said here holds nothing else either. Entries are read from a log export defensively: this
-describes, :func:`sealroom.audit.tlog.verify_log` judges.
+describes, :func:`sealroom.audit.verify.verify_log` judges.
 """
 
 from __future__ import annotations

@@ -30,34 +30,33 @@ pre-suppression value and no secret key. (It holds *public* keys and signatures.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sealroom.attestation import SIMULATED, AppraisalPolicy, Claims, Evidence, report_data_for, verify_evidence
+from sealroom.attestation import SIMULATED, AppraisalPolicy, Claims, Evidence
+from sealroom.audit.receipt_stages import required_field, signature_verifies, verify_mpc_stage, verify_tee_stage
+from sealroom.audit.refusals import refuse
 from sealroom.canonical import canonical_json
-from sealroom.errors import AttestationError, AuditError, SealroomError
-from sealroom.planning.plan import Plan, mpc_player_keys
+from sealroom.errors import SealroomError
+from sealroom.planning.plan import Plan
 from sealroom.signing import approval_message
 
 __all__ = [
     "RECEIPT_KIND",
     "RECEIPT_VERSION",
     "COUNTERSIGN_DOMAIN",
-    "MPC_RESULT_DOMAIN",
     "TeeStage",
     "MpcStage",
     "build_receipt",
     "countersign",
-    "receipt_digest",
+    "receipt_sha256",
     "load_receipt",
     "VerifiedReceipt",
     "verify_receipt",
@@ -65,11 +64,7 @@ __all__ = [
 
 RECEIPT_KIND = "sealroom.receipt"
 RECEIPT_VERSION = 1
-RESULT_KIND = "sealroom.result"
 COUNTERSIGN_DOMAIN = b"sealroom/v1/receipt-countersignature\x00"
-# The MPC players' signing domain (mpc.result.SIGN_DOMAIN; the kernel does not import mpc, a test
-# checks the two agree).
-MPC_RESULT_DOMAIN = b"sealroom/v1/mpc-result\x00"
 RESULT_FORMAT = "arrow-ipc-stream"
 _KEYS = frozenset(
     {
@@ -90,21 +85,8 @@ _KEYS = frozenset(
 )
 
 
-def _refuse(check: str, message: str, **details: Any) -> AuditError:
-    return AuditError(message, details={"check": check, **details})
-
-
 def _raw(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def _verifies(public_key_hex: Any, signature_hex: Any, message: bytes) -> bool:
-    try:
-        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex))
-        key.verify(bytes.fromhex(signature_hex), message)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
 
 
 def _sha256(data: bytes) -> str:
@@ -293,8 +275,8 @@ def countersign(receipt: Mapping[str, Any], coordinator_key: Ed25519PrivateKey) 
     return out
 
 
-def receipt_digest(receipt: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of the whole receipt's canonical JSON (what the log's ``released`` entry records)."""
+def receipt_sha256(receipt: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the whole receipt's canonical JSON: what the log's ``released`` entry records."""
     return _sha256(canonical_json(dict(receipt)))
 
 
@@ -361,197 +343,6 @@ def _key_hex(key: Ed25519PublicKey | bytes | str) -> str:
     raise ValueError("the coordinator key must be an Ed25519 public key, 32 raw bytes or 64 hex characters")
 
 
-def _get(doc: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(doc, Mapping) or not isinstance(doc.get(key), kind):
-        raise _refuse("format", f"the receipt's {where}{key} is missing or malformed")
-    return doc[key]
-
-
-def _verify_tee_stage(
-    stage: Mapping[str, Any],
-    *,
-    plan: Plan,
-    approvals: list[Mapping[str, Any]],
-    appraisal: AppraisalPolicy | None,
-    now: datetime | None,
-) -> Claims | None:
-    sid = stage.get("id")
-    doc = _get(stage, "result", dict, f"stage {sid} ")
-    signature = _get(stage, "signature", str, f"stage {sid} ")
-    envelope = _get(stage, "evidence", dict, f"stage {sid} ")
-    job_key = doc.get("signing_public_key")
-    # 5a. The enclave signed this result document with its job key.
-    if not _verifies(job_key, signature, canonical_json(doc)):
-        raise _refuse(
-            "result_signature",
-            f"stage {sid}: the enclave's result signature does not verify with the job key it names",
-            stage=sid,
-        )
-    # 5b. ...for this plan, query and stage.
-    if (
-        doc.get("kind") != RESULT_KIND
-        or doc.get("plan_hash") != plan.hash
-        or doc.get("query_id") != plan.query_id
-        or doc.get("stage") != sid
-    ):
-        raise _refuse(
-            "result_plan", f"stage {sid}: the enclave's result is for another plan, query or stage", stage=sid
-        )
-    # 5c. ...having checked exactly the approvals this receipt shows.
-    seen = sorted((a.get("party"), a.get("plan_hash"), a.get("signature")) for a in doc.get("approvals", []))
-    shown = sorted((a.get("party"), a.get("plan_hash"), a.get("signature")) for a in approvals)
-    if seen != shown:
-        raise _refuse(
-            "result_approvals",
-            f"stage {sid}: the approvals the enclave checked are not the ones this receipt shows",
-            stage=sid,
-        )
-    # 5d. The evidence is the one the result names, answering the plan-hash nonce.
-    try:
-        evidence = Evidence.from_bytes(canonical_json(envelope))
-    except AttestationError:
-        raise _refuse("result_evidence", f"stage {sid}: the evidence envelope is malformed", stage=sid) from None
-    att = doc.get("attestation") if isinstance(doc.get("attestation"), dict) else {}
-    if att.get("evidence_sha256") != evidence.digest().hex():
-        raise _refuse(
-            "result_evidence", f"stage {sid}: the result names other attestation evidence than the receipt's", stage=sid
-        )
-    nonce = bytes.fromhex(plan.hash)
-    if evidence.nonce != nonce:
-        raise _refuse(
-            "evidence_binding", f"stage {sid}: the evidence answers another nonce than this plan's hash", stage=sid
-        )
-    # 5e. Stage summary fields agree with what the enclave signed.
-    simulated = bool(doc.get("simulated")) or evidence.format == SIMULATED or bool(att.get("simulated"))
-    if (
-        stage.get("format") != att.get("format")
-        or stage.get("format") != evidence.format
-        or stage.get("measurement") != att.get("measurement")
-        or stage.get("simulated") is not simulated
-    ):
-        raise _refuse(
-            "stage_summary",
-            f"stage {sid}: its format, measurement or simulated flag differs from what the enclave signed",
-            stage=sid,
-        )
-    if appraisal is None:
-        return None
-    # 5f. The evidence binds the job keys (and the nonce) and passes the reviewer's appraisal,
-    # as of the time the enclave signed (evidence is long expired when a receipt is audited).
-    try:
-        hpke = bytes.fromhex(doc.get("hpke_public_key", ""))
-        signing = bytes.fromhex(job_key)
-        expected = report_data_for(hpke_public_key=hpke, signing_public_key=signing, nonce=nonce)
-    except (ValueError, TypeError):
-        raise _refuse("evidence_binding", f"stage {sid}: the result names malformed job keys", stage=sid) from None
-    at = now
-    if at is None:
-        executed = doc.get("executed_at")
-        if not isinstance(executed, int | float):
-            raise _refuse("format", f"stage {sid}: the result has no executed_at time")
-        at = datetime.fromtimestamp(executed, UTC)
-    try:
-        claims = verify_evidence(
-            evidence, policy=appraisal, expected_report_data=expected, expected_nonce=nonce, now=at
-        )
-    except AttestationError as err:
-        inner = err.details.get("check")
-        check = "evidence_binding" if inner in ("report_data", "nonce") else "evidence"
-        raise AuditError(
-            f"stage {sid}: the attestation evidence does not verify ({inner}): {err.message}",
-            details={"check": check, "attestation_check": inner, "stage": sid},
-        ) from None
-    if claims.measurement != att.get("measurement"):
-        raise _refuse(
-            "evidence_binding", f"stage {sid}: the result names another measurement than the evidence", stage=sid
-        )
-    return claims
-
-
-def _legacy_helpers(stage: Any, coordinator_key: Any) -> Any:
-    """A plan from before the helpers' keys were named in ``holders``: its helper players are the
-    coordinator's, so they must have signed with the key that countersigned the receipt (the pinned
-    coordinator key, when the reviewer gives one; step 11 checks it)."""
-    players = (stage.mpc or {}).get("players") if stage is not None else None
-    holders = dict(stage.holders or {}) if stage is not None else {}
-    if not isinstance(players, list) or not isinstance(coordinator_key, str):
-        return stage
-    missing = {
-        str(i): {"helper": p.get("name"), "key": coordinator_key}
-        for i, p in enumerate(players)
-        if isinstance(p, dict) and not p.get("holds_input", True) and str(i) not in holders
-    }
-    return dataclasses.replace(stage, holders={**holders, **missing}) if missing else stage
-
-
-def _verify_mpc_stage(
-    stage: Mapping[str, Any], *, plan: Plan, job_keys: Sequence[str], coordinator_key: Any = None
-) -> None:
-    sid = stage.get("id")
-    result = _get(stage, "result", dict, f"stage {sid} ")
-    players = _get(stage, "players", list, f"stage {sid} ")
-    message = MPC_RESULT_DOMAIN + hashlib.sha256(canonical_json(result)).digest()
-    named = [str(p.get("name")) for p in result.get("players", []) if isinstance(p, dict)]
-    signers = {str(p.get("name")): p for p in players if isinstance(p, dict)}
-    if not named or sorted(named) != sorted(signers):
-        raise _refuse("mpc_signature", f"stage {sid}: not every MPC player signed the result", stage=sid)
-    # Every player signs with the identity the plan names for it (by its index, not its name): an
-    # owner's player with the owner's key, a helper with the key its holders entry names (the
-    # coordinator's), the enclave's player with the attested job key of the TEE stage feeding it.
-    planned_stage = next((s for s in plan.stages if s.id == sid and s.kind == "mpc" and s.mpc is not None), None)
-    try:
-        keyed = _legacy_helpers(planned_stage, coordinator_key)
-        named_keys = mpc_player_keys(plan, keyed) if keyed is not None else None
-    except SealroomError:
-        named_keys = None
-    if named_keys is None or len(named_keys) != len(named):
-        raise _refuse("mpc_plan", f"stage {sid}: the plan names no identity for every MPC player", stage=sid)
-    for i, name in enumerate(named):
-        sig = signers[name]
-        expected = named_keys[i]
-        if expected is None:
-            expected = job_keys[0] if len(job_keys) == 1 else None
-            if expected is None:
-                raise _refuse("mpc_player_key", f"stage {sid}: no attested job key for the enclave player", stage=sid)
-        if expected != sig.get("public_key"):
-            raise _refuse(
-                "mpc_player_key", f"stage {sid}: player {name} signed with a key that is not its own", stage=sid
-            )
-        if not _verifies(sig.get("public_key"), sig.get("signature"), message):
-            raise _refuse("mpc_signature", f"stage {sid}: the signature of player {name} does not verify", stage=sid)
-    # The opened result is the one of this plan's MPC stage: its spec (players, domain, aggregates,
-    # bounds, k, threshold) is the one the owners approved, as part of the plan hash.
-    planned = planned_stage
-    if planned is None or not isinstance(planned.mpc, dict):
-        raise _refuse("mpc_plan", f"stage {sid}: the plan has no such MPC stage", stage=sid)
-    spec = planned.mpc  # StageSpec.to_dict(), as the planner wrote it and the owners approved it
-    rule = result.get("rule") if isinstance(result.get("rule"), dict) else {}
-    if (
-        result.get("spec_digest") != hashlib.sha256(canonical_json(spec)).hexdigest()
-        or result.get("session_id") != spec.get("session_id")
-        or rule.get("min_group_size") != spec.get("min_group_size")
-        or result.get("threshold") != spec.get("threshold")
-        or [p.get("name") for p in result.get("players", []) if isinstance(p, dict)]
-        != [p.get("name") for p in spec.get("players", []) if isinstance(p, dict)]
-    ):
-        raise _refuse(
-            "mpc_plan",
-            f"stage {sid}: the MPC result is not the one of this plan's stage (spec, session, k, threshold or players "
-            "differ)",
-            stage=sid,
-        )
-    m = len(named)
-    t = result.get("threshold")
-    if stage.get("trust_assumption") != result.get("trust_assumption") or type(t) is not int or m < 3 or not 2 * t < m:
-        raise _refuse(
-            "mpc_trust",
-            f"stage {sid}: the MPC's trust assumption is misstated or not an honest majority (t < m/2, m >= 3)",
-            stage=sid,
-        )
-    if stage.get("simulated") is not False:
-        raise _refuse("stage_summary", f"stage {sid}: an MPC stage is never simulated", stage=sid)
-
-
 def verify_receipt(
     receipt: Mapping[str, Any],
     *,
@@ -602,7 +393,21 @@ def verify_receipt(
         )
     except (KeyError, TypeError, AttributeError, IndexError) as exc:
         # A structure no step expected (a list where an object belongs...): malformed, never a pass.
-        raise _refuse("format", f"the receipt is malformed ({type(exc).__name__})") from None
+        raise refuse("format", f"the receipt is malformed ({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The receipt's top-level fields, each of the type step 1 checked."""
+
+    query: dict[str, Any]
+    plan: dict[str, Any]
+    approvals: list[dict[str, Any]]
+    stages: list[dict[str, Any]]
+    disclosure: dict[str, Any]
+    result: dict[str, Any]
+    timestamps: dict[str, Any]
+    coordinator: dict[str, Any]
 
 
 def _verify_receipt(
@@ -613,91 +418,141 @@ def _verify_receipt(
     result_bytes: bytes | None,
     now: datetime | None,
 ) -> VerifiedReceipt:
-    # 1. Format.
-    if not isinstance(receipt, Mapping) or receipt.get("kind") != RECEIPT_KIND:
-        raise _refuse("format", f"not a {RECEIPT_KIND} document")
-    if receipt.get("version") != RECEIPT_VERSION:
-        raise _refuse("format", f"receipt version {receipt.get('version')!r} is not {RECEIPT_VERSION}")
-    if set(receipt) != _KEYS:
-        raise _refuse("format", f"a receipt has exactly the fields {', '.join(sorted(_KEYS))}")
-    query = _get(receipt, "query", dict, "")
-    plan_doc = _get(receipt, "plan", dict, "")
-    approvals = _get(receipt, "approvals", list, "")
-    stages = _get(receipt, "stages", list, "")
-    disclosure = _get(receipt, "disclosure", dict, "")
-    result = _get(receipt, "result", dict, "")
-    timestamps = _get(receipt, "timestamps", dict, "")
-    coordinator = _get(receipt, "coordinator", dict, "")
-    if not stages or not all(isinstance(s, dict) for s in stages) or not all(isinstance(a, dict) for a in approvals):
-        raise _refuse("format", "the receipt's stages or approvals are malformed")
+    parts = _check_format(receipt)  # 1
+    plan, plan_hash = _verify_plan(parts)  # 2
+    _verify_plan_summary(receipt, parts, plan)  # 3
+    involved = _verify_approvals(parts, plan, plan_hash)  # 4
+    claims = _verify_stages(parts, plan, appraisal=appraisal, now=now)  # 5
+    _verify_disclosure(parts)  # 6
+    _verify_released(parts)  # 7
+    simulated = _verify_simulated_flag(receipt, parts)  # 8
+    _verify_timestamps(parts)  # 9
+    if result_bytes is not None and _sha256(bytes(result_bytes)) != parts.result["sha256"]:  # 10
+        raise refuse("result_file", "the result file is not the released result (its SHA-256 differs)")
+    named_key = _verify_countersignature(receipt, parts, coordinator_key)  # 11
+    return VerifiedReceipt(
+        query_id=plan.query_id,
+        plan_hash=plan_hash,
+        analyst=plan.analyst,
+        result_sha256=parts.result["sha256"],
+        parties=tuple(involved),
+        simulated=simulated,
+        evidence_appraised=appraisal is not None,
+        claims=tuple(claims),
+        coordinator_key=str(named_key),
+        coordinator_key_pinned=coordinator_key is not None,
+        result_file_checked=result_bytes is not None,
+        suppressed_cells=len(parts.disclosure["suppressed"]),
+    )
 
-    # 2. The plan and its hash.
-    plan_json = canonical_json(plan_doc)
+
+def _check_format(receipt: Mapping[str, Any]) -> _Parts:
+    """Step 1: a receipt of this kind and version, with every field."""
+    if not isinstance(receipt, Mapping) or receipt.get("kind") != RECEIPT_KIND:
+        raise refuse("format", f"not a {RECEIPT_KIND} document")
+    if receipt.get("version") != RECEIPT_VERSION:
+        raise refuse("format", f"receipt version {receipt.get('version')!r} is not {RECEIPT_VERSION}")
+    if set(receipt) != _KEYS:
+        raise refuse("format", f"a receipt has exactly the fields {', '.join(sorted(_KEYS))}")
+    parts = _Parts(
+        query=required_field(receipt, "query", dict, ""),
+        plan=required_field(receipt, "plan", dict, ""),
+        approvals=required_field(receipt, "approvals", list, ""),
+        stages=required_field(receipt, "stages", list, ""),
+        disclosure=required_field(receipt, "disclosure", dict, ""),
+        result=required_field(receipt, "result", dict, ""),
+        timestamps=required_field(receipt, "timestamps", dict, ""),
+        coordinator=required_field(receipt, "coordinator", dict, ""),
+    )
+    stages, approvals = parts.stages, parts.approvals
+    if not stages or not all(isinstance(s, dict) for s in stages) or not all(isinstance(a, dict) for a in approvals):
+        raise refuse("format", "the receipt's stages or approvals are malformed")
+    return parts
+
+
+def _verify_plan(parts: _Parts) -> tuple[Plan, str]:
+    """Step 2: the plan parses, holds nothing a plan does not, and hashes to the plan hash."""
+    plan_json = canonical_json(parts.plan)
     try:
         plan = Plan.from_json(plan_json)
     except SealroomError as err:
-        raise _refuse("plan", f"the receipt's plan does not parse: {err.message}") from None
+        raise refuse("plan", f"the receipt's plan does not parse: {err.message}") from None
     if plan.to_json() != plan_json:
-        raise _refuse("plan", "the receipt's plan holds fields a plan does not have")
+        raise refuse("plan", "the receipt's plan holds fields a plan does not have")
     plan_hash = _sha256(plan_json)
-    if query.get("plan_hash") != plan_hash:
-        raise _refuse("plan_hash", "the receipt's plan does not hash to its plan hash")
+    if parts.query.get("plan_hash") != plan_hash:
+        raise refuse("plan_hash", "the receipt's plan does not hash to its plan hash")
+    return plan, plan_hash
 
-    # 3. The summary fields are the plan's.
+
+def _verify_plan_summary(receipt: Mapping[str, Any], parts: _Parts, plan: Plan) -> None:
+    """Step 3: the query id, SQL, analyst and datasets are the plan's."""
+    query = parts.query
     if (
         query.get("id") != plan.query_id
         or query.get("sql") != plan.sql
         or query.get("analyst") != plan.analyst
         or set(query) != {"id", "sql", "analyst", "plan_hash"}
     ):
-        raise _refuse("plan_summary", "the receipt's query id, SQL or analyst is not the plan's")
+        raise refuse("plan_summary", "the receipt's query id, SQL or analyst is not the plan's")
     if receipt["datasets"] != _datasets(plan):
-        raise _refuse("plan_summary", "the receipt's datasets or policy digests are not the plan's")
+        raise refuse("plan_summary", "the receipt's datasets or policy digests are not the plan's")
 
-    # 4. Approvals.
+
+def _verify_approvals(parts: _Parts, plan: Plan, plan_hash: str) -> list[str]:
+    """Step 4: every involved owner approved this plan hash with the key the plan names, and nobody
+    else is listed. Returns the involved parties."""
     involved = plan.involved_parties()
-    listed = [a.get("party") for a in approvals]
-    for party in involved:
-        if listed.count(party) != 1:
-            raise _refuse("approval_missing", f"the receipt holds no single approval by {party}", party=party)
-    for a in approvals:
+    listed = [a.get("party") for a in parts.approvals]
+    for owner in involved:
+        if listed.count(owner) != 1:
+            raise refuse("approval_missing", f"the receipt holds no single approval by {owner}", party=owner)
+    for a in parts.approvals:
         party = a.get("party")
         if party not in involved:
-            raise _refuse(
-                "approval_unexpected", f"the receipt lists an approval by {party}, whose data it did not read"
-            )
+            raise refuse("approval_unexpected", f"the receipt lists an approval by {party}, whose data it did not read")
         if a.get("public_key") != plan.parties.get(party):
-            raise _refuse("approval_key", f"the approval of {party} names another key than the plan", party=party)
+            raise refuse("approval_key", f"the approval of {party} names another key than the plan", party=party)
         if a.get("plan_hash") != plan_hash:
-            raise _refuse("approval_plan_hash", f"the approval of {party} is for another plan", party=party)
+            raise refuse("approval_plan_hash", f"the approval of {party} is for another plan", party=party)
         try:
             message = approval_message(plan_hash)
         except ValueError:
-            raise _refuse("plan_hash", "the plan hash is not hex") from None
-        if not _verifies(a.get("public_key"), a.get("signature"), message):
-            raise _refuse("approval_signature", f"the approval signature of {party} does not verify", party=party)
+            raise refuse("plan_hash", "the plan hash is not hex") from None
+        if not signature_verifies(a.get("public_key"), a.get("signature"), message):
+            raise refuse("approval_signature", f"the approval signature of {party} does not verify", party=party)
+    return list(involved)
 
-    # 5. Stages.
+
+def _verify_stages(
+    parts: _Parts, plan: Plan, *, appraisal: AppraisalPolicy | None, now: datetime | None
+) -> list[Claims]:
+    """Step 5: the receipt's stages are the plan's, and each verifies (:mod:`sealroom.audit.receipt_stages`)."""
+    stages, approvals = parts.stages, parts.approvals
     if [(s.get("id"), s.get("kind")) for s in stages] != [(s.id, s.kind) for s in plan.stages]:
-        raise _refuse("stages", "the receipt's stages are not the plan's")
+        raise refuse("stages", "the receipt's stages are not the plan's")
     claims: list[Claims] = []
     for stage in stages:
         if stage["kind"] == "tee":
-            c = _verify_tee_stage(stage, plan=plan, approvals=approvals, appraisal=appraisal, now=now)
+            c = verify_tee_stage(stage, plan=plan, approvals=approvals, appraisal=appraisal, now=now)
             if c is not None:
                 claims.append(c)
         else:
             job_keys = [str(s["result"].get("signing_public_key")) for s in stages if s["kind"] == "tee"]
-            _verify_mpc_stage(
-                stage, plan=plan, job_keys=job_keys, coordinator_key=receipt["coordinator"].get("public_key")
-            )
+            verify_mpc_stage(stage, plan=plan, job_keys=job_keys, coordinator_key=parts.coordinator.get("public_key"))
+    return claims
 
-    # 6. Disclosure decisions.
-    if disclosure != {"suppressed": _suppressed(stages), "rules": _rules(stages)}:
-        raise _refuse("disclosure", "the receipt's disclosure decisions are not those the stages signed")
 
-    # 7. The released result.
-    rows, columns, signed_sha = _released(stages)
+def _verify_disclosure(parts: _Parts) -> None:
+    """Step 6: the suppressed cells and rules are those the stages signed."""
+    if parts.disclosure != {"suppressed": _suppressed(parts.stages), "rules": _rules(parts.stages)}:
+        raise refuse("disclosure", "the receipt's disclosure decisions are not those the stages signed")
+
+
+def _verify_released(parts: _Parts) -> None:
+    """Step 7: the released result's hash, rows and columns are those the last stage signed."""
+    result = parts.result
+    rows, columns, signed_sha = _released(parts.stages)
     if (
         not isinstance(result.get("sha256"), str)
         or (signed_sha is not None and result.get("sha256") != signed_sha)
@@ -705,16 +560,22 @@ def _verify_receipt(
         or result.get("columns") != columns
         or result.get("format") != RESULT_FORMAT
     ):
-        raise _refuse("result_hash", "the receipt's result hash, rows or columns are not those the last stage signed")
+        raise refuse("result_hash", "the receipt's result hash, rows or columns are not those the last stage signed")
 
-    # 8. Simulated is stated, never hidden.
-    simulated = any(s.get("simulated") is True for s in stages)
+
+def _verify_simulated_flag(receipt: Mapping[str, Any], parts: _Parts) -> bool:
+    """Step 8: simulated is stated, never hidden: the receipt says simulated exactly when a stage was."""
+    simulated = any(s.get("simulated") is True for s in parts.stages)
     if receipt.get("simulated") is not simulated:
-        raise _refuse("simulated_flag", "the receipt's simulated flag differs from its stages' attestation")
+        raise refuse("simulated_flag", "the receipt's simulated flag differs from its stages' attestation")
+    return simulated
 
-    # 9. Timestamps.
+
+def _verify_timestamps(parts: _Parts) -> None:
+    """Step 9: submitted <= released, and executed_at is the enclave's."""
+    timestamps = parts.timestamps
     submitted, released = timestamps.get("submitted_at"), timestamps.get("released_at")
-    executed = [s["result"].get("executed_at") for s in stages if s["kind"] == "tee"]
+    executed = [s["result"].get("executed_at") for s in parts.stages if s["kind"] == "tee"]
     if (
         not isinstance(submitted, int | float)
         or not isinstance(released, int | float)
@@ -722,35 +583,20 @@ def _verify_receipt(
         or timestamps.get("executed_at") != (max(executed) if executed else None)
         or set(timestamps) != {"submitted_at", "executed_at", "released_at"}
     ):
-        raise _refuse("timestamps", "the receipt's timestamps are out of order or not the enclave's")
+        raise refuse("timestamps", "the receipt's timestamps are out of order or not the enclave's")
 
-    # 10. The result file.
-    if result_bytes is not None and _sha256(bytes(result_bytes)) != result["sha256"]:
-        raise _refuse("result_file", "the result file is not the released result (its SHA-256 differs)")
 
-    # 11. The coordinator's countersignature, by the pinned key.
+def _verify_countersignature(
+    receipt: Mapping[str, Any], parts: _Parts, coordinator_key: Ed25519PublicKey | bytes | str | None
+) -> Any:
+    """Step 11: the coordinator (the pinned key, when given) countersigned everything above. Returns
+    the key the receipt names."""
+    coordinator = parts.coordinator
     named_key = coordinator.get("public_key")
-    pinned = coordinator_key is not None
-    if pinned:
-        assert coordinator_key is not None
-        if _key_hex(coordinator_key) != named_key:
-            raise _refuse("coordinator_key", "the receipt is countersigned by another key than the coordinator's")
-    if set(coordinator) != {"public_key"} or not _verifies(
+    if coordinator_key is not None and _key_hex(coordinator_key) != named_key:
+        raise refuse("coordinator_key", "the receipt is countersigned by another key than the coordinator's")
+    if set(coordinator) != {"public_key"} or not signature_verifies(
         named_key, receipt.get("countersignature"), _signed_body(receipt)
     ):
-        raise _refuse("countersignature", "the coordinator's countersignature does not verify over this receipt")
-
-    return VerifiedReceipt(
-        query_id=plan.query_id,
-        plan_hash=plan_hash,
-        analyst=plan.analyst,
-        result_sha256=result["sha256"],
-        parties=tuple(involved),
-        simulated=simulated,
-        evidence_appraised=appraisal is not None,
-        claims=tuple(claims),
-        coordinator_key=str(named_key),
-        coordinator_key_pinned=pinned,
-        result_file_checked=result_bytes is not None,
-        suppressed_cells=len(disclosure["suppressed"]),
-    )
+        raise refuse("countersignature", "the coordinator's countersignature does not verify over this receipt")
+    return named_key

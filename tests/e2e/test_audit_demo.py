@@ -138,7 +138,7 @@ def test_the_record_of_processing_renders_in_a_headless_browser(demo_dir: Path, 
     )  # fmt: skip
     assert as_json.returncode == 0, as_json.stderr
     doc = json.loads(as_json.stdout)
-    assert doc["format"] == "sealroom.audit.ropa" and doc["version"] == 1
+    assert doc["format"] == "sealroom.ropa" and doc["version"] == 1
     (rec,) = doc["records"]
     assert rec["log"]["status"] == "verified" and rec["declaration"]["matches_log"] is True
     assert rec["collaboration"]["purpose"] == "credit_risk_statistics"

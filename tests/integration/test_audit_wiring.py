@@ -18,8 +18,11 @@ import pytest
 
 from sealroom.app.cli import main
 from sealroom.attestation import AppraisalPolicy, load_root_certificate
+from sealroom.audit.log import export_store
+from sealroom.audit.notes import NoteVerifier
 from sealroom.audit.receipts import verify_receipt
-from sealroom.audit.tlog import NoteVerifier, SQLiteLogStore, export_store, verify_log
+from sealroom.audit.store import SQLiteLogStore
+from sealroom.audit.verify import verify_log
 from sealroom.errors import AuditError
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealroom.app.cli import main
-from sealroom.audit.tlog import NoteSigner, SignedCheckpoint, SQLiteLogStore, TransparencyLog, Witness
+from sealroom.audit.log import TransparencyLog
+from sealroom.audit.notes import NoteSigner, SignedCheckpoint, Witness
+from sealroom.audit.store import SQLiteLogStore
 from sealroom.canonical import canonical_json
 from sealroom.errors import AuditError
 from sealroom.keys import public_key_hex

@@ -29,14 +29,9 @@ from coordinator.service import Coordinator
 from coordinator.servicer import CoordinatorServicer
 from coordinator.store import log_origin
 from sealroom.app.cli import main
-from sealroom.audit.tlog import (
-    NoteSigner,
-    NoteVerifier,
-    SignedCheckpoint,
-    SQLiteLogStore,
-    TransparencyLog,
-    witness_verifier,
-)
+from sealroom.audit.log import TransparencyLog
+from sealroom.audit.notes import NoteSigner, NoteVerifier, SignedCheckpoint, witness_verifier
+from sealroom.audit.store import SQLiteLogStore
 from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex
 from sealroom.policy import DatasetPolicy, TrustPolicy
 from sealroom.rpc import Server, create_server, open_channel, translate_errors, unwrap

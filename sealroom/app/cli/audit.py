@@ -82,7 +82,7 @@ def add_parsers(sub: Subparsers) -> None:
         "--format",
         choices=["md", "json", "html"],
         default="md",
-        help="md (default), json (canonical, versioned: sealroom.audit.ropa) or html (one self-contained page)",
+        help="md (default), json (canonical, versioned: sealroom.ropa) or html (one self-contained page)",
     )
     aro.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
     aro.set_defaults(handler=cmd_audit_ropa)
@@ -181,7 +181,7 @@ def _receipt_warnings(out: Any, args: argparse.Namespace) -> list[str]:
 
 def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
     """What `audit verify` (and list/show/export, for their status column) check a log with."""
-    from sealroom.audit.tlog import NoteVerifier, SignedCheckpoint
+    from sealroom.audit.notes import NoteVerifier, SignedCheckpoint
     from sealroom.errors import AuditError
 
     witnesses = []
@@ -222,8 +222,9 @@ def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _verify_export(export: dict[str, Any], log_key_hex: str | None, opts: dict[str, Any]) -> Any:
     """verify_log over one export with the options; raises AuditError naming the first failure."""
+    from sealroom.audit.notes import NoteVerifier
     from sealroom.audit.receipts import verify_receipt
-    from sealroom.audit.tlog import NoteVerifier, verify_log
+    from sealroom.audit.verify import verify_log
 
     log_key = NoteVerifier(export["origin"], bytes.fromhex(log_key_hex)) if log_key_hex else None
     # The coordinator countersigns receipts with its log key.
@@ -266,7 +267,9 @@ def _load_state_log(directory: Path) -> tuple[dict[str, Any], str]:
     import sqlite3
 
     from coordinator.store import registered_witnesses
-    from sealroom.audit.tlog import NoteVerifier, SQLiteLogStore, export_store
+    from sealroom.audit.log import export_store
+    from sealroom.audit.notes import NoteVerifier
+    from sealroom.audit.store import SQLiteLogStore
 
     try:
         vkey = NoteVerifier.from_vkey(read_file(str(directory / "log.vkey"), "log key").decode("utf-8"))
@@ -309,7 +312,7 @@ def _print_report(report: Any, witnesses: bool, prefix: str = "") -> None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from sealroom.audit.tlog import load_export
+    from sealroom.audit.log import load_export
     from sealroom.errors import AuditError
 
     if bool(args.log) == bool(args.state_dir):
@@ -381,8 +384,7 @@ def _audit_releases(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every release in the state dir's logs, described from its receipt, with its verification
     status: ``verified``, ``refused (CHECK)`` (its receipt), or ``log refused (CHECK)`` (the log)."""
     from sealroom.audit.events import query_history
-    from sealroom.audit.receipts import verify_receipt
-    from sealroom.audit.tlog import receipt_sha256
+    from sealroom.audit.receipts import receipt_sha256, verify_receipt
     from sealroom.errors import AuditError
 
     opts = _verify_options(args)
@@ -645,118 +647,8 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-HTML_STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:75em;color:#222}"
-    "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #bbb;padding:.25em .5em;"
-    "text-align:left;vertical-align:top}pre{background:#f4f4f4;padding:.5em;white-space:pre-wrap}"
-    ".ok{color:#065f46;font-weight:bold}.bad{color:#b91c1c;font-weight:bold}.sim{color:#92400e}"
-    "section{border-top:2px solid #ddd;margin-top:1.5em}"
-)
-
-
-def audit_html(
-    releases: list[dict[str, Any]], logs: list[dict[str, Any]], events: list[dict[str, Any]] | None = None
-) -> str:
-    """One self-contained HTML page (no script, no external resource); every value is escaped.
-    ``events``: the refused queries and withdrawn approvals (``_audit_events``)."""
-    from html import escape
-
-    def e(v: Any) -> str:
-        return escape("" if v is None else str(v), quote=True)
-
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        "<title>Sealroom audit report</title>",
-        f"<style>{HTML_STYLE}</style></head><body>",
-        "<h1>Sealroom audit report</h1>",
-        "<h2>Logs</h2><table><tr><th>log</th><th>directory</th><th>entries</th><th>status</th></tr>",
-    ]
-    for lg in logs:
-        cls = "ok" if lg["status"] == "verified" else "bad"
-        parts.append(
-            f"<tr><td>{e(lg['origin'])}</td><td>{e(lg['directory'])}</td><td>{e(lg['entries'])}</td>"
-            f'<td class="{cls}">{e(lg["status"])}</td></tr>'
-        )
-    parts.append("</table>")
-    parts.append(f"<h2>Releases ({len(releases)})</h2>")
-    for r in releases:
-        cls = "ok" if r["status"] == "verified" else "bad"
-        parts.append(f'<section id="{e(r["query_id"])}"><h3>Release {e(r["query_id"])}</h3>')
-        parts.append(f'<p>Verification: <span class="{cls}">{e(r["status"])}</span>')
-        if r["simulated"]:
-            parts.append(' &mdash; <span class="sim">SIMULATED attestation: no TEE protected this release</span>')
-        parts.append("</p><table>")
-        for label, value in (
-            ("analyst", r["analyst"]),
-            ("submitted", r["submitted_at"]),
-            ("released", r["released_at"]),
-            ("parties", ", ".join(r["parties"])),
-            ("datasets", ", ".join(r["datasets"])),
-            ("plan hash", r["plan_hash"]),
-            ("released rows", r["rows"]),
-            ("columns", ", ".join(map(str, r["columns"] or []))),
-            ("result sha256", r["result_sha256"]),
-            ("log entry", f"{r['log']} #{r['entry']}"),
-        ):
-            parts.append(f"<tr><th>{e(label)}</th><td>{e(value)}</td></tr>")
-        parts.append(f"</table><h4>Query</h4><pre>{e(str(r['sql']).strip())}</pre>")
-        parts.append("<h4>Approvals</h4><table><tr><th>party</th><th>public key</th><th>logged</th></tr>")
-        for a in r["approvals"]:
-            parts.append(f"<tr><td>{e(a['party'])}</td><td>{e(a['public_key'])}</td><td>{e(a['logged_at'])}</td></tr>")
-        parts.append("</table><h4>Execution</h4><table>")
-        for s in r["stages"]:
-            if s["kind"] == "tee":
-                sim = " (SIMULATED)" if s["simulated"] else ""
-                parts.append(
-                    f"<tr><th>stage {e(s['id'])}: enclave</th><td>platform {e(s['platform'])}{e(sim)}<br>"
-                    f"measurement {e(s['measurement'])}<br>evidence sha256 {e(s['evidence_sha256'])}<br>"
-                    f"executed {e(s['executed_at'])}</td></tr>"
-                )
-            else:
-                parts.append(
-                    f"<tr><th>stage {e(s['id'])}: MPC</th><td>players {e(', '.join(map(str, s['players'])))}<br>"
-                    f"threshold {e(s['threshold'])}<br>trust assumption: {e(s['trust_assumption'])}</td></tr>"
-                )
-        parts.append("</table><h4>Suppressed cells</h4>")
-        if not r["suppressed"]:
-            parts.append("<p>none</p>")
-        else:
-            parts.append("<table><tr><th>stage</th><th>cell</th><th>rule</th><th>reason</th></tr>")
-            for c in r["suppressed"]:
-                group = ", ".join(f"{k}={v}" for k, v in (c.get("group") or {}).items())
-                parts.append(
-                    f"<tr><td>{e(c.get('stage'))}</td><td>{e(group)}</td><td>{e(c.get('rule'))}</td>"
-                    f"<td>{e(c.get('reason'))}</td></tr>"
-                )
-            parts.append("</table>")
-        parts.append("<h4>Log history</h4><table><tr><th>entry</th><th>logged (UTC)</th><th>event</th></tr>")
-        for h in r.get("history", []):
-            parts.append(f"<tr><td>{e(h['entry'])}</td><td>{e(h['time'])}</td><td>{e(h['text'])}</td></tr>")
-        parts.append("</table>")
-        parts.append("</section>")
-    if events is not None:
-        parts.append(f'<section id="withdrawals"><h2>Refused queries and withdrawn approvals ({len(events)})</h2>')
-        if not events:
-            parts.append("<p>none</p>")
-        else:
-            parts.append(
-                "<table><tr><th>query</th><th>logged (UTC)</th><th>event</th><th>party</th><th>analyst</th>"
-                "<th>rule</th><th>what</th><th>log entry</th></tr>"
-            )
-            for ev in events:
-                parts.append(
-                    f"<tr><td>{e(ev['query_id'])}</td><td>{e(ev['time'])}</td><td>{e(ev['type'])}</td>"
-                    f"<td>{e(ev['party'])}</td><td>{e(ev['analyst'])}</td><td>{e(ev['rule'])}</td>"
-                    f"<td>{e(ev['text'])}</td><td>{e(ev['log'])} #{e(ev['entry'])}</td></tr>"
-                )
-            parts.append("</table>")
-        parts.append("</section>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
-
 def cmd_audit_export(args: argparse.Namespace) -> int:
+    from sealroom.audit.report import audit_html
     from sealroom.errors import AuditError
 
     if args.json and not args.output:
@@ -807,18 +699,11 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_ropa(args: argparse.Namespace) -> int:
-    """The record of processing of every coordinator under --state-dir (sealroom.audit.ropa)."""
+    """The record of processing of every coordinator under --state-dir (sealroom.ropa)."""
     import sqlite3
 
-    from sealroom.audit.ropa import (
-        CoordinatorState,
-        build_ropa,
-        read_catalog,
-        read_declaration,
-        ropa_html,
-        ropa_json,
-        ropa_markdown,
-    )
+    from sealroom.audit.report import ropa_html, ropa_markdown
+    from sealroom.audit.ropa import CoordinatorState, build_ropa, read_catalog, read_declaration, ropa_json
     from sealroom.errors import AuditError, ConfigError
 
     if args.json and not args.output and args.format != "json":

@@ -126,7 +126,7 @@ def ed25519_hex(value: str, flag: str) -> str:
     PEM public key, or a file holding one of these; returned as hex."""
     # Lazy: only the reviewer's commands take keys, and every other command (``sealroom enclave
     # serve`` among them) must not load the audit room.
-    from sealroom.audit.tlog import NoteVerifier
+    from sealroom.audit.notes import NoteVerifier
 
     text = value.strip()
     if not _is_hex_key(text) and "+" not in text:

@@ -21,15 +21,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from coordinator.tee_stage import VerifiedResult, verify_result
 from mpc.result import SIGN_DOMAIN, MpcResult
 from sealroom.attestation import AppraisalPolicy, dev_init, load_root_certificate
+from sealroom.audit.receipt_stages import MPC_RESULT_DOMAIN
 from sealroom.audit.receipts import (
-    MPC_RESULT_DOMAIN,
     MpcStage,
     TeeStage,
     build_receipt,
     countersign,
     load_receipt,
-    receipt_digest,
     verify_receipt,
+)
+from sealroom.audit.receipts import (
+    receipt_sha256 as receipt_digest,
 )
 from sealroom.canonical import canonical_json
 from sealroom.errors import AuditError

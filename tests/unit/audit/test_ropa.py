@@ -21,18 +21,20 @@ from coordinator.service import Coordinator
 from coordinator.store import SQLiteStore as Store
 from sealroom.app.cli import main
 from sealroom.app.demo import BANK_POLICY, HOSPITAL_POLICY
+from sealroom.audit.entries import LogEntry
 from sealroom.audit.events import describe, notable_events, query_history
+from sealroom.audit.log import export_store
+from sealroom.audit.notes import NoteVerifier
+from sealroom.audit.report import ropa_html, ropa_markdown
 from sealroom.audit.ropa import (
     Collaboration,
     CoordinatorState,
     build_ropa,
     read_catalog,
     read_declaration,
-    ropa_html,
     ropa_json,
-    ropa_markdown,
 )
-from sealroom.audit.tlog import LogEntry, NoteVerifier, SQLiteLogStore, export_store
+from sealroom.audit.store import SQLiteLogStore
 from sealroom.canonical import canonical_json
 from sealroom.errors import ConfigError
 from sealroom.keys import public_key_hex
@@ -486,7 +488,7 @@ def _build(directory: Path, **kw: Any) -> dict[str, Any]:
 
 def test_the_record_from_a_coordinators_state(state: Path) -> None:
     doc = _build(state, receipt_status={})
-    assert doc["format"] == "sealroom.audit.ropa" and doc["version"] == 1
+    assert doc["format"] == "sealroom.ropa" and doc["version"] == 1
     (rec,) = doc["records"]
     assert rec["collaboration"]["purpose"] == "credit_risk_statistics"
     assert rec["declaration"]["matches_log"] is True and rec["declaration"]["logged_entry"] == 0

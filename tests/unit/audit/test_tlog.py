@@ -15,34 +15,28 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sealroom.audit.tlog import (
+from sealroom.audit.entries import EVENT_TYPES, LogEntry
+from sealroom.audit.log import TransparencyLog, load_export
+from sealroom.audit.merkle import (
     EMPTY_ROOT,
-    EVENT_TYPES,
-    Checkpoint,
     CompactTree,
-    LogEntry,
-    NoteSigner,
-    NoteVerifier,
-    SignedCheckpoint,
-    SQLiteLogStore,
-    TransparencyLog,
-    Witness,
     consistency_proof,
     inclusion_proof,
     leaf_hash,
-    load_export,
     node_hash,
-    receipt_sha256,
     root_hash,
     verify_consistency,
     verify_inclusion,
-    verify_log,
 )
+from sealroom.audit.notes import Checkpoint, NoteSigner, NoteVerifier, SignedCheckpoint, Witness
+from sealroom.audit.receipts import receipt_sha256
+from sealroom.audit.store import SQLiteLogStore
+from sealroom.audit.verify import verify_log
 from sealroom.errors import AuditError
 
 # --------------------------------------------------------------------------------------------------
 # A reference implementation, written from RFC 9162 section 2.1's definitions over the leaves
-# themselves (not leaf hashes), sharing no code with sealroom.audit.tlog.
+# themselves (not leaf hashes), sharing no code with sealroom.audit.
 
 
 def ref_mth(d: list[bytes]) -> bytes:

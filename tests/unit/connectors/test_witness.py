@@ -24,16 +24,10 @@ from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator
 from coordinator.servicer import CoordinatorServicer
 from coordinator.store import log_origin, registered_witnesses
-from sealroom.audit.tlog import (
-    NoteSigner,
-    NoteVerifier,
-    SignedCheckpoint,
-    SQLiteLogStore,
-    TransparencyLog,
-    export_store,
-    verify_log,
-    witness_verifier,
-)
+from sealroom.audit.log import TransparencyLog, export_store
+from sealroom.audit.notes import NoteSigner, NoteVerifier, SignedCheckpoint, witness_verifier
+from sealroom.audit.store import SQLiteLogStore
+from sealroom.audit.verify import verify_log
 from sealroom.config import file_table
 from sealroom.errors import ApprovalError, AuditError, ConfigError, InvalidQueryError, NotFoundError, SealroomError
 from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex

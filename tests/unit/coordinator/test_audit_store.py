@@ -17,7 +17,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator
 from coordinator.store import SQLiteStore, log_origin
-from sealroom.audit.tlog import NoteVerifier, SQLiteLogStore, export_store, verify_log
+from sealroom.audit.log import export_store
+from sealroom.audit.notes import NoteVerifier
+from sealroom.audit.store import SQLiteLogStore
+from sealroom.audit.verify import verify_log
 from sealroom.errors import ConfigError, InvalidQueryError
 from sealroom.keys import public_key_hex, save_signing_key
 from sealroom.policy import TrustPolicy
