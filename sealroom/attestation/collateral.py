@@ -488,6 +488,14 @@ def _isv_level(levels: list[_Fields], isvsvn: int) -> _Fields | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Appraised:
+    """The TCB status a QE, TDX module or platform level gets, and the advisories it lists."""
+
+    status: str
+    advisories: tuple[str, ...]
+
+
 def evaluate(
     q: dcap.Quote,
     collateral: Collateral,
@@ -515,32 +523,74 @@ def evaluate(
     leaf, pck_ca, root = q.pck_chain
     tcb_info = _Fields(collateral.tcb_info.fields, "TCB info")
     qe_identity = _Fields(collateral.qe_identity.fields, "QE identity")
-
-    # 1. Signatures and issuer chains.
+    # 1. Signatures and issuer chains; ids and versions.
     for item, what in ((collateral.tcb_info, "TCB info"), (collateral.qe_identity, "QE identity")):
-        dcap.check_chain(
-            item.issuer_chain,
-            roots=roots,
-            now=now,
-            label=label,
-            names=(f"{what} TCB Signing", "root"),
-            root_check="collateral",
-            chain_check="collateral",
-            item=what,
-        )
-        signer = item.issuer_chain[0]
-        if _common_name(signer.subject) != _TCB_SIGNING_CN:
-            raise dcap.fail(label, "collateral", f"{what} is not signed by an {_TCB_SIGNING_CN} certificate", item=what)
-        key = dcap.p256_key(signer.public_key(), label=label, check="collateral", what=f"{what} signing key")
-        dcap.verify_raw(
-            key,
-            item.signature,
-            item.body,
-            label=label,
-            check="collateral",
-            what=f"{what} signature by TCB Signing",
-            item=what,
-        )
+        _verify_signed_structure(item, what, roots=roots, now=now, label=label)
+    _check_ids(tcb_info, qe_identity, tdx=tdx, label=label)
+    # 2. Freshness (the CRLs' is checked with their signatures): the earliest nextUpdate is the result's.
+    expiries = _check_freshness(collateral, tcb_info, qe_identity, pck_ca=pck_ca, root=root, label=label, now=now)
+    # 3. Revocation.
+    _check_revocation(collateral, leaf=leaf, pck_ca=pck_ca, label=label)
+    # 4. Platform identity.
+    ext = _check_fmspc(leaf, tcb_info, label=label)
+    # 5. QE identity.
+    qe = _appraise_qe(q.qe_report, qe_identity, label=label)
+    # 6. TDX module.
+    module = _appraise_tdx_module(q.body, tcb_info, label=label) if tdx else None
+    # 7. Platform TCB level, at launch (TEE_TCB_SVN) and, for a TD 1.5 report, now (TEE_TCB_SVN_2).
+    tee_svn, tee_svn2 = _tee_tcb_svns(q) if tdx else (b"", b"")
+    level, platform = _appraise_platform(tcb_info, ext, tee_svn, tdx=tdx, label=label)
+    current: str | None = None
+    if tee_svn2:
+        current_level = _covering_level(tcb_info, ext, tee_svn2, tdx=tdx)
+        current = current_level.status() if current_level is not None else None
+    module_status = module.status if module is not None else None
+    status = _converge(_converge(platform.status, qe.status), module_status or "UpToDate")
+    advisories = platform.advisories + qe.advisories + (module.advisories if module is not None else ())
+    return CollateralResult(
+        tcb_status=status,
+        advisory_ids=tuple(dict.fromkeys(advisories)),
+        platform_tcb_status=platform.status,
+        qe_tcb_status=qe.status,
+        tdx_module_tcb_status=module_status,
+        current_tcb_status=current,
+        tcb_date=level.get("tcbDate", str),
+        tcb_evaluation_data_number=tcb_info.get("tcbEvaluationDataNumber", int),
+        collateral_expires=min(expiries),
+    )
+
+
+def _verify_signed_structure(
+    item: SignedStructure, what: str, *, roots: Sequence[x509.Certificate] | None, now: datetime, label: str
+) -> None:
+    """Step 1: the issuer chain (TCB Signing -> pinned root, valid at ``now``) and the signature."""
+    dcap.check_chain(
+        item.issuer_chain,
+        roots=roots,
+        now=now,
+        label=label,
+        names=(f"{what} TCB Signing", "root"),
+        root_check="collateral",
+        chain_check="collateral",
+        item=what,
+    )
+    signer = item.issuer_chain[0]
+    if _common_name(signer.subject) != _TCB_SIGNING_CN:
+        raise dcap.fail(label, "collateral", f"{what} is not signed by an {_TCB_SIGNING_CN} certificate", item=what)
+    key = dcap.p256_key(signer.public_key(), label=label, check="collateral", what=f"{what} signing key")
+    dcap.verify_raw(
+        key,
+        item.signature,
+        item.body,
+        label=label,
+        check="collateral",
+        what=f"{what} signature by TCB Signing",
+        item=what,
+    )
+
+
+def _check_ids(tcb_info: _Fields, qe_identity: _Fields, *, tdx: bool, label: str) -> None:
+    """Step 1: TCB info v3 ``"TDX"``/``"SGX"`` of tcbType 0, QE identity v2 ``"TD_QE"``/``"QE"``."""
     expected_ids = (("TDX", 3), ("TD_QE", 2)) if tdx else (("SGX", 3), ("QE", 2))
     for fields, (want_id, want_version) in zip((tcb_info, qe_identity), expected_ids, strict=True):
         got_id, got_version = fields.get("id", str), fields.get("version", int)
@@ -555,7 +605,19 @@ def evaluate(
     if tcb_info.get("tcbType", int) != 0:
         raise dcap.fail(label, "collateral", "TCB info tcbType is not 0", item="TCB info")
 
-    # 2. Freshness (the CRLs' is checked with their signatures).
+
+def _check_freshness(
+    collateral: Collateral,
+    tcb_info: _Fields,
+    qe_identity: _Fields,
+    *,
+    pck_ca: x509.Certificate,
+    root: x509.Certificate,
+    label: str,
+    now: datetime,
+) -> list[datetime]:
+    """Step 2: the CRLs (with their signatures), then the TCB info and QE identity, current at ``now``;
+    the four items' nextUpdate."""
     expiries = [
         _verify_crl(collateral.root_crl, root, "root CA CRL", label, now),
         _verify_crl(collateral.pck_crl, pck_ca, "PCK CRL", label, now),
@@ -564,8 +626,12 @@ def evaluate(
         issued, next_update = fields.date("issueDate"), fields.date("nextUpdate")
         _fresh(fields.what, issued, next_update, now, label)
         expiries.append(next_update)
+    return expiries
 
-    # 3. Revocation.
+
+def _check_revocation(collateral: Collateral, *, leaf: x509.Certificate, pck_ca: x509.Certificate, label: str) -> None:
+    """Step 3: neither the PCK CA nor the TCB Signing certificates on the root CA CRL, nor the PCK leaf
+    on the PCK CRL."""
     revocable = [
         (collateral.root_crl, pck_ca, "PCK CA"),
         (collateral.root_crl, collateral.tcb_info.issuer_chain[0], "TCB info signing certificate"),
@@ -583,7 +649,9 @@ def evaluate(
                 serial=f"{cert.serial_number:x}",
             )
 
-    # 4. Platform identity.
+
+def _check_fmspc(leaf: x509.Certificate, tcb_info: _Fields, *, label: str) -> dcap.PckExtensions:
+    """Step 4: the PCK leaf's FMSPC and PCE ID are the TCB info's; what the leaf certifies."""
     ext = dcap.pck_extensions(leaf, label=label, check="fmspc")
     fmspc, pce_id = tcb_info.hex("fmspc", 6).hex(), tcb_info.hex("pceId", 2).hex()
     if (fmspc, pce_id) != (ext.fmspc, ext.pce_id):
@@ -595,9 +663,12 @@ def evaluate(
             fmspc=ext.fmspc,
             tcb_info_fmspc=fmspc,
         )
+    return ext
 
-    # 5. QE identity.
-    qe = q.qe_report
+
+def _appraise_qe(qe: bytes, qe_identity: _Fields, *, label: str) -> _Appraised:
+    """Step 5: the QE report matches the QE identity, at a QE TCB level that is not ``Revoked``."""
+    # Every expected value is read (and so checked well-formed) before any is compared.
     qe_checks = (
         ("MISCSELECT", qe[16:20], qe_identity.hex("miscselect", 4), qe_identity.hex("miscselectMask", 4)),
         ("ATTRIBUTES", qe[48:64], qe_identity.hex("attributes", 16), qe_identity.hex("attributesMask", 16)),
@@ -615,66 +686,63 @@ def evaluate(
     qe_status = qe_level.status()
     if qe_status == "Revoked":
         raise dcap.fail(label, "qe_identity", f"QE ISVSVN {qe_svn} is at a Revoked TCB level", isvsvn=qe_svn)
-    advisories = list(qe_level.advisories())
+    return _Appraised(qe_status, qe_level.advisories())
 
-    # 6. TDX module.
-    module_status: str | None = None
-    tee_svn = tee_svn2 = b""
-    if tdx:
-        tee_svn, mrsignerseam, seam_attributes = q.body[0:16], q.body[64:112], q.body[112:120]
-        if tee_svn[1] > 0:
-            module_id = f"TDX_{tee_svn[1]:02X}"
-            if "tdxModuleIdentities" not in tcb_info.data:
-                raise dcap.fail(
-                    label,
-                    "tdx_module",
-                    f"TEE_TCB_SVN names TDX module {module_id}, but the TCB info has no tdxModuleIdentities",
-                    module=module_id,
-                )
-            identities = [m for m in tcb_info.levels("tdxModuleIdentities") if m.get("id", str) == module_id]
-            if len(identities) != 1:
-                raise dcap.fail(
-                    label, "tdx_module", f"the TCB info has no TDX module identity {module_id}", module=module_id
-                )
-            module = identities[0]
-        else:
-            module_id, module = "tdxModule", tcb_info.sub("tdxModule")
-        if mrsignerseam != module.hex("mrsigner", 48):
-            raise dcap.fail(label, "tdx_module", f"MRSIGNERSEAM does not match the TCB info's {module_id}")
-        masked = bytes(a & m for a, m in zip(seam_attributes, module.hex("attributesMask", 8), strict=True))
-        if masked != module.hex("attributes", 8):
-            raise dcap.fail(label, "tdx_module", f"SEAM attributes do not match the TCB info's {module_id}")
-        if tee_svn[1] > 0:
-            module_level = _isv_level(module.levels(), tee_svn[0])
-            if module_level is None or module_level.status() == "Revoked":
-                raise dcap.fail(
-                    label,
-                    "tdx_module",
-                    f"TDX module {module_id} SVN {tee_svn[0]} is "
-                    + ("below every TCB level" if module_level is None else "at a Revoked TCB level"),
-                    module=module_id,
-                )
-            module_status = module_level.status()
-            advisories += module_level.advisories()
-        if q.body_type == 3 and any(q.body[584:600]):
-            tee_svn2 = q.body[584:600]
 
-    # 7. Platform TCB level.
-    def match(tee: bytes) -> _Fields | None:
-        for level in tcb_info.levels():
-            tcb = level.sub("tcb")
-            if any(p < c for p, c in zip(ext.cpu_svn_components, tcb.svns("sgxtcbcomponents"), strict=True)):
-                continue
-            if ext.pce_svn < tcb.get("pcesvn", int):
-                continue
-            if tdx:
-                start = 2 if tee[1] > 0 else 0
-                if any(tee[i] < c for i, c in enumerate(tcb.svns("tdxtcbcomponents")) if i >= start):
-                    continue
-            return level
+def _appraise_tdx_module(body: bytes, tcb_info: _Fields, *, label: str) -> _Appraised | None:
+    """Step 6 (TDX): MRSIGNERSEAM and SEAM attributes match the TCB info's TDX module; with a module
+    identity (TEE_TCB_SVN[1] > 0), its status (None without one)."""
+    tee_svn, mrsignerseam, seam_attributes = body[0:16], body[64:112], body[112:120]
+    module_id, module = _tdx_module_identity(tcb_info, tee_svn[1], label=label)
+    if mrsignerseam != module.hex("mrsigner", 48):
+        raise dcap.fail(label, "tdx_module", f"MRSIGNERSEAM does not match the TCB info's {module_id}")
+    masked = bytes(a & m for a, m in zip(seam_attributes, module.hex("attributesMask", 8), strict=True))
+    if masked != module.hex("attributes", 8):
+        raise dcap.fail(label, "tdx_module", f"SEAM attributes do not match the TCB info's {module_id}")
+    if tee_svn[1] == 0:
         return None
+    module_level = _isv_level(module.levels(), tee_svn[0])
+    if module_level is None or module_level.status() == "Revoked":
+        raise dcap.fail(
+            label,
+            "tdx_module",
+            f"TDX module {module_id} SVN {tee_svn[0]} is "
+            + ("below every TCB level" if module_level is None else "at a Revoked TCB level"),
+            module=module_id,
+        )
+    return _Appraised(module_level.status(), module_level.advisories())
 
-    level = match(tee_svn)
+
+def _tdx_module_identity(tcb_info: _Fields, major: int, *, label: str) -> tuple[str, _Fields]:
+    """The TCB info's identity for the TDX module of this major version: ``tdxModuleIdentities``
+    entry ``TDX_<major>`` when it is not 0, else ``tdxModule``; its name and fields."""
+    if major == 0:
+        return "tdxModule", tcb_info.sub("tdxModule")
+    module_id = f"TDX_{major:02X}"
+    if "tdxModuleIdentities" not in tcb_info.data:
+        raise dcap.fail(
+            label,
+            "tdx_module",
+            f"TEE_TCB_SVN names TDX module {module_id}, but the TCB info has no tdxModuleIdentities",
+            module=module_id,
+        )
+    identities = [m for m in tcb_info.levels("tdxModuleIdentities") if m.get("id", str) == module_id]
+    if len(identities) != 1:
+        raise dcap.fail(label, "tdx_module", f"the TCB info has no TDX module identity {module_id}", module=module_id)
+    return module_id, identities[0]
+
+
+def _tee_tcb_svns(q: dcap.Quote) -> tuple[bytes, bytes]:
+    """A TD report's TEE_TCB_SVN and, for a TD 1.5 report that has one (not zero), its TEE_TCB_SVN_2."""
+    tee_svn2 = q.body[584:600] if q.body_type == 3 and any(q.body[584:600]) else b""
+    return q.body[0:16], tee_svn2
+
+
+def _appraise_platform(
+    tcb_info: _Fields, ext: dcap.PckExtensions, tee_svn: bytes, *, tdx: bool, label: str
+) -> tuple[_Fields, _Appraised]:
+    """Step 7: the first TCB level that covers the platform, and its status, which is not ``Revoked``."""
+    level = _covering_level(tcb_info, ext, tee_svn, tdx=tdx)
     if level is None:
         tee = f", TEE TCB SVN {tee_svn.hex()}" if tdx else ""
         raise dcap.fail(
@@ -688,23 +756,24 @@ def evaluate(
     platform_status = level.status()
     if platform_status == "Revoked":
         raise dcap.fail(label, "tcb_status", "the platform's TCB level is Revoked", tcb_date=level.get("tcbDate", str))
-    advisories = list(level.advisories()) + advisories
-    current: str | None = None
-    if tee_svn2:
-        current_level = match(tee_svn2)
-        current = current_level.status() if current_level is not None else None
-    status = _converge(_converge(platform_status, qe_status), module_status or "UpToDate")
-    return CollateralResult(
-        tcb_status=status,
-        advisory_ids=tuple(dict.fromkeys(advisories)),
-        platform_tcb_status=platform_status,
-        qe_tcb_status=qe_status,
-        tdx_module_tcb_status=module_status,
-        current_tcb_status=current,
-        tcb_date=level.get("tcbDate", str),
-        tcb_evaluation_data_number=tcb_info.get("tcbEvaluationDataNumber", int),
-        collateral_expires=min(expiries),
-    )
+    return level, _Appraised(platform_status, level.advisories())
+
+
+def _covering_level(tcb_info: _Fields, ext: dcap.PckExtensions, tee: bytes, *, tdx: bool) -> _Fields | None:
+    """The first TCB level (newest first) whose SGX components and PCESVN the PCK leaf reaches and (TDX)
+    whose TDX components ``tee`` reaches (from index 2 when ``tee[1]`` is not 0); None if none."""
+    for level in tcb_info.levels():
+        tcb = level.sub("tcb")
+        if any(p < c for p, c in zip(ext.cpu_svn_components, tcb.svns("sgxtcbcomponents"), strict=True)):
+            continue
+        if ext.pce_svn < tcb.get("pcesvn", int):
+            continue
+        if tdx:
+            start = 2 if tee[1] > 0 else 0
+            if any(tee[i] < c for i, c in enumerate(tcb.svns("tdxtcbcomponents")) if i >= start):
+                continue
+        return level
+    return None
 
 
 def check_tcb_status(details: Mapping[str, Any], *, allow_out_of_date: bool, how_to_allow: str) -> None:
