@@ -27,6 +27,7 @@ from connectors.agent.streaming import (
     rebatch,
     until_failure,
 )
+from connectors.clock import MillisecondIssuer
 from connectors.sources import Source, check_schema, open_source
 from connectors.witness import LogWitness
 from sealroom.attestation import Claims, Evidence, report_data_for, verify_evidence
@@ -121,7 +122,8 @@ class PartyAgent:
         self._manual: dict[str, str] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()
         self._seen_commands: dict[bytes, float] = {}
-        self._last_issued_ms = 0
+        # The issued_at_ms of every message signed here (owner actions, witness co-signatures).
+        self._issuer = MillisecondIssuer()
         self._lock = threading.Lock()
         self.appraisal = config.trust.appraisal()
         # job id -> this agent's streams for it (what GetProgress reports), the newest jobs last.
@@ -140,6 +142,7 @@ class PartyAgent:
                 state_dir=config.witness_state_dir,
                 log_key=config.log_key,
                 call=self._coordinator_call,
+                issued_at=self._issuer.issue,
             )
 
     # -- registration ------------------------------------------------------------------------
@@ -496,11 +499,6 @@ class PartyAgent:
             )
         return plan_hash, held
 
-    def _issued_ms(self) -> int:
-        with self._lock:
-            self._last_issued_ms = max(int(time.time() * 1000), self._last_issued_ms + 1)
-            return self._last_issued_ms
-
     def _coordinator_call(self, method: str, request: Any) -> Any:
         with open_channel(self.config.coordinator) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
@@ -547,7 +545,7 @@ class PartyAgent:
             signature, expires_at = held.signature, held.expires_at
         assert signature is not None
         qid = held.plan.query_id
-        issued = self._issued_ms()
+        issued = self._issuer.issue()
         expires_ms = int(expires_at * 1000)
         request = coordinator_pb2.SubmitApprovalRequest(
             query_id=qid,
@@ -598,7 +596,7 @@ class PartyAgent:
             self._remember(plan_hash, "rejected")
         qid = held.plan.query_id
         log.info("the owner rejected plan %s for query %s", plan_hash[:12], qid)
-        issued = self._issued_ms()
+        issued = self._issuer.issue()
         reason = command.reason.strip()
         resp = self._coordinator_call(
             "RejectQuery",
@@ -638,7 +636,7 @@ class PartyAgent:
             self._remember(plan_hash, "revoked")
         qid = held.plan.query_id
         log.info("the owner revoked its approval of plan %s for query %s", plan_hash[:12], qid)
-        issued = self._issued_ms()
+        issued = self._issuer.issue()
         try:
             resp = self._coordinator_call(
                 "RevokeApproval",
