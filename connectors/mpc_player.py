@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from connectors.sources import check_schema
+from connectors.sources.base import check_schema
 from mpc.partials import Partials, local_partials
 from mpc.result import MpcResult
 from mpc.session import PlayerProcess, bounded_timeout, free_ports, player_addresses

@@ -28,7 +28,8 @@ from connectors.agent.streaming import (
     until_failure,
 )
 from connectors.clock import MillisecondIssuer
-from connectors.sources import Source, check_schema, open_source
+from connectors.sources import open_source
+from connectors.sources.base import Source, check_schema
 from connectors.witness import LogWitness
 from sealroom.attestation import Claims, Evidence, report_data_for, verify_evidence
 from sealroom.errors import (

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.sources import FilterPushdown, Source, filter_batches
+from connectors.sources.base import FilterPushdown, Source, filter_batches
 from sealroom.errors import (
     SealroomError,
 )
@@ -108,10 +108,10 @@ def filtered_batches(source: Source, registered: pa.Schema, inp: PlanInput) -> I
     order, with the source's exact Arrow types), streamed batch by batch. WHERE semantics (NULL drops
     the row), as in the enclave.
 
-    A source that filters in its own engine (:class:`~connectors.sources.FilterPushdown`: the SQL
+    A source that filters in its own engine (:class:`~connectors.sources.base.FilterPushdown`: the SQL
     sources) receives the projection and the filter, its literals as bound parameters, and applies
     itself whatever its engine cannot evaluate exactly as DuckDB does. For any other source only
-    ``columns`` and ``filter_columns`` are read, and :func:`~connectors.sources.filter_batches`
+    ``columns`` and ``filter_columns`` are read, and :func:`~connectors.sources.base.filter_batches`
     applies the filter here with a locked-down DuckDB.
     """
     assert inp.filter is not None
