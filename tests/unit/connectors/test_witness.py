@@ -476,7 +476,7 @@ def test_the_agent_approves_only_after_witnessing(
         agent.review(other.to_json())
     assert info.value.details == {"party": "bank_a", "check": "fork", "rule": "log_witness"}
     assert "transparency log failed the witness check (fork)" in info.value.message
-    assert other.hash not in agent._held  # nothing was signed
+    assert agent.approvals.held(other.hash) is None  # nothing was signed
 
 
 def test_the_owners_manual_approval_is_witnessed_first(
@@ -518,10 +518,10 @@ def test_the_owners_manual_approval_is_witnessed_first(
     with pytest.raises(ApprovalError) as info:
         agent.approve(command())
     assert info.value.details["check"] == "fork" and sent == []  # refused before anything was sent
-    assert not agent._held[plan.hash].approved
+    assert not agent.approvals.held(plan.hash).approved  # type: ignore[union-attr]
     fake.view = None
     fake.calls.clear()
-    assert agent.approve(command())["state"] == "approved"
+    assert agent.approve(command()).state == "approved"
     assert fake.calls[-1] == "SubmitCosignature" and sent == ["SubmitApproval"]
 
 
