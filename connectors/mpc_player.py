@@ -9,6 +9,10 @@ identities the plan names (owners' keys; helpers are name-constrained to their o
 player (:class:`mpc.session.PlayerProcess`, its own process: the agent never imports MPyC), and
 returns the opened result signed with the owner's key. Only secret shares of the partials leave the
 agent, to the other players, over mutual TLS.
+
+The players know their agent only through :class:`PlayerOwner`: its name, policies and schemas, and
+callbacks for what only the agent decides (which plans it approved, its rows for an input, its
+appraisal of an enclave, its signature). The agent builds them; this module never imports it.
 """
 
 from __future__ import annotations
@@ -19,32 +23,48 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from connectors.sources import check_schema
 from mpc.partials import Partials, local_partials
 from mpc.result import MpcResult
 from mpc.session import PlayerProcess, bounded_timeout, free_ports, player_addresses
 from mpc.tls import PlayerIdentity, PlayerOffer, identity_keys
-from sealroom.attestation import Evidence
+from sealroom.attestation import Claims, Evidence
 from sealroom.errors import ApprovalError, InvalidQueryError, MpcError
 from sealroom.planning.mpc_spec import StageSpec
-from sealroom.planning.plan import Plan, PlanInput, mpc_player_keys, mpc_session, mpc_stage_query
+from sealroom.planning.plan import Plan, PlanInput, Stage, mpc_player_keys, mpc_session, mpc_stage_query
+from sealroom.policy import DatasetPolicy
 from sealroom.v1 import party_pb2
-
-if TYPE_CHECKING:
-    from connectors.agent import PartyAgent
 
 log = logging.getLogger(__name__)
 
 # Prepared players waiting for RunMpc (bounded; oldest first), and how long one may wait.
 MAX_PREPARED = 64
 PREPARED_TTL_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class PlayerOwner:
+    """What the MPC players need of their data owner's agent.
+
+    ``approved_plan(plan_json)``: the plan, if the agent holds a live approval of exactly these bytes
+    (else it raises why not); ``input_rows(input)``: the owner's rows for one plan input, its columns
+    filtered by the owner itself; ``verify_enclave(evidence, hpke_pk, signing_pk, nonce)``: the
+    claims of evidence that passes the agent's appraisal (else it raises); ``mark_used(plan_hash)``:
+    data moved for the plan; ``sign(message)``: the owner's Ed25519 signature."""
+
+    name: str
+    policies: Mapping[str, DatasetPolicy]
+    schemas: Mapping[str, pa.Schema]
+    approved_plan: Callable[[bytes], Plan]
+    input_rows: Callable[[PlanInput], Iterator[pa.RecordBatch]]
+    verify_enclave: Callable[[Evidence, bytes, bytes, bytes], Claims]
+    mark_used: Callable[[str], None]
+    sign: Callable[[bytes], bytes]
 
 
 @dataclass
@@ -59,7 +79,7 @@ class _Prepared:
     offer: party_pb2.MpcOffer | None = None
 
 
-def mpc_stage(plan: Plan, stage_id: str) -> tuple[Any, StageSpec]:
+def mpc_stage(plan: Plan, stage_id: str) -> tuple[Stage, StageSpec]:
     for stage in plan.stages:
         if stage.id == stage_id and stage.kind == "mpc" and stage.mpc is not None:
             return stage, StageSpec.from_dict(stage.mpc)
@@ -69,15 +89,8 @@ def mpc_stage(plan: Plan, stage_id: str) -> tuple[Any, StageSpec]:
 class MpcPlayers:
     """The MPC players one agent runs, at most one per (plan, stage, index)."""
 
-    def __init__(
-        self,
-        agent: PartyAgent,
-        *,
-        approved_plan: Callable[[bytes], Plan],
-        host: str = "127.0.0.1",
-    ):
-        self.agent = agent
-        self.approved_plan = approved_plan
+    def __init__(self, owner: PlayerOwner, *, host: str = "127.0.0.1"):
+        self.owner = owner
         self.host = host
         self._lock = threading.Lock()
         self._prepared: OrderedDict[tuple[str, str, int], _Prepared] = OrderedDict()
@@ -85,8 +98,8 @@ class MpcPlayers:
     # -- PrepareMpc ---------------------------------------------------------------------------
 
     def prepare(self, plan_json: bytes, stage_id: str, index: int) -> party_pb2.MpcOffer:
-        me = self.agent.config.name
-        plan = self.approved_plan(plan_json)
+        me = self.owner.name
+        plan = self.owner.approved_plan(plan_json)
         stage, spec = mpc_stage(plan, stage_id)
         holder = (stage.holders or {}).get(str(index))
         if not holder or holder.get("party") != me:
@@ -108,7 +121,7 @@ class MpcPlayers:
         (port,) = free_ports(1, self.host)
         offer = party_pb2.MpcOffer(
             index=index,
-            offer_json=json.dumps(identity.offer(self.agent.key.sign).to_dict()).encode(),
+            offer_json=json.dumps(identity.offer(self.owner.sign).to_dict()).encode(),
             host=self.host,
             port=port,
         )
@@ -122,23 +135,17 @@ class MpcPlayers:
     def _rows(self, inputs: list[PlanInput], spec: StageSpec) -> Iterator[pa.RecordBatch]:
         """This owner's rows for the stage: each input's columns, filtered by the owner itself, with
         its privacy unit (whatever each dataset calls it) as the stage's unit column."""
-        from connectors.agent import filtered_batches
 
         def one(inp: PlanInput) -> Iterator[pa.RecordBatch]:
-            source = self.agent.sources[inp.dataset]
-            registered = self.agent.schemas[inp.dataset]
-            check_schema(source, registered)
-            if inp.filter is None:
-                batches = source.batches(list(inp.columns))
-            else:
-                batches = filtered_batches(source, registered, inp)
+            registered = self.owner.schemas[inp.dataset]
+            batches = self.owner.input_rows(inp)
             if spec.unit_column is None:
                 return batches
-            unit = self.agent.policies[inp.dataset].privacy_unit  # the owner's own policy, not the plan's
+            unit = self.owner.policies[inp.dataset].privacy_unit  # the owner's own policy, not the plan's
             if unit is None or spec.unit_column in registered.names:
                 raise ApprovalError(
                     f"the MPC stage counts units in a column {inp.dataset} does not derive from its privacy unit",
-                    details={"party": self.agent.config.name, "dataset": inp.dataset, "rule": "privacy_unit"},
+                    details={"party": self.owner.name, "dataset": inp.dataset, "rule": "privacy_unit"},
                 )
             return (
                 pa.RecordBatch.from_arrays([*b.columns, b.column(unit)], names=[*b.schema.names, spec.unit_column])
@@ -160,8 +167,8 @@ class MpcPlayers:
     def run(
         self, request: party_pb2.RunMpcRequest, *, on_cancel: Callable[[Callable[[], None]], object] | None = None
     ) -> party_pb2.MpcOutcome:
-        me = self.agent.config.name
-        plan = self.approved_plan(request.plan_json)
+        me = self.owner.name
+        plan = self.owner.approved_plan(request.plan_json)
         stage, spec = mpc_stage(plan, request.stage_id)
         key = (plan.hash, request.stage_id, request.index)
         with self._lock:  # taken only once the request checks out: a bad request does not use it up
@@ -194,7 +201,7 @@ class MpcPlayers:
             del self._prepared[key]
         # The coordinator proposes the deadline; the owner bounds it (a player never runs for longer).
         timeout = bounded_timeout(float(request.timeout_seconds))
-        self.agent.mark_used(plan.hash)
+        self.owner.mark_used(plan.hash)
         with PlayerProcess(
             spec,
             request.index,
@@ -212,11 +219,9 @@ class MpcPlayers:
             doc = player.wait()
         result = MpcResult.from_opened(spec, doc["result"])
         log.info("MPC stage %s of plan %s: player %d done", request.stage_id, plan.hash[:12], request.index)
-        return party_pb2.MpcOutcome(
-            result_json=result.canonical(), signature=self.agent.key.sign(result.signing_message())
-        )
+        return party_pb2.MpcOutcome(result_json=result.canonical(), signature=self.owner.sign(result.signing_message()))
 
-    def _enclave_key(self, plan: Plan, stage: Any, enclave: party_pb2.EnclavePlayer) -> Ed25519PublicKey:
+    def _enclave_key(self, plan: Plan, stage: Stage, enclave: party_pb2.EnclavePlayer) -> Ed25519PublicKey:
         """The enclave player's identity key (hybrid plans): the signing key of the job that the
         evidence binds to this plan's hash. The evidence must pass this agent's own appraisal and
         the trust section of every dataset streamed to that enclave (as the plan carries those
@@ -230,7 +235,7 @@ class MpcPlayers:
             )
         evidence = Evidence.from_bytes(bytes(enclave.evidence))
         signing = bytes(enclave.signing_public_key)
-        claims = self.agent.verify_enclave(evidence, bytes(enclave.hpke_public_key), signing, bytes.fromhex(plan.hash))
+        claims = self.owner.verify_enclave(evidence, bytes(enclave.hpke_public_key), signing, bytes.fromhex(plan.hash))
         for s in feeding:
             for inp in s.inputs:
                 inp.policy.trust.check(claims, dataset=inp.qualified)

@@ -41,6 +41,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from connectors.clock import MillisecondIssuer
 from sealroom.audit.merkle import HASH_SIZE
 from sealroom.audit.notes import WITNESS_SUFFIX, NoteSigner, NoteVerifier, SignedCheckpoint, Witness
 from sealroom.errors import AuditError, ConfigError, SealroomError
@@ -89,7 +90,9 @@ class LogWitness:
 
     ``call(method, request)`` calls the coordinator (the agent's own client; it raises the
     coordinator's :class:`SealroomError`). ``log_key``: the pinned log key, or None to trust the
-    coordinator's key on first use. Raises ``ConfigError`` when the state directory holds a state
+    coordinator's key on first use. ``issued_at()`` stamps each co-signature request (the agent's own
+    :class:`~connectors.clock.MillisecondIssuer`, shared with its other signed messages; a fresh one
+    by default). Raises ``ConfigError`` when the state directory holds a state
     that cannot be read: it is what this owner promised, so it is never replaced silently."""
 
     def __init__(
@@ -100,6 +103,7 @@ class LogWitness:
         state_dir: Path,
         log_key: NoteVerifier | None,
         call: Callable[[str, Any], Any],
+        issued_at: Callable[[], int] | None = None,
     ) -> None:
         self.party = party
         self.state_dir = Path(state_dir)
@@ -107,6 +111,7 @@ class LogWitness:
         self._key = key
         self._signer = NoteSigner(f"{party}{WITNESS_SUFFIX}", key)
         self._call = call
+        self._issued_at = issued_at or MillisecondIssuer().issue
         self._lock = threading.Lock()
         self._witness: Witness | None = None
         self.log_key: NoteVerifier | None = log_key if log_key is not None else self._read_trusted_key()
@@ -241,7 +246,7 @@ class LogWitness:
             keep = {(self.log_key.name, self.log_key.key_id), (self.verifier.name, self.verifier.key_id)}
             lines = tuple(s for s in cosigned.signatures if (s.name, s.key_id) in keep)
             note = SignedCheckpoint(cosigned.checkpoint, lines)
-            issued = int(time.time() * 1000)
+            issued = self._issued_at()
             request = coordinator_pb2.SubmitCosignatureRequest(
                 party=self.party,
                 checkpoint=note.to_text(),

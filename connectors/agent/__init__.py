@@ -20,8 +20,10 @@ manual or automatic, lapses after ``approval_ttl_seconds``; the agent streams on
 approval it holds, live, itself.
 
 The package: ``config`` (the agent's configuration), ``review`` (the checks before it signs),
-``party`` (the agent: approvals, the owner's commands, contributing), ``streaming`` (filtering,
-padding and framing what it streams) and ``servicer`` (the gRPC surface).
+``approvals`` (the plans it holds, their state and lapse, the owner's commands as they change it),
+``party`` (the agent: reviewing, carrying out the owner's commands, contributing), ``streaming``
+(filtering, padding and framing what it streams) and ``servicer`` (the gRPC surface). Its MPC
+players (:mod:`connectors.mpc_player`) know it only through the callbacks it gives them.
 """
 
 from __future__ import annotations

@@ -1,22 +1,25 @@
-"""The party agent itself: its datasets and key, the plans it approved (automatically or on its
-owner's signed command), and contributing its rows, sealed, to an attested enclave."""
+"""The party agent itself: its datasets and key, reviewing plans (the approvals it holds are in
+:mod:`connectors.agent.approvals`), carrying out its owner's signed commands, and contributing its
+rows, sealed, to an attested enclave, or through its MPC players (:mod:`connectors.mpc_player`)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
+from connectors.agent.approvals import Approvals, OwnerDecision, PendingPlan
 from connectors.agent.config import PartyConfig
 from connectors.agent.review import Owner, check_plan
 from connectors.agent.streaming import (
@@ -27,15 +30,15 @@ from connectors.agent.streaming import (
     rebatch,
     until_failure,
 )
-from connectors.sources import Source, check_schema, open_source
+from connectors.clock import MillisecondIssuer
+from connectors.sources import open_source
+from connectors.sources.base import Source, check_schema
 from connectors.witness import LogWitness
 from sealroom.attestation import Claims, Evidence, report_data_for, verify_evidence
 from sealroom.errors import (
     ApprovalError,
     AuditError,
     InvalidQueryError,
-    NotFoundError,
-    ResourceExhaustedError,
     SealroomError,
     UnavailableError,
 )
@@ -45,14 +48,7 @@ from sealroom.planning.sql import PAD_COLUMN
 from sealroom.policy import DatasetPolicy
 from sealroom.rpc import call, open_channel, unwrap
 from sealroom.sealed import SealingStream, StreamContext, schema_hash
-from sealroom.signing import (
-    OWNER_MESSAGE_MAX_SKEW_MS,
-    check_issued_at,
-    sign_approval,
-    sign_owner_action,
-    sign_stream_header,
-    verify_owner_command,
-)
+from sealroom.signing import sign_approval, sign_owner_action, sign_stream_header
 from sealroom.v1 import (
     common_pb2,
     coordinator_pb2,
@@ -63,16 +59,10 @@ from sealroom.v1 import (
 )
 from sealroom.wire import HEADER_METADATA_KEY, SIGNATURE_METADATA_KEY, UPLOAD_PATH
 
+if TYPE_CHECKING:
+    from connectors.mpc_player import MpcPlayers
+
 log = logging.getLogger(__name__)
-
-
-# At most this many plans wait for the owner at once (ReviewPlan is open to anyone who can reach the
-# agent, so the list must not grow without bound); further manual plans are refused until some go.
-MAX_PENDING = 1000
-
-
-# Plans whose approval lapsed, was revoked or rejected, remembered to say so (bounded, oldest first).
-MAX_REMEMBERED = 4096
 
 
 COORDINATOR_CALL_TIMEOUT = 30.0
@@ -82,25 +72,21 @@ COORDINATOR_CALL_TIMEOUT = 30.0
 MAX_PROGRESS_JOBS = 64
 
 
-@dataclass
-class HeldPlan:
-    """A plan this agent reviewed and holds: approved (signed, until ``expires_at``) or, for manual
-    approval, pending its owner's decision."""
+@dataclass(frozen=True)
+class Contribution:
+    """What a contribution sent: one upload summary per dataset streamed, and the enclave's claims."""
 
-    plan: Plan
-    manual: bool
-    received_at: float
-    signature: bytes | None = None
-    expires_at: float = 0.0
-    streamed: bool = False  # this agent has streamed for the plan (it no longer awaits a decision)
+    uploads: list[party_pb2.DatasetUpload]
+    claims: Claims
 
-    @property
-    def approved(self) -> bool:
-        return self.signature is not None
 
-    def withdraw(self) -> None:
-        self.signature = None
-        self.expires_at = 0.0
+@dataclass(frozen=True)
+class _Enclave:
+    """An enclave job this agent attested: its evidence, the claims it verified and the job key."""
+
+    evidence: Evidence
+    claims: Claims
+    job_key: X25519PublicKey
 
 
 class PartyAgent:
@@ -114,15 +100,15 @@ class PartyAgent:
             self.sources[d.name] = open_source(d.source, dataset=f"{config.name}.{d.name}")
             self.policies[d.name] = d.policy
         self.schemas = {name: src.schema for name, src in self.sources.items()}
-        self._mpc_players: Any = None  # connectors.mpc_player.MpcPlayers, made on first use
-        # plan hash -> held plan; query id -> plan hash (manual plans); plan hash -> why it is no
-        # longer approved ("expired", "revoked", "rejected"). All guarded by _lock, pruned by _prune.
-        self._held: dict[str, HeldPlan] = {}
-        self._manual: dict[str, str] = {}
-        self._gone: OrderedDict[str, str] = OrderedDict()
-        self._seen_commands: dict[bytes, float] = {}
-        self._last_issued_ms = 0
-        self._lock = threading.Lock()
+        self._mpc_players: MpcPlayers | None = None  # made on first use
+        self.approvals = Approvals(
+            config.name,
+            approval_ttl_seconds=config.approval_ttl_seconds,
+            pending_ttl_seconds=config.pending_ttl_seconds,
+        )
+        # The issued_at_ms of every message signed here (owner actions, witness co-signatures).
+        self._issuer = MillisecondIssuer()
+        self._lock = threading.Lock()  # guards _streams
         self.appraisal = config.trust.appraisal()
         # job id -> this agent's streams for it (what GetProgress reports), the newest jobs last.
         self._streams: OrderedDict[str, list[StreamCounter]] = OrderedDict()
@@ -140,6 +126,7 @@ class PartyAgent:
                 state_dir=config.witness_state_dir,
                 log_key=config.log_key,
                 call=self._coordinator_call,
+                issued_at=self._issuer.issue,
             )
 
     # -- registration ------------------------------------------------------------------------
@@ -206,76 +193,12 @@ class PartyAgent:
         returns that approval, unchanged; an automatic approval is signed afresh (a new lifetime).
         """
         plan = Plan.from_json(plan_json)
-        me = self.config.name
         mine = self._check_plan(plan)
         manual = any(self.policies[i.dataset].approval == "manual" for i in mine)
-        plan_hash = plan.hash
         if not manual:
             self._witness_log(plan.query_id)  # before signing anything: the log must extend what it saw
-        now = time.time()
-        with self._lock:
-            self._prune(now)
-            if self._gone.get(plan_hash) == "rejected":
-                raise ApprovalError(
-                    f"the owner of {me} rejected this plan", details={"party": me, "rule": "rejected_by_owner"}
-                )
-            if not manual:
-                signature = sign_approval(self.key, plan_hash)
-                expires_at = now + self.config.approval_ttl_seconds
-                self._held[plan_hash] = HeldPlan(plan, False, now, signature, expires_at)
-                self._gone.pop(plan_hash, None)
-                log.info("approved plan %s for query %s", plan_hash[:12], plan.query_id)
-                return plan_hash, signature, expires_at
-            held = self._held.get(plan_hash)
-            if held is not None:
-                return plan_hash, held.signature, held.expires_at
-            other = self._manual.get(plan.query_id)
-            if other is not None and other != plan_hash:
-                raise ApprovalError(
-                    f"another plan for query {plan.query_id} already awaits the decision of {me}'s owner; a query "
-                    "has one plan",
-                    details={"party": me, "check": "query_plan"},
-                )
-            if sum(1 for h in self._held.values() if h.manual and not h.approved) >= MAX_PENDING:
-                raise ResourceExhaustedError(
-                    f"{MAX_PENDING} plans already await the decision of {me}'s owner; try again later",
-                    details={"party": me},
-                )
-            self._held[plan_hash] = HeldPlan(plan, True, now)
-            self._manual[plan.query_id] = plan_hash
-        log.info("plan %s for query %s awaits the owner's approval", plan_hash[:12], plan.query_id)
-        return plan_hash, None, 0.0
-
-    def _prune(self, now: float) -> None:
-        """Under _lock: lapse expired approvals and forget stale plans, so nothing grows unbounded.
-
-        A lapsed automatic approval is dropped. A lapsed manual one goes back to the owner (pending)
-        while the plan is younger than ``pending_ttl_seconds``; a pending plan older than that is
-        forgotten."""
-        for plan_hash, held in list(self._held.items()):
-            if held.approved and held.expires_at <= now:
-                self._remember(plan_hash, "expired")
-                log.info("the approval of plan %s (query %s) lapsed", plan_hash[:12], held.plan.query_id)
-                if held.manual and held.received_at + self.config.pending_ttl_seconds > now:
-                    held.withdraw()
-                else:
-                    self._forget(plan_hash)
-            elif not held.approved and held.received_at + self.config.pending_ttl_seconds <= now:
-                self._forget(plan_hash)
-        for digest, until in list(self._seen_commands.items()):
-            if until <= now:
-                del self._seen_commands[digest]
-
-    def _forget(self, plan_hash: str) -> None:
-        held = self._held.pop(plan_hash, None)
-        if held is not None and self._manual.get(held.plan.query_id) == plan_hash:
-            del self._manual[held.plan.query_id]
-
-    def _remember(self, plan_hash: str, why: str) -> None:
-        self._gone[plan_hash] = why
-        self._gone.move_to_end(plan_hash)
-        while len(self._gone) > MAX_REMEMBERED:
-            self._gone.popitem(last=False)
+        signature, expires_at = self.approvals.hold(plan, manual=manual, sign=partial(sign_approval, self.key))
+        return plan.hash, signature, expires_at
 
     # -- contribution ------------------------------------------------------------------------
 
@@ -286,52 +209,46 @@ class PartyAgent:
             return list(self._streams.get(job_id, ()))
 
     @property
-    def mpc_players(self) -> Any:
+    def mpc_players(self) -> MpcPlayers:
         """This agent's MPC players (imported on first use: agents without MPC stages never load mpc/)."""
         if self._mpc_players is None:
-            from connectors.mpc_player import MpcPlayers
+            from connectors.mpc_player import MpcPlayers, PlayerOwner  # lazy: see the docstring
 
-            self._mpc_players = MpcPlayers(self, approved_plan=self.approved_plan, host=self.config.mpc_host)
+            owner = PlayerOwner(
+                name=self.config.name,
+                policies=self.policies,
+                schemas=self.schemas,
+                approved_plan=self.approved_plan,
+                input_rows=self.input_rows,
+                verify_enclave=self.verify_enclave,
+                mark_used=self.mark_used,
+                sign=self.key.sign,
+            )
+            self._mpc_players = MpcPlayers(owner, host=self.config.mpc_host)
         return self._mpc_players
 
     def approved_plan(self, plan_json: bytes) -> Plan:
-        """The plan, if this agent holds a live approval of exactly these bytes; else ApprovalError
-        saying why (never approved, expired, revoked, or awaiting the owner). Data moves (sealed to an
-        enclave, or as MPC shares) only for a plan this returns."""
-        plan_hash = hashlib.sha256(plan_json).hexdigest()
-        me = self.config.name
-        with self._lock:
-            self._prune(time.time())
-            held = self._held.get(plan_hash)
-            why = self._gone.get(plan_hash)
-        if held is None or not held.approved:
-            if why == "expired":
-                raise ApprovalError(
-                    f"the approval of {me} for this plan expired (approvals last "
-                    f"{self.config.approval_ttl_seconds:g} s); it streams data only under a live approval",
-                    details={"party": me, "check": "approval_expired"},
-                )
-            if why == "revoked":
-                raise ApprovalError(
-                    f"the owner of {me} revoked its approval of this plan; it streams no data for it",
-                    details={"party": me, "check": "approval_revoked"},
-                )
-            raise ApprovalError(
-                f"{me} did not approve this plan; it streams data only for plans it signed"
-                + (" (the plan awaits the owner's decision)" if held is not None else ""),
-                details={"party": me, "check": "own_approval"},
-            )
-        plan = held.plan
-        if plan.to_json() != plan_json:
-            raise ApprovalError(
-                f"{me} did not approve this plan; it streams data only for plans it signed",
-                details={"party": me, "check": "own_approval"},
-            )
-        return plan
+        """The plan, if this agent holds a live approval of exactly these bytes (see
+        :meth:`connectors.agent.approvals.Approvals.approved_plan`); else ApprovalError saying why."""
+        return self.approvals.approved_plan(plan_json)
 
-    def contribute(self, plan_json: bytes, job_id: str, enclave_address: str) -> dict[str, Any]:
+    def mark_used(self, plan_hash: str) -> None:
+        """Data moved for this plan (sealed streams or MPC shares): it no longer awaits a decision."""
+        self.approvals.mark_used(plan_hash)
+
+    def input_rows(self, inp: PlanInput) -> Iterator[pa.RecordBatch]:
+        """This owner's rows for one plan input: the source checked against its registered schema,
+        then its columns, filtered here (or by the source's own engine) when the input has a filter."""
+        source = self.sources[inp.dataset]
+        registered = self.schemas[inp.dataset]
+        check_schema(source, registered)
+        if inp.filter is None:
+            return source.batches(list(inp.columns))
+        return filtered_batches(source, registered, inp)
+
+    def contribute(self, plan_json: bytes, job_id: str, enclave_address: str) -> Contribution:
+        """Stream this owner's inputs of the plan's TEE stages, sealed to the enclave job's attested key."""
         plan = self.approved_plan(plan_json)
-        plan_hash = hashlib.sha256(plan_json).hexdigest()
         me = self.config.name
         # Only what goes to an enclave: a dataset of this owner that an MPC stage reads directly stays
         # here (its own player holds its partials).
@@ -339,167 +256,89 @@ class PartyAgent:
         if not mine:
             raise ApprovalError(f"the plan streams no data of {me} to an enclave", details={"party": me})
         with open_channel(enclave_address) as channel:
-            enclave = enclave_pb2_grpc.EnclaveStub(channel)
-            nonce = os.urandom(32)
-            att = call("enclave", enclave.Attest, enclave_pb2.AttestRequest(job_id=job_id, nonce=nonce))
-            evidence = Evidence.from_bytes(att.evidence)
-            claims = self.verify_enclave(evidence, bytes(att.hpke_public_key), bytes(att.signing_public_key), nonce)
-            for inp in mine:  # each dataset's own trust section narrows the agent's
-                self.policies[inp.dataset].trust.check(claims, dataset=f"{me}.{inp.dataset}")
-            job_key = X25519PublicKey.from_public_bytes(bytes(att.hpke_public_key))
+            enclave = self._attest(enclave_pb2_grpc.EnclaveStub(channel), job_id, mine)
             upload = channel.stream_unary(
                 UPLOAD_PATH,
                 request_serializer=None,
                 response_deserializer=enclave_pb2.UploadSummary.FromString,
             )
-            uploads = []
             with self._lock:
                 self._streams[job_id] = []
                 while len(self._streams) > MAX_PROGRESS_JOBS:
                     self._streams.popitem(last=False)
-            for inp in mine:
-                source = self.sources[inp.dataset]
-                registered = self.schemas[inp.dataset]
-                check_schema(source, registered)
-                projected = pa.schema([registered.field(c) for c in inp.columns])
-                if inp.filter is not None:
-                    projected = projected.append(pa.field(PAD_COLUMN, pa.bool_(), nullable=False))
-                ctx = StreamContext(
-                    job_id=job_id,
-                    party=self.config.name,
-                    dataset=inp.dataset,
-                    schema_hash=schema_hash(projected),
-                    plan_hash=bytes.fromhex(plan_hash),
-                    evidence_hash=evidence.digest(),
-                )
-                sealer = SealingStream(ctx, projected, job_key)
-                header = sealer.header.to_bytes()
-                if inp.filter is None:
-                    batches = rebatch(source.batches(list(inp.columns)), TARGET_FRAME_BYTES)
-                else:
-                    batches = padded_batches(filtered_batches(source, registered, inp), projected)
-                counter = StreamCounter(
-                    inp.dataset, rows_shared=self.policies[inp.dataset].share_row_count, padded=inp.filter is not None
-                )
-                with self._lock:
-                    self._streams.setdefault(job_id, []).append(counter)
-                failed: list[SealroomError] = []
-                frames = counter.count_frames(until_failure(sealer.frames(counter.count_rows(batches)), failed))
-                try:
-                    summary = upload(
-                        frames,
-                        metadata=(
-                            (HEADER_METADATA_KEY, header),
-                            (SIGNATURE_METADATA_KEY, sign_stream_header(self.key, header)),
-                        ),
-                        timeout=3600,
-                    )
-                except grpc.RpcError as exc:
-                    if failed:  # the source or the filter failed here: say so, not "the enclave failed"
-                        raise failed[0] from None
-                    raise unwrap(exc, peer="enclave") from None
-                if failed:
-                    raise failed[0]
-                counter.done = True
-                uploads.append(
-                    # Row counts stay with the owner; the coordinator learns what it sees anyway.
-                    party_pb2.DatasetUpload(dataset=inp.dataset, bytes=summary.bytes, frames=summary.frames)
-                )
-                log.info(
-                    "streamed %s to job %s (%d frames%s)%s",
-                    inp.dataset,
-                    job_id,
-                    summary.frames,
-                    ", filtered here and padded" if inp.filter is not None else "",
-                    " under SIMULATED attestation" if claims.simulated else "",
-                )
-        self.mark_used(plan_hash)
-        return {"uploads": uploads, "claims": claims}
+            uploads = [self._stream(upload, plan.hash, job_id, inp, enclave) for inp in mine]
+        self.mark_used(plan.hash)
+        return Contribution(uploads, enclave.claims)
 
-    def mark_used(self, plan_hash: str) -> None:
-        """Data moved for this plan (sealed streams or MPC shares): it no longer awaits a decision."""
+    def _attest(self, enclave: enclave_pb2_grpc.EnclaveStub, job_id: str, mine: list[PlanInput]) -> _Enclave:
+        """The job's evidence, verified against this agent's appraisal and each dataset's trust."""
+        me = self.config.name
+        nonce = os.urandom(32)
+        att = call("enclave", enclave.Attest, enclave_pb2.AttestRequest(job_id=job_id, nonce=nonce))
+        evidence = Evidence.from_bytes(att.evidence)
+        claims = self.verify_enclave(evidence, bytes(att.hpke_public_key), bytes(att.signing_public_key), nonce)
+        for inp in mine:  # each dataset's own trust section narrows the agent's
+            self.policies[inp.dataset].trust.check(claims, dataset=f"{me}.{inp.dataset}")
+        return _Enclave(evidence, claims, X25519PublicKey.from_public_bytes(bytes(att.hpke_public_key)))
+
+    def _stream(
+        self, upload: grpc.StreamUnaryMultiCallable, plan_hash: str, job_id: str, inp: PlanInput, enclave: _Enclave
+    ) -> party_pb2.DatasetUpload:
+        """Seal and stream one input to the enclave job; its upload summary."""
+        rows = self.input_rows(inp)
+        projected = pa.schema([self.schemas[inp.dataset].field(c) for c in inp.columns])
+        if inp.filter is not None:
+            projected = projected.append(pa.field(PAD_COLUMN, pa.bool_(), nullable=False))
+        ctx = StreamContext(
+            job_id=job_id,
+            party=self.config.name,
+            dataset=inp.dataset,
+            schema_hash=schema_hash(projected),
+            plan_hash=bytes.fromhex(plan_hash),
+            evidence_hash=enclave.evidence.digest(),
+        )
+        sealer = SealingStream(ctx, projected, enclave.job_key)
+        header = sealer.header.to_bytes()
+        batches = rebatch(rows, TARGET_FRAME_BYTES) if inp.filter is None else padded_batches(rows, projected)
+        counter = StreamCounter(
+            inp.dataset, rows_shared=self.policies[inp.dataset].share_row_count, padded=inp.filter is not None
+        )
         with self._lock:
-            held = self._held.get(plan_hash)
-            if held is not None:
-                held.streamed = True
+            self._streams.setdefault(job_id, []).append(counter)
+        failed: list[SealroomError] = []
+        frames = counter.count_frames(until_failure(sealer.frames(counter.count_rows(batches)), failed))
+        try:
+            summary = upload(
+                frames,
+                metadata=(
+                    (HEADER_METADATA_KEY, header),
+                    (SIGNATURE_METADATA_KEY, sign_stream_header(self.key, header)),
+                ),
+                timeout=3600,
+            )
+        except grpc.RpcError as exc:
+            if failed:  # the source or the filter failed here: say so, not "the enclave failed"
+                raise failed[0] from None
+            raise unwrap(exc, peer="enclave") from None
+        if failed:
+            raise failed[0]
+        counter.done = True
+        log.info(
+            "streamed %s to job %s (%d frames%s)%s",
+            inp.dataset,
+            job_id,
+            summary.frames,
+            ", filtered here and padded" if inp.filter is not None else "",
+            " under SIMULATED attestation" if enclave.claims.simulated else "",
+        )
+        # Row counts stay with the owner; the coordinator learns what it sees anyway.
+        return party_pb2.DatasetUpload(dataset=inp.dataset, bytes=summary.bytes, frames=summary.frames)
 
     # -- the owner's decisions (manual approval) -----------------------------------------------
 
-    def pending(self) -> list[dict[str, Any]]:
+    def pending(self) -> list[PendingPlan]:
         """Manual plans held for the owner: waiting for a decision, or approved and still live."""
-        now = time.time()
-        me = self.config.name
-        with self._lock:
-            self._prune(now)
-            held = [(h, p) for h, p in self._held.items() if p.manual and not p.streamed]
-        out = []
-        for plan_hash, p in sorted(held, key=lambda x: x[1].received_at):
-            out.append(
-                {
-                    "query_id": p.plan.query_id,
-                    "plan_hash": plan_hash,
-                    "analyst": p.plan.analyst,
-                    "sql": p.plan.sql,
-                    "state": "approved" if p.approved else "pending",
-                    "inputs": [
-                        {"dataset": i.dataset, "columns": list(i.columns)} for i in p.plan.inputs() if i.party == me
-                    ],
-                    "parties": p.plan.involved_parties(),
-                    "min_group_size": max(s.min_group_size for s in p.plan.stages),
-                    "received_at": p.received_at,
-                    "expires_at": p.expires_at if p.approved else p.received_at + self.config.pending_ttl_seconds,
-                }
-            )
-        return out
-
-    def _authorize(self, action: str, command: party_pb2.OwnerCommand) -> None:
-        """The command must be signed by this party's own key, fresh, and never seen before."""
-        me = self.config.name
-        now = time.time()
-        check_issued_at(command.issued_at_ms, int(now * 1000), party=me)
-        verify_owner_command(
-            self.public_key_hex,
-            bytes(command.signature),
-            action,
-            party=me,
-            query_id=command.query_id,
-            issued_at_ms=command.issued_at_ms,
-            reason=command.reason,
-            plan_hash=command.plan_hash,
-        )
-        digest = hashlib.sha256(bytes(command.signature)).digest()
-        with self._lock:
-            self._prune(now)
-            if digest in self._seen_commands:
-                raise ApprovalError(
-                    f"this {action} command was already received; sign a new one",
-                    details={"party": me, "check": "replay"},
-                )
-            self._seen_commands[digest] = now + 2 * OWNER_MESSAGE_MAX_SKEW_MS / 1000
-
-    def _find(self, command: party_pb2.OwnerCommand) -> tuple[str, HeldPlan]:
-        """Under _lock: the manual plan the command names."""
-        plan_hash = self._manual.get(command.query_id)
-        held = self._held.get(plan_hash) if plan_hash else None
-        if plan_hash is None or held is None:
-            raise NotFoundError(
-                f"no plan of query {command.query_id} awaits the decision of {self.config.name}'s owner; "
-                "`sealroom pending` lists them",
-                details={"party": self.config.name, "query_id": command.query_id},
-            )
-        pinned = command.plan_hash.lower()
-        if pinned and (len(pinned) < 12 or not plan_hash.startswith(pinned)):
-            raise ApprovalError(
-                f"query {command.query_id} holds plan {plan_hash[:16]}..., not the plan you named; review it "
-                "again with `sealroom pending`",
-                details={"party": self.config.name, "check": "approval_plan_hash"},
-            )
-        return plan_hash, held
-
-    def _issued_ms(self) -> int:
-        with self._lock:
-            self._last_issued_ms = max(int(time.time() * 1000), self._last_issued_ms + 1)
-            return self._last_issued_ms
+        return self.approvals.pending()
 
     def _coordinator_call(self, method: str, request: Any) -> Any:
         with open_channel(self.config.coordinator) as channel:
@@ -528,32 +367,23 @@ class PartyAgent:
                 details={"party": me, "check": check, "rule": "log_witness"},
             ) from None
 
-    def approve(self, command: party_pb2.OwnerCommand) -> dict[str, Any]:
+    def approve(self, command: party_pb2.OwnerCommand) -> OwnerDecision:
         """The owner approves: witness the log, sign the plan hash, hold the approval, send it to the
         coordinator."""
-        self._authorize("approve", command)
+        self.approvals.accept_command("approve", command, public_key_hex=self.public_key_hex)
         me = self.config.name
-        with self._lock:
-            self._find(command)  # nothing awaits the owner: say so before calling the coordinator
+        self.approvals.find(command)  # nothing awaits the owner: say so before calling the coordinator
         self._witness_log(command.query_id)
-        now = time.time()
-        with self._lock:
-            plan_hash, held = self._find(command)
-            fresh = not held.approved
-            if fresh:
-                held.signature = sign_approval(self.key, plan_hash)
-                held.expires_at = now + self.config.approval_ttl_seconds
-                self._gone.pop(plan_hash, None)
-            signature, expires_at = held.signature, held.expires_at
-        assert signature is not None
-        qid = held.plan.query_id
-        issued = self._issued_ms()
-        expires_ms = int(expires_at * 1000)
+        grant = self.approvals.grant(command, sign=partial(sign_approval, self.key))
+        plan_hash = grant.plan_hash
+        qid = grant.held.plan.query_id
+        issued = self._issuer.issue()
+        expires_ms = int(grant.expires_at * 1000)
         request = coordinator_pb2.SubmitApprovalRequest(
             query_id=qid,
             party=me,
             plan_hash=plan_hash,
-            signature=signature,
+            signature=grant.signature,
             expires_at_ms=expires_ms,
             issued_at_ms=issued,
             owner_signature=sign_owner_action(
@@ -570,35 +400,22 @@ class PartyAgent:
             resp = self._coordinator_call("SubmitApproval", request)
         except SealroomError as err:
             # The coordinator did not take it: the agent does not keep an approval nobody can use.
-            with self._lock:
-                if err.code == "not_found" or err.details.get("check") == "query_state":
-                    self._forget(plan_hash)
-                elif fresh and self._held.get(plan_hash) is held:
-                    held.withdraw()
+            gone = err.code == "not_found" or err.details.get("check") == "query_state"
+            self.approvals.refused(grant, query_gone=gone)
             raise
         log.info("the owner approved plan %s for query %s", plan_hash[:12], qid)
-        return {
-            "query_id": qid,
-            "plan_hash": plan_hash,
-            "state": "approved",
-            "expires_at": expires_at,
-            "query_status": resp.status,
-            "awaiting": list(resp.awaiting),
-        }
+        return OwnerDecision(qid, plan_hash, "approved", grant.expires_at, resp.status, tuple(resp.awaiting))
 
-    def reject(self, command: party_pb2.OwnerCommand) -> dict[str, Any]:
+    def reject(self, command: party_pb2.OwnerCommand) -> OwnerDecision:
         """The owner rejects: the agent drops the plan for good, and the coordinator refuses the query."""
         if not command.reason.strip():
             raise InvalidQueryError("a rejection needs a reason (--reason TEXT); the analyst sees it")
-        self._authorize("reject", command)
+        self.approvals.accept_command("reject", command, public_key_hex=self.public_key_hex)
         me = self.config.name
-        with self._lock:
-            plan_hash, held = self._find(command)
-            self._forget(plan_hash)
-            self._remember(plan_hash, "rejected")
+        plan_hash, held = self.approvals.reject(command)
         qid = held.plan.query_id
         log.info("the owner rejected plan %s for query %s", plan_hash[:12], qid)
-        issued = self._issued_ms()
+        issued = self._issuer.issue()
         reason = command.reason.strip()
         resp = self._coordinator_call(
             "RejectQuery",
@@ -613,32 +430,17 @@ class PartyAgent:
                 ),
             ),
         )
-        return {
-            "query_id": qid,
-            "plan_hash": plan_hash,
-            "state": "rejected",
-            "expires_at": 0.0,
-            "query_status": resp.status,
-            "awaiting": list(resp.awaiting),
-        }
+        return OwnerDecision(qid, plan_hash, "rejected", 0.0, resp.status, tuple(resp.awaiting))
 
-    def revoke(self, command: party_pb2.OwnerCommand) -> dict[str, Any]:
+    def revoke(self, command: party_pb2.OwnerCommand) -> OwnerDecision:
         """The owner withdraws an approval: the agent stops honouring it at once (the plan waits for
         the owner again), and the coordinator removes it unless execution has started."""
-        self._authorize("revoke", command)
+        self.approvals.accept_command("revoke", command, public_key_hex=self.public_key_hex)
         me = self.config.name
-        with self._lock:
-            plan_hash, held = self._find(command)
-            if not held.approved:
-                raise ApprovalError(
-                    f"{me} has not approved query {command.query_id}; there is nothing to revoke (reject it instead)",
-                    details={"party": me, "check": "not_approved"},
-                )
-            held.withdraw()
-            self._remember(plan_hash, "revoked")
+        plan_hash, held = self.approvals.revoke(command)
         qid = held.plan.query_id
         log.info("the owner revoked its approval of plan %s for query %s", plan_hash[:12], qid)
-        issued = self._issued_ms()
+        issued = self._issuer.issue()
         try:
             resp = self._coordinator_call(
                 "RevokeApproval",
@@ -656,14 +458,7 @@ class PartyAgent:
             err.message = f"{err.message}; this agent no longer honours the approval and streams nothing for it"
             err.args = (err.message,)
             raise
-        return {
-            "query_id": qid,
-            "plan_hash": plan_hash,
-            "state": "pending",
-            "expires_at": 0.0,
-            "query_status": resp.status,
-            "awaiting": list(resp.awaiting),
-        }
+        return OwnerDecision(qid, plan_hash, "pending", 0.0, resp.status, tuple(resp.awaiting))
 
     def verify_enclave(self, evidence: Evidence, hpke_pk: bytes, signing_pk: bytes, nonce: bytes) -> Claims:
         return verify_evidence(

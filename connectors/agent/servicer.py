@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from connectors.agent.approvals import OwnerDecision
 from connectors.agent.config import PartyConfig
 from connectors.agent.party import PartyAgent
 from sealroom.errors import (
@@ -40,7 +41,7 @@ class PartyServicer(party_pb2_grpc.PartyAgentServicer):
     def Contribute(self, request, context):  # noqa: N802
         out = self.agent.contribute(request.plan_json, request.job_id, request.enclave_address)
         return party_pb2.ContributeResponse(
-            uploads=out["uploads"], claims_json=json.dumps(out["claims"].to_json_dict()).encode()
+            uploads=out.uploads, claims_json=json.dumps(out.claims.to_json_dict()).encode()
         )
 
     def GetProgress(self, request, context):  # noqa: N802
@@ -62,29 +63,40 @@ class PartyServicer(party_pb2_grpc.PartyAgentServicer):
         return party_pb2.ListPendingResponse(
             plans=[
                 party_pb2.PendingPlan(
-                    query_id=p["query_id"],
-                    plan_hash=p["plan_hash"],
-                    analyst=p["analyst"],
-                    sql=p["sql"],
-                    inputs=[party_pb2.PendingInput(dataset=i["dataset"], columns=i["columns"]) for i in p["inputs"]],
-                    state=p["state"],
-                    received_at=p["received_at"],
-                    expires_at=p["expires_at"],
-                    parties=p["parties"],
-                    min_group_size=p["min_group_size"],
+                    query_id=p.query_id,
+                    plan_hash=p.plan_hash,
+                    analyst=p.analyst,
+                    sql=p.sql,
+                    inputs=[party_pb2.PendingInput(dataset=i.dataset, columns=i.columns) for i in p.inputs],
+                    state=p.state,
+                    received_at=p.received_at,
+                    expires_at=p.expires_at,
+                    parties=p.parties,
+                    min_group_size=p.min_group_size,
                 )
                 for p in self.agent.pending()
             ]
         )
 
     def Approve(self, request, context):  # noqa: N802
-        return party_pb2.OwnerCommandResponse(**self.agent.approve(request))
+        return _decision(self.agent.approve(request))
 
     def Reject(self, request, context):  # noqa: N802
-        return party_pb2.OwnerCommandResponse(**self.agent.reject(request))
+        return _decision(self.agent.reject(request))
 
     def Revoke(self, request, context):  # noqa: N802
-        return party_pb2.OwnerCommandResponse(**self.agent.revoke(request))
+        return _decision(self.agent.revoke(request))
+
+
+def _decision(d: OwnerDecision) -> party_pb2.OwnerCommandResponse:
+    return party_pb2.OwnerCommandResponse(
+        query_id=d.query_id,
+        plan_hash=d.plan_hash,
+        state=d.state,
+        expires_at=d.expires_at,
+        query_status=d.query_status,
+        awaiting=d.awaiting,
+    )
 
 
 def build_server(agent: PartyAgent) -> Server:

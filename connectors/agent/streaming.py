@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.sources import FilterPushdown, Source, filter_batches
+from connectors.sources.base import FilterPushdown, Source, filter_batches
 from sealroom.errors import (
     SealroomError,
 )
@@ -108,10 +108,10 @@ def filtered_batches(source: Source, registered: pa.Schema, inp: PlanInput) -> I
     order, with the source's exact Arrow types), streamed batch by batch. WHERE semantics (NULL drops
     the row), as in the enclave.
 
-    A source that filters in its own engine (:class:`~connectors.sources.FilterPushdown`: the SQL
+    A source that filters in its own engine (:class:`~connectors.sources.base.FilterPushdown`: the SQL
     sources) receives the projection and the filter, its literals as bound parameters, and applies
     itself whatever its engine cannot evaluate exactly as DuckDB does. For any other source only
-    ``columns`` and ``filter_columns`` are read, and :func:`~connectors.sources.filter_batches`
+    ``columns`` and ``filter_columns`` are read, and :func:`~connectors.sources.base.filter_batches`
     applies the filter here with a locked-down DuckDB.
     """
     assert inp.filter is not None
@@ -230,7 +230,6 @@ def padded_batches(
     every row; an unfiltered input is not padded (its size shows its row count, as it always has).
     """
     f_rows = frame_rows(schema, target_bytes)
-    data_schema = pa.schema([f for f in schema if f.name != PAD_COLUMN])
     pending: list[pa.RecordBatch] = []
     rows = size = sent = 0
 
@@ -253,8 +252,17 @@ def padded_batches(
                 yield real_frame()
                 sent += rows
                 pending, rows, size = [], 0, 0
-    total = sent + rows
-    target_rows = max(MIN_PADDED_ROWS, _next_pow2(total))
+    yield from _padding(pending, sent, schema, f_rows)
+
+
+def _padding(pending: list[pa.RecordBatch], sent: int, schema: pa.Schema, f_rows: int) -> Iterator[pa.RecordBatch]:
+    """The end of a padded stream (:func:`padded_batches`), once ``sent`` rows went in full frames:
+    the last real rows (``pending``, fewer than ``f_rows``) completed with padding rows to a frame,
+    then padding frames until the stream holds ``max(MIN_PADDED_ROWS, next power of two >= the real
+    rows)`` rows."""
+    data_schema = pa.schema([f for f in schema if f.name != PAD_COLUMN])
+    rows = sum(b.num_rows for b in pending)
+    target_rows = max(MIN_PADDED_ROWS, _next_pow2(sent + rows))
     empty = pa.RecordBatch.from_pylist([], schema=data_schema)
     tail = (pa.concat_batches(pending) if len(pending) > 1 else pending[0]) if rows else empty
     var_target = {

@@ -25,7 +25,9 @@ columns ``FROM`` the relation ``WHERE`` the part of the plan's filter that it ev
 DuckDB does (comparisons, IN, BETWEEN, IS NULL, LIKE, AND/OR/NOT over columns whose types agree
 with the literals, strings compared byte-wise); every literal is bound as a parameter, never pasted
 into the SQL text. Whatever it cannot take exactly is applied here, by DuckDB, on the rows it sends
-(:func:`connectors.sources.filter_batches`): the result has WHERE semantics either way.
+(:func:`connectors.sources.base.filter_batches`): the result has WHERE semantics either way. The
+specs are parsed in :mod:`connectors.sources.database_uris`, the filter split in
+:mod:`connectors.sources.pushdown`.
 
 Security model: this module runs on the data owner's machine. Its errors and log lines name the
 dataset, the database (its URI without password), tables, columns, types and SQLSTATE codes only.
@@ -36,14 +38,12 @@ chained (``raise ... from None``).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import duckdb
 import pyarrow as pa
@@ -51,32 +51,32 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
+from connectors.sources.base import (
+    DEFAULT_BATCH_ROWS,
+    check_batch_rows,
+    filter_batches,
+    physical_columns,
+    resolve_columns,
+    select_columns,
+    sliced,
+)
+from connectors.sources.database_uris import parse_database_spec, redact_uri
+from connectors.sources.pushdown import translate_filter
 from sealroom.duck import locked_config
 from sealroom.errors import SourceError
 
 __all__ = [
-    "DATABASE_FILE_SUFFIXES",
-    "SqlFilter",
     "SqlSource",
     "DuckDbSource",
     "SqliteSource",
     "PostgresSource",
     "open_database",
-    "is_database_spec",
-    "redact_uri",
-    "resolve_database_spec",
-    "translate_filter",
     "validate_select",
 ]
 
 logger = logging.getLogger(__name__)
 
-DATABASE_FILE_SUFFIXES = (".duckdb", ".ddb", ".sqlite", ".sqlite3", ".db")
-_SCHEMES = ("postgresql", "postgres", "sqlite", "duckdb")
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_DUCKDB_MAGIC = b"DUCK"  # at offset 8
 _CURSOR = "__sr_cursor"
-DEFAULT_BATCH_ROWS = 131_072  # as connectors.sources.DEFAULT_BATCH_ROWS (which imports this module)
 _SUBQUERY = "__sr_q"
 
 # An observer of every statement a SQL source sends (SQL text with placeholders, parameters): a
@@ -84,171 +84,11 @@ _SUBQUERY = "__sr_q"
 StatementHook = Callable[[str, tuple[object, ...]], None]
 
 
-# --- Specs ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Spec:
-    kind: str  # "postgresql" | "sqlite" | "duckdb"
-    target: str  # libpq URI without table/query (postgresql), or the file path
-    table: str | None
-    query: str | None
-
-
-def is_database_spec(text: str) -> bool:
-    """Whether ``text`` names a database source (a database URI, or a database file with ``?table=``
-    or ``?query=``), rather than a file or directory of files."""
-    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
-    if scheme in _SCHEMES:
-        return True
-    path, sep, params = text.partition("?")
-    return bool(sep) and path.lower().endswith(DATABASE_FILE_SUFFIXES) and bool(_param_names(params))
-
-
-def resolve_database_spec(text: str, base: Path) -> str:
-    """``text`` with a relative file path (``sqlite:///b.db``, ``duckdb:///x.duckdb``, ``x.duckdb?...``)
-    made absolute against ``base``; a PostgreSQL URI is returned unchanged."""
-    for scheme in ("sqlite", "duckdb"):
-        prefix = f"{scheme}:///"
-        if text.lower().startswith(prefix):
-            path, sep, params = text[len(prefix) :].partition("?")
-            return f"{prefix}{_absolute(path, base)}{sep}{params}"
-    if "://" in text:
-        return text
-    path, sep, params = text.partition("?")
-    return f"{_absolute(path, base)}{sep}{params}"
-
-
-def _absolute(path: str, base: Path) -> str:
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
-
-
-def _param_names(params: str) -> list[str]:
-    return [part.partition("=")[0] for part in params.split("&") if part] if params else []
-
-
-def _split_params(dataset: str, params: str, *, shown: str) -> tuple[str | None, str | None, list[tuple[str, str]]]:
-    """(table, query, other parameters) of a URI's query string. ``query=`` takes the rest verbatim."""
-    table: str | None = None
-    query: str | None = None
-    rest: list[tuple[str, str]] = []
-    while params:
-        if params.startswith("query="):
-            query = params[len("query=") :]
-            break
-        part, _, params = params.partition("&")
-        if not part:
-            continue
-        key, _, value = part.partition("=")
-        key = unquote(key)
-        if key == "table":
-            if table is not None:
-                raise _spec_error(dataset, shown, "gives table= twice")
-            table = unquote(value)
-        else:
-            rest.append((key, unquote(value)))
-    if (table is None) == (query is None):
-        raise _spec_error(
-            dataset,
-            shown,
-            "needs exactly one of ?table=NAME or ?query=SELECT ... (query= last, taken verbatim)",
-        )
-    if table is not None and not table.strip():
-        raise _spec_error(dataset, shown, "has an empty table= name")
-    if query is not None and not query.strip():
-        raise _spec_error(dataset, shown, "has an empty query=")
-    return table, query, rest
-
-
-def _spec_error(dataset: str, shown: str, what: str) -> SourceError:
-    return SourceError(f"dataset {dataset}: the source {shown} {what}", details={"dataset": dataset, "source": shown})
-
-
-def redact_uri(uri: str) -> str:
-    """A PostgreSQL URI as shown in descriptions and errors: scheme, user, host, port and database;
-    no password, no parameters."""
-    try:
-        parts = urlsplit(uri)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "postgresql://(unparsable URI)"
-    user = f"{parts.username}@" if parts.username else ""
-    if ":" in host:
-        host = f"[{host}]"
-    return urlunsplit((parts.scheme, f"{user}{host}{port}", parts.path, "", ""))
-
-
-def _parse(text: str, dataset: str) -> _Spec:
-    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
-    if scheme in ("postgresql", "postgres"):
-        shown = redact_uri(text)
-        base, _, params = text.partition("?")
-        table, query, rest = _split_params(dataset, params, shown=shown)
-        try:
-            inline = urlsplit(base).password is not None
-        except ValueError:
-            inline = False
-        if inline or any(key.lower() == "password" for key, _ in rest):
-            logger.warning("dataset %s: the source URI carries a password; prefer PGPASSWORD or ~/.pgpass", dataset)
-        libpq = base + ("?" + "&".join(f"{quote(k)}={quote(v)}" for k, v in rest) if rest else "")
-        return _Spec("postgresql", libpq, table, query)
-    if scheme in ("sqlite", "duckdb"):
-        prefix = f"{scheme}:///"
-        if not text.lower().startswith(prefix):
-            raise _spec_error(
-                dataset,
-                text.partition("?")[0],
-                f"is not of the form {scheme}:///PATH?table=NAME (three slashes, then a relative path, "
-                f"or a fourth slash for an absolute one)",
-            )
-        path, _, params = text[len(prefix) :].partition("?")
-        table, query, rest = _split_params(dataset, params, shown=f"{prefix}{path}")
-        if rest:
-            raise _spec_error(dataset, f"{prefix}{path}", f"has unknown parameters: {', '.join(k for k, _ in rest)}")
-        if scheme == "sqlite" and query is not None:
-            raise _spec_error(
-                dataset, f"{prefix}{path}", "uses query=, which SQLite sources do not support; use table="
-            )
-        return _Spec(scheme, path, table, query)
-    path, _, params = text.partition("?")
-    table, query, rest = _split_params(dataset, params, shown=path)
-    if rest:
-        raise _spec_error(dataset, path, f"has unknown parameters: {', '.join(k for k, _ in rest)}")
-    kind = _sniff(Path(path), dataset)
-    if kind == "sqlite" and query is not None:
-        raise _spec_error(dataset, path, "uses query=, which SQLite sources do not support; use table=")
-    return _Spec(kind, path, table, query)
-
-
-def _sniff(path: Path, dataset: str) -> str:
-    """ "duckdb" or "sqlite", from the file's header."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(16)
-    except FileNotFoundError:
-        raise SourceError(
-            f"dataset {dataset}: database file not found: {path}", details={"dataset": dataset, "path": str(path)}
-        ) from None
-    except OSError as exc:
-        raise SourceError(
-            f"dataset {dataset}: database file {path} cannot be read ({type(exc).__name__})",
-            details={"dataset": dataset, "path": str(path)},
-        ) from None
-    if head.startswith(_SQLITE_MAGIC):
-        return "sqlite"
-    if head[8:12] == _DUCKDB_MAGIC:
-        return "duckdb"
-    raise SourceError(
-        f"dataset {dataset}: {path} is neither a DuckDB nor a SQLite database file",
-        details={"dataset": dataset, "path": str(path)},
-    )
-
-
 def open_database(text: str, *, dataset: str) -> SqlSource:
     """The database source ``text`` names (see the module docstring). Connects to nothing yet."""
-    spec = _parse(text, dataset)
+    spec = parse_database_spec(text, dataset)
+    if spec.password_in_uri:
+        logger.warning("dataset %s: the source URI carries a password; prefer PGPASSWORD or ~/.pgpass", dataset)
     if spec.kind == "postgresql":
         return PostgresSource(spec.target, dataset=dataset, table=spec.table, query=spec.query)
     if spec.kind == "sqlite":
@@ -328,265 +168,6 @@ def _table_parts(table: str, dataset: str) -> list[str]:
     return parts
 
 
-# --- Filter translation -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SqlFilter:
-    """A plan's filter split for one database: ``where`` (target dialect, literals replaced by
-    placeholders) with its ``params`` in order, and the ``residual`` conditions the database cannot
-    evaluate exactly as DuckDB does (DuckDB SQL, applied locally), with the columns they read."""
-
-    where: str | None
-    params: tuple[object, ...]
-    residual: str | None
-    residual_columns: tuple[str, ...]
-
-
-_COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)
-_ORDERING = (exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Between)
-_DATE_TEXT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_INT64 = (-(2**63), 2**63 - 1)
-
-
-def _category(t: pa.DataType) -> str | None:
-    if pa.types.is_integer(t):
-        return "int"
-    if pa.types.is_float64(t):  # a FLOAT32 column against a literal compares differently
-        return "float"
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "string"
-    if pa.types.is_boolean(t):
-        return "bool"
-    if pa.types.is_date32(t):
-        return "date"
-    return None
-
-
-class _Translator:
-    """Decides, per condition, whether a database evaluates it exactly as DuckDB would, and renders
-    it with placeholders. ``dialect`` is sqlglot's: "postgres", "sqlite" or "duckdb"."""
-
-    def __init__(self, schema: pa.Schema, dialect: str, pushable: frozenset[str] | None = None):
-        self.dialect = dialect
-        self.types: dict[str, str | None] = {}
-        for field in schema:
-            unique = len(schema.get_all_field_indices(field.name)) == 1
-            allowed = pushable is None or field.name in pushable
-            self.types[field.name] = _category(field.type) if unique and allowed else None
-
-    # - which conditions
-
-    def pushable(self, node: exp.Expr) -> bool:
-        if isinstance(node, exp.Paren):
-            return self.pushable(node.this)
-        if isinstance(node, exp.And | exp.Or):
-            return self.pushable(node.this) and self.pushable(node.expression)
-        if isinstance(node, exp.Not):
-            return self.pushable(node.this)
-        if isinstance(node, exp.Column):  # a bare boolean column
-            return self._column_type(node) == "bool"
-        if isinstance(node, exp.Boolean):
-            return True
-        if isinstance(node, exp.Is):
-            return self._column_type(node.this) is not None and isinstance(node.expression, exp.Null)
-        if isinstance(node, _COMPARISONS):
-            return self._compatible(node.this, node.expression, ordering=isinstance(node, _ORDERING))
-        if isinstance(node, exp.Between):
-            return self._compatible(node.this, node.args["low"], ordering=True) and self._compatible(
-                node.this, node.args["high"], ordering=True
-            )
-        if isinstance(node, exp.In):
-            if node.args.get("query") is not None or node.args.get("unnest") is not None or node.args.get("field"):
-                return False
-            items = node.expressions
-            return bool(items) and all(self._compatible(node.this, item, ordering=False) for item in items)
-        if isinstance(node, exp.Like):
-            if node.args.get("escape") is not None or self.dialect == "sqlite":
-                return False  # SQLite's LIKE ignores ASCII case
-            pattern = node.expression
-            if not (isinstance(pattern, exp.Literal) and pattern.is_string):
-                return False
-            if self.dialect == "postgres" and "\\" in pattern.this:
-                return False  # PostgreSQL's LIKE escapes with a backslash by default, DuckDB's does not
-            return self._column_type(node.this) == "string"
-        return False
-
-    def _column_type(self, node: exp.Expression) -> str | None:
-        if not isinstance(node, exp.Column) or node.table:
-            return None
-        return self.types.get(node.name)
-
-    def _literal_type(self, node: exp.Expression, column: str) -> str | None:
-        value = _literal_value(node)
-        if value is _NOT_LITERAL:
-            return None
-        if isinstance(value, bool):
-            return "bool"
-        if isinstance(value, int):
-            return "int" if _INT64[0] <= value <= _INT64[1] else None
-        if isinstance(value, float):
-            return "float"
-        if isinstance(value, datetime.date):
-            return "date"
-        if isinstance(value, str):
-            # DuckDB casts a string literal to the type of the DATE column it is compared with.
-            if column == "date" and _DATE_TEXT.match(value) and _iso_date(value) is not None:
-                return "date"
-            return "string"
-        return None
-
-    def _compatible(self, left: exp.Expression, right: exp.Expression, *, ordering: bool) -> bool:
-        lt, rt = self._column_type(left), self._column_type(right)
-        if lt is None and rt is None:
-            return False
-        if isinstance(left, exp.Null) or isinstance(right, exp.Null):
-            return True  # NULL in a comparison: NULL everywhere
-        column = lt if lt is not None else rt
-        other = right if lt is not None else left
-        assert column is not None
-        if self._column_type(other) is not None:
-            kind: str | None = self._column_type(other)
-        else:
-            kind = self._literal_type(other, column)
-        if kind is None:
-            return False
-        if column == "date" and self.dialect == "sqlite":
-            return False
-        if column == kind:
-            return True
-        # A FLOAT column against an integer literal compares as DOUBLE in DuckDB as here; an INTEGER
-        # column against a fractional literal compares as DECIMAL in DuckDB: not pushed.
-        return column == "float" and kind == "int"
-
-    # - rendering
-
-    def render(self, node: exp.Expr) -> tuple[str, tuple[object, ...]]:
-        tree = node.copy()
-        params: list[object] = []
-        self._collate(tree)
-        tree = tree.transform(lambda n: self._bind(n, params), copy=False)
-        return tree.sql(self.dialect), tuple(params)
-
-    def _bind(self, node: exp.Expression, params: list[object]) -> exp.Expression:
-        if isinstance(node, exp.Column):
-            return exp.Column(this=exp.to_identifier(node.name, quoted=True))
-        value = _literal_value(node)
-        if value is _NOT_LITERAL:
-            return node
-        parent = node.parent
-        column = None
-        if parent is not None:
-            for side in (parent.this, parent.args.get("expression")):
-                if isinstance(side, exp.Column | exp.Collate):
-                    column = self._column_type(side.this if isinstance(side, exp.Collate) else side)
-        if isinstance(value, str) and column == "date":
-            value = _iso_date(value)
-        elif isinstance(value, int) and not isinstance(value, bool) and column == "float":
-            value = float(value)
-        params.append(value)
-        if self.dialect == "postgres":
-            return exp.Parameter(this=exp.Literal.number(len(params)))
-        return exp.Placeholder()
-
-    def _collate(self, tree: exp.Expr) -> None:
-        """Compare strings byte-wise, as the local DuckDB filter does, whatever collation a column
-        was declared with: ``COLLATE "C"`` for PostgreSQL (a nondeterministic ICU collation makes even
-        ``=`` and ``IN`` case-insensitive), ``COLLATE C`` for DuckDB (a column may be ``NOCASE``),
-        ``COLLATE BINARY`` for SQLite. Every string comparison, equality included: a row the plan's
-        filter excludes must never leave the owner."""
-        collation = {
-            "postgres": lambda: exp.Identifier(this="C", quoted=True),
-            "duckdb": lambda: exp.var("C"),
-        }.get(self.dialect, lambda: exp.var("BINARY"))
-        for node in list(tree.find_all(*_COMPARISONS, exp.Between, exp.In, exp.Like)):
-            for key in ("this", "expression"):
-                side = node.args.get(key)
-                if isinstance(side, exp.Column) and self._column_type(side) == "string":
-                    side.replace(exp.Collate(this=side.copy(), expression=collation()))
-
-
-class _NotLiteral:
-    pass
-
-
-_NOT_LITERAL: Any = _NotLiteral()
-
-
-def _literal_value(node: exp.Expression) -> object:
-    """A Python value for a literal node (number, string, boolean, ``DATE 'x'``), else _NOT_LITERAL."""
-    if isinstance(node, exp.Boolean):
-        return bool(node.this)
-    negative = False
-    if isinstance(node, exp.Neg):
-        negative, node = True, node.this
-        if not (isinstance(node, exp.Literal) and not node.is_string):
-            return _NOT_LITERAL
-    if isinstance(node, exp.Cast) and isinstance(node.this, exp.Literal) and node.this.is_string:
-        if node.to.is_type(exp.DataType.Type.DATE) and _DATE_TEXT.match(node.this.this):
-            date = _iso_date(node.this.this)
-            return _NOT_LITERAL if date is None else date
-        return _NOT_LITERAL
-    if not isinstance(node, exp.Literal):
-        return _NOT_LITERAL
-    if node.is_string:
-        return node.this
-    text = node.this
-    try:
-        number: int | float = int(text)
-    except ValueError:
-        try:
-            number = float(text)
-        except ValueError:
-            return _NOT_LITERAL
-    return -number if negative else number
-
-
-def _iso_date(text: str) -> datetime.date | None:
-    try:
-        return datetime.date.fromisoformat(text)
-    except ValueError:
-        return None
-
-
-def _conjuncts(node: exp.Expr) -> list[exp.Expr]:
-    if isinstance(node, exp.Paren) and isinstance(node.this, exp.And):
-        return _conjuncts(node.this)
-    if isinstance(node, exp.And):
-        return [*_conjuncts(node.this), *_conjuncts(node.expression)]
-    return [node]
-
-
-def translate_filter(
-    predicate: str, schema: pa.Schema, *, dialect: str, pushable: frozenset[str] | None = None
-) -> SqlFilter:
-    """Split ``predicate`` (DuckDB SQL over ``schema``'s column names, as the planner pushes it) into
-    what a ``dialect`` database evaluates exactly as DuckDB does (rendered with placeholders, every
-    literal a parameter) and the residual (DuckDB SQL, applied by the caller). Only conditions on
-    the ``pushable`` columns (all when None) can go to the database."""
-    tree = sqlglot.parse_one(predicate, read="duckdb")
-    for node in tree.walk():  # an analyst's SQL comments are free text: they do not reach the database
-        node.comments = None
-    translator = _Translator(schema, dialect, pushable)
-    pushed: list[exp.Expr] = []
-    kept: list[exp.Expr] = []
-    for conjunct in _conjuncts(tree):
-        (pushed if translator.pushable(conjunct) else kept).append(conjunct)
-    where: str | None = None
-    params: tuple[object, ...] = ()
-    if pushed:
-        where, params = translator.render(exp.and_(*(exp.paren(c, copy=True) for c in pushed)))
-    residual: str | None = None
-    columns: list[str] = []
-    if kept:
-        node = exp.and_(*(exp.paren(c, copy=True) for c in kept))
-        for col in node.find_all(exp.Column):
-            if col.name not in columns:
-                columns.append(col.name)
-        residual = node.sql("duckdb")
-    return SqlFilter(where, params, residual, tuple(columns))
-
-
 # --- Sources ----------------------------------------------------------------------------------
 
 
@@ -622,12 +203,10 @@ class SqlSource:
     def batches(
         self, columns: Sequence[str] | None = None, *, batch_rows: int = DEFAULT_BATCH_ROWS
     ) -> Iterator[pa.RecordBatch]:
-        from connectors.sources import _check_batch_rows, _physical, _resolve_columns
-
-        _check_batch_rows(self, batch_rows)
+        check_batch_rows(self, batch_rows)
         schema = self.schema
-        names = _resolve_columns(self, schema, columns)
-        read = _physical(names, schema) or schema.names
+        names = resolve_columns(self, schema, columns)
+        read = physical_columns(names, schema) or schema.names
         return self._select(read, names, None, (), schema, batch_rows)
 
     def filtered_batches(
@@ -642,13 +221,11 @@ class SqlSource:
         semantics, NULL drops the row), projected to ``columns`` in that order. The database gets
         what it evaluates exactly (:func:`translate_filter`), with every literal a parameter; the
         rest is applied here by DuckDB. ``schema`` (the registered one) saves reading it again."""
-        from connectors.sources import _check_batch_rows, _resolve_columns, filter_batches
-
-        _check_batch_rows(self, batch_rows)
+        check_batch_rows(self, batch_rows)
         current = self.schema if schema is None or self._pushable is None else None
         schema = schema if schema is not None else current
         assert schema is not None
-        names = _resolve_columns(self, schema, columns) or []
+        names = resolve_columns(self, schema, columns) or []
         sql_filter = translate_filter(predicate, schema, dialect=self.dialect, pushable=self._pushable)
         read = list(names)
         for column in sql_filter.residual_columns:
@@ -656,7 +233,7 @@ class SqlSource:
                 read.append(column)
         if not read:
             read = schema.names[:1]
-        _resolve_columns(self, schema, read)
+        resolve_columns(self, schema, read)
         batches = self._select(read, read, sql_filter.where, sql_filter.params, schema, batch_rows)
         if sql_filter.residual is None:
             return (b.select(names) for b in batches) if read != names else batches
@@ -680,13 +257,11 @@ class SqlSource:
         schema: pa.Schema,
         batch_rows: int,
     ) -> Iterator[pa.RecordBatch]:
-        from connectors.sources import _select, _sliced
-
         target = pa.schema([schema.field(c) for c in read])
         sql = self.select_sql(read, where)
         with self._errors(read):
             for batch in self._stream(sql, params, batch_rows):
-                yield from _sliced(_select(self._conform(batch, target), names), batch_rows)
+                yield from sliced(select_columns(self._conform(batch, target), names), batch_rows)
 
     def _conform(self, batch: pa.RecordBatch, target: pa.Schema) -> pa.RecordBatch:
         """``batch`` with the registered types; a value of another type is an error naming its column."""
@@ -857,7 +432,7 @@ class SqliteSource(SqlSource):
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[Any]:
-        import adbc_driver_sqlite.dbapi
+        import adbc_driver_sqlite.dbapi  # lazy: ADBC (native, ~1 s to import) only when used
 
         if not self.path.is_file():
             raise SourceError(
@@ -880,7 +455,7 @@ class SqliteSource(SqlSource):
             return con.adbc_get_table_schema(parts[-1])
 
     def _stream(self, sql: str, params: tuple[object, ...], batch_rows: int) -> Iterator[pa.RecordBatch]:
-        import adbc_driver_sqlite
+        import adbc_driver_sqlite  # lazy: ADBC (native, ~1 s to import) only when used
 
         with self._connect() as con:
             cursor = con.cursor()
@@ -899,7 +474,7 @@ class SqliteSource(SqlSource):
                 cursor.close()
 
     def _classify(self, exc: BaseException, columns: list[str] | None) -> SourceError | None:
-        import adbc_driver_manager
+        import adbc_driver_manager  # lazy: ADBC (native, ~1 s to import) only when used
 
         text = str(exc)
         mismatch = re.search(r"Type mismatch in column (\d+)", text)
@@ -953,7 +528,7 @@ class PostgresSource(SqlSource):
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[Any]:
-        import adbc_driver_postgresql.dbapi
+        import adbc_driver_postgresql.dbapi  # lazy: ADBC (native, ~1 s to import) only when used
 
         con = adbc_driver_postgresql.dbapi.connect(self.uri, autocommit=True)
         try:
@@ -995,7 +570,7 @@ class PostgresSource(SqlSource):
                 cursor.close()
 
     def _stream(self, sql: str, params: tuple[object, ...], batch_rows: int) -> Iterator[pa.RecordBatch]:
-        import adbc_driver_postgresql
+        import adbc_driver_postgresql  # lazy: ADBC (native, ~1 s to import) only when used
 
         with self._connect() as con:
             cursor = con.cursor()
@@ -1019,7 +594,7 @@ class PostgresSource(SqlSource):
                 cursor.close()
 
     def _classify(self, exc: BaseException, columns: list[str] | None) -> SourceError | None:
-        import adbc_driver_manager
+        import adbc_driver_manager  # lazy: ADBC (native, ~1 s to import) only when used
 
         if not isinstance(exc, adbc_driver_manager.Error):
             return None

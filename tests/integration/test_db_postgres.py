@@ -17,8 +17,10 @@ import pytest
 from hypothesis import given, settings
 
 from connectors.agent import filtered_batches
-from connectors.sources import TableSource, check_schema, filter_batches, open_source
+from connectors.sources import open_source
+from connectors.sources.base import check_schema, filter_batches
 from connectors.sources.databases import PostgresSource
+from connectors.sources.memory import TableSource
 from sealroom.errors import SourceError
 from sealroom.planning.plan import PlanInput
 from sealroom.policy import DatasetPolicy

@@ -428,9 +428,9 @@ def test_auto_approvals_lapse_too_and_the_agent_forgets_them(tmp_path):
     for plan in plans:
         plan_hash, signature, expires_at = agent.review(plan.to_json())
         assert signature is not None and expires_at <= time.time() + 1
-    assert len(agent._held) == 5
+    assert len(agent.approvals._held) == 5
     time.sleep(1.1)
     with pytest.raises(ApprovalError) as caught:
         agent.contribute(plans[0].to_json(), "j_none", "127.0.0.1:9")
     assert caught.value.details["check"] == "approval_expired"
-    assert agent._held == {} and agent._manual == {}
+    assert agent.approvals._held == {} and agent.approvals._manual == {}

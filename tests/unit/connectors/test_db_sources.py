@@ -19,15 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connectors.agent import PartyConfig, filtered_batches, padded_batches
-from connectors.sources import FilterPushdown, TableSource, check_schema, filter_batches, open_source, resolve_spec
-from connectors.sources.databases import (
-    DuckDbSource,
-    SqliteSource,
-    is_database_spec,
-    redact_uri,
-    translate_filter,
-    validate_select,
-)
+from connectors.sources import open_source, resolve_spec
+from connectors.sources.base import FilterPushdown, check_schema, filter_batches
+from connectors.sources.database_uris import is_database_spec, redact_uri
+from connectors.sources.databases import DuckDbSource, SqliteSource, validate_select
+from connectors.sources.memory import TableSource
+from connectors.sources.pushdown import translate_filter
 from sealroom.config import file_table
 from sealroom.errors import SourceError
 from sealroom.planning.plan import PlanInput

@@ -19,17 +19,10 @@ import pyarrow.ipc as paipc
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.sources import (
-    ArrowIpcSource,
-    CsvSource,
-    PandasSource,
-    ParquetSource,
-    Source,
-    StreamSource,
-    TableSource,
-    check_schema,
-    open_source,
-)
+from connectors.sources import open_source
+from connectors.sources.base import Source, check_schema
+from connectors.sources.files import ArrowIpcSource, CsvSource, ParquetSource
+from connectors.sources.memory import PandasSource, StreamSource, TableSource
 from sealroom.errors import SourceError
 
 DATASET = "bank_a.loans"

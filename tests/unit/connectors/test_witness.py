@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from connectors.agent import DatasetConfig, PartyAgent, PartyConfig
+from connectors.clock import MillisecondIssuer
 from connectors.witness import LOG_KEY_FILE, LogWitness, state_file
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator
@@ -395,6 +396,33 @@ def test_an_unreadable_witness_state_stops_the_agent_from_starting(
         LogWitness(party="bank_a", key=keys["bank_a"], state_dir=state, log_key=None, call=fake)
 
 
+def test_the_witness_stamps_its_cosignatures_from_the_issuer_it_is_given(
+    registered: Coordinator, keys: dict[str, Ed25519PrivateKey], tmp_path: Path
+) -> None:
+    fake = FakeCoordinator(registered)
+    stamps: list[int] = []
+
+    def recording(method: str, request: Any) -> Any:
+        if method == "SubmitCosignature":
+            stamps.append(request.issued_at_ms)
+        return fake(method, request)
+
+    now = time.time()
+    issuer = MillisecondIssuer(lambda: now)  # a clock that stands still
+    w = LogWitness(
+        party="bank_a",
+        key=keys["bank_a"],
+        state_dir=tmp_path / "st",
+        log_key=None,
+        call=recording,
+        issued_at=issuer.issue,
+    )
+    frozen = int(now * 1000)
+    w.witness(query_id="q_1")
+    w.witness(query_id="q_1")  # the same checkpoint, the same query, within the same (frozen) millisecond
+    assert stamps == [frozen, frozen + 1]
+
+
 # --------------------------------------------------------------------------------------------------
 # the agent refuses to approve
 
@@ -443,7 +471,7 @@ def test_the_agent_approves_only_after_witnessing(
         agent.review(other.to_json())
     assert info.value.details == {"party": "bank_a", "check": "fork", "rule": "log_witness"}
     assert "transparency log failed the witness check (fork)" in info.value.message
-    assert other.hash not in agent._held  # nothing was signed
+    assert agent.approvals.held(other.hash) is None  # nothing was signed
 
 
 def test_the_owners_manual_approval_is_witnessed_first(
@@ -468,8 +496,10 @@ def test_the_owners_manual_approval_is_witnessed_first(
     plan = make_plan("SELECT segment, COUNT(*) AS n FROM bank_a.loans GROUP BY segment", [data])
     assert agent.review(plan.to_json())[1] is None and fake.calls == []  # held for the owner: nothing signed yet
 
+    owner = MillisecondIssuer()  # the owner's client: each command it signs is new
+
     def command() -> party_pb2.OwnerCommand:
-        issued = int(time.time() * 1000) + len(fake.calls)  # each command is new
+        issued = owner.issue()
         return party_pb2.OwnerCommand(
             query_id=plan.query_id,
             issued_at_ms=issued,
@@ -483,10 +513,10 @@ def test_the_owners_manual_approval_is_witnessed_first(
     with pytest.raises(ApprovalError) as info:
         agent.approve(command())
     assert info.value.details["check"] == "fork" and sent == []  # refused before anything was sent
-    assert not agent._held[plan.hash].approved
+    assert not agent.approvals.held(plan.hash).approved  # type: ignore[union-attr]
     fake.view = None
     fake.calls.clear()
-    assert agent.approve(command())["state"] == "approved"
+    assert agent.approve(command()).state == "approved"
     assert fake.calls[-1] == "SubmitCosignature" and sent == ["SubmitApproval"]
 
 

@@ -20,7 +20,7 @@ from connectors.agent import (
     frame_rows,
     padded_batches,
 )
-from connectors.sources import TableSource
+from connectors.sources.memory import TableSource
 from coordinator.planner import CatalogEntry, explain_text, plan_query
 from enclave_worker.attester import make_attester
 from enclave_worker.config import EnclaveConfig
