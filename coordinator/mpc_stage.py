@@ -40,8 +40,17 @@ from mpc.session import PlayerProcess, free_ports
 from mpc.tls import PlayerIdentity, PlayerOffer
 from sealroom.canonical import canonical_json
 from sealroom.errors import InvalidQueryError, JobFailedError, MpcError, SealroomError
-from sealroom.planning.mpc_spec import StageSpec
-from sealroom.planning.plan import Plan, Stage, mpc_player_keys, mpc_session
+from sealroom.planning.plan import (
+    EnclaveHolder,
+    Holder,
+    MpcStage,
+    PartyHolder,
+    Plan,
+    PlanInput,
+    Release,
+    mpc_player_keys,
+    mpc_session,
+)
 from sealroom.rpc import call
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
@@ -59,13 +68,13 @@ class MpcRelease:
     record: dict[str, Any]  # what is stored as the release's result document (see release_record)
 
 
-def plan_mpc_stage(plan: Plan) -> Stage | None:
+def plan_mpc_stage(plan: Plan) -> MpcStage | None:
     """The plan's MPC stage (None for a TEE plan). Every TEE stage of a plan with an MPC stage must
     feed it: the runtime runs one MPC stage, fed by at most one enclave job."""
-    mpc = [s for s in plan.stages if s.kind == "mpc"]
+    mpc = plan.mpc_stages()
     if not mpc:
         return None
-    tee = [s for s in plan.stages if s.kind == "tee"]
+    tee = plan.tee_stages()
     if len(mpc) != 1 or len(tee) > 1 or any(s.feeds != mpc[0].id for s in tee):
         raise InvalidQueryError(
             "this plan's stages are not one MPC stage, fed by at most one TEE stage; re-plan the query",
@@ -74,9 +83,9 @@ def plan_mpc_stage(plan: Plan) -> Stage | None:
     return mpc[0]
 
 
-def enclave_player_index(stage: Stage) -> int:
+def enclave_player_index(stage: MpcStage) -> int:
     """The index of the enclave's player in ``stage`` (a hybrid plan's MPC stage)."""
-    mine = [int(i) for i, h in (stage.holders or {}).items() if "stage" in h]
+    mine = [i for i, h in stage.holders.items() if isinstance(h, EnclaveHolder)]
     if len(mine) != 1:
         raise InvalidQueryError("plan is inconsistent: the MPC stage names no single enclave player")
     return mine[0]
@@ -102,7 +111,7 @@ class EnclavePlayer:
 
 def run_mpc_stage(
     plan: Plan,
-    stage: Stage,
+    stage: MpcStage,
     *,
     addresses: dict[str, str],
     channel: Callable[[str], AbstractContextManager[grpc.Channel]],
@@ -116,16 +125,15 @@ def run_mpc_stage(
     ``prepare_enclave`` (hybrid plans): prepares the enclave's player and returns it, called once the
     owners' players are prepared (so the evidence they check is fresh). ``helper``: the
     coordinator's identity (public key hex and ``sign``) for the helper players the plan names."""
-    assert stage.mpc is not None and stage.holders is not None and stage.release is not None
-    spec = StageSpec.from_dict(stage.mpc)
+    spec = stage.spec
     plan_json = plan.to_json()
     session = mpc_session(plan, stage.id)
-    holders = {int(i): h for i, h in stage.holders.items() if "party" in h}
+    holders = {i: h for i, h in stage.holders.items() if isinstance(h, PartyHolder)}
     helpers = [i for i, p in enumerate(spec.players) if not p.holds_input]
-    fed = [int(i) for i, h in stage.holders.items() if "stage" in h]
+    fed = [i for i, h in stage.holders.items() if isinstance(h, EnclaveHolder)]
     if (prepare_enclave is None) != (not fed):
         raise InvalidQueryError("the MPC stage's enclave player and the enclave job given do not match")
-    names = {i: h["party"] for i, h in holders.items()}
+    names = {i: h.party for i, h in holders.items()}
     names.update({i: "the enclave" for i in fed})
     enclave: EnclavePlayer | None = None
 
@@ -169,7 +177,7 @@ def run_mpc_stage(
         futures = {
             i: pool.submit(
                 party_call,
-                h["party"],
+                h.party,
                 "PrepareMpc",
                 party_pb2.PrepareMpcRequest(plan_json=plan_json, stage_id=stage.id, index=i),
                 timeout,
@@ -242,7 +250,7 @@ def run_mpc_stage(
             p.start()
         with ThreadPoolExecutor(max_workers=max(1, len(holders) + len(helper_players) + len(fed))) as pool:
             jobs: dict[Future[Any], tuple[str, int]] = {
-                pool.submit(party_call, holders[i]["party"], "RunMpc", run_request[i], timeout + 30): ("party", i)
+                pool.submit(party_call, holders[i].party, "RunMpc", run_request[i], timeout + 30): ("party", i)
                 for i in holders
             }
             jobs.update({pool.submit(p.wait): ("helper", p.index) for p in helper_players})
@@ -295,7 +303,7 @@ def run_mpc_stage(
         if MpcResult.from_opened(spec, doc["result"]).digest() != digest:
             raise MpcError("a helper player opened a different result", details={"reason": "disagreement"})
 
-    table, suppressed = apply_release(expected, stage.release, spec)
+    table, suppressed = apply_release(expected, stage.release)
     signatures = {spec.players[i].name: outcomes[i].signature.hex() for i in outcomes}
     record = release_record(plan, stage, expected, signatures)
     log.info(
@@ -317,34 +325,33 @@ def _first(errors: list[BaseException]) -> BaseException:
     return errors[0]
 
 
-def apply_release(
-    doc: dict[str, Any], release: dict[str, Any], spec: StageSpec
-) -> tuple[pa.Table, list[dict[str, Any]]]:
+def apply_release(doc: dict[str, Any], release: Release) -> tuple[pa.Table, list[dict[str, Any]]]:
     """The released table (output columns in order; HAVING, ORDER BY and LIMIT on released cells
     only) and the suppressed cells (group keys and the rule, never a value)."""
     import duckdb
 
     cells = result_table(doc)
-    outputs = [tuple(o) for o in release["outputs"]]
+    outputs = release.outputs
     table = pa.table({name: cells[source] for name, _kind, source in outputs})
     group_names = {source: name for name, kind, source in outputs if kind == "group"}
-    if release.get("having") or release.get("order_by") or release.get("limit") is not None:
+    if release.having or release.order_by or release.limit is not None:
         # DuckDB's relational API: each clause is parsed as one expression, never as statements, and
         # the analyst's output names are quoted identifiers (a '"' in a name is doubled).
         con = duckdb.connect(config={"enable_external_access": False, "threads": 1})
         try:
             rel = con.from_arrow(table)
-            if release.get("having"):
-                rel = rel.filter(str(release["having"]))
-            if release.get("order_by"):
+            if release.having:
+                rel = rel.filter(release.having)
+            if release.order_by:
                 rel = rel.order(
                     ", ".join(
-                        f"{_ident(c)} {'DESC' if desc else 'ASC'} NULLS {'FIRST' if nulls_first else 'LAST'}"
-                        for c, desc, nulls_first in release["order_by"]
+                        f"{_ident(o.column)} {'DESC' if o.descending else 'ASC'} NULLS "
+                        f"{'FIRST' if o.nulls_first else 'LAST'}"
+                        for o in release.order_by
                     )
                 )
-            if release.get("limit") is not None:
-                rel = rel.limit(int(release["limit"]))
+            if release.limit is not None:
+                rel = rel.limit(release.limit)
             table = rel.to_arrow_table()
         finally:
             con.close()
@@ -368,18 +375,20 @@ def _ident(name: object) -> str:
     return '"' + str(name).replace('"', '""') + '"'
 
 
-def release_record(plan: Plan, stage: Stage, doc: dict[str, Any], signatures: dict[str, str]) -> dict[str, Any]:
+def release_record(plan: Plan, stage: MpcStage, doc: dict[str, Any], signatures: dict[str, str]) -> dict[str, Any]:
     """The stored record of an MPC release: the opened result, the owners' signatures over it, the
     players and the trust assumption; what a receipt binds for an MPC stage."""
 
-    def held(h: dict[str, Any]) -> list[Any]:
-        if "stage" in h:  # the enclave's player: the inputs of the TEE stage feeding this one
-            return [i for s in plan.stages if s.id == h["stage"] and s.feeds == stage.id for i in s.inputs]
-        return [i for i in stage.inputs if i.party == h.get("party") and i.dataset in h.get("datasets", ())]
+    def held(h: Holder) -> list[PlanInput]:
+        if isinstance(h, EnclaveHolder):  # the enclave's player: the inputs of the TEE stage feeding this one
+            return [i for s in plan.feeding(stage) if s.id == h.stage for i in s.inputs]
+        if isinstance(h, PartyHolder):
+            return [i for i in stage.inputs if i.party == h.party and i.dataset in h.datasets]
+        return []
 
     inputs = [
-        {"party": i.party, "dataset": i.dataset, "columns": list(i.columns), "player": int(n)}
-        for n, h in sorted((stage.holders or {}).items(), key=lambda kv: int(kv[0]))
+        {"party": i.party, "dataset": i.dataset, "columns": list(i.columns), "player": n}
+        for n, h in sorted(stage.holders.items())
         for i in held(h)
     ]
     return {

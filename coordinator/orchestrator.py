@@ -50,7 +50,8 @@ from sealroom.errors import (
     UnavailableError,
     from_code,
 )
-from sealroom.planning.plan import Plan, Stage
+from sealroom.planning.plan import MpcStage as PlannedMpcStage
+from sealroom.planning.plan import Plan
 from sealroom.rpc import call, open_channel
 from sealroom.signing import check_issued_at, verify_approval, verify_owner_action
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
@@ -140,7 +141,7 @@ class StreamProgress:
         shared = {(d["party"], d["name"]): int(d.get("approximate_rows") or 0) for d in datasets}
         self.parties: dict[str, dict[str, Any]] = {}
         # Only what is streamed to an enclave (in a hybrid plan, not the mpc_only owners' data).
-        streamed = [i for s in plan.stages if s.kind == "tee" for i in s.inputs]
+        streamed = [i for s in plan.tee_stages() for i in s.inputs]
         for party in sorted({i.party for i in streamed}):
             mine = [i for i in streamed if i.party == party]
             totals = [shared.get((party, i.dataset), 0) if i.filter is None else 0 for i in mine]
@@ -627,7 +628,7 @@ class Orchestrator:
                     return
                 wait([futures[p] for p in streaming], timeout=PROGRESS_INTERVAL)
 
-    def _run_mpc(self, plan: Plan, stage: Stage, w: _Approvals) -> None:
+    def _run_mpc(self, plan: Plan, stage: PlannedMpcStage, w: _Approvals) -> None:
         """An MPC plan: approvals, then the owners' players and the coordinator's helpers."""
         qid = plan.query_id
         involved = plan.involved_parties()
@@ -640,7 +641,7 @@ class Orchestrator:
     def _mpc_stage(
         self,
         plan: Plan,
-        stage: Stage,
+        stage: PlannedMpcStage,
         parties: dict[str, dict[str, Any]],
         prepare_enclave: Callable[[], EnclavePlayer] | None = None,
     ) -> MpcRelease:
@@ -657,7 +658,9 @@ class Orchestrator:
             prepare_enclave=prepare_enclave,
         )
 
-    def _release_mpc(self, plan: Plan, stage: Stage, release: MpcRelease, *, feed: VerifiedResult | None) -> None:
+    def _release_mpc(
+        self, plan: Plan, stage: PlannedMpcStage, release: MpcRelease, *, feed: VerifiedResult | None
+    ) -> None:
         """Log the stages and store an MPC stage's release with its receipt (``feed``: the verified
         document of the enclave job that fed it, in a hybrid plan)."""
         qid = plan.query_id
@@ -747,7 +750,7 @@ class Orchestrator:
             return
         involved = plan.involved_parties()
         # The parties whose rows go to the enclave (in a hybrid plan, not the mpc_only owners).
-        streaming = sorted({i.party for s in plan.stages if s.kind == "tee" for i in s.inputs})
+        streaming = sorted({i.party for s in plan.tee_stages() for i in s.inputs})
         plan_json = plan.to_json()
         self.store.update_query(qid, status="awaiting_approval", progress=f"approvals 0/{len(involved)}")
 

@@ -172,7 +172,7 @@ class JobRegistry:
 
     def create(self, plan_json: bytes) -> Job:
         plan = Plan.from_json(plan_json)
-        tee = [s for s in plan.stages if s.kind == "tee"]
+        tee = plan.tee_stages()
         if len(tee) != 1:
             raise InvalidQueryError("this enclave runs plans with exactly one TEE stage")
         stage = tee[0]
@@ -504,7 +504,7 @@ class JobRegistry:
             ),
             nonce=nonce,
         )
-        tee = next(s for s in job.plan.stages if s.kind == "tee")
+        tee = job.plan.tee_stages()[0]
         doc = {
             "version": RESULT_VERSION,
             "kind": "sealroom.result",

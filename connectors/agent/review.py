@@ -13,7 +13,19 @@ import pyarrow as pa
 from connectors.witness import LogWitness
 from sealroom.errors import ApprovalError, InvalidQueryError, PolicyRefusalError
 from sealroom.planning.disclosure import check_uses
-from sealroom.planning.plan import Plan, PlanInput, Stage, mpc_player_keys, mpc_stage_query, stage_pushdown
+from sealroom.planning.plan import (
+    EnclaveHolder,
+    HelperHolder,
+    MpcStage,
+    PartyHolder,
+    Plan,
+    PlanInput,
+    Stage,
+    TeeStage,
+    mpc_player_keys,
+    mpc_stage_query,
+    stage_pushdown,
+)
 from sealroom.planning.sql import UNION_UNIT
 from sealroom.policy import DatasetPolicy
 
@@ -76,7 +88,7 @@ def check_plan(owner: Owner, plan: Plan) -> list[PlanInput]:
                 "the plan's minimum group size is weaker than an involved owner's policy",
                 details={"party": me, "rule": "min_group_size"},
             )
-        if stage.kind == "mpc" or stage.feeds is not None:
+        if isinstance(stage, MpcStage) or stage.feeds is not None:
             if any(i.party == me for i in stage.inputs):
                 check_mpc_stage(owner, plan, stage)
         elif any(i.party == me for i in stage.inputs):
@@ -95,16 +107,14 @@ def check_mpc_stage(owner: Owner, plan: Plan, stage: Stage) -> None:  # noqa: C9
     declare, its datasets go to an enclave only where its policy allows and otherwise are held by
     its own player only, and the players and holders agree with the spec. Raises the refusal."""
     from sealroom.planning.bounds import stage_consistency_violation, stage_rule_violation
-    from sealroom.planning.mpc_spec import StageSpec
 
     me = owner.name
     q = mpc_stage_query(plan, stage)
-    if stage.feeds is not None:
-        stage = next(s for s in plan.stages if s.id == stage.feeds)
-    assert stage.mpc is not None and stage.holders is not None and stage.release is not None
-    spec = StageSpec.from_dict(stage.mpc)
-    feeding = [s for s in plan.stages if s.feeds == stage.id]
-    every = [*stage.inputs, *(i for s in feeding for i in s.inputs)]
+    if isinstance(stage, TeeStage):
+        stage = plan.fed_stage(stage)
+    spec = stage.spec
+    feeding = plan.feeding(stage)
+    every = plan.mpc_inputs(stage)
     mine = [i for i in every if i.party == me]
 
     def refuse(message: str, rule: str, **details: Any) -> PolicyRefusalError:
@@ -140,7 +150,7 @@ def check_mpc_stage(owner: Owner, plan: Plan, stage: Stage) -> None:  # noqa: C9
     )
     # Who holds what: this party's MPC-side datasets only by its own player, its TEE-side ones only
     # where its policy accepts an enclave; helpers hold nothing.
-    if set(stage.holders) != {str(n) for n in range(len(spec.players))}:
+    if set(stage.holders) != set(range(len(spec.players))):
         raise refuse("the MPC stage's holders do not name exactly its players", "players")
     coordinator_key = owner.witness.log_key if owner.witness is not None else None
     if owner.witness is not None and coordinator_key is None and any(not p.holds_input for p in spec.players):
@@ -151,16 +161,16 @@ def check_mpc_stage(owner: Owner, plan: Plan, stage: Stage) -> None:  # noqa: C9
             "players",
         )
     for n, player in enumerate(spec.players):
-        holder = stage.holders[str(n)]
-        if player.holds_input == ("helper" in holder):
+        holder = stage.holders[n]
+        if player.holds_input == isinstance(holder, HelperHolder):
             raise refuse(f"the MPC stage's player {n} ({player.name}) and its holders disagree", "players")
-        if "party" in holder and holder["party"] != player.name:
-            raise refuse(f"the MPC stage's player {n} ({player.name}) would hold {holder['party']}'s input", "players")
+        if isinstance(holder, PartyHolder) and holder.party != player.name:
+            raise refuse(f"the MPC stage's player {n} ({player.name}) would hold {holder.party}'s input", "players")
         # A helper's identity is the coordinator's key (the log key this agent witnesses): a helper
         # under any other key could be someone else's second player.
-        if "helper" in holder and (
-            holder["helper"] != player.name
-            or (coordinator_key is not None and holder.get("key") != coordinator_key.public_key.hex())
+        if isinstance(holder, HelperHolder) and (
+            holder.helper != player.name
+            or (coordinator_key is not None and holder.key != coordinator_key.public_key.hex())
         ):
             raise refuse(
                 f"the MPC stage's helper player {n} is not named with the coordinator's key", "players", player=n
@@ -169,8 +179,8 @@ def check_mpc_stage(owner: Owner, plan: Plan, stage: Stage) -> None:  # noqa: C9
         mpc_player_keys(plan, stage)
     except InvalidQueryError as err:
         raise refuse(err.message, "players") from None
-    held = {(h["party"], d) for h in stage.holders.values() if "party" in h for d in h.get("datasets", ())}
-    fed = {h["stage"] for h in stage.holders.values() if "stage" in h}
+    held = {(h.party, d) for h in stage.holders.values() if isinstance(h, PartyHolder) for d in h.datasets}
+    fed = {h.stage for h in stage.holders.values() if isinstance(h, EnclaveHolder)}
     for inp in stage.inputs:
         if (inp.party, inp.dataset) not in held:
             raise refuse(f"no player of its owner holds {inp.qualified} in the MPC stage", "players")

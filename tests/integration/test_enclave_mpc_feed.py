@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from coordinator.orchestrator import verify_result
 from mpc.tls import PlayerIdentity
-from sealroom.planning.plan import Plan, Stage
+from sealroom.planning.plan import EnclaveHolder, MpcStage, Plan
 from sealroom.policy import DatasetPolicy, DatasetTrust, TrustPolicy
 from sealroom.v1 import enclave_pb2, party_pb2
 from tests.harness.enclave import (
@@ -68,12 +68,14 @@ class Hybrid:
     everyone: list[PartyData]
 
     @property
-    def mpc(self) -> Stage:
-        return self.plan.stages[1]
+    def mpc(self) -> MpcStage:
+        stage = self.plan.stages[1]
+        assert isinstance(stage, MpcStage)
+        return stage
 
     @property
     def index(self) -> int:
-        return next(int(i) for i, h in (self.mpc.holders or {}).items() if "stage" in h)
+        return next(i for i, h in self.mpc.holders.items() if isinstance(h, EnclaveHolder))
 
     def prepare(
         self, enclave: EnclaveHandle, parties: list[PartyData] | None = None

@@ -281,4 +281,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
-
