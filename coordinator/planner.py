@@ -24,6 +24,7 @@ from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
 
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
+from sealroom.planning.checks import check_analyst, strictest_datasets, strictest_min_group_size
 from sealroom.planning.disclosure import check_uses
 from sealroom.planning.plan import (
     EnclaveHolder,
@@ -85,12 +86,7 @@ def plan_query(
     for n, qualified in enumerate(analysis.datasets):
         entry = catalog[qualified]
         where = {"party": entry.party, "dataset": entry.dataset}
-        if not entry.policy.allows_analyst(analyst):
-            raise PolicyRefusalError(
-                f"{qualified} may not be queried by analyst {analyst}: its policy lists the analysts it "
-                f"allows; ask {entry.party} to add {analyst}",
-                details={**where, "rule": "analysts", "suggestion": f"ask {entry.party} to allow {analyst}"},
-            )
+        check_analyst(analyst, party=entry.party, dataset=entry.dataset, policy=entry.policy)
         unit = entry.policy.privacy_unit
         if unit is not None and unit not in entry.schema.names:
             raise PolicyRefusalError(
@@ -132,7 +128,7 @@ def plan_query(
         sql=analysis.sql,
         inputs=tuple(inputs),
         output_columns=analysis.output_columns,
-        min_group_size=max(i.policy.min_group_size for i in inputs),
+        min_group_size=strictest_min_group_size(i.policy for i in inputs),
     )
     # Recompute the pushdown and compile exactly as the enclave will (from the plan, over the columns
     # it will receive), so a plan the enclave or a party would refuse is refused here, early.
@@ -160,7 +156,7 @@ def output_rules(plan: Plan, analysis: Analysis) -> dict[str, list[str]]:
     assert isinstance(stage, TeeStage)
     by_name = {i.qualified: i for i in stage.inputs}
     tree = sqlglot.parse_one(analysis.sql, read="duckdb")
-    strictest = sorted(i.qualified for i in stage.inputs if i.policy.min_group_size == stage.min_group_size)
+    strictest = strictest_datasets(stage.inputs)[1]
     out: dict[str, list[str]] = {}
     for expression, name in zip(tree.expressions, analysis.output_columns, strict=True):
         rules = [f"min {stage.min_group_size} distinct units per cell ({', '.join(strictest)})"]
@@ -418,7 +414,6 @@ def _plan_mpc(
     import itertools
 
     from sealroom.planning.bounds import measure_from_rules
-    from sealroom.planning.bounds import min_group_size as strictest
     from sealroom.planning.mpc_spec import Aggregate, Player, StageSpec
     from sealroom.planning.plan import mpc_stage_query
     from sealroom.planning.sql import UNION_UNIT, mpc_query
@@ -476,7 +471,7 @@ def _plan_mpc(
             )
         decimals[col] = dec
     unit = any(p.privacy_unit for p in policies)
-    k = strictest(policies)
+    k = strictest_min_group_size(policies)
     # Players: each owner of an MPC-side dataset runs one, then the enclave holding the others'
     # partials, then helpers holding no input until there are three.
     players: list[Player] = []

@@ -43,10 +43,10 @@ from sealroom.errors import (
     InvalidQueryError,
     JobFailedError,
     NotFoundError,
-    PolicyRefusalError,
     ResourceExhaustedError,
     SealroomError,
 )
+from sealroom.planning.checks import check_analyst, check_no_bounded_filter, strictest_datasets
 from sealroom.planning.disclosure import check_uses
 from sealroom.planning.plan import Plan, PlanInput, stage_pushdown
 from sealroom.planning.sql import PAD_COLUMN, RESERVED_PREFIX, CompiledStage, InputSpec
@@ -184,11 +184,7 @@ class JobRegistry:
             # Two inputs sharing an engine table would let one owner's rows stand in for another's.
             raise InvalidQueryError("the plan names an input or an engine table twice")
         for inp in stage.inputs:
-            if not inp.policy.allows_analyst(plan.analyst):
-                raise PolicyRefusalError(
-                    f"{inp.qualified} may not be queried by analyst {plan.analyst} (its owner's policy)",
-                    details={"party": inp.party, "dataset": inp.dataset, "rule": "analysts"},
-                )
+            check_analyst(plan.analyst, party=inp.party, dataset=inp.dataset, policy=inp.policy)
             unit = inp.policy.privacy_unit
             if unit is not None and unit not in inp.columns:
                 raise InvalidQueryError(
@@ -229,8 +225,7 @@ class JobRegistry:
             }
             check_uses(pushed.uses, policies, names)
             check_uses(compiled.uses, policies, names)
-        k = max(i.policy.min_group_size for i in stage.inputs)
-        strictest = tuple(sorted(i.qualified for i in stage.inputs if i.policy.min_group_size == k))
+        k, strictest = strictest_datasets(stage.inputs)
         # Every owner's rules apply to every cell: its bounds to its measure columns, its dominance
         # rule to its privacy units. Both come from the policies the owners signed in the plan.
         clamps: dict[str, dict[str, Bounds]] = {}
@@ -241,15 +236,7 @@ class JobRegistry:
                 if rule.role == "measure" and (rule.min is not None or rule.max is not None):
                     clamps.setdefault(inp.table, {})[column] = (rule.min, rule.max)
                     clamped.append({"dataset": inp.qualified, "column": column, "min": rule.min, "max": rule.max})
-            for column in inp.filter_columns:
-                rule = inp.policy.rule(column)
-                if rule.min is not None or rule.max is not None:
-                    # A party filters raw values; the enclave would have clamped them first. Roles
-                    # already forbid filtering on a measure: this keeps it so whatever roles allow.
-                    raise PolicyRefusalError(
-                        f"{inp.qualified}.{column} has declared bounds and cannot be filtered on by its party",
-                        details={"party": inp.party, "dataset": inp.dataset, "column": column, "rule": "bounds"},
-                    )
+            check_no_bounded_filter(inp)
         dominance = {i.qualified: i.policy.dominance for i in stage.inputs if i.policy.dominance is not None}
         rules: dict[str, Any] = {
             "min_group_size": k,

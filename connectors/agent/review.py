@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from connectors.witness import LogWitness
 from sealroom.errors import ApprovalError, InvalidQueryError, PolicyRefusalError
+from sealroom.planning.checks import check_analyst, check_stage_k
 from sealroom.planning.disclosure import check_uses
 from sealroom.planning.plan import (
     EnclaveHolder,
@@ -66,12 +67,8 @@ def check_plan(owner: Owner, plan: Plan) -> list[PlanInput]:
                 "current policy; re-plan the query",
                 details={**where, "rule": "policy_digest"},
             )
-        if not policy.allows_analyst(plan.analyst):
-            raise PolicyRefusalError(
-                f"{me}.{inp.dataset} may not be queried by analyst {plan.analyst}; ask {me} to add the "
-                "analyst to the dataset's policy",
-                details={**where, "rule": "analysts"},
-            )
+        # The owner's current policy (its digest is the plan's, checked above).
+        check_analyst(plan.analyst, party=me, dataset=inp.dataset, policy=policy)
         schema = owner.schemas[inp.dataset]
         for col in (*inp.columns, *inp.filter_columns):
             if col not in schema.names:
@@ -83,11 +80,7 @@ def check_plan(owner: Owner, plan: Plan) -> list[PlanInput]:
                 details={**where, "column": policy.privacy_unit, "rule": "privacy_unit"},
             )
     for stage in plan.stages:
-        if stage.min_group_size < max(i.policy.min_group_size for i in stage.inputs):
-            raise PolicyRefusalError(
-                "the plan's minimum group size is weaker than an involved owner's policy",
-                details={"party": me, "rule": "min_group_size"},
-            )
+        check_stage_k(stage, party=me)
         if isinstance(stage, MpcStage) or stage.feeds is not None:
             if any(i.party == me for i in stage.inputs):
                 check_mpc_stage(owner, plan, stage)

@@ -42,14 +42,6 @@ def measure_from_rules(
     return Measure(column, lo, hi, decimals, nullable)
 
 
-def min_group_size(policies: Iterable[DatasetPolicy]) -> int:
-    """The strictest (largest) minimum group size of the involved owners."""
-    sizes = [p.min_group_size for p in policies]
-    if not sizes:
-        raise ValueError("no policies")
-    return max(sizes)
-
-
 def _bound(v: float | None) -> str:
     return "none" if v is None else f"{v:g}"
 
