@@ -127,6 +127,14 @@ class FeedPlayer:
         check_scratch(scratch)  # before any data arrives
         return cls(plan, stage, target, spec, mine[0], host, scratch)
 
+    def stop(self) -> None:
+        """The job ended (failed, aborted or done): drop the partials; the player never starts, or
+        is killed if it runs."""
+        self.partials = None
+        self.cancelled.set()
+        if self.kill is not None:
+            self.kill()
+
     def prepare(self, tables: list[tuple[PlanInput, pa.Table]], sign: Callable[[bytes], bytes]) -> dict[str, Any]:
         """Compute the partials from the inputs' rows (each with its privacy unit as the stage's
         unit column), create the player's identity and reserve its port; return the offer."""
@@ -207,7 +215,7 @@ class _StatFs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 512)]  # f_type comes first on Linux
 
 
-def _filesystem_type(path: Path) -> int | None:
+def filesystem_type(path: Path) -> int | None:
     """The statfs magic of the filesystem ``path`` (a directory, not followed if a symlink) is on."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -232,7 +240,7 @@ def check_scratch(path: Path) -> Path:
         real = path.resolve(strict=True)
     except OSError:
         real = None
-    kind = _filesystem_type(real) if real is not None else None
+    kind = filesystem_type(real) if real is not None else None
     if kind not in MEMORY_FILESYSTEMS:
         raise InvalidQueryError(
             "the enclave's MPC player needs a memory-backed scratch directory for its TLS key (a tmpfs inside the "

@@ -320,10 +320,10 @@ def test_a_feeding_job_needs_a_memory_backed_scratch_directory(
 ) -> None:
     """The enclave's player keeps its TLS key in a file MPyC reads: that file must be in the TEE's
     memory, never on a disk the host reads. The job is refused at creation, before any data moves."""
-    from enclave_worker.mpc_feed import MEMORY_FILESYSTEMS, _filesystem_type
+    from enclave_worker.mpc_feed import MEMORY_FILESYSTEMS, filesystem_type
 
     candidates = [tmp_path, Path(__file__).resolve().parent]
-    on_disk = next((d for d in candidates if _filesystem_type(d) not in MEMORY_FILESYSTEMS), None)
+    on_disk = next((d for d in candidates if filesystem_type(d) not in MEMORY_FILESYSTEMS), None)
     if on_disk is None:
         pytest.skip("no disk-backed directory here to refuse (the temp and source directories are in memory)")
     enclave = enclave_factory(mpc_scratch_dir=on_disk)
