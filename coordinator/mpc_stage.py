@@ -125,23 +125,65 @@ def run_mpc_stage(
     ``prepare_enclave`` (hybrid plans): prepares the enclave's player and returns it, called once the
     owners' players are prepared (so the evidence they check is fresh). ``helper``: the
     coordinator's identity (public key hex and ``sign``) for the helper players the plan names."""
-    spec = stage.spec
-    plan_json = plan.to_json()
-    session = mpc_session(plan, stage.id)
-    holders = {i: h for i, h in stage.holders.items() if isinstance(h, PartyHolder)}
-    helpers = [i for i, p in enumerate(spec.players) if not p.holds_input]
-    fed = [i for i, h in stage.holders.items() if isinstance(h, EnclaveHolder)]
-    if (prepare_enclave is None) != (not fed):
-        raise InvalidQueryError("the MPC stage's enclave player and the enclave job given do not match")
-    names = {i: h.party for i, h in holders.items()}
-    names.update({i: "the enclave" for i in fed})
-    enclave: EnclavePlayer | None = None
+    run = _StageRun(
+        plan, stage, _Roster.of(stage, prepare_enclave is not None), _Calls(addresses, channel), host, timeout
+    )
+    # 1. Offers: the owners' players, then the enclave's (prepared last, so the evidence the owners
+    # check is fresh), then the coordinator's helpers.
+    offers = run.prepare_owners()
+    enclave = run.prepare_enclave(prepare_enclave, offers) if prepare_enclave is not None else None
+    identities = _identities(plan, stage, enclave)
+    helpers = run.prepare_helpers(helper, offers)
+    all_offers = [offers[i] for i in range(len(stage.spec.players))]
+    # 2. Run every player at once: the owners' through their agents, the helpers here.
+    outcomes, helper_docs = run.run_players(all_offers, helpers, identities, enclave)
+    # 3. Every player opened the same result, and every owner signed it.
+    expected = run.agreed_result(identities, outcomes, helper_docs)
+    table, suppressed = apply_release(expected, stage.release)
+    signatures = {stage.spec.players[i].name: outcomes[i].signature.hex() for i in outcomes}
+    record = release_record(plan, stage, expected, signatures)
+    log.info(
+        "MPC stage %s of query %s: %d cells released, %d suppressed",
+        stage.id,
+        plan.query_id,
+        table.num_rows,
+        len(suppressed),
+    )
+    return MpcRelease(table, suppressed, record)
 
-    open_channels: list[grpc.Channel] = []  # RunMpc calls in flight, closed to cancel them
 
-    def party_call(party: str, method: str, request: Any, call_timeout: float) -> Any:
-        with channel(addresses[party]) as ch:
-            open_channels.append(ch)
+@dataclass(frozen=True)
+class _Roster:
+    """Who plays the stage: the owners' players (index -> holder), the enclave's, the helpers."""
+
+    holders: dict[int, PartyHolder]
+    helpers: list[int]
+    fed: list[int]  # the enclave's player (a hybrid plan's), at most one
+    names: dict[int, str]  # player index -> who runs it, for error messages
+
+    @classmethod
+    def of(cls, stage: MpcStage, with_enclave: bool) -> _Roster:
+        holders = {i: h for i, h in stage.holders.items() if isinstance(h, PartyHolder)}
+        fed = [i for i, h in stage.holders.items() if isinstance(h, EnclaveHolder)]
+        if with_enclave != bool(fed):
+            raise InvalidQueryError("the MPC stage's enclave player and the enclave job given do not match")
+        names = {i: h.party for i, h in holders.items()}
+        names.update({i: "the enclave" for i in fed})
+        helpers = [i for i, p in enumerate(stage.spec.players) if not p.holds_input]
+        return cls(holders, helpers, fed, names)
+
+
+class _Calls:
+    """The stage's calls to the owners' agents and the enclave; closing their channels cancels them."""
+
+    def __init__(self, addresses: dict[str, str], channel: Callable[[str], AbstractContextManager[grpc.Channel]]):
+        self._addresses = addresses
+        self._channel = channel
+        self._open: list[grpc.Channel] = []  # RunMpc calls in flight, closed to cancel them
+
+    def party(self, party: str, method: str, request: Any, call_timeout: float) -> Any:
+        with self._channel(self._addresses[party]) as ch:
+            self._open.append(ch)
             stub = party_pb2_grpc.PartyAgentStub(ch)
             try:
                 return call(party, getattr(stub, method), request, timeout=call_timeout)
@@ -153,14 +195,18 @@ def run_mpc_stage(
                     details={**err.details, "party": party, "cause": err.code},
                 ) from None
             finally:
-                open_channels.remove(ch)
+                self._open.remove(ch)
 
-    def enclave_call(request: enclave_pb2.EnclaveRunMpcRequest, call_timeout: float) -> Any:
-        assert enclave is not None
-        with channel(enclave.address) as ch:
-            open_channels.append(ch)
+    def enclave(
+        self, enclave: EnclavePlayer, request: enclave_pb2.EnclaveRunMpcRequest, call_timeout: float
+    ) -> party_pb2.MpcOutcome:
+        with self._channel(enclave.address) as ch:
+            self._open.append(ch)
             try:
-                return call("enclave", enclave_pb2_grpc.EnclaveStub(ch).RunMpc, request, timeout=call_timeout)
+                outcome: party_pb2.MpcOutcome = call(
+                    "enclave", enclave_pb2_grpc.EnclaveStub(ch).RunMpc, request, timeout=call_timeout
+                )
+                return outcome
             except SealroomError as err:
                 if isinstance(err, MpcError):
                     raise
@@ -169,151 +215,209 @@ def run_mpc_stage(
                     details={**err.details, "player": enclave.index, "cause": err.code},
                 ) from None
             finally:
-                open_channels.remove(ch)
+                self._open.remove(ch)
 
-    # 1. Offers: the owners' players, then the enclave's (prepared last, so the evidence the owners
-    # check is fresh), then the coordinator's helpers.
-    with ThreadPoolExecutor(max_workers=max(1, len(holders))) as pool:
-        futures = {
-            i: pool.submit(
-                party_call,
-                h.party,
-                "PrepareMpc",
-                party_pb2.PrepareMpcRequest(plan_json=plan_json, stage_id=stage.id, index=i),
-                timeout,
-            )
-            for i, h in holders.items()
-        }
-        offers = {i: f.result() for i, f in futures.items()}
-    if prepare_enclave is not None:
-        enclave = prepare_enclave()
-        if enclave.offer.index != enclave.index or [enclave.index] != fed:
+    def cancel(self) -> None:
+        for ch in list(self._open):
+            ch.close()
+
+
+def _identities(plan: Plan, stage: MpcStage, enclave: EnclavePlayer | None) -> dict[int, Ed25519PublicKey]:
+    """Every player's identity key, as the plan names it (the enclave's: its attested job key)."""
+    keys = mpc_player_keys(plan, stage)
+    identities = {i: Ed25519PublicKey.from_public_bytes(bytes.fromhex(k)) for i, k in keys.items() if k is not None}
+    if enclave is not None:
+        identities[enclave.index] = enclave.key
+    return identities
+
+
+@dataclass(frozen=True)
+class _StageRun:
+    """One run of an MPC stage, step by step (see run_mpc_stage)."""
+
+    plan: Plan
+    stage: MpcStage
+    roster: _Roster
+    calls: _Calls
+    host: str
+    timeout: float
+
+    def prepare_owners(self) -> dict[int, party_pb2.MpcOffer]:
+        """PrepareMpc at every owner holding a player, at once; their offers by player index."""
+        plan_json = self.plan.to_json()
+        with ThreadPoolExecutor(max_workers=max(1, len(self.roster.holders))) as pool:
+            futures = {
+                i: pool.submit(
+                    self.calls.party,
+                    h.party,
+                    "PrepareMpc",
+                    party_pb2.PrepareMpcRequest(plan_json=plan_json, stage_id=self.stage.id, index=i),
+                    self.timeout,
+                )
+                for i, h in self.roster.holders.items()
+            }
+            return {i: f.result() for i, f in futures.items()}
+
+    def prepare_enclave(
+        self, prepare: Callable[[], EnclavePlayer], offers: dict[int, party_pb2.MpcOffer]
+    ) -> EnclavePlayer:
+        """The enclave's player, prepared; its offer added to ``offers``."""
+        enclave = prepare()
+        if enclave.offer.index != enclave.index or [enclave.index] != self.roster.fed:
             raise MpcError(
                 "the enclave returned an offer for another player",
                 details={"reason": "identity", "player": enclave.index},
             )
         offers[enclave.index] = enclave.offer
-    # Every player's identity key, as the plan names it (the enclave's: its attested job key).
-    keys = mpc_player_keys(plan, stage)
-    identities: dict[int, Ed25519PublicKey] = {
-        i: Ed25519PublicKey.from_public_bytes(bytes.fromhex(k)) for i, k in keys.items() if k is not None
-    }
-    if enclave is not None:
-        identities[enclave.index] = enclave.key
-    helper_state: dict[int, PlayerIdentity] = {}
-    for i in helpers:
-        if helper is None or keys[i] != helper[0]:
-            raise MpcError(
-                f"the plan names another identity for helper player {i} than this coordinator's key; re-plan the query",
-                details={"reason": "identity", "player": i},
-            )
-        identity = PlayerIdentity(session, i)
-        (port,) = free_ports(1, host)
-        offer = identity.offer(helper[1])
-        helper_state[i] = identity
-        offers[i] = party_pb2.MpcOffer(index=i, offer_json=json.dumps(offer.to_dict()).encode(), host=host, port=port)
-    all_offers = [offers[i] for i in range(len(spec.players))]
+        return enclave
 
-    # 2. Run every player at once: the owners' through their agents, the helpers here.
-    run_request = {
-        i: party_pb2.RunMpcRequest(
-            plan_json=plan_json,
-            stage_id=stage.id,
-            index=i,
-            offers=all_offers,
-            timeout_seconds=timeout,
-            enclave=enclave.attested if enclave is not None else None,
-        )
-        for i in holders
-    }
-    helper_players = [
-        PlayerProcess(
-            spec,
-            i,
-            addresses=[(o.host, int(o.port)) for o in all_offers],
-            credentials=identity.credentials(
-                [PlayerOffer.from_dict(json.loads(o.offer_json)) for o in all_offers], identities
-            ),
-            partials=None,
-            start_timeout=min(30.0, timeout),
-            run_timeout=timeout,
-            bind_host=host,
-        )
-        for i, identity in helper_state.items()
-    ]
-    outcomes: dict[int, party_pb2.MpcOutcome] = {}
-    helper_docs: list[dict[str, Any]] = []
-
-    errors: list[BaseException] = []  # in the order they happened: the first is the cause
-    try:
-        for p in helper_players:
-            p.start()
-        with ThreadPoolExecutor(max_workers=max(1, len(holders) + len(helper_players) + len(fed))) as pool:
-            jobs: dict[Future[Any], tuple[str, int]] = {
-                pool.submit(party_call, holders[i].party, "RunMpc", run_request[i], timeout + 30): ("party", i)
-                for i in holders
-            }
-            jobs.update({pool.submit(p.wait): ("helper", p.index) for p in helper_players})
-            if enclave is not None:
-                request = enclave_pb2.EnclaveRunMpcRequest(
-                    job_id=enclave.job_id, offers=all_offers, timeout_seconds=timeout, job_token=enclave.job_token
+    def prepare_helpers(
+        self, helper: tuple[str, Callable[[bytes], bytes]] | None, offers: dict[int, party_pb2.MpcOffer]
+    ) -> dict[int, PlayerIdentity]:
+        """The coordinator's helper players' identities, under its key (the one the plan names);
+        their offers added to ``offers``."""
+        keys = mpc_player_keys(self.plan, self.stage)
+        identities: dict[int, PlayerIdentity] = {}
+        for i in self.roster.helpers:
+            if helper is None or keys[i] != helper[0]:
+                raise MpcError(
+                    f"the plan names another identity for helper player {i} than this coordinator's key; "
+                    "re-plan the query",
+                    details={"reason": "identity", "player": i},
                 )
-                jobs[pool.submit(enclave_call, request, timeout + 30)] = ("party", enclave.index)
-            for fut in as_completed(jobs):
-                kind, i = jobs[fut]
-                try:
-                    value = fut.result()
-                except BaseException as exc:  # noqa: BLE001 - the first one is raised below
-                    if not errors:  # end the stage everywhere at once: cancel the calls, stop the helpers
-                        for ch in list(open_channels):
-                            ch.close()
-                        for p in helper_players:
-                            p.kill()
-                    errors.append(exc)
-                    continue
-                if kind == "party":
-                    outcomes[i] = value
-                else:
-                    helper_docs.append(value)
-        if errors:
-            raise _first(errors)
-    finally:
-        for p in helper_players:
-            p.close()
-
-    # 3. Every player opened the same result, and every owner signed it.
-    docs = {i: json.loads(o.result_json) for i, o in outcomes.items()}
-    for i, o in outcomes.items():
-        try:
-            identities[i].verify(o.signature, signing_message(docs[i]))
-        except InvalidSignature:
-            raise MpcError(
-                f"MPC player {i} ({names[i]}) returned a result its owner's key did not sign",
-                details={"reason": "signature", "player": i, "party": names[i]},
-            ) from None
-    expected = docs[min(docs)] if docs else MpcResult.from_opened(spec, helper_docs[0]["result"]).to_dict()
-    digest = hashlib.sha256(canonical_json(expected)).hexdigest()
-    for i, doc in docs.items():
-        if hashlib.sha256(canonical_json(doc)).hexdigest() != digest:
-            raise MpcError(
-                f"MPC player {i} ({names[i]}) opened a different result than the others",
-                details={"reason": "disagreement", "player": i, "party": names[i]},
+            identity = PlayerIdentity(mpc_session(self.plan, self.stage.id), i)
+            (port,) = free_ports(1, self.host)
+            offer = identity.offer(helper[1])
+            identities[i] = identity
+            offers[i] = party_pb2.MpcOffer(
+                index=i, offer_json=json.dumps(offer.to_dict()).encode(), host=self.host, port=port
             )
-    for doc in helper_docs:
-        if MpcResult.from_opened(spec, doc["result"]).digest() != digest:
-            raise MpcError("a helper player opened a different result", details={"reason": "disagreement"})
+        return identities
 
-    table, suppressed = apply_release(expected, stage.release)
-    signatures = {spec.players[i].name: outcomes[i].signature.hex() for i in outcomes}
-    record = release_record(plan, stage, expected, signatures)
-    log.info(
-        "MPC stage %s of query %s: %d cells released, %d suppressed",
-        stage.id,
-        plan.query_id,
-        table.num_rows,
-        len(suppressed),
-    )
-    return MpcRelease(table, suppressed, record)
+    def _helper_processes(
+        self,
+        all_offers: list[party_pb2.MpcOffer],
+        helpers: dict[int, PlayerIdentity],
+        identities: dict[int, Ed25519PublicKey],
+    ) -> list[PlayerProcess]:
+        parsed = [PlayerOffer.from_dict(json.loads(o.offer_json)) for o in all_offers]
+        return [
+            PlayerProcess(
+                self.stage.spec,
+                i,
+                addresses=[(o.host, int(o.port)) for o in all_offers],
+                credentials=identity.credentials(parsed, identities),
+                partials=None,
+                start_timeout=min(30.0, self.timeout),
+                run_timeout=self.timeout,
+                bind_host=self.host,
+            )
+            for i, identity in helpers.items()
+        ]
+
+    def _submit_all(
+        self,
+        pool: ThreadPoolExecutor,
+        all_offers: list[party_pb2.MpcOffer],
+        helper_players: list[PlayerProcess],
+        enclave: EnclavePlayer | None,
+    ) -> dict[Future[Any], tuple[str, int]]:
+        """RunMpc at every owner and the enclave, and the helpers' waits: each future with its
+        player's kind (``party`` or ``helper``) and index."""
+        plan_json = self.plan.to_json()
+        runs: dict[Future[Any], tuple[str, int]] = {}
+        for i, h in self.roster.holders.items():
+            request = party_pb2.RunMpcRequest(
+                plan_json=plan_json,
+                stage_id=self.stage.id,
+                index=i,
+                offers=all_offers,
+                timeout_seconds=self.timeout,
+                enclave=enclave.attested if enclave is not None else None,
+            )
+            runs[pool.submit(self.calls.party, h.party, "RunMpc", request, self.timeout + 30)] = ("party", i)
+        runs.update({pool.submit(p.wait): ("helper", p.index) for p in helper_players})
+        if enclave is not None:
+            to_enclave = enclave_pb2.EnclaveRunMpcRequest(
+                job_id=enclave.job_id, offers=all_offers, timeout_seconds=self.timeout, job_token=enclave.job_token
+            )
+            runs[pool.submit(self.calls.enclave, enclave, to_enclave, self.timeout + 30)] = ("party", enclave.index)
+        return runs
+
+    def run_players(
+        self,
+        all_offers: list[party_pb2.MpcOffer],
+        helpers: dict[int, PlayerIdentity],
+        identities: dict[int, Ed25519PublicKey],
+        enclave: EnclavePlayer | None,
+    ) -> tuple[dict[int, party_pb2.MpcOutcome], list[dict[str, Any]]]:
+        """Run every player at once; the signed outcomes (player index -> outcome) and the helpers'
+        opened documents. The first failure ends the stage everywhere: the calls are cancelled and
+        the helpers stopped, and it is raised."""
+        helper_players = self._helper_processes(all_offers, helpers, identities)
+        outcomes: dict[int, party_pb2.MpcOutcome] = {}
+        helper_docs: list[dict[str, Any]] = []
+        errors: list[BaseException] = []  # in the order they happened: the first is the cause
+        try:
+            for p in helper_players:
+                p.start()
+            workers = max(1, len(self.roster.holders) + len(helper_players) + len(self.roster.fed))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                runs = self._submit_all(pool, all_offers, helper_players, enclave)
+                for fut in as_completed(runs):
+                    kind, i = runs[fut]
+                    try:
+                        value = fut.result()
+                    except BaseException as exc:  # noqa: BLE001 - the first one is raised below
+                        if not errors:  # end the stage everywhere at once: cancel the calls, stop the helpers
+                            self.calls.cancel()
+                            for p in helper_players:
+                                p.kill()
+                        errors.append(exc)
+                        continue
+                    if kind == "party":
+                        outcomes[i] = value
+                    else:
+                        helper_docs.append(value)
+            if errors:
+                raise _first(errors)
+        finally:
+            for p in helper_players:
+                p.close()
+        return outcomes, helper_docs
+
+    def agreed_result(
+        self,
+        identities: dict[int, Ed25519PublicKey],
+        outcomes: dict[int, party_pb2.MpcOutcome],
+        helper_docs: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The opened result, once every owner's signature over it verified and every player (the
+        helpers too) opened the same one."""
+        spec, names = self.stage.spec, self.roster.names
+        docs = {i: json.loads(o.result_json) for i, o in outcomes.items()}
+        for i, o in outcomes.items():
+            try:
+                identities[i].verify(o.signature, signing_message(docs[i]))
+            except InvalidSignature:
+                raise MpcError(
+                    f"MPC player {i} ({names[i]}) returned a result its owner's key did not sign",
+                    details={"reason": "signature", "player": i, "party": names[i]},
+                ) from None
+        expected: dict[str, Any] = (
+            docs[min(docs)] if docs else MpcResult.from_opened(spec, helper_docs[0]["result"]).to_dict()
+        )
+        digest = hashlib.sha256(canonical_json(expected)).hexdigest()
+        for i, doc in docs.items():
+            if hashlib.sha256(canonical_json(doc)).hexdigest() != digest:
+                raise MpcError(
+                    f"MPC player {i} ({names[i]}) opened a different result than the others",
+                    details={"reason": "disagreement", "player": i, "party": names[i]},
+                )
+        for doc in helper_docs:
+            if MpcResult.from_opened(spec, doc["result"]).digest() != digest:
+                raise MpcError("a helper player opened a different result", details={"reason": "disagreement"})
+        return expected
 
 
 def _first(errors: list[BaseException]) -> BaseException:
