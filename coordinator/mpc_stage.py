@@ -30,6 +30,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+import duckdb
 import grpc
 import pyarrow as pa
 from cryptography.exceptions import InvalidSignature
@@ -432,8 +433,6 @@ def _first(errors: list[BaseException]) -> BaseException:
 def apply_release(doc: dict[str, Any], release: Release) -> tuple[pa.Table, list[dict[str, Any]]]:
     """The released table (output columns in order; HAVING, ORDER BY and LIMIT on released cells
     only) and the suppressed cells (group keys and the rule, never a value)."""
-    import duckdb
-
     cells = result_table(doc)
     outputs = release.outputs
     table = pa.table({name: cells[source] for name, _kind, source in outputs})
