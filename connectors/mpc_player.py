@@ -36,7 +36,15 @@ from mpc.tls import PlayerIdentity, PlayerOffer, identity_keys
 from sealroom.attestation import Claims, Evidence
 from sealroom.errors import ApprovalError, InvalidQueryError, MpcError
 from sealroom.planning.mpc_spec import StageSpec
-from sealroom.planning.plan import Plan, PlanInput, Stage, mpc_player_keys, mpc_session, mpc_stage_query
+from sealroom.planning.plan import (
+    MpcStage,
+    PartyHolder,
+    Plan,
+    PlanInput,
+    mpc_player_keys,
+    mpc_session,
+    mpc_stage_query,
+)
 from sealroom.policy import DatasetPolicy
 from sealroom.v1 import party_pb2
 
@@ -79,10 +87,10 @@ class _Prepared:
     offer: party_pb2.MpcOffer | None = None
 
 
-def mpc_stage(plan: Plan, stage_id: str) -> tuple[Stage, StageSpec]:
-    for stage in plan.stages:
-        if stage.id == stage_id and stage.kind == "mpc" and stage.mpc is not None:
-            return stage, StageSpec.from_dict(stage.mpc)
+def mpc_stage(plan: Plan, stage_id: str) -> tuple[MpcStage, StageSpec]:
+    for stage in plan.mpc_stages():
+        if stage.id == stage_id:
+            return stage, stage.spec
     raise InvalidQueryError(f"the plan has no MPC stage {stage_id!r}", details={"stage": stage_id})
 
 
@@ -101,13 +109,13 @@ class MpcPlayers:
         me = self.owner.name
         plan = self.owner.approved_plan(plan_json)
         stage, spec = mpc_stage(plan, stage_id)
-        holder = (stage.holders or {}).get(str(index))
-        if not holder or holder.get("party") != me:
+        holder = stage.holders.get(index)
+        if not isinstance(holder, PartyHolder) or holder.party != me:
             raise ApprovalError(
                 f"player {index} of stage {stage_id} is not {me}'s to run", details={"party": me, "player": index}
             )
         mpc_stage_query(plan, stage)  # the stage computes what its SQL says (raises otherwise)
-        mine = [i for i in stage.inputs if i.party == me and i.dataset in holder.get("datasets", ())]
+        mine = [i for i in stage.inputs if i.party == me and i.dataset in holder.datasets]
         if not mine:
             raise ApprovalError(f"{me} holds no input of stage {stage_id}", details={"party": me})
         key = (plan.hash, stage_id, index)
@@ -221,13 +229,13 @@ class MpcPlayers:
         log.info("MPC stage %s of plan %s: player %d done", request.stage_id, plan.hash[:12], request.index)
         return party_pb2.MpcOutcome(result_json=result.canonical(), signature=self.owner.sign(result.signing_message()))
 
-    def _enclave_key(self, plan: Plan, stage: Stage, enclave: party_pb2.EnclavePlayer) -> Ed25519PublicKey:
+    def _enclave_key(self, plan: Plan, stage: MpcStage, enclave: party_pb2.EnclavePlayer) -> Ed25519PublicKey:
         """The enclave player's identity key (hybrid plans): the signing key of the job that the
         evidence binds to this plan's hash. The evidence must pass this agent's own appraisal and
         the trust section of every dataset streamed to that enclave (as the plan carries those
         owners' policies): this owner does not send the enclave its data, but its player must know
         the enclave is the code those owners accepted, not the coordinator posing as a player."""
-        feeding = [s for s in plan.stages if s.feeds == stage.id]
+        feeding = plan.feeding(stage)
         if not feeding:
             raise MpcError(
                 "the coordinator sent an enclave player for a stage no TEE stage feeds",

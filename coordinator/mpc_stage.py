@@ -30,6 +30,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+import duckdb
 import grpc
 import pyarrow as pa
 from cryptography.exceptions import InvalidSignature
@@ -40,8 +41,17 @@ from mpc.session import PlayerProcess, free_ports
 from mpc.tls import PlayerIdentity, PlayerOffer
 from sealroom.canonical import canonical_json
 from sealroom.errors import InvalidQueryError, JobFailedError, MpcError, SealroomError
-from sealroom.planning.mpc_spec import StageSpec
-from sealroom.planning.plan import Plan, Stage, mpc_player_keys, mpc_session
+from sealroom.planning.plan import (
+    EnclaveHolder,
+    Holder,
+    MpcStage,
+    PartyHolder,
+    Plan,
+    PlanInput,
+    Release,
+    mpc_player_keys,
+    mpc_session,
+)
 from sealroom.rpc import call
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
@@ -59,13 +69,13 @@ class MpcRelease:
     record: dict[str, Any]  # what is stored as the release's result document (see release_record)
 
 
-def plan_mpc_stage(plan: Plan) -> Stage | None:
+def plan_mpc_stage(plan: Plan) -> MpcStage | None:
     """The plan's MPC stage (None for a TEE plan). Every TEE stage of a plan with an MPC stage must
     feed it: the runtime runs one MPC stage, fed by at most one enclave job."""
-    mpc = [s for s in plan.stages if s.kind == "mpc"]
+    mpc = plan.mpc_stages()
     if not mpc:
         return None
-    tee = [s for s in plan.stages if s.kind == "tee"]
+    tee = plan.tee_stages()
     if len(mpc) != 1 or len(tee) > 1 or any(s.feeds != mpc[0].id for s in tee):
         raise InvalidQueryError(
             "this plan's stages are not one MPC stage, fed by at most one TEE stage; re-plan the query",
@@ -74,9 +84,9 @@ def plan_mpc_stage(plan: Plan) -> Stage | None:
     return mpc[0]
 
 
-def enclave_player_index(stage: Stage) -> int:
+def enclave_player_index(stage: MpcStage) -> int:
     """The index of the enclave's player in ``stage`` (a hybrid plan's MPC stage)."""
-    mine = [int(i) for i, h in (stage.holders or {}).items() if "stage" in h]
+    mine = [i for i, h in stage.holders.items() if isinstance(h, EnclaveHolder)]
     if len(mine) != 1:
         raise InvalidQueryError("plan is inconsistent: the MPC stage names no single enclave player")
     return mine[0]
@@ -102,7 +112,7 @@ class EnclavePlayer:
 
 def run_mpc_stage(
     plan: Plan,
-    stage: Stage,
+    stage: MpcStage,
     *,
     addresses: dict[str, str],
     channel: Callable[[str], AbstractContextManager[grpc.Channel]],
@@ -116,187 +126,22 @@ def run_mpc_stage(
     ``prepare_enclave`` (hybrid plans): prepares the enclave's player and returns it, called once the
     owners' players are prepared (so the evidence they check is fresh). ``helper``: the
     coordinator's identity (public key hex and ``sign``) for the helper players the plan names."""
-    assert stage.mpc is not None and stage.holders is not None and stage.release is not None
-    spec = StageSpec.from_dict(stage.mpc)
-    plan_json = plan.to_json()
-    session = mpc_session(plan, stage.id)
-    holders = {int(i): h for i, h in stage.holders.items() if "party" in h}
-    helpers = [i for i, p in enumerate(spec.players) if not p.holds_input]
-    fed = [int(i) for i, h in stage.holders.items() if "stage" in h]
-    if (prepare_enclave is None) != (not fed):
-        raise InvalidQueryError("the MPC stage's enclave player and the enclave job given do not match")
-    names = {i: h["party"] for i, h in holders.items()}
-    names.update({i: "the enclave" for i in fed})
-    enclave: EnclavePlayer | None = None
-
-    open_channels: list[grpc.Channel] = []  # RunMpc calls in flight, closed to cancel them
-
-    def party_call(party: str, method: str, request: Any, call_timeout: float) -> Any:
-        with channel(addresses[party]) as ch:
-            open_channels.append(ch)
-            stub = party_pb2_grpc.PartyAgentStub(ch)
-            try:
-                return call(party, getattr(stub, method), request, timeout=call_timeout)
-            except SealroomError as err:
-                if isinstance(err, MpcError):
-                    raise
-                raise JobFailedError(
-                    f"{party} could not take part in the MPC stage: {err.message}",
-                    details={**err.details, "party": party, "cause": err.code},
-                ) from None
-            finally:
-                open_channels.remove(ch)
-
-    def enclave_call(request: enclave_pb2.EnclaveRunMpcRequest, call_timeout: float) -> Any:
-        assert enclave is not None
-        with channel(enclave.address) as ch:
-            open_channels.append(ch)
-            try:
-                return call("enclave", enclave_pb2_grpc.EnclaveStub(ch).RunMpc, request, timeout=call_timeout)
-            except SealroomError as err:
-                if isinstance(err, MpcError):
-                    raise
-                raise JobFailedError(
-                    f"the enclave's MPC player could not take part in the MPC stage: {err.message}",
-                    details={**err.details, "player": enclave.index, "cause": err.code},
-                ) from None
-            finally:
-                open_channels.remove(ch)
-
+    run = _StageRun(
+        plan, stage, _Roster.of(stage, prepare_enclave is not None), _Calls(addresses, channel), host, timeout
+    )
     # 1. Offers: the owners' players, then the enclave's (prepared last, so the evidence the owners
     # check is fresh), then the coordinator's helpers.
-    with ThreadPoolExecutor(max_workers=max(1, len(holders))) as pool:
-        futures = {
-            i: pool.submit(
-                party_call,
-                h["party"],
-                "PrepareMpc",
-                party_pb2.PrepareMpcRequest(plan_json=plan_json, stage_id=stage.id, index=i),
-                timeout,
-            )
-            for i, h in holders.items()
-        }
-        offers = {i: f.result() for i, f in futures.items()}
-    if prepare_enclave is not None:
-        enclave = prepare_enclave()
-        if enclave.offer.index != enclave.index or [enclave.index] != fed:
-            raise MpcError(
-                "the enclave returned an offer for another player",
-                details={"reason": "identity", "player": enclave.index},
-            )
-        offers[enclave.index] = enclave.offer
-    # Every player's identity key, as the plan names it (the enclave's: its attested job key).
-    keys = mpc_player_keys(plan, stage)
-    identities: dict[int, Ed25519PublicKey] = {
-        i: Ed25519PublicKey.from_public_bytes(bytes.fromhex(k)) for i, k in keys.items() if k is not None
-    }
-    if enclave is not None:
-        identities[enclave.index] = enclave.key
-    helper_state: dict[int, PlayerIdentity] = {}
-    for i in helpers:
-        if helper is None or keys[i] != helper[0]:
-            raise MpcError(
-                f"the plan names another identity for helper player {i} than this coordinator's key; re-plan the query",
-                details={"reason": "identity", "player": i},
-            )
-        identity = PlayerIdentity(session, i)
-        (port,) = free_ports(1, host)
-        offer = identity.offer(helper[1])
-        helper_state[i] = identity
-        offers[i] = party_pb2.MpcOffer(index=i, offer_json=json.dumps(offer.to_dict()).encode(), host=host, port=port)
-    all_offers = [offers[i] for i in range(len(spec.players))]
-
+    offers = run.prepare_owners()
+    enclave = run.prepare_enclave(prepare_enclave, offers) if prepare_enclave is not None else None
+    identities = _identities(plan, stage, enclave)
+    helpers = run.prepare_helpers(helper, offers)
+    all_offers = [offers[i] for i in range(len(stage.spec.players))]
     # 2. Run every player at once: the owners' through their agents, the helpers here.
-    run_request = {
-        i: party_pb2.RunMpcRequest(
-            plan_json=plan_json,
-            stage_id=stage.id,
-            index=i,
-            offers=all_offers,
-            timeout_seconds=timeout,
-            enclave=enclave.attested if enclave is not None else None,
-        )
-        for i in holders
-    }
-    helper_players = [
-        PlayerProcess(
-            spec,
-            i,
-            addresses=[(o.host, int(o.port)) for o in all_offers],
-            credentials=identity.credentials(
-                [PlayerOffer.from_dict(json.loads(o.offer_json)) for o in all_offers], identities
-            ),
-            partials=None,
-            start_timeout=min(30.0, timeout),
-            run_timeout=timeout,
-            bind_host=host,
-        )
-        for i, identity in helper_state.items()
-    ]
-    outcomes: dict[int, party_pb2.MpcOutcome] = {}
-    helper_docs: list[dict[str, Any]] = []
-
-    errors: list[BaseException] = []  # in the order they happened: the first is the cause
-    try:
-        for p in helper_players:
-            p.start()
-        with ThreadPoolExecutor(max_workers=max(1, len(holders) + len(helper_players) + len(fed))) as pool:
-            jobs: dict[Future[Any], tuple[str, int]] = {
-                pool.submit(party_call, holders[i]["party"], "RunMpc", run_request[i], timeout + 30): ("party", i)
-                for i in holders
-            }
-            jobs.update({pool.submit(p.wait): ("helper", p.index) for p in helper_players})
-            if enclave is not None:
-                request = enclave_pb2.EnclaveRunMpcRequest(
-                    job_id=enclave.job_id, offers=all_offers, timeout_seconds=timeout, job_token=enclave.job_token
-                )
-                jobs[pool.submit(enclave_call, request, timeout + 30)] = ("party", enclave.index)
-            for fut in as_completed(jobs):
-                kind, i = jobs[fut]
-                try:
-                    value = fut.result()
-                except BaseException as exc:  # noqa: BLE001 - the first one is raised below
-                    if not errors:  # end the stage everywhere at once: cancel the calls, stop the helpers
-                        for ch in list(open_channels):
-                            ch.close()
-                        for p in helper_players:
-                            p.kill()
-                    errors.append(exc)
-                    continue
-                if kind == "party":
-                    outcomes[i] = value
-                else:
-                    helper_docs.append(value)
-        if errors:
-            raise _first(errors)
-    finally:
-        for p in helper_players:
-            p.close()
-
+    outcomes, helper_docs = run.run_players(all_offers, helpers, identities, enclave)
     # 3. Every player opened the same result, and every owner signed it.
-    docs = {i: json.loads(o.result_json) for i, o in outcomes.items()}
-    for i, o in outcomes.items():
-        try:
-            identities[i].verify(o.signature, signing_message(docs[i]))
-        except InvalidSignature:
-            raise MpcError(
-                f"MPC player {i} ({names[i]}) returned a result its owner's key did not sign",
-                details={"reason": "signature", "player": i, "party": names[i]},
-            ) from None
-    expected = docs[min(docs)] if docs else MpcResult.from_opened(spec, helper_docs[0]["result"]).to_dict()
-    digest = hashlib.sha256(canonical_json(expected)).hexdigest()
-    for i, doc in docs.items():
-        if hashlib.sha256(canonical_json(doc)).hexdigest() != digest:
-            raise MpcError(
-                f"MPC player {i} ({names[i]}) opened a different result than the others",
-                details={"reason": "disagreement", "player": i, "party": names[i]},
-            )
-    for doc in helper_docs:
-        if MpcResult.from_opened(spec, doc["result"]).digest() != digest:
-            raise MpcError("a helper player opened a different result", details={"reason": "disagreement"})
-
-    table, suppressed = apply_release(expected, stage.release, spec)
-    signatures = {spec.players[i].name: outcomes[i].signature.hex() for i in outcomes}
+    expected = run.agreed_result(identities, outcomes, helper_docs)
+    table, suppressed = apply_release(expected, stage.release)
+    signatures = {stage.spec.players[i].name: outcomes[i].signature.hex() for i in outcomes}
     record = release_record(plan, stage, expected, signatures)
     log.info(
         "MPC stage %s of query %s: %d cells released, %d suppressed",
@@ -308,6 +153,274 @@ def run_mpc_stage(
     return MpcRelease(table, suppressed, record)
 
 
+@dataclass(frozen=True)
+class _Roster:
+    """Who plays the stage: the owners' players (index -> holder), the enclave's, the helpers."""
+
+    holders: dict[int, PartyHolder]
+    helpers: list[int]
+    fed: list[int]  # the enclave's player (a hybrid plan's), at most one
+    names: dict[int, str]  # player index -> who runs it, for error messages
+
+    @classmethod
+    def of(cls, stage: MpcStage, with_enclave: bool) -> _Roster:
+        holders = {i: h for i, h in stage.holders.items() if isinstance(h, PartyHolder)}
+        fed = [i for i, h in stage.holders.items() if isinstance(h, EnclaveHolder)]
+        if with_enclave != bool(fed):
+            raise InvalidQueryError("the MPC stage's enclave player and the enclave job given do not match")
+        names = {i: h.party for i, h in holders.items()}
+        names.update({i: "the enclave" for i in fed})
+        helpers = [i for i, p in enumerate(stage.spec.players) if not p.holds_input]
+        return cls(holders, helpers, fed, names)
+
+
+class _Calls:
+    """The stage's calls to the owners' agents and the enclave; closing their channels cancels them."""
+
+    def __init__(self, addresses: dict[str, str], channel: Callable[[str], AbstractContextManager[grpc.Channel]]):
+        self._addresses = addresses
+        self._channel = channel
+        self._open: list[grpc.Channel] = []  # RunMpc calls in flight, closed to cancel them
+
+    def party(self, party: str, method: str, request: Any, call_timeout: float) -> Any:
+        with self._channel(self._addresses[party]) as ch:
+            self._open.append(ch)
+            stub = party_pb2_grpc.PartyAgentStub(ch)
+            try:
+                return call(party, getattr(stub, method), request, timeout=call_timeout)
+            except SealroomError as err:
+                if isinstance(err, MpcError):
+                    raise
+                raise JobFailedError(
+                    f"{party} could not take part in the MPC stage: {err.message}",
+                    details={**err.details, "party": party, "cause": err.code},
+                ) from None
+            finally:
+                self._open.remove(ch)
+
+    def enclave(
+        self, enclave: EnclavePlayer, request: enclave_pb2.EnclaveRunMpcRequest, call_timeout: float
+    ) -> party_pb2.MpcOutcome:
+        with self._channel(enclave.address) as ch:
+            self._open.append(ch)
+            try:
+                outcome: party_pb2.MpcOutcome = call(
+                    "enclave", enclave_pb2_grpc.EnclaveStub(ch).RunMpc, request, timeout=call_timeout
+                )
+                return outcome
+            except SealroomError as err:
+                if isinstance(err, MpcError):
+                    raise
+                raise JobFailedError(
+                    f"the enclave's MPC player could not take part in the MPC stage: {err.message}",
+                    details={**err.details, "player": enclave.index, "cause": err.code},
+                ) from None
+            finally:
+                self._open.remove(ch)
+
+    def cancel(self) -> None:
+        for ch in list(self._open):
+            ch.close()
+
+
+def _identities(plan: Plan, stage: MpcStage, enclave: EnclavePlayer | None) -> dict[int, Ed25519PublicKey]:
+    """Every player's identity key, as the plan names it (the enclave's: its attested job key)."""
+    keys = mpc_player_keys(plan, stage)
+    identities = {i: Ed25519PublicKey.from_public_bytes(bytes.fromhex(k)) for i, k in keys.items() if k is not None}
+    if enclave is not None:
+        identities[enclave.index] = enclave.key
+    return identities
+
+
+@dataclass(frozen=True)
+class _StageRun:
+    """One run of an MPC stage, step by step (see run_mpc_stage)."""
+
+    plan: Plan
+    stage: MpcStage
+    roster: _Roster
+    calls: _Calls
+    host: str
+    timeout: float
+
+    def prepare_owners(self) -> dict[int, party_pb2.MpcOffer]:
+        """PrepareMpc at every owner holding a player, at once; their offers by player index."""
+        plan_json = self.plan.to_json()
+        with ThreadPoolExecutor(max_workers=max(1, len(self.roster.holders))) as pool:
+            futures = {
+                i: pool.submit(
+                    self.calls.party,
+                    h.party,
+                    "PrepareMpc",
+                    party_pb2.PrepareMpcRequest(plan_json=plan_json, stage_id=self.stage.id, index=i),
+                    self.timeout,
+                )
+                for i, h in self.roster.holders.items()
+            }
+            return {i: f.result() for i, f in futures.items()}
+
+    def prepare_enclave(
+        self, prepare: Callable[[], EnclavePlayer], offers: dict[int, party_pb2.MpcOffer]
+    ) -> EnclavePlayer:
+        """The enclave's player, prepared; its offer added to ``offers``."""
+        enclave = prepare()
+        if enclave.offer.index != enclave.index or [enclave.index] != self.roster.fed:
+            raise MpcError(
+                "the enclave returned an offer for another player",
+                details={"reason": "identity", "player": enclave.index},
+            )
+        offers[enclave.index] = enclave.offer
+        return enclave
+
+    def prepare_helpers(
+        self, helper: tuple[str, Callable[[bytes], bytes]] | None, offers: dict[int, party_pb2.MpcOffer]
+    ) -> dict[int, PlayerIdentity]:
+        """The coordinator's helper players' identities, under its key (the one the plan names);
+        their offers added to ``offers``."""
+        keys = mpc_player_keys(self.plan, self.stage)
+        identities: dict[int, PlayerIdentity] = {}
+        for i in self.roster.helpers:
+            if helper is None or keys[i] != helper[0]:
+                raise MpcError(
+                    f"the plan names another identity for helper player {i} than this coordinator's key; "
+                    "re-plan the query",
+                    details={"reason": "identity", "player": i},
+                )
+            identity = PlayerIdentity(mpc_session(self.plan, self.stage.id), i)
+            (port,) = free_ports(1, self.host)
+            offer = identity.offer(helper[1])
+            identities[i] = identity
+            offers[i] = party_pb2.MpcOffer(
+                index=i, offer_json=json.dumps(offer.to_dict()).encode(), host=self.host, port=port
+            )
+        return identities
+
+    def _helper_processes(
+        self,
+        all_offers: list[party_pb2.MpcOffer],
+        helpers: dict[int, PlayerIdentity],
+        identities: dict[int, Ed25519PublicKey],
+    ) -> list[PlayerProcess]:
+        parsed = [PlayerOffer.from_dict(json.loads(o.offer_json)) for o in all_offers]
+        return [
+            PlayerProcess(
+                self.stage.spec,
+                i,
+                addresses=[(o.host, int(o.port)) for o in all_offers],
+                credentials=identity.credentials(parsed, identities),
+                partials=None,
+                start_timeout=min(30.0, self.timeout),
+                run_timeout=self.timeout,
+                bind_host=self.host,
+            )
+            for i, identity in helpers.items()
+        ]
+
+    def _submit_all(
+        self,
+        pool: ThreadPoolExecutor,
+        all_offers: list[party_pb2.MpcOffer],
+        helper_players: list[PlayerProcess],
+        enclave: EnclavePlayer | None,
+    ) -> dict[Future[Any], tuple[str, int]]:
+        """RunMpc at every owner and the enclave, and the helpers' waits: each future with its
+        player's kind (``party`` or ``helper``) and index."""
+        plan_json = self.plan.to_json()
+        runs: dict[Future[Any], tuple[str, int]] = {}
+        for i, h in self.roster.holders.items():
+            request = party_pb2.RunMpcRequest(
+                plan_json=plan_json,
+                stage_id=self.stage.id,
+                index=i,
+                offers=all_offers,
+                timeout_seconds=self.timeout,
+                enclave=enclave.attested if enclave is not None else None,
+            )
+            runs[pool.submit(self.calls.party, h.party, "RunMpc", request, self.timeout + 30)] = ("party", i)
+        runs.update({pool.submit(p.wait): ("helper", p.index) for p in helper_players})
+        if enclave is not None:
+            to_enclave = enclave_pb2.EnclaveRunMpcRequest(
+                job_id=enclave.job_id, offers=all_offers, timeout_seconds=self.timeout, job_token=enclave.job_token
+            )
+            runs[pool.submit(self.calls.enclave, enclave, to_enclave, self.timeout + 30)] = ("party", enclave.index)
+        return runs
+
+    def run_players(
+        self,
+        all_offers: list[party_pb2.MpcOffer],
+        helpers: dict[int, PlayerIdentity],
+        identities: dict[int, Ed25519PublicKey],
+        enclave: EnclavePlayer | None,
+    ) -> tuple[dict[int, party_pb2.MpcOutcome], list[dict[str, Any]]]:
+        """Run every player at once; the signed outcomes (player index -> outcome) and the helpers'
+        opened documents. The first failure ends the stage everywhere: the calls are cancelled and
+        the helpers stopped, and it is raised."""
+        helper_players = self._helper_processes(all_offers, helpers, identities)
+        outcomes: dict[int, party_pb2.MpcOutcome] = {}
+        helper_docs: list[dict[str, Any]] = []
+        errors: list[BaseException] = []  # in the order they happened: the first is the cause
+        try:
+            for p in helper_players:
+                p.start()
+            workers = max(1, len(self.roster.holders) + len(helper_players) + len(self.roster.fed))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                runs = self._submit_all(pool, all_offers, helper_players, enclave)
+                for fut in as_completed(runs):
+                    kind, i = runs[fut]
+                    try:
+                        value = fut.result()
+                    except BaseException as exc:  # noqa: BLE001 - the first one is raised below
+                        if not errors:  # end the stage everywhere at once: cancel the calls, stop the helpers
+                            self.calls.cancel()
+                            for p in helper_players:
+                                p.kill()
+                        errors.append(exc)
+                        continue
+                    if kind == "party":
+                        outcomes[i] = value
+                    else:
+                        helper_docs.append(value)
+            if errors:
+                raise _first(errors)
+        finally:
+            for p in helper_players:
+                p.close()
+        return outcomes, helper_docs
+
+    def agreed_result(
+        self,
+        identities: dict[int, Ed25519PublicKey],
+        outcomes: dict[int, party_pb2.MpcOutcome],
+        helper_docs: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The opened result, once every owner's signature over it verified and every player (the
+        helpers too) opened the same one."""
+        spec, names = self.stage.spec, self.roster.names
+        docs = {i: json.loads(o.result_json) for i, o in outcomes.items()}
+        for i, o in outcomes.items():
+            try:
+                identities[i].verify(o.signature, signing_message(docs[i]))
+            except InvalidSignature:
+                raise MpcError(
+                    f"MPC player {i} ({names[i]}) returned a result its owner's key did not sign",
+                    details={"reason": "signature", "player": i, "party": names[i]},
+                ) from None
+        expected: dict[str, Any] = (
+            docs[min(docs)] if docs else MpcResult.from_opened(spec, helper_docs[0]["result"]).to_dict()
+        )
+        digest = hashlib.sha256(canonical_json(expected)).hexdigest()
+        for i, doc in docs.items():
+            if hashlib.sha256(canonical_json(doc)).hexdigest() != digest:
+                raise MpcError(
+                    f"MPC player {i} ({names[i]}) opened a different result than the others",
+                    details={"reason": "disagreement", "player": i, "party": names[i]},
+                )
+        for doc in helper_docs:
+            if MpcResult.from_opened(spec, doc["result"]).digest() != digest:
+                raise MpcError("a helper player opened a different result", details={"reason": "disagreement"})
+        return expected
+
+
 def _first(errors: list[BaseException]) -> BaseException:
     """The error to report: the first that happened (the cause; the others are its consequences,
     or the cancellations it triggered), preferring one that names a failed player."""
@@ -317,34 +430,31 @@ def _first(errors: list[BaseException]) -> BaseException:
     return errors[0]
 
 
-def apply_release(
-    doc: dict[str, Any], release: dict[str, Any], spec: StageSpec
-) -> tuple[pa.Table, list[dict[str, Any]]]:
+def apply_release(doc: dict[str, Any], release: Release) -> tuple[pa.Table, list[dict[str, Any]]]:
     """The released table (output columns in order; HAVING, ORDER BY and LIMIT on released cells
     only) and the suppressed cells (group keys and the rule, never a value)."""
-    import duckdb
-
     cells = result_table(doc)
-    outputs = [tuple(o) for o in release["outputs"]]
+    outputs = release.outputs
     table = pa.table({name: cells[source] for name, _kind, source in outputs})
     group_names = {source: name for name, kind, source in outputs if kind == "group"}
-    if release.get("having") or release.get("order_by") or release.get("limit") is not None:
+    if release.having or release.order_by or release.limit is not None:
         # DuckDB's relational API: each clause is parsed as one expression, never as statements, and
         # the analyst's output names are quoted identifiers (a '"' in a name is doubled).
         con = duckdb.connect(config={"enable_external_access": False, "threads": 1})
         try:
             rel = con.from_arrow(table)
-            if release.get("having"):
-                rel = rel.filter(str(release["having"]))
-            if release.get("order_by"):
+            if release.having:
+                rel = rel.filter(release.having)
+            if release.order_by:
                 rel = rel.order(
                     ", ".join(
-                        f"{_ident(c)} {'DESC' if desc else 'ASC'} NULLS {'FIRST' if nulls_first else 'LAST'}"
-                        for c, desc, nulls_first in release["order_by"]
+                        f"{_ident(o.column)} {'DESC' if o.descending else 'ASC'} NULLS "
+                        f"{'FIRST' if o.nulls_first else 'LAST'}"
+                        for o in release.order_by
                     )
                 )
-            if release.get("limit") is not None:
-                rel = rel.limit(int(release["limit"]))
+            if release.limit is not None:
+                rel = rel.limit(release.limit)
             table = rel.to_arrow_table()
         finally:
             con.close()
@@ -368,18 +478,20 @@ def _ident(name: object) -> str:
     return '"' + str(name).replace('"', '""') + '"'
 
 
-def release_record(plan: Plan, stage: Stage, doc: dict[str, Any], signatures: dict[str, str]) -> dict[str, Any]:
+def release_record(plan: Plan, stage: MpcStage, doc: dict[str, Any], signatures: dict[str, str]) -> dict[str, Any]:
     """The stored record of an MPC release: the opened result, the owners' signatures over it, the
     players and the trust assumption; what a receipt binds for an MPC stage."""
 
-    def held(h: dict[str, Any]) -> list[Any]:
-        if "stage" in h:  # the enclave's player: the inputs of the TEE stage feeding this one
-            return [i for s in plan.stages if s.id == h["stage"] and s.feeds == stage.id for i in s.inputs]
-        return [i for i in stage.inputs if i.party == h.get("party") and i.dataset in h.get("datasets", ())]
+    def held(h: Holder) -> list[PlanInput]:
+        if isinstance(h, EnclaveHolder):  # the enclave's player: the inputs of the TEE stage feeding this one
+            return [i for s in plan.feeding(stage) if s.id == h.stage for i in s.inputs]
+        if isinstance(h, PartyHolder):
+            return [i for i in stage.inputs if i.party == h.party and i.dataset in h.datasets]
+        return []
 
     inputs = [
-        {"party": i.party, "dataset": i.dataset, "columns": list(i.columns), "player": int(n)}
-        for n, h in sorted((stage.holders or {}).items(), key=lambda kv: int(kv[0]))
+        {"party": i.party, "dataset": i.dataset, "columns": list(i.columns), "player": n}
+        for n, h in sorted(stage.holders.items())
         for i in held(h)
     ]
     return {

@@ -50,7 +50,8 @@ from sealroom.errors import (
     UnavailableError,
     from_code,
 )
-from sealroom.planning.plan import Plan, Stage
+from sealroom.planning.plan import MpcStage as PlannedMpcStage
+from sealroom.planning.plan import Plan
 from sealroom.rpc import call, open_channel
 from sealroom.signing import check_issued_at, verify_approval, verify_owner_action
 from sealroom.v1 import party_pb2, party_pb2_grpc
@@ -471,7 +472,7 @@ class Orchestrator:
             self._run_mpc(plan, mpc_stage, w)
             return
         # The parties whose rows go to the enclave (in a hybrid plan, not the mpc_only owners).
-        streaming = sorted({i.party for s in plan.stages if s.kind == "tee" for i in s.inputs})
+        streaming = sorted({i.party for s in plan.tee_stages() for i in s.inputs})
         parties = self._approve(plan, w)
         if mpc_stage is None:
             self._run_tee(plan, streaming, parties)
@@ -507,7 +508,7 @@ class Orchestrator:
         tee.release(plan, job.verify(response), approvals, tracker)
 
     def _run_hybrid(
-        self, plan: Plan, mpc_stage: Stage, streaming: Sequence[str], parties: Mapping[str, PartyRecord]
+        self, plan: Plan, mpc_stage: PlannedMpcStage, streaming: Sequence[str], parties: Mapping[str, PartyRecord]
     ) -> None:
         """A hybrid plan: the enclave job and the streams as for a TEE plan, then the enclave computes
         the streamed inputs' partials and joins the MPC stage as a player, next to the mpc_only
@@ -529,7 +530,7 @@ class Orchestrator:
             (feed,) = fed
         self._release_mpc(plan, mpc_stage, release, feed=feed)
 
-    def _run_mpc(self, plan: Plan, stage: Stage, w: _Approvals) -> None:
+    def _run_mpc(self, plan: Plan, stage: PlannedMpcStage, w: _Approvals) -> None:
         """An MPC plan: approvals, then the owners' players and the coordinator's helpers."""
         parties = self._approve(plan, w)
         self.store.update_query(plan.query_id, progress="MPC stage: players computing (secret-shared)")
@@ -538,7 +539,7 @@ class Orchestrator:
     def _mpc_stage(
         self,
         plan: Plan,
-        stage: Stage,
+        stage: PlannedMpcStage,
         parties: Mapping[str, PartyRecord],
         prepare_enclave: Callable[[], EnclavePlayer] | None = None,
     ) -> MpcRelease:
@@ -555,7 +556,9 @@ class Orchestrator:
             prepare_enclave=prepare_enclave,
         )
 
-    def _release_mpc(self, plan: Plan, stage: Stage, release: MpcRelease, *, feed: VerifiedResult | None) -> None:
+    def _release_mpc(
+        self, plan: Plan, stage: PlannedMpcStage, release: MpcRelease, *, feed: VerifiedResult | None
+    ) -> None:
         """Log the stages and store an MPC stage's release with its receipt (``feed``: the verified
         document of the enclave job that fed it, in a hybrid plan)."""
         qid = plan.query_id

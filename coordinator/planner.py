@@ -24,8 +24,22 @@ from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
 
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
+from sealroom.planning.checks import check_analyst, strictest_datasets, strictest_min_group_size
 from sealroom.planning.disclosure import check_uses
-from sealroom.planning.plan import Plan, PlanInput, Stage, declared_domains, stage_pushdown
+from sealroom.planning.plan import (
+    EnclaveHolder,
+    HelperHolder,
+    Holder,
+    MpcStage,
+    PartyHolder,
+    Plan,
+    PlanInput,
+    Release,
+    Stage,
+    TeeStage,
+    declared_domains,
+    stage_pushdown,
+)
 from sealroom.planning.sql import Analysis, InputSpec, analyze, compile_stage
 from sealroom.policy import DatasetPolicy
 
@@ -72,12 +86,7 @@ def plan_query(
     for n, qualified in enumerate(analysis.datasets):
         entry = catalog[qualified]
         where = {"party": entry.party, "dataset": entry.dataset}
-        if not entry.policy.allows_analyst(analyst):
-            raise PolicyRefusalError(
-                f"{qualified} may not be queried by analyst {analyst}: its policy lists the analysts it "
-                f"allows; ask {entry.party} to add {analyst}",
-                details={**where, "rule": "analysts", "suggestion": f"ask {entry.party} to allow {analyst}"},
-            )
+        check_analyst(analyst, party=entry.party, dataset=entry.dataset, policy=entry.policy)
         unit = entry.policy.privacy_unit
         if unit is not None and unit not in entry.schema.names:
             raise PolicyRefusalError(
@@ -114,13 +123,12 @@ def plan_query(
             helper_key=helper_key,
         )
         return plan, analysis
-    stage = Stage(
+    stage = TeeStage(
         id="s1",
-        kind="tee",
         sql=analysis.sql,
         inputs=tuple(inputs),
         output_columns=analysis.output_columns,
-        min_group_size=max(i.policy.min_group_size for i in inputs),
+        min_group_size=strictest_min_group_size(i.policy for i in inputs),
     )
     # Recompute the pushdown and compile exactly as the enclave will (from the plan, over the columns
     # it will receive), so a plan the enclave or a party would refuse is refused here, early.
@@ -145,9 +153,10 @@ def plan_query(
 def output_rules(plan: Plan, analysis: Analysis) -> dict[str, list[str]]:
     """For each output column, the owners' rules that apply to it (for explain)."""
     stage = plan.stages[0]
+    assert isinstance(stage, TeeStage)
     by_name = {i.qualified: i for i in stage.inputs}
     tree = sqlglot.parse_one(analysis.sql, read="duckdb")
-    strictest = sorted(i.qualified for i in stage.inputs if i.policy.min_group_size == stage.min_group_size)
+    strictest = strictest_datasets(stage.inputs)[1]
     out: dict[str, list[str]] = {}
     for expression, name in zip(tree.expressions, analysis.output_columns, strict=True):
         rules = [f"min {stage.min_group_size} distinct units per cell ({', '.join(strictest)})"]
@@ -190,10 +199,10 @@ def explain_text(plan: Plan, analysis: Analysis, rows: Mapping[str, int] | None 
     each output column, and who approves."""
     title = f"Plan for analyst {plan.analyst}" + ("" if plan.query_id == "explain" else f", query {plan.query_id}")
     lines = [title, f"  plan hash {plan.hash} (a submitted query gets its own plan and hash)", ""]
-    mpc = any(s.kind == "mpc" for s in plan.stages)
+    mpc = bool(plan.mpc_stages())
     if mpc:
         lines += _explain_mpc(plan)
-    for stage in () if mpc else plan.stages:
+    for stage in () if mpc else plan.tee_stages():
         lines.append(f"Stage {stage.id} ({stage.kind.upper()}: runs inside an attested enclave worker)")
         lines.append("  outputs and the rules that apply to them:")
         for name, rules in output_rules(plan, analysis).items():
@@ -405,7 +414,6 @@ def _plan_mpc(
     import itertools
 
     from sealroom.planning.bounds import measure_from_rules
-    from sealroom.planning.bounds import min_group_size as strictest
     from sealroom.planning.mpc_spec import Aggregate, Player, StageSpec
     from sealroom.planning.plan import mpc_stage_query
     from sealroom.planning.sql import UNION_UNIT, mpc_query
@@ -463,28 +471,25 @@ def _plan_mpc(
             )
         decimals[col] = dec
     unit = any(p.privacy_unit for p in policies)
-    k = strictest(policies)
+    k = strictest_min_group_size(policies)
     # Players: each owner of an MPC-side dataset runs one, then the enclave holding the others'
     # partials, then helpers holding no input until there are three.
     players: list[Player] = []
-    holders: dict[str, dict[str, Any]] = {}
+    holders: dict[int, Holder] = {}
     for e in own_players:
         if all(p.name != e.party for p in players):
-            holders[str(len(players))] = {
-                "party": e.party,
-                "datasets": [x.dataset for x in own_players if x.party == e.party],
-            }
+            holders[len(players)] = PartyHolder(e.party, tuple(x.dataset for x in own_players if x.party == e.party))
             players.append(Player(e.party))
     mpc_id = "s2" if to_enclave else "s1"
     if to_enclave:
-        holders[str(len(players))] = {"stage": "s1"}
+        holders[len(players)] = EnclaveHolder("s1")
         players.append(Player(ENCLAVE_PLAYER))
     # One helper at most: the coordinator runs it, and at threshold t = 1 a second player run by the
     # coordinator would give it two of three shares, enough to reconstruct the owners' inputs.
     if len(players) < MIN_PLAYERS:
         # The plan names the helper's identity key, so every player (and every owner approving the
         # plan) knows which key the helper's offer must carry: nobody else can run it.
-        holders[str(len(players))] = {"helper": COORDINATOR_PLAYER, **({"key": helper_key} if helper_key else {})}
+        holders[len(players)] = HelperHolder(COORDINATOR_PLAYER, helper_key or None)
         players.append(Player(COORDINATOR_PLAYER, holds_input=False))
     if len(players) < MIN_PLAYERS:
         raise _cannot_run(
@@ -549,9 +554,8 @@ def _plan_mpc(
     stages: list[Stage] = []
     if to_enclave:
         stages.append(
-            Stage(
+            TeeStage(
                 id="s1",
-                kind="tee",
                 sql=analysis.sql,
                 inputs=tuple(plan_input(e) for e in to_enclave),
                 output_columns=(),
@@ -559,24 +563,17 @@ def _plan_mpc(
                 feeds=mpc_id,
             )
         )
-    stages.append(
-        Stage(
-            id=mpc_id,
-            kind="mpc",
-            sql=analysis.sql,
-            inputs=tuple(plan_input(e) for e in own_players),
-            output_columns=analysis.output_columns,
-            min_group_size=k,
-            mpc=spec.to_dict(),
-            holders=holders,
-            release={
-                "outputs": [list(o) for o in q.outputs],
-                "having": q.having,
-                "order_by": [[o.column, o.descending, o.nulls_first] for o in q.order_by],
-                "limit": q.limit,
-            },
-        )
+    mpc_stage = MpcStage(
+        id=mpc_id,
+        sql=analysis.sql,
+        inputs=tuple(plan_input(e) for e in own_players),
+        output_columns=analysis.output_columns,
+        min_group_size=k,
+        spec=spec,
+        holders=holders,
+        release=Release.of(q),
     )
+    stages.append(mpc_stage)
     involved = sorted({e.party for e in entries})
     plan = Plan(
         query_id=query_id,
@@ -588,17 +585,15 @@ def _plan_mpc(
         created_at=round(time.time(), 3),
     )
     # Recompute the stage as every party and the runtime will, from the plan alone.
-    mpc_stage_query(plan, stages[-1])
+    mpc_stage_query(plan, mpc_stage)
     return plan
 
 
 def _explain_mpc(plan: Plan) -> list[str]:
     """Explain lines for an MPC or hybrid plan: both stages and who sees what."""
-    from sealroom.planning.mpc_spec import StageSpec
-
     lines: list[str] = []
     for stage in plan.stages:
-        if stage.feeds is not None:
+        if isinstance(stage, TeeStage):
             lines.append(
                 f"Stage {stage.id} (TEE: runs inside an attested enclave worker; releases nothing, feeds stage "
                 f"{stage.feeds})"
@@ -612,22 +607,19 @@ def _explain_mpc(plan: Plan) -> list[str]:
             )
             _explain_inputs(stage, lines, sees="the enclave sees these rows; no other party or player does")
             continue
-        if stage.mpc is None:
-            continue
-        spec = StageSpec.from_dict(stage.mpc)
+        spec = stage.spec
         info = spec.explain()
         lines.append(f"Stage {stage.id} (MPC: secure multiparty computation with MPyC; releases the output)")
         lines.append(f"  trust assumption: {info['trust_assumption']}")
         lines.append("  players:")
-        holders = stage.holders or {}
         for p in info["players"]:
-            h = holders.get(str(p["index"])) or {}
-            if "helper" in h or not h:
-                role = "helper: holds no input, only computes on secret shares"
-            elif "stage" in h:
-                role = f"holds the partial aggregates the enclave computed in stage {h['stage']}"
+            h = stage.holders.get(p["index"])
+            if isinstance(h, EnclaveHolder):
+                role = f"holds the partial aggregates the enclave computed in stage {h.stage}"
+            elif isinstance(h, PartyHolder):
+                role = f"holds the partial aggregates of {', '.join(h.party + '.' + d for d in h.datasets)}"
             else:
-                role = f"holds the partial aggregates of {', '.join(h['party'] + '.' + d for d in h['datasets'])}"
+                role = "helper: holds no input, only computes on secret shares"
             lines.append(f"    {p['index']}: {p['name']} ({role})")
         groups = " x ".join(
             f"{g.name} ({'bins ' + ', '.join(g.labels()) if g.bins is not None else 'declared values'})"
@@ -650,9 +642,8 @@ def _explain_mpc(plan: Plan) -> list[str]:
         lines.append("  opened: " + "; ".join(info["opened"]))
         lines.append(f"  never opened: {info['never_opened']}")
         lines.append(f"  transport: {info['transport']}")
-        release = stage.release or {}
-        if release.get("having"):
-            lines.append(f"  HAVING {release['having']} applies to released cells only")
+        if stage.release.having:
+            lines.append(f"  HAVING {stage.release.having} applies to released cells only")
         if stage.inputs:
             lines.append(
                 "  parties running their own player (they compute partials on their own rows; nothing leaves "

@@ -128,7 +128,7 @@ class StreamProgress:
         shared = {(d.party, d.name): int(d.approximate_rows or 0) for d in datasets}
         self.parties: dict[str, dict[str, Any]] = {}
         # Only what is streamed to an enclave (in a hybrid plan, not the mpc_only owners' data).
-        streamed = [i for s in plan.stages if s.kind == "tee" for i in s.inputs]
+        streamed = [i for s in plan.tee_stages() for i in s.inputs]
         for party in sorted({i.party for i in streamed}):
             mine = [i for i in streamed if i.party == party]
             totals = [shared.get((party, i.dataset), 0) if i.filter is None else 0 for i in mine]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import secrets
@@ -37,9 +38,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from enclave_worker.config import EnclaveConfig
-from sealroom.attestation import Evidence, SimulatedAttester, enclave_measurement, load_dev_root
+from sealroom.attestation import Evidence, SimulatedAttester, cbor, enclave_measurement, load_dev_root
 from sealroom.attestation.evidence import REPORT_DATA_BYTES
+from sealroom.attestation.hardware import evidence_measurement, evidence_report_data
+from sealroom.attestation.offline import load_certificate
+from sealroom.attestation.platform import common_name
 from sealroom.errors import AttestationError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -263,27 +270,18 @@ class _ConfigfsTsm:
 
 def _snp_kinds(ders: list[bytes]) -> list[str]:
     """ "vcek", "vlek" or "other" for each DER certificate, by its common name."""
-    from sealroom.attestation.offline import load_certificate
-    from sealroom.attestation.platform import common_name
-
     roles = {"SEV-VCEK": "vcek", "SEV-VLEK": "vlek"}
     return [roles.get(common_name(load_certificate(der).subject), "other") for der in ders]
 
 
 def _snp_certificate_file(path: Path) -> list[bytes]:
     """The DER of every certificate in ``path`` (PEM or DER)."""
-    from cryptography.hazmat.primitives import serialization
-
-    from sealroom.attestation.offline import load_certificate
-
     try:
         data = path.read_bytes()
     except OSError:
         raise ConfigError(f"enclave.snp_certificates: cannot read {path}", details={"file": str(path)}) from None
     try:
         if b"-----BEGIN CERTIFICATE-----" in data:
-            from cryptography import x509
-
             certs = x509.load_pem_x509_certificates(data)
         else:
             certs = [load_certificate(data)]
@@ -349,15 +347,11 @@ NSM_RESPONSE_MAX = 0x3000
 
 def nsm_attestation_request(*, user_data: bytes, nonce: bytes) -> bytes:
     """The CBOR request the NSM answers with an attestation document."""
-    from sealroom.attestation import cbor
-
     return cbor.dumps({"Attestation": {"user_data": user_data, "nonce": nonce, "public_key": None}})
 
 
 def nsm_attestation_document(response: bytes) -> bytes:
     """The attestation document in an NSM response, or AttestationError naming the NSM's error."""
-    from sealroom.attestation import cbor
-
     try:
         decoded = cbor.loads(response)
     except cbor.CBORError:
@@ -374,8 +368,6 @@ def nsm_attestation_document(response: bytes) -> bytes:
 
 
 def _nsm_ioctl(fd: int, request: bytes) -> bytes:
-    import fcntl
-
     req = ctypes.create_string_buffer(request, len(request))
     resp = ctypes.create_string_buffer(NSM_RESPONSE_MAX)
     msg = _NsmMessage(
@@ -433,8 +425,6 @@ def _answered(evidence: Evidence, report_data: bytes) -> Evidence:
     """``evidence``, once it is checked to bind the report data this request wrote: another process
     writing to the same interface (configfs-tsm, Gramine's files, the NSM) between our write and our
     read would otherwise hand us a report that binds someone else's keys."""
-    from sealroom.attestation.hardware import evidence_report_data
-
     if evidence_report_data(evidence) != report_data:
         raise AttestationError(
             f"the {evidence.format} report does not bind the report data this request wrote (another process "
@@ -446,8 +436,6 @@ def _answered(evidence: Evidence, report_data: bytes) -> Evidence:
 
 def _measurement_of(evidence: Evidence) -> str:
     """The platform's launch measurement in this worker's own evidence (parsed, not verified)."""
-    from sealroom.attestation.hardware import evidence_measurement
-
     return evidence_measurement(evidence)
 
 

@@ -1,5 +1,9 @@
 """Jobs inside the enclave: keys, evidence, sealed inputs, execution, signed results, wiping.
 
+:class:`JobRegistry` holds this enclave's jobs and runs their life cycle; a job and its one state
+field are :mod:`enclave_worker.job`, the enclave's own check of a plan is
+:mod:`enclave_worker.admission`.
+
 A job lives only in this process's memory. Its X25519 key opens the data keys parties seal to it;
 its Ed25519 key signs the result; both are bound into every piece of evidence the job hands out.
 A job fails as a whole (nothing released, its data dropped) when any stream fails to authenticate,
@@ -17,23 +21,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from enclave_worker.admission import admit
 from enclave_worker.attester import Attester
 from enclave_worker.config import EnclaveConfig
-from enclave_worker.engine import Bounds, compile_for_job, run_stage, table_to_ipc
+from enclave_worker.engine import run_stage, table_to_ipc
+from enclave_worker.job import InputState, Job, JobInput
 from sealroom.attestation import Evidence, report_data_for
 from sealroom.canonical import canonical_json
 from sealroom.errors import (
@@ -43,16 +48,15 @@ from sealroom.errors import (
     InvalidQueryError,
     JobFailedError,
     NotFoundError,
-    PolicyRefusalError,
     ResourceExhaustedError,
     SealroomError,
 )
-from sealroom.planning.disclosure import check_uses
-from sealroom.planning.plan import Plan, PlanInput, stage_pushdown
-from sealroom.planning.sql import PAD_COLUMN, RESERVED_PREFIX, CompiledStage, InputSpec
-from sealroom.policy import Dominance
+from sealroom.planning.plan import Plan
+from sealroom.planning.sql import PAD_COLUMN
 from sealroom.sealed import OpeningStream, StreamHeader, integrity_error
 from sealroom.signing import verify_approval, verify_stream_header
+
+__all__ = ["RESULT_VERSION", "Job", "JobInput", "JobRegistry"]
 
 log = logging.getLogger(__name__)
 
@@ -72,62 +76,22 @@ def _disconnected(party: str) -> JobFailedError:
     return JobFailedError(f"{party} disconnected or its stream broke before the end; the job was stopped")
 
 
-def _raw(public_key: Any) -> bytes:
+def _raw(public_key: X25519PublicKey | Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-@dataclass
-class _Input:
-    spec: PlanInput
-    table: pa.Table | None = None
-    rows: int = 0  # rows received, padding included (what the sender and the network know anyway)
-    bytes: int = 0  # plaintext bytes received, padding included
-    frames: int = 0
-    header_sha256: str = ""
-    streaming: bool = False
+@dataclass(frozen=True)
+class _Stream:
+    """One party's stream, opened and verified to its end: its rows (padding dropped) and counts."""
 
-
-@dataclass
-class Job:
-    id: str
-    plan: Plan
-    plan_hash: str
-    compiled: CompiledStage | None  # None for a stage that feeds an MPC stage (``feed``)
-    min_group_size: int
-    rule_datasets: tuple[str, ...]
-    hpke_key: X25519PrivateKey | None
-    signing_key: Ed25519PrivateKey | None
-    hpke_public: bytes
-    signing_public: bytes
-    created: float
-    inputs: dict[tuple[str, str], _Input]
-    issued_evidence: set[bytes] = field(default_factory=set)
-    failed: SealroomError | None = None
-    held_bytes: int = 0
-    done: bool = False
-    executing: bool = False
-    clamps: dict[str, dict[str, Bounds]] = field(default_factory=dict)  # engine table -> column -> bounds
-    dominance: dict[str, Dominance] = field(default_factory=dict)  # party.dataset -> its (n, k) rule
-    rules: dict[str, Any] = field(default_factory=dict)  # the rules applied, for the result document
-    feed: Any = None  # enclave_worker.mpc_feed.FeedPlayer: this job's player in the MPC stage it feeds
-    token: bytes = field(default_factory=lambda: os.urandom(32), repr=False)  # its creator's, for control calls
-
-    def wipe(self) -> None:
-        """Drop every reference to the job's data and keys."""
-        for inp in self.inputs.values():
-            inp.table = None
-        if self.feed is not None:
-            self.feed.partials = None
-            self.feed.cancelled.set()  # a failed or aborted job's player never starts, or stops
-            if self.feed.kill is not None:
-                self.feed.kill()
-        self.hpke_key = None
-        self.signing_key = None
-        self.held_bytes = 0
+    table: pa.Table
+    rows: int  # padding included
+    bytes: int  # padding included
+    frames: int
 
 
 class JobRegistry:
-    def __init__(self, config: EnclaveConfig, attester: Attester, *, clock: Any = time.time):
+    def __init__(self, config: EnclaveConfig, attester: Attester, *, clock: Callable[[], float] = time.time):
         self.config = config
         self.attester = attester
         self.clock = clock
@@ -141,6 +105,11 @@ class JobRegistry:
     def held_bytes(self) -> int:
         return self._held
 
+    def job(self, job_id: str) -> Job | None:
+        """The job ``job_id`` if this enclave still holds it (no reaping, no token: for inspection)."""
+        with self._lock:
+            return self._jobs.get(job_id)
+
     def _get(self, job_id: str) -> Job:
         self.reap()
         with self._lock:
@@ -151,8 +120,7 @@ class JobRegistry:
 
     def _fail(self, job: Job, err: SealroomError) -> None:
         with self._lock:
-            if job.failed is None and not job.done:
-                job.failed = err
+            if job.fail(err):
                 log.warning("job %s failed: %s", job.id, err.code)
             self._held -= job.held_bytes
             job.wipe()
@@ -161,7 +129,7 @@ class JobRegistry:
         now = self.clock()
         with self._lock:
             expired = [
-                j for j in self._jobs.values() if not j.executing and now - j.created > self.config.job_ttl_seconds
+                j for j in self._jobs.values() if not j.held_by_a_call and now - j.created > self.config.job_ttl_seconds
             ]
         for job in expired:
             self._fail(job, JobFailedError("the job expired before it was executed"))
@@ -171,126 +139,31 @@ class JobRegistry:
     # -- job life cycle ----------------------------------------------------------------------
 
     def create(self, plan_json: bytes) -> Job:
-        plan = Plan.from_json(plan_json)
-        tee = [s for s in plan.stages if s.kind == "tee"]
-        if len(tee) != 1:
-            raise InvalidQueryError("this enclave runs plans with exactly one TEE stage")
-        stage = tee[0]
-        specs = []
-        inputs: dict[tuple[str, str], _Input] = {}
-        tables = {i.table for i in stage.inputs}
-        datasets = {(i.party, i.dataset) for i in stage.inputs}
-        if len(tables) != len(stage.inputs) or len(datasets) != len(stage.inputs):
-            # Two inputs sharing an engine table would let one owner's rows stand in for another's.
-            raise InvalidQueryError("the plan names an input or an engine table twice")
-        for inp in stage.inputs:
-            if not inp.policy.allows_analyst(plan.analyst):
-                raise PolicyRefusalError(
-                    f"{inp.qualified} may not be queried by analyst {plan.analyst} (its owner's policy)",
-                    details={"party": inp.party, "dataset": inp.dataset, "rule": "analysts"},
-                )
-            unit = inp.policy.privacy_unit
-            if unit is not None and unit not in inp.columns:
-                raise InvalidQueryError(
-                    f"the plan does not send the privacy unit column of {inp.qualified}",
-                    details={"dataset": inp.qualified, "column": unit},
-                )
-            if len(set(inp.columns)) != len(inp.columns) or any(
-                c.startswith(RESERVED_PREFIX) for c in (*inp.columns, *inp.filter_columns)
-            ):
-                raise InvalidQueryError(
-                    f"the plan's columns of {inp.qualified} repeat a name or use the reserved prefix {RESERVED_PREFIX}",
-                    details={"dataset": inp.qualified},
-                )
-            specs.append(InputSpec(inp.qualified, inp.table, inp.columns, unit))
-            inputs[(inp.party, inp.dataset)] = _Input(inp)
-        compiled: CompiledStage | None = None
-        feed = None
-        if stage.feeds is not None:
-            # A stage feeding an MPC stage: the enclave computes its inputs' partials over the MPC
-            # stage's public domain and joins it as a player. The filters are recomputed for the MPC
-            # stage's query; each owner re-checked the stage against its own policy before approving,
-            # and the job runs only with every owner's approval.
-            from enclave_worker.mpc_feed import FeedPlayer  # only hybrid jobs load mpc/ (never MPyC)
-
-            feed = FeedPlayer.for_stage(plan, stage, host=self.config.mpc_host, scratch=self.config.mpc_scratch_dir)
-        else:
-            # The filters the parties apply must be exactly those the SQL implies (recomputed here, not
-            # taken from the coordinator); the enclave runs the rest of the query, the residual.
-            pushed = stage_pushdown(stage)
-            # The enclave compiles the stage itself: the aggregate-only check and the hidden unit
-            # counts do not depend on anything the coordinator computed.
-            compiled = compile_for_job(pushed.residual_sql, specs)
-            # ...and re-checks every owner's column rules on the full query, pushed filters included,
-            # and on what it compiled (not the planner's word).
-            policies = {i.qualified: i.policy for i in stage.inputs}
-            names = {
-                i.qualified: [*i.columns, *(c for c in i.filter_columns if c not in i.columns)] for i in stage.inputs
-            }
-            check_uses(pushed.uses, policies, names)
-            check_uses(compiled.uses, policies, names)
-        k = max(i.policy.min_group_size for i in stage.inputs)
-        strictest = tuple(sorted(i.qualified for i in stage.inputs if i.policy.min_group_size == k))
-        # Every owner's rules apply to every cell: its bounds to its measure columns, its dominance
-        # rule to its privacy units. Both come from the policies the owners signed in the plan.
-        clamps: dict[str, dict[str, Bounds]] = {}
-        clamped: list[dict[str, Any]] = []
-        for inp in stage.inputs:
-            for column in inp.columns:
-                rule = inp.policy.rule(column)
-                if rule.role == "measure" and (rule.min is not None or rule.max is not None):
-                    clamps.setdefault(inp.table, {})[column] = (rule.min, rule.max)
-                    clamped.append({"dataset": inp.qualified, "column": column, "min": rule.min, "max": rule.max})
-            for column in inp.filter_columns:
-                rule = inp.policy.rule(column)
-                if rule.min is not None or rule.max is not None:
-                    # A party filters raw values; the enclave would have clamped them first. Roles
-                    # already forbid filtering on a measure: this keeps it so whatever roles allow.
-                    raise PolicyRefusalError(
-                        f"{inp.qualified}.{column} has declared bounds and cannot be filtered on by its party",
-                        details={"party": inp.party, "dataset": inp.dataset, "column": column, "rule": "bounds"},
-                    )
-        dominance = {i.qualified: i.policy.dominance for i in stage.inputs if i.policy.dominance is not None}
-        rules: dict[str, Any] = {
-            "min_group_size": k,
-            "dominance": [{"dataset": d, "n": r.n, "k": r.k} for d, r in sorted(dominance.items())],
-            "clamped": clamped,
-        }
-        if feed is not None:
-            # What applies is the MPC stage's rule (checked above against every streamed policy),
-            # inside the MPC: say that, not the TEE path's rules this job does not run.
-            spec = feed.spec
-            k = spec.min_group_size
-            rules = {
-                "min_group_size": k,
-                "counted": "distinct privacy units" if spec.threshold_on == "units" else "rows",
-                "applied_in": f"MPC stage {feed.mpc_stage.id}",
-                "clamped": [{"column": m.column, "min": m.min, "max": m.max} for m in spec.measures],
-                "mpc_spec_sha256": hashlib.sha256(canonical_json(spec.to_dict())).hexdigest(),
-            }
+        """A job for ``plan_json``, once the enclave's own check of the plan (admission.admit) passed."""
+        admitted = admit(Plan.from_json(plan_json), self.config)
         hpke_key = X25519PrivateKey.generate()
         signing_key = Ed25519PrivateKey.generate()
         job = Job(
             id=uuid.uuid4().hex,
-            plan=plan,
-            plan_hash=plan.hash,
-            compiled=compiled,
-            min_group_size=k,
-            rule_datasets=strictest,
+            plan=admitted.plan,
+            plan_hash=admitted.plan.hash,
+            compiled=admitted.compiled,
+            min_group_size=admitted.min_group_size,
+            rule_datasets=admitted.rule_datasets,
             hpke_key=hpke_key,
             signing_key=signing_key,
             hpke_public=_raw(hpke_key.public_key()),
             signing_public=_raw(signing_key.public_key()),
             created=self.clock(),
-            inputs=inputs,
-            clamps=clamps,
-            dominance=dominance,
-            rules=rules,
-            feed=feed,
+            inputs={(i.party, i.dataset): JobInput(i) for i in admitted.stage.inputs},
+            clamps=admitted.clamps,
+            dominance=admitted.dominance,
+            rules=admitted.rules,
+            feed=admitted.feed,
         )
         with self._lock:
             self._jobs[job.id] = job
-        log.info("job %s created for plan %s (%d inputs)", job.id, job.plan_hash[:12], len(inputs))
+        log.info("job %s created for plan %s (%d inputs)", job.id, job.plan_hash[:12], len(job.inputs))
         return job
 
     def attest(self, job_id: str, nonce: bytes) -> tuple[Evidence, Job]:
@@ -315,7 +188,7 @@ class JobRegistry:
         frames: Iterable[bytes],
         *,
         connected: Callable[[], bool] = lambda: True,
-    ) -> tuple[str, _Input]:
+    ) -> tuple[str, JobInput]:
         """Open one party's sealed stream; commit its table only when the whole stream verified.
 
         Any stream that fails authentication fails the whole job (invariant 8): the other parties'
@@ -324,80 +197,9 @@ class JobRegistry:
         header = StreamHeader.from_bytes(header_bytes)  # malformed: no job to fail
         ctx = header.context
         job = self._get(ctx.job_id)
-        with self._lock:
-            if (
-                job.failed is not None
-                or job.done
-                or job.executing
-                or (job.feed is not None and job.feed.identity is not None)
-            ):
-                raise JobFailedError("the job has ended or is executing; nothing more is accepted")
-            inp = job.inputs.get((ctx.party, ctx.dataset))
-            # Every check that a sender could fail on purpose raises the same IntegrityError.
-            try:
-                if (
-                    inp is None
-                    or inp.table is not None
-                    or inp.streaming
-                    or signature is None
-                    or ctx.plan_hash.hex() != job.plan_hash
-                    or ctx.evidence_hash not in job.issued_evidence
-                    or job.hpke_key is None
-                ):
-                    raise integrity_error()
-                verify_stream_header(job.plan.parties.get(ctx.party, ""), header_bytes, signature)
-            except IntegrityError:
-                self._fail(job, integrity_error())
-                raise integrity_error() from None
-            inp.streaming = True
-            hpke_key = job.hpke_key
-        batches: list[pa.RecordBatch] = []
-        received = 0
-        rows = 0
-        frames_n = 0
-        columns = list(inp.spec.columns)
-        padded = inp.spec.filter is not None
+        inp, hpke_key = self._admit_stream(job, header, header_bytes, signature)
         try:
-            opener = OpeningStream(header, hpke_key)
-            # A filtered input carries the padding flag as its last column; any other never does.
-            expected = [*columns, PAD_COLUMN] if padded else columns
-            if opener.schema.names != expected or (padded and opener.schema.field(PAD_COLUMN).type != pa.bool_()):
-                raise integrity_error()
-            schema = pa.schema([opener.schema.field(c) for c in columns])
-            for frame in frames:
-                batch = opener.open_batch(frame)
-                frames_n += 1
-                if batch is None:
-                    continue
-                received += batch.nbytes
-                rows += batch.num_rows
-                if padded:
-                    # Drop the padding rows (NULL flags too, as WHERE NOT would) before anything else.
-                    batch = batch.filter(pc.invert(batch.column(PAD_COLUMN))).select(columns)
-                    if batch.num_rows == 0:
-                        continue
-                size = batch.nbytes
-                with self._lock:
-                    if job.failed is not None or job.done:
-                        raise job.failed or JobFailedError("the job ended while this stream was in flight")
-                    if self._held + size > self.config.memory_limit_bytes:
-                        raise ResourceExhaustedError(
-                            "the enclave's memory limit was exceeded while loading inputs; "
-                            "raise enclave.memory_limit_mb or reduce the data the query needs"
-                        )
-                    self._held += size
-                    job.held_bytes += size
-                batches.append(batch)
-            try:
-                opener.close()
-            except IntegrityError:
-                # The stream ended without its final frame: a party cut off mid-stream, or a
-                # truncated stream. gRPC can end the request iterator of a cancelled call a moment
-                # before it reports the call inactive, so give the cancellation that moment.
-                if _cancelled_within(connected, seconds=0.5):
-                    raise _disconnected(ctx.party) from None
-                raise
-            table = pa.Table.from_batches(batches, schema=schema)
+            stream = self._read_stream(job, inp, OpeningStream(header, hpke_key), frames, connected)
         except SealroomError as caught:
             err = caught
             if isinstance(err, IntegrityError) and not connected():
@@ -409,19 +211,108 @@ class JobRegistry:
             err = _disconnected(ctx.party)
             self._fail(job, err)
             raise err from exc
+        else:
+            self._commit(job, inp, stream, header_bytes)
         finally:
             with self._lock:
-                inp.streaming = False
-        with self._lock:
-            if job.failed is not None or job.done:
-                raise job.failed or JobFailedError("the job ended while this stream was in flight")
-            inp.table = table
-            inp.rows = rows
-            inp.bytes = received
-            inp.frames = frames_n
-            inp.header_sha256 = hashlib.sha256(header_bytes).hexdigest()
-        log.info("job %s: input %s.%s loaded (%d frames)", job.id, ctx.party, ctx.dataset, frames_n)
+                if inp.state is InputState.STREAMING:  # failed or refused: the input did not arrive
+                    inp.state = InputState.WAITING
+        log.info("job %s: input %s.%s loaded (%d frames)", job.id, ctx.party, ctx.dataset, stream.frames)
         return job.id, inp
+
+    def _admit_stream(
+        self, job: Job, header: StreamHeader, header_bytes: bytes, signature: bytes | None
+    ) -> tuple[JobInput, X25519PrivateKey]:
+        """The input a stream fills, marked streaming, and the job key that opens it. Every check that
+        a sender could fail on purpose fails the job with the same IntegrityError."""
+        ctx = header.context
+        with self._lock:
+            job.check_receiving()
+            inp = job.inputs.get((ctx.party, ctx.dataset))
+            hpke_key = job.hpke_key
+            try:
+                if (
+                    inp is None
+                    or inp.state is not InputState.WAITING
+                    or signature is None
+                    or ctx.plan_hash.hex() != job.plan_hash
+                    or ctx.evidence_hash not in job.issued_evidence
+                    or hpke_key is None
+                ):
+                    raise integrity_error()
+                verify_stream_header(job.plan.parties.get(ctx.party, ""), header_bytes, signature)
+            except IntegrityError:
+                self._fail(job, integrity_error())
+                raise integrity_error() from None
+            inp.state = InputState.STREAMING
+        return inp, hpke_key
+
+    def _read_stream(
+        self,
+        job: Job,
+        inp: JobInput,
+        opener: OpeningStream,
+        frames: Iterable[bytes],
+        connected: Callable[[], bool],
+    ) -> _Stream:
+        """Open every frame (padding rows dropped as each is opened), holding its size against the
+        memory limit, and the end of the stream."""
+        columns = list(inp.spec.columns)
+        padded = inp.spec.filter is not None
+        # A filtered input carries the padding flag as its last column; any other never does.
+        expected = [*columns, PAD_COLUMN] if padded else columns
+        if opener.schema.names != expected or (padded and opener.schema.field(PAD_COLUMN).type != pa.bool_()):
+            raise integrity_error()
+        batches: list[pa.RecordBatch] = []
+        received = rows = frames_n = 0
+        for frame in frames:
+            batch = opener.open_batch(frame)
+            frames_n += 1
+            if batch is None:
+                continue
+            received += batch.nbytes
+            rows += batch.num_rows
+            if padded:
+                # Drop the padding rows (NULL flags too, as WHERE NOT would) before anything else.
+                batch = batch.filter(pc.invert(batch.column(PAD_COLUMN))).select(columns)
+                if batch.num_rows == 0:
+                    continue
+            self._hold(job, batch.nbytes)
+            batches.append(batch)
+        try:
+            opener.close()
+        except IntegrityError:
+            # The stream ended without its final frame: a party cut off mid-stream, or a truncated
+            # stream. gRPC can end the request iterator of a cancelled call a moment before it
+            # reports the call inactive, so give the cancellation that moment.
+            if _cancelled_within(connected, seconds=0.5):
+                raise _disconnected(inp.spec.party) from None
+            raise
+        schema = pa.schema([opener.schema.field(c) for c in columns])
+        return _Stream(pa.Table.from_batches(batches, schema=schema), rows, received, frames_n)
+
+    def _hold(self, job: Job, size: int) -> None:
+        """Count ``size`` more bytes held for ``job``, within the enclave's memory limit."""
+        with self._lock:
+            job.check_alive()
+            if self._held + size > self.config.memory_limit_bytes:
+                raise ResourceExhaustedError(
+                    "the enclave's memory limit was exceeded while loading inputs; "
+                    "raise enclave.memory_limit_mb or reduce the data the query needs"
+                )
+            self._held += size
+            job.held_bytes += size
+
+    def _commit(self, job: Job, inp: JobInput, stream: _Stream, header_bytes: bytes) -> None:
+        """The verified stream becomes the input (unless the job ended meanwhile)."""
+        with self._lock:
+            job.check_alive()
+            inp.table = stream.table
+            inp.rows = stream.rows
+            inp.bytes = stream.bytes
+            inp.frames = stream.frames
+            inp.header_sha256 = hashlib.sha256(header_bytes).hexdigest()
+            inp.state = InputState.LOADED
 
     def _authorized(self, job_id: str, token: bytes) -> Job:
         """The job, if ``token`` is the one its creator got: the parties know the job id (they stream
@@ -435,14 +326,12 @@ class JobRegistry:
         """The job, marked executing (the reaper and late uploads leave it alone from here)."""
         job = self._authorized(job_id, token)
         with self._lock:
-            if job.executing:
-                raise JobFailedError("the job is already executing")
-            if any(i.streaming for i in job.inputs.values()):
+            if job.streaming:
                 err = JobFailedError("the job was asked to run while an input was still streaming; it was stopped")
                 self._fail(job, err)
                 self._jobs.pop(job.id, None)
                 raise err
-            job.executing = True
+            job.begin()
         return job
 
     def _end(self, job: Job) -> None:
@@ -450,7 +339,7 @@ class JobRegistry:
         with self._lock:
             self._held -= job.held_bytes
             job.wipe()
-            job.done = True
+            job.end()
             self._jobs.pop(job.id, None)
 
     def execute(self, job_id: str, approvals: dict[str, tuple[str, bytes]], token: bytes) -> dict[str, Any]:
@@ -470,8 +359,7 @@ class JobRegistry:
 
     def _check_ready(self, job: Job, approvals: dict[str, tuple[str, bytes]]) -> None:
         """Every owner whose data the plan touches approved exactly this plan, and every input arrived."""
-        if job.failed is not None:
-            raise job.failed
+        job.raise_if_failed()
         for party in job.plan.involved_parties():
             if party not in approvals:
                 raise ApprovalError(
@@ -504,7 +392,7 @@ class JobRegistry:
             ),
             nonce=nonce,
         )
-        tee = next(s for s in job.plan.stages if s.kind == "tee")
+        tee = job.plan.tee_stages()[0]
         doc = {
             "version": RESULT_VERSION,
             "kind": "sealroom.result",
@@ -605,9 +493,7 @@ class JobRegistry:
             offer = feed.prepare([(i.spec, i.table) for i in job.inputs.values()], job.signing_key.sign)
             with self._lock:  # the rows are not needed any more: only the partials go on
                 self._held -= job.held_bytes
-                job.held_bytes = 0
-                for inp in job.inputs.values():
-                    inp.table = None
+                job.drop_rows()
             body, signature, evidence = self._signed(
                 job,
                 approvals,
@@ -629,7 +515,7 @@ class JobRegistry:
                 raise
             raise err from exc
         with self._lock:
-            job.executing = False  # waits for RunMpc; the reaper ends it after the job's TTL
+            job.prepared()  # waits for RunMpc; the reaper ends it after the job's TTL
         log.info("job %s: MPC player %d prepared for stage %s", job.id, index, stage_id)
         return {"offer": offer, "result_json": body, "signature": signature, "evidence": evidence.to_bytes()}
 
@@ -646,13 +532,10 @@ class JobRegistry:
         ends here, whatever happens."""
         job = self._authorized(job_id, token)
         with self._lock:
-            if job.feed is None or job.feed.identity is None or job.failed is not None:
-                raise JobFailedError("the job has no prepared MPC player (PrepareMpc comes first)")
-            if job.executing:
-                raise JobFailedError("the job's MPC player is already running")
-            job.executing = True
+            job.run_player()
             key = job.signing_key
         feed = job.feed
+        assert feed is not None, "a job is PREPARED only when its MPC player was prepared"
 
         def sign(message: bytes) -> bytes:
             with self._lock:  # a job that failed or was aborted while its player ran signs nothing

@@ -43,7 +43,16 @@ from sealroom.errors import InvalidQueryError, JobFailedError, MpcError, PolicyR
 from sealroom.planning.bounds import stage_consistency_violation, stage_rule_violation
 from sealroom.planning.disclosure import check_uses
 from sealroom.planning.mpc_spec import StageSpec
-from sealroom.planning.plan import Plan, PlanInput, Stage, mpc_player_keys, mpc_session, mpc_stage_query
+from sealroom.planning.plan import (
+    EnclaveHolder,
+    MpcStage,
+    Plan,
+    PlanInput,
+    TeeStage,
+    mpc_player_keys,
+    mpc_session,
+    mpc_stage_query,
+)
 from sealroom.planning.sql import UNION_UNIT
 
 log = logging.getLogger(__name__)
@@ -57,8 +66,8 @@ class FeedPlayer:
     """The MPC side of one feeding job: which player it is, and (once prepared) its state."""
 
     plan: Plan
-    stage: Stage  # the TEE stage
-    mpc_stage: Stage
+    stage: TeeStage
+    mpc_stage: MpcStage
     spec: StageSpec
     index: int
     host: str
@@ -70,7 +79,7 @@ class FeedPlayer:
     cancelled: threading.Event = field(default_factory=threading.Event)  # the job ended: never start
 
     @classmethod
-    def for_stage(cls, plan: Plan, stage: Stage, *, host: str, scratch: Path) -> FeedPlayer:
+    def for_stage(cls, plan: Plan, stage: TeeStage, *, host: str, scratch: Path) -> FeedPlayer:
         """Check that ``stage`` feeds an MPC stage of ``plan`` as exactly one input-holding player,
         that every input's filter is the one the SQL implies (recomputed here, for the MPC stage's
         query, not taken from the coordinator), and that the MPC stage applies the rules of every
@@ -78,10 +87,9 @@ class FeedPlayer:
         units, bounds, dominance, column roles, at most t helper players. Raises InvalidQueryError
         or PolicyRefusalError."""
         q = mpc_stage_query(plan, stage)
-        target = next(s for s in plan.stages if s.id == stage.feeds)
-        assert target.mpc is not None and target.holders is not None
-        spec = StageSpec.from_dict(target.mpc)
-        mine = [int(i) for i, h in target.holders.items() if h.get("stage") == stage.id]
+        target = plan.fed_stage(stage)
+        spec = target.spec
+        mine = [i for i, h in target.holders.items() if isinstance(h, EnclaveHolder) and h.stage == stage.id]
         if (
             len(mine) != 1
             or not 0 <= mine[0] < len(spec.players)
@@ -98,7 +106,7 @@ class FeedPlayer:
         # It computes what the SQL says, over the domain the policies declare. (COUNT(col) may run as
         # COUNT(*) where the planner saw no NULL: the enclave cannot see the registered schemas, and
         # counting rows instead of values discloses nothing more.)
-        every = [*target.inputs, *(i for s in plan.stages if s.feeds == target.id for i in s.inputs)]
+        every = plan.mpc_inputs(target)
         violation = stage_consistency_violation(target, spec, q, every, count_star=lambda _col: True)
         if violation is not None:
             raise PolicyRefusalError(violation[0], details={"stage": target.id, "rule": violation[1], **violation[2]})
@@ -118,6 +126,14 @@ class FeedPlayer:
         )
         check_scratch(scratch)  # before any data arrives
         return cls(plan, stage, target, spec, mine[0], host, scratch)
+
+    def stop(self) -> None:
+        """The job ended (failed, aborted or done): drop the partials; the player never starts, or
+        is killed if it runs."""
+        self.partials = None
+        self.cancelled.set()
+        if self.kill is not None:
+            self.kill()
 
     def prepare(self, tables: list[tuple[PlanInput, pa.Table]], sign: Callable[[bytes], bytes]) -> dict[str, Any]:
         """Compute the partials from the inputs' rows (each with its privacy unit as the stage's
@@ -199,7 +215,7 @@ class _StatFs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 512)]  # f_type comes first on Linux
 
 
-def _filesystem_type(path: Path) -> int | None:
+def filesystem_type(path: Path) -> int | None:
     """The statfs magic of the filesystem ``path`` (a directory, not followed if a symlink) is on."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -224,7 +240,7 @@ def check_scratch(path: Path) -> Path:
         real = path.resolve(strict=True)
     except OSError:
         real = None
-    kind = _filesystem_type(real) if real is not None else None
+    kind = filesystem_type(real) if real is not None else None
     if kind not in MEMORY_FILESYSTEMS:
         raise InvalidQueryError(
             "the enclave's MPC player needs a memory-backed scratch directory for its TLS key (a tmpfs inside the "

@@ -6,6 +6,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 
@@ -137,8 +138,6 @@ def serve(config: EnclaveConfig, *, ready: threading.Event | None = None, port_f
         registry.attester.measurement[:16],
     )
     if port_file:
-        from pathlib import Path
-
         Path(port_file).write_text(str(server.port))
     if ready is not None:
         ready.set()

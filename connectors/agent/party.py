@@ -252,7 +252,7 @@ class PartyAgent:
         me = self.config.name
         # Only what goes to an enclave: a dataset of this owner that an MPC stage reads directly stays
         # here (its own player holds its partials).
-        mine = [i for s in plan.stages if s.kind == "tee" for i in s.inputs if i.party == me]
+        mine = [i for s in plan.tee_stages() for i in s.inputs if i.party == me]
         if not mine:
             raise ApprovalError(f"the plan streams no data of {me} to an enclave", details={"party": me})
         with open_channel(enclave_address) as channel:

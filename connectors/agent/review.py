@@ -6,15 +6,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import pyarrow as pa
 
 from connectors.witness import LogWitness
 from sealroom.errors import ApprovalError, InvalidQueryError, PolicyRefusalError
+from sealroom.planning.bounds import stage_consistency_violation, stage_rule_violation
+from sealroom.planning.checks import check_analyst, check_stage_k
 from sealroom.planning.disclosure import check_uses
-from sealroom.planning.plan import Plan, PlanInput, Stage, mpc_player_keys, mpc_stage_query, stage_pushdown
-from sealroom.planning.sql import UNION_UNIT
+from sealroom.planning.plan import (
+    EnclaveHolder,
+    HelperHolder,
+    MpcStage,
+    PartyHolder,
+    Plan,
+    PlanInput,
+    Stage,
+    TeeStage,
+    mpc_player_keys,
+    mpc_stage_query,
+    stage_pushdown,
+)
+from sealroom.planning.sql import UNION_UNIT, MpcQuery
 from sealroom.policy import DatasetPolicy
 
 
@@ -54,12 +67,8 @@ def check_plan(owner: Owner, plan: Plan) -> list[PlanInput]:
                 "current policy; re-plan the query",
                 details={**where, "rule": "policy_digest"},
             )
-        if not policy.allows_analyst(plan.analyst):
-            raise PolicyRefusalError(
-                f"{me}.{inp.dataset} may not be queried by analyst {plan.analyst}; ask {me} to add the "
-                "analyst to the dataset's policy",
-                details={**where, "rule": "analysts"},
-            )
+        # The owner's current policy (its digest is the plan's, checked above).
+        check_analyst(plan.analyst, party=me, dataset=inp.dataset, policy=policy)
         schema = owner.schemas[inp.dataset]
         for col in (*inp.columns, *inp.filter_columns):
             if col not in schema.names:
@@ -71,12 +80,8 @@ def check_plan(owner: Owner, plan: Plan) -> list[PlanInput]:
                 details={**where, "column": policy.privacy_unit, "rule": "privacy_unit"},
             )
     for stage in plan.stages:
-        if stage.min_group_size < max(i.policy.min_group_size for i in stage.inputs):
-            raise PolicyRefusalError(
-                "the plan's minimum group size is weaker than an involved owner's policy",
-                details={"party": me, "rule": "min_group_size"},
-            )
-        if stage.kind == "mpc" or stage.feeds is not None:
+        check_stage_k(stage, party=me)
+        if isinstance(stage, MpcStage) or stage.feeds is not None:
             if any(i.party == me for i in stage.inputs):
                 check_mpc_stage(owner, plan, stage)
         elif any(i.party == me for i in stage.inputs):
@@ -86,7 +91,7 @@ def check_plan(owner: Owner, plan: Plan) -> list[PlanInput]:
     return mine
 
 
-def check_mpc_stage(owner: Owner, plan: Plan, stage: Stage) -> None:  # noqa: C901 - one check per rule, in order
+def check_mpc_stage(owner: Owner, plan: Plan, stage: Stage) -> None:
     """Re-check an MPC stage this party's data goes to (directly, or through the TEE stage feeding
     it) against this owner's own policies: it computes what the plan's SQL implies (filters,
     aggregates, group columns, release), k is at least each of its datasets' min_group_size and
@@ -94,37 +99,46 @@ def check_mpc_stage(owner: Owner, plan: Plan, stage: Stage) -> None:  # noqa: C9
     used only as their roles allow, the group domain is exactly what the involved policies
     declare, its datasets go to an enclave only where its policy allows and otherwise are held by
     its own player only, and the players and holders agree with the spec. Raises the refusal."""
-    from sealroom.planning.bounds import stage_consistency_violation, stage_rule_violation
-    from sealroom.planning.mpc_spec import StageSpec
-
-    me = owner.name
     q = mpc_stage_query(plan, stage)
-    if stage.feeds is not None:
-        stage = next(s for s in plan.stages if s.id == stage.feeds)
-    assert stage.mpc is not None and stage.holders is not None and stage.release is not None
-    spec = StageSpec.from_dict(stage.mpc)
-    feeding = [s for s in plan.stages if s.feeds == stage.id]
-    every = [*stage.inputs, *(i for s in feeding for i in s.inputs)]
+    target = plan.fed_stage(stage) if isinstance(stage, TeeStage) else stage
+    refusal = _Refusal(owner.name, target.id)
+    _check_computation(owner, plan, target, q, refusal)
+    _check_players(owner, plan, target, refusal)
+    _check_holders(owner, plan, target, refusal)
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """The owner's refusal of one MPC stage: names the party, the stage and the rule."""
+
+    party: str
+    stage: str
+
+    def __call__(self, message: str, rule: str, **details: object) -> PolicyRefusalError:
+        return PolicyRefusalError(message, details={"party": self.party, "stage": self.stage, "rule": rule, **details})
+
+
+def _check_computation(owner: Owner, plan: Plan, stage: MpcStage, q: MpcQuery, refuse: _Refusal) -> None:
+    """What the stage computes is what the SQL this owner signs implies, over the domain the
+    involved policies (carried in the plan, digests checked) declare, under this owner's rules
+    (k, privacy units, bounds) and column roles."""
+    me = owner.name
+    every = plan.mpc_inputs(stage)
     mine = [i for i in every if i.party == me]
 
-    def refuse(message: str, rule: str, **details: Any) -> PolicyRefusalError:
-        return PolicyRefusalError(message, details={"party": me, "stage": stage.id, "rule": rule, **details})
-
-    # What the stage computes is what the SQL this owner signs implies, over the domain the
-    # involved policies (carried in the plan, digests checked) declare. COUNT(col) may run as
-    # COUNT(*) only where col can hold no NULL (checked here for this party's own datasets; the
-    # planner checked every registered schema).
+    # COUNT(col) may run as COUNT(*) only where col can hold no NULL (checked here for this party's
+    # own datasets; the planner checked every registered schema).
     def count_star(col: str) -> bool:
         return not any(
             owner.schemas[i.dataset].field(col).nullable for i in mine if col in owner.schemas[i.dataset].names
         )
 
-    violation = stage_consistency_violation(stage, spec, q, every, count_star=count_star)
+    violation = stage_consistency_violation(stage, stage.spec, q, every, count_star=count_star)
     if violation is not None:
         raise refuse(violation[0], violation[1], **violation[2])
     for inp in mine:
         violation = stage_rule_violation(
-            spec,
+            stage.spec,
             owner.policies[inp.dataset],
             dataset=f"{me}.{inp.dataset}",
             columns=owner.schemas[inp.dataset].names,
@@ -138,9 +152,14 @@ def check_mpc_stage(owner: Owner, plan: Plan, stage: Stage) -> None:  # noqa: C9
         {i.qualified: owner.policies[i.dataset] for i in mine},
         {i.qualified: owner.schemas[i.dataset].names for i in mine},
     )
-    # Who holds what: this party's MPC-side datasets only by its own player, its TEE-side ones only
-    # where its policy accepts an enclave; helpers hold nothing.
-    if set(stage.holders) != {str(n) for n in range(len(spec.players))}:
+
+
+def _check_players(owner: Owner, plan: Plan, stage: MpcStage, refuse: _Refusal) -> None:
+    """The holders name exactly the spec's players, each holding what its kind may hold; a helper's
+    identity is the coordinator's key (the log key this agent witnesses): a helper under any other
+    key could be someone else's second player."""
+    spec = stage.spec
+    if set(stage.holders) != set(range(len(spec.players))):
         raise refuse("the MPC stage's holders do not name exactly its players", "players")
     coordinator_key = owner.witness.log_key if owner.witness is not None else None
     if owner.witness is not None and coordinator_key is None and any(not p.holds_input for p in spec.players):
@@ -151,16 +170,14 @@ def check_mpc_stage(owner: Owner, plan: Plan, stage: Stage) -> None:  # noqa: C9
             "players",
         )
     for n, player in enumerate(spec.players):
-        holder = stage.holders[str(n)]
-        if player.holds_input == ("helper" in holder):
+        holder = stage.holders[n]
+        if player.holds_input == isinstance(holder, HelperHolder):
             raise refuse(f"the MPC stage's player {n} ({player.name}) and its holders disagree", "players")
-        if "party" in holder and holder["party"] != player.name:
-            raise refuse(f"the MPC stage's player {n} ({player.name}) would hold {holder['party']}'s input", "players")
-        # A helper's identity is the coordinator's key (the log key this agent witnesses): a helper
-        # under any other key could be someone else's second player.
-        if "helper" in holder and (
-            holder["helper"] != player.name
-            or (coordinator_key is not None and holder.get("key") != coordinator_key.public_key.hex())
+        if isinstance(holder, PartyHolder) and holder.party != player.name:
+            raise refuse(f"the MPC stage's player {n} ({player.name}) would hold {holder.party}'s input", "players")
+        if isinstance(holder, HelperHolder) and (
+            holder.helper != player.name
+            or (coordinator_key is not None and holder.key != coordinator_key.public_key.hex())
         ):
             raise refuse(
                 f"the MPC stage's helper player {n} is not named with the coordinator's key", "players", player=n
@@ -169,8 +186,15 @@ def check_mpc_stage(owner: Owner, plan: Plan, stage: Stage) -> None:  # noqa: C9
         mpc_player_keys(plan, stage)
     except InvalidQueryError as err:
         raise refuse(err.message, "players") from None
-    held = {(h["party"], d) for h in stage.holders.values() if "party" in h for d in h.get("datasets", ())}
-    fed = {h["stage"] for h in stage.holders.values() if "stage" in h}
+
+
+def _check_holders(owner: Owner, plan: Plan, stage: MpcStage, refuse: _Refusal) -> None:
+    """Who holds what: every MPC-side dataset only its owner's own player, the TEE-side ones only
+    the enclave, and this owner's TEE-side datasets only where its policy accepts an enclave."""
+    me = owner.name
+    feeding = plan.feeding(stage)
+    held = {(h.party, d) for h in stage.holders.values() if isinstance(h, PartyHolder) for d in h.datasets}
+    fed = {h.stage for h in stage.holders.values() if isinstance(h, EnclaveHolder)}
     for inp in stage.inputs:
         if (inp.party, inp.dataset) not in held:
             raise refuse(f"no player of its owner holds {inp.qualified} in the MPC stage", "players")

@@ -23,7 +23,8 @@ from sealroom.attestation import SIMULATED, AppraisalPolicy, Claims, Evidence, r
 from sealroom.audit.refusals import refuse
 from sealroom.canonical import canonical_json
 from sealroom.errors import AttestationError, AuditError, SealroomError
-from sealroom.planning.plan import Plan, mpc_player_keys
+from sealroom.planning.plan import HelperHolder, Plan, mpc_player_keys
+from sealroom.planning.plan import MpcStage as PlannedMpcStage
 
 __all__ = [
     "RESULT_KIND",
@@ -191,20 +192,18 @@ def _appraise_tee_evidence(
     return claims
 
 
-def _legacy_helpers(stage: Any, coordinator_key: Any) -> Any:
+def _legacy_helpers(stage: PlannedMpcStage, coordinator_key: Any) -> PlannedMpcStage:
     """A plan from before the helpers' keys were named in ``holders``: its helper players are the
     coordinator's, so they must have signed with the key that countersigned the receipt (the pinned
     coordinator key, when the reviewer gives one; step 11 checks it)."""
-    players = (stage.mpc or {}).get("players") if stage is not None else None
-    holders = dict(stage.holders or {}) if stage is not None else {}
-    if not isinstance(players, list) or not isinstance(coordinator_key, str):
+    if not isinstance(coordinator_key, str):
         return stage
     missing = {
-        str(i): {"helper": p.get("name"), "key": coordinator_key}
-        for i, p in enumerate(players)
-        if isinstance(p, dict) and not p.get("holds_input", True) and str(i) not in holders
+        i: HelperHolder(p.name, coordinator_key)
+        for i, p in enumerate(stage.spec.players)
+        if not p.holds_input and i not in stage.holders
     }
-    return dataclasses.replace(stage, holders={**holders, **missing}) if missing else stage
+    return dataclasses.replace(stage, holders={**stage.holders, **missing}) if missing else stage
 
 
 def verify_mpc_stage(
@@ -221,9 +220,9 @@ def verify_mpc_stage(
     # Every player signs with the identity the plan names for it (by its index, not its name): an
     # owner's player with the owner's key, a helper with the key its holders entry names (the
     # coordinator's), the enclave's player with the attested job key of the TEE stage feeding it.
-    planned_stage = next((s for s in plan.stages if s.id == sid and s.kind == "mpc" and s.mpc is not None), None)
+    planned_stage = next((s for s in plan.mpc_stages() if s.id == sid), None)
     try:
-        keyed = _legacy_helpers(planned_stage, coordinator_key)
+        keyed = _legacy_helpers(planned_stage, coordinator_key) if planned_stage is not None else None
         named_keys = mpc_player_keys(plan, keyed) if keyed is not None else None
     except SealroomError:
         named_keys = None
@@ -245,9 +244,9 @@ def verify_mpc_stage(
     # The opened result is the one of this plan's MPC stage: its spec (players, domain, aggregates,
     # bounds, k, threshold) is the one the owners approved, as part of the plan hash.
     planned = planned_stage
-    if planned is None or not isinstance(planned.mpc, dict):
+    if planned is None:
         raise refuse("mpc_plan", f"stage {sid}: the plan has no such MPC stage", stage=sid)
-    spec = planned.mpc  # StageSpec.to_dict(), as the planner wrote it and the owners approved it
+    spec = planned.spec.to_dict()  # as the planner wrote it and the owners approved it
     rule = result.get("rule") if isinstance(result.get("rule"), dict) else {}
     if (
         result.get("spec_digest") != hashlib.sha256(canonical_json(spec)).hexdigest()

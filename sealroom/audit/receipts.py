@@ -476,6 +476,11 @@ def _verify_plan(parts: _Parts) -> tuple[Plan, str]:
     try:
         plan = Plan.from_json(plan_json)
     except SealroomError as err:
+        if err.details.get("stage") == "mpc" and err.details.get("rule") == "threshold":
+            # An MPC stage without an honest majority does not even read as a plan.
+            raise refuse(
+                "mpc_trust", f"the receipt's plan has an MPC stage without an honest majority ({err.message})"
+            ) from None
         raise refuse("plan", f"the receipt's plan does not parse: {err.message}") from None
     if plan.to_json() != plan_json:
         raise refuse("plan", "the receipt's plan holds fields a plan does not have")

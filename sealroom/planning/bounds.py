@@ -42,14 +42,6 @@ def measure_from_rules(
     return Measure(column, lo, hi, decimals, nullable)
 
 
-def min_group_size(policies: Iterable[DatasetPolicy]) -> int:
-    """The strictest (largest) minimum group size of the involved owners."""
-    sizes = [p.min_group_size for p in policies]
-    if not sizes:
-        raise ValueError("no policies")
-    return max(sizes)
-
-
 def _bound(v: float | None) -> str:
     return "none" if v is None else f"{v:g}"
 
@@ -127,7 +119,7 @@ def stage_consistency_violation(
     import itertools
 
     from sealroom.planning.mpc_spec import GroupColumn
-    from sealroom.planning.plan import declared_domains
+    from sealroom.planning.plan import Release, declared_domains
 
     # The coordinator runs every helper player: with more than t of them it would hold enough shares
     # to reconstruct the owners' partials (t + 1 colluding players learn every input).
@@ -148,15 +140,11 @@ def stage_consistency_violation(
             return True
         return x[:2] == y[:2] == (x[0], "count") and x[2] is None and y[2] is not None and count_star(y[2])
 
-    release = stage.release or {}
     if (
         [g.name for g in spec.group_by] != list(q.group_columns)
         or len(computed) != len(implied)
         or not all(same(x, y) for x, y in zip(computed, implied, strict=False))
-        or release.get("outputs") != [list(o) for o in q.outputs]
-        or release.get("having") != q.having
-        or release.get("order_by") != [[o.column, o.descending, o.nulls_first] for o in q.order_by]
-        or release.get("limit") != q.limit
+        or stage.release != Release.of(q)
         or tuple(stage.output_columns) != tuple(o[0] for o in q.outputs)
     ):
         return (

@@ -11,16 +11,16 @@ The signatures over plans (approvals) and owners' messages live in :mod:`sealroo
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from sealroom.canonical import canonical_json
 from sealroom.errors import InvalidQueryError
-from sealroom.planning.sql import MpcQuery, Pushdown, PushedFilter, mpc_query, pushdown
+from sealroom.planning.mpc_spec import StageSpec
+from sealroom.planning.sql import MpcQuery, OrderKey, Pushdown, PushedFilter, mpc_query, pushdown
 from sealroom.policy import DatasetPolicy
 
 PLAN_VERSION = 1
@@ -89,88 +89,214 @@ class PlanInput:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One stage of a plan: ``tee`` (inside an attested enclave worker) or ``mpc`` (MPyC players).
+class PartyHolder:
+    """An owner's own MPC player, holding that owner's inputs of the stage (``datasets``)."""
 
-    A TEE stage runs ``sql`` over its inputs and releases its outputs, unless it ``feeds`` an MPC
-    stage: then it releases nothing and computes only its inputs' partial aggregates over the MPC
-    stage's public group domain, and the enclave joins that MPC stage as the player holding them.
+    party: str
+    datasets: tuple[str, ...]
 
-    An MPC stage carries ``mpc``, the public :class:`sealroom.planning.mpc_spec.StageSpec` as its ``to_dict()``
-    (players, group domain, aggregates, measures' bounds, k, threshold: all covered by the plan
-    hash, so an owner's approval covers them); ``holders``, which input each input-holding player
-    holds (``{"<index>": {"party": p, "datasets": [...]}}`` for a party's own player over its inputs
-    of this stage, ``{"<index>": {"stage": "s1"}}`` for the enclave holding the partials of the TEE
-    stage that feeds it); and ``release``: how the opened cells become the output (``outputs``:
-    ``[name, "group" | "aggregate", source]`` per output column, ``having`` over output names,
-    applied to released cells only). The optional keys are in the plan's JSON only when set, so a
-    plan without MPC reads and hashes as before.
-    """
+    def to_dict(self) -> dict[str, Any]:
+        return {"party": self.party, "datasets": list(self.datasets)}
 
+
+@dataclass(frozen=True)
+class EnclaveHolder:
+    """The enclave's MPC player, holding the partials of the TEE stage ``stage`` that feeds it."""
+
+    stage: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage}
+
+
+@dataclass(frozen=True)
+class HelperHolder:
+    """A helper player holding no input, run by ``helper`` under identity ``key`` (Ed25519, hex;
+    None in a plan from before helpers' keys were named)."""
+
+    helper: str
+    key: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"helper": self.helper, **({"key": self.key} if self.key is not None else {})}
+
+
+Holder = PartyHolder | EnclaveHolder | HelperHolder
+
+
+def _holder_from_dict(d: Any) -> Holder:
+    """One ``holders`` entry, exactly as :meth:`to_dict` writes it (so the plan hashes as before)."""
+    if isinstance(d, dict):
+        keys = set(d)
+        if keys == {"party", "datasets"} and isinstance(d["party"], str) and isinstance(d["datasets"], list):
+            if all(isinstance(x, str) for x in d["datasets"]):
+                return PartyHolder(d["party"], tuple(d["datasets"]))
+        elif keys == {"stage"} and isinstance(d["stage"], str):
+            return EnclaveHolder(d["stage"])
+        elif keys in ({"helper"}, {"helper", "key"}) and isinstance(d["helper"], str):
+            if isinstance(d.get("key"), str | None):
+                return HelperHolder(d["helper"], d.get("key"))
+    raise InvalidQueryError("plan is inconsistent: malformed MPC stage")
+
+
+def _holders_from_dict(d: Any) -> dict[int, Holder]:
+    if not isinstance(d, dict) or not all(isinstance(k, str) and k.isdigit() and str(int(k)) == k for k in d):
+        raise InvalidQueryError("plan is inconsistent: malformed MPC stage")
+    return {int(k): _holder_from_dict(v) for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class Release:
+    """How an MPC stage's opened cells become its output: ``outputs`` (``(name, "group" |
+    "aggregate", source)`` per output column), then ``having`` (over output names), ``order_by``
+    and ``limit``, applied to released cells only."""
+
+    outputs: tuple[tuple[str, str, str], ...]
+    having: str | None
+    order_by: tuple[OrderKey, ...]
+    limit: int | None
+
+    @classmethod
+    def of(cls, q: MpcQuery) -> Release:
+        """The release the SQL implies (the planner writes it; every checker compares with it)."""
+        return cls(tuple(q.outputs), q.having, tuple(q.order_by), q.limit)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "outputs": [list(o) for o in self.outputs],
+            "having": self.having,
+            "order_by": [[o.column, o.descending, o.nulls_first] for o in self.order_by],
+            "limit": self.limit,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Release:
+        malformed = InvalidQueryError("plan is inconsistent: malformed MPC stage")
+        if not isinstance(d, dict) or set(d) != {"outputs", "having", "order_by", "limit"}:
+            raise malformed
+        outputs, order_by, having, limit = d["outputs"], d["order_by"], d["having"], d["limit"]
+        if not (
+            isinstance(outputs, list)
+            and all(isinstance(o, list) and len(o) == 3 and all(isinstance(x, str) for x in o) for o in outputs)
+            and isinstance(order_by, list)
+            and all(
+                isinstance(o, list)
+                and len(o) == 3
+                and isinstance(o[0], str)
+                and isinstance(o[1], bool)
+                and isinstance(o[2], bool | None)
+                for o in order_by
+            )
+            and isinstance(having, str | None)
+            and (limit is None or (isinstance(limit, int) and not isinstance(limit, bool)))
+        ):
+            raise malformed
+        return cls(
+            tuple((o[0], o[1], o[2]) for o in outputs),
+            having,
+            tuple(OrderKey(o[0], o[1], o[2]) for o in order_by),
+            limit,
+        )
+
+
+def _stage_doc(stage: TeeStage | MpcStage) -> dict[str, Any]:
+    return {
+        "id": stage.id,
+        "kind": stage.kind,
+        "sql": stage.sql,
+        "inputs": [i.to_dict() for i in stage.inputs],
+        "output_columns": list(stage.output_columns),
+        "min_group_size": stage.min_group_size,
+    }
+
+
+@dataclass(frozen=True)
+class TeeStage:
+    """A stage run inside an attested enclave worker: it runs ``sql`` over its inputs and releases
+    its outputs, unless it ``feeds`` an MPC stage: then it releases nothing and computes only its
+    inputs' partial aggregates over the MPC stage's public group domain, and the enclave joins that
+    MPC stage as the player holding them. ``feeds`` is in the plan's JSON only when set."""
+
+    kind: ClassVar[str] = "tee"
     id: str
-    kind: str  # "tee" | "mpc"
     sql: str  # the analyst's query, normalised; the enclave compiles it itself
     inputs: tuple[PlanInput, ...]
     output_columns: tuple[str, ...]
     min_group_size: int  # strictest over inputs
-    feeds: str | None = None  # a TEE stage whose partials feed this MPC stage
-    mpc: dict[str, Any] | None = None  # StageSpec.to_dict()
-    holders: dict[str, dict[str, Any]] | None = None  # player index (as text) -> what it holds
-    release: dict[str, Any] | None = None
+    feeds: str | None = None  # the MPC stage this stage's partials feed
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "id": self.id,
-            "kind": self.kind,
-            "sql": self.sql,
-            "inputs": [i.to_dict() for i in self.inputs],
-            "output_columns": list(self.output_columns),
-            "min_group_size": self.min_group_size,
-        }
+        d = _stage_doc(self)
         if self.feeds is not None:
             d["feeds"] = self.feeds
-        # Copies: a caller editing the document must not change the (frozen) stage.
-        if self.mpc is not None:
-            d["mpc"] = copy.deepcopy(self.mpc)
-        if self.holders is not None:
-            d["holders"] = copy.deepcopy(self.holders)
-        if self.release is not None:
-            d["release"] = copy.deepcopy(self.release)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Stage:
-        kind = d["kind"]
-        if kind not in STAGE_KINDS:
-            raise InvalidQueryError(f"plan is inconsistent: unknown stage kind {kind!r}")
-        mpc, holders, release, feeds = d.get("mpc"), d.get("holders"), d.get("release"), d.get("feeds")
-        if (
-            (kind == "mpc") != (mpc is not None)
-            or (mpc is None) != (holders is None)
-            or (mpc is None) != (release is None)
-        ):
-            raise InvalidQueryError("plan is inconsistent: an MPC stage needs mpc, holders and release, and only it")
-        if feeds is not None and (kind != "tee" or not isinstance(feeds, str)):
-            raise InvalidQueryError("plan is inconsistent: only a TEE stage feeds an MPC stage")
-        if mpc is not None and not (
-            isinstance(mpc, dict)
-            and isinstance(holders, dict)
-            and isinstance(release, dict)
-            and all(isinstance(h, dict) for h in holders.values())
-        ):
-            raise InvalidQueryError("plan is inconsistent: malformed MPC stage")
-        return cls(
-            id=d["id"],
-            kind=kind,
-            sql=d["sql"],
-            inputs=tuple(PlanInput.from_dict(i) for i in d["inputs"]),
-            output_columns=tuple(d["output_columns"]),
-            min_group_size=int(d["min_group_size"]),
-            feeds=feeds,
-            mpc=mpc,
-            holders=holders,
-            release=release,
-        )
+
+@dataclass(frozen=True)
+class MpcStage:
+    """A stage run by MPyC players over per-party partial aggregates.
+
+    ``spec`` is its public :class:`sealroom.planning.mpc_spec.StageSpec` (players, group domain,
+    aggregates, measures' bounds, k, threshold: all covered by the plan hash, so an owner's approval
+    covers them), parsed once when the plan is read; ``holders``, what each input-holding player
+    holds (by player index: an owner's own player over its inputs of this stage, the enclave holding
+    the partials of the TEE stage that feeds it, or a helper holding nothing); ``release``: how the
+    opened cells become the output. In the plan's JSON they are ``mpc`` (``spec.to_dict()``),
+    ``holders`` (keyed by the index as text) and ``release``.
+    """
+
+    kind: ClassVar[str] = "mpc"
+    id: str
+    sql: str
+    inputs: tuple[PlanInput, ...]
+    output_columns: tuple[str, ...]
+    min_group_size: int
+    spec: StageSpec
+    holders: Mapping[int, Holder]
+    release: Release
+
+    def holders_doc(self) -> dict[str, dict[str, Any]]:
+        return {str(i): h.to_dict() for i, h in sorted(self.holders.items())}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **_stage_doc(self),
+            "mpc": self.spec.to_dict(),
+            "holders": self.holders_doc(),
+            "release": self.release.to_dict(),
+        }
+
+
+Stage = TeeStage | MpcStage
+
+
+def stage_from_dict(d: dict[str, Any]) -> Stage:
+    """A stage from the plan's JSON; InvalidQueryError when it is inconsistent or malformed."""
+    kind = d["kind"]
+    if kind not in STAGE_KINDS:
+        raise InvalidQueryError(f"plan is inconsistent: unknown stage kind {kind!r}")
+    mpc, holders, release, feeds = d.get("mpc"), d.get("holders"), d.get("release"), d.get("feeds")
+    if (kind == "mpc") != (mpc is not None) or (mpc is None) != (holders is None) or (mpc is None) != (release is None):
+        raise InvalidQueryError("plan is inconsistent: an MPC stage needs mpc, holders and release, and only it")
+    if feeds is not None and (kind != "tee" or not isinstance(feeds, str)):
+        raise InvalidQueryError("plan is inconsistent: only a TEE stage feeds an MPC stage")
+    common = {
+        "id": d["id"],
+        "sql": d["sql"],
+        "inputs": tuple(PlanInput.from_dict(i) for i in d["inputs"]),
+        "output_columns": tuple(d["output_columns"]),
+        "min_group_size": int(d["min_group_size"]),
+    }
+    if kind == "tee":
+        return TeeStage(**common, feeds=feeds)
+    if not isinstance(mpc, dict):
+        raise InvalidQueryError("plan is inconsistent: malformed MPC stage")
+    spec = StageSpec.from_dict(mpc)
+    if canonical_json(spec.to_dict()) != canonical_json(mpc):
+        # What the owners sign is the plan as it reads back: a spec with other fields or types
+        # would hash otherwise than it was written.
+        raise InvalidQueryError("plan is inconsistent: malformed MPC stage spec (it does not read back as written)")
+    return MpcStage(**common, spec=spec, holders=_holders_from_dict(holders), release=Release.from_dict(release))
 
 
 @dataclass(frozen=True)
@@ -214,7 +340,7 @@ class Plan:
                 query_id=d["query_id"],
                 sql=d["sql"],
                 analyst=d["analyst"],
-                stages=tuple(Stage.from_dict(s) for s in d["stages"]),
+                stages=tuple(stage_from_dict(s) for s in d["stages"]),
                 parties=dict(d["parties"]),
                 salt=d["salt"],
                 created_at=float(d["created_at"]),
@@ -230,8 +356,30 @@ class Plan:
     def involved_parties(self) -> list[str]:
         return sorted({i.party for i in self.inputs()})
 
+    def tee_stages(self) -> list[TeeStage]:
+        return [s for s in self.stages if isinstance(s, TeeStage)]
 
-def stage_pushdown(stage: Stage) -> Pushdown:
+    def mpc_stages(self) -> list[MpcStage]:
+        return [s for s in self.stages if isinstance(s, MpcStage)]
+
+    def feeding(self, stage: MpcStage) -> list[TeeStage]:
+        """The TEE stages whose partials feed MPC stage ``stage``."""
+        return [s for s in self.tee_stages() if s.feeds == stage.id]
+
+    def fed_stage(self, stage: TeeStage) -> MpcStage:
+        """The MPC stage that TEE stage ``stage`` feeds; InvalidQueryError when the plan has none."""
+        target = [s for s in self.mpc_stages() if s.id == stage.feeds]
+        if stage.feeds is None or len(target) != 1:
+            raise InvalidQueryError(f"plan is inconsistent: stage {stage.id} feeds no MPC stage of the plan")
+        return target[0]
+
+    def mpc_inputs(self, stage: MpcStage) -> list[PlanInput]:
+        """Every input an MPC stage computes over: its own (held by owners' players) and those of the
+        TEE stages feeding it (held by the enclave)."""
+        return [*stage.inputs, *(i for s in self.feeding(stage) for i in s.inputs)]
+
+
+def stage_pushdown(stage: TeeStage) -> Pushdown:
     """Recompute the stage's filter pushdown from its SQL, over the columns its inputs declare, and
     check every input's ``filter`` and ``filter_columns`` against it. The planner, the enclave and
     every party call this, so the coordinator can neither slip a predicate
@@ -276,15 +424,12 @@ def mpc_stage_query(plan: Plan, stage: Stage) -> MpcQuery:
     such input's filter is the one the SQL implies and that together they are exactly the datasets
     the SQL reads. ``stage`` may be the MPC stage or a TEE stage feeding it. The planner, every
     party and the runtime call this. Raises InvalidQueryError."""
-    if stage.feeds is not None:
-        target = [s for s in plan.stages if s.id == stage.feeds and s.kind == "mpc"]
-        if len(target) != 1:
-            raise InvalidQueryError(f"plan is inconsistent: stage {stage.id} feeds no MPC stage of the plan")
-        stage = target[0]
-    if stage.kind != "mpc":
-        raise InvalidQueryError(f"stage {stage.id} is not an MPC stage")
-    feeding = [s for s in plan.stages if s.feeds == stage.id]
-    inputs = [i for s in (stage, *feeding) for i in s.inputs]
+    if isinstance(stage, TeeStage):
+        if stage.feeds is None:
+            raise InvalidQueryError(f"stage {stage.id} is not an MPC stage")
+        stage = plan.fed_stage(stage)
+    feeding = plan.feeding(stage)
+    inputs = plan.mpc_inputs(stage)
     if any(s.sql != stage.sql for s in feeding):
         raise InvalidQueryError("plan is inconsistent: a TEE stage feeding an MPC stage has other SQL")
     # Every dataset resolves over the same columns (all that any input declares), so a UNION ALL of
@@ -317,31 +462,25 @@ def mpc_session(plan: Plan, stage_id: str) -> str:
     return f"{plan.hash}:{stage_id}"
 
 
-def mpc_player_keys(plan: Plan, stage: Stage) -> dict[int, str | None]:
+def mpc_player_keys(plan: Plan, stage: MpcStage) -> dict[int, str | None]:
     """Index -> the Ed25519 identity key (hex) the plan names for each player of MPC stage ``stage``,
     which every player checks each other player's offer against: an owner's player, the owner's key
     (``plan.parties``); a helper player, the key its ``holders`` entry names (the coordinator's);
     the enclave's player, None (its key is the attested job key, bound to the plan hash by evidence
     at run time). The plan hash covers them all, so every owner's approval covers who the players
     are. Raises InvalidQueryError when a player's entry is missing or names no usable key."""
-    players = (stage.mpc or {}).get("players")
-    holders = stage.holders or {}
-    if (
-        not isinstance(players, list)
-        or set(holders) != {str(i) for i in range(len(players))}
-        or not all(isinstance(h, dict) for h in holders.values())
-    ):
+    players = stage.spec.players
+    if set(stage.holders) != set(range(len(players))):
         raise InvalidQueryError(f"plan is inconsistent: stage {stage.id}'s holders do not name every MPC player")
     out: dict[int, str | None] = {}
     for i, player in enumerate(players):
-        h = holders[str(i)]
-        holds = bool(isinstance(player, dict) and player.get("holds_input", True))
-        if holds and "party" in h and h["party"] in plan.parties:
-            out[i] = plan.parties[h["party"]]
-        elif holds and "stage" in h:
+        h = stage.holders[i]
+        if player.holds_input and isinstance(h, PartyHolder) and h.party in plan.parties:
+            out[i] = plan.parties[h.party]
+        elif player.holds_input and isinstance(h, EnclaveHolder):
             out[i] = None
-        elif not holds and "helper" in h and _is_key_hex(h.get("key")):
-            out[i] = str(h["key"])
+        elif not player.holds_input and isinstance(h, HelperHolder) and _is_key_hex(h.key):
+            out[i] = str(h.key)
         else:
             raise InvalidQueryError(
                 f"plan is inconsistent: MPC player {i} of stage {stage.id} names no identity the players can verify "

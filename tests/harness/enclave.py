@@ -245,8 +245,7 @@ class EnclaveHandle:
     def job(self, job_id: str) -> Job | None:
         """The registry's job object (None once it is gone)."""
         assert self.registry is not None
-        with self.registry._lock:
-            return self.registry._jobs.get(job_id)
+        return self.registry.job(job_id)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from coordinator.tee_stage import verify_result
 from mpc.tls import PlayerIdentity
-from sealroom.planning.plan import Plan, Stage
+from sealroom.planning.plan import EnclaveHolder, MpcStage, Plan
 from sealroom.policy import DatasetPolicy, DatasetTrust, TrustPolicy
 from sealroom.v1 import enclave_pb2, party_pb2
 from tests.harness.enclave import (
@@ -68,12 +68,14 @@ class Hybrid:
     everyone: list[PartyData]
 
     @property
-    def mpc(self) -> Stage:
-        return self.plan.stages[1]
+    def mpc(self) -> MpcStage:
+        stage = self.plan.stages[1]
+        assert isinstance(stage, MpcStage)
+        return stage
 
     @property
     def index(self) -> int:
-        return next(int(i) for i, h in (self.mpc.holders or {}).items() if "stage" in h)
+        return next(i for i, h in self.mpc.holders.items() if isinstance(h, EnclaveHolder))
 
     def prepare(
         self, enclave: EnclaveHandle, parties: list[PartyData] | None = None
@@ -318,10 +320,10 @@ def test_a_feeding_job_needs_a_memory_backed_scratch_directory(
 ) -> None:
     """The enclave's player keeps its TLS key in a file MPyC reads: that file must be in the TEE's
     memory, never on a disk the host reads. The job is refused at creation, before any data moves."""
-    from enclave_worker.mpc_feed import MEMORY_FILESYSTEMS, _filesystem_type
+    from enclave_worker.mpc_feed import MEMORY_FILESYSTEMS, filesystem_type
 
     candidates = [tmp_path, Path(__file__).resolve().parent]
-    on_disk = next((d for d in candidates if _filesystem_type(d) not in MEMORY_FILESYSTEMS), None)
+    on_disk = next((d for d in candidates if filesystem_type(d) not in MEMORY_FILESYSTEMS), None)
     if on_disk is None:
         pytest.skip("no disk-backed directory here to refuse (the temp and source directories are in memory)")
     enclave = enclave_factory(mpc_scratch_dir=on_disk)

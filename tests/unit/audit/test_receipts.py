@@ -36,7 +36,10 @@ from sealroom.audit.receipts import (
 from sealroom.canonical import canonical_json
 from sealroom.errors import AuditError
 from sealroom.keys import public_key_hex
-from sealroom.planning.plan import Plan
+from sealroom.planning.mpc_spec import Aggregate, GroupColumn, Player, StageSpec
+from sealroom.planning.plan import HelperHolder, Holder, PartyHolder, Plan
+from sealroom.planning.plan import MpcStage as MpcPlanStage
+from sealroom.planning.plan import Release as StageRelease
 from sealroom.signing import sign_approval
 from tests.harness.enclave import PartyData, approvals, loans_table, make_party, make_plan, start_enclave
 
@@ -358,10 +361,29 @@ def _mpc_release(r: Release, threshold: int = 1) -> tuple[Plan, MpcResult, dict[
     c = make_party("bank_c", loans_table([(1, "x", 1.0)]))
     keys = {"bank_a": r.parties[0].key, "bank_b": r.parties[1].key, "bank_c": c.key}
     players = [{"name": n, "holds_input": True} for n in sorted(keys)]
-    # The plan's stage spec (as StageSpec.to_dict() writes it, abridged): the result must be its.
-    spec = {"version": 1, "session_id": "m1", "min_group_size": 2, "threshold": threshold, "players": players}
-    holders = {str(i): {"party": n} for i, n in enumerate(sorted(keys))}
-    stage = dataclasses.replace(r.plan.stages[0], kind="mpc", mpc=spec, holders=holders, release={})
+    # The plan's stage spec: the result must be its.
+    stage_spec = StageSpec(
+        session_id="m1",
+        group_by=(GroupColumn("segment"),),
+        domain=(("retail",), ("solo",)),
+        aggregates=(Aggregate("n", "count"),),
+        players=tuple(Player(n) for n in sorted(keys)),
+        min_group_size=2,
+        threshold=threshold,
+    )
+    spec = stage_spec.to_dict()
+    holders: dict[int, Holder] = {i: PartyHolder(n, ()) for i, n in enumerate(sorted(keys))}
+    tee = r.plan.stages[0]
+    stage = MpcPlanStage(
+        tee.id,
+        tee.sql,
+        tee.inputs,
+        tee.output_columns,
+        tee.min_group_size,
+        stage_spec,
+        holders,
+        StageRelease((), None, (), None),
+    )
     plan = dataclasses.replace(
         r.plan, stages=(stage,), parties={**r.plan.parties, "bank_c": c.public_key_hex}, query_id="q_mpc1"
     )
@@ -437,11 +459,12 @@ def test_a_helper_player_signs_with_the_key_the_plan_names(r: Release) -> None:
     plan, result, keys = _mpc_release(r)
     coordinator = Ed25519PrivateKey.generate()
     stage = plan.stages[0]
-    assert stage.mpc is not None and stage.holders is not None
-    players = [*stage.mpc["players"][:2], {"name": "coordinator", "holds_input": False}]
-    spec = {**stage.mpc, "players": players}
-    holders = {**stage.holders, "2": {"helper": "coordinator", "key": public_key_hex(coordinator)}}
-    stage = dataclasses.replace(stage, mpc=spec, holders=holders)
+    assert isinstance(stage, MpcPlanStage)
+    stage_spec = dataclasses.replace(stage.spec, players=(*stage.spec.players[:2], Player("coordinator", False)))
+    spec = stage_spec.to_dict()
+    players = spec["players"]
+    holders = {**stage.holders, 2: HelperHolder("coordinator", public_key_hex(coordinator))}
+    stage = dataclasses.replace(stage, spec=stage_spec, holders=holders)
     plan = dataclasses.replace(plan, stages=(stage,), parties={k: v for k, v in plan.parties.items() if k != "bank_c"})
     result = dataclasses.replace(
         result,
@@ -454,7 +477,7 @@ def test_a_helper_player_signs_with_the_key_the_plan_names(r: Release) -> None:
     assert refused(r, _mpc_receipt(r, plan, result, mallory), appraisal=None).details["check"] == "mpc_player_key"
     # A plan from before helpers were named in its holders: the helper is the coordinator, so it
     # must have signed with the key that countersigns the receipt.
-    legacy_stage = dataclasses.replace(stage, holders={k: v for k, v in holders.items() if k != "2"})
+    legacy_stage = dataclasses.replace(stage, holders={k: v for k, v in holders.items() if k != 2})
     legacy = dataclasses.replace(plan, stages=(legacy_stage,))
     by_coordinator = {**signers, "coordinator": r.coordinator_key}
     verify(r, _mpc_receipt(r, legacy, result, by_coordinator), appraisal=None)
@@ -462,8 +485,10 @@ def test_a_helper_player_signs_with_the_key_the_plan_names(r: Release) -> None:
 
 
 def test_an_mpc_with_a_dishonest_majority_threshold_is_refused(r: Release) -> None:
-    plan, result, keys = _mpc_release(r, threshold=2)  # t = 2 of m = 3: two colluding players learn all
-    assert refused(r, _mpc_receipt(r, plan, result, keys), appraisal=None).details["check"] == "mpc_trust"
+    plan, result, keys = _mpc_release(r)
+    receipt = _mpc_receipt(r, plan, result, keys)
+    receipt["plan"]["stages"][0]["mpc"]["threshold"] = 2  # t = 2 of m = 3: two colluding players learn all
+    assert refused(r, receipt, appraisal=None).details["check"] == "mpc_trust"
 
 
 def test_build_receipt_refuses_parts_that_do_not_fit(r: Release) -> None:

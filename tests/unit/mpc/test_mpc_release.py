@@ -4,6 +4,7 @@ the analyst's aliases, so nothing in them may become SQL (review finding)."""
 from __future__ import annotations
 
 from coordinator.mpc_stage import apply_release
+from sealroom.planning.plan import Release
 
 EVIL = "diagnosis\"; SELECT 'prion_disease' AS diagnosis, 999999 AS x --"
 AGG = 'n"; DROP TABLE released; --'
@@ -27,7 +28,7 @@ def test_output_names_never_become_sql() -> None:
         "order_by": [[EVIL, True, False]],
         "limit": 2,
     }
-    table, suppressed = apply_release(DOC, release, None)  # type: ignore[arg-type]
+    table, suppressed = apply_release(DOC, Release.from_dict(release))
     assert table.column_names == [EVIL, AGG]
     assert table.to_pylist() == [{EVIL: "c", AGG: 3}, {EVIL: "b", AGG: 9}]  # ORDER BY ... DESC LIMIT 2
     assert [s["group"] for s in suppressed] == [{EVIL: "prion_disease"}]  # no invented value, no row
@@ -40,5 +41,5 @@ def test_having_order_and_limit_apply_to_released_cells() -> None:
         "order_by": [["n", False, False]],
         "limit": None,
     }
-    table, _ = apply_release(DOC, release, None)  # type: ignore[arg-type]
+    table, _ = apply_release(DOC, Release.from_dict(release))
     assert table.to_pylist() == [{"diagnosis": "a", "n": 7}, {"diagnosis": "b", "n": 9}]

@@ -18,7 +18,16 @@ from coordinator.planner import CatalogEntry, explain_text, plan_query
 from sealroom.errors import ConfigError, InvalidQueryError, PolicyRefusalError
 from sealroom.keys import generate_signing_key
 from sealroom.planning.mpc_spec import StageSpec
-from sealroom.planning.plan import Plan, mpc_player_keys, mpc_stage_query
+from sealroom.planning.plan import (
+    HelperHolder,
+    MpcStage,
+    PartyHolder,
+    Plan,
+    Stage,
+    TeeStage,
+    mpc_player_keys,
+    mpc_stage_query,
+)
 from sealroom.policy import ColumnRule, DatasetPolicy, DatasetTrust, Dominance, TrustPolicy, load_policy_file
 
 HOSPITALS = ("hospital_north", "hospital_south", "hospital_east")
@@ -67,6 +76,11 @@ def _catalog(**policies: DatasetPolicy) -> dict[str, CatalogEntry]:
 HELPER = "ab" * 32  # the coordinator's key, as the planner names it for its helper player
 
 
+def _spec(stage: Stage) -> StageSpec:
+    assert isinstance(stage, MpcStage)
+    return stage.spec
+
+
 def _plan(sql: str = COHORT, keys: dict[str, str] | None = None, **policies: DatasetPolicy) -> Plan:
     plan, _ = plan_query(
         sql, query_id="q1", analyst="alice", catalog=_catalog(**policies), party_keys=keys or KEYS, helper_key=HELPER
@@ -87,7 +101,7 @@ def _refusal(sql: str, **policies: DatasetPolicy) -> PolicyRefusalError:
 def test_tee_when_every_owner_accepts_the_enclave():
     plan = _plan()
     (stage,) = plan.stages
-    assert stage.kind == "tee" and stage.mpc is None and stage.feeds is None
+    assert stage.kind == "tee" and isinstance(stage, TeeStage) and stage.feeds is None
     assert set(stage.to_dict()) == {"id", "kind", "sql", "inputs", "output_columns", "min_group_size"}
     # Owners listing measurements with one in common still get one enclave stage.
     a = dataclasses.replace(POLICY, trust=DatasetTrust(measurements=("ab" * 32, "cd" * 32)))
@@ -147,9 +161,10 @@ def test_mpc_when_every_owner_is_mpc_only():
     plan = _plan(**{h: MPC_ONLY for h in HOSPITALS})
     (stage,) = plan.stages
     assert stage.kind == "mpc" and stage.id == "s1"
-    spec = StageSpec.from_dict(stage.mpc or {})
+    assert isinstance(stage, MpcStage)
+    spec = stage.spec
     assert [(p.name, p.holds_input) for p in spec.players] == [(h, True) for h in HOSPITALS]
-    assert stage.holders == {str(n): {"party": h, "datasets": ["stays"]} for n, h in enumerate(HOSPITALS)}
+    assert stage.holders_doc() == {str(n): {"party": h, "datasets": ["stays"]} for n, h in enumerate(HOSPITALS)}
     assert [i.qualified for i in stage.inputs] == [f"{h}.stays" for h in HOSPITALS]
     # Each party's input: what its partials read, plus its privacy unit; nothing is sent anywhere.
     assert stage.inputs[0].columns == ("patient_id", "age_band", "diagnosis", "length_of_stay", "cost")
@@ -164,7 +179,7 @@ def test_mpc_when_every_owner_is_mpc_only():
         ("cost", 0, 1e6, 4),
     ]
     assert spec.domain == tuple((d, b) for d in DIAGNOSES for b in BANDS)
-    assert stage.release == {
+    assert stage.release.to_dict() == {
         "outputs": [
             ["diagnosis", "group", "diagnosis"],
             ["age_band", "group", "age_band"],
@@ -185,9 +200,9 @@ def test_every_mpc_player_has_its_own_identity_key():
     plan = _plan(hospital_east=MPC_ONLY)
     stage = plan.stages[-1]
     assert mpc_player_keys(plan, stage) == {0: KEYS["hospital_east"], 1: None, 2: HELPER}
-    assert stage.holders is not None
-    for bad in ({"helper": "coordinator", "key": KEYS["hospital_east"]}, {"helper": "coordinator"}, {"party": "x"}):
-        tampered = dataclasses.replace(stage, holders={**stage.holders, "2": bad})
+    assert isinstance(stage, MpcStage)
+    for bad in (HelperHolder("coordinator", KEYS["hospital_east"]), HelperHolder("coordinator"), PartyHolder("x", ())):
+        tampered = dataclasses.replace(stage, holders={**stage.holders, 2: bad})
         with pytest.raises(InvalidQueryError):
             mpc_player_keys(plan, tampered)
 
@@ -198,13 +213,14 @@ def test_hybrid_plan_two_enclave_owners_and_one_mpc_only():
     assert (tee.id, tee.kind, tee.feeds, tee.output_columns) == ("s1", "tee", "s2", ())
     assert [i.qualified for i in tee.inputs] == ["hospital_north.stays", "hospital_south.stays"]
     assert (mpc.id, mpc.kind) == ("s2", "mpc") and [i.qualified for i in mpc.inputs] == ["hospital_east.stays"]
-    spec = StageSpec.from_dict(mpc.mpc or {})
+    assert isinstance(mpc, MpcStage)
+    spec = mpc.spec
     assert [(p.name, p.holds_input) for p in spec.players] == [
         ("hospital_east", True),
         ("enclave", True),
         ("coordinator", False),
     ]
-    assert mpc.holders == {
+    assert mpc.holders_doc() == {
         "0": {"party": "hospital_east", "datasets": ["stays"]},
         "1": {"stage": "s1"},
         # The helper's identity is named in the plan (the coordinator's key): every owner approves it.
@@ -229,7 +245,7 @@ def test_helper_players_below_three():
         hospital_east=MPC_ONLY,
         hospital_north=MPC_ONLY,
     ).stages[0]
-    assert [p.name for p in StageSpec.from_dict(two.mpc or {}).players] == [
+    assert [p.name for p in _spec(two).players] == [
         "hospital_east",
         "hospital_north",
         "coordinator",
@@ -241,7 +257,7 @@ def test_no_common_enclave_measurement_means_every_owner_runs_a_player():
     b = dataclasses.replace(POLICY, trust=DatasetTrust(measurements=("cd" * 32,)))
     (stage,) = _plan(hospital_north=a, hospital_south=b).stages
     assert stage.kind == "mpc"
-    assert [p.name for p in StageSpec.from_dict(stage.mpc or {}).players] == list(HOSPITALS)
+    assert [p.name for p in _spec(stage).players] == list(HOSPITALS)
     err = _refusal(
         "SELECT diagnosis, COUNT(DISTINCT patient_id) AS n FROM " + UNION + " GROUP BY diagnosis",
         hospital_north=a,
@@ -261,7 +277,7 @@ def test_domain_is_the_union_of_declared_values_and_the_shared_bins():
     other = dataclasses.replace(MPC_ONLY, columns=cols)
     sql = f"SELECT diagnosis, age, COUNT(*) AS n, SUM(cost) AS c FROM {UNION} GROUP BY diagnosis, age"
     stage = _plan(sql, hospital_east=other).stages[-1]
-    spec = StageSpec.from_dict(stage.mpc or {})
+    spec = _spec(stage)
     assert [g.to_dict() for g in spec.group_by] == [
         {"name": "diagnosis", "bins": None},
         {"name": "age", "bins": [0, 18, 65, 120]},
@@ -393,7 +409,7 @@ def test_having_on_outputs_and_filters_every_party_applies():
     assert north.filter == "\"age_band\" <> '65+' AND \"diagnosis\" <> 'oncology'"
     assert north.filter_columns == ("age_band", "diagnosis")
     assert (east.filter, east.filter_columns) == ("\"diagnosis\" <> 'oncology'", ("diagnosis",))
-    assert (stage.release or {})["having"] == '"n" > 10 AND "n" < 1000'
+    assert isinstance(stage, MpcStage) and stage.release.having == '"n" > 10 AND "n" < 1000'
 
 
 def test_a_tampered_filter_in_an_mpc_stage_is_refused():
@@ -628,9 +644,10 @@ def test_agent_refuses_to_stream_an_mpc_only_dataset_to_the_enclave(tmp_path: Pa
 
 
 def test_agent_refuses_a_malformed_spec_as_inconsistent(east: PartyAgent):
-    plan = _edit(_hybrid(east), lambda d: d["stages"][1]["mpc"].pop("domain"))
+    doc = json.loads(_hybrid(east).to_json())
+    doc["stages"][1]["mpc"].pop("domain")
     with pytest.raises(InvalidQueryError, match="malformed MPC stage spec"):
-        east.review(plan.to_json())
+        east.review(json.dumps(doc).encode())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -195,7 +195,8 @@ def test_explain_says_who_sees_what():
 
 
 def test_bounds_and_group_size_from_the_owners_policies():
-    from sealroom.planning.bounds import measure_from_rules, min_group_size
+    from sealroom.planning.bounds import measure_from_rules
+    from sealroom.planning.checks import strictest_min_group_size as min_group_size
     from sealroom.policy import ColumnRule, DatasetPolicy
 
     a = ColumnRule("measure", ("sum",), 0.0, 500.0)

@@ -1,0 +1,156 @@
+"""The enclave's own check of a plan before it creates a job for it (DESIGN.md invariant 3).
+
+The enclave does not trust the coordinator's checks: from the plan alone (with the policies the
+owners signed into it) it re-checks every rule through :mod:`sealroom.planning.checks`, recomputes
+each input's pushed filter from the plan's SQL, compiles the stage itself, and derives the rules it
+will apply to every released cell. A stage that feeds an MPC stage is checked as the MPC stage's
+player instead (:meth:`enclave_worker.mpc_feed.FeedPlayer.for_stage`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from enclave_worker.config import EnclaveConfig
+from enclave_worker.engine import Bounds, compile_for_job
+from sealroom.canonical import canonical_json
+from sealroom.errors import InvalidQueryError
+from sealroom.planning.checks import check_analyst, check_no_bounded_filter, strictest_datasets
+from sealroom.planning.disclosure import check_uses
+from sealroom.planning.plan import Plan, PlanInput, TeeStage, stage_pushdown
+from sealroom.planning.sql import RESERVED_PREFIX, CompiledStage, InputSpec
+from sealroom.policy import Dominance
+
+if TYPE_CHECKING:
+    # Only for the annotation: admit() imports it lazily, for hybrid jobs only (a TEE-only worker
+    # never loads mpc/).
+    from enclave_worker.mpc_feed import FeedPlayer
+
+__all__ = ["Admission", "admit"]
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A plan the enclave accepted, and what a job for it runs with."""
+
+    plan: Plan
+    stage: TeeStage
+    compiled: CompiledStage | None  # None for a stage that feeds an MPC stage (``feed``)
+    feed: FeedPlayer | None
+    min_group_size: int
+    rule_datasets: tuple[str, ...]  # the datasets whose policies ask for that k
+    clamps: dict[str, dict[str, Bounds]]  # engine table -> column -> bounds
+    dominance: dict[str, Dominance]  # party.dataset -> its (n, k) rule
+    rules: dict[str, object]  # the rules applied, as the result document states them
+
+
+def admit(plan: Plan, config: EnclaveConfig) -> Admission:
+    """Check ``plan`` against every owner's policy it carries; raise the refusal, or return the
+    admission (InvalidQueryError or PolicyRefusalError)."""
+    stage = _single_tee_stage(plan)
+    specs = [_input_spec(plan, inp) for inp in stage.inputs]
+    compiled: CompiledStage | None = None
+    feed: FeedPlayer | None = None
+    if stage.feeds is not None:
+        # A stage feeding an MPC stage: the enclave computes its inputs' partials over the MPC
+        # stage's public domain and joins it as a player. The filters are recomputed for the MPC
+        # stage's query; each owner re-checked the stage against its own policy before approving,
+        # and the job runs only with every owner's approval.
+        from enclave_worker.mpc_feed import FeedPlayer  # only hybrid jobs load mpc/ (never MPyC)
+
+        feed = FeedPlayer.for_stage(plan, stage, host=config.mpc_host, scratch=config.mpc_scratch_dir)
+    else:
+        compiled = _compile(stage, specs)
+    k, strictest = strictest_datasets(stage.inputs)
+    # Every owner's rules apply to every cell: its bounds to its measure columns, its dominance
+    # rule to its privacy units. Both come from the policies the owners signed in the plan.
+    clamps, clamped = _clamps(stage)
+    dominance = {i.qualified: i.policy.dominance for i in stage.inputs if i.policy.dominance is not None}
+    rules: dict[str, object] = {
+        "min_group_size": k,
+        "dominance": [{"dataset": d, "n": r.n, "k": r.k} for d, r in sorted(dominance.items())],
+        "clamped": clamped,
+    }
+    if feed is not None:
+        k, rules = _feed_rules(feed)
+    return Admission(plan, stage, compiled, feed, k, strictest, clamps, dominance, rules)
+
+
+def _single_tee_stage(plan: Plan) -> TeeStage:
+    tee = plan.tee_stages()
+    if len(tee) != 1:
+        raise InvalidQueryError("this enclave runs plans with exactly one TEE stage")
+    stage = tee[0]
+    tables = {i.table for i in stage.inputs}
+    datasets = {(i.party, i.dataset) for i in stage.inputs}
+    if len(tables) != len(stage.inputs) or len(datasets) != len(stage.inputs):
+        # Two inputs sharing an engine table would let one owner's rows stand in for another's.
+        raise InvalidQueryError("the plan names an input or an engine table twice")
+    return stage
+
+
+def _input_spec(plan: Plan, inp: PlanInput) -> InputSpec:
+    """Check one input (its analyst allowed, its privacy unit sent, its column names sound); the
+    engine's view of it."""
+    check_analyst(plan.analyst, party=inp.party, dataset=inp.dataset, policy=inp.policy)
+    unit = inp.policy.privacy_unit
+    if unit is not None and unit not in inp.columns:
+        raise InvalidQueryError(
+            f"the plan does not send the privacy unit column of {inp.qualified}",
+            details={"dataset": inp.qualified, "column": unit},
+        )
+    if len(set(inp.columns)) != len(inp.columns) or any(
+        c.startswith(RESERVED_PREFIX) for c in (*inp.columns, *inp.filter_columns)
+    ):
+        raise InvalidQueryError(
+            f"the plan's columns of {inp.qualified} repeat a name or use the reserved prefix {RESERVED_PREFIX}",
+            details={"dataset": inp.qualified},
+        )
+    return InputSpec(inp.qualified, inp.table, inp.columns, unit)
+
+
+def _compile(stage: TeeStage, specs: list[InputSpec]) -> CompiledStage:
+    """The residual query, compiled by the enclave itself, after every owner's column rules."""
+    # The filters the parties apply must be exactly those the SQL implies (recomputed here, not
+    # taken from the coordinator); the enclave runs the rest of the query, the residual.
+    pushed = stage_pushdown(stage)
+    # The enclave compiles the stage itself: the aggregate-only check and the hidden unit counts do
+    # not depend on anything the coordinator computed.
+    compiled = compile_for_job(pushed.residual_sql, specs)
+    # ...and re-checks every owner's column rules on the full query, pushed filters included, and
+    # on what it compiled (not the planner's word).
+    policies = {i.qualified: i.policy for i in stage.inputs}
+    names = {i.qualified: [*i.columns, *(c for c in i.filter_columns if c not in i.columns)] for i in stage.inputs}
+    check_uses(pushed.uses, policies, names)
+    check_uses(compiled.uses, policies, names)
+    return compiled
+
+
+def _clamps(stage: TeeStage) -> tuple[dict[str, dict[str, Bounds]], list[dict[str, object]]]:
+    """Every input's measure bounds (engine table -> column -> bounds, and as the result document
+    lists them); refuses an owner-side filter on a bounded column."""
+    clamps: dict[str, dict[str, Bounds]] = {}
+    clamped: list[dict[str, object]] = []
+    for inp in stage.inputs:
+        for column in inp.columns:
+            rule = inp.policy.rule(column)
+            if rule.role == "measure" and (rule.min is not None or rule.max is not None):
+                clamps.setdefault(inp.table, {})[column] = (rule.min, rule.max)
+                clamped.append({"dataset": inp.qualified, "column": column, "min": rule.min, "max": rule.max})
+        check_no_bounded_filter(inp)
+    return clamps, clamped
+
+
+def _feed_rules(feed: FeedPlayer) -> tuple[int, dict[str, object]]:
+    """What applies to a feeding job is the MPC stage's rule (checked against every streamed policy
+    in FeedPlayer.for_stage), inside the MPC: say that, not the TEE path's rules it does not run."""
+    spec = feed.spec
+    return spec.min_group_size, {
+        "min_group_size": spec.min_group_size,
+        "counted": "distinct privacy units" if spec.threshold_on == "units" else "rows",
+        "applied_in": f"MPC stage {feed.mpc_stage.id}",
+        "clamped": [{"column": m.column, "min": m.min, "max": m.max} for m in spec.measures],
+        "mpc_spec_sha256": hashlib.sha256(canonical_json(spec.to_dict())).hexdigest(),
+    }

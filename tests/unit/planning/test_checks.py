@@ -1,0 +1,117 @@
+"""One home per rule: the planner, an owner's agent and the enclave check a plan against the owners'
+policies with the same functions (:mod:`sealroom.planning.checks`), so one policy change changes all
+three verdicts, with the same rule and the same message."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from connectors.agent import DatasetConfig, PartyAgent, PartyConfig
+from enclave_worker.attester import make_attester
+from enclave_worker.config import EnclaveConfig
+from enclave_worker.jobs import JobRegistry
+from sealroom.attestation import dev_init
+from sealroom.errors import PolicyRefusalError
+from sealroom.keys import generate_signing_key
+from sealroom.planning.plan import Plan
+from sealroom.policy import DatasetPolicy, TrustPolicy
+from tests.harness.enclave import PartyData, make_party, make_plan, secret_loans
+
+SQL = (
+    "SELECT a.segment, COUNT(*) AS n, SUM(a.exposure + b.exposure) AS total "
+    "FROM bank_a.loans a JOIN bank_b.loans b ON a.customer_id = b.customer_id GROUP BY a.segment"
+)
+POLICY = DatasetPolicy(privacy_unit="customer_id", min_group_size=2, analysts=("alice", "bob"))
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> JobRegistry:
+    dev = tmp_path_factory.mktemp("dev")
+    dev_init(dev)
+    cfg = EnclaveConfig(attester="simulated", dev_root=dev)
+    return JobRegistry(cfg, make_attester(cfg))
+
+
+KEYS = {"bank_a": generate_signing_key(), "bank_b": generate_signing_key()}
+
+
+def _parties(a_policy: DatasetPolicy) -> tuple[PartyData, PartyData]:
+    """The two banks, bank_a under ``a_policy``; the same keys every time."""
+    return (
+        make_party("bank_a", secret_loans(30), policy=a_policy, key=KEYS["bank_a"]),
+        make_party("bank_b", secret_loans(30), policy=POLICY, key=KEYS["bank_b"]),
+    )
+
+
+def _agent(tmp_path: Path, party: PartyData) -> PartyAgent:
+    """bank_a's real agent, holding ``party``'s current policy and key."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "bank_a.parquet"
+    pq.write_table(party.tables["loans"], path)
+    config = PartyConfig(
+        name="bank_a",
+        coordinator="127.0.0.1:9",
+        signing_key=tmp_path / "unused.key",
+        trust=TrustPolicy(),
+        datasets=(DatasetConfig("loans", str(path), party.policies["loans"]),),
+        unsafe_no_witness=True,  # no coordinator, so no log to witness
+    )
+    return PartyAgent(config, signing_key=party.key)
+
+
+def _carrying(plan: Plan, policy: DatasetPolicy) -> Plan:
+    """``plan`` with bank_a's input carrying ``policy`` (as a plan made after the change would):
+    the planner refuses to make such a plan, so the agent and the enclave get it edited."""
+    doc = json.loads(plan.to_json())
+    for stage in doc["stages"]:
+        for inp in stage["inputs"]:
+            if inp["party"] == "bank_a":
+                inp["policy"], inp["policy_digest"] = policy.to_dict(), policy.digest()
+    return Plan.from_json(json.dumps(doc).encode())
+
+
+def _refusal(check: Callable[[], object]) -> PolicyRefusalError:
+    with pytest.raises(PolicyRefusalError) as info:
+        check()
+    return info.value
+
+
+def test_one_policy_change_changes_the_planner_the_agent_and_the_enclave(tmp_path: Path, registry: JobRegistry):
+    a, b = _parties(POLICY)
+    plan = make_plan(SQL, [a, b])
+    # Accepted by all three.
+    assert _agent(tmp_path, a).review(plan.to_json())[1] is not None
+    assert registry.create(plan.to_json()).min_group_size == 2
+
+    # The analyst removed from bank_a's policy: all three refuse, with the same rule and message.
+    only_bob = dataclasses.replace(POLICY, analysts=("bob",))
+    a2, b2 = _parties(only_bob)
+    edited = _carrying(plan, only_bob)
+    refusals = [
+        _refusal(lambda: make_plan(SQL, [a2, b2])),
+        _refusal(lambda: _agent(tmp_path / "a2", a2).review(edited.to_json())),
+        _refusal(lambda: registry.create(edited.to_json())),
+    ]
+    assert {(r.details["rule"], r.message) for r in refusals} == {
+        (
+            "analysts",
+            "bank_a.loans may not be queried by analyst alice: its policy lists the analysts it allows; "
+            "ask bank_a to add alice",
+        )
+    }
+
+    # k raised on one input: the planner plans with it, the enclave applies it, and the agent refuses a
+    # plan that would release smaller cells.
+    strict = dataclasses.replace(POLICY, min_group_size=7)
+    a3, b3 = _parties(strict)
+    assert make_plan(SQL, [a3, b3]).stages[0].min_group_size == 7
+    weaker = _carrying(plan, strict)  # still k = 2
+    assert registry.create(weaker.to_json()).min_group_size == 7
+    refused = _refusal(lambda: _agent(tmp_path / "a3", a3).review(weaker.to_json()))
+    assert refused.details["rule"] == "min_group_size"
