@@ -99,7 +99,7 @@ def check_mpc_stage(owner: Owner, plan: Plan, stage: Stage) -> None:  # noqa: C9
     used only as their roles allow, the group domain is exactly what the involved policies
     declare, its datasets go to an enclave only where its policy allows and otherwise are held by
     its own player only, and the players and holders agree with the spec. Raises the refusal."""
-    from sealroom.planning.bounds import stage_consistency_violation, stage_rule_violation
+    from sealroom.planning.checks import stage_consistency_violation, stage_rule_violation
 
     me = owner.name
     q = mpc_stage_query(plan, stage)
