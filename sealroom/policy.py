@@ -28,9 +28,9 @@ from sealroom.attestation import AppraisalPolicy, load_root_certificate
 from sealroom.attestation.hardware import FORMATS as HARDWARE_FORMATS
 from sealroom.canonical import canonical_json
 from sealroom.config import toml_key, toml_value
+from sealroom.defaults import DEFAULT_MIN_GROUP_SIZE
 from sealroom.errors import AttestationError, ConfigError
 
-DEFAULT_MIN_GROUP_SIZE = 5
 APPROVAL_MODES = ("auto", "manual")
 
 # Column roles. What each allows is decided in one place: sealroom.planning.disclosure.ALLOWED_USES.

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sealroom.canonical import canonical_json
+from sealroom.defaults import DEFAULT_MIN_GROUP_SIZE
 
 SPEC_VERSION = 1
 # COUNT(col) counts non-null values of col; COUNT(*) is ``count`` without a column.
@@ -156,7 +157,7 @@ class StageSpec:
     aggregates: tuple[Aggregate, ...]
     players: tuple[Player, ...]
     measures: tuple[Measure, ...] = ()
-    min_group_size: int = 5
+    min_group_size: int = DEFAULT_MIN_GROUP_SIZE
     threshold_on: str = "rows"
     unit_column: str | None = None
     units_disjoint: bool = False
