@@ -11,6 +11,7 @@ says later.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections.abc import Mapping
@@ -24,8 +25,11 @@ from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
 
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
+from sealroom.planning.bounds import measure_from_rules
 from sealroom.planning.checks import check_analyst, strictest_datasets, strictest_min_group_size
 from sealroom.planning.disclosure import check_uses
+from sealroom.planning.mpc_spec import Aggregate, GroupColumn, Player, StageSpec
+from sealroom.planning.mpc_sql import MpcQuery, mpc_query
 from sealroom.planning.plan import (
     EnclaveHolder,
     HelperHolder,
@@ -38,9 +42,10 @@ from sealroom.planning.plan import (
     Stage,
     TeeStage,
     declared_domains,
+    mpc_stage_query,
     stage_pushdown,
 )
-from sealroom.planning.sql import Analysis, InputSpec, analyze, compile_stage
+from sealroom.planning.sql import UNION_UNIT, Analysis, InputSpec, analyze, compile_stage
 from sealroom.policy import DatasetPolicy
 
 
@@ -346,11 +351,11 @@ def _decimals(column: str, fields: list[pa.Field]) -> int | None:
     return out
 
 
-def _mpc_domain(q: Any, catalog: Mapping[str, CatalogEntry], reason: _MpcReason) -> tuple[list[Any], list[Any]]:
+def _mpc_domain(
+    q: MpcQuery, catalog: Mapping[str, CatalogEntry], reason: _MpcReason
+) -> tuple[list[GroupColumn], list[list[Any]]]:
     """The stage's group-by columns and public domain, from the owners' declarations: the union of
     the declared ``values`` (first-declared order), or the ``bins`` every owner declares alike."""
-    from sealroom.planning.mpc_spec import GroupColumn
-
     group_by: list[GroupColumn] = []
     keys: list[list[Any]] = []
     try:
@@ -411,13 +416,6 @@ def _plan_mpc(
     """An MPC plan (every owner runs a player) or a hybrid plan (owners who accept the enclave stream
     to a TEE stage whose enclave joins the MPC stage as one more player), or the refusal saying why
     the query cannot run as MPC and what would make it runnable."""
-    import itertools
-
-    from sealroom.planning.bounds import measure_from_rules
-    from sealroom.planning.mpc_spec import Aggregate, Player, StageSpec
-    from sealroom.planning.plan import mpc_stage_query
-    from sealroom.planning.sql import UNION_UNIT, mpc_query
-
     schemas = {q: e.schema.names for q, e in catalog.items()}
     try:
         q = mpc_query(analysis.sql, schemas)

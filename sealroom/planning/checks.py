@@ -47,6 +47,7 @@ from typing import NamedTuple
 from sealroom.errors import PolicyRefusalError
 from sealroom.planning.disclosure import check_uses
 from sealroom.planning.mpc_spec import GroupColumn, StageSpec
+from sealroom.planning.mpc_sql import MpcQuery
 from sealroom.planning.plan import (
     MpcStage,
     Plan,
@@ -58,7 +59,7 @@ from sealroom.planning.plan import (
     mpc_stage_query,
     stage_pushdown,
 )
-from sealroom.planning.sql import UNION_UNIT, MpcQuery, Pushdown
+from sealroom.planning.sql import UNION_UNIT, Pushdown
 from sealroom.policy import DatasetPolicy
 
 __all__ = [
