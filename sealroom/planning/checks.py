@@ -386,8 +386,11 @@ def _computes_its_sql(stage: MpcStage, q: MpcQuery, count_star: Callable[[str], 
 
 
 def _domain_violation(spec: StageSpec, q: MpcQuery, inputs: Sequence[PlanInput]) -> Violation | None:
-    """The group domain is exactly the one the policies of ``inputs`` declare."""
-    declared = declared_domains(q.group_columns, [(i.qualified, i.policy) for i in inputs])
+    """The group domain is exactly the one the policies of ``inputs`` declare, taken in the order
+    the SQL reads their datasets (as the planner derives it: the union of declared values keeps
+    first-declared order)."""
+    policies = {i.qualified: i.policy for i in inputs}
+    declared = declared_domains(q.group_columns, [(ds, policies[ds]) for ds in q.datasets])
     keys: list[list[object]] = []
     for g, (kind, values) in zip(spec.group_by, declared, strict=True):
         want = GroupColumn(g.name, tuple(values)) if kind == "bins" else GroupColumn(g.name)
