@@ -11,9 +11,10 @@ says later.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +25,11 @@ from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
 
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
-from sealroom.planning.checks import check_analyst, strictest_datasets, strictest_min_group_size
+from sealroom.planning.bounds import measure_from_rules
+from sealroom.planning.checks import Checker, check_analyst, check_plan, strictest_datasets, strictest_min_group_size
 from sealroom.planning.disclosure import check_uses
+from sealroom.planning.mpc_spec import Aggregate, GroupColumn, Measure, Player, StageSpec
+from sealroom.planning.mpc_sql import MpcQuery, mpc_query
 from sealroom.planning.plan import (
     EnclaveHolder,
     HelperHolder,
@@ -40,7 +44,7 @@ from sealroom.planning.plan import (
     declared_domains,
     stage_pushdown,
 )
-from sealroom.planning.sql import Analysis, InputSpec, analyze, compile_stage
+from sealroom.planning.sql import UNION_UNIT, Analysis, InputSpec, analyze, compile_stage
 from sealroom.policy import DatasetPolicy
 
 
@@ -81,73 +85,63 @@ def plan_query(
     schemas = {q: e.schema.names for q, e in catalog.items()}
     analysis = analyze(sql, schemas)
     check_uses(analysis.uses, {q: catalog[q].policy for q in analysis.datasets}, schemas)
-    inputs = []
+    request = _Request(analysis, query_id, analyst, catalog, party_keys)
     to_enclave, own_players, mpc_reason = _enclave_split([catalog[q] for q in analysis.datasets])
-    for n, qualified in enumerate(analysis.datasets):
-        entry = catalog[qualified]
-        where = {"party": entry.party, "dataset": entry.dataset}
-        check_analyst(analyst, party=entry.party, dataset=entry.dataset, policy=entry.policy)
-        unit = entry.policy.privacy_unit
-        if unit is not None and unit not in entry.schema.names:
-            raise PolicyRefusalError(
-                f"the policy of {qualified} names privacy unit column {unit}, which the dataset does not have",
-                details={**where, "column": unit, "rule": "privacy_unit"},
-            )
-        needed = set(analysis.needed_columns[qualified]) | ({unit} if unit else set())
-        columns = tuple(c for c in entry.schema.names if c in needed)
-        if entry.party not in party_keys:
-            raise InvalidQueryError(f"party {entry.party} is not registered", details=where)
-        if mpc_reason is not None:
-            continue
-        inputs.append(
-            PlanInput(
-                entry.party,
-                entry.dataset,
-                columns,
-                entry.policy,
-                table=f"input_{n}",
-                filter=analysis.filters[qualified],
-                filter_columns=analysis.filter_columns[qualified],
-            )
-        )
+    inputs = [_checked_input(request, n, catalog[q]) for n, q in enumerate(analysis.datasets)]
     if mpc_reason is not None:
         plan = _plan_mpc(
-            analysis,
-            query_id=query_id,
-            analyst=analyst,
-            catalog=catalog,
-            party_keys=party_keys,
-            to_enclave=to_enclave,
-            own_players=own_players,
-            reason=mpc_reason,
-            helper_key=helper_key,
+            request, to_enclave=to_enclave, own_players=own_players, reason=mpc_reason, helper_key=helper_key
         )
         return plan, analysis
+    return _plan_tee(request, inputs), analysis
+
+
+def _checked_input(request: _Request, n: int, entry: CatalogEntry) -> PlanInput:
+    """The input of ``entry`` (the ``n``-th dataset the query reads) to a TEE stage: the columns the
+    enclave's part of the query needs plus the privacy unit, and the filter its party applies.
+    Refuses an analyst its policy does not allow, a privacy unit the dataset lacks, or a party that
+    is not registered."""
+    analysis = request.analysis
+    where = {"party": entry.party, "dataset": entry.dataset}
+    check_analyst(request.analyst, party=entry.party, dataset=entry.dataset, policy=entry.policy)
+    unit = entry.policy.privacy_unit
+    if unit is not None and unit not in entry.schema.names:
+        raise PolicyRefusalError(
+            f"the policy of {entry.qualified} names privacy unit column {unit}, which the dataset does not have",
+            details={**where, "column": unit, "rule": "privacy_unit"},
+        )
+    needed = set(analysis.needed_columns[entry.qualified]) | ({unit} if unit else set())
+    if entry.party not in request.party_keys:
+        raise InvalidQueryError(f"party {entry.party} is not registered", details=where)
+    return PlanInput(
+        entry.party,
+        entry.dataset,
+        tuple(c for c in entry.schema.names if c in needed),
+        entry.policy,
+        table=f"input_{n}",
+        filter=analysis.filters[entry.qualified],
+        filter_columns=analysis.filter_columns[entry.qualified],
+    )
+
+
+def _plan_tee(request: _Request, inputs: list[PlanInput]) -> Plan:
+    """A plan of one TEE stage over ``inputs``, checked and compiled exactly as the enclave will
+    (from the plan, over the columns it will receive), so a plan the enclave or a party would refuse
+    is refused here, early."""
     stage = TeeStage(
         id="s1",
-        sql=analysis.sql,
+        sql=request.analysis.sql,
         inputs=tuple(inputs),
-        output_columns=analysis.output_columns,
+        output_columns=request.analysis.output_columns,
         min_group_size=strictest_min_group_size(i.policy for i in inputs),
     )
-    # Recompute the pushdown and compile exactly as the enclave will (from the plan, over the columns
-    # it will receive), so a plan the enclave or a party would refuse is refused here, early.
-    pushed = stage_pushdown(stage)
+    plan = request.plan([stage], (i.party for i in inputs))
+    pushed = check_plan(plan, request.checker()).pushdowns[stage.id]
     compile_stage(
         pushed.residual_sql,
         [InputSpec(i.qualified, i.table, i.columns, i.policy.privacy_unit) for i in inputs],
     )
-    involved = {i.party for i in inputs}
-    plan = Plan(
-        query_id=query_id,
-        sql=analysis.sql,
-        analyst=analyst,
-        stages=(stage,),
-        parties={p: party_keys[p] for p in sorted(involved)},
-        salt=secrets.token_hex(16),
-        created_at=round(time.time(), 3),
-    )
-    return plan, analysis
+    return plan
 
 
 def output_rules(plan: Plan, analysis: Analysis) -> dict[str, list[str]]:
@@ -346,11 +340,11 @@ def _decimals(column: str, fields: list[pa.Field]) -> int | None:
     return out
 
 
-def _mpc_domain(q: Any, catalog: Mapping[str, CatalogEntry], reason: _MpcReason) -> tuple[list[Any], list[Any]]:
+def _mpc_domain(
+    q: MpcQuery, catalog: Mapping[str, CatalogEntry], reason: _MpcReason
+) -> tuple[list[GroupColumn], list[list[Any]]]:
     """The stage's group-by columns and public domain, from the owners' declarations: the union of
     the declared ``values`` (first-declared order), or the ``bins`` every owner declares alike."""
-    from sealroom.planning.mpc_spec import GroupColumn
-
     group_by: list[GroupColumn] = []
     keys: list[list[Any]] = []
     try:
@@ -396,13 +390,39 @@ def _mpc_domain(q: Any, catalog: Mapping[str, CatalogEntry], reason: _MpcReason)
     return group_by, keys
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What every plan of one query is made from: the analysis of its SQL, who asks, the catalog
+    and the parties' signing keys."""
+
+    analysis: Analysis
+    query_id: str
+    analyst: str
+    catalog: Mapping[str, CatalogEntry]
+    party_keys: Mapping[str, str]
+
+    def plan(self, stages: list[Stage], parties: Iterable[str]) -> Plan:
+        """A new plan of ``stages`` (its own salt and time), naming the keys of ``parties``."""
+        return Plan(
+            query_id=self.query_id,
+            sql=self.analysis.sql,
+            analyst=self.analyst,
+            stages=tuple(stages),
+            parties={p: self.party_keys[p] for p in sorted(set(parties))},
+            salt=secrets.token_hex(16),
+            created_at=round(time.time(), 3),
+        )
+
+    def checker(self, count_star: Callable[[str], bool] | None = None) -> Checker:
+        """The planner as a checker of its own plans: every input, over the registered schemas
+        (``count_star``: whether COUNT(col) may run as COUNT(*); for an MPC stage)."""
+        columns = {q: e.schema.names for q, e in self.catalog.items()}
+        return Checker(columns=columns) if count_star is None else Checker(columns=columns, count_star=count_star)
+
+
 def _plan_mpc(
-    analysis: Analysis,
+    request: _Request,
     *,
-    query_id: str,
-    analyst: str,
-    catalog: Mapping[str, CatalogEntry],
-    party_keys: Mapping[str, str],
     to_enclave: list[CatalogEntry],
     own_players: list[CatalogEntry],
     reason: _MpcReason,
@@ -411,16 +431,65 @@ def _plan_mpc(
     """An MPC plan (every owner runs a player) or a hybrid plan (owners who accept the enclave stream
     to a TEE stage whose enclave joins the MPC stage as one more player), or the refusal saying why
     the query cannot run as MPC and what would make it runnable."""
-    import itertools
+    q = _mpc_query(request, reason)
+    entries = [request.catalog[ds] for ds in q.datasets]
+    group_by, keys = _mpc_domain(q, request.catalog, reason)
+    _refuse_unapplied_dominance(q, entries, reason)
+    aggregates, decimals = _mpc_aggregates(q, entries, reason)
+    mpc_id = "s2" if to_enclave else "s1"
+    players, holders = _mpc_players(own_players, to_enclave, helper_key, reason)
+    units = any(e.policy.privacy_unit for e in entries)
 
-    from sealroom.planning.bounds import measure_from_rules
-    from sealroom.planning.mpc_spec import Aggregate, Player, StageSpec
-    from sealroom.planning.plan import mpc_stage_query
-    from sealroom.planning.sql import UNION_UNIT, mpc_query
+    def spec_with(measures: tuple[Measure, ...]) -> StageSpec:
+        return StageSpec(
+            session_id=f"{request.query_id}-{mpc_id}",
+            group_by=tuple(group_by),
+            domain=tuple(itertools.product(*keys)),
+            aggregates=tuple(aggregates),
+            players=tuple(players),
+            measures=measures,
+            min_group_size=strictest_min_group_size(e.policy for e in entries),
+            threshold_on="units" if units else "rows",
+            unit_column=UNION_UNIT if units else None,
+        )
 
-    schemas = {q: e.schema.names for q, e in catalog.items()}
+    spec = _mpc_spec(spec_with, entries, decimals, reason)
+    stages: list[Stage] = []
+    if to_enclave:
+        stages.append(
+            TeeStage(
+                id="s1",
+                sql=request.analysis.sql,
+                inputs=tuple(_mpc_input(request.analysis, q, e) for e in to_enclave),
+                output_columns=(),
+                min_group_size=spec.min_group_size,
+                feeds=mpc_id,
+            )
+        )
+    stages.append(
+        MpcStage(
+            id=mpc_id,
+            sql=request.analysis.sql,
+            inputs=tuple(_mpc_input(request.analysis, q, e) for e in own_players),
+            output_columns=request.analysis.output_columns,
+            min_group_size=spec.min_group_size,
+            spec=spec,
+            holders=holders,
+            release=Release.of(q),
+        )
+    )
+    plan = request.plan(stages, (e.party for e in entries))
+    # Check the plan as every party and the enclave will, from the plan alone. COUNT(col) ran as
+    # COUNT(*) where no registered schema lets col hold NULL (see _mpc_aggregates).
+    check_plan(plan, request.checker(lambda col: not any(e.schema.field(col).nullable for e in entries)))
+    return plan
+
+
+def _mpc_query(request: _Request, reason: _MpcReason) -> MpcQuery:
+    """What the MPC stage computes, or the refusal saying why MPC cannot run the query."""
+    schemas = {q: e.schema.names for q, e in request.catalog.items()}
     try:
-        q = mpc_query(analysis.sql, schemas)
+        return mpc_query(request.analysis.sql, schemas)
     except InvalidQueryError as err:
         d = err.details
         raise _cannot_run(
@@ -430,10 +499,10 @@ def _plan_mpc(
             str(d.get("suggestion", "rewrite the query")),
             column=d.get("column"),
         ) from None
-    entries = [catalog[ds] for ds in q.datasets]
-    policies = [e.policy for e in entries]
-    group_by, keys = _mpc_domain(q, catalog, reason)
-    # Owners' rules the MPC does not apply itself: refuse rather than release without them.
+
+
+def _refuse_unapplied_dominance(q: MpcQuery, entries: list[CatalogEntry], reason: _MpcReason) -> None:
+    """Owners' rules the MPC does not apply itself: refuse rather than release without them."""
     sums = [a for a in q.aggregates if a[1] in ("sum", "avg")]
     for e in entries:
         if e.policy.dominance is not None and sums:
@@ -445,12 +514,19 @@ def _plan_mpc(
                 f"drop SUM and AVG from the query, or ask {e.party} to lift the dominance rule",
                 column=sums[0][2],
             )
+
+
+def _mpc_aggregates(
+    q: MpcQuery, entries: list[CatalogEntry], reason: _MpcReason
+) -> tuple[list[Aggregate], dict[str, int]]:
+    """The stage's aggregates, and the fixed-point decimals of each measure they aggregate (in
+    first-aggregated order). COUNT(col) of a column that holds no NULL anywhere is COUNT(*)."""
     aggregates: list[Aggregate] = []
     measured: list[str] = []
+    decimals: dict[str, int] = {}
     for name, func, col in q.aggregates:
         if col is not None and func == "count" and any(e.policy.rule(col).role != "measure" for e in entries):
-            fields = [e.schema.field(col) for e in entries]
-            if any(f.nullable for f in fields):
+            if any(e.schema.field(col).nullable for e in entries):
                 raise _cannot_run(
                     reason,
                     f"COUNT({col}) needs {col} declared as a measure with bounds in every involved policy",
@@ -458,11 +534,10 @@ def _plan_mpc(
                     "use COUNT(*)",
                     column=col,
                 )
-            col = None  # COUNT of a column that holds no NULL anywhere is COUNT(*)
+            col = None
         aggregates.append(Aggregate(name, func, col))
         if col is not None and col not in measured:
             measured.append(col)
-    decimals: dict[str, int] = {}
     for col in measured:
         dec = _decimals(col, [e.schema.field(col) for e in entries])
         if dec is None:
@@ -470,17 +545,20 @@ def _plan_mpc(
                 reason, f"{col} is not numeric", "measure", f"aggregate a numeric column, not {col}", column=col
             )
         decimals[col] = dec
-    unit = any(p.privacy_unit for p in policies)
-    k = strictest_min_group_size(policies)
-    # Players: each owner of an MPC-side dataset runs one, then the enclave holding the others'
-    # partials, then helpers holding no input until there are three.
+    return aggregates, decimals
+
+
+def _mpc_players(
+    own_players: list[CatalogEntry], to_enclave: list[CatalogEntry], helper_key: str | None, reason: _MpcReason
+) -> tuple[list[Player], dict[int, Holder]]:
+    """Players and what each holds: each owner of an MPC-side dataset runs one, then the enclave
+    holding the others' partials, then helpers holding no input until there are three."""
     players: list[Player] = []
     holders: dict[int, Holder] = {}
     for e in own_players:
         if all(p.name != e.party for p in players):
             holders[len(players)] = PartyHolder(e.party, tuple(x.dataset for x in own_players if x.party == e.party))
             players.append(Player(e.party))
-    mpc_id = "s2" if to_enclave else "s1"
     if to_enclave:
         holders[len(players)] = EnclaveHolder("s1")
         players.append(Player(ENCLAVE_PLAYER))
@@ -499,8 +577,19 @@ def _plan_mpc(
             "players",
             "add a second owner's dataset to the query, or let the owner accept an enclave measurement",
         )
-    spec = None
-    while spec is None:
+    return players, holders
+
+
+def _mpc_spec(
+    spec_with: Callable[[tuple[Measure, ...]], StageSpec],
+    entries: list[CatalogEntry],
+    decimals: dict[str, int],
+    reason: _MpcReason,
+) -> StageSpec:
+    """The stage's spec (``spec_with`` its measures), its measures' bounds the intersection of the
+    owners'; a measure whose bounds would overflow gets fewer fixed-point decimals before the stage
+    is refused."""
+    while True:
         try:
             measures = [
                 measure_from_rules(
@@ -509,19 +598,9 @@ def _plan_mpc(
                     decimals=decimals[col],
                     nullable=any(e.schema.field(col).nullable for e in entries),
                 )
-                for col in measured
+                for col in decimals
             ]
-            spec = StageSpec(
-                session_id=f"{query_id}-{mpc_id}",
-                group_by=tuple(group_by),
-                domain=tuple(itertools.product(*keys)),
-                aggregates=tuple(aggregates),
-                players=tuple(players),
-                measures=tuple(measures),
-                min_group_size=k,
-                threshold_on="units" if unit else "rows",
-                unit_column=UNION_UNIT if unit else None,
-            )
+            return spec_with(tuple(measures))
         except InvalidQueryError as err:
             col = err.details.get("column")
             if err.details.get("rule") == "overflow" and col in decimals and decimals[col] > 0:
@@ -536,57 +615,23 @@ def _plan_mpc(
                 reason, err.message, str(d.get("rule", "spec")), suggestion, column=d.get("column")
             ) from None
 
-    def plan_input(e: CatalogEntry) -> PlanInput:
-        n = analysis.datasets.index(e.qualified)
-        unit_col = e.policy.privacy_unit
-        needed = set(q.columns[e.qualified]) | ({unit_col} if unit_col else set())
-        flt = q.filters.get(e.qualified)
-        return PlanInput(
-            e.party,
-            e.dataset,
-            tuple(c for c in e.schema.names if c in needed),
-            e.policy,
-            table=f"input_{n}",
-            filter=flt.sql if flt is not None else None,
-            filter_columns=flt.columns if flt is not None else (),
-        )
 
-    stages: list[Stage] = []
-    if to_enclave:
-        stages.append(
-            TeeStage(
-                id="s1",
-                sql=analysis.sql,
-                inputs=tuple(plan_input(e) for e in to_enclave),
-                output_columns=(),
-                min_group_size=k,
-                feeds=mpc_id,
-            )
-        )
-    mpc_stage = MpcStage(
-        id=mpc_id,
-        sql=analysis.sql,
-        inputs=tuple(plan_input(e) for e in own_players),
-        output_columns=analysis.output_columns,
-        min_group_size=k,
-        spec=spec,
-        holders=holders,
-        release=Release.of(q),
+def _mpc_input(analysis: Analysis, q: MpcQuery, e: CatalogEntry) -> PlanInput:
+    """The input of ``e`` to an MPC or feeding stage: what its partials read plus its privacy unit,
+    and the filter its owner applies."""
+    n = analysis.datasets.index(e.qualified)
+    unit_col = e.policy.privacy_unit
+    needed = set(q.columns[e.qualified]) | ({unit_col} if unit_col else set())
+    flt = q.filters.get(e.qualified)
+    return PlanInput(
+        e.party,
+        e.dataset,
+        tuple(c for c in e.schema.names if c in needed),
+        e.policy,
+        table=f"input_{n}",
+        filter=flt.sql if flt is not None else None,
+        filter_columns=flt.columns if flt is not None else (),
     )
-    stages.append(mpc_stage)
-    involved = sorted({e.party for e in entries})
-    plan = Plan(
-        query_id=query_id,
-        sql=analysis.sql,
-        analyst=analyst,
-        stages=tuple(stages),
-        parties={p: party_keys[p] for p in involved},
-        salt=secrets.token_hex(16),
-        created_at=round(time.time(), 3),
-    )
-    # Recompute the stage as every party and the runtime will, from the plan alone.
-    mpc_stage_query(plan, mpc_stage)
-    return plan
 
 
 def _explain_mpc(plan: Plan) -> list[str]:

@@ -40,7 +40,7 @@ from mpc.result import MpcResult
 from mpc.session import PlayerProcess, bounded_timeout, free_ports, player_addresses
 from mpc.tls import PlayerIdentity, PlayerOffer, identity_keys
 from sealroom.errors import InvalidQueryError, JobFailedError, MpcError, PolicyRefusalError
-from sealroom.planning.bounds import stage_consistency_violation, stage_rule_violation
+from sealroom.planning.checks import stage_consistency_violation, stage_rule_violation
 from sealroom.planning.disclosure import check_uses
 from sealroom.planning.mpc_spec import StageSpec
 from sealroom.planning.plan import (

@@ -24,6 +24,7 @@ from typing import Any
 
 from sealroom.canonical import canonical_json
 from sealroom.config import check_keys, key_error, toml_key, toml_value
+from sealroom.defaults import DEFAULT_MIN_GROUP_SIZE
 from sealroom.errors import ConfigError
 from sealroom.policy_roles import (
     DEFAULT_MEASURE_AGGREGATES,
@@ -63,7 +64,6 @@ __all__ = [
     "load_policy_file",
 ]
 
-DEFAULT_MIN_GROUP_SIZE = 5
 APPROVAL_MODES = ("auto", "manual")
 
 

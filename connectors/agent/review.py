@@ -11,9 +11,9 @@ import pyarrow as pa
 
 from connectors.witness import LogWitness
 from sealroom.errors import ApprovalError, InvalidQueryError, PolicyRefusalError
-from sealroom.planning.bounds import stage_consistency_violation, stage_rule_violation
-from sealroom.planning.checks import check_analyst, check_stage_k
+from sealroom.planning.checks import check_analyst, check_stage_k, stage_consistency_violation, stage_rule_violation
 from sealroom.planning.disclosure import check_uses
+from sealroom.planning.mpc_sql import MpcQuery
 from sealroom.planning.plan import (
     EnclaveHolder,
     HelperHolder,
@@ -27,7 +27,7 @@ from sealroom.planning.plan import (
     mpc_stage_query,
     stage_pushdown,
 )
-from sealroom.planning.sql import UNION_UNIT, MpcQuery
+from sealroom.planning.sql import UNION_UNIT
 from sealroom.policy import DatasetPolicy
 
 

@@ -1,37 +1,193 @@
-"""The checks of a plan against its owners' policies: one function per rule, one message per rule.
+"""THE check of a plan against its owners' policies: one entry point, one function per rule, one
+message per rule.
 
 The planner (:mod:`coordinator.planner`), each owner's agent (:mod:`connectors.agent.review`) and
-the enclave (:meth:`enclave_worker.jobs.JobRegistry.create`) all call these, so a rule cannot read
-one way in one place and another way in the next, and a policy change changes every verdict at
-once. Where a checker knows more (the agent its owner's current policies and registered schemas;
-the enclave what it compiled itself), it passes that knowledge in, or adds its own check on top:
-never a second version of the same rule.
+the enclave (:meth:`enclave_worker.jobs.JobRegistry.create`, :mod:`enclave_worker.mpc_feed`) all
+call :func:`check_plan`, so a rule cannot read one way in one place and another way in the next,
+and a policy change changes every verdict at once::
 
-Rules here: the analyst allow-list (:func:`check_analyst`), the strictest minimum group size
-(:func:`strictest_min_group_size`, :func:`check_stage_k`), and no owner-side filter on a column
-with declared bounds (:func:`check_no_bounded_filter`). Column roles are
-:func:`sealroom.planning.disclosure.check_uses`; a TEE stage's pushed filters are
-:func:`sealroom.planning.plan.stage_pushdown`; an MPC stage's consistency and rules are
-:func:`sealroom.planning.bounds.stage_consistency_violation` and
-:func:`~sealroom.planning.bounds.stage_rule_violation`.
+    checked = check_plan(plan, Checker(party="bank_a", columns=..., count_star=...))  # an agent
+    checked = check_plan(plan, Checker(stage="s1"))                                  # the enclave
+    checked = check_plan(plan, Checker(columns=..., count_star=...))                 # the planner
+
+A :class:`Checker` says who checks and what it knows beyond the plan: the owner whose agent checks
+(``party``: it answers for its own inputs only, and is named in every refusal), or the TEE stage an
+enclave runs (``stage``: it answers for that stage's inputs); the registered columns of datasets it
+knows (``columns``; else the columns the plan declares); and whether COUNT(col) may run as COUNT(*)
+(``count_star``). :func:`check_plan` runs the shared rules in this order and returns what it
+recomputed (:class:`PlanChecks`: each TEE stage's pushdown, each MPC stage's query), so a caller
+compiles or runs from the same recomputation:
+
+1. for every input it answers for: the analyst allow-list (:func:`check_analyst`), the privacy
+   unit carried (:func:`check_unit_carried`), no owner-side filter on a column with declared bounds
+   (:func:`check_no_bounded_filter`);
+2. for every TEE stage holding such an input (and releasing its output): its pushed filters are
+   the ones its SQL implies (:func:`sealroom.planning.plan.stage_pushdown`), and its columns are used
+   only as their roles allow (:func:`sealroom.planning.disclosure.check_uses`, on the full query);
+3. for every MPC stage computing over such an input (its own, or fed by a TEE stage):
+   :func:`check_mpc_stage_rules`: it computes what its SQL implies (:func:`stage_consistency_violation`),
+   it applies each such input's policy (k, privacy unit, bounds, dominance:
+   :func:`stage_rule_violation`), and its columns are used only as their roles allow.
+
+Policies are those the plan carries (covered by its hash and every owner's signature). An agent first
+checks that each carried policy of its own is its owner's current one (same digest); what a checker
+knows beyond that it adds on top, never as a second version of a rule: the agent its registered
+schemas, its players and holders and its minimum group size on every stage (:func:`check_stage_k`);
+the enclave what it compiles itself and the strictest k it applies (:func:`strictest_datasets`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 from sealroom.errors import PolicyRefusalError
-from sealroom.planning.plan import Plan, PlanInput, Stage
+from sealroom.planning.disclosure import check_uses
+from sealroom.planning.mpc_spec import GroupColumn, StageSpec
+from sealroom.planning.mpc_sql import MpcQuery
+from sealroom.planning.plan import (
+    MpcStage,
+    Plan,
+    PlanInput,
+    Release,
+    Stage,
+    TeeStage,
+    declared_domains,
+    mpc_stage_query,
+    stage_pushdown,
+)
+from sealroom.planning.sql import UNION_UNIT, Pushdown
 from sealroom.policy import DatasetPolicy
 
 __all__ = [
+    "Checker",
+    "PlanChecks",
+    "Violation",
     "check_analyst",
+    "check_mpc_stage_rules",
     "check_no_bounded_filter",
-    "check_plan_analysts",
+    "check_plan",
     "check_stage_k",
+    "check_unit_carried",
+    "stage_consistency_violation",
+    "stage_rule_violation",
     "strictest_datasets",
     "strictest_min_group_size",
 ]
+
+Detail = str | int | float | None
+
+
+def _may_count_rows(_column: str) -> bool:
+    """Without the registered schemas, COUNT(col) may run as COUNT(*): counting rows instead of
+    values discloses nothing more than the planner's choice did."""
+    return True
+
+
+@dataclass(frozen=True)
+class Checker:
+    """Who checks a plan (see the module docstring) and what it knows beyond the plan."""
+
+    party: str | None = None  # an owner's agent: it answers for this owner's inputs only
+    stage: str | None = None  # an enclave: it answers for the inputs of this TEE stage only
+    columns: Mapping[str, Sequence[str]] = field(default_factory=dict)  # party.dataset -> registered columns
+    count_star: Callable[[str], bool] = _may_count_rows  # whether COUNT(col) may run as COUNT(*)
+
+    def answers_for(self, stage: Stage, inp: PlanInput) -> bool:
+        """Whether this checker enforces the policy of ``inp`` (an input of ``stage``)."""
+        return (self.party is None or inp.party == self.party) and (self.stage is None or stage.id == self.stage)
+
+    def columns_of(self, inp: PlanInput) -> list[str]:
+        """The columns of ``inp``'s dataset as this checker knows them: registered, or declared by
+        the plan (sent, then filter-only)."""
+        known = self.columns.get(inp.qualified)
+        if known is not None:
+            return list(known)
+        return [*inp.columns, *(c for c in inp.filter_columns if c not in inp.columns)]
+
+
+@dataclass(frozen=True)
+class PlanChecks:
+    """What :func:`check_plan` recomputed from the plan, by stage id."""
+
+    pushdowns: Mapping[str, Pushdown]  # each checked TEE stage releasing its output
+    mpc_queries: Mapping[str, MpcQuery]  # each checked MPC stage
+
+
+def check_plan(plan: Plan, checker: Checker) -> PlanChecks:
+    """Every shared rule over ``plan``'s stages and the inputs ``checker`` answers for, in the order
+    of the module docstring. Raises PolicyRefusalError or InvalidQueryError (a plan inconsistent with
+    its SQL)."""
+    for stage in plan.stages:
+        for inp in stage.inputs:
+            if checker.answers_for(stage, inp):
+                check_analyst(plan.analyst, party=inp.party, dataset=inp.dataset, policy=inp.policy)
+                check_unit_carried(inp)
+                check_no_bounded_filter(inp)
+    pushdowns: dict[str, Pushdown] = {}
+    for tee in plan.tee_stages():
+        if tee.feeds is None and _answers_for_any(checker, tee, tee.inputs):
+            pushdowns[tee.id] = _check_tee_stage(tee, checker)
+    queries: dict[str, MpcQuery] = {}
+    for mpc in plan.mpc_stages():
+        if any(_answers_for_any(checker, s, s.inputs) for s in _with_feeding(plan, mpc)):
+            queries[mpc.id] = check_mpc_stage_rules(plan, mpc, checker)
+    return PlanChecks(pushdowns, queries)
+
+
+def _with_feeding(plan: Plan, stage: MpcStage) -> list[Stage]:
+    """MPC stage ``stage`` and the TEE stages feeding it."""
+    return [stage, *plan.feeding(stage)]
+
+
+def _answers_for_any(checker: Checker, stage: Stage, inputs: Iterable[PlanInput]) -> bool:
+    return any(checker.answers_for(stage, i) for i in inputs)
+
+
+def _check_tee_stage(stage: TeeStage, checker: Checker) -> Pushdown:
+    """A TEE stage's pushed filters are the ones its SQL implies, and the full query (pushed filters
+    included) uses the columns the checker answers for only as their roles allow."""
+    pushed = stage_pushdown(stage)
+    mine = [i for i in stage.inputs if checker.answers_for(stage, i)]
+    check_uses(
+        {i.qualified: pushed.uses.get(i.qualified, {}) for i in mine},
+        {i.qualified: i.policy for i in mine},
+        {i.qualified: checker.columns_of(i) for i in mine},
+    )
+    return pushed
+
+
+def check_mpc_stage_rules(plan: Plan, stage: MpcStage, checker: Checker) -> MpcQuery:
+    """MPC stage ``stage`` computes what its SQL implies, over the domain the involved policies
+    declare, and applies the rules of every input ``checker`` answers for (its own, or those of the
+    TEE stages feeding it): k, privacy units, bounds, dominance, column roles. Returns the stage's
+    query as recomputed from the plan (:func:`sealroom.planning.plan.mpc_stage_query`). Raises
+    PolicyRefusalError (details: the checking party if any, the stage, the rule) or InvalidQueryError."""
+    q = mpc_stage_query(plan, stage)
+    checking = {"party": checker.party} if checker.party is not None else {}
+    violation = stage_consistency_violation(stage, stage.spec, q, plan.mpc_inputs(stage), count_star=checker.count_star)
+    if violation is not None:
+        raise violation.refusal(**checking, stage=stage.id)
+    mine = [i for s in _with_feeding(plan, stage) for i in s.inputs if checker.answers_for(s, i)]
+    for inp in mine:
+        violation = stage_rule_violation(
+            stage.spec, inp.policy, dataset=inp.qualified, columns=checker.columns_of(inp), unit_column=UNION_UNIT
+        )
+        if violation is not None:
+            raise violation.refusal(party=inp.party, stage=stage.id, dataset=inp.dataset)
+    check_uses(
+        {i.qualified: q.uses.get(i.qualified, {}) for i in mine},
+        {i.qualified: i.policy for i in mine},
+        {i.qualified: checker.columns_of(i) for i in mine},
+    )
+    return q
+
+
+# --------------------------------------------------------------------------------------------
+# One function per rule
 
 
 def strictest_min_group_size(policies: Iterable[DatasetPolicy]) -> int:
@@ -68,10 +224,16 @@ def check_analyst(analyst: str, *, party: str, dataset: str, policy: DatasetPoli
     )
 
 
-def check_plan_analysts(plan: Plan) -> None:
-    """Every input of ``plan`` allows its analyst, under the policy the plan carries for it."""
-    for inp in plan.inputs():
-        check_analyst(plan.analyst, party=inp.party, dataset=inp.dataset, policy=inp.policy)
+def check_unit_carried(inp: PlanInput) -> None:
+    """Refuse (rule ``privacy_unit``) an input that does not carry its policy's privacy unit column:
+    without it the minimum group size could not be counted in distinct units."""
+    unit = inp.policy.privacy_unit
+    if unit is not None and unit not in inp.columns:
+        raise PolicyRefusalError(
+            f"the plan does not carry the privacy unit of {inp.qualified}, so the enclave could "
+            "not enforce the minimum group size",
+            details={"party": inp.party, "dataset": inp.dataset, "column": unit, "rule": "privacy_unit"},
+        )
 
 
 def check_stage_k(stage: Stage, *, party: str) -> None:
@@ -95,3 +257,148 @@ def check_no_bounded_filter(inp: PlanInput) -> None:
                 f"{inp.qualified}.{column} has declared bounds and cannot be filtered on by its party",
                 details={"party": inp.party, "dataset": inp.dataset, "column": column, "rule": "bounds"},
             )
+
+
+class Violation(NamedTuple):
+    """A rule an MPC stage breaks: the message, the rule, and details naming where (a tuple, so
+    ``message, rule, details = violation`` reads it)."""
+
+    message: str
+    rule: str
+    details: Mapping[str, Detail] = MappingProxyType({})
+
+    def refusal(self, **where: Detail) -> PolicyRefusalError:
+        """The refusal, its details naming ``where`` (who checks, the stage, the dataset) and the rule."""
+        return PolicyRefusalError(self.message, details={**where, "rule": self.rule, **self.details})
+
+
+def _bound(v: float | None) -> str:
+    return "none" if v is None else f"{v:g}"
+
+
+def stage_rule_violation(
+    spec: StageSpec, policy: DatasetPolicy, *, dataset: str, columns: Sequence[str], unit_column: str
+) -> Violation | None:
+    """The first rule of ``policy`` (the policy of ``dataset``, whose columns are ``columns``) that
+    MPC stage ``spec`` does not apply, or None: k at least the policy's minimum group size, its
+    privacy units counted (never assumed disjoint, never a column the plan names; ``unit_column``
+    is the one the players derive), the measures' bounds inside its own, and no dominance rule
+    next to SUM or AVG (an MPC stage does not apply one)."""
+    if spec.min_group_size < policy.min_group_size:
+        return Violation(
+            f"the MPC stage releases cells of {spec.min_group_size}, below the minimum group size "
+            f"{policy.min_group_size} of {dataset}",
+            "min_group_size",
+        )
+    unit_violation = _unit_violation(spec, policy, dataset=dataset, columns=columns, unit_column=unit_column)
+    if unit_violation is not None:
+        return unit_violation
+    for m in spec.measures:
+        rule = policy.rule(m.column)
+        if rule.role == "open":
+            continue
+        if rule.min is None or rule.max is None or m.min < rule.min or m.max > rule.max:
+            return Violation(
+                f"the MPC stage's bounds for {m.column} ([{m.min:g}, {m.max:g}]) are not inside those {dataset} "
+                f"declares ([{_bound(rule.min)}, {_bound(rule.max)}])",
+                "bounds",
+                {"column": m.column},
+            )
+    if policy.dominance is not None and any(a.func in ("sum", "avg") for a in spec.aggregates):
+        return Violation(
+            f"{dataset} has a dominance rule, which an MPC stage does not apply to its SUM/AVG", "dominance"
+        )
+    return None
+
+
+def _unit_violation(
+    spec: StageSpec, policy: DatasetPolicy, *, dataset: str, columns: Sequence[str], unit_column: str
+) -> Violation | None:
+    """The privacy-unit rule of :func:`stage_rule_violation`."""
+    if policy.privacy_unit and spec.threshold_on != "units":
+        return Violation(
+            f"the MPC stage counts rows, but {dataset} protects distinct {policy.privacy_unit} values "
+            "(its privacy unit)",
+            "privacy_unit",
+        )
+    if (spec.threshold_on == "units") != (spec.unit_column == unit_column) or (
+        spec.unit_column is not None and spec.unit_column in columns
+    ):
+        return Violation(
+            "the MPC stage does not count this dataset's privacy unit (its unit column must be the one the player "
+            f"derives from {dataset}'s privacy unit, never a column the plan names)",
+            "privacy_unit",
+        )
+    if spec.threshold_on == "units" and spec.units_disjoint:
+        return Violation(
+            f"the MPC stage assumes no privacy unit appears at two players, which the owner of {dataset} cannot know",
+            "privacy_unit",
+        )
+    return None
+
+
+def stage_consistency_violation(
+    stage: MpcStage, spec: StageSpec, q: MpcQuery, inputs: Sequence[PlanInput], *, count_star: Callable[[str], bool]
+) -> Violation | None:
+    """The first way MPC stage ``stage`` does not compute what its SQL implies (``q``:
+    :func:`sealroom.planning.plan.mpc_stage_query`), or None: more helper players than may collude
+    (the coordinator runs them all), the group columns, the aggregates (``count_star(col)``: whether
+    COUNT(col) may run as COUNT(*), i.e. col holds no NULL), the release (outputs, HAVING, ORDER BY,
+    LIMIT), and the group domain, which must be exactly what the policies of ``inputs`` (every input
+    of the stage and of the stages feeding it, as the plan carries them) declare. ``spec`` is
+    ``stage.spec``."""
+    # The coordinator runs every helper player: with more than t of them it would hold enough shares
+    # to reconstruct the owners' partials (t + 1 colluding players learn every input).
+    helpers = [p.name for p in spec.players if not p.holds_input]
+    if len(helpers) > spec.t:
+        return Violation(
+            f"the MPC stage has {len(helpers)} helper players ({', '.join(helpers)}), all run by the coordinator, "
+            f"more than the {spec.t} that may collude at threshold t={spec.t}: the coordinator could reconstruct "
+            "the owners' inputs",
+            "players",
+        )
+    if not _computes_its_sql(stage, q, count_star):
+        return Violation(
+            "the plan's MPC stage does not compute what its SQL says (group columns, aggregates or release "
+            "differ); re-plan the query",
+            "plan_consistency",
+        )
+    return _domain_violation(spec, q, inputs)
+
+
+def _computes_its_sql(stage: MpcStage, q: MpcQuery, count_star: Callable[[str], bool]) -> bool:
+    """Group columns, aggregates, release and output columns are those the SQL implies."""
+    computed = [(a.name, a.func, a.column) for a in stage.spec.aggregates]
+    implied = list(q.aggregates)
+
+    def same(x: tuple[str, str, str | None], y: tuple[str, str, str | None]) -> bool:
+        if x == y:
+            return True
+        return x[:2] == y[:2] == (x[0], "count") and x[2] is None and y[2] is not None and count_star(y[2])
+
+    return (
+        [g.name for g in stage.spec.group_by] == list(q.group_columns)
+        and len(computed) == len(implied)
+        and all(same(x, y) for x, y in zip(computed, implied, strict=False))
+        and stage.release == Release.of(q)
+        and tuple(stage.output_columns) == tuple(o[0] for o in q.outputs)
+    )
+
+
+def _domain_violation(spec: StageSpec, q: MpcQuery, inputs: Sequence[PlanInput]) -> Violation | None:
+    """The group domain is exactly the one the policies of ``inputs`` declare, taken in the order
+    the SQL reads their datasets (as the planner derives it: the union of declared values keeps
+    first-declared order)."""
+    policies = {i.qualified: i.policy for i in inputs}
+    declared = declared_domains(q.group_columns, [(ds, policies[ds]) for ds in q.datasets])
+    keys: list[list[object]] = []
+    for g, (kind, values) in zip(spec.group_by, declared, strict=True):
+        want = GroupColumn(g.name, tuple(values)) if kind == "bins" else GroupColumn(g.name)
+        if g != want:
+            return Violation(
+                f"the MPC stage groups {g.name} otherwise than the policies declare", "domain", {"column": g.name}
+            )
+        keys.append(list(want.labels()) if kind == "bins" else list(values))
+    if [list(k) for k in spec.domain] != [list(k) for k in itertools.product(*keys)]:
+        return Violation("the MPC stage's group domain is not the one the involved policies declare", "domain")
+    return None

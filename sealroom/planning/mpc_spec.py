@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sealroom.canonical import canonical_json
+from sealroom.defaults import DEFAULT_MIN_GROUP_SIZE
 
 SPEC_VERSION = 1
 # COUNT(col) counts non-null values of col; COUNT(*) is ``count`` without a column.
@@ -156,7 +157,7 @@ class StageSpec:
     aggregates: tuple[Aggregate, ...]
     players: tuple[Player, ...]
     measures: tuple[Measure, ...] = ()
-    min_group_size: int = 5
+    min_group_size: int = DEFAULT_MIN_GROUP_SIZE
     threshold_on: str = "rows"
     unit_column: str | None = None
     units_disjoint: bool = False
@@ -320,7 +321,37 @@ def _refuse(message: str, **details: Any) -> Exception:
     return InvalidQueryError(message, details={"stage": "mpc", **details})
 
 
-def _validate(spec: StageSpec) -> Layout:  # noqa: C901 - one check per rule, in order
+def _validate(spec: StageSpec) -> Layout:
+    """Check ``spec`` rule by rule, in order, and derive the layout every player runs from it."""
+    holders = _check_players(spec)
+    _check_domain(spec)
+    _check_rule(spec)
+    measures = _check_measures(spec)
+    vectors = _aggregate_vectors(spec, measures)
+    rows = _row_vectors(vectors)
+    opened, divided, null_flags = _openings(spec, measures, vectors)
+    bits = _bit_lengths(spec, measures, vectors.need, rows, holders=len(holders))
+    fxp_frac = _fixed_point_fraction(spec, bits, divided)
+    return Layout(
+        counts=tuple((c, _count_of(measures, c)) for c in sorted(vectors.need)),
+        rows=tuple(rows),
+        extrema=tuple(vectors.extrema),
+        cap=bits.cap,
+        cut=bits.cap,
+        cmp_bits=bits.cmp_bits,
+        int_bits=bits.int_bits,
+        opened=tuple(r for r in rows if r in opened),
+        divided=tuple(divided),
+        null_flags=tuple(null_flags),
+        fxp_bits=2 * fxp_frac,
+        fxp_frac=fxp_frac,
+        count_bits=bits.total_rows.bit_length(),
+    )
+
+
+def _check_players(spec: StageSpec) -> list[Player]:
+    """At least 3 distinctly named players, one holding input, and a threshold 1 <= t < m/2 (honest
+    majority). Returns the input-holding players."""
     m = len(spec.players)
     if m < 3:
         raise _refuse(
@@ -336,18 +367,32 @@ def _validate(spec: StageSpec) -> Layout:  # noqa: C901 - one check per rule, in
     t = spec.t
     if not 1 <= t or 2 * t >= m:
         raise _refuse(f"threshold t={t} must satisfy 1 <= t < m/2 for m={m} players", rule="threshold")
+    return holders
+
+
+def _check_domain(spec: StageSpec) -> None:
+    """A non-empty public group domain, one value per group-by column in each key, no key twice."""
     if not spec.group_by or not spec.domain:
         raise _refuse("an MPC stage needs GROUP BY columns and a non-empty public group domain", rule="domain")
     if any(len(k) != len(spec.group_by) for k in spec.domain):
         raise _refuse("every group key in the domain needs one value per group-by column", rule="domain")
     if len(set(spec.domain)) != len(spec.domain):
         raise _refuse("the group domain lists a key twice", rule="domain")
+
+
+def _check_rule(spec: StageSpec) -> None:
+    """The release rule: k and max_rows at least 1, counted on rows or on named privacy units."""
     if spec.min_group_size < 1 or spec.max_rows < 1:
         raise _refuse("min_group_size and max_rows must be at least 1", rule="min_group_size")
     if spec.threshold_on not in ("rows", "units"):
         raise _refuse('threshold_on must be "rows" or "units"', rule="threshold_on")
     if spec.threshold_on == "units" and not spec.unit_column:
         raise _refuse("threshold_on = units needs the privacy unit column", rule="threshold_on")
+
+
+def _check_measures(spec: StageSpec) -> dict[str, Measure]:
+    """Aggregates with distinct names; each measure declared once, with finite bounds and 0..12
+    decimals. Returns the measures by column."""
     if not spec.aggregates or len({a.name for a in spec.aggregates}) != len(spec.aggregates):
         raise _refuse("an MPC stage needs aggregates with distinct output names", rule="aggregates")
     measures = {ms.column: ms for ms in spec.measures}
@@ -358,12 +403,28 @@ def _validate(spec: StageSpec) -> Layout:  # noqa: C901 - one check per rule, in
             raise _refuse(f"measure {ms.column} needs finite bounds min <= max", column=ms.column, rule="bounds")
         if not 0 <= ms.decimals <= 12:
             raise _refuse(f"measure {ms.column}: decimals must be 0..12", column=ms.column, rule="bounds")
+    return measures
 
-    # The count of a measure's non-null values: the row count itself when the measure is not nullable.
-    def count_of(c: str) -> str:
-        return f"n:{c}" if measures[c].nullable else "rows"
 
-    need: dict[str, set[str]] = {}
+def _count_of(measures: Mapping[str, Measure], column: str) -> str:
+    """The count of a measure's non-null values: the row count itself when it is not nullable."""
+    return f"n:{column}" if measures[column].nullable else "rows"
+
+
+@dataclass(frozen=True)
+class _Vectors:
+    """What the aggregates need: the measures aggregated (``need``), the vectors each input holder
+    shares, the extrema computed, and the vectors an aggregate opens as it is (``public``)."""
+
+    need: frozenset[str]
+    shared: frozenset[str]
+    extrema: tuple[str, ...]
+    public: frozenset[str]
+
+
+def _aggregate_vectors(spec: StageSpec, measures: Mapping[str, Measure]) -> _Vectors:
+    """Each aggregate is one MPC stages compute, over a declared measure; the vectors it needs."""
+    need: set[str] = set()
     vectors: set[str] = set()
     extrema: list[str] = []
     public: set[str] = set()
@@ -388,12 +449,12 @@ def _validate(spec: StageSpec) -> Layout:  # noqa: C901 - one check per rule, in
                 rule="bounds",
             )
         c = a.column
-        need.setdefault(c, set())
+        need.add(c)
         if a.func not in ("sum", "min", "max") or measures[c].nullable:
             # SUM/MIN/MAX of a non-nullable measure over a passing group (>= 1 row) needs no count.
-            vectors.add(count_of(c))
+            vectors.add(_count_of(measures, c))
         if a.func == "count":
-            public.add(count_of(c))
+            public.add(_count_of(measures, c))
         elif a.func == "sum":
             vectors.add(f"s:{c}")
             public.add(f"s:{c}")
@@ -403,30 +464,58 @@ def _validate(spec: StageSpec) -> Layout:  # noqa: C901 - one check per rule, in
             vectors |= {f"s:{c}", f"q:{c}"}
         else:
             extrema.append(f"{a.func}:{c}")
-    rows: list[str] = ["rows"] if "rows" in vectors else []
-    for c in sorted(need):
-        rows += [f"{kind}:{c}" for kind in ("n", "s", "q") if f"{kind}:{c}" in vectors]
+    return _Vectors(frozenset(need), frozenset(vectors), tuple(extrema), frozenset(public))
+
+
+def _row_vectors(vectors: _Vectors) -> list[str]:
+    """The shared vectors in their fixed order: rows, then per measure (sorted) n, s, q."""
+    rows: list[str] = ["rows"] if "rows" in vectors.shared else []
+    for c in sorted(vectors.need):
+        rows += [f"{kind}:{c}" for kind in ("n", "s", "q") if f"{kind}:{c}" in vectors.shared]
+    return rows
+
+
+_RATIOS = ("avg", "var_samp", "var_pop", "stddev_samp", "stddev_pop")
+
+
+def _openings(
+    spec: StageSpec, measures: Mapping[str, Measure], vectors: _Vectors
+) -> tuple[set[str], list[str], list[str]]:
+    """(the vectors opened for passing cells, the measures divided inside the MPC, the measures
+    whose null flag is computed)."""
     divided: list[str] = []
     null_flags: list[str] = []
-    opened = set(public)
-    ratios = ("avg", "var_samp", "var_pop", "stddev_samp", "stddev_pop")
-    for c in sorted(need):
-        n_public = count_of(c) in public
-        if not n_public and any(a.column == c and a.func in ratios for a in spec.aggregates):
+    opened = set(vectors.public)
+    for c in sorted(vectors.need):
+        n_public = _count_of(measures, c) in vectors.public
+        if not n_public and any(a.column == c and a.func in _RATIOS for a in spec.aggregates):
             divided.append(c)
-        if not n_public and count_of(c) in vectors and (measures[c].nullable or c in divided):
+        if not n_public and _count_of(measures, c) in vectors.shared and (measures[c].nullable or c in divided):
             null_flags.append(c)
         if n_public and any(a.column == c and a.func == "avg" for a in spec.aggregates):
             opened.add(f"s:{c}")  # AVG = SUM / COUNT with the count public: the sum is a bijection of it
-    # Bit lengths from declared bounds only.
-    holders_n = len(holders)
-    total_rows = holders_n * spec.max_rows
+    return opened, divided, null_flags
+
+
+@dataclass(frozen=True)
+class _Bits:
+    """Bit lengths from declared bounds only (never from the data)."""
+
+    total_rows: int  # the most rows all input holders may hold in one group
+    cap: int  # each holder's count is capped at (and compared with) this
+    cmp_bits: int
+    int_bits: int
+
+
+def _bit_lengths(
+    spec: StageSpec, measures: Mapping[str, Measure], need: frozenset[str], rows: Sequence[str], *, holders: int
+) -> _Bits:
+    """The bit lengths of the shared integers (``need``: the measures aggregated, ``rows``: the shared
+    vectors); refuses bounds that would overflow them."""
+    total_rows = holders * spec.max_rows
     k = spec.min_group_size
-    if spec.threshold_on == "units" and not spec.units_disjoint:
-        cap, cut = 1, 1
-    else:
-        cap, cut = k, k
-    cmp_bits = (holders_n * cap).bit_length() + 1
+    cap = 1 if spec.threshold_on == "units" and not spec.units_disjoint else k
+    cmp_bits = (holders * cap).bit_length() + 1
     bits = total_rows.bit_length() + 1
     local = spec.max_rows.bit_length()
     for c in sorted(need):
@@ -448,31 +537,20 @@ def _validate(spec: StageSpec) -> Layout:  # noqa: C901 - one check per rule, in
                 column=c,
                 rule="overflow",
             )
-    bits = max(bits, 32)
-    fxp_frac = fxp_bits = 0
-    if divided:
-        # MPyC's fixed-point division needs l = 2f; the quotient's relative error is about
-        # denominator * 2^-f, and numerators (up to 2^bits) must stay below 2^(f-1).
-        fxp_frac = max(bits + 2, 2 * (total_rows.bit_length() + 1) + spec.fraction_bits)
-        fxp_bits = 2 * fxp_frac
-        if fxp_bits > MAX_FIXED_POINT_BITS:
-            raise _refuse(
-                f"dividing inside the MPC with these bounds needs {fxp_bits}-bit fixed point, more than "
-                f"{MAX_FIXED_POINT_BITS}: narrow the bounds, lower max_rows, or also ask for the count",
-                rule="overflow",
-            )
-    return Layout(
-        counts=tuple((c, count_of(c)) for c in sorted(need)),
-        rows=tuple(rows),
-        extrema=tuple(extrema),
-        cap=cap,
-        cut=cut,
-        cmp_bits=cmp_bits,
-        int_bits=bits,
-        opened=tuple(r for r in rows if r in opened),
-        divided=tuple(divided),
-        null_flags=tuple(null_flags),
-        fxp_bits=fxp_bits,
-        fxp_frac=fxp_frac,
-        count_bits=total_rows.bit_length(),
-    )
+    return _Bits(total_rows, cap, cmp_bits, max(bits, 32))
+
+
+def _fixed_point_fraction(spec: StageSpec, bits: _Bits, divided: Sequence[str]) -> int:
+    """The fractional bits of the fixed point dividing inside the MPC (0: nothing divided)."""
+    if not divided:
+        return 0
+    # MPyC's fixed-point division needs l = 2f; the quotient's relative error is about
+    # denominator * 2^-f, and numerators (up to 2^bits) must stay below 2^(f-1).
+    fxp_frac = max(bits.int_bits + 2, 2 * (bits.total_rows.bit_length() + 1) + spec.fraction_bits)
+    if 2 * fxp_frac > MAX_FIXED_POINT_BITS:
+        raise _refuse(
+            f"dividing inside the MPC with these bounds needs {2 * fxp_frac}-bit fixed point, more than "
+            f"{MAX_FIXED_POINT_BITS}: narrow the bounds, lower max_rows, or also ask for the count",
+            rule="overflow",
+        )
+    return fxp_frac

@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 from sealroom.canonical import canonical_json
 from sealroom.errors import InvalidQueryError
 from sealroom.planning.mpc_spec import StageSpec
-from sealroom.planning.sql import MpcQuery, OrderKey, Pushdown, PushedFilter, mpc_query, pushdown
+from sealroom.planning.mpc_sql import MpcQuery, mpc_query
+from sealroom.planning.sql import OrderKey, Pushdown, PushedFilter, pushdown
 from sealroom.policy import DatasetPolicy
 
 PLAN_VERSION = 1
@@ -419,7 +420,7 @@ def _check_filters(inputs: Iterable[PlanInput], filters: Mapping[str, PushedFilt
 
 
 def mpc_stage_query(plan: Plan, stage: Stage) -> MpcQuery:
-    """Recompute what an MPC stage computes (:func:`sealroom.planning.sql.mpc_query`) from its SQL, over
+    """Recompute what an MPC stage computes (:func:`sealroom.planning.mpc_sql.mpc_query`) from its SQL, over
     the columns its inputs and those of the TEE stages feeding it declare, and check that every
     such input's filter is the one the SQL implies and that together they are exactly the datasets
     the SQL reads. ``stage`` may be the MPC stage or a TEE stage feeding it. The planner, every

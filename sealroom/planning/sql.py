@@ -67,12 +67,13 @@ SUPPORTED_AGGREGATES_TEXT = (
 )
 
 
-def _refuse(message: str, **details: object) -> InvalidQueryError:
+def query_refusal(message: str, **details: object) -> InvalidQueryError:
+    """A refusal of the query (details without None values)."""
     return InvalidQueryError(message, details={k: v for k, v in details.items() if v is not None})
 
 
 @dataclass
-class _Branch:
+class Branch:
     """One dataset read by a FROM item (a table item has one; a UNION ALL item one per branch)."""
 
     qualified: str  # party.dataset
@@ -83,10 +84,10 @@ class _Branch:
 
 
 @dataclass
-class _Source:
+class Source:
     alias: str
     kind: str  # "table" | "union"
-    branches: list[_Branch]
+    branches: list[Branch]
     columns: list[str]  # columns visible to the outer query under this alias
     node: exp.Expression  # the FROM/JOIN item
     needed: list[str] = field(default_factory=list)  # outer-query columns used, in first-use order
@@ -175,49 +176,51 @@ class InputSpec:
 
 def _parse(sql: str) -> exp.Select:
     if not isinstance(sql, str) or not sql.strip():
-        raise _refuse("the query is empty: write one SELECT statement")
+        raise query_refusal("the query is empty: write one SELECT statement")
     try:
         statements = [s for s in sqlglot.parse(sql, read=DIALECT) if s is not None]
     except ParseError as exc:
         first = exc.errors[0] if exc.errors else {}
         where = f" near line {first.get('line')}, column {first.get('col')}" if first else ""
-        raise _refuse(f"the query does not parse as SQL{where}: {first.get('description', 'syntax error')}") from None
+        raise query_refusal(
+            f"the query does not parse as SQL{where}: {first.get('description', 'syntax error')}"
+        ) from None
     if len(statements) != 1:
-        raise _refuse(f"send exactly one SELECT statement (got {len(statements)})")
+        raise query_refusal(f"send exactly one SELECT statement (got {len(statements)})")
     tree = statements[0]
     if isinstance(tree, exp.Union | exp.Intersect | exp.Except):
-        raise _refuse(
+        raise query_refusal(
             "a set operation at the top level would combine row sets; put the UNION ALL of datasets in a "
             "subquery in FROM and aggregate over it, e.g. SELECT d, COUNT(*) FROM (SELECT * FROM a.t UNION "
             "ALL SELECT * FROM b.t) u GROUP BY d"
         )
     if not isinstance(tree, exp.Select):
-        raise _refuse(f"only SELECT queries are run (got {tree.key.upper()}); Sealroom never modifies data")
+        raise query_refusal(f"only SELECT queries are run (got {tree.key.upper()}); Sealroom never modifies data")
     return tree
 
 
 def _check_common(select: exp.Select, *, where: str) -> None:
     if select.args.get("with_") or select.args.get("with"):
-        raise _refuse(f"WITH (common table expressions) is not supported {where}; inline the subquery")
+        raise query_refusal(f"WITH (common table expressions) is not supported {where}; inline the subquery")
     for node in select.find_all(exp.Window):
-        raise _refuse(f"window functions are not supported {where}: {node.sql(DIALECT)}")
+        raise query_refusal(f"window functions are not supported {where}: {node.sql(DIALECT)}")
     if select.args.get("distinct"):
-        raise _refuse(f"SELECT DISTINCT is not supported {where}; use GROUP BY and an aggregate")
+        raise query_refusal(f"SELECT DISTINCT is not supported {where}; use GROUP BY and an aggregate")
     for key in ("offset", "qualify", "laterals", "pivots"):
         if select.args.get(key):
-            raise _refuse(f"{key.upper()} is not supported {where}")
+            raise query_refusal(f"{key.upper()} is not supported {where}")
 
 
 def _dataset_of(table: exp.Table, schemas: Mapping[str, Sequence[str]]) -> str:
     if table.args.get("catalog") is not None or not table.db:
-        raise _refuse(
+        raise query_refusal(
             f"{table.sql(DIALECT)} does not name a party dataset; write party.dataset (e.g. bank_a.loans)",
             table=table.sql(DIALECT),
         )
     qualified = f"{table.db}.{table.name}"
     if qualified not in schemas:
         known = ", ".join(sorted(schemas)) or "none"
-        raise _refuse(f"unknown dataset {qualified}; registered datasets: {known}", dataset=qualified)
+        raise query_refusal(f"unknown dataset {qualified}; registered datasets: {known}", dataset=qualified)
     return qualified
 
 
@@ -241,13 +244,13 @@ def _union_selects(node: exp.Expression, alias: str) -> list[exp.Select]:
     def flatten(n: exp.Expression) -> None:
         if isinstance(n, exp.Union):
             if n.args.get("distinct"):
-                raise _refuse("use UNION ALL, not UNION: duplicates across parties are real rows")
+                raise query_refusal("use UNION ALL, not UNION: duplicates across parties are real rows")
             flatten(n.this)
             flatten(n.expression)
         elif isinstance(n, exp.Select):
             selects.append(n)
         else:
-            raise _refuse("a subquery in FROM must be a UNION ALL of SELECTs from party datasets", subquery=alias)
+            raise query_refusal("a subquery in FROM must be a UNION ALL of SELECTs from party datasets", subquery=alias)
 
     flatten(node)
     return selects
@@ -255,31 +258,31 @@ def _union_selects(node: exp.Expression, alias: str) -> list[exp.Select]:
 
 def _branch_source(
     item: exp.Subquery, schemas: Mapping[str, Sequence[str]], hidden: Mapping[str, Sequence[str]]
-) -> _Source:
+) -> Source:
     alias = item.alias
     inner = item.this
     if not alias:
-        raise _refuse("a subquery in FROM needs an alias, e.g. (SELECT ... UNION ALL SELECT ...) AS u")
+        raise query_refusal("a subquery in FROM needs an alias, e.g. (SELECT ... UNION ALL SELECT ...) AS u")
     selects = _union_selects(inner, alias)
     if isinstance(inner, exp.Select):
-        raise _refuse(
+        raise query_refusal(
             "a subquery in FROM must be a UNION ALL of datasets; put filters in the outer WHERE",
             subquery=alias,
         )
-    branches: list[_Branch] = []
+    branches: list[Branch] = []
     out_names: list[str] | None = None
     for sel in selects:
         _check_common(sel, where="inside the UNION ALL")
         for key in ("joins", "group", "having", "order", "limit"):
             if sel.args.get(key):
-                raise _refuse(f"{key.upper()} is not supported inside the UNION ALL {alias}; apply it outside")
+                raise query_refusal(f"{key.upper()} is not supported inside the UNION ALL {alias}; apply it outside")
         if any(sel.find_all(exp.AggFunc)):
-            raise _refuse(f"aggregates inside the UNION ALL {alias} are not supported; aggregate outside it")
+            raise query_refusal(f"aggregates inside the UNION ALL {alias} are not supported; aggregate outside it")
         if any(n is not sel for n in sel.find_all(exp.Select, exp.Subquery)):
-            raise _refuse(f"subqueries inside the UNION ALL {alias} are not supported", subquery=alias)
+            raise query_refusal(f"subqueries inside the UNION ALL {alias} are not supported", subquery=alias)
         frm = sel.args.get("from_")
         if frm is None or not isinstance(frm.this, exp.Table):
-            raise _refuse(f"each branch of the UNION ALL {alias} must read one party dataset")
+            raise query_refusal(f"each branch of the UNION ALL {alias} must read one party dataset")
         qualified = _dataset_of(frm.this, schemas)
         cols = list(schemas[qualified])
         names: list[str] = []
@@ -291,61 +294,61 @@ def _branch_source(
         if out_names is None:
             out_names = names
         elif names != out_names:
-            raise _refuse(
+            raise query_refusal(
                 f"the branches of the UNION ALL {alias} do not have the same columns; select the same "
                 "columns, in the same order, from each dataset",
                 subquery=alias,
             )
         extra = [c for c in hidden.get(qualified, ()) if c not in cols]
-        branches.append(_Branch(qualified, frm.this, sel, cols + extra, cols))
+        branches.append(Branch(qualified, frm.this, sel, cols + extra, cols))
     assert out_names is not None
-    return _Source(alias, "union", branches, out_names, item)
+    return Source(alias, "union", branches, out_names, item)
 
 
 def _from_items(tree: exp.Select) -> list[exp.Expression]:
     """The FROM item and every JOIN item, in order."""
     frm = tree.args.get("from_")
     if frm is None:
-        raise _refuse("the query has no FROM clause; name party datasets as party.dataset")
+        raise query_refusal("the query has no FROM clause; name party datasets as party.dataset")
     return [frm.this, *(join.this for join in tree.args.get("joins") or [])]
 
 
 def _sources(
     tree: exp.Select, schemas: Mapping[str, Sequence[str]], hidden: Mapping[str, Sequence[str]]
-) -> list[_Source]:
+) -> list[Source]:
     items = _from_items(tree)[:1]
     for join in tree.args.get("joins") or []:
         side = (join.side or "").upper()
         kind = (join.kind or "").upper()
         if side or kind not in ("", "INNER"):
-            raise _refuse(
+            raise query_refusal(
                 f"only inner joins are supported (got {' '.join(x for x in (side, kind) if x)} JOIN); "
                 "an outer or cross join would expose rows that have no match",
             )
         if join.args.get("using"):
-            raise _refuse("JOIN ... USING is not supported; write JOIN ... ON a.key = b.key")
+            raise query_refusal("JOIN ... USING is not supported; write JOIN ... ON a.key = b.key")
         if join.args.get("on") is None:
-            raise _refuse("every JOIN needs ON a.key = b.key (an equality between join-key columns)")
+            raise query_refusal("every JOIN needs ON a.key = b.key (an equality between join-key columns)")
         items.append(join.this)
-    sources: list[_Source] = []
+    sources: list[Source] = []
     for item in items:
         if isinstance(item, exp.Table):
             qualified = _dataset_of(item, schemas)
             alias = item.alias_or_name
             cols = list(schemas[qualified])
             cols += [c for c in hidden.get(qualified, ()) if c not in cols]
-            sources.append(_Source(alias, "table", [_Branch(qualified, item, None, cols, cols)], cols, item))
+            sources.append(Source(alias, "table", [Branch(qualified, item, None, cols, cols)], cols, item))
         elif isinstance(item, exp.Subquery):
             sources.append(_branch_source(item, schemas, hidden))
         else:
-            raise _refuse(
+            raise query_refusal(
                 "FROM may name only party datasets (party.dataset), joined with inner joins, or a "
                 f"UNION ALL of them in a subquery (got {item.sql(DIALECT)[:60]})"
             )
     seen: set[str] = set()
     for s in sources:
         if s.alias in seen:
-            raise _refuse(f"the name {s.alias} is used twice in FROM; give each dataset its own alias")
+            raise query_refusal(f"the name {s.alias} is used twice in FROM; give each dataset its own alias")
         seen.add(s.alias)
     return sources
 
@@ -361,32 +364,32 @@ def _outer_nodes(tree: exp.Select) -> list[exp.Expression]:
     return nodes
 
 
-def _resolve_columns(tree: exp.Select, sources: list[_Source]) -> None:
+def _resolve_columns(tree: exp.Select, sources: list[Source]) -> None:
     by_alias = {s.alias: s for s in sources}
     output_aliases = {e.alias for e in tree.expressions if isinstance(e, exp.Alias)}
     for node in _outer_nodes(tree):
         for sub in node.find_all(exp.Subquery, exp.Select):
             if sub is not node:
-                raise _refuse("subqueries are supported only as a UNION ALL of datasets in FROM")
+                raise query_refusal("subqueries are supported only as a UNION ALL of datasets in FROM")
         for col in list(node.find_all(exp.Column)):
             name = col.name
             if name.startswith(RESERVED_PREFIX):
-                raise _refuse(f"column names starting with {RESERVED_PREFIX} are reserved", column=name)
+                raise query_refusal(f"column names starting with {RESERVED_PREFIX} are reserved", column=name)
             if isinstance(col.this, exp.Star):
-                raise _refuse("SELECT t.* would output rows; select aggregates and grouped dimensions")
+                raise query_refusal("SELECT t.* would output rows; select aggregates and grouped dimensions")
             if col.args.get("db") is not None:
-                raise _refuse(
+                raise query_refusal(
                     f"write columns as alias.column, not {col.sql(DIALECT)}; give the dataset an alias in FROM"
                 )
             if col.table:
                 src = by_alias.get(col.table)
                 if src is None:
-                    raise _refuse(
+                    raise query_refusal(
                         f"{col.sql(DIALECT)} refers to {col.table}, which is not in FROM "
                         f"(FROM names: {', '.join(by_alias)})"
                     )
                 if name not in src.columns:
-                    raise _refuse(
+                    raise query_refusal(
                         f"{src.alias} has no column {name}; its columns are: {', '.join(src.columns)}",
                         column=name,
                     )
@@ -396,12 +399,12 @@ def _resolve_columns(tree: exp.Select, sources: list[_Source]) -> None:
                 if not owners:
                     if refers_to_output and name in output_aliases:
                         continue  # refers to an output alias
-                    raise _refuse(
+                    raise query_refusal(
                         f"no dataset in FROM has a column {name}",
                         column=name,
                     )
                 if len(owners) > 1:
-                    raise _refuse(
+                    raise query_refusal(
                         f"column {name} is ambiguous: it exists in {', '.join(s.alias for s in owners)}; "
                         f"write alias.{name}",
                         column=name,
@@ -432,7 +435,7 @@ def _check_join_conditions(tree: exp.Select) -> None:
                 and isinstance(part.expression, exp.Column)
                 and part.this.table != part.expression.table
             ):
-                raise _refuse(
+                raise query_refusal(
                     f"join conditions must be equalities between key columns of two datasets "
                     f"(a.key = b.key); got {part.sql(DIALECT)}"
                 )
@@ -447,22 +450,22 @@ def _check_aggregates(tree: exp.Select) -> list[str]:
     for key in ("where", "group"):
         part = tree.args.get(key)
         if part is not None and _aggregates_in(part):
-            raise _refuse(f"aggregates are not allowed in {key.upper()}; use HAVING")
+            raise query_refusal(f"aggregates are not allowed in {key.upper()}; use HAVING")
     for join in tree.args.get("joins") or []:
         if _aggregates_in(join.args["on"]):
-            raise _refuse("aggregates are not allowed in JOIN conditions")
+            raise query_refusal("aggregates are not allowed in JOIN conditions")
     nodes = list(tree.expressions) + [tree.args[k] for k in ("having", "order") if tree.args.get(k)]
     for node in nodes:
         for agg in _aggregates_in(node):
             name = ALLOWED_AGGREGATES.get(type(agg))
             if name is None:
-                raise _refuse(
+                raise query_refusal(
                     f"aggregate {agg.sql(DIALECT)} is not supported; supported: {SUPPORTED_AGGREGATES_TEXT}",
                     aggregate=type(agg).__name__.upper(),
                 )
             inner_aggs = [a for a in agg.find_all(exp.AggFunc) if a is not agg]
             if inner_aggs:
-                raise _refuse(f"nested aggregates are not supported: {agg.sql(DIALECT)}")
+                raise query_refusal(f"nested aggregates are not supported: {agg.sql(DIALECT)}")
             if isinstance(agg, exp.Count) and isinstance(agg.this, exp.Distinct):
                 name = "COUNT(DISTINCT)"
             if name not in used:
@@ -480,7 +483,7 @@ def _group_exprs(tree: exp.Select) -> list[exp.Expression]:
         or group.args.get("grouping_sets")
         or any(isinstance(g, exp.Rollup | exp.Cube | exp.GroupingSets) for g in group.expressions)
     ):
-        raise _refuse(
+        raise query_refusal(
             "ROLLUP, CUBE and GROUPING SETS are not supported: totals next to their parts could reveal "
             "suppressed cells; run separate queries"
         )
@@ -489,11 +492,11 @@ def _group_exprs(tree: exp.Select) -> list[exp.Expression]:
         if isinstance(g, exp.Literal) and not g.is_string:
             idx = int(g.this)
             if not 1 <= idx <= len(tree.expressions):
-                raise _refuse(f"GROUP BY {idx} is out of range: the query has {len(tree.expressions)} outputs")
+                raise query_refusal(f"GROUP BY {idx} is out of range: the query has {len(tree.expressions)} outputs")
             target = tree.expressions[idx - 1]
             target = target.this if isinstance(target, exp.Alias) else target
             if _aggregates_in(target):
-                raise _refuse(f"GROUP BY {idx} refers to an aggregate")
+                raise query_refusal(f"GROUP BY {idx} refers to an aggregate")
             out.append(target.copy())
         elif (
             isinstance(g, exp.Column)
@@ -525,7 +528,7 @@ def _outputs(tree: exp.Select, groups: list[exp.Expression], written: list[str])
     has_agg = False
     for e, written_name in zip(tree.expressions, written, strict=True):
         if isinstance(e, exp.Star):
-            raise _refuse(
+            raise query_refusal(
                 "SELECT * would output rows; Sealroom releases only aggregates. Select dimensions you "
                 "GROUP BY and aggregates such as COUNT(*), SUM(x), AVG(x)"
             )
@@ -533,7 +536,7 @@ def _outputs(tree: exp.Select, groups: list[exp.Expression], written: list[str])
         if _aggregates_in(body):
             has_agg = True
         if not _is_grouped(body, groups_sql):
-            raise _refuse(
+            raise query_refusal(
                 f"the output {body.sql(DIALECT)} would release row-level values: it is neither aggregated "
                 "nor in GROUP BY. Aggregate it (e.g. SUM, AVG, COUNT) or add it to GROUP BY",
                 output=_output_name(e),
@@ -547,7 +550,7 @@ def _outputs(tree: exp.Select, groups: list[exp.Expression], written: list[str])
         if body.sql(DIALECT) in groups_sql:
             group_names.append(name)
     if not has_agg and not groups:
-        raise _refuse(
+        raise query_refusal(
             "the query outputs rows, not aggregates; Sealroom releases only aggregates. Add an aggregate "
             "(COUNT(*), SUM(x), AVG(x)...) and GROUP BY the dimensions you want"
         )
@@ -574,7 +577,7 @@ def _order_and_limit(tree: exp.Select, names: list[str]) -> tuple[list[OrderKey]
             else:
                 name = by_sql.get(target.sql(DIALECT))
             if name is None:
-                raise _refuse(
+                raise query_refusal(
                     f"ORDER BY {target.sql(DIALECT)} must refer to an output column (by name, position, or "
                     "the same expression); ordering applies to the released output only"
                 )
@@ -584,15 +587,19 @@ def _order_and_limit(tree: exp.Select, names: list[str]) -> tuple[list[OrderKey]
     if lim is not None:
         value = lim.expression
         if not (isinstance(value, exp.Literal) and not value.is_string and str(value.this).isdigit()):
-            raise _refuse("LIMIT must be a non-negative integer literal")
+            raise query_refusal("LIMIT must be a non-negative integer literal")
         limit = int(value.this)
     return keys, limit
 
 
 @dataclass
-class _Resolved:
+class Resolved:
+    """A query parsed, checked against Sealroom's SQL surface and resolved against the datasets'
+    columns (:func:`resolve`): what :func:`analyze`, :func:`pushdown`, :func:`compile_stage` and
+    :func:`sealroom.planning.mpc_sql.mpc_query` start from."""
+
     tree: exp.Select
-    sources: list[_Source]
+    sources: list[Source]
     groups: list[exp.Expression]
     names: list[str]
     group_names: list[str]
@@ -601,9 +608,9 @@ class _Resolved:
     limit: int | None
 
 
-def _resolve(
+def resolve(
     sql: str, schemas: Mapping[str, Sequence[str]], hidden: Mapping[str, Sequence[str]] | None = None
-) -> _Resolved:
+) -> Resolved:
     """Parse, check and resolve ``sql``. ``hidden``: per dataset, columns that exist but that ``*``
     does not expand to (the enclave's view of filter-only columns, which it never receives)."""
     tree = _parse(sql)
@@ -616,13 +623,13 @@ def _resolve(
     groups = _group_exprs(tree)
     names, group_names = _outputs(tree, groups, written)
     order, limit = _order_and_limit(tree, names)
-    return _Resolved(tree, sources, groups, names, group_names, aggregates, order, limit)
+    return Resolved(tree, sources, groups, names, group_names, aggregates, order, limit)
 
 
-def _branch_columns(src: _Source, branch: _Branch) -> tuple[list[exp.Expression], list[str]]:
+def _branch_columns(src: Source, branch: Branch) -> tuple[list[exp.Expression], list[str]]:
     """Pruned projections of a UNION ALL branch and the dataset columns they (and WHERE) read."""
     assert branch.select is not None
-    projections = _expanded_projections(branch)
+    projections = expanded_projections(branch)
     kept = [p for p, name in zip(projections, src.columns, strict=True) if name in src.needed]
     reads: list[str] = []
     nodes: list[exp.Expression] = list(kept)
@@ -630,22 +637,22 @@ def _branch_columns(src: _Source, branch: _Branch) -> tuple[list[exp.Expression]
         nodes.append(branch.select.args["where"])
     for node in nodes:
         for col in node.find_all(exp.Column):
-            _check_branch_column(branch, col)
+            check_branch_column(branch, col)
             if col.name not in reads:
                 reads.append(col.name)
     return kept, reads
 
 
-def _check_branch_column(branch: _Branch, col: exp.Column) -> None:
+def check_branch_column(branch: Branch, col: exp.Column) -> None:
     """A column inside a UNION ALL branch must be one of the branch dataset's own columns."""
     if isinstance(col.this, exp.Star) or col.args.get("db") is not None:
-        raise _refuse(f"write {col.sql(DIALECT)} as a plain column of {branch.qualified} in the UNION ALL")
+        raise query_refusal(f"write {col.sql(DIALECT)} as a plain column of {branch.qualified} in the UNION ALL")
     if col.table and col.table != branch.table.alias_or_name:
-        raise _refuse(f"{col.sql(DIALECT)} does not belong to {branch.qualified} in the UNION ALL")
+        raise query_refusal(f"{col.sql(DIALECT)} does not belong to {branch.qualified} in the UNION ALL")
     if col.name.startswith(RESERVED_PREFIX):
-        raise _refuse(f"column names starting with {RESERVED_PREFIX} are reserved", column=col.name)
+        raise query_refusal(f"column names starting with {RESERVED_PREFIX} are reserved", column=col.name)
     if col.name not in branch.columns:
-        raise _refuse(
+        raise query_refusal(
             f"{branch.qualified} has no column {col.name}; its columns are: {', '.join(branch.columns)}",
             column=col.name,
             dataset=branch.qualified,
@@ -684,7 +691,7 @@ def _use_of(col: exp.Column) -> str:
     return "group"  # select list, GROUP BY, HAVING or ORDER BY outside an aggregate: output/grouping
 
 
-def column_uses(r: _Resolved) -> dict[str, dict[str, frozenset[str]]]:
+def column_uses(r: Resolved) -> dict[str, dict[str, frozenset[str]]]:
     """For each dataset and column the query reads, the set of ways it is used.
 
     Uses are ``join``, ``filter``, ``group`` (grouped by or output as a group key) and
@@ -709,7 +716,7 @@ def column_uses(r: _Resolved) -> dict[str, dict[str, frozenset[str]]]:
                 continue
             i = src.columns.index(col.name)
             for br in src.branches:
-                proj = _expanded_projections(br)[i]
+                proj = expanded_projections(br)[i]
                 for c in [proj] if isinstance(proj, exp.Column) else list(proj.find_all(exp.Column)):
                     add(br.qualified, c.name, use)
     for src in r.sources:
@@ -721,7 +728,7 @@ def column_uses(r: _Resolved) -> dict[str, dict[str, frozenset[str]]]:
     return {q: {c: frozenset(u) for c, u in cols.items()} for q, cols in out.items()}
 
 
-def _expanded_projections(branch: _Branch) -> list[exp.Expression]:
+def expanded_projections(branch: Branch) -> list[exp.Expression]:
     assert branch.select is not None
     out: list[exp.Expression] = []
     for proj in branch.select.expressions:
@@ -736,16 +743,16 @@ def _expanded_projections(branch: _Branch) -> list[exp.Expression]:
 # filter pushdown
 
 # Nodes that keep a condition in the enclave: what a party cannot (or must not) evaluate on its own.
-_NOT_PUSHABLE = (exp.AggFunc, exp.Subquery, exp.Select, exp.Window, exp.Placeholder, exp.Parameter, exp.Star)
+NOT_PUSHABLE = (exp.AggFunc, exp.Subquery, exp.Select, exp.Window, exp.Placeholder, exp.Parameter, exp.Star)
 
 
-def _conjuncts(node: exp.Expression) -> list[exp.Expression]:
+def conjuncts(node: exp.Expression) -> list[exp.Expression]:
     """``node`` split on AND (through parentheses), left to right."""
     inner = node
     while isinstance(inner, exp.Paren):
         inner = inner.this
     if isinstance(inner, exp.And):
-        return _conjuncts(inner.this) + _conjuncts(inner.expression)
+        return conjuncts(inner.this) + conjuncts(inner.expression)
     return [node]
 
 
@@ -756,9 +763,9 @@ def _conjunction(parts: Sequence[exp.Expression]) -> exp.Expr:
     return exp.and_(*copies, copy=False)
 
 
-def _push_target(conjunct: exp.Expression, by_alias: Mapping[str, _Source]) -> _Source | None:
+def _push_target(conjunct: exp.Expression, by_alias: Mapping[str, Source]) -> Source | None:
     """The plain-table FROM item that alone holds every column of ``conjunct``, if any."""
-    if any(isinstance(n, _NOT_PUSHABLE) for n in conjunct.walk()):
+    if any(isinstance(n, NOT_PUSHABLE) for n in conjunct.walk()):
         return None
     aliases = {c.table for c in conjunct.find_all(exp.Column)}
     if len(aliases) != 1:
@@ -767,7 +774,7 @@ def _push_target(conjunct: exp.Expression, by_alias: Mapping[str, _Source]) -> _
     return src if src is not None and src.kind == "table" else None
 
 
-def _render_filter(parts: Sequence[exp.Expression]) -> PushedFilter:
+def render_filter(parts: Sequence[exp.Expression]) -> PushedFilter:
     """The conjunction of ``parts`` over the dataset's own unqualified, quoted column names."""
     pred = _conjunction(parts)
     columns: list[str] = []
@@ -781,7 +788,7 @@ def _render_filter(parts: Sequence[exp.Expression]) -> PushedFilter:
     return PushedFilter(pred.sql(DIALECT), tuple(columns))
 
 
-def _pushdown(r: _Resolved) -> Pushdown:
+def _pushdown(r: Resolved) -> Pushdown:
     """Filter pushdown of a resolved query. Deterministic: the planner, the enclave and each party
     compute it from the same SQL and must agree (the enclave and the parties refuse a plan whose
     filters differ from theirs).
@@ -801,7 +808,7 @@ def _pushdown(r: _Resolved) -> Pushdown:
     kept: list[exp.Expression] = []
     where = r.tree.args.get("where")
     if where is not None:
-        for conjunct in _conjuncts(where.this):
+        for conjunct in conjuncts(where.this):
             target = _push_target(conjunct, by_alias)
             if target is None:
                 kept.append(conjunct)
@@ -815,12 +822,12 @@ def _pushdown(r: _Resolved) -> Pushdown:
                 continue
             cols = list(bw.this.find_all(exp.Column))
             for col in cols:
-                _check_branch_column(br, col)
-            if cols and not any(isinstance(x, _NOT_PUSHABLE) for x in bw.this.walk()):
+                check_branch_column(br, col)
+            if cols and not any(isinstance(x, NOT_PUSHABLE) for x in bw.this.walk()):
                 pushed[br.qualified] = [bw.this]
                 cleared.add((n, k))
     residual = r.tree.copy()
-    if pushed and where is not None and len(kept) != len(_conjuncts(where.this)):
+    if pushed and where is not None and len(kept) != len(conjuncts(where.this)):
         residual.set("where", exp.Where(this=_conjunction(kept)) if kept else None)
     items = _from_items(residual)
     for n, k in cleared:
@@ -829,7 +836,7 @@ def _pushdown(r: _Resolved) -> Pushdown:
         _union_selects(item.this, item.alias)[k].set("where", None)
     return Pushdown(
         residual_sql=residual.sql(DIALECT),
-        filters={q: _render_filter(parts) for q, parts in pushed.items()},
+        filters={q: render_filter(parts) for q, parts in pushed.items()},
         uses=column_uses(r),
     )
 
@@ -844,7 +851,7 @@ def pushdown(sql: str, inputs: Mapping[str, tuple[Sequence[str], Sequence[str]]]
     """
     schemas = {q: list(cols) for q, (cols, _) in inputs.items()}
     hidden = {q: [c for c in fcols if c not in cols] for q, (cols, fcols) in inputs.items()}
-    return _pushdown(_resolve(sql, schemas, hidden))
+    return _pushdown(resolve(sql, schemas, hidden))
 
 
 def analyze(sql: str, schemas: Mapping[str, Sequence[str]]) -> Analysis:
@@ -854,17 +861,17 @@ def analyze(sql: str, schemas: Mapping[str, Sequence[str]]) -> Analysis:
     ``needed_columns`` are what each party must send for the residual query (the filters it applies
     itself are not part of it); ``uses`` are those of the full query, pushed filters included.
     """
-    r = _resolve(sql, schemas)
+    r = resolve(sql, schemas)
     datasets: list[str] = []
     for src in r.sources:
         for br in src.branches:
             if br.qualified in datasets:
-                raise _refuse(f"{br.qualified} appears twice; a self-join is not supported", dataset=br.qualified)
+                raise query_refusal(f"{br.qualified} appears twice; a self-join is not supported", dataset=br.qualified)
             datasets.append(br.qualified)
     normalised = r.tree.sql(DIALECT)
     pd = _pushdown(r)
     # What is sent: the columns the residual query reads (a filter-only column stays with its owner).
-    rr = _resolve(pd.residual_sql, schemas)
+    rr = resolve(pd.residual_sql, schemas)
     needed: dict[str, list[str]] = {}
     for src in rr.sources:
         for br in src.branches:
@@ -899,7 +906,7 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
     """
     by_name = {i.qualified: i for i in inputs}
     schemas = {i.qualified: list(i.columns) for i in inputs}
-    r = _resolve(sql, schemas)
+    r = resolve(sql, schemas)
     _refuse_grouping_by_units(r, by_name)
     uses = column_uses(r)
     tree = r.tree
@@ -959,7 +966,7 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
     )
 
 
-def _refuse_grouping_by_units(r: _Resolved, by_name: Mapping[str, InputSpec]) -> None:
+def _refuse_grouping_by_units(r: Resolved, by_name: Mapping[str, InputSpec]) -> None:
     """Grouping by a privacy unit (or an expression of it) makes every cell one unit: all would be
     suppressed, and the suppressed list would disclose every identifier. Refuse it."""
     by_alias = {s.alias: s for s in r.sources}
@@ -972,14 +979,14 @@ def _refuse_grouping_by_units(r: _Resolved, by_name: Mapping[str, InputSpec]) ->
                 unit = by_name[br.qualified].privacy_unit
                 if src.kind == "union":
                     # The outer name may rename the unit: look at what the branch projects into it.
-                    proj = _expanded_projections(br)[src.columns.index(col.name)]
+                    proj = expanded_projections(br)[src.columns.index(col.name)]
                     underlying = {
                         c.name for c in ([proj] if isinstance(proj, exp.Column) else proj.find_all(exp.Column))
                     }
                 else:
                     underlying = {col.name}
                 if unit is not None and unit in underlying:
-                    raise _refuse(
+                    raise query_refusal(
                         f"GROUP BY {col.name} groups by the privacy unit of {br.qualified}: every cell would "
                         "hold one unit. Group by a dimension (e.g. a segment, region or age band) instead",
                         dataset=br.qualified,
@@ -1009,224 +1016,3 @@ def order_sql(relation: str, order: Sequence[OrderKey], limit: int | None) -> st
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
     return sql
-
-
-# --------------------------------------------------------------------------------------------
-# MPC stages: what a query asks of one, if it can run as one
-
-# sqlglot aggregate class -> MPC aggregate function (sealroom.planning.mpc_spec.AGGREGATES; COUNT is handled apart).
-MPC_AGGREGATES: dict[type, str] = {
-    exp.Sum: "sum",
-    exp.Avg: "avg",
-    exp.Min: "min",
-    exp.Max: "max",
-    exp.Variance: "var_samp",
-    exp.VariancePop: "var_pop",
-    exp.Stddev: "stddev_samp",
-    exp.StddevSamp: "stddev_samp",
-    exp.StddevPop: "stddev_pop",
-}
-
-
-@dataclass(frozen=True)
-class MpcQuery:
-    """What an MPC stage computes for a query (see :func:`mpc_query`).
-
-    - ``group_columns``: the dataset columns grouped by, in GROUP BY order;
-    - ``aggregates``: ``(output name, func, column or None)`` in output order (``func`` as in
-      :data:`sealroom.planning.mpc_spec.AGGREGATES`; ``count`` with None is COUNT(*));
-    - ``outputs``: per output column, ``(name, "group" | "aggregate", group column or aggregate name)``;
-    - ``having``: a condition over output names (DuckDB SQL, quoted identifiers) applied to the
-      released cells, or None;
-    - ``filters``: per dataset, the filter it applies itself (its branch's WHERE and the outer WHERE);
-    - ``columns``: per dataset, the columns its partials read (group and aggregated columns).
-    """
-
-    sql: str
-    datasets: tuple[str, ...]
-    group_columns: tuple[str, ...]
-    aggregates: tuple[tuple[str, str, str | None], ...]
-    outputs: tuple[tuple[str, str, str], ...]
-    having: str | None
-    order_by: tuple[OrderKey, ...]
-    limit: int | None
-    filters: Mapping[str, PushedFilter]
-    columns: Mapping[str, tuple[str, ...]]
-    uses: Mapping[str, Mapping[str, frozenset[str]]]
-
-
-def _mpc_refuse(message: str, rule: str, suggestion: str, **details: object) -> InvalidQueryError:
-    return _refuse(message, stage="mpc", rule=rule, suggestion=suggestion, **details)
-
-
-def _mpc_aggregate(body: exp.Expression, name: str) -> tuple[str, str, str | None]:
-    if isinstance(body, exp.Count):
-        arg = body.this
-        if isinstance(arg, exp.Distinct):
-            raise _mpc_refuse(
-                f"COUNT(DISTINCT ...) ({name}) cannot run as MPC: distinct counts do not add up across parties",
-                "count_distinct",
-                "use COUNT(*) or COUNT(column) instead of COUNT(DISTINCT ...)",
-                output=name,
-            )
-        if arg is None or isinstance(arg, exp.Star):
-            return (name, "count", None)
-        func = "count"
-    elif type(body) in MPC_AGGREGATES:
-        arg = body.this
-        func = MPC_AGGREGATES[type(body)]
-    else:
-        raise _mpc_refuse(
-            f"the output {name} is not a single aggregate; MPC stages release each aggregate as it is computed",
-            "output",
-            f"write {name} as one aggregate of a column (e.g. AVG(x)), not an expression of aggregates",
-            output=name,
-        )
-    if not isinstance(arg, exp.Column) or body.args.get("expressions"):
-        raise _mpc_refuse(
-            f"{body.sql(DIALECT)} aggregates an expression; MPC stages aggregate plain columns",
-            "aggregate_argument",
-            f"aggregate a column directly, e.g. {func.upper().split('_')[0]}(column)",
-            output=name,
-        )
-    return (name, func, arg.name)
-
-
-def mpc_query(
-    sql: str, schemas: Mapping[str, Sequence[str]], hidden: Mapping[str, Sequence[str]] | None = None
-) -> MpcQuery:
-    """Check that ``sql`` can run as an MPC stage and learn what it computes. Deterministic: the
-    planner, each party and the runtime compute it from the plan's SQL and must agree.
-
-    An MPC stage takes decomposable aggregates (COUNT(*), COUNT(col), SUM, AVG, VAR/STDDEV samp
-    and pop, MIN, MAX of plain columns) over horizontally partitioned data: one dataset, or a
-    UNION ALL of datasets projecting the same columns under their own names; GROUP BY plain
-    columns (whose public domain the owners declare); WHERE conditions every party applies itself
-    (a condition on a UNION ALL's columns goes to every branch); HAVING only on output columns
-    (applied to the released cells). Raises InvalidQueryError with ``details["rule"]`` and
-    ``details["suggestion"]`` (the SQL surface's own refusals come first, as from :func:`analyze`).
-    """
-    r = _resolve(sql, schemas, hidden)
-    if len(r.sources) != 1:
-        raise _mpc_refuse(
-            "the query joins datasets row by row, which an MPC stage cannot do (each party aggregates only "
-            "its own rows)",
-            "join",
-            "drop the join: aggregate one dataset, or the UNION ALL of datasets with the same columns",
-        )
-    src = r.sources[0]
-    datasets = tuple(br.qualified for br in src.branches)
-    if len(set(datasets)) != len(datasets):
-        raise _mpc_refuse("a dataset appears twice in the UNION ALL", "union", "name each dataset once")
-    if src.kind == "union":
-        for br in src.branches:
-            projections = _expanded_projections(br)
-            for name in src.needed:
-                proj = projections[src.columns.index(name)]
-                if not (isinstance(proj, exp.Column) and proj.name == name):
-                    raise _mpc_refuse(
-                        f"{br.qualified} projects {proj.sql(DIALECT)} as {name} in the UNION ALL; an MPC stage "
-                        "needs every branch to select the column under its own name",
-                        "union",
-                        f"select {name} itself in every branch (or SELECT *)",
-                        dataset=br.qualified,
-                        column=name,
-                    )
-    groups: list[str] = []
-    for g in r.groups:
-        if not isinstance(g, exp.Column):
-            raise _mpc_refuse(
-                f"GROUP BY {g.sql(DIALECT)} is an expression; an MPC stage groups by columns whose public domain "
-                "the owners declare",
-                "group_by",
-                "GROUP BY the column itself: a dimension with declared values, or with declared bins to group a "
-                "numeric column into ranges",
-            )
-        if g.name not in groups:
-            groups.append(g.name)
-    aggregates: list[tuple[str, str, str | None]] = []
-    outputs: list[tuple[str, str, str]] = []
-    group_output: dict[str, str] = {}
-    agg_output: dict[str, str] = {}
-    for e, name in zip(r.tree.expressions, r.names, strict=True):
-        body = e.this if isinstance(e, exp.Alias) else e
-        if isinstance(body, exp.Column) and body.name in groups:
-            outputs.append((name, "group", body.name))
-            group_output.setdefault(body.name, name)
-            continue
-        agg = _mpc_aggregate(body, name)
-        aggregates.append(agg)
-        outputs.append((name, "aggregate", name))
-        agg_output.setdefault(body.sql(DIALECT), name)
-    having = _mpc_having(r.tree.args.get("having"), group_output, agg_output)
-    # Filters: the branch's own WHERE, then every conjunct of the outer WHERE, each over its own columns.
-    where = r.tree.args.get("where")
-    conjuncts = _conjuncts(where.this) if where is not None else []
-    for c in conjuncts:
-        if any(isinstance(n, _NOT_PUSHABLE) for n in c.walk()) or not any(c.find_all(exp.Column)):
-            raise _mpc_refuse(
-                f"the condition {c.sql(DIALECT)} cannot be applied by each party on its own rows",
-                "filter",
-                "filter on the datasets' own columns only (no subqueries, parameters or constant conditions)",
-            )
-    filters: dict[str, PushedFilter] = {}
-    columns: dict[str, tuple[str, ...]] = {}
-    for br in src.branches:
-        parts: list[exp.Expression] = []
-        own = br.select.args.get("where") if br.select is not None else None
-        if own is not None:
-            for col in own.this.find_all(exp.Column):
-                _check_branch_column(br, col)
-            parts.append(own.this)
-        parts += conjuncts
-        if parts:
-            filters[br.qualified] = _render_filter(parts)
-        read = list(groups) + [a[2] for a in aggregates if a[2] is not None]
-        order = {c: i for i, c in enumerate(br.columns)}
-        columns[br.qualified] = tuple(sorted(set(read), key=lambda c: order.get(c, len(order))))
-    return MpcQuery(
-        sql=r.tree.sql(DIALECT),
-        datasets=datasets,
-        group_columns=tuple(groups),
-        aggregates=tuple(aggregates),
-        outputs=tuple(outputs),
-        having=having,
-        order_by=tuple(r.order),
-        limit=r.limit,
-        filters=filters,
-        columns=columns,
-        uses=column_uses(r),
-    )
-
-
-def _mpc_having(having: exp.Having | None, groups: Mapping[str, str], aggs: Mapping[str, str]) -> str | None:
-    """HAVING rewritten over output names, or a refusal if it tests anything not in the output."""
-    if having is None:
-        return None
-    cond = having.this.copy()
-    outputs = set(groups.values()) | set(aggs.values())
-
-    def refuse(what: str) -> InvalidQueryError:
-        return _mpc_refuse(
-            f"HAVING tests {what}, which is not an output; an MPC stage opens only the output aggregates of "
-            "passing cells, so HAVING can only test those",
-            "having",
-            f"add {what} to the SELECT list, or drop the HAVING condition",
-        )
-
-    for agg in list(cond.find_all(exp.AggFunc)):
-        name = aggs.get(agg.sql(DIALECT))
-        if name is None:
-            raise refuse(agg.sql(DIALECT))
-        agg.replace(exp.column(name, quoted=True))
-    for col in list(cond.find_all(exp.Column)):
-        if col.table:
-            name = groups.get(col.name)
-            if name is None:
-                raise refuse(col.name)
-            col.replace(exp.column(name, quoted=True))
-        elif col.name in outputs:
-            col.set("this", exp.to_identifier(col.name, quoted=True))
-        else:
-            raise refuse(col.name)
-    return cond.sql(DIALECT)

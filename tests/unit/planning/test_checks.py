@@ -115,3 +115,21 @@ def test_one_policy_change_changes_the_planner_the_agent_and_the_enclave(tmp_pat
     assert registry.create(weaker.to_json()).min_group_size == 7
     refused = _refusal(lambda: _agent(tmp_path / "a3", a3).review(weaker.to_json()))
     assert refused.details["rule"] == "min_group_size"
+
+
+def test_check_plan_answers_for_the_checkers_inputs_only():
+    """check_plan runs the shared rules over the inputs its checker answers for: an agent its own
+    owner's, an enclave its stage's, the planner every input."""
+    from sealroom.planning.checks import Checker, check_plan
+
+    a, b = _parties(POLICY)
+    plan = make_plan(SQL, [a, b])
+    checked = check_plan(plan, Checker())
+    assert set(checked.pushdowns) == {"s1"} and not checked.mpc_queries
+    # The analyst removed from bank_a's policy: bank_b's agent does not answer for bank_a's input
+    # (bank_a's agent refuses it), every other checker does.
+    edited = _carrying(plan, dataclasses.replace(POLICY, analysts=("bob",)))
+    check_plan(edited, Checker(party="bank_b"))
+    for checker in (Checker(), Checker(party="bank_a"), Checker(stage="s1")):
+        assert _refusal(lambda c=checker: check_plan(edited, c)).details["rule"] == "analysts"
+    assert not check_plan(edited, Checker(stage="s2")).pushdowns  # no such stage: nothing to answer for
