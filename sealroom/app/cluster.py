@@ -59,6 +59,7 @@ class Cluster:
         analysts: Sequence[str] = ("analyst",),
         env: dict[str, str] | None = None,
         collaboration: Collaboration | None = None,
+        mpc_scratch_dir: Path | None = None,
     ):
         self.state_dir = Path(state_dir).resolve()
         self.parties = list(parties)
@@ -69,6 +70,7 @@ class Cluster:
         self.analysts = tuple(analysts)
         self.env = env
         self.collaboration = collaboration  # the coordinator's [collaboration] (record of processing)
+        self.mpc_scratch_dir = mpc_scratch_dir  # the enclave's [enclave] mpc_scratch_dir (None: its default)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._args: dict[str, list[str]] = {}
         self.addresses: dict[str, str] = {}
@@ -92,6 +94,8 @@ class Cluster:
             "dev_root": str(p["dev"]),
             "memory_limit_mb": self.memory_limit_mb,
         }
+        if self.mpc_scratch_dir is not None:
+            enclave_values["mpc_scratch_dir"] = str(self.mpc_scratch_dir)
         (p["config"] / "enclave.toml").write_text(toml_table("enclave", enclave_values))
         # The measurement a data owner pins: computed from the code and configuration, as
         # `sealroom enclave measure --config enclave.toml` prints it.

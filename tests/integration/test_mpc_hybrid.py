@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,12 +103,18 @@ def _expected(tables: list[pa.Table]) -> dict[tuple[str, str], tuple[int, float,
     ids=["three_players_one_a_helper", "four_players_three_mpc_only_owners"],
 )
 def test_hybrid_plan_releases_what_pooled_duckdb_computes(
-    tmp_path: Path, hospitals: int, mpc_only: set[int], helpers: int
+    tmp_path: Path, request: pytest.FixtureRequest, hospitals: int, mpc_only: set[int], helpers: int
 ) -> None:
     parties, tables = _platform(tmp_path, hospitals, mpc_only)
     sql = _sql(hospitals)
-    scratch = set(Path("/dev/shm").glob("sealroom-mpc-*"))  # the enclave player's default scratch
-    with Cluster(tmp_path / "state", parties, log=lambda _m: None) as cluster, cluster.client() as client:
+    # The enclave player's scratch: memory-backed, and this test's own (other processes on the machine
+    # may use /dev/shm at the same time), so what is left in it afterwards is this test's doing.
+    scratch = Path(tempfile.mkdtemp(prefix="sealroom-test-", dir="/dev/shm"))
+    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))
+    with (
+        Cluster(tmp_path / "state", parties, log=lambda _m: None, mpc_scratch_dir=scratch) as cluster,
+        cluster.client() as client,
+    ):
         explained = client.explain_plan(sql)
         plan = explained.get("plan", explained)
         tee, mpc = plan["stages"]
@@ -170,7 +178,7 @@ def test_hybrid_plan_releases_what_pooled_duckdb_computes(
         time.sleep(0.3)
         assert player_processes(cluster) == []
         # The enclave player's private directory (its TLS key, in memory) is gone with it.
-        assert set(Path("/dev/shm").glob("sealroom-mpc-*")) == scratch
+        assert list(scratch.iterdir()) == []  # the enclave player's private directory is gone
 
 
 def test_a_crashed_enclave_player_ends_the_stage_and_releases_nothing(tmp_path: Path) -> None:
