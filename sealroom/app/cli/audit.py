@@ -2,8 +2,9 @@
 reviewer's commands. Each parses its arguments, builds the typed options
 (:class:`~sealroom.audit.review.VerifyOptions`), calls :mod:`sealroom.audit.review` and prints.
 
-Only a receipt or audit command loads this module (and with it the audit room): the others get their
-one line of help from :data:`~sealroom.app.cli.common.COMMANDS`.
+A run loads this module (and with it the audit room, imported at the top) only for a receipt or audit
+command, or for a command word that is not one of ours: the others get their one line of help from
+:data:`~sealroom.app.cli.common.COMMANDS` (see :mod:`sealroom.app.cli`).
 """
 
 from __future__ import annotations
@@ -379,8 +380,14 @@ def _verify_state_dir(state_dir: str, options: VerifyOptions, warnings: list[str
             err.details.setdefault("log", str(directory))
             print(f"sealroom: refused ({err.details.get('check', '')}): {directory}: {err.message}", file=sys.stderr)
             if as_json:
-                emit({"verified": False, "check": err.details.get("check", ""), "log": str(directory),
-                      "reason": err.to_dict()})  # fmt: skip
+                emit(
+                    {
+                        "verified": False,
+                        "check": err.details.get("check", ""),
+                        "log": str(directory),
+                        "reason": err.to_dict(),
+                    }
+                )
             return EXIT_FAILED
         reports.append((directory, report))
     if as_json:
@@ -523,10 +530,14 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
         with _usage_errors():
             logs = [load_state_log(directory) for directory in directories]
         summaries = [
-            {"origin": log.origin, "directory": str(log.directory), "entries": len(log.export["entries"]),
-             "status": log_status(log, options)}
+            {
+                "origin": log.origin,
+                "directory": str(log.directory),
+                "entries": len(log.export["entries"]),
+                "status": log_status(log, options),
+            }
             for log in logs
-        ]  # fmt: skip
+        ]
         releases = audit_releases(logs, options)
         text = audit_html(releases, summaries, audit_events(logs))
     _write(text, args.output)
