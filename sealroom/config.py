@@ -59,7 +59,8 @@ class Table:
         self.prefix = prefix
         self.base = base or Path(".")
 
-    def _err(self, key: builtins.str, expected: builtins.str) -> ConfigError:
+    def key_error(self, key: builtins.str, expected: builtins.str) -> ConfigError:
+        """The error for ``key`` of this table (its dotted path in the message): :func:`key_error`."""
         return key_error(self.source, f"{self.prefix}{key}", expected)
 
     def check_keys(self, allowed: set[builtins.str]) -> None:
@@ -69,16 +70,16 @@ class Table:
         value = self.doc.get(key, _MISSING)
         if value is _MISSING:
             if required:
-                raise self._err(key, "a table")
+                raise self.key_error(key, "a table")
             value = {}
         if not isinstance(value, Mapping):
-            raise self._err(key, "a table")
+            raise self.key_error(key, "a table")
         return Table(value, source=self.source, prefix=f"{self.prefix}{key}.", base=self.base)
 
     def tables(self, key: builtins.str) -> list[Table]:
         value = self.doc.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
-            raise self._err(key, f"an array of tables ([[{self.prefix}{key}]])")
+            raise self.key_error(key, f"an array of tables ([[{self.prefix}{key}]])")
         return [
             Table(v, source=self.source, prefix=f"{self.prefix}{key}[{i}].", base=self.base)
             for i, v in enumerate(value)
@@ -87,7 +88,7 @@ class Table:
     def str(self, key: builtins.str, default: Any = _MISSING) -> builtins.str:
         value = self.doc.get(key, default)
         if value is _MISSING or not isinstance(value, builtins.str) or not value:
-            raise self._err(key, "a non-empty string")
+            raise self.key_error(key, "a non-empty string")
         return value
 
     def opt_str(self, key: builtins.str) -> builtins.str | None:
@@ -95,15 +96,15 @@ class Table:
         if value is None:
             return None
         if not isinstance(value, builtins.str) or not value:
-            raise self._err(key, "a non-empty string")
+            raise self.key_error(key, "a non-empty string")
         return value
 
     def int(self, key: builtins.str, default: Any = _MISSING, *, minimum: builtins.int | None = None) -> builtins.int:
         value = self.doc.get(key, default)
         if value is _MISSING or not isinstance(value, builtins.int) or isinstance(value, builtins.bool):
-            raise self._err(key, "an integer")
+            raise self.key_error(key, "an integer")
         if minimum is not None and value < minimum:
-            raise self._err(key, f"an integer >= {minimum}")
+            raise self.key_error(key, f"an integer >= {minimum}")
         return value
 
     def float(
@@ -115,21 +116,21 @@ class Table:
             or isinstance(value, builtins.bool)
             or not isinstance(value, builtins.int | builtins.float)
         ):
-            raise self._err(key, "a number")
+            raise self.key_error(key, "a number")
         if minimum is not None and value < minimum:
-            raise self._err(key, f"a number >= {minimum}")
+            raise self.key_error(key, f"a number >= {minimum}")
         return float(value)
 
     def bool(self, key: builtins.str, default: Any = _MISSING) -> builtins.bool:
         value = self.doc.get(key, default)
         if not isinstance(value, builtins.bool):
-            raise self._err(key, "true or false")
+            raise self.key_error(key, "true or false")
         return value
 
     def path(self, key: builtins.str, default: Any = _MISSING) -> Path:
         value = self.doc.get(key, default)
         if value is _MISSING or not isinstance(value, builtins.str | Path) or not str(value):
-            raise self._err(key, "a path")
+            raise self.key_error(key, "a path")
         p = Path(value).expanduser()
         return p if p.is_absolute() else self.base / p
 
@@ -139,7 +140,7 @@ class Table:
     def choice(self, key: builtins.str, choices: tuple[builtins.str, ...], default: Any = _MISSING) -> builtins.str:
         value = self.doc.get(key, default)
         if value not in choices:
-            raise self._err(key, f"one of {', '.join(choices)}")
+            raise self.key_error(key, f"one of {', '.join(choices)}")
         return value
 
 

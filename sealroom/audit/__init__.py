@@ -9,6 +9,8 @@ renderers of all of them.
   ``receipt_stages``: the check of one stage of it (TEE or MPC).
 - ``events``: log entries in words; ``ropa``: the record of processing (GDPR Article 30);
   ``report``: every renderer (the record as Markdown and HTML, the audit report as HTML).
+- ``state``: a coordinator's state directory, read-only (its published log, declaration, catalog);
+  ``review``: the reviewer's commands' logic (verification options, releases and events in words).
 - ``refusals``: the one ``AuditError`` shape every check raises.
 
 Imports only the kernel and ``sealroom.planning``.

@@ -32,12 +32,9 @@ The JSON form is canonical (sorted keys, no insignificant whitespace) and versio
 from __future__ import annotations
 
 import hashlib
-import json
-import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from sealroom.canonical import canonical_json
@@ -52,8 +49,6 @@ __all__ = [
     "collaboration_document",
     "declaration_sha256",
     "CoordinatorState",
-    "read_declaration",
-    "read_catalog",
     "build_ropa",
     "ropa_json",
 ]
@@ -74,14 +69,14 @@ def _texts(t: Table, key: str, what: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(
         isinstance(v, str) and v.strip() and len(v) <= MAX_PROCESSING_TEXT for v in value
     ):
-        raise t._err(key, f"a list of {what} (non-empty strings of at most {MAX_PROCESSING_TEXT} characters)")
+        raise t.key_error(key, f"a list of {what} (non-empty strings of at most {MAX_PROCESSING_TEXT} characters)")
     return tuple(value)
 
 
 def _opt_text(t: Table, key: str) -> str | None:
     value = t.doc.get(key)
     if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > MAX_PROCESSING_TEXT):
-        raise t._err(key, f"a non-empty string of at most {MAX_PROCESSING_TEXT} characters")
+        raise t.key_error(key, f"a non-empty string of at most {MAX_PROCESSING_TEXT} characters")
     return value
 
 
@@ -124,10 +119,10 @@ class Collaboration:
         t.check_keys(set(cls.KEYS))
         name = _opt_text(t, "name")
         if name is None:
-            raise t._err("name", "the collaboration's name (a non-empty string)")
+            raise t.key_error("name", "the collaboration's name (a non-empty string)")
         purpose = t.doc.get("purpose")
         if not isinstance(purpose, str) or not is_purpose(purpose):
-            raise t._err(
+            raise t.key_error(
                 "purpose",
                 'a purpose identifier (letters, digits and _ . : -, e.g. "credit_risk_statistics") that the '
                 "datasets' [processing] purposes list",
@@ -166,60 +161,16 @@ def declaration_sha256(document: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading a coordinator's state (read-only)
-
-
-def read_declaration(directory: Path) -> dict[str, Any] | None:
-    """The published ``collaboration.json`` (None when the coordinator published none: a state
-    directory from before it). ``ValueError`` when it is malformed."""
-    path = Path(directory) / COLLABORATION_FILE
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{path} is not JSON") from None
-    if (
-        not isinstance(doc, dict)
-        or doc.get("format") != COLLABORATION_FORMAT
-        or doc.get("version") != COLLABORATION_VERSION
-        or set(doc) != {"format", "version", "collaboration", "analysts"}
-    ):
-        raise ValueError(f"{path} is not a {COLLABORATION_FORMAT} document of version {COLLABORATION_VERSION}")
-    if doc["collaboration"] is not None:
-        Collaboration.from_dict(doc["collaboration"], source=str(path))  # ConfigError when malformed
-    analysts = doc["analysts"]
-    if analysts is not None and (not isinstance(analysts, list) or not all(isinstance(a, str) for a in analysts)):
-        raise ValueError(f"{path}: analysts must be a list of names or null")
-    return doc
-
-
-def read_catalog(directory: Path) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """The datasets (party, name, description, policy_json, policy_digest) and the parties (name ->
-    signing key hex) in ``directory/coordinator.db``, opened read-only."""
-    db = sqlite3.connect(f"{(Path(directory) / 'coordinator.db').resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        rows = db.execute(
-            "SELECT party, name, description, policy_json, policy_digest FROM datasets ORDER BY party, name"
-        ).fetchall()
-        parties = dict(db.execute("SELECT name, signing_public_key FROM parties ORDER BY name").fetchall())
-    finally:
-        db.close()
-    datasets = [
-        {"party": r[0], "name": r[1], "description": r[2], "policy_json": bytes(r[3]), "policy_digest": r[4]}
-        for r in rows
-    ]
-    return datasets, parties
+# What the record is built from
 
 
 @dataclass(frozen=True)
 class CoordinatorState:
     """What :func:`build_ropa` reads about one coordinator: its state directory, the log's export
     (``sealroom.audit.log.export_store``), the log's verification status (``verified`` or the refusal),
-    the published declaration (:func:`read_declaration`), the catalog (:func:`read_catalog`), and
-    the verification status of each release's receipt (by the seq of its ``released`` entry)."""
+    the published declaration (:func:`sealroom.audit.state.read_declaration`), the catalog
+    (:func:`sealroom.audit.state.read_catalog`), and the verification status of each release's
+    receipt (by the seq of its ``released`` entry)."""
 
     directory: str
     export: Mapping[str, Any]
@@ -349,36 +300,84 @@ def _activity(entry: Mapping[str, Any], receipt: Any, status: str, purpose: str 
     }
 
 
+Gaps = list[dict[str, Any]]
+
+
 def _record(state: CoordinatorState) -> dict[str, Any]:
+    """One coordinator's record, section by section; its gaps in the order of the sections."""
     export = state.export
     entries = _entries(export)
     receipts: Mapping[str, Any] = export["receipts"] if isinstance(export.get("receipts"), Mapping) else {}
-    gaps: list[dict[str, Any]] = []
-    origin = export.get("origin")
-
-    # -- the collaboration, as declared and as logged --------------------------------------------
     doc = state.declaration
     collaboration = _get(doc, "collaboration") if doc is not None else None
     analysts = _get(doc, "analysts") if doc is not None else None
+    purpose = collaboration.get("purpose") if isinstance(collaboration, Mapping) else None
+
+    declaration, gaps = _declaration(doc, collaboration, entries)
+    gaps += _collaboration_gaps(collaboration, analysts)
+    counts = _counts(entries)
+    activities = _activities(entries, receipts, state.receipt_status, purpose)
+    datasets, dataset_gaps = _datasets(state.datasets, _registrations(entries), activities, purpose)
+    controllers, controller_gaps = _controllers(datasets, state.parties)
+    tee = [x for a in activities for x in a["execution"] if x["kind"] == "tee"]
+    mpc = [x for a in activities for x in a["execution"] if x["kind"] == "mpc"]
+    technical = _technical(datasets, tee, mpc, export, state.log_status, len(activities))
+    organisational = _organisational(datasets, analysts, counts)
+    return {
+        "log": {
+            "origin": export.get("origin"),
+            "directory": state.directory,
+            "entries": len(_listed(export.get("entries"))),
+            "status": state.log_status,
+        },
+        "as_of": _iso_ms(entries[-1].get("time_ms")) if entries else None,
+        "collaboration": collaboration,
+        "declaration": declaration,
+        "controllers": controllers,
+        "datasets": datasets,
+        "recipients": _recipients(activities, collaboration, analysts),
+        "activities": activities,
+        "summary": _summary(activities, counts),
+        "transfers": _transfers(collaboration, tee, mpc),
+        "measures": {"technical": technical, "organisational": organisational},
+        "gaps": gaps + dataset_gaps + controller_gaps + _release_gaps(activities, state.log_status),
+    }
+
+
+# -- the collaboration, as declared and as logged ------------------------------------------------
+
+
+def _declaration(
+    doc: Mapping[str, Any] | None, collaboration: Any, entries: Sequence[Mapping[str, Any]]
+) -> tuple[dict[str, Any] | None, Gaps]:
+    """The published declaration's digest and whether the last ``collaboration_declared`` entry
+    records it (``None`` when the coordinator published none)."""
+    if doc is None:
+        return None, []
     declared = [e for e in entries if e.get("type") == "collaboration_declared"]
-    declaration = None
-    if doc is not None:
-        digest = declaration_sha256(doc)
-        last = declared[-1] if declared else None
-        declaration = {
-            "sha256": digest,
-            "logged_entry": last.get("seq") if last is not None else None,
-            "logged_at": _iso_ms(last.get("time_ms")) if last is not None else None,
-            "matches_log": last is not None and last["event"].get("declaration_sha256") == digest,
-        }
-        if collaboration is not None and not declaration["matches_log"]:
-            gaps.append(
-                _gap(
-                    "declaration_not_logged",
-                    "the published collaboration.json is not the declaration that the log records last; restart "
-                    "the coordinator to log it, or find out who changed the file",
-                )
-            )
+    digest = declaration_sha256(doc)
+    last = declared[-1] if declared else None
+    declaration = {
+        "sha256": digest,
+        "logged_entry": last.get("seq") if last is not None else None,
+        "logged_at": _iso_ms(last.get("time_ms")) if last is not None else None,
+        "matches_log": last is not None and last["event"].get("declaration_sha256") == digest,
+    }
+    if collaboration is None or declaration["matches_log"]:
+        return declaration, []
+    return declaration, [
+        _gap(
+            "declaration_not_logged",
+            "the published collaboration.json is not the declaration that the log records last; restart "
+            "the coordinator to log it, or find out who changed the file",
+        )
+    ]
+
+
+def _collaboration_gaps(collaboration: Any, analysts: Any) -> Gaps:
+    """What the operator's declaration leaves out: the collaboration itself, its contact, retention
+    and recipients, and the analysts' authentication."""
+    gaps = []
     if collaboration is None:
         gaps.append(
             _gap(
@@ -399,7 +398,6 @@ def _record(state: CoordinatorState) -> dict[str, Any]:
             gaps.append(
                 _gap("no_recipients", "[collaboration] recipients is not declared: the categories of recipients")
             )
-    purpose = collaboration.get("purpose") if isinstance(collaboration, Mapping) else None
     if analysts is None:
         gaps.append(
             _gap(
@@ -407,127 +405,175 @@ def _record(state: CoordinatorState) -> dict[str, Any]:
                 "the coordinator does not authenticate analysts ([analysts]): recipients are self-declared names",
             )
         )
+    return gaps
 
-    # -- the log: registrations, releases and the events around them ------------------------------
-    registered: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+
+# -- the log: registrations, releases and the events around them ----------------------------------
+
+
+def _counts(entries: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How many entries of each type the log holds."""
     counts: dict[str, int] = {}
     for e in entries:
         counts[str(e.get("type"))] = counts.get(str(e.get("type")), 0) + 1
+    return counts
+
+
+def _registrations(entries: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], Mapping[str, Any]]:
+    """The ``dataset_registered`` entries by (party, dataset, policy digest); the last one wins."""
+    registered: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+    for e in entries:
         if e.get("type") == "dataset_registered":
             ev = e["event"]
             registered[(str(ev.get("party")), str(ev.get("dataset")), str(ev.get("policy_digest")))] = e
+    return registered
+
+
+def _activities(
+    entries: Sequence[Mapping[str, Any]],
+    receipts: Mapping[str, Any],
+    receipt_status: Mapping[int, str],
+    purpose: str | None,
+) -> list[dict[str, Any]]:
+    """Every release (``released`` entry) as a processing activity, in log order."""
     activities = []
     for e in entries:
         if e.get("type") != "released":
             continue
         seq = e.get("seq")
         receipt = receipts.get(str(seq))
-        status = state.receipt_status.get(seq, "not verified") if type(seq) is int else "not verified"
+        status = receipt_status.get(seq, "not verified") if type(seq) is int else "not verified"
         activities.append(_activity(e, receipt, status, purpose))
+    return activities
 
-    # -- parties and their datasets ---------------------------------------------------------------
+
+# -- parties and their datasets -------------------------------------------------------------------
+
+
+def _datasets(
+    catalog: Sequence[Mapping[str, Any]],
+    registered: Mapping[tuple[str, str, str], Mapping[str, Any]],
+    activities: Sequence[Mapping[str, Any]],
+    purpose: str | None,
+) -> tuple[list[dict[str, Any]], Gaps]:
+    """Every catalog dataset whose policy can be read, by party and name, with what its owner
+    declares and the gaps in it."""
     releases_of: dict[str, int] = {}
     for a in activities:
         for d in a["datasets"]:
             releases_of[d] = releases_of.get(d, 0) + 1
-    datasets = []
-    controllers: dict[str, dict[str, Any]] = {}
-    for row in sorted(state.datasets, key=lambda r: (str(r.get("party")), str(r.get("name")))):
+    datasets, gaps = [], []
+    for row in sorted(catalog, key=lambda r: (str(r.get("party")), str(r.get("name")))):
         party, name = str(row.get("party")), str(row.get("name"))
-        qualified = f"{party}.{name}"
         try:
             policy = DatasetPolicy.from_json(bytes(row["policy_json"]))
         except Exception:  # noqa: BLE001 - a catalog row the record cannot read is a gap, not a crash
-            gaps.append(_gap("policy_unreadable", f"the policy of {qualified} in the catalog cannot be read",
+            gaps.append(_gap("policy_unreadable", f"the policy of {party}.{name} in the catalog cannot be read",
                              party=party, dataset=name))  # fmt: skip
             continue
         digest = policy.digest()
         logged = registered.get((party, name, digest))
+        processing = policy.processing.to_dict() if policy.processing is not None else None
+        dataset = {
+            "party": party,
+            "dataset": name,
+            "description": row.get("description") or None,
+            "policy_digest": digest,
+            "registered_entry": logged.get("seq") if logged is not None else None,
+            "registered_at": _iso_ms(logged.get("time_ms")) if logged is not None else None,
+            "processing": processing,
+            "safeguards": _safeguards(policy),
+            "releases": releases_of.get(f"{party}.{name}", 0),
+        }
         if digest != row.get("policy_digest") or logged is None:
             gaps.append(
                 _gap(
                     "policy_not_logged",
-                    f"the policy of {qualified} in the catalog is not one that a dataset_registered entry records",
+                    f"the policy of {party}.{name} in the catalog is not one that a dataset_registered entry records",
                     party=party,
                     dataset=name,
                 )
             )
-        processing = policy.processing.to_dict() if policy.processing is not None else None
-        if processing is None:
-            gaps.append(
-                _gap(
-                    "no_processing_record",
-                    f"{party} declares no [processing] for {qualified}: purposes, lawful basis and categories "
-                    "of data are missing",
-                    party=party,
-                    dataset=name,
-                )
+        gaps += _processing_gaps(party, name, processing, purpose)
+        datasets.append(dataset)
+    return datasets, gaps
+
+
+def _processing_gaps(party: str, name: str, processing: Mapping[str, Any] | None, purpose: str | None) -> Gaps:
+    """What a dataset's ``[processing]`` leaves out, or its purposes do not cover."""
+    qualified = f"{party}.{name}"
+    if processing is None:
+        return [
+            _gap(
+                "no_processing_record",
+                f"{party} declares no [processing] for {qualified}: purposes, lawful basis and categories "
+                "of data are missing",
+                party=party,
+                dataset=name,
             )
-        else:
-            if purpose is not None and purpose not in processing["purposes"]:
-                gaps.append(
-                    _gap(
-                        "purpose_not_declared",
-                        f"the collaboration's purpose {purpose} is not among the purposes {party} declares for "
-                        f"{qualified} ({', '.join(processing['purposes'])})",
-                        party=party,
-                        dataset=name,
-                    )
-                )
-            if "retention" not in processing:
-                gaps.append(
-                    _gap(
-                        "no_retention",
-                        f"{party} declares no retention for {qualified}",
-                        party=party,
-                        dataset=name,
-                    )
-                )
-            ctl = controllers.setdefault(party, {"party": party, "controller": None, "contact": None})
-            for key in ("controller", "contact"):
-                if processing.get(key) and ctl[key] is None:
-                    ctl[key] = processing[key]
-        controllers.setdefault(party, {"party": party, "controller": None, "contact": None})
-        datasets.append(
-            {
-                "party": party,
-                "dataset": name,
-                "description": row.get("description") or None,
-                "policy_digest": digest,
-                "registered_entry": logged.get("seq") if logged is not None else None,
-                "registered_at": _iso_ms(logged.get("time_ms")) if logged is not None else None,
-                "processing": processing,
-                "safeguards": _safeguards(policy),
-                "releases": releases_of.get(qualified, 0),
-            }
+        ]
+    gaps = []
+    if purpose is not None and purpose not in processing["purposes"]:
+        gaps.append(
+            _gap(
+                "purpose_not_declared",
+                f"the collaboration's purpose {purpose} is not among the purposes {party} declares for "
+                f"{qualified} ({', '.join(processing['purposes'])})",
+                party=party,
+                dataset=name,
+            )
         )
+    if "retention" not in processing:
+        gaps.append(_gap("no_retention", f"{party} declares no retention for {qualified}", party=party, dataset=name))
+    return gaps
+
+
+def _controllers(
+    datasets: Sequence[Mapping[str, Any]], parties: Mapping[str, str]
+) -> tuple[list[dict[str, Any]], Gaps]:
+    """Per party with a readable dataset: the controller and contact its datasets' ``[processing]``
+    name first, and the SHA-256 of its owner key; by party."""
+    controllers: dict[str, dict[str, Any]] = {}
+    for d in datasets:
+        ctl = controllers.setdefault(d["party"], {"party": d["party"], "controller": None, "contact": None})
+        for key in ("controller", "contact"):
+            if d["processing"] is not None and d["processing"].get(key) and ctl[key] is None:
+                ctl[key] = d["processing"][key]
+    gaps = []
     for party, ctl in controllers.items():
-        owner_key = state.parties.get(party)
+        owner_key = parties.get(party)
         ctl["owner_key_sha256"] = (
             hashlib.sha256(bytes.fromhex(owner_key)).hexdigest() if isinstance(owner_key, str) else None
         )
         if ctl["controller"] is None:
             gaps.append(_gap("no_controller", f"{party} names no controller in its datasets' [processing]",
                              party=party))  # fmt: skip
+    return [controllers[p] for p in sorted(controllers)], gaps
 
-    # -- recipients -------------------------------------------------------------------------------
+
+# -- recipients, transfers, what needs attention, the summary -------------------------------------
+
+
+def _recipients(activities: Sequence[Mapping[str, Any]], collaboration: Any, analysts: Any) -> dict[str, Any]:
+    """The declared categories of recipients, the authorised analysts, and who received releases."""
     received: dict[str, dict[str, Any]] = {}
     for a in activities:
         who = a["analyst"] if isinstance(a["analyst"], str) else "?"
         r = received.setdefault(who, {"analyst": who, "releases": 0, "first": a["released_at"], "last": None})
         r["releases"] += 1
         r["last"] = a["released_at"]
-    recipients = {
+    return {
         "declared": list(_get(collaboration, "recipients") or []),
         "authorised_analysts": analysts,
         "received_releases": [received[k] for k in sorted(received)],
     }
 
-    # -- transfers, and the technical and organisational measures --------------------------------
-    tee = [x for a in activities for x in a["execution"] if x["kind"] == "tee"]
-    mpc = [x for a in activities for x in a["execution"] if x["kind"] == "mpc"]
-    simulated = [a for a in activities if a["simulated"]]
-    transfers = {
+
+def _transfers(
+    collaboration: Any, tee: Sequence[Mapping[str, Any]], mpc: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The declared transfers to third countries, and where data flows (the same for every record)."""
+    return {
         "third_countries": list(_get(collaboration, "transfers") or []),
         "data_flows": [
             "No row leaves a data owner in the clear: rows are sealed (HPKE, AES-256-GCM) to an enclave whose "
@@ -540,8 +586,12 @@ def _record(state: CoordinatorState) -> dict[str, Any]:
         ],
         "stages": {"tee": len(tee), "mpc": len(mpc)},
     }
-    technical = _technical(datasets, tee, mpc, export, state.log_status, len(activities))
-    organisational = _organisational(datasets, analysts, counts)
+
+
+def _release_gaps(activities: Sequence[Mapping[str, Any]], log_status: str) -> Gaps:
+    """Releases under simulated attestation, a log that does not verify, receipts that do not."""
+    gaps = []
+    simulated = [a for a in activities if a["simulated"]]
     if simulated:
         gaps.append(
             _gap(
@@ -550,8 +600,8 @@ def _record(state: CoordinatorState) -> dict[str, Any]:
                 "(development only)",
             )
         )
-    if state.log_status != "verified":
-        gaps.append(_gap("log_not_verified", f"the log does not verify: {state.log_status}"))
+    if log_status != "verified":
+        gaps.append(_gap("log_not_verified", f"the log does not verify: {log_status}"))
     unverified = [a["query_id"] for a in activities if a["status"] != "verified"]
     if unverified:
         gaps.append(
@@ -560,9 +610,13 @@ def _record(state: CoordinatorState) -> dict[str, Any]:
                 f"{len(unverified)} release(s) whose receipt does not verify: {', '.join(map(str, unverified))}",
             )
         )
+    return gaps
 
+
+def _summary(activities: Sequence[Mapping[str, Any]], counts: Mapping[str, int]) -> dict[str, Any]:
+    """Counts of releases, cells and log events, and the first and last release."""
     released_at = [a["released_at"] for a in activities if a["released_at"]]
-    summary = {
+    return {
         "releases": len(activities),
         "cells_released": sum(a["cells_released"] or 0 for a in activities),
         "cells_suppressed": sum(a["cells_suppressed"] or 0 for a in activities),
@@ -574,25 +628,6 @@ def _record(state: CoordinatorState) -> dict[str, Any]:
         "approvals_lapsed": counts.get("approval_lapsed", 0),
         "first_release": min(released_at) if released_at else None,
         "last_release": max(released_at) if released_at else None,
-    }
-    return {
-        "log": {
-            "origin": origin,
-            "directory": state.directory,
-            "entries": len(_listed(export.get("entries"))),
-            "status": state.log_status,
-        },
-        "as_of": _iso_ms(entries[-1].get("time_ms")) if entries else None,
-        "collaboration": collaboration,
-        "declaration": declaration,
-        "controllers": [controllers[p] for p in sorted(controllers)],
-        "datasets": datasets,
-        "recipients": recipients,
-        "activities": activities,
-        "summary": summary,
-        "transfers": transfers,
-        "measures": {"technical": technical, "organisational": organisational},
-        "gaps": gaps,
     }
 
 

@@ -1,10 +1,26 @@
+"""``sealroom receipt verify`` and ``sealroom audit verify/list/show/export/ropa``: the compliance
+reviewer's commands. Each parses its arguments, builds the typed options
+(:class:`~sealroom.audit.review.VerifyOptions`), calls :mod:`sealroom.audit.review` and prints.
+
+A run loads this module (and with it the audit room, imported at the top) only for a receipt or audit
+command, or for a command word that is not one of ours: the others get their one line of help from
+:data:`~sealroom.app.cli.common.COMMANDS` (see :mod:`sealroom.app.cli`).
+"""
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sealroom.app.cli.common import (
     EXIT_FAILED,
@@ -12,13 +28,35 @@ from sealroom.app.cli.common import (
     Subparsers,
     UsageError,
     add_command,
-    ed25519_hex,
     emit,
-    iso_time,
-    print_refusal,
     read_file,
+    report_refusal,
     with_json,
 )
+from sealroom.attestation import AppraisalPolicy, load_root_certificate
+from sealroom.audit.log import load_export
+from sealroom.audit.notes import NoteVerifier, SignedCheckpoint
+from sealroom.audit.receipts import VerifiedReceipt, load_receipt, verify_receipt
+from sealroom.audit.report import audit_html, ropa_html, ropa_markdown
+from sealroom.audit.review import (
+    EVENT_KEYS,
+    RELEASE_KEYS,
+    ReceiptAppraisal,
+    ReleaseFilter,
+    VerifyOptions,
+    audit_events,
+    audit_releases,
+    log_status,
+    query_histories,
+    read_state_logs,
+    ropa_states,
+    verify_export,
+)
+from sealroom.audit.ropa import build_ropa, ropa_json
+from sealroom.audit.state import load_state_log, state_dirs
+from sealroom.audit.verify import LogReport
+from sealroom.errors import AttestationError, AuditError, ConfigError
+from sealroom.policy import TrustPolicy
 
 
 def add_parsers(sub: Subparsers) -> None:
@@ -88,104 +126,83 @@ def add_parsers(sub: Subparsers) -> None:
     aro.set_defaults(handler=cmd_audit_ropa)
 
 
-def _receipt_appraisal(args: argparse.Namespace) -> Any:
-    """A function receipt -> AppraisalPolicy | None from --trust, --allow-simulated and --dev-root."""
-    import dataclasses
-    import tomllib
+# --------------------------------------------------------------------------------------------------
+# From the arguments to the typed options
 
-    from sealroom.attestation import AppraisalPolicy, load_root_certificate
-    from sealroom.errors import AttestationError, ConfigError
-    from sealroom.policy import TrustPolicy
 
-    base = None
-    if args.trust:
+@contextmanager
+def _usage_errors() -> Iterator[None]:
+    """Unusable input the audit room finds (a ConfigError: no coordinator state, an unreadable log
+    or catalog) is a usage error here (exit 2), told in the same words."""
+    try:
+        yield
+    except ConfigError as err:
+        raise UsageError(err.message) from None
+
+
+def _is_hex_key(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def ed25519_hex(value: str, flag: str) -> str:
+    """An Ed25519 public key given as 64 hex characters, a signed-note verifier key (NAME+ID+KEY), a
+    PEM public key, or a file holding one of these; returned as hex."""
+    text = value.strip()
+    if not _is_hex_key(text) and "+" not in text:
+        text = read_file(value, f"{flag} key").decode("utf-8", "replace").strip()
+    if _is_hex_key(text):
+        return text.lower()
+    if text.startswith("-----BEGIN PUBLIC KEY-----"):
         try:
-            doc = tomllib.loads(read_file(args.trust, "trust file").decode("utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{args.trust} is not TOML: {exc}") from None
-        section = doc.get("trust", doc)
-        if not isinstance(section, dict):
-            raise UsageError(f"{args.trust}: [trust] must be a table")
-        try:
-            base = TrustPolicy.from_dict(section, source=args.trust, base=Path(args.trust).resolve().parent).appraisal()
-        except (ConfigError, AttestationError) as err:
-            raise UsageError(err.message) from None
+            key = serialization.load_pem_public_key(text.encode())
+        except ValueError:
+            key = None
+        if isinstance(key, Ed25519PublicKey):
+            return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    try:
+        return NoteVerifier.from_vkey(text).public_key.hex()
+    except ValueError:
+        raise UsageError(
+            f"{flag} must be an Ed25519 public key: 64 hex characters, a verifier key NAME+KEYID+KEY, "
+            "a PEM public key, or a file holding one"
+        ) from None
+
+
+def _trust_policy(path: str) -> AppraisalPolicy:
+    """The appraisal policy of the ``[trust]`` table in ``path`` (or of the whole file)."""
+    try:
+        doc = tomllib.loads(read_file(path, "trust file").decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not TOML: {exc}") from None
+    section = doc.get("trust", doc)
+    if not isinstance(section, dict):
+        raise UsageError(f"{path}: [trust] must be a table")
+    try:
+        return TrustPolicy.from_dict(section, source=path, base=Path(path).resolve().parent).appraisal()
+    except (ConfigError, AttestationError) as err:
+        raise UsageError(err.message) from None
+
+
+def _receipt_appraisal(args: argparse.Namespace) -> ReceiptAppraisal:
+    """How receipts' evidence is appraised, from --trust, --allow-simulated and --dev-root."""
+    trust = _trust_policy(args.trust) if args.trust else None
     if args.dev_root and not args.allow_simulated:
         raise UsageError("--dev-root goes with --allow-simulated")
-    root = None
-    if args.allow_simulated:
-        if not args.dev_root:
-            raise UsageError("--allow-simulated needs --dev-root CRT (the dev root the enclave's evidence chains to)")
-        try:
-            root = load_root_certificate(Path(args.dev_root))
-        except (AttestationError, ConfigError, OSError, ValueError) as err:
-            raise UsageError(f"unusable --dev-root {args.dev_root}: {err}") from None
-
-    def appraisal(receipt: Any) -> Any:
-        if root is None:
-            return base
-        if base is not None:
-            return dataclasses.replace(base, allow_simulated=True, simulated_roots=(*base.simulated_roots, root))
-        # No --trust: the chain to the dev root and the key binding are checked; the measurement is
-        # the one the receipt states (not pinned).
-        stages = receipt.get("stages") if isinstance(receipt, dict) else None
-        measurements = {
-            s["measurement"] for s in stages or [] if isinstance(s, dict) and isinstance(s.get("measurement"), str)
-        }
-        return AppraisalPolicy(measurements=frozenset(measurements), allow_simulated=True, simulated_roots=(root,))
-
-    return appraisal
-
-
-def cmd_receipt_verify(args: argparse.Namespace) -> int:
-    from sealroom.audit.receipts import load_receipt, verify_receipt
-    from sealroom.errors import AuditError
-
+    if not args.allow_simulated:
+        return ReceiptAppraisal(trust=trust)
+    if not args.dev_root:
+        raise UsageError("--allow-simulated needs --dev-root CRT (the dev root the enclave's evidence chains to)")
     try:
-        receipt = load_receipt(read_file(args.file, "receipt"))
-    except ValueError as exc:
-        raise UsageError(f"{args.file}: {exc}") from None
-    result = read_file(args.result, "result file") if args.result else None
-    key = ed25519_hex(args.coordinator_key, "--coordinator-key") if args.coordinator_key else None
-    appraisal = _receipt_appraisal(args)(receipt)
-    try:
-        out = verify_receipt(receipt, appraisal=appraisal, coordinator_key=key, result_bytes=result)
-    except AuditError as err:
-        return print_refusal(args, err)
-    warnings = _receipt_warnings(out, args)
-    if args.json:
-        emit({**out.to_dict(), "warnings": warnings})
-        return EXIT_OK
-    print(f"verified the receipt of query {out.query_id} (plan {out.plan_hash[:16]}…), analyst {out.analyst}")
-    print(f"  approved by {', '.join(out.parties)}; {out.suppressed_cells} cell(s) suppressed")
-    print(f"  released result sha256 {out.result_sha256}" + (" (the file given matches)" if result else ""))
-    for c in out.claims:
-        print(f"  attested {c.platform} measurement {c.measurement}")
-    for w in warnings:
-        print(f"  note: {w}")
-    return EXIT_OK
+        root = load_root_certificate(Path(args.dev_root))
+    except (AttestationError, ConfigError, OSError, ValueError) as err:
+        raise UsageError(f"unusable --dev-root {args.dev_root}: {err}") from None
+    return ReceiptAppraisal(trust=trust, simulated_root=root)
 
 
-def _receipt_warnings(out: Any, args: argparse.Namespace) -> list[str]:
-    warnings = []
-    if out.simulated:
-        warnings.append("SIMULATED attestation: no TEE protected this release")
-    if not out.evidence_appraised:
-        warnings.append("attestation evidence not appraised (give --trust, or --allow-simulated --dev-root)")
-    elif args.allow_simulated and not args.trust:
-        warnings.append("the enclave measurement was not pinned (give --trust with trust.measurements)")
-    if not out.coordinator_key_pinned:
-        warnings.append("coordinator key not pinned: the countersignature is only self-consistent")
-    return warnings
-
-
-def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
-    """What `audit verify` (and list/show/export, for their status column) check a log with."""
-    from sealroom.audit.notes import NoteVerifier, SignedCheckpoint
-    from sealroom.errors import AuditError
-
+def _witness_keys(values: Sequence[str]) -> tuple[NoteVerifier, ...]:
+    """The --witness-key values: NAME=KEY (any form :func:`ed25519_hex` reads) or a verifier key."""
     witnesses = []
-    for value in getattr(args, "witness_key", []):
+    for value in values:
         name, sep, key = value.partition("=")
         if "+" in value and not sep:
             try:
@@ -199,100 +216,99 @@ def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
             witnesses.append(NoteVerifier(name, bytes.fromhex(ed25519_hex(key, "--witness-key"))))
         except ValueError as exc:
             raise UsageError(f"--witness-key {name}: {exc}") from None
-    quorum = getattr(args, "quorum", None)
-    if quorum is not None and not 0 <= quorum <= len(witnesses):
-        raise UsageError(f"--quorum must be between 0 and the number of --witness-key ({len(witnesses)})")
+    return tuple(witnesses)
+
+
+def _checkpoints(paths: Sequence[str]) -> tuple[SignedCheckpoint, ...]:
+    """The --checkpoint files: checkpoints seen elsewhere."""
     trusted = []
-    for path in getattr(args, "checkpoint", []):
+    for path in paths:
         try:
             trusted.append(SignedCheckpoint.from_text(read_file(path, "checkpoint")))
         except AuditError as err:
             raise UsageError(f"{path}: {err.message}") from None
-    return {
-        "log_key": ed25519_hex(args.log_key, "--log-key") if args.log_key else None,
-        "coordinator_key": ed25519_hex(args.coordinator_key, "--coordinator-key")
-        if getattr(args, "coordinator_key", None)
-        else None,
-        "witnesses": witnesses,
-        "quorum": quorum,
-        "trusted": trusted,
-        "appraisal_for": _receipt_appraisal(args),
-    }
+    return tuple(trusted)
 
 
-def _verify_export(export: dict[str, Any], log_key_hex: str | None, opts: dict[str, Any]) -> Any:
-    """verify_log over one export with the options; raises AuditError naming the first failure."""
-    from sealroom.audit.notes import NoteVerifier
-    from sealroom.audit.receipts import verify_receipt
-    from sealroom.audit.verify import verify_log
-
-    log_key = NoteVerifier(export["origin"], bytes.fromhex(log_key_hex)) if log_key_hex else None
-    # The coordinator countersigns receipts with its log key.
-    coordinator_key = opts["coordinator_key"] or log_key_hex
-    appraisal_for = opts["appraisal_for"]
-
-    def check_receipt(receipt: Any) -> None:
-        verify_receipt(receipt, appraisal=appraisal_for(receipt), coordinator_key=coordinator_key)
-
-    return verify_log(
-        export,
-        log_key=log_key,
-        witnesses=opts["witnesses"],
-        quorum=opts["quorum"],
-        trusted=opts["trusted"],
-        verify_receipt=check_receipt,
+def _verify_options(args: argparse.Namespace) -> VerifyOptions:
+    """What `audit verify` (and list/show/export/ropa, for their status column) check a log with;
+    the subcommands without --witness-key, --quorum, --checkpoint or --coordinator-key go without."""
+    witnesses = _witness_keys(getattr(args, "witness_key", []))
+    quorum = getattr(args, "quorum", None)
+    if quorum is not None and not 0 <= quorum <= len(witnesses):
+        raise UsageError(f"--quorum must be between 0 and the number of --witness-key ({len(witnesses)})")
+    trusted = _checkpoints(getattr(args, "checkpoint", []))
+    coordinator_key = getattr(args, "coordinator_key", None)
+    return VerifyOptions(
+        log_key=ed25519_hex(args.log_key, "--log-key") if args.log_key else None,
+        coordinator_key=ed25519_hex(coordinator_key, "--coordinator-key") if coordinator_key else None,
+        witnesses=witnesses,
+        quorum=quorum,
+        trusted=trusted,
+        appraisal=_receipt_appraisal(args),
     )
 
 
-def _state_logs(state_dir: str) -> list[Path]:
-    """The coordinator state directories under ``state_dir`` (itself, or e.g. the demo's
-    ``DIR/<scenario>/coordinator``): each holds ``coordinator.db`` and the published ``log.json``."""
-    root = Path(state_dir)
-    if not root.is_dir():
-        raise UsageError(f"--state-dir {state_dir} is not a directory")
-    if (root / "log.json").is_file() and (root / "coordinator.db").is_file():
-        return [root]
-    found = sorted(p.parent for p in root.glob("**/log.json") if (p.parent / "coordinator.db").is_file())
-    if not found:
-        raise UsageError(
-            f"{state_dir} holds no coordinator state (coordinator.db with log.json); give the coordinator's "
-            "state_dir, or a directory above it"
-        )
-    return found
-
-
-def _load_state_log(directory: Path) -> tuple[dict[str, Any], str]:
-    """The kernel's export of the log in ``directory``'s database (opened read-only), and the
-    published log key (hex) from ``log.vkey``."""
-    import sqlite3
-
-    from coordinator.store import registered_witnesses
-    from sealroom.audit.log import export_store
-    from sealroom.audit.notes import NoteVerifier
-    from sealroom.audit.store import SQLiteLogStore
-
+def _write(text: str, output: str | None) -> None:
+    """``text`` to the file ``output``, or to stdout."""
+    if not output:
+        sys.stdout.write(text)
+        return
     try:
-        vkey = NoteVerifier.from_vkey(read_file(str(directory / "log.vkey"), "log key").decode("utf-8"))
-        info = json.loads(read_file(str(directory / "log.json"), "log description"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{directory}: the published log key or log.json is malformed: {exc}") from None
-    if not isinstance(info, dict) or info.get("origin") != vkey.name:
-        raise UsageError(f"{directory}: log.json and log.vkey name different logs")
+        Path(output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# sealroom receipt verify
+
+
+def cmd_receipt_verify(args: argparse.Namespace) -> int:
     try:
-        db = sqlite3.connect(f"{(directory / 'coordinator.db').resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            # The registered owners' keys go along as the witnesses' keys; verify_log binds each to
-            # the owner key hash that the log's own dataset_registered entries record.
-            witnesses = registered_witnesses(db)
-            export = export_store(SQLiteLogStore(db), origin=vkey.name, log_key=vkey, witnesses=witnesses)
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        raise UsageError(f"{directory / 'coordinator.db'}: cannot read the log: {exc}") from None
-    return export, vkey.public_key.hex()
+        receipt = load_receipt(read_file(args.file, "receipt"))
+    except ValueError as exc:
+        raise UsageError(f"{args.file}: {exc}") from None
+    result = read_file(args.result, "result file") if args.result else None
+    key = ed25519_hex(args.coordinator_key, "--coordinator-key") if args.coordinator_key else None
+    appraisal = _receipt_appraisal(args).policy_for(receipt)
+    try:
+        out = verify_receipt(receipt, appraisal=appraisal, coordinator_key=key, result_bytes=result)
+    except AuditError as err:
+        report_refusal(err, as_json=args.json)
+        return EXIT_FAILED
+    warnings = _receipt_warnings(out, pinned_trust=bool(args.trust), allow_simulated=args.allow_simulated)
+    if args.json:
+        emit({**out.to_dict(), "warnings": warnings})
+        return EXIT_OK
+    print(f"verified the receipt of query {out.query_id} (plan {out.plan_hash[:16]}…), analyst {out.analyst}")
+    print(f"  approved by {', '.join(out.parties)}; {out.suppressed_cells} cell(s) suppressed")
+    print(f"  released result sha256 {out.result_sha256}" + (" (the file given matches)" if result else ""))
+    for c in out.claims:
+        print(f"  attested {c.platform} measurement {c.measurement}")
+    for w in warnings:
+        print(f"  note: {w}")
+    return EXIT_OK
 
 
-def _print_report(report: Any, witnesses: bool, prefix: str = "") -> None:
+def _receipt_warnings(out: VerifiedReceipt, *, pinned_trust: bool, allow_simulated: bool) -> list[str]:
+    warnings = []
+    if out.simulated:
+        warnings.append("SIMULATED attestation: no TEE protected this release")
+    if not out.evidence_appraised:
+        warnings.append("attestation evidence not appraised (give --trust, or --allow-simulated --dev-root)")
+    elif allow_simulated and not pinned_trust:
+        warnings.append("the enclave measurement was not pinned (give --trust with trust.measurements)")
+    if not out.coordinator_key_pinned:
+        warnings.append("coordinator key not pinned: the countersignature is only self-consistent")
+    return warnings
+
+
+# --------------------------------------------------------------------------------------------------
+# sealroom audit verify
+
+
+def _print_report(report: LogReport, witnesses: bool, prefix: str = "") -> None:
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(report.entries_by_type.items()))
     print(
         f"{prefix}verified log {report.origin}: {report.size} entries ({kinds or 'none'}), "
@@ -312,48 +328,58 @@ def _print_report(report: Any, witnesses: bool, prefix: str = "") -> None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from sealroom.audit.log import load_export
-    from sealroom.errors import AuditError
-
     if bool(args.log) == bool(args.state_dir):
         raise UsageError("give either --log FILE (an exported log) or --state-dir DIR (a coordinator's state)")
-    opts = _verify_options(args)
+    options = _verify_options(args)
     warnings = []
-    if opts["appraisal_for"]({}) is None and not args.allow_simulated:
+    if not options.appraisal.appraises and not args.allow_simulated:
         warnings.append("receipts' attestation evidence not appraised (give --trust, or --allow-simulated --dev-root)")
     if args.log:
-        try:
-            export = load_export(read_file(args.log, "log"))
-        except ValueError as exc:
-            raise UsageError(f"{args.log}: {exc}") from None
-        try:
-            report = _verify_export(export, opts["log_key"], opts)
-        except AuditError as err:
-            return print_refusal(args, err)
-        if not report.log_key_pinned:
-            warnings.insert(0, "log key not pinned (--log-key): the log is only self-consistent")
-        if args.json:
-            emit({**report.to_dict(), "warnings": warnings})
-            return EXIT_OK
-        _print_report(report, bool(opts["witnesses"]))
-        for w in warnings:
-            print(f"  note: {w}")
-        return EXIT_OK
+        return _verify_log_file(args.log, options, warnings, as_json=args.json)
+    return _verify_state_dir(args.state_dir, options, warnings, as_json=args.json)
 
-    # --state-dir: every coordinator log found there, with the key each coordinator published.
-    if not opts["log_key"]:
+
+def _verify_log_file(path: str, options: VerifyOptions, warnings: list[str], *, as_json: bool) -> int:
+    """``audit verify --log FILE``: an exported log."""
+    try:
+        export = load_export(read_file(path, "log"))
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    try:
+        report = verify_export(export, options.log_key, options)
+    except AuditError as err:
+        report_refusal(err, as_json=as_json)
+        return EXIT_FAILED
+    if not report.log_key_pinned:
+        warnings.insert(0, "log key not pinned (--log-key): the log is only self-consistent")
+    if as_json:
+        emit({**report.to_dict(), "warnings": warnings})
+        return EXIT_OK
+    _print_report(report, bool(options.witnesses))
+    for w in warnings:
+        print(f"  note: {w}")
+    return EXIT_OK
+
+
+def _verify_state_dir(state_dir: str, options: VerifyOptions, warnings: list[str], *, as_json: bool) -> int:
+    """``audit verify --state-dir DIR``: every coordinator log found there, with the key each
+    coordinator published."""
+    if not options.log_key:
         warnings.insert(
             0, "log key read from the state directory (log.vkey); pin it with --log-key for an independent check"
         )
     reports = []
-    for directory in _state_logs(args.state_dir):
-        export, published = _load_state_log(directory)
+    with _usage_errors():
+        directories = state_dirs(state_dir)
+    for directory in directories:
+        with _usage_errors():
+            log = load_state_log(directory)
         try:
-            report = _verify_export(export, opts["log_key"] or published, opts)
+            report = verify_export(log.export, options.key_for(log), options)
         except AuditError as err:
             err.details.setdefault("log", str(directory))
             print(f"sealroom: refused ({err.details.get('check', '')}): {directory}: {err.message}", file=sys.stderr)
-            if args.json:
+            if as_json:
                 emit(
                     {
                         "verified": False,
@@ -364,175 +390,23 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                 )
             return EXIT_FAILED
         reports.append((directory, report))
-    if args.json:
+    if as_json:
         emit(
-            {
-                "verified": True,
-                "logs": [{"directory": str(d), **r.to_dict()} for d, r in reports],
-                "warnings": warnings,
-            }
+            {"verified": True, "logs": [{"directory": str(d), **r.to_dict()} for d, r in reports], "warnings": warnings}
         )
         return EXIT_OK
     for directory, report in reports:
-        _print_report(report, bool(opts["witnesses"]), prefix=f"{directory}: ")
+        _print_report(report, bool(options.witnesses), prefix=f"{directory}: ")
     for w in warnings:
         print(f"  note: {w}")
     return EXIT_OK
 
 
-def _audit_releases(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every release in the state dir's logs, described from its receipt, with its verification
-    status: ``verified``, ``refused (CHECK)`` (its receipt), or ``log refused (CHECK)`` (the log)."""
-    from sealroom.audit.events import query_history
-    from sealroom.audit.receipts import receipt_sha256, verify_receipt
-    from sealroom.errors import AuditError
-
-    opts = _verify_options(args)
-    appraisal_for = opts["appraisal_for"]
-    out: list[dict[str, Any]] = []
-    for directory in _state_logs(args.state_dir):
-        export, published = _load_state_log(directory)
-        key = opts["log_key"] or published
-        try:
-            _verify_export(export, key, opts)
-            log_error = None
-        except AuditError as err:
-            log_error = err
-        entries = [e for e in export["entries"] if isinstance(e, dict) and isinstance(e.get("event"), dict)]
-        approved_at: dict[tuple[str, str], int] = {}
-        for e in entries:
-            if e.get("type") == "approved":
-                approved_at[(str(e["event"].get("query_id")), str(e["event"].get("party")))] = e.get("time_ms", 0)
-        for e in entries:
-            if e.get("type") != "released":
-                continue
-            receipt = export["receipts"].get(str(e.get("seq")))
-            status = "verified"
-            if not isinstance(receipt, dict):
-                status, receipt = "refused (receipt_missing)", {}
-            elif receipt_sha256(receipt) != e["event"].get("receipt_sha256"):
-                status = "refused (receipt_hash)"
-            else:
-                try:
-                    verify_receipt(receipt, appraisal=appraisal_for(receipt), coordinator_key=key)
-                except AuditError as err:
-                    status = f"refused ({err.details.get('check')})"
-            if status == "verified" and log_error is not None:
-                status = f"log refused ({log_error.details.get('check')})"
-            described = _describe(receipt, e, status, directory, export["origin"], approved_at)
-            # Every entry about the query: submitted, approved, revoked or lapsed, executed, released.
-            described["history"] = query_history(export, str(e["event"].get("query_id")))
-            out.append(described)
-    return out
+# --------------------------------------------------------------------------------------------------
+# sealroom audit list / show
 
 
-def _audit_events(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The refused queries and withdrawn approvals (``query_refused``, ``rejected``,
-    ``approval_revoked``, ``approval_lapsed``) in the state dir's logs, in log order per log."""
-    from sealroom.audit.events import notable_events
-
-    out: list[dict[str, Any]] = []
-    for directory in _state_logs(args.state_dir):
-        export, _ = _load_state_log(directory)
-        out += [{**ev, "log": export["origin"], "directory": str(directory)} for ev in notable_events(export)]
-    return out
-
-
-EVENT_KEYS = ("entry", "time", "type", "query_id", "party", "dataset", "analyst", "rule", "text", "log")
-
-
-def _describe(
-    receipt: dict[str, Any],
-    entry: dict[str, Any],
-    status: str,
-    directory: Path,
-    origin: str,
-    approved_at: dict[tuple[str, str], int],
-) -> dict[str, Any]:
-    """One release in words, from its receipt (defensively: a tampered receipt still gets a row)."""
-
-    def get(doc: Any, *path: str) -> Any:
-        for key in path:
-            doc = doc.get(key) if isinstance(doc, dict) else None
-        return doc
-
-    def listed(doc: Any) -> list[Any]:
-        return doc if isinstance(doc, list) else []
-
-    qid = get(receipt, "query", "id") or get(entry, "event", "query_id")
-    datasets = sorted(
-        {f"{d.get('party')}.{d.get('dataset')}" for d in listed(receipt.get("datasets")) if isinstance(d, dict)}
-    )
-    stages = []
-    for s in listed(receipt.get("stages")):
-        if not isinstance(s, dict):
-            continue
-        if s.get("kind") == "tee":
-            att = get(s, "result", "attestation") or {}
-            stages.append(
-                {
-                    "id": s.get("id"),
-                    "kind": "tee",
-                    "platform": s.get("format"),
-                    "measurement": s.get("measurement"),
-                    "simulated": s.get("simulated"),
-                    "evidence_sha256": att.get("evidence_sha256") if isinstance(att, dict) else None,
-                    "executed_at": iso_time(get(s, "result", "executed_at")),
-                }
-            )
-        else:
-            stages.append(
-                {
-                    "id": s.get("id"),
-                    "kind": "mpc",
-                    "players": [p.get("name") for p in listed(s.get("players")) if isinstance(p, dict)],
-                    "threshold": get(s, "result", "threshold"),
-                    "trust_assumption": s.get("trust_assumption"),
-                    "simulated": s.get("simulated"),
-                }
-            )
-    approvals = [
-        {
-            "party": a.get("party"),
-            "public_key": a.get("public_key"),
-            "plan_hash": a.get("plan_hash"),
-            "logged_at": iso_time(approved_at[(str(qid), str(a.get("party")))] / 1000)
-            if (str(qid), str(a.get("party"))) in approved_at
-            else None,
-        }
-        for a in listed(receipt.get("approvals"))
-        if isinstance(a, dict)
-    ]
-    suppressed = [c for c in listed(get(receipt, "disclosure", "suppressed")) if isinstance(c, dict)]
-    return {
-        "query_id": qid,
-        "released_at": iso_time(get(receipt, "timestamps", "released_at")),
-        "released_ts": get(receipt, "timestamps", "released_at"),
-        "submitted_at": iso_time(get(receipt, "timestamps", "submitted_at")),
-        "analyst": get(receipt, "query", "analyst"),
-        "sql": get(receipt, "query", "sql"),
-        "plan_hash": get(receipt, "query", "plan_hash"),
-        "datasets": datasets,
-        "parties": sorted({d.split(".", 1)[0] for d in datasets}),
-        "approvals": approvals,
-        "stages": stages,
-        "suppressed": suppressed,
-        "rules": get(receipt, "disclosure", "rules"),
-        "rows": get(receipt, "result", "rows"),
-        "columns": get(receipt, "result", "columns"),
-        "result_sha256": get(receipt, "result", "sha256"),
-        "suppressed_cells": len(suppressed),
-        "simulated": receipt.get("simulated") if receipt else get(entry, "event", "simulated"),
-        "status": status,
-        "entry": entry.get("seq"),
-        "log": origin,
-        "directory": str(directory),
-    }
-
-
-def cmd_audit_list(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
-
+def _release_filter(args: argparse.Namespace) -> ReleaseFilter:
     since = None
     if args.since:
         try:
@@ -543,35 +417,20 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
             since = since.replace(tzinfo=UTC)
     if args.dataset and args.dataset.count(".") != 1:
         raise UsageError("--dataset is PARTY.DATASET")
-    rows = []
-    for r in _audit_releases(args):
-        if since is not None and not (
-            isinstance(r["released_ts"], int | float) and r["released_ts"] >= since.timestamp()
-        ):
-            continue
-        if args.dataset and args.dataset not in r["datasets"]:
-            continue
-        if args.analyst and r["analyst"] != args.analyst:
-            continue
-        rows.append(r)
-    events = []
-    for ev in _audit_events(args):
-        if since is not None and not (type(ev["time_ms"]) is int and ev["time_ms"] >= since.timestamp() * 1000):
-            continue
-        if args.analyst and ev["analyst"] != args.analyst:
-            continue
-        if args.dataset and not (
-            (ev["party"], ev["dataset"]) == tuple(args.dataset.split("."))
-            if ev["type"] == "query_refused"
-            else ev["party"] == args.dataset.split(".")[0]
-        ):
-            continue
-        events.append(ev)
-    keys = ("query_id", "released_at", "analyst", "datasets", "rows", "suppressed_cells", "simulated", "status", "log")
+    return ReleaseFilter(since=since, dataset=args.dataset, analyst=args.analyst)
+
+
+def cmd_audit_list(args: argparse.Namespace) -> int:
+    selected = _release_filter(args)
+    options = _verify_options(args)
+    with _usage_errors():
+        logs = read_state_logs(args.state_dir)
+    rows = [r for r in audit_releases(logs, options) if selected.keeps_release(r)]
+    events = [ev for ev in audit_events(logs) if selected.keeps_event(ev)]
     if args.json:
         emit(
             {
-                "releases": [{k: r[k] for k in keys} for r in rows],
+                "releases": [{k: r[k] for k in RELEASE_KEYS} for r in rows],
                 "events": [{k: ev[k] for k in EVENT_KEYS} for ev in events],
             }
         )
@@ -595,15 +454,13 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    found = [r for r in _audit_releases(args) if r["query_id"] == args.release_id]
+    options = _verify_options(args)
+    with _usage_errors():
+        logs = read_state_logs(args.state_dir)
+    found = [r for r in audit_releases(logs, options) if r["query_id"] == args.release_id]
     if not found:
         # Not released: what the logs say about the query (refused, rejected, approvals withdrawn).
-        from sealroom.audit.events import query_history
-
-        history = []
-        for directory in _state_logs(args.state_dir):
-            export, _ = _load_state_log(directory)
-            history += [{**h, "log": export["origin"]} for h in query_history(export, args.release_id)]
+        history = query_histories(logs, args.release_id)
         print(f"sealroom: no release {args.release_id} in the logs under {args.state_dir}", file=sys.stderr)
         if args.json:
             emit({"found": False, "query_id": args.release_id, "history": history})
@@ -612,11 +469,15 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
             for h in history:
                 print(f"  {h['time']}  entry {h['entry']}: {h['text']}")
         return EXIT_FAILED
-    r = found[-1]
-    r = {k: v for k, v in r.items() if k != "released_ts"}
+    release = {k: v for k, v in found[-1].items() if k != "released_ts"}
     if args.json:
-        emit(r)
-        return EXIT_OK
+        emit(release)
+    else:
+        _print_release(release)
+    return EXIT_OK
+
+
+def _print_release(r: Mapping[str, Any]) -> None:
     print(f"release {r['query_id']} (log {r['log']}, entry {r['entry']}): {r['status'].upper()}")
     print(f"  analyst {r['analyst']}; submitted {r['submitted_at']}, released {r['released_at']}")
     print(f"  plan hash {r['plan_hash']}")
@@ -644,16 +505,17 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     print("  log history:")
     for h in r["history"]:
         print(f"    {h['time']}  entry {h['entry']}: {h['text']}")
-    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+# sealroom audit export / ropa
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
-    from sealroom.audit.report import audit_html
-    from sealroom.errors import AuditError
-
     if args.json and not args.output:
         raise UsageError("--json prints a summary of the export; give -o FILE for the export itself")
-    directories = _state_logs(args.state_dir)
+    with _usage_errors():
+        directories = state_dirs(args.state_dir)
     releases: list[dict[str, Any]] | None = None
     if args.format == "json":
         if len(directories) != 1:
@@ -661,35 +523,24 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
                 f"{args.state_dir} holds {len(directories)} coordinator logs; export one at a time with the "
                 f"--state-dir of one of: {', '.join(str(d) for d in directories)}"
             )
-        export, _ = _load_state_log(directories[0])
-        text = json.dumps(export, indent=1) + "\n"
+        with _usage_errors():
+            text = json.dumps(load_state_log(directories[0]).export, indent=1) + "\n"
     else:
-        opts = _verify_options(args)
-        logs = []
-        for directory in directories:
-            export, published = _load_state_log(directory)
-            try:
-                _verify_export(export, opts["log_key"] or published, opts)
-                status = "verified"
-            except AuditError as err:
-                status = f"refused ({err.details.get('check')}): {err.message}"
-            logs.append(
-                {
-                    "origin": export["origin"],
-                    "directory": str(directory),
-                    "entries": len(export["entries"]),
-                    "status": status,
-                }
-            )
-        releases = _audit_releases(args)
-        text = audit_html(releases, logs, _audit_events(args))
-    if args.output:
-        try:
-            Path(args.output).write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
-    else:
-        sys.stdout.write(text)
+        options = _verify_options(args)
+        with _usage_errors():
+            logs = [load_state_log(directory) for directory in directories]
+        summaries = [
+            {
+                "origin": log.origin,
+                "directory": str(log.directory),
+                "entries": len(log.export["entries"]),
+                "status": log_status(log, options),
+            }
+            for log in logs
+        ]
+        releases = audit_releases(logs, options)
+        text = audit_html(releases, summaries, audit_events(logs))
+    _write(text, args.output)
     if args.json:
         summary: dict[str, Any] = {"format": args.format, "output": args.output, "logs": [str(d) for d in directories]}
         if releases is not None:
@@ -700,76 +551,38 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 def cmd_audit_ropa(args: argparse.Namespace) -> int:
     """The record of processing of every coordinator under --state-dir (sealroom.ropa)."""
-    import sqlite3
-
-    from sealroom.audit.report import ropa_html, ropa_markdown
-    from sealroom.audit.ropa import CoordinatorState, build_ropa, read_catalog, read_declaration, ropa_json
-    from sealroom.errors import AuditError, ConfigError
-
     if args.json and not args.output and args.format != "json":
         raise UsageError("--json prints a summary of the record; give -o FILE for the record itself (or --format json)")
-    opts = _verify_options(args)
-    receipts: dict[tuple[str, Any], str] = {(r["directory"], r["entry"]): r["status"] for r in _audit_releases(args)}
-    states = []
-    for directory in _state_logs(args.state_dir):
-        export, published = _load_state_log(directory)
-        try:
-            _verify_export(export, opts["log_key"] or published, opts)
-            status = "verified"
-        except AuditError as err:
-            status = f"refused ({err.details.get('check')}): {err.message}"
-        try:
-            declaration = read_declaration(directory)
-            datasets, parties = read_catalog(directory)
-        except ConfigError as err:
-            raise UsageError(err.message) from None
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        except sqlite3.Error as exc:
-            raise UsageError(f"{directory / 'coordinator.db'}: cannot read the catalog: {exc}") from None
-        states.append(
-            CoordinatorState(
-                directory=str(directory),
-                export=export,
-                log_status=status,
-                declaration=declaration,
-                datasets=datasets,
-                parties=parties,
-                receipt_status={seq: st for (d, seq), st in receipts.items() if d == str(directory)},
-            )
-        )
+    options = _verify_options(args)
+    with _usage_errors():
+        logs = read_state_logs(args.state_dir)
+        states = ropa_states(logs, options, audit_releases(logs, options))
     doc = build_ropa(states)
     text = {"json": ropa_json, "md": ropa_markdown, "html": ropa_html}[args.format](doc)
+    _write(text, args.output)
     if not args.output:
-        sys.stdout.write(text)
         return EXIT_OK
-    try:
-        Path(args.output).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
-    gaps = sorted({g["check"] for rec in doc["records"] for g in rec["gaps"]})
-    releases = sum(rec["summary"]["releases"] for rec in doc["records"])
     if args.json:
         emit(
-            {
-                "format": args.format,
-                "output": args.output,
-                "records": [
-                    {
-                        "directory": rec["log"]["directory"],
-                        "collaboration": (rec["collaboration"] or {}).get("name"),
-                        "log_status": rec["log"]["status"],
-                        "releases": rec["summary"]["releases"],
-                        "gaps": [g["check"] for g in rec["gaps"]],
-                    }
-                    for rec in doc["records"]
-                ],
-            }
+            {"format": args.format, "output": args.output, "records": [_record_summary(rec) for rec in doc["records"]]}
         )
     else:
+        gaps = sorted({g["check"] for rec in doc["records"] for g in rec["gaps"]})
+        releases = sum(rec["summary"]["releases"] for rec in doc["records"])
         print(
             f"wrote the record of processing of {len(doc['records'])} collaboration(s), {releases} release(s), to "
             f"{args.output}" + (f"; gaps: {', '.join(gaps)}" if gaps else ""),
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+def _record_summary(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """One collaboration's line in ``audit ropa --json -o FILE``'s summary."""
+    return {
+        "directory": rec["log"]["directory"],
+        "collaboration": (rec["collaboration"] or {}).get("name"),
+        "log_status": rec["log"]["status"],
+        "releases": rec["summary"]["releases"],
+        "gaps": [g["check"] for g in rec["gaps"]],
+    }

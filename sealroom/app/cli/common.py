@@ -14,9 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from sealroom.app.cells import jsonable
 from sealroom.errors import SealroomError
 
@@ -117,38 +114,6 @@ def read_file(path: str, what: str) -> bytes:
         raise UsageError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
-def _is_hex_key(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
-
-
-def ed25519_hex(value: str, flag: str) -> str:
-    """An Ed25519 public key given as 64 hex characters, a signed-note verifier key (NAME+ID+KEY), a
-    PEM public key, or a file holding one of these; returned as hex."""
-    # Lazy: only the reviewer's commands take keys, and every other command (``sealroom enclave
-    # serve`` among them) must not load the audit room.
-    from sealroom.audit.notes import NoteVerifier
-
-    text = value.strip()
-    if not _is_hex_key(text) and "+" not in text:
-        text = read_file(value, f"{flag} key").decode("utf-8", "replace").strip()
-    if _is_hex_key(text):
-        return text.lower()
-    if text.startswith("-----BEGIN PUBLIC KEY-----"):
-        try:
-            key = serialization.load_pem_public_key(text.encode())
-        except ValueError:
-            key = None
-        if isinstance(key, Ed25519PublicKey):
-            return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
-    try:
-        return NoteVerifier.from_vkey(text).public_key.hex()
-    except ValueError:
-        raise UsageError(
-            f"{flag} must be an Ed25519 public key: 64 hex characters, a verifier key NAME+KEYID+KEY, "
-            "a PEM public key, or a file holding one"
-        ) from None
-
-
 def report_refusal(err: SealroomError, *, as_json: bool) -> str:
     """Say on stderr (and with ``as_json`` in the JSON document) that verification refused, and
     why; return the check that refused."""
@@ -157,12 +122,6 @@ def report_refusal(err: SealroomError, *, as_json: bool) -> str:
     if as_json:
         emit({"verified": False, "check": check, "reason": err.to_dict()})
     return check
-
-
-def print_refusal(args: argparse.Namespace, err: SealroomError) -> int:
-    """:func:`report_refusal` for the reviewer's commands; exit 1."""
-    report_refusal(err, as_json=args.json)
-    return EXIT_FAILED
 
 
 def iso_time(ts: Any) -> str:

@@ -30,10 +30,9 @@ from sealroom.audit.ropa import (
     Collaboration,
     CoordinatorState,
     build_ropa,
-    read_catalog,
-    read_declaration,
     ropa_json,
 )
+from sealroom.audit.state import read_catalog, read_declaration
 from sealroom.audit.store import SQLiteLogStore
 from sealroom.canonical import canonical_json
 from sealroom.errors import ConfigError
