@@ -122,9 +122,3 @@ def report_refusal(err: SealroomError, *, as_json: bool) -> str:
     if as_json:
         emit({"verified": False, "check": check, "reason": err.to_dict()})
     return check
-
-
-def iso_time(ts: Any) -> str:
-    if not isinstance(ts, int | float):
-        return "?"
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
