@@ -621,11 +621,9 @@ def column_uses(r: Resolved) -> dict[str, dict[str, frozenset[str]]]:
             if src.kind == "table":
                 add(src.branches[0].qualified, col.name, use)
                 continue
-            i = src.columns.index(col.name)
             for br in src.branches:
-                proj = expanded_projections(br)[i]
-                for c in [proj] if isinstance(proj, exp.Column) else list(proj.find_all(exp.Column)):
-                    add(br.qualified, c.name, use)
+                for name in projected_columns(src, br, col.name):
+                    add(br.qualified, name, use)
     for src in r.sources:
         for br in src.branches:
             where = br.select.args.get("where") if br.select is not None else None
@@ -644,3 +642,10 @@ def expanded_projections(branch: Branch) -> list[exp.Expression]:
         else:
             out.append(proj)
     return out
+
+
+def projected_columns(src: Source, branch: Branch, column: str) -> list[str]:
+    """The dataset columns that ``branch`` projects into the UNION ALL output ``column`` of ``src``
+    (the column itself, the columns of an expression, or none for a constant)."""
+    projection = expanded_projections(branch)[src.columns.index(column)]
+    return [c.name for c in projection.find_all(exp.Column)]

@@ -34,6 +34,7 @@ from sealroom.planning.resolve import (
     column_uses,
     expanded_projections,
     from_items,
+    projected_columns,
     query_refusal,
     resolve,
     union_selects,
@@ -378,10 +379,7 @@ def _refuse_grouping_by_units(r: Resolved, by_name: Mapping[str, InputSpec]) -> 
                 unit = by_name[br.qualified].privacy_unit
                 if src.kind == "union":
                     # The outer name may rename the unit: look at what the branch projects into it.
-                    proj = expanded_projections(br)[src.columns.index(col.name)]
-                    underlying = {
-                        c.name for c in ([proj] if isinstance(proj, exp.Column) else proj.find_all(exp.Column))
-                    }
+                    underlying = set(projected_columns(src, br, col.name))
                 else:
                     underlying = {col.name}
                 if unit is not None and unit in underlying:
