@@ -20,7 +20,8 @@ from sealroom.errors import InvalidQueryError
 from sealroom.planning.checks import check_analyst, check_no_bounded_filter, strictest_datasets
 from sealroom.planning.disclosure import check_uses
 from sealroom.planning.plan import Plan, PlanInput, TeeStage, stage_pushdown
-from sealroom.planning.sql import RESERVED_PREFIX, CompiledStage, InputSpec
+from sealroom.planning.resolve import RESERVED_PREFIX
+from sealroom.planning.sql import CompiledStage, InputSpec
 from sealroom.policy import Dominance
 
 if TYPE_CHECKING:

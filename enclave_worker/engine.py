@@ -39,7 +39,8 @@ from sqlglot.errors import SqlglotError
 
 from sealroom.duck import locked_connection
 from sealroom.errors import InvalidQueryError
-from sealroom.planning.sql import DIALECT, ROW_ID, CompiledStage, InputSpec, UnitCheck, compile_stage, order_sql
+from sealroom.planning.resolve import DIALECT
+from sealroom.planning.sql import ROW_ID, CompiledStage, InputSpec, UnitCheck, compile_stage, order_sql
 from sealroom.policy import Dominance
 
 HAVING_COLUMN = "__sr_having"

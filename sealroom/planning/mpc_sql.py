@@ -14,21 +14,18 @@ from dataclasses import dataclass
 from sqlglot import exp
 
 from sealroom.errors import InvalidQueryError
-from sealroom.planning.sql import (
+from sealroom.planning.resolve import (
     DIALECT,
-    NOT_PUSHABLE,
     OrderKey,
-    PushedFilter,
     Resolved,
     Source,
     check_branch_column,
     column_uses,
-    conjuncts,
     expanded_projections,
     query_refusal,
-    render_filter,
     resolve,
 )
+from sealroom.planning.sql import NOT_PUSHABLE, PushedFilter, conjuncts, render_filter
 
 # sqlglot aggregate class -> MPC aggregate function (sealroom.planning.mpc_spec.AGGREGATES; COUNT is handled apart).
 MPC_AGGREGATES: dict[type, str] = {

@@ -21,7 +21,8 @@ from sealroom.canonical import canonical_json
 from sealroom.errors import InvalidQueryError
 from sealroom.planning.mpc_spec import StageSpec
 from sealroom.planning.mpc_sql import MpcQuery, mpc_query
-from sealroom.planning.sql import OrderKey, Pushdown, PushedFilter, pushdown
+from sealroom.planning.resolve import OrderKey
+from sealroom.planning.sql import Pushdown, PushedFilter, pushdown
 from sealroom.policy import DatasetPolicy
 
 PLAN_VERSION = 1
