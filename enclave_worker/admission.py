@@ -1,10 +1,11 @@
 """The enclave's own check of a plan before it creates a job for it (DESIGN.md invariant 3).
 
 The enclave does not trust the coordinator's checks: from the plan alone (with the policies the
-owners signed into it) it re-checks every rule through :mod:`sealroom.planning.checks`, recomputes
-each input's pushed filter from the plan's SQL, compiles the stage itself, and derives the rules it
-will apply to every released cell. A stage that feeds an MPC stage is checked as the MPC stage's
-player instead (:meth:`enclave_worker.mpc_feed.FeedPlayer.for_stage`).
+owners signed into it) it re-checks every shared rule through :func:`sealroom.planning.checks.check_plan`
+(which recomputes each input's pushed filter from the plan's SQL, or, for a stage that feeds an MPC
+stage, checks that MPC stage against every streamed policy), compiles the stage itself, and derives
+the rules it will apply to every released cell. A stage that feeds an MPC stage joins it as a
+player instead of compiling (:meth:`enclave_worker.mpc_feed.FeedPlayer.for_stage`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from enclave_worker.config import EnclaveConfig
 from enclave_worker.engine import Bounds, compile_for_job
 from sealroom.canonical import canonical_json
 from sealroom.errors import InvalidQueryError
-from sealroom.planning.checks import check_analyst, check_no_bounded_filter, strictest_datasets
+from sealroom.planning.checks import Checker, check_plan, missing_unit, strictest_datasets
 from sealroom.planning.disclosure import check_uses
-from sealroom.planning.plan import Plan, PlanInput, TeeStage, stage_pushdown
+from sealroom.planning.plan import Plan, PlanInput, TeeStage
 from sealroom.planning.resolve import RESERVED_PREFIX
-from sealroom.planning.sql import CompiledStage, InputSpec
+from sealroom.planning.sql import CompiledStage, InputSpec, Pushdown
 from sealroom.policy import Dominance
 
 if TYPE_CHECKING:
@@ -49,21 +50,29 @@ class Admission:
 
 def admit(plan: Plan, config: EnclaveConfig) -> Admission:
     """Check ``plan`` against every owner's policy it carries; raise the refusal, or return the
-    admission (InvalidQueryError or PolicyRefusalError)."""
+    admission (InvalidQueryError or PolicyRefusalError).
+
+    First what this engine needs of a plan (one TEE stage, no input or engine table named twice,
+    sound column names, every privacy unit sent); then every shared rule, as the checker of its
+    TEE stage (:func:`sealroom.planning.checks.check_plan`, over the columns the plan declares); then
+    its own compilation of the stage and the rules it applies to every released cell."""
     stage = _single_tee_stage(plan)
-    specs = [_input_spec(plan, inp) for inp in stage.inputs]
+    specs = [_input_spec(inp) for inp in stage.inputs]
+    checker = Checker(stage=stage.id)
+    checked = check_plan(plan, checker)
     compiled: CompiledStage | None = None
     feed: FeedPlayer | None = None
     if stage.feeds is not None:
         # A stage feeding an MPC stage: the enclave computes its inputs' partials over the MPC
-        # stage's public domain and joins it as a player. The filters are recomputed for the MPC
-        # stage's query; each owner re-checked the stage against its own policy before approving,
-        # and the job runs only with every owner's approval.
+        # stage's public domain and joins it as a player. check_plan checked the MPC stage against
+        # every streamed policy, its filters recomputed for the MPC stage's query; each owner
+        # re-checked the stage against its own policy before approving, and the job runs only with
+        # every owner's approval.
         from enclave_worker.mpc_feed import FeedPlayer  # only hybrid jobs load mpc/ (never MPyC)
 
         feed = FeedPlayer.for_stage(plan, stage, host=config.mpc_host, scratch=config.mpc_scratch_dir)
     else:
-        compiled = _compile(stage, specs)
+        compiled = _compile(stage, checked.pushdowns[stage.id], specs, checker)
     k, strictest = strictest_datasets(stage.inputs)
     # Every owner's rules apply to every cell: its bounds to its measure columns, its dominance
     # rule to its privacy units. Both come from the policies the owners signed in the plan.
@@ -92,12 +101,13 @@ def _single_tee_stage(plan: Plan) -> TeeStage:
     return stage
 
 
-def _input_spec(plan: Plan, inp: PlanInput) -> InputSpec:
-    """Check one input (its analyst allowed, its privacy unit sent, its column names sound); the
-    engine's view of it."""
-    check_analyst(plan.analyst, party=inp.party, dataset=inp.dataset, policy=inp.policy)
-    unit = inp.policy.privacy_unit
-    if unit is not None and unit not in inp.columns:
+def _input_spec(inp: PlanInput) -> InputSpec:
+    """The engine's view of one input, once its privacy unit is sent and its column names are
+    sound (InvalidQueryError: the engine could not run it)."""
+    # The rule is checks.check_unit_carried's (a policy refusal); the enclave has always answered a
+    # plan without it as a query it cannot run (INVALID_ARGUMENT), and keeps that answer.
+    unit = missing_unit(inp)
+    if unit is not None:
         raise InvalidQueryError(
             f"the plan does not send the privacy unit column of {inp.qualified}",
             details={"dataset": inp.qualified, "column": unit},
@@ -109,29 +119,29 @@ def _input_spec(plan: Plan, inp: PlanInput) -> InputSpec:
             f"the plan's columns of {inp.qualified} repeat a name or use the reserved prefix {RESERVED_PREFIX}",
             details={"dataset": inp.qualified},
         )
-    return InputSpec(inp.qualified, inp.table, inp.columns, unit)
+    return InputSpec(inp.qualified, inp.table, inp.columns, inp.policy.privacy_unit)
 
 
-def _compile(stage: TeeStage, specs: list[InputSpec]) -> CompiledStage:
-    """The residual query, compiled by the enclave itself, after every owner's column rules."""
-    # The filters the parties apply must be exactly those the SQL implies (recomputed here, not
-    # taken from the coordinator); the enclave runs the rest of the query, the residual.
-    pushed = stage_pushdown(stage)
-    # The enclave compiles the stage itself: the aggregate-only check and the hidden unit counts do
-    # not depend on anything the coordinator computed.
+def _compile(stage: TeeStage, pushed: Pushdown, specs: list[InputSpec], checker: Checker) -> CompiledStage:
+    """The residual query, compiled by the enclave itself; every owner's column rules re-checked
+    on what it compiled."""
+    # ``pushed``: the filters the parties apply, recomputed from the SQL by check_plan (not taken
+    # from the coordinator), which also checked the column rules on the full query; the enclave
+    # runs the rest of the query, the residual. It compiles it itself: the aggregate-only check
+    # and the hidden unit counts do not depend on anything the coordinator computed.
     compiled = compile_for_job(pushed.residual_sql, specs)
-    # ...and re-checks every owner's column rules on the full query, pushed filters included, and
-    # on what it compiled (not the planner's word).
-    policies = {i.qualified: i.policy for i in stage.inputs}
-    names = {i.qualified: [*i.columns, *(c for c in i.filter_columns if c not in i.columns)] for i in stage.inputs}
-    check_uses(pushed.uses, policies, names)
-    check_uses(compiled.uses, policies, names)
+    # ...and re-checks every owner's column rules on what it compiled (not the planner's word).
+    check_uses(
+        compiled.uses,
+        {i.qualified: i.policy for i in stage.inputs},
+        {i.qualified: checker.columns_of(i) for i in stage.inputs},
+    )
     return compiled
 
 
 def _clamps(stage: TeeStage) -> tuple[dict[str, dict[str, Bounds]], list[dict[str, object]]]:
     """Every input's measure bounds (engine table -> column -> bounds, and as the result document
-    lists them); refuses an owner-side filter on a bounded column."""
+    lists them)."""
     clamps: dict[str, dict[str, Bounds]] = {}
     clamped: list[dict[str, object]] = []
     for inp in stage.inputs:
@@ -140,7 +150,6 @@ def _clamps(stage: TeeStage) -> tuple[dict[str, dict[str, Bounds]], list[dict[st
             if rule.role == "measure" and (rule.min is not None or rule.max is not None):
                 clamps.setdefault(inp.table, {})[column] = (rule.min, rule.max)
                 clamped.append({"dataset": inp.qualified, "column": column, "min": rule.min, "max": rule.max})
-        check_no_bounded_filter(inp)
     return clamps, clamped
 
 

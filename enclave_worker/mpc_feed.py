@@ -39,9 +39,7 @@ from mpc.partials import Partials, local_partials
 from mpc.result import MpcResult
 from mpc.session import PlayerProcess, bounded_timeout, free_ports, player_addresses
 from mpc.tls import PlayerIdentity, PlayerOffer, identity_keys
-from sealroom.errors import InvalidQueryError, JobFailedError, MpcError, PolicyRefusalError
-from sealroom.planning.checks import stage_consistency_violation, stage_rule_violation
-from sealroom.planning.disclosure import check_uses
+from sealroom.errors import InvalidQueryError, JobFailedError, MpcError
 from sealroom.planning.mpc_spec import StageSpec
 from sealroom.planning.plan import (
     EnclaveHolder,
@@ -51,9 +49,7 @@ from sealroom.planning.plan import (
     TeeStage,
     mpc_player_keys,
     mpc_session,
-    mpc_stage_query,
 )
-from sealroom.planning.sql import UNION_UNIT
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +76,12 @@ class FeedPlayer:
 
     @classmethod
     def for_stage(cls, plan: Plan, stage: TeeStage, *, host: str, scratch: Path) -> FeedPlayer:
-        """Check that ``stage`` feeds an MPC stage of ``plan`` as exactly one input-holding player,
-        that every input's filter is the one the SQL implies (recomputed here, for the MPC stage's
-        query, not taken from the coordinator), and that the MPC stage applies the rules of every
-        dataset streamed to this enclave (as its owner's agent checks before approving): k, privacy
-        units, bounds, dominance, column roles, at most t helper players. Raises InvalidQueryError
-        or PolicyRefusalError."""
-        q = mpc_stage_query(plan, stage)
+        """Check that ``stage`` feeds an MPC stage of ``plan`` as exactly one input-holding player
+        (the enclave's), in the MPC stage's own session, among players whose identities the plan
+        names. Whether the MPC stage applies the rules of every dataset streamed to this enclave
+        (k, privacy units, bounds, dominance, column roles, at most t helper players; its filters
+        recomputed for its query) is :func:`sealroom.planning.checks.check_plan`'s, which
+        :func:`enclave_worker.admission.admit` runs first. Raises InvalidQueryError."""
         target = plan.fed_stage(stage)
         spec = target.spec
         mine = [i for i, h in target.holders.items() if isinstance(h, EnclaveHolder) and h.stage == stage.id]
@@ -103,27 +98,6 @@ class FeedPlayer:
         if spec.session_id != f"{plan.query_id}-{target.id}":
             raise InvalidQueryError("plan is inconsistent: the MPC stage's session is not its own")
         mpc_player_keys(plan, target)  # every other player has an identity the enclave can check
-        # It computes what the SQL says, over the domain the policies declare. (COUNT(col) may run as
-        # COUNT(*) where the planner saw no NULL: the enclave cannot see the registered schemas, and
-        # counting rows instead of values discloses nothing more.)
-        every = plan.mpc_inputs(target)
-        violation = stage_consistency_violation(target, spec, q, every, count_star=lambda _col: True)
-        if violation is not None:
-            raise PolicyRefusalError(violation[0], details={"stage": target.id, "rule": violation[1], **violation[2]})
-        for inp in stage.inputs:
-            violation = stage_rule_violation(
-                spec, inp.policy, dataset=inp.qualified, columns=inp.columns, unit_column=UNION_UNIT
-            )
-            if violation is not None:
-                message, rule, details = violation
-                raise PolicyRefusalError(
-                    message, details={"party": inp.party, "dataset": inp.dataset, "rule": rule, **details}
-                )
-        check_uses(
-            {i.qualified: q.uses.get(i.qualified, {}) for i in stage.inputs},
-            {i.qualified: i.policy for i in stage.inputs},
-            {i.qualified: [*i.columns, *(c for c in i.filter_columns if c not in i.columns)] for i in stage.inputs},
-        )
         check_scratch(scratch)  # before any data arrives
         return cls(plan, stage, target, spec, mine[0], host, scratch)
 

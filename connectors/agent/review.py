@@ -1,5 +1,9 @@
 """A data owner's review of a plan: every check its agent runs before it signs (or holds for its
 owner) a plan that reads its data. Raises the refusal, naming the party, dataset, column and rule.
+
+The rules every checker shares (analysts, privacy units, bounds, column roles, what each stage
+computes, each MPC stage's k, units, bounds and dominance) are :func:`sealroom.planning.checks.check_plan`'s,
+run as this owner's checker; what is here is what only an owner checks on top.
 """
 
 from __future__ import annotations
@@ -11,23 +15,9 @@ import pyarrow as pa
 
 from connectors.witness import LogWitness
 from sealroom.errors import ApprovalError, InvalidQueryError, PolicyRefusalError
-from sealroom.planning.checks import check_analyst, check_stage_k, stage_consistency_violation, stage_rule_violation
-from sealroom.planning.disclosure import check_uses
-from sealroom.planning.mpc_sql import MpcQuery
-from sealroom.planning.plan import (
-    EnclaveHolder,
-    HelperHolder,
-    MpcStage,
-    PartyHolder,
-    Plan,
-    PlanInput,
-    Stage,
-    TeeStage,
-    mpc_player_keys,
-    mpc_stage_query,
-    stage_pushdown,
-)
-from sealroom.planning.sql import UNION_UNIT
+from sealroom.planning import checks
+from sealroom.planning.checks import Checker, check_stage_k
+from sealroom.planning.plan import EnclaveHolder, HelperHolder, MpcStage, PartyHolder, Plan, PlanInput, mpc_player_keys
 from sealroom.policy import DatasetPolicy
 
 
@@ -44,7 +34,29 @@ class Owner:
 
 
 def check_plan(owner: Owner, plan: Plan) -> list[PlanInput]:
-    """Every policy check of a plan; return this party's inputs. Raises the refusal."""
+    """Every check of a plan before this owner signs it; return this party's inputs. Raises the
+    refusal.
+
+    This owner's own checks come first (the plan reads its data under its key, carries its current
+    policies, names only registered columns); then every shared rule
+    (:func:`sealroom.planning.checks.check_plan`, as this owner's checker over its registered
+    schemas); then what only an owner checks: no stage's minimum group size weaker than its
+    inputs' policies, and the players and holders of every MPC stage its data goes to."""
+    me = owner.name
+    mine = _own_inputs(owner, plan)
+    checked = checks.check_plan(plan, _checker(owner, mine))
+    for stage in plan.stages:
+        check_stage_k(stage, party=me)
+    for mpc in plan.mpc_stages():
+        if mpc.id in checked.mpc_queries:  # this party's data goes to it (directly, or through an enclave)
+            check_mpc_stage(owner, plan, mpc)
+    return mine
+
+
+def _own_inputs(owner: Owner, plan: Plan) -> list[PlanInput]:
+    """This party's inputs, once the plan names this agent's key, carries each of its datasets'
+    current policy (same digest: the shared rules then read the owner's own policy) and names only
+    columns the dataset registers. Raises the refusal."""
     me = owner.name
     mine = [i for i in plan.inputs() if i.party == me]
     if not mine:
@@ -67,44 +79,34 @@ def check_plan(owner: Owner, plan: Plan) -> list[PlanInput]:
                 "current policy; re-plan the query",
                 details={**where, "rule": "policy_digest"},
             )
-        # The owner's current policy (its digest is the plan's, checked above).
-        check_analyst(plan.analyst, party=me, dataset=inp.dataset, policy=policy)
         schema = owner.schemas[inp.dataset]
         for col in (*inp.columns, *inp.filter_columns):
             if col not in schema.names:
                 raise PolicyRefusalError(f"{me}.{inp.dataset} has no column {col}", details={**where, "column": col})
-        if policy.privacy_unit and policy.privacy_unit not in inp.columns:
-            raise PolicyRefusalError(
-                f"the plan does not carry the privacy unit of {me}.{inp.dataset}, so the enclave could "
-                "not enforce the minimum group size",
-                details={**where, "column": policy.privacy_unit, "rule": "privacy_unit"},
-            )
-    for stage in plan.stages:
-        check_stage_k(stage, party=me)
-        if isinstance(stage, MpcStage) or stage.feeds is not None:
-            if any(i.party == me for i in stage.inputs):
-                check_mpc_stage(owner, plan, stage)
-        elif any(i.party == me for i in stage.inputs):
-            # The filter this agent will run on its rows must be the one the SQL it signs implies,
-            # and so must every other party's: otherwise the plan would not compute that SQL.
-            stage_pushdown(stage)
     return mine
 
 
-def check_mpc_stage(owner: Owner, plan: Plan, stage: Stage) -> None:
-    """Re-check an MPC stage this party's data goes to (directly, or through the TEE stage feeding
-    it) against this owner's own policies: it computes what the plan's SQL implies (filters,
-    aggregates, group columns, release), k is at least each of its datasets' min_group_size and
-    counts its privacy units, the measures' bounds lie inside its declared bounds, its columns are
-    used only as their roles allow, the group domain is exactly what the involved policies
-    declare, its datasets go to an enclave only where its policy allows and otherwise are held by
-    its own player only, and the players and holders agree with the spec. Raises the refusal."""
-    q = mpc_stage_query(plan, stage)
-    target = plan.fed_stage(stage) if isinstance(stage, TeeStage) else stage
-    refusal = _Refusal(owner.name, target.id)
-    _check_computation(owner, plan, target, q, refusal)
-    _check_players(owner, plan, target, refusal)
-    _check_holders(owner, plan, target, refusal)
+def _checker(owner: Owner, mine: list[PlanInput]) -> Checker:
+    """This owner as a checker of the shared rules: it answers for its own inputs, over their
+    registered schemas."""
+    schemas = {i.qualified: owner.schemas[i.dataset] for i in mine}
+
+    # COUNT(col) may run as COUNT(*) only where col can hold no NULL (checked here for this party's
+    # own datasets; the planner checked every registered schema).
+    def count_star(col: str) -> bool:
+        return not any(s.field(col).nullable for s in schemas.values() if col in s.names)
+
+    return Checker(party=owner.name, columns={q: s.names for q, s in schemas.items()}, count_star=count_star)
+
+
+def check_mpc_stage(owner: Owner, plan: Plan, stage: MpcStage) -> None:
+    """What only an owner checks of an MPC stage its data goes to (directly, or through the TEE
+    stage feeding it), on top of the shared rules: its datasets go to an enclave only where its
+    policy allows and otherwise are held by its own player only, and the players and holders agree
+    with the spec (a helper under the coordinator's key). Raises the refusal."""
+    refusal = _Refusal(owner.name, stage.id)
+    _check_players(owner, plan, stage, refusal)
+    _check_holders(owner, plan, stage, refusal)
 
 
 @dataclass(frozen=True)
@@ -116,42 +118,6 @@ class _Refusal:
 
     def __call__(self, message: str, rule: str, **details: object) -> PolicyRefusalError:
         return PolicyRefusalError(message, details={"party": self.party, "stage": self.stage, "rule": rule, **details})
-
-
-def _check_computation(owner: Owner, plan: Plan, stage: MpcStage, q: MpcQuery, refuse: _Refusal) -> None:
-    """What the stage computes is what the SQL this owner signs implies, over the domain the
-    involved policies (carried in the plan, digests checked) declare, under this owner's rules
-    (k, privacy units, bounds) and column roles."""
-    me = owner.name
-    every = plan.mpc_inputs(stage)
-    mine = [i for i in every if i.party == me]
-
-    # COUNT(col) may run as COUNT(*) only where col can hold no NULL (checked here for this party's
-    # own datasets; the planner checked every registered schema).
-    def count_star(col: str) -> bool:
-        return not any(
-            owner.schemas[i.dataset].field(col).nullable for i in mine if col in owner.schemas[i.dataset].names
-        )
-
-    violation = stage_consistency_violation(stage, stage.spec, q, every, count_star=count_star)
-    if violation is not None:
-        raise refuse(violation[0], violation[1], **violation[2])
-    for inp in mine:
-        violation = stage_rule_violation(
-            stage.spec,
-            owner.policies[inp.dataset],
-            dataset=f"{me}.{inp.dataset}",
-            columns=owner.schemas[inp.dataset].names,
-            unit_column=UNION_UNIT,
-        )
-        if violation is not None:
-            message, rule, details = violation
-            raise refuse(message, rule, dataset=inp.dataset, **details)
-    check_uses(
-        {i.qualified: q.uses.get(i.qualified, {}) for i in mine},
-        {i.qualified: owner.policies[i.dataset] for i in mine},
-        {i.qualified: owner.schemas[i.dataset].names for i in mine},
-    )
 
 
 def _check_players(owner: Owner, plan: Plan, stage: MpcStage, refuse: _Refusal) -> None:

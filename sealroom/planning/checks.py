@@ -2,8 +2,9 @@
 message per rule.
 
 The planner (:mod:`coordinator.planner`), each owner's agent (:mod:`connectors.agent.review`) and
-the enclave (:meth:`enclave_worker.jobs.JobRegistry.create`, :mod:`enclave_worker.mpc_feed`) all
-call :func:`check_plan`, so a rule cannot read one way in one place and another way in the next,
+the enclave (:func:`enclave_worker.admission.admit`, called by
+:meth:`enclave_worker.jobs.JobRegistry.create`, also for a stage feeding an MPC stage) all call
+:func:`check_plan`, so a rule cannot read one way in one place and another way in the next,
 and a policy change changes every verdict at once::
 
     checked = check_plan(plan, Checker(party="bank_a", columns=..., count_star=...))  # an agent
@@ -33,7 +34,9 @@ Policies are those the plan carries (covered by its hash and every owner's signa
 checks that each carried policy of its own is its owner's current one (same digest); what a checker
 knows beyond that it adds on top, never as a second version of a rule: the agent its registered
 schemas, its players and holders and its minimum group size on every stage (:func:`check_stage_k`);
-the enclave what it compiles itself and the strictest k it applies (:func:`strictest_datasets`).
+the enclave what its engine needs of a plan (each privacy unit sent, :func:`missing_unit`,
+answered as a query it cannot run; sound column and table names), what it compiles itself and the
+strictest k it applies (:func:`strictest_datasets`).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ __all__ = [
     "check_plan",
     "check_stage_k",
     "check_unit_carried",
+    "missing_unit",
     "stage_consistency_violation",
     "stage_rule_violation",
     "strictest_datasets",
@@ -168,7 +172,7 @@ def check_mpc_stage_rules(plan: Plan, stage: MpcStage, checker: Checker) -> MpcQ
     PolicyRefusalError (details: the checking party if any, the stage, the rule) or InvalidQueryError."""
     q = mpc_stage_query(plan, stage)
     checking = {"party": checker.party} if checker.party is not None else {}
-    violation = stage_consistency_violation(stage, stage.spec, q, plan.mpc_inputs(stage), count_star=checker.count_star)
+    violation = stage_consistency_violation(stage, q, plan.mpc_inputs(stage), count_star=checker.count_star)
     if violation is not None:
         raise violation.refusal(**checking, stage=stage.id)
     mine = [i for s in _with_feeding(plan, stage) for i in s.inputs if checker.answers_for(s, i)]
@@ -224,11 +228,17 @@ def check_analyst(analyst: str, *, party: str, dataset: str, policy: DatasetPoli
     )
 
 
-def check_unit_carried(inp: PlanInput) -> None:
-    """Refuse (rule ``privacy_unit``) an input that does not carry its policy's privacy unit column:
-    without it the minimum group size could not be counted in distinct units."""
+def missing_unit(inp: PlanInput) -> str | None:
+    """The privacy unit column ``inp``'s policy names and the plan does not carry, or None."""
     unit = inp.policy.privacy_unit
-    if unit is not None and unit not in inp.columns:
+    return unit if unit is not None and unit not in inp.columns else None
+
+
+def check_unit_carried(inp: PlanInput) -> None:
+    """Refuse (rule ``privacy_unit``) an input that does not carry its policy's privacy unit column
+    (:func:`missing_unit`): without it the minimum group size could not be counted in distinct units."""
+    unit = missing_unit(inp)
+    if unit is not None:
         raise PolicyRefusalError(
             f"the plan does not carry the privacy unit of {inp.qualified}, so the enclave could "
             "not enforce the minimum group size",
@@ -338,15 +348,15 @@ def _unit_violation(
 
 
 def stage_consistency_violation(
-    stage: MpcStage, spec: StageSpec, q: MpcQuery, inputs: Sequence[PlanInput], *, count_star: Callable[[str], bool]
+    stage: MpcStage, q: MpcQuery, inputs: Sequence[PlanInput], *, count_star: Callable[[str], bool]
 ) -> Violation | None:
     """The first way MPC stage ``stage`` does not compute what its SQL implies (``q``:
     :func:`sealroom.planning.plan.mpc_stage_query`), or None: more helper players than may collude
     (the coordinator runs them all), the group columns, the aggregates (``count_star(col)``: whether
     COUNT(col) may run as COUNT(*), i.e. col holds no NULL), the release (outputs, HAVING, ORDER BY,
     LIMIT), and the group domain, which must be exactly what the policies of ``inputs`` (every input
-    of the stage and of the stages feeding it, as the plan carries them) declare. ``spec`` is
-    ``stage.spec``."""
+    of the stage and of the stages feeding it, as the plan carries them) declare."""
+    spec = stage.spec
     # The coordinator runs every helper player: with more than t of them it would hold enough shares
     # to reconstruct the owners' partials (t + 1 colluding players learn every input).
     helpers = [p.name for p in spec.players if not p.holds_input]

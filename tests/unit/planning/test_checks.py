@@ -1,6 +1,7 @@
 """One home per rule: the planner, an owner's agent and the enclave check a plan against the owners'
-policies with the same functions (:mod:`sealroom.planning.checks`), so one policy change changes all
-three verdicts, with the same rule and the same message."""
+policies with the same entry point (:func:`sealroom.planning.checks.check_plan`), so one policy
+change changes all three verdicts, with the same rule and the same message, and so does a change to
+any rule function of :mod:`sealroom.planning.checks`, on a TEE plan and on a hybrid one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pyarrow.parquet as pq
 import pytest
@@ -19,8 +21,10 @@ from enclave_worker.jobs import JobRegistry
 from sealroom.attestation import dev_init
 from sealroom.errors import PolicyRefusalError
 from sealroom.keys import generate_signing_key
+from sealroom.planning import checks
+from sealroom.planning.checks import Checker, Violation, check_plan
 from sealroom.planning.plan import Plan
-from sealroom.policy import DatasetPolicy, TrustPolicy
+from sealroom.policy import DatasetPolicy, DatasetTrust, TrustPolicy
 from tests.harness.enclave import PartyData, make_party, make_plan, secret_loans
 
 SQL = (
@@ -50,12 +54,12 @@ def _parties(a_policy: DatasetPolicy) -> tuple[PartyData, PartyData]:
 
 
 def _agent(tmp_path: Path, party: PartyData) -> PartyAgent:
-    """bank_a's real agent, holding ``party``'s current policy and key."""
+    """``party``'s real agent, holding its current policy and key."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "bank_a.parquet"
+    path = tmp_path / f"{party.name}.parquet"
     pq.write_table(party.tables["loans"], path)
     config = PartyConfig(
-        name="bank_a",
+        name=party.name,
         coordinator="127.0.0.1:9",
         signing_key=tmp_path / "unused.key",
         trust=TrustPolicy(),
@@ -120,8 +124,6 @@ def test_one_policy_change_changes_the_planner_the_agent_and_the_enclave(tmp_pat
 def test_check_plan_answers_for_the_checkers_inputs_only():
     """check_plan runs the shared rules over the inputs its checker answers for: an agent its own
     owner's, an enclave its stage's, the planner every input."""
-    from sealroom.planning.checks import Checker, check_plan
-
     a, b = _parties(POLICY)
     plan = make_plan(SQL, [a, b])
     checked = check_plan(plan, Checker())
@@ -133,3 +135,114 @@ def test_check_plan_answers_for_the_checkers_inputs_only():
     for checker in (Checker(), Checker(party="bank_a"), Checker(stage="s1")):
         assert _refusal(lambda c=checker: check_plan(edited, c)).details["rule"] == "analysts"
     assert not check_plan(edited, Checker(stage="s2")).pushdowns  # no such stage: nothing to answer for
+
+
+# --------------------------------------------------------------------------------------------
+# A rule changed in sealroom.planning.checks changes every checker's verdict
+
+CHANGED = "a rule of sealroom.planning.checks, changed"
+
+
+def _refuse(*_args: object, **_kwargs: object) -> NoReturn:
+    """A rule that refuses whatever it is asked (a changed check_* function)."""
+    raise PolicyRefusalError(CHANGED, details={"rule": "changed"})
+
+
+def _violated(*_args: object, **_kwargs: object) -> Violation:
+    """A rule that every MPC stage breaks (a changed *_violation function)."""
+    return Violation(CHANGED, "changed")
+
+
+def _verdicts(checkers: list[Callable[[], object]]) -> set[tuple[object, str]]:
+    """The (rule, message) of each checker's refusal."""
+    return {(r.details["rule"], r.message) for r in map(_refusal, checkers)}
+
+
+@pytest.mark.parametrize(
+    ("rule", "changed"),
+    [
+        ("check_analyst", _refuse),
+        ("check_unit_carried", _refuse),
+        ("check_no_bounded_filter", _refuse),
+        ("check_uses", _refuse),
+    ],
+)
+def test_a_changed_rule_changes_every_verdict_on_a_tee_plan(
+    tmp_path: Path, registry: JobRegistry, monkeypatch: pytest.MonkeyPatch, rule: str, changed: Callable[..., object]
+):
+    """The planner, bank_a's agent and the enclave accept the plan; with one rule function of
+    sealroom.planning.checks changed, all three refuse it through check_plan, with its rule and
+    message."""
+    a, b = _parties(POLICY)
+    plan = make_plan(SQL, [a, b])
+    agent = _agent(tmp_path, a)
+    assert agent.review(plan.to_json())[1] is not None
+    assert registry.create(plan.to_json()).min_group_size == 2
+
+    monkeypatch.setattr(checks, rule, changed)
+    verdicts = _verdicts(
+        [
+            lambda: make_plan(SQL, [a, b]),
+            lambda: agent.review(plan.to_json()),
+            lambda: registry.create(plan.to_json()),
+        ]
+    )
+    assert verdicts == {("changed", CHANGED)}
+
+
+HYBRID_SQL = (
+    "SELECT segment, COUNT(*) AS n, SUM(exposure) AS total FROM (SELECT * FROM bank_a.loans UNION ALL "
+    "SELECT * FROM bank_b.loans) t GROUP BY segment"
+)
+
+
+def _hybrid_policy(trust: DatasetTrust | None = None) -> DatasetPolicy:
+    """The banks' policy for the hybrid plan: declared segments and bounded exposures (an MPC stage
+    needs both)."""
+    policy = DatasetPolicy.from_dict(
+        {
+            "privacy_unit": "customer_id",
+            "min_group_size": 2,
+            "columns": {
+                "customer_id": "join_key",
+                "segment": {"role": "dimension", "values": ["seg-0", "seg-1", "seg-2", "seg-3"]},
+                "exposure": {"role": "measure", "aggregates": ["sum", "avg"], "min": 0, "max": 1000},
+            },
+        }
+    )
+    return dataclasses.replace(policy, trust=trust) if trust is not None else policy
+
+
+@pytest.mark.parametrize(
+    ("rule", "changed"),
+    [
+        ("stage_consistency_violation", _violated),
+        ("stage_rule_violation", _violated),
+        ("check_uses", _refuse),
+    ],
+)
+def test_a_changed_rule_changes_every_verdict_on_a_hybrid_plan(
+    tmp_path: Path, registry: JobRegistry, monkeypatch: pytest.MonkeyPatch, rule: str, changed: Callable[..., object]
+):
+    """bank_a keeps its data out of any enclave (its own MPC player), bank_b streams to the enclave
+    feeding the MPC stage. The planner, both agents and the enclave accept the plan; with one MPC
+    rule of sealroom.planning.checks changed, all four refuse it through check_plan."""
+    helper = generate_signing_key().public_key().public_bytes_raw().hex()  # the coordinator's helper player
+    a = make_party("bank_a", secret_loans(30), policy=_hybrid_policy(DatasetTrust(mpc_only=True)), key=KEYS["bank_a"])
+    b = make_party("bank_b", secret_loans(30), policy=_hybrid_policy(), key=KEYS["bank_b"])
+    plan = make_plan(HYBRID_SQL, [a, b], helper_key=helper)
+    assert [type(s).__name__ for s in plan.stages] == ["TeeStage", "MpcStage"]
+    agents = [_agent(tmp_path / p.name, p) for p in (a, b)]
+    for agent in agents:
+        assert agent.review(plan.to_json())[1] is not None
+    registry.create(plan.to_json())
+
+    monkeypatch.setattr(checks, rule, changed)
+    verdicts = _verdicts(
+        [
+            lambda: make_plan(HYBRID_SQL, [a, b], helper_key=helper),
+            *(lambda agent=agent: agent.review(plan.to_json()) for agent in agents),
+            lambda: registry.create(plan.to_json()),
+        ]
+    )
+    assert verdicts == {("changed", CHANGED)}
