@@ -91,7 +91,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_cycle_between_modules() -> None:
-    assert cycles(import_graph()) == []
+    graph = import_graph()
+    # not a vacuous pass: the graph has the arrows, lazy and package ones included
+    assert "sealroom.attestation.appraisal" in graph["sealroom.attestation.hardware"]
+    assert "coordinator.servicer" in graph["sealroom.app.cli.serve"]
+    assert "connectors.agent.party" in graph["connectors.agent"]
+    assert cycles(graph) == []
 
 
 def test_the_cycle_finder_finds_cycles() -> None:
