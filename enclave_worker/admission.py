@@ -155,7 +155,7 @@ def _clamps(stage: TeeStage) -> tuple[dict[str, dict[str, Bounds]], list[dict[st
 
 def _feed_rules(feed: FeedPlayer) -> tuple[int, dict[str, object]]:
     """What applies to a feeding job is the MPC stage's rule (checked against every streamed policy
-    in FeedPlayer.for_stage), inside the MPC: say that, not the TEE path's rules it does not run."""
+    by check_plan in admit), inside the MPC: say that, not the TEE path's rules it does not run."""
     spec = feed.spec
     return spec.min_group_size, {
         "min_group_size": spec.min_group_size,
