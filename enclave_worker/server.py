@@ -31,7 +31,9 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
     def __init__(self, registry: JobRegistry):
         self.registry = registry
 
-    def GetInfo(self, request, context):  # noqa: N802
+    def GetInfo(  # noqa: N802
+        self, request: common_pb2.Empty, context: grpc.ServicerContext
+    ) -> enclave_pb2.EnclaveInfo:
         attester = self.registry.attester
         return enclave_pb2.EnclaveInfo(
             measurement=attester.measurement,
@@ -42,13 +44,17 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
             memory_limit_bytes=self.registry.config.memory_limit_bytes,
         )
 
-    def CreateJob(self, request, context):  # noqa: N802
+    def CreateJob(  # noqa: N802
+        self, request: enclave_pb2.CreateJobRequest, context: grpc.ServicerContext
+    ) -> enclave_pb2.CreateJobResponse:
         job = self.registry.create(request.plan_json)
         return enclave_pb2.CreateJobResponse(
             job_id=job.id, hpke_public_key=job.hpke_public, signing_public_key=job.signing_public, job_token=job.token
         )
 
-    def Attest(self, request, context):  # noqa: N802
+    def Attest(  # noqa: N802
+        self, request: enclave_pb2.AttestRequest, context: grpc.ServicerContext
+    ) -> enclave_pb2.AttestResponse:
         evidence, job = self.registry.attest(request.job_id, request.nonce)
         return enclave_pb2.AttestResponse(
             evidence=evidence.to_bytes(),
@@ -56,12 +62,16 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
             signing_public_key=job.signing_public,
         )
 
-    def Execute(self, request, context):  # noqa: N802
+    def Execute(  # noqa: N802
+        self, request: enclave_pb2.ExecuteRequest, context: grpc.ServicerContext
+    ) -> enclave_pb2.ExecuteResponse:
         approvals = {a.party: (a.plan_hash, bytes(a.signature)) for a in request.approvals}
         out = self.registry.execute(request.job_id, approvals, bytes(request.job_token))
         return enclave_pb2.ExecuteResponse(**out)
 
-    def PrepareMpc(self, request, context):  # noqa: N802
+    def PrepareMpc(  # noqa: N802
+        self, request: enclave_pb2.EnclavePrepareMpcRequest, context: grpc.ServicerContext
+    ) -> enclave_pb2.EnclavePrepareMpcResponse:
         approvals = {a.party: (a.plan_hash, bytes(a.signature)) for a in request.approvals}
         out = self.registry.prepare_mpc(
             request.job_id, request.stage_id, request.index, approvals, bytes(request.job_token)
@@ -73,7 +83,9 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
             evidence=out["evidence"],
         )
 
-    def RunMpc(self, request, context):  # noqa: N802
+    def RunMpc(  # noqa: N802
+        self, request: enclave_pb2.EnclaveRunMpcRequest, context: grpc.ServicerContext
+    ) -> party_pb2.MpcOutcome:
         offers = [
             {"index": o.index, "offer_json": o.offer_json, "host": o.host, "port": o.port} for o in request.offers
         ]
@@ -86,7 +98,9 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
         )
         return party_pb2.MpcOutcome(result_json=result_json, signature=signature)
 
-    def AbortJob(self, request, context):  # noqa: N802
+    def AbortJob(  # noqa: N802
+        self, request: enclave_pb2.JobRef, context: grpc.ServicerContext
+    ) -> common_pb2.Empty:
         self.registry.abort(request.job_id, bytes(request.job_token))
         return common_pb2.Empty()
 

@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+import grpc
+
 from connectors.agent.approvals import OwnerDecision
 from connectors.agent.config import PartyConfig
 from connectors.agent.party import PartyAgent
@@ -27,7 +29,9 @@ class PartyServicer(party_pb2_grpc.PartyAgentServicer):
     def __init__(self, agent: PartyAgent):
         self.agent = agent
 
-    def ReviewPlan(self, request, context):  # noqa: N802
+    def ReviewPlan(  # noqa: N802
+        self, request: party_pb2.ReviewPlanRequest, context: grpc.ServicerContext
+    ) -> party_pb2.ReviewPlanResponse:
         try:
             plan_hash, signature, expires_at = self.agent.review(request.plan_json)
         except SealroomError as err:
@@ -38,28 +42,40 @@ class PartyServicer(party_pb2_grpc.PartyAgentServicer):
             approved=True, plan_hash=plan_hash, signature=signature, expires_at=expires_at
         )
 
-    def Contribute(self, request, context):  # noqa: N802
+    def Contribute(  # noqa: N802
+        self, request: party_pb2.ContributeRequest, context: grpc.ServicerContext
+    ) -> party_pb2.ContributeResponse:
         out = self.agent.contribute(request.plan_json, request.job_id, request.enclave_address)
         return party_pb2.ContributeResponse(
             uploads=out.uploads, claims_json=json.dumps(out.claims.to_json_dict()).encode()
         )
 
-    def GetProgress(self, request, context):  # noqa: N802
+    def GetProgress(  # noqa: N802
+        self, request: party_pb2.ProgressRequest, context: grpc.ServicerContext
+    ) -> party_pb2.ProgressResponse:
         return party_pb2.ProgressResponse(streams=[c.to_proto() for c in self.agent.progress(request.job_id)])
 
-    def PrepareMpc(self, request, context):  # noqa: N802
+    def PrepareMpc(  # noqa: N802
+        self, request: party_pb2.PrepareMpcRequest, context: grpc.ServicerContext
+    ) -> party_pb2.MpcOffer:
         return self.agent.mpc_players.prepare(request.plan_json, request.stage_id, request.index)
 
-    def RunMpc(self, request, context):  # noqa: N802
+    def RunMpc(  # noqa: N802
+        self, request: party_pb2.RunMpcRequest, context: grpc.ServicerContext
+    ) -> party_pb2.MpcOutcome:
         # A cancelled call (the coordinator ends the stage: another player failed) stops the player.
         return self.agent.mpc_players.run(request, on_cancel=context.add_callback)
 
-    def GetInfo(self, request, context):  # noqa: N802
+    def GetInfo(  # noqa: N802
+        self, request: common_pb2.Empty, context: grpc.ServicerContext
+    ) -> common_pb2.PartyInfo:
         return common_pb2.PartyInfo(
             name=self.agent.config.name, signing_public_key=bytes.fromhex(self.agent.public_key_hex)
         )
 
-    def ListPending(self, request, context):  # noqa: N802
+    def ListPending(  # noqa: N802
+        self, request: common_pb2.Empty, context: grpc.ServicerContext
+    ) -> party_pb2.ListPendingResponse:
         return party_pb2.ListPendingResponse(
             plans=[
                 party_pb2.PendingPlan(
@@ -78,13 +94,19 @@ class PartyServicer(party_pb2_grpc.PartyAgentServicer):
             ]
         )
 
-    def Approve(self, request, context):  # noqa: N802
+    def Approve(  # noqa: N802
+        self, request: party_pb2.OwnerCommand, context: grpc.ServicerContext
+    ) -> party_pb2.OwnerCommandResponse:
         return _decision(self.agent.approve(request))
 
-    def Reject(self, request, context):  # noqa: N802
+    def Reject(  # noqa: N802
+        self, request: party_pb2.OwnerCommand, context: grpc.ServicerContext
+    ) -> party_pb2.OwnerCommandResponse:
         return _decision(self.agent.reject(request))
 
-    def Revoke(self, request, context):  # noqa: N802
+    def Revoke(  # noqa: N802
+        self, request: party_pb2.OwnerCommand, context: grpc.ServicerContext
+    ) -> party_pb2.OwnerCommandResponse:
         return _decision(self.agent.revoke(request))
 
 
