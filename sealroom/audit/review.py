@@ -23,6 +23,7 @@ from cryptography import x509
 
 from sealroom.attestation import AppraisalPolicy
 from sealroom.audit.events import notable_events, query_history
+from sealroom.audit.jsondoc import at_path, listed
 from sealroom.audit.notes import NoteVerifier, SignedCheckpoint
 from sealroom.audit.receipts import receipt_sha256, verify_receipt
 from sealroom.audit.ropa import CoordinatorState
@@ -237,16 +238,6 @@ def query_histories(logs: Sequence[StateLog], query_id: str) -> list[dict[str, A
     return [{**h, "log": log.origin} for log in logs for h in query_history(log.export, query_id)]
 
 
-def _get(doc: Any, *path: str) -> Any:
-    for key in path:
-        doc = doc.get(key) if isinstance(doc, dict) else None
-    return doc
-
-
-def _listed(doc: Any) -> list[Any]:
-    return doc if isinstance(doc, list) else []
-
-
 def _iso_time(ts: Any) -> str:
     """A UTC time as ``YYYY-MM-DDTHH:MM:SSZ`` (``?`` for anything that is not a time)."""
     if not isinstance(ts, int | float):
@@ -262,34 +253,34 @@ def _describe(
     approved_at: Mapping[tuple[str, str], int],
 ) -> dict[str, Any]:
     """One release in words, from its receipt (defensively: a tampered receipt still gets a row)."""
-    qid = _get(receipt, "query", "id") or _get(entry, "event", "query_id")
+    qid = at_path(receipt, "query", "id") or at_path(entry, "event", "query_id")
     datasets = sorted(
-        {f"{d.get('party')}.{d.get('dataset')}" for d in _listed(receipt.get("datasets")) if isinstance(d, dict)}
+        {f"{d.get('party')}.{d.get('dataset')}" for d in listed(receipt.get("datasets")) if isinstance(d, dict)}
     )
-    suppressed = [c for c in _listed(_get(receipt, "disclosure", "suppressed")) if isinstance(c, dict)]
+    suppressed = [c for c in listed(at_path(receipt, "disclosure", "suppressed")) if isinstance(c, dict)]
     return {
         "query_id": qid,
-        "released_at": _iso_time(_get(receipt, "timestamps", "released_at")),
-        "released_ts": _get(receipt, "timestamps", "released_at"),
-        "submitted_at": _iso_time(_get(receipt, "timestamps", "submitted_at")),
-        "analyst": _get(receipt, "query", "analyst"),
-        "sql": _get(receipt, "query", "sql"),
-        "plan_hash": _get(receipt, "query", "plan_hash"),
+        "released_at": _iso_time(at_path(receipt, "timestamps", "released_at")),
+        "released_ts": at_path(receipt, "timestamps", "released_at"),
+        "submitted_at": _iso_time(at_path(receipt, "timestamps", "submitted_at")),
+        "analyst": at_path(receipt, "query", "analyst"),
+        "sql": at_path(receipt, "query", "sql"),
+        "plan_hash": at_path(receipt, "query", "plan_hash"),
         "datasets": datasets,
         "parties": sorted({d.split(".", 1)[0] for d in datasets}),
         "approvals": [
             _describe_approval(a, str(qid), approved_at)
-            for a in _listed(receipt.get("approvals"))
+            for a in listed(receipt.get("approvals"))
             if isinstance(a, dict)
         ],
-        "stages": [_describe_stage(s) for s in _listed(receipt.get("stages")) if isinstance(s, dict)],
+        "stages": [_describe_stage(s) for s in listed(receipt.get("stages")) if isinstance(s, dict)],
         "suppressed": suppressed,
-        "rules": _get(receipt, "disclosure", "rules"),
-        "rows": _get(receipt, "result", "rows"),
-        "columns": _get(receipt, "result", "columns"),
-        "result_sha256": _get(receipt, "result", "sha256"),
+        "rules": at_path(receipt, "disclosure", "rules"),
+        "rows": at_path(receipt, "result", "rows"),
+        "columns": at_path(receipt, "result", "columns"),
+        "result_sha256": at_path(receipt, "result", "sha256"),
         "suppressed_cells": len(suppressed),
-        "simulated": receipt.get("simulated") if receipt else _get(entry, "event", "simulated"),
+        "simulated": receipt.get("simulated") if receipt else at_path(entry, "event", "simulated"),
         "status": status,
         "entry": entry.get("seq"),
         "log": log.origin,
@@ -313,7 +304,7 @@ def _describe_approval(
 def _describe_stage(stage: dict[str, Any]) -> dict[str, Any]:
     """An enclave stage (platform, measurement, evidence) or an MPC stage (players, threshold)."""
     if stage.get("kind") == "tee":
-        att = _get(stage, "result", "attestation") or {}
+        att = at_path(stage, "result", "attestation") or {}
         return {
             "id": stage.get("id"),
             "kind": "tee",
@@ -321,13 +312,13 @@ def _describe_stage(stage: dict[str, Any]) -> dict[str, Any]:
             "measurement": stage.get("measurement"),
             "simulated": stage.get("simulated"),
             "evidence_sha256": att.get("evidence_sha256") if isinstance(att, dict) else None,
-            "executed_at": _iso_time(_get(stage, "result", "executed_at")),
+            "executed_at": _iso_time(at_path(stage, "result", "executed_at")),
         }
     return {
         "id": stage.get("id"),
         "kind": "mpc",
-        "players": [p.get("name") for p in _listed(stage.get("players")) if isinstance(p, dict)],
-        "threshold": _get(stage, "result", "threshold"),
+        "players": [p.get("name") for p in listed(stage.get("players")) if isinstance(p, dict)],
+        "threshold": at_path(stage, "result", "threshold"),
         "trust_assumption": stage.get("trust_assumption"),
         "simulated": stage.get("simulated"),
     }

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from sealroom.audit.jsondoc import at_path, listed
 from sealroom.canonical import canonical_json
 from sealroom.config import Table
 from sealroom.policy import MAX_PROCESSING_TEXT, DatasetPolicy, is_purpose
@@ -200,18 +201,8 @@ def _iso(ts: Any) -> str | None:
         return None
 
 
-def _get(doc: Any, *path: str) -> Any:
-    for key in path:
-        doc = doc.get(key) if isinstance(doc, Mapping) else None
-    return doc
-
-
-def _listed(doc: Any) -> list[Any]:
-    return doc if isinstance(doc, list) else []
-
-
 def _entries(export: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    return [e for e in _listed(export.get("entries")) if isinstance(e, Mapping) and isinstance(e.get("event"), Mapping)]
+    return [e for e in listed(export.get("entries")) if isinstance(e, Mapping) and isinstance(e.get("event"), Mapping)]
 
 
 def _gap(check: str, message: str, **where: Any) -> dict[str, Any]:
@@ -252,12 +243,12 @@ def _activity(entry: Mapping[str, Any], receipt: Any, status: str, purpose: str 
     datasets = sorted(
         {
             f"{d.get('party')}.{d.get('dataset')}"
-            for d in _listed(receipt.get("datasets"))
+            for d in listed(receipt.get("datasets"))
             if isinstance(d, Mapping) and isinstance(d.get("party"), str) and isinstance(d.get("dataset"), str)
         }
     )
     execution = []
-    for s in _listed(receipt.get("stages")):
+    for s in listed(receipt.get("stages")):
         if not isinstance(s, Mapping):
             continue
         if s.get("kind") == "tee":
@@ -275,22 +266,22 @@ def _activity(entry: Mapping[str, Any], receipt: Any, status: str, purpose: str 
                 {
                     "stage": s.get("id"),
                     "kind": "mpc",
-                    "players": len(_listed(s.get("players"))),
-                    "threshold": _get(s, "result", "threshold"),
+                    "players": len(listed(s.get("players"))),
+                    "threshold": at_path(s, "result", "threshold"),
                     "trust_assumption": s.get("trust_assumption"),
                     "simulated": False,
                 }
             )
-    rows = _get(receipt, "result", "rows")
+    rows = at_path(receipt, "result", "rows")
     return {
         "query_id": event.get("query_id"),
-        "analyst": _get(receipt, "query", "analyst"),
+        "analyst": at_path(receipt, "query", "analyst"),
         "purpose": purpose,
         "datasets": datasets,
         "parties": sorted({d.split(".", 1)[0] for d in datasets}),
-        "approvals": len(_listed(receipt.get("approvals"))),
-        "submitted_at": _iso(_get(receipt, "timestamps", "submitted_at")),
-        "released_at": _iso(_get(receipt, "timestamps", "released_at")) or _iso_ms(entry.get("time_ms")),
+        "approvals": len(listed(receipt.get("approvals"))),
+        "submitted_at": _iso(at_path(receipt, "timestamps", "submitted_at")),
+        "released_at": _iso(at_path(receipt, "timestamps", "released_at")) or _iso_ms(entry.get("time_ms")),
         "cells_released": rows if type(rows) is int else None,
         "cells_suppressed": event.get("suppressed_cells"),
         "execution": execution,
@@ -309,8 +300,8 @@ def _record(state: CoordinatorState) -> dict[str, Any]:
     entries = _entries(export)
     receipts: Mapping[str, Any] = export["receipts"] if isinstance(export.get("receipts"), Mapping) else {}
     doc = state.declaration
-    collaboration = _get(doc, "collaboration") if doc is not None else None
-    analysts = _get(doc, "analysts") if doc is not None else None
+    collaboration = at_path(doc, "collaboration") if doc is not None else None
+    analysts = at_path(doc, "analysts") if doc is not None else None
     purpose = collaboration.get("purpose") if isinstance(collaboration, Mapping) else None
 
     declaration, gaps = _declaration(doc, collaboration, entries)
@@ -327,7 +318,7 @@ def _record(state: CoordinatorState) -> dict[str, Any]:
         "log": {
             "origin": export.get("origin"),
             "directory": state.directory,
-            "entries": len(_listed(export.get("entries"))),
+            "entries": len(listed(export.get("entries"))),
             "status": state.log_status,
         },
         "as_of": _iso_ms(entries[-1].get("time_ms")) if entries else None,
@@ -563,7 +554,7 @@ def _recipients(activities: Sequence[Mapping[str, Any]], collaboration: Any, ana
         r["releases"] += 1
         r["last"] = a["released_at"]
     return {
-        "declared": list(_get(collaboration, "recipients") or []),
+        "declared": list(at_path(collaboration, "recipients") or []),
         "authorised_analysts": analysts,
         "received_releases": [received[k] for k in sorted(received)],
     }
@@ -574,7 +565,7 @@ def _transfers(
 ) -> dict[str, Any]:
     """The declared transfers to third countries, and where data flows (the same for every record)."""
     return {
-        "third_countries": list(_get(collaboration, "transfers") or []),
+        "third_countries": list(at_path(collaboration, "transfers") or []),
         "data_flows": [
             "No row leaves a data owner in the clear: rows are sealed (HPKE, AES-256-GCM) to an enclave whose "
             "attestation the owner verified itself, for a plan the owner signed; on MPC stages only secret "
@@ -705,7 +696,7 @@ def _technical(
         _m(
             "transparency_log",
             f"Tamper-evident log {export.get('origin')} (RFC 6962 Merkle tree, signed checkpoints): "
-            f"{len(_listed(export.get('entries')))} entries, status {log_status}; {releases} release receipt(s) "
+            f"{len(listed(export.get('entries')))} entries, status {log_status}; {releases} release receipt(s) "
             "bind the plan, the owners' approvals, the attestation and the disclosure decisions.",
         )
     )
