@@ -61,16 +61,6 @@ class CatalogEntry:
         return f"{self.party}.{self.dataset}"
 
 
-def catalog_from_rows(rows: list[dict[str, Any]]) -> dict[str, CatalogEntry]:
-    out = {}
-    for r in rows:
-        schema = pa.ipc.read_schema(pa.py_buffer(r["arrow_schema"]))
-        policy = DatasetPolicy.from_json(r["policy_json"])
-        entry = CatalogEntry(r["party"], r["name"], schema, policy, int(r.get("approximate_rows", 0)))
-        out[entry.qualified] = entry
-    return out
-
-
 def plan_query(
     sql: str,
     *,
