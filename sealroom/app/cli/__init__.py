@@ -19,7 +19,6 @@ import sys
 from collections.abc import Iterable, Sequence
 
 from sealroom.app.cli.common import COMMANDS, EXIT_FAILED, EXIT_USAGE, UsageError, add_command, emit
-from sealroom.errors import SealroomError
 
 __all__ = ["build_parser", "main"]
 
@@ -69,6 +68,10 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser_for(argv).parse_args(argv)
+    # Imported once the arguments parse: `sealroom --help` and usage errors need no grpc, which
+    # sealroom.errors loads (every command's own module loads it anyway).
+    from sealroom.errors import SealroomError
+
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

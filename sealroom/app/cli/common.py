@@ -12,10 +12,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sealroom.app.cells import jsonable
-from sealroom.errors import SealroomError
+
+if TYPE_CHECKING:  # an annotation only: parsing arguments must not load grpc (sealroom.errors does)
+    from sealroom.errors import SealroomError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
