@@ -25,6 +25,7 @@ __all__ = [
     "ApprovalError",
     "AttestationError",
     "AuthenticationError",
+    "CallerError",
     "IntegrityError",
     "ResourceExhaustedError",
     "NotFoundError",
@@ -102,6 +103,13 @@ class AuthenticationError(SealroomError):
 
     code = "unauthenticated"
     grpc_status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class CallerError(SealroomError, PermissionError):
+    """The caller is authenticated but may not call this method (another party, a non-coordinator)."""
+
+    code = "permission_denied"
+    grpc_status = grpc.StatusCode.PERMISSION_DENIED
 
 
 class IntegrityError(SealroomError):
@@ -199,6 +207,7 @@ CATALOG: dict[str, type[SealroomError]] = {
         ApprovalError,
         AttestationError,
         AuthenticationError,
+        CallerError,
         IntegrityError,
         ResourceExhaustedError,
         NotFoundError,

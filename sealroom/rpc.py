@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from sealroom.pki import Identity
 from sealroom.errors import (
     InternalError,
     SealroomError,
@@ -135,6 +136,21 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     return Server(server, port, health_servicer)
+
+
+def caller_identity(context: grpc.ServicerContext) -> Identity | None:
+    """Who called, by the client certificate the TLS handshake verified against the CA (None: a
+    caller without one, or a plaintext server)."""
+    auth = context.auth_context() or {}
+    if auth.get("transport_security_type") != [b"ssl"]:
+        return None
+    names = auth.get("x509_common_name") or []
+    if len(names) != 1:
+        return None
+    try:
+        return Identity.parse(names[0].decode())
+    except UnicodeDecodeError:
+        return None
 
 
 def open_channel(address: str, *, tls: TLSConfig | None = None) -> grpc.Channel:

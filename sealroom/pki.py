@@ -1,0 +1,181 @@
+"""Control-plane identities: a certificate authority and the certificates it issues.
+
+Every Sealroom server and every caller of a restricted RPC is identified by an X.509 certificate
+that a collaboration's CA issued. The certificate's subject common name *is* the identity:
+
+- ``coordinator``: the coordinator (client of the agents and the enclave, server for analysts);
+- ``party:<name>``: party ``<name>``'s agent (server for the coordinator, client of the enclave).
+
+and its DNS names let a caller check it reached the identity it meant (:func:`server_name`):
+``coordinator.sealroom`` and ``<name>.party.sealroom``, plus ``localhost`` and ``127.0.0.1`` for a
+platform on one machine. The enclave worker's certificate is not issued here: it makes its own key
+at start and its attestation evidence binds it (see docs/wire.md).
+
+:func:`create_ca` and :func:`issue` are what ``sealroom dev init`` uses; operators may use any CA
+that issues certificates with these names (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+COORDINATOR = "coordinator"
+PARTY_PREFIX = "party:"
+NAME_SUFFIX = ".sealroom"
+CA_VALIDITY = datetime.timedelta(days=3650)
+LEAF_VALIDITY = datetime.timedelta(days=825)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a certificate names: ``role`` is ``coordinator`` or ``party`` (``name`` its party name)."""
+
+    role: str
+    name: str = ""
+
+    @property
+    def common_name(self) -> str:
+        return COORDINATOR if self.role == "coordinator" else PARTY_PREFIX + self.name
+
+    @classmethod
+    def parse(cls, common_name: str) -> Identity | None:
+        """The identity a certificate's CN names, or None for a CN that names none."""
+        if common_name == COORDINATOR:
+            return cls("coordinator")
+        if common_name.startswith(PARTY_PREFIX) and common_name[len(PARTY_PREFIX) :].isidentifier():
+            return cls("party", common_name[len(PARTY_PREFIX) :])
+        return None
+
+    def __str__(self) -> str:
+        return self.common_name
+
+
+def coordinator() -> Identity:
+    return Identity("coordinator")
+
+
+def party(name: str) -> Identity:
+    if not name.isidentifier():
+        raise ValueError("party names are identifiers")
+    return Identity("party", name)
+
+
+def server_name(identity: Identity) -> str:
+    """The DNS name a caller checks the server's certificate against (``ssl_target_name_override``)."""
+    if identity.role == "coordinator":
+        return "coordinator" + NAME_SUFFIX
+    return f"{identity.name}.party{NAME_SUFFIX}"
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = tmp.open("wb")
+    try:
+        tmp.chmod(mode)
+        fd.write(data)
+    finally:
+        fd.close()
+    tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class CA:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def save(self, cert_path: Path, key_path: Path) -> None:
+        _write(key_path, _pem_key(self.key), 0o600)
+        _write(cert_path, self.cert_pem, 0o644)
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path) -> CA:
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{key_path}: the CA key must be an EC key")
+        return cls(x509.load_pem_x509_certificate(Path(cert_path).read_bytes()), key)
+
+    def issue(
+        self,
+        identity: Identity,
+        *,
+        hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+        now: datetime.datetime | None = None,
+        validity: datetime.timedelta = LEAF_VALIDITY,
+    ) -> tuple[bytes, bytes]:
+        """A new key and a certificate for ``identity`` (PEM cert, PEM key), for TLS server and client."""
+        now = now or datetime.datetime.now(datetime.UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = [x509.DNSName(server_name(identity))]
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.common_name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + validity)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+def create_ca(common_name: str = "Sealroom development CA", *, now: datetime.datetime | None = None) -> CA:
+    """A new CA (P-256), valid ten years, that signs end-entity certificates only."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return CA(cert, key)
