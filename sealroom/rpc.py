@@ -29,13 +29,13 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sealroom.pki import Identity
 from sealroom.errors import (
     InternalError,
     SealroomError,
     UnavailableError,
     from_code,
 )
+from sealroom.pki import Identity
 
 log = logging.getLogger(__name__)
 
