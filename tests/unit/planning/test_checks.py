@@ -162,6 +162,7 @@ def _verdicts(checkers: list[Callable[[], object]]) -> set[tuple[object, str]]:
     ("rule", "changed"),
     [
         ("check_analyst", _refuse),
+        ("check_combine_with", _refuse),
         ("check_unit_carried", _refuse),
         ("check_no_bounded_filter", _refuse),
         ("check_uses", _refuse),
