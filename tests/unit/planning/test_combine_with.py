@@ -14,16 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from connectors.agent import DatasetConfig, PartyAgent, PartyConfig
-from enclave_worker.attester import make_attester
-from enclave_worker.config import EnclaveConfig
 from enclave_worker.jobs import JobRegistry
-from sealroom.attestation import dev_init
 from sealroom.errors import ConfigError, PolicyRefusalError
 from sealroom.keys import generate_signing_key
 from sealroom.planning.checks import Checker, check_plan
 from sealroom.planning.plan import Plan
 from sealroom.policy import DatasetPolicy, DatasetTrust, TrustPolicy, load_policy_file
 from tests.harness.enclave import PartyData, make_party, make_plan, secret_loans
+from tests.unit.planning.test_checks import hybrid_policy
 
 JOIN = (
     "SELECT a.segment, COUNT(*) AS n FROM bank_a.loans a JOIN bank_b.loans b ON a.customer_id = b.customer_id "
@@ -35,14 +33,6 @@ UNION = (
 )
 OPEN = DatasetPolicy(privacy_unit="customer_id", min_group_size=2)
 KEYS = {"bank_a": generate_signing_key(), "bank_b": generate_signing_key()}
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> JobRegistry:
-    dev = tmp_path_factory.mktemp("dev")
-    dev_init(dev)
-    cfg = EnclaveConfig(attester="simulated", dev_root=dev)
-    return JobRegistry(cfg, make_attester(cfg))
 
 
 def _banks(a: DatasetPolicy = OPEN, b: DatasetPolicy = OPEN) -> tuple[PartyData, PartyData]:
@@ -159,34 +149,19 @@ def test_a_combination_the_owner_lists_runs(tmp_path: Path, registry: JobRegistr
     assert registry.create(plan.to_json()).min_group_size == 2
 
 
-def _hybrid_policy(**changes: object) -> DatasetPolicy:
-    policy = DatasetPolicy.from_dict(
-        {
-            "privacy_unit": "customer_id",
-            "min_group_size": 2,
-            "columns": {
-                "customer_id": "join_key",
-                "segment": {"role": "dimension", "values": ["seg-0", "seg-1", "seg-2", "seg-3"]},
-                "exposure": {"role": "measure", "aggregates": ["sum", "avg"], "min": 0, "max": 1000},
-            },
-        }
-    )
-    return dataclasses.replace(policy, **changes)  # type: ignore[arg-type]
-
-
 def test_mpc_and_hybrid_plans_count_every_dataset_whose_rows_meet(tmp_path: Path, registry: JobRegistry):
     """bank_a keeps its data out of enclaves (its own MPC player), bank_b streams to the enclave
     feeding the MPC stage: their rows meet in the MPC stage, so either owner's combine_with applies,
     at the planner, at the owner's agent and (for the TEE side) at the enclave."""
     helper = generate_signing_key().public_key().public_bytes_raw().hex()
     mpc_only = DatasetTrust(mpc_only=True)
-    a = make_party("bank_a", secret_loans(30), policy=_hybrid_policy(trust=mpc_only), key=KEYS["bank_a"])
-    b = make_party("bank_b", secret_loans(30), policy=_hybrid_policy(), key=KEYS["bank_b"])
+    a = make_party("bank_a", secret_loans(30), policy=hybrid_policy(trust=mpc_only), key=KEYS["bank_a"])
+    b = make_party("bank_b", secret_loans(30), policy=hybrid_policy(), key=KEYS["bank_b"])
     plan = make_plan(UNION, [a, b], helper_key=helper)
     assert [type(s).__name__ for s in plan.stages] == ["TeeStage", "MpcStage"]
 
     # bank_a (the MPC side) combines with no other party.
-    a_alone = _hybrid_policy(trust=mpc_only, combine_with=())
+    a_alone = hybrid_policy(trust=mpc_only, combine_with=())
     a2 = make_party("bank_a", secret_loans(30), policy=a_alone, key=KEYS["bank_a"])
     assert _refusal(lambda: make_plan(UNION, [a2, b], helper_key=helper)).details["not_allowed"] == "bank_b"
     lying = _lying(plan, "bank_a", a_alone)
@@ -195,7 +170,7 @@ def test_mpc_and_hybrid_plans_count_every_dataset_whose_rows_meet(tmp_path: Path
     assert _refusal(lambda: check_plan(lying, Checker(stage="s2"))).details["party"] == "bank_a"
 
     # bank_b (the enclave side) combines with no other party: the enclave refuses its TEE stage.
-    b_alone = _hybrid_policy(combine_with=())
+    b_alone = hybrid_policy(combine_with=())
     lying = _lying(plan, "bank_b", b_alone)
     refused = _refusal(lambda: registry.create(lying.to_json()))
     assert (refused.details["party"], refused.details["not_allowed"]) == ("bank_b", "bank_a")
