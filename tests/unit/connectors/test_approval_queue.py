@@ -5,12 +5,15 @@ every other analyst), and the global cap stays as a backstop."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from connectors.agent import approvals as approvals_module
 from connectors.agent.approvals import Approvals
-from sealroom.errors import ResourceExhaustedError
+from connectors.agent.config import PartyConfig
+from coordinator.config import CoordinatorConfig
+from sealroom.errors import ConfigError, ResourceExhaustedError
 from sealroom.keys import generate_signing_key
 from sealroom.planning.plan import Plan
 from sealroom.policy import DatasetPolicy
@@ -69,3 +72,31 @@ def test_the_global_cap_stays_a_backstop(monkeypatch: pytest.MonkeyPatch) -> Non
         queue.hold(_plans("a3", 1)[0], manual=True, sign=_sign)
     assert info.value.details["limit"] == "pending_plans"
     assert "6 plans already await the decision of bank_a's owner" in info.value.message
+
+
+def test_the_quota_and_the_rate_limit_are_configured_by_key(tmp_path: Path) -> None:
+    party = tmp_path / "party.toml"
+    base = (
+        '[party]\nname = "bank_a"\ncoordinator = "127.0.0.1:7100"\nsigning_key = "a.key"\n{extra}\n'
+        '[[dataset]]\nname = "loans"\nsource = "loans.csv"\n'
+    )
+    party.write_text(base.format(extra=""))
+    assert PartyConfig.load(party).max_pending_per_analyst == 100
+    party.write_text(base.format(extra="max_pending_per_analyst = 5"))
+    assert PartyConfig.load(party).max_pending_per_analyst == 5
+    party.write_text(base.format(extra="max_pending_per_analyst = 0"))
+    with pytest.raises(ConfigError) as info:
+        PartyConfig.load(party)
+    assert info.value.details["key"] == "party.max_pending_per_analyst"
+
+    coordinator = tmp_path / "coordinator.toml"
+    base = '[coordinator]\nstate_dir = "s"\nenclave = "127.0.0.1:7200"\n{extra}\n'
+    coordinator.write_text(base.format(extra=""))
+    config = CoordinatorConfig.load(coordinator)
+    assert (config.analyst_calls_per_second, config.analyst_burst) == (10.0, 50)
+    coordinator.write_text(base.format(extra="analyst_calls_per_second = 0\nanalyst_burst = 3"))
+    config = CoordinatorConfig.load(coordinator)
+    assert (config.analyst_calls_per_second, config.analyst_burst) == (0.0, 3)
+    coordinator.write_text(base.format(extra="analyst_burst = 0"))
+    with pytest.raises(ConfigError):
+        CoordinatorConfig.load(coordinator)
