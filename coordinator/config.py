@@ -30,6 +30,10 @@ class CoordinatorConfig:
     # The operator's [collaboration] declaration for the record of processing (docs/audit.md); None
     # when the config declares none (the record then lists it as a gap).
     collaboration: Collaboration | None = None
+    # Per-analyst rate limit on Explain and Submit (one token bucket per analyst; sealroom/ratelimit.py):
+    # calls a second (0: no limit) and the burst an analyst may make at once.
+    analyst_calls_per_second: float = 10.0
+    analyst_burst: int = 50
 
     @classmethod
     def from_table(cls, root: Table) -> CoordinatorConfig:
@@ -45,6 +49,8 @@ class CoordinatorConfig:
                 "mpc_host",
                 "mpc_timeout_seconds",
                 "log_key",
+                "analyst_calls_per_second",
+                "analyst_burst",
             }
         )
         t = root.table("trust", required=False)
@@ -65,6 +71,8 @@ class CoordinatorConfig:
             mpc_timeout_seconds=c.float("mpc_timeout_seconds", 120.0, minimum=1.0),
             analysts=AnalystDirectory(a, source=root.source) if a is not None else None,
             log_key=c.opt_path("log_key"),
+            analyst_calls_per_second=c.float("analyst_calls_per_second", 10.0, minimum=0.0),
+            analyst_burst=c.int("analyst_burst", 50, minimum=1),
             collaboration=Collaboration.from_table(root.table("collaboration"))
             if root.doc.get("collaboration") is not None
             else None,

@@ -26,7 +26,14 @@ from sqlglot.dialects.duckdb import DuckDB
 
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
 from sealroom.planning.bounds import measure_from_rules
-from sealroom.planning.checks import Checker, check_analyst, check_plan, strictest_datasets, strictest_min_group_size
+from sealroom.planning.checks import (
+    Checker,
+    check_analyst,
+    check_combine_with,
+    check_plan,
+    strictest_datasets,
+    strictest_min_group_size,
+)
 from sealroom.planning.disclosure import check_uses
 from sealroom.planning.mpc_spec import Aggregate, GroupColumn, Measure, Player, StageSpec
 from sealroom.planning.mpc_sql import MpcQuery, mpc_query
@@ -78,6 +85,8 @@ def plan_query(
     request = _Request(analysis, query_id, analyst, catalog, party_keys)
     to_enclave, own_players, mpc_reason = _enclave_split([catalog[q] for q in analysis.datasets])
     inputs = [_checked_input(request, n, catalog[q]) for n, q in enumerate(analysis.datasets)]
+    for inp in inputs:  # first: whom the owners let their rows meet (check_plan checks it again)
+        check_combine_with(inp, inputs)
     if mpc_reason is not None:
         plan = _plan_mpc(
             request, to_enclave=to_enclave, own_players=own_players, reason=mpc_reason, helper_key=helper_key

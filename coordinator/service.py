@@ -32,6 +32,7 @@ from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex
 from sealroom.planning.plan import Plan
 from sealroom.planning.sql import Analysis
 from sealroom.policy import DatasetPolicy
+from sealroom.ratelimit import RateLimiter
 from sealroom.signing import check_issued_at, verify_owner_action
 from sealroom.v1 import common_pb2, coordinator_pb2
 
@@ -135,6 +136,12 @@ class Coordinator:
             mpc_timeout=config.mpc_timeout_seconds,
         )
         self._threads: dict[str, threading.Thread] = {}
+        # Explain and Submit, per analyst: one analyst's flood leaves the others' calls as they were.
+        self.analyst_limits = RateLimiter(
+            rate=config.analyst_calls_per_second,
+            burst=config.analyst_burst,
+            limit="[coordinator] analyst_calls_per_second and analyst_burst",
+        )
 
     # -- the catalog -------------------------------------------------------------------------
 
@@ -156,6 +163,12 @@ class Coordinator:
         if claimed and claimed != name:
             raise AuthenticationError(f"the token is {name}'s; it cannot act as {claimed}")
         return name
+
+    def limited_analyst(self, metadata: Metadata, claimed: str = "") -> str:
+        """:meth:`analyst`, then one call of its rate limit (ResourceExhaustedError when over it)."""
+        analyst = self.analyst(metadata, claimed)
+        self.analyst_limits.take(analyst, what="Explain and Submit")
+        return analyst
 
     def own_query(self, metadata: Metadata, query_id: str) -> QueryRecord:
         """The caller's query (a query of another analyst is reported as unknown)."""
@@ -329,12 +342,12 @@ def list_datasets(c: Coordinator, metadata: Metadata) -> coordinator_pb2.ListDat
 def explain(
     request: coordinator_pb2.QueryRequest, c: Coordinator, metadata: Metadata
 ) -> coordinator_pb2.ExplainResponse:
-    plan, text = c.explain(request.sql, c.analyst(metadata, request.analyst))
+    plan, text = c.explain(request.sql, c.limited_analyst(metadata, request.analyst))
     return coordinator_pb2.ExplainResponse(plan_json=plan.to_json(), plan_hash=plan.hash, text=text)
 
 
 def submit(request: coordinator_pb2.QueryRequest, c: Coordinator, metadata: Metadata) -> coordinator_pb2.SubmitResponse:
-    qid, status = c.submit(request.sql, c.analyst(metadata, request.analyst))
+    qid, status = c.submit(request.sql, c.limited_analyst(metadata, request.analyst))
     return coordinator_pb2.SubmitResponse(query_id=qid, status=status)
 
 

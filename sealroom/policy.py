@@ -105,6 +105,10 @@ class DatasetPolicy:
     trust: DatasetTrust = field(default_factory=DatasetTrust)
     share_row_count: bool = False  # let explain show the dataset's row count, rounded
     processing: ProcessingRecord | None = None  # the record of processing ([processing]; GDPR Art. 30)
+    # The parties ("bank_b") and datasets ("bank_c.loans") of other owners whose rows this dataset's
+    # rows may meet in one query (joined, unioned, or computed over together in MPC); None: any, ():
+    # none. The owner's own datasets always may (see allows_combination).
+    combine_with: tuple[str, ...] | None = None
 
     def __hash__(self) -> int:
         return hash(self.digest())
@@ -122,6 +126,8 @@ class DatasetPolicy:
             **({"trust": self.trust.to_dict()} if self.trust != DatasetTrust() else {}),
             **({"share_row_count": True} if self.share_row_count else {}),
             **({"processing": self.processing.to_dict()} if self.processing is not None else {}),
+            # Only when set, so a policy without it keeps its digest (and stored receipts verify).
+            **({"combine_with": list(self.combine_with)} if self.combine_with is not None else {}),
         }
 
     def canonical(self) -> bytes:
@@ -132,6 +138,14 @@ class DatasetPolicy:
 
     def allows_analyst(self, analyst: str) -> bool:
         return "*" in self.analysts or analyst in self.analysts
+
+    def allows_combination(self, party: str, other_party: str, other_dataset: str) -> bool:
+        """Whether rows of this policy's dataset, owned by ``party``, may meet in one query those of
+        ``other_party.other_dataset``: always for the owner's own datasets; otherwise when
+        ``combine_with`` is unset, or lists the other party or that very dataset."""
+        if other_party == party or self.combine_with is None:
+            return True
+        return other_party in self.combine_with or f"{other_party}.{other_dataset}" in self.combine_with
 
     def rule(self, column: str) -> ColumnRule:
         """The rule for ``column`` (columns the policy does not list take ``default_role``)."""
@@ -151,7 +165,7 @@ class DatasetPolicy:
         step raising ConfigError naming ``source`` and the key: 1. no unknown key; 2. version;
         3. privacy unit; 4. minimum group size; 5. analysts; 6. approval mode; 7. column rules;
         8. default role; 9. dominance; 10. the privacy unit's role; 11. trust; 12. share_row_count;
-        13. the record of processing."""
+        13. the record of processing; 14. combine_with."""
         check_keys(doc, _POLICY_KEYS, source=source, prefix=prefix)
         _check_version(doc, source=source, prefix=prefix)
         unit = _privacy_unit(doc, source=source, prefix=prefix)
@@ -179,6 +193,7 @@ class DatasetPolicy:
             if doc.get("processing") is not None
             else None
         )
+        combine_with = _combine_with(doc, source=source, prefix=prefix)
         return cls(
             privacy_unit=unit,
             min_group_size=k,
@@ -190,6 +205,7 @@ class DatasetPolicy:
             trust=trust,
             share_row_count=share,
             processing=processing,
+            combine_with=combine_with,
         )
 
     @classmethod
@@ -209,6 +225,8 @@ class DatasetPolicy:
             lines.append(f"trust = {toml_value(doc['trust'])}")
         if doc.get("share_row_count"):
             lines.append("share_row_count = true")
+        if "combine_with" in doc:
+            lines.append(f"combine_with = {toml_value(doc['combine_with'])}")
         if "processing" in doc:
             lines += ["", "[processing]"]
             lines += [f"{toml_key(key)} = {toml_value(value)}" for key, value in doc["processing"].items()]
@@ -233,7 +251,7 @@ def load_policy_file(path: Path) -> DatasetPolicy:
 
 _POLICY_KEYS = {
     "version", "privacy_unit", "min_group_size", "analysts", "approval", "columns", "default_role",
-    "dominance", "trust", "share_row_count", "processing",
+    "dominance", "trust", "share_row_count", "processing", "combine_with",
 }  # fmt: skip
 
 
@@ -294,3 +312,23 @@ def _check_unit_role(unit: str | None, columns: Mapping[str, ColumnRule], *, sou
         raise key_error(
             source, f"{prefix}columns.{unit}.role", "join_key, dimension or filter_only for the privacy unit"
         )
+
+
+def _combine_with(doc: Mapping[str, Any], *, source: str, prefix: str) -> tuple[str, ...] | None:
+    """``combine_with``: a list of parties (``bank_b``) and datasets (``bank_c.loans``), kept sorted
+    and once each (one canonical form, one digest); absent: None (no restriction)."""
+    value = doc.get("combine_with")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and _is_party_or_dataset(v) for v in value):
+        raise key_error(
+            source,
+            f"{prefix}combine_with",
+            'a list of parties and datasets, e.g. ["bank_b", "bank_c.loans"] ([] for none)',
+        )
+    return tuple(sorted(set(value)))
+
+
+def _is_party_or_dataset(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) <= 2 and all(p.isidentifier() for p in parts)

@@ -8,9 +8,11 @@ can reach the agent, the coordinator included, decides for the owner). Every app
 ``approval_ttl_seconds``; data moves (sealed to an enclave, or as MPC shares) only for a plan whose
 approval this agent holds, live, itself (:meth:`Approvals.approved_plan`).
 
-Bounds: ``ReviewPlan`` is open to anyone who can reach the agent, so at most :data:`MAX_PENDING`
-plans wait for the owner at once, a pending plan is forgotten after ``pending_ttl_seconds``, and
-the reasons plans are no longer approved are remembered for the last :data:`MAX_REMEMBERED` only.
+Bounds: at most ``max_pending_per_analyst`` plans of one analyst wait for the owner at once (so one
+analyst, or whoever forges plans in one analyst's name, cannot fill the owner's queue for the
+others), and at most :data:`MAX_PENDING` in all (a backstop); a pending plan is forgotten after
+``pending_ttl_seconds``, and the reasons plans are no longer approved are remembered for the last
+:data:`MAX_REMEMBERED` only.
 """
 
 from __future__ import annotations
@@ -32,9 +34,14 @@ from sealroom.v1 import party_pb2
 log = logging.getLogger(__name__)
 
 
-# At most this many plans wait for the owner at once (ReviewPlan is open to anyone who can reach the
-# agent, so the list must not grow without bound); further manual plans are refused until some go.
+# At most this many plans wait for the owner at once, whoever they are for (a backstop behind the
+# per-analyst quota, so the list never grows without bound); further manual plans are refused until
+# some go.
 MAX_PENDING = 1000
+
+# At most this many plans of one analyst wait for the owner at once, by default
+# ([party] max_pending_per_analyst): one analyst's flood leaves room for every other analyst's plans.
+DEFAULT_MAX_PENDING_PER_ANALYST = 100
 
 
 # Plans whose approval lapsed, was revoked or rejected, remembered to say so (bounded, oldest first).
@@ -132,8 +139,16 @@ class Grant:
 class Approvals:
     """The plans one party agent holds, and the owner's commands that decide them. Thread-safe."""
 
-    def __init__(self, party: str, *, approval_ttl_seconds: float, pending_ttl_seconds: float) -> None:
+    def __init__(
+        self,
+        party: str,
+        *,
+        approval_ttl_seconds: float,
+        pending_ttl_seconds: float,
+        max_pending_per_analyst: int = DEFAULT_MAX_PENDING_PER_ANALYST,
+    ) -> None:
         self.party = party
+        self.max_pending_per_analyst = max_pending_per_analyst
         self.approval_ttl_seconds = approval_ttl_seconds
         self.pending_ttl_seconds = pending_ttl_seconds
         # plan hash -> held plan; query id -> plan hash (manual plans); plan hash -> why it is no
@@ -181,7 +196,8 @@ class Approvals:
         return None, 0.0
 
     def _admit_manual(self, plan: Plan) -> None:
-        """Under _lock: refuse a second plan for one query, and more than MAX_PENDING undecided plans."""
+        """Under _lock: refuse a second plan for one query, more than ``max_pending_per_analyst``
+        undecided plans of one analyst, and more than MAX_PENDING in all."""
         me = self.party
         other = self._manual.get(plan.query_id)
         if other is not None and other != plan.hash:
@@ -190,10 +206,18 @@ class Approvals:
                 "has one plan",
                 details={"party": me, "check": "query_plan"},
             )
-        if sum(1 for h in self._held.values() if h.manual and not h.approved) >= MAX_PENDING:
+        undecided = [h.plan.analyst for h in self._held.values() if h.manual and not h.approved]
+        analyst, quota = plan.analyst, self.max_pending_per_analyst
+        if sum(1 for a in undecided if a == analyst) >= quota:
+            raise ResourceExhaustedError(
+                f"{quota} plans of analyst {analyst} already await the decision of {me}'s owner (at most "
+                f"{quota} per analyst: [party] max_pending_per_analyst); try again once the owner decided some",
+                details={"party": me, "analyst": analyst, "limit": "max_pending_per_analyst", "max": quota},
+            )
+        if len(undecided) >= MAX_PENDING:
             raise ResourceExhaustedError(
                 f"{MAX_PENDING} plans already await the decision of {me}'s owner; try again later",
-                details={"party": me},
+                details={"party": me, "limit": "pending_plans", "max": MAX_PENDING},
             )
 
     def _prune(self, now: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from connectors.agent.approvals import DEFAULT_MAX_PENDING_PER_ANALYST
 from connectors.sources import resolve_spec
 from sealroom.audit.notes import NoteVerifier
 from sealroom.config import Table, file_table
@@ -33,6 +34,8 @@ class PartyConfig:
     advertise_host: str = "127.0.0.1"
     approval_ttl_seconds: float = 3600.0
     pending_ttl_seconds: float = 86400.0
+    # At most this many plans of one analyst await the owner's manual decision at once (approvals.py).
+    max_pending_per_analyst: int = DEFAULT_MAX_PENDING_PER_ANALYST
     mpc_host: str = "127.0.0.1"  # where this owner's MPC players listen (the other players connect)
     # The agent witnesses the coordinator's transparency log before it approves (connectors/witness.py).
     # state_dir: where it keeps what it co-signed (None: "<name>-state" next to the signing key);
@@ -59,6 +62,7 @@ class PartyConfig:
                 "advertise_host",
                 "approval_ttl_seconds",
                 "pending_ttl_seconds",
+                "max_pending_per_analyst",
                 "mpc_host",
                 "state_dir",
                 "log_key",
@@ -118,6 +122,7 @@ class PartyConfig:
             advertise_host=p.str("advertise_host", "127.0.0.1"),
             approval_ttl_seconds=p.float("approval_ttl_seconds", 3600.0, minimum=1.0),
             pending_ttl_seconds=p.float("pending_ttl_seconds", 86400.0, minimum=1.0),
+            max_pending_per_analyst=p.int("max_pending_per_analyst", DEFAULT_MAX_PENDING_PER_ANALYST, minimum=1),
             mpc_host=p.str("mpc_host", "127.0.0.1"),
             state_dir=p.opt_path("state_dir"),
             log_key=_log_key(p),

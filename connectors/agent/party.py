@@ -105,6 +105,7 @@ class PartyAgent:
             config.name,
             approval_ttl_seconds=config.approval_ttl_seconds,
             pending_ttl_seconds=config.pending_ttl_seconds,
+            max_pending_per_analyst=config.max_pending_per_analyst,
         )
         # The issued_at_ms of every message signed here (owner actions, witness co-signatures).
         self._issuer = MillisecondIssuer()

@@ -19,8 +19,10 @@ knows (``columns``; else the columns the plan declares); and whether COUNT(col) 
 recomputed (:class:`PlanChecks`: each TEE stage's pushdown, each MPC stage's query), so a caller
 compiles or runs from the same recomputation:
 
-1. for every input it answers for: the analyst allow-list (:func:`check_analyst`), the privacy
-   unit carried (:func:`check_unit_carried`), no owner-side filter on a column with declared bounds
+1. for every input it answers for: the analyst allow-list (:func:`check_analyst`), the company its
+   owner lets it keep (:func:`check_combine_with`: every other party's dataset of the plan, whose
+   rows meet its rows in the plan's one result), the privacy unit carried
+   (:func:`check_unit_carried`), no owner-side filter on a column with declared bounds
    (:func:`check_no_bounded_filter`);
 2. for every TEE stage holding such an input (and releasing its output): its pushed filters are
    the ones its SQL implies (:func:`sealroom.planning.plan.stage_pushdown`), and its columns are used
@@ -70,6 +72,7 @@ __all__ = [
     "PlanChecks",
     "Violation",
     "check_analyst",
+    "check_combine_with",
     "check_mpc_stage_rules",
     "check_no_bounded_filter",
     "check_plan",
@@ -129,6 +132,7 @@ def check_plan(plan: Plan, checker: Checker) -> PlanChecks:
         for inp in stage.inputs:
             if checker.answers_for(stage, inp):
                 check_analyst(plan.analyst, party=inp.party, dataset=inp.dataset, policy=inp.policy)
+                check_combine_with(inp, plan.inputs())
                 check_unit_carried(inp)
                 check_no_bounded_filter(inp)
     pushdowns: dict[str, Pushdown] = {}
@@ -226,6 +230,30 @@ def check_analyst(analyst: str, *, party: str, dataset: str, policy: DatasetPoli
             "suggestion": f"ask {party} to allow {analyst}",
         },
     )
+
+
+def check_combine_with(inp: PlanInput, combined: Iterable[PlanInput]) -> None:
+    """Refuse (rule ``combine_with``) when ``inp``'s policy does not let its rows meet those of another
+    party's dataset in ``combined``: every input of a plan counts, since a plan answers one query and
+    all its stages' rows meet in its one result (a join, a UNION ALL, an MPC or hybrid stage alike).
+    The refusal names the dataset, the party it may not be combined with, and what to do."""
+    for other in combined:
+        if inp.policy.allows_combination(inp.party, other.party, other.dataset):
+            continue
+        raise PolicyRefusalError(
+            f"{inp.qualified} may not be combined with data of {other.party} ({other.qualified}): its policy "
+            f"lists whom its rows may be joined or unioned with (combine_with), and {other.party} is not "
+            f"among them; leave {other.qualified} out of the query, or ask {inp.party} to add it",
+            details={
+                "party": inp.party,
+                "dataset": inp.dataset,
+                "rule": "combine_with",
+                "not_allowed": other.party,
+                "not_allowed_dataset": other.dataset,
+                "suggestion": f"leave {other.qualified} out of the query, or ask {inp.party} to list "
+                f"{other.party} in combine_with",
+            },
+        )
 
 
 def missing_unit(inp: PlanInput) -> str | None:

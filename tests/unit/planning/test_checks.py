@@ -9,16 +9,13 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pyarrow.parquet as pq
 import pytest
 
 from connectors.agent import DatasetConfig, PartyAgent, PartyConfig
-from enclave_worker.attester import make_attester
-from enclave_worker.config import EnclaveConfig
 from enclave_worker.jobs import JobRegistry
-from sealroom.attestation import dev_init
 from sealroom.errors import PolicyRefusalError
 from sealroom.keys import generate_signing_key
 from sealroom.planning import checks
@@ -32,14 +29,6 @@ SQL = (
     "FROM bank_a.loans a JOIN bank_b.loans b ON a.customer_id = b.customer_id GROUP BY a.segment"
 )
 POLICY = DatasetPolicy(privacy_unit="customer_id", min_group_size=2, analysts=("alice", "bob"))
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> JobRegistry:
-    dev = tmp_path_factory.mktemp("dev")
-    dev_init(dev)
-    cfg = EnclaveConfig(attester="simulated", dev_root=dev)
-    return JobRegistry(cfg, make_attester(cfg))
 
 
 KEYS = {"bank_a": generate_signing_key(), "bank_b": generate_signing_key()}
@@ -162,6 +151,7 @@ def _verdicts(checkers: list[Callable[[], object]]) -> set[tuple[object, str]]:
     ("rule", "changed"),
     [
         ("check_analyst", _refuse),
+        ("check_combine_with", _refuse),
         ("check_unit_carried", _refuse),
         ("check_no_bounded_filter", _refuse),
         ("check_uses", _refuse),
@@ -196,9 +186,9 @@ HYBRID_SQL = (
 )
 
 
-def _hybrid_policy(trust: DatasetTrust | None = None) -> DatasetPolicy:
+def hybrid_policy(**changes: Any) -> DatasetPolicy:
     """The banks' policy for the hybrid plan: declared segments and bounded exposures (an MPC stage
-    needs both)."""
+    needs both); ``changes``: fields to replace (``trust``, ``combine_with``)."""
     policy = DatasetPolicy.from_dict(
         {
             "privacy_unit": "customer_id",
@@ -210,7 +200,7 @@ def _hybrid_policy(trust: DatasetTrust | None = None) -> DatasetPolicy:
             },
         }
     )
-    return dataclasses.replace(policy, trust=trust) if trust is not None else policy
+    return dataclasses.replace(policy, **changes)
 
 
 @pytest.mark.parametrize(
@@ -228,8 +218,9 @@ def test_a_changed_rule_changes_every_verdict_on_a_hybrid_plan(
     feeding the MPC stage. The planner, both agents and the enclave accept the plan; with one MPC
     rule of sealroom.planning.checks changed, all four refuse it through check_plan."""
     helper = generate_signing_key().public_key().public_bytes_raw().hex()  # the coordinator's helper player
-    a = make_party("bank_a", secret_loans(30), policy=_hybrid_policy(DatasetTrust(mpc_only=True)), key=KEYS["bank_a"])
-    b = make_party("bank_b", secret_loans(30), policy=_hybrid_policy(), key=KEYS["bank_b"])
+    mpc_only = hybrid_policy(trust=DatasetTrust(mpc_only=True))
+    a = make_party("bank_a", secret_loans(30), policy=mpc_only, key=KEYS["bank_a"])
+    b = make_party("bank_b", secret_loans(30), policy=hybrid_policy(), key=KEYS["bank_b"])
     plan = make_plan(HYBRID_SQL, [a, b], helper_key=helper)
     assert [type(s).__name__ for s in plan.stages] == ["TeeStage", "MpcStage"]
     agents = [_agent(tmp_path / p.name, p) for p in (a, b)]

@@ -22,10 +22,7 @@ from connectors.agent import (
 )
 from connectors.sources.memory import TableSource
 from coordinator.planner import CatalogEntry, explain_text, plan_query
-from enclave_worker.attester import make_attester
-from enclave_worker.config import EnclaveConfig
 from enclave_worker.jobs import JobRegistry
-from sealroom.attestation import dev_init
 from sealroom.errors import InvalidQueryError, PolicyRefusalError, SourceError
 from sealroom.keys import generate_signing_key
 from sealroom.planning.plan import Plan, PlanInput, stage_pushdown
@@ -209,14 +206,6 @@ def test_planner_and_enclave_views_agree():
     for inp in stage.inputs:
         assert (pd.filters[inp.qualified].sql, pd.filters[inp.qualified].columns) == (inp.filter, inp.filter_columns)
     assert pd.residual_sql.endswith("WHERE a.exposure > b.exposure GROUP BY a.segment")
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> JobRegistry:
-    dev = tmp_path_factory.mktemp("dev")
-    dev_init(dev)
-    cfg = EnclaveConfig(attester="simulated", dev_root=dev)
-    return JobRegistry(cfg, make_attester(cfg))
 
 
 def test_enclave_compiles_only_the_residual(registry: JobRegistry):
