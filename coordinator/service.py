@@ -24,16 +24,26 @@ from coordinator.config import CoordinatorConfig
 from coordinator.orchestrator import Orchestrator
 from coordinator.planner import RESERVED_PARTY_NAMES, CatalogEntry, explain_text, plan_query
 from coordinator.records import publish_collaboration, refusal_event
-from coordinator.store import Approval, CoordinatorStore, DatasetRecord, QueryRecord, ReleaseRecord, SQLiteStore
+from coordinator.store import (
+    Approval,
+    CoordinatorStore,
+    DatasetRecord,
+    Enrolment,
+    QueryRecord,
+    ReleaseRecord,
+    SignedRegistration,
+    SQLiteStore,
+)
 from sealroom.audit.entries import is_ident
 from sealroom.audit.notes import SignedCheckpoint
+from sealroom.auth import generate_token
 from sealroom.errors import AuthenticationError, InvalidQueryError, NotFoundError, SealroomError
 from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex, save_signing_key
 from sealroom.planning.plan import Plan
 from sealroom.planning.sql import Analysis
 from sealroom.policy import DatasetPolicy
 from sealroom.ratelimit import RateLimiter
-from sealroom.signing import check_issued_at, verify_owner_action
+from sealroom.signing import Registration, check_issued_at, verify_owner_action
 from sealroom.v1 import common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -42,6 +52,8 @@ DEFAULT_ANALYST = "analyst"
 LOG_KEY_FILE = "log.key"  # the log's private key, when [coordinator] log_key is not set
 LOG_VKEY_FILE = "log.vkey"  # the log's verifier key NAME+ID+KEY, published for reviewers
 LOG_INFO_FILE = "log.json"  # origin, verifier key, public key and database, for reviewers' tools
+DATABASE_FILE = "coordinator.db"
+ENROLMENT_VALID_SECONDS = 86400.0  # how long an operator's enrolment token stays usable, by default
 
 # A call's metadata: (key, value) pairs, as gRPC hands them to a servicer.
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -77,18 +89,23 @@ def catalog_of(datasets: Sequence[DatasetRecord]) -> dict[str, CatalogEntry]:
     return out
 
 
+def check_party_name(name: str) -> None:
+    """InvalidQueryError unless ``name`` can name a party: an identifier, not a reserved player name."""
+    if not name.isidentifier():
+        raise InvalidQueryError("party names must be identifiers (letters, digits, _)")
+    if name in RESERVED_PARTY_NAMES:
+        raise InvalidQueryError(
+            f"the party name {name!r} is reserved (it names a player the platform runs in MPC plans); "
+            "register under another name",
+            details={"party": name},
+        )
+
+
 def registration_of(request: coordinator_pb2.RegisterPartyRequest) -> list[DatasetRecord]:
     """The datasets a party registers, checked: identifier names, its own datasets, a policy that
     matches its digest, a 32-byte signing key."""
     party = request.party
-    if not party.name.isidentifier():
-        raise InvalidQueryError("party names must be identifiers (letters, digits, _)")
-    if party.name in RESERVED_PARTY_NAMES:
-        raise InvalidQueryError(
-            f"the party name {party.name!r} is reserved (it names a player the platform runs in MPC plans); "
-            "register under another name",
-            details={"party": party.name},
-        )
+    check_party_name(party.name)
     if len(party.signing_public_key) != 32:
         raise InvalidQueryError("signing_public_key must be a 32-byte Ed25519 public key")
     datasets = []
@@ -112,6 +129,39 @@ def registration_of(request: coordinator_pb2.RegisterPartyRequest) -> list[Datas
     return datasets
 
 
+def signed_registration(request: coordinator_pb2.RegisterPartyRequest) -> SignedRegistration:
+    """The party's registration with its signature verified (AuthenticationError otherwise): the
+    proof that the caller holds the key it registers. Whether that key may hold the name (enrolment),
+    and whether the registration is fresh, the store checks where it records it."""
+    party = request.party
+    registration = Registration.of(
+        party=party.name,
+        owner_key=bytes(party.signing_public_key).hex(),
+        address=party.address,
+        datasets=request.datasets,
+        issued_at_ms=request.issued_at_ms,
+    )
+    registration.verify(bytes(request.signature))
+    return SignedRegistration(registration, bytes(request.signature), request.enrolment_token)
+
+
+def enrol_party(state_dir: Path, party: str, *, valid_seconds: float = ENROLMENT_VALID_SECONDS) -> Enrolment:
+    """The operator's enrolment of ``party`` at the coordinator whose state directory is ``state_dir``
+    (running or not): a one-time token, stored hashed, that lets the party's agent register the name
+    (or a new key for it) until it expires. ``sealroom party enrol`` prints it."""
+    check_party_name(party)
+    if not 0 < valid_seconds <= 30 * 86400:
+        raise InvalidQueryError("an enrolment is valid for more than 0 s and at most 30 days")
+    enrolment = Enrolment(party, generate_token(), time.time() + valid_seconds)
+    store = SQLiteStore(Path(state_dir) / DATABASE_FILE)
+    try:
+        store.enrol(party, token=enrolment.token, expires_at=enrolment.expires_at)
+    finally:
+        store.close()
+    log.info("enrolled party %s (token valid for %d s)", party, valid_seconds)
+    return enrolment
+
+
 class Coordinator:
     """The coordinator's behaviour, independent of gRPC."""
 
@@ -119,7 +169,7 @@ class Coordinator:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         key = load_log_key(config)
-        self.store: CoordinatorStore = SQLiteStore(config.state_dir / "coordinator.db", log_key=key)
+        self.store: CoordinatorStore = SQLiteStore(config.state_dir / DATABASE_FILE, log_key=key)
         verifier = self.store.log_verifier()
         publish_log_key(config.state_dir, origin=verifier.name, vkey=verifier.vkey(), public_key=public_key_hex(key))
         publish_collaboration(self.store, config)  # for the record of processing (`sealroom audit ropa`)
@@ -146,9 +196,12 @@ class Coordinator:
     # -- the catalog -------------------------------------------------------------------------
 
     def register(self, request: coordinator_pb2.RegisterPartyRequest) -> list[str]:
+        """A party's registration: checked (:func:`registration_of`), signed by the key it registers
+        (:func:`signed_registration`), then recorded by the store with its enrolment and freshness checks."""
         party = request.party
         datasets = registration_of(request)
-        self.store.register_party(party.name, party.address, bytes(party.signing_public_key).hex(), datasets)
+        signed = signed_registration(request)
+        self.store.register_party(party.name, party.address, signed.registration.owner_key, datasets, signed=signed)
         log.info("party %s registered %d datasets", party.name, len(datasets))
         return [d.qualified for d in datasets]
 

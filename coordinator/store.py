@@ -19,13 +19,14 @@ schema and the SQL are those of every earlier version, so existing state directo
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -37,9 +38,11 @@ from sealroom.audit.notes import NoteSigner, NoteVerifier, SignedCheckpoint, wit
 from sealroom.audit.receipt_stages import MPC_RESULT_DOMAIN
 from sealroom.audit.receipts import countersign
 from sealroom.audit.store import SQLiteLogStore
+from sealroom.auth import token_hash
 from sealroom.canonical import canonical_json
-from sealroom.errors import AlreadyExistsError, AuditError, InvalidQueryError, NotFoundError
+from sealroom.errors import AlreadyExistsError, AuditError, CallerError, InvalidQueryError, NotFoundError
 from sealroom.keys import public_key_hex
+from sealroom.signing import Registration
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS parties (
@@ -58,6 +61,13 @@ CREATE TABLE IF NOT EXISTS datasets (
     approximate_rows INTEGER NOT NULL DEFAULT 0,
     registered_at REAL NOT NULL,
     PRIMARY KEY (party, name)
+);
+-- The operator's one-time enrolment tokens (hashed), one outstanding per party name.
+CREATE TABLE IF NOT EXISTS enrolments (
+    party TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS queries (
     id TEXT PRIMARY KEY,
@@ -151,6 +161,26 @@ class DatasetRecord:
         )
 
 
+@dataclass(frozen=True)
+class SignedRegistration:
+    """A party's registration as it reached the coordinator: the document it signed with the key it
+    registers (its signature verified), and the operator's enrolment token it presented ("" for none)."""
+
+    registration: Registration
+    signature: bytes
+    enrolment_token: str = ""
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """An operator's enrolment of a party name: the one-time token (shown once, stored hashed) and
+    when it expires (unix seconds)."""
+
+    party: str
+    token: str
+    expires_at: float
+
+
 class Approval(NamedTuple):
     """A party's stored approval of a query: the plan hash it signed and its signature."""
 
@@ -207,8 +237,15 @@ class CoordinatorStore(Protocol):
 
     # -- catalog
     def register_party(
-        self, name: str, address: str, key_hex: str, datasets: Sequence[DatasetRecord | Mapping[str, Any]]
+        self,
+        name: str,
+        address: str,
+        key_hex: str,
+        datasets: Sequence[DatasetRecord | Mapping[str, Any]],
+        *,
+        signed: SignedRegistration | None = None,
     ) -> None: ...
+    def enrol(self, party: str, *, token: str, expires_at: float) -> None: ...
     def parties(self) -> dict[str, PartyRecord]: ...
     def datasets(self) -> list[DatasetRecord]: ...
 
@@ -272,6 +309,10 @@ class SQLiteStore:
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(releases)").fetchall()}
         if "receipt_json" not in columns:  # a state directory from before receipts
             self._db.execute("ALTER TABLE releases ADD COLUMN receipt_json BLOB")
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(parties)").fetchall()}
+        if "issued_at_ms" not in columns:  # a state directory from before signed registrations
+            self._db.execute("ALTER TABLE parties ADD COLUMN issued_at_ms INTEGER NOT NULL DEFAULT 0")
+            self._db.execute("ALTER TABLE parties ADD COLUMN datasets_sha256 TEXT NOT NULL DEFAULT ''")
         self._log_key = log_key
         self.log: TransparencyLog | None = None
         if log_key is not None:
@@ -409,63 +450,122 @@ class SQLiteStore:
     # -- catalog -----------------------------------------------------------------------------
 
     def register_party(
-        self, name: str, address: str, key_hex: str, datasets: Sequence[DatasetRecord | Mapping[str, Any]]
+        self,
+        name: str,
+        address: str,
+        key_hex: str,
+        datasets: Sequence[DatasetRecord | Mapping[str, Any]],
+        *,
+        signed: SignedRegistration | None = None,
     ) -> None:
-        """Register (or re-register) a party. Its signing key is fixed at first registration: a
-        later registration under the same name with another key is refused, so nobody can take
-        over a party's name in the catalog by re-registering it. Each dataset is a
-        :class:`DatasetRecord` of this party, or a mapping (see :meth:`DatasetRecord.from_mapping`)."""
+        """Register (or re-register) a party. Each dataset is a :class:`DatasetRecord` of this party,
+        or a mapping (see :meth:`DatasetRecord.from_mapping`).
+
+        ``signed``: the party's own signed registration (``RegisterParty``; its signature already
+        verified), checked here in the transaction that records it: fresh and newer than the party's
+        last accepted one (no replay); a new name, or a new key for a known name, only with the
+        operator's unexpired enrolment token for that name (used up here); then logged as
+        ``party_registered`` (``enrolled``, ``key_changed``, or ``updated`` when the address or the
+        datasets changed). Without it (in-process tools and tests) the key is fixed at first
+        registration and only the datasets are logged."""
         now = time.time()
         records = [d if isinstance(d, DatasetRecord) else DatasetRecord.from_mapping(name, d) for d in datasets]
         if any(d.party != name for d in records):
             raise InvalidQueryError("each dataset must belong to the registering party", details={"party": name})
         with self.tx() as db:
-            row = db.execute("SELECT signing_public_key FROM parties WHERE name = ?", (name,)).fetchone()
-            if row is not None and row[0] != key_hex:
+            row = db.execute(
+                "SELECT signing_public_key, address, issued_at_ms, datasets_sha256 FROM parties WHERE name = ?", (name,)
+            ).fetchone()
+            if signed is not None:
+                self._check_registration(db, signed, row, address=address, now=now)
+            elif row is not None and row[0] != key_hex:
                 raise AlreadyExistsError(
                     f"party {name} is registered with another signing key; an operator must remove the old "
                     "registration before the party can register a new key",
                     details={"party": name},
                 )
+            reg = signed.registration if signed is not None else None
             db.execute(
-                "INSERT INTO parties(name, address, signing_public_key, registered_at) VALUES (?,?,?,?) "
-                "ON CONFLICT(name) DO UPDATE SET address=excluded.address, "
-                "signing_public_key=excluded.signing_public_key, registered_at=excluded.registered_at",
-                (name, address, key_hex, now),
+                "INSERT INTO parties(name, address, signing_public_key, registered_at, issued_at_ms, datasets_sha256) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET address=excluded.address, "
+                "signing_public_key=excluded.signing_public_key, registered_at=excluded.registered_at, "
+                "issued_at_ms=excluded.issued_at_ms, datasets_sha256=excluded.datasets_sha256",
+                (name, address, key_hex, now, reg.issued_at_ms if reg else 0, reg.datasets_sha256 if reg else ""),
             )
-            before = {
-                r[0]: (r[1], bytes(r[2]))
-                for r in db.execute(
-                    "SELECT name, policy_digest, arrow_schema FROM datasets WHERE party = ?", (name,)
-                ).fetchall()
-            }
-            same_key = row is not None
-            db.execute("DELETE FROM datasets WHERE party = ?", (name,))
-            for d in records:
-                # Logged when new or changed (policy, schema or owner key), not at every agent restart.
-                if not same_key or before.get(d.name) != (d.policy_digest, bytes(d.arrow_schema)):
-                    self._append(
-                        "dataset_registered",
-                        party=name,
-                        dataset=d.name,
-                        policy_digest=d.policy_digest,
-                        schema_sha256=hashlib.sha256(bytes(d.arrow_schema)).hexdigest(),
-                        owner_key_sha256=hashlib.sha256(bytes.fromhex(key_hex)).hexdigest(),
-                    )
-                db.execute(
-                    "INSERT INTO datasets(party, name, arrow_schema, policy_json, policy_digest, description, "
-                    "approximate_rows, registered_at) VALUES (?,?,?,?,?,?,?,?)",
-                    (
-                        name,
-                        d.name,
-                        d.arrow_schema,
-                        d.policy_json,
-                        d.policy_digest,
-                        d.description,
-                        d.approximate_rows,
-                        now,
-                    ),
+            self._replace_datasets(db, name, key_hex, records, same_key=row is not None and row[0] == key_hex, now=now)
+
+    def _check_registration(
+        self, db: sqlite3.Connection, signed: SignedRegistration, row: Any, *, address: str, now: float
+    ) -> None:
+        """The checks of a signed registration against the party's stored one (``row``: key, address,
+        last issued_at_ms, datasets digest; None for a new name), then its ``party_registered`` entry."""
+        reg = signed.registration
+        reg.check_fresh(int(now * 1000), last_ms=row[2] if row is not None else 0)
+        if row is None or row[0] != reg.owner_key:
+            self._use_enrolment(db, reg.party, signed.enrolment_token, new_key=row is not None, now=now)
+            change = "enrolled" if row is None else "key_changed"
+        elif row[1] != address or row[3] != reg.datasets_sha256:
+            change = "updated"
+        else:
+            return  # an agent's restart at the same address with the same datasets: nothing new to log
+        self._append("party_registered", **asdict(reg), signature=signed.signature.hex(), change=change)
+
+    def _use_enrolment(self, db: sqlite3.Connection, party: str, token: str, *, new_key: bool, now: float) -> None:
+        """Use up the operator's enrolment token for ``party`` (CallerError when there is none valid)."""
+        row = db.execute("SELECT token_hash, expires_at FROM enrolments WHERE party = ?", (party,)).fetchone()
+        if token and row is not None and hmac.compare_digest(token_hash(token), row[0]) and row[1] > now:
+            db.execute("DELETE FROM enrolments WHERE party = ?", (party,))
+            return
+        what = f"party {party} is registered with another signing key" if new_key else f"party {party} is not enrolled"
+        raise CallerError(
+            f"{what}: a {'key change' if new_key else 'new party'} needs the coordinator operator's enrolment "
+            f"(`sealroom party enrol {party}`), whose one-time token the agent presents ([party] enrolment_token); "
+            "the token given is missing, wrong, used or expired",
+            details={"party": party, "check": "enrolment"},
+        )
+
+    def enrol(self, party: str, *, token: str, expires_at: float) -> None:
+        """Record the operator's enrolment of ``party`` (its token hashed), replacing an unused one."""
+        with self.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO enrolments(party, token_hash, expires_at, created_at) VALUES (?,?,?,?)",
+                (party, token_hash(token), expires_at, time.time()),
+            )
+
+    def _replace_datasets(
+        self,
+        db: sqlite3.Connection,
+        name: str,
+        key_hex: str,
+        records: Sequence[DatasetRecord],
+        *,
+        same_key: bool,
+        now: float,
+    ) -> None:
+        """Store the party's datasets in place of its old ones; log each one that is new or changed
+        (policy, schema or owner key), not at every agent restart."""
+        before = {
+            r[0]: (r[1], bytes(r[2]))
+            for r in db.execute(
+                "SELECT name, policy_digest, arrow_schema FROM datasets WHERE party = ?", (name,)
+            ).fetchall()
+        }
+        db.execute("DELETE FROM datasets WHERE party = ?", (name,))
+        for d in records:
+            if not same_key or before.get(d.name) != (d.policy_digest, bytes(d.arrow_schema)):
+                self._append(
+                    "dataset_registered",
+                    party=name,
+                    dataset=d.name,
+                    policy_digest=d.policy_digest,
+                    schema_sha256=hashlib.sha256(bytes(d.arrow_schema)).hexdigest(),
+                    owner_key_sha256=hashlib.sha256(bytes.fromhex(key_hex)).hexdigest(),
                 )
+            db.execute(
+                "INSERT INTO datasets(party, name, arrow_schema, policy_json, policy_digest, description, "
+                "approximate_rows, registered_at) VALUES (?,?,?,?,?,?,?,?)",
+                (name, d.name, d.arrow_schema, d.policy_json, d.policy_digest, d.description, d.approximate_rows, now),
+            )
 
     def parties(self) -> dict[str, PartyRecord]:
         with self._lock:

@@ -1,4 +1,5 @@
-"""Owners' signatures: approvals of plans, sealed-stream headers, owner commands and owner actions.
+"""Owners' signatures: approvals of plans, sealed-stream headers, owner commands and owner actions,
+and a party's registration with the coordinator (:class:`Registration`).
 
 An approval is an Ed25519 signature over a domain-separated message holding a plan hash (SHA-256
 of the plan's canonical JSON, :mod:`sealroom.planning.plan`).
@@ -19,13 +20,16 @@ Every ``verify_*`` here returns nothing and raises on failure (pyca's ``verify``
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sealroom.canonical import canonical_json
-from sealroom.errors import ApprovalError
+from sealroom.errors import ApprovalError, AuthenticationError
 from sealroom.sealed import integrity_error
 
 APPROVAL_DOMAIN = b"sealroom/v1/approval\x00"
@@ -172,3 +176,115 @@ def _verifies(public_key_hex: str, signature: bytes, message: bytes) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+# -- party registration (RegisterParty) --------------------------------------------------------
+
+REGISTRATION_DOMAIN = b"sealroom/v1/party-registration\x00"
+
+
+class RegisteredDataset(Protocol):
+    """What a registration binds of one dataset: a ``DatasetInfo`` message or a stored dataset record."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def arrow_schema(self) -> bytes: ...
+    @property
+    def policy_digest(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def approximate_rows(self) -> int: ...
+
+
+def registration_datasets_sha256(datasets: Iterable[RegisteredDataset]) -> str:
+    """SHA-256 (hex) of what a registration says of its datasets: the canonical JSON of
+    ``[{name, policy_digest, schema_sha256, description_sha256, approximate_rows}]`` sorted by name
+    (the policy is bound by its digest, which the coordinator recomputes from the policy it stores)."""
+    summaries = sorted(
+        (
+            {
+                "name": d.name,
+                "policy_digest": d.policy_digest,
+                "schema_sha256": hashlib.sha256(bytes(d.arrow_schema)).hexdigest(),
+                "description_sha256": hashlib.sha256(d.description.encode("utf-8")).hexdigest(),
+                "approximate_rows": int(d.approximate_rows),
+            }
+            for d in datasets
+        ),
+        key=lambda s: str(s["name"]),
+    )
+    return hashlib.sha256(canonical_json(summaries)).hexdigest()
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a party signs, with the key it registers, when it registers with the coordinator
+    (``RegisterParty``): ``"sealroom/v1/party-registration" 0x00 canonical_json({party, owner_key,
+    address_sha256, datasets_sha256, datasets, issued_at_ms})``.
+
+    The address and the dataset list enter by their SHA-256, so every signed field is one that the
+    log's ``party_registered`` entry records and ``sealroom audit verify`` checks the party's own
+    signature without learning where its agent listens. ``owner_key`` is the Ed25519 public key
+    (hex) being registered: the signature proves its holder asked for this registration."""
+
+    party: str
+    owner_key: str
+    address_sha256: str
+    datasets_sha256: str
+    datasets: int
+    issued_at_ms: int
+
+    @classmethod
+    def of(
+        cls, *, party: str, owner_key: str, address: str, datasets: Sequence[RegisteredDataset], issued_at_ms: int
+    ) -> Registration:
+        return cls(
+            party=party,
+            owner_key=owner_key,
+            address_sha256=hashlib.sha256(address.encode("utf-8")).hexdigest(),
+            datasets_sha256=registration_datasets_sha256(datasets),
+            datasets=len(datasets),
+            issued_at_ms=int(issued_at_ms),
+        )
+
+    def message(self) -> bytes:
+        return REGISTRATION_DOMAIN + canonical_json(
+            {
+                "party": self.party,
+                "owner_key": self.owner_key,
+                "address_sha256": self.address_sha256,
+                "datasets_sha256": self.datasets_sha256,
+                "datasets": self.datasets,
+                "issued_at_ms": self.issued_at_ms,
+            }
+        )
+
+    def sign(self, key: Ed25519PrivateKey) -> bytes:
+        return key.sign(self.message())
+
+    def verify(self, signature: bytes) -> None:
+        """Raise AuthenticationError unless ``signature`` is by ``owner_key`` over this registration."""
+        if not signature or not _verifies(self.owner_key, signature, self.message()):
+            raise AuthenticationError(
+                f"the registration of {self.party} is not signed by the key it registers (unsigned, forged, or "
+                "altered on the way); a party agent signs its registration with its own signing key",
+                details={"party": self.party, "check": "registration_signature"},
+            )
+
+    def check_fresh(self, now_ms: int, *, last_ms: int = 0) -> None:
+        """Raise AuthenticationError unless ``issued_at_ms`` is within the allowed skew of ``now_ms``
+        and later than ``last_ms`` (the party's last accepted registration): no replay."""
+        if abs(now_ms - self.issued_at_ms) > OWNER_MESSAGE_MAX_SKEW_MS:
+            raise AuthenticationError(
+                f"the registration of {self.party} is stale or dated in the future (more than "
+                f"{OWNER_MESSAGE_MAX_SKEW_MS // 1000} s from the coordinator's clock); check the clocks and retry",
+                details={"party": self.party, "check": "issued_at"},
+            )
+        if self.issued_at_ms <= last_ms:
+            raise AuthenticationError(
+                f"the registration of {self.party} is not newer than its last accepted one: a replay is refused; "
+                "the agent signs a fresh registration at each start",
+                details={"party": self.party, "check": "replay"},
+            )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from connectors.agent.approvals import DEFAULT_MAX_PENDING_PER_ANALYST
 from connectors.sources import resolve_spec
 from sealroom.audit.notes import NoteVerifier
+from sealroom.auth import TOKEN_PREFIX
 from sealroom.config import Table, file_table
 from sealroom.errors import (
     ConfigError,
@@ -44,6 +45,9 @@ class PartyConfig:
     log_key: NoteVerifier | None = None
     # Approve without witnessing: tests and benchmarks without a coordinator only (logged as a warning).
     unsafe_no_witness: bool = False
+    # The operator's one-time enrolment token (`sealroom party enrol NAME`), presented at registration:
+    # needed for the name's first registration and for a new key; "" for none.
+    enrolment_token: str = field(default="", repr=False)
 
     @property
     def witness_state_dir(self) -> Path:
@@ -67,6 +71,7 @@ class PartyConfig:
                 "state_dir",
                 "log_key",
                 "unsafe_no_witness",
+                "enrolment_token",
             }
         )
         name = p.str("name")
@@ -127,6 +132,7 @@ class PartyConfig:
             state_dir=p.opt_path("state_dir"),
             log_key=_log_key(p),
             unsafe_no_witness=p.bool("unsafe_no_witness", False),
+            enrolment_token=_enrolment_token(p),
         )
 
     @classmethod
@@ -156,3 +162,24 @@ def _log_key(p: Table) -> NoteVerifier | None:
         return NoteVerifier.from_vkey(text)
     except ValueError as exc:
         raise ConfigError(f"{p.source}: {p.prefix}log_key is not a verifier key: {exc}", details=where) from None
+
+
+def _enrolment_token(p: Table) -> str:
+    """``[party] enrolment_token``: the token ``sealroom party enrol`` printed, or the path of a file
+    holding it (keep it out of a config file that others read); "" when not set."""
+    value = p.opt_str("enrolment_token")
+    if value is None:
+        return ""
+    if value.startswith(TOKEN_PREFIX):
+        return value
+    try:
+        token = p.path("enrolment_token").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        token = ""
+    if not token.startswith(TOKEN_PREFIX):
+        raise ConfigError(
+            f"{p.source}: {p.prefix}enrolment_token is neither an enrolment token ({TOKEN_PREFIX}...) nor a readable "
+            "file holding one; the coordinator's operator makes it with `sealroom party enrol NAME`",
+            details={"file": p.source, "key": f"{p.prefix}enrolment_token"},
+        )
+    return token

@@ -48,7 +48,7 @@ from sealroom.planning.sql import PAD_COLUMN
 from sealroom.policy import DatasetPolicy
 from sealroom.rpc import call, open_channel, unwrap
 from sealroom.sealed import SealingStream, StreamContext, schema_hash
-from sealroom.signing import sign_approval, sign_owner_action, sign_stream_header
+from sealroom.signing import Registration, sign_approval, sign_owner_action, sign_stream_header
 from sealroom.v1 import (
     common_pb2,
     coordinator_pb2,
@@ -132,7 +132,35 @@ class PartyAgent:
 
     # -- registration ------------------------------------------------------------------------
 
-    def registration(self, address: str) -> coordinator_pb2.RegisterPartyRequest:
+    def registration(
+        self, address: str, datasets: list[common_pb2.DatasetInfo] | None = None
+    ) -> coordinator_pb2.RegisterPartyRequest:
+        """This party's registration, signed now by its key (:class:`sealroom.signing.Registration`),
+        with the operator's enrolment token when the config has one. ``datasets``: the datasets'
+        messages, when already made (:meth:`dataset_infos`)."""
+        datasets = self.dataset_infos() if datasets is None else datasets
+        issued = self._issuer.issue()
+        registration = Registration.of(
+            party=self.config.name,
+            owner_key=self.public_key_hex,
+            address=address,
+            datasets=datasets,
+            issued_at_ms=issued,
+        )
+        return coordinator_pb2.RegisterPartyRequest(
+            party=common_pb2.PartyInfo(
+                name=self.config.name,
+                address=address,
+                signing_public_key=bytes.fromhex(self.public_key_hex),
+            ),
+            datasets=datasets,
+            issued_at_ms=issued,
+            signature=registration.sign(self.key),
+            enrolment_token=self.config.enrolment_token,
+        )
+
+    def dataset_infos(self) -> list[common_pb2.DatasetInfo]:
+        """What this party registers of each dataset: schema, policy, description, approximate rows."""
         datasets = []
         for d in self.config.datasets:
             datasets.append(
@@ -146,14 +174,7 @@ class PartyAgent:
                     approximate_rows=self._approximate_rows(d.name) if d.policy.share_row_count else 0,
                 )
             )
-        return coordinator_pb2.RegisterPartyRequest(
-            party=common_pb2.PartyInfo(
-                name=self.config.name,
-                address=address,
-                signing_public_key=bytes.fromhex(self.public_key_hex),
-            ),
-            datasets=datasets,
-        )
+        return datasets
 
     def _approximate_rows(self, dataset: str) -> int:
         """The dataset's row count to two significant digits (read streaming, no column loaded)."""
@@ -162,10 +183,11 @@ class PartyAgent:
 
     def register(self, address: str, *, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        request = self.registration(address)
+        datasets = self.dataset_infos()
         with open_channel(self.config.coordinator) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             while True:
+                request = self.registration(address, datasets)  # signed afresh at each attempt
                 try:
                     call("coordinator", stub.RegisterParty, request, timeout=10)
                     log.info("registered %d datasets with the coordinator", len(request.datasets))

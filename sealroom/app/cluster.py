@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.service import enrol_party
 from enclave_worker.config import EnclaveConfig
 from sealroom.app.client import Client
 from sealroom.attestation import dev_init, enclave_measurement
@@ -206,6 +207,11 @@ class Cluster:
         self.log("starting the enclave worker (simulated attestation)")
         self._spawn("enclave", ["enclave", "serve", "--config", str(p["config"] / "enclave.toml")])
         enclave = self._wait_port("enclave")
+        for party in self.parties:  # the operator's enrolment of each party: a token its agent presents once
+            token = enrol_party(self.state_dir / "coordinator", party.name).token
+            fd = os.open(p["keys"] / f"{party.name}.enrolment", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token)
         coord_cfg = p["config"] / "coordinator.toml"
         coord_cfg.write_text(
             toml_table(
@@ -237,6 +243,7 @@ class Cluster:
                     "listen": "127.0.0.1:0",
                     "coordinator": coordinator,
                     "signing_key": str(self.key_path(party.name)),
+                    "enrolment_token": str(p["keys"] / f"{party.name}.enrolment"),
                     "approval_ttl_seconds": party.approval_ttl_seconds,
                     # What the agent co-signed of the coordinator's log, and the log key it trusted
                     # on first use (docs/audit.md, "Witnesses").

@@ -18,16 +18,18 @@ from typing import Any
 from sealroom.audit.merkle import leaf_hash
 from sealroom.canonical import canonical_json
 
-__all__ = ["ENTRY_VERSION", "EVENT_TYPES", "DECISIONS", "LAPSE_CAUSES", "LogEntry", "is_ident"]
+__all__ = ["ENTRY_VERSION", "EVENT_TYPES", "DECISIONS", "LAPSE_CAUSES", "REGISTRATION_CHANGES", "LogEntry", "is_ident"]
 
 ENTRY_VERSION = 1
 _IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,199}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"(?:[0-9a-f]{2}){1,256}")
+_PUBLIC_KEY = re.compile(r"[0-9a-f]{64}")
 DECISIONS = ("accepted", "flagged", "withdrawn", "retained", "erased")
 
 # type -> field -> kind; a trailing "?" marks an optional field. Kinds admit identifiers, digests,
-# public signatures, counts and flags only: never free text, a value from the data, or a key.
+# public signatures and public keys, counts and flags only: never free text, a value from the data,
+# or a secret key.
 EVENT_TYPES: Mapping[str, Mapping[str, str]] = MappingProxyType(
     {
         "dataset_registered": {
@@ -36,6 +38,19 @@ EVENT_TYPES: Mapping[str, Mapping[str, str]] = MappingProxyType(
             "policy_digest": "sha256",
             "schema_sha256": "sha256?",
             "owner_key_sha256": "sha256?",
+        },
+        # A party's own signed registration (sealroom.signing.Registration: every field it signs, and
+        # its signature by ``owner_key``, the Ed25519 public key it registers), logged when the name
+        # is enrolled, its key changes (a new enrolment), or its address or datasets change.
+        "party_registered": {
+            "party": "ident",
+            "owner_key": "public_key",
+            "address_sha256": "sha256",
+            "datasets_sha256": "sha256",
+            "datasets": "count",
+            "issued_at_ms": "count",
+            "signature": "hex",
+            "change": "registration_change",
         },
         "query_submitted": {"query_id": "ident", "analyst": "ident", "sql_sha256": "sha256", "plan_hash": "sha256?"},
         "approved": {"query_id": "ident", "party": "ident", "plan_hash": "sha256", "signature": "hex?"},
@@ -95,6 +110,9 @@ EVENT_TYPES: Mapping[str, Mapping[str, str]] = MappingProxyType(
     }
 )
 LAPSE_CAUSES = ("expired", "not_held_by_agent")
+# A party_registered entry's change: the name's first registration (with the operator's enrolment),
+# a new key (with a new enrolment), or a new address or datasets under the same key.
+REGISTRATION_CHANGES = ("enrolled", "key_changed", "updated")
 
 
 def is_ident(value: Any) -> bool:
@@ -119,6 +137,10 @@ def _valid(kind: str, value: Any) -> bool:
         return value in DECISIONS
     if kind == "lapse_cause":
         return value in LAPSE_CAUSES
+    if kind == "public_key":
+        return isinstance(value, str) and _PUBLIC_KEY.fullmatch(value) is not None
+    if kind == "registration_change":
+        return value in REGISTRATION_CHANGES
     raise AssertionError(kind)
 
 

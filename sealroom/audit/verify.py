@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -22,7 +22,8 @@ from sealroom.audit.merkle import EMPTY_ROOT, CompactTree, root_hash
 from sealroom.audit.notes import WITNESS_SUFFIX, NoteVerifier, SignedCheckpoint, b64
 from sealroom.audit.receipts import receipt_sha256
 from sealroom.audit.refusals import refuse
-from sealroom.errors import AuditError
+from sealroom.errors import AuditError, AuthenticationError
+from sealroom.signing import Registration
 
 __all__ = ["LogReport", "verify_log"]
 
@@ -85,8 +86,9 @@ def verify_log(
     the report says ``log_key_pinned=False``). ``witnesses`` and ``quorum`` (default: all) require
     co-signatures on the latest checkpoint. Every co-signature by a known witness key is checked:
     ``witnesses`` (pinned), and the export's ``"witnesses"`` (the registered owners' keys, each of
-    which must hash to an ``owner_key_sha256`` that the log's ``dataset_registered`` entries record
-    for its party; a pinned key of the same name takes precedence). ``trusted``: checkpoints obtained elsewhere (from a
+    which must be an owner key that the log's ``party_registered`` entries (or the
+    ``owner_key_sha256`` of its ``dataset_registered`` entries) record for its party; a pinned key of
+    the same name takes precedence). ``trusted``: checkpoints obtained elsewhere (from a
     witness, a party agent, an earlier audit): each must be a checkpoint of this very history, which
     exposes a log that was rolled back or forked since. ``verify_receipt`` is called on every
     release's receipt (e.g. :func:`sealroom.audit.receipts.verify_receipt` with the keys pinned); its
@@ -102,7 +104,9 @@ def verify_log(
     5. ``checkpoint_root``: the entries reproduce every checkpoint's root (the first entry past the
        last good checkpoint is named);
     6. ``unsigned_entries``/``entry_time``: every entry is covered by a signed checkpoint, and time
-       does not run backwards;
+       does not run backwards; ``registration_signature``/``registration_replay``/
+       ``registration_change``: every ``party_registered`` entry is signed by the key it registers,
+       is newer than the party's previous one, and says truly whether the name or key is new;
     7. ``witness_key``/``witness_signature``: every exported witness key is an owner key the log
        records, and every co-signature by a known witness key verifies (the report lists who
        co-signed which checkpoint); ``witness_quorum``: the latest checkpoint carries the
@@ -119,6 +123,7 @@ def verify_log(
     _verify_not_truncated(checkpoints, n)  # 4
     roots, good = _verify_checkpoint_roots(entries, by_size)  # 5
     _verify_signed_and_in_order(entries, good)  # 6
+    _verify_registrations(entries)  # 6b
     known = _known_witnesses(export, entries, witnesses)  # 7a
     cosigned_by, unverified = _verify_cosignatures(checkpoints, key, known)  # 7b
     witnessed = _verify_witness_quorum(checkpoints, n, key, witnesses, quorum)  # 7c
@@ -440,12 +445,14 @@ def _known_witnesses(
     export: Mapping[str, Any], entries: Sequence[LogEntry], pinned: Sequence[NoteVerifier]
 ) -> dict[str, tuple[NoteVerifier, bool]]:
     """name -> (verifier, pinned): the export's witness keys, each of which must be ``<party>.witness``
-    with a key whose SHA-256 the log's ``dataset_registered`` entries record as the party's owner key
+    with a key whose SHA-256 the log's ``party_registered`` (or ``dataset_registered``) entries record
+    as the party's owner key
     (``witness_key`` otherwise), then the pinned keys (which replace an exported key of the same name)."""
     owner_keys: dict[str, set[str]] = {}
     for e in entries:
-        if e.type == "dataset_registered" and "owner_key_sha256" in e.event:
-            owner_keys.setdefault(str(e.event["party"]), set()).add(str(e.event["owner_key_sha256"]))
+        key = _owner_key_sha256(e)
+        if key is not None:
+            owner_keys.setdefault(str(e.event["party"]), set()).add(key)
     raw = export.get("witnesses", [])
     if not isinstance(raw, list):
         raise refuse("witness_key", "the log export's witnesses are not a list of verifier keys")
@@ -470,3 +477,59 @@ def _known_witnesses(
     for verifier in pinned:
         known[verifier.name] = (verifier, True)
     return known
+
+
+def _owner_key_sha256(entry: LogEntry) -> str | None:
+    """The SHA-256 of the owner key an entry records for its party (None: it records none)."""
+    if entry.type == "party_registered":
+        return hashlib.sha256(bytes.fromhex(str(entry.event["owner_key"]))).hexdigest()
+    if entry.type == "dataset_registered" and "owner_key_sha256" in entry.event:
+        return str(entry.event["owner_key_sha256"])
+    return None
+
+
+def _verify_registrations(entries: Sequence[LogEntry]) -> None:
+    """Step 6b: every ``party_registered`` entry carries the party's own signature over what it
+    records (:class:`sealroom.signing.Registration`), is dated after the party's previous
+    registration, and its ``change`` agrees with the owner key the log recorded for the party before
+    it: ``enrolled`` only for a name never registered, ``key_changed`` only to another key,
+    ``updated`` only under the same key (or a party registered before registrations were signed)."""
+    key_of: dict[str, str] = {}  # party -> SHA-256 of the owner key the log last recorded for it
+    last: dict[str, int] = {}  # party -> issued_at_ms of its last party_registered entry
+    for e in entries:
+        party = str(e.event.get("party", ""))
+        key = _owner_key_sha256(e)
+        if e.type == "party_registered":
+            ev = e.event
+            try:
+                Registration(**{f.name: ev[f.name] for f in fields(Registration)}).verify(
+                    bytes.fromhex(str(ev["signature"]))
+                )
+            except AuthenticationError:
+                raise refuse(
+                    "registration_signature",
+                    f"{e.label()}: the registration of {party} is not signed by the key it registers",
+                    entry=e.seq,
+                ) from None
+            if party in last and ev["issued_at_ms"] <= last[party]:
+                raise refuse(
+                    "registration_replay",
+                    f"{e.label()}: the registration of {party} is not newer than its previous one",
+                    entry=e.seq,
+                )
+            last[party] = int(ev["issued_at_ms"])
+            known = key_of.get(party)
+            agrees = {
+                "enrolled": known is None,
+                "key_changed": known is not None and known != key,
+                "updated": known is None or known == key,
+            }[str(ev["change"])]
+            if not agrees:
+                raise refuse(
+                    "registration_change",
+                    f"{e.label()}: it says {party}'s registration is {ev['change']}, but the log recorded "
+                    f"{'no' if known is None else 'the same' if known == key else 'another'} key for {party} before it",
+                    entry=e.seq,
+                )
+        if key is not None:
+            key_of[party] = key

@@ -27,6 +27,20 @@ class RegisterPartyRequest(_message.Message):
 
     PARTY_FIELD_NUMBER: _builtins.int
     DATASETS_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    ENROLMENT_TOKEN_FIELD_NUMBER: _builtins.int
+    issued_at_ms: _builtins.int
+    """The party's signature, by the key in `party`, over sealroom.signing.Registration (its name, key,
+    the SHA-256 of its address and of its datasets, and issued_at_ms): proof that the caller holds
+    the key. Refused when stale (more than 300 s from the coordinator's clock) or not newer than the
+    party's last accepted registration.
+    """
+    signature: _builtins.bytes
+    enrolment_token: _builtins.str
+    """The operator's one-time enrolment token (`sealroom party enrol NAME`), needed for a new name or
+    a new key; ignored when the name is already registered with this key.
+    """
     @_builtins.property
     def party(self) -> _common_pb2.PartyInfo: ...
     @_builtins.property
@@ -36,10 +50,13 @@ class RegisterPartyRequest(_message.Message):
         *,
         party: _common_pb2.PartyInfo | None = ...,
         datasets: _abc.Iterable[_common_pb2.DatasetInfo] | None = ...,
+        issued_at_ms: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+        enrolment_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["party", b"party"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets", "party", b"party"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets", "enrolment_token", b"enrolment_token", "issued_at_ms", b"issued_at_ms", "party", b"party", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

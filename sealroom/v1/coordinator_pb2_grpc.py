@@ -106,7 +106,8 @@ class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def RegisterParty(self, request, context):
-        """A party agent registers itself and its datasets (schemas and policy digests only).
+        """A party agent registers itself and its datasets (schemas and policy digests only), signed by
+        its key; a new name or key needs the operator's enrolment token (docs/wire.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

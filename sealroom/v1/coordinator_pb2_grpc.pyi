@@ -35,7 +35,9 @@ class CoordinatorStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CoordinatorAsyncStub: ...
     RegisterParty: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RegisterPartyRequest, _coordinator_pb2.RegisterPartyResponse]
-    """A party agent registers itself and its datasets (schemas and policy digests only)."""
+    """A party agent registers itself and its datasets (schemas and policy digests only), signed by
+    its key; a new name or key needs the operator's enrolment token (docs/wire.md).
+    """
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _coordinator_pb2.ListDatasetsResponse]
     Explain: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.QueryRequest, _coordinator_pb2.ExplainResponse]
     """Plan a query without running it."""
@@ -66,7 +68,9 @@ class CoordinatorStub:
 class CoordinatorAsyncStub(CoordinatorStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterParty: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RegisterPartyRequest, _coordinator_pb2.RegisterPartyResponse]  # type: ignore[assignment]
-    """A party agent registers itself and its datasets (schemas and policy digests only)."""
+    """A party agent registers itself and its datasets (schemas and policy digests only), signed by
+    its key; a new name or key needs the operator's enrolment token (docs/wire.md).
+    """
     ListDatasets: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _coordinator_pb2.ListDatasetsResponse]  # type: ignore[assignment]
     Explain: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.QueryRequest, _coordinator_pb2.ExplainResponse]  # type: ignore[assignment]
     """Plan a query without running it."""
@@ -100,7 +104,9 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.RegisterPartyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.RegisterPartyResponse, _abc.Awaitable[_coordinator_pb2.RegisterPartyResponse]]:
-        """A party agent registers itself and its datasets (schemas and policy digests only)."""
+        """A party agent registers itself and its datasets (schemas and policy digests only), signed by
+        its key; a new name or key needs the operator's enrolment token (docs/wire.md).
+        """
 
     @_abc_1.abstractmethod
     def ListDatasets(

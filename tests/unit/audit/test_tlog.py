@@ -303,7 +303,21 @@ def test_witness_quorum(log_signer: NoteSigner) -> None:
 # Entries
 
 
+def _registration_fields() -> dict[str, Any]:
+    return {
+        "party": "bank_a",
+        "owner_key": "ab" * 32,
+        "address_sha256": "c" * 64,
+        "datasets_sha256": "d" * 64,
+        "datasets": 1,
+        "issued_at_ms": 1,
+        "signature": "ee" * 64,
+        "change": "enrolled",
+    }
+
+
 def test_entries_refuse_unknown_fields_types_and_values() -> None:
+    LogEntry(0, 1, "party_registered", _registration_fields())  # the well-formed one
     ok = LogEntry(0, 1, "released", _released_fields("q_1"))
     assert json.loads(ok.canonical())["event"]["query_id"] == "q_1"
     with pytest.raises(ValueError, match="no field value"):
@@ -333,13 +347,27 @@ def test_entries_refuse_unknown_fields_types_and_values() -> None:
         ("released", {**_released_fields("q"), "simulated": "yes"}),
         ("compliance_decision", {"query_id": "q", "reviewer": "rev", "decision": "looks fine to me"}),
         ("approved", {"query_id": "q", "party": "bank_a", "plan_hash": "a" * 64, "signature": "PRIVATE KEY"}),
+        ("party_registered", {**_registration_fields(), "owner_key": "ab" * 64}),  # no public key: too long
+        ("party_registered", {**_registration_fields(), "change": "rewritten by the operator"}),
     ]
     for type_, event in bad_values:
         with pytest.raises(ValueError):
             LogEntry(0, 1, type_, event)
     for spec in EVENT_TYPES.values():
         assert all(
-            kind.rstrip("?") in {"ident", "sha256", "hex", "bool", "count", "stage_kind", "decision", "lapse_cause"}
+            kind.rstrip("?")
+            in {
+                "ident",
+                "sha256",
+                "hex",
+                "bool",
+                "count",
+                "stage_kind",
+                "decision",
+                "lapse_cause",
+                "public_key",
+                "registration_change",
+            }
             for kind in spec.values()
         )
 

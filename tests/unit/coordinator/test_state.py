@@ -18,9 +18,9 @@ from coordinator.service import Coordinator, catalog_of
 from coordinator.store import Approval, CoordinatorStore, DatasetRecord, PartyRecord, ReleaseRecord, SQLiteStore
 from sealroom.auth import AnalystDirectory
 from sealroom.errors import AuthenticationError, InvalidQueryError, NotFoundError
-from sealroom.keys import public_key_hex
 from sealroom.policy import DatasetPolicy, TrustPolicy
 from sealroom.v1 import common_pb2, coordinator_pb2
+from tests.harness.registration import registration_request
 
 POLICY = DatasetPolicy(privacy_unit="customer_id", min_group_size=2)
 SCHEMA = pa.schema([("customer_id", pa.int64()), ("segment", pa.string())])
@@ -125,32 +125,27 @@ def config(state_dir: Path, analysts: AnalystDirectory | None = None) -> Coordin
     return CoordinatorConfig(state_dir=state_dir, enclave="127.0.0.1:9", trust=TrustPolicy(), analysts=analysts)
 
 
-def registration(party: str = "bank_a", dataset_party: str | None = None) -> coordinator_pb2.RegisterPartyRequest:
+def registration(
+    party: str = "bank_a", dataset_party: str | None = None, token: str = ""
+) -> coordinator_pb2.RegisterPartyRequest:
     d = record(dataset_party or party)
-    return coordinator_pb2.RegisterPartyRequest(
-        party=common_pb2.PartyInfo(
-            name=party,
-            address="127.0.0.1:1",
-            signing_public_key=bytes.fromhex(public_key_hex(Ed25519PrivateKey.generate())),
-        ),
-        datasets=[
-            common_pb2.DatasetInfo(
-                party=d.party,
-                name=d.name,
-                arrow_schema=d.arrow_schema,
-                policy_json=d.policy_json,
-                policy_digest=d.policy_digest,
-                description=d.description,
-                approximate_rows=d.approximate_rows,
-            )
-        ],
+    info = common_pb2.DatasetInfo(
+        party=d.party,
+        name=d.name,
+        arrow_schema=d.arrow_schema,
+        policy_json=d.policy_json,
+        policy_digest=d.policy_digest,
+        description=d.description,
+        approximate_rows=d.approximate_rows,
     )
+    return registration_request(Ed25519PrivateKey.generate(), party, "127.0.0.1:1", [info], enrolment_token=token)
 
 
 def test_a_registration_is_listed_for_analysts(tmp_path: Path) -> None:
     c = Coordinator(config(tmp_path / "state"))
     try:
-        assert service.register_party(registration(), c).datasets == ["bank_a.loans"]
+        token = service.enrol_party(c.config.state_dir, "bank_a").token
+        assert service.register_party(registration(token=token), c).datasets == ["bank_a.loans"]
         listed = service.list_datasets(c, metadata=())
         (d,) = listed.datasets
         assert (d.party, d.name, d.approximate_rows, d.policy_digest) == ("bank_a", "loans", 1200, POLICY.digest())
