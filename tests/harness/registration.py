@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 import pyarrow as pa
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sealroom.keys import public_key_hex
 from sealroom.policy import DatasetPolicy
@@ -40,7 +40,7 @@ def registration_request(
     *,
     enrolment_token: str = "",
     issued_at_ms: int | None = None,
-    registered_key: Ed25519PrivateKey | None = None,
+    registered_key: Ed25519PrivateKey | Ed25519PublicKey | None = None,
     signed: bool = True,
 ) -> coordinator_pb2.RegisterPartyRequest:
     """``party``'s registration of ``registered_key`` (default: ``key``), signed by ``key`` (unless

@@ -11,10 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from coordinator.service import enrol_party
 from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
+from sealroom.keys import generate_signing_key
 from sealroom.policy import DatasetPolicy
 from sealroom.rpc import call
-from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from sealroom.v1 import coordinator_pb2_grpc
+from tests.harness.registration import dataset_info, registration_request
 
 pytestmark = pytest.mark.slow
 
@@ -70,28 +73,15 @@ def test_in_flight_query_is_marked_failed_after_a_restart(cluster):
     holder = threading.Thread(target=hold_connections, daemon=True)
     holder.start()
     try:
-        schema = pa.schema([("customer_id", pa.int64()), ("segment", pa.string())])
-        policy = DatasetPolicy(privacy_unit="customer_id")
         with cluster.client() as client:
             stub = coordinator_pb2_grpc.CoordinatorStub(client._channel)
-            call(
-                "coordinator",
-                stub.RegisterParty,
-                coordinator_pb2.RegisterPartyRequest(
-                    party=common_pb2.PartyInfo(
-                        name="bank_z", address=f"127.0.0.1:{silent.getsockname()[1]}", signing_public_key=b"k" * 32
-                    ),
-                    datasets=[
-                        common_pb2.DatasetInfo(
-                            party="bank_z",
-                            name="loans",
-                            arrow_schema=schema.serialize().to_pybytes(),
-                            policy_json=policy.canonical(),
-                            policy_digest=policy.digest(),
-                        )
-                    ],
-                ),
+            # The operator enrols bank_z (its state directory, while the coordinator runs).
+            token = enrol_party(cluster.state_dir / "coordinator", "bank_z").token
+            address = f"127.0.0.1:{silent.getsockname()[1]}"
+            request = registration_request(
+                generate_signing_key(), "bank_z", address, [dataset_info("bank_z")], enrolment_token=token
             )
+            call("coordinator", stub.RegisterParty, request)
             handle = client.submit("SELECT segment, COUNT(*) FROM bank_z.loans GROUP BY segment")
             deadline = time.monotonic() + 20
             while handle.status()["status"] != "awaiting_approval" and time.monotonic() < deadline:

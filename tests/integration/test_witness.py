@@ -25,7 +25,7 @@ from connectors.agent import DatasetConfig, PartyAgent, PartyConfig
 from connectors.agent import build_server as build_agent_server
 from connectors.witness import LOG_KEY_FILE
 from coordinator.config import CoordinatorConfig
-from coordinator.service import Coordinator
+from coordinator.service import Coordinator, enrol_party
 from coordinator.servicer import CoordinatorServicer
 from coordinator.store import log_origin
 from sealroom.app.cli import main
@@ -160,6 +160,7 @@ def platform(tmp_path: Path, dev_dir: Path, enclave: EnclaveHandle) -> Iterator[
             state_dir=tmp_path / f"{name}-state",
             # bank_a pins the log key it got from the operator; bank_b trusts it on first use.
             log_key=pinned if name == "bank_a" else None,
+            enrolment_token=enrol_party(coordinator.config.state_dir, name).token,
         )
         agent = PartyAgent(config, signing_key=generate_signing_key())
         agent_server = build_agent_server(agent)
@@ -190,7 +191,9 @@ def test_witnessing_over_grpc_forks_rollbacks_and_forged_cosignatures(
     size_a = a.witness.latest.checkpoint.size  # type: ignore[union-attr]
     size_b = b.witness.latest.checkpoint.size  # type: ignore[union-attr]
     assert "bank_a.witness" in cosigned[size_a] and "bank_b.witness" in cosigned[size_b]
-    assert size_a == size_b == 3  # two registrations and the query, before any approval is logged
+    # Two registrations (party_registered and dataset_registered each) and the query, before any
+    # approval is logged.
+    assert size_a == size_b == 5
 
     # (b) The coordinator shows bank_b another history of the size it co-signed: a fork.
     p.servicer.views["bank_b"] = p.fork(keep=2, size=size_b)
