@@ -23,6 +23,7 @@ import grpc
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from connectors.agent import PartyAgent, PartyConfig
 from connectors.agent import build_server as build_agent_server
@@ -182,7 +183,7 @@ def test_a_hijack_without_the_key_is_refused_and_the_owners_own_move_is_logged(p
     assert p.register(seen) is None
     before, log_before = p.catalog(), p.log_types()
 
-    thief, victim_key = generate_signing_key(), agent.key.public_key()  # the victim's public key only
+    thief, victim_key = generate_signing_key(), Ed25519PublicKey.from_public_bytes(victim)  # from GetInfo
     attempts = {
         "moved, signed by another key": registration_request(thief, "bank_a", RELAY, registered_key=victim_key),
         "moved, unsigned": registration_request(thief, "bank_a", RELAY, registered_key=victim_key, signed=False),
