@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,7 +29,6 @@ from coordinator.store import (
     Approval,
     CoordinatorStore,
     DatasetRecord,
-    Enrolment,
     QueryRecord,
     ReleaseRecord,
     SignedRegistration,
@@ -127,6 +127,16 @@ def registration_of(request: coordinator_pb2.RegisterPartyRequest) -> list[Datas
             )
         )
     return datasets
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """An operator's enrolment of a party name: the one-time token (shown once, stored hashed) and
+    when it expires (unix seconds)."""
+
+    party: str
+    token: str
+    expires_at: float
 
 
 def signed_registration(request: coordinator_pb2.RegisterPartyRequest) -> SignedRegistration:

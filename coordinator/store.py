@@ -171,16 +171,6 @@ class SignedRegistration:
     enrolment_token: str = ""
 
 
-@dataclass(frozen=True)
-class Enrolment:
-    """An operator's enrolment of a party name: the one-time token (shown once, stored hashed) and
-    when it expires (unix seconds)."""
-
-    party: str
-    token: str
-    expires_at: float
-
-
 class Approval(NamedTuple):
     """A party's stored approval of a query: the plan hash it signed and its signature."""
 
@@ -472,6 +462,9 @@ class SQLiteStore:
         records = [d if isinstance(d, DatasetRecord) else DatasetRecord.from_mapping(name, d) for d in datasets]
         if any(d.party != name for d in records):
             raise InvalidQueryError("each dataset must belong to the registering party", details={"party": name})
+        reg = signed.registration if signed is not None else None
+        if reg is not None and (reg.party, reg.owner_key, reg.datasets) != (name, key_hex, len(records)):
+            raise ValueError("a signed registration is recorded for the party, key and datasets it signs")
         with self.tx() as db:
             row = db.execute(
                 "SELECT signing_public_key, address, issued_at_ms, datasets_sha256 FROM parties WHERE name = ?", (name,)
@@ -484,7 +477,6 @@ class SQLiteStore:
                     "registration before the party can register a new key",
                     details={"party": name},
                 )
-            reg = signed.registration if signed is not None else None
             db.execute(
                 "INSERT INTO parties(name, address, signing_public_key, registered_at, issued_at_ms, datasets_sha256) "
                 "VALUES (?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET address=excluded.address, "

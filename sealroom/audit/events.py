@@ -39,6 +39,10 @@ def describe(entry: Mapping[str, Any]) -> str:
     ev = entry.get("event")
     ev = ev if isinstance(ev, Mapping) else {}
     g = ev.get
+    if t == "party_registered":
+        what = {"enrolled": "was enrolled", "key_changed": "registered a new key (new enrolment)"}
+        change = what.get(str(g("change")), "changed its address or datasets")
+        return f"{g('party')} {change}, signed by its key {_short(g('owner_key'))} ({g('datasets')} dataset(s))"
     if t == "dataset_registered":
         return f"{g('party')} registered {g('dataset')} (policy {_short(g('policy_digest'))})"
     if t == "query_submitted":

@@ -470,7 +470,7 @@ def _known_witnesses(
             raise refuse(
                 "witness_key",
                 f"the log export's key for witness {verifier.name} is not an owner key that the log's "
-                f"dataset_registered entries record for {party}",
+                f"party_registered or dataset_registered entries record for {party}",
                 witness=verifier.name,
             )
         known[verifier.name] = (verifier, False)
