@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from coordinator import service
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, enrol_party
+from sealroom.app.cli import main
 from sealroom.audit.state import load_state_log
 from sealroom.audit.verify import verify_log
 from sealroom.errors import AuditError, AuthenticationError, CallerError, InvalidQueryError
@@ -193,3 +194,29 @@ def test_audit_verify_refuses_a_replayed_registration_entry(c: Coordinator) -> N
     with pytest.raises(AuditError) as caught:
         verify(c)
     assert caught.value.details["check"] == "registration_replay"
+
+
+def test_the_operators_command_enrols_from_the_coordinators_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text(f'[coordinator]\nstate_dir = "{tmp_path / "state"}"\nenclave = "127.0.0.1:9"\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["party", "enrol", "bank_a", "--config", str(config), "--valid-hours", "2"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    token = out.split("\n")[1].strip()
+    assert token.startswith("srt_") and f'enrolment_token = "{token}"' in out
+    c = Coordinator(CoordinatorConfig(state_dir=tmp_path / "state", enclave="127.0.0.1:9", trust=TrustPolicy()))
+    try:
+        request = registration_request(Ed25519PrivateKey.generate(), "bank_a", "127.0.0.1:1", enrolment_token=token)
+        assert service.register_party(request, c).datasets == ["bank_a.loans"]
+    finally:
+        c.shutdown()
+    for bad in (["--valid-hours", "0"], ["--valid-hours", "721"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["party", "enrol", "bank_b", "--config", str(config), *bad])
+        assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["party", "enrol", "enclave", "--config", str(config)])  # a reserved name
+    assert exit_info.value.code != 0 and "reserved" in capsys.readouterr().err
