@@ -85,17 +85,22 @@ def test_a_release_is_logged_step_by_step(released: Any) -> None:
     log = events(state)
     assert [e["seq"] for e in log] == list(range(len(log)))
     kinds = [(e["type"], e["event"].get("party")) for e in log]
-    assert kinds[:2] == [("dataset_registered", "bank_a"), ("dataset_registered", "bank_b")] or kinds[:2] == [
-        ("dataset_registered", "bank_b"),
+    # Each party's signed registration (enrolled) and its dataset, one party after the other.
+    registrations = sorted(kinds[:4], key=lambda k: (str(k[1]), k[0] != "party_registered"))
+    assert registrations == [
+        ("party_registered", "bank_a"),
         ("dataset_registered", "bank_a"),
+        ("party_registered", "bank_b"),
+        ("dataset_registered", "bank_b"),
     ]
-    assert [t for t, _ in kinds[2:]] == ["query_submitted", "approved", "approved", "stage_executed", "released"]
+    assert {e["event"]["change"] for e in log[:4] if e["type"] == "party_registered"} == {"enrolled"}
+    assert [t for t, _ in kinds[4:]] == ["query_submitted", "approved", "approved", "stage_executed", "released"]
     qid = result.query_id
-    assert {e["event"]["query_id"] for e in log[2:]} == {qid}
-    stage = log[5]["event"]
+    assert {e["event"]["query_id"] for e in log[4:]} == {qid}
+    stage = log[7]["event"]
     assert stage["kind"] == "tee" and stage["simulated"] is True and stage["platform"] == "simulated"
     assert stage["measurement"] == measurement
-    release = log[6]["event"]
+    release = log[8]["event"]
     assert release["suppressed_cells"] == 1 and release["simulated"] is True
     # No free text, no value: the SQL appears only as its hash.
     text = json.dumps(log)
@@ -150,7 +155,7 @@ def test_reviewer_commands_on_the_state_dir(released: Any, capsys: pytest.Captur
         capsys, "audit", "verify", "--state-dir", str(state), "--allow-simulated", "--dev-root", dev_root
     )
     assert code == 0, err
-    assert "7 entries" in out and "1 release receipt(s) verified" in out
+    assert "9 entries" in out and "1 release receipt(s) verified" in out
 
     code, out, err = run(capsys, "audit", "list", "--state-dir", str(state), "--json")
     assert code == 0, err
