@@ -61,6 +61,7 @@ class Cluster:
         env: dict[str, str] | None = None,
         collaboration: Collaboration | None = None,
         mpc_scratch_dir: Path | None = None,
+        coordinator_settings: dict[str, Any] | None = None,
     ):
         self.state_dir = Path(state_dir).resolve()
         self.parties = list(parties)
@@ -72,6 +73,7 @@ class Cluster:
         self.env = env
         self.collaboration = collaboration  # the coordinator's [collaboration] (record of processing)
         self.mpc_scratch_dir = mpc_scratch_dir  # the enclave's [enclave] mpc_scratch_dir (None: its default)
+        self.coordinator_settings = dict(coordinator_settings or {})  # more [coordinator] keys
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._args: dict[str, list[str]] = {}
         self.addresses: dict[str, str] = {}
@@ -222,6 +224,7 @@ class Cluster:
                     "enclave": enclave,
                     "party_timeout_seconds": self.party_timeout_seconds,
                     "approval_timeout_seconds": self.approval_timeout_seconds,
+                    **self.coordinator_settings,
                 },
             )
             + toml_table("trust", self._trust())
