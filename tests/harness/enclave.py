@@ -153,8 +153,10 @@ def approval(
     )
 
 
-def approvals(plan: Plan, parties: Sequence[PartyData]) -> list[enclave_pb2.Approval]:
-    return [approval(plan, p) for p in parties]
+def approvals(
+    plan: Plan, parties: Sequence[PartyData], log: LogPosition | None = HARNESS_LOG
+) -> list[enclave_pb2.Approval]:
+    return [approval(plan, p, log=log) for p in parties]
 
 
 # --------------------------------------------------------------------------------------------------

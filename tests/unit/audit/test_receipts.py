@@ -75,9 +75,16 @@ class Release:
 
 
 def release_once(
-    enclave: Any, dev_dir: Path, coordinator_key: Ed25519PrivateKey, *, tag: str = "", offset: float = 0.0
+    enclave: Any,
+    dev_dir: Path,
+    coordinator_key: Ed25519PrivateKey,
+    *,
+    tag: str = "",
+    offset: float = 0.0,
+    submit: Callable[[Plan, list[PartyData]], LogPosition] | None = None,
 ) -> Release:
-    """Two banks join their loans; one segment has a single customer and is suppressed."""
+    """Two banks join their loans; one segment has a single customer and is suppressed. ``submit``
+    logs the query and returns its log position (default: the harness's position, no log)."""
     rows_a = [(i, "retail" if i < 6 else "solo", 100.0 + i + offset) for i in range(7)]
     rows_b = [(i, "-", 10.0 * i) for i in range(7)]
     a = make_party("bank_a", loans_table(rows_a))
@@ -87,17 +94,18 @@ def release_once(
     job = enclave.create_job(plan)
     for p in (a, b):
         enclave.upload(job.seal(p))
-    resp = job.execute(approvals(plan, [a, b]))
+    logged = submit(plan, [a, b]) if submit is not None else HARNESS_LOG
+    resp = job.execute(approvals(plan, [a, b], logged), logged)
     verified = verify_result(
         resp, plan=plan, hpke_public=job.hpke_public, signing_public=job.signing_public, appraisal=enclave.appraisal
     )
     receipt = build_receipt(
         plan=plan,
-        approvals={p.name: (plan.hash, sign_approval(p.key, plan.hash, HARNESS_LOG)) for p in (a, b)},
+        approvals={p.name: (plan.hash, sign_approval(p.key, plan.hash, logged)) for p in (a, b)},
         stages=[TeeStage(verified.result_json, verified.signature, verified.evidence)],
         submitted_at=submitted,
         released_at=time.time(),
-        log_position=HARNESS_LOG,
+        log_position=logged,
     )
     return Release(
         plan, [a, b], verified, countersign(receipt, coordinator_key), coordinator_key, enclave.appraisal, dev_dir
