@@ -316,3 +316,27 @@ def test_witnesses_cosign_and_a_fork_shown_to_one_owner_is_caught(
     )
     assert code == 1 and "refused (fork)" in err
     assert SignedCheckpoint.from_text(seen.read_text()).checkpoint.size == 15
+
+
+def test_audit_verify_refuses_a_release_bound_to_another_entry_than_its_submission(
+    enclave: EnclaveHandle, dev_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A coordinator that binds a release to a log position that is not the query's submission (the
+    owners and the enclave signed what it showed them, so the receipt alone verifies): the log
+    verification names the release."""
+    key = Ed25519PrivateKey.generate()
+    db = sqlite3.connect(str(tmp_path / "coordinator.db"), isolation_level=None)
+    log = TransparencyLog(SQLiteLogStore(db), NoteSigner(ORIGIN, key))
+    honest = submitter(log)
+
+    def elsewhere(plan: Plan, parties: list[PartyData]) -> LogPosition:
+        position = honest(plan, parties)
+        return LogPosition(0, position.tree_size, position.root_hash)  # entry 0: a registration
+
+    rel = release_once(enclave, dev_dir, key, tag="x", submit=elsewhere)
+    record(log, rel)
+    path = tmp_path / "log.json"
+    path.write_text(json.dumps(log.export()))
+    code, _, err = run(capsys, "audit", "verify", "--log", str(path), "--log-key", public_key_hex(key))
+    assert code == 1 and "refused (release_log_position)" in err and "not the query_submitted entry" in err
+    db.close()
