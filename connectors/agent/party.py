@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from connectors.agent.approvals import Approvals, OwnerDecision, PendingPlan
 from connectors.agent.config import PartyConfig
-from connectors.agent.review import Owner, Submitted, check_logged, check_plan
+from connectors.agent.review import Owner, Submitted, check_logged, check_plan, witness_refusal
 from connectors.agent.streaming import (
     TARGET_FRAME_BYTES,
     StreamCounter,
@@ -357,21 +357,10 @@ class PartyAgent:
         ApprovalError naming the failed check (``fork``, ``rollback``, ``consistency_proof``...)."""
         if self.witness is None:
             return
-        me = self.config.name
         try:
             self.witness.witness(query_id=query_id)
         except AuditError as err:
-            check = str(err.details.get("check", "audit"))
-            log.error(
-                "refusing to approve query %s: the coordinator's transparency log failed the witness check (%s)",
-                query_id,
-                check,
-            )
-            raise ApprovalError(
-                f"{me} refuses to approve query {query_id}: the coordinator's transparency log failed the "
-                f"witness check ({check}): {err.message}",
-                details={"party": me, "check": check, "rule": "log_witness"},
-            ) from None
+            raise witness_refusal(self.config.name, query_id, err) from None
 
     def approve(self, command: party_pb2.OwnerCommand) -> OwnerDecision:
         """The owner approves: witness the log, sign the plan hash, hold the approval, send it to the

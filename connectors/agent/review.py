@@ -126,16 +126,24 @@ def check_logged(owner: Owner, plan: Plan, submitted: Submitted) -> LogPosition 
             raise refuse(
                 check, f"its log entry is not proven in a checkpoint this agent witnessed ({err.message})"
             ) from None
-        log.error(
-            "refusing to approve query %s: the coordinator's log failed the witness check (%s)", plan.query_id, check
-        )
-        raise ApprovalError(
-            f"{me} refuses to approve query {plan.query_id}: the coordinator's transparency log failed the "
-            f"witness check ({check}): {err.message}",
-            details={"party": me, "check": check, "rule": "log_witness"},
-        ) from None
+        raise witness_refusal(me, plan.query_id, err) from None
     except (ValueError, ApprovalError):
         raise refuse("inclusion_proof", "the inclusion proof sent with it is malformed") from None
+
+
+def witness_refusal(party: str, query_id: str, err: AuditError) -> ApprovalError:
+    """The refusal of an approval whose witness check of the coordinator's log failed (logged)."""
+    check = str(err.details.get("check", "audit"))
+    log.error(
+        "refusing to approve query %s: the coordinator's transparency log failed the witness check (%s)",
+        query_id,
+        check,
+    )
+    return ApprovalError(
+        f"{party} refuses to approve query {query_id}: the coordinator's transparency log failed the "
+        f"witness check ({check}): {err.message}",
+        details={"party": party, "check": check, "rule": "log_witness"},
+    )
 
 
 def _own_inputs(owner: Owner, plan: Plan) -> list[PlanInput]:
