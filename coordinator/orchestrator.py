@@ -586,7 +586,7 @@ class Orchestrator:
                 fed.append(feed)
                 return player
 
-            release = self._mpc_stage(plan, mpc_stage, parties, prepare_enclave)
+            release = self._mpc_stage(plan, mpc_stage, parties, logged, prepare_enclave)
             (feed,) = fed
         self._release_mpc(plan, mpc_stage, release, feed=feed, logged=logged)
 
@@ -594,13 +594,15 @@ class Orchestrator:
         """An MPC plan: approvals, then the owners' players and the coordinator's helpers."""
         parties = self._approve(plan, w)
         self.store.update_query(plan.query_id, progress="MPC stage: players computing (secret-shared)")
-        self._release_mpc(plan, stage, self._mpc_stage(plan, stage, parties), feed=None, logged=w.logged.position)
+        logged = w.logged.position
+        self._release_mpc(plan, stage, self._mpc_stage(plan, stage, parties, logged), feed=None, logged=logged)
 
     def _mpc_stage(
         self,
         plan: Plan,
         stage: PlannedMpcStage,
         parties: Mapping[str, PartyRecord],
+        logged: LogPosition,
         prepare_enclave: Callable[[], EnclavePlayer] | None = None,
     ) -> MpcRelease:
         """Run the MPC stage with the involved owners' agents, this coordinator's helper identity
@@ -614,6 +616,7 @@ class Orchestrator:
             timeout=self.mpc_timeout,
             helper=self.store.helper_identity(),
             prepare_enclave=prepare_enclave,
+            log_position=logged,
         )
 
     def _release_mpc(

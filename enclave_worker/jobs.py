@@ -519,6 +519,7 @@ class JobRegistry:
             logged = self._check_ready(job, approvals, log_position)
             if job.signing_key is None:
                 raise JobFailedError("the job's keys were wiped before its player was prepared")
+            feed.log = logged  # the player's signed result binds it too
             offer = feed.prepare([(i.spec, i.table) for i in job.inputs.values()], job.signing_key.sign)
             with self._lock:  # the rows are not needed any more: only the partials go on
                 self._held -= job.held_bytes

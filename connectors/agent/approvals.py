@@ -154,6 +154,12 @@ class Approvals:
 
     # -- review ------------------------------------------------------------------------------
 
+    def position(self, plan_hash: str) -> LogPosition | None:
+        """The log position the held approval of this plan signs (None: none held, or none bound)."""
+        with self._lock:
+            held = self._held.get(plan_hash)
+            return held.position if held is not None else None
+
     def hold(
         self,
         plan: Plan,

@@ -229,6 +229,7 @@ class PartyAgent:
                 verify_enclave=self.verify_enclave,
                 mark_used=self.mark_used,
                 sign=self.key.sign,
+                logged=self.approvals.position,
             )
             self._mpc_players = MpcPlayers(owner, host=self.config.mpc_host)
         return self._mpc_players

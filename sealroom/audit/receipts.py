@@ -583,15 +583,16 @@ def _verify_stages(
 
 
 def _verify_stage_logs(parts: _Parts) -> None:
-    """Step 5, version 2: every enclave result signed the receipt's log position (the enclave checked
-    the approvals against it before it released or fed anything)."""
+    """Step 5, version 2: every stage's signed result binds the receipt's log position: the enclave's
+    (which checked the approvals against it before it released or fed anything) and every MPC
+    player's (an owner's player takes it from its approval)."""
     if parts.log is None:
         return
     for stage in parts.stages:
-        if stage["kind"] == "tee" and stage["result"].get("log") != parts.log.to_dict():
+        if stage["result"].get("log") != parts.log.to_dict():
             raise refuse(
                 "result_log",
-                f"stage {stage.get('id')}: the enclave signed another log position than the receipt's",
+                f"stage {stage.get('id')}: its players or enclave signed another log position than the receipt's",
                 stage=stage.get("id"),
             )
 

@@ -418,6 +418,7 @@ def _mpc_release(r: Release, threshold: int = 1) -> tuple[Plan, MpcResult, dict[
         players=tuple({"index": i, **p} for i, p in enumerate(players)),
         threshold=threshold,
         trust_assumption="semi-honest, honest majority: no 2 of the 3 players collude",
+        log=HARNESS_LOG,
     )
     return plan, result, keys
 
@@ -557,3 +558,11 @@ def test_a_receipt_binds_the_log_position_its_approvals_and_enclave_signed(r: Re
     for a, p in zip(resigned["approvals"], r.parties, strict=True):
         a["signature"] = sign_approval(p.key, r.plan.hash, other).hex()
     assert refused(r, countersign(resigned, r.coordinator_key)).details["check"] == "result_approvals"
+
+
+def test_an_mpc_receipt_needs_the_players_to_sign_its_log_position(r: Release) -> None:
+    plan, result, keys = _mpc_release(r)
+    unbound = dataclasses.replace(result, log=None)  # players that signed no log position
+    assert unbound.to_dict()["version"] == 1 and "log" not in unbound.to_dict()
+    assert refused(r, _mpc_receipt(r, plan, unbound, keys), appraisal=None).details["check"] == "result_log"
+    assert verify(r, _mpc_receipt(r, plan, result, keys), appraisal=None).log_position == HARNESS_LOG
