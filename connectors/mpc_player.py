@@ -46,6 +46,7 @@ from sealroom.planning.plan import (
     mpc_stage_query,
 )
 from sealroom.policy import DatasetPolicy
+from sealroom.signing import LogPosition
 from sealroom.v1 import party_pb2
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class PlayerOwner:
     verify_enclave: Callable[[Evidence, bytes, bytes, bytes], Claims]
     mark_used: Callable[[str], None]
     sign: Callable[[bytes], bytes]
+    # The log position the owner's approval of a plan (by hash) signs; None when it signs none.
+    logged: Callable[[str], LogPosition | None] = lambda plan_hash: None
 
 
 @dataclass
@@ -225,7 +228,7 @@ class MpcPlayers:
             if on_cancel is not None and on_cancel(player.kill) is False:
                 player.kill()
             doc = player.wait()
-        result = MpcResult.from_opened(spec, doc["result"])
+        result = MpcResult.from_opened(spec, doc["result"], log=self.owner.logged(plan.hash))
         log.info("MPC stage %s of plan %s: player %d done", request.stage_id, plan.hash[:12], request.index)
         return party_pb2.MpcOutcome(result_json=result.canonical(), signature=self.owner.sign(result.signing_message()))
 

@@ -12,7 +12,13 @@ witnesses the log, in this order:
    directory), so that a restart does not forget what it co-signed;
 4. send its co-signature to the coordinator (``SubmitCosignature``, signed like an owner action);
 
-and only then signs the approval. A failure at any step refuses the approval. So a coordinator that
+and only then signs the approval. A failure at any step refuses the approval.
+
+No approval outside the log (:meth:`LogWitness.prove_included`): the coordinator sends, with the
+plan, its ``query_submitted`` entry, the checkpoint it proved the entry in and the inclusion proof.
+After witnessing, the agent checks that checkpoint (signed by the log key; equal to the one it
+co-signed or, when older, proven a prefix of it by a consistency proof) and the inclusion proof; the
+entry is then in a checkpoint this agent witnessed, and the position goes into its approval. So a coordinator that
 shows two owners two different histories gets at most one of them co-signed by both, and an owner
 that co-signed one history refuses every later checkpoint that does not extend it.
 
@@ -35,17 +41,17 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from connectors.clock import MillisecondIssuer
-from sealroom.audit.merkle import HASH_SIZE
+from sealroom.audit.merkle import HASH_SIZE, leaf_hash, verify_consistency, verify_inclusion
 from sealroom.audit.notes import WITNESS_SUFFIX, NoteSigner, NoteVerifier, SignedCheckpoint, Witness
 from sealroom.errors import AuditError, ConfigError, SealroomError
-from sealroom.signing import sign_owner_action
+from sealroom.signing import LogPosition, sign_owner_action
 from sealroom.v1 import coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -270,3 +276,44 @@ class LogWitness:
                     f"({err.code}: {err.message})",
                 ) from None
             return cosigned
+
+    def prove_included(
+        self, entry: bytes, index: int, checkpoint: str, proof: Sequence[bytes], *, query_id: str = ""
+    ) -> LogPosition:
+        """Witness the log (:meth:`witness`), then check that ``entry`` is leaf ``index`` of
+        ``checkpoint`` (the log's signed note the coordinator proved it in) and that this checkpoint
+        is the one just co-signed or a prefix of it (a consistency proof). Returns the position
+        (index, and the proven checkpoint's size and root): the entry is in a checkpoint this agent
+        witnessed. Raises ``AuditError`` (``inclusion_checkpoint``, ``inclusion_proof``,
+        ``consistency_proof``, or a check of :meth:`witness`)."""
+        witnessed = self.witness(query_id=query_id).checkpoint
+        assert self.log_key is not None
+        try:
+            signed = SignedCheckpoint.from_text(checkpoint)
+            signed.verify(self.log_key)
+        except AuditError as err:
+            raise _refuse("inclusion_checkpoint", f"the checkpoint of the inclusion proof: {err.message}") from None
+        cp = signed.checkpoint
+        if cp.size > witnessed.size:
+            raise _refuse(
+                "inclusion_checkpoint",
+                f"the inclusion proof is against a checkpoint of size {cp.size}, larger than the log's latest "
+                f"({witnessed.size})",
+            )
+        between: list[bytes] = []
+        if 0 < cp.size < witnessed.size:
+            got = self._call(
+                "GetConsistencyProof",
+                coordinator_pb2.ConsistencyProofRequest(old_size=cp.size, new_size=witnessed.size, party=self.party),
+            )
+            between = [bytes(h) for h in got.hashes]
+        hashes = [bytes(h) for h in proof]
+        if any(len(h) != HASH_SIZE for h in (*between, *hashes)):
+            raise _refuse("inclusion_proof", f"a proof holds a hash that is not {HASH_SIZE} bytes")
+        verify_consistency(
+            old_size=cp.size, new_size=witnessed.size, old_root=cp.root, new_root=witnessed.root, proof=between
+        )
+        if not 0 <= index < cp.size:
+            raise _refuse("inclusion_proof", f"leaf {index} is not in the checkpoint of size {cp.size}")
+        verify_inclusion(leaf_hash(entry), index=index, size=cp.size, proof=hashes, root=cp.root)
+        return LogPosition(index, cp.size, cp.root)

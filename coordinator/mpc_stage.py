@@ -53,6 +53,7 @@ from sealroom.planning.plan import (
     mpc_session,
 )
 from sealroom.rpc import call
+from sealroom.signing import LogPosition
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -120,14 +121,23 @@ def run_mpc_stage(
     timeout: float = 120.0,
     prepare_enclave: Callable[[], EnclavePlayer] | None = None,
     helper: tuple[str, Callable[[bytes], bytes]] | None = None,
+    log_position: LogPosition | None = None,
 ) -> MpcRelease:
     """Run ``stage`` with the owners' agents (party -> agent address) and return the verified release;
     raises MpcError or JobFailedError naming the player or party when anything fails.
     ``prepare_enclave`` (hybrid plans): prepares the enclave's player and returns it, called once the
     owners' players are prepared (so the evidence they check is fresh). ``helper``: the
-    coordinator's identity (public key hex and ``sign``) for the helper players the plan names."""
+    coordinator's identity (public key hex and ``sign``) for the helper players the plan names.
+    ``log_position``: the query's log position; every player's result must bind it (the owners' players take
+    it from their approvals, the enclave's from its PrepareMpc), or they disagree."""
     run = _StageRun(
-        plan, stage, _Roster.of(stage, prepare_enclave is not None), _Calls(addresses, channel), host, timeout
+        plan,
+        stage,
+        _Roster.of(stage, prepare_enclave is not None),
+        _Calls(addresses, channel),
+        host,
+        timeout,
+        log_position,
     )
     # 1. Offers: the owners' players, then the enclave's (prepared last, so the evidence the owners
     # check is fresh), then the coordinator's helpers.
@@ -242,6 +252,7 @@ class _StageRun:
     calls: _Calls
     host: str
     timeout: float
+    log: LogPosition | None = None  # the query's log position: every player's result binds it
 
     def prepare_owners(self) -> dict[int, party_pb2.MpcOffer]:
         """PrepareMpc at every owner holding a player, at once; their offers by player index."""
@@ -406,7 +417,7 @@ class _StageRun:
                     details={"reason": "signature", "player": i, "party": names[i]},
                 ) from None
         expected: dict[str, Any] = (
-            docs[min(docs)] if docs else MpcResult.from_opened(spec, helper_docs[0]["result"]).to_dict()
+            docs[min(docs)] if docs else MpcResult.from_opened(spec, helper_docs[0]["result"], log=self.log).to_dict()
         )
         digest = hashlib.sha256(canonical_json(expected)).hexdigest()
         for i, doc in docs.items():
@@ -416,7 +427,7 @@ class _StageRun:
                     details={"reason": "disagreement", "player": i, "party": names[i]},
                 )
         for doc in helper_docs:
-            if MpcResult.from_opened(spec, doc["result"]).digest() != digest:
+            if MpcResult.from_opened(spec, doc["result"], log=self.log).digest() != digest:
                 raise MpcError("a helper player opened a different result", details={"reason": "disagreement"})
         return expected
 

@@ -17,6 +17,12 @@ and no enclave job -- until every owner's approval is in (``SubmitApproval``), a
 approve). Owners may revoke (``RevokeApproval``) until execution starts; a manual approval also
 lapses when its agent says it does. Once every approval is in, every agent is asked again, so each
 confirms (or refreshes) a live approval right before the enclave job is created.
+
+No approval and no release outside the log: each ReviewPlan carries the query's ``query_submitted``
+entry, the latest checkpoint and the proof that the entry is in it (:class:`LoggedQuery`, fixed once
+per query so that every owner signs the same position). Each agent checks it against a checkpoint it
+witnessed and signs the position into its approval; the enclave checks that every approval signs the
+position it is given and binds it into its signed result; the receipt carries it.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from coordinator.planner import ENCLAVE_PLAYER
 from coordinator.store import CoordinatorStore, PartyRecord
 from coordinator.tee_stage import TeeStageRunner, VerifiedResult, log_tee_stage
 from sealroom.attestation import AppraisalPolicy
-from sealroom.audit.entries import is_ident
+from sealroom.audit.entries import LogEntry, is_ident
 from sealroom.audit.receipts import MpcStage, TeeStage, build_receipt
 from sealroom.canonical import canonical_json
 from sealroom.errors import (
@@ -53,12 +59,33 @@ from sealroom.errors import (
 from sealroom.planning.plan import MpcStage as PlannedMpcStage
 from sealroom.planning.plan import Plan
 from sealroom.rpc import call, open_channel
-from sealroom.signing import check_issued_at, verify_approval, verify_owner_action
+from sealroom.signing import LogPosition, check_issued_at, verify_approval, verify_owner_action
 from sealroom.v1 import party_pb2, party_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 MAX_REJECT_REASON = 1000
+
+
+@dataclass(frozen=True)
+class LoggedQuery:
+    """A query's place in the transparency log, as the coordinator shows it to the owners: its
+    ``query_submitted`` entry (canonical bytes), the signed checkpoint the entry is proven in, the
+    inclusion proof, and the resulting position (what approvals and the enclave's result sign)."""
+
+    entry: bytes
+    checkpoint: str
+    proof: tuple[bytes, ...]
+    position: LogPosition
+
+    def review_request(self, plan_json: bytes, query_id: str) -> party_pb2.ReviewPlanRequest:
+        return party_pb2.ReviewPlanRequest(
+            plan_json=plan_json,
+            query_id=query_id,
+            log_entry=self.entry,
+            log_checkpoint=self.checkpoint,
+            inclusion_proof=list(self.proof),
+        )
 
 
 @dataclass
@@ -67,6 +94,7 @@ class _Approvals:
     the query's approvals in the store."""
 
     plan: Plan
+    logged: LoggedQuery
     cond: threading.Condition = field(default_factory=threading.Condition)
     # Bumped by every owner action on a party's approval, so a review answer obtained before the
     # action never overwrites it.
@@ -136,9 +164,29 @@ class Orchestrator:
             with w.cond:
                 w.cond.notify_all()
 
-    def run(self, plan: Plan) -> None:
+    def _logged(self, plan: Plan, submitted: LogEntry | None) -> LoggedQuery:
+        """The query's ``query_submitted`` entry with the latest checkpoint and its inclusion proof."""
+        if submitted is None or submitted.type != "query_submitted" or submitted.query_id != plan.query_id:
+            raise JobFailedError(
+                "the query's submission is not in the transparency log; nothing is approved or released outside it"
+            )
+        signed, proof = self.store.inclusion(submitted.seq)
+        cp = signed.checkpoint
+        return LoggedQuery(
+            submitted.canonical(), signed.to_text(), tuple(proof), LogPosition(submitted.seq, cp.size, cp.root)
+        )
+
+    def run(self, plan: Plan, submitted: LogEntry | None = None) -> None:
+        """Run a submitted plan to its end; ``submitted``: its ``query_submitted`` log entry."""
         qid = plan.query_id
-        w = _Approvals(plan)
+        try:
+            logged = self._logged(plan, submitted)
+        except SealroomError as unlogged:
+            self.store.update_query(qid, status="failed", error=unlogged.to_dict(), progress="failed")
+            if self.on_finished is not None:
+                self.on_finished(qid)
+            return
+        w = _Approvals(plan, logged)
         with self._lock:
             self._approvals[qid] = w
         try:
@@ -183,11 +231,14 @@ class Orchestrator:
 
     # -- approvals ---------------------------------------------------------------------------
 
-    def _review_all(self, plan: Plan, parties: Mapping[str, PartyRecord]) -> dict[str, tuple[str, bytes, float] | None]:
-        """Ask every involved agent to review the plan: party -> (plan_hash, signature, expires_at),
-        or None when the agent holds it for its owner's decision. A refusal raises."""
+    def _review_all(
+        self, plan: Plan, parties: Mapping[str, PartyRecord], logged: LoggedQuery
+    ) -> dict[str, tuple[str, bytes, float] | None]:
+        """Ask every involved agent to review the plan, with the query's log entry and its inclusion
+        proof: party -> (plan_hash, signature, expires_at), or None when the agent holds it for its
+        owner's decision. A refusal raises; an approval must sign the query's log position."""
         qid = plan.query_id
-        plan_json = plan.to_json()
+        request = logged.review_request(plan.to_json(), qid)
         involved = plan.involved_parties()
 
         def review(party: str) -> tuple[str, tuple[str, bytes, float] | None]:
@@ -197,7 +248,7 @@ class Orchestrator:
                 resp = call(
                     party,
                     party_pb2_grpc.PartyAgentStub(ch).ReviewPlan,
-                    party_pb2.ReviewPlanRequest(plan_json=plan_json, query_id=qid),
+                    request,
                     timeout=self.party_timeout,
                 )
             if resp.pending and not resp.approved and not resp.error_json:
@@ -207,7 +258,9 @@ class Orchestrator:
                 err = from_code(doc.get("code", "approval"), doc.get("message", "rejected"), doc.get("details"))
                 err.details.setdefault("party", party)
                 raise err
-            verify_approval(plan.parties[party], resp.plan_hash, bytes(resp.signature), party=party)
+            verify_approval(
+                plan.parties[party], resp.plan_hash, bytes(resp.signature), party=party, log=logged.position
+            )
             if resp.plan_hash != plan.hash:
                 raise ApprovalError(f"{party} approved another plan", details={"party": party})
             return party, (resp.plan_hash, bytes(resp.signature), float(resp.expires_at))
@@ -224,7 +277,7 @@ class Orchestrator:
         while True:
             with w.cond:
                 revisions = dict(w.revision)
-            results = self._review_all(plan, self._parties())
+            results = self._review_all(plan, self._parties(), w.logged)
             with w.cond:
                 self._check_live(w)
                 for party, res in results.items():
@@ -395,7 +448,7 @@ class Orchestrator:
             owner_signature=owner_signature,
             expires_at_ms=expires_at_ms,
         )
-        verify_approval(key, plan_hash, signature, party=party)
+        verify_approval(key, plan_hash, signature, party=party, log=w.logged.position)
         expires_at = expires_at_ms / 1000
         if expires_at <= time.time():
             raise ApprovalError(
@@ -475,9 +528,9 @@ class Orchestrator:
         streaming = sorted({i.party for s in plan.tee_stages() for i in s.inputs})
         parties = self._approve(plan, w)
         if mpc_stage is None:
-            self._run_tee(plan, streaming, parties)
+            self._run_tee(plan, streaming, parties, w.logged.position)
         else:
-            self._run_hybrid(plan, mpc_stage, streaming, parties)
+            self._run_hybrid(plan, mpc_stage, streaming, parties, w.logged.position)
 
     def _approve(self, plan: Plan, w: _Approvals) -> dict[str, PartyRecord]:
         """1. Approvals: each owner checks the plan against its own policy and signs its hash, at once
@@ -497,18 +550,25 @@ class Orchestrator:
             channel=self._channel,
         )
 
-    def _run_tee(self, plan: Plan, streaming: Sequence[str], parties: Mapping[str, PartyRecord]) -> None:
-        """A TEE plan: 2. the enclave job, 3. the parties' streams, 4. execution, then 5. the verified
-        release (see coordinator.tee_stage)."""
+    def _run_tee(
+        self, plan: Plan, streaming: Sequence[str], parties: Mapping[str, PartyRecord], logged: LogPosition
+    ) -> None:
+        """A TEE plan: 2. the enclave job, 3. the parties' streams, 4. execution (at the query's log
+        position, which the approvals sign), then 5. the verified release (see coordinator.tee_stage)."""
         tee = self._tee_stage()
         with tee.job(plan) as job:
             tracker = job.stream(streaming, parties)
             approvals = self.store.approvals(plan.query_id)
-            response = job.execute(approvals, tracker)
-        tee.release(plan, job.verify(response), approvals, tracker)
+            response = job.execute(approvals, tracker, logged)
+        tee.release(plan, job.verify(response, logged), approvals, tracker, logged)
 
     def _run_hybrid(
-        self, plan: Plan, mpc_stage: PlannedMpcStage, streaming: Sequence[str], parties: Mapping[str, PartyRecord]
+        self,
+        plan: Plan,
+        mpc_stage: PlannedMpcStage,
+        streaming: Sequence[str],
+        parties: Mapping[str, PartyRecord],
+        logged: LogPosition,
     ) -> None:
         """A hybrid plan: the enclave job and the streams as for a TEE plan, then the enclave computes
         the streamed inputs' partials and joins the MPC stage as a player, next to the mpc_only
@@ -522,25 +582,27 @@ class Orchestrator:
             fed: list[VerifiedResult] = []
 
             def prepare_enclave() -> EnclavePlayer:
-                player, feed = job.prepare_mpc_player(mpc_stage.id, index, approvals)
+                player, feed = job.prepare_mpc_player(mpc_stage.id, index, approvals, logged)
                 fed.append(feed)
                 return player
 
-            release = self._mpc_stage(plan, mpc_stage, parties, prepare_enclave)
+            release = self._mpc_stage(plan, mpc_stage, parties, logged, prepare_enclave)
             (feed,) = fed
-        self._release_mpc(plan, mpc_stage, release, feed=feed)
+        self._release_mpc(plan, mpc_stage, release, feed=feed, logged=logged)
 
     def _run_mpc(self, plan: Plan, stage: PlannedMpcStage, w: _Approvals) -> None:
         """An MPC plan: approvals, then the owners' players and the coordinator's helpers."""
         parties = self._approve(plan, w)
         self.store.update_query(plan.query_id, progress="MPC stage: players computing (secret-shared)")
-        self._release_mpc(plan, stage, self._mpc_stage(plan, stage, parties), feed=None)
+        logged = w.logged.position
+        self._release_mpc(plan, stage, self._mpc_stage(plan, stage, parties, logged), feed=None, logged=logged)
 
     def _mpc_stage(
         self,
         plan: Plan,
         stage: PlannedMpcStage,
         parties: Mapping[str, PartyRecord],
+        logged: LogPosition,
         prepare_enclave: Callable[[], EnclavePlayer] | None = None,
     ) -> MpcRelease:
         """Run the MPC stage with the involved owners' agents, this coordinator's helper identity
@@ -554,10 +616,17 @@ class Orchestrator:
             timeout=self.mpc_timeout,
             helper=self.store.helper_identity(),
             prepare_enclave=prepare_enclave,
+            log_position=logged,
         )
 
     def _release_mpc(
-        self, plan: Plan, stage: PlannedMpcStage, release: MpcRelease, *, feed: VerifiedResult | None
+        self,
+        plan: Plan,
+        stage: PlannedMpcStage,
+        release: MpcRelease,
+        *,
+        feed: VerifiedResult | None,
+        logged: LogPosition,
     ) -> None:
         """Log the stages and store an MPC stage's release with its receipt (``feed``: the verified
         document of the enclave job that fed it, in a hybrid plan)."""
@@ -602,6 +671,7 @@ class Orchestrator:
             stages=stages,
             submitted_at=self.store.query(qid).created_at,
             released_at=released_at,
+            log_position=logged,
             result_sha256=hashlib.sha256(arrow_table).hexdigest(),
         )
         simulated = bool(receipt["simulated"])

@@ -278,14 +278,16 @@ class Coordinator:
             self.store.refuse_query(query_id, error=err.to_dict(), event=event)  # logged as query_refused
             return query_id, "refused"
         self.store.update_query(query_id, plan_json=plan.to_json(), plan_hash=plan.hash)
-        self.store.append_event(
+        submitted = self.store.append_event(
             "query_submitted",
             query_id=query_id,
             analyst=analyst,
             sql_sha256=hashlib.sha256(sql.encode("utf-8")).hexdigest(),
             plan_hash=plan.hash,
         )
-        t = threading.Thread(target=self.orchestrator.run, args=(plan,), name=f"query-{query_id}", daemon=True)
+        t = threading.Thread(
+            target=self.orchestrator.run, args=(plan, submitted), name=f"query-{query_id}", daemon=True
+        )
         self._threads = {q: th for q, th in self._threads.items() if th.is_alive()}
         self._threads[query_id] = t
         t.start()

@@ -223,6 +223,7 @@ class CoordinatorStore(Protocol):
     def latest_event(self, type: str) -> LogEntry | None: ...
     def checkpoint(self) -> SignedCheckpoint: ...
     def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]: ...
+    def inclusion(self, index: int) -> tuple[SignedCheckpoint, list[bytes]]: ...
     def add_cosignature(self, party: str, cosigned: SignedCheckpoint) -> tuple[str, ...]: ...
 
     # -- catalog
@@ -392,6 +393,14 @@ class SQLiteStore:
                     f"got {old_size} and {new_size}"
                 )
             return log.consistency_proof(old_size, new_size)
+
+    def inclusion(self, index: int) -> tuple[SignedCheckpoint, list[bytes]]:
+        """The log's latest checkpoint and the proof that entry ``index`` is included in it, read
+        together under the store's lock (a committed size)."""
+        with self._lock:
+            log = self._witness_log()
+            signed = log.checkpoint()
+            return signed, log.inclusion_proof(index, signed.checkpoint.size)
 
     def add_cosignature(self, party: str, cosigned: SignedCheckpoint) -> tuple[str, ...]:
         """Store ``party``'s witness co-signature of one of the log's checkpoints, once; return the

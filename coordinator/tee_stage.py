@@ -39,6 +39,7 @@ from sealroom.audit.receipts import TeeStage, build_receipt
 from sealroom.errors import AttestationError, JobFailedError, SealroomError
 from sealroom.planning.plan import Plan
 from sealroom.rpc import call
+from sealroom.signing import LogPosition
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,12 @@ class TeeStageRunner:
                 raise
 
     def release(
-        self, plan: Plan, verified: VerifiedResult, approvals: Mapping[str, Approval], tracker: StreamProgress
+        self,
+        plan: Plan,
+        verified: VerifiedResult,
+        approvals: Mapping[str, Approval],
+        tracker: StreamProgress,
+        logged: LogPosition,
     ) -> None:
         """Log the verified stage, then store the release with its receipt (countersigned by the store
         with the log key) and its log entry, in one transaction."""
@@ -221,6 +227,7 @@ class TeeStageRunner:
             stages=[TeeStage(verified.result_json, verified.signature, verified.evidence)],
             submitted_at=self.store.query(qid).created_at,
             released_at=released_at,
+            log_position=logged,
         )
         self.store.release(
             qid,
@@ -336,21 +343,27 @@ class EnclaveJob:
                     return
                 wait([futures[p] for p in streaming], timeout=PROGRESS_INTERVAL)
 
-    def execute(self, approvals: Mapping[str, Approval], tracker: StreamProgress) -> enclave_pb2.ExecuteResponse:
-        """4. Execute with every approval; the enclave re-verifies them itself. Returns its signed
-        result, not yet verified (:meth:`verify`)."""
+    def execute(
+        self, approvals: Mapping[str, Approval], tracker: StreamProgress, logged: LogPosition
+    ) -> enclave_pb2.ExecuteResponse:
+        """4. Execute with every approval at the query's log position; the enclave re-verifies them
+        itself and binds the position into its result. Returns its signed result, not yet verified
+        (:meth:`verify`)."""
         self.stage.store.update_query(self.plan.query_id, progress=tracker.to_json("executing in the enclave"))
         return call(
             "enclave",
             self.enclave.Execute,
             enclave_pb2.ExecuteRequest(
-                job_id=self.job.job_id, approvals=approval_messages(approvals), job_token=self.job.job_token
+                job_id=self.job.job_id,
+                approvals=approval_messages(approvals),
+                job_token=self.job.job_token,
+                log_position=logged.to_proto(),
             ),
             timeout=self.stage.party_timeout,
         )
 
     def prepare_mpc_player(
-        self, stage_id: str, index: int, approvals: Mapping[str, Approval]
+        self, stage_id: str, index: int, approvals: Mapping[str, Approval], logged: LogPosition
     ) -> tuple[EnclavePlayer, VerifiedResult]:
         """4'. A hybrid plan: the enclave computes the streamed inputs' partials and prepares its player
         (number ``index``) for the MPC stage ``stage_id``. Returns the player and the enclave's
@@ -364,10 +377,11 @@ class EnclaveJob:
                 index=index,
                 approvals=approval_messages(approvals),
                 job_token=self.job.job_token,
+                log_position=logged.to_proto(),
             ),
             timeout=self.stage.party_timeout,
         )
-        feed = self.verify(prepared)
+        feed = self.verify(prepared, logged)
         if feed.doc.get("feeds") != stage_id or feed.doc.get("player") != index:
             raise AttestationError(
                 "the enclave's document is not for the MPC stage it was asked to join",
@@ -387,15 +401,23 @@ class EnclaveJob:
         )
         return player, feed
 
-    def verify(self, response: enclave_pb2.ExecuteResponse | enclave_pb2.EnclavePrepareMpcResponse) -> VerifiedResult:
-        """5. The enclave's signed result, verified against this job's attested keys and the plan."""
-        return verify_result(
+    def verify(
+        self, response: enclave_pb2.ExecuteResponse | enclave_pb2.EnclavePrepareMpcResponse, logged: LogPosition
+    ) -> VerifiedResult:
+        """5. The enclave's signed result, verified against this job's attested keys, the plan and the
+        query's log position."""
+        verified = verify_result(
             response,
             plan=self.plan,
             hpke_public=bytes(self.job.hpke_public_key),
             signing_public=bytes(self.job.signing_public_key),
             appraisal=self.stage.appraisal,
         )
+        if verified.doc.get("log") != logged.to_dict():
+            raise AttestationError(
+                "the enclave's result binds another log position than the query's", details={"check": "result_log"}
+            )
+        return verified
 
 
 def approval_messages(approvals: Mapping[str, Approval]) -> list[enclave_pb2.Approval]:

@@ -54,13 +54,14 @@ from sealroom.errors import (
 from sealroom.planning.plan import Plan
 from sealroom.planning.sql import PAD_COLUMN
 from sealroom.sealed import OpeningStream, StreamHeader, integrity_error
-from sealroom.signing import verify_approval, verify_stream_header
+from sealroom.signing import LogPosition, verify_approval, verify_stream_header
 
 __all__ = ["RESULT_VERSION", "Job", "JobInput", "JobRegistry"]
 
 log = logging.getLogger(__name__)
 
-RESULT_VERSION = 1
+# 2: the result binds the query's log position ("log"; docs/audit.md, "No release outside the log").
+RESULT_VERSION = 2
 
 
 def _cancelled_within(connected: Callable[[], bool], *, seconds: float) -> bool:
@@ -342,7 +343,13 @@ class JobRegistry:
             job.end()
             self._jobs.pop(job.id, None)
 
-    def execute(self, job_id: str, approvals: dict[str, tuple[str, bytes]], token: bytes) -> dict[str, Any]:
+    def execute(
+        self,
+        job_id: str,
+        approvals: dict[str, tuple[str, bytes]],
+        token: bytes,
+        log_position: LogPosition | None = None,
+    ) -> dict[str, Any]:
         job = self._begin(job_id, token)
         try:
             if job.feed is not None:
@@ -350,16 +357,26 @@ class JobRegistry:
                     f"this job feeds MPC stage {job.feed.mpc_stage.id} and releases nothing itself; its player runs "
                     "with PrepareMpc and RunMpc"
                 )
-            return self._execute(job, approvals)
+            return self._execute(job, approvals, log_position)
         except SealroomError as err:
             self._fail(job, err)
             raise
         finally:
             self._end(job)
 
-    def _check_ready(self, job: Job, approvals: dict[str, tuple[str, bytes]]) -> None:
-        """Every owner whose data the plan touches approved exactly this plan, and every input arrived."""
+    def _check_ready(
+        self, job: Job, approvals: dict[str, tuple[str, bytes]], log_position: LogPosition | None
+    ) -> LogPosition:
+        """Every owner whose data the plan touches approved exactly this plan at the same log position
+        (the query's ``query_submitted`` entry in the coordinator's log, which each owner's agent
+        checked against a checkpoint it witnessed), and every input arrived. Returns the position."""
         job.raise_if_failed()
+        if log_position is None:
+            raise ApprovalError(
+                "the request names no log position; the enclave releases only a query whose submission the "
+                "coordinator's transparency log shows, at the position the owners' approvals sign",
+                details={"check": "log_position_missing"},
+            )
         for party in job.plan.involved_parties():
             if party not in approvals:
                 raise ApprovalError(
@@ -375,16 +392,18 @@ class JobRegistry:
             key_hex = job.plan.parties.get(party)
             if key_hex is None:
                 raise ApprovalError(f"the plan carries no signing key for {party}", details={"party": party})
-            verify_approval(key_hex, plan_hash, signature, party=party)
+            verify_approval(key_hex, plan_hash, signature, party=party, log=log_position)
         missing = [f"{p}.{d}" for (p, d), i in job.inputs.items() if i.table is None]
         if missing:
             raise JobFailedError(f"inputs missing: {', '.join(missing)} did not arrive", details={"missing": missing})
+        return log_position
 
     def _signed(
-        self, job: Job, approvals: dict[str, tuple[str, bytes]], stage: dict[str, Any]
+        self, job: Job, approvals: dict[str, tuple[str, bytes]], log_position: LogPosition, stage: dict[str, Any]
     ) -> tuple[bytes, bytes, Evidence]:
         """The job's result document (``stage``: what the stage produced) with what it read, the rules,
-        the approvals it checked and the attestation binding its keys to the plan hash; signed."""
+        the approvals it checked, the log position they sign and the attestation binding its keys to
+        the plan hash; signed."""
         nonce = bytes.fromhex(job.plan_hash)
         evidence = self.attester.attest(
             report_data=report_data_for(
@@ -399,6 +418,7 @@ class JobRegistry:
             "job_id": job.id,
             "query_id": job.plan.query_id,
             "plan_hash": job.plan_hash,
+            "log": log_position.to_dict(),
             "stage": tee.id,
             **stage,
             "rules": job.rules,
@@ -433,10 +453,12 @@ class JobRegistry:
             raise JobFailedError("the job's keys were wiped before it could sign its result")
         return body, job.signing_key.sign(body), evidence
 
-    def _execute(self, job: Job, approvals: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
-        # 1. Every owner whose data the plan touches approved exactly this plan; 2. every input
-        # arrived, sealed to this job, for this plan.
-        self._check_ready(job, approvals)
+    def _execute(
+        self, job: Job, approvals: dict[str, tuple[str, bytes]], log_position: LogPosition | None
+    ) -> dict[str, Any]:
+        # 1. Every owner whose data the plan touches approved exactly this plan at one log position;
+        # 2. every input arrived, sealed to this job, for this plan.
+        logged = self._check_ready(job, approvals, log_position)
         assert job.compiled is not None
         tables = {i.spec.table: i.table for i in job.inputs.values() if i.table is not None}
         no_unit = frozenset(i.spec.table for i in job.inputs.values() if not i.spec.policy.privacy_unit)
@@ -454,6 +476,7 @@ class JobRegistry:
         body, signature, evidence = self._signed(
             job,
             approvals,
+            logged,
             {
                 "output_columns": list(job.compiled.output_columns),
                 "released_rows": outcome.released.num_rows,
@@ -473,7 +496,13 @@ class JobRegistry:
     # -- the enclave as an MPC player (a stage that feeds an MPC stage) ------------------------
 
     def prepare_mpc(
-        self, job_id: str, stage_id: str, index: int, approvals: dict[str, tuple[str, bytes]], token: bytes
+        self,
+        job_id: str,
+        stage_id: str,
+        index: int,
+        approvals: dict[str, tuple[str, bytes]],
+        token: bytes,
+        log_position: LogPosition | None = None,
     ) -> dict[str, Any]:
         """With every approval and input in: compute the inputs' partials, drop the rows, and return
         the player's signed offer with the job's signed feed document and its evidence."""
@@ -487,9 +516,10 @@ class JobRegistry:
                 )
             if feed.identity is not None:
                 raise JobFailedError("the job's MPC player was already prepared")
-            self._check_ready(job, approvals)
+            logged = self._check_ready(job, approvals, log_position)
             if job.signing_key is None:
                 raise JobFailedError("the job's keys were wiped before its player was prepared")
+            feed.log = logged  # the player's signed result binds it too
             offer = feed.prepare([(i.spec, i.table) for i in job.inputs.values()], job.signing_key.sign)
             with self._lock:  # the rows are not needed any more: only the partials go on
                 self._held -= job.held_bytes
@@ -497,6 +527,7 @@ class JobRegistry:
             body, signature, evidence = self._signed(
                 job,
                 approvals,
+                logged,
                 {
                     "feeds": feed.mpc_stage.id,
                     "player": feed.index,

@@ -50,6 +50,7 @@ from sealroom.planning.plan import (
     mpc_player_keys,
     mpc_session,
 )
+from sealroom.signing import LogPosition
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class FeedPlayer:
     port: int = 0
     kill: Callable[[], None] | None = None  # stops the running player process (abort, job failure)
     cancelled: threading.Event = field(default_factory=threading.Event)  # the job ended: never start
+    log: LogPosition | None = None  # the query's log position, as the approvals signed it (PrepareMpc)
 
     @classmethod
     def for_stage(cls, plan: Plan, stage: TeeStage, *, host: str, scratch: Path) -> FeedPlayer:
@@ -175,7 +177,7 @@ class FeedPlayer:
             if on_cancel is not None and on_cancel(player.kill) is False:
                 player.kill()
             doc = player.wait()
-        result = MpcResult.from_opened(self.spec, doc["result"])
+        result = MpcResult.from_opened(self.spec, doc["result"], log=self.log)
         log.info("MPC stage %s of plan %s: enclave player %d done", self.mpc_stage.id, self.plan.hash[:12], self.index)
         return result.canonical(), sign(result.signing_message())
 

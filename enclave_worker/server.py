@@ -16,6 +16,7 @@ from enclave_worker.jobs import JobRegistry
 from sealroom import __version__
 from sealroom.rpc import Server, create_server, raw_stream_handler, translate_errors
 from sealroom.sealed import integrity_error
+from sealroom.signing import LogPosition
 from sealroom.v1 import common_pb2, enclave_pb2, enclave_pb2_grpc, party_pb2
 from sealroom.wire import DATA_SERVICE, HEADER_METADATA_KEY, SIGNATURE_METADATA_KEY, UPLOAD_METHOD
 
@@ -66,15 +67,17 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
         self, request: enclave_pb2.ExecuteRequest, context: grpc.ServicerContext
     ) -> enclave_pb2.ExecuteResponse:
         approvals = {a.party: (a.plan_hash, bytes(a.signature)) for a in request.approvals}
-        out = self.registry.execute(request.job_id, approvals, bytes(request.job_token))
+        logged = LogPosition.from_proto(request.log_position) if request.HasField("log_position") else None
+        out = self.registry.execute(request.job_id, approvals, bytes(request.job_token), logged)
         return enclave_pb2.ExecuteResponse(**out)
 
     def PrepareMpc(  # noqa: N802
         self, request: enclave_pb2.EnclavePrepareMpcRequest, context: grpc.ServicerContext
     ) -> enclave_pb2.EnclavePrepareMpcResponse:
         approvals = {a.party: (a.plan_hash, bytes(a.signature)) for a in request.approvals}
+        logged = LogPosition.from_proto(request.log_position) if request.HasField("log_position") else None
         out = self.registry.prepare_mpc(
-            request.job_id, request.stage_id, request.index, approvals, bytes(request.job_token)
+            request.job_id, request.stage_id, request.index, approvals, bytes(request.job_token), logged
         )
         return enclave_pb2.EnclavePrepareMpcResponse(
             offer=party_pb2.MpcOffer(**out["offer"]),

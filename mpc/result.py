@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealroom.canonical import canonical_json
 from sealroom.planning.mpc_spec import StageSpec
+from sealroom.signing import LogPosition
 
-RESULT_VERSION = 1
+# 2: the result binds the query's transparency-log position ("log", docs/audit.md); 1: without it.
+RESULT_VERSION = 2
 SIGN_DOMAIN = b"sealroom/v1/mpc-result\x00"
 SECURITY_MODEL = "mpyc-shamir-semi-honest"
 MPYC_VERSION = "0.11"
@@ -41,10 +43,21 @@ class MpcResult:
     threshold: int
     trust_assumption: str
     stats: dict[str, Any] = field(default_factory=dict, compare=False)
+    # The query's log position, as each signer knows it (its owner's approval signs it; the enclave
+    # had it with its approvals; the coordinator's helpers from its own log). None: version 1.
+    log: LogPosition | None = None
 
     @classmethod
-    def from_opened(cls, spec: StageSpec, opened: dict[str, Any], *, stats: dict[str, Any] | None = None) -> MpcResult:
-        """Map a player's opened output (pattern over the domain, columns over passing groups) to keys."""
+    def from_opened(
+        cls,
+        spec: StageSpec,
+        opened: dict[str, Any],
+        *,
+        stats: dict[str, Any] | None = None,
+        log: LogPosition | None = None,
+    ) -> MpcResult:
+        """Map a player's opened output (pattern over the domain, columns over passing groups) to keys;
+        ``log``: the query's log position the signer binds into the result."""
         pattern = opened["pattern"]
         if len(pattern) != len(spec.domain):
             raise ValueError("the opened pattern does not cover the group domain")
@@ -74,6 +87,7 @@ class MpcResult:
             threshold=spec.t,
             trust_assumption=spec.trust_assumption(),
             stats=dict(stats or {}),
+            log=log,
         )
 
     def as_dict(self) -> dict[tuple[Any, ...], dict[str, Any]]:
@@ -82,8 +96,10 @@ class MpcResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything that is signed (``stats`` are not: they are timings of this run)."""
+        bound = {"log": self.log.to_dict()} if self.log is not None else {}
         return {
-            "version": RESULT_VERSION,
+            **bound,
+            "version": RESULT_VERSION if self.log is not None else 1,
             "kind": "mpc",
             "security_model": SECURITY_MODEL,
             "mpyc_version": MPYC_VERSION,

@@ -2,7 +2,12 @@
 and a party's registration with the coordinator (:class:`Registration`).
 
 An approval is an Ed25519 signature over a domain-separated message holding a plan hash (SHA-256
-of the plan's canonical JSON, :mod:`sealroom.planning.plan`).
+of the plan's canonical JSON, :mod:`sealroom.planning.plan`) and the query's :class:`LogPosition`:
+where the coordinator's ``query_submitted`` entry sits in its transparency log, as the owner's agent
+checked it (docs/audit.md, "No approval outside the log"). The enclave binds that position into its
+signed result and refuses approvals that name different positions. Approvals without a position
+(``sealroom/v1/approval``) are those of older releases: still verifiable in old receipts, never
+accepted for a new release.
 
 Manual approvals add two signed messages, both by the owner's key and domain-separated from the
 approval itself (so neither can ever be taken for an approval, nor one for the other):
@@ -31,8 +36,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sealroom.canonical import canonical_json
 from sealroom.errors import ApprovalError, AuthenticationError
 from sealroom.sealed import integrity_error
+from sealroom.v1 import party_pb2
 
 APPROVAL_DOMAIN = b"sealroom/v1/approval\x00"
+# An approval that binds the query's log position (every approval since the log binding).
+LOGGED_APPROVAL_DOMAIN = b"sealroom/v1/approval-logged\x00"
 STREAM_DOMAIN = b"sealroom/v1/stream-header\x00"
 OWNER_ACTION_DOMAIN = b"sealroom/v1/owner-action\x00"
 OWNER_COMMAND_DOMAIN = b"sealroom/v1/owner-command\x00"
@@ -43,21 +51,77 @@ OWNER_ACTIONS = ("approve", "reject", "revoke", "cosign")
 OWNER_MESSAGE_MAX_SKEW_MS = 300_000
 
 
-def approval_message(plan_hash: str) -> bytes:
-    return APPROVAL_DOMAIN + bytes.fromhex(plan_hash)
+@dataclass(frozen=True)
+class LogPosition:
+    """Where a query's ``query_submitted`` entry sits in the coordinator's transparency log: its
+    leaf index, and the size and root hash of the checkpoint it was proven included in."""
+
+    leaf_index: int
+    tree_size: int
+    root_hash: bytes
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.leaf_index < self.tree_size) or len(self.root_hash) != 32:
+            raise ApprovalError(
+                "the log position names no leaf of its checkpoint (leaf_index < tree_size, a 32-byte root hash)",
+                details={"check": "log_position"},
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"leaf_index": self.leaf_index, "tree_size": self.tree_size, "root_hash": self.root_hash.hex()}
+
+    def to_proto(self) -> party_pb2.LogPosition:
+        return party_pb2.LogPosition(leaf_index=self.leaf_index, tree_size=self.tree_size, root_hash=self.root_hash)
+
+    @classmethod
+    def from_proto(cls, msg: party_pb2.LogPosition) -> LogPosition | None:
+        """The position a request carries; None when it carries none (an empty message)."""
+        if msg.tree_size == 0 and not msg.root_hash:
+            return None
+        return cls(int(msg.leaf_index), int(msg.tree_size), bytes(msg.root_hash))
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> LogPosition:
+        """The position from its JSON form (:meth:`to_dict`); ApprovalError when it is malformed."""
+        try:
+            if not isinstance(doc, dict) or set(doc) != {"leaf_index", "tree_size", "root_hash"}:
+                raise ValueError
+            index, size = doc["leaf_index"], doc["tree_size"]
+            if type(index) is not int or type(size) is not int:
+                raise ValueError
+            return cls(index, size, bytes.fromhex(doc["root_hash"]))
+        except (ValueError, TypeError):
+            raise ApprovalError(
+                "the log position is malformed (leaf_index, tree_size, root_hash)", details={"check": "log_position"}
+            ) from None
 
 
-def sign_approval(key: Ed25519PrivateKey, plan_hash: str) -> bytes:
-    return key.sign(approval_message(plan_hash))
+def approval_message(plan_hash: str, log: LogPosition | None = None) -> bytes:
+    """``"sealroom/v1/approval-logged" 0x00 canonical_json({plan_hash, log})``; without ``log``, the
+    older ``"sealroom/v1/approval" 0x00 plan_hash`` (kept to verify old receipts)."""
+    if log is None:
+        return APPROVAL_DOMAIN + bytes.fromhex(plan_hash)
+    return LOGGED_APPROVAL_DOMAIN + canonical_json({"plan_hash": plan_hash, "log": log.to_dict()})
 
 
-def verify_approval(public_key_hex: str, plan_hash: str, signature: bytes, *, party: str) -> None:
-    """Raise ApprovalError unless ``signature`` is ``party``'s approval of ``plan_hash``."""
+def sign_approval(key: Ed25519PrivateKey, plan_hash: str, log: LogPosition | None = None) -> bytes:
+    return key.sign(approval_message(plan_hash, log))
+
+
+def verify_approval(
+    public_key_hex: str, plan_hash: str, signature: bytes, *, party: str, log: LogPosition | None = None
+) -> None:
+    """Raise ApprovalError unless ``signature`` is ``party``'s approval of ``plan_hash`` (at the log
+    position ``log``: an approval signed for another position does not verify)."""
     try:
-        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex)).verify(signature, approval_message(plan_hash))
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex)).verify(
+            signature, approval_message(plan_hash, log)
+        )
     except (InvalidSignature, ValueError):
         raise ApprovalError(
-            f"the approval of {party} does not verify for this plan (forged, or signed for another plan)",
+            f"the approval of {party} does not verify for this plan"
+            + (" and log position" if log is not None else "")
+            + " (forged, or signed for another plan or position)",
             details={"party": party, "check": "approval_signature"},
         ) from None
 

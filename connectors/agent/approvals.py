@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from sealroom.errors import ApprovalError, NotFoundError, ResourceExhaustedError
 from sealroom.planning.plan import Plan
-from sealroom.signing import OWNER_MESSAGE_MAX_SKEW_MS, check_issued_at, verify_owner_command
+from sealroom.signing import OWNER_MESSAGE_MAX_SKEW_MS, LogPosition, check_issued_at, verify_owner_command
 from sealroom.v1 import party_pb2
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ class HeldPlan:
     state: PlanState = PlanState.PENDING
     signature: bytes | None = None
     expires_at: float = 0.0
+    # Where the log shows the query (checked at review: connectors.agent.review.check_logged); the
+    # approval signs it. None only for an agent that does not witness, given no entry.
+    position: LogPosition | None = None
 
     @property
     def approved(self) -> bool:
@@ -166,10 +169,24 @@ class Approvals:
 
     # -- review ------------------------------------------------------------------------------
 
-    def hold(self, plan: Plan, *, manual: bool, sign: Callable[[str], bytes]) -> tuple[bytes | None, float]:
-        """Hold a plan that passed review: approve it now (``sign`` the plan hash; a new lifetime) or,
-        if ``manual``, hold it for the owner. Returns (signature, expires_at); (None, 0.0) while the
-        plan waits for its owner. A plan the owner approved already returns that approval, unchanged."""
+    def position(self, plan_hash: str) -> LogPosition | None:
+        """The log position the held approval of this plan signs (None: none held, or none bound)."""
+        with self._lock:
+            held = self._held.get(plan_hash)
+            return held.position if held is not None else None
+
+    def hold(
+        self,
+        plan: Plan,
+        *,
+        manual: bool,
+        sign: Callable[[str, LogPosition | None], bytes],
+        position: LogPosition | None = None,
+    ) -> tuple[bytes | None, float]:
+        """Hold a plan that passed review: approve it now (``sign`` the plan hash at the query's log
+        ``position``; a new lifetime) or, if ``manual``, hold it (and its position) for the owner.
+        Returns (signature, expires_at); (None, 0.0) while the plan waits for its owner. A plan the
+        owner approved already returns that approval, unchanged."""
         me = self.party
         plan_hash = plan.hash
         now = time.time()
@@ -180,8 +197,8 @@ class Approvals:
                     f"the owner of {me} rejected this plan", details={"party": me, "rule": "rejected_by_owner"}
                 )
             if not manual:
-                held = HeldPlan(plan, False, now)
-                held.grant(sign(plan_hash), now + self.approval_ttl_seconds)
+                held = HeldPlan(plan, False, now, position=position)
+                held.grant(sign(plan_hash, position), now + self.approval_ttl_seconds)
                 self._held[plan_hash] = held
                 self._gone.pop(plan_hash, None)
                 log.info("approved plan %s for query %s", plan_hash[:12], plan.query_id)
@@ -190,7 +207,7 @@ class Approvals:
             if earlier is not None:
                 return earlier.signature, earlier.expires_at
             self._admit_manual(plan)
-            self._held[plan_hash] = HeldPlan(plan, True, now)
+            self._held[plan_hash] = HeldPlan(plan, True, now, position=position)
             self._manual[plan.query_id] = plan_hash
         log.info("plan %s for query %s awaits the owner's approval", plan_hash[:12], plan.query_id)
         return None, 0.0
@@ -370,14 +387,14 @@ class Approvals:
             )
         return plan_hash, held
 
-    def grant(self, command: party_pb2.OwnerCommand, *, sign: Callable[[str], bytes]) -> Grant:
+    def grant(self, command: party_pb2.OwnerCommand, *, sign: Callable[[str, LogPosition | None], bytes]) -> Grant:
         """The owner approves the plan the command names: ``sign`` it unless it is approved already."""
         now = time.time()
         with self._lock:
             plan_hash, held = self._find(command)
             fresh = not held.approved
             if fresh:
-                held.grant(sign(plan_hash), now + self.approval_ttl_seconds)
+                held.grant(sign(plan_hash, held.position), now + self.approval_ttl_seconds)
                 self._gone.pop(plan_hash, None)
             assert held.signature is not None
             return Grant(plan_hash, held, fresh, held.signature, held.expires_at)

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from connectors.agent.approvals import Approvals, OwnerDecision, PendingPlan
 from connectors.agent.config import PartyConfig
-from connectors.agent.review import Owner, check_plan
+from connectors.agent.review import Owner, Submitted, check_logged, check_plan, witness_refusal
 from connectors.agent.streaming import (
     TARGET_FRAME_BYTES,
     StreamCounter,
@@ -208,9 +208,13 @@ class PartyAgent:
         """Every policy check of a plan (:func:`connectors.agent.review.check_plan`); this party's inputs."""
         return check_plan(self._owner(), plan)
 
-    def review(self, plan_json: bytes) -> tuple[str, bytes | None, float]:
-        """Check a plan against this owner's policies; return (plan_hash, signature, expires_at).
+    def review(self, plan_json: bytes, submitted: Submitted | None = None) -> tuple[str, bytes | None, float]:
+        """Check a plan against this owner's policies and the coordinator's log; return (plan_hash,
+        signature, expires_at).
 
+        ``submitted``: the coordinator's ``query_submitted`` entry for the plan and its inclusion
+        proof; the agent witnesses the log, checks the entry is in a checkpoint it co-signed
+        (:func:`connectors.agent.review.check_logged`) and signs that log position into its approval.
         The signature is None when the plan waits for the owner's manual decision (any of this
         party's datasets in it has ``approval = "manual"``). A plan the owner already approved
         returns that approval, unchanged; an automatic approval is signed afresh (a new lifetime).
@@ -218,9 +222,11 @@ class PartyAgent:
         plan = Plan.from_json(plan_json)
         mine = self._check_plan(plan)
         manual = any(self.policies[i.dataset].approval == "manual" for i in mine)
-        if not manual:
-            self._witness_log(plan.query_id)  # before signing anything: the log must extend what it saw
-        signature, expires_at = self.approvals.hold(plan, manual=manual, sign=partial(sign_approval, self.key))
+        # Before holding or signing anything: the log must extend what this agent saw, and show the query.
+        position = check_logged(self._owner(), plan, submitted or Submitted())
+        signature, expires_at = self.approvals.hold(
+            plan, manual=manual, sign=partial(sign_approval, self.key), position=position
+        )
         return plan.hash, signature, expires_at
 
     # -- contribution ------------------------------------------------------------------------
@@ -246,6 +252,7 @@ class PartyAgent:
                 verify_enclave=self.verify_enclave,
                 mark_used=self.mark_used,
                 sign=self.key.sign,
+                logged=self.approvals.position,
             )
             self._mpc_players = MpcPlayers(owner, host=self.config.mpc_host)
         return self._mpc_players
@@ -374,21 +381,10 @@ class PartyAgent:
         ApprovalError naming the failed check (``fork``, ``rollback``, ``consistency_proof``...)."""
         if self.witness is None:
             return
-        me = self.config.name
         try:
             self.witness.witness(query_id=query_id)
         except AuditError as err:
-            check = str(err.details.get("check", "audit"))
-            log.error(
-                "refusing to approve query %s: the coordinator's transparency log failed the witness check (%s)",
-                query_id,
-                check,
-            )
-            raise ApprovalError(
-                f"{me} refuses to approve query {query_id}: the coordinator's transparency log failed the "
-                f"witness check ({check}): {err.message}",
-                details={"party": me, "check": check, "rule": "log_witness"},
-            ) from None
+            raise witness_refusal(self.config.name, query_id, err) from None
 
     def approve(self, command: party_pb2.OwnerCommand) -> OwnerDecision:
         """The owner approves: witness the log, sign the plan hash, hold the approval, send it to the

@@ -3,22 +3,31 @@ owner) a plan that reads its data. Raises the refusal, naming the party, dataset
 
 The rules every checker shares (analysts, privacy units, bounds, column roles, what each stage
 computes, each MPC stage's k, units, bounds and dominance) are :func:`sealroom.planning.checks.check_plan`'s,
-run as this owner's checker; what is here is what only an owner checks on top.
+run as this owner's checker; what is here is what only an owner checks on top, and
+:func:`check_logged`: that the coordinator's transparency log shows the query (no approval outside
+the log).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from connectors.witness import LogWitness
-from sealroom.errors import ApprovalError, InvalidQueryError, PolicyRefusalError
+from sealroom.audit.entries import LogEntry
+from sealroom.audit.merkle import leaf_hash, verify_inclusion
+from sealroom.audit.notes import SignedCheckpoint
+from sealroom.errors import ApprovalError, AuditError, InvalidQueryError, PolicyRefusalError
 from sealroom.planning import checks
 from sealroom.planning.checks import Checker, check_stage_k
 from sealroom.planning.plan import EnclaveHolder, HelperHolder, MpcStage, PartyHolder, Plan, PlanInput, mpc_player_keys
 from sealroom.policy import DatasetPolicy
+from sealroom.signing import LogPosition
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,90 @@ def check_plan(owner: Owner, plan: Plan) -> list[PlanInput]:
         if mpc.id in checked.mpc_queries:  # this party's data goes to it (directly, or through an enclave)
             check_mpc_stage(owner, plan, mpc)
     return mine
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What the coordinator sends with a plan (ReviewPlanRequest): its ``query_submitted`` entry,
+    the signed checkpoint it proved the entry in, and the inclusion proof."""
+
+    entry: bytes = b""
+    checkpoint: str = ""
+    proof: Sequence[bytes] = ()
+
+
+def check_logged(owner: Owner, plan: Plan, submitted: Submitted) -> LogPosition | None:
+    """No approval outside the log: the entry is the coordinator's ``query_submitted`` entry naming
+    exactly this query, plan hash and analyst, and it is included in a checkpoint this agent has
+    witnessed (:meth:`connectors.witness.LogWitness.prove_included`, which witnesses the newer
+    checkpoint first). Returns the log position the approval signs. Raises ApprovalError
+    (``rule`` ``not_in_log``) naming the check.
+
+    An agent that does not witness (``unsafe_no_witness``, tests only) checks the entry and the proof
+    against the checkpoint it is given, unverified; given nothing, it returns None and its approval
+    binds no position (an enclave releases nothing on such approvals)."""
+    me = owner.name
+
+    def refuse(check: str, why: str) -> ApprovalError:
+        return ApprovalError(
+            f"{me} refuses to approve query {plan.query_id}: {why}; a query the coordinator's transparency log "
+            "does not show gets no approval",
+            details={"party": me, "check": check, "rule": "not_in_log"},
+        )
+
+    if not submitted.entry:
+        if owner.witness is None:
+            return None
+        raise refuse("log_entry_missing", "the request carries no query_submitted log entry for it")
+    try:
+        entry = LogEntry.from_bytes(submitted.entry)
+    except (ValueError, TypeError):
+        raise refuse("log_entry", "the log entry sent with it is malformed") from None
+    event = entry.event
+    if (
+        entry.type != "query_submitted"
+        or event.get("query_id") != plan.query_id
+        or event.get("plan_hash") != plan.hash
+        or event.get("analyst") != plan.analyst
+    ):
+        raise refuse(
+            "log_entry", "the log entry sent with it is not the query_submitted entry of this query, plan and analyst"
+        )
+    try:
+        if owner.witness is not None:
+            return owner.witness.prove_included(
+                submitted.entry, entry.seq, submitted.checkpoint, submitted.proof, query_id=plan.query_id
+            )
+        cp = SignedCheckpoint.from_text(submitted.checkpoint).checkpoint
+        verify_inclusion(leaf_hash(submitted.entry), index=entry.seq, size=cp.size, proof=submitted.proof, root=cp.root)
+        log.warning(
+            "query %s: log inclusion checked against an unwitnessed checkpoint (unsafe_no_witness)", plan.query_id
+        )
+        return LogPosition(entry.seq, cp.size, cp.root)
+    except AuditError as err:
+        check = str(err.details.get("check", "inclusion_proof"))
+        if check in ("inclusion_checkpoint", "inclusion_proof"):
+            raise refuse(
+                check, f"its log entry is not proven in a checkpoint this agent witnessed ({err.message})"
+            ) from None
+        raise witness_refusal(me, plan.query_id, err) from None
+    except (ValueError, ApprovalError):
+        raise refuse("inclusion_proof", "the inclusion proof sent with it is malformed") from None
+
+
+def witness_refusal(party: str, query_id: str, err: AuditError) -> ApprovalError:
+    """The refusal of an approval whose witness check of the coordinator's log failed (logged)."""
+    check = str(err.details.get("check", "audit"))
+    log.error(
+        "refusing to approve query %s: the coordinator's transparency log failed the witness check (%s)",
+        query_id,
+        check,
+    )
+    return ApprovalError(
+        f"{party} refuses to approve query {query_id}: the coordinator's transparency log failed the "
+        f"witness check ({check}): {err.message}",
+        details={"party": party, "check": check, "rule": "log_witness"},
+    )
 
 
 def _own_inputs(owner: Owner, plan: Plan) -> list[PlanInput]:

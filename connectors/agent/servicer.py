@@ -11,6 +11,7 @@ import grpc
 from connectors.agent.approvals import OwnerDecision
 from connectors.agent.config import PartyConfig
 from connectors.agent.party import PartyAgent
+from connectors.agent.review import Submitted
 from sealroom.errors import (
     SealroomError,
 )
@@ -33,7 +34,8 @@ class PartyServicer(party_pb2_grpc.PartyAgentServicer):
         self, request: party_pb2.ReviewPlanRequest, context: grpc.ServicerContext
     ) -> party_pb2.ReviewPlanResponse:
         try:
-            plan_hash, signature, expires_at = self.agent.review(request.plan_json)
+            submitted = Submitted(request.log_entry, request.log_checkpoint, tuple(request.inclusion_proof))
+            plan_hash, signature, expires_at = self.agent.review(request.plan_json, submitted)
         except SealroomError as err:
             return party_pb2.ReviewPlanResponse(approved=False, error_json=err.to_json().encode())
         if signature is None:

@@ -5,7 +5,13 @@ A receipt binds what a compliance reviewer must be able to say about one release
 - the query (id, SQL text, analyst) and the full plan it ran, with the plan hash (SHA-256 of the
   plan's canonical JSON): the involved datasets, their owners' policies and policy digests, and
   the owners' signing keys all come from the plan;
-- every approval: party, public key, plan hash, Ed25519 signature over the plan hash;
+- every approval: party, public key, plan hash, Ed25519 signature over the plan hash and the log
+  position;
+- (version 2) the log position: the leaf index of the query's ``query_submitted`` entry in the
+  coordinator's transparency log and the size and root hash of the checkpoint the owners' agents
+  proved it in; every approval and every enclave result signs it (docs/audit.md, "No release
+  outside the log"). Version 1 receipts, from before this binding, carry none; they still verify,
+  as version 1, with their approvals over the plan hash alone;
 - per stage, either the enclave's signed result document (with its signature by the job key and
   the attestation evidence envelope that binds that key), or the MPC result (the opened cells,
   suppressed group keys, rule, players, threshold and trust assumption) with every player's
@@ -46,11 +52,12 @@ from sealroom.audit.refusals import refuse
 from sealroom.canonical import canonical_json
 from sealroom.errors import SealroomError
 from sealroom.planning.plan import Plan
-from sealroom.signing import approval_message
+from sealroom.signing import LogPosition, approval_message
 
 __all__ = [
     "RECEIPT_KIND",
     "RECEIPT_VERSION",
+    "RECEIPT_VERSIONS",
     "COUNTERSIGN_DOMAIN",
     "TeeStage",
     "MpcStage",
@@ -63,7 +70,9 @@ __all__ = [
 ]
 
 RECEIPT_KIND = "sealroom.receipt"
-RECEIPT_VERSION = 1
+# 2: the receipt binds the query's log position ("log"); 1: older receipts without it (still verified).
+RECEIPT_VERSION = 2
+RECEIPT_VERSIONS = (1, 2)
 COUNTERSIGN_DOMAIN = b"sealroom/v1/receipt-countersignature\x00"
 RESULT_FORMAT = "arrow-ipc-stream"
 _KEYS = frozenset(
@@ -208,13 +217,15 @@ def build_receipt(
     stages: Sequence[TeeStage | MpcStage],
     submitted_at: float,
     released_at: float,
+    log_position: LogPosition,
     result_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The receipt of one release, from what the coordinator holds at release time, not yet
     countersigned (call :func:`countersign`).
 
     ``approvals``: party -> (plan hash, signature), as the coordinator stored and the enclave
-    checked them. ``stages`` in the plan's order; the last one produced the released table.
+    checked them, at ``log_position`` (the query's place in the log, which they sign). ``stages`` in
+    the plan's order; the last one produced the released table.
     ``result_sha256``: SHA-256 (hex) of the released table's Arrow IPC bytes; for a TEE stage it is
     taken from the enclave's signed result (and must agree if given). ``ValueError`` when the parts
     do not fit together (a caller bug: a receipt is only built from a verified release)."""
@@ -233,6 +244,7 @@ def build_receipt(
         "version": RECEIPT_VERSION,
         "query": {"id": plan.query_id, "sql": plan.sql, "analyst": plan.analyst, "plan_hash": plan.hash},
         "plan": plan.to_dict(),
+        "log": log_position.to_dict(),
         "datasets": _datasets(plan),
         "approvals": [
             {
@@ -311,6 +323,9 @@ class VerifiedReceipt:
     coordinator_key_pinned: bool
     result_file_checked: bool
     suppressed_cells: int
+    version: int = RECEIPT_VERSION
+    # Where the log shows the query (version 2); None for a version 1 receipt, which binds none.
+    log_position: LogPosition | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -327,6 +342,8 @@ class VerifiedReceipt:
             "coordinator_key_pinned": self.coordinator_key_pinned,
             "result_file_checked": self.result_file_checked,
             "suppressed_cells": self.suppressed_cells,
+            "version": self.version,
+            "log": self.log_position.to_dict() if self.log_position is not None else None,
         }
 
 
@@ -363,15 +380,17 @@ def verify_receipt(
 
     Steps (``details["check"]``):
 
-    1. ``format``: a receipt of this kind and version, with every field;
+    1. ``format``: a receipt of this kind and a known version, with every field; ``log_position``:
+       a version 2 receipt's log position is well formed;
     2. ``plan``/``plan_hash``: the plan parses and hashes to the plan hash;
     3. ``plan_summary``: query id, SQL, analyst and datasets are the plan's;
     4. ``approval_missing``/``approval_unexpected``/``approval_key``/``approval_plan_hash``/
-       ``approval_signature``: every involved owner approved this plan hash with the key the plan
-       names, and nobody else is listed;
+       ``approval_signature``: every involved owner approved this plan hash (and, in version 2, the
+       log position) with the key the plan names, and nobody else is listed;
     5. per stage (``stages`` names a mismatch with the plan's stages): TEE: ``result_signature``,
        ``result_plan``, ``result_approvals``, ``result_evidence``, ``evidence_binding``,
-       ``stage_summary``, ``evidence`` (appraisal); MPC: ``mpc_player_key``, ``mpc_signature``,
+       ``stage_summary``, ``evidence`` (appraisal), ``result_log`` (version 2: the enclave signed the
+       receipt's log position); MPC: ``mpc_player_key``, ``mpc_signature``,
        ``mpc_trust``;
     6. ``disclosure``: the suppressed cells and rules are those the stages signed;
     7. ``result_hash``: the released result's hash, rows and columns are those the last stage signed;
@@ -408,6 +427,8 @@ class _Parts:
     result: dict[str, Any]
     timestamps: dict[str, Any]
     coordinator: dict[str, Any]
+    version: int
+    log: LogPosition | None
 
 
 def _verify_receipt(
@@ -423,6 +444,7 @@ def _verify_receipt(
     _verify_plan_summary(receipt, parts, plan)  # 3
     involved = _verify_approvals(parts, plan, plan_hash)  # 4
     claims = _verify_stages(parts, plan, appraisal=appraisal, now=now)  # 5
+    _verify_stage_logs(parts)  # 5
     _verify_disclosure(parts)  # 6
     _verify_released(parts)  # 7
     simulated = _verify_simulated_flag(receipt, parts)  # 8
@@ -443,6 +465,8 @@ def _verify_receipt(
         coordinator_key_pinned=coordinator_key is not None,
         result_file_checked=result_bytes is not None,
         suppressed_cells=len(parts.disclosure["suppressed"]),
+        version=parts.version,
+        log_position=parts.log,
     )
 
 
@@ -450,10 +474,18 @@ def _check_format(receipt: Mapping[str, Any]) -> _Parts:
     """Step 1: a receipt of this kind and version, with every field."""
     if not isinstance(receipt, Mapping) or receipt.get("kind") != RECEIPT_KIND:
         raise refuse("format", f"not a {RECEIPT_KIND} document")
-    if receipt.get("version") != RECEIPT_VERSION:
-        raise refuse("format", f"receipt version {receipt.get('version')!r} is not {RECEIPT_VERSION}")
-    if set(receipt) != _KEYS:
-        raise refuse("format", f"a receipt has exactly the fields {', '.join(sorted(_KEYS))}")
+    version = receipt.get("version")
+    if type(version) is not int or version not in RECEIPT_VERSIONS:
+        raise refuse("format", f"receipt version {version!r} is not one of {', '.join(map(str, RECEIPT_VERSIONS))}")
+    keys = _KEYS | {"log"} if version >= 2 else _KEYS
+    if set(receipt) != keys:
+        raise refuse("format", f"a version {version} receipt has exactly the fields {', '.join(sorted(keys))}")
+    log = None
+    if version >= 2:
+        try:
+            log = LogPosition.from_dict(receipt["log"])
+        except SealroomError as err:
+            raise refuse("log_position", f"the receipt's log position: {err.message}") from None
     parts = _Parts(
         query=required_field(receipt, "query", dict, ""),
         plan=required_field(receipt, "plan", dict, ""),
@@ -463,6 +495,8 @@ def _check_format(receipt: Mapping[str, Any]) -> _Parts:
         result=required_field(receipt, "result", dict, ""),
         timestamps=required_field(receipt, "timestamps", dict, ""),
         coordinator=required_field(receipt, "coordinator", dict, ""),
+        version=version,
+        log=log,
     )
     stages, approvals = parts.stages, parts.approvals
     if not stages or not all(isinstance(s, dict) for s in stages) or not all(isinstance(a, dict) for a in approvals):
@@ -521,7 +555,7 @@ def _verify_approvals(parts: _Parts, plan: Plan, plan_hash: str) -> list[str]:
         if a.get("plan_hash") != plan_hash:
             raise refuse("approval_plan_hash", f"the approval of {party} is for another plan", party=party)
         try:
-            message = approval_message(plan_hash)
+            message = approval_message(plan_hash, parts.log)
         except ValueError:
             raise refuse("plan_hash", "the plan hash is not hex") from None
         if not signature_verifies(a.get("public_key"), a.get("signature"), message):
@@ -546,6 +580,21 @@ def _verify_stages(
             job_keys = [str(s["result"].get("signing_public_key")) for s in stages if s["kind"] == "tee"]
             verify_mpc_stage(stage, plan=plan, job_keys=job_keys, coordinator_key=parts.coordinator.get("public_key"))
     return claims
+
+
+def _verify_stage_logs(parts: _Parts) -> None:
+    """Step 5, version 2: every stage's signed result binds the receipt's log position: the enclave's
+    (which checked the approvals against it before it released or fed anything) and every MPC
+    player's (an owner's player takes it from its approval)."""
+    if parts.log is None:
+        return
+    for stage in parts.stages:
+        if stage["result"].get("log") != parts.log.to_dict():
+            raise refuse(
+                "result_log",
+                f"stage {stage.get('id')}: its players or enclave signed another log position than the receipt's",
+                stage=stage.get("id"),
+            )
 
 
 def _verify_disclosure(parts: _Parts) -> None:

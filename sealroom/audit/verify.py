@@ -22,8 +22,8 @@ from sealroom.audit.merkle import EMPTY_ROOT, CompactTree, root_hash
 from sealroom.audit.notes import WITNESS_SUFFIX, NoteVerifier, SignedCheckpoint, b64
 from sealroom.audit.receipts import receipt_sha256
 from sealroom.audit.refusals import refuse
-from sealroom.errors import AuditError, AuthenticationError
-from sealroom.signing import Registration
+from sealroom.errors import AuditError, AuthenticationError, SealroomError
+from sealroom.signing import LogPosition, Registration
 
 __all__ = ["LogReport", "verify_log"]
 
@@ -113,7 +113,11 @@ def verify_log(
        witnesses' quorum;
     8. ``fork``/``rollback``: every trusted checkpoint is a checkpoint of this history;
     9. ``receipt_missing``/``receipt_orphan``/``receipt_hash``/``receipt``: every release has its
-       receipt, whose hash is the one the entry records, and which verifies.
+       receipt, whose hash is the one the entry records, and which verifies; ``release_log_position``:
+       a version 2 receipt's log position (no release outside the log) names this log's
+       ``query_submitted`` entry of the query, its plan hash and analyst, in a tree of this history
+       (the size's root is this log's) that precedes the release. Version 1 receipts bind no position:
+       their release rows say ``"log_bound": false``.
     """
     origin, key, pinned = _establish_log_key(export, log_key)  # 0
     entries = _parse_entries(export)  # 1
@@ -377,12 +381,15 @@ def _verify_receipts(
         if not isinstance(receipt, Mapping):
             raise refuse("receipt_missing", f"{entry.label()}: its receipt is missing", entry=entry.seq)
         _verify_release_receipt(entry, receipt, verify_receipt)
+        bound = _verify_release_log(entry, receipt, entries)
         releases.append(
             {
                 "entry": entry.seq,
                 "query_id": entry.query_id,
                 "receipt_sha256": entry.event["receipt_sha256"],
                 "simulated": entry.event["simulated"],
+                "receipt_version": receipt.get("version"),
+                "log_bound": bound,
             }
         )
     released = {str(e.seq) for e in entries if e.type == "released"}
@@ -439,6 +446,42 @@ def _verify_release_receipt(
                 "query_id": entry.query_id,
             },
         ) from None
+
+
+def _verify_release_log(entry: LogEntry, receipt: Mapping[str, Any], entries: Sequence[LogEntry]) -> bool:
+    """Step 9, one release: its receipt's log position (version 2) holds the query's
+    ``query_submitted`` entry in this very log. Returns whether the receipt binds a position."""
+    version = receipt.get("version")
+    if "log" not in receipt and not (type(version) is int and version >= 2):
+        return False  # a receipt from before the binding (version 1): reported as such, never as bound
+
+    def fail(why: str) -> AuditError:
+        return refuse(
+            "release_log_position",
+            f"{entry.label()}: {why}; a release must be bound to the query's submission in this log",
+            entry=entry.seq,
+            query_id=entry.query_id,
+        )
+
+    try:
+        position = LogPosition.from_dict(receipt.get("log"))
+    except SealroomError:
+        raise fail("its receipt names no well-formed log position") from None
+    if position.tree_size > entry.seq:
+        raise fail(f"its log position (a tree of size {position.tree_size}) does not precede the release")
+    submitted = entries[position.leaf_index]
+    query = receipt.get("query")
+    query = query if isinstance(query, Mapping) else {}
+    if (
+        submitted.type != "query_submitted"
+        or submitted.query_id != entry.query_id
+        or submitted.event.get("plan_hash") != entry.event.get("plan_hash")
+        or submitted.event.get("analyst") != query.get("analyst")
+    ):
+        raise fail(f"its log position names {submitted.label()}, not the query_submitted entry of this query")
+    if root_hash([e.leaf_hash() for e in entries[: position.tree_size]]) != position.root_hash:
+        raise fail(f"the log's tree of size {position.tree_size} has another root than the one its approvals sign")
+    return True
 
 
 def _known_witnesses(

@@ -234,20 +234,26 @@ class ExecuteRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     APPROVALS_FIELD_NUMBER: _builtins.int
     JOB_TOKEN_FIELD_NUMBER: _builtins.int
+    LOG_POSITION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     job_token: _builtins.bytes
     @_builtins.property
     def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Approval]: ...
+    @_builtins.property
+    def log_position(self) -> _party_pb2.LogPosition:
+        """The query's log position, which every approval signs; bound into the signed result."""
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         approvals: _abc.Iterable[Global___Approval] | None = ...,
         job_token: _builtins.bytes = ...,
+        log_position: _party_pb2.LogPosition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["log_position", b"log_position"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "job_id", b"job_id", "job_token", b"job_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "job_id", b"job_id", "job_token", b"job_token", "log_position", b"log_position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -316,6 +322,7 @@ class EnclavePrepareMpcRequest(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     APPROVALS_FIELD_NUMBER: _builtins.int
     JOB_TOKEN_FIELD_NUMBER: _builtins.int
+    LOG_POSITION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     stage_id: _builtins.str
     """the MPC stage the job's stage feeds"""
@@ -324,6 +331,10 @@ class EnclavePrepareMpcRequest(_message.Message):
     job_token: _builtins.bytes
     @_builtins.property
     def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Approval]: ...
+    @_builtins.property
+    def log_position(self) -> _party_pb2.LogPosition:
+        """as in ExecuteRequest: bound into the job's document"""
+
     def __init__(
         self,
         *,
@@ -332,10 +343,11 @@ class EnclavePrepareMpcRequest(_message.Message):
         index: _builtins.int = ...,
         approvals: _abc.Iterable[Global___Approval] | None = ...,
         job_token: _builtins.bytes = ...,
+        log_position: _party_pb2.LogPosition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["log_position", b"log_position"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "index", b"index", "job_id", b"job_id", "job_token", b"job_token", "stage_id", b"stage_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "index", b"index", "job_id", b"job_id", "job_token", b"job_token", "log_position", b"log_position", "stage_id", b"stage_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,21 +24,67 @@ class ReviewPlanRequest(_message.Message):
 
     PLAN_JSON_FIELD_NUMBER: _builtins.int
     QUERY_ID_FIELD_NUMBER: _builtins.int
+    LOG_ENTRY_FIELD_NUMBER: _builtins.int
+    LOG_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    INCLUSION_PROOF_FIELD_NUMBER: _builtins.int
     plan_json: _builtins.bytes
     query_id: _builtins.str
+    log_entry: _builtins.bytes
+    """The coordinator's query_submitted entry for this query and plan in its transparency log, and
+    the proof that it is included (docs/audit.md, "No approval outside the log"): the agent checks
+    the proof against a checkpoint it witnessed and signs the log position into its approval.
+    the entry's canonical JSON (its Merkle leaf)
+    """
+    log_checkpoint: _builtins.str
+    """the signed checkpoint the proof is against (a note)"""
+    @_builtins.property
+    def inclusion_proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
         plan_json: _builtins.bytes = ...,
         query_id: _builtins.str = ...,
+        log_entry: _builtins.bytes = ...,
+        log_checkpoint: _builtins.str = ...,
+        inclusion_proof: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan_json", b"plan_json", "query_id", b"query_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inclusion_proof", b"inclusion_proof", "log_checkpoint", b"log_checkpoint", "log_entry", b"log_entry", "plan_json", b"plan_json", "query_id", b"query_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReviewPlanRequest: _TypeAlias = ReviewPlanRequest  # noqa: Y015
+
+@_typing.final
+class LogPosition(_message.Message):
+    """Where a query's query_submitted entry sits in the coordinator's log: its leaf index and the
+    checkpoint (size, root hash) it was proven included in. Owners sign it into their approvals; the
+    enclave binds it into its signed result.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEAF_INDEX_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    ROOT_HASH_FIELD_NUMBER: _builtins.int
+    leaf_index: _builtins.int
+    tree_size: _builtins.int
+    root_hash: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        leaf_index: _builtins.int = ...,
+        tree_size: _builtins.int = ...,
+        root_hash: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leaf_index", b"leaf_index", "root_hash", b"root_hash", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogPosition: _TypeAlias = LogPosition  # noqa: Y015
 
 @_typing.final
 class ReviewPlanResponse(_message.Message):

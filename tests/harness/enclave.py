@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -46,7 +47,7 @@ from sealroom.planning.plan import Plan
 from sealroom.policy import DatasetPolicy, TrustPolicy
 from sealroom.rpc import Server, open_channel, unwrap
 from sealroom.sealed import SealingStream, StreamContext, integrity_error, schema_hash
-from sealroom.signing import sign_approval, sign_stream_header
+from sealroom.signing import LogPosition, sign_approval, sign_stream_header
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
 HEADER_METADATA_KEY = "sealroom-stream-header-bin"
@@ -138,15 +139,24 @@ def make_plan(
     return plan
 
 
-def approval(plan: Plan | str, party: PartyData, *, key: Ed25519PrivateKey | None = None) -> enclave_pb2.Approval:
+# The log position the harness's approvals sign and its Execute requests carry: the enclave checks
+# only that the approvals and the request agree (the owners' agents check the log itself).
+HARNESS_LOG = LogPosition(0, 1, hashlib.sha256(b"harness log").digest())
+
+
+def approval(
+    plan: Plan | str, party: PartyData, *, key: Ed25519PrivateKey | None = None, log: LogPosition | None = HARNESS_LOG
+) -> enclave_pb2.Approval:
     plan_hash = plan if isinstance(plan, str) else plan.hash
     return enclave_pb2.Approval(
-        party=party.name, plan_hash=plan_hash, signature=sign_approval(key or party.key, plan_hash)
+        party=party.name, plan_hash=plan_hash, signature=sign_approval(key or party.key, plan_hash, log)
     )
 
 
-def approvals(plan: Plan, parties: Sequence[PartyData]) -> list[enclave_pb2.Approval]:
-    return [approval(plan, p) for p in parties]
+def approvals(
+    plan: Plan, parties: Sequence[PartyData], log: LogPosition | None = HARNESS_LOG
+) -> list[enclave_pb2.Approval]:
+    return [approval(plan, p, log=log) for p in parties]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,14 +342,19 @@ class JobHandle:
             frames = list(sealer.frames(batches))
         return SealedStream(ctx, header, sign_stream_header(sign_with or party.key, header), frames)
 
-    def execute(self, approvals: Sequence[enclave_pb2.Approval]) -> enclave_pb2.ExecuteResponse:
-        return self.enclave.stub.Execute(
-            enclave_pb2.ExecuteRequest(job_id=self.job_id, approvals=list(approvals), job_token=self.token), timeout=30
-        )
+    def execute(
+        self, approvals: Sequence[enclave_pb2.Approval], log: LogPosition | None = HARNESS_LOG
+    ) -> enclave_pb2.ExecuteResponse:
+        request = enclave_pb2.ExecuteRequest(job_id=self.job_id, approvals=list(approvals), job_token=self.token)
+        if log is not None:
+            request.log_position.CopyFrom(log.to_proto())
+        return self.enclave.stub.Execute(request, timeout=30)
 
-    def execute_rejected(self, approvals: Sequence[enclave_pb2.Approval]) -> Rejection:
+    def execute_rejected(
+        self, approvals: Sequence[enclave_pb2.Approval], log: LogPosition | None = HARNESS_LOG
+    ) -> Rejection:
         try:
-            self.execute(approvals)
+            self.execute(approvals, log)
         except grpc.RpcError as exc:
             return rejection(exc)
         raise AssertionError("the enclave released a result it must not release")

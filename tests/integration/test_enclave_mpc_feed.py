@@ -22,6 +22,7 @@ from sealroom.planning.plan import EnclaveHolder, MpcStage, Plan
 from sealroom.policy import DatasetPolicy, DatasetTrust, TrustPolicy
 from sealroom.v1 import enclave_pb2, party_pb2
 from tests.harness.enclave import (
+    HARNESS_LOG,
     Agent,
     EnclaveHandle,
     JobHandle,
@@ -86,6 +87,7 @@ class Hybrid:
             stage_id=self.mpc.id,
             index=self.index,
             approvals=approvals(self.plan, self.everyone if parties is None else parties),
+            log_position=HARNESS_LOG.to_proto(),
         )
         return enclave.stub.PrepareMpc(request, timeout=30)
 
@@ -461,11 +463,17 @@ def test_only_the_jobs_creator_may_run_end_or_join_it(enclave: EnclaveHandle) ->
                 stage_id=stage_id,
                 index=index,
                 approvals=approvals(h.plan, h.everyone),
+                log_position=HARNESS_LOG.to_proto(),
             ),
             timeout=30,
         ),
         "execute": lambda token: enclave.stub.Execute(
-            enclave_pb2.ExecuteRequest(job_id=h.job.job_id, approvals=approvals(h.plan, h.everyone), job_token=token),
+            enclave_pb2.ExecuteRequest(
+                job_id=h.job.job_id,
+                approvals=approvals(h.plan, h.everyone),
+                job_token=token,
+                log_position=HARNESS_LOG.to_proto(),
+            ),
             timeout=30,
         ),
         "abort": lambda token: enclave.stub.AbortJob(

@@ -23,11 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
+from sealroom.audit.merkle import leaf_hash, root_hash
+from sealroom.audit.store import SQLiteLogStore
 from sealroom.auth import bearer
-from sealroom.keys import generate_signing_key, load_signing_key
+from sealroom.errors import ApprovalError
+from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex
 from sealroom.policy import DatasetPolicy
 from sealroom.rpc import open_channel, unwrap
-from sealroom.signing import sign_approval, sign_owner_action, sign_owner_command
+from sealroom.signing import LogPosition, sign_approval, sign_owner_action, sign_owner_command, verify_approval
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, party_pb2, party_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -261,14 +264,42 @@ def test_an_expired_approval_is_dropped(platform):
         wait_until(status_is(client, qid, "refused"))
 
 
-def _approval_request(qid: str, party: str, plan_hash: str, *, key, owner_key=None, issued=None):
+def logged_position(platform: Cluster, qid: str, party: str) -> LogPosition:
+    """The log position the coordinator showed the owners for ``qid``, found as a reviewer would: the
+    query's query_submitted entry, and the tree size whose root ``party``'s logged approval signs."""
+    store = SQLiteLogStore(platform.state_dir / "coordinator" / "coordinator.db")
+    try:
+        entries = store.entries()
+    finally:
+        store.close()
+    docs = [json.loads(e) for e in entries]
+    (index,) = [i for i, d in enumerate(docs) if d["type"] == "query_submitted" and d["event"]["query_id"] == qid]
+    (approved,) = [d["event"] for d in docs if d["type"] == "approved" and d["event"]["query_id"] == qid]
+    assert approved["party"] == party
+    key = dict(platform_keys(platform))[party]
+    leaves = [leaf_hash(e) for e in entries]
+    for size in range(index + 1, len(entries) + 1):
+        position = LogPosition(index, size, root_hash(leaves[:size]))
+        try:
+            verify_approval(key, approved["plan_hash"], bytes.fromhex(approved["signature"]), party=party, log=position)
+        except ApprovalError:
+            continue
+        return position
+    raise AssertionError(f"no log position verifies the approval of {party}")
+
+
+def platform_keys(platform: Cluster) -> list[tuple[str, str]]:
+    return [(p.name, public_key_hex(load_signing_key(platform.key_path(p.name)))) for p in platform.parties]
+
+
+def _approval_request(qid: str, party: str, plan_hash: str, *, key, owner_key=None, issued=None, log=None):
     issued = issued or int(time.time() * 1000)
     expires = int((time.time() + 600) * 1000)
     return coordinator_pb2.SubmitApprovalRequest(
         query_id=qid,
         party=party,
         plan_hash=plan_hash,
-        signature=sign_approval(key, plan_hash),
+        signature=sign_approval(key, plan_hash, log),
         expires_at_ms=expires,
         issued_at_ms=issued,
         owner_signature=sign_owner_action(
@@ -339,7 +370,8 @@ def test_coordinator_accepts_only_the_partys_own_approval_of_this_plan(platform)
 
         # A genuine approval that bank_m's agent never gave: accepted once (never replayed), but the
         # agent does not hold it, so the coordinator does not run the query on it.
-        genuine = _approval_request(qid, "bank_m", plan_hash, key=key_m)
+        logged = logged_position(platform, qid, "bank_a")  # the position bank_a's agent approved at
+        genuine = _approval_request(qid, "bank_m", plan_hash, key=key_m, log=logged)
         with open_channel(platform.coordinator_address) as ch:
             coordinator_pb2_grpc.CoordinatorStub(ch).SubmitApproval(genuine, timeout=10)
         code, err = coordinator_refuses(platform, "SubmitApproval", genuine)

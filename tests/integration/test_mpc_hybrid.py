@@ -169,6 +169,10 @@ def test_hybrid_plan_releases_what_pooled_duckdb_computes(
         assert verified.simulated and verified.evidence_appraised
         assert verified.parties == tuple(f"hospital_{h}" for h in range(hospitals))
         assert verified.suppressed_cells == len(result.suppressed)
+        # Both stages bind the query's log position: the enclave's document and the players' result.
+        receipt = result.receipt["countersigned"]
+        assert verified.version == 2 and verified.log_position is not None
+        assert [s["result"]["log"] for s in receipt["stages"]] == [receipt["log"]] * 2
 
         # The enclave worker itself never loaded MPyC (its player ran as its own process), and no
         # player process is left anywhere.

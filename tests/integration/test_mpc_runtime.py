@@ -103,6 +103,8 @@ def test_mpc_only_owners_release_only_passing_cells(tmp_path: Path, hospitals: i
         record = result.receipt["result"]
         assert record["kind"] == "sealroom.mpc_release" and "honest majority" in record["trust_assumption"]
         assert set(record["signatures"]) == {f"hospital_{h}" for h in range(hospitals)}
+        # Every player signed the query's log position (from its owner's approval), as the receipt binds it.
+        assert record["result"]["log"] == result.receipt["countersigned"]["log"]
         doc = result_document(result)
         assert doc["mpc"]["trust_assumption"] == record["trust_assumption"] and "attestation" not in doc
         assert sorted(i["mpc_player"] for i in result.inputs()) == list(range(hospitals))

@@ -10,7 +10,7 @@ import json
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,30 +24,42 @@ from sealroom.audit.store import SQLiteLogStore
 from sealroom.canonical import canonical_json
 from sealroom.errors import AuditError
 from sealroom.keys import public_key_hex
-from tests.harness.enclave import EnclaveHandle
+from sealroom.planning.plan import Plan
+from sealroom.signing import LogPosition
+from tests.harness.enclave import EnclaveHandle, PartyData
 from tests.unit.audit.test_receipts import Release, release_once
 
 ORIGIN = "coordinator.sealroom.test/log"
 
 
-def record(log: TransparencyLog, rel: Release) -> None:
-    """What the coordinator appends for one query, from registration to release (one event per step)."""
-    plan, receipt = rel.plan, rel.receipt
-    for p in rel.parties:
-        log.append(
-            "dataset_registered",
-            party=p.name,
-            dataset="loans",
-            policy_digest=p.policies["loans"].digest(),
-            owner_key_sha256=hashlib.sha256(bytes.fromhex(p.public_key_hex)).hexdigest(),
+def submitter(log: TransparencyLog) -> Callable[[Plan, list[PartyData]], LogPosition]:
+    """What the coordinator appends before the approvals (registration, the query's submission);
+    returns the query's log position, which the approvals and the enclave then sign."""
+
+    def submit(plan: Plan, parties: list[PartyData]) -> LogPosition:
+        for p in parties:
+            log.append(
+                "dataset_registered",
+                party=p.name,
+                dataset="loans",
+                policy_digest=p.policies["loans"].digest(),
+                owner_key_sha256=hashlib.sha256(bytes.fromhex(p.public_key_hex)).hexdigest(),
+            )
+        entry = log.append(
+            "query_submitted",
+            query_id=plan.query_id,
+            analyst=plan.analyst,
+            sql_sha256=hashlib.sha256(plan.sql.encode()).hexdigest(),
+            plan_hash=plan.hash,
         )
-    log.append(
-        "query_submitted",
-        query_id=plan.query_id,
-        analyst=plan.analyst,
-        sql_sha256=hashlib.sha256(plan.sql.encode()).hexdigest(),
-        plan_hash=plan.hash,
-    )
+        return LogPosition(entry.seq, log.size, log.root())
+
+    return submit
+
+
+def record(log: TransparencyLog, rel: Release) -> None:
+    """What the coordinator appends for one query after its submission, up to its release."""
+    plan, receipt = rel.plan, rel.receipt
     for a in receipt["approvals"]:
         log.append(
             "approved", query_id=plan.query_id, party=a["party"], plan_hash=a["plan_hash"], signature=a["signature"]
@@ -99,9 +111,10 @@ def audit(enclave: EnclaveHandle, dev_dir: Path, tmp_path: Path) -> Iterator[Aud
     key = Ed25519PrivateKey.generate()  # the coordinator's: signs checkpoints and countersigns receipts
     db = sqlite3.connect(str(tmp_path / "coordinator.db"), isolation_level=None)
     log = TransparencyLog(SQLiteLogStore(db), NoteSigner(ORIGIN, key))
-    releases = [release_once(enclave, dev_dir, key, tag=t, offset=o) for t, o in (("a", 0.0), ("b", 1000.0))]
-    for rel in releases:
-        record(log, rel)
+    releases = []
+    for t, o in (("a", 0.0), ("b", 1000.0)):
+        releases.append(release_once(enclave, dev_dir, key, tag=t, offset=o, submit=submitter(log)))
+        record(log, releases[-1])
     log.append("compliance_decision", query_id=releases[0].plan.query_id, reviewer="dpo", decision="accepted")
     yield Audit(releases, log, db, key, dev_dir, tmp_path)
     db.close()
@@ -303,3 +316,27 @@ def test_witnesses_cosign_and_a_fork_shown_to_one_owner_is_caught(
     )
     assert code == 1 and "refused (fork)" in err
     assert SignedCheckpoint.from_text(seen.read_text()).checkpoint.size == 15
+
+
+def test_audit_verify_refuses_a_release_bound_to_another_entry_than_its_submission(
+    enclave: EnclaveHandle, dev_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A coordinator that binds a release to a log position that is not the query's submission (the
+    owners and the enclave signed what it showed them, so the receipt alone verifies): the log
+    verification names the release."""
+    key = Ed25519PrivateKey.generate()
+    db = sqlite3.connect(str(tmp_path / "coordinator.db"), isolation_level=None)
+    log = TransparencyLog(SQLiteLogStore(db), NoteSigner(ORIGIN, key))
+    honest = submitter(log)
+
+    def elsewhere(plan: Plan, parties: list[PartyData]) -> LogPosition:
+        position = honest(plan, parties)
+        return LogPosition(0, position.tree_size, position.root_hash)  # entry 0: a registration
+
+    rel = release_once(enclave, dev_dir, key, tag="x", submit=elsewhere)
+    record(log, rel)
+    path = tmp_path / "log.json"
+    path.write_text(json.dumps(log.export()))
+    code, _, err = run(capsys, "audit", "verify", "--log", str(path), "--log-key", public_key_hex(key))
+    assert code == 1 and "refused (release_log_position)" in err and "not the query_submitted entry" in err
+    db.close()

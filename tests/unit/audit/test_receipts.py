@@ -40,8 +40,16 @@ from sealroom.planning.mpc_spec import Aggregate, GroupColumn, Player, StageSpec
 from sealroom.planning.plan import HelperHolder, Holder, PartyHolder, Plan
 from sealroom.planning.plan import MpcStage as MpcPlanStage
 from sealroom.planning.plan import Release as StageRelease
-from sealroom.signing import sign_approval
-from tests.harness.enclave import PartyData, approvals, loans_table, make_party, make_plan, start_enclave
+from sealroom.signing import LogPosition, sign_approval
+from tests.harness.enclave import (
+    HARNESS_LOG,
+    PartyData,
+    approvals,
+    loans_table,
+    make_party,
+    make_plan,
+    start_enclave,
+)
 
 JOIN_SQL = (
     "SELECT a.segment, COUNT(*) AS n, SUM(a.exposure + b.exposure) AS total "
@@ -67,9 +75,16 @@ class Release:
 
 
 def release_once(
-    enclave: Any, dev_dir: Path, coordinator_key: Ed25519PrivateKey, *, tag: str = "", offset: float = 0.0
+    enclave: Any,
+    dev_dir: Path,
+    coordinator_key: Ed25519PrivateKey,
+    *,
+    tag: str = "",
+    offset: float = 0.0,
+    submit: Callable[[Plan, list[PartyData]], LogPosition] | None = None,
 ) -> Release:
-    """Two banks join their loans; one segment has a single customer and is suppressed."""
+    """Two banks join their loans; one segment has a single customer and is suppressed. ``submit``
+    logs the query and returns its log position (default: the harness's position, no log)."""
     rows_a = [(i, "retail" if i < 6 else "solo", 100.0 + i + offset) for i in range(7)]
     rows_b = [(i, "-", 10.0 * i) for i in range(7)]
     a = make_party("bank_a", loans_table(rows_a))
@@ -79,16 +94,18 @@ def release_once(
     job = enclave.create_job(plan)
     for p in (a, b):
         enclave.upload(job.seal(p))
-    resp = job.execute(approvals(plan, [a, b]))
+    logged = submit(plan, [a, b]) if submit is not None else HARNESS_LOG
+    resp = job.execute(approvals(plan, [a, b], logged), logged)
     verified = verify_result(
         resp, plan=plan, hpke_public=job.hpke_public, signing_public=job.signing_public, appraisal=enclave.appraisal
     )
     receipt = build_receipt(
         plan=plan,
-        approvals={p.name: (plan.hash, sign_approval(p.key, plan.hash)) for p in (a, b)},
+        approvals={p.name: (plan.hash, sign_approval(p.key, plan.hash, logged)) for p in (a, b)},
         stages=[TeeStage(verified.result_json, verified.signature, verified.evidence)],
         submitted_at=submitted,
         released_at=time.time(),
+        log_position=logged,
     )
     return Release(
         plan, [a, b], verified, countersign(receipt, coordinator_key), coordinator_key, enclave.appraisal, dev_dir
@@ -131,7 +148,8 @@ def test_a_real_receipt_verifies_offline(r: Release) -> None:
     assert out.claims[0].measurement in r.appraisal.measurements
     assert out.result_sha256 == hashlib.sha256(r.table).hexdigest() == r.verified.doc["result_sha256"]
     receipt = r.receipt
-    assert receipt["kind"] == "sealroom.receipt" and receipt["version"] == 1 and receipt["simulated"] is True
+    assert receipt["kind"] == "sealroom.receipt" and receipt["version"] == 2 and receipt["simulated"] is True
+    assert receipt["log"] == HARNESS_LOG.to_dict() == r.verified.doc["log"] and out.log_position == HARNESS_LOG
     assert receipt["query"]["sql"] == r.plan.sql and receipt["query"]["analyst"] == "alice"
     assert [(d["party"], d["policy_digest"]) for d in receipt["datasets"]] == [
         (p.name, p.policies["loans"].digest()) for p in r.parties
@@ -274,7 +292,7 @@ def test_a_different_result_file_is_refused(r: Release) -> None:
 
 def test_a_forged_approval_is_refused(r: Release) -> None:
     mallory = Ed25519PrivateKey.generate()
-    r.receipt["approvals"][0]["signature"] = sign_approval(mallory, r.plan.hash).hex()
+    r.receipt["approvals"][0]["signature"] = sign_approval(mallory, r.plan.hash, HARNESS_LOG).hex()
     assert refused(r).details["check"] == "approval_signature"
 
 
@@ -288,8 +306,10 @@ def test_an_approval_under_a_substituted_owner_key_is_refused(r: Release) -> Non
     rc["query"]["plan_hash"] = plan.hash
     for a in rc["approvals"]:
         a["plan_hash"] = plan.hash
-    rc["approvals"][0].update(public_key=public_key_hex(mallory), signature=sign_approval(mallory, plan.hash).hex())
-    rc["approvals"][1]["signature"] = sign_approval(r.parties[1].key, plan.hash).hex()
+    rc["approvals"][0].update(
+        public_key=public_key_hex(mallory), signature=sign_approval(mallory, plan.hash, HARNESS_LOG).hex()
+    )
+    rc["approvals"][1]["signature"] = sign_approval(r.parties[1].key, plan.hash, HARNESS_LOG).hex()
     assert refused(r).details["check"] == "result_plan"
 
 
@@ -398,6 +418,7 @@ def _mpc_release(r: Release, threshold: int = 1) -> tuple[Plan, MpcResult, dict[
         players=tuple({"index": i, **p} for i, p in enumerate(players)),
         threshold=threshold,
         trust_assumption="semi-honest, honest majority: no 2 of the 3 players collude",
+        log=HARNESS_LOG,
     )
     return plan, result, keys
 
@@ -407,11 +428,14 @@ def _mpc_receipt(r: Release, plan: Plan, result: MpcResult, keys: dict[str, Ed25
     receipt = build_receipt(
         plan=plan,
         approvals={
-            p: (plan.hash, sign_approval(k, plan.hash)) for p, k in keys.items() if p in plan.involved_parties()
+            p: (plan.hash, sign_approval(k, plan.hash, HARNESS_LOG))
+            for p, k in keys.items()
+            if p in plan.involved_parties()
         },
         stages=[MpcStage("s1", result.to_dict(), sigs)],
         submitted_at=1.0,
         released_at=2.0,
+        log_position=HARNESS_LOG,
         result_sha256=hashlib.sha256(b"mpc table").hexdigest(),
     )
     return countersign(receipt, r.coordinator_key)
@@ -493,7 +517,13 @@ def test_an_mpc_with_a_dishonest_majority_threshold_is_refused(r: Release) -> No
 
 def test_build_receipt_refuses_parts_that_do_not_fit(r: Release) -> None:
     stage = TeeStage(r.verified.result_json, r.verified.signature, r.verified.evidence)
-    common: dict[str, Any] = {"plan": r.plan, "approvals": {}, "submitted_at": 1.0, "released_at": 2.0}
+    common: dict[str, Any] = {
+        "plan": r.plan,
+        "approvals": {},
+        "submitted_at": 1.0,
+        "released_at": 2.0,
+        "log_position": HARNESS_LOG,
+    }
     with pytest.raises(ValueError):
         build_receipt(**common, stages=[])
     with pytest.raises(ValueError):
@@ -505,3 +535,34 @@ def test_build_receipt_refuses_parts_that_do_not_fit(r: Release) -> None:
     for bad in (b"{", b"[1]", json.dumps({"kind": "other"}).encode()):
         with pytest.raises(ValueError):
             load_receipt(bad)
+
+
+def test_a_receipt_binds_the_log_position_its_approvals_and_enclave_signed(r: Release) -> None:
+    """Version 2: the position is every approval's and the enclave's; moving it (to point at another
+    entry) breaks the approvals, and a receipt without it is no version 2 receipt."""
+    moved = copy.deepcopy(r.receipt)
+    moved["log"]["leaf_index"] = 0 if HARNESS_LOG.leaf_index else 1
+    moved["log"]["tree_size"] = 5
+    assert refused(r, countersign(moved, r.coordinator_key)).details["check"] == "approval_signature"
+    dropped = copy.deepcopy(r.receipt)
+    del dropped["log"]
+    assert refused(r, countersign(dropped, r.coordinator_key)).details["check"] == "format"
+    bad = copy.deepcopy(r.receipt)
+    bad["log"] = {"leaf_index": 3, "tree_size": 2, "root_hash": "00" * 32}
+    assert refused(r, countersign(bad, r.coordinator_key)).details["check"] == "log_position"
+    # Approvals re-signed for another position by the owners themselves: the enclave checked (and
+    # signed) the first ones, at the first position.
+    other = LogPosition(1, 2, b"\x01" * 32)
+    resigned = copy.deepcopy(r.receipt)
+    resigned["log"] = other.to_dict()
+    for a, p in zip(resigned["approvals"], r.parties, strict=True):
+        a["signature"] = sign_approval(p.key, r.plan.hash, other).hex()
+    assert refused(r, countersign(resigned, r.coordinator_key)).details["check"] == "result_approvals"
+
+
+def test_an_mpc_receipt_needs_the_players_to_sign_its_log_position(r: Release) -> None:
+    plan, result, keys = _mpc_release(r)
+    unbound = dataclasses.replace(result, log=None)  # players that signed no log position
+    assert unbound.to_dict()["version"] == 1 and "log" not in unbound.to_dict()
+    assert refused(r, _mpc_receipt(r, plan, unbound, keys), appraisal=None).details["check"] == "result_log"
+    assert verify(r, _mpc_receipt(r, plan, result, keys), appraisal=None).log_position == HARNESS_LOG

@@ -29,7 +29,7 @@ def approvals(ttl: float = 600.0) -> Approvals:
     return Approvals("bank_a", approval_ttl_seconds=ttl, pending_ttl_seconds=3600.0)
 
 
-def sign(plan_hash: str) -> bytes:
+def sign(plan_hash: str, log: object = None) -> bytes:
     return b"signed " + plan_hash.encode()
 
 

@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from connectors.agent import DatasetConfig, PartyAgent, PartyConfig
+from connectors.agent.review import Submitted
 from connectors.clock import MillisecondIssuer
 from connectors.witness import LOG_KEY_FILE, LogWitness, state_file
 from coordinator.config import CoordinatorConfig
@@ -26,12 +27,13 @@ from coordinator.service import Coordinator
 from coordinator.servicer import CoordinatorServicer
 from coordinator.store import log_origin, registered_witnesses
 from sealroom.audit.log import TransparencyLog, export_store
-from sealroom.audit.notes import NoteSigner, NoteVerifier, SignedCheckpoint, witness_verifier
+from sealroom.audit.notes import Checkpoint, NoteSigner, NoteVerifier, SignedCheckpoint, witness_verifier
 from sealroom.audit.store import SQLiteLogStore
 from sealroom.audit.verify import verify_log
 from sealroom.config import file_table
 from sealroom.errors import ApprovalError, AuditError, ConfigError, InvalidQueryError, NotFoundError, SealroomError
 from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex
+from sealroom.planning.plan import Plan
 from sealroom.policy import DatasetPolicy, TrustPolicy
 from sealroom.signing import sign_owner_action
 from sealroom.v1 import coordinator_pb2
@@ -427,6 +429,21 @@ def test_the_witness_stamps_its_cosignatures_from_the_issuer_it_is_given(
 # the agent refuses to approve
 
 
+def submitted(coordinator: Coordinator, plan: Plan) -> Submitted:
+    """Log the plan's query_submitted entry as the coordinator does, with the proof that it is in the
+    latest checkpoint."""
+    entry = coordinator.store.append_event(
+        "query_submitted", query_id=plan.query_id, analyst=plan.analyst, sql_sha256="0" * 64, plan_hash=plan.hash
+    )
+    assert entry is not None
+    log = coordinator.store.log
+    assert log is not None
+    n = log.size
+    cp = Checkpoint(log.origin, n, log.root(n))
+    text = SignedCheckpoint(cp, (log.signer.sign(cp.body()),)).to_text()
+    return Submitted(entry.canonical(), text, tuple(log.inclusion_proof(entry.seq, n)))
+
+
 def _agent(
     tmp_path: Path, key: Ed25519PrivateKey, call: Callable[[str, Any], Any], *, approval: str = "auto"
 ) -> PartyAgent:
@@ -459,16 +476,18 @@ def test_the_agent_approves_only_after_witnessing(
     table = pq.read_table(tmp_path / "a.parquet")
     data = make_party("bank_a", table, policy=agent.policies["loans"], key=keys["bank_a"])
     plan = make_plan("SELECT segment, COUNT(*) AS n FROM bank_a.loans GROUP BY segment", [data])
-    plan_hash, signature, _ = agent.review(plan.to_json())
+    plan_hash, signature, _ = agent.review(plan.to_json(), submitted(registered, plan))
     assert signature is not None and "SubmitCosignature" in fake.calls
     assert registered.store.checkpoint().verify(
         registered.store.log.signer.verifier,  # type: ignore[union-attr]
         witnesses=[witness_verifier("bank_a", keys["bank_a"].public_key())],
     ) == ("bank_a.witness",)
-    fake.view = fake.fork(tmp_path, keep=1, size=2)
+    witnessed = agent.witness.latest  # type: ignore[union-attr]
+    assert witnessed is not None
+    fake.view = fake.fork(tmp_path, keep=1, size=witnessed.checkpoint.size)  # another root for the same size
     other = make_plan("SELECT segment, COUNT(*) AS n FROM bank_a.loans GROUP BY segment", [data])
     with pytest.raises(ApprovalError) as info:
-        agent.review(other.to_json())
+        agent.review(other.to_json(), submitted(registered, other))
     assert info.value.details == {"party": "bank_a", "check": "fork", "rule": "log_witness"}
     assert "transparency log failed the witness check (fork)" in info.value.message
     assert agent.approvals.held(other.hash) is None  # nothing was signed
@@ -494,7 +513,9 @@ def test_the_owners_manual_approval_is_witnessed_first(
         "bank_a", pq.read_table(tmp_path / "a.parquet"), policy=agent.policies["loans"], key=keys["bank_a"]
     )
     plan = make_plan("SELECT segment, COUNT(*) AS n FROM bank_a.loans GROUP BY segment", [data])
-    assert agent.review(plan.to_json())[1] is None and fake.calls == []  # held for the owner: nothing signed yet
+    # Held for the owner, nothing signed yet; the log was witnessed (the query is in it).
+    assert agent.review(plan.to_json(), submitted(registered, plan))[1] is None
+    assert fake.calls == ["GetCheckpoint", "SubmitCosignature"]
 
     owner = MillisecondIssuer()  # the owner's client: each command it signs is new
 
@@ -508,8 +529,8 @@ def test_the_owners_manual_approval_is_witnessed_first(
             ),
         )
 
-    agent.witness.witness()  # type: ignore[union-attr]  # it has co-signed size 2
-    fake.view = fake.fork(tmp_path, keep=1, size=2)
+    latest = agent.witness.witness()  # type: ignore[union-attr]  # what it has co-signed
+    fake.view = fake.fork(tmp_path, keep=1, size=latest.checkpoint.size)
     with pytest.raises(ApprovalError) as info:
         agent.approve(command())
     assert info.value.details["check"] == "fork" and sent == []  # refused before anything was sent
@@ -642,3 +663,74 @@ def test_verify_log_refuses_a_forged_cosignature_and_an_unbound_witness_key(tmp_
     export["witnesses"] = ["nope"]
     with pytest.raises(AuditError, match="not a verifier key"):
         verify_log(export, log_key=log.signer.verifier)
+
+
+# --------------------------------------------------------------------------------------------------
+# no approval outside the log
+
+
+def test_the_agent_approves_only_a_query_its_witnessed_log_shows(
+    registered: Coordinator, keys: dict[str, Ed25519PrivateKey], tmp_path: Path
+) -> None:
+    from sealroom.audit.merkle import inclusion_proof, leaf_hash
+    from sealroom.signing import LogPosition, verify_approval
+    from tests.harness.enclave import make_party, make_plan
+
+    fake = FakeCoordinator(registered)
+    agent = _agent(tmp_path, keys["bank_a"], fake)
+    data = make_party(
+        "bank_a", pq.read_table(tmp_path / "a.parquet"), policy=agent.policies["loans"], key=keys["bank_a"]
+    )
+
+    def plan() -> Plan:
+        return make_plan("SELECT segment, COUNT(*) AS n FROM bank_a.loans GROUP BY segment", [data])
+
+    def refused(p: Plan, sub: Submitted | None) -> dict[str, Any]:
+        with pytest.raises(ApprovalError) as info:
+            agent.review(p.to_json(), sub)
+        assert agent.approvals.held(p.hash) is None  # nothing held, nothing signed
+        return dict(info.value.details)
+
+    # No entry at all (the bypass script's ReviewPlan).
+    p = plan()
+    assert refused(p, None) == {"party": "bank_a", "check": "log_entry_missing", "rule": "not_in_log"}
+    # The entry of another query, or one naming another analyst.
+    other = plan()
+    assert refused(p, submitted(registered, other))["check"] == "log_entry"
+    registered.store.append_event(
+        "query_submitted", query_id=p.query_id, analyst="mallory", sql_sha256="0" * 64, plan_hash=p.hash
+    )
+    # A log of its own: the right entry in a tree the coordinator's key never signed.
+    entry = registered.store.append_event(
+        "query_submitted", query_id=p.query_id, analyst=p.analyst, sql_sha256="0" * 64, plan_hash=p.hash
+    )
+    assert entry is not None
+    forged = NoteSigner(registered.store.log.origin, generate_signing_key())  # type: ignore[union-attr]
+    leaves = [leaf_hash(b"x")] * entry.seq + [entry.leaf_hash()]
+    from sealroom.audit.merkle import root_hash
+
+    cp = Checkpoint(forged.name, len(leaves), root_hash(leaves))
+    fabricated = Submitted(
+        entry.canonical(),
+        SignedCheckpoint(cp, (forged.sign(cp.body()),)).to_text(),
+        tuple(inclusion_proof(leaves, entry.seq)),
+    )
+    assert refused(p, fabricated)["check"] == "inclusion_checkpoint"
+    # The real checkpoint, with a proof that does not hold.
+    real = submitted(registered, plan())
+    wrong = Submitted(entry.canonical(), real.checkpoint, real.proof)
+    assert refused(p, wrong)["check"] == "inclusion_proof"
+    # The real entry, proven in an older checkpoint than the one the agent witnesses: approved, and
+    # the approval signs the position (not the plan hash alone).
+    good = submitted(registered, p)
+    registered.store.append_event("collaboration_declared", declaration_sha256="1" * 64)  # the log grows on
+    plan_hash, signature, _ = agent.review(p.to_json(), good)
+    assert signature is not None
+    assert agent.witness is not None and agent.witness.latest is not None
+    n = SignedCheckpoint.from_text(good.checkpoint).checkpoint
+    assert agent.witness.latest.checkpoint.size > n.size
+    position = LogPosition(p_seq := json.loads(good.entry)["seq"], n.size, n.root)
+    assert p_seq == registered.store.log.size - 2  # type: ignore[union-attr]
+    verify_approval(data.public_key_hex, plan_hash, signature, party="bank_a", log=position)
+    with pytest.raises(ApprovalError):
+        verify_approval(data.public_key_hex, plan_hash, signature, party="bank_a")
