@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
@@ -134,15 +135,12 @@ def verify_log(
     _verify_trusted(trusted, entries, roots, key)  # 8
     releases = _verify_receipts(export, entries, verify_receipt)  # 9
 
-    counts: dict[str, int] = {}
-    for entry in entries:
-        counts[entry.type] = counts.get(entry.type, 0) + 1
     return LogReport(
         origin=origin,
         size=n,
         root=roots[n] if n in roots else root_hash([e.leaf_hash() for e in entries]),
         checkpoints=len(checkpoints),
-        entries_by_type=MappingProxyType(counts),
+        entries_by_type=MappingProxyType(Counter(entry.type for entry in entries)),
         receipts=len(releases),
         witnessed_size=witnessed,
         log_key_pinned=pinned,

@@ -149,9 +149,11 @@ def test_a_flood_of_one_analysts_plans_leaves_another_analysts_query_unaffected(
             else:  # the agent answers a refusal in the response (error_json)
                 doc = json.loads(resp.error_json)
                 refused.append(from_code(doc["code"], doc["message"], doc["details"]))
-    assert (held, len(refused)) == (100, 905)  # the default quota: 100 plans of one analyst
-    assert isinstance(refused[0], ResourceExhaustedError)
-    assert refused[0].details["limit"] == "max_pending_per_analyst" and refused[0].details["analyst"] == "mallory"
+    # Forged plans are not in the coordinator's log: the agent holds none of them, so the owner's
+    # queue stays empty (a flood of real, logged queries meets the per-analyst quota instead:
+    # tests/unit/connectors/test_approval_queue.py, and the rate limit below).
+    assert (held, len(refused)) == (0, 1005)
+    assert {e.details.get("rule") for e in refused} == {"not_in_log"}
 
     # alice's query is reviewed, awaits bank_c's owner, is approved and released.
     with platform.client("alice") as alice:

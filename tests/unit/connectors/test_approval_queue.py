@@ -34,7 +34,7 @@ def _queue(per_analyst: int) -> Approvals:
     )
 
 
-def _sign(plan_hash: str) -> bytes:
+def _sign(plan_hash: str, position: object = None) -> bytes:
     return b"signed " + plan_hash.encode()
 
 
