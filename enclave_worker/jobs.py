@@ -342,7 +342,16 @@ class JobRegistry:
             job.end()
             self._jobs.pop(job.id, None)
 
-    def execute(self, job_id: str, approvals: dict[str, tuple[str, bytes]], token: bytes) -> dict[str, Any]:
+    def execute(
+        self,
+        job_id: str,
+        approvals: dict[str, tuple[str, bytes]],
+        token: bytes,
+        *,
+        on_cancel: Callable[[Callable[[], None]], object] | None = None,
+    ) -> dict[str, Any]:
+        """Run the job's stage; ``on_cancel`` (gRPC's ``context.add_callback``) interrupts it when the
+        caller goes away."""
         job = self._begin(job_id, token)
         try:
             if job.feed is not None:
@@ -350,7 +359,7 @@ class JobRegistry:
                     f"this job feeds MPC stage {job.feed.mpc_stage.id} and releases nothing itself; its player runs "
                     "with PrepareMpc and RunMpc"
                 )
-            return self._execute(job, approvals)
+            return self._execute(job, approvals, on_cancel)
         except SealroomError as err:
             self._fail(job, err)
             raise
@@ -433,7 +442,12 @@ class JobRegistry:
             raise JobFailedError("the job's keys were wiped before it could sign its result")
         return body, job.signing_key.sign(body), evidence
 
-    def _execute(self, job: Job, approvals: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
+    def _execute(
+        self,
+        job: Job,
+        approvals: dict[str, tuple[str, bytes]],
+        on_cancel: Callable[[Callable[[], None]], object] | None = None,
+    ) -> dict[str, Any]:
         # 1. Every owner whose data the plan touches approved exactly this plan; 2. every input
         # arrived, sealed to this job, for this plan.
         self._check_ready(job, approvals)
@@ -449,6 +463,7 @@ class JobRegistry:
             clamps=job.clamps,
             dominance=job.dominance,
             threads=self.config.engine_threads,
+            on_cancel=on_cancel,
         )
         ipc = table_to_ipc(outcome.released)
         body, signature, evidence = self._signed(

@@ -66,7 +66,8 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
         self, request: enclave_pb2.ExecuteRequest, context: grpc.ServicerContext
     ) -> enclave_pb2.ExecuteResponse:
         approvals = {a.party: (a.plan_hash, bytes(a.signature)) for a in request.approvals}
-        out = self.registry.execute(request.job_id, approvals, bytes(request.job_token))
+        # A caller that goes away (cancel, deadline) interrupts the stage's DuckDB query.
+        out = self.registry.execute(request.job_id, approvals, bytes(request.job_token), on_cancel=context.add_callback)
         return enclave_pb2.ExecuteResponse(**out)
 
     def PrepareMpc(  # noqa: N802
