@@ -68,13 +68,13 @@ def check_sql_text(sql: str, limits: QueryLimits = DEFAULT_LIMITS) -> None:
         raise _exceeded("max_sql_bytes", size, limits.max_sql_bytes, "{} bytes of SQL")
 
 
-def check_tree(tree: exp.Expression, limits: QueryLimits = DEFAULT_LIMITS) -> None:
+def check_tree(tree: exp.Expr, limits: QueryLimits = DEFAULT_LIMITS) -> None:
     """Refuse a parsed statement with too many nodes, too deep a nesting or too long an IN list.
 
     One iterative walk (no recursion, so a deep tree cannot exhaust the stack), stopped at the first
     limit it passes."""
     nodes = 0
-    stack: list[tuple[exp.Expression, int]] = [(tree, 1)]
+    stack: list[tuple[exp.Expr, int]] = [(tree, 1)]
     while stack:
         node, depth = stack.pop()
         nodes += 1
