@@ -9,6 +9,7 @@ from sealroom.audit.ropa import Collaboration
 from sealroom.auth import AnalystDirectory
 from sealroom.config import Table, file_table
 from sealroom.errors import ConfigError
+from sealroom.planning.limits import DEFAULT_LIMITS, QueryLimits
 from sealroom.policy import TrustPolicy
 
 
@@ -34,10 +35,13 @@ class CoordinatorConfig:
     # calls a second (0: no limit) and the burst an analyst may make at once.
     analyst_calls_per_second: float = 10.0
     analyst_burst: int = 50
+    # Caps on an analyst's SQL ([limits]: max_sql_bytes, max_expression_nodes, max_nesting_depth,
+    # max_in_list; docs/configuration.md).
+    limits: QueryLimits = DEFAULT_LIMITS
 
     @classmethod
     def from_table(cls, root: Table) -> CoordinatorConfig:
-        root.check_keys({"coordinator", "trust", "analysts", "collaboration"})
+        root.check_keys({"coordinator", "trust", "analysts", "collaboration", "limits"})
         c = root.table("coordinator")
         c.check_keys(
             {
@@ -76,6 +80,7 @@ class CoordinatorConfig:
             collaboration=Collaboration.from_table(root.table("collaboration"))
             if root.doc.get("collaboration") is not None
             else None,
+            limits=QueryLimits.from_table(root.table("limits", required=False)),
         )
 
     @classmethod

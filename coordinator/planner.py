@@ -24,6 +24,7 @@ import sqlglot.errors
 from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
 
+from sealroom.cancel import UNBOUNDED, CallScope
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
 from sealroom.planning.bounds import measure_from_rules
 from sealroom.planning.checks import (
@@ -35,6 +36,7 @@ from sealroom.planning.checks import (
     strictest_min_group_size,
 )
 from sealroom.planning.disclosure import check_uses
+from sealroom.planning.limits import DEFAULT_LIMITS, QueryLimits
 from sealroom.planning.mpc_spec import Aggregate, GroupColumn, Measure, Player, StageSpec
 from sealroom.planning.mpc_sql import MpcQuery, mpc_query
 from sealroom.planning.plan import (
@@ -76,17 +78,25 @@ def plan_query(
     catalog: Mapping[str, CatalogEntry],
     party_keys: Mapping[str, str],
     helper_key: str | None = None,
+    limits: QueryLimits = DEFAULT_LIMITS,
+    scope: CallScope = UNBOUNDED,
 ) -> tuple[Plan, Analysis]:
     """Plan ``sql``. ``helper_key``: the coordinator's Ed25519 key (hex), named in an MPC plan as the
-    identity of the helper player it runs (without it such a plan cannot run)."""
+    identity of the helper player it runs (without it such a plan cannot run). ``limits``: the caps
+    on the query's size; ``scope``: the analyst's call, checked between steps (planning stops with
+    DeadlineExceededError once the call is cancelled or past its deadline)."""
     schemas = {q: e.schema.names for q, e in catalog.items()}
-    analysis = analyze(sql, schemas)
+    scope.check("parsing the query")
+    analysis = analyze(sql, schemas, limits=limits)
+    scope.check("checking the owners' column rules")
     check_uses(analysis.uses, {q: catalog[q].policy for q in analysis.datasets}, schemas)
     request = _Request(analysis, query_id, analyst, catalog, party_keys)
     to_enclave, own_players, mpc_reason = _enclave_split([catalog[q] for q in analysis.datasets])
+    scope.check("checking the inputs")
     inputs = [_checked_input(request, n, catalog[q]) for n, q in enumerate(analysis.datasets)]
     for inp in inputs:  # first: whom the owners let their rows meet (check_plan checks it again)
         check_combine_with(inp, inputs)
+    scope.check("building the plan")
     if mpc_reason is not None:
         plan = _plan_mpc(
             request, to_enclave=to_enclave, own_players=own_players, reason=mpc_reason, helper_key=helper_key

@@ -37,8 +37,10 @@ from coordinator.store import (
 from sealroom.audit.entries import is_ident
 from sealroom.audit.notes import SignedCheckpoint
 from sealroom.auth import generate_token
+from sealroom.cancel import UNBOUNDED, CallScope
 from sealroom.errors import AuthenticationError, InvalidQueryError, NotFoundError, SealroomError
 from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex, save_signing_key
+from sealroom.planning.limits import check_sql_text
 from sealroom.planning.plan import Plan
 from sealroom.planning.sql import Analysis
 from sealroom.policy import DatasetPolicy
@@ -246,7 +248,7 @@ class Coordinator:
         analyst = self.analyst(metadata)
         return [r for r in self.store.queries() if self.config.analysts is None or r.analyst == analyst]
 
-    def _plan(self, sql: str, analyst: str, query_id: str) -> tuple[Plan, Analysis]:
+    def _plan(self, sql: str, analyst: str, query_id: str, scope: CallScope) -> tuple[Plan, Analysis]:
         helper = self.store.helper_identity()
         return plan_query(
             sql,
@@ -255,14 +257,21 @@ class Coordinator:
             catalog=catalog_of(self.store.datasets()),
             party_keys={name: p.signing_public_key for name, p in self.store.parties().items()},
             helper_key=helper[0] if helper is not None else None,
+            limits=self.config.limits,
+            scope=scope,
         )
 
-    def explain(self, sql: str, analyst: str) -> tuple[Plan, str]:
-        plan, analysis = self._plan(sql, analyst, "explain")
+    def explain(self, sql: str, analyst: str, scope: CallScope = UNBOUNDED) -> tuple[Plan, str]:
+        check_sql_text(sql, self.config.limits)  # before anything parses it
+        plan, analysis = self._plan(sql, analyst, "explain", scope)
+        scope.check("explaining the plan")
         rows = {d.qualified: d.approximate_rows for d in self.store.datasets()}
         return plan, explain_text(plan, analysis, rows)
 
-    def submit(self, sql: str, analyst: str) -> tuple[str, str]:
+    def submit(self, sql: str, analyst: str, scope: CallScope = UNBOUNDED) -> tuple[str, str]:
+        """Plan ``sql`` and start it. Text over the size limit is refused before it is stored; a call
+        that ends while its query is planned leaves the query refused (DeadlineExceededError)."""
+        check_sql_text(sql, self.config.limits)  # before it is stored or parsed
         if not is_ident(analyst):
             raise InvalidQueryError(
                 "analyst names are letters, digits and _ . : - (starting with a letter or digit), "
@@ -271,7 +280,7 @@ class Coordinator:
         query_id = "q_" + secrets.token_hex(8)
         self.store.create_query(query_id, sql, analyst)
         try:
-            plan, _ = self._plan(sql, analyst, query_id)
+            plan, _ = self._plan(sql, analyst, query_id, scope)
         except SealroomError as err:
             registered = [(d.party, d.name) for d in self.store.datasets()]
             event = refusal_event(err, analyst=analyst, sql=sql, datasets=registered)
@@ -405,14 +414,16 @@ def list_datasets(c: Coordinator, metadata: Metadata) -> coordinator_pb2.ListDat
 
 
 def explain(
-    request: coordinator_pb2.QueryRequest, c: Coordinator, metadata: Metadata
+    request: coordinator_pb2.QueryRequest, c: Coordinator, metadata: Metadata, scope: CallScope = UNBOUNDED
 ) -> coordinator_pb2.ExplainResponse:
-    plan, text = c.explain(request.sql, c.limited_analyst(metadata, request.analyst))
+    plan, text = c.explain(request.sql, c.limited_analyst(metadata, request.analyst), scope)
     return coordinator_pb2.ExplainResponse(plan_json=plan.to_json(), plan_hash=plan.hash, text=text)
 
 
-def submit(request: coordinator_pb2.QueryRequest, c: Coordinator, metadata: Metadata) -> coordinator_pb2.SubmitResponse:
-    qid, status = c.submit(request.sql, c.limited_analyst(metadata, request.analyst))
+def submit(
+    request: coordinator_pb2.QueryRequest, c: Coordinator, metadata: Metadata, scope: CallScope = UNBOUNDED
+) -> coordinator_pb2.SubmitResponse:
+    qid, status = c.submit(request.sql, c.limited_analyst(metadata, request.analyst), scope)
     return coordinator_pb2.SubmitResponse(query_id=qid, status=status)
 
 

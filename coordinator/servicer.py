@@ -14,6 +14,7 @@ import grpc
 from coordinator import service
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, Metadata
+from sealroom.cancel import CallScope
 from sealroom.rpc import Server, create_server, translate_errors
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -77,12 +78,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def Explain(  # noqa: N802
         self, request: coordinator_pb2.QueryRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.ExplainResponse:
-        return service.explain(request, self.c, _metadata(context))
+        return service.explain(request, self.c, _metadata(context), CallScope(context))
 
     def Submit(  # noqa: N802
         self, request: coordinator_pb2.QueryRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.SubmitResponse:
-        return service.submit(request, self.c, _metadata(context))
+        return service.submit(request, self.c, _metadata(context), CallScope(context))
 
     def GetStatus(  # noqa: N802
         self, request: coordinator_pb2.QueryRef, context: grpc.ServicerContext

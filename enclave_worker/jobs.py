@@ -349,7 +349,11 @@ class JobRegistry:
         approvals: dict[str, tuple[str, bytes]],
         token: bytes,
         log_position: LogPosition | None = None,
+        *,
+        on_cancel: Callable[[Callable[[], None]], object] | None = None,
     ) -> dict[str, Any]:
+        """Run the job's stage; ``on_cancel`` (gRPC's ``context.add_callback``) interrupts it when the
+        caller goes away."""
         job = self._begin(job_id, token)
         try:
             if job.feed is not None:
@@ -357,7 +361,7 @@ class JobRegistry:
                     f"this job feeds MPC stage {job.feed.mpc_stage.id} and releases nothing itself; its player runs "
                     "with PrepareMpc and RunMpc"
                 )
-            return self._execute(job, approvals, log_position)
+            return self._execute(job, approvals, log_position, on_cancel)
         except SealroomError as err:
             self._fail(job, err)
             raise
@@ -454,7 +458,11 @@ class JobRegistry:
         return body, job.signing_key.sign(body), evidence
 
     def _execute(
-        self, job: Job, approvals: dict[str, tuple[str, bytes]], log_position: LogPosition | None
+        self,
+        job: Job,
+        approvals: dict[str, tuple[str, bytes]],
+        log_position: LogPosition | None,
+        on_cancel: Callable[[Callable[[], None]], object] | None = None,
     ) -> dict[str, Any]:
         # 1. Every owner whose data the plan touches approved exactly this plan at one log position;
         # 2. every input arrived, sealed to this job, for this plan.
@@ -471,6 +479,7 @@ class JobRegistry:
             clamps=job.clamps,
             dominance=job.dominance,
             threads=self.config.engine_threads,
+            on_cancel=on_cancel,
         )
         ipc = table_to_ipc(outcome.released)
         body, signature, evidence = self._signed(

@@ -68,7 +68,10 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
     ) -> enclave_pb2.ExecuteResponse:
         approvals = {a.party: (a.plan_hash, bytes(a.signature)) for a in request.approvals}
         logged = LogPosition.from_proto(request.log_position) if request.HasField("log_position") else None
-        out = self.registry.execute(request.job_id, approvals, bytes(request.job_token), logged)
+        # A caller that goes away (cancel, deadline) interrupts the stage's DuckDB query.
+        out = self.registry.execute(
+            request.job_id, approvals, bytes(request.job_token), logged, on_cancel=context.add_callback
+        )
         return enclave_pb2.ExecuteResponse(**out)
 
     def PrepareMpc(  # noqa: N802

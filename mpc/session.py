@@ -20,7 +20,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,6 +33,7 @@ from mpc.result import MpcResult
 from mpc.tls import PlayerCredentials, SessionCA
 from sealroom.errors import MpcError
 from sealroom.planning.mpc_spec import StageSpec
+from sealroom.spawn import python_command
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class PlayerProcess:
                     details={"reason": "stopped", "player": self.index},
                 )
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mpc.player", str(spec_path), str(self.out_path)],
+                python_command("mpc.player", str(spec_path), str(self.out_path)),
                 cwd=self.directory,
                 stdin=subprocess.PIPE,
                 stdout=logf,

@@ -34,13 +34,29 @@ def check_keys(doc: Mapping[str, Any], known: set[str], *, source: str, prefix: 
             )
 
 
-def load_toml(path: Path) -> dict[str, Any]:
+def parse_toml(text: str, *, source: str) -> dict[str, Any]:
+    """The TOML document ``text`` (read from ``source``); every TOML file Sealroom reads is parsed
+    here. Invalid TOML, and TOML nested too deeply to parse, raise ConfigError naming the file."""
     try:
-        return tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"configuration file not found: {path}", details={"file": str(path)}) from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})", details={"file": str(path)}) from None
+        raise ConfigError(f"{source}: not valid TOML ({exc})", details={"file": source}) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{source}: arrays or tables nested too deeply to read; Sealroom's files need a few levels at most",
+            details={"file": source},
+        ) from None
+
+
+def load_toml(path: Path, *, what: str = "configuration file") -> dict[str, Any]:
+    """Read and parse the TOML file ``path`` (``what`` names it in the error when it is missing)."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}", details={"file": str(path)}) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc}", details={"file": str(path)}) from None
+    return parse_toml(text, source=str(path))
 
 
 class Table:

@@ -130,6 +130,13 @@ class ResourceExhaustedError(SealroomError):
     grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DeadlineExceededError(SealroomError):
+    """The caller's deadline passed or the caller cancelled the call; the work was stopped."""
+
+    code = "deadline_exceeded"
+    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class NotFoundError(SealroomError, LookupError):
     code = "not_found"
     grpc_status = grpc.StatusCode.NOT_FOUND
@@ -210,6 +217,7 @@ CATALOG: dict[str, type[SealroomError]] = {
         CallerError,
         IntegrityError,
         ResourceExhaustedError,
+        DeadlineExceededError,
         NotFoundError,
         AlreadyExistsError,
         UnavailableError,

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sealroom.canonical import canonical_json
-from sealroom.config import check_keys, key_error, toml_key, toml_value
+from sealroom.config import check_keys, key_error, load_toml, toml_key, toml_value
 from sealroom.defaults import DEFAULT_MIN_GROUP_SIZE
-from sealroom.errors import ConfigError
 from sealroom.policy_roles import (
     DEFAULT_MEASURE_AGGREGATES,
     MAX_DOMAIN_VALUES,
@@ -238,13 +236,7 @@ class DatasetPolicy:
 
 def load_policy_file(path: Path) -> DatasetPolicy:
     """Load a TOML dataset policy file."""
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"policy file not found: {path}", details={"file": str(path)}) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})", details={"file": str(path)}) from None
-    return DatasetPolicy.from_dict(doc, source=str(path))
+    return DatasetPolicy.from_dict(load_toml(path, what="policy file"), source=str(path))
 
 
 # The steps of DatasetPolicy.from_dict, in its order.

@@ -8,9 +8,9 @@ operator's templates, see docs/operations.md), the coordinator's SQLite state an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +26,10 @@ from sealroom.auth import generate_token, token_hash
 from sealroom.config import toml_table
 from sealroom.errors import UnavailableError
 from sealroom.keys import generate_signing_key, save_signing_key
+from sealroom.planning.limits import QueryLimits
 from sealroom.policy import DatasetPolicy
 from sealroom.rpc import wait_healthy
+from sealroom.spawn import python_command
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Cluster:
         collaboration: Collaboration | None = None,
         mpc_scratch_dir: Path | None = None,
         coordinator_settings: dict[str, Any] | None = None,
+        limits: QueryLimits | None = None,
     ):
         self.state_dir = Path(state_dir).resolve()
         self.parties = list(parties)
@@ -74,6 +77,7 @@ class Cluster:
         self.collaboration = collaboration  # the coordinator's [collaboration] (record of processing)
         self.mpc_scratch_dir = mpc_scratch_dir  # the enclave's [enclave] mpc_scratch_dir (None: its default)
         self.coordinator_settings = dict(coordinator_settings or {})  # more [coordinator] keys
+        self.limits = limits  # the coordinator's [limits] (None: the defaults)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._args: dict[str, list[str]] = {}
         self.addresses: dict[str, str] = {}
@@ -142,7 +146,7 @@ class Cluster:
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
         env.setdefault("MALLOC_TRIM_THRESHOLD_", "268435456")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sealroom.cli", "--log-level", "info", *args, "--port-file", str(port_file)],
+            python_command("sealroom.cli", "--log-level", "info", *args, "--port-file", str(port_file)),
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -190,10 +194,11 @@ class Cluster:
     def approve_as_owner(self, query_id: str, party: str) -> subprocess.CompletedProcess[str]:
         """Run :meth:`approve_command` with the real CLI, as a person would; the caller reads the outcome."""
         return subprocess.run(
-            [sys.executable, "-m", "sealroom.cli", *self.approve_command(query_id, party)],
+            python_command("sealroom.cli", *self.approve_command(query_id, party)),
             capture_output=True,
             text=True,
             timeout=120,
+            cwd=self.state_dir,
         )
 
     def party_state_dir(self, party: str) -> Path:
@@ -230,6 +235,7 @@ class Cluster:
             + toml_table("trust", self._trust())
             + toml_table("analysts", {a: token_hash(self.token(a)) for a in self.analysts})
             + (toml_table("collaboration", self.collaboration.to_dict()) if self.collaboration is not None else "")
+            + (toml_table("limits", dataclasses.asdict(self.limits)) if self.limits is not None else "")
         )
         self.log("starting the coordinator")
         self._spawn("coordinator", ["coordinator", "serve", "--config", str(coord_cfg)])

@@ -87,7 +87,7 @@ def verify_platform_evidence(
         verify = verify_tdx if fmt == "tdx" else verify_sgx
         claims = verify(evidence, roots=[root] if root is not None else None, now=at or _now(), collateral=collateral)
     elif fmt == "nitro":
-        claims = verify_nitro(evidence, roots=[root] if root is not None else None, now=at)
+        claims = verify_nitro(evidence, roots=[root] if root is not None else None, now=at or _now())
     else:
         raise AttestationError(
             f"format {fmt!r} cannot be verified by this version (supported: {', '.join(FORMATS)})",

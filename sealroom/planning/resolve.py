@@ -24,6 +24,7 @@ from sqlglot import exp
 from sqlglot.errors import ParseError
 
 from sealroom.errors import InvalidQueryError
+from sealroom.planning.limits import DEFAULT_LIMITS, QueryLimits, check_sql_text, check_tree
 
 DIALECT = "duckdb"
 # Prefix of the columns Sealroom adds (ROW_ID, UNION_UNIT, PAD_COLUMN and the hidden unit counts of
@@ -97,11 +98,19 @@ class OrderKey:
 # parsing and resolution
 
 
-def _parse(sql: str) -> exp.Select:
+def parse_query(sql: str, limits: QueryLimits = DEFAULT_LIMITS) -> exp.Select:
+    """The one SELECT statement of ``sql``, within ``limits`` (text measured before the parse, the
+    tree right after it): every component parses an analyst's SQL through here."""
     if not isinstance(sql, str) or not sql.strip():
         raise query_refusal("the query is empty: write one SELECT statement")
+    check_sql_text(sql, limits)
     try:
         statements = [s for s in sqlglot.parse(sql, read=DIALECT) if s is not None]
+    except RecursionError:
+        raise query_refusal(
+            f"the query nests too deeply to parse; stay within max_nesting_depth = {limits.max_nesting_depth}",
+            limit="max_nesting_depth",
+        ) from None
     except ParseError as exc:
         first = exc.errors[0] if exc.errors else {}
         where = f" near line {first.get('line')}, column {first.get('col')}" if first else ""
@@ -111,6 +120,7 @@ def _parse(sql: str) -> exp.Select:
     if len(statements) != 1:
         raise query_refusal(f"send exactly one SELECT statement (got {len(statements)})")
     tree = statements[0]
+    check_tree(tree, limits)
     if isinstance(tree, exp.Union | exp.Intersect | exp.Except):
         raise query_refusal(
             "a set operation at the top level would combine row sets; put the UNION ALL of datasets in a "
@@ -533,11 +543,15 @@ class Resolved:
 
 
 def resolve(
-    sql: str, schemas: Mapping[str, Sequence[str]], hidden: Mapping[str, Sequence[str]] | None = None
+    sql: str,
+    schemas: Mapping[str, Sequence[str]],
+    hidden: Mapping[str, Sequence[str]] | None = None,
+    *,
+    limits: QueryLimits = DEFAULT_LIMITS,
 ) -> Resolved:
     """Parse, check and resolve ``sql``. ``hidden``: per dataset, columns that exist but that ``*``
     does not expand to (the enclave's view of filter-only columns, which it never receives)."""
-    tree = _parse(sql)
+    tree = parse_query(sql, limits)
     _check_common(tree, where="")
     sources = _sources(tree, schemas, hidden or {})
     written = [_output_name(e) for e in tree.expressions]  # names as the analyst wrote them

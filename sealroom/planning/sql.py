@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from sqlglot import exp
 
+from sealroom.planning.limits import DEFAULT_LIMITS, QueryLimits
 from sealroom.planning.resolve import (
     DIALECT,
     Branch,
@@ -254,14 +255,15 @@ def pushdown(sql: str, inputs: Mapping[str, tuple[Sequence[str], Sequence[str]]]
     return _pushdown(resolve(sql, schemas, hidden))
 
 
-def analyze(sql: str, schemas: Mapping[str, Sequence[str]]) -> Analysis:
+def analyze(sql: str, schemas: Mapping[str, Sequence[str]], *, limits: QueryLimits = DEFAULT_LIMITS) -> Analysis:
     """Check that ``sql`` is in Sealroom's SQL surface and learn what it reads.
 
     ``schemas`` maps ``party.dataset`` to its column names. Raises InvalidQueryError.
     ``needed_columns`` are what each party must send for the residual query (the filters it applies
     itself are not part of it); ``uses`` are those of the full query, pushed filters included.
+    ``limits``: the caps on the query's size (:mod:`sealroom.planning.limits`).
     """
-    r = resolve(sql, schemas)
+    r = resolve(sql, schemas, limits=limits)
     datasets: list[str] = []
     for src in r.sources:
         for br in src.branches:

@@ -37,7 +37,10 @@ def add_parsers(sub: Subparsers) -> None:
         "--cert", action="append", default=[], help="a certificate the evidence does not carry (SNP: VCEK, ASK)"
     )
     av.add_argument("--root", help="replace the built-in pinned root")
-    av.add_argument("--at", help="verify as of this ISO-8601 time (test evidence has expired certificates)")
+    av.add_argument(
+        "--at",
+        help="verify as of this ISO-8601 time (default: now; recorded test evidence needs the time it was made)",
+    )
     av.add_argument("--allow-debug", action="store_true", help="accept evidence from a debug enclave")
     av.add_argument("--expect-measurement", metavar="HEX")
     av.add_argument(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -55,6 +54,7 @@ from sealroom.audit.review import (
 from sealroom.audit.ropa import build_ropa, ropa_json
 from sealroom.audit.state import load_state_log, state_dirs
 from sealroom.audit.verify import LogReport
+from sealroom.config import parse_toml
 from sealroom.errors import AttestationError, AuditError, ConfigError
 from sealroom.policy import TrustPolicy
 
@@ -171,9 +171,11 @@ def ed25519_hex(value: str, flag: str) -> str:
 def _trust_policy(path: str) -> AppraisalPolicy:
     """The appraisal policy of the ``[trust]`` table in ``path`` (or of the whole file)."""
     try:
-        doc = tomllib.loads(read_file(path, "trust file").decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        doc = parse_toml(read_file(path, "trust file").decode("utf-8"), source=path)
+    except UnicodeDecodeError as exc:
         raise UsageError(f"{path} is not TOML: {exc}") from None
+    except ConfigError as err:
+        raise UsageError(err.message) from None
     section = doc.get("trust", doc)
     if not isinstance(section, dict):
         raise UsageError(f"{path}: [trust] must be a table")

@@ -57,12 +57,25 @@ def test_expected_measurement_is_checked(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+NITRO_AT = "2022-10-13T09:00:00Z"  # two minutes after the document was made; its chain expired since
+
+
 def test_nitro_document_verifies_raw_and_base64(tmp_path):
-    assert attest("--format", "nitro", str(NITRO)).returncode == 0
+    assert attest("--format", "nitro", str(NITRO), "--at", NITRO_AT).returncode == 0
     b64 = tmp_path / "doc.b64"
     b64.write_text(base64.b64encode(NITRO.read_bytes()).decode())
-    proc = attest("--format", "nitro", str(b64), "--json")
+    proc = attest("--format", "nitro", str(b64), "--at", NITRO_AT, "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["claims"]["platform"] == "nitro"
+
+
+def test_without_at_evidence_is_verified_as_of_now():
+    """A Nitro document whose certificate chain expired long ago is refused today, not verified as of
+    the document's own timestamp."""
+    proc = attest("--format", "nitro", str(NITRO), "--json")
+    assert proc.returncode == 1, proc.stdout
+    doc = json.loads(proc.stdout)
+    assert doc["verified"] is False and doc["check"] == "chain"
+    assert "not valid at the verification time" in doc["reason"]["message"]
 
 
 @pytest.mark.parametrize("case", ["truncated", "missing_file", "no_vcek"])

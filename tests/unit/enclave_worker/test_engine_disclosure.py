@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enclave_worker.engine import compile_for_job, run_stage, table_to_ipc
-from sealroom.errors import InvalidQueryError
+from sealroom.errors import InvalidQueryError, ResourceExhaustedError
 from sealroom.planning.sql import InputSpec
 from sealroom.policy import Dominance
 
@@ -457,3 +457,17 @@ assert o.released.num_rows == 1 and len(o.suppressed) == 1, o
 assert "pandas" not in sys.modules, "pandas was imported"
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_long_expression_runs_and_one_past_the_depth_limit_is_refused() -> None:
+    """SUM(x + 1 + 1 ...): DuckDB's common-subexpression pass made it cubic in the depth (950 terms:
+    14 s); the engine turns that pass off and the depth limit caps the rest."""
+    rows = [(1, "a", 1.0), (2, "a", 2.0), (3, "b", 3.0)]
+    terms = 240
+    sql = "SELECT segment, SUM(exposure" + " + 1" * terms + ") AS total FROM bank_a.loans GROUP BY segment"
+    out = run(sql, {"t0": bank(rows)}, dominance={"bank_a.loans": Dominance(n=1, k=99)})
+    assert by_segment(out)["a"]["total"] == 1.0 + 2.0 + 2 * terms
+    assert [s["group"] for s in out.suppressed] == [{"segment": "b"}]  # one unit: dominated
+    deeper = "SELECT segment, SUM(exposure" + " + 1" * 950 + ") AS total FROM bank_a.loans GROUP BY segment"
+    with pytest.raises(ResourceExhaustedError, match="max_nesting_depth"):
+        compile_for_job(deeper, [A])

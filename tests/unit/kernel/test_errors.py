@@ -18,6 +18,7 @@ EXPECTED = {
     errors.AttestationError: grpc.StatusCode.UNAUTHENTICATED,
     errors.IntegrityError: grpc.StatusCode.DATA_LOSS,
     errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.InternalError: grpc.StatusCode.INTERNAL,
 }
