@@ -18,7 +18,15 @@ from sealroom.errors import ResourceExhaustedError, UnavailableError
 from sealroom.planning.limits import QueryLimits
 from sealroom.policy import DatasetPolicy
 from sealroom.v1 import enclave_pb2
-from tests.harness.enclave import EnclaveHandle, approvals, loans_table, make_party, make_plan, wait_for
+from tests.harness.enclave import (
+    HARNESS_LOG,
+    EnclaveHandle,
+    approvals,
+    loans_table,
+    make_party,
+    make_plan,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +119,12 @@ def test_the_enclave_interrupts_a_stage_whose_caller_went_away(enclave: EnclaveH
     job = enclave.create_job(plan)
     for p in (a, b):
         enclave.upload(job.seal(p))
-    request = enclave_pb2.ExecuteRequest(job_id=job.job_id, approvals=approvals(plan, [a, b]), job_token=job.token)
+    request = enclave_pb2.ExecuteRequest(
+        job_id=job.job_id,
+        approvals=approvals(plan, [a, b]),
+        job_token=job.token,
+        log_position=HARNESS_LOG.to_proto(),
+    )
     with pytest.raises(grpc.RpcError) as info:
         enclave.stub.Execute(request, timeout=1.0)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
