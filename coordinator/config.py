@@ -10,6 +10,7 @@ from sealroom.auth import AnalystDirectory
 from sealroom.config import Table, file_table
 from sealroom.errors import ConfigError
 from sealroom.policy import TrustPolicy
+from sealroom.rpc import TLSConfig
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,14 @@ class CoordinatorConfig:
     # calls a second (0: no limit) and the burst an analyst may make at once.
     analyst_calls_per_second: float = 10.0
     analyst_burst: int = 50
+    # [tls]: the collaboration CA, and the coordinator's certificate (server for analysts and parties,
+    # client certificate for the agents and the enclave). Code-built configs default to plaintext
+    # (loopback only); a config file must say which (docs/configuration.md).
+    tls: TLSConfig = TLSConfig.off()
 
     @classmethod
     def from_table(cls, root: Table) -> CoordinatorConfig:
-        root.check_keys({"coordinator", "trust", "analysts", "collaboration"})
+        root.check_keys({"coordinator", "trust", "analysts", "collaboration", "tls"})
         c = root.table("coordinator")
         c.check_keys(
             {
@@ -60,11 +65,18 @@ class CoordinatorConfig:
                 f'{root.source}: analysts must be a table of name = "sha256:..." lines',
                 details={"file": root.source, "key": "analysts"},
             )
+        listen = c.str("listen", "127.0.0.1:0")
+        tls = TLSConfig.from_table(
+            root.table("tls", required=False),
+            role="coordinator",
+            addresses={"coordinator.listen": listen, "coordinator.enclave": c.str("enclave")},
+        )
         return cls(
+            tls=tls,
             state_dir=c.path("state_dir"),
             enclave=c.str("enclave"),
             trust=TrustPolicy.from_dict(t.doc, source=root.source, base=root.base),
-            listen=c.str("listen", "127.0.0.1:0"),
+            listen=listen,
             party_timeout_seconds=c.float("party_timeout_seconds", 600.0, minimum=1.0),
             approval_timeout_seconds=c.float("approval_timeout_seconds", 86400.0, minimum=1.0),
             mpc_host=c.str("mpc_host", "127.0.0.1"),

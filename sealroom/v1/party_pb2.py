@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sealroom.v1 import common_pb2 as sealroom_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sealroom/v1/party.proto\x12\x0bsealroom.v1\x1a\x18sealroom/v1/common.proto\"8\n\x11ReviewPlanRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08query_id\x18\x02 \x01(\t\"\x85\x01\n\x12ReviewPlanResponse\x12\x10\n\x08\x61pproved\x18\x01 \x01(\x08\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x12\n\nerror_json\x18\x04 \x01(\x0c\x12\x0f\n\x07pending\x18\x05 \x01(\x08\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\"O\n\x11\x43ontributeRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x17\n\x0f\x65nclave_address\x18\x03 \x01(\t\"V\n\x12\x43ontributeResponse\x12+\n\x07uploads\x18\x01 \x03(\x0b\x32\x1a.sealroom.v1.DatasetUpload\x12\x13\n\x0b\x63laims_json\x18\x02 \x01(\x0c\"M\n\rDatasetUpload\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x03\"l\n\x0cOwnerCommand\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\x86\x01\n\x14OwnerCommandResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\x12\x14\n\x0cquery_status\x18\x05 \x01(\t\x12\x10\n\x08\x61waiting\x18\x06 \x03(\t\"0\n\x0cPendingInput\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x02 \x03(\t\"\xdc\x01\n\x0bPendingPlan\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0f\n\x07\x61nalyst\x18\x03 \x01(\t\x12\x0b\n\x03sql\x18\x04 \x01(\t\x12)\n\x06inputs\x18\x05 \x03(\x0b\x32\x19.sealroom.v1.PendingInput\x12\r\n\x05state\x18\x06 \x01(\t\x12\x13\n\x0breceived_at\x18\x07 \x01(\x01\x12\x12\n\nexpires_at\x18\x08 \x01(\x01\x12\x0f\n\x07parties\x18\t \x03(\t\x12\x16\n\x0emin_group_size\x18\n \x01(\x03\">\n\x13ListPendingResponse\x12\'\n\x05plans\x18\x01 \x03(\x0b\x32\x18.sealroom.v1.PendingPlan\"!\n\x0fProgressRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"q\n\x0eStreamProgress\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x03 \x01(\x03\x12\x13\n\x0brows_shared\x18\x04 \x01(\x08\x12\x0c\n\x04rows\x18\x05 \x01(\x03\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\"@\n\x10ProgressResponse\x12,\n\x07streams\x18\x01 \x03(\x0b\x32\x1b.sealroom.v1.StreamProgress\"G\n\x11PrepareMpcRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\"I\n\x08MpcOffer\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\noffer_json\x18\x02 \x01(\x0c\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\"\xc3\x01\n\rRunMpcRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12%\n\x06offers\x18\x04 \x03(\x0b\x32\x15.sealroom.v1.MpcOffer\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12+\n\x07\x65nclave\x18\x07 \x01(\x0b\x32\x1a.sealroom.v1.EnclavePlayerJ\x04\x08\x05\x10\x06R\x0bhelper_keys\"V\n\rEnclavePlayer\x12\x10\n\x08\x65vidence\x18\x01 \x01(\x0c\x12\x17\n\x0fhpke_public_key\x18\x02 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\"4\n\nMpcOutcome\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x32\xcf\x05\n\nPartyAgent\x12M\n\nReviewPlan\x12\x1e.sealroom.v1.ReviewPlanRequest\x1a\x1f.sealroom.v1.ReviewPlanResponse\x12M\n\nContribute\x12\x1e.sealroom.v1.ContributeRequest\x1a\x1f.sealroom.v1.ContributeResponse\x12\x35\n\x07GetInfo\x12\x12.sealroom.v1.Empty\x1a\x16.sealroom.v1.PartyInfo\x12J\n\x0bGetProgress\x12\x1c.sealroom.v1.ProgressRequest\x1a\x1d.sealroom.v1.ProgressResponse\x12\x43\n\nPrepareMpc\x12\x1e.sealroom.v1.PrepareMpcRequest\x1a\x15.sealroom.v1.MpcOffer\x12=\n\x06RunMpc\x12\x1a.sealroom.v1.RunMpcRequest\x1a\x17.sealroom.v1.MpcOutcome\x12\x43\n\x0bListPending\x12\x12.sealroom.v1.Empty\x1a .sealroom.v1.ListPendingResponse\x12G\n\x07\x41pprove\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponse\x12\x46\n\x06Reject\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponse\x12\x46\n\x06Revoke\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sealroom/v1/party.proto\x12\x0bsealroom.v1\x1a\x18sealroom/v1/common.proto\"8\n\x11ReviewPlanRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08query_id\x18\x02 \x01(\t\"\x85\x01\n\x12ReviewPlanResponse\x12\x10\n\x08\x61pproved\x18\x01 \x01(\x08\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x12\n\nerror_json\x18\x04 \x01(\x0c\x12\x0f\n\x07pending\x18\x05 \x01(\x08\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\"p\n\x11\x43ontributeRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x17\n\x0f\x65nclave_address\x18\x03 \x01(\t\x12\x1f\n\x17\x65nclave_tls_certificate\x18\x04 \x01(\x0c\"V\n\x12\x43ontributeResponse\x12+\n\x07uploads\x18\x01 \x03(\x0b\x32\x1a.sealroom.v1.DatasetUpload\x12\x13\n\x0b\x63laims_json\x18\x02 \x01(\x0c\"M\n\rDatasetUpload\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x03\"l\n\x0cOwnerCommand\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\x86\x01\n\x14OwnerCommandResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\x12\x14\n\x0cquery_status\x18\x05 \x01(\t\x12\x10\n\x08\x61waiting\x18\x06 \x03(\t\"0\n\x0cPendingInput\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x02 \x03(\t\"\xdc\x01\n\x0bPendingPlan\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0f\n\x07\x61nalyst\x18\x03 \x01(\t\x12\x0b\n\x03sql\x18\x04 \x01(\t\x12)\n\x06inputs\x18\x05 \x03(\x0b\x32\x19.sealroom.v1.PendingInput\x12\r\n\x05state\x18\x06 \x01(\t\x12\x13\n\x0breceived_at\x18\x07 \x01(\x01\x12\x12\n\nexpires_at\x18\x08 \x01(\x01\x12\x0f\n\x07parties\x18\t \x03(\t\x12\x16\n\x0emin_group_size\x18\n \x01(\x03\">\n\x13ListPendingResponse\x12\'\n\x05plans\x18\x01 \x03(\x0b\x32\x18.sealroom.v1.PendingPlan\"!\n\x0fProgressRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"q\n\x0eStreamProgress\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x03 \x01(\x03\x12\x13\n\x0brows_shared\x18\x04 \x01(\x08\x12\x0c\n\x04rows\x18\x05 \x01(\x03\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\"@\n\x10ProgressResponse\x12,\n\x07streams\x18\x01 \x03(\x0b\x32\x1b.sealroom.v1.StreamProgress\"G\n\x11PrepareMpcRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\"I\n\x08MpcOffer\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\noffer_json\x18\x02 \x01(\x0c\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\"\xc3\x01\n\rRunMpcRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12%\n\x06offers\x18\x04 \x03(\x0b\x32\x15.sealroom.v1.MpcOffer\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12+\n\x07\x65nclave\x18\x07 \x01(\x0b\x32\x1a.sealroom.v1.EnclavePlayerJ\x04\x08\x05\x10\x06R\x0bhelper_keys\"V\n\rEnclavePlayer\x12\x10\n\x08\x65vidence\x18\x01 \x01(\x0c\x12\x17\n\x0fhpke_public_key\x18\x02 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\"4\n\nMpcOutcome\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x32\xcf\x05\n\nPartyAgent\x12M\n\nReviewPlan\x12\x1e.sealroom.v1.ReviewPlanRequest\x1a\x1f.sealroom.v1.ReviewPlanResponse\x12M\n\nContribute\x12\x1e.sealroom.v1.ContributeRequest\x1a\x1f.sealroom.v1.ContributeResponse\x12\x35\n\x07GetInfo\x12\x12.sealroom.v1.Empty\x1a\x16.sealroom.v1.PartyInfo\x12J\n\x0bGetProgress\x12\x1c.sealroom.v1.ProgressRequest\x1a\x1d.sealroom.v1.ProgressResponse\x12\x43\n\nPrepareMpc\x12\x1e.sealroom.v1.PrepareMpcRequest\x1a\x15.sealroom.v1.MpcOffer\x12=\n\x06RunMpc\x12\x1a.sealroom.v1.RunMpcRequest\x1a\x17.sealroom.v1.MpcOutcome\x12\x43\n\x0bListPending\x12\x12.sealroom.v1.Empty\x1a .sealroom.v1.ListPendingResponse\x12G\n\x07\x41pprove\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponse\x12\x46\n\x06Reject\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponse\x12\x46\n\x06Revoke\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,37 +37,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVIEWPLANRESPONSE']._serialized_start=125
   _globals['_REVIEWPLANRESPONSE']._serialized_end=258
   _globals['_CONTRIBUTEREQUEST']._serialized_start=260
-  _globals['_CONTRIBUTEREQUEST']._serialized_end=339
-  _globals['_CONTRIBUTERESPONSE']._serialized_start=341
-  _globals['_CONTRIBUTERESPONSE']._serialized_end=427
-  _globals['_DATASETUPLOAD']._serialized_start=429
-  _globals['_DATASETUPLOAD']._serialized_end=506
-  _globals['_OWNERCOMMAND']._serialized_start=508
-  _globals['_OWNERCOMMAND']._serialized_end=616
-  _globals['_OWNERCOMMANDRESPONSE']._serialized_start=619
-  _globals['_OWNERCOMMANDRESPONSE']._serialized_end=753
-  _globals['_PENDINGINPUT']._serialized_start=755
-  _globals['_PENDINGINPUT']._serialized_end=803
-  _globals['_PENDINGPLAN']._serialized_start=806
-  _globals['_PENDINGPLAN']._serialized_end=1026
-  _globals['_LISTPENDINGRESPONSE']._serialized_start=1028
-  _globals['_LISTPENDINGRESPONSE']._serialized_end=1090
-  _globals['_PROGRESSREQUEST']._serialized_start=1092
-  _globals['_PROGRESSREQUEST']._serialized_end=1125
-  _globals['_STREAMPROGRESS']._serialized_start=1127
-  _globals['_STREAMPROGRESS']._serialized_end=1240
-  _globals['_PROGRESSRESPONSE']._serialized_start=1242
-  _globals['_PROGRESSRESPONSE']._serialized_end=1306
-  _globals['_PREPAREMPCREQUEST']._serialized_start=1308
-  _globals['_PREPAREMPCREQUEST']._serialized_end=1379
-  _globals['_MPCOFFER']._serialized_start=1381
-  _globals['_MPCOFFER']._serialized_end=1454
-  _globals['_RUNMPCREQUEST']._serialized_start=1457
-  _globals['_RUNMPCREQUEST']._serialized_end=1652
-  _globals['_ENCLAVEPLAYER']._serialized_start=1654
-  _globals['_ENCLAVEPLAYER']._serialized_end=1740
-  _globals['_MPCOUTCOME']._serialized_start=1742
-  _globals['_MPCOUTCOME']._serialized_end=1794
-  _globals['_PARTYAGENT']._serialized_start=1797
-  _globals['_PARTYAGENT']._serialized_end=2516
+  _globals['_CONTRIBUTEREQUEST']._serialized_end=372
+  _globals['_CONTRIBUTERESPONSE']._serialized_start=374
+  _globals['_CONTRIBUTERESPONSE']._serialized_end=460
+  _globals['_DATASETUPLOAD']._serialized_start=462
+  _globals['_DATASETUPLOAD']._serialized_end=539
+  _globals['_OWNERCOMMAND']._serialized_start=541
+  _globals['_OWNERCOMMAND']._serialized_end=649
+  _globals['_OWNERCOMMANDRESPONSE']._serialized_start=652
+  _globals['_OWNERCOMMANDRESPONSE']._serialized_end=786
+  _globals['_PENDINGINPUT']._serialized_start=788
+  _globals['_PENDINGINPUT']._serialized_end=836
+  _globals['_PENDINGPLAN']._serialized_start=839
+  _globals['_PENDINGPLAN']._serialized_end=1059
+  _globals['_LISTPENDINGRESPONSE']._serialized_start=1061
+  _globals['_LISTPENDINGRESPONSE']._serialized_end=1123
+  _globals['_PROGRESSREQUEST']._serialized_start=1125
+  _globals['_PROGRESSREQUEST']._serialized_end=1158
+  _globals['_STREAMPROGRESS']._serialized_start=1160
+  _globals['_STREAMPROGRESS']._serialized_end=1273
+  _globals['_PROGRESSRESPONSE']._serialized_start=1275
+  _globals['_PROGRESSRESPONSE']._serialized_end=1339
+  _globals['_PREPAREMPCREQUEST']._serialized_start=1341
+  _globals['_PREPAREMPCREQUEST']._serialized_end=1412
+  _globals['_MPCOFFER']._serialized_start=1414
+  _globals['_MPCOFFER']._serialized_end=1487
+  _globals['_RUNMPCREQUEST']._serialized_start=1490
+  _globals['_RUNMPCREQUEST']._serialized_end=1685
+  _globals['_ENCLAVEPLAYER']._serialized_start=1687
+  _globals['_ENCLAVEPLAYER']._serialized_end=1773
+  _globals['_MPCOUTCOME']._serialized_start=1775
+  _globals['_MPCOUTCOME']._serialized_end=1827
+  _globals['_PARTYAGENT']._serialized_start=1830
+  _globals['_PARTYAGENT']._serialized_end=2549
 # @@protoc_insertion_point(module_scope)
