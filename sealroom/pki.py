@@ -113,10 +113,23 @@ def self_signed(
 ) -> tuple[bytes, bytes]:
     """A new P-256 key and a self-signed certificate for it naming ``dns_name`` (PEM cert, PEM key):
     the enclave's TLS identity, trusted only by pinning it after its evidence binds the key."""
-    now = datetime.datetime.now(datetime.UTC)
+    key, builder = _self_signed_builder(common_name, datetime.datetime.now(datetime.UTC), validity)
+    cert = (
+        builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+def _self_signed_builder(
+    common_name: str, now: datetime.datetime, validity: datetime.timedelta
+) -> tuple[ec.EllipticCurvePrivateKey, x509.CertificateBuilder]:
+    """A new P-256 key and a certificate builder naming ``common_name`` as subject and issuer."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -124,12 +137,8 @@ def self_signed(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + validity)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
     )
-    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+    return key, builder
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -209,18 +218,9 @@ class CA:
 
 def create_ca(common_name: str = "Sealroom development CA", *, now: datetime.datetime | None = None) -> CA:
     """A new CA (P-256), valid ten years, that signs end-entity certificates only."""
-    now = now or datetime.datetime.now(datetime.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    key, builder = _self_signed_builder(common_name, now or datetime.datetime.now(datetime.UTC), CA_VALIDITY)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False,

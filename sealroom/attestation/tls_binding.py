@@ -40,35 +40,22 @@ def verify_enclave_evidence(
         key_sha256 = spki_sha256(tls_cert) if tls_cert else None
     except ValueError:
         raise AttestationError("the enclave's TLS certificate is malformed", details={"check": "tls_binding"}) from None
-    try:
-        return verify_evidence(
-            evidence,
-            policy=policy,
-            expected_report_data=report_data_for(
-                hpke_public_key=hpke_public_key,
-                signing_public_key=signing_public_key,
-                nonce=nonce,
-                tls_key_sha256=key_sha256,
-            ),
-            expected_nonce=nonce,
+
+    def verify(tls_key: bytes | None) -> Claims:
+        expected = report_data_for(
+            hpke_public_key=hpke_public_key, signing_public_key=signing_public_key, nonce=nonce, tls_key_sha256=tls_key
         )
+        return verify_evidence(evidence, policy=policy, expected_report_data=expected, expected_nonce=nonce)
+
+    try:
+        return verify(key_sha256)
     except AttestationError as err:
         if key_sha256 is None or err.details.get("check") != "report_data" or not claimed_tls_key_sha256:
             raise
         if claimed_tls_key_sha256 == key_sha256:
             raise
         try:  # the evidence is genuine for these keys, but binds another TLS key: someone else answered
-            verify_evidence(
-                evidence,
-                policy=policy,
-                expected_report_data=report_data_for(
-                    hpke_public_key=hpke_public_key,
-                    signing_public_key=signing_public_key,
-                    nonce=nonce,
-                    tls_key_sha256=claimed_tls_key_sha256,
-                ),
-                expected_nonce=nonce,
-            )
+            verify(claimed_tls_key_sha256)
         except (AttestationError, ValueError):
             raise err from None
         raise AttestationError(
