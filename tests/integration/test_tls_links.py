@@ -19,12 +19,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from coordinator.tee_stage import TeeStageRunner
 from sealroom import pki
 from sealroom.app.client import Client
 from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.errors import AttestationError, ConfigError, UnavailableError
 from sealroom.policy import DatasetPolicy, TrustPolicy
-from sealroom.rpc import TLSConfig, create_server, dial, raw_stream_handler, wait_healthy_channel
+from sealroom.rpc import (
+    TLSConfig,
+    create_server,
+    dial,
+    fetch_server_certificate,
+    raw_stream_handler,
+    wait_healthy_channel,
+)
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc
 from sealroom.wire import DATA_SERVICE, UPLOAD_METHOD
 from tests.harness.enclave import Agent, EnclaveHandle, make_plan, start_agent
@@ -114,8 +122,14 @@ class _Front(enclave_pb2_grpc.EnclaveServicer):
         self.real = real
         self.uploads = 0
 
+    def CreateJob(self, request, context):  # noqa: N802
+        return self.real.stub.CreateJob(request, timeout=10)
+
     def Attest(self, request, context):  # noqa: N802
         return self.real.stub.Attest(request, timeout=10)
+
+    def AbortJob(self, request, context):  # noqa: N802
+        return self.real.stub.AbortJob(request, timeout=10)
 
     def upload(self, frames, context) -> bytes:
         self.uploads += 1
@@ -141,6 +155,43 @@ def _operator_issued() -> tuple[bytes, bytes]:
 
 def _relay_self_signed() -> tuple[bytes, bytes]:
     return pki.self_signed("enclave", pki.ENCLAVE_SERVER_NAME)
+
+
+@pytest.fixture
+def front(enclave: EnclaveHandle) -> Iterator[tuple[_Front, str, bytes]]:
+    """A relay with its own self-signed key in front of the real worker: (front, address, its cert)."""
+    relay = _Front(enclave)
+    cert, key = _relay_self_signed()
+    server = create_server(
+        "127.0.0.1:0",
+        tls=TLSConfig().with_identity(cert, key),
+        handlers=(raw_stream_handler(DATA_SERVICE, UPLOAD_METHOD, relay.upload),),
+    )
+    enclave_pb2_grpc.add_EnclaveServicer_to_server(relay, server.grpc)
+    server.start()
+    yield relay, f"127.0.0.1:{server.port}", cert
+    server.stop(grace=0.5)
+
+
+def test_the_coordinator_refuses_an_enclave_certificate_the_evidence_does_not_bind(
+    front: tuple[_Front, str, bytes], agent: Agent, enclave: EnclaveHandle
+) -> None:
+    def stage(address: str) -> TeeStageRunner:
+        return TeeStageRunner(
+            store=None,  # type: ignore[arg-type] - job() stores nothing
+            enclave_address=address,
+            appraisal=enclave.appraisal,
+            party_timeout=10,
+            channel=lambda where, peer: dial(where, as_coordinator(), peer),
+            enclave_certificate=lambda: fetch_server_certificate(address, as_coordinator()),
+        )
+
+    plan = make_plan(SQL, [agent.data])
+    with pytest.raises(AttestationError) as caught, stage(front[1]).job(plan):
+        pytest.fail("the coordinator used an enclave link the evidence does not bind")
+    assert caught.value.details["check"] == "tls_binding"
+    with stage(enclave.address).job(plan) as job:  # the real worker: its own certificate, bound
+        assert job.certificate == enclave.certificate
 
 
 @pytest.mark.parametrize("front_cert", [_relay_self_signed, _operator_issued], ids=["relay", "operator_issued"])
