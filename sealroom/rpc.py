@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -107,8 +107,8 @@ class TLSConfig:
     cert: Path | None = None
     key: Path | None = None
     plaintext: bool = False
-    identity: tuple[bytes, bytes] | None = None
-    pin: bytes | None = None
+    identity: tuple[bytes, bytes] | None = field(default=None, repr=False)  # holds a private key
+    pin: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def off(cls) -> TLSConfig:

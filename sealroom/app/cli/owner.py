@@ -79,7 +79,11 @@ def agent_link(args: argparse.Namespace) -> AgentLink:
     if not address and config is not None:
         address = _config_address(config)
     address = agent_address(address)
-    key = getattr(args, "key", None) or (str(config.signing_key) if config else None)
+    key = (
+        getattr(args, "key", None)
+        or os.environ.get("SEALROOM_PARTY_KEY")
+        or (str(config.signing_key) if config else None)
+    )
     if args.plaintext or (config is not None and config.tls.plaintext and not (args.ca or args.cert)):
         return AgentLink(address, TLSConfig.off(), None, key)
     ca = args.ca or os.environ.get("SEALROOM_CA") or (config.tls.ca if config else None)
@@ -91,7 +95,10 @@ def agent_link(args: argparse.Namespace) -> AgentLink:
             "FILE (the agent's config), or --ca, --cert and --cert-key (the party's own certificate and its key)"
         )
     tls = TLSConfig(ca=Path(ca), cert=Path(cert), key=Path(cert_key))
-    party = pki.certificate_identity(Path(cert).read_bytes())
+    try:
+        party = pki.certificate_identity(Path(cert).read_bytes())
+    except OSError as exc:
+        raise UsageError(f"cannot read the party's certificate {cert} ({exc.strerror})") from None
     if party is None or party.role != "party":
         raise UsageError(f"{cert} is not a party's certificate (its name must be party:<name>)")
     return AgentLink(address, tls, party, key)
