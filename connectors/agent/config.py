@@ -16,6 +16,23 @@ from sealroom.errors import (
 from sealroom.policy import DatasetPolicy, TrustPolicy, load_policy_file
 from sealroom.rpc import TLSConfig
 
+# The keys of [party].
+PARTY_KEYS = {
+    "name",
+    "listen",
+    "coordinator",
+    "signing_key",
+    "advertise_host",
+    "approval_ttl_seconds",
+    "pending_ttl_seconds",
+    "max_pending_per_analyst",
+    "mpc_host",
+    "state_dir",
+    "log_key",
+    "unsafe_no_witness",
+    "enrolment_token",
+}
+
 
 @dataclass(frozen=True)
 class DatasetConfig:
@@ -62,23 +79,7 @@ class PartyConfig:
     def from_table(cls, root: Table) -> PartyConfig:
         root.check_keys({"party", "trust", "dataset", "tls"})
         p = root.table("party")
-        p.check_keys(
-            {
-                "name",
-                "listen",
-                "coordinator",
-                "signing_key",
-                "advertise_host",
-                "approval_ttl_seconds",
-                "pending_ttl_seconds",
-                "max_pending_per_analyst",
-                "mpc_host",
-                "state_dir",
-                "log_key",
-                "unsafe_no_witness",
-                "enrolment_token",
-            }
-        )
+        p.check_keys(PARTY_KEYS)
         name = p.str("name")
         if not name.isidentifier():
             raise ConfigError(
