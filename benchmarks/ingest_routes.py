@@ -17,9 +17,10 @@ from common import Processes, log
 from ingest_data import DATASET, MALLOC_ENV, PARTY, RECEIVER_MODS, SENDER_MODS, SQL, split_path
 
 from coordinator.planner import CatalogEntry, plan_query
+from sealroom import pki
 from sealroom.keys import generate_signing_key, public_key_hex, save_signing_key
 from sealroom.policy import DatasetPolicy
-from sealroom.rpc import call, open_channel, wait_healthy
+from sealroom.rpc import TLSConfig, call, dial, fetch_server_certificate, wait_healthy_channel
 from sealroom.v1 import common_pb2, enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
 # The worker processes' script (ingest_workers.py ROLE ...).
@@ -67,10 +68,15 @@ class SealedRoute(Route):
         patched = "+".join(sorted(mods - {"malloc"}))
         tmp, procs, tag = bench.tmp, bench.procs, name.replace("+", "-")
         assert bench.dev_root is not None, "the sealed paths need the dev root"
+        # TLS on both links, as the platform runs: a development CA beside the dev root.
+        dev_tls = pki.DevPKI(bench.dev_root / "tls")
+        for identity in (pki.coordinator(), pki.party(PARTY)):
+            dev_tls.issue(identity)
         cfg = tmp / f"{tag}-enclave.toml"
         cfg.write_text(
             f'[enclave]\nlisten = "127.0.0.1:0"\nattester = "simulated"\ndev_root = "{bench.dev_root}"\n'
             f"memory_limit_mb = {max(2048, 3 * bench.table_bytes // 2**20)}\n"
+            f'[tls]\nca = "{dev_tls.ca_cert}"\n'
         )
         port_file = tmp / f"{tag}-enclave.port"
         if mods & RECEIVER_MODS:
@@ -82,8 +88,12 @@ class SealedRoute(Route):
         proc = procs.spawn(f"{tag}-enclave", [*argv, "--config", str(cfg), "--port-file", str(port_file)], env=env)
         self.receiver_pid = proc.pid
         self.enclave_address = f"127.0.0.1:{procs.wait_port(f'{tag}-enclave', port_file)}"
-        wait_healthy(self.enclave_address)
-        self.channels: list[grpc.Channel] = [open_channel(self.enclave_address)]
+        as_coordinator = TLSConfig(
+            ca=dev_tls.ca_cert, cert=dev_tls.cert(pki.coordinator()), key=dev_tls.key(pki.coordinator())
+        )
+        self.enclave_certificate = fetch_server_certificate(self.enclave_address, as_coordinator)
+        self.channels: list[grpc.Channel] = [dial(self.enclave_address, as_coordinator, self.enclave_certificate)]
+        wait_healthy_channel(self.channels[0], self.enclave_address)
         self.enclave = enclave_pb2_grpc.EnclaveStub(self.channels[0])
         # The party pins the measurement this worker reports (what `sealroom enclave measure` prints
         # for the code on disk when it started); it still verifies the evidence against it.
@@ -100,6 +110,8 @@ class SealedRoute(Route):
             f'measurements = ["{measurement}"]\n'
             f'[[dataset]]\nname = "{DATASET}"\nsource = "{bench.ipc_path}"\n'
             f'[dataset.policy]\nprivacy_unit = "id"\nmin_group_size = 5\n'
+            f'[tls]\nca = "{dev_tls.ca_cert}"\ncert = "{dev_tls.cert(pki.party(PARTY))}"\n'
+            f'key = "{dev_tls.key(pki.party(PARTY))}"\n'
         )
         port_file = tmp / f"{tag}-party.port"
         log(f"{name}: starting the party agent (connectors.agent.PartyAgent behind its gRPC server)")
@@ -111,8 +123,8 @@ class SealedRoute(Route):
         proc = procs.spawn(f"{tag}-party", argv, env=env)
         self.sender_pid = proc.pid
         party_address = f"127.0.0.1:{procs.wait_port(f'{tag}-party', port_file)}"
-        wait_healthy(party_address)
-        self.channels.append(open_channel(party_address))
+        self.channels.append(dial(party_address, as_coordinator, pki.party(PARTY)))
+        wait_healthy_channel(self.channels[1], party_address)
         self.party = party_pb2_grpc.PartyAgentStub(self.channels[1])
         self.queries = 0
 
@@ -133,7 +145,10 @@ class SealedRoute(Route):
             if not review.approved:
                 raise RuntimeError(f"the party agent refused the plan: {review.error_json.decode()}")
             request = party_pb2.ContributeRequest(
-                plan_json=plan_json, job_id=job.job_id, enclave_address=self.enclave_address
+                plan_json=plan_json,
+                job_id=job.job_id,
+                enclave_address=self.enclave_address,
+                enclave_tls_certificate=self.enclave_certificate,
             )
             t0 = time.perf_counter()
             out = call("party", self.party.Contribute, request, timeout=3600)

@@ -11,6 +11,7 @@ from sealroom.config import Table, file_table
 from sealroom.errors import ConfigError
 from sealroom.planning.limits import DEFAULT_LIMITS, QueryLimits
 from sealroom.policy import TrustPolicy
+from sealroom.rpc import TLSConfig
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,14 @@ class CoordinatorConfig:
     # Caps on an analyst's SQL ([limits]: max_sql_bytes, max_expression_nodes, max_nesting_depth,
     # max_in_list; docs/configuration.md).
     limits: QueryLimits = DEFAULT_LIMITS
+    # [tls]: the collaboration CA, and the coordinator's certificate (server for analysts and parties,
+    # client certificate for the agents and the enclave). Code-built configs default to plaintext
+    # (loopback only); a config file must say which (docs/configuration.md).
+    tls: TLSConfig = TLSConfig.off()
 
     @classmethod
     def from_table(cls, root: Table) -> CoordinatorConfig:
-        root.check_keys({"coordinator", "trust", "analysts", "collaboration", "limits"})
+        root.check_keys({"coordinator", "trust", "analysts", "collaboration", "limits", "tls"})
         c = root.table("coordinator")
         c.check_keys(
             {
@@ -64,11 +69,18 @@ class CoordinatorConfig:
                 f'{root.source}: analysts must be a table of name = "sha256:..." lines',
                 details={"file": root.source, "key": "analysts"},
             )
+        listen = c.str("listen", "127.0.0.1:0")
+        tls = TLSConfig.from_table(
+            root.table("tls", required=False),
+            role="coordinator",
+            addresses={"coordinator.listen": listen, "coordinator.enclave": c.str("enclave")},
+        )
         return cls(
+            tls=tls,
             state_dir=c.path("state_dir"),
             enclave=c.str("enclave"),
             trust=TrustPolicy.from_dict(t.doc, source=root.source, base=root.base),
-            listen=c.str("listen", "127.0.0.1:0"),
+            listen=listen,
             party_timeout_seconds=c.float("party_timeout_seconds", 600.0, minimum=1.0),
             approval_timeout_seconds=c.float("approval_timeout_seconds", 86400.0, minimum=1.0),
             mpc_host=c.str("mpc_host", "127.0.0.1"),

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mpc.result import MpcResult, result_table, signing_message
 from mpc.session import PlayerProcess, free_ports
 from mpc.tls import PlayerIdentity, PlayerOffer
+from sealroom import pki
 from sealroom.canonical import canonical_json
 from sealroom.errors import InvalidQueryError, JobFailedError, MpcError, SealroomError
 from sealroom.planning.plan import (
@@ -52,7 +53,7 @@ from sealroom.planning.plan import (
     mpc_player_keys,
     mpc_session,
 )
-from sealroom.rpc import call
+from sealroom.rpc import Peer, call
 from sealroom.signing import LogPosition
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
@@ -101,6 +102,7 @@ class EnclavePlayer:
 
     index: int
     address: str
+    tls_certificate: bytes  # the enclave's TLS certificate, which the job's evidence binds (pinned)
     job_id: str
     job_token: bytes  # the job's creator's token (CreateJob): only it may run the job's player
     offer: party_pb2.MpcOffer
@@ -116,7 +118,7 @@ def run_mpc_stage(
     stage: MpcStage,
     *,
     addresses: dict[str, str],
-    channel: Callable[[str], AbstractContextManager[grpc.Channel]],
+    channel: Callable[[str, Peer], AbstractContextManager[grpc.Channel]],
     host: str = "127.0.0.1",
     timeout: float = 120.0,
     prepare_enclave: Callable[[], EnclavePlayer] | None = None,
@@ -187,13 +189,13 @@ class _Roster:
 class _Calls:
     """The stage's calls to the owners' agents and the enclave; closing their channels cancels them."""
 
-    def __init__(self, addresses: dict[str, str], channel: Callable[[str], AbstractContextManager[grpc.Channel]]):
+    def __init__(self, addresses: dict[str, str], channel: Callable[[str, Peer], AbstractContextManager[grpc.Channel]]):
         self._addresses = addresses
         self._channel = channel
         self._open: list[grpc.Channel] = []  # RunMpc calls in flight, closed to cancel them
 
     def party(self, party: str, method: str, request: Any, call_timeout: float) -> Any:
-        with self._channel(self._addresses[party]) as ch:
+        with self._channel(self._addresses[party], pki.party(party)) as ch:
             self._open.append(ch)
             stub = party_pb2_grpc.PartyAgentStub(ch)
             try:
@@ -211,7 +213,7 @@ class _Calls:
     def enclave(
         self, enclave: EnclavePlayer, request: enclave_pb2.EnclaveRunMpcRequest, call_timeout: float
     ) -> party_pb2.MpcOutcome:
-        with self._channel(enclave.address) as ch:
+        with self._channel(enclave.address, enclave.tls_certificate) as ch:
             self._open.append(ch)
             try:
                 outcome: party_pb2.MpcOutcome = call(

@@ -44,6 +44,7 @@ from coordinator.mpc_stage import EnclavePlayer, MpcRelease, enclave_player_inde
 from coordinator.planner import ENCLAVE_PLAYER
 from coordinator.store import CoordinatorStore, PartyRecord
 from coordinator.tee_stage import TeeStageRunner, VerifiedResult, log_tee_stage
+from sealroom import pki
 from sealroom.attestation import AppraisalPolicy
 from sealroom.audit.entries import LogEntry, is_ident
 from sealroom.audit.receipts import MpcStage, TeeStage, build_receipt
@@ -58,7 +59,7 @@ from sealroom.errors import (
 )
 from sealroom.planning.plan import MpcStage as PlannedMpcStage
 from sealroom.planning.plan import Plan
-from sealroom.rpc import call, open_channel
+from sealroom.rpc import Peer, TLSConfig, call, dial, fetch_server_certificate
 from sealroom.signing import LogPosition, check_issued_at, verify_approval, verify_owner_action
 from sealroom.v1 import party_pb2, party_pb2_grpc
 
@@ -122,8 +123,10 @@ class Orchestrator:
         on_finished: Callable[[str], None] | None = None,
         mpc_host: str = "127.0.0.1",
         mpc_timeout: float = 120.0,
+        tls: TLSConfig | None = None,
     ):
         self.store = store
+        self.tls = tls  # the coordinator's [tls]: its client certificate to the agents and the enclave
         self.enclave_address = enclave_address
         self.appraisal = appraisal
         self.party_timeout = party_timeout
@@ -137,9 +140,10 @@ class Orchestrator:
         self._approvals: dict[str, _Approvals] = {}
 
     @contextmanager
-    def _channel(self, address: str) -> Iterator[grpc.Channel]:
-        """A channel that :meth:`shutdown` can close, cancelling the calls in flight on it."""
-        channel = open_channel(address)
+    def _channel(self, address: str, peer: Peer) -> Iterator[grpc.Channel]:
+        """A channel to ``peer`` (a party's identity, or the enclave's pinned certificate) that
+        :meth:`shutdown` can close, cancelling the calls in flight on it."""
+        channel = dial(address, self.tls, peer)
         with self._lock:
             if self._stopping:
                 channel.close()
@@ -244,7 +248,7 @@ class Orchestrator:
         def review(party: str) -> tuple[str, tuple[str, bytes, float] | None]:
             if party not in parties:
                 raise UnavailableError(f"party {party} is not registered", details={"party": party})
-            with self._channel(parties[party].address) as ch:
+            with self._channel(parties[party].address, pki.party(party)) as ch:
                 resp = call(
                     party,
                     party_pb2_grpc.PartyAgentStub(ch).ReviewPlan,
@@ -548,7 +552,13 @@ class Orchestrator:
             appraisal=self.appraisal,
             party_timeout=self.party_timeout,
             channel=self._channel,
+            enclave_certificate=self._enclave_certificate,
         )
+
+    def _enclave_certificate(self) -> bytes:
+        """The certificate the enclave presents now (unverified: the TEE stage pins it and checks that
+        the job's evidence binds it before anything is sent). Empty on a plaintext link."""
+        return fetch_server_certificate(self.enclave_address, self.tls)
 
     def _run_tee(
         self, plan: Plan, streaming: Sequence[str], parties: Mapping[str, PartyRecord], logged: LogPosition

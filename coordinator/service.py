@@ -196,6 +196,7 @@ class Coordinator:
             approval_timeout=config.approval_timeout_seconds,
             mpc_host=config.mpc_host,
             mpc_timeout=config.mpc_timeout_seconds,
+            tls=config.tls,
         )
         self._threads: dict[str, threading.Thread] = {}
         # Explain and Submit, per analyst: one analyst's flood leaves the others' calls as they were.

@@ -103,7 +103,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
 def build_server(config: CoordinatorConfig) -> tuple[Server, Coordinator]:
     coordinator = Coordinator(config)
-    server = create_server(config.listen)
+    # Server-only TLS: analysts authenticate with their token, parties sign what they send.
+    server = create_server(config.listen, tls=config.tls)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator), server.grpc)
     return server, coordinator
 

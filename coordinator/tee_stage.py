@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,19 +34,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from coordinator.mpc_stage import EnclavePlayer
 from coordinator.store import Approval, CoordinatorStore, DatasetRecord, PartyRecord
-from sealroom.attestation import AppraisalPolicy, Evidence, report_data_for, verify_evidence
+from sealroom import pki
+from sealroom.attestation import AppraisalPolicy, Evidence, report_data_for, verify_enclave_evidence, verify_evidence
 from sealroom.audit.entries import is_ident
 from sealroom.audit.receipts import TeeStage, build_receipt
 from sealroom.errors import AttestationError, JobFailedError, SealroomError
 from sealroom.planning.plan import Plan
-from sealroom.rpc import call
+from sealroom.rpc import Peer, call
 from sealroom.signing import LogPosition
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Opens a channel that the orchestrator can close on shutdown (cancelling the calls on it).
-ChannelFactory = Callable[[str], AbstractContextManager[grpc.Channel]]
+# Opens a channel to a peer (rpc.Peer: a party's identity or the enclave's pinned certificate) that the
+# orchestrator can close on shutdown (cancelling the calls on it).
+ChannelFactory = Callable[[str, Peer], AbstractContextManager[grpc.Channel]]
 
 
 @dataclass(frozen=True)
@@ -191,22 +194,45 @@ class TeeStageRunner:
     appraisal: AppraisalPolicy
     party_timeout: float
     channel: ChannelFactory
+    # The certificate the enclave presents (fetched unverified; empty on a plaintext link).
+    enclave_certificate: Callable[[], bytes] = lambda: b""
 
     @contextmanager
     def job(self, plan: Plan) -> Iterator[EnclaveJob]:
-        """2. The enclave job: a fresh key pair inside the enclave for this plan. A failure before
-        the block ends aborts the job (best effort; the job also expires)."""
-        with self.channel(self.enclave_address) as ch:
+        """2. The enclave job: a fresh key pair inside the enclave for this plan, over TLS pinned to the
+        certificate the enclave presents, which fresh evidence must bind before the job is used. A
+        failure before the block ends aborts the job (best effort; the job also expires)."""
+        certificate = self.enclave_certificate()
+        with self.channel(self.enclave_address, certificate) as ch:
             enclave = enclave_pb2_grpc.EnclaveStub(ch)
             job = call("enclave", enclave.CreateJob, enclave_pb2.CreateJobRequest(plan_json=plan.to_json()))
             try:
-                yield EnclaveJob(self, plan, enclave, job)
+                self._check_tls_binding(enclave, job, certificate)
+                yield EnclaveJob(self, plan, enclave, job, certificate)
             except BaseException:
                 try:
                     enclave.AbortJob(enclave_pb2.JobRef(job_id=job.job_id, job_token=job.job_token), timeout=10)
                 except Exception:  # noqa: BLE001, S110 - best effort; the job also expires
                     pass
                 raise
+
+    def _check_tls_binding(
+        self, enclave: enclave_pb2_grpc.EnclaveStub, job: enclave_pb2.CreateJobResponse, certificate: bytes
+    ) -> None:
+        """Fresh evidence over the pinned channel must bind the certificate (else a relay answered)."""
+        if not certificate:
+            return  # a plaintext link (loopback only): nothing to bind
+        nonce = os.urandom(32)
+        att = call("enclave", enclave.Attest, enclave_pb2.AttestRequest(job_id=job.job_id, nonce=nonce))
+        verify_enclave_evidence(
+            Evidence.from_bytes(att.evidence),
+            self.appraisal,
+            hpke_public_key=bytes(job.hpke_public_key),
+            signing_public_key=bytes(job.signing_public_key),
+            nonce=nonce,
+            tls_cert=certificate,
+            claimed_tls_key_sha256=bytes(att.tls_key_sha256),
+        )
 
     def release(
         self,
@@ -256,8 +282,10 @@ class EnclaveJob:
         plan: Plan,
         enclave: enclave_pb2_grpc.EnclaveStub,
         job: enclave_pb2.CreateJobResponse,
+        certificate: bytes = b"",
     ):
         self.stage = stage
+        self.certificate = certificate  # the enclave's TLS certificate its evidence binds (agents pin it)
         self.plan = plan
         self.plan_json = plan.to_json()
         self.enclave = enclave
@@ -276,13 +304,16 @@ class EnclaveJob:
         return tracker
 
     def _contribute(self, party: str, address: str) -> party_pb2.ContributeResponse:
-        with self.stage.channel(address) as pch:
+        with self.stage.channel(address, pki.party(party)) as pch:
             try:
                 return call(
                     party,
                     party_pb2_grpc.PartyAgentStub(pch).Contribute,
                     party_pb2.ContributeRequest(
-                        plan_json=self.plan_json, job_id=self.job.job_id, enclave_address=self.stage.enclave_address
+                        plan_json=self.plan_json,
+                        job_id=self.job.job_id,
+                        enclave_address=self.stage.enclave_address,
+                        enclave_tls_certificate=self.certificate,
                     ),
                     timeout=self.stage.party_timeout,
                 )
@@ -308,7 +339,7 @@ class EnclaveJob:
             stubs: dict[str, party_pb2_grpc.PartyAgentStub] = {}
             for party in futures:
                 try:
-                    channel = stack.enter_context(self.stage.channel(parties[party].address))
+                    channel = stack.enter_context(self.stage.channel(parties[party].address, pki.party(party)))
                 except SealroomError:
                     continue
                 stubs[party] = party_pb2_grpc.PartyAgentStub(channel)
@@ -390,6 +421,7 @@ class EnclaveJob:
         player = EnclavePlayer(
             index=index,
             address=self.stage.enclave_address,
+            tls_certificate=self.certificate,
             job_id=self.job.job_id,
             job_token=bytes(self.job.job_token),
             offer=prepared.offer,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from sealroom.config import Table, file_table
+from sealroom.rpc import TLSConfig
 
 ATTESTERS = ("simulated", "sev-snp", "tdx", "sgx", "nitro")
 DEFAULT_TSM_PATH = Path("/sys/kernel/config/tsm/report")
@@ -31,6 +32,10 @@ class EnclaveConfig:
     mpc_host: str = "127.0.0.1"  # where the enclave's MPC player listens (hybrid plans)
     # Where the enclave's MPC player keeps its TLS key: must be memory-backed inside the TEE (tmpfs).
     mpc_scratch_dir: Path = DEFAULT_MPC_SCRATCH
+    # [tls] ca: callers must present a certificate of this CA (mutual TLS). The server certificate is
+    # not configured: the worker makes its key at start and its evidence binds it (docs/wire.md).
+    # Code-built configs default to plaintext (loopback only).
+    tls: TLSConfig = TLSConfig.off()
 
     def measured(self) -> dict[str, Any]:
         """The configuration that is part of the enclave's measurement (security-relevant only)."""
@@ -77,5 +82,12 @@ class EnclaveConfig:
     @classmethod
     def load(cls, path: Path) -> EnclaveConfig:
         root = file_table(path)
-        root.check_keys({"enclave"})
-        return cls.from_table(root.table("enclave"))
+        root.check_keys({"enclave", "tls"})
+        config = cls.from_table(root.table("enclave"))
+        tls = TLSConfig.from_table(
+            root.table("tls", required=False),
+            role="enclave worker",
+            own_cert=False,
+            addresses={"enclave.listen": config.listen},
+        )
+        return replace(config, tls=tls)

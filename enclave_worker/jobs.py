@@ -96,6 +96,8 @@ class JobRegistry:
         self.config = config
         self.attester = attester
         self.clock = clock
+        # SHA-256 of the worker's TLS key (enclave_worker/tls.py), bound into every Attest; None: plaintext.
+        self.tls_key_sha256: bytes | None = None
         self._jobs: dict[str, Job] = {}
         self._lock = threading.RLock()
         self._held = 0
@@ -174,7 +176,10 @@ class JobRegistry:
         job = self._get(job_id)
         evidence = self.attester.attest(
             report_data=report_data_for(
-                hpke_public_key=job.hpke_public, signing_public_key=job.signing_public, nonce=nonce
+                hpke_public_key=job.hpke_public,
+                signing_public_key=job.signing_public,
+                nonce=nonce,
+                tls_key_sha256=self.tls_key_sha256,
             ),
             nonce=nonce,
         )

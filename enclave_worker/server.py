@@ -13,6 +13,7 @@ import grpc
 from enclave_worker.attester import make_attester
 from enclave_worker.config import EnclaveConfig
 from enclave_worker.jobs import JobRegistry
+from enclave_worker.tls import make_identity
 from sealroom import __version__
 from sealroom.rpc import Server, create_server, raw_stream_handler, translate_errors
 from sealroom.sealed import integrity_error
@@ -61,6 +62,7 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
             evidence=evidence.to_bytes(),
             hpke_public_key=job.hpke_public,
             signing_public_key=job.signing_public,
+            tls_key_sha256=self.registry.tls_key_sha256 or b"",
         )
 
     def Execute(  # noqa: N802
@@ -137,8 +139,16 @@ def build_server(config: EnclaveConfig) -> tuple[Server, JobRegistry]:
     attester = make_attester(config)
     try:
         registry = JobRegistry(config, attester)
+        tls = config.tls
+        if not tls.plaintext:
+            # Its own key, made now; every Attest binds it. Callers need a certificate of the CA.
+            identity = make_identity()
+            tls = tls.with_identity(identity.cert_pem, identity.key_pem)
+            registry.tls_key_sha256 = identity.key_sha256
         server = create_server(
             config.listen,
+            tls=tls,
+            require_client_auth=True,
             handlers=(raw_stream_handler(DATA_SERVICE, UPLOAD_METHOD, _upload(registry)),),
         )
         enclave_pb2_grpc.add_EnclaveServicer_to_server(EnclaveServicer(registry), server.grpc)

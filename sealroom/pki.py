@@ -18,6 +18,7 @@ that issues certificates with these names (docs/operations.md).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 COORDINATOR = "coordinator"
+ENCLAVE_SERVER_NAME = "enclave.sealroom"  # the DNS name in the enclave's self-made certificate
 PARTY_PREFIX = "party:"
 NAME_SUFFIX = ".sealroom"
 CA_VALIDITY = datetime.timedelta(days=3650)
@@ -73,6 +75,70 @@ def server_name(identity: Identity) -> str:
     if identity.role == "coordinator":
         return "coordinator" + NAME_SUFFIX
     return f"{identity.name}.party{NAME_SUFFIX}"
+
+
+def spki_sha256(cert_pem: bytes) -> bytes:
+    """SHA-256 of a certificate's DER SubjectPublicKeyInfo: what the enclave's evidence binds."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).digest()
+
+
+def certificate_identity(cert_pem: bytes) -> Identity | None:
+    """The identity a certificate's subject CN names (None: none, or not a certificate)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return Identity.parse(str(names[0].value)) if len(names) == 1 else None
+
+
+def cert_dns_name(cert_pem: bytes) -> str:
+    """The first DNS name of a certificate (the name a caller pinning it checks), or ValueError."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName
+        )
+    except x509.ExtensionNotFound:
+        names = []
+    if not names:
+        raise ValueError("the certificate names no DNS name")
+    return str(names[0])
+
+
+def self_signed(
+    common_name: str, dns_name: str, *, validity: datetime.timedelta = LEAF_VALIDITY
+) -> tuple[bytes, bytes]:
+    """A new P-256 key and a self-signed certificate for it naming ``dns_name`` (PEM cert, PEM key):
+    the enclave's TLS identity, trusted only by pinning it after its evidence binds the key."""
+    key, builder = _self_signed_builder(common_name, datetime.datetime.now(datetime.UTC), validity)
+    cert = (
+        builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+def _self_signed_builder(
+    common_name: str, now: datetime.datetime, validity: datetime.timedelta
+) -> tuple[ec.EllipticCurvePrivateKey, x509.CertificateBuilder]:
+    """A new P-256 key and a certificate builder naming ``common_name`` as subject and issuer."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + validity)
+    )
+    return key, builder
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -152,18 +218,9 @@ class CA:
 
 def create_ca(common_name: str = "Sealroom development CA", *, now: datetime.datetime | None = None) -> CA:
     """A new CA (P-256), valid ten years, that signs end-entity certificates only."""
-    now = now or datetime.datetime.now(datetime.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    key, builder = _self_signed_builder(common_name, now or datetime.datetime.now(datetime.UTC), CA_VALIDITY)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False,
@@ -181,3 +238,54 @@ def create_ca(common_name: str = "Sealroom development CA", *, now: datetime.dat
         .sign(key, hashes.SHA256())
     )
     return CA(cert, key)
+
+
+# -- the development CA (``sealroom dev init``) ---------------------------------------------------
+
+DEV_CA_CERT = "ca.crt"
+DEV_CA_KEY = "ca.key"
+
+
+def cert_stem(identity: Identity) -> str:
+    """The file stem of an identity's certificate in a development CA directory."""
+    return COORDINATOR if identity.role == "coordinator" else f"party-{identity.name}"
+
+
+@dataclass(frozen=True)
+class DevPKI:
+    """A development CA in ``directory`` (``ca.crt``, ``ca.key``) and the certificates it issued
+    (``coordinator.crt``/``.key``, ``party-<name>.crt``/``.key``): what ``sealroom dev init`` writes."""
+
+    directory: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / DEV_CA_CERT
+
+    def cert(self, identity: Identity) -> Path:
+        return self.directory / f"{cert_stem(identity)}.crt"
+
+    def key(self, identity: Identity) -> Path:
+        return self.directory / f"{cert_stem(identity)}.key"
+
+    def ca(self, *, force: bool = False) -> CA:
+        """The CA, created on first use. ``force``: replace it (every certificate it issued too)."""
+        cert, key = self.ca_cert, self.directory / DEV_CA_KEY
+        if cert.exists() and key.exists() and not force:
+            return CA.load(cert, key)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ca = create_ca()
+        ca.save(cert, key)
+        return ca
+
+    def issue(self, identity: Identity, *, force: bool = False, exist_ok: bool = True) -> bool:
+        """Issue ``identity``'s certificate unless it exists (``force``: replace it; ``exist_ok=False``:
+        FileExistsError instead of keeping it); True if written."""
+        if self.cert(identity).exists() and self.key(identity).exists() and not force:
+            if not exist_ok:
+                raise FileExistsError(str(self.cert(identity)))
+            return False
+        cert, key = self.ca().issue(identity)
+        _write(self.key(identity), key, 0o600)
+        _write(self.cert(identity), cert, 0o644)
+        return True

@@ -8,34 +8,42 @@
   message, and its public details (JSON in trailing metadata); anything else is logged here and
   sent as a generic INTERNAL error, so no internal message (which might hold data) crosses the wire.
 - :func:`unwrap` turns a client-side ``grpc.RpcError`` back into the matching SealroomError.
-- TLS: servers and channels take an optional :class:`TLSConfig`; without it they speak plaintext,
-  which is only appropriate on loopback (the demo). Party data is sealed end to end either way.
+- TLS: servers and channels take a :class:`TLSConfig` (a component's ``[tls]`` table); a caller names
+  the identity it means to reach (``server_name``). Plaintext (no TLSConfig, or ``plaintext = true``)
+  is refused on any address outside loopback. docs/wire.md says which link has which TLS.
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import signal
+import socket
+import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from sealroom.config import Table
 from sealroom.errors import (
+    AttestationError,
+    ConfigError,
     InternalError,
     SealroomError,
     UnavailableError,
     from_code,
 )
-from sealroom.pki import Identity
+from sealroom.pki import ENCLAVE_SERVER_NAME, Identity, cert_dns_name, server_name
 
 log = logging.getLogger(__name__)
 
@@ -53,28 +61,155 @@ CHANNEL_OPTIONS = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+PLAINTEXT_WARNING = (
+    "TLS is OFF ([tls] plaintext = true): calls, tokens and SQL travel in the clear; "
+    "only for a platform on one machine (loopback)"
+)
+
+
+def is_loopback(address: str) -> bool:
+    """True for a ``HOST:PORT`` whose host is a loopback name or address (127.0.0.0/8, ::1, localhost)."""
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the TLS {what} {path} ({exc.strerror}); create the development certificates with "
+            "`sealroom dev init` or point [tls] at your own (docs/operations.md, Certificates)",
+            details={"file": str(path)},
+        ) from None
+
+
 @dataclass(frozen=True)
 class TLSConfig:
-    """Certificates for mutual or server-only TLS (PEM files)."""
+    """Where a server's or caller's TLS material is (PEM files, read at each use so a replaced file
+    is picked up by the next channel and at restart for servers), or ``plaintext`` (loopback only).
 
-    ca_cert: Path
+    - ``ca``: the bundle of CA certificates this side trusts (the collaboration CA);
+    - ``cert``/``key``: this side's own certificate from that CA (a server's identity, and the client
+      certificate it presents when it calls a server that requires one);
+    - ``identity``: an in-memory (cert PEM, key PEM) pair used instead of ``cert``/``key`` (the
+      enclave's self-made certificate);
+    - ``pin``: trust exactly this server certificate (PEM) instead of ``ca`` (a caller of the enclave).
+    """
+
+    ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+    plaintext: bool = False
+    identity: tuple[bytes, bytes] | None = field(default=None, repr=False)  # holds a private key
+    pin: bytes | None = field(default=None, repr=False)
 
-    def server_credentials(self) -> grpc.ServerCredentials:
-        if self.cert is None or self.key is None:
-            raise SealroomError("a TLS server needs both cert and key")
+    @classmethod
+    def off(cls) -> TLSConfig:
+        """Plaintext: only on loopback (:meth:`check_addresses`)."""
+        return cls(plaintext=True)
+
+    @classmethod
+    def from_table(
+        cls, t: Table, *, role: str, own_cert: bool = True, addresses: dict[str, str] | None = None
+    ) -> TLSConfig:
+        """The ``[tls]`` table of a component's config file (docs/configuration.md): ``ca``, ``cert``,
+        ``key`` (``own_cert=False``: refused, e.g. the enclave makes its own), or ``plaintext = true``,
+        refused unless every address in ``addresses`` (``{"key": "HOST:PORT"}``) is on loopback."""
+        t.check_keys({"ca", "cert", "key", "plaintext"})
+        needs = "ca, cert and key" if own_cert else "ca"
+        if not t.doc:
+            raise ConfigError(
+                f"{t.source}: no [tls] table: the {role} needs [tls] {needs} (PEM files; `sealroom dev init` "
+                "makes development ones, docs/configuration.md), or plaintext = true on loopback only",
+                details={"file": t.source, "key": "tls"},
+            )
+        if t.bool("plaintext", False):
+            if any(k in t.doc for k in ("ca", "cert", "key")):
+                raise t.key_error("plaintext", "alone: plaintext = true turns TLS off, so ca, cert and key must go")
+            tls = cls.off()
+            tls.check_addresses(addresses or {}, source=t.source)
+            return tls
+        hint = (
+            f"the path of a PEM file (the {role}'s [tls] needs {needs}; `sealroom dev init` makes "
+            "development ones; or set plaintext = true on loopback only)"
+        )
+        if not own_cert:
+            for k in ("cert", "key"):
+                if k in t.doc:
+                    raise ConfigError(
+                        f"{t.source}: {t.prefix}{k} is not used: the {role} makes its own TLS key and "
+                        "certificate at start, which its attestation evidence binds (docs/wire.md)",
+                        details={"file": t.source, "key": f"{t.prefix}{k}"},
+                    )
+            return cls(ca=cls._path(t, "ca", hint))
+        return cls(ca=cls._path(t, "ca", hint), cert=cls._path(t, "cert", hint), key=cls._path(t, "key", hint))
+
+    @staticmethod
+    def _path(t: Table, key: str, hint: str) -> Path:
+        if not isinstance(t.doc.get(key), str) or not t.doc[key]:
+            raise t.key_error(key, hint)
+        return t.path(key)
+
+    def check_addresses(self, addresses: dict[str, str], *, source: str = "") -> None:
+        """Plaintext is refused on any address outside loopback (ConfigError naming it); logged loudly."""
+        if not self.plaintext:
+            return
+        for name, address in addresses.items():
+            if not is_loopback(address):
+                raise ConfigError(
+                    f"{source + ': ' if source else ''}[tls] plaintext = true is refused: {name} {address} is not "
+                    "a loopback address; configure [tls] ca, cert and key (docs/operations.md, Certificates)",
+                    details={"key": "tls.plaintext", "address": address},
+                )
+        log.warning(PLAINTEXT_WARNING)
+
+    def with_identity(self, cert_pem: bytes, key_pem: bytes) -> TLSConfig:
+        return replace(self, identity=(cert_pem, key_pem))
+
+    def pinned(self, cert_pem: bytes) -> TLSConfig:
+        """The same client identity, trusting exactly the server certificate ``cert_pem``."""
+        return replace(self, pin=cert_pem)
+
+    def own_identity(self) -> tuple[bytes, bytes] | None:
+        if self.identity is not None:
+            return self.identity
+        if self.cert is not None and self.key is not None:
+            return _read(self.cert, "certificate"), _read(self.key, "key")
+        return None
+
+    def server_credentials(self, *, require_client_auth: bool) -> grpc.ServerCredentials:
+        """This server's certificate; with ``require_client_auth`` callers must present a certificate
+        of the CA (mutual TLS), else the handshake fails."""
+        own = self.own_identity()
+        if own is None:
+            raise ConfigError("a TLS server needs its certificate and key ([tls] cert and key)")
+        if require_client_auth and self.ca is None:
+            raise ConfigError("a server that requires client certificates needs [tls] ca")
         return grpc.ssl_server_credentials(
-            [(self.key.read_bytes(), self.cert.read_bytes())],
-            root_certificates=self.ca_cert.read_bytes(),
-            require_client_auth=False,
+            [(own[1], own[0])],
+            root_certificates=_read(self.ca, "CA bundle") if require_client_auth and self.ca else None,
+            require_client_auth=require_client_auth,
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
+        own = self.own_identity()
+        if self.pin is not None:
+            roots = self.pin
+        elif self.ca is not None:
+            roots = _read(self.ca, "CA bundle")
+        else:
+            raise ConfigError("a TLS caller needs the CA bundle to check servers against ([tls] ca, or --ca)")
         return grpc.ssl_channel_credentials(
-            root_certificates=self.ca_cert.read_bytes(),
-            private_key=self.key.read_bytes() if self.key else None,
-            certificate_chain=self.cert.read_bytes() if self.cert else None,
+            root_certificates=roots,
+            private_key=own[1] if own else None,
+            certificate_chain=own[0] if own else None,
         )
 
 
@@ -118,17 +253,22 @@ def create_server(
     *,
     max_workers: int = 16,
     tls: TLSConfig | None = None,
+    require_client_auth: bool = False,
     handlers: tuple[grpc.GenericRpcHandler, ...] = (),
 ) -> Server:
-    """Bind a server at ``address`` (``host:0`` for a free port). Register servicers, then ``start()``."""
+    """Bind a server at ``address`` (``host:0`` for a free port). Register servicers, then ``start()``.
+
+    ``tls``: None or plaintext listens in the clear (loopback only); ``require_client_auth``: callers
+    must present a certificate of ``tls.ca`` (mutual TLS)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=CHANNEL_OPTIONS,
         handlers=handlers,
     )
-    if tls is not None:
-        port = server.add_secure_port(address, tls.server_credentials())
+    if tls is not None and not tls.plaintext:
+        port = server.add_secure_port(address, tls.server_credentials(require_client_auth=require_client_auth))
     else:
+        _check_plaintext(address)
         port = server.add_insecure_port(address)
     if port == 0:
         raise UnavailableError(f"cannot listen on {address}: the address is in use or not local")
@@ -153,27 +293,108 @@ def caller_identity(context: grpc.ServicerContext) -> Identity | None:
         return None
 
 
-def open_channel(address: str, *, tls: TLSConfig | None = None) -> grpc.Channel:
-    if tls is not None:
-        return grpc.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def _check_plaintext(address: str) -> None:
+    if not is_loopback(address):
+        raise ConfigError(
+            f"refusing plaintext gRPC to or on {address}: it is not a loopback address; configure [tls] "
+            "(docs/operations.md, Certificates)",
+            details={"address": address},
+        )
 
 
-def wait_healthy(address: str, *, timeout: float = 30.0, tls: TLSConfig | None = None) -> None:
+def open_channel(address: str, *, tls: TLSConfig | None = None, server_name: str | None = None) -> grpc.Channel:
+    """A channel to ``address``. ``tls`` None or plaintext: in the clear (loopback only). Otherwise the
+    server must present a certificate of ``tls.ca`` (or exactly ``tls.pin``) naming ``server_name``
+    (``pki.server_name(identity)``: the identity the caller means to reach); without ``server_name``
+    the address's host is checked, as TLS does by default."""
+    if tls is None or tls.plaintext:
+        _check_plaintext(address)
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
+    if server_name is not None:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(address, tls.channel_credentials(), options=options)
+
+
+Peer = Identity | bytes
+"""Whom a caller means to reach: an identity of the collaboration CA (the server's certificate must
+name it), or exactly one server certificate (PEM bytes, pinned: the enclave's, which its evidence
+binds; empty on a plaintext link)."""
+
+
+def dial(address: str, tls: TLSConfig | None, peer: Peer) -> grpc.Channel:
+    """A channel to ``address`` that reaches ``peer`` or fails in the TLS handshake."""
+    if tls is None or tls.plaintext:
+        return open_channel(address)
+    if isinstance(peer, Identity):
+        return open_channel(address, tls=tls, server_name=server_name(peer))
+    if not peer:
+        raise AttestationError(
+            "the enclave offered no TLS certificate (a plaintext enclave) to a caller that requires TLS",
+            details={"check": "tls_binding"},
+        )
+    try:
+        name = cert_dns_name(peer)
+    except ValueError:
+        raise AttestationError(
+            "the enclave's TLS certificate names no DNS name", details={"check": "tls_binding"}
+        ) from None
+    return open_channel(address, tls=tls.pinned(peer), server_name=name)
+
+
+def fetch_server_certificate(
+    address: str, tls: TLSConfig | None, *, peer: str = "the enclave", timeout: float = 10.0
+) -> bytes:
+    """The certificate the server at ``address`` presents (PEM), UNVERIFIED: the caller pins it, then
+    trusts it only once attestation evidence binds its key (the enclave's; docs/wire.md). Empty on a
+    plaintext link."""
+    if tls is None or tls.plaintext:
+        return b""
+    host, _, port = address.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # noqa: S504 - fetched to be pinned and checked against evidence
+    ctx.set_alpn_protocols(["h2"])
+    own = tls.own_identity()
+    if own is not None:
+        with tempfile.TemporaryDirectory() as d:  # ssl loads a client certificate from files only
+            (Path(d) / "c.pem").write_bytes(own[0] + b"\n" + own[1])
+            ctx.load_cert_chain(Path(d) / "c.pem")
+    try:
+        with (
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock,
+            ctx.wrap_socket(sock, server_hostname=ENCLAVE_SERVER_NAME) as conn,
+        ):
+            der = conn.getpeercert(binary_form=True)
+    except (OSError, ValueError) as exc:
+        raise UnavailableError(f"{peer} unreachable at {address} ({type(exc).__name__}); is it running?") from None
+    if not der:
+        raise UnavailableError(f"{peer} at {address} presented no TLS certificate")
+    return ssl.DER_cert_to_PEM_cert(der).encode()
+
+
+def wait_healthy(
+    address: str, *, timeout: float = 30.0, tls: TLSConfig | None = None, server_name: str | None = None
+) -> None:
     """Wait until the server at ``address`` reports SERVING (UnavailableError after ``timeout``)."""
+    with open_channel(address, tls=tls, server_name=server_name) as channel:
+        wait_healthy_channel(channel, address, timeout=timeout)
+
+
+def wait_healthy_channel(channel: grpc.Channel, address: str, *, timeout: float = 30.0) -> None:
+    """Wait until the server on ``channel`` reports SERVING (UnavailableError naming ``address``)."""
     deadline = time.monotonic() + timeout
-    with open_channel(address, tls=tls) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise UnavailableError(f"no healthy server at {address} after {timeout:.0f} s")
-            time.sleep(0.1)
+    stub = health_pb2_grpc.HealthStub(channel)
+    while True:
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+            if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise UnavailableError(f"no healthy server at {address} after {timeout:.0f} s")
+        time.sleep(0.1)
 
 
 def abort(context: grpc.ServicerContext, err: SealroomError) -> None:

@@ -21,6 +21,9 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from sealroom.pki import DevPKI
+from tests.harness.pki import session_pki
+
 DEFAULT_POSTGRES_URI = "postgresql://root@127.0.0.1:5432/test"
 
 
@@ -114,3 +117,9 @@ def chromium() -> str:
             pytest.fail(f"{why}; CI (CI or SEALROOM_REQUIRE_BROWSER=1) requires it", pytrace=False)
         pytest.skip(why)
     return path
+
+
+@pytest.fixture(scope="session")
+def dev_pki() -> DevPKI:
+    """The session's development CA (tests/harness/pki.py): servers started in-process use it."""
+    return session_pki()

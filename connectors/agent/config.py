@@ -14,6 +14,24 @@ from sealroom.errors import (
     ConfigError,
 )
 from sealroom.policy import DatasetPolicy, TrustPolicy, load_policy_file
+from sealroom.rpc import TLSConfig
+
+# The keys of [party].
+PARTY_KEYS = {
+    "name",
+    "listen",
+    "coordinator",
+    "signing_key",
+    "advertise_host",
+    "approval_ttl_seconds",
+    "pending_ttl_seconds",
+    "max_pending_per_analyst",
+    "mpc_host",
+    "state_dir",
+    "log_key",
+    "unsafe_no_witness",
+    "enrolment_token",
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,10 @@ class PartyConfig:
     # The operator's one-time enrolment token (`sealroom party enrol NAME`), presented at registration:
     # needed for the name's first registration and for a new key; "" for none.
     enrolment_token: str = field(default="", repr=False)
+    # [tls]: the collaboration CA and this party's certificate (party:<name>): the agent's server
+    # identity, and its client certificate to the coordinator and the enclave. Code-built configs
+    # default to plaintext (loopback only); a config file must say which (docs/configuration.md).
+    tls: TLSConfig = TLSConfig.off()
 
     @property
     def witness_state_dir(self) -> Path:
@@ -55,25 +77,9 @@ class PartyConfig:
 
     @classmethod
     def from_table(cls, root: Table) -> PartyConfig:
-        root.check_keys({"party", "trust", "dataset"})
+        root.check_keys({"party", "trust", "dataset", "tls"})
         p = root.table("party")
-        p.check_keys(
-            {
-                "name",
-                "listen",
-                "coordinator",
-                "signing_key",
-                "advertise_host",
-                "approval_ttl_seconds",
-                "pending_ttl_seconds",
-                "max_pending_per_analyst",
-                "mpc_host",
-                "state_dir",
-                "log_key",
-                "unsafe_no_witness",
-                "enrolment_token",
-            }
-        )
+        p.check_keys(PARTY_KEYS)
         name = p.str("name")
         if not name.isidentifier():
             raise ConfigError(
@@ -118,6 +124,7 @@ class PartyConfig:
                 details={"file": root.source, "key": "dataset"},
             )
         return cls(
+            tls=_tls(root, p),
             name=name,
             coordinator=p.str("coordinator"),
             signing_key=p.path("signing_key"),
@@ -138,6 +145,19 @@ class PartyConfig:
     @classmethod
     def load(cls, path: Path) -> PartyConfig:
         return cls.from_table(file_table(path))
+
+
+def _tls(root: Table, p: Table) -> TLSConfig:
+    """``[tls]``: plaintext only where every address of ``[party]`` is on loopback."""
+    return TLSConfig.from_table(
+        root.table("tls", required=False),
+        role="party agent",
+        addresses={
+            "party.listen": p.str("listen", "127.0.0.1:0"),
+            "party.coordinator": p.str("coordinator"),
+            "party.advertise_host": p.str("advertise_host", "127.0.0.1") + ":0",
+        },
+    )
 
 
 def _log_key(p: Table) -> NoteVerifier | None:

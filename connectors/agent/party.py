@@ -34,7 +34,8 @@ from connectors.clock import MillisecondIssuer
 from connectors.sources import open_source
 from connectors.sources.base import Source, check_schema
 from connectors.witness import LogWitness
-from sealroom.attestation import Claims, Evidence, report_data_for, verify_evidence
+from sealroom import pki
+from sealroom.attestation import Claims, Evidence, verify_enclave_evidence
 from sealroom.errors import (
     ApprovalError,
     AuditError,
@@ -46,7 +47,7 @@ from sealroom.keys import load_signing_key, public_key_hex
 from sealroom.planning.plan import Plan, PlanInput
 from sealroom.planning.sql import PAD_COLUMN
 from sealroom.policy import DatasetPolicy
-from sealroom.rpc import call, open_channel, unwrap
+from sealroom.rpc import call, dial, unwrap
 from sealroom.sealed import SealingStream, StreamContext, schema_hash
 from sealroom.signing import Registration, sign_approval, sign_owner_action, sign_stream_header
 from sealroom.v1 import (
@@ -184,7 +185,7 @@ class PartyAgent:
     def register(self, address: str, *, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         datasets = self.dataset_infos()
-        with open_channel(self.config.coordinator) as channel:
+        with dial(self.config.coordinator, self.config.tls, pki.coordinator()) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             while True:
                 request = self.registration(address, datasets)  # signed afresh at each attempt
@@ -276,8 +277,11 @@ class PartyAgent:
             return source.batches(list(inp.columns))
         return filtered_batches(source, registered, inp)
 
-    def contribute(self, plan_json: bytes, job_id: str, enclave_address: str) -> Contribution:
-        """Stream this owner's inputs of the plan's TEE stages, sealed to the enclave job's attested key."""
+    def contribute(
+        self, plan_json: bytes, job_id: str, enclave_address: str, enclave_cert: bytes = b""
+    ) -> Contribution:
+        """Stream this owner's inputs of the plan's TEE stages, sealed to the enclave job's attested key,
+        over TLS pinned to ``enclave_cert``, which the job's evidence must bind (docs/wire.md)."""
         plan = self.approved_plan(plan_json)
         me = self.config.name
         # Only what goes to an enclave: a dataset of this owner that an MPC stage reads directly stays
@@ -285,8 +289,8 @@ class PartyAgent:
         mine = [i for s in plan.tee_stages() for i in s.inputs if i.party == me]
         if not mine:
             raise ApprovalError(f"the plan streams no data of {me} to an enclave", details={"party": me})
-        with open_channel(enclave_address) as channel:
-            enclave = self._attest(enclave_pb2_grpc.EnclaveStub(channel), job_id, mine)
+        with dial(enclave_address, self.config.tls, enclave_cert) as channel:
+            enclave = self._attest(enclave_pb2_grpc.EnclaveStub(channel), job_id, mine, enclave_cert)
             upload = channel.stream_unary(
                 UPLOAD_PATH,
                 request_serializer=None,
@@ -300,13 +304,23 @@ class PartyAgent:
         self.mark_used(plan.hash)
         return Contribution(uploads, enclave.claims)
 
-    def _attest(self, enclave: enclave_pb2_grpc.EnclaveStub, job_id: str, mine: list[PlanInput]) -> _Enclave:
-        """The job's evidence, verified against this agent's appraisal and each dataset's trust."""
+    def _attest(
+        self, enclave: enclave_pb2_grpc.EnclaveStub, job_id: str, mine: list[PlanInput], tls_cert: bytes
+    ) -> _Enclave:
+        """The job's evidence, verified against this agent's appraisal and each dataset's trust, and
+        binding the TLS certificate this channel is pinned to (else it is not the attested worker)."""
         me = self.config.name
         nonce = os.urandom(32)
         att = call("enclave", enclave.Attest, enclave_pb2.AttestRequest(job_id=job_id, nonce=nonce))
         evidence = Evidence.from_bytes(att.evidence)
-        claims = self.verify_enclave(evidence, bytes(att.hpke_public_key), bytes(att.signing_public_key), nonce)
+        claims = self.verify_enclave(
+            evidence,
+            bytes(att.hpke_public_key),
+            bytes(att.signing_public_key),
+            nonce,
+            tls_cert=tls_cert,
+            claimed_tls_key=bytes(att.tls_key_sha256),
+        )
         for inp in mine:  # each dataset's own trust section narrows the agent's
             self.policies[inp.dataset].trust.check(claims, dataset=f"{me}.{inp.dataset}")
         return _Enclave(evidence, claims, X25519PublicKey.from_public_bytes(bytes(att.hpke_public_key)))
@@ -371,7 +385,7 @@ class PartyAgent:
         return self.approvals.pending()
 
     def _coordinator_call(self, method: str, request: Any) -> Any:
-        with open_channel(self.config.coordinator) as channel:
+        with dial(self.config.coordinator, self.config.tls, pki.coordinator()) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             return call("coordinator", getattr(stub, method), request, timeout=COORDINATOR_CALL_TIMEOUT)
 
@@ -479,10 +493,24 @@ class PartyAgent:
             raise
         return OwnerDecision(qid, plan_hash, "pending", 0.0, resp.status, tuple(resp.awaiting))
 
-    def verify_enclave(self, evidence: Evidence, hpke_pk: bytes, signing_pk: bytes, nonce: bytes) -> Claims:
-        return verify_evidence(
+    def verify_enclave(
+        self,
+        evidence: Evidence,
+        hpke_pk: bytes,
+        signing_pk: bytes,
+        nonce: bytes,
+        *,
+        tls_cert: bytes | None = None,
+        claimed_tls_key: bytes = b"",
+    ) -> Claims:
+        """Appraise the enclave's evidence; with ``tls_cert`` (the certificate a TLS link to it is pinned
+        to; None: evidence that binds no link, e.g. a signed result's) it must bind that key too."""
+        return verify_enclave_evidence(
             evidence,
-            policy=self.appraisal,
-            expected_report_data=report_data_for(hpke_public_key=hpke_pk, signing_public_key=signing_pk, nonce=nonce),
-            expected_nonce=nonce,
+            self.appraisal,
+            hpke_public_key=hpke_pk,
+            signing_public_key=signing_pk,
+            nonce=nonce,
+            tls_cert=None if self.config.tls.plaintext else tls_cert,  # a plaintext link binds nothing
+            claimed_tls_key_sha256=claimed_tls_key,
         )

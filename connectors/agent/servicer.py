@@ -47,7 +47,9 @@ class PartyServicer(party_pb2_grpc.PartyAgentServicer):
     def Contribute(  # noqa: N802
         self, request: party_pb2.ContributeRequest, context: grpc.ServicerContext
     ) -> party_pb2.ContributeResponse:
-        out = self.agent.contribute(request.plan_json, request.job_id, request.enclave_address)
+        out = self.agent.contribute(
+            request.plan_json, request.job_id, request.enclave_address, bytes(request.enclave_tls_certificate)
+        )
         return party_pb2.ContributeResponse(
             uploads=out.uploads, claims_json=json.dumps(out.claims.to_json_dict()).encode()
         )
@@ -124,7 +126,8 @@ def _decision(d: OwnerDecision) -> party_pb2.OwnerCommandResponse:
 
 
 def build_server(agent: PartyAgent) -> Server:
-    server = create_server(agent.config.listen)
+    # Mutual TLS: only holders of a certificate of the collaboration CA get through the handshake.
+    server = create_server(agent.config.listen, tls=agent.config.tls, require_client_auth=True)
     party_pb2_grpc.add_PartyAgentServicer_to_server(PartyServicer(agent), server.grpc)
     return server
 

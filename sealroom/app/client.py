@@ -1,7 +1,7 @@
 """The analyst's Python client.
 
     >>> import sealroom
-    >>> client = sealroom.Client("127.0.0.1:7100", "srt_...")  # the coordinator, your analyst token
+    >>> client = sealroom.Client("127.0.0.1:7100", "srt_...", ca="ca.crt")  # coordinator, token, its CA
     >>> client.datasets()                                      # what each owner publishes: schema and policy
     >>> print(client.explain("SELECT segment, COUNT(*) AS n FROM bank_a.loans GROUP BY segment"))
     >>> query = client.submit("SELECT segment, COUNT(*) AS n FROM bank_a.loans GROUP BY segment")
@@ -27,24 +27,47 @@ import json
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import pyarrow as pa
 
+from sealroom import pki
 from sealroom.app.result import Result
 from sealroom.auth import bearer
-from sealroom.errors import SealroomError, from_code
-from sealroom.rpc import call, open_channel
+from sealroom.errors import ConfigError, SealroomError, UnavailableError, from_code
+from sealroom.rpc import TLSConfig, call, dial
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["DEFAULT_COORDINATOR", "TERMINAL", "Client", "QueryHandle", "coordinator_address"]
+__all__ = ["DEFAULT_COORDINATOR", "TERMINAL", "Client", "QueryHandle", "analyst_tls", "coordinator_address"]
 
 TERMINAL = ("released", "refused", "failed")
 DEFAULT_COORDINATOR = "127.0.0.1:7100"
+
+
+def analyst_tls(ca: str | os.PathLike[str] | None, *, plaintext: bool = False) -> TLSConfig:
+    """The analyst's side of the coordinator's server-only TLS: the CA to check it against (``ca``, else
+    ``$SEALROOM_CA``), or plaintext when asked for explicitly (loopback only)."""
+    if plaintext:
+        return TLSConfig.off()
+    ca = ca or os.environ.get("SEALROOM_CA") or None
+    if ca is None:
+        raise ConfigError(
+            "the coordinator's link is TLS: give the CA that issued its certificate with --ca FILE, "
+            "SEALROOM_CA=FILE or Client(ca=FILE) (a development platform's is <state dir>/tls/ca.crt, "
+            "written by `sealroom dev init`); plaintext=True only for a plaintext coordinator on loopback"
+        )
+    path = Path(ca).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"the CA certificate {path} does not exist; give the collaboration's ca.crt with --ca, SEALROOM_CA "
+            "or Client(ca=...)"
+        )
+    return TLSConfig(ca=path)
 
 
 def coordinator_address(address: str | None = None) -> str:
@@ -128,7 +151,11 @@ class Client:
     printed it (default: ``$SEALROOM_TOKEN``); the coordinator attributes every call to its owner
     and shows each analyst only their own queries. Without a token only a coordinator that runs
     without analyst authentication (development) answers, and ``analyst`` names the caller.
-    ``timeout``: seconds for each call. Close the client (or use it as a context manager) when done.
+    ``ca``: the collaboration CA's certificate (PEM file) that issued the coordinator's certificate
+    (default: ``$SEALROOM_CA``); the client checks that it reached the coordinator's identity over
+    TLS. ``plaintext=True``: no TLS, for a coordinator configured ``[tls] plaintext = true`` on
+    loopback only. ``timeout``: seconds for each call. Close the client (or use it as a context
+    manager) when done.
     """
 
     def __init__(
@@ -138,13 +165,16 @@ class Client:
         *,
         analyst: str = "",
         timeout: float = 60.0,
+        ca: str | os.PathLike[str] | None = None,
+        plaintext: bool = False,
     ):
         self.address = coordinator_address(address)
         self.analyst = analyst
         self.timeout = timeout
         token = token or os.environ.get("SEALROOM_TOKEN") or None
         self._metadata = bearer(token) if token else ()
-        self._channel: grpc.Channel = open_channel(self.address)
+        self._tls = analyst_tls(ca, plaintext=plaintext)
+        self._channel: grpc.Channel = dial(self.address, self._tls, pki.coordinator())
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     def close(self) -> None:
@@ -161,7 +191,18 @@ class Client:
         return f"<sealroom.Client {self.address}{who}>"
 
     def _call(self, method: Any, request: Any) -> Any:
-        return call("coordinator", method, request, timeout=self.timeout, metadata=self._metadata)
+        try:
+            return call("coordinator", method, request, timeout=self.timeout, metadata=self._metadata)
+        except UnavailableError as err:
+            if self._tls.plaintext:
+                raise
+            err.message += (
+                f"; if the coordinator is running, check the TLS trust: {self._tls.ca} must be the CA that issued "
+                "the coordinator's certificate (the collaboration's ca.crt; `sealroom dev init` wrote the "
+                "development one), given with --ca, SEALROOM_CA or Client(ca=...)"
+            )
+            err.args = (err.message,)
+            raise
 
     def datasets(self) -> list[dict[str, Any]]:
         """Every registered dataset: ``dataset`` (``party.name``), ``columns``, the owner's ``policy``

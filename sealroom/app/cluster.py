@@ -2,7 +2,8 @@
 organisation, each a real gRPC server on 127.0.0.1 in its own process.
 
 Used by ``sealroom demo``, ``sealroom local`` and the end-to-end tests. Everything lives under one
-state directory: the dev attestation root, the parties' signing keys, generated config files (an
+state directory: the dev attestation root, a development CA and the TLS certificates it issued
+(``tls/``: every link is TLS, docs/wire.md), the parties' signing keys, generated config files (an
 operator's templates, see docs/operations.md), the coordinator's SQLite state and each process's log.
 """
 
@@ -17,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from coordinator.service import enrol_party
 from enclave_worker.config import EnclaveConfig
+from sealroom import pki
 from sealroom.app.client import Client
 from sealroom.attestation import dev_init, enclave_measurement
 from sealroom.audit.ropa import Collaboration
@@ -28,7 +32,7 @@ from sealroom.errors import UnavailableError
 from sealroom.keys import generate_signing_key, save_signing_key
 from sealroom.planning.limits import QueryLimits
 from sealroom.policy import DatasetPolicy
-from sealroom.rpc import wait_healthy
+from sealroom.rpc import Peer, TLSConfig, dial, fetch_server_certificate, wait_healthy_channel
 from sealroom.spawn import python_command
 
 
@@ -65,6 +69,7 @@ class Cluster:
         mpc_scratch_dir: Path | None = None,
         coordinator_settings: dict[str, Any] | None = None,
         limits: QueryLimits | None = None,
+        tls: bool = True,
     ):
         self.state_dir = Path(state_dir).resolve()
         self.parties = list(parties)
@@ -78,6 +83,9 @@ class Cluster:
         self.mpc_scratch_dir = mpc_scratch_dir  # the enclave's [enclave] mpc_scratch_dir (None: its default)
         self.coordinator_settings = dict(coordinator_settings or {})  # more [coordinator] keys
         self.limits = limits  # the coordinator's [limits] (None: the defaults)
+        # TLS on every link (a development CA under <state_dir>/tls); False: [tls] plaintext = true.
+        self.tls = tls
+        self.pki = pki.DevPKI(self.state_dir / "tls")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._args: dict[str, list[str]] = {}
         self.addresses: dict[str, str] = {}
@@ -95,6 +103,9 @@ class Cluster:
             d.mkdir(parents=True, exist_ok=True)
         if not (p["dev"] / "dev-root.crt").exists():
             dev_init(p["dev"])
+        if self.tls:  # the development CA and the certificates this platform needs (kept on restart)
+            for identity in (pki.coordinator(), *(pki.party(party.name) for party in self.parties)):
+                self.pki.issue(identity)
         enclave_values = {
             "listen": "127.0.0.1:0",
             "attester": "simulated",
@@ -103,7 +114,7 @@ class Cluster:
         }
         if self.mpc_scratch_dir is not None:
             enclave_values["mpc_scratch_dir"] = str(self.mpc_scratch_dir)
-        (p["config"] / "enclave.toml").write_text(toml_table("enclave", enclave_values))
+        (p["config"] / "enclave.toml").write_text(toml_table("enclave", enclave_values) + self._tls_table(None))
         # The measurement a data owner pins: computed from the code and configuration, as
         # `sealroom enclave measure --config enclave.toml` prints it.
         self.measurement = enclave_measurement(EnclaveConfig.load(p["config"] / "enclave.toml").measured())
@@ -118,6 +129,47 @@ class Cluster:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w") as f:
                     f.write(generate_token())
+
+    def _tls_table(self, identity: pki.Identity | None) -> str:
+        """A component's ``[tls]`` table: the dev CA and ``identity``'s certificate (None: the enclave,
+        which makes its own), or plaintext."""
+        if not self.tls:
+            return toml_table("tls", {"plaintext": True})
+        values = {"ca": str(self.pki.ca_cert)}
+        if identity is not None:
+            values |= {"cert": str(self.pki.cert(identity)), "key": str(self.pki.key(identity))}
+        return toml_table("tls", values)
+
+    @property
+    def ca_path(self) -> Path:
+        """The development CA's certificate: what an analyst passes as ``--ca`` (``Client(ca=...)``)."""
+        return self.pki.ca_cert
+
+    def tls_config(self, identity: pki.Identity | None = None) -> TLSConfig:
+        """TLS as ``identity`` (None: no client certificate, as an analyst) on this platform's links."""
+        if not self.tls:
+            return TLSConfig.off()
+        if identity is None:
+            return TLSConfig(ca=self.pki.ca_cert)
+        return TLSConfig(ca=self.pki.ca_cert, cert=self.pki.cert(identity), key=self.pki.key(identity))
+
+    def dial(self, name: str, identity: pki.Identity | None = None) -> grpc.Channel:
+        """A channel to component ``name`` (``coordinator``, ``enclave``, ``party-<name>``) as
+        ``identity`` (default: the coordinator's certificate), checking it reached that component."""
+        tls = self.tls_config(identity or pki.coordinator())
+        address = self.addresses[name]
+        peer: Peer
+        if name == "coordinator":
+            peer = pki.coordinator()
+        elif name == "enclave":
+            peer = fetch_server_certificate(address, tls)
+        else:
+            peer = pki.party(name.removeprefix("party-"))
+        return dial(address, tls, peer)
+
+    def _wait_healthy(self, name: str) -> None:
+        with self.dial(name) as channel:
+            wait_healthy_channel(channel, name)
 
     def token_path(self, analyst: str) -> Path:
         return self._paths()["keys"] / f"analyst-{analyst}.token"
@@ -180,16 +232,44 @@ class Cluster:
 
     def approve_command(self, query_id: str, party: str) -> list[str]:
         """The owner's own command that approves ``query_id`` as ``party``'s data officer would run it:
-        ``approve QUERY_ID --agent ADDRESS --key KEY --json`` (the arguments after ``sealroom``)."""
+        ``approve QUERY_ID --party-config CONFIG --agent ADDRESS --json`` (the arguments after
+        ``sealroom``; the config gives the signing key and the party's TLS certificate)."""
         return [
             "approve",
             query_id,
+            "--party-config",
+            str(self.party_config_path(party)),
             "--agent",
             self.addresses[f"party-{party}"],
-            "--key",
-            str(self.key_path(party)),
             "--json",
         ]
+
+    def analyst_env(self, analyst: str = "analyst") -> dict[str, str]:
+        """The environment the analyst commands (``sealroom datasets/submit/...``) read: the
+        coordinator's address, ``analyst``'s token and the CA to check the coordinator against."""
+        env = {"SEALROOM_COORDINATOR": self.coordinator_address, "SEALROOM_TOKEN": self.token(analyst)}
+        if self.tls:
+            env["SEALROOM_CA"] = str(self.ca_path)
+        return env
+
+    def owner_env(self, party: str) -> dict[str, str]:
+        """The environment an owner's commands (``sealroom pending/approve/...``) read for ``party``: its
+        agent's address, its signing key, and its TLS certificate with the CA."""
+        env = {
+            "SEALROOM_PARTY_AGENT": self.addresses[f"party-{party}"],
+            "SEALROOM_PARTY_KEY": str(self.key_path(party)),
+        }
+        if self.tls:
+            ident = pki.party(party)
+            env |= {
+                "SEALROOM_CA": str(self.pki.ca_cert),
+                "SEALROOM_PARTY_CERT": str(self.pki.cert(ident)),
+                "SEALROOM_PARTY_CERT_KEY": str(self.pki.key(ident)),
+            }
+        return env
+
+    def party_config_path(self, party: str) -> Path:
+        return self._paths()["config"] / f"party-{party}.toml"
 
     def approve_as_owner(self, query_id: str, party: str) -> subprocess.CompletedProcess[str]:
         """Run :meth:`approve_command` with the real CLI, as a person would; the caller reads the outcome."""
@@ -233,6 +313,7 @@ class Cluster:
                 },
             )
             + toml_table("trust", self._trust())
+            + self._tls_table(pki.coordinator())
             + toml_table("analysts", {a: token_hash(self.token(a)) for a in self.analysts})
             + (toml_table("collaboration", self.collaboration.to_dict()) if self.collaboration is not None else "")
             + (toml_table("limits", dataclasses.asdict(self.limits)) if self.limits is not None else "")
@@ -244,21 +325,25 @@ class Cluster:
         # restart("coordinator") binds the port it got now: its config names it from here on.
         coord_cfg.write_text(coord_cfg.read_text().replace('listen = "127.0.0.1:0"', f'listen = "{coordinator}"', 1))
         for party in self.parties:
-            cfg = p["config"] / f"party-{party.name}.toml"
-            text = toml_table(
-                "party",
-                {
-                    "name": party.name,
-                    "listen": "127.0.0.1:0",
-                    "coordinator": coordinator,
-                    "signing_key": str(self.key_path(party.name)),
-                    "enrolment_token": str(p["keys"] / f"{party.name}.enrolment"),
-                    "approval_ttl_seconds": party.approval_ttl_seconds,
-                    # What the agent co-signed of the coordinator's log, and the log key it trusted
-                    # on first use (docs/audit.md, "Witnesses").
-                    "state_dir": str(self.party_state_dir(party.name)),
-                },
-            ) + toml_table("trust", self._trust())
+            cfg = self.party_config_path(party.name)
+            text = (
+                toml_table(
+                    "party",
+                    {
+                        "name": party.name,
+                        "listen": "127.0.0.1:0",
+                        "coordinator": coordinator,
+                        "signing_key": str(self.key_path(party.name)),
+                        "enrolment_token": str(p["keys"] / f"{party.name}.enrolment"),
+                        "approval_ttl_seconds": party.approval_ttl_seconds,
+                        # What the agent co-signed of the coordinator's log, and the log key it trusted
+                        # on first use (docs/audit.md, "Witnesses").
+                        "state_dir": str(self.party_state_dir(party.name)),
+                    },
+                )
+                + toml_table("trust", self._trust())
+                + self._tls_table(pki.party(party.name))
+            )
             for d in party.datasets:
                 policy_file = p["config"] / f"policy-{party.name}.{d.name}.toml"
                 policy_file.write_text(d.policy.to_toml())
@@ -273,7 +358,7 @@ class Cluster:
         for party in self.parties:
             self._wait_port(f"party-{party.name}")
         for name in self.procs:
-            wait_healthy(self.addresses[name])
+            self._wait_healthy(name)
         self.log(f"platform up: coordinator {coordinator}, enclave {enclave}, {len(self.parties)} party agents")
         return self
 
@@ -295,7 +380,7 @@ class Cluster:
                 proc.wait()
         self._spawn(name, self._args[name])
         address = self._wait_port(name)
-        wait_healthy(address)
+        self._wait_healthy(name)
         return address
 
     @property
@@ -307,7 +392,10 @@ class Cluster:
         return self.addresses["enclave"]
 
     def client(self, analyst: str = "analyst") -> Client:
-        return Client(self.coordinator_address, analyst=analyst, token=self.token(analyst))
+        """A client of this platform's coordinator as ``analyst``, over TLS checked against the dev CA."""
+        if not self.tls:
+            return Client(self.coordinator_address, analyst=analyst, token=self.token(analyst), plaintext=True)
+        return Client(self.coordinator_address, analyst=analyst, token=self.token(analyst), ca=self.ca_path)
 
     def stop(self, timeout: float = 10.0) -> None:
         for proc in self.procs.values():

@@ -324,7 +324,7 @@ def run_demo(*, scenario: str = "all", state_dir: Path | None = None, as_json: b
 
 def _wait_approving(cluster: Cluster, handle: QueryHandle) -> list[str]:
     """Wait for a query; when an owner with manual approval is awaited, approve as that owner would,
-    with the real command: ``sealroom approve QUERY_ID --agent ADDR --key KEY``."""
+    with the real command: ``sealroom approve QUERY_ID --party-config CONFIG --agent ADDR``."""
     approved: list[str] = []
     last = None
     while True:

@@ -102,8 +102,9 @@ class LocalPlatform:
         return [p.name for p in self.cluster.parties if any(d.policy.approval == "manual" for d in p.datasets)]
 
     def approve(self, query: QueryHandle | str, party: str) -> dict[str, Any]:
-        """Approve ``query`` as ``party``'s data officer would: ``sealroom approve QUERY_ID --agent
-        ADDRESS --key KEY`` (the owner's own command, signed with its own key). Returns the command's
+        """Approve ``query`` as ``party``'s data officer would: ``sealroom approve QUERY_ID --party-config
+        CONFIG --agent ADDRESS`` (the owner's own command, signed with its own key, over TLS with the
+        party's certificate). Returns the command's
         JSON answer; raises :class:`~sealroom.errors.ApprovalError` if the agent refuses."""
         query_id = query.query_id if isinstance(query, QueryHandle) else query
         proc = self.cluster.approve_as_owner(query_id, party)

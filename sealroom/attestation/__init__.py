@@ -21,6 +21,7 @@ from sealroom.attestation.simulated import (
     load_dev_root,
     load_root_certificate,
 )
+from sealroom.attestation.tls_binding import verify_enclave_evidence
 
 __all__ = [
     "SIMULATED",
@@ -29,6 +30,7 @@ __all__ = [
     "report_data_for",
     "AppraisalPolicy",
     "verify_evidence",
+    "verify_enclave_evidence",
     "DevRoot",
     "dev_init",
     "load_dev_root",

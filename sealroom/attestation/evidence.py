@@ -205,17 +205,25 @@ def _len_prefixed(value: bytes) -> bytes:
     return struct.pack(">I", len(value)) + value
 
 
-def report_data_for(*, hpke_public_key: bytes, signing_public_key: bytes, nonce: bytes) -> bytes:
+def report_data_for(
+    *, hpke_public_key: bytes, signing_public_key: bytes, nonce: bytes, tls_key_sha256: bytes | None = None
+) -> bytes:
     """The 64 bytes an enclave puts in its evidence to bind its job keys to a relying party's nonce.
 
     ``SHA-512(b"sealroom/v1/report-data" || u32be(len(hpke)) || hpke || u32be(len(sig)) || sig ||
-    u32be(len(nonce)) || nonce)``, with the keys in their raw public encodings.
+    u32be(len(nonce)) || nonce [|| u32be(32) || tls_key_sha256])``, with the keys in their raw public
+    encodings. ``tls_key_sha256`` (the SHA-256 of the enclave's TLS certificate's SubjectPublicKeyInfo)
+    is an optional fourth part: without it the value is what it always was (stored receipts verify).
     """
     parts = {
         "hpke_public_key": as_bytes("hpke_public_key", hpke_public_key),
         "signing_public_key": as_bytes("signing_public_key", signing_public_key),
         "nonce": as_bytes("nonce", nonce),
     }
+    if tls_key_sha256 is not None:
+        parts["tls_key_sha256"] = as_bytes("tls_key_sha256", tls_key_sha256)
+        if len(parts["tls_key_sha256"]) != 32:
+            raise ValueError("tls_key_sha256 must be a SHA-256 digest (32 bytes)")
     for name, value in parts.items():
         if not value:
             raise ValueError(f"{name} must not be empty")

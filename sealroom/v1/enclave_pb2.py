@@ -26,7 +26,7 @@ from sealroom.v1 import common_pb2 as sealroom_dot_v1_dot_common__pb2
 from sealroom.v1 import party_pb2 as sealroom_dot_v1_dot_party__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sealroom/v1/enclave.proto\x12\x0bsealroom.v1\x1a\x18sealroom/v1/common.proto\x1a\x17sealroom/v1/party.proto\"l\n\rUploadSummary\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05party\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x03\x12\x0c\n\x04rows\x18\x05 \x01(\x03\x12\r\n\x05\x62ytes\x18\x06 \x01(\x03\"\x97\x01\n\x0b\x45nclaveInfo\x12\x13\n\x0bmeasurement\x18\x01 \x01(\t\x12\x1a\n\x12\x61ttestation_format\x18\x02 \x01(\t\x12\x11\n\tsimulated\x18\x03 \x01(\x08\x12\x17\n\x0floaded_packages\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x1a\n\x12memory_limit_bytes\x18\x06 \x01(\x03\"%\n\x10\x43reateJobRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\"k\n\x11\x43reateJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x17\n\x0fhpke_public_key\x18\x02 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\x12\x11\n\tjob_token\x18\x04 \x01(\x0c\".\n\rAttestRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"W\n\x0e\x41ttestResponse\x12\x10\n\x08\x65vidence\x18\x01 \x01(\x0c\x12\x17\n\x0fhpke_public_key\x18\x02 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\"?\n\x08\x41pproval\x12\r\n\x05party\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x8d\x01\n\x0e\x45xecuteRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\tapprovals\x18\x02 \x03(\x0b\x32\x15.sealroom.v1.Approval\x12\x11\n\tjob_token\x18\x03 \x01(\x0c\x12.\n\x0clog_position\x18\x04 \x01(\x0b\x32\x18.sealroom.v1.LogPosition\"`\n\x0f\x45xecuteResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0b\x61rrow_table\x18\x03 \x01(\x0c\x12\x10\n\x08\x65vidence\x18\x04 \x01(\x0c\"+\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tjob_token\x18\x02 \x01(\x0c\"\xb8\x01\n\x18\x45nclavePrepareMpcRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12(\n\tapprovals\x18\x04 \x03(\x0b\x32\x15.sealroom.v1.Approval\x12\x11\n\tjob_token\x18\x05 \x01(\x0c\x12.\n\x0clog_position\x18\x06 \x01(\x0b\x32\x18.sealroom.v1.LogPosition\"{\n\x19\x45nclavePrepareMpcResponse\x12$\n\x05offer\x18\x01 \x01(\x0b\x32\x15.sealroom.v1.MpcOffer\x12\x13\n\x0bresult_json\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x10\n\x08\x65vidence\x18\x04 \x01(\x0c\"\x7f\n\x14\x45nclaveRunMpcRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x06offers\x18\x02 \x03(\x0b\x32\x15.sealroom.v1.MpcOffer\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12\x11\n\tjob_token\x18\x05 \x01(\x0cJ\x04\x08\x03\x10\x04\x32\xef\x03\n\x07\x45nclave\x12\x37\n\x07GetInfo\x12\x12.sealroom.v1.Empty\x1a\x18.sealroom.v1.EnclaveInfo\x12J\n\tCreateJob\x12\x1d.sealroom.v1.CreateJobRequest\x1a\x1e.sealroom.v1.CreateJobResponse\x12\x41\n\x06\x41ttest\x12\x1a.sealroom.v1.AttestRequest\x1a\x1b.sealroom.v1.AttestResponse\x12\x44\n\x07\x45xecute\x12\x1b.sealroom.v1.ExecuteRequest\x1a\x1c.sealroom.v1.ExecuteResponse\x12\x33\n\x08\x41\x62ortJob\x12\x13.sealroom.v1.JobRef\x1a\x12.sealroom.v1.Empty\x12[\n\nPrepareMpc\x12%.sealroom.v1.EnclavePrepareMpcRequest\x1a&.sealroom.v1.EnclavePrepareMpcResponse\x12\x44\n\x06RunMpc\x12!.sealroom.v1.EnclaveRunMpcRequest\x1a\x17.sealroom.v1.MpcOutcomeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sealroom/v1/enclave.proto\x12\x0bsealroom.v1\x1a\x18sealroom/v1/common.proto\x1a\x17sealroom/v1/party.proto\"l\n\rUploadSummary\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05party\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x03\x12\x0c\n\x04rows\x18\x05 \x01(\x03\x12\r\n\x05\x62ytes\x18\x06 \x01(\x03\"\x97\x01\n\x0b\x45nclaveInfo\x12\x13\n\x0bmeasurement\x18\x01 \x01(\t\x12\x1a\n\x12\x61ttestation_format\x18\x02 \x01(\t\x12\x11\n\tsimulated\x18\x03 \x01(\x08\x12\x17\n\x0floaded_packages\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x1a\n\x12memory_limit_bytes\x18\x06 \x01(\x03\"%\n\x10\x43reateJobRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\"k\n\x11\x43reateJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x17\n\x0fhpke_public_key\x18\x02 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\x12\x11\n\tjob_token\x18\x04 \x01(\x0c\".\n\rAttestRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"o\n\x0e\x41ttestResponse\x12\x10\n\x08\x65vidence\x18\x01 \x01(\x0c\x12\x17\n\x0fhpke_public_key\x18\x02 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\x12\x16\n\x0etls_key_sha256\x18\x04 \x01(\x0c\"?\n\x08\x41pproval\x12\r\n\x05party\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x8d\x01\n\x0e\x45xecuteRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\tapprovals\x18\x02 \x03(\x0b\x32\x15.sealroom.v1.Approval\x12\x11\n\tjob_token\x18\x03 \x01(\x0c\x12.\n\x0clog_position\x18\x04 \x01(\x0b\x32\x18.sealroom.v1.LogPosition\"`\n\x0f\x45xecuteResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0b\x61rrow_table\x18\x03 \x01(\x0c\x12\x10\n\x08\x65vidence\x18\x04 \x01(\x0c\"+\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tjob_token\x18\x02 \x01(\x0c\"\xb8\x01\n\x18\x45nclavePrepareMpcRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12(\n\tapprovals\x18\x04 \x03(\x0b\x32\x15.sealroom.v1.Approval\x12\x11\n\tjob_token\x18\x05 \x01(\x0c\x12.\n\x0clog_position\x18\x06 \x01(\x0b\x32\x18.sealroom.v1.LogPosition\"{\n\x19\x45nclavePrepareMpcResponse\x12$\n\x05offer\x18\x01 \x01(\x0b\x32\x15.sealroom.v1.MpcOffer\x12\x13\n\x0bresult_json\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x10\n\x08\x65vidence\x18\x04 \x01(\x0c\"\x7f\n\x14\x45nclaveRunMpcRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x06offers\x18\x02 \x03(\x0b\x32\x15.sealroom.v1.MpcOffer\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12\x11\n\tjob_token\x18\x05 \x01(\x0cJ\x04\x08\x03\x10\x04\x32\xef\x03\n\x07\x45nclave\x12\x37\n\x07GetInfo\x12\x12.sealroom.v1.Empty\x1a\x18.sealroom.v1.EnclaveInfo\x12J\n\tCreateJob\x12\x1d.sealroom.v1.CreateJobRequest\x1a\x1e.sealroom.v1.CreateJobResponse\x12\x41\n\x06\x41ttest\x12\x1a.sealroom.v1.AttestRequest\x1a\x1b.sealroom.v1.AttestResponse\x12\x44\n\x07\x45xecute\x12\x1b.sealroom.v1.ExecuteRequest\x1a\x1c.sealroom.v1.ExecuteResponse\x12\x33\n\x08\x41\x62ortJob\x12\x13.sealroom.v1.JobRef\x1a\x12.sealroom.v1.Empty\x12[\n\nPrepareMpc\x12%.sealroom.v1.EnclavePrepareMpcRequest\x1a&.sealroom.v1.EnclavePrepareMpcResponse\x12\x44\n\x06RunMpc\x12!.sealroom.v1.EnclaveRunMpcRequest\x1a\x17.sealroom.v1.MpcOutcomeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,21 +44,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTESTREQUEST']._serialized_start=505
   _globals['_ATTESTREQUEST']._serialized_end=551
   _globals['_ATTESTRESPONSE']._serialized_start=553
-  _globals['_ATTESTRESPONSE']._serialized_end=640
-  _globals['_APPROVAL']._serialized_start=642
-  _globals['_APPROVAL']._serialized_end=705
-  _globals['_EXECUTEREQUEST']._serialized_start=708
-  _globals['_EXECUTEREQUEST']._serialized_end=849
-  _globals['_EXECUTERESPONSE']._serialized_start=851
-  _globals['_EXECUTERESPONSE']._serialized_end=947
-  _globals['_JOBREF']._serialized_start=949
-  _globals['_JOBREF']._serialized_end=992
-  _globals['_ENCLAVEPREPAREMPCREQUEST']._serialized_start=995
-  _globals['_ENCLAVEPREPAREMPCREQUEST']._serialized_end=1179
-  _globals['_ENCLAVEPREPAREMPCRESPONSE']._serialized_start=1181
-  _globals['_ENCLAVEPREPAREMPCRESPONSE']._serialized_end=1304
-  _globals['_ENCLAVERUNMPCREQUEST']._serialized_start=1306
-  _globals['_ENCLAVERUNMPCREQUEST']._serialized_end=1433
-  _globals['_ENCLAVE']._serialized_start=1436
-  _globals['_ENCLAVE']._serialized_end=1931
+  _globals['_ATTESTRESPONSE']._serialized_end=664
+  _globals['_APPROVAL']._serialized_start=666
+  _globals['_APPROVAL']._serialized_end=729
+  _globals['_EXECUTEREQUEST']._serialized_start=732
+  _globals['_EXECUTEREQUEST']._serialized_end=873
+  _globals['_EXECUTERESPONSE']._serialized_start=875
+  _globals['_EXECUTERESPONSE']._serialized_end=971
+  _globals['_JOBREF']._serialized_start=973
+  _globals['_JOBREF']._serialized_end=1016
+  _globals['_ENCLAVEPREPAREMPCREQUEST']._serialized_start=1019
+  _globals['_ENCLAVEPREPAREMPCREQUEST']._serialized_end=1203
+  _globals['_ENCLAVEPREPAREMPCRESPONSE']._serialized_start=1205
+  _globals['_ENCLAVEPREPAREMPCRESPONSE']._serialized_end=1328
+  _globals['_ENCLAVERUNMPCREQUEST']._serialized_start=1330
+  _globals['_ENCLAVERUNMPCREQUEST']._serialized_end=1457
+  _globals['_ENCLAVE']._serialized_start=1460
+  _globals['_ENCLAVE']._serialized_end=1955
 # @@protoc_insertion_point(module_scope)

@@ -182,20 +182,26 @@ class AttestResponse(_message.Message):
     EVIDENCE_FIELD_NUMBER: _builtins.int
     HPKE_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    TLS_KEY_SHA256_FIELD_NUMBER: _builtins.int
     evidence: _builtins.bytes
     """sealroom.attestation.Evidence.to_bytes()"""
     hpke_public_key: _builtins.bytes
     signing_public_key: _builtins.bytes
+    tls_key_sha256: _builtins.bytes
+    """SHA-256 of the worker's TLS certificate's SubjectPublicKeyInfo, which the evidence binds (empty:
+    a plaintext worker). Diagnostic only: a caller checks the evidence against the certificate it pinned.
+    """
     def __init__(
         self,
         *,
         evidence: _builtins.bytes = ...,
         hpke_public_key: _builtins.bytes = ...,
         signing_public_key: _builtins.bytes = ...,
+        tls_key_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "hpke_public_key", b"hpke_public_key", "signing_public_key", b"signing_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "hpke_public_key", b"hpke_public_key", "signing_public_key", b"signing_public_key", "tls_key_sha256", b"tls_key_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sealroom.v1 import common_pb2 as sealroom_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sealroom/v1/party.proto\x12\x0bsealroom.v1\x1a\x18sealroom/v1/common.proto\"|\n\x11ReviewPlanRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08query_id\x18\x02 \x01(\t\x12\x11\n\tlog_entry\x18\x03 \x01(\x0c\x12\x16\n\x0elog_checkpoint\x18\x04 \x01(\t\x12\x17\n\x0finclusion_proof\x18\x05 \x03(\x0c\"G\n\x0bLogPosition\x12\x12\n\nleaf_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x11\n\troot_hash\x18\x03 \x01(\x0c\"\x85\x01\n\x12ReviewPlanResponse\x12\x10\n\x08\x61pproved\x18\x01 \x01(\x08\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x12\n\nerror_json\x18\x04 \x01(\x0c\x12\x0f\n\x07pending\x18\x05 \x01(\x08\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\"O\n\x11\x43ontributeRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x17\n\x0f\x65nclave_address\x18\x03 \x01(\t\"V\n\x12\x43ontributeResponse\x12+\n\x07uploads\x18\x01 \x03(\x0b\x32\x1a.sealroom.v1.DatasetUpload\x12\x13\n\x0b\x63laims_json\x18\x02 \x01(\x0c\"M\n\rDatasetUpload\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x03\"l\n\x0cOwnerCommand\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\x86\x01\n\x14OwnerCommandResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\x12\x14\n\x0cquery_status\x18\x05 \x01(\t\x12\x10\n\x08\x61waiting\x18\x06 \x03(\t\"0\n\x0cPendingInput\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x02 \x03(\t\"\xdc\x01\n\x0bPendingPlan\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0f\n\x07\x61nalyst\x18\x03 \x01(\t\x12\x0b\n\x03sql\x18\x04 \x01(\t\x12)\n\x06inputs\x18\x05 \x03(\x0b\x32\x19.sealroom.v1.PendingInput\x12\r\n\x05state\x18\x06 \x01(\t\x12\x13\n\x0breceived_at\x18\x07 \x01(\x01\x12\x12\n\nexpires_at\x18\x08 \x01(\x01\x12\x0f\n\x07parties\x18\t \x03(\t\x12\x16\n\x0emin_group_size\x18\n \x01(\x03\">\n\x13ListPendingResponse\x12\'\n\x05plans\x18\x01 \x03(\x0b\x32\x18.sealroom.v1.PendingPlan\"!\n\x0fProgressRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"q\n\x0eStreamProgress\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x03 \x01(\x03\x12\x13\n\x0brows_shared\x18\x04 \x01(\x08\x12\x0c\n\x04rows\x18\x05 \x01(\x03\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\"@\n\x10ProgressResponse\x12,\n\x07streams\x18\x01 \x03(\x0b\x32\x1b.sealroom.v1.StreamProgress\"G\n\x11PrepareMpcRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\"I\n\x08MpcOffer\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\noffer_json\x18\x02 \x01(\x0c\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\"\xc3\x01\n\rRunMpcRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12%\n\x06offers\x18\x04 \x03(\x0b\x32\x15.sealroom.v1.MpcOffer\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12+\n\x07\x65nclave\x18\x07 \x01(\x0b\x32\x1a.sealroom.v1.EnclavePlayerJ\x04\x08\x05\x10\x06R\x0bhelper_keys\"V\n\rEnclavePlayer\x12\x10\n\x08\x65vidence\x18\x01 \x01(\x0c\x12\x17\n\x0fhpke_public_key\x18\x02 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\"4\n\nMpcOutcome\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x32\xcf\x05\n\nPartyAgent\x12M\n\nReviewPlan\x12\x1e.sealroom.v1.ReviewPlanRequest\x1a\x1f.sealroom.v1.ReviewPlanResponse\x12M\n\nContribute\x12\x1e.sealroom.v1.ContributeRequest\x1a\x1f.sealroom.v1.ContributeResponse\x12\x35\n\x07GetInfo\x12\x12.sealroom.v1.Empty\x1a\x16.sealroom.v1.PartyInfo\x12J\n\x0bGetProgress\x12\x1c.sealroom.v1.ProgressRequest\x1a\x1d.sealroom.v1.ProgressResponse\x12\x43\n\nPrepareMpc\x12\x1e.sealroom.v1.PrepareMpcRequest\x1a\x15.sealroom.v1.MpcOffer\x12=\n\x06RunMpc\x12\x1a.sealroom.v1.RunMpcRequest\x1a\x17.sealroom.v1.MpcOutcome\x12\x43\n\x0bListPending\x12\x12.sealroom.v1.Empty\x1a .sealroom.v1.ListPendingResponse\x12G\n\x07\x41pprove\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponse\x12\x46\n\x06Reject\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponse\x12\x46\n\x06Revoke\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sealroom/v1/party.proto\x12\x0bsealroom.v1\x1a\x18sealroom/v1/common.proto\"|\n\x11ReviewPlanRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08query_id\x18\x02 \x01(\t\x12\x11\n\tlog_entry\x18\x03 \x01(\x0c\x12\x16\n\x0elog_checkpoint\x18\x04 \x01(\t\x12\x17\n\x0finclusion_proof\x18\x05 \x03(\x0c\"G\n\x0bLogPosition\x12\x12\n\nleaf_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x11\n\troot_hash\x18\x03 \x01(\x0c\"\x85\x01\n\x12ReviewPlanResponse\x12\x10\n\x08\x61pproved\x18\x01 \x01(\x08\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x12\n\nerror_json\x18\x04 \x01(\x0c\x12\x0f\n\x07pending\x18\x05 \x01(\x08\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\"p\n\x11\x43ontributeRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x17\n\x0f\x65nclave_address\x18\x03 \x01(\t\x12\x1f\n\x17\x65nclave_tls_certificate\x18\x04 \x01(\x0c\"V\n\x12\x43ontributeResponse\x12+\n\x07uploads\x18\x01 \x03(\x0b\x32\x1a.sealroom.v1.DatasetUpload\x12\x13\n\x0b\x63laims_json\x18\x02 \x01(\x0c\"M\n\rDatasetUpload\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x03\"l\n\x0cOwnerCommand\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\x86\x01\n\x14OwnerCommandResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\x12\x14\n\x0cquery_status\x18\x05 \x01(\t\x12\x10\n\x08\x61waiting\x18\x06 \x03(\t\"0\n\x0cPendingInput\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x02 \x03(\t\"\xdc\x01\n\x0bPendingPlan\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0f\n\x07\x61nalyst\x18\x03 \x01(\t\x12\x0b\n\x03sql\x18\x04 \x01(\t\x12)\n\x06inputs\x18\x05 \x03(\x0b\x32\x19.sealroom.v1.PendingInput\x12\r\n\x05state\x18\x06 \x01(\t\x12\x13\n\x0breceived_at\x18\x07 \x01(\x01\x12\x12\n\nexpires_at\x18\x08 \x01(\x01\x12\x0f\n\x07parties\x18\t \x03(\t\x12\x16\n\x0emin_group_size\x18\n \x01(\x03\">\n\x13ListPendingResponse\x12\'\n\x05plans\x18\x01 \x03(\x0b\x32\x18.sealroom.v1.PendingPlan\"!\n\x0fProgressRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"q\n\x0eStreamProgress\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x66rames\x18\x03 \x01(\x03\x12\x13\n\x0brows_shared\x18\x04 \x01(\x08\x12\x0c\n\x04rows\x18\x05 \x01(\x03\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\"@\n\x10ProgressResponse\x12,\n\x07streams\x18\x01 \x03(\x0b\x32\x1b.sealroom.v1.StreamProgress\"G\n\x11PrepareMpcRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\"I\n\x08MpcOffer\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\noffer_json\x18\x02 \x01(\x0c\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\"\xc3\x01\n\rRunMpcRequest\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12%\n\x06offers\x18\x04 \x03(\x0b\x32\x15.sealroom.v1.MpcOffer\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12+\n\x07\x65nclave\x18\x07 \x01(\x0b\x32\x1a.sealroom.v1.EnclavePlayerJ\x04\x08\x05\x10\x06R\x0bhelper_keys\"V\n\rEnclavePlayer\x12\x10\n\x08\x65vidence\x18\x01 \x01(\x0c\x12\x17\n\x0fhpke_public_key\x18\x02 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\"4\n\nMpcOutcome\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x32\xcf\x05\n\nPartyAgent\x12M\n\nReviewPlan\x12\x1e.sealroom.v1.ReviewPlanRequest\x1a\x1f.sealroom.v1.ReviewPlanResponse\x12M\n\nContribute\x12\x1e.sealroom.v1.ContributeRequest\x1a\x1f.sealroom.v1.ContributeResponse\x12\x35\n\x07GetInfo\x12\x12.sealroom.v1.Empty\x1a\x16.sealroom.v1.PartyInfo\x12J\n\x0bGetProgress\x12\x1c.sealroom.v1.ProgressRequest\x1a\x1d.sealroom.v1.ProgressResponse\x12\x43\n\nPrepareMpc\x12\x1e.sealroom.v1.PrepareMpcRequest\x1a\x15.sealroom.v1.MpcOffer\x12=\n\x06RunMpc\x12\x1a.sealroom.v1.RunMpcRequest\x1a\x17.sealroom.v1.MpcOutcome\x12\x43\n\x0bListPending\x12\x12.sealroom.v1.Empty\x1a .sealroom.v1.ListPendingResponse\x12G\n\x07\x41pprove\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponse\x12\x46\n\x06Reject\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponse\x12\x46\n\x06Revoke\x12\x19.sealroom.v1.OwnerCommand\x1a!.sealroom.v1.OwnerCommandResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,37 +39,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVIEWPLANRESPONSE']._serialized_start=266
   _globals['_REVIEWPLANRESPONSE']._serialized_end=399
   _globals['_CONTRIBUTEREQUEST']._serialized_start=401
-  _globals['_CONTRIBUTEREQUEST']._serialized_end=480
-  _globals['_CONTRIBUTERESPONSE']._serialized_start=482
-  _globals['_CONTRIBUTERESPONSE']._serialized_end=568
-  _globals['_DATASETUPLOAD']._serialized_start=570
-  _globals['_DATASETUPLOAD']._serialized_end=647
-  _globals['_OWNERCOMMAND']._serialized_start=649
-  _globals['_OWNERCOMMAND']._serialized_end=757
-  _globals['_OWNERCOMMANDRESPONSE']._serialized_start=760
-  _globals['_OWNERCOMMANDRESPONSE']._serialized_end=894
-  _globals['_PENDINGINPUT']._serialized_start=896
-  _globals['_PENDINGINPUT']._serialized_end=944
-  _globals['_PENDINGPLAN']._serialized_start=947
-  _globals['_PENDINGPLAN']._serialized_end=1167
-  _globals['_LISTPENDINGRESPONSE']._serialized_start=1169
-  _globals['_LISTPENDINGRESPONSE']._serialized_end=1231
-  _globals['_PROGRESSREQUEST']._serialized_start=1233
-  _globals['_PROGRESSREQUEST']._serialized_end=1266
-  _globals['_STREAMPROGRESS']._serialized_start=1268
-  _globals['_STREAMPROGRESS']._serialized_end=1381
-  _globals['_PROGRESSRESPONSE']._serialized_start=1383
-  _globals['_PROGRESSRESPONSE']._serialized_end=1447
-  _globals['_PREPAREMPCREQUEST']._serialized_start=1449
-  _globals['_PREPAREMPCREQUEST']._serialized_end=1520
-  _globals['_MPCOFFER']._serialized_start=1522
-  _globals['_MPCOFFER']._serialized_end=1595
-  _globals['_RUNMPCREQUEST']._serialized_start=1598
-  _globals['_RUNMPCREQUEST']._serialized_end=1793
-  _globals['_ENCLAVEPLAYER']._serialized_start=1795
-  _globals['_ENCLAVEPLAYER']._serialized_end=1881
-  _globals['_MPCOUTCOME']._serialized_start=1883
-  _globals['_MPCOUTCOME']._serialized_end=1935
-  _globals['_PARTYAGENT']._serialized_start=1938
-  _globals['_PARTYAGENT']._serialized_end=2657
+  _globals['_CONTRIBUTEREQUEST']._serialized_end=513
+  _globals['_CONTRIBUTERESPONSE']._serialized_start=515
+  _globals['_CONTRIBUTERESPONSE']._serialized_end=601
+  _globals['_DATASETUPLOAD']._serialized_start=603
+  _globals['_DATASETUPLOAD']._serialized_end=680
+  _globals['_OWNERCOMMAND']._serialized_start=682
+  _globals['_OWNERCOMMAND']._serialized_end=790
+  _globals['_OWNERCOMMANDRESPONSE']._serialized_start=793
+  _globals['_OWNERCOMMANDRESPONSE']._serialized_end=927
+  _globals['_PENDINGINPUT']._serialized_start=929
+  _globals['_PENDINGINPUT']._serialized_end=977
+  _globals['_PENDINGPLAN']._serialized_start=980
+  _globals['_PENDINGPLAN']._serialized_end=1200
+  _globals['_LISTPENDINGRESPONSE']._serialized_start=1202
+  _globals['_LISTPENDINGRESPONSE']._serialized_end=1264
+  _globals['_PROGRESSREQUEST']._serialized_start=1266
+  _globals['_PROGRESSREQUEST']._serialized_end=1299
+  _globals['_STREAMPROGRESS']._serialized_start=1301
+  _globals['_STREAMPROGRESS']._serialized_end=1414
+  _globals['_PROGRESSRESPONSE']._serialized_start=1416
+  _globals['_PROGRESSRESPONSE']._serialized_end=1480
+  _globals['_PREPAREMPCREQUEST']._serialized_start=1482
+  _globals['_PREPAREMPCREQUEST']._serialized_end=1553
+  _globals['_MPCOFFER']._serialized_start=1555
+  _globals['_MPCOFFER']._serialized_end=1628
+  _globals['_RUNMPCREQUEST']._serialized_start=1631
+  _globals['_RUNMPCREQUEST']._serialized_end=1826
+  _globals['_ENCLAVEPLAYER']._serialized_start=1828
+  _globals['_ENCLAVEPLAYER']._serialized_end=1914
+  _globals['_MPCOUTCOME']._serialized_start=1916
+  _globals['_MPCOUTCOME']._serialized_end=1968
+  _globals['_PARTYAGENT']._serialized_start=1971
+  _globals['_PARTYAGENT']._serialized_end=2690
 # @@protoc_insertion_point(module_scope)

@@ -132,19 +132,25 @@ class ContributeRequest(_message.Message):
     PLAN_JSON_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     ENCLAVE_ADDRESS_FIELD_NUMBER: _builtins.int
+    ENCLAVE_TLS_CERTIFICATE_FIELD_NUMBER: _builtins.int
     plan_json: _builtins.bytes
     job_id: _builtins.str
     enclave_address: _builtins.str
+    enclave_tls_certificate: _builtins.bytes
+    """The enclave's self-signed TLS certificate (PEM; empty on a plaintext link). The agent pins
+    exactly it and streams only if the enclave's evidence binds its key (docs/wire.md).
+    """
     def __init__(
         self,
         *,
         plan_json: _builtins.bytes = ...,
         job_id: _builtins.str = ...,
         enclave_address: _builtins.str = ...,
+        enclave_tls_certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enclave_address", b"enclave_address", "job_id", b"job_id", "plan_json", b"plan_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enclave_address", b"enclave_address", "enclave_tls_certificate", b"enclave_tls_certificate", "job_id", b"job_id", "plan_json", b"plan_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

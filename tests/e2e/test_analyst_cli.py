@@ -31,7 +31,7 @@ def platform(tmp_path_factory):
 
 
 def cli(platform, *args):
-    env = dict(os.environ, SEALROOM_COORDINATOR=platform.coordinator_address, SEALROOM_TOKEN=platform.token())
+    env = dict(os.environ, **platform.analyst_env())
     return subprocess.run(
         [sys.executable, "-m", "sealroom.cli", *args], capture_output=True, text=True, timeout=120, env=env
     )

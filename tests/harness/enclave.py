@@ -33,22 +33,23 @@ from coordinator.planner import CatalogEntry, plan_query
 from enclave_worker.config import EnclaveConfig
 from enclave_worker.jobs import Job, JobRegistry
 from enclave_worker.server import build_server
+from sealroom import pki
 from sealroom.attestation import (
     AppraisalPolicy,
     Evidence,
     enclave_measurement,
     load_root_certificate,
-    report_data_for,
-    verify_evidence,
+    verify_enclave_evidence,
 )
 from sealroom.errors import SealroomError
 from sealroom.keys import generate_signing_key, public_key_hex
 from sealroom.planning.plan import Plan
 from sealroom.policy import DatasetPolicy, TrustPolicy
-from sealroom.rpc import Server, open_channel, unwrap
+from sealroom.rpc import Server, TLSConfig, dial, fetch_server_certificate, unwrap
 from sealroom.sealed import SealingStream, StreamContext, integrity_error, schema_hash
 from sealroom.signing import LogPosition, sign_approval, sign_stream_header
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
+from tests.harness.pki import as_coordinator, enclave_tls, tls_as
 
 HEADER_METADATA_KEY = "sealroom-stream-header-bin"
 SIGNATURE_METADATA_KEY = "sealroom-stream-signature-bin"
@@ -195,6 +196,7 @@ class EnclaveHandle:
     appraisal: AppraisalPolicy
     registry: JobRegistry | None = None
     server: Server | None = None
+    certificate: bytes = b""  # the worker's self-made TLS certificate, which its evidence binds
     stub: enclave_pb2_grpc.EnclaveStub = field(init=False)
     upload_call: Any = field(init=False)
 
@@ -278,15 +280,14 @@ class JobHandle:
         self.nonce = os.urandom(32)
         att = self.enclave.stub.Attest(enclave_pb2.AttestRequest(job_id=self.job_id, nonce=self.nonce), timeout=10)
         evidence = Evidence.from_bytes(att.evidence)
-        verify_evidence(
+        verify_enclave_evidence(
             evidence,
-            policy=self.enclave.appraisal,
-            expected_report_data=report_data_for(
-                hpke_public_key=bytes(att.hpke_public_key),
-                signing_public_key=bytes(att.signing_public_key),
-                nonce=self.nonce,
-            ),
-            expected_nonce=self.nonce,
+            self.enclave.appraisal,
+            hpke_public_key=bytes(att.hpke_public_key),
+            signing_public_key=bytes(att.signing_public_key),
+            nonce=self.nonce,
+            tls_cert=self.enclave.certificate or None,
+            claimed_tls_key_sha256=bytes(att.tls_key_sha256),
         )
         assert bytes(att.hpke_public_key) == self.hpke_public
         self.evidence = evidence
@@ -370,20 +371,38 @@ def trusting(dev_dir: Path, measurement: str) -> AppraisalPolicy:
 
 
 def start_enclave(dev_dir: Path, **config: Any) -> tuple[EnclaveHandle, Callable[[], None]]:
-    """An in-process enclave worker on 127.0.0.1, port 0, and a client for it."""
+    """An in-process enclave worker on 127.0.0.1, port 0, over TLS (callers need a certificate of the
+    session CA; it makes its own), and a client for it as the coordinator, pinned to its certificate."""
+    config.setdefault("tls", enclave_tls())
     cfg = EnclaveConfig(listen="127.0.0.1:0", attester="simulated", dev_root=dev_dir, **config)
     server, registry = build_server(cfg)
     server.start()
     address = f"127.0.0.1:{server.port}"
     # The relying party computes the measurement it pins itself, from the code and configuration.
     measurement = enclave_measurement(cfg.measured())
-    handle = EnclaveHandle(address, open_channel(address), trusting(dev_dir, measurement), registry, server)
+    handle = connect_enclave(address, trusting(dev_dir, measurement), registry, server, tls=cfg.tls)
 
     def stop() -> None:
         handle.channel.close()
         server.stop(grace=0.5)
 
     return handle, stop
+
+
+def connect_enclave(
+    address: str,
+    appraisal: AppraisalPolicy,
+    registry: JobRegistry | None = None,
+    server: Server | None = None,
+    *,
+    tls: TLSConfig | None = None,
+) -> EnclaveHandle:
+    """A client of the enclave worker at ``address`` as the coordinator: over TLS pinned to the
+    certificate it presents (its evidence must bind it: :meth:`JobHandle.attest`), unless the worker's
+    ``tls`` is plaintext."""
+    client_tls = TLSConfig.off() if tls is not None and tls.plaintext else as_coordinator()
+    certificate = fetch_server_certificate(address, client_tls)
+    return EnclaveHandle(address, dial(address, client_tls, certificate), appraisal, registry, server, certificate)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -415,15 +434,24 @@ class Agent:
         plan_json = plan if isinstance(plan, bytes) else plan.to_json()
         return self.stub.ReviewPlan(party_pb2.ReviewPlanRequest(plan_json=plan_json, query_id="q"), timeout=10)
 
-    def contribute(self, plan_json: bytes, job: JobHandle, address: str | None = None) -> party_pb2.ContributeResponse:
+    def contribute(
+        self, plan_json: bytes, job: JobHandle, address: str | None = None, certificate: bytes | None = None
+    ) -> party_pb2.ContributeResponse:
+        """Ask the agent to stream to ``job`` (at ``address``, presenting ``certificate``: by default
+        the enclave's own), as the coordinator does."""
         request = party_pb2.ContributeRequest(
-            plan_json=plan_json, job_id=job.job_id, enclave_address=address or job.enclave.address
+            plan_json=plan_json,
+            job_id=job.job_id,
+            enclave_address=address or job.enclave.address,
+            enclave_tls_certificate=job.enclave.certificate if certificate is None else certificate,
         )
         return self.stub.Contribute(request, timeout=30)
 
-    def contribute_refused(self, plan_json: bytes, job: JobHandle, address: str | None = None) -> Rejection:
+    def contribute_refused(
+        self, plan_json: bytes, job: JobHandle, address: str | None = None, certificate: bytes | None = None
+    ) -> Rejection:
         try:
-            self.contribute(plan_json, job, address)
+            self.contribute(plan_json, job, address, certificate)
         except grpc.RpcError as exc:
             return rejection(exc)
         raise AssertionError("the party agent streamed data it must not stream")
@@ -445,11 +473,12 @@ def start_agent(
         trust=trust,
         datasets=(DatasetConfig("loans", str(path), policy),),
         unsafe_no_witness=True,  # no coordinator, so no log to witness (tests/integration/test_witness.py does)
+        tls=tls_as(pki.party("bank_a")),
     )
     agent = PartyAgent(config, signing_key=key)
     server = build_agent_server(agent)
     server.start()
-    channel = open_channel(f"127.0.0.1:{server.port}")
+    channel = dial(f"127.0.0.1:{server.port}", as_coordinator(), pki.party("bank_a"))
 
     def cleanup() -> None:
         channel.close()

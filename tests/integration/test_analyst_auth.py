@@ -34,16 +34,16 @@ def platform(tmp_path_factory):
 
 
 def test_calls_without_a_valid_token_are_refused(platform):
-    with Client(platform.coordinator_address) as anonymous:
+    with Client(platform.coordinator_address, ca=platform.ca_path) as anonymous:
         with pytest.raises(AuthenticationError, match="requires an analyst token"):
             anonymous.datasets()
-    with Client(platform.coordinator_address, token=generate_token()) as forger:
+    with Client(platform.coordinator_address, token=generate_token(), ca=platform.ca_path) as forger:
         with pytest.raises(AuthenticationError, match="not valid"):
             forger.submit(SQL)
 
 
 def test_a_token_cannot_claim_another_analyst(platform):
-    with Client(platform.coordinator_address, analyst="alice", token=platform.token("bob")) as c:
+    with Client(platform.coordinator_address, analyst="alice", token=platform.token("bob"), ca=platform.ca_path) as c:
         with pytest.raises(AuthenticationError, match="bob's; it cannot act as alice"):
             c.explain(SQL)
 
@@ -81,7 +81,8 @@ def test_token_command_prints_a_line_the_coordinator_accepts(tmp_path):
     doc = json.loads(proc.stdout)
     assert doc["config_line"] == f'carol = "{token_hash(doc["token"])}"'
     cfg = tmp_path / "coordinator.toml"
-    cfg.write_text(f'[coordinator]\nstate_dir = "s"\nenclave = "127.0.0.1:1"\n[analysts]\n{doc["config_line"]}\n')
+    head = '[coordinator]\nstate_dir = "s"\nenclave = "127.0.0.1:1"\n[tls]\nplaintext = true\n'
+    cfg.write_text(f"{head}[analysts]\n{doc['config_line']}\n")
     directory = CoordinatorConfig.load(cfg).analysts
     assert directory is not None
     assert directory.authenticate([("authorization", f"Bearer {doc['token']}")]) == "carol"
@@ -90,7 +91,8 @@ def test_token_command_prints_a_line_the_coordinator_accepts(tmp_path):
 @pytest.mark.parametrize("value", ['"sha256:abc"', '"plain-token"', "5"])
 def test_malformed_analyst_entries_are_config_errors(tmp_path, value):
     cfg = tmp_path / "coordinator.toml"
-    cfg.write_text(f'[coordinator]\nstate_dir = "s"\nenclave = "127.0.0.1:1"\n[analysts]\ncarol = {value}\n')
+    head = '[coordinator]\nstate_dir = "s"\nenclave = "127.0.0.1:1"\n[tls]\nplaintext = true\n'
+    cfg.write_text(f"{head}[analysts]\ncarol = {value}\n")
     with pytest.raises(ConfigError, match="analysts.carol"):
         CoordinatorConfig.load(cfg)
     assert AnalystDirectory({}).names() == []

@@ -234,7 +234,7 @@ def test_an_owner_rejection_is_logged(tmp_path: Path, capsys: pytest.CaptureFixt
         wait_until(status_is(client, qid, "pending_approval", ["bank_m"]))
         proc = subprocess.run(
             [sys.executable, "-m", "sealroom.cli", "reject", qid, "--reason", "not before the audit closes",
-             "--agent", cluster.addresses["party-bank_m"], "--key", str(cluster.key_path("bank_m"))],
+             "--agent", cluster.addresses["party-bank_m"], "--party-config", str(cluster.party_config_path("bank_m"))],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr

@@ -95,8 +95,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def owner(platform: Cluster, party: str, *args: str) -> dict[str, Any]:
     env = dict(
         os.environ,
-        SEALROOM_PARTY_AGENT=platform.addresses[f"party-{party}"],
-        SEALROOM_PARTY_KEY=str(platform.key_path(party)),
+        **platform.owner_env(party),
     )
     proc = subprocess.run(
         [sys.executable, "-m", "sealroom.cli", *args, "--json"],

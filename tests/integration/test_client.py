@@ -152,11 +152,13 @@ def test_wait_times_out_while_an_owner_decides_then_completes(platform):
 def test_credentials_positional_from_the_environment_and_never_shown(platform, monkeypatch):
     token = platform.cluster.token()
     address = platform.cluster.coordinator_address
-    with sealroom.Client(address, token) as client:
+    ca = platform.cluster.ca_path
+    with sealroom.Client(address, token, ca=ca) as client:
         assert len(client.datasets()) == 3
         assert token not in repr(client) and address in repr(client)
     monkeypatch.setenv("SEALROOM_COORDINATOR", address)
     monkeypatch.setenv("SEALROOM_TOKEN", token)
+    monkeypatch.setenv("SEALROOM_CA", str(ca))
     with sealroom.Client() as client:
         assert client.run(BANK_A_ONLY, timeout=60).status == "released"
     monkeypatch.delenv("SEALROOM_TOKEN")

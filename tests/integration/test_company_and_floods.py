@@ -27,7 +27,6 @@ from sealroom.canonical import canonical_json
 from sealroom.errors import PolicyRefusalError, ResourceExhaustedError, from_code
 from sealroom.planning.plan import Plan
 from sealroom.policy import DatasetPolicy
-from sealroom.rpc import open_channel
 from sealroom.v1 import party_pb2, party_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -140,7 +139,7 @@ def test_a_flood_of_one_analysts_plans_leaves_another_analysts_query_unaffected(
     with platform.client("mallory") as mallory:
         plan = mallory.explain_plan(MANUAL_SQL)["plan"]  # a real plan in mallory's name, for bank_c
     held, refused = 0, []
-    with open_channel(platform.addresses["party-bank_c"]) as ch:
+    with platform.dial("party-bank_c") as ch:
         stub = party_pb2_grpc.PartyAgentStub(ch)
         for n in range(1005):
             resp = stub.ReviewPlan(party_pb2.ReviewPlanRequest(plan_json=_forged(plan, n)), timeout=30)

@@ -22,18 +22,20 @@ import pytest
 from coordinator.tee_stage import verify_result
 from enclave_worker.config import EnclaveConfig
 from sealroom.attestation import enclave_measurement
-from sealroom.rpc import open_channel, wait_healthy
+from sealroom.rpc import wait_healthy_channel
 from sealroom.v1 import common_pb2
 from tests.harness.enclave import (
     SECRET,
     SECRET_NUMBER,
     EnclaveHandle,
     approvals,
+    connect_enclave,
     make_party,
     make_plan,
     secret_loans,
     trusting,
 )
+from tests.harness.pki import enclave_tls
 
 MUST_LOAD = ("duckdb", "pyarrow", "cryptography", "sqlglot", "grpc", "sealroom", "enclave_worker")
 JOIN_SQL = (
@@ -53,6 +55,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EnclaveHa
     config.write_text(
         f'[enclave]\nlisten = "127.0.0.1:0"\nattester = "simulated"\ndev_root = {json.dumps(str(dev_dir))}\n'
         "memory_limit_mb = 256\n"
+        f"[tls]\nca = {json.dumps(str(enclave_tls().ca))}\n"
     )
     port_file = base / "enclave.port"
     log_path = base / "enclave.log"
@@ -84,11 +87,12 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EnclaveHa
             assert time.monotonic() < deadline, "the enclave worker did not start"
             time.sleep(0.05)
         address = f"127.0.0.1:{int(port_file.read_text())}"
-        wait_healthy(address, timeout=20)
         # The relying party computes the measurement it pins from the code and the configuration.
         measurement = enclave_measurement(EnclaveConfig.load(config).measured())
-        channel = open_channel(address)
-        yield EnclaveHandle(address, channel, trusting(dev_dir, measurement)), log_path
+        handle = connect_enclave(address, trusting(dev_dir, measurement))
+        channel = handle.channel
+        wait_healthy_channel(channel, address, timeout=20)
+        yield handle, log_path
     finally:
         if channel is not None:
             channel.close()

@@ -23,9 +23,9 @@ from enclave_worker.server import build_server
 from sealroom.attestation import AppraisalPolicy
 from sealroom.errors import AttestationError
 from sealroom.policy import DatasetPolicy, TrustPolicy
-from sealroom.rpc import open_channel
 from sealroom.v1 import common_pb2
-from tests.harness.enclave import Agent, EnclaveHandle, approval, make_plan, start_agent
+from tests.harness.enclave import Agent, EnclaveHandle, approval, connect_enclave, make_plan, start_agent
+from tests.harness.pki import enclave_tls
 from tests.harness.tee_fakes import FakeAmdPki, FakeConfigfsTsm
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="the fake configfs-tsm tree needs FIFOs (POSIX)")
@@ -47,12 +47,13 @@ def snp_enclave(tmp_path: Path, pki: FakeAmdPki) -> Iterator[EnclaveHandle]:
         make_report=lambda data: pki.report(data, measurement=bytes.fromhex(MEASUREMENT)),
         auxblob=pki.cert_table(),
     )
-    server, registry = build_server(EnclaveConfig(listen="127.0.0.1:0", attester="sev-snp", tsm_path=tsm.root))
+    server, registry = build_server(
+        EnclaveConfig(listen="127.0.0.1:0", attester="sev-snp", tsm_path=tsm.root, tls=enclave_tls())
+    )
     server.start()
     address = f"127.0.0.1:{server.port}"
-    handle = EnclaveHandle(
+    handle = connect_enclave(
         address,
-        open_channel(address),
         AppraisalPolicy(measurements=frozenset({MEASUREMENT}), platform_roots={"sev-snp": (pki.ark,)}),
         registry,
         server,

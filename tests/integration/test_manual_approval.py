@@ -29,7 +29,7 @@ from sealroom.auth import bearer
 from sealroom.errors import ApprovalError
 from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex
 from sealroom.policy import DatasetPolicy
-from sealroom.rpc import open_channel, unwrap
+from sealroom.rpc import unwrap
 from sealroom.signing import LogPosition, sign_approval, sign_owner_action, sign_owner_command, verify_approval
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, party_pb2, party_pb2_grpc
 
@@ -82,9 +82,10 @@ def owner(platform: Cluster, party: str, *args: str, key: str | None = None) -> 
     """Run `sealroom ARGS` as ``party``'s owner (its agent's address and its key in the environment)."""
     env = dict(
         os.environ,
-        SEALROOM_PARTY_AGENT=platform.addresses[f"party-{party}"],
-        SEALROOM_PARTY_KEY=key or str(platform.key_path(party)),
+        **platform.owner_env(party),
     )
+    if key:
+        env["SEALROOM_PARTY_KEY"] = key
     return subprocess.run(
         [sys.executable, "-m", "sealroom.cli", *args], capture_output=True, text=True, timeout=120, env=env
     )
@@ -119,7 +120,7 @@ def status_is(client, qid: str, status: str, awaiting: list[str] | None = None) 
 
 def plan_json(platform: Cluster, qid: str) -> bytes:
     """The query's plan, as the analyst who submitted it reads it."""
-    with open_channel(platform.coordinator_address) as ch:
+    with platform.dial("coordinator") as ch:
         stub = coordinator_pb2_grpc.CoordinatorStub(ch)
         for analyst in platform.analysts:
             try:
@@ -136,7 +137,7 @@ def plan_json(platform: Cluster, qid: str) -> bytes:
 
 def contribute_refused(platform: Cluster, party: str, plan: bytes):
     """Ask ``party``'s agent to stream ``plan`` (as the coordinator would); it must refuse."""
-    with open_channel(platform.addresses[f"party-{party}"]) as ch:
+    with platform.dial(f"party-{party}") as ch:
         try:
             party_pb2_grpc.PartyAgentStub(ch).Contribute(
                 party_pb2.ContributeRequest(plan_json=plan, job_id="j_none", enclave_address=platform.enclave_address),
@@ -148,7 +149,7 @@ def contribute_refused(platform: Cluster, party: str, plan: bytes):
 
 
 def coordinator_refuses(platform: Cluster, method: str, request: Any):
-    with open_channel(platform.coordinator_address) as ch:
+    with platform.dial("coordinator") as ch:
         try:
             getattr(coordinator_pb2_grpc.CoordinatorStub(ch), method)(request, timeout=10)
         except grpc.RpcError as exc:
@@ -168,9 +169,7 @@ def test_query_waits_for_the_manual_owner_and_runs_once_approved(platform):
         st = client.status(qid)
         assert st["approved_by"] == ["bank_a"] and "awaiting bank_m" in st["progress"]
         # The analyst's `sealroom status` shows who approved and who is awaited.
-        env = dict(
-            os.environ, SEALROOM_COORDINATOR=platform.coordinator_address, SEALROOM_TOKEN=platform.token("alice")
-        )
+        env = dict(os.environ, **platform.analyst_env("alice"))
         shown = subprocess.run(
             [sys.executable, "-m", "sealroom.cli", "status", qid],
             capture_output=True,
@@ -372,7 +371,7 @@ def test_coordinator_accepts_only_the_partys_own_approval_of_this_plan(platform)
         # agent does not hold it, so the coordinator does not run the query on it.
         logged = logged_position(platform, qid, "bank_a")  # the position bank_a's agent approved at
         genuine = _approval_request(qid, "bank_m", plan_hash, key=key_m, log=logged)
-        with open_channel(platform.coordinator_address) as ch:
+        with platform.dial("coordinator") as ch:
             coordinator_pb2_grpc.CoordinatorStub(ch).SubmitApproval(genuine, timeout=10)
         code, err = coordinator_refuses(platform, "SubmitApproval", genuine)
         assert code == grpc.StatusCode.FAILED_PRECONDITION and err.details["check"] == "replay"
@@ -397,7 +396,7 @@ def test_agent_obeys_only_its_owners_key(platform):
             issued_at_ms=issued,
             signature=sign_owner_command(intruder, "approve", party="bank_m", query_id=qid, issued_at_ms=issued),
         )
-        with open_channel(platform.addresses["party-bank_m"]) as ch:
+        with platform.dial("party-bank_m") as ch:
             stub = party_pb2_grpc.PartyAgentStub(ch)
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Approve(command, timeout=10)

@@ -22,7 +22,6 @@ from sealroom.app.render import result_document
 from sealroom.attestation import AppraisalPolicy, load_root_certificate
 from sealroom.audit.receipts import verify_receipt
 from sealroom.policy import DatasetPolicy, DatasetTrust
-from sealroom.rpc import open_channel
 from sealroom.v1 import common_pb2, enclave_pb2_grpc
 from tests.harness.enclave import kill_first_player, player_processes
 
@@ -176,7 +175,7 @@ def test_hybrid_plan_releases_what_pooled_duckdb_computes(
 
         # The enclave worker itself never loaded MPyC (its player ran as its own process), and no
         # player process is left anywhere.
-        with open_channel(cluster.enclave_address) as ch:
+        with cluster.dial("enclave") as ch:
             loaded = set(enclave_pb2_grpc.EnclaveStub(ch).GetInfo(common_pb2.Empty(), timeout=10).loaded_packages)
         assert "mpyc" not in loaded and "coordinator" not in loaded and "connectors" not in loaded
         time.sleep(0.3)

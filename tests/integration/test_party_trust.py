@@ -18,12 +18,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from sealroom import pki
 from sealroom.attestation import dev_init
 from sealroom.errors import ApprovalError, AttestationError, IntegrityError, PolicyRefusalError
 from sealroom.keys import generate_signing_key, public_key_hex
 from sealroom.planning.plan import Plan
 from sealroom.policy import DatasetPolicy, TrustPolicy
-from sealroom.rpc import create_server, raw_stream_handler
+from sealroom.rpc import TLSConfig, create_server, raw_stream_handler
 from sealroom.v1 import enclave_pb2, enclave_pb2_grpc
 from tests.harness.enclave import (
     Agent,
@@ -282,8 +283,13 @@ def test_agent_refuses_keys_or_evidence_not_bound_to_its_own_challenge(
     mode: str, check: str, agent_factory: Callable[..., Agent], enclave: EnclaveHandle
 ) -> None:
     front = _MaliciousEnclaveFront(enclave, mode)
+    # The front's own TLS certificate (the enclave's key stays in the enclave), handed to the agent as
+    # a compromised coordinator would: the report-data check below still holds the line.
+    cert, key = pki.self_signed("front", pki.ENCLAVE_SERVER_NAME)
     server = create_server(
-        "127.0.0.1:0", handlers=(raw_stream_handler("sealroom.v1.EnclaveData", "Upload", front.upload),)
+        "127.0.0.1:0",
+        tls=TLSConfig().with_identity(cert, key),
+        handlers=(raw_stream_handler("sealroom.v1.EnclaveData", "Upload", front.upload),),
     )
     enclave_pb2_grpc.add_EnclaveServicer_to_server(front, server.grpc)
     server.start()
@@ -292,7 +298,7 @@ def test_agent_refuses_keys_or_evidence_not_bound_to_its_own_challenge(
         plan = make_plan(SQL, [party.data])
         assert party.review(plan).approved
         job = enclave.create_job(plan)
-        rej = party.contribute_refused(plan.to_json(), job, address=f"127.0.0.1:{server.port}")
+        rej = party.contribute_refused(plan.to_json(), job, address=f"127.0.0.1:{server.port}", certificate=cert)
     finally:
         server.stop(grace=0.5)
     assert rej.status == grpc.StatusCode.UNAUTHENTICATED

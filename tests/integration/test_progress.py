@@ -19,7 +19,6 @@ import pytest
 
 from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.policy import DatasetPolicy
-from sealroom.rpc import open_channel
 from sealroom.v1 import party_pb2, party_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -94,7 +93,7 @@ def test_status_carries_per_party_progress_while_streaming(platform):
 
 
 def test_agent_reports_nothing_for_a_job_it_does_not_stream(platform):
-    with open_channel(platform.addresses["party-bank_a"]) as ch:
+    with platform.dial("party-bank_a") as ch:
         resp = party_pb2_grpc.PartyAgentStub(ch).GetProgress(party_pb2.ProgressRequest(job_id="j_unknown"), timeout=10)
     assert list(resp.streams) == []
 
@@ -102,8 +101,7 @@ def test_agent_reports_nothing_for_a_job_it_does_not_stream(platform):
 def _cli_env(platform):
     return dict(
         os.environ,
-        SEALROOM_COORDINATOR=platform.coordinator_address,
-        SEALROOM_TOKEN=platform.token(),
+        **platform.analyst_env(),
         PYTHONUNBUFFERED="1",
     )
 

@@ -30,12 +30,14 @@ from connectors.agent import build_server as build_agent_server
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator
 from coordinator.servicer import CoordinatorServicer
+from sealroom import pki
 from sealroom.app.cli import main
 from sealroom.keys import generate_signing_key, public_key_hex
 from sealroom.policy import DatasetPolicy, TrustPolicy
-from sealroom.rpc import Server, create_server, open_channel
+from sealroom.rpc import Server, create_server, dial
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, party_pb2_grpc
 from tests.harness.enclave import EnclaveHandle
+from tests.harness.pki import as_coordinator, tls_as
 from tests.harness.registration import dataset_info, registration_request
 
 POLICY = DatasetPolicy(privacy_unit="customer_id", min_group_size=2)
@@ -75,7 +77,7 @@ class Platform:
 
     def register(self, request: coordinator_pb2.RegisterPartyRequest) -> grpc.StatusCode | None:
         """Send a registration as anyone can: the status code it was refused with (None: accepted)."""
-        with open_channel(self.address) as channel:
+        with dial(self.address, tls_as(), pki.coordinator()) as channel:
             try:
                 coordinator_pb2_grpc.CoordinatorStub(channel).RegisterParty(request, timeout=10)
             except grpc.RpcError as exc:
@@ -84,7 +86,7 @@ class Platform:
 
     def catalog(self) -> tuple[dict[str, tuple[str, bytes]], list[str]]:
         """What analysts see: party -> (address, key), and the datasets."""
-        with open_channel(self.address) as channel:
+        with dial(self.address, tls_as(), pki.coordinator()) as channel:
             listed = coordinator_pb2_grpc.CoordinatorStub(channel).ListDatasets(common_pb2.Empty(), timeout=10)
         parties = {p.name: (p.address, bytes(p.signing_public_key)) for p in listed.parties}
         return parties, [f"{d.party}.{d.name}" for d in listed.datasets]
@@ -120,9 +122,11 @@ def platform(
         measurements=enclave.appraisal.measurements, allow_simulated=True, dev_root=dev_dir / "dev-root.crt"
     )
     coordinator = Coordinator(
-        CoordinatorConfig(state_dir=tmp_path / "coordinator", enclave=enclave.address, trust=trust)
+        CoordinatorConfig(
+            state_dir=tmp_path / "coordinator", enclave=enclave.address, trust=trust, tls=as_coordinator()
+        )
     )
-    server: Server = create_server("127.0.0.1:0")
+    server: Server = create_server("127.0.0.1:0", tls=as_coordinator())
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator), server.grpc)
     server.start()
     p = Platform(coordinator, f"127.0.0.1:{server.port}", tmp_path, capsys)
@@ -139,6 +143,7 @@ def bank_a(p: Platform, token_file: Path) -> PartyAgent:
         p.tmp / "a.parquet",
     )
     key_file = p.tmp / "bank_a.key"
+    tls = tls_as(pki.party("bank_a"))
     config_file = p.tmp / "bank_a.toml"
     config_file.write_text(
         "[party]\n"
@@ -157,6 +162,7 @@ def bank_a(p: Platform, token_file: Path) -> PartyAgent:
         "[dataset.policy]\n"
         'privacy_unit = "customer_id"\n'
         "min_group_size = 2\n"
+        f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
     )
     with pytest.raises(SystemExit) as exit_info:
         main(["party", "init", "--key", str(key_file)])
@@ -173,7 +179,7 @@ def test_a_hijack_without_the_key_is_refused_and_the_owners_own_move_is_logged(p
     home = p.start_agent(agent)
     assert p.run().status == "released"
     # What anyone learns: bank_a's public key, from its agent.
-    with open_channel(home) as channel:
+    with dial(home, as_coordinator(), pki.party("bank_a")) as channel:
         victim = bytes(
             party_pb2_grpc.PartyAgentStub(channel).GetInfo(common_pb2.Empty(), timeout=10).signing_public_key
         )

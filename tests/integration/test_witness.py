@@ -28,15 +28,17 @@ from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, enrol_party
 from coordinator.servicer import CoordinatorServicer
 from coordinator.store import log_origin
+from sealroom import pki
 from sealroom.app.cli import main
 from sealroom.audit.log import TransparencyLog
 from sealroom.audit.notes import NoteSigner, NoteVerifier, SignedCheckpoint, witness_verifier
 from sealroom.audit.store import SQLiteLogStore
 from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex
 from sealroom.policy import DatasetPolicy, TrustPolicy
-from sealroom.rpc import Server, create_server, open_channel, translate_errors, unwrap
+from sealroom.rpc import Server, create_server, dial, translate_errors, unwrap
 from sealroom.v1 import coordinator_pb2, coordinator_pb2_grpc
 from tests.harness.enclave import EnclaveHandle
+from tests.harness.pki import as_coordinator, tls_as
 
 SQL = (
     "SELECT a.segment, COUNT(*) AS n FROM bank_a.loans a JOIN bank_b.loans b ON a.customer_id = b.customer_id "
@@ -140,10 +142,11 @@ def platform(tmp_path: Path, dev_dir: Path, enclave: EnclaveHandle) -> Iterator[
             trust=trust,
             party_timeout_seconds=30,
             approval_timeout_seconds=30,
+            tls=as_coordinator(),
         )
     )
     servicer = LyingServicer(coordinator)
-    server: Server = create_server("127.0.0.1:0")
+    server: Server = create_server("127.0.0.1:0", tls=as_coordinator())
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server.grpc)
     server.start()
     address = f"127.0.0.1:{server.port}"
@@ -161,6 +164,7 @@ def platform(tmp_path: Path, dev_dir: Path, enclave: EnclaveHandle) -> Iterator[
             # bank_a pins the log key it got from the operator; bank_b trusts it on first use.
             log_key=pinned if name == "bank_a" else None,
             enrolment_token=enrol_party(coordinator.config.state_dir, name).token,
+            tls=tls_as(pki.party(name)),
         )
         agent = PartyAgent(config, signing_key=generate_signing_key())
         agent_server = build_agent_server(agent)
@@ -235,7 +239,7 @@ def test_witnessing_over_grpc_forks_rollbacks_and_forged_cosignatures(
     from tests.unit.connectors.test_witness import cosign_request
 
     before = p.store.log.store.checkpoints()
-    with open_channel(p.address) as channel:
+    with dial(p.address, tls_as(), pki.coordinator()) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.SubmitCosignature(cosign_request("bank_a", a.key, forged), timeout=10)

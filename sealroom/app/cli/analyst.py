@@ -41,13 +41,18 @@ def analyst(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="your analyst name (checked against your token where the coordinator authenticates analysts)",
     )
     sp.add_argument("--token", help="your analyst token (env SEALROOM_TOKEN)")
+    sp.add_argument("--ca", help="the CA certificate that issued the coordinator's TLS certificate (env SEALROOM_CA)")
+    sp.add_argument(
+        "--plaintext", action="store_true", help="no TLS: only a coordinator with [tls] plaintext = true on loopback"
+    )
     return with_json(sp)
 
 
 def client_for(args: argparse.Namespace) -> Client:
     """The client an analyst command's flags describe (read here, at the edge)."""
     address = parse_address(coordinator_address(args.coordinator), "coordinator")
-    return Client(address, analyst=args.analyst, token=args.token)  # the client falls back on $SEALROOM_TOKEN
+    # The client falls back on $SEALROOM_TOKEN and $SEALROOM_CA.
+    return Client(address, analyst=args.analyst, token=args.token, ca=args.ca, plaintext=args.plaintext)
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:

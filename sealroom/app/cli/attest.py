@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from sealroom import pki
 from sealroom.app.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -25,7 +26,9 @@ from sealroom.app.cli.common import (
 from sealroom.attestation import dev_init
 from sealroom.attestation.collateral import Collateral, load_collateral
 from sealroom.attestation.offline import decode_evidence, load_certificate, verify_platform_evidence
-from sealroom.errors import AttestationError
+from sealroom.errors import AlreadyExistsError, AttestationError
+
+DEV_DIR = Path.home() / ".sealroom" / "dev"
 
 
 def add_parsers(sub: Subparsers) -> None:
@@ -57,10 +60,19 @@ def add_parsers(sub: Subparsers) -> None:
     av.set_defaults(handler=cmd_attest_verify)
 
     dev = add_command(sub, "dev").add_subparsers(dest="action", required=True)
-    di = with_json(dev.add_parser("init", help="create the SIMULATED attestation dev root"))
-    di.add_argument("--dir", default=str(Path.home() / ".sealroom" / "dev"))
-    di.add_argument("--force", action="store_true")
+    di = with_json(dev.add_parser("init", help="create the SIMULATED attestation dev root and a development TLS CA"))
+    di.add_argument("--dir", default=str(DEV_DIR))
+    di.add_argument(
+        "--party", action="append", default=[], metavar="NAME", help="also issue party NAME's TLS certificate"
+    )
+    di.add_argument("--force", action="store_true", help="replace what exists (every relying party must re-pin)")
     di.set_defaults(handler=cmd_dev_init)
+    dc = with_json(dev.add_parser("cert", help="issue a TLS certificate from the development CA"))
+    dc.add_argument("role", choices=("coordinator", "party"))
+    dc.add_argument("name", nargs="?", help="the party's name (role party)")
+    dc.add_argument("--dir", default=str(DEV_DIR))
+    dc.add_argument("--force", action="store_true", help="replace an existing certificate")
+    dc.set_defaults(handler=cmd_dev_cert)
 
 
 def certificate(path: str, what: str) -> x509.Certificate:
@@ -128,10 +140,55 @@ def cmd_attest_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_dev_init(args: argparse.Namespace) -> int:
+    identities = [pki.coordinator(), *(_party(name) for name in args.party)]
     root = dev_init(Path(args.dir), force=args.force)
+    tls = pki.DevPKI(Path(args.dir) / "tls")
+    tls.ca(force=args.force)
+    certs = {str(i): _issue(tls, i, force=args.force) for i in identities}
     if args.json:
-        emit({"simulated": True, "dev_root": str(root.cert_path), "key": str(root.key_path)})
+        emit(
+            {
+                "simulated": True,
+                "dev_root": str(root.cert_path),
+                "key": str(root.key_path),
+                "tls": {"ca": str(tls.ca_cert), "certificates": certs},
+            }
+        )
         return EXIT_OK
     print(f"wrote the SIMULATED dev attestation root: {root.cert_path} (and its key {root.key_path})")
     print("relying parties pin the .crt with trust.dev_root and trust.allow_simulated = true")
+    print(f"wrote a development TLS CA: {tls.ca_cert}; every component's [tls] ca, and analysts' --ca")
+    for name, cert in certs.items():
+        print(f"  {name}: [tls] cert = {cert['cert']}, key = {cert['key']}")
     return EXIT_OK
+
+
+def cmd_dev_cert(args: argparse.Namespace) -> int:
+    if args.role == "party" and not args.name:
+        raise UsageError("dev cert party needs the party's NAME")
+    identity = pki.coordinator() if args.role == "coordinator" else _party(args.name)
+    tls = pki.DevPKI(Path(args.dir) / "tls")
+    cert = _issue(tls, identity, force=args.force)
+    if args.json:
+        emit({"identity": str(identity), "ca": str(tls.ca_cert), **cert})
+        return EXIT_OK
+    print(f"issued {identity}'s TLS certificate from {tls.ca_cert}: cert = {cert['cert']}, key = {cert['key']}")
+    return EXIT_OK
+
+
+def _party(name: str) -> pki.Identity:
+    if not name.isidentifier():
+        raise UsageError(f"a party name is an identifier (letters, digits, _), e.g. bank_a (got {name!r})")
+    return pki.party(name)
+
+
+def _issue(tls: pki.DevPKI, identity: pki.Identity, *, force: bool) -> dict[str, str]:
+    """Issue ``identity``'s certificate; an existing one is kept unless ``force`` (AlreadyExistsError)."""
+    try:
+        tls.issue(identity, force=force, exist_ok=False)
+    except FileExistsError:
+        raise AlreadyExistsError(
+            f"{tls.cert(identity)} already exists: keep it, or pass --force to replace it",
+            details={"file": str(tls.cert(identity))},
+        ) from None
+    return {"cert": str(tls.cert(identity)), "key": str(tls.key(identity))}

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from sealroom import pki
 from sealroom.app.cli.common import EXIT_OK, Subparsers, UsageError, add_command, agent_address, emit, when, with_json
 from sealroom.errors import ApprovalError
 from sealroom.keys import load_signing_key, public_key_hex
-from sealroom.rpc import call, open_channel
+from sealroom.rpc import TLSConfig, call, dial
 from sealroom.signing import sign_owner_command
 from sealroom.v1 import common_pb2, party_pb2, party_pb2_grpc
 
@@ -33,6 +35,14 @@ def add_parsers(sub: Subparsers) -> None:
 
 def owner(sp: argparse.ArgumentParser, *, signed: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--agent", help="the party agent's address HOST:PORT (env SEALROOM_PARTY_AGENT)")
+    sp.add_argument(
+        "--party-config",
+        help="the party agent's config file: its address, signing key and [tls] (flags given override it)",
+    )
+    sp.add_argument("--ca", help="the collaboration CA certificate (env SEALROOM_CA)")
+    sp.add_argument("--cert", help="the party's TLS certificate, party:<name> (env SEALROOM_PARTY_CERT)")
+    sp.add_argument("--cert-key", help="the key of --cert (env SEALROOM_PARTY_CERT_KEY)")
+    sp.add_argument("--plaintext", action="store_true", help="no TLS: an agent with [tls] plaintext = true only")
     if signed:
         sp.add_argument(
             "--key", help="the party's signing key, as `sealroom party init` wrote it (env SEALROOM_PARTY_KEY)"
@@ -45,9 +55,70 @@ def owner(sp: argparse.ArgumentParser, *, signed: bool = True) -> argparse.Argum
 # -- pending --------------------------------------------------------------------------------------
 
 
-def pending_plans(address: str) -> tuple[str, list[dict[str, Any]]]:
+@dataclass(frozen=True)
+class AgentLink:
+    """How the owner reaches its own agent: its address, the TLS material (the party's own
+    certificate: the agent requires one of the CA) and the identity the agent must present."""
+
+    address: str
+    tls: TLSConfig
+    party: pki.Identity | None  # None: plaintext
+    signing_key: str | None = None
+
+    def channel(self) -> grpc.Channel:
+        return dial(self.address, self.tls, self.party or pki.coordinator())
+
+
+def agent_link(args: argparse.Namespace) -> AgentLink:
+    """The link the flags describe: ``--party-config`` (the agent's config file) and explicit flags
+    (which win), else ``SEALROOM_PARTY_AGENT``, ``SEALROOM_CA``, ``SEALROOM_PARTY_CERT``..."""
+    from connectors.agent.config import PartyConfig  # the agent's config reader, only when asked for
+
+    config = PartyConfig.load(Path(args.party_config)) if args.party_config else None
+    address = args.agent or os.environ.get("SEALROOM_PARTY_AGENT")
+    if not address and config is not None:
+        address = _config_address(config)
+    address = agent_address(address)
+    key = (
+        getattr(args, "key", None)
+        or os.environ.get("SEALROOM_PARTY_KEY")
+        or (str(config.signing_key) if config else None)
+    )
+    if args.plaintext or (config is not None and config.tls.plaintext and not (args.ca or args.cert)):
+        return AgentLink(address, TLSConfig.off(), None, key)
+    ca = args.ca or os.environ.get("SEALROOM_CA") or (config.tls.ca if config else None)
+    cert = args.cert or os.environ.get("SEALROOM_PARTY_CERT") or (config.tls.cert if config else None)
+    cert_key = args.cert_key or os.environ.get("SEALROOM_PARTY_CERT_KEY") or (config.tls.key if config else None)
+    if not (ca and cert and cert_key):
+        raise UsageError(
+            "the party agent accepts only callers with a certificate of the collaboration CA: give --party-config "
+            "FILE (the agent's config), or --ca, --cert and --cert-key (the party's own certificate and its key)"
+        )
+    tls = TLSConfig(ca=Path(ca), cert=Path(cert), key=Path(cert_key))
+    try:
+        party = pki.certificate_identity(Path(cert).read_bytes())
+    except OSError as exc:
+        raise UsageError(f"cannot read the party's certificate {cert} ({exc.strerror})") from None
+    if party is None or party.role != "party":
+        raise UsageError(f"{cert} is not a party's certificate (its name must be party:<name>)")
+    return AgentLink(address, tls, party, key)
+
+
+def _config_address(config: Any) -> str:
+    """The agent's address from its config (``PartyConfig``): its listen port, advertised host."""
+    host, _, port = config.listen.rpartition(":")
+    if port == "0":
+        raise UsageError(
+            f"{config.name}'s agent listens on a port chosen at start: give its address with --agent HOST:PORT"
+        )
+    if host in ("0.0.0.0", "[::]", "::", ""):  # noqa: S104 - reading a listen address, not binding
+        host = config.advertise_host
+    return f"{host}:{port}"
+
+
+def pending_plans(link: AgentLink) -> tuple[str, list[dict[str, Any]]]:
     """The agent's party name and the plans awaiting its owner (the ``--json`` document's shape)."""
-    with open_channel(address) as ch:
+    with link.channel() as ch:
         stub = party_pb2_grpc.PartyAgentStub(ch)
         info = call("party agent", stub.GetInfo, common_pb2.Empty(), timeout=30)
         resp = call("party agent", stub.ListPending, common_pb2.Empty(), timeout=30)
@@ -70,7 +141,7 @@ def pending_plans(address: str) -> tuple[str, list[dict[str, Any]]]:
 
 
 def cmd_pending(args: argparse.Namespace) -> int:
-    party, plans = pending_plans(agent_address(args.agent))
+    party, plans = pending_plans(agent_link(args))
     if args.json:
         emit({"party": party, "plans": plans})
         return EXIT_OK
@@ -119,7 +190,7 @@ class OwnerCommandOutcome:
 
 
 def send_owner_command(
-    address: str,
+    link: AgentLink,
     key: Ed25519PrivateKey,
     action: str,
     query_id: str,
@@ -128,9 +199,10 @@ def send_owner_command(
     plan_hash: str = "",
     key_name: str = "the key",
 ) -> OwnerCommandOutcome:
-    """Sign ``action`` on ``query_id`` with the owner's ``key`` and send it to the agent at
-    ``address``; refuse first if the key is not the agent's own (``key_name`` says which key)."""
-    with open_channel(address) as ch:
+    """Sign ``action`` on ``query_id`` with the owner's ``key`` and send it to the agent ``link``
+    reaches; refuse first if the key is not the agent's own (``key_name`` says which key)."""
+    address = link.address
+    with link.channel() as ch:
         stub = party_pb2_grpc.PartyAgentStub(ch)
         info = call("party agent", stub.GetInfo, common_pb2.Empty(), timeout=30)
         if bytes(info.signing_public_key).hex() != public_key_hex(key):
@@ -161,19 +233,19 @@ def send_owner_command(
 
 def cmd_owner_command(args: argparse.Namespace) -> int:
     action = args.command
-    address = agent_address(args.agent)
-    key_path = args.key or os.environ.get("SEALROOM_PARTY_KEY")
+    link = agent_link(args)
+    key_path = link.signing_key or os.environ.get("SEALROOM_PARTY_KEY")
     if not key_path:
         raise UsageError(
-            "give the party's signing key with --key PATH (as `sealroom party init` wrote it), or set "
-            "SEALROOM_PARTY_KEY: the agent obeys only commands signed with its own key"
+            "give the party's signing key with --key PATH (as `sealroom party init` wrote it), --party-config "
+            "FILE, or set SEALROOM_PARTY_KEY: the agent obeys only commands signed with its own key"
         )
     key = load_signing_key(Path(key_path))
     reason = getattr(args, "reason", "") or ""  # only reject takes --reason
     if action == "reject" and not reason.strip():
         raise UsageError("reject needs --reason TEXT (the analyst sees it)")
     plan_hash = (args.plan_hash or "").lower()
-    out = send_owner_command(address, key, action, args.query_id, reason=reason, plan_hash=plan_hash, key_name=key_path)
+    out = send_owner_command(link, key, action, args.query_id, reason=reason, plan_hash=plan_hash, key_name=key_path)
     if args.json:
         emit(out.to_dict())
         return EXIT_OK

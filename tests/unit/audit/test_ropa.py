@@ -165,7 +165,8 @@ def test_processing_must_be_a_table(tmp_path: Path) -> None:
 def _coordinator_toml(tmp_path: Path, collaboration: str) -> Path:
     path = tmp_path / "coordinator.toml"
     path.write_text(
-        f'[coordinator]\nstate_dir = "state"\nenclave = "127.0.0.1:9"\n\n[collaboration]\n{collaboration}\n'
+        f'[coordinator]\nstate_dir = "state"\nenclave = "127.0.0.1:9"\n[tls]\nplaintext = true\n\n'
+        f"[collaboration]\n{collaboration}\n"
     )
     return path
 
@@ -183,7 +184,7 @@ def test_the_coordinator_config_reads_the_collaboration(tmp_path: Path) -> None:
     )
     assert Collaboration.from_dict(config.collaboration.to_dict()) == config.collaboration
     plain = tmp_path / "plain.toml"
-    plain.write_text('[coordinator]\nstate_dir = "state"\nenclave = "127.0.0.1:9"\n')
+    plain.write_text('[coordinator]\nstate_dir = "state"\nenclave = "127.0.0.1:9"\n[tls]\nplaintext = true\n')
     assert CoordinatorConfig.load(plain).collaboration is None
 
 

@@ -77,7 +77,8 @@ def test_the_global_cap_stays_a_backstop(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_the_quota_and_the_rate_limit_are_configured_by_key(tmp_path: Path) -> None:
     party = tmp_path / "party.toml"
     base = (
-        '[party]\nname = "bank_a"\ncoordinator = "127.0.0.1:7100"\nsigning_key = "a.key"\n{extra}\n'
+        '[tls]\nplaintext = true\n[party]\nname = "bank_a"\ncoordinator = "127.0.0.1:7100"\nsigning_key = "a.key"\n'
+        "{extra}\n"
         '[[dataset]]\nname = "loans"\nsource = "loans.csv"\n'
     )
     party.write_text(base.format(extra=""))
@@ -90,7 +91,7 @@ def test_the_quota_and_the_rate_limit_are_configured_by_key(tmp_path: Path) -> N
     assert info.value.details["key"] == "party.max_pending_per_analyst"
 
     coordinator = tmp_path / "coordinator.toml"
-    base = '[coordinator]\nstate_dir = "s"\nenclave = "127.0.0.1:7200"\n{extra}\n'
+    base = '[tls]\nplaintext = true\n[coordinator]\nstate_dir = "s"\nenclave = "127.0.0.1:7200"\n{extra}\n'
     coordinator.write_text(base.format(extra=""))
     config = CoordinatorConfig.load(coordinator)
     assert (config.analyst_calls_per_second, config.analyst_burst) == (10.0, 50)

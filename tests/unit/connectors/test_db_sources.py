@@ -424,7 +424,7 @@ def test_party_config_resolves_database_paths_against_its_file(sqlite_file: Path
     (conf / "b.db").write_bytes(sqlite_file.read_bytes())
     path = conf / "party.toml"
     path.write_text(
-        '[party]\nname = "bank_b"\ncoordinator = "127.0.0.1:1"\nsigning_key = "k.key"\n'
+        '[party]\nname = "bank_b"\ncoordinator = "127.0.0.1:1"\nsigning_key = "k.key"\n[tls]\nplaintext = true\n'
         '[[dataset]]\nname = "loans"\nsource = "sqlite:///b.db?table=loans"\n'
         '[[dataset]]\nname = "pg"\nsource = "postgresql://reader@db:5432/bank?table=loans"\n'
     )

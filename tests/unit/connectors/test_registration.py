@@ -23,7 +23,7 @@ def config_file(tmp_path: Path, token_line: str) -> Path:
         save_signing_key(generate_signing_key(), tmp_path / "bank_a.key")
     path = tmp_path / "party.toml"
     path.write_text(
-        '[party]\nname = "bank_a"\ncoordinator = "127.0.0.1:9"\nsigning_key = "bank_a.key"\n'
+        '[tls]\nplaintext = true\n[party]\nname = "bank_a"\ncoordinator = "127.0.0.1:9"\nsigning_key = "bank_a.key"\n'
         f"{token_line}\n"
         '[[dataset]]\nname = "loans"\nsource = "a.parquet"\n'
     )

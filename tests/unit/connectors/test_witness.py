@@ -564,7 +564,8 @@ def test_witnessing_can_be_turned_off_only_loudly(tmp_path: Path, caplog: pytest
 def test_party_config_state_dir_and_log_key(tmp_path: Path, registered: Coordinator) -> None:
     vkey = (registered.config.state_dir / "log.vkey").read_text().strip()
     (tmp_path / "pinned.vkey").write_text(vkey + "\n")
-    base = '[party]\nname = "bank_a"\ncoordinator = "127.0.0.1:1"\nsigning_key = "keys/a.key"\n'
+    base = '[tls]\nplaintext = true\n[party]\nname = "bank_a"\ncoordinator = "127.0.0.1:1"\n'
+    base += 'signing_key = "keys/a.key"\n'
     tail = '[[dataset]]\nname = "loans"\nsource = "a.csv"\n'
 
     def load(extra: str) -> PartyConfig:

@@ -200,7 +200,9 @@ def test_the_operators_command_enrols_from_the_coordinators_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "coordinator.toml"
-    config.write_text(f'[coordinator]\nstate_dir = "{tmp_path / "state"}"\nenclave = "127.0.0.1:9"\n')
+    config.write_text(
+        f'[coordinator]\nstate_dir = "{tmp_path / "state"}"\nenclave = "127.0.0.1:9"\n[tls]\nplaintext = true\n'
+    )
     with pytest.raises(SystemExit) as exit_info:
         main(["party", "enrol", "bank_a", "--config", str(config), "--valid-hours", "2"])
     out = capsys.readouterr().out

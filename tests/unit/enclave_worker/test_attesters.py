@@ -286,11 +286,13 @@ def test_snp_certificate_table_parsing(pki: FakeAmdPki) -> None:
 
 def test_enclave_config_reads_the_attester_keys(tmp_path: Path) -> None:
     path = tmp_path / "enclave.toml"
-    path.write_text('[enclave]\nattester = "sev-snp"\ntsm_path = "tsm"\nsnp_certificates = "vcek.pem"\n')
+    path.write_text(
+        '[enclave]\nattester = "sev-snp"\ntsm_path = "tsm"\nsnp_certificates = "vcek.pem"\n[tls]\nplaintext = true\n'
+    )
     cfg = EnclaveConfig.load(path)
     assert cfg.attester == "sev-snp" and cfg.tsm_path == tmp_path / "tsm"
     assert cfg.snp_certificates == tmp_path / "vcek.pem"
-    path.write_text('[enclave]\nattester = "sev"\n')
+    path.write_text('[enclave]\nattester = "sev"\n[tls]\nplaintext = true\n')
     with pytest.raises(ConfigError, match="sev-snp, tdx, sgx, nitro"):
         EnclaveConfig.load(path)
 
@@ -347,7 +349,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_enclave_serve_refuses_to_start_without_its_attester(tmp_path: Path) -> None:
     config = tmp_path / "enclave.toml"
-    config.write_text(f'[enclave]\nlisten = "127.0.0.1:0"\nattester = "tdx"\ntsm_path = "{tmp_path / "none"}"\n')
+    config.write_text(
+        f'[enclave]\nlisten = "127.0.0.1:0"\nattester = "tdx"\ntsm_path = "{tmp_path / "none"}"\n'
+        "[tls]\nplaintext = true\n"
+    )
     port_file = tmp_path / "port"
     out = _cli("enclave", "serve", "--config", str(config), "--port-file", str(port_file))
     assert out.returncode == 2, out.stderr
@@ -357,7 +362,7 @@ def test_enclave_serve_refuses_to_start_without_its_attester(tmp_path: Path) -> 
 
 def test_enclave_measure_asks_the_platform(tmp_path: Path, pki: FakeAmdPki, tsm: FakeConfigfsTsm) -> None:
     config = tmp_path / "enclave.toml"
-    config.write_text(f'[enclave]\nattester = "sev-snp"\ntsm_path = "{tsm.root}"\n')
+    config.write_text(f'[enclave]\nattester = "sev-snp"\ntsm_path = "{tsm.root}"\n[tls]\nplaintext = true\n')
     out = _cli("enclave", "measure", "--config", str(config), "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"measurement": MEASUREMENT.hex()}

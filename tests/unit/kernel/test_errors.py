@@ -7,9 +7,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from sealroom import errors
-from sealroom.rpc import call, create_server, open_channel, translate_errors
+from sealroom import errors, pki
+from sealroom.rpc import call, create_server, dial, translate_errors
 from sealroom.v1 import common_pb2, party_pb2, party_pb2_grpc
+from tests.harness.pki import as_coordinator, tls_as
 
 EXPECTED = {
     errors.InvalidQueryError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -53,10 +54,10 @@ class _Raising(party_pb2_grpc.PartyAgentServicer):
 @pytest.fixture()
 def server():
     servicer = translate_errors(_Raising)()
-    srv = create_server("127.0.0.1:0")
+    srv = create_server("127.0.0.1:0", tls=tls_as(pki.party("bank_a")), require_client_auth=True)
     party_pb2_grpc.add_PartyAgentServicer_to_server(servicer, srv.grpc)
     srv.start()
-    channel = open_channel(f"127.0.0.1:{srv.port}")
+    channel = dial(f"127.0.0.1:{srv.port}", as_coordinator(), pki.party("bank_a"))
     yield servicer, party_pb2_grpc.PartyAgentStub(channel)
     channel.close()
     srv.stop(0)
@@ -88,7 +89,7 @@ def test_unexpected_errors_are_generic_and_never_leak(server, caplog):
 
 
 def test_unreachable_peer_is_unavailable():
-    channel = open_channel("127.0.0.1:1")
+    channel = dial("127.0.0.1:1", as_coordinator(), pki.party("bank_a"))
     with pytest.raises(errors.UnavailableError, match="unreachable"):
         call("coordinator", party_pb2_grpc.PartyAgentStub(channel).GetInfo, common_pb2.Empty(), timeout=2)
     channel.close()
