@@ -89,7 +89,7 @@ def test_a_deep_expression_is_refused_with_the_limit_named(platform: Cluster) ->
 
 def test_planning_stops_when_the_analysts_call_ends(platform: Cluster) -> None:
     slow = in_list(40_000)  # ~350 KB: seconds of parsing and resolution
-    with Client(platform.coordinator_address, token=platform.token(), timeout=0.3) as impatient:
+    with Client(platform.coordinator_address, token=platform.token(), ca=platform.ca_path, timeout=0.3) as impatient:
         with pytest.raises(UnavailableError, match="deadline_exceeded"):  # as the client sees its deadline
             impatient.submit(slow)
     with platform.client() as client:

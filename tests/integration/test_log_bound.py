@@ -34,7 +34,6 @@ from sealroom.audit.receipts import verify_receipt
 from sealroom.auth import bearer
 from sealroom.keys import load_signing_key
 from sealroom.planning.plan import Plan
-from sealroom.rpc import open_channel
 from sealroom.v1 import common_pb2, coordinator_pb2_grpc, enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -70,7 +69,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def _catalog_and_parties(cluster: Any) -> tuple[Any, dict[str, Any]]:
     """What the bypass script fetched once: the catalog and the parties (address, key)."""
-    with open_channel(cluster.coordinator_address) as ch:
+    with cluster.dial("coordinator") as ch:
         resp = coordinator_pb2_grpc.CoordinatorStub(ch).ListDatasets(
             common_pb2.Empty(), metadata=bearer(cluster.token()), timeout=30
         )
@@ -101,8 +100,10 @@ def _bypass_plan(cluster: Any) -> tuple[Plan, dict[str, Any]]:
     return plan, parties
 
 
-def _review(address: str, request: party_pb2.ReviewPlanRequest) -> party_pb2.ReviewPlanResponse:
-    with open_channel(address) as ch:
+def _review(cluster: Any, party: str, request: party_pb2.ReviewPlanRequest) -> party_pb2.ReviewPlanResponse:
+    """ReviewPlan at ``party``'s agent with the coordinator's own certificate: the log binding must
+    hold even against whoever runs the coordinator."""
+    with cluster.dial(f"party-{party}") as ch:
         return party_pb2_grpc.PartyAgentStub(ch).ReviewPlan(request, timeout=30)
 
 
@@ -127,9 +128,7 @@ def test_the_bypass_script_gets_no_approval_no_stream_and_no_release(cluster: An
     plan_json = plan.to_json()
     # 1. ReviewPlan at each owner's agent, as the issue's script did: no log entry, no approval.
     for name in PARTIES:
-        doc = _refusal(
-            _review(parties[name].address, party_pb2.ReviewPlanRequest(plan_json=plan_json, query_id=plan.query_id))
-        )
+        doc = _refusal(_review(cluster, name, party_pb2.ReviewPlanRequest(plan_json=plan_json, query_id=plan.query_id)))
         assert doc["code"] == "approval"
         assert doc["details"] == {"party": name, "check": "log_entry_missing", "rule": "not_in_log"}
     # 2. An entry of its own making, in a tree of its own, signed by a key of its own.
@@ -153,14 +152,14 @@ def test_the_bypass_script_gets_no_approval_no_stream_and_no_release(cluster: An
         log_checkpoint=SignedCheckpoint(cp, (stranger.sign(cp.body()),)).to_text(),
     )
     for name in PARTIES:
-        doc = _refusal(_review(parties[name].address, forged))
+        doc = _refusal(_review(cluster, name, forged))
         assert doc["details"]["check"] == "inclusion_checkpoint" and doc["details"]["rule"] == "not_in_log"
     # 3. No approval held: the agents stream nothing to a job the script creates.
-    with open_channel(cluster.enclave_address) as ch:
+    with cluster.dial("enclave") as ch:
         enclave = enclave_pb2_grpc.EnclaveStub(ch)
         job = enclave.CreateJob(enclave_pb2.CreateJobRequest(plan_json=plan_json), timeout=30)
         for name in PARTIES:
-            with open_channel(parties[name].address) as pch, pytest.raises(grpc.RpcError) as info:
+            with cluster.dial(f"party-{name}") as pch, pytest.raises(grpc.RpcError) as info:
                 party_pb2_grpc.PartyAgentStub(pch).Contribute(
                     party_pb2.ContributeRequest(
                         plan_json=plan_json, job_id=job.job_id, enclave_address=cluster.enclave_address
@@ -209,7 +208,7 @@ def test_a_coordinator_that_skips_the_log_is_refused_even_with_its_own_log_key(c
             inclusion_proof=inclusion_proof(leaves, index),
         )
         for name in PARTIES:
-            doc = _refusal(_review(parties[name].address, request))
+            doc = _refusal(_review(cluster, name, request))
             assert doc["details"]["rule"] in ("not_in_log", "log_witness")
             assert doc["details"]["check"] in ("consistency_proof", "inclusion_checkpoint")
 
