@@ -401,7 +401,7 @@ def test_agent_obeys_only_its_owners_key(platform):
             stub = party_pb2_grpc.PartyAgentStub(ch)
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Approve(command, timeout=10)
-            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED  # refused before any work
             assert unwrap(caught.value).details["check"] == "owner_command_signature"
             # A genuine command is obeyed once; its replay is refused.
             key_m = load_signing_key(platform.key_path("bank_m"))
