@@ -145,6 +145,7 @@ class Platform:
     token: str
     enclave_handle: Callable[[str], EnclaveHandle]
     bank_a: Any  # the harness's PartyData for bank_a (its key signs its streams)
+    agent_backend: PartyAgent
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +211,7 @@ def platform(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             token,
             handle,
             make_party("bank_a", table, policy=policy, key=key),
+            agent,
         )
 
 
@@ -290,8 +292,31 @@ def test_an_analyst_token_opens_the_analyst_methods_only(platform) -> None:
 # -- the owner's methods ---------------------------------------------------------------------------------
 
 
+SQL = "SELECT segment, COUNT(*) AS n FROM bank_a.loans GROUP BY segment"
+
+
+def _review_as(platform: Platform, holder: str, plan_json: bytes) -> party_pb2.ReviewPlanResponse:
+    with platform.certs.channel(platform.agent, holder, pki.party("bank_a")) as channel:
+        request = party_pb2.ReviewPlanRequest(plan_json=plan_json, query_id="q")
+        return party_pb2_grpc.PartyAgentStub(channel).ReviewPlan(request, timeout=10)
+
+
+def test_a_flood_of_forged_reviews_fills_no_owner_queue(platform) -> None:
+    """Attack 5: forged ReviewPlan calls filled bank_c's manual-approval queue. Now only the
+    coordinator may ask for a review; the owner's queue holds what the coordinator sent, no more."""
+    for n in range(200):
+        plan = make_plan(SQL, [platform.bank_a], query_id=f"q_flood{n}")
+        with pytest.raises(grpc.RpcError) as caught:
+            _review_as(platform, "bank_b", plan.to_json())
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert [p.query_id for p in platform.agent_backend.pending() if p.query_id.startswith("q_flood")] == []
+
+
 def test_only_the_owner_lists_its_pending_plans(platform) -> None:
     (list_pending,) = [m for m in methods("PartyAgent") if m.name == "ListPending"]
+    # The coordinator asks bank_a to review a plan its owner decides by hand: it waits for the owner.
+    plan = make_plan(SQL, [platform.bank_a], analyst="alice", query_id="q_pending")
+    assert _review_as(platform, "coordinator", plan.to_json()).pending
     issued = int(time.time() * 1000)
     for holder in ("coordinator", "bank_b"):
         with platform.certs.channel(platform.agent, holder, pki.party("bank_a")) as channel:
@@ -318,7 +343,8 @@ def test_only_the_owner_lists_its_pending_plans(platform) -> None:
                 issued_at_ms=issued,
                 signature=sign_owner_read(platform.agent_key, "pending", party="bank_a", issued_at_ms=issued),
             )
-            assert list(invoke(channel, list_pending, signed).plans) == []
+            (listed,) = [p for p in invoke(channel, list_pending, signed).plans if p.query_id == "q_pending"]
+            assert "bank_a" in listed.sql and listed.analyst == "alice"  # the SQL and the analyst: the owner's only
 
 
 def test_owner_commands_signed_by_another_key_are_refused_before_any_work(platform) -> None:
