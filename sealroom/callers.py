@@ -36,6 +36,7 @@ class Callers(enum.Enum):
     ANYONE = "anyone"
     COORDINATOR = "the coordinator"
     PARTY_OF_JOB = "a party the job names"
+    JOB_MEMBER = "the coordinator or a party the job names"
     OWNER = "the agent's own owner"
     ANALYST = "an analyst"
     SIGNED_BY_PARTY = "the party that signs the request"
@@ -50,6 +51,9 @@ PROOFS: Mapping[Callers, str] = {
     Callers.COORDINATOR: "mutual TLS: a client certificate of the collaboration CA with CN `coordinator`",
     Callers.PARTY_OF_JOB: (
         "mutual TLS: a client certificate with CN `party:<name>`, and the job's plan names that party"
+    ),
+    Callers.JOB_MEMBER: (
+        "mutual TLS: a client certificate with CN `coordinator`, or CN `party:<name>` of a party the job's plan names"
     ),
     Callers.OWNER: "the request is signed by the party's own signing key, fresh (sealroom.signing)",
     Callers.ANALYST: "the analyst's bearer token; a query's status and result only to the analyst who submitted it",
@@ -91,7 +95,7 @@ RULES: Mapping[str, Callers] = {
     # -- the enclave worker: the coordinator runs jobs, the job's parties attest and stream --------
     "/sealroom.v1.Enclave/GetInfo": _C.ANYONE,
     "/sealroom.v1.Enclave/CreateJob": _C.COORDINATOR,
-    "/sealroom.v1.Enclave/Attest": _C.PARTY_OF_JOB,
+    "/sealroom.v1.Enclave/Attest": _C.JOB_MEMBER,
     "/sealroom.v1.Enclave/Execute": _C.COORDINATOR,
     "/sealroom.v1.Enclave/AbortJob": _C.COORDINATOR,
     "/sealroom.v1.Enclave/PrepareMpc": _C.COORDINATOR,
@@ -119,6 +123,8 @@ def admit(path: str, identity: Identity | None) -> Callers:
         _require(path, identity, "coordinator", rule)
     elif rule is Callers.PARTY_OF_JOB:
         _require(path, identity, "party", rule)
+    elif rule is Callers.JOB_MEMBER and not (identity is not None and identity.role == "coordinator"):
+        _require(path, identity, "party", rule)
     return rule
 
 
@@ -145,6 +151,7 @@ def signature_fields(message: Any) -> list[str]:
 
 
 def _require(path: str, identity: Identity | None, role: str, rule: Callers) -> Identity:
+    """``identity``, if it has ``role``; AuthenticationError for none, CallerError for another."""
     if identity is None:
         raise AuthenticationError(
             f"{path} may be called only by {rule.value}, proven by {rule.proof}; this call presented no "
@@ -160,8 +167,9 @@ def _require(path: str, identity: Identity | None, role: str, rule: Callers) -> 
 
 
 def require_party_of(path: str, identity: Identity | None, parties: Collection[str]) -> str:
-    """For a ``PARTY_OF_JOB`` method: the calling party's name, if ``parties`` (the parties the job's
-    plan names) holds it; AuthenticationError or CallerError otherwise."""
+    """For a ``PARTY_OF_JOB`` method (and a party calling a ``JOB_MEMBER`` one): the calling party's
+    name, if ``parties`` (the parties the job's plan names) holds it; AuthenticationError or
+    CallerError otherwise."""
     identity = _require(path, identity, "party", Callers.PARTY_OF_JOB)
     if identity.name not in parties:
         raise CallerError(

@@ -384,12 +384,9 @@ def test_the_coordinator_passes_the_gates_it_needs(platform) -> None:
         assert list(resp.streams) == []
         review = stub.ReviewPlan(party_pb2.ReviewPlanRequest(plan_json=b"{}"), timeout=10)
         assert not review.approved and review.error_json  # reviewed (and refused on its merits)
-    # ...and is refused what only a job's party may do.
+    # ...and is refused what only a job's party may do: stream its input.
     coordinator = platform.enclave_handle("coordinator")
-    assert (
-        code_of(lambda: coordinator.stub.Attest(enclave_pb2.AttestRequest(job_id="j", nonce=b"n" * 32), timeout=10))
-        == grpc.StatusCode.PERMISSION_DENIED
-    )
+    assert coordinator.upload_rejected(header=b"h", frames=[b"f"]).status == grpc.StatusCode.PERMISSION_DENIED
 
 
 def _job(platform: Platform) -> tuple[JobHandle, JobHandle]:
@@ -414,6 +411,8 @@ def test_only_a_party_the_job_names_attests_and_streams_its_own_input(platform) 
     attest = enclave_pb2.AttestRequest(job_id=as_a.job_id, nonce=b"n" * 32)
     refused = code_of(lambda: as_b.enclave.stub.Attest(attest, timeout=10))
     assert refused == grpc.StatusCode.PERMISSION_DENIED
+    # The coordinator checks the enclave's TLS binding with fresh evidence too.
+    assert platform.enclave_handle("coordinator").stub.Attest(attest, timeout=10).evidence
     as_a.attest()  # bank_a, which the job names, gets the evidence
     stream = as_a.seal(platform.bank_a)
     # bank_b relays bank_a's genuine stream: refused before a frame is read, and the job lives on.

@@ -79,6 +79,14 @@ def test_a_method_without_a_rule_is_refused_to_everyone() -> None:
             admit("/sealroom.v1.PartyAgent/Unknown", identity)
 
 
+def test_attest_admits_the_coordinator_and_parties_only() -> None:
+    path = "/sealroom.v1.Enclave/Attest"
+    assert admit(path, pki.coordinator()) is Callers.JOB_MEMBER
+    assert admit(path, pki.party("bank_a")) is Callers.JOB_MEMBER  # the handler then checks the job
+    with pytest.raises(AuthenticationError):
+        admit(path, None)
+
+
 def test_a_party_of_the_job_is_one_the_job_names() -> None:
     assert require_party_of(UPLOAD_PATH, pki.party("bank_a"), {"bank_a", "bank_c"}) == "bank_a"
     with pytest.raises(CallerError):
