@@ -8,6 +8,7 @@ The legitimate path still works: the same platform releases a query first.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import grpc
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 
@@ -23,8 +25,9 @@ from sealroom import pki, rpc
 from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.callers import RULES, Callers, method_path
 from sealroom.policy import DatasetPolicy
+from sealroom.sealed import SealingStream, StreamContext, schema_hash
 from sealroom.v1 import coordinator_pb2, enclave_pb2, party_pb2
-from sealroom.wire import UPLOAD_PATH
+from sealroom.wire import HEADER_METADATA_KEY, UPLOAD_PATH
 
 pytestmark = [
     pytest.mark.slow,
@@ -76,10 +79,24 @@ def invoke(channel: grpc.Channel, method: MethodDescriptor) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def header() -> bytes:
+    """A well-formed stream header of bank_a's, for a job the enclave does not hold."""
+    schema = pa.schema([("customer_id", pa.int64())])
+    ctx = StreamContext(
+        job_id="j_" + os.urandom(8).hex(),
+        party="bank_a",
+        dataset="loans",
+        schema_hash=schema_hash(schema),
+        plan_hash=os.urandom(32),
+        evidence_hash=os.urandom(32),
+    )
+    return SealingStream(ctx, schema, X25519PrivateKey.generate().public_key()).header.to_bytes()
+
+
 def upload(channel: grpc.Channel) -> grpc.StatusCode:
     call = channel.stream_unary(UPLOAD_PATH, request_serializer=None, response_deserializer=None)
     try:
-        call(iter([b"frame"]), metadata=(("sealroom-stream-header-bin", b"header"),), timeout=10)
+        call(iter([b"frame"]), metadata=((HEADER_METADATA_KEY, header()),), timeout=10)
     except grpc.RpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
