@@ -42,7 +42,7 @@ from enclave_worker.config import EnclaveConfig
 from sealroom import pki, rpc
 from sealroom.attestation import dev_init, enclave_measurement
 from sealroom.auth import AnalystDirectory, bearer, generate_token, token_hash
-from sealroom.callers import RULES, Callers, method_path
+from sealroom.callers import RULES, Callers, method_path, signature_fields
 from sealroom.keys import generate_signing_key
 from sealroom.policy import DatasetPolicy, TrustPolicy
 from sealroom.signing import sign_owner_command, sign_owner_read
@@ -55,9 +55,13 @@ pytestmark = pytest.mark.slow
 REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 # The TLS handshake fails: gRPC reports the server as unreachable, no method ran.
 HANDSHAKE_REFUSED = grpc.StatusCode.UNAVAILABLE
-# The i13-register branch adds the party's signature to RegisterParty; until it is merged the
-# request carries no signature for the wrapper to require.
-SIGNATURE_PENDING = {"/sealroom.v1.Coordinator/RegisterParty"}
+# RegisterParty carries no signature until the registration work of issue 13 (i13-register) adds one;
+# from then on it is checked like every signed method.
+SIGNATURE_PENDING = (
+    set()
+    if signature_fields(coordinator_pb2.RegisterPartyRequest.DESCRIPTOR)
+    else {"/sealroom.v1.Coordinator/RegisterParty"}
+)
 ENCLAVE_ID = pki.party("enclave_worker")  # stands in for the enclave's own certificate (i13-tls)
 
 
