@@ -14,6 +14,7 @@ import grpc
 from coordinator import service
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, Metadata
+from sealroom.callers import Callers, unprovable
 from sealroom.cancel import CallScope
 from sealroom.rpc import Server, create_server, translate_errors
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -30,6 +31,13 @@ def _metadata(context: grpc.ServicerContext) -> Metadata:
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator):
         self.c = coordinator
+
+    def prove_caller(self, rule: Callers, path: str, request: object, context: grpc.ServicerContext) -> None:
+        """An analyst's methods (sealroom.callers: ANALYST): the call's token must name an analyst of
+        this coordinator (each handler then keeps to that analyst's own queries)."""
+        if rule is not Callers.ANALYST:
+            raise unprovable(path)
+        self.c.analyst(_metadata(context))
 
     # -- a party agent's calls -----------------------------------------------------------------
 

@@ -15,13 +15,16 @@ from enclave_worker.config import EnclaveConfig
 from enclave_worker.jobs import JobRegistry
 from enclave_worker.tls import make_identity
 from sealroom import __version__
-from sealroom.rpc import Server, create_server, raw_stream_handler, translate_errors
-from sealroom.sealed import integrity_error
+from sealroom.callers import method_path, require_party_of
+from sealroom.rpc import Server, caller_identity, create_server, raw_stream_handler, translate_errors
+from sealroom.sealed import StreamHeader, integrity_error
 from sealroom.signing import LogPosition
 from sealroom.v1 import common_pb2, enclave_pb2, enclave_pb2_grpc, party_pb2
-from sealroom.wire import DATA_SERVICE, HEADER_METADATA_KEY, SIGNATURE_METADATA_KEY, UPLOAD_METHOD
+from sealroom.wire import DATA_SERVICE, HEADER_METADATA_KEY, SIGNATURE_METADATA_KEY, UPLOAD_METHOD, UPLOAD_PATH
 
 log = logging.getLogger(__name__)
+
+ATTEST_PATH = method_path(enclave_pb2.DESCRIPTOR.services_by_name["Enclave"].full_name, "Attest")
 
 
 def loaded_packages() -> list[str]:
@@ -57,6 +60,10 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
     def Attest(  # noqa: N802
         self, request: enclave_pb2.AttestRequest, context: grpc.ServicerContext
     ) -> enclave_pb2.AttestResponse:
+        # The coordinator, or a party whose input the job awaits (sealroom.callers: JOB_MEMBER).
+        caller = caller_identity(context)
+        if caller is None or caller.role != "coordinator":
+            require_party_of(ATTEST_PATH, caller, _job_parties(self.registry, request.job_id))
         evidence, job = self.registry.attest(request.job_id, request.nonce)
         return enclave_pb2.AttestResponse(
             evidence=evidence.to_bytes(),
@@ -113,6 +120,12 @@ class EnclaveServicer(enclave_pb2_grpc.EnclaveServicer):
         return common_pb2.Empty()
 
 
+def _job_parties(registry: JobRegistry, job_id: str) -> set[str]:
+    """The parties whose inputs the job awaits (none for an unknown job)."""
+    job = registry.job(job_id)
+    return {party for party, _ in job.inputs} if job is not None else set()
+
+
 def _upload(registry: JobRegistry) -> Callable[[Iterator[bytes], grpc.ServicerContext], bytes]:
     def handle(frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         metadata = dict(context.invocation_metadata())
@@ -120,6 +133,10 @@ def _upload(registry: JobRegistry) -> Callable[[Iterator[bytes], grpc.ServicerCo
         signature = metadata.get(SIGNATURE_METADATA_KEY)
         if not isinstance(header, bytes):
             raise integrity_error()
+        # The caller streams only its own input to a job that awaits it (sealroom.callers: PARTY_OF_JOB),
+        # checked before a frame is read: another party's stream is refused and fails no job.
+        ctx = StreamHeader.from_bytes(header).context
+        require_party_of(UPLOAD_PATH, caller_identity(context), _job_parties(registry, ctx.job_id) & {ctx.party})
         job_id, inp = registry.upload(
             header, signature if isinstance(signature, bytes) else None, frames, connected=context.is_active
         )

@@ -3,7 +3,8 @@
 - :func:`create_server` binds a server (port 0 picks a free port) and returns ``(server, port)``;
   the standard health service is registered and set to SERVING by :func:`start`, NOT_SERVING
   before a graceful stop.
-- :func:`translate_errors` is the one translator: a servicer method that raises a
+- :func:`translate_errors` admits each call's caller by the table in :mod:`sealroom.callers` (who may
+  call each method) before the method runs, and is the one translator: a servicer method that raises a
   :class:`~sealroom.errors.SealroomError` aborts with that error's gRPC status, its public
   message, and its public details (JSON in trailing metadata); anything else is logged here and
   sent as a generic INTERNAL error, so no internal message (which might hold data) crosses the wire.
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import ipaddress
 import json
 import logging
@@ -34,6 +36,8 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from sealroom import callers
+from sealroom.callers import method_path
 from sealroom.config import Table
 from sealroom.errors import (
     AttestationError,
@@ -417,25 +421,52 @@ def _handle(context: grpc.ServicerContext, name: str, exc: BaseException) -> Non
 
 
 def translate_errors(cls: type) -> type:
-    """Class decorator for servicers: wrap each RPC method with the error translator."""
-    for name, fn in list(vars(cls).items()):
-        if name.startswith("_") or not callable(fn) or getattr(fn, "_sealroom_translated", False):
+    """Class decorator for servicers: each RPC method of the service (found in the generated base
+    class's descriptor) first admits its caller by the table in :mod:`sealroom.callers`, then runs
+    under the error translator. A method the class leaves to the generated base stays unimplemented."""
+    service = _service_of(cls)
+    for method in service.methods:
+        fn = getattr(cls, method.name)
+        if getattr(fn, "_sealroom_translated", False) or fn.__module__.endswith("_pb2_grpc"):
             continue
-        setattr(cls, name, _wrap(name, fn))
+        setattr(cls, method.name, _wrap(method_path(service.full_name, method.name), fn))
     return cls
 
 
-def _wrap(name: str, fn: F) -> F:
+def _service_of(cls: type) -> Any:
+    """The service descriptor behind a servicer class (its generated ``<Service>Servicer`` base)."""
+    for base in cls.__mro__:
+        if base.__module__.endswith("_pb2_grpc") and base.__name__.endswith("Servicer"):
+            messages = importlib.import_module(base.__module__.removesuffix("_grpc"))
+            return messages.DESCRIPTOR.services_by_name[base.__name__.removesuffix("Servicer")]
+    raise TypeError(f"{cls.__name__} is not a servicer of a generated service")
+
+
+def _admit(path: str, servicer: Any, request: Any, context: grpc.ServicerContext) -> None:
+    """Refuse the call unless the table admits its caller (sealroom.callers): the transport identity
+    here, the proof a request carries (a token, an owner's signature) by the servicer's hook."""
+    rule = callers.admit(path, caller_identity(context))
+    if rule in callers.SIGNED:
+        callers.require_signed(path, request)
+    if rule in callers.PROVED_BY_SERVICER:
+        prove = getattr(servicer, "prove_caller", None)
+        if prove is None:
+            raise callers.unprovable(path)
+        prove(rule, path, request, context)
+
+
+def _wrap(path: str, fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            _admit(path, self, request, context)
             return fn(self, request, context)
         except grpc.RpcError:
             raise
         except Exception as exc:  # noqa: BLE001 - this is the one translator
             if _is_abort(exc):
                 raise
-            _handle(context, name, exc)
+            _handle(context, path, exc)
 
     wrapper._sealroom_translated = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
@@ -449,15 +480,18 @@ def _is_abort(exc: BaseException) -> bool:
 def raw_stream_handler(
     service: str, method: str, fn: Callable[[Iterator[bytes], grpc.ServicerContext], bytes]
 ) -> grpc.GenericRpcHandler:
-    """A client-streaming method over raw bytes (no protobuf copy), with the error translator."""
+    """A client-streaming method over raw bytes (no protobuf copy), its caller admitted by the table
+    in :mod:`sealroom.callers` before ``fn`` reads a frame, with the error translator."""
+    path = method_path(service, method)
 
     def behaviour(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         try:
+            _admit(path, None, None, context)
             return fn(request_iterator, context)
         except Exception as exc:  # noqa: BLE001 - the one translator
             if _is_abort(exc):
                 raise
-            _handle(context, f"{service}/{method}", exc)
+            _handle(context, path, exc)
             raise AssertionError("unreachable") from exc
 
     return grpc.method_handlers_generic_handler(

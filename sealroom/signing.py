@@ -352,3 +352,36 @@ class Registration:
                 "the agent signs a fresh registration at each start",
                 details={"party": self.party, "check": "replay"},
             )
+
+
+# -- an owner's reads from its own agent -------------------------------------------------------------
+
+OWNER_READ_DOMAIN = b"sealroom/v1/owner-read\x00"
+# What an owner may read from its agent with a signed request ("pending": ListPending).
+OWNER_READS = ("pending",)
+
+
+def owner_read_message(what: str, *, party: str, issued_at_ms: int) -> bytes:
+    """What the owner signs to read ``what`` from its own agent (``sealroom pending``):
+    ``"sealroom/v1/owner-read" 0x00 canonical_json({read, party, issued_at_ms})``, domain-separated
+    from approvals, commands and actions so a read request can never be taken for any of them."""
+    if what not in OWNER_READS:
+        raise ValueError(f"unknown owner read {what!r}")
+    return OWNER_READ_DOMAIN + canonical_json({"read": what, "party": party, "issued_at_ms": int(issued_at_ms)})
+
+
+def sign_owner_read(key: Ed25519PrivateKey, what: str, *, party: str, issued_at_ms: int) -> bytes:
+    return key.sign(owner_read_message(what, party=party, issued_at_ms=issued_at_ms))
+
+
+def verify_owner_read(
+    public_key_hex: str, signature: bytes, what: str, *, party: str, issued_at_ms: int, now_ms: int
+) -> None:
+    """Raise ApprovalError unless ``signature`` is by the agent's own key over this read, and fresh."""
+    if not _verifies(public_key_hex, signature, owner_read_message(what, party=party, issued_at_ms=issued_at_ms)):
+        raise ApprovalError(
+            f"the request to read the {what} plans is not signed by {party}'s signing key; only its owner "
+            "may read them (run it with the key the agent uses: --key, or SEALROOM_PARTY_KEY)",
+            details={"party": party, "check": "owner_read_signature"},
+        )
+    check_issued_at(issued_at_ms, now_ms, party=party)

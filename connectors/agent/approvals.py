@@ -338,11 +338,10 @@ class Approvals:
             )
         return out
 
-    def accept_command(self, action: str, command: party_pb2.OwnerCommand, *, public_key_hex: str) -> None:
-        """The command must be signed by this party's own key, fresh, and never seen before."""
+    def authenticate(self, action: str, command: party_pb2.OwnerCommand, *, public_key_hex: str) -> None:
+        """The command must be signed by this party's own key, and fresh."""
         me = self.party
-        now = time.time()
-        check_issued_at(command.issued_at_ms, int(now * 1000), party=me)
+        check_issued_at(command.issued_at_ms, int(time.time() * 1000), party=me)
         verify_owner_command(
             public_key_hex,
             bytes(command.signature),
@@ -353,6 +352,12 @@ class Approvals:
             reason=command.reason,
             plan_hash=command.plan_hash,
         )
+
+    def accept_command(self, action: str, command: party_pb2.OwnerCommand, *, public_key_hex: str) -> None:
+        """The command must be signed by this party's own key, fresh, and never seen before."""
+        me = self.party
+        now = time.time()
+        self.authenticate(action, command, public_key_hex=public_key_hex)
         digest = hashlib.sha256(bytes(command.signature)).digest()
         with self._lock:
             self._prune(now)

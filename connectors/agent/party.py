@@ -49,7 +49,7 @@ from sealroom.planning.sql import PAD_COLUMN
 from sealroom.policy import DatasetPolicy
 from sealroom.rpc import call, dial, unwrap
 from sealroom.sealed import SealingStream, StreamContext, schema_hash
-from sealroom.signing import Registration, sign_approval, sign_owner_action, sign_stream_header
+from sealroom.signing import Registration, sign_approval, sign_owner_action, sign_stream_header, verify_owner_read
 from sealroom.v1 import (
     common_pb2,
     coordinator_pb2,
@@ -383,6 +383,17 @@ class PartyAgent:
     def pending(self) -> list[PendingPlan]:
         """Manual plans held for the owner: waiting for a decision, or approved and still live."""
         return self.approvals.pending()
+
+    def authenticate_read(self, request: party_pb2.ListPendingRequest) -> None:
+        """ApprovalError unless the owner's read request is signed by this agent's key, and fresh."""
+        verify_owner_read(
+            self.public_key_hex,
+            bytes(request.signature),
+            "pending",
+            party=self.config.name,
+            issued_at_ms=request.issued_at_ms,
+            now_ms=int(time.time() * 1000),
+        )
 
     def _coordinator_call(self, method: str, request: Any) -> Any:
         with dial(self.config.coordinator, self.config.tls, pki.coordinator()) as channel:

@@ -12,9 +12,8 @@ from connectors.agent.approvals import OwnerDecision
 from connectors.agent.config import PartyConfig
 from connectors.agent.party import PartyAgent
 from connectors.agent.review import Submitted
-from sealroom.errors import (
-    SealroomError,
-)
+from sealroom.callers import Callers, unprovable
+from sealroom.errors import ApprovalError, CallerError, SealroomError
 from sealroom.rpc import Server, create_server, translate_errors
 from sealroom.v1 import (
     common_pb2,
@@ -29,6 +28,22 @@ log = logging.getLogger(__name__)
 class PartyServicer(party_pb2_grpc.PartyAgentServicer):
     def __init__(self, agent: PartyAgent):
         self.agent = agent
+
+    def prove_caller(
+        self, rule: Callers, path: str, request: party_pb2.ListPendingRequest | party_pb2.OwnerCommand, context: object
+    ) -> None:
+        """The owner's methods (sealroom.callers: OWNER): the request must be signed by this agent's own
+        key, fresh; any other signer is refused (PERMISSION_DENIED) before the method runs."""
+        if rule is not Callers.OWNER:
+            raise unprovable(path)
+        try:
+            if isinstance(request, party_pb2.ListPendingRequest):
+                self.agent.authenticate_read(request)
+            else:
+                action = path.rsplit("/", 1)[-1].lower()
+                self.agent.approvals.authenticate(action, request, public_key_hex=self.agent.public_key_hex)
+        except ApprovalError as err:
+            raise CallerError(err.message, details={**err.details, "method": path}) from None
 
     def ReviewPlan(  # noqa: N802
         self, request: party_pb2.ReviewPlanRequest, context: grpc.ServicerContext
@@ -78,7 +93,7 @@ class PartyServicer(party_pb2_grpc.PartyAgentServicer):
         )
 
     def ListPending(  # noqa: N802
-        self, request: common_pb2.Empty, context: grpc.ServicerContext
+        self, request: party_pb2.ListPendingRequest, context: grpc.ServicerContext
     ) -> party_pb2.ListPendingResponse:
         return party_pb2.ListPendingResponse(
             plans=[

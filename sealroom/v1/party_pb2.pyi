@@ -362,6 +362,31 @@ class PendingPlan(_message.Message):
 Global___PendingPlan: _TypeAlias = PendingPlan  # noqa: Y015
 
 @_typing.final
+class ListPendingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    issued_at_ms: _builtins.int
+    signature: _builtins.bytes
+    """Ed25519 by the party's signing key over sealroom.signing.owner_read_message("pending", party,
+    issued_at_ms); refused unless fresh (within OWNER_MESSAGE_MAX_SKEW_MS of the agent's clock).
+    """
+    def __init__(
+        self,
+        *,
+        issued_at_ms: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["issued_at_ms", b"issued_at_ms", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPendingRequest: _TypeAlias = ListPendingRequest  # noqa: Y015
+
+@_typing.final
 class ListPendingResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -67,7 +67,7 @@ class PartyAgentStub:
                 _registered_method=True)
         self.ListPending = channel.unary_unary(
                 '/sealroom.v1.PartyAgent/ListPending',
-                request_serializer=sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
+                request_serializer=sealroom_dot_v1_dot_party__pb2.ListPendingRequest.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_party__pb2.ListPendingResponse.FromString,
                 _registered_method=True)
         self.Approve = channel.unary_unary(
@@ -141,7 +141,8 @@ class PartyAgentServicer:
         """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
         signed with the party's own signing key (sealroom.signing.sign_owner_command), so nobody else who
         can reach the agent (the coordinator included) can decide for the owner.
-        Plans that wait for the owner's decision, and the manual approvals still live.
+        Plans that wait for the owner's decision, and the manual approvals still live: only to the
+        owner, whose request is signed like its commands (sealroom.signing.sign_owner_read).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -204,7 +205,7 @@ def add_PartyAgentServicer_to_server(servicer, server):
             ),
             'ListPending': grpc.unary_unary_rpc_method_handler(
                     servicer.ListPending,
-                    request_deserializer=sealroom_dot_v1_dot_common__pb2.Empty.FromString,
+                    request_deserializer=sealroom_dot_v1_dot_party__pb2.ListPendingRequest.FromString,
                     response_serializer=sealroom_dot_v1_dot_party__pb2.ListPendingResponse.SerializeToString,
             ),
             'Approve': grpc.unary_unary_rpc_method_handler(
@@ -410,7 +411,7 @@ class PartyAgent:
             request,
             target,
             '/sealroom.v1.PartyAgent/ListPending',
-            sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            sealroom_dot_v1_dot_party__pb2.ListPendingRequest.SerializeToString,
             sealroom_dot_v1_dot_party__pb2.ListPendingResponse.FromString,
             options,
             channel_credentials,

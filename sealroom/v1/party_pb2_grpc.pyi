@@ -53,11 +53,12 @@ class PartyAgentStub:
     """Verify every player's offer against the identities the plan names, run this owner's player,
     and return the opened result (public: only what the stage opens) signed by the owner's key.
     """
-    ListPending: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _party_pb2.ListPendingResponse]
+    ListPending: _grpc.UnaryUnaryMultiCallable[_party_pb2.ListPendingRequest, _party_pb2.ListPendingResponse]
     """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
     signed with the party's own signing key (sealroom.signing.sign_owner_command), so nobody else who
     can reach the agent (the coordinator included) can decide for the owner.
-    Plans that wait for the owner's decision, and the manual approvals still live.
+    Plans that wait for the owner's decision, and the manual approvals still live: only to the
+    owner, whose request is signed like its commands (sealroom.signing.sign_owner_read).
     """
     Approve: _grpc.UnaryUnaryMultiCallable[_party_pb2.OwnerCommand, _party_pb2.OwnerCommandResponse]
     """Sign the plan's hash, keep the approval (for approval_ttl_seconds) and send it to the coordinator."""
@@ -92,11 +93,12 @@ class PartyAgentAsyncStub(PartyAgentStub):
     """Verify every player's offer against the identities the plan names, run this owner's player,
     and return the opened result (public: only what the stage opens) signed by the owner's key.
     """
-    ListPending: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _party_pb2.ListPendingResponse]  # type: ignore[assignment]
+    ListPending: _aio.UnaryUnaryMultiCallable[_party_pb2.ListPendingRequest, _party_pb2.ListPendingResponse]  # type: ignore[assignment]
     """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
     signed with the party's own signing key (sealroom.signing.sign_owner_command), so nobody else who
     can reach the agent (the coordinator included) can decide for the owner.
-    Plans that wait for the owner's decision, and the manual approvals still live.
+    Plans that wait for the owner's decision, and the manual approvals still live: only to the
+    owner, whose request is signed like its commands (sealroom.signing.sign_owner_read).
     """
     Approve: _aio.UnaryUnaryMultiCallable[_party_pb2.OwnerCommand, _party_pb2.OwnerCommandResponse]  # type: ignore[assignment]
     """Sign the plan's hash, keep the approval (for approval_ttl_seconds) and send it to the coordinator."""
@@ -168,13 +170,14 @@ class PartyAgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def ListPending(
         self,
-        request: _common_pb2.Empty,
+        request: _party_pb2.ListPendingRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_party_pb2.ListPendingResponse, _abc.Awaitable[_party_pb2.ListPendingResponse]]:
         """The owner's admin surface (manual approvals). Approve, Reject and Revoke carry an owner command
         signed with the party's own signing key (sealroom.signing.sign_owner_command), so nobody else who
         can reach the agent (the coordinator included) can decide for the owner.
-        Plans that wait for the owner's decision, and the manual approvals still live.
+        Plans that wait for the owner's decision, and the manual approvals still live: only to the
+        owner, whose request is signed like its commands (sealroom.signing.sign_owner_read).
         """
 
     @_abc_1.abstractmethod

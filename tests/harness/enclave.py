@@ -197,8 +197,12 @@ class EnclaveHandle:
     registry: JobRegistry | None = None
     server: Server | None = None
     certificate: bytes = b""  # the worker's self-made TLS certificate, which its evidence binds
+    # A channel as a given party: the enclave takes a stream only from the party it names (docs/wire.md,
+    # "Who may call what"). None: every upload goes over ``channel``.
+    party_channel: Callable[[str], grpc.Channel] | None = None
     stub: enclave_pb2_grpc.EnclaveStub = field(init=False)
     upload_call: Any = field(init=False)
+    party_channels: dict[str, grpc.Channel] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.stub = enclave_pb2_grpc.EnclaveStub(self.channel)
@@ -220,6 +224,20 @@ class EnclaveHandle:
         job.attest()
         return job
 
+    def upload_as(self, party: str) -> Any:
+        """The raw Upload method over a channel as ``party`` (over ``channel`` without ``party_channel``)."""
+        if self.party_channel is None:
+            return self.upload_call
+        if party not in self.party_channels:
+            self.party_channels[party] = self.party_channel(party)
+        return self.party_channels[party].stream_unary(
+            UPLOAD_PATH, request_serializer=None, response_deserializer=enclave_pb2.UploadSummary.FromString
+        )
+
+    def close(self) -> None:
+        for channel in [self.channel, *self.party_channels.values()]:
+            channel.close()
+
     def upload(
         self,
         stream: SealedStream | None = None,
@@ -228,8 +246,12 @@ class EnclaveHandle:
         signature: bytes | None = None,
         frames: Iterable[bytes] | None = None,
         metadata: Sequence[tuple[str, bytes]] | None = None,
+        sender: str | None = None,
     ) -> enclave_pb2.UploadSummary:
-        """Send a stream through the raw Upload method, as the party agent does."""
+        """Send a stream through the raw Upload method, as the party agent does: as ``sender`` (by
+        default the party the stream's context names, else bank_a)."""
+        if sender is None:
+            sender = stream.context.party if stream is not None else "bank_a"
         if stream is not None:
             header = stream.header if header is None else header
             signature = stream.signature if signature is None else signature
@@ -240,7 +262,7 @@ class EnclaveHandle:
                 metadata.append((HEADER_METADATA_KEY, header))
             if signature is not None:
                 metadata.append((SIGNATURE_METADATA_KEY, signature))
-        return self.upload_call(iter(list(frames or [])), metadata=tuple(metadata), timeout=30)
+        return self.upload_as(sender)(iter(list(frames or [])), metadata=tuple(metadata), timeout=30)
 
     def upload_rejected(self, stream: SealedStream | None = None, **kw: Any) -> Rejection:
         try:
@@ -383,7 +405,7 @@ def start_enclave(dev_dir: Path, **config: Any) -> tuple[EnclaveHandle, Callable
     handle = connect_enclave(address, trusting(dev_dir, measurement), registry, server, tls=cfg.tls)
 
     def stop() -> None:
-        handle.channel.close()
+        handle.close()
         server.stop(grace=0.5)
 
     return handle, stop
@@ -402,7 +424,10 @@ def connect_enclave(
     ``tls`` is plaintext."""
     client_tls = TLSConfig.off() if tls is not None and tls.plaintext else as_coordinator()
     certificate = fetch_server_certificate(address, client_tls)
-    return EnclaveHandle(address, dial(address, client_tls, certificate), appraisal, registry, server, certificate)
+    handle = EnclaveHandle(address, dial(address, client_tls, certificate), appraisal, registry, server, certificate)
+    if certificate:  # a party streams as itself: the enclave takes a stream only from the party it names
+        handle.party_channel = lambda party: dial(address, tls_as(pki.party(party)), certificate)
+    return handle
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:

@@ -30,8 +30,15 @@ from sealroom.errors import ApprovalError
 from sealroom.keys import generate_signing_key, load_signing_key, public_key_hex
 from sealroom.policy import DatasetPolicy
 from sealroom.rpc import unwrap
-from sealroom.signing import LogPosition, sign_approval, sign_owner_action, sign_owner_command, verify_approval
-from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, party_pb2, party_pb2_grpc
+from sealroom.signing import (
+    LogPosition,
+    sign_approval,
+    sign_owner_action,
+    sign_owner_command,
+    sign_owner_read,
+    verify_approval,
+)
+from sealroom.v1 import coordinator_pb2, coordinator_pb2_grpc, party_pb2, party_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -400,7 +407,7 @@ def test_agent_obeys_only_its_owners_key(platform):
             stub = party_pb2_grpc.PartyAgentStub(ch)
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Approve(command, timeout=10)
-            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED  # refused before any work
             assert unwrap(caught.value).details["check"] == "owner_command_signature"
             # A genuine command is obeyed once; its replay is refused.
             key_m = load_signing_key(platform.key_path("bank_m"))
@@ -418,7 +425,15 @@ def test_agent_obeys_only_its_owners_key(platform):
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Reject(genuine, timeout=10)
             assert unwrap(caught.value).details["check"] == "replay"
-            assert stub.ListPending(common_pb2.Empty(), timeout=10) is not None
+            # The agent still answers its owner, and only its owner, what awaits it.
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ListPending(party_pb2.ListPendingRequest(issued_at_ms=issued), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            read = party_pb2.ListPendingRequest(
+                issued_at_ms=issued,
+                signature=sign_owner_read(key_m, "pending", party="bank_m", issued_at_ms=issued),
+            )
+            assert stub.ListPending(read, timeout=10) is not None
         wait_until(status_is(client, qid, "refused"))
 
 

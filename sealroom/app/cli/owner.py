@@ -18,14 +18,14 @@ from sealroom.app.cli.common import EXIT_OK, Subparsers, UsageError, add_command
 from sealroom.errors import ApprovalError
 from sealroom.keys import load_signing_key, public_key_hex
 from sealroom.rpc import TLSConfig, call, dial
-from sealroom.signing import sign_owner_command
+from sealroom.signing import sign_owner_command, sign_owner_read
 from sealroom.v1 import common_pb2, party_pb2, party_pb2_grpc
 
 DONE = {"approve": "approved", "reject": "rejected", "revoke": "revoked its approval of"}
 
 
 def add_parsers(sub: Subparsers) -> None:
-    owner(add_command(sub, "pending"), signed=False).set_defaults(handler=cmd_pending)
+    owner(add_command(sub, "pending"), command=False).set_defaults(handler=cmd_pending)
     owner(add_command(sub, "approve")).set_defaults(handler=cmd_owner_command)
     rj = owner(add_command(sub, "reject"))
     rj.add_argument("--reason", required=True, help="why (the analyst sees it)")
@@ -33,7 +33,8 @@ def add_parsers(sub: Subparsers) -> None:
     owner(add_command(sub, "revoke")).set_defaults(handler=cmd_owner_command)
 
 
-def owner(sp: argparse.ArgumentParser, *, signed: bool = True) -> argparse.ArgumentParser:
+def owner(sp: argparse.ArgumentParser, *, command: bool = True) -> argparse.ArgumentParser:
+    """An owner's request to its agent, signed with the party's key: a command on a query, or a read."""
     sp.add_argument("--agent", help="the party agent's address HOST:PORT (env SEALROOM_PARTY_AGENT)")
     sp.add_argument(
         "--party-config",
@@ -43,10 +44,8 @@ def owner(sp: argparse.ArgumentParser, *, signed: bool = True) -> argparse.Argum
     sp.add_argument("--cert", help="the party's TLS certificate, party:<name> (env SEALROOM_PARTY_CERT)")
     sp.add_argument("--cert-key", help="the key of --cert (env SEALROOM_PARTY_CERT_KEY)")
     sp.add_argument("--plaintext", action="store_true", help="no TLS: an agent with [tls] plaintext = true only")
-    if signed:
-        sp.add_argument(
-            "--key", help="the party's signing key, as `sealroom party init` wrote it (env SEALROOM_PARTY_KEY)"
-        )
+    sp.add_argument("--key", help="the party's signing key, as `sealroom party init` wrote it (env SEALROOM_PARTY_KEY)")
+    if command:
         sp.add_argument("query_id")
         sp.add_argument("--plan-hash", help="refuse unless the query's plan has this hash (or a 12+ hex prefix)")
     return with_json(sp)
@@ -116,12 +115,19 @@ def _config_address(config: Any) -> str:
     return f"{host}:{port}"
 
 
-def pending_plans(link: AgentLink) -> tuple[str, list[dict[str, Any]]]:
-    """The agent's party name and the plans awaiting its owner (the ``--json`` document's shape)."""
+def pending_plans(
+    link: AgentLink, key: Ed25519PrivateKey, *, key_name: str = "the key"
+) -> tuple[str, list[dict[str, Any]]]:
+    """The agent's party name and the plans awaiting its owner (the ``--json`` document's shape); the
+    request is signed with the owner's ``key`` (only the owner may read them)."""
     with link.channel() as ch:
         stub = party_pb2_grpc.PartyAgentStub(ch)
-        info = call("party agent", stub.GetInfo, common_pb2.Empty(), timeout=30)
-        resp = call("party agent", stub.ListPending, common_pb2.Empty(), timeout=30)
+        info = _own_agent(stub, key, link.address, key_name)
+        issued = int(time.time() * 1000)
+        request = party_pb2.ListPendingRequest(
+            issued_at_ms=issued, signature=sign_owner_read(key, "pending", party=info.name, issued_at_ms=issued)
+        )
+        resp = call("party agent", stub.ListPending, request, timeout=30)
     plans = [
         {
             "query_id": p.query_id,
@@ -141,7 +147,9 @@ def pending_plans(link: AgentLink) -> tuple[str, list[dict[str, Any]]]:
 
 
 def cmd_pending(args: argparse.Namespace) -> int:
-    party, plans = pending_plans(agent_link(args))
+    link = agent_link(args)
+    key, key_path = owner_key(link)
+    party, plans = pending_plans(link, key, key_name=key_path)
     if args.json:
         emit({"party": party, "plans": plans})
         return EXIT_OK
@@ -204,12 +212,7 @@ def send_owner_command(
     address = link.address
     with link.channel() as ch:
         stub = party_pb2_grpc.PartyAgentStub(ch)
-        info = call("party agent", stub.GetInfo, common_pb2.Empty(), timeout=30)
-        if bytes(info.signing_public_key).hex() != public_key_hex(key):
-            raise ApprovalError(
-                f"{key_name} is not the signing key of party agent {info.name} at {address}",
-                details={"party": info.name, "check": "owner_command_signature"},
-            )
+        info = _own_agent(stub, key, address, key_name)
         issued = int(time.time() * 1000)
         signature = sign_owner_command(
             key, action, party=info.name, query_id=query_id, issued_at_ms=issued, reason=reason, plan_hash=plan_hash
@@ -231,16 +234,32 @@ def send_owner_command(
     )
 
 
-def cmd_owner_command(args: argparse.Namespace) -> int:
-    action = args.command
-    link = agent_link(args)
+def _own_agent(stub: party_pb2_grpc.PartyAgentStub, key: Ed25519PrivateKey, address: str, key_name: str) -> Any:
+    """The agent's public facts (GetInfo), refused first if ``key`` is not the agent's own."""
+    info = call("party agent", stub.GetInfo, common_pb2.Empty(), timeout=30)
+    if bytes(info.signing_public_key).hex() != public_key_hex(key):
+        raise ApprovalError(
+            f"{key_name} is not the signing key of party agent {info.name} at {address}",
+            details={"party": info.name, "check": "owner_command_signature"},
+        )
+    return info
+
+
+def owner_key(link: AgentLink) -> tuple[Ed25519PrivateKey, str]:
+    """The owner's signing key (--key, SEALROOM_PARTY_KEY or --party-config) and its path."""
     key_path = link.signing_key or os.environ.get("SEALROOM_PARTY_KEY")
     if not key_path:
         raise UsageError(
             "give the party's signing key with --key PATH (as `sealroom party init` wrote it), --party-config "
-            "FILE, or set SEALROOM_PARTY_KEY: the agent obeys only commands signed with its own key"
+            "FILE, or set SEALROOM_PARTY_KEY: the agent answers only requests signed with its own key"
         )
-    key = load_signing_key(Path(key_path))
+    return load_signing_key(Path(key_path)), key_path
+
+
+def cmd_owner_command(args: argparse.Namespace) -> int:
+    action = args.command
+    link = agent_link(args)
+    key, key_path = owner_key(link)
     reason = getattr(args, "reason", "") or ""  # only reject takes --reason
     if action == "reject" and not reason.strip():
         raise UsageError("reject needs --reason TEXT (the analyst sees it)")
