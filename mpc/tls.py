@@ -32,19 +32,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sealroom.canonical import canonical_json
 from sealroom.errors import MpcError
+from sealroom.pki import CA_KEY_USAGE
 
 VALIDITY = datetime.timedelta(hours=6)
-_CA_KEY_USAGE = x509.KeyUsage(
-    digital_signature=False,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=True,
-    crl_sign=True,
-    encipher_only=False,
-    decipher_only=False,
-)
 
 
 def player_cn(index: int) -> str:
@@ -82,7 +72,7 @@ def _ca_certificate(
     )
     if constraints is not None:
         builder = builder.add_extension(constraints, critical=True)
-    return builder.add_extension(_CA_KEY_USAGE, critical=True).sign(key, hashes.SHA256())
+    return builder.add_extension(CA_KEY_USAGE, critical=True).sign(key, hashes.SHA256())
 
 
 def _player_certificate(

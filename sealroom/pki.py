@@ -35,6 +35,19 @@ NAME_SUFFIX = ".sealroom"
 CA_VALIDITY = datetime.timedelta(days=3650)
 LEAF_VALIDITY = datetime.timedelta(days=825)
 
+# A CA's key usage: it signs certificates (and revocation lists) only. Also the MPC session CAs'.
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -222,17 +235,7 @@ def create_ca(common_name: str = "Sealroom development CA", *, now: datetime.dat
     cert = (
         builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            CA_KEY_USAGE,
             critical=True,
         )
         .sign(key, hashes.SHA256())
