@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from sealroom.attestation import dev_init, enclave_measurement
 from sealroom.audit.ropa import Collaboration
 from sealroom.auth import generate_token, token_hash
 from sealroom.config import toml_table
-from sealroom.errors import UnavailableError
+from sealroom.errors import ConfigError, UnavailableError
 from sealroom.keys import generate_signing_key, save_signing_key
 from sealroom.planning.limits import QueryLimits
 from sealroom.policy import DatasetPolicy
@@ -70,6 +71,7 @@ class Cluster:
         coordinator_settings: dict[str, Any] | None = None,
         limits: QueryLimits | None = None,
         tls: bool = True,
+        route: Callable[[str, str], str] | None = None,
     ):
         self.state_dir = Path(state_dir).resolve()
         self.parties = list(parties)
@@ -85,6 +87,13 @@ class Cluster:
         self.limits = limits  # the coordinator's [limits] (None: the defaults)
         # TLS on every link (a development CA under <state_dir>/tls); False: [tls] plaintext = true.
         self.tls = tls
+        # ``route(link, address) -> address``: the address a component dials on ``link`` instead of
+        # ``address`` (e.g. a recording relay, tests/harness/relay.py). Links: ``coordinator->enclave``
+        # (the coordinator hands the same address to the agents, so agent->enclave goes there too),
+        # ``party-<name>->coordinator``, and ``coordinator->party-<name>`` (the agent's advertised
+        # address: it must keep the agent's port, e.g. 127.0.0.2:<port>). TLS checks names, not
+        # addresses, so a rerouted link still works. None: every link direct.
+        self.route = route
         self.pki = pki.DevPKI(self.state_dir / "tls")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._args: dict[str, list[str]] = {}
@@ -139,6 +148,21 @@ class Cluster:
         if identity is not None:
             values |= {"cert": str(self.pki.cert(identity)), "key": str(self.pki.key(identity))}
         return toml_table("tls", values)
+
+    def _routed(self, link: str, address: str) -> str:
+        return address if self.route is None else self.route(link, address)
+
+    def _party_addresses(self, party: str) -> dict[str, str]:
+        """``[party] listen`` and ``advertise_host``: a free port when the coordinator's link to the
+        agent is routed (the agent advertises ``advertise_host:<its port>``)."""
+        if self.route is None:
+            return {"listen": "127.0.0.1:0"}
+        with socket.create_server(("127.0.0.1", 0)) as s:
+            listen = f"127.0.0.1:{s.getsockname()[1]}"
+        host, port = self.route(f"coordinator->party-{party}", listen).rsplit(":", 1)
+        if port != listen.rsplit(":", 1)[1]:
+            raise ConfigError(f"route for coordinator->party-{party} must keep the agent's port ({listen})")
+        return {"listen": listen, "advertise_host": host}
 
     @property
     def ca_path(self) -> Path:
@@ -306,7 +330,7 @@ class Cluster:
                 {
                     "listen": "127.0.0.1:0",
                     "state_dir": str(self.state_dir / "coordinator"),
-                    "enclave": enclave,
+                    "enclave": self._routed("coordinator->enclave", enclave),
                     "party_timeout_seconds": self.party_timeout_seconds,
                     "approval_timeout_seconds": self.approval_timeout_seconds,
                     **self.coordinator_settings,
@@ -331,8 +355,8 @@ class Cluster:
                     "party",
                     {
                         "name": party.name,
-                        "listen": "127.0.0.1:0",
-                        "coordinator": coordinator,
+                        **self._party_addresses(party.name),
+                        "coordinator": self._routed(f"party-{party.name}->coordinator", coordinator),
                         "signing_key": str(self.key_path(party.name)),
                         "enrolment_token": str(p["keys"] / f"{party.name}.enrolment"),
                         "approval_ttl_seconds": party.approval_ttl_seconds,

@@ -13,13 +13,18 @@ import threading
 
 
 class Relay:
-    def __init__(self, target: str):
+    def __init__(self, target: str, listen: str = "127.0.0.1:0"):
+        """Forward to ``target``; listen on ``listen`` (another loopback address with the target's
+        port stands in for a host a component advertises, e.g. ``127.0.0.2:<port>``)."""
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        lhost, lport = listen.rsplit(":", 1)
+        self._listener = socket.create_server((lhost, int(lport)))
+        self.address = f"{lhost}:{self._listener.getsockname()[1]}"
         self._lock = threading.Lock()
-        self._chunks: list[bytes] = []
+        self._streams: list[bytearray] = []  # one per connection and direction, in order
+        # Per connection, the first bytes the dialling side sent (a TLS ClientHello starts 0x16 0x03).
+        self.openings: list[bytes] = []
         self.connections = 0
         self._closed = False
         self._sockets: list[socket.socket] = []
@@ -40,17 +45,23 @@ class Relay:
             with self._lock:
                 self.connections += 1
                 self._sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), name="relay-pump", daemon=True).start()
+            for src, dst, first in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, first), name="relay-pump", daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, opening: bool) -> None:
+        stream = bytearray()
+        with self._lock:
+            self._streams.append(stream)
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
                 with self._lock:
-                    self._chunks.append(data)
+                    if opening:
+                        self.openings.append(data[:16])
+                        opening = False
+                    stream += data
                 dst.sendall(data)
         except OSError:
             pass
@@ -61,10 +72,16 @@ class Relay:
                 except OSError:
                     pass
 
-    def seen(self) -> bytes:
-        """Everything forwarded so far, both directions, concatenated per chunk."""
+    @property
+    def bytes_seen(self) -> int:
         with self._lock:
-            return b"".join(self._chunks)
+            return sum(len(s) for s in self._streams)
+
+    def seen(self) -> bytes:
+        """Everything forwarded so far: each connection's byte stream each way, whole (a secret split
+        across TCP segments is still found), the streams separated by a zero byte."""
+        with self._lock:
+            return b"\0".join(bytes(s) for s in self._streams)
 
     def close(self) -> None:
         self._closed = True
