@@ -16,7 +16,8 @@ from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, Metadata
 from sealroom.callers import Callers, unprovable
 from sealroom.cancel import CallScope
-from sealroom.rpc import Server, create_server, translate_errors
+from sealroom.errors import ConfigError
+from sealroom.rpc import Server, create_server, is_loopback, translate_errors
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
 
 def build_server(config: CoordinatorConfig) -> tuple[Server, Coordinator]:
+    if config.analysts is None and not is_loopback(config.listen):
+        # Self-declared analyst names let anyone who reaches the coordinator act as an analyst the
+        # owners allow: development only, so loopback only (as plaintext is).
+        raise ConfigError(
+            f"refusing to serve unauthenticated analysts on {config.listen}: it is not a loopback address; "
+            "configure [analysts] (docs/configuration.md)",
+            details={"address": config.listen},
+        )
     coordinator = Coordinator(config)
     # Server-only TLS: analysts authenticate with their token, parties sign what they send.
     server = create_server(config.listen, tls=config.tls)
