@@ -71,6 +71,8 @@ class HeldPlan:
     # Where the log shows the query (checked at review: connectors.agent.review.check_logged); the
     # approval signs it. None only for an agent that does not witness, given no entry.
     position: LogPosition | None = None
+    # Its inputs were streamed to an enclave job (once: one logged query, one release).
+    streamed: bool = False
 
     @property
     def approved(self) -> bool:
@@ -304,6 +306,22 @@ class Approvals:
                 details={"party": me, "check": "own_approval"},
             )
         return plan
+
+    def claim_stream(self, plan_hash: str) -> None:
+        """Before this owner's inputs of an approved plan are streamed to an enclave job: they go
+        once per plan, so the query's one ``query_submitted`` log entry, and the approval that signs
+        it, make one release (a second job for the same plan, by a coordinator replaying it while the
+        approval is live, gets nothing). ApprovalError if they were streamed already."""
+        with self._lock:
+            held = self._held.get(plan_hash)
+            if held is not None and held.streamed:
+                raise ApprovalError(
+                    f"{self.party} already streamed its data for this plan; a query releases once, so run "
+                    "it again as a new query",
+                    details={"party": self.party, "check": "streamed_once"},
+                )
+            if held is not None:
+                held.streamed = True
 
     def mark_used(self, plan_hash: str) -> None:
         """Data moved for this plan (sealed streams or MPC shares): it no longer awaits a decision."""

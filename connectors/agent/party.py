@@ -291,6 +291,9 @@ class PartyAgent:
             raise ApprovalError(f"the plan streams no data of {me} to an enclave", details={"party": me})
         with dial(enclave_address, self.config.tls, enclave_cert) as channel:
             enclave = self._attest(enclave_pb2_grpc.EnclaveStub(channel), job_id, mine, enclave_cert)
+            # Once the attested worker is found, before a frame moves: a plan's data goes once (the
+            # log's one entry is one release); a refused enclave or relay uses nothing up.
+            self.approvals.claim_stream(plan.hash)
             upload = channel.stream_unary(
                 UPLOAD_PATH,
                 request_serializer=None,
