@@ -74,6 +74,9 @@ class PlayerOwner:
     verify_enclave: Callable[[Evidence, bytes, bytes, bytes], Claims]
     mark_used: Callable[[str], None]
     sign: Callable[[bytes], bytes]
+    # Before the owner's data moves for a plan: ``claim(plan_hash, use)`` raises if that use of this
+    # plan's data happened already (connectors.agent.approvals.Approvals.claim).
+    claim: Callable[[str, str], None] = lambda plan_hash, use: None
     # The log position the owner's approval of a plan (by hash) signs; None when it signs none.
     logged: Callable[[str], LogPosition | None] = lambda plan_hash: None
 
@@ -210,6 +213,8 @@ class MpcPlayers:
                     details={"party": me, "player": request.index},
                 )
             del self._prepared[key]
+        # One run of this player per plan: a second run of the stage would be a second release.
+        self.owner.claim(plan.hash, f"mpc:{request.stage_id}:{request.index}")
         # The coordinator proposes the deadline; the owner bounds it (a player never runs for longer).
         timeout = bounded_timeout(float(request.timeout_seconds))
         self.owner.mark_used(plan.hash)

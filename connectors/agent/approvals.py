@@ -24,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sealroom.errors import ApprovalError, NotFoundError, ResourceExhaustedError
 from sealroom.planning.plan import Plan
@@ -71,8 +71,9 @@ class HeldPlan:
     # Where the log shows the query (checked at review: connectors.agent.review.check_logged); the
     # approval signs it. None only for an agent that does not witness, given no entry.
     position: LogPosition | None = None
-    # Its inputs were streamed to an enclave job (once: one logged query, one release).
-    streamed: bool = False
+    # What this owner's data already went to for it (Approvals.claim): each use once, so the query's
+    # one log entry makes one release.
+    claimed: set[str] = field(default_factory=set)
 
     @property
     def approved(self) -> bool:
@@ -307,21 +308,22 @@ class Approvals:
             )
         return plan
 
-    def claim_stream(self, plan_hash: str) -> None:
-        """Before this owner's inputs of an approved plan are streamed to an enclave job: they go
-        once per plan, so the query's one ``query_submitted`` log entry, and the approval that signs
-        it, make one release (a second job for the same plan, by a coordinator replaying it while the
-        approval is live, gets nothing). ApprovalError if they were streamed already."""
+    def claim(self, plan_hash: str, use: str) -> None:
+        """Before this owner's data moves for an approved plan (``use``: ``"tee"``, its inputs sealed
+        to an enclave job; ``"mpc:<stage>:<index>"``, its player of an MPC stage): each use once per
+        plan, so the query's one ``query_submitted`` log entry, and the approval that signs it, make
+        one release. A second enclave job or MPC run for the same plan (a coordinator replaying it
+        while the approval is live) gets nothing: ApprovalError."""
         with self._lock:
             held = self._held.get(plan_hash)
-            if held is not None and held.streamed:
+            if held is not None and use in held.claimed:
                 raise ApprovalError(
-                    f"{self.party} already streamed its data for this plan; a query releases once, so run "
-                    "it again as a new query",
-                    details={"party": self.party, "check": "streamed_once"},
+                    f"{self.party} already sent its data for this plan ({use}); a query releases once, so "
+                    "run it again as a new query",
+                    details={"party": self.party, "check": "once_per_plan"},
                 )
             if held is not None:
-                held.streamed = True
+                held.claimed.add(use)
 
     def mark_used(self, plan_hash: str) -> None:
         """Data moved for this plan (sealed streams or MPC shares): it no longer awaits a decision."""

@@ -252,6 +252,7 @@ class PartyAgent:
                 input_rows=self.input_rows,
                 verify_enclave=self.verify_enclave,
                 mark_used=self.mark_used,
+                claim=self.approvals.claim,
                 sign=self.key.sign,
                 logged=self.approvals.position,
             )
@@ -293,7 +294,7 @@ class PartyAgent:
             enclave = self._attest(enclave_pb2_grpc.EnclaveStub(channel), job_id, mine, enclave_cert)
             # Once the attested worker is found, before a frame moves: a plan's data goes once (the
             # log's one entry is one release); a refused enclave or relay uses nothing up.
-            self.approvals.claim_stream(plan.hash)
+            self.approvals.claim(plan.hash, "tee")
             upload = channel.stream_unary(
                 UPLOAD_PATH,
                 request_serializer=None,

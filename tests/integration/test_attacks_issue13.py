@@ -8,8 +8,8 @@ each as an attack that now fails while the legitimate path still works.
   approvals that stay live for an hour, so it creates a second enclave job for the same plan, asks
   the agents to ``Contribute`` again (their data may have changed since: a difference of two
   releases) and calls ``Execute`` with the approvals and log position of the first release. An
-  agent streams its data once per approved plan (``Approvals.claim_stream``), so the log's one entry
-  is one release.
+  agent streams its data once per approved plan, and runs each MPC player of it once
+  (``Approvals.claim``), so the log's one entry is one release.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_the_coordinator_cannot_replay_a_released_query_for_a_second_release(clu
                     timeout=60,
                 )
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "already streamed" in (info.value.details() or "")
+            assert "already sent its data" in (info.value.details() or "")
         with pytest.raises(grpc.RpcError) as info:
             enclave.Execute(
                 enclave_pb2.ExecuteRequest(

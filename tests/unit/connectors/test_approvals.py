@@ -121,3 +121,18 @@ def test_an_owner_command_is_accepted_once() -> None:
             "approve", command, public_key_hex=generate_signing_key().public_key().public_bytes_raw().hex()
         )
     assert info.value.details["check"] == "owner_command_signature"
+
+
+def test_each_use_of_a_plans_data_is_claimed_once() -> None:
+    """A coordinator replaying an approved plan (a second enclave job, a second run of an MPC player)
+    gets no second release from the query's one log entry; other uses of the same plan still go."""
+    a = approvals()
+    p = plan()
+    a.hold(p, manual=False, sign=sign)
+    for use in ("tee", "mpc:s1:0", "mpc:s1:1"):
+        a.claim(p.hash, use)
+    for use in ("tee", "mpc:s1:0"):
+        with pytest.raises(ApprovalError) as info:
+            a.claim(p.hash, use)
+        assert info.value.details == {"party": "bank_a", "check": "once_per_plan"}
+    assert a.approved_plan(p.to_json()) == p  # the approval itself stands: nothing else changes
