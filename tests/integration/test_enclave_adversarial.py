@@ -327,6 +327,18 @@ def test_a_party_the_plan_does_not_name_is_refused_before_its_stream_is_read(sce
     assert job.inputs[("bank_a", "loans")].table is not None
 
 
+def test_a_party_the_plan_names_cannot_stream_another_partys_input(scene: Scene) -> None:
+    """bank_b, named by the job, sends bank_a's sealed stream under its own certificate: the stream
+    header's party must be the certificate's (the two are tied before a frame is read), so it is
+    refused for who it is and bank_a's own stream still loads."""
+    rej = scene.enclave.upload_rejected(scene.job.seal(scene.a), sender="bank_b")
+    assert rej.status == grpc.StatusCode.PERMISSION_DENIED
+    job = scene.enclave.job(scene.job.job_id)
+    assert job is not None and job.failed is None and job.inputs[("bank_a", "loans")].table is None
+    scene.enclave.upload(scene.job.seal(scene.a))
+    assert job.inputs[("bank_a", "loans")].table is not None
+
+
 # --------------------------------------------------------------------------------------------------
 # resource limits and broken connections
 
