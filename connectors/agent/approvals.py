@@ -24,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sealroom.errors import ApprovalError, NotFoundError, ResourceExhaustedError
 from sealroom.planning.plan import Plan
@@ -46,6 +46,9 @@ DEFAULT_MAX_PENDING_PER_ANALYST = 100
 
 # Plans whose approval lapsed, was revoked or rejected, remembered to say so (bounded, oldest first).
 MAX_REMEMBERED = 4096
+# Plans whose data uses an agent remembers (Approvals.claim); evicting one takes that many newer
+# plans, each with its own query_submitted entry in the log.
+MAX_CLAIMED = 20_000
 
 
 class PlanState(enum.Enum):
@@ -71,9 +74,6 @@ class HeldPlan:
     # Where the log shows the query (checked at review: connectors.agent.review.check_logged); the
     # approval signs it. None only for an agent that does not witness, given no entry.
     position: LogPosition | None = None
-    # What this owner's data already went to for it (Approvals.claim): each use once, so the query's
-    # one log entry makes one release.
-    claimed: set[str] = field(default_factory=set)
 
     @property
     def approved(self) -> bool:
@@ -164,6 +164,9 @@ class Approvals:
         self._manual: dict[str, str] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()
         self._seen_commands: dict[bytes, float] = {}
+        # plan hash -> what this owner's data already went to for it (claim): kept apart from the held
+        # plan, so a new review or a lapsed approval resets nothing (the newest MAX_CLAIMED plans).
+        self._claimed: OrderedDict[str, set[str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def held(self, plan_hash: str) -> HeldPlan | None:
@@ -312,18 +315,21 @@ class Approvals:
         """Before this owner's data moves for an approved plan (``use``: ``"tee"``, its inputs sealed
         to an enclave job; ``"mpc:<stage>:<index>"``, its player of an MPC stage): each use once per
         plan, so the query's one ``query_submitted`` log entry, and the approval that signs it, make
-        one release. A second enclave job or MPC run for the same plan (a coordinator replaying it
-        while the approval is live) gets nothing: ApprovalError."""
+        one release. A second enclave job or MPC run for the same plan (a coordinator replaying it,
+        even after sending it for review again) gets nothing: ApprovalError. Kept in memory: an
+        agent's restart forgets it (as it forgets its approvals)."""
         with self._lock:
-            held = self._held.get(plan_hash)
-            if held is not None and use in held.claimed:
+            uses = self._claimed.setdefault(plan_hash, set())
+            if use in uses:
                 raise ApprovalError(
                     f"{self.party} already sent its data for this plan ({use}); a query releases once, so "
                     "run it again as a new query",
                     details={"party": self.party, "check": "once_per_plan"},
                 )
-            if held is not None:
-                held.claimed.add(use)
+            uses.add(use)
+            self._claimed.move_to_end(plan_hash)
+            while len(self._claimed) > MAX_CLAIMED:
+                self._claimed.popitem(last=False)
 
     def mark_used(self, plan_hash: str) -> None:
         """Data moved for this plan (sealed streams or MPC shares): it no longer awaits a decision."""

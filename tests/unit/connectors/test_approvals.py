@@ -136,3 +136,21 @@ def test_each_use_of_a_plans_data_is_claimed_once() -> None:
             a.claim(p.hash, use)
         assert info.value.details == {"party": "bank_a", "check": "once_per_plan"}
     assert a.approved_plan(p.to_json()) == p  # the approval itself stands: nothing else changes
+
+
+def test_a_claim_outlives_a_new_review_and_a_lapsed_approval() -> None:
+    """The coordinator sends the same plan (with its same log entry) for review again, before or
+    after the approval lapsed: the agent approves it anew, but what its data went to stays claimed."""
+    a = approvals(ttl=0.2)
+    p = plan()
+    a.hold(p, manual=False, sign=sign)
+    a.claim(p.hash, "tee")
+    a.hold(p, manual=False, sign=sign)  # reviewed again while live
+    with pytest.raises(ApprovalError):
+        a.claim(p.hash, "tee")
+    time.sleep(0.3)
+    with pytest.raises(ApprovalError):
+        a.approved_plan(p.to_json())  # lapsed: dropped
+    a.hold(p, manual=False, sign=sign)  # reviewed again after it lapsed
+    with pytest.raises(ApprovalError):
+        a.claim(p.hash, "tee")
