@@ -8,7 +8,8 @@ would move data or release a cell is refused: the agents approve nothing the coo
 not show, and a malicious coordinator that signs a checkpoint of a log of its own (with its real log
 key) is refused too, because each agent checks the checkpoint against the log it witnessed. The
 legitimate query still releases, and its receipt and ``sealroom audit verify`` check the log
-position its approvals and the enclave's result bind.
+position its approvals and the enclave's result bind. One entry is one release: whoever runs the
+coordinator cannot replay a released query's approvals and log position in a second enclave job.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pytest
 from coordinator.planner import plan_query
 from coordinator.service import catalog_of
 from coordinator.store import DatasetRecord, log_origin
+from sealroom import pki
 from sealroom.app.cli import main
 from sealroom.audit.entries import LogEntry
 from sealroom.audit.merkle import inclusion_proof, root_hash
@@ -34,6 +36,8 @@ from sealroom.audit.receipts import verify_receipt
 from sealroom.auth import bearer
 from sealroom.keys import load_signing_key
 from sealroom.planning.plan import Plan
+from sealroom.rpc import fetch_server_certificate
+from sealroom.signing import LogPosition
 from sealroom.v1 import common_pb2, coordinator_pb2_grpc, enclave_pb2, enclave_pb2_grpc, party_pb2, party_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -107,6 +111,23 @@ def _review(cluster: Any, party: str, request: party_pb2.ReviewPlanRequest) -> p
         return party_pb2_grpc.PartyAgentStub(ch).ReviewPlan(request, timeout=30)
 
 
+def _contribute_refused(
+    cluster: Any, party: str, plan_json: bytes, job_id: str, certificate: bytes = b""
+) -> grpc.RpcError:
+    """Contribute at ``party``'s agent, as the coordinator, which must refuse it."""
+    with cluster.dial(f"party-{party}") as ch, pytest.raises(grpc.RpcError) as info:
+        party_pb2_grpc.PartyAgentStub(ch).Contribute(
+            party_pb2.ContributeRequest(
+                plan_json=plan_json,
+                job_id=job_id,
+                enclave_address=cluster.enclave_address,
+                enclave_tls_certificate=certificate,
+            ),
+            timeout=60,
+        )
+    return info.value
+
+
 def _refusal(resp: party_pb2.ReviewPlanResponse) -> dict[str, Any]:
     assert not resp.approved and not resp.signature and not resp.pending
     doc: dict[str, Any] = json.loads(resp.error_json)
@@ -159,14 +180,8 @@ def test_the_bypass_script_gets_no_approval_no_stream_and_no_release(cluster: An
         enclave = enclave_pb2_grpc.EnclaveStub(ch)
         job = enclave.CreateJob(enclave_pb2.CreateJobRequest(plan_json=plan_json), timeout=30)
         for name in PARTIES:
-            with cluster.dial(f"party-{name}") as pch, pytest.raises(grpc.RpcError) as info:
-                party_pb2_grpc.PartyAgentStub(pch).Contribute(
-                    party_pb2.ContributeRequest(
-                        plan_json=plan_json, job_id=job.job_id, enclave_address=cluster.enclave_address
-                    ),
-                    timeout=30,
-                )
-            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION or "approv" in (info.value.details() or "")
+            refused = _contribute_refused(cluster, name, plan_json, job.job_id)
+            assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION or "approv" in (refused.details() or "")
         # 4. Execute: without a log position (and without approvals) the enclave releases nothing.
         with pytest.raises(grpc.RpcError) as info:
             enclave.Execute(enclave_pb2.ExecuteRequest(job_id=job.job_id, job_token=job.job_token), timeout=30)
@@ -238,3 +253,38 @@ def test_the_legitimate_query_releases_bound_to_its_log_position(
     assert info.value.code in (0, None), err
     rows = [r for log in json.loads(out)["logs"] for r in log["releases"]]
     assert [(r["log_bound"], r["receipt_version"]) for r in rows if r["query_id"] == result.query_id] == [(True, 2)]
+
+
+def test_the_coordinator_cannot_replay_a_released_query_for_a_second_release(cluster: Any) -> None:
+    with cluster.client() as client:
+        first = client.run(SQL, timeout=120)
+    assert first.status == "released"
+    receipt = first.receipt["countersigned"]
+    plan_json = Plan.from_json(json.dumps(receipt["plan"]).encode()).to_json()
+    approvals = [
+        enclave_pb2.Approval(party=a["party"], plan_hash=a["plan_hash"], signature=bytes.fromhex(a["signature"]))
+        for a in receipt["approvals"]
+    ]
+    certificate = fetch_server_certificate(cluster.enclave_address, cluster.tls_config(pki.coordinator()))
+    with cluster.dial("enclave") as ch:
+        enclave = enclave_pb2_grpc.EnclaveStub(ch)
+        job = enclave.CreateJob(enclave_pb2.CreateJobRequest(plan_json=plan_json), timeout=30)
+        for name in PARTIES:
+            refused = _contribute_refused(cluster, name, plan_json, job.job_id, certificate)
+            assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "already sent its data" in (refused.details() or "")
+        with pytest.raises(grpc.RpcError) as info:
+            enclave.Execute(
+                enclave_pb2.ExecuteRequest(
+                    job_id=job.job_id,
+                    approvals=approvals,
+                    job_token=job.job_token,
+                    log_position=LogPosition.from_dict(receipt["log"]).to_proto(),
+                ),
+                timeout=60,
+            )
+        assert "did not arrive" in (info.value.details() or "")
+    # The legitimate path: the same SQL submitted again is a new logged query, and releases.
+    with cluster.client() as client:
+        second = client.run(SQL, timeout=120)
+    assert second.status == "released" and second.query_id != first.query_id
