@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from connectors.agent.claims import ClaimLog
 from sealroom.errors import ApprovalError, NotFoundError, ResourceExhaustedError
 from sealroom.planning.plan import Plan
 from sealroom.signing import OWNER_MESSAGE_MAX_SKEW_MS, LogPosition, check_issued_at, verify_owner_command
@@ -46,9 +47,6 @@ DEFAULT_MAX_PENDING_PER_ANALYST = 100
 
 # Plans whose approval lapsed, was revoked or rejected, remembered to say so (bounded, oldest first).
 MAX_REMEMBERED = 4096
-# Plans whose data uses an agent remembers (Approvals.claim); evicting one takes that many newer
-# plans, each with its own query_submitted entry in the log.
-MAX_CLAIMED = 20_000
 
 
 class PlanState(enum.Enum):
@@ -152,6 +150,7 @@ class Approvals:
         approval_ttl_seconds: float,
         pending_ttl_seconds: float,
         max_pending_per_analyst: int = DEFAULT_MAX_PENDING_PER_ANALYST,
+        claims: ClaimLog | None = None,
     ) -> None:
         self.party = party
         self.max_pending_per_analyst = max_pending_per_analyst
@@ -164,9 +163,9 @@ class Approvals:
         self._manual: dict[str, str] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()
         self._seen_commands: dict[bytes, float] = {}
-        # plan hash -> what this owner's data already went to for it (claim): kept apart from the held
-        # plan, so a new review or a lapsed approval resets nothing (the newest MAX_CLAIMED plans).
-        self._claimed: OrderedDict[str, set[str]] = OrderedDict()
+        # What this owner's data already went to, per plan (claim): kept apart from the held plan, so
+        # a new review, a lapsed approval or a restart (claims kept on disk) resets nothing.
+        self._claims = claims if claims is not None else ClaimLog()
         self._lock = threading.Lock()
 
     def held(self, plan_hash: str) -> HeldPlan | None:
@@ -316,20 +315,14 @@ class Approvals:
         to an enclave job; ``"mpc:<stage>:<index>"``, its player of an MPC stage): each use once per
         plan, so the query's one ``query_submitted`` log entry, and the approval that signs it, make
         one release. A second enclave job or MPC run for the same plan (a coordinator replaying it,
-        even after sending it for review again) gets nothing: ApprovalError. Kept in memory: an
-        agent's restart forgets it (as it forgets its approvals)."""
-        with self._lock:
-            uses = self._claimed.setdefault(plan_hash, set())
-            if use in uses:
-                raise ApprovalError(
-                    f"{self.party} already sent its data for this plan ({use}); a query releases once, so "
-                    "run it again as a new query",
-                    details={"party": self.party, "check": "once_per_plan"},
-                )
-            uses.add(use)
-            self._claimed.move_to_end(plan_hash)
-            while len(self._claimed) > MAX_CLAIMED:
-                self._claimed.popitem(last=False)
+        even after sending it for review again or after the agent restarted) gets nothing:
+        ApprovalError (connectors/agent/claims.py)."""
+        if not self._claims.claim(plan_hash, use):
+            raise ApprovalError(
+                f"{self.party} already sent its data for this plan ({use}); a query releases once, so "
+                "run it again as a new query",
+                details={"party": self.party, "check": "once_per_plan"},
+            )
 
     def mark_used(self, plan_hash: str) -> None:
         """Data moved for this plan (sealed streams or MPC shares): it no longer awaits a decision."""

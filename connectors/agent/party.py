@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from connectors.agent.approvals import Approvals, OwnerDecision, PendingPlan
+from connectors.agent.claims import CLAIMS_FILE, ClaimLog
 from connectors.agent.config import PartyConfig
 from connectors.agent.review import Owner, Submitted, check_logged, check_plan, witness_refusal
 from connectors.agent.streaming import (
@@ -107,6 +108,7 @@ class PartyAgent:
             approval_ttl_seconds=config.approval_ttl_seconds,
             pending_ttl_seconds=config.pending_ttl_seconds,
             max_pending_per_analyst=config.max_pending_per_analyst,
+            claims=ClaimLog(config.witness_state_dir / CLAIMS_FILE),
         )
         # The issued_at_ms of every message signed here (owner actions, witness co-signatures).
         self._issuer = MillisecondIssuer()
