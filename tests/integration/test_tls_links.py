@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -157,20 +158,29 @@ def _relay_self_signed() -> tuple[bytes, bytes]:
     return pki.self_signed("enclave", pki.ENCLAVE_SERVER_NAME)
 
 
-@pytest.fixture
-def front(enclave: EnclaveHandle) -> Iterator[tuple[_Front, str, bytes]]:
-    """A relay with its own self-signed key in front of the real worker: (front, address, its cert)."""
-    relay = _Front(enclave)
-    cert, key = _relay_self_signed()
+@contextlib.contextmanager
+def _serving(enclave: EnclaveHandle, cert: bytes, key: bytes) -> Iterator[tuple[_Front, str]]:
+    """A front in front of the real worker, serving ``cert``: (the front, its address)."""
+    front = _Front(enclave)
     server = create_server(
         "127.0.0.1:0",
         tls=TLSConfig().with_identity(cert, key),
-        handlers=(raw_stream_handler(DATA_SERVICE, UPLOAD_METHOD, relay.upload),),
+        handlers=(raw_stream_handler(DATA_SERVICE, UPLOAD_METHOD, front.upload),),
     )
-    enclave_pb2_grpc.add_EnclaveServicer_to_server(relay, server.grpc)
+    enclave_pb2_grpc.add_EnclaveServicer_to_server(front, server.grpc)
     server.start()
-    yield relay, f"127.0.0.1:{server.port}", cert
-    server.stop(grace=0.5)
+    try:
+        yield front, f"127.0.0.1:{server.port}"
+    finally:
+        server.stop(grace=0.5)
+
+
+@pytest.fixture
+def front(enclave: EnclaveHandle) -> Iterator[tuple[_Front, str, bytes]]:
+    """A relay with its own self-signed key in front of the real worker: (front, address, its cert)."""
+    cert, key = _relay_self_signed()
+    with _serving(enclave, cert, key) as (relay, address):
+        yield relay, address, cert
 
 
 def test_the_coordinator_refuses_an_enclave_certificate_the_evidence_does_not_bind(
@@ -198,33 +208,23 @@ def test_the_coordinator_refuses_an_enclave_certificate_the_evidence_does_not_bi
 def test_the_agent_refuses_an_enclave_certificate_the_evidence_does_not_bind(
     front_cert: Callable[[], tuple[bytes, bytes]], agent: Agent, enclave: EnclaveHandle
 ) -> None:
-    front = _Front(enclave)
     cert, key = front_cert()
-    server = create_server(
-        "127.0.0.1:0",
-        tls=TLSConfig().with_identity(cert, key),
-        handlers=(raw_stream_handler(DATA_SERVICE, UPLOAD_METHOD, front.upload),),
-    )
-    enclave_pb2_grpc.add_EnclaveServicer_to_server(front, server.grpc)
-    server.start()
-    try:
+    with _serving(enclave, cert, key) as (front, address):
         plan = make_plan(SQL, [agent.data])
         assert agent.review(plan).approved
         job = enclave.create_job(plan)
         # What a coordinator (or whoever runs the host) hands the agent: the front's address and its
         # certificate. The handshake succeeds; the evidence binds the real worker's key, not this one.
-        rej = agent.contribute_refused(plan.to_json(), job, address=f"127.0.0.1:{server.port}", certificate=cert)
+        rej = agent.contribute_refused(plan.to_json(), job, address=address, certificate=cert)
         assert rej.status == grpc.StatusCode.UNAUTHENTICATED
         assert isinstance(rej.error, AttestationError) and rej.error.details["check"] == "tls_binding"
         assert front.uploads == 0, "the agent sent sealed data through a server the evidence does not bind"
         # The real worker's certificate at the front's address: the front cannot complete the handshake.
-        rej = agent.contribute_refused(plan.to_json(), job, address=f"127.0.0.1:{server.port}")
+        rej = agent.contribute_refused(plan.to_json(), job, address=address)
         assert rej.error.code == "unavailable" and front.uploads == 0
         # The legitimate path still works: the real worker, its own certificate.
         out = agent.contribute(plan.to_json(), job)
         assert [u.dataset for u in out.uploads] == ["loans"]
-    finally:
-        server.stop(grace=0.5)
 
 
 def test_the_enclave_requires_a_client_certificate_of_the_ca(enclave: EnclaveHandle) -> None:
