@@ -53,6 +53,7 @@ from sealroom.planning.plan import (
     declared_domains,
     stage_pushdown,
 )
+from sealroom.planning.privacy import PlanPrivacy, dp_inputs_mode, needs_partition_selection, plan_privacy_for
 from sealroom.planning.sql import UNION_UNIT, Analysis, InputSpec, analyze, compile_stage
 from sealroom.policy import DatasetPolicy
 
@@ -80,17 +81,23 @@ def plan_query(
     helper_key: str | None = None,
     limits: QueryLimits = DEFAULT_LIMITS,
     scope: CallScope = UNBOUNDED,
+    epsilon: float | None = None,
 ) -> tuple[Plan, Analysis]:
     """Plan ``sql``. ``helper_key``: the coordinator's Ed25519 key (hex), named in an MPC plan as the
     identity of the helper player it runs (without it such a plan cannot run). ``limits``: the caps
     on the query's size; ``scope``: the analyst's call, checked between steps (planning stops with
-    DeadlineExceededError once the call is cancelled or past its deadline)."""
+    DeadlineExceededError once the call is cancelled or past its deadline). ``epsilon``: what a query
+    over dp datasets spends (None: the default, :data:`sealroom.planning.privacy.DEFAULT_QUERY_EPSILON`)."""
     schemas = {q: e.schema.names for q, e in catalog.items()}
     scope.check("parsing the query")
     analysis = analyze(sql, schemas, limits=limits)
     scope.check("checking the owners' column rules")
     check_uses(analysis.uses, {q: catalog[q].policy for q in analysis.datasets}, schemas)
-    request = _Request(analysis, query_id, analyst, catalog, party_keys)
+    entries = [catalog[q] for q in analysis.datasets]
+    privacy = None
+    if dp_inputs_mode(entries):
+        privacy = plan_privacy_for(entries, _needs_selection(analysis, entries), epsilon)
+    request = _Request(analysis, query_id, analyst, catalog, party_keys, privacy)
     to_enclave, own_players, mpc_reason = _enclave_split([catalog[q] for q in analysis.datasets])
     scope.check("checking the inputs")
     inputs = [_checked_input(request, n, catalog[q]) for n, q in enumerate(analysis.datasets)]
@@ -103,6 +110,16 @@ def plan_query(
         )
         return plan, analysis
     return _plan_tee(request, inputs), analysis
+
+
+def _needs_selection(analysis: Analysis, entries: list[CatalogEntry]) -> bool:
+    """Whether the query's groups need partition selection (no public domain), over the columns the
+    full query reads."""
+    views = [
+        PlanInput(e.party, e.dataset, tuple(e.schema.names), e.policy, table=f"input_{n}")
+        for n, e in enumerate(entries)
+    ]
+    return needs_partition_selection(analysis.sql, views)
 
 
 def _checked_input(request: _Request, n: int, entry: CatalogEntry) -> PlanInput:
@@ -409,6 +426,7 @@ class _Request:
     analyst: str
     catalog: Mapping[str, CatalogEntry]
     party_keys: Mapping[str, str]
+    privacy: PlanPrivacy | None = None  # a query over dp datasets: what it spends
 
     def plan(self, stages: list[Stage], parties: Iterable[str]) -> Plan:
         """A new plan of ``stages`` (its own salt and time), naming the keys of ``parties``."""
@@ -420,6 +438,7 @@ class _Request:
             parties={p: self.party_keys[p] for p in sorted(set(parties))},
             salt=secrets.token_hex(16),
             created_at=round(time.time(), 3),
+            privacy=self.privacy,
         )
 
     def checker(self, count_star: Callable[[str], bool] | None = None) -> Checker:

@@ -31,6 +31,7 @@ from sealroom.policy_roles import (
     ROLES,
     ColumnRule,
 )
+from sealroom.privacy_rule import PrivacyRule
 from sealroom.processing import (
     LEGAL_BASES,
     MAX_PROCESSING_TEXT,
@@ -56,6 +57,7 @@ __all__ = [
     "DatasetPolicy",
     "DatasetTrust",
     "Dominance",
+    "PrivacyRule",
     "ProcessingRecord",
     "TrustPolicy",
     "is_purpose",
@@ -107,6 +109,14 @@ class DatasetPolicy:
     # rows may meet in one query (joined, unioned, or computed over together in MPC); None: any, ():
     # none. The owner's own datasets always may (see allows_combination).
     combine_with: tuple[str, ...] | None = None
+    # The owner's output-privacy guarantee ([privacy]; sealroom.privacy_rule): None when the policy has
+    # no [privacy] table, which is threshold mode (and keeps the policy's digest as it was).
+    privacy: PrivacyRule | None = None
+
+    @property
+    def dp(self) -> PrivacyRule | None:
+        """The dataset's dp rule when its owner chose ``mode = "dp"``, else None (threshold mode)."""
+        return self.privacy if self.privacy is not None and self.privacy.is_dp else None
 
     def __hash__(self) -> int:
         return hash(self.digest())
@@ -126,6 +136,7 @@ class DatasetPolicy:
             **({"processing": self.processing.to_dict()} if self.processing is not None else {}),
             # Only when set, so a policy without it keeps its digest (and stored receipts verify).
             **({"combine_with": list(self.combine_with)} if self.combine_with is not None else {}),
+            **({"privacy": self.privacy.to_dict()} if self.privacy is not None else {}),
         }
 
     def canonical(self) -> bytes:
@@ -163,7 +174,7 @@ class DatasetPolicy:
         step raising ConfigError naming ``source`` and the key: 1. no unknown key; 2. version;
         3. privacy unit; 4. minimum group size; 5. analysts; 6. approval mode; 7. column rules;
         8. default role; 9. dominance; 10. the privacy unit's role; 11. trust; 12. share_row_count;
-        13. the record of processing; 14. combine_with."""
+        13. the record of processing; 14. combine_with; 15. privacy."""
         check_keys(doc, _POLICY_KEYS, source=source, prefix=prefix)
         _check_version(doc, source=source, prefix=prefix)
         unit = _privacy_unit(doc, source=source, prefix=prefix)
@@ -192,6 +203,17 @@ class DatasetPolicy:
             else None
         )
         combine_with = _combine_with(doc, source=source, prefix=prefix)
+        privacy = (
+            PrivacyRule.from_dict(doc["privacy"], source=source, prefix=f"{prefix}privacy.")
+            if doc.get("privacy") is not None
+            else None
+        )
+        if privacy is not None and privacy.is_dp and unit is None:
+            raise key_error(
+                source,
+                f"{prefix}privacy_unit",
+                'set in dp mode: differential privacy protects the units it names (e.g. privacy_unit = "customer_id")',
+            )
         return cls(
             privacy_unit=unit,
             min_group_size=k,
@@ -204,6 +226,7 @@ class DatasetPolicy:
             share_row_count=share,
             processing=processing,
             combine_with=combine_with,
+            privacy=privacy,
         )
 
     @classmethod
@@ -225,6 +248,9 @@ class DatasetPolicy:
             lines.append("share_row_count = true")
         if "combine_with" in doc:
             lines.append(f"combine_with = {toml_value(doc['combine_with'])}")
+        if "privacy" in doc:
+            lines += ["", "[privacy]"]
+            lines += [f"{toml_key(key)} = {toml_value(value)}" for key, value in doc["privacy"].items()]
         if "processing" in doc:
             lines += ["", "[processing]"]
             lines += [f"{toml_key(key)} = {toml_value(value)}" for key, value in doc["processing"].items()]
@@ -243,7 +269,7 @@ def load_policy_file(path: Path) -> DatasetPolicy:
 
 _POLICY_KEYS = {
     "version", "privacy_unit", "min_group_size", "analysts", "approval", "columns", "default_role",
-    "dominance", "trust", "share_row_count", "processing", "combine_with",
+    "dominance", "trust", "share_row_count", "processing", "combine_with", "privacy",
 }  # fmt: skip
 
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
-from sealroom.errors import PolicyRefusalError
+from sealroom.errors import InvalidQueryError, PolicyRefusalError
 from sealroom.planning.disclosure import check_uses
 from sealroom.planning.mpc_spec import GroupColumn, StageSpec
 from sealroom.planning.mpc_sql import MpcQuery
@@ -64,6 +64,7 @@ from sealroom.planning.plan import (
     mpc_stage_query,
     stage_pushdown,
 )
+from sealroom.planning.privacy import DpMechanism, dp_inputs_mode, dp_mechanism, plan_privacy_for
 from sealroom.planning.sql import UNION_UNIT, Pushdown
 from sealroom.policy import DatasetPolicy
 
@@ -76,6 +77,7 @@ __all__ = [
     "check_mpc_stage_rules",
     "check_no_bounded_filter",
     "check_plan",
+    "check_privacy",
     "check_stage_k",
     "check_unit_carried",
     "missing_unit",
@@ -122,12 +124,15 @@ class PlanChecks:
 
     pushdowns: Mapping[str, Pushdown]  # each checked TEE stage releasing its output
     mpc_queries: Mapping[str, MpcQuery]  # each checked MPC stage
+    # Each TEE stage released under differential privacy (a plan reading dp datasets): its mechanism.
+    mechanisms: Mapping[str, DpMechanism] = field(default_factory=dict)
 
 
 def check_plan(plan: Plan, checker: Checker) -> PlanChecks:
     """Every shared rule over ``plan``'s stages and the inputs ``checker`` answers for, in the order
     of the module docstring. Raises PolicyRefusalError or InvalidQueryError (a plan inconsistent with
     its SQL)."""
+    mechanisms = check_privacy(plan)
     for stage in plan.stages:
         for inp in stage.inputs:
             if checker.answers_for(stage, inp):
@@ -143,7 +148,47 @@ def check_plan(plan: Plan, checker: Checker) -> PlanChecks:
     for mpc in plan.mpc_stages():
         if any(_answers_for_any(checker, s, s.inputs) for s in _with_feeding(plan, mpc)):
             queries[mpc.id] = check_mpc_stage_rules(plan, mpc, checker)
-    return PlanChecks(pushdowns, queries)
+    return PlanChecks(pushdowns, queries, mechanisms)
+
+
+def check_privacy(plan: Plan) -> dict[str, DpMechanism]:
+    """The plan's privacy block is the one its datasets' privacy modes imply: none without a dp
+    dataset; with one, every dataset dp (:func:`sealroom.planning.privacy.dp_inputs_mode`), an
+    epsilon within every owner's ``max_query_epsilon``, the delta partition selection needs, and a
+    release every stage can make under dp (:func:`sealroom.planning.privacy.dp_mechanism`). Every
+    checker runs it over the whole plan: a dp owner's guarantee depends on what every other input
+    of the query is. Returns each TEE stage's mechanism."""
+    inputs = plan.inputs()
+    dp = dp_inputs_mode(inputs)
+    if not dp:
+        if plan.privacy is not None:
+            raise InvalidQueryError("plan is inconsistent: it carries a privacy block but reads no dp dataset")
+        return {}
+    if plan.privacy is None:
+        raise PolicyRefusalError(
+            "the plan reads datasets released only with differential privacy but carries no privacy block "
+            "(epsilon); re-plan the query",
+            details={"rule": "privacy_mode"},
+        )
+    mechanisms: dict[str, DpMechanism] = {}
+    delta_needed = False
+    for tee in plan.tee_stages():
+        if tee.feeds is None:
+            mechanisms[tee.id] = dp_mechanism(tee.sql, tee.inputs, plan.privacy, min_group_size=tee.min_group_size)
+            delta_needed |= mechanisms[tee.id].selection is not None
+    for mpc in plan.mpc_stages():
+        raise PolicyRefusalError(
+            f"MPC stage {mpc.id} reads datasets released only with differential privacy, which an MPC stage "
+            "does not noise yet; ask the owners to accept an enclave",
+            details={"rule": "privacy_mode", "stage": mpc.id},
+        )
+    expected = plan_privacy_for(inputs, delta_needed, plan.privacy.epsilon)
+    if expected != plan.privacy:
+        raise InvalidQueryError(
+            "plan is inconsistent: its privacy block does not spend the delta its groups need; re-plan the query",
+            details={"rule": "privacy_mode"},
+        )
+    return mechanisms
 
 
 def _with_feeding(plan: Plan, stage: MpcStage) -> list[Stage]:

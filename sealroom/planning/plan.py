@@ -21,6 +21,7 @@ from sealroom.canonical import canonical_json
 from sealroom.errors import InvalidQueryError
 from sealroom.planning.mpc_spec import StageSpec
 from sealroom.planning.mpc_sql import MpcQuery, mpc_query
+from sealroom.planning.privacy import PlanPrivacy
 from sealroom.planning.resolve import OrderKey
 from sealroom.planning.sql import Pushdown, PushedFilter, pushdown
 from sealroom.policy import DatasetPolicy
@@ -310,6 +311,9 @@ class Plan:
     parties: dict[str, str]  # party -> Ed25519 public key (hex)
     salt: str
     created_at: float
+    # The privacy block of a plan reading dp datasets (sealroom.planning.privacy): the epsilon and
+    # delta its release spends of every dp owner's budget. In the JSON only when set.
+    privacy: PlanPrivacy | None = None
     version: int = PLAN_VERSION
     _hash: str = field(default="", compare=False, repr=False)
 
@@ -323,6 +327,7 @@ class Plan:
             "parties": dict(sorted(self.parties.items())),
             "salt": self.salt,
             "created_at": self.created_at,
+            **({"privacy": self.privacy.to_dict()} if self.privacy is not None else {}),
         }
 
     def to_json(self) -> bytes:
@@ -346,6 +351,7 @@ class Plan:
                 parties=dict(d["parties"]),
                 salt=d["salt"],
                 created_at=float(d["created_at"]),
+                privacy=PlanPrivacy.from_dict(d["privacy"]) if "privacy" in d else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InvalidQueryError):
