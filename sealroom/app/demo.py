@@ -190,7 +190,7 @@ BANK = Scenario(
 SELECT a.segment, a.rating,
        COUNT(*) AS shared_customers,
        SUM(a.exposure + b.exposure + c.exposure) AS total_exposure,
-       AVG(GREATEST(a.defaulted, b.defaulted, c.defaulted)) AS default_rate
+       AVG(b.defaulted) AS default_rate
 FROM bank_a.exposures a
 JOIN bank_b.exposures b ON a.customer_id = b.customer_id
 JOIN bank_c.exposures c ON a.customer_id = c.customer_id

@@ -16,10 +16,15 @@ from sealroom.errors import PolicyRefusalError
 from sealroom.policy import DatasetPolicy
 
 COUNTS = frozenset({"aggregate:count", "aggregate:count_distinct"})
+# Uses: see sealroom.planning.resolve.column_uses. Inside an aggregate, "aggregate_filter" (the
+# column selects or compares rows: a CASE/IF condition, FILTER (WHERE ...), NULLIF, GREATEST, %...)
+# and "aggregate_combined" (combined with another joined dataset's columns where that could weight
+# single rows) are allowed only where the column could be grouped by anyway: a filter-only column
+# restricts the rows of WHERE and nothing else, so it never reaches an aggregate's value.
 ALLOWED_USES: dict[str, frozenset[str] | None] = {
     "open": None,  # anything
     "join_key": frozenset({"join"}) | COUNTS,
-    "dimension": frozenset({"group", "filter"}) | COUNTS,
+    "dimension": frozenset({"group", "filter", "aggregate_filter", "aggregate_combined"}) | COUNTS,
     "filter_only": frozenset({"filter"}),
     "forbidden": frozenset(),
     # "measure": the aggregates its rule lists (see _allowed)
@@ -32,7 +37,15 @@ ROLE_TEXT = {
     "forbidden": "forbidden",
     "open": "open",
 }
-_VERB = {"join": "joined on", "filter": "used in WHERE", "group": "grouped by or output"}
+_VERB = {
+    "join": "joined on",
+    "filter": "used in WHERE",
+    "group": "grouped by or output",
+    "aggregate_filter": "used to select or compare rows inside an aggregate (a CASE/IF condition, FILTER (WHERE "
+    "...), or a function such as NULLIF, GREATEST/LEAST, %, //, /, round or a cast)",
+    "aggregate_combined": "combined with another dataset's columns inside one aggregate (a product, or "
+    "MIN/MAX/VAR/STDDEV of a sum across datasets)",
+}
 
 
 def _allowed(policy: DatasetPolicy, column: str) -> frozenset[str] | None:
@@ -70,6 +83,28 @@ def _suggestion(
         return f"{hint}, {ask} join key"
     if use == "filter":
         return f"remove the condition on {column}, {ask} dimension or filter-only column"
+    if use == "aggregate_filter":
+        if role == "filter_only":
+            return (
+                f"move the condition on {column} out of the aggregate into WHERE (a filter-only column may restrict "
+                f"the rows a query reads, never select rows inside an aggregate), {ask} dimension"
+            )
+        if role == "measure":
+            aggs = ", ".join(a.upper() for a in policy.rule(column).aggregates)
+            return (
+                f"aggregate {column} itself ({aggs} of the plain column, or of CASE WHEN <condition on dimensions> "
+                f"THEN {column} END) without comparing its values inside the aggregate, {ask} dimension"
+            )
+        return (
+            f"use {column} inside an aggregate only as COUNT({column}) or COUNT(DISTINCT {column}), without a "
+            f"condition or function on it, {ask} dimension"
+        )
+    if use == "aggregate_combined":
+        return (
+            f"aggregate {column} on its own and combine the results outside the aggregates (e.g. SUM(a.x) + "
+            f"SUM(b.y), not SUM(a.x * b.y) or MAX(a.x + b.y)): another party's column in the same aggregate could "
+            f"weight or offset single rows of {party}.{dataset}"
+        )
     agg = use.split(":", 1)[1].upper().replace("_", " ")
     if role == "measure":
         aggs = ", ".join(a.upper() for a in policy.rule(column).aggregates)

@@ -24,6 +24,7 @@ from sqlglot import exp
 from sqlglot.errors import ParseError
 
 from sealroom.errors import InvalidQueryError
+from sealroom.planning.expressions import UseWalker
 from sealroom.planning.limits import DEFAULT_LIMITS, QueryLimits, check_sql_text, check_tree
 
 DIALECT = "duckdb"
@@ -389,6 +390,11 @@ def _check_aggregates(tree: exp.Select) -> list[str]:
             raise query_refusal("aggregates are not allowed in JOIN conditions")
     nodes = list(tree.expressions) + [tree.args[k] for k in ("having", "order") if tree.args.get(k)]
     for node in nodes:
+        for flt in node.find_all(exp.Filter):
+            raise query_refusal(
+                f"FILTER (WHERE ...) on an aggregate is not supported: {flt.sql(DIALECT)}; write the condition "
+                "in a CASE, e.g. SUM(CASE WHEN cond THEN x END) or COUNT(CASE WHEN cond THEN 1 END)"
+            )
         for agg in _aggregates_in(node):
             name = ALLOWED_AGGREGATES.get(type(agg))
             if name is None:
@@ -580,70 +586,48 @@ def check_branch_column(branch: Branch, col: exp.Column) -> None:
         )
 
 
-_CONDITIONS = (exp.Predicate, exp.Connector, exp.Not)
-
-
-def _use_of(col: exp.Column) -> str:
-    """How the query uses one column reference: join, filter, group, or aggregate:<name>.
-
-    A column inside an aggregate but in a condition (``COUNT(CASE WHEN key = 42 THEN 1 END)``,
-    ``SUM(amount > 100)``) is a *filter* use, not an aggregation: otherwise conditional aggregates
-    would test join keys or measures that the owner allows only to be joined or summed.
-    """
-    if any(isinstance(a, exp.AggFunc) for a in _ancestors(col)):
-        child: exp.Expr = col
-        for a in _ancestors(col):
-            if isinstance(a, exp.AggFunc):
-                break
-            if isinstance(a, _CONDITIONS) or (isinstance(a, exp.If) and a.this is child):
-                return "filter"
-            child = a
-    for a in _ancestors(col):
-        if isinstance(a, exp.AggFunc):
-            name = POLICY_AGGREGATE_NAMES.get(type(a), type(a).__name__.lower())
-            if isinstance(a, exp.Count) and isinstance(a.this, exp.Distinct):
-                name = "count_distinct"
-            return f"aggregate:{name}"
-    for a in _ancestors(col):
-        if isinstance(a, exp.Join):
-            return "join"
-        if isinstance(a, exp.Where):
-            return "filter"
-    return "group"  # select list, GROUP BY, HAVING or ORDER BY outside an aggregate: output/grouping
-
-
 def column_uses(r: Resolved) -> dict[str, dict[str, frozenset[str]]]:
     """For each dataset and column the query reads, the set of ways it is used.
 
-    Uses are ``join``, ``filter``, ``group`` (grouped by or output as a group key) and
-    ``aggregate:<count|count_distinct|sum|avg|min|max|var|stddev>``. A column of a UNION ALL is
-    charged to the dataset columns each branch projects into it; a branch's own WHERE is a filter.
+    Outside aggregates: ``join`` (in a JOIN condition), ``filter`` (in WHERE, or a UNION ALL
+    branch's own WHERE) and ``group`` (anywhere else: grouped by, output as a group key, in HAVING
+    or ORDER BY). Inside an aggregate (:mod:`sealroom.planning.expressions`, which also refuses
+    constants smuggled into an aggregate's value): ``aggregate:<count|count_distinct|sum|avg|min|
+    max|var|stddev>`` for a column whose value reaches the aggregate, ``aggregate_filter`` for a
+    column that selects or compares rows (a CASE/IF condition, FILTER (WHERE ...), or under a
+    value-revealing function such as NULLIF, GREATEST, % or a cast to text: then also the
+    aggregate's use), ``aggregate_combined`` for a column combined with another joined dataset's
+    columns where that could weight single rows. A column of a UNION ALL is its branches'
+    projections, inlined where it is used.
     """
     by_alias = {s.alias: s for s in r.sources}
-    out: dict[str, dict[str, set[str]]] = {}
 
-    def add(qualified: str, column: str, use: str) -> None:
-        out.setdefault(qualified, {}).setdefault(column, set()).add(use)
+    def leaves(col: exp.Column) -> list[tuple[str, exp.Expression]]:
+        src = by_alias.get(col.table) if col.table else None
+        if src is None:
+            return []  # a reference to an output alias
+        if src.kind == "table":
+            return [(src.branches[0].qualified, col)]
+        out: list[tuple[str, exp.Expression]] = []
+        for br in src.branches:
+            projection = expanded_projections(br)[src.columns.index(col.name)]
+            out.append((br.qualified, projection.this if isinstance(projection, exp.Alias) else projection))
+        return out
 
+    walker = UseWalker(leaves, POLICY_AGGREGATE_NAMES)
     for node in _outer_nodes(r.tree):
-        cols = [node] if isinstance(node, exp.Column) else list(node.find_all(exp.Column))
-        for col in cols:
-            src = by_alias.get(col.table) if col.table else None
-            if src is None:
-                continue  # a reference to an output alias
-            use = _use_of(col)
-            if src.kind == "table":
-                add(src.branches[0].qualified, col.name, use)
-                continue
-            for br in src.branches:
-                for name in projected_columns(src, br, col.name):
-                    add(br.qualified, name, use)
+        parent = node.parent
+        context = "join" if isinstance(parent, exp.Join) else "filter" if isinstance(node, exp.Where) else "group"
+        walker.walk(node, context)
+    out: dict[str, dict[str, set[str]]] = {}
+    for u in walker.uses:
+        out.setdefault(u.dataset, {}).setdefault(u.column, set()).add(u.use)
     for src in r.sources:
         for br in src.branches:
             where = br.select.args.get("where") if br.select is not None else None
             if where is not None:
                 for c in where.find_all(exp.Column):
-                    add(br.qualified, c.name, "filter")
+                    out.setdefault(br.qualified, {}).setdefault(c.name, set()).add("filter")
     return {q: {c: frozenset(u) for c, u in cols.items()} for q, cols in out.items()}
 
 

@@ -460,14 +460,15 @@ assert "pandas" not in sys.modules, "pandas was imported"
 
 
 def test_a_long_expression_runs_and_one_past_the_depth_limit_is_refused() -> None:
-    """SUM(x + 1 + 1 ...): DuckDB's common-subexpression pass made it cubic in the depth (950 terms:
-    14 s); the engine turns that pass off and the depth limit caps the rest."""
+    """SUM(x + x + x ...): DuckDB's common-subexpression pass made it cubic in the depth (950 terms:
+    14 s); the engine turns that pass off and the depth limit caps the rest. (Terms are columns: a
+    constant in an aggregate is refused, sealroom.planning.expressions.)"""
     rows = [(1, "a", 1.0), (2, "a", 2.0), (3, "b", 3.0)]
     terms = 240
-    sql = "SELECT segment, SUM(exposure" + " + 1" * terms + ") AS total FROM bank_a.loans GROUP BY segment"
+    sql = "SELECT segment, SUM(exposure" + " + exposure" * terms + ") AS total FROM bank_a.loans GROUP BY segment"
     out = run(sql, {"t0": bank(rows)}, dominance={"bank_a.loans": Dominance(n=1, k=99)})
-    assert by_segment(out)["a"]["total"] == 1.0 + 2.0 + 2 * terms
+    assert by_segment(out)["a"]["total"] == (1.0 + 2.0) * (terms + 1)
     assert [s["group"] for s in out.suppressed] == [{"segment": "b"}]  # one unit: dominated
-    deeper = "SELECT segment, SUM(exposure" + " + 1" * 950 + ") AS total FROM bank_a.loans GROUP BY segment"
+    deeper = "SELECT segment, SUM(exposure" + " + exposure" * 950 + ") AS total FROM bank_a.loans GROUP BY segment"
     with pytest.raises(ResourceExhaustedError, match="max_nesting_depth"):
         compile_for_job(deeper, [A])

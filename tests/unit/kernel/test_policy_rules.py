@@ -255,11 +255,12 @@ def test_explain_shows_rules_per_output_and_approval_modes():
     [
         # a condition on a join key inside an aggregate would locate one customer in a segment
         ("SELECT segment, COUNT(CASE WHEN customer_id = 42 THEN 1 END) FROM bank_a.loans GROUP BY segment",
-         "customer_id", "filter"),
+         "customer_id", "aggregate_filter"),
         # a comparison on a measure inside an aggregate filters on it, which WHERE may not
-        ("SELECT segment, SUM(CASE WHEN exposure > 100 THEN 1 ELSE 0 END) FROM bank_a.loans GROUP BY segment",
-         "exposure", "filter"),
-        ("SELECT segment, SUM(CAST(exposure > 100 AS INT)) FROM bank_a.loans GROUP BY segment", "exposure", "filter"),
+        ("SELECT segment, COUNT(CASE WHEN exposure > 100 THEN 1 END) FROM bank_a.loans GROUP BY segment",
+         "exposure", "aggregate_filter"),
+        ("SELECT segment, SUM(CAST(exposure > 100 AS INT)) FROM bank_a.loans GROUP BY segment", "exposure",
+         "aggregate_filter"),
     ],
 )  # fmt: skip
 def test_conditions_inside_aggregates_are_filter_uses(sql, column, use):
@@ -272,7 +273,7 @@ def test_conditional_sums_on_dimensions_are_allowed():
     p, an = plan(
         "SELECT segment, SUM(CASE WHEN segment = 'retail' THEN exposure END) AS s FROM bank_a.loans GROUP BY 1"
     )
-    assert an.uses["bank_a.loans"] == {"segment": {"group", "filter"}, "exposure": {"aggregate:sum"}}
+    assert an.uses["bank_a.loans"] == {"segment": {"group", "aggregate_filter"}, "exposure": {"aggregate:sum"}}
 
 
 def test_renaming_the_privacy_unit_in_a_union_does_not_escape_the_group_by_refusal():
