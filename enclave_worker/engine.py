@@ -333,7 +333,9 @@ def _decision_sql(compiled: CompiledStage, k: int, rules: Sequence[_DominanceRul
     """The cells with hidden verdict columns: units_ok, sub_ok, dominated (rule index), releasable, keep."""
     units, subs = _verdicts(compiled, k)
     verdicts = f"{units} AS {_ident(UNITS_OK_COLUMN)}, {subs} AS {_ident(SUB_OK_COLUMN)}"
-    having = f"COALESCE({_ident(HAVING_COLUMN)}, FALSE)" if HAVING_COLUMN in compiled.aggregate_sql else "TRUE"
+    named = compiled.aggregate_sql + " ".join(name for name, _ in compiled.post_outputs)
+    having = f"COALESCE({_ident(HAVING_COLUMN)}, FALSE)" if HAVING_COLUMN in named else "TRUE"
+    posts = "".join(f", {sql} AS {_ident(name)}" for name, sql in compiled.post_outputs)
     # Dominance applies to SUM cells: without a SUM in the outputs there is nothing to dominate.
     active = list(rules) if compiled.sum_arguments else []
     if not active:
@@ -341,7 +343,7 @@ def _decision_sql(compiled: CompiledStage, k: int, rules: Sequence[_DominanceRul
             f"SELECT *, {verdicts}, NULL::INTEGER AS {_ident(DOMINATED_COLUMN)}, "
             f"{units} AND {subs} AS {_ident(RELEASABLE_COLUMN)}, "
             f"{units} AND {subs} AND {having} AS {_ident(KEEP_COLUMN)} "
-            f"FROM ({compiled.aggregate_sql})"
+            f"FROM (SELECT *{posts} FROM ({compiled.aggregate_sql}))"
         )
     try:
         tree = sqlglot.parse_one(compiled.aggregate_sql, read=DIALECT)
@@ -352,7 +354,7 @@ def _decision_sql(compiled: CompiledStage, k: int, rules: Sequence[_DominanceRul
         cells = tree.copy()
         hidden_keys = [exp.alias_(g.copy(), key, quoted=True) for g, key in zip(groups, keys, strict=True)]
         cells.set("expressions", [*cells.expressions, *hidden_keys])
-        ctes = [f"{_ident('__sr_cells')} AS ({cells.sql(DIALECT)})"]
+        ctes = [f"{_ident('__sr_cells')} AS (SELECT *{posts} FROM ({cells.sql(DIALECT)}))"]
         for c in sorted({r.check for r in active}):
             ctes.append(f"{_ident(f'__sr_contrib_{c}')} AS ({_contributions_sql(tree, groups, keys, compiled, c)})")
             ctes.append(f"{_ident(f'__sr_ranked_{c}')} AS ({_ranked_sql(c, keys, len(compiled.sum_arguments))})")

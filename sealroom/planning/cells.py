@@ -242,3 +242,40 @@ def sum_argument(agg: exp.AggFunc) -> exp.Expression:
         cond = (where.this if isinstance(where, exp.Where) else where).copy()
         return exp.Case(ifs=[exp.If(this=cond, true=arg)])
     return arg
+
+
+# --------------------------------------------------------------------------------------------
+# expressions over aggregates
+
+
+_KEEP_AS_IS = (exp.DataType, exp.Var, exp.Identifier, exp.Literal, exp.Null, exp.Boolean)
+
+
+def post_aggregate(node: exp.Expression, prefix: str) -> tuple[exp.Expression, list[tuple[str, exp.Expression]]] | None:
+    """Split an output that computes something that could raise *over* aggregates (``SUM(x) //
+    COUNT(*)``, ``COUNT(*) * 9223372036854775807``): TRY may not contain an aggregate, so the
+    aggregates (and the grouped expressions beside them) become hidden columns ``<prefix>N`` of the
+    aggregate query, and the rest an expression over those columns, evaluated total in an outer
+    query. Returns None when ``node`` needs no split (no aggregate, or nothing risky around them)."""
+    if not _has_aggregate(node) or isinstance(node, exp.AggFunc | exp.Filter):
+        return None
+    leaves: list[tuple[str, exp.Expression]] = []
+
+    def split(n: exp.Expression) -> exp.Expression:
+        if isinstance(n, _KEEP_AS_IS):
+            return n
+        if isinstance(n, exp.AggFunc | exp.Filter) or not _has_aggregate(n):
+            name = f"{prefix}{len(leaves)}"
+            leaves.append((name, n.copy()))
+            return exp.column(name, quoted=True)
+        for key, value in list(n.args.items()):
+            if isinstance(value, exp.Expression):
+                n.set(key, split(value))
+            elif isinstance(value, list):
+                n.set(key, [split(v) if isinstance(v, exp.Expression) else v for v in value])
+        return n
+
+    outer = split(node.copy())
+    if not _risky(outer) and not any(isinstance(n, exp.Cast) for n in outer.walk()):
+        return None
+    return total(outer), leaves

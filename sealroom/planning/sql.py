@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import sqlglot
 from sqlglot import exp
 
-from sealroom.planning.cells import active_rows, sum_argument, total
+from sealroom.planning.cells import active_rows, post_aggregate, sum_argument, total
 from sealroom.planning.limits import DEFAULT_LIMITS, QueryLimits
 from sealroom.planning.resolve import (
     DIALECT,
@@ -126,6 +126,8 @@ class CompiledStage:
     sub_checks: tuple[SubCheck, ...] = ()  # sub-cells of conditional aggregates
     # group output column -> the (dataset, column) it outputs as is; absent when computed
     group_sources: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # (output column, total SQL over hidden columns of aggregate_sql): outputs computed after it
+    post_outputs: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -362,6 +364,7 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
                 if pred not in actives:
                     actives.append(pred)
     hidden, subs = _hidden_counts(checks, actives)
+    outputs, posts = _split_post_aggregates(outputs)
     tree.set("expressions", outputs + hidden)
     tree.set("order", None)
     tree.set("limit", None)
@@ -376,7 +379,28 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
         uses=uses,
         sub_checks=tuple(subs),
         group_sources=groups,
+        post_outputs=tuple(posts),
     )
+
+
+def _split_post_aggregates(outputs: list[exp.Expr]) -> tuple[list[exp.Expr], list[tuple[str, str]]]:
+    """Outputs computing something that could raise over aggregates (cells.post_aggregate): in the
+    aggregate query, a NULL placeholder (so GROUP BY positions keep their meaning) and the hidden
+    columns it reads; the output itself is computed over them afterwards (``post_outputs``)."""
+    kept: list[exp.Expr] = []
+    leaves: list[exp.Expr] = []
+    posts: list[tuple[str, str]] = []
+    for i, o in enumerate(outputs):
+        assert isinstance(o, exp.Alias)
+        split = post_aggregate(o.this, f"__sr_post_{i}_")
+        if split is None:
+            kept.append(o)
+            continue
+        outer, parts = split
+        kept.append(exp.alias_(exp.null(), f"__sr_post_{i}", quoted=True))
+        leaves += [exp.alias_(e, name, quoted=True) for name, e in parts]
+        posts.append((o.alias, outer.sql(DIALECT)))
+    return kept + leaves, posts
 
 
 def _table_check(src: Source, n: int, by_name: Mapping[str, InputSpec]) -> list[UnitCheck]:

@@ -214,6 +214,34 @@ def test_post_aggregate_division_by_zero_is_null_not_an_error():
     assert {(r["q"], r["r"]) for r in out.released.to_pylist()} == {(None, None)}
 
 
+@pytest.mark.parametrize("threshold", [4000, 4400])
+def test_an_overflow_over_aggregates_is_null_not_an_error(threshold):
+    # COUNT(*) * big overflows iff the count is above a threshold: on main an error oracle on a
+    # suppressed cell's count (or a SUM's value); here the output is NULL and the cell suppressed.
+    big = 2**63 // 2
+    for sql in (
+        f"SELECT segment, COUNT(*) * {big} AS c, CAST(SUM(amount) AS TINYINT) AS s FROM shop_a.customers "
+        "WHERE age = 37 GROUP BY segment",
+        f"SELECT segment, CAST(SUM(amount) - {threshold} AS UTINYINT) AS s FROM shop_a.customers WHERE age = 37 "
+        "GROUP BY segment",
+    ):
+        out = run(sql)
+        assert out.released.num_rows == 0 and [s["rule"] for s in out.suppressed] == ["min_group_size"]
+    out = run(f"SELECT segment, COUNT(*) * {big} AS c, COUNT(*) * 2 AS c2 FROM shop_a.customers GROUP BY segment")
+    assert {(r["c"], r["c2"]) for r in out.released.to_pylist()} <= {(None, 30), (None, 28)}
+
+
+def test_expressions_over_aggregates_keep_their_values_and_group_positions():
+    sql = (
+        "SELECT SUM(amount) / COUNT(*) AS mean, segment, CAST(COUNT(*) AS VARCHAR) || '!' AS label "
+        "FROM shop_a.customers WHERE age <> 37 GROUP BY 2 HAVING SUM(amount) // COUNT(*) > 0"
+    )
+    out = run(sql)
+    expected = plain(sql.replace("shop_a.customers", "t0"), {"t0": customers()})
+    assert sorted(out.released.to_pylist(), key=lambda r: r["segment"]) == sorted(expected, key=lambda r: r["segment"])
+    assert out.released.column_names == ["mean", "segment", "label"]
+
+
 def test_an_implicit_cast_that_fails_on_some_rows_is_null_for_those_rows():
     # segment = 5 casts segment to a number: it fails on every row on main, here it matches none.
     out = run("SELECT COUNT(*) AS n FROM shop_a.customers WHERE segment = 5")
