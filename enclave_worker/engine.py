@@ -54,7 +54,7 @@ from sqlglot.errors import SqlglotError
 
 from sealroom.duck import locked_connection
 from sealroom.errors import DeadlineExceededError, InvalidQueryError
-from sealroom.planning.resolve import DIALECT, parse_query
+from sealroom.planning.resolve import DIALECT, from_items, parse_query
 from sealroom.planning.sql import ROW_ID, CompiledStage, InputSpec, UnitCheck, compile_stage, order_sql
 from sealroom.policy import DatasetPolicy, Dominance
 
@@ -180,6 +180,7 @@ def run_stage(
         con.execute("SET error_on_division_by_zero = false")
         con.execute("SET lock_configuration = true")
         k = int(min_group_size)
+        compiled = _typed_comparisons(con, compiled)
         decided = _decision_sql(compiled, k, rules)
         try:
             cells = con.sql(decided).to_arrow_table()
@@ -291,6 +292,47 @@ def _clamp_sql(col: str, duck_type: str, lo: float | None, hi: float | None, *, 
     if not whens:
         return col
     return f"CASE {' '.join(whens)} ELSE {col} END"
+
+
+_NUMBERS = (*_INTEGER_RANGES, *_FLOAT_TYPES)
+_COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ)
+
+
+def _typed_comparisons(con: duckdb.DuckDBPyConnection, compiled: CompiledStage) -> CompiledStage:
+    """Total expressions, the part only the engine can do: a comparison of two columns of different
+    types (a VARCHAR join key against a BIGINT one) casts one side implicitly, which fails on some
+    values; such a comparison is evaluated in TRY (compile_stage leaves column-to-column comparisons
+    bare, so that joins on same-typed keys stay hash joins)."""
+    try:
+        tree = sqlglot.parse_one(compiled.aggregate_sql, read=DIALECT)
+    except SqlglotError:
+        return compiled
+    if not isinstance(tree, exp.Select):
+        return compiled
+    types: dict[tuple[str, str], str] = {}
+    for item in from_items(tree):
+        try:
+            described = con.execute(f"DESCRIBE SELECT * FROM {item.sql(DIALECT)}").fetchall()
+        except duckdb.Error:
+            return compiled  # the query does not bind: it fails the same way whatever the data
+        types.update({(item.alias_or_name, str(row[0])): str(row[1]).upper() for row in described})
+
+    def same_family(a: exp.Column, b: exp.Column) -> bool:
+        ta, tb = types.get((a.table, a.name)), types.get((b.table, b.name))
+        return ta == tb or (ta in _NUMBERS and tb in _NUMBERS)
+
+    mixed = [
+        n
+        for n in tree.find_all(*_COMPARISONS)
+        if isinstance(n.this, exp.Column)
+        and isinstance(n.expression, exp.Column)
+        and not same_family(n.this, n.expression)
+    ]
+    if not mixed:
+        return compiled
+    for n in mixed:
+        n.replace(exp.Try(this=n.copy()))
+    return replace(compiled, aggregate_sql=tree.sql(DIALECT))
 
 
 # --------------------------------------------------------------------------------------------

@@ -329,3 +329,22 @@ def test_legitimate_queries_release_the_same_values(sql, reference):
         assert g.keys() == e.keys()
         for c in g:
             assert g[c] == pytest.approx(e[c]), (c, g, e)
+
+
+def test_a_join_of_keys_of_different_types_never_fails_on_a_value():
+    # shop_b's keys are text, one of them not a number: comparing it with a BIGINT key raised a
+    # conversion error on main, whichever customer it belongs to; here it matches nothing.
+    text_keys = InputSpec("shop_b.customers", "t1", ("customer_id", "segment"), "customer_id")
+    keys = [str(100000 + i) for i in range(59)] + ["not-a-number"]
+    b = pa.table({"customer_id": keys, "segment": ["x"] * 60})
+    sql = (
+        "SELECT a.segment, COUNT(*) AS n FROM shop_a.customers a JOIN shop_b.customers b "
+        "ON a.customer_id = b.customer_id GROUP BY a.segment"
+    )
+    out = run(sql, specs=(A, text_keys), tables={"t0": customers(), "t1": b})
+    assert sorted((r["segment"], r["n"]) for r in out.released.to_pylist()) == [
+        ("east", 15),
+        ("north", 15),
+        ("south", 15),
+        ("west", 14),
+    ]
