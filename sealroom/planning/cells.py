@@ -86,7 +86,7 @@ def total(node: exp.Expression) -> exp.Expression:
     """``node`` rewritten so that no row makes it raise: casts become TRY_CAST and every maximal
     scalar sub-expression that could raise is wrapped in TRY(...). Aggregates are kept (TRY may not
     contain one): their arguments and FILTER conditions are made total instead."""
-    if isinstance(node, exp.Alias | exp.Where):
+    if isinstance(node, exp.Alias | exp.Where | exp.Ordered):
         node.set("this", total(node.this))
         return node
     if isinstance(node, exp.Distinct):
