@@ -68,9 +68,11 @@ def make_case(players: int, groups: int, seed: int = SEED) -> tuple[Any, dict[in
     rng = np.random.default_rng(seed + players * 100_003 + groups)
     partials = {}
     tables = []
-    mean_rows = K / players  # about half of the groups reach K rows in all
+    # Each player holds 0 or K rows of a group (so the TEE path, which counts each input on its own,
+    # and the MPC stage pass the same groups); about half of the groups hold rows at all.
+    holds = 1 - 0.5 ** (1 / players)
     for i in range(players):
-        rows = rng.poisson(mean_rows, groups)
+        rows = K * rng.binomial(1, holds, groups)
         g = np.repeat(np.arange(groups, dtype=np.int64), rows)
         x = rng.integers(0, 1000, len(g), dtype=np.int64)
         sums = np.bincount(g, weights=x, minlength=groups).astype(np.int64)

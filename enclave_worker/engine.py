@@ -10,15 +10,29 @@ rule of every involved owner wins):
 
 - clamping: a measure column with declared bounds is clamped to ``[min, max]`` in the view that
   exposes the input to the query, so every WHERE, JOIN and aggregate sees clamped values only;
-- minimum group size: every hidden distinct-privacy-unit count must reach the strictest
-  ``min_group_size`` of the involved owners;
+- minimum group size, per input dataset on its own units: each dataset's distinct-privacy-unit
+  count in the cell is 0 (it does not contribute, e.g. one UNION ALL branch) or reaches the
+  strictest ``min_group_size`` k of the involved owners, and some dataset reaches k. Rows of one
+  party can therefore never make a small group of another party's units releasable;
+- sub-cells: a conditional aggregate (FILTER, CASE, NULLIF...) reads part of its cell; that part
+  and the rest of the cell must each hold, per dataset, 0 or at least k units (rule ``sub_cell``,
+  see :mod:`sealroom.planning.cells`), so two aggregates of one cell cannot be differenced down to
+  fewer than k units;
 - dominance ``(n, k)``: for an input whose owner declares it, a cell is suppressed when the ``n``
-  largest contributions of that input's privacy units (absolute values, each unit's rows added up
-  first) make at least ``k`` % of the total of absolute contributions, for any SUM in the cell.
+  largest contributions of that input's own privacy units (absolute values, each unit's clamped
+  rows added up first; for a UNION ALL, that input's branch only) make at least ``k`` % of the
+  total of absolute contributions, for any SUM or AVG argument in the cell (a conditional
+  aggregate's argument included).
 
-A cell that fails a rule is reported with its group keys, the rule and a reason naming the rule's
-owner, never with a value or a share. HAVING, ORDER BY and LIMIT apply to released cells only, so
-they cannot be used to probe suppressed values.
+Every expression the engine evaluates is total (errors become NULL: compile_stage's TRY/TRY_CAST,
+and division by zero after aggregation gives NULL), so no query succeeds or fails depending on a
+hidden value; a failure that remains is reported by its kind only.
+
+A cell that fails a rule is reported with its rule and a reason naming the rule's owner, never with
+a value, a count or a share; with its group keys only when every group column shows keys of a
+public domain (``public_keys``: the values or bin edges the owners declared), otherwise with
+``"group": null``. HAVING, ORDER BY and LIMIT apply to released cells only, so they cannot be used
+to probe suppressed values.
 """
 
 from __future__ import annotations
@@ -40,14 +54,15 @@ from sqlglot.errors import SqlglotError
 
 from sealroom.duck import locked_connection
 from sealroom.errors import DeadlineExceededError, InvalidQueryError
-from sealroom.planning.resolve import DIALECT, parse_query
+from sealroom.planning.resolve import DIALECT, from_items, parse_query
 from sealroom.planning.sql import ROW_ID, CompiledStage, InputSpec, UnitCheck, compile_stage, order_sql
-from sealroom.policy import Dominance
+from sealroom.policy import DatasetPolicy, Dominance
 
 HAVING_COLUMN = "__sr_having"
 RELEASABLE_COLUMN = "__sr_releasable"  # passes every disclosure rule
 KEEP_COLUMN = "__sr_keep"  # passes, and satisfies HAVING
-UNITS_OK_COLUMN = "__sr_units_ok"  # every unit count reaches k
+UNITS_OK_COLUMN = "__sr_units_ok"  # every dataset's unit count is 0 or reaches k, and one reaches k
+SUB_OK_COLUMN = "__sr_sub_ok"  # every sub-cell and complement: 0 or at least k units per dataset
 DOMINATED_COLUMN = "__sr_dominated"  # index of the first dominance rule the cell fails, or NULL
 GROUP_KEY_PREFIX = "__sr_g"  # hidden group-key columns the dominance verdicts are joined on
 
@@ -82,7 +97,7 @@ class StageOutcome:
 class _DominanceRule:
     dataset: str
     rule: Dominance
-    check: int  # index into compiled.unit_checks: the FROM item holding ``dataset``
+    check: int  # index into compiled.unit_checks: the count of ``dataset``'s own units
 
 
 def compile_for_job(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
@@ -121,6 +136,7 @@ def run_stage(
     row_id_tables: frozenset[str] = frozenset(),
     clamps: Clamps | None = None,
     dominance: Mapping[str, Dominance] | None = None,
+    public_keys: Mapping[str, frozenset[Any]] | None = None,
     threads: int = 2,
     on_cancel: OnCancel | None = None,
 ) -> StageOutcome:
@@ -131,6 +147,9 @@ def run_stage(
     - ``clamps``: per engine table, the declared ``(min, max)`` of its measure columns (either may
       be None); values are clamped before anything reads them. NULLs stay NULL.
     - ``dominance``: per input (``party.dataset``), its owner's ``(n, k)`` dominance rule.
+    - ``public_keys``: per group output column, the keys its owners declared public (values or bin
+      edges, :func:`public_group_keys`); a suppressed cell is listed with its keys only when each
+      of them is one of those, otherwise with ``"group": None``.
     - ``on_cancel``: registers a callback to run when the caller goes away (gRPC's
       ``context.add_callback``); it interrupts DuckDB, and the stage ends in DeadlineExceededError.
     """
@@ -156,8 +175,12 @@ def run_stage(
         # (SUM(x + 1 + 1 ...) with 950 terms: 14 s, 0.2 s without it); the depth is capped by the
         # query limits, and this optimizer only shares repeated subexpressions, so it is off.
         con.execute("SET disabled_optimizers = 'common_subexpressions'")
+        # Total expressions: x // 0 and x % 0 after aggregation give NULL, not an error that would
+        # tell a hidden zero apart (compile_stage wraps what is computed before aggregation in TRY).
+        con.execute("SET error_on_division_by_zero = false")
         con.execute("SET lock_configuration = true")
         k = int(min_group_size)
+        compiled = _typed_comparisons(con, compiled)
         decided = _decision_sql(compiled, k, rules)
         try:
             cells = con.sql(decided).to_arrow_table()
@@ -170,7 +193,7 @@ def run_stage(
             raise InvalidQueryError(
                 f"the stage failed in the engine ({type(exc).__name__}); check column types and expressions"
             ) from None
-        suppressed = _suppressed(cells, compiled, k, rule_datasets, rules)
+        suppressed = _suppressed(cells, compiled, k, rule_datasets, rules, public_keys or {})
         released = cells.filter(cells[KEEP_COLUMN]).select(list(compiled.output_columns))
         if compiled.order_by or compiled.limit is not None:
             con.register("__sr_released", released)
@@ -271,6 +294,47 @@ def _clamp_sql(col: str, duck_type: str, lo: float | None, hi: float | None, *, 
     return f"CASE {' '.join(whens)} ELSE {col} END"
 
 
+_NUMBERS = (*_INTEGER_RANGES, *_FLOAT_TYPES)
+_COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.NullSafeEQ, exp.NullSafeNEQ)
+
+
+def _typed_comparisons(con: duckdb.DuckDBPyConnection, compiled: CompiledStage) -> CompiledStage:
+    """Total expressions, the part only the engine can do: a comparison of two columns of different
+    types (a VARCHAR join key against a BIGINT one) casts one side implicitly, which fails on some
+    values; such a comparison is evaluated in TRY (compile_stage leaves column-to-column comparisons
+    bare, so that joins on same-typed keys stay hash joins)."""
+    try:
+        tree = sqlglot.parse_one(compiled.aggregate_sql, read=DIALECT)
+    except SqlglotError:
+        return compiled
+    if not isinstance(tree, exp.Select):
+        return compiled
+    types: dict[tuple[str, str], str] = {}
+    for item in from_items(tree):
+        try:
+            described = con.execute(f"DESCRIBE SELECT * FROM {item.sql(DIALECT)}").fetchall()
+        except duckdb.Error:
+            return compiled  # the query does not bind: it fails the same way whatever the data
+        types.update({(item.alias_or_name, str(row[0])): str(row[1]).upper() for row in described})
+
+    def same_family(a: exp.Column, b: exp.Column) -> bool:
+        ta, tb = types.get((a.table, a.name)), types.get((b.table, b.name))
+        return ta == tb or (ta in _NUMBERS and tb in _NUMBERS)
+
+    mixed = [
+        n
+        for n in tree.find_all(*_COMPARISONS)
+        if isinstance(n.this, exp.Column)
+        and isinstance(n.expression, exp.Column)
+        and not same_family(n.this, n.expression)
+    ]
+    if not mixed:
+        return compiled
+    for n in mixed:
+        n.replace(exp.Try(this=n.copy()))
+    return replace(compiled, aggregate_sql=tree.sql(DIALECT))
+
+
 # --------------------------------------------------------------------------------------------
 # the disclosure decision
 
@@ -278,7 +342,7 @@ def _clamp_sql(col: str, duck_type: str, lo: float | None, hi: float | None, *, 
 def _dominance_rules(compiled: CompiledStage, dominance: Mapping[str, Dominance]) -> list[_DominanceRule]:
     out = []
     for dataset, rule in sorted(dominance.items()):
-        checks = [i for i, c in enumerate(compiled.unit_checks) if dataset in c.datasets]
+        checks = [i for i, c in enumerate(compiled.unit_checks) if c.datasets == (dataset,)]
         if not checks:
             raise InvalidQueryError(
                 f"the dominance rule of {dataset} names an input the stage does not read",
@@ -292,17 +356,36 @@ def _dominance_rules(compiled: CompiledStage, dominance: Mapping[str, Dominance]
     return out
 
 
+def _verdicts(compiled: CompiledStage, k: int) -> tuple[str, str]:
+    """SQL of the units_ok and sub_ok verdicts over the hidden counts."""
+
+    def zero_or_k(column: str) -> str:
+        c = _ident(column)
+        return f"COALESCE({c} = 0 OR {c} >= {k}, FALSE)"
+
+    checks = compiled.unit_checks
+    per_dataset = [zero_or_k(c.column) for c in checks]
+    some = " OR ".join(f"COALESCE({_ident(c.column)} >= {k}, FALSE)" for c in checks)
+    units = " AND ".join([*per_dataset, f"({some})"]) if checks else "TRUE"
+    subs = " AND ".join(zero_or_k(col) for s in compiled.sub_checks for col in (s.inside, s.outside)) or "TRUE"
+    return f"({units})", f"({subs})"
+
+
 def _decision_sql(compiled: CompiledStage, k: int, rules: Sequence[_DominanceRule]) -> str:
-    """The cells with hidden verdict columns: units_ok, dominated (rule index), releasable, keep."""
-    counts = " AND ".join(f"COALESCE({_ident(c.column)} >= {k}, FALSE)" for c in compiled.unit_checks) or "TRUE"
-    having = f"COALESCE({_ident(HAVING_COLUMN)}, FALSE)" if HAVING_COLUMN in compiled.aggregate_sql else "TRUE"
+    """The cells with hidden verdict columns: units_ok, sub_ok, dominated (rule index), releasable, keep."""
+    units, subs = _verdicts(compiled, k)
+    verdicts = f"{units} AS {_ident(UNITS_OK_COLUMN)}, {subs} AS {_ident(SUB_OK_COLUMN)}"
+    named = compiled.aggregate_sql + " ".join(name for name, _ in compiled.post_outputs)
+    having = f"COALESCE({_ident(HAVING_COLUMN)}, FALSE)" if HAVING_COLUMN in named else "TRUE"
+    posts = "".join(f", {sql} AS {_ident(name)}" for name, sql in compiled.post_outputs)
     # Dominance applies to SUM cells: without a SUM in the outputs there is nothing to dominate.
     active = list(rules) if compiled.sum_arguments else []
     if not active:
         return (
-            f"SELECT *, ({counts}) AS {_ident(UNITS_OK_COLUMN)}, NULL::INTEGER AS {_ident(DOMINATED_COLUMN)}, "
-            f"({counts}) AS {_ident(RELEASABLE_COLUMN)}, ({counts}) AND {having} AS {_ident(KEEP_COLUMN)} "
-            f"FROM ({compiled.aggregate_sql})"
+            f"SELECT *, {verdicts}, NULL::INTEGER AS {_ident(DOMINATED_COLUMN)}, "
+            f"{units} AND {subs} AS {_ident(RELEASABLE_COLUMN)}, "
+            f"{units} AND {subs} AND {having} AS {_ident(KEEP_COLUMN)} "
+            f"FROM (SELECT *{posts} FROM ({compiled.aggregate_sql}))"
         )
     try:
         tree = sqlglot.parse_one(compiled.aggregate_sql, read=DIALECT)
@@ -313,7 +396,7 @@ def _decision_sql(compiled: CompiledStage, k: int, rules: Sequence[_DominanceRul
         cells = tree.copy()
         hidden_keys = [exp.alias_(g.copy(), key, quoted=True) for g, key in zip(groups, keys, strict=True)]
         cells.set("expressions", [*cells.expressions, *hidden_keys])
-        ctes = [f"{_ident('__sr_cells')} AS ({cells.sql(DIALECT)})"]
+        ctes = [f"{_ident('__sr_cells')} AS (SELECT *{posts} FROM ({cells.sql(DIALECT)}))"]
         for c in sorted({r.check for r in active}):
             ctes.append(f"{_ident(f'__sr_contrib_{c}')} AS ({_contributions_sql(tree, groups, keys, compiled, c)})")
             ctes.append(f"{_ident(f'__sr_ranked_{c}')} AS ({_ranked_sql(c, keys, len(compiled.sum_arguments))})")
@@ -328,10 +411,10 @@ def _decision_sql(compiled: CompiledStage, k: int, rules: Sequence[_DominanceRul
         joins.append(f"LEFT JOIN {name} AS d{i} ON {on}")
         dominated.append(f"WHEN COALESCE(d{i}.{_ident('__sr_dominated')}, FALSE) THEN {i}")
     dom = f"(CASE {' '.join(dominated)} END)"
-    releasable = f"(({counts}) AND {dom} IS NULL)"
+    releasable = f"({units} AND {subs} AND {dom} IS NULL)"
     return (
         f"WITH {', '.join(ctes)} "
-        f"SELECT c.*, ({counts}) AS {_ident(UNITS_OK_COLUMN)}, {dom} AS {_ident(DOMINATED_COLUMN)}, "
+        f"SELECT c.*, {verdicts}, {dom} AS {_ident(DOMINATED_COLUMN)}, "
         f"{releasable} AS {_ident(RELEASABLE_COLUMN)}, {releasable} AND {having} AS {_ident(KEEP_COLUMN)} "
         f"FROM {_ident('__sr_cells')} AS c {' '.join(joins)}"
     )
@@ -362,9 +445,13 @@ def _resolved_groups(tree: exp.Select) -> list[exp.Expression]:
 def _contributions_sql(
     tree: exp.Select, groups: Sequence[exp.Expression], keys: Sequence[str], compiled: CompiledStage, check: int
 ) -> str:
-    """Per cell and per privacy unit of FROM item ``check``: that unit's total of each SUM argument."""
-    unit = sqlglot.parse_one(compiled.unit_checks[check].expression, read=DIALECT)
+    """Per cell and per privacy unit of the dataset of ``check`` (its own rows only, in a UNION ALL):
+    that unit's total of each SUM argument."""
+    spec = compiled.unit_checks[check]
+    unit = sqlglot.parse_one(spec.expression, read=DIALECT)
     contrib = tree.copy()
+    if spec.condition:
+        contrib = contrib.where(sqlglot.parse_one(spec.condition, read=DIALECT), dialect=DIALECT, copy=False)
     items: list[exp.Expr] = [exp.alias_(g.copy(), key, quoted=True) for g, key in zip(groups, keys, strict=True)]
     items.append(exp.alias_(unit.copy(), "__sr_u", quoted=True))
     for j, arg in enumerate(compiled.sum_arguments):
@@ -404,22 +491,69 @@ def _suppressed(
     k: int,
     rule_datasets: Sequence[str],
     rules: Sequence[_DominanceRule],
+    public_keys: Mapping[str, frozenset[Any]],
 ) -> list[dict[str, Any]]:
     failing = cells.filter(pc.invert(cells[RELEASABLE_COLUMN]))
     if failing.num_rows == 0:
         return []
-    out: list[dict[str, Any]] = []
+    listed: list[dict[str, Any]] = []
+    unlisted: list[dict[str, Any]] = []
     groups = failing.select(list(compiled.group_columns)).to_pylist() if compiled.group_columns else None
     units_ok = failing[UNITS_OK_COLUMN].to_pylist()
+    subs_ok = failing[SUB_OK_COLUMN].to_pylist()
     dominated = failing[DOMINATED_COLUMN].to_pylist()
     for i in range(failing.num_rows):
         if not units_ok[i]:
-            short = [c for c in compiled.unit_checks if not (failing[c.column][i].as_py() or 0) >= k]
-            rule, reason = "min_group_size", _min_group_reason(short[0], k, rule_datasets)
+            counts = [failing[c.column][i].as_py() or 0 for c in compiled.unit_checks]
+            short = [c for c, n in zip(compiled.unit_checks, counts, strict=True) if 0 < n < k]
+            check = short[0] if short else compiled.unit_checks[0]  # an empty cell: no unit at all
+            rule, reason = "min_group_size", _min_group_reason(check, k, rule_datasets)
+        elif not subs_ok[i]:
+            rule, reason = "sub_cell", _sub_cell_reason(failing, i, compiled, k, rule_datasets)
         else:
             rule, reason = "dominance", _dominance_reason(rules[int(dominated[i])], compiled.unit_checks)
-        out.append({"group": _jsonable(groups[i]) if groups is not None else {}, "rule": rule, "reason": reason})
-    out.sort(key=lambda d: [str(v) for v in d["group"].values()])
+        if groups is None:
+            listed.append({"group": {}, "rule": rule, "reason": reason})
+        elif _is_public(groups[i], public_keys):
+            listed.append({"group": _jsonable(groups[i]), "rule": rule, "reason": reason})
+        else:
+            unlisted.append({"group": None, "rule": rule, "reason": reason})
+    listed.sort(key=lambda d: [str(v) for v in d["group"].values()])
+    unlisted.sort(key=lambda d: (d["rule"], d["reason"]))
+    return listed + unlisted
+
+
+def _is_public(keys: Mapping[str, Any], public_keys: Mapping[str, frozenset[Any]]) -> bool:
+    """Every key of the cell is one its owners declared public (a suppressed cell's key that is not
+    would tell the analyst that a rare value exists)."""
+    for column, value in keys.items():
+        allowed = public_keys.get(column)
+        if allowed is None or value is None:
+            return False
+        try:
+            if value not in allowed:
+                return False
+        except TypeError:  # an unhashable key (a list): never a declared value
+            return False
+    return True
+
+
+def public_group_keys(compiled: CompiledStage, policies: Mapping[str, DatasetPolicy]) -> dict[str, frozenset[Any]]:
+    """Per group output column that outputs an input column as is, the keys every dataset showing
+    it declares public: its ``values``, or its ``bins`` edges. Columns without a domain are absent."""
+    out: dict[str, frozenset[Any]] = {}
+    for column, sources in compiled.group_sources.items():
+        allowed: frozenset[Any] | None = None
+        for dataset, name in sources:
+            policy = policies.get(dataset)
+            domain = policy.rule(name).domain if policy is not None else None
+            if domain is None:
+                allowed = None
+                break
+            keys = frozenset(domain[1])
+            allowed = keys if allowed is None else allowed & keys
+        if allowed:
+            out[column] = allowed
     return out
 
 
@@ -427,6 +561,20 @@ def _min_group_reason(check: UnitCheck, k: int, rule_datasets: Sequence[str]) ->
     return (
         f"fewer than {k} distinct {check.unit} of {', '.join(check.datasets)} in this cell "
         f"(minimum group size, strictest of {', '.join(rule_datasets)})"
+    )
+
+
+def _sub_cell_reason(cells: pa.Table, i: int, compiled: CompiledStage, k: int, rule_datasets: Sequence[str]) -> str:
+    check = compiled.unit_checks[0]
+    for sub in compiled.sub_checks:
+        counts = [cells[col][i].as_py() or 0 for col in (sub.inside, sub.outside)]
+        if any(0 < n < k for n in counts):
+            check = compiled.unit_checks[sub.check]
+            break
+    return (
+        f"a conditional aggregate (CASE, IF, NULLIF, COALESCE or FILTER) reads, or leaves out, fewer than {k} "
+        f"distinct {check.unit} of {', '.join(check.datasets)} in this cell (minimum group size of "
+        f"sub-cells, strictest of {', '.join(rule_datasets)})"
     )
 
 

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from enclave_worker.admission import admit
 from enclave_worker.attester import Attester
 from enclave_worker.config import EnclaveConfig
-from enclave_worker.engine import run_stage, table_to_ipc
+from enclave_worker.engine import public_group_keys, run_stage, table_to_ipc
 from enclave_worker.job import InputState, Job, JobInput
 from sealroom.attestation import Evidence, report_data_for
 from sealroom.canonical import canonical_json
@@ -483,6 +483,8 @@ class JobRegistry:
             row_id_tables=no_unit,
             clamps=job.clamps,
             dominance=job.dominance,
+            # A suppressed cell shows its keys only where its owners declared them public.
+            public_keys=public_group_keys(job.compiled, {i.spec.qualified: i.spec.policy for i in job.inputs.values()}),
             threads=self.config.engine_threads,
             on_cancel=on_cancel,
         )

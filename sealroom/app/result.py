@@ -35,6 +35,7 @@ class Result:
     ``status`` is ``released``, ``refused`` or ``failed`` (or a state still in progress when fetched
     early). ``table`` holds the released cells (``None`` unless released); ``suppressed`` lists the
     cells withheld by a disclosure rule, each ``{"group": {column: key}, "rule": ..., "reason": ...}``
+    (``"group": None`` when a key has no public domain: the cell is counted, its key not shown)
     and never a value; ``receipt`` is the enclave's signed record of what ran on what; ``error`` the
     refusal or failure.
     """
@@ -100,12 +101,12 @@ class Result:
 
         keys: list[str] = []
         for s in self.suppressed:
-            keys += [k for k in s["group"] if k not in keys]
+            keys += [k for k in s["group"] or {} if k not in keys]
         order = {c: i for i, c in enumerate(self.columns)}
         keys.sort(key=lambda k: order.get(k, len(order)))
         return pd.DataFrame(
             [
-                {**{k: s["group"].get(k) for k in keys}, "rule": s.get("rule"), "reason": s["reason"]}
+                {**{k: (s["group"] or {}).get(k) for k in keys}, "rule": s.get("rule"), "reason": s["reason"]}
                 for s in self.suppressed
             ],
             columns=[*keys, "rule", "reason"],
@@ -197,7 +198,7 @@ class Result:
 
 def _keys(suppressed: list[dict[str, Any]], f: pa.Field) -> pa.Array:
     """A suppressed cells' column: its group key where the column is one, else nulls."""
-    values = [s["group"].get(f.name) for s in suppressed]
+    values = [(s["group"] or {}).get(f.name) for s in suppressed]
     if all(v is None for v in values):
         return pa.nulls(len(values), f.type)
     try:
@@ -237,6 +238,9 @@ def render_result(result: Result, *, title: str | None = None, sql: str | None =
         lines.append("")
         lines.append(f"suppressed {len(result.suppressed)} cells (no values released):")
         for s in result.suppressed:
+            if s["group"] is None:
+                lines.append(f"  (key not shown: no public domain): {s['reason']}")
+                continue
             keys = sorted(
                 s["group"], key=lambda k: result.columns.index(k) if k in result.columns else len(result.columns)
             )

@@ -22,8 +22,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import sqlglot
 from sqlglot import exp
 
+from sealroom.planning.cells import active_rows, post_aggregate, sum_argument, total
 from sealroom.planning.limits import DEFAULT_LIMITS, QueryLimits
 from sealroom.planning.resolve import (
     DIALECT,
@@ -44,6 +46,7 @@ from sealroom.planning.resolve import (
 # Columns Sealroom adds (all start with resolve.RESERVED_PREFIX, which an analyst's column may not):
 ROW_ID = "__sr_row"  # per-row id the enclave adds to inputs without a declared privacy unit
 UNION_UNIT = "__sr_unit"
+UNION_BRANCH = "__sr_branch"  # which branch (hence which dataset) a UNION ALL row comes from
 # Boolean column a party adds to its sealed stream when it applies a filter itself: True marks a
 # padding row (it hides how many rows matched), which the enclave drops before anything reads it.
 PAD_COLUMN = "__sr_pad"
@@ -87,12 +90,24 @@ class Pushdown:
 
 @dataclass(frozen=True)
 class UnitCheck:
-    """A hidden per-cell count of distinct privacy units for one FROM item."""
+    """A hidden per-cell count of the distinct privacy units of one input dataset."""
 
     column: str  # hidden output column name
-    datasets: tuple[str, ...]  # party.dataset values counted by this check
+    datasets: tuple[str, ...]  # the party.dataset counted by this check (one)
     unit: str  # human description, e.g. "customer_id" or "rows"
     expression: str = ""  # the unit expression in the compiled query (DuckDB SQL)
+    condition: str = ""  # the rows of this dataset in its FROM item (a UNION ALL branch tag), or ""
+    item: int = 0  # index of the FROM item
+
+
+@dataclass(frozen=True)
+class SubCheck:
+    """Hidden per-cell counts of one dataset's units inside a conditional aggregate's sub-cell and
+    inside its complement (see :mod:`sealroom.planning.cells`)."""
+
+    inside: str  # hidden column: distinct units of the dataset among the rows the aggregate reads
+    outside: str  # ... among the cell's other rows
+    check: int  # index into CompiledStage.unit_checks: whose units
 
 
 @dataclass(frozen=True)
@@ -105,8 +120,14 @@ class CompiledStage:
     unit_checks: tuple[UnitCheck, ...]
     order_by: tuple[OrderKey, ...]
     limit: int | None
-    sum_arguments: tuple[str, ...] = ()  # compiled SQL of every SUM(...) and AVG(...) argument in the outputs
+    # every SUM/AVG argument of the outputs, as the dominance rule weighs it (cells.sum_argument)
+    sum_arguments: tuple[str, ...] = ()
     uses: Mapping[str, Mapping[str, frozenset[str]]] = field(default_factory=dict)  # see column_uses
+    sub_checks: tuple[SubCheck, ...] = ()  # sub-cells of conditional aggregates
+    # group output column -> the (dataset, column) it outputs as is; absent when computed
+    group_sources: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # (output column, total SQL over hidden columns of aggregate_sql): outputs computed after it
+    post_outputs: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -303,56 +324,47 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
     """Compile a stage's SQL for the in-enclave engine.
 
     ``inputs`` are the enclave's own view of what it holds; each engine table has the input's
-    columns, plus :data:`ROW_ID` where the input declares no privacy unit. Adds one hidden
-    ``COUNT(DISTINCT unit)`` per FROM item and strips ORDER BY/LIMIT (applied to released rows only).
+    columns, plus :data:`ROW_ID` where the input declares no privacy unit. Adds, per cell:
+
+    - one hidden ``COUNT(DISTINCT unit)`` per input dataset on its own units (a UNION ALL branch
+      carries a hidden tag, :data:`UNION_BRANCH`, so each branch's dataset is counted apart);
+    - per conditional aggregate (:func:`sealroom.planning.cells.active_rows`) and per input dataset,
+      the units of its sub-cell and of the sub-cell's complement;
+
+    makes every expression total (:func:`sealroom.planning.cells.total`) and strips ORDER BY/LIMIT
+    (applied to released rows only).
     """
     by_name = {i.qualified: i for i in inputs}
     schemas = {i.qualified: list(i.columns) for i in inputs}
     r = resolve(sql, schemas)
     _refuse_grouping_by_units(r, by_name)
     uses = column_uses(r)
+    groups = _group_sources(r)
     tree = r.tree
     checks: list[UnitCheck] = []
-    hidden: list[exp.Expr] = []
     for n, src in enumerate(r.sources):
-        if src.kind == "table":
-            spec = by_name[src.branches[0].qualified]
-            _replace_table(src.branches[0].table, spec.table, src.alias)
-            unit_col = spec.privacy_unit or ROW_ID
-            unit_expr: exp.Expression = exp.column(unit_col, table=src.alias, quoted=True)
-            unit_desc = spec.privacy_unit or "rows"
-        else:
-            for k, br in enumerate(src.branches):
-                spec = by_name[br.qualified]
-                kept, _ = _branch_columns(src, br)
-                unit: exp.Expression
-                if spec.privacy_unit:
-                    unit = exp.cast(exp.column(spec.privacy_unit, quoted=True), "VARCHAR")
-                else:
-                    unit = exp.DPipe(
-                        this=exp.Literal.string(f"{k}:"),
-                        expression=exp.cast(exp.column(ROW_ID, quoted=True), "VARCHAR"),
-                    )
-                assert br.select is not None
-                br.select.set("expressions", [*kept, exp.alias_(unit, UNION_UNIT, quoted=True)])
-                _replace_table(br.table, spec.table, br.table.alias_or_name)
-            unit_expr = exp.column(UNION_UNIT, table=src.alias, quoted=True)
-            units = sorted({by_name[b.qualified].privacy_unit or "rows" for b in src.branches})
-            unit_desc = " / ".join(units)
-        name = f"__sr_units_{n}"
-        hidden.append(exp.alias_(exp.Count(this=exp.Distinct(expressions=[unit_expr])), name, quoted=True))
-        checks.append(UnitCheck(name, tuple(b.qualified for b in src.branches), unit_desc, unit_expr.sql(DIALECT)))
+        checks += _table_check(src, n, by_name) if src.kind == "table" else _union_checks(src, n, by_name)
     outputs = []
     for e, out in zip(tree.expressions, r.names, strict=True):
         body = e.this if isinstance(e, exp.Alias) else e
-        outputs.append(exp.alias_(body.copy(), out, quoted=True))
-    sums = []
+        outputs.append(exp.alias_(total(body.copy()), out, quoted=True))
+    _make_total(tree)
+    sums: list[str] = []
+    actives: list[str] = []
     for o in outputs:
         # AVG next to COUNT reveals the SUM, so AVG arguments fall under the dominance rule too.
         for agg in [*o.find_all(exp.Sum), *o.find_all(exp.Avg)]:
-            arg = agg.this.sql(DIALECT)
+            arg = sum_argument(agg).sql(DIALECT)
             if arg not in sums:
                 sums.append(arg)
+        for agg in o.find_all(exp.AggFunc):
+            active = active_rows(agg)
+            if active is not None:
+                pred = f"COALESCE({total(active).sql(DIALECT)}, FALSE)"
+                if pred not in actives:
+                    actives.append(pred)
+    hidden, subs = _hidden_counts(checks, actives)
+    outputs, posts = _split_post_aggregates(outputs)
     tree.set("expressions", outputs + hidden)
     tree.set("order", None)
     tree.set("limit", None)
@@ -365,7 +377,134 @@ def compile_stage(sql: str, inputs: Sequence[InputSpec]) -> CompiledStage:
         limit=r.limit,
         sum_arguments=tuple(sums),
         uses=uses,
+        sub_checks=tuple(subs),
+        group_sources=groups,
+        post_outputs=tuple(posts),
     )
+
+
+def _split_post_aggregates(outputs: list[exp.Expr]) -> tuple[list[exp.Expr], list[tuple[str, str]]]:
+    """Outputs computing something that could raise over aggregates (cells.post_aggregate): in the
+    aggregate query, a NULL placeholder (so GROUP BY positions keep their meaning) and the hidden
+    columns it reads; the output itself is computed over them afterwards (``post_outputs``)."""
+    kept: list[exp.Expr] = []
+    leaves: list[exp.Expr] = []
+    posts: list[tuple[str, str]] = []
+    for i, o in enumerate(outputs):
+        assert isinstance(o, exp.Alias)
+        split = post_aggregate(o.this, f"__sr_post_{i}_")
+        if split is None:
+            kept.append(o)
+            continue
+        outer, parts = split
+        kept.append(exp.alias_(exp.null(), f"__sr_post_{i}", quoted=True))
+        leaves += [exp.alias_(e, name, quoted=True) for name, e in parts]
+        posts.append((o.alias, outer.sql(DIALECT)))
+    return kept + leaves, posts
+
+
+def _table_check(src: Source, n: int, by_name: Mapping[str, InputSpec]) -> list[UnitCheck]:
+    """A plain-table FROM item: its engine table, and the count of its dataset's units."""
+    spec = by_name[src.branches[0].qualified]
+    _replace_table(src.branches[0].table, spec.table, src.alias)
+    unit = exp.column(spec.privacy_unit or ROW_ID, table=src.alias, quoted=True)
+    return [UnitCheck(f"__sr_units_{n}", (spec.qualified,), spec.privacy_unit or "rows", unit.sql(DIALECT), "", n)]
+
+
+def _union_checks(src: Source, n: int, by_name: Mapping[str, InputSpec]) -> list[UnitCheck]:
+    """A UNION ALL FROM item: each branch pruned, made total, given its unit and its branch tag,
+    and one count per branch dataset of its own units."""
+    checks = []
+    for k, br in enumerate(src.branches):
+        spec = by_name[br.qualified]
+        kept, _ = _branch_columns(src, br)
+        unit: exp.Expression
+        if spec.privacy_unit:
+            unit = exp.cast(exp.column(spec.privacy_unit, quoted=True), "VARCHAR")
+        else:
+            unit = exp.DPipe(
+                this=exp.Literal.string(f"{k}:"),
+                expression=exp.cast(exp.column(ROW_ID, quoted=True), "VARCHAR"),
+            )
+        assert br.select is not None
+        tag = exp.alias_(exp.Literal.number(k), UNION_BRANCH, quoted=True)
+        br.select.set("expressions", [*(total(p) for p in kept), exp.alias_(unit, UNION_UNIT, quoted=True), tag])
+        bw = br.select.args.get("where")
+        if bw is not None:
+            bw.set("this", total(bw.this))
+        _replace_table(br.table, spec.table, br.table.alias_or_name)
+        unit_sql = exp.column(UNION_UNIT, table=src.alias, quoted=True).sql(DIALECT)
+        cond = exp.EQ(this=exp.column(UNION_BRANCH, table=src.alias, quoted=True), expression=exp.Literal.number(k))
+        name = f"__sr_units_{n}_{k}"
+        checks.append(UnitCheck(name, (spec.qualified,), spec.privacy_unit or "rows", unit_sql, cond.sql(DIALECT), n))
+    return checks
+
+
+def _hidden_counts(checks: Sequence[UnitCheck], actives: Sequence[str]) -> tuple[list[exp.Expr], list[SubCheck]]:
+    """The hidden count columns: each dataset's units in the cell, then in each sub-cell (rows
+    where an ``actives`` predicate holds) and its complement."""
+    hidden: list[exp.Expr] = [_parse_alias(_distinct_units(c, None), c.column) for c in checks]
+    subs: list[SubCheck] = []
+    for i, pred in enumerate(actives):
+        for j, c in enumerate(checks):
+            inside, outside = f"__sr_sub_{i}_{j}_in", f"__sr_sub_{i}_{j}_out"
+            hidden.append(_parse_alias(_distinct_units(c, pred), inside))
+            hidden.append(_parse_alias(_distinct_units(c, f"NOT {pred}"), outside))
+            subs.append(SubCheck(inside, outside, j))
+    return hidden, subs
+
+
+def _distinct_units(check: UnitCheck, predicate: str | None) -> str:
+    conds = [c for c in (check.condition, predicate) if c]
+    where = f" FILTER (WHERE {' AND '.join(conds)})" if conds else ""
+    return f"COUNT(DISTINCT {check.expression}){where}"
+
+
+def _parse_alias(sql: str, name: str) -> exp.Expr:
+    return exp.alias_(sqlglot.parse_one(sql, read=DIALECT), name, quoted=True)
+
+
+def _make_total(tree: exp.Select) -> None:
+    """Every condition and group key of the outer query made total (the select list is done apart)."""
+    for key in ("where", "having"):
+        clause = tree.args.get(key)
+        if clause is not None:
+            clause.set("this", total(clause.this))
+    group = tree.args.get("group")
+    if group is not None:
+        group.set("expressions", [total(g) for g in group.expressions])
+    for join in tree.args.get("joins") or []:
+        on = join.args.get("on")
+        if on is not None:
+            join.set("on", total(on))
+
+
+def _group_sources(r: Resolved) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Per group output column that outputs an input column as is: the (dataset, column) pairs it
+    shows (one per UNION ALL branch). Group outputs computed by an expression are absent."""
+    by_alias = {s.alias: s for s in r.sources}
+    out: dict[str, tuple[tuple[str, str], ...]] = {}
+    for e, name in zip(r.tree.expressions, r.names, strict=True):
+        if name not in r.group_names:
+            continue
+        body = e.this if isinstance(e, exp.Alias) else e
+        src = by_alias.get(body.table) if isinstance(body, exp.Column) else None
+        if src is None:
+            continue
+        assert isinstance(body, exp.Column)
+        if src.kind == "table":
+            out[name] = ((src.branches[0].qualified, body.name),)
+            continue
+        pairs = []
+        for br in src.branches:
+            projection = expanded_projections(br)[src.columns.index(body.name)]
+            inner = projection.this if isinstance(projection, exp.Alias) else projection
+            if not isinstance(inner, exp.Column):
+                break
+            pairs.append((br.qualified, inner.name))
+        else:
+            out[name] = tuple(pairs)
+    return out
 
 
 def _refuse_grouping_by_units(r: Resolved, by_name: Mapping[str, InputSpec]) -> None:

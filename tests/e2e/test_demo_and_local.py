@@ -60,12 +60,10 @@ def test_demo_json_is_one_document_with_the_contract_shape(demo):
 def test_demo_suppresses_small_cells_without_values(demo):
     doc, _ = demo
     join, union, _, _, cohort = doc["queries"]
-    assert [(s["group"], s["rule"]) for s in join["suppressed"]] == [
-        ({"rating": "CCC", "segment": "corporate"}, "min_group_size"),
-        ({"rating": "A", "segment": "private"}, "dominance"),
-    ]
+    # segment and rating declare no public domain: the cells are counted and explained, not keyed.
+    assert [(s["group"], s["rule"]) for s in join["suppressed"]] == [(None, "dominance"), (None, "min_group_size")]
     assert not any((r[0], r[1]) in (("corporate", "CCC"), ("private", "A")) for r in join["rows"])
-    assert [(s["group"], s["rule"]) for s in union["suppressed"]] == [({"segment": "private"}, "dominance")]
+    assert [(s["group"], s["rule"]) for s in union["suppressed"]] == [(None, "dominance")]
     # The rare diagnosis, in every age band of the public domain: compared inside the MPC, never opened.
     assert [(s["group"]["diagnosis"], s["group"]["age_band"]) for s in cohort["suppressed"]] == [
         ("prion_disease", band) for band in ("0-39", "40-64", "65+")
@@ -196,7 +194,7 @@ def test_local_releases_and_suppresses(files):
     assert doc["status"] == "released"
     # retail: customers 0..29 even -> 15; sme: 30..37 even -> 4; corporate: 38 -> 1 (suppressed at k=3)
     assert doc["rows"] == [["retail", 15, pytest.approx(sum(range(0, 30, 2)) + 15.0)], ["sme", 4, 136.0]]
-    assert [s["group"] for s in doc["suppressed"]] == [{"segment": "corporate"}]
+    assert [s["group"] for s in doc["suppressed"]] == [None]  # no public domain: counted, not keyed
     by_party = {i["party"]: i["columns"] for i in doc["inputs"]}
     assert by_party == {"bank_a": ["customer_id", "segment", "amount"], "bank_b": ["customer_id", "amount"]}
 
@@ -276,7 +274,7 @@ def test_local_policy_allows_what_it_lists(files, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(proc.stdout)
     assert doc["rows"] == [["retail", 435.0], ["sme", 268.0]]  # corporate: 2 customers < 3
-    assert [x["group"] for x in doc["suppressed"]] == [{"segment": "corporate"}]
+    assert [x["group"] for x in doc["suppressed"]] == [None]  # no public domain: counted, not keyed
     bad = tmp_path / "bad.toml"
     bad.write_text("min_group_size = 0")
     proc = sealroom(

@@ -44,7 +44,8 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> Any:
             "min_group_size": 3,
             "columns": {
                 "customer_id": "join_key",
-                "segment": "dimension",
+                # a public domain: the suppressed cell is listed by its key
+                "segment": {"role": "dimension", "values": ["retail", "solo"]},
                 "amount": {"role": "measure", "aggregates": ["sum"], "min": 0, "max": 1000},
             },
         }

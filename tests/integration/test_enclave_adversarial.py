@@ -29,7 +29,7 @@ from sealroom.canonical import canonical_json
 from sealroom.errors import ApprovalError, IntegrityError, InvalidQueryError, JobFailedError
 from sealroom.keys import generate_signing_key
 from sealroom.planning.plan import Plan
-from sealroom.policy import DatasetPolicy
+from sealroom.policy import ColumnRule, DatasetPolicy
 from sealroom.v1 import enclave_pb2
 from tests.harness.enclave import (
     HEADER_METADATA_KEY,
@@ -58,6 +58,10 @@ JOIN_SQL = (
     "FROM bank_a.loans a JOIN bank_b.loans b ON a.customer_id = b.customer_id GROUP BY a.segment"
 )
 SINGLE_SQL = "SELECT segment, COUNT(*) AS n, SUM(exposure) AS total FROM bank_a.loans GROUP BY segment"
+# The segments are a public domain, so suppressed cells are listed by key (otherwise only counted).
+PUBLIC_SEGMENTS = {
+    "segment": ColumnRule("open", values=("retail", "vip", "smb", "x", "big", "tiny", "big1", "big2", "small"))
+}
 
 
 def _leaks(text: str) -> bool:
@@ -549,8 +553,16 @@ def test_released_result_is_signed_and_applies_the_strictest_rule(enclave: Encla
     a_rows += [(100, "vip", 1.0)] * 50  # one customer, 50 rows
     a_rows += [(200, "smb", 5.0), (201, "smb", 7.0)]  # 2 customers
     b_rows = [(c, "x", 1000.0) for c in (1, 2, 3, 4, 5, 6, 100, 200, 201)]
-    a = make_party("bank_a", loans_table(a_rows), policy=DatasetPolicy(privacy_unit="customer_id", min_group_size=2))
-    b = make_party("bank_b", loans_table(b_rows), policy=DatasetPolicy(privacy_unit="customer_id", min_group_size=3))
+    a = make_party(
+        "bank_a",
+        loans_table(a_rows),
+        policy=DatasetPolicy(privacy_unit="customer_id", columns=PUBLIC_SEGMENTS, min_group_size=2),
+    )
+    b = make_party(
+        "bank_b",
+        loans_table(b_rows),
+        policy=DatasetPolicy(privacy_unit="customer_id", columns=PUBLIC_SEGMENTS, min_group_size=3),
+    )
     plan = make_plan(JOIN_SQL, [a, b])
     table, suppressed, doc = _release(enclave, plan, [a, b])
     assert doc["min_group_size"] == 3
@@ -565,7 +577,11 @@ def test_released_result_is_signed_and_applies_the_strictest_rule(enclave: Encla
 
 def test_a_unit_with_many_rows_counts_once(enclave: EnclaveHandle) -> None:
     rows = [(100, "vip", 1.0)] * 50 + [(200, "smb", 5.0), (201, "smb", 7.0)]
-    a = make_party("bank_a", loans_table(rows), policy=DatasetPolicy(privacy_unit="customer_id", min_group_size=2))
+    a = make_party(
+        "bank_a",
+        loans_table(rows),
+        policy=DatasetPolicy(privacy_unit="customer_id", columns=PUBLIC_SEGMENTS, min_group_size=2),
+    )
     table, suppressed, _ = _release(enclave, make_plan(SINGLE_SQL, [a]), [a])
     assert table.to_pylist() == [{"segment": "smb", "n": 2, "total": 12.0}]
     assert len(suppressed) == 1
@@ -577,7 +593,11 @@ def test_enclave_enforces_the_owners_rule_not_the_plans_stage_minimum(enclave: E
     """A coordinator lowers the stage's min_group_size (owners even sign it): the enclave still uses
     the strictest minimum of the owners' policies carried in the plan."""
     rows = [(1, "big", 1.0), (2, "big", 1.0), (3, "big", 1.0), (4, "tiny", 99.0)]
-    a = make_party("bank_a", loans_table(rows), policy=DatasetPolicy(privacy_unit="customer_id", min_group_size=3))
+    a = make_party(
+        "bank_a",
+        loans_table(rows),
+        policy=DatasetPolicy(privacy_unit="customer_id", columns=PUBLIC_SEGMENTS, min_group_size=3),
+    )
     plan = make_plan(SINGLE_SQL, [a])
     weakened = dataclasses.replace(plan, stages=(dataclasses.replace(plan.stages[0], min_group_size=1),))
     table, suppressed, doc = _release(enclave, weakened, [a])
@@ -589,7 +609,7 @@ def test_enclave_enforces_the_owners_rule_not_the_plans_stage_minimum(enclave: E
 def test_enclave_rechecks_the_analyst_against_the_owners_policy(enclave: EnclaveHandle) -> None:
     """Even signed, a plan for an analyst the owner's policy (carried in the plan) does not allow
     must not run: the enclave re-checks the policy itself."""
-    policy = DatasetPolicy(privacy_unit="customer_id", min_group_size=2, analysts=("alice",))
+    policy = DatasetPolicy(privacy_unit="customer_id", columns=PUBLIC_SEGMENTS, min_group_size=2, analysts=("alice",))
     a = make_party("bank_a", secret_loans(), policy=policy)
     plan = dataclasses.replace(make_plan(SINGLE_SQL, [a], analyst="alice"), analyst="mallory")
     try:
@@ -629,7 +649,9 @@ def test_having_order_by_limit_never_reveal_suppressed_cells(
     tail: str, released: list[str], enclave: EnclaveHandle
 ) -> None:
     a = make_party(
-        "bank_a", loans_table(HAVING_ROWS), policy=DatasetPolicy(privacy_unit="customer_id", min_group_size=3)
+        "bank_a",
+        loans_table(HAVING_ROWS),
+        policy=DatasetPolicy(privacy_unit="customer_id", columns=PUBLIC_SEGMENTS, min_group_size=3),
     )
     plan = make_plan(f"{SINGLE_SQL} {tail}", [a])
     table, suppressed, _ = _release(enclave, plan, [a])

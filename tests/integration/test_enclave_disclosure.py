@@ -38,6 +38,8 @@ JOIN_SQL = (
 )
 SINGLE_SQL = "SELECT segment, COUNT(*) AS n, SUM(exposure) AS total FROM bank_a.loans GROUP BY segment"
 
+SEGMENTS = ("retail", "big", "vip", "mid", "solo", "-", "x", "y", "z")
+
 
 def policy(
     *, lo: float | None = None, hi: float | None = None, dominance: Dominance | None = None, k: int = 2
@@ -47,7 +49,8 @@ def policy(
         min_group_size=k,
         columns={
             "customer_id": ColumnRule("join_key"),
-            "segment": ColumnRule("dimension"),
+            # A public domain: suppressed cells are listed by key (otherwise only counted).
+            "segment": ColumnRule("dimension", values=SEGMENTS),
             "exposure": ColumnRule("measure", ("count", "sum", "avg"), lo, hi),
         },
         default_role="forbidden",

@@ -503,7 +503,8 @@ def _print_release(r: Mapping[str, Any]) -> None:
         print("  no cell suppressed")
     for c in r["suppressed"]:
         group = ", ".join(f"{k}={v}" for k, v in (c.get("group") or {}).items())
-        print(f"  suppressed cell {group or '(all)'}: {c.get('rule')}: {c.get('reason')}")
+        shown = group or ("(key not shown)" if "group" in c and c["group"] is None else "(all)")
+        print(f"  suppressed cell {shown}: {c.get('rule')}: {c.get('reason')}")
     print("  log history:")
     for h in r["history"]:
         print(f"    {h['time']}  entry {h['entry']}: {h['text']}")

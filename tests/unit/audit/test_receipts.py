@@ -158,7 +158,7 @@ def test_a_real_receipt_verifies_offline(r: Release) -> None:
     assert receipt["disclosure"]["suppressed"] == [
         {
             "stage": "s1",
-            "group": {"segment": "solo"},
+            "group": None,  # segment declares no public domain: the cell is counted, its key not shown
             "rule": "min_group_size",
             "reason": receipt["disclosure"]["suppressed"][0]["reason"],
         }

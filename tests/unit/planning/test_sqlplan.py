@@ -158,7 +158,13 @@ def test_engine_counts_units_not_rows_and_suppresses_without_values():
     sql = "SELECT segment, COUNT(*) AS n, SUM(exposure) AS s FROM bank_a.loans GROUP BY segment"
     spec = [InputSpec("bank_a.loans", "t0", ("customer_id", "segment", "exposure"), "customer_id")]
     compiled = compile_for_job(sql, spec)
-    out = run_stage(compiled, {"t0": _bank(rows)}, min_group_size=5, rule_datasets=["bank_a.loans"])
+    out = run_stage(
+        compiled,
+        {"t0": _bank(rows)},
+        min_group_size=5,
+        rule_datasets=["bank_a.loans"],
+        public_keys={"segment": frozenset({"x", "y"})},
+    )
     assert out.released.to_pylist() == [{"segment": "y", "n": 6, "s": 6.0}]
     assert [s["group"] for s in out.suppressed] == [{"segment": "x"}]
     assert "1000" not in str(out.suppressed) and "50" not in str(out.suppressed)
@@ -171,7 +177,13 @@ def test_having_and_limit_apply_to_released_cells_only():
         "ORDER BY s DESC LIMIT 5"
     )
     spec = [InputSpec("bank_a.loans", "t0", ("customer_id", "segment", "exposure"), "customer_id")]
-    out = run_stage(compile_for_job(sql, spec), {"t0": _bank(rows)}, min_group_size=5, rule_datasets=["x"])
+    out = run_stage(
+        compile_for_job(sql, spec),
+        {"t0": _bank(rows)},
+        min_group_size=5,
+        rule_datasets=["x"],
+        public_keys={"segment": frozenset({"big", "tiny", "mid"})},
+    )
     # "tiny" passes HAVING on its true value but is suppressed; "big" (10) fails HAVING; "mid" (14) passes.
     assert out.released.to_pylist() == [{"segment": "mid", "s": 14.0}]
     assert [s["group"] for s in out.suppressed] == [{"segment": "tiny"}]
@@ -225,7 +237,13 @@ def test_released_cells_equal_plain_duckdb_and_respect_k(a_rows, b_rows, k):
         InputSpec("bank_a.loans", "t0", ("customer_id", "segment", "exposure"), "customer_id"),
         InputSpec("bank_b.loans", "t1", ("customer_id", "exposure"), "customer_id"),
     ]
-    out = run_stage(compile_for_job(sql, specs), {"t0": a, "t1": b}, min_group_size=k, rule_datasets=["x"])
+    out = run_stage(
+        compile_for_job(sql, specs),
+        {"t0": a, "t1": b},
+        min_group_size=k,
+        rule_datasets=["x"],
+        public_keys={"segment": frozenset(a["segment"].to_pylist())},
+    )
     con = duckdb.connect()
     con.register("a", a)
     con.register("b", b)
