@@ -1,0 +1,532 @@
+"""Differential privacy inside the enclave: a dp stage bounded, aggregated and noised.
+
+The mechanism (:class:`sealroom.planning.privacy.DpMechanism`) is derived from the plan alone by
+every checker; this module only executes it, in one locked DuckDB connection (the inputs exposed
+through the same clamping views as the threshold engine, :func:`enclave_worker.engine._register_input`):
+
+1. the row relation: the residual query's FROM, JOIN and WHERE, selecting the group expressions,
+   each dp input's privacy unit (a UNION ALL item tags each branch: its rows are bounded per
+   (branch, unit)), and each measurement's argument and condition. Every expression is made total
+   (``TRY``): no hidden value can make the stage fail;
+2. contribution bounding, for every dp input in turn: at most ``max_rows`` rows per (unit, group),
+   then at most ``max_groups`` groups per unit, both chosen in random order (DuckDB ``random()``,
+   ordered inside window functions). A join that repeats one unit's rows cannot multiply its weight:
+   the bounds apply to the joined rows;
+3. per group, each measurement (COUNT(*), COUNT(arg), COUNT(DISTINCT unit), SUM(arg), with its
+   FILTER condition) over the bounded rows;
+4. the groups: a public domain releases exactly its keys (empty groups count 0, rows outside it are
+   dropped); otherwise OpenDP's ``make_laplace_threshold`` over the per-group count of bounded rows
+   keeps the groups it releases, and the others are never listed;
+5. noise: one OpenDP measurement per mechanism measurement, over the vector of released groups
+   (discrete Laplace for counts, OpenDP's floating-point-safe Laplace for sums), each checked with
+   its own privacy map against the epsilon the mechanism gives it;
+6. outputs in the query's order: group keys, noisy COUNTs (integers, possibly negative: the noise
+   is unbiased), noisy SUMs, and AVG = noisy SUM / max(noisy COUNT, 1), clamped to the measure's
+   range. Each aggregate output has a 95 % half-width per released row: the measurement's for a
+   COUNT or SUM; for an AVG the delta-method interval (ci_sum + |avg|·ci_count) / max(noisy count, 1),
+   the first-order error of a ratio of two independent noisy terms;
+7. HAVING, ORDER BY and LIMIT on the noisy released table only (post-processing).
+
+Errors are reported by kind only (DuckDB's messages can quote values).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import SqlglotError
+
+from enclave_worker.engine import Clamps, OnCancel, _register_input
+from sealroom.duck import locked_connection
+from sealroom.errors import DeadlineExceededError, InvalidQueryError, JobFailedError
+from sealroom.planning.privacy import DpMechanism, Measurement, Selection
+from sealroom.planning.resolve import DIALECT, Resolved, resolve
+from sealroom.planning.sql import InputSpec, _branch_columns, _replace_table, order_sql
+
+__all__ = ["DpOutcome", "bounded_cells", "run_dp_stage"]
+
+# Relative slack when comparing an OpenDP privacy map with the epsilon (or delta) it is given:
+# the map rounds conservatively, the mechanism's scale is sensitivity / epsilon in floating point.
+MAP_TOLERANCE = 1e-9
+ROWS_COLUMN = "__sr_n"  # per group: bounded rows (partition selection counts them)
+INDEX_COLUMN = "__sr_i"  # per group: its position (the domain's order, or the key order)
+
+
+@dataclass(frozen=True)
+class DpOutcome:
+    released: pa.Table  # exactly the query's output columns
+    ci95: dict[str, list[float]]  # aggregate output column -> half-width per released row
+    privacy: dict[str, Any]  # the mechanism, as the result document states it
+
+
+def _ident(name: str) -> str:
+    return exp.to_identifier(name, quoted=True).sql(DIALECT)
+
+
+def _g(i: int) -> str:
+    return _ident(f"__sr_g{i}")
+
+
+def _m(i: int) -> str:
+    return _ident(f"__sr_m{i}")
+
+
+# --------------------------------------------------------------------------------------------
+# the stage's SQL
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """One bounding step: the partition columns of a unit, and the limits (SQL over the row relation)."""
+
+    units: tuple[str, ...]
+    max_rows: str
+    max_groups: str
+
+
+@dataclass(frozen=True)
+class _Stage:
+    rows_sql: str  # the row relation
+    bounds: tuple[_Bound, ...]
+    n_groups: int
+    names: tuple[str, ...]  # output columns, in order
+    group_of: Mapping[str, int]  # group output column -> GROUP BY index
+    having: exp.Expression | None  # over the noisy table's columns
+    resolved: Resolved
+
+
+def _total(sql: str) -> str:
+    """``sql`` made total: a bare column as is, anything else inside TRY (an error becomes NULL)."""
+    try:
+        node = sqlglot.parse_one(sql, read=DIALECT)
+    except SqlglotError:
+        raise InvalidQueryError("the privacy mechanism names an expression that does not parse") from None
+    return sql if isinstance(node, exp.Column) else f"TRY({sql})"
+
+
+def _total_node(node: exp.Expression) -> exp.Expression:
+    return node if isinstance(node, exp.Column) else exp.Try(this=node)
+
+
+def _conjuncts(node: exp.Expression) -> list[exp.Expression]:
+    inner = node
+    while isinstance(inner, exp.Paren):
+        inner = inner.this
+    if isinstance(inner, exp.And):
+        return _conjuncts(inner.this) + _conjuncts(inner.expression)
+    return [node]
+
+
+def _total_condition(node: exp.Expression) -> exp.Expr:
+    """A WHERE or ON condition made total, conjunct by conjunct (a column equality stays bare, so
+    joins keep their plan); an erroring conjunct is false."""
+    parts: list[exp.Expr] = []
+    for c in _conjuncts(node):
+        bare = isinstance(c, exp.EQ) and isinstance(c.this, exp.Column) and isinstance(c.expression, exp.Column)
+        parts.append(c.copy() if bare else exp.func("COALESCE", exp.Try(this=c.copy()), exp.false()))
+    return parts[0] if len(parts) == 1 else exp.and_(*parts, copy=False)
+
+
+def _stage(residual_sql: str, inputs: Sequence[InputSpec], mechanism: DpMechanism) -> _Stage:
+    """The row relation of the residual query (see the module docstring), and what the release needs."""
+    by_name = {i.qualified: i for i in inputs}
+    bounds_by = {b.dataset: b for b in mechanism.bounds}
+    r = resolve(residual_sql, {i.qualified: list(i.columns) for i in inputs})
+    groups = [g.sql(DIALECT) for g in r.groups]
+    if tuple(groups) != tuple(mechanism.group_sql):
+        raise InvalidQueryError("the stage's groups differ from its privacy mechanism; re-plan the query")
+    outputs = {}
+    group_of: dict[str, int] = {}
+    for e, name in zip(r.tree.expressions, r.names, strict=True):
+        body = e.this if isinstance(e, exp.Alias) else e
+        outputs[body.sql(DIALECT)] = name
+        if name in mechanism.group_columns:
+            group_of[name] = groups.index(body.sql(DIALECT))
+    having = _having(r, outputs, groups)
+    items: list[str] = [f"{_total(g)} AS {_g(i)}" for i, g in enumerate(groups)]
+    steps: list[_Bound] = []
+    # A second resolution to rewrite (its sources point into its own tree); ``r`` stays as written.
+    w = resolve(residual_sql, {i.qualified: list(i.columns) for i in inputs})
+    tree = w.tree
+    for n, src in enumerate(w.sources):
+        alias = src.alias
+        if src.kind == "table":
+            qualified = src.branches[0].qualified
+            spec, bound = by_name[qualified], bounds_by.get(qualified)
+            if bound is None or not spec.privacy_unit:
+                raise InvalidQueryError(f"the privacy mechanism has no contribution bound for {qualified}")
+            _replace_table(src.branches[0].table, spec.table, alias)
+            items.append(
+                f"{exp.column(spec.privacy_unit, table=alias, quoted=True).sql(DIALECT)} AS {_ident(f'__sr_u{n}')}"
+            )
+            steps.append(_Bound((_ident(f"__sr_u{n}"),), str(int(bound.max_rows)), str(int(bound.max_groups))))
+            continue
+        rows_case, groups_case = [], []
+        for k, br in enumerate(src.branches):
+            spec, bound = by_name[br.qualified], bounds_by.get(br.qualified)
+            if bound is None or not spec.privacy_unit:
+                raise InvalidQueryError(f"the privacy mechanism has no contribution bound for {br.qualified}")
+            kept, _ = _branch_columns(src, br)
+            unit = exp.cast(exp.column(spec.privacy_unit, quoted=True), "VARCHAR")
+            tag = exp.alias_(exp.Literal.number(k), "__sr_branch", quoted=True)
+            assert br.select is not None
+            projections = [
+                exp.alias_(_total_node(p.this if isinstance(p, exp.Alias) else p), p.alias_or_name, quoted=True)
+                for p in kept
+            ]
+            br.select.set("expressions", [*projections, exp.alias_(unit, "__sr_unit", quoted=True), tag])
+            where = br.select.args.get("where")
+            if where is not None:
+                where.set("this", _total_condition(where.this))
+            _replace_table(br.table, spec.table, br.table.alias_or_name)
+            rows_case.append(f"WHEN {k} THEN {int(bound.max_rows)}")
+            groups_case.append(f"WHEN {k} THEN {int(bound.max_groups)}")
+        b, u = _ident(f"__sr_b{n}"), _ident(f"__sr_u{n}")
+        items.append(f"{exp.column('__sr_branch', table=alias, quoted=True).sql(DIALECT)} AS {b}")
+        items.append(f"{exp.column('__sr_unit', table=alias, quoted=True).sql(DIALECT)} AS {u}")
+        steps.append(_Bound((b, u), f"(CASE {b} {' '.join(rows_case)} END)", f"(CASE {b} {' '.join(groups_case)} END)"))
+    for i, m in enumerate(mechanism.measurements):
+        if m.argument is not None:
+            items.append(f"{_total(m.argument)} AS {_ident(f'__sr_a{i}')}")
+        if m.condition is not None:
+            items.append(f"COALESCE({_total(m.condition)}, FALSE) AS {_ident(f'__sr_c{i}')}")
+    where = tree.args.get("where")
+    if where is not None:
+        where.set("this", _total_condition(where.this))
+    for join in tree.args.get("joins") or []:
+        on = join.args.get("on")
+        if on is not None:
+            join.set("on", _total_condition(on))
+    for key in ("group", "having", "order", "limit", "distinct"):
+        tree.set(key, None)
+    tree.set("expressions", [sqlglot.parse_one(item, read=DIALECT) for item in items])
+    return _Stage(tree.sql(DIALECT), tuple(steps), len(groups), tuple(r.names), group_of, having, r)
+
+
+def _having(r: Resolved, outputs: Mapping[str, str], groups: Sequence[str]) -> exp.Expression | None:
+    """HAVING over the noisy table: each aggregate (or grouped expression) it names replaced by the
+    output column (or hidden group key) holding its released value."""
+    having = r.tree.args.get("having")
+    if having is None:
+        return None
+
+    def swap(node: exp.Expression) -> exp.Expression:
+        sql = node.sql(DIALECT)
+        if sql in outputs and not (isinstance(node, exp.Column) and not node.table):
+            return exp.column(outputs[sql], quoted=True)
+        if sql in groups:
+            return exp.column(f"__sr_g{groups.index(sql)}", quoted=True)
+        return node
+
+    return having.this.copy().transform(swap)
+
+
+def _measure_sql(i: int, m: Measurement) -> str:
+    filt = f" FILTER (WHERE {_ident(f'__sr_c{i}')})" if m.condition is not None else ""
+    arg = _ident(f"__sr_a{i}")
+    if m.func == "count" and m.argument is None:
+        return f"count(*){filt}"
+    if m.func == "count":
+        return f"count({arg}){filt}"
+    if m.func == "count_distinct":
+        return f"count(DISTINCT {arg}){filt}"
+    if m.func == "sum":
+        return f"COALESCE(CAST(sum({arg}){filt} AS DOUBLE), 0.0)"
+    raise InvalidQueryError(f"the privacy mechanism names an aggregate this enclave does not release ({m.func})")
+
+
+def _cells_sql(stage: _Stage, mechanism: DpMechanism, key_types: Sequence[str]) -> str:
+    """Per group: the bounded rows' count and every measurement (not noised yet)."""
+    keys = [_g(i) for i in range(stage.n_groups)]
+    ctes = [f"__sr_rows AS ({stage.rows_sql})"]
+    current = "__sr_rows"
+    public = mechanism.domain is not None and stage.n_groups > 0
+    if public:
+        casts = ", ".join(f"TRY_CAST({_ident(f'__sr_d{i}')} AS {t}) AS {_g(i)}" for i, t in enumerate(key_types))
+        ctes.append(f"__sr_dom AS (SELECT {_ident(INDEX_COLUMN)}, {casts} FROM __sr_domain)")
+        on = " AND ".join(f"d.{k} = r.{k}" for k in keys)
+        # Rows whose keys lie outside the public domain are dropped before bounding.
+        ctes.append(
+            f"__sr_in AS (SELECT r.* FROM __sr_rows AS r WHERE EXISTS (SELECT 1 FROM __sr_dom AS d WHERE {on}))"
+        )
+        current = "__sr_in"
+    ctes.append(f"__sr_rand AS (SELECT *, random() AS __sr_r FROM {current})")
+    current = "__sr_rand"
+    for s, b in enumerate(stage.bounds):
+        unit_group = ", ".join([*b.units, *keys])
+        ctes.append(
+            f"__sr_s{s}a AS (SELECT *, row_number() OVER (PARTITION BY {unit_group} ORDER BY __sr_r) AS __sr_rn "
+            f"FROM {current})"
+        )
+        current = f"__sr_s{s}a"
+        if keys:
+            ctes.append(
+                f"__sr_s{s}b AS (SELECT * EXCLUDE (__sr_rn), min(__sr_r) OVER (PARTITION BY {unit_group}) AS __sr_gr "
+                f"FROM {current} WHERE __sr_rn <= {b.max_rows})"
+            )
+            # Ties of the group's random key are broken by the keys: distinct groups, distinct ranks.
+            ctes.append(
+                f"__sr_s{s}c AS (SELECT * EXCLUDE (__sr_gr), dense_rank() OVER (PARTITION BY {', '.join(b.units)} "
+                f"ORDER BY __sr_gr, {', '.join(keys)}) AS __sr_gn FROM __sr_s{s}b)"
+            )
+            ctes.append(f"__sr_s{s} AS (SELECT * EXCLUDE (__sr_gn) FROM __sr_s{s}c WHERE __sr_gn <= {b.max_groups})")
+        else:
+            ctes.append(f"__sr_s{s} AS (SELECT * EXCLUDE (__sr_rn) FROM {current} WHERE __sr_rn <= {b.max_rows})")
+        current = f"__sr_s{s}"
+    measures = [f"{_measure_sql(i, m)} AS {_m(i)}" for i, m in enumerate(mechanism.measurements)]
+    group_by = f" GROUP BY {', '.join(keys)}" if keys else ""
+    ctes.append(
+        f"__sr_agg AS (SELECT {', '.join([*keys, f'count(*) AS {_ident(ROWS_COLUMN)}', *measures])} "
+        f"FROM {current}{group_by})"
+    )
+    values = [ROWS_COLUMN, *(f"__sr_m{i}" for i in range(len(mechanism.measurements)))]
+    if public:
+        on = " AND ".join(f"a.{k} = d.{k}" for k in keys)
+        zeros = ", ".join(f"COALESCE(a.{_ident(v)}, 0) AS {_ident(v)}" for v in values)
+        select = (
+            f"SELECT d.{_ident(INDEX_COLUMN)}, {', '.join(f'd.{k}' for k in keys)}, {zeros} "
+            f"FROM __sr_dom AS d LEFT JOIN __sr_agg AS a ON {on} ORDER BY d.{_ident(INDEX_COLUMN)}"
+        )
+    else:
+        order = f" ORDER BY {', '.join(f'{k} NULLS FIRST' for k in keys)}" if keys else ""
+        select = f"SELECT row_number() OVER () - 1 AS {_ident(INDEX_COLUMN)}, * FROM (SELECT * FROM __sr_agg{order})"
+    return f"WITH {', '.join(ctes)} {select}"
+
+
+# --------------------------------------------------------------------------------------------
+# the connection
+
+
+class _Session:
+    """One locked DuckDB connection over the job's inputs (clamped), interrupted when the caller goes away."""
+
+    def __init__(
+        self,
+        inputs: Sequence[InputSpec],
+        tables: Mapping[str, pa.Table],
+        clamps: Clamps | None,
+        threads: int,
+        on_cancel: OnCancel | None,
+    ) -> None:
+        self.con = locked_connection(threads=threads, lock=False)  # locked once the inputs are registered
+        self.interrupted = threading.Event()
+        if on_cancel is not None:
+
+            def interrupt() -> None:
+                self.interrupted.set()
+                try:
+                    self.con.interrupt()
+                except duckdb.Error:  # the stage has ended and closed its connection
+                    pass
+
+            if on_cancel(interrupt) is False:
+                self.con.close()
+                raise DeadlineExceededError("the caller went away before the stage ran; nothing was computed")
+        try:
+            known = {i.table for i in inputs}
+            for name, table in tables.items():
+                if name in known:
+                    _register_input(self.con, name, table, row_id=False, bounds=(clamps or {}).get(name, {}))
+            self.con.execute("SET disabled_optimizers = 'common_subexpressions'")
+            self.con.execute("SET lock_configuration = true")
+        except BaseException:
+            self.con.close()
+            raise
+
+    def run(self, what: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        try:
+            return what(self.con)
+        except duckdb.Error as exc:
+            if self.interrupted.is_set():
+                raise DeadlineExceededError(
+                    "the caller went away; the stage was interrupted, nothing released"
+                ) from None
+            # DuckDB's messages can quote values (conversion errors); report the kind only.
+            raise InvalidQueryError(
+                f"the stage failed in the engine ({type(exc).__name__}); check column types and expressions"
+            ) from None
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def _cells(session: _Session, stage: _Stage, mechanism: DpMechanism) -> pa.Table:
+    def run(con: duckdb.DuckDBPyConnection) -> pa.Table:
+        key_types: list[str] = []
+        if mechanism.domain is not None and stage.n_groups:
+            described = con.execute(f"DESCRIBE {stage.rows_sql}").fetchall()
+            types = {row[0]: str(row[1]) for row in described}
+            key_types = [types[f"__sr_g{i}"] for i in range(stage.n_groups)]
+            domain = {INDEX_COLUMN: pa.array(range(len(mechanism.domain)), pa.int64())}
+            for i in range(stage.n_groups):
+                domain[f"__sr_d{i}"] = pa.array([str(key[i]) for key in mechanism.domain], pa.string())
+            con.register("__sr_domain", pa.table(domain))
+        return con.sql(_cells_sql(stage, mechanism, key_types)).to_arrow_table()
+
+    cells: pa.Table = session.run(run)
+    return cells
+
+
+def bounded_cells(
+    residual_sql: str,
+    inputs: Sequence[InputSpec],
+    tables: Mapping[str, pa.Table],
+    mechanism: DpMechanism,
+    *,
+    clamps: Clamps | None = None,
+    threads: int = 2,
+) -> pa.Table:
+    """The groups with their bounded, clamped, not yet noised aggregates (``__sr_n``: bounded rows;
+    ``__sr_m<i>``: measurement i): what the noise is added to. Never released; for tests."""
+    stage = _stage(residual_sql, inputs, mechanism)
+    session = _Session(inputs, tables, clamps, threads, None)
+    try:
+        return _cells(session, stage, mechanism)
+    finally:
+        session.close()
+
+
+# --------------------------------------------------------------------------------------------
+# OpenDP
+
+
+def _opendp() -> Any:
+    import opendp.prelude as dp  # noqa: PLC0415 - loaded by dp jobs only
+
+    dp.enable_features("contrib")
+    return dp
+
+
+def _within(spent: float, allowed: float) -> bool:
+    return spent <= allowed * (1 + MAP_TOLERANCE) + 1e-15
+
+
+def _refused(what: str) -> JobFailedError:
+    return JobFailedError(
+        f"the noise of {what} would spend more privacy than the plan's mechanism allows; nothing was released",
+        details={"rule": "privacy_mechanism"},
+    )
+
+
+def _select(counts: Sequence[int], selection: Selection, mechanism: DpMechanism) -> list[int]:
+    """Indices of the groups OpenDP's Laplace partition selection keeps (the others are never listed)."""
+    dp = _opendp()
+    domain = dp.map_domain(dp.atom_domain(T=str), dp.atom_domain(T=int))
+    metric = dp.l01inf_distance(dp.absolute_distance(T=int))
+    meas = dp.m.make_laplace_threshold(domain, metric, scale=selection.scale, threshold=int(selection.threshold))
+    g, r = mechanism.max_groups, mechanism.max_rows
+    eps, delta = meas.map((g, g * r, r))
+    if not (_within(eps, selection.epsilon) and _within(delta, selection.delta)):
+        raise _refused("partition selection")
+    kept = meas({str(i): int(c) for i, c in enumerate(counts)})
+    return sorted(int(k) for k in kept)
+
+
+def _noised(values: Sequence[Any], m: Measurement) -> list[Any]:
+    """``values`` (one per released group) with OpenDP's noise for measurement ``m``."""
+    dp = _opendp()
+    if m.discrete:
+        domain = dp.vector_domain(dp.atom_domain(T=int))
+        meas = dp.m.make_laplace(domain, dp.l1_distance(T=int), scale=m.scale)
+        d_in: int | float = math.ceil(m.sensitivity)
+        data: list[Any] = [int(v) for v in values]
+    else:
+        domain = dp.vector_domain(dp.atom_domain(T=float, nan=False))
+        meas = dp.m.make_laplace(domain, dp.l1_distance(T=float), scale=m.scale)
+        d_in = float(m.sensitivity)
+        data = [float(v) for v in values]
+    if not _within(meas.map(d_in), m.epsilon):
+        raise _refused(m.func)
+    return list(meas(data)) if data else []
+
+
+# --------------------------------------------------------------------------------------------
+# the release
+
+
+def _noisy_table(cells: pa.Table, stage: _Stage, mechanism: DpMechanism) -> pa.Table:
+    """Every output column (noisy), hidden group keys, and a ``__sr_ci<j>`` half-width column per
+    aggregate output."""
+    noisy = {m.key: _noised(cells[f"__sr_m{i}"].to_pylist(), m) for i, m in enumerate(mechanism.measurements)}
+    n = cells.num_rows
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {}
+    ci: dict[str, list[float]] = {}
+    for name in stage.names:
+        if name in stage.group_of:
+            columns[name] = cells[f"__sr_g{stage.group_of[name]}"]
+            continue
+        out = mechanism.output(name)
+        if out is None:
+            raise InvalidQueryError(f"the privacy mechanism does not release output {name}; re-plan the query")
+        if out.func == "avg":
+            s, c = (mechanism.measurement(k) for k in out.measurements)
+            sums, counts = noisy[s.key], noisy[c.key]
+            lo = out.lo if out.lo is not None else -math.inf
+            hi = out.hi if out.hi is not None else math.inf
+            avg = [min(max(sv / max(cv, 1), lo), hi) for sv, cv in zip(sums, counts, strict=True)]
+            columns[name] = pa.array(avg, pa.float64())
+            # Delta method: the ratio's first-order error from both noisy terms, over the noisy count.
+            ci[name] = [(s.ci95 + abs(a) * c.ci95) / max(cv, 1) for a, cv in zip(avg, counts, strict=True)]
+            continue
+        m = mechanism.measurement(out.measurements[0])
+        columns[name] = pa.array(noisy[m.key], pa.int64() if m.discrete else pa.float64())
+        ci[name] = [m.ci95] * n
+    for i in range(stage.n_groups):
+        columns[f"__sr_g{i}"] = cells[f"__sr_g{i}"]
+    for j, name in enumerate(ci):
+        columns[f"__sr_ci{j}"] = pa.array(ci[name], pa.float64())
+    return pa.table(columns)
+
+
+def run_dp_stage(
+    residual_sql: str,
+    inputs: Sequence[InputSpec],
+    tables: Mapping[str, pa.Table],
+    mechanism: DpMechanism,
+    *,
+    clamps: Clamps | None = None,
+    threads: int = 2,
+    on_cancel: OnCancel | None = None,
+) -> DpOutcome:
+    """Release the dp stage ``residual_sql`` over ``tables`` (engine name -> Arrow table) with
+    ``mechanism`` (see the module docstring). ``clamps``: per engine table, the measures' declared
+    bounds; ``on_cancel`` as for :func:`enclave_worker.engine.run_stage`."""
+    stage = _stage(residual_sql, inputs, mechanism)
+    session = _Session(inputs, tables, clamps, threads, on_cancel)
+    try:
+        cells = _cells(session, stage, mechanism)
+        if mechanism.domain is None:
+            if mechanism.selection is None:
+                raise InvalidQueryError("the privacy mechanism has neither a public domain nor partition selection")
+            kept = _select(cells[ROWS_COLUMN].to_pylist(), mechanism.selection, mechanism)
+            cells = cells.take(pa.array(kept, pa.int64()))
+        table = _noisy_table(cells, stage, mechanism)
+        aggregates = [n for n in stage.names if n not in stage.group_of]
+        released = session.run(lambda con: _post_process(con, table, stage))
+        ci95 = {name: released[f"__sr_ci{j}"].to_pylist() for j, name in enumerate(aggregates)}
+        return DpOutcome(released.select(list(stage.names)), ci95, mechanism.to_dict())
+    finally:
+        session.close()
+
+
+def _post_process(con: duckdb.DuckDBPyConnection, table: pa.Table, stage: _Stage) -> pa.Table:
+    """HAVING, ORDER BY and LIMIT over the noisy table (its half-widths kept on their rows)."""
+    con.register("__sr_noisy", table)
+    relation = "__sr_noisy"
+    if stage.having is not None:
+        condition = exp.func("COALESCE", exp.Try(this=stage.having.copy()), exp.false()).sql(DIALECT)
+        con.register("__sr_kept", con.sql(f"SELECT * FROM __sr_noisy WHERE {condition}").to_arrow_table())
+        relation = "__sr_kept"
+    r = stage.resolved
+    if r.order or r.limit is not None:
+        out: pa.Table = con.sql(order_sql(relation, r.order, r.limit)).to_arrow_table()
+        return out
+    return con.sql(f"SELECT * FROM {_ident(relation)}").to_arrow_table()
