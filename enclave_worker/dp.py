@@ -36,6 +36,7 @@ import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import duckdb
@@ -44,12 +45,12 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
-from enclave_worker.engine import Clamps, OnCancel, _register_input
+from enclave_worker.engine import Bounds, Clamps, OnCancel
 from sealroom.duck import locked_connection
 from sealroom.errors import DeadlineExceededError, InvalidQueryError, JobFailedError
 from sealroom.planning.privacy import DpMechanism, Measurement, Selection
-from sealroom.planning.resolve import DIALECT, Resolved, resolve
-from sealroom.planning.sql import InputSpec, _branch_columns, _replace_table, order_sql
+from sealroom.planning.resolve import DIALECT, Branch, Resolved, Source, expanded_projections, resolve
+from sealroom.planning.sql import InputSpec, order_sql
 
 __all__ = ["DpOutcome", "bounded_cells", "run_dp_stage"]
 
@@ -135,6 +136,20 @@ def _total_condition(node: exp.Expression) -> exp.Expr:
     return parts[0] if len(parts) == 1 else exp.and_(*parts, copy=False)
 
 
+def _replace_table(table: exp.Table, engine_name: str, alias: str) -> None:
+    """As sealroom.planning.sql's: the FROM item reads the engine table, under the query's alias."""
+    table.set("db", None)
+    table.set("catalog", None)
+    table.set("this", exp.to_identifier(engine_name, quoted=True))
+    table.set("alias", exp.TableAlias(this=exp.to_identifier(alias)))
+
+
+def _kept_projections(src: Source, branch: Branch) -> list[exp.Expression]:
+    """The projections of a UNION ALL branch the outer query reads."""
+    projections = expanded_projections(branch)
+    return [p for p, name in zip(projections, src.columns, strict=True) if name in src.needed]
+
+
 def _stage(residual_sql: str, inputs: Sequence[InputSpec], mechanism: DpMechanism) -> _Stage:
     """The row relation of the residual query (see the module docstring), and what the release needs."""
     by_name = {i.qualified: i for i in inputs}
@@ -174,7 +189,7 @@ def _stage(residual_sql: str, inputs: Sequence[InputSpec], mechanism: DpMechanis
             spec, bound = by_name[br.qualified], bounds_by.get(br.qualified)
             if bound is None or not spec.privacy_unit:
                 raise InvalidQueryError(f"the privacy mechanism has no contribution bound for {br.qualified}")
-            kept, _ = _branch_columns(src, br)
+            kept = _kept_projections(src, br)
             unit = exp.cast(exp.column(spec.privacy_unit, quoted=True), "VARCHAR")
             tag = exp.alias_(exp.Literal.number(k), "__sr_branch", quoted=True)
             assert br.select is not None
@@ -251,6 +266,8 @@ def _cells_sql(stage: _Stage, mechanism: DpMechanism, key_types: Sequence[str]) 
     public = mechanism.domain is not None and stage.n_groups > 0
     if public:
         casts = ", ".join(f"TRY_CAST({_ident(f'__sr_d{i}')} AS {t}) AS {_g(i)}" for i, t in enumerate(key_types))
+        listed = ", ".join(f"unnest($d{i}::VARCHAR[]) AS {_ident(f'__sr_d{i}')}" for i in range(len(key_types)))
+        ctes.append(f"__sr_domain AS (SELECT unnest($i::BIGINT[]) AS {_ident(INDEX_COLUMN)}, {listed})")
         ctes.append(f"__sr_dom AS (SELECT {_ident(INDEX_COLUMN)}, {casts} FROM __sr_domain)")
         on = " AND ".join(f"d.{k} = r.{k}" for k in keys)
         # Rows whose keys lie outside the public domain are dropped before bounding.
@@ -304,6 +321,102 @@ def _cells_sql(stage: _Stage, mechanism: DpMechanism, key_types: Sequence[str]) 
 # --------------------------------------------------------------------------------------------
 # the connection
 
+# The inputs are exposed exactly as the threshold engine exposes them: these lines are
+# enclave_worker.engine's _register_input and _clamp_sql (private there; one shared public helper
+# belongs in engine.py, which another change edits concurrently).
+_INTEGER_RANGES = {
+    "TINYINT": (-(2**7), 2**7 - 1),
+    "SMALLINT": (-(2**15), 2**15 - 1),
+    "INTEGER": (-(2**31), 2**31 - 1),
+    "BIGINT": (-(2**63), 2**63 - 1),
+    "HUGEINT": (-(2**127), 2**127 - 1),
+    "UTINYINT": (0, 2**8 - 1),
+    "USMALLINT": (0, 2**16 - 1),
+    "UINTEGER": (0, 2**32 - 1),
+    "UBIGINT": (0, 2**64 - 1),
+    "UHUGEINT": (0, 2**128 - 1),
+}
+_FLOAT_TYPES = ("FLOAT", "DOUBLE")
+
+
+def _register_input(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table, bounds: Mapping[str, Bounds]) -> None:
+    """Expose ``table`` to the query as ``name``: as is, or through a view that clamps the bounded
+    measure columns (same columns, same order). A dp input always has its privacy unit: no row id."""
+    bounded = {c: b for c, b in bounds.items() if c in table.column_names and b != (None, None)}
+    if not bounded:
+        con.register(name, table)
+        return
+    src = _ident(f"{name}__arrow")
+    con.register(f"{name}__arrow", table)
+    types = {row[0]: str(row[1]) for row in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
+    items = []
+    for column in table.column_names:
+        col = _ident(column)
+        if column in bounded:
+            lo, hi = bounded[column]
+            items.append(f"{_clamp_sql(col, types[column], lo, hi, column=column)} AS {col}")
+        else:
+            items.append(col)
+    con.execute(f"CREATE VIEW {_ident(name)} AS SELECT {', '.join(items)} FROM {src}")
+
+
+def _clamp_sql(col: str, duck_type: str, lo: float | None, hi: float | None, *, column: str) -> str:
+    """``col`` clamped to ``[lo, hi]`` as LEAST(GREATEST(col, lo), hi) would, keeping NULLs (DuckDB's
+    LEAST/GREATEST skip NULLs) and, where the bounds allow it, the column's type."""
+    for bound in (lo, hi):
+        if bound is not None and (not isinstance(bound, int | float) or math.isnan(bound)):
+            raise InvalidQueryError(
+                f"the declared bounds of column {column} are not numbers", details={"column": column}
+            )
+    base = duck_type.upper()
+    literals: list[str | None] = []
+    exact = True  # the bounds are representable in the column's own type
+    if base in _FLOAT_TYPES:
+        literals = [None if b is None else f"CAST('{float(b)!r}' AS {base})" for b in (lo, hi)]
+    elif base in _INTEGER_RANGES:
+        t_min, t_max = _INTEGER_RANGES[base]
+        for b, is_lo in ((lo, True), (hi, False)):
+            if b is None or (is_lo and b <= t_min) or (not is_lo and b >= t_max):
+                literals.append(None)  # no value of the type lies beyond this bound
+            elif math.isfinite(b) and float(b).is_integer() and t_min <= int(b) <= t_max:
+                literals.append(f"CAST({int(b)} AS {base})")
+            else:
+                exact = False
+    elif base.startswith("DECIMAL"):
+        precision, scale = (int(x) for x in base[base.index("(") + 1 : -1].split(","))
+        limit = Decimal(10) ** (precision - scale)
+        for b, is_lo in ((lo, True), (hi, False)):
+            if b is None or (is_lo and b <= -limit) or (not is_lo and b >= limit):
+                literals.append(None)
+                continue
+            try:
+                d = Decimal(repr(float(b)))
+                fits = d.quantize(Decimal(1).scaleb(-scale)) == d
+            except InvalidOperation:
+                fits = False
+            if fits:
+                literals.append(f"CAST('{d}' AS {base})")
+            else:
+                exact = False
+    else:
+        raise InvalidQueryError(
+            f"column {column} has declared bounds but is not numeric ({duck_type}); its owner's policy "
+            "can bound numeric measures only",
+            details={"column": column, "rule": "bounds"},
+        )
+    if not exact:  # e.g. a fractional bound on an integer column: clamp in DOUBLE, as LEAST/GREATEST would
+        col = f"CAST({col} AS DOUBLE)"
+        literals = [None if b is None else f"CAST('{float(b)!r}' AS DOUBLE)" for b in (lo, hi)]
+    lo_sql, hi_sql = literals
+    whens = []
+    if lo_sql is not None:
+        whens.append(f"WHEN {col} < {lo_sql} THEN {lo_sql}")
+    if hi_sql is not None:
+        whens.append(f"WHEN {col} > {hi_sql} THEN {hi_sql}")
+    if not whens:
+        return col
+    return f"CASE {' '.join(whens)} ELSE {col} END"
+
 
 class _Session:
     """One locked DuckDB connection over the job's inputs (clamped), interrupted when the caller goes away."""
@@ -334,7 +447,7 @@ class _Session:
             known = {i.table for i in inputs}
             for name, table in tables.items():
                 if name in known:
-                    _register_input(self.con, name, table, row_id=False, bounds=(clamps or {}).get(name, {}))
+                    _register_input(self.con, name, table, (clamps or {}).get(name, {}))
             self.con.execute("SET disabled_optimizers = 'common_subexpressions'")
             self.con.execute("SET lock_configuration = true")
         except BaseException:
@@ -361,15 +474,15 @@ class _Session:
 def _cells(session: _Session, stage: _Stage, mechanism: DpMechanism) -> pa.Table:
     def run(con: duckdb.DuckDBPyConnection) -> pa.Table:
         key_types: list[str] = []
+        params: dict[str, Any] = {}
         if mechanism.domain is not None and stage.n_groups:
             described = con.execute(f"DESCRIBE {stage.rows_sql}").fetchall()
             types = {row[0]: str(row[1]) for row in described}
             key_types = [types[f"__sr_g{i}"] for i in range(stage.n_groups)]
-            domain = {INDEX_COLUMN: pa.array(range(len(mechanism.domain)), pa.int64())}
-            for i in range(stage.n_groups):
-                domain[f"__sr_d{i}"] = pa.array([str(key[i]) for key in mechanism.domain], pa.string())
-            con.register("__sr_domain", pa.table(domain))
-        return con.sql(_cells_sql(stage, mechanism, key_types)).to_arrow_table()
+            # The public domain as query parameters (lists: pyarrow would load pandas to convert them).
+            params = {"i": list(range(len(mechanism.domain)))}
+            params.update({f"d{i}": [str(key[i]) for key in mechanism.domain] for i in range(stage.n_groups)})
+        return con.sql(_cells_sql(stage, mechanism, key_types), params=params or None).to_arrow_table()
 
     cells: pa.Table = session.run(run)
     return cells
@@ -452,16 +565,18 @@ def _noised(values: Sequence[Any], m: Measurement) -> list[Any]:
 # the release
 
 
-def _noisy_table(cells: pa.Table, stage: _Stage, mechanism: DpMechanism) -> pa.Table:
-    """Every output column (noisy), hidden group keys, and a ``__sr_ci<j>`` half-width column per
-    aggregate output."""
-    noisy = {m.key: _noised(cells[f"__sr_m{i}"].to_pylist(), m) for i, m in enumerate(mechanism.measurements)}
-    n = cells.num_rows
-    columns: dict[str, pa.Array | pa.ChunkedArray] = {}
+def _noisy_columns(
+    cells: pa.Table, kept: Sequence[int], stage: _Stage, mechanism: DpMechanism
+) -> tuple[dict[str, list[Any]], dict[str, list[float]]]:
+    """Every aggregate output of the ``kept`` groups (noisy, as Python lists), and its half-widths."""
+    noisy: dict[str, list[Any]] = {}
+    for i, m in enumerate(mechanism.measurements):
+        values = cells[f"__sr_m{i}"].to_pylist()
+        noisy[m.key] = _noised([values[k] for k in kept], m)
+    columns: dict[str, list[Any]] = {}
     ci: dict[str, list[float]] = {}
     for name in stage.names:
         if name in stage.group_of:
-            columns[name] = cells[f"__sr_g{stage.group_of[name]}"]
             continue
         out = mechanism.output(name)
         if out is None:
@@ -471,19 +586,44 @@ def _noisy_table(cells: pa.Table, stage: _Stage, mechanism: DpMechanism) -> pa.T
             sums, counts = noisy[s.key], noisy[c.key]
             lo = out.lo if out.lo is not None else -math.inf
             hi = out.hi if out.hi is not None else math.inf
-            avg = [min(max(sv / max(cv, 1), lo), hi) for sv, cv in zip(sums, counts, strict=True)]
-            columns[name] = pa.array(avg, pa.float64())
+            columns[name] = [min(max(sv / max(cv, 1), lo), hi) for sv, cv in zip(sums, counts, strict=True)]
             # Delta method: the ratio's first-order error from both noisy terms, over the noisy count.
-            ci[name] = [(s.ci95 + abs(a) * c.ci95) / max(cv, 1) for a, cv in zip(avg, counts, strict=True)]
+            ci[name] = [(s.ci95 + abs(a) * c.ci95) / max(cv, 1) for a, cv in zip(columns[name], counts, strict=True)]
             continue
         m = mechanism.measurement(out.measurements[0])
-        columns[name] = pa.array(noisy[m.key], pa.int64() if m.discrete else pa.float64())
-        ci[name] = [m.ci95] * n
-    for i in range(stage.n_groups):
-        columns[f"__sr_g{i}"] = cells[f"__sr_g{i}"]
-    for j, name in enumerate(ci):
-        columns[f"__sr_ci{j}"] = pa.array(ci[name], pa.float64())
-    return pa.table(columns)
+        columns[name] = noisy[m.key]
+        ci[name] = [m.ci95] * len(kept)
+    return columns, ci
+
+
+def _release_sql(stage: _Stage, mechanism: DpMechanism, aggregates: Sequence[str]) -> str:
+    """The noisy table (outputs, hidden group keys, half-widths ``__sr_ci<j>``) of the kept groups,
+    from the cells and the noisy values passed as list parameters, then HAVING, ORDER BY, LIMIT."""
+    index = _ident(INDEX_COLUMN)
+    noise = [f"unnest($k::BIGINT[]) AS {index}"]
+    for j, name in enumerate(aggregates):
+        out = mechanism.output(name)
+        assert out is not None
+        discrete = out.func != "avg" and mechanism.measurement(out.measurements[0]).discrete
+        noise.append(f"unnest($v{j}::{'BIGINT' if discrete else 'DOUBLE'}[]) AS {_ident(f'__sr_v{j}')}")
+        noise.append(f"unnest($c{j}::DOUBLE[]) AS {_ident(f'__sr_ci{j}')}")
+    select = []
+    for name in stage.names:
+        if name in stage.group_of:
+            select.append(f"c.{_g(stage.group_of[name])} AS {_ident(name)}")
+        else:
+            select.append(f"n.{_ident(f'__sr_v{aggregates.index(name)}')} AS {_ident(name)}")
+    select += [f"c.{_g(i)}" for i in range(stage.n_groups)]
+    select += [f"n.{_ident(f'__sr_ci{j}')}" for j in range(len(aggregates))]
+    select.append(f"c.{index}")
+    sql = (
+        f"WITH __sr_noise AS (SELECT {', '.join(noise)}) "
+        f"SELECT {', '.join(select)} FROM __sr_cells AS c JOIN __sr_noise AS n ON c.{index} = n.{index}"
+    )
+    condition = "TRUE"
+    if stage.having is not None:
+        condition = exp.func("COALESCE", exp.Try(this=stage.having.copy()), exp.false()).sql(DIALECT)
+    return f"SELECT * FROM ({sql}) WHERE {condition} ORDER BY {index}"
 
 
 def run_dp_stage(
@@ -503,30 +643,34 @@ def run_dp_stage(
     session = _Session(inputs, tables, clamps, threads, on_cancel)
     try:
         cells = _cells(session, stage, mechanism)
+        kept = list(range(cells.num_rows))
         if mechanism.domain is None:
             if mechanism.selection is None:
                 raise InvalidQueryError("the privacy mechanism has neither a public domain nor partition selection")
             kept = _select(cells[ROWS_COLUMN].to_pylist(), mechanism.selection, mechanism)
-            cells = cells.take(pa.array(kept, pa.int64()))
-        table = _noisy_table(cells, stage, mechanism)
+        columns, ci = _noisy_columns(cells, kept, stage, mechanism)
         aggregates = [n for n in stage.names if n not in stage.group_of]
-        released = session.run(lambda con: _post_process(con, table, stage))
+        params: dict[str, Any] = {"k": kept}
+        for j, name in enumerate(aggregates):
+            params[f"v{j}"], params[f"c{j}"] = columns[name], ci[name]
+        released = session.run(
+            lambda con: _post_process(con, cells, _release_sql(stage, mechanism, aggregates), params, stage)
+        )
         ci95 = {name: released[f"__sr_ci{j}"].to_pylist() for j, name in enumerate(aggregates)}
         return DpOutcome(released.select(list(stage.names)), ci95, mechanism.to_dict())
     finally:
         session.close()
 
 
-def _post_process(con: duckdb.DuckDBPyConnection, table: pa.Table, stage: _Stage) -> pa.Table:
-    """HAVING, ORDER BY and LIMIT over the noisy table (its half-widths kept on their rows)."""
-    con.register("__sr_noisy", table)
-    relation = "__sr_noisy"
-    if stage.having is not None:
-        condition = exp.func("COALESCE", exp.Try(this=stage.having.copy()), exp.false()).sql(DIALECT)
-        con.register("__sr_kept", con.sql(f"SELECT * FROM __sr_noisy WHERE {condition}").to_arrow_table())
-        relation = "__sr_kept"
+def _post_process(
+    con: duckdb.DuckDBPyConnection, cells: pa.Table, sql: str, params: dict[str, Any], stage: _Stage
+) -> pa.Table:
+    """The released table: ``sql`` over the cells, then ORDER BY and LIMIT (half-widths kept on their rows)."""
+    con.register("__sr_cells", cells)
+    released = con.sql(sql, params=params).to_arrow_table()
     r = stage.resolved
-    if r.order or r.limit is not None:
-        out: pa.Table = con.sql(order_sql(relation, r.order, r.limit)).to_arrow_table()
-        return out
-    return con.sql(f"SELECT * FROM {_ident(relation)}").to_arrow_table()
+    if not r.order and r.limit is None:
+        return released
+    con.register("__sr_released", released)
+    out: pa.Table = con.sql(order_sql("__sr_released", r.order, r.limit)).to_arrow_table()
+    return out
