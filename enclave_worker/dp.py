@@ -278,25 +278,21 @@ def _cells_sql(stage: _Stage, mechanism: DpMechanism, key_types: Sequence[str]) 
     ctes.append(f"__sr_rand AS (SELECT *, random() AS __sr_r FROM {current})")
     current = "__sr_rand"
     for s, b in enumerate(stage.bounds):
-        unit_group = ", ".join([*b.units, *keys])
-        ctes.append(
-            f"__sr_s{s}a AS (SELECT *, row_number() OVER (PARTITION BY {unit_group} ORDER BY __sr_r) AS __sr_rn "
-            f"FROM {current})"
-        )
-        current = f"__sr_s{s}a"
+        # One sort per (unit, group): each row's rank in random order, and the group's random key
+        # (the smallest draw of its rows, kept by any bound on its rows).
+        window = f"(PARTITION BY {', '.join([*b.units, *keys])} ORDER BY __sr_r)"
+        group_key = f", first_value(__sr_r) OVER {window} AS __sr_gr" if keys else ""
+        ctes.append(f"__sr_s{s}a AS (SELECT *, row_number() OVER {window} AS __sr_rn{group_key} FROM {current})")
         if keys:
-            ctes.append(
-                f"__sr_s{s}b AS (SELECT * EXCLUDE (__sr_rn), min(__sr_r) OVER (PARTITION BY {unit_group}) AS __sr_gr "
-                f"FROM {current} WHERE __sr_rn <= {b.max_rows})"
-            )
             # Ties of the group's random key are broken by the keys: distinct groups, distinct ranks.
             ctes.append(
-                f"__sr_s{s}c AS (SELECT * EXCLUDE (__sr_gr), dense_rank() OVER (PARTITION BY {', '.join(b.units)} "
-                f"ORDER BY __sr_gr, {', '.join(keys)}) AS __sr_gn FROM __sr_s{s}b)"
+                f"__sr_s{s}b AS (SELECT * EXCLUDE (__sr_rn, __sr_gr), dense_rank() OVER (PARTITION BY "
+                f"{', '.join(b.units)} ORDER BY __sr_gr, {', '.join(keys)}) AS __sr_gn "
+                f"FROM __sr_s{s}a WHERE __sr_rn <= {b.max_rows})"
             )
-            ctes.append(f"__sr_s{s} AS (SELECT * EXCLUDE (__sr_gn) FROM __sr_s{s}c WHERE __sr_gn <= {b.max_groups})")
+            ctes.append(f"__sr_s{s} AS (SELECT * EXCLUDE (__sr_gn) FROM __sr_s{s}b WHERE __sr_gn <= {b.max_groups})")
         else:
-            ctes.append(f"__sr_s{s} AS (SELECT * EXCLUDE (__sr_rn) FROM {current} WHERE __sr_rn <= {b.max_rows})")
+            ctes.append(f"__sr_s{s} AS (SELECT * EXCLUDE (__sr_rn) FROM __sr_s{s}a WHERE __sr_rn <= {b.max_rows})")
         current = f"__sr_s{s}"
     measures = [f"{_measure_sql(i, m)} AS {_m(i)}" for i, m in enumerate(mechanism.measurements)]
     group_by = f" GROUP BY {', '.join(keys)}" if keys else ""
@@ -539,7 +535,7 @@ def _select(counts: Sequence[int], selection: Selection, mechanism: DpMechanism)
     eps, delta = meas.map((g, g * r, r))
     if not (_within(eps, selection.epsilon) and _within(delta, selection.delta)):
         raise _refused("partition selection")
-    kept = meas({str(i): int(c) for i, c in enumerate(counts)})
+    kept = _draw(meas, {str(i): int(c) for i, c in enumerate(counts)})
     return sorted(int(k) for k in kept)
 
 
@@ -558,7 +554,21 @@ def _noised(values: Sequence[Any], m: Measurement) -> list[Any]:
         data = [float(v) for v in values]
     if not _within(meas.map(d_in), m.epsilon):
         raise _refused(m.func)
-    return list(meas(data)) if data else []
+    return list(_draw(meas, data)) if data else []
+
+
+def _draw(meas: Any, data: Any) -> Any:
+    """OpenDP's release of ``data``; a failure (e.g. a count beyond its integer type) by kind only:
+    OpenDP's messages can quote the values."""
+    from opendp.mod import OpenDPException  # noqa: PLC0415 - loaded by dp jobs only
+
+    try:
+        return meas(data)
+    except (OpenDPException, ValueError, TypeError, OverflowError) as exc:
+        raise JobFailedError(
+            f"the noise could not be drawn ({type(exc).__name__}); nothing was released",
+            details={"rule": "privacy_mechanism"},
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
