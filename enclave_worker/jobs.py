@@ -14,6 +14,10 @@ filter from the plan's SQL itself (:func:`sealroom.planning.plan.stage_pushdown`
 filters differ, and compiles and runs only the residual query. A filtered stream carries the
 boolean column :data:`~sealroom.planning.sql.PAD_COLUMN` (and only a filtered one): its padding rows hide
 how many rows matched, and are dropped as each frame is opened, before anything reads the input.
+
+A plan over datasets whose owners chose differential privacy is released by :mod:`enclave_worker.dp`
+(noise from OpenDP, contribution bounds enforced here); its signed result states the mechanism, what
+it charges each owner's budget and the 95 % half-width of every released aggregate (``ci95``).
 """
 
 from __future__ import annotations

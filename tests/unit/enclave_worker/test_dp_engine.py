@@ -19,7 +19,7 @@ import pytest
 
 from coordinator.planner import CatalogEntry, plan_query
 from enclave_worker.dp import bounded_cells, run_dp_stage
-from sealroom.errors import JobFailedError
+from sealroom.errors import DeadlineExceededError, JobFailedError
 from sealroom.planning.checks import Checker, check_plan
 from sealroom.planning.privacy import DpMechanism, laplace_ci95
 from sealroom.planning.sql import InputSpec
@@ -331,6 +331,16 @@ def test_an_expression_that_raises_on_a_hidden_value_does_not_fail_the_stage() -
     (cell,) = stage.cells()
     assert cell["__sr_m0"] == 10  # the rows whose cast fails are filtered out, not an error
     assert stage.release().released.num_rows == 1
+
+
+def test_a_caller_gone_before_the_stage_ran_computes_nothing() -> None:
+    stage = _stage(
+        "SELECT COUNT(*) AS n FROM bank_a.loans",
+        {"bank_a": (_table([(1, "g000", 30, 1.0)]), _policy())},
+        epsilon=1.0,
+    )
+    with pytest.raises(DeadlineExceededError):
+        run_dp_stage(stage.sql, stage.inputs, stage.tables, stage.mechanism, on_cancel=lambda _callback: False)
 
 
 def test_discrete_interval_is_the_exact_quantile() -> None:
