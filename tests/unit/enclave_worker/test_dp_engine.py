@@ -239,6 +239,30 @@ def test_a_join_that_repeats_one_units_rows_cannot_multiply_its_weight() -> None
     assert cell["__sr_m1"] <= 49 * 10.0 + 10 * 5000.0
 
 
+def test_each_joined_input_is_bounded_by_its_own_owners_bounds_and_null_units_as_one() -> None:
+    a = _table([(u, "g000", 30, 1.0) for u in range(20)] + [(5, "g000", 30, 1.0)] * 99)
+    b = _table([(u, "g000", 30, 1.0) for u in range(20)])
+    stage = _stage(
+        "SELECT COUNT(*) AS n FROM bank_a.loans a JOIN bank_b.loans b ON a.customer_id = b.customer_id",
+        {"bank_a": (a, _policy(rows=5)), "bank_b": (b, _policy(rows=3))},
+        epsilon=1.0,
+    )
+    (cell,) = stage.cells()
+    assert cell["__sr_m0"] == 19 + 3  # unit 5's 100 joined rows: bank_a keeps 5, then bank_b keeps 3
+    nulls = pa.table(
+        {
+            "customer_id": pa.array([None] * 50 + list(range(10)), pa.int64()),
+            "segment": ["g000"] * 60,
+            "age": [30] * 60,
+            "amount": [1.0] * 60,
+        },
+        schema=SCHEMA,
+    )
+    alone = _stage("SELECT COUNT(*) AS n FROM bank_a.loans", {"bank_a": (nulls, _policy())}, epsilon=1.0)
+    (cell,) = alone.cells()
+    assert cell["__sr_m0"] == 10 + 10  # the rows without a unit are bounded as one unit
+
+
 def test_a_union_bounds_each_branch_per_unit() -> None:
     a = _table([(1, "g000", 30, 1.0)] * 100)
     b = _table([(1, "g000", 30, 1.0)] * 100)  # the same unit id in another dataset: bounded apart
