@@ -5,7 +5,10 @@ owners signed into it) it re-checks every shared rule through :func:`sealroom.pl
 (which recomputes each input's pushed filter from the plan's SQL, or, for a stage that feeds an MPC
 stage, checks that MPC stage against every streamed policy), compiles the stage itself, and derives
 the rules it will apply to every released cell. A stage that feeds an MPC stage joins it as a
-player instead of compiling (:meth:`enclave_worker.mpc_feed.FeedPlayer.for_stage`).
+player instead of compiling (:meth:`enclave_worker.mpc_feed.FeedPlayer.for_stage`). A stage over
+datasets whose owners chose differential privacy keeps the mechanism check_plan recomputed from the
+plan (:func:`sealroom.planning.privacy.dp_mechanism`): it is released with noise
+(:mod:`enclave_worker.dp`), and its rules are that mechanism.
 """
 
 from __future__ import annotations
