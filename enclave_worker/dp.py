@@ -2,7 +2,7 @@
 
 The mechanism (:class:`sealroom.planning.privacy.DpMechanism`) is derived from the plan alone by
 every checker; this module only executes it, in one locked DuckDB connection (the inputs exposed
-through the same clamping views as the threshold engine, :func:`enclave_worker.engine._register_input`):
+through the same clamping views as in the threshold engine, :mod:`enclave_worker.engine`):
 
 1. the row relation: the residual query's FROM, JOIN and WHERE, selecting the group expressions,
    each dp input's privacy unit (a UNION ALL item tags each branch: its rows are bounded per
@@ -10,8 +10,9 @@ through the same clamping views as the threshold engine, :func:`enclave_worker.e
    (``TRY``): no hidden value can make the stage fail;
 2. contribution bounding, for every dp input in turn: at most ``max_rows`` rows per (unit, group),
    then at most ``max_groups`` groups per unit, both chosen in random order (DuckDB ``random()``,
-   ordered inside window functions). A join that repeats one unit's rows cannot multiply its weight:
-   the bounds apply to the joined rows;
+   ordered inside window functions; a unit already within both bounds keeps its rows without a
+   sort). A join that repeats one unit's rows cannot multiply its weight: the bounds apply to the
+   joined rows;
 3. per group, each measurement (COUNT(*), COUNT(arg), COUNT(DISTINCT unit), SUM(arg), with its
    FILTER condition) over the bounded rows;
 4. the groups: a public domain releases exactly its keys (empty groups count 0, rows outside it are
@@ -23,8 +24,11 @@ through the same clamping views as the threshold engine, :func:`enclave_worker.e
 6. outputs in the query's order: group keys, noisy COUNTs (integers, possibly negative: the noise
    is unbiased), noisy SUMs, and AVG = noisy SUM / max(noisy COUNT, 1), clamped to the measure's
    range. Each aggregate output has a 95 % half-width per released row: the measurement's for a
-   COUNT or SUM; for an AVG the delta-method interval (ci_sum + |avg|·ci_count) / max(noisy count, 1),
-   the first-order error of a ratio of two independent noisy terms;
+   COUNT or SUM; for an AVG the delta-method interval (ci_sum + |avg|·ci_count) / max(noisy count, 1):
+   the first-order error of the ratio (e_sum - avg·e_count) / count of two independent noise terms,
+   each bounded by its own half-width (conservative: the two are added, not combined in quadrature).
+   It describes the noise only: on a group whose noisy count is small, the clamp to [lo, hi] biases
+   the average toward the range;
 7. HAVING, ORDER BY and LIMIT on the noisy released table only (post-processing).
 
 Errors are reported by kind only (DuckDB's messages can quote values).
