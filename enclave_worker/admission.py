@@ -5,7 +5,10 @@ owners signed into it) it re-checks every shared rule through :func:`sealroom.pl
 (which recomputes each input's pushed filter from the plan's SQL, or, for a stage that feeds an MPC
 stage, checks that MPC stage against every streamed policy), compiles the stage itself, and derives
 the rules it will apply to every released cell. A stage that feeds an MPC stage joins it as a
-player instead of compiling (:meth:`enclave_worker.mpc_feed.FeedPlayer.for_stage`).
+player instead of compiling (:meth:`enclave_worker.mpc_feed.FeedPlayer.for_stage`). A stage over
+datasets whose owners chose differential privacy keeps the mechanism check_plan recomputed from the
+plan (:func:`sealroom.planning.privacy.dp_mechanism`): it is released with noise
+(:mod:`enclave_worker.dp`), and its rules are that mechanism.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sealroom.errors import InvalidQueryError
 from sealroom.planning.checks import Checker, check_plan, missing_unit, strictest_datasets
 from sealroom.planning.disclosure import check_uses
 from sealroom.planning.plan import Plan, PlanInput, TeeStage
+from sealroom.planning.privacy import DpMechanism
 from sealroom.planning.resolve import RESERVED_PREFIX
 from sealroom.planning.sql import CompiledStage, InputSpec, Pushdown
 from sealroom.policy import Dominance
@@ -46,6 +50,10 @@ class Admission:
     clamps: dict[str, dict[str, Bounds]]  # engine table -> column -> bounds
     dominance: dict[str, Dominance]  # party.dataset -> its (n, k) rule
     rules: dict[str, object]  # the rules applied, as the result document states them
+    # The stage's differential-privacy mechanism (a plan reading dp datasets), recomputed from the
+    # plan by check_plan: the stage is then released with noise (enclave_worker.dp), not thresholds.
+    dp: DpMechanism | None = None
+    residual_sql: str = ""  # the stage's SQL without the filters the parties apply (a released stage)
 
 
 def admit(plan: Plan, config: EnclaveConfig) -> Admission:
@@ -85,7 +93,14 @@ def admit(plan: Plan, config: EnclaveConfig) -> Admission:
     }
     if feed is not None:
         k, rules = _feed_rules(feed)
-    return Admission(plan, stage, compiled, feed, k, strictest, clamps, dominance, rules)
+    mechanism = checked.mechanisms.get(stage.id)
+    if mechanism is not None:
+        # Released under dp: the threshold rules do not apply (exact decisions on a dp owner's rows
+        # would leak outside the noise); the compilation above still checked the SQL and its uses.
+        rules = {"privacy": mechanism.to_dict(), "clamped": clamped}
+    pushed = checked.pushdowns.get(stage.id)
+    residual = pushed.residual_sql if pushed is not None else ""
+    return Admission(plan, stage, compiled, feed, k, strictest, clamps, dominance, rules, mechanism, residual)
 
 
 def _single_tee_stage(plan: Plan) -> TeeStage:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from enclave_worker.engine import Bounds
 from sealroom.errors import JobFailedError, SealroomError
 from sealroom.planning.plan import Plan, PlanInput
+from sealroom.planning.privacy import DpMechanism
 from sealroom.planning.sql import CompiledStage
 from sealroom.policy import Dominance
 
@@ -90,6 +91,8 @@ class Job:
     dominance: dict[str, Dominance] = field(default_factory=dict)  # party.dataset -> its (n, k) rule
     rules: dict[str, object] = field(default_factory=dict)  # the rules applied, for the result document
     feed: FeedPlayer | None = None  # this job's player in the MPC stage it feeds (hybrid plans)
+    dp: DpMechanism | None = None  # released with differential privacy (enclave_worker.dp) when set
+    residual_sql: str = ""  # what the enclave runs of the stage's SQL (the parties apply the pushed filters)
     token: bytes = field(default_factory=lambda: os.urandom(32), repr=False)  # its creator's, for control calls
     state: JobState = JobState.RECEIVING
     error: SealroomError | None = None  # why it failed (set with FAILED)

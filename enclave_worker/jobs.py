@@ -14,6 +14,10 @@ filter from the plan's SQL itself (:func:`sealroom.planning.plan.stage_pushdown`
 filters differ, and compiles and runs only the residual query. A filtered stream carries the
 boolean column :data:`~sealroom.planning.sql.PAD_COLUMN` (and only a filtered one): its padding rows hide
 how many rows matched, and are dropped as each frame is opened, before anything reads the input.
+
+A plan over datasets whose owners chose differential privacy is released by :mod:`enclave_worker.dp`
+(noise from OpenDP, contribution bounds enforced here); its signed result states the mechanism, what
+it charges each owner's budget and the 95 % half-width of every released aggregate (``ci95``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from enclave_worker.admission import admit
 from enclave_worker.attester import Attester
 from enclave_worker.config import EnclaveConfig
+from enclave_worker.dp import run_dp_stage
 from enclave_worker.engine import public_group_keys, run_stage, table_to_ipc
 from enclave_worker.job import InputState, Job, JobInput
 from sealroom.attestation import Evidence, report_data_for
@@ -52,7 +57,8 @@ from sealroom.errors import (
     SealroomError,
 )
 from sealroom.planning.plan import Plan
-from sealroom.planning.sql import PAD_COLUMN
+from sealroom.planning.privacy import charges
+from sealroom.planning.sql import PAD_COLUMN, InputSpec
 from sealroom.sealed import OpeningStream, StreamHeader, integrity_error
 from sealroom.signing import LogPosition, verify_approval, verify_stream_header
 
@@ -163,6 +169,8 @@ class JobRegistry:
             dominance=admitted.dominance,
             rules=admitted.rules,
             feed=admitted.feed,
+            dp=admitted.dp,
+            residual_sql=admitted.residual_sql,
         )
         with self._lock:
             self._jobs[job.id] = job
@@ -474,6 +482,8 @@ class JobRegistry:
         logged = self._check_ready(job, approvals, log_position)
         assert job.compiled is not None
         tables = {i.spec.table: i.table for i in job.inputs.values() if i.table is not None}
+        if job.dp is not None:
+            return self._execute_dp(job, approvals, logged, tables, on_cancel)
         no_unit = frozenset(i.spec.table for i in job.inputs.values() if not i.spec.policy.privacy_unit)
         outcome = run_stage(
             job.compiled,
@@ -507,6 +517,46 @@ class JobRegistry:
             outcome.released.num_rows,
             len(outcome.suppressed),
         )
+        return {"result_json": body, "signature": signature, "arrow_table": ipc, "evidence": evidence.to_bytes()}
+
+    def _execute_dp(
+        self,
+        job: Job,
+        approvals: dict[str, tuple[str, bytes]],
+        logged: LogPosition,
+        tables: dict[str, pa.Table],
+        on_cancel: Callable[[Callable[[], None]], object] | None,
+    ) -> dict[str, Any]:
+        """Release a dp stage (:mod:`enclave_worker.dp`): noisy aggregates, their 95 % half-widths, the
+        mechanism and what it charges each owner's budget; nothing is suppressed or listed."""
+        assert job.compiled is not None and job.dp is not None and job.plan.privacy is not None
+        stage = job.plan.tee_stages()[0]
+        outcome = run_dp_stage(
+            job.residual_sql,
+            [InputSpec(i.qualified, i.table, i.columns, i.policy.privacy_unit) for i in stage.inputs],
+            tables,
+            job.dp,
+            clamps=job.clamps,
+            threads=self.config.engine_threads,
+            on_cancel=on_cancel,
+        )
+        ipc = table_to_ipc(outcome.released)
+        spent = charges(job.plan.analyst, stage.inputs, job.plan.privacy)
+        body, signature, evidence = self._signed(
+            job,
+            approvals,
+            logged,
+            {
+                "output_columns": list(job.compiled.output_columns),
+                "released_rows": outcome.released.num_rows,
+                "result_sha256": hashlib.sha256(ipc).hexdigest(),
+                "suppressed": [],
+                "min_group_size": job.min_group_size,
+                "privacy": {**outcome.privacy, "charges": [c.to_dict() for c in spent]},
+                "ci95": outcome.ci95,
+            },
+        )
+        log.info("job %s executed with differential privacy: %d groups released", job.id, outcome.released.num_rows)
         return {"result_json": body, "signature": signature, "arrow_table": ipc, "evidence": evidence.to_bytes()}
 
     # -- the enclave as an MPC player (a stage that feeds an MPC stage) ------------------------

@@ -1,9 +1,10 @@
 """The enclave worker's trusted computing base, measured on a real worker process.
 
 DESIGN.md: the worker process loads only the kernel, ``enclave_worker`` and the libraries it needs
-(grpcio, protobuf, pyarrow, DuckDB, cryptography, sqlglot); never pandas, the coordinator,
-connectors or MPyC. This starts ``sealroom enclave serve`` as its own process, runs a whole job
-through it (so the lazily imported code paths are loaded too), then reads ``GetInfo``.
+(grpcio, protobuf, pyarrow, DuckDB, cryptography, sqlglot, and OpenDP for a differentially private
+release, loaded by such a job only); never pandas, the coordinator, connectors or MPyC. This starts
+``sealroom enclave serve`` as its own process, runs a whole threshold job and a whole dp job through
+it (so the lazily imported code paths are loaded too), then reads ``GetInfo``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 from coordinator.tee_stage import verify_result
 from enclave_worker.config import EnclaveConfig
 from sealroom.attestation import enclave_measurement
+from sealroom.policy import DatasetPolicy
 from sealroom.rpc import wait_healthy_channel
 from sealroom.v1 import common_pb2
 from tests.harness.enclave import (
@@ -38,6 +40,8 @@ from tests.harness.enclave import (
 from tests.harness.pki import enclave_tls
 
 MUST_LOAD = ("duckdb", "pyarrow", "cryptography", "sqlglot", "grpc", "sealroom", "enclave_worker")
+# Allowed in the enclave beyond MUST_LOAD: OpenDP (its vetted noise samplers), for dp jobs only.
+DP_LOADS = ("opendp",)
 JOIN_SQL = (
     "SELECT a.segment, COUNT(*) AS n, SUM(a.exposure + b.exposure) AS total "
     "FROM bank_a.loans a JOIN bank_b.loans b ON a.customer_id = b.customer_id GROUP BY a.segment"
@@ -134,10 +138,42 @@ def loaded(worker: tuple[EnclaveHandle, Path]) -> Loaded:
     )
     assert pa.ipc.open_stream(verified.arrow_table).read_all().num_rows > 0
     assert verified.doc["suppressed"], "the job exercises the disclosure rules (some cells are suppressed)"
+    _dp_job(enclave)
     info = enclave.stub.GetInfo(common_pb2.Empty(), timeout=10)
     assert info.simulated and info.attestation_format == "simulated"
     assert info.measurement in enclave.appraisal.measurements
     return Loaded(fresh, frozenset(info.loaded_packages), log_path.read_text(errors="replace"))
+
+
+def _dp_job(enclave: EnclaveHandle) -> None:
+    """A whole dp job (noise from OpenDP) through the worker."""
+    policy = DatasetPolicy.from_dict(
+        {
+            "privacy_unit": "customer_id",
+            "columns": {
+                "customer_id": "join_key",
+                "segment": {"role": "dimension", "values": ["seg-0", "seg-1"]},
+                "exposure": {"role": "measure", "min": 0, "max": 100},
+            },
+            "privacy": {"mode": "dp", "epsilon_budget": 4.0},
+        },
+        source="test.toml",
+    )
+    a = make_party("bank_a", secret_loans(), policy=policy)
+    plan = make_plan("SELECT segment, COUNT(*) AS n, SUM(exposure) AS total FROM bank_a.loans GROUP BY segment", [a])
+    assert plan.privacy is not None
+    job = enclave.create_job(plan)
+    enclave.upload(job.seal(a))
+    resp = job.execute(approvals(plan, [a]))
+    verified = verify_result(
+        resp, plan=plan, hpke_public=job.hpke_public, signing_public=job.signing_public, appraisal=enclave.appraisal
+    )
+    assert verified.doc["privacy"]["mode"] == "dp" and set(verified.doc["ci95"]) == {"n", "total"}
+
+
+def test_worker_loads_opendp_for_dp_jobs_only(loaded: Loaded) -> None:
+    assert not set(DP_LOADS) & loaded.fresh, "a fresh worker loads OpenDP only when a dp job needs it"
+    assert set(DP_LOADS) <= loaded.after_job
 
 
 @pytest.mark.parametrize("when", ["fresh", "after_job"])
