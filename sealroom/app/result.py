@@ -268,20 +268,21 @@ def noisy_rows(result: Result) -> list[list[Any]]:
     if not ci95:
         return rows
     at = [(result.columns.index(c), widths) for c, widths in ci95.items()]
-    out = []
-    for n, row in enumerate(rows):
-        row = list(row)
-        for i, widths in at:
-            row[i] = noisy_cell(row[i], widths[n])
-        out.append(row)
+    out = [list(row) for row in rows]
+    for i, widths in at:
+        cells = [noisy_cell(row[i], widths[n]) for n, row in enumerate(rows)]
+        width = max((len(c) for c in cells), default=0)
+        for row, cell in zip(out, cells, strict=True):
+            row[i] = cell.rjust(width)  # numbers read right-aligned, as the table aligns plain numbers
     return out
 
 
 def privacy_summary(result: Result) -> str:
     """One line: what a dp release cost and what its intervals mean."""
     p = result.privacy or {}
-    kinds = {str(m.get("mechanism", "")).replace("_", " ") for m in p.get("mechanisms") or [] if isinstance(m, dict)}
-    how = f" ({', '.join(sorted(kinds - {''}))} noise)" if kinds - {""} else ""
+    names = {"discrete_laplace": "discrete Laplace", "laplace": "Laplace"}
+    kinds = [names[k] for m in p.get("mechanisms") or [] if isinstance(m, dict) and (k := m.get("mechanism")) in names]
+    how = f" ({', '.join(dict.fromkeys(kinds))} noise)" if kinds else ""
     eps, delta = p.get("epsilon"), p.get("delta", 0.0)
     cost = (
         f": this release spent epsilon {eps:g} and delta {delta:g} of each dp dataset's budget"
