@@ -140,3 +140,27 @@ def test_a_released_dp_query_carries_its_intervals_to_the_analyst(platform):
     df = result.to_pandas()
     assert list(df.columns) == ["segment", "n", "n_ci95", "total", "total_ci95"]
     assert "±" in str(result) and f"epsilon {CAP:g}" in str(result)
+
+
+def test_local_spends_its_epsilon_on_dp_datasets(tmp_path):
+    pq.write_table(
+        pa.table({"customer_id": pa.array(range(30), pa.int64()), "segment": ["retail", "sme"] * 15,
+                  "amount": pa.array([1.0] * 30)}),
+        tmp_path / "a.parquet",
+    )  # fmt: skip
+    (tmp_path / "dp.toml").write_text(_policy(DP).to_toml())
+    base = [
+        "local",
+        "--dataset",
+        f"bank_a.loans={tmp_path / 'a.parquet'}",
+        "--policy",
+        f"bank_a.loans={tmp_path / 'dp.toml'}",
+    ]
+    over = subprocess.run(
+        [sys.executable, "-m", "sealroom.cli", *base, "--epsilon", str(CAP * 2), "--json", DP_SQL],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert over.returncode == 1, over.stderr
+    doc = json.loads(over.stdout)
+    assert doc["status"] == "refused" and doc["reason"]["details"]["rule"] == "max_query_epsilon"
+    assert doc["reason"]["details"]["dataset"] == "bank_a.loans"
