@@ -24,6 +24,7 @@ import sqlglot.errors
 from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
 
+from coordinator.privacy_explain import check_epsilon, dp_stage_lines, privacy_lines, refuse_epsilon_without_dp
 from sealroom.cancel import UNBOUNDED, CallScope
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
 from sealroom.planning.bounds import measure_from_rules
@@ -32,6 +33,7 @@ from sealroom.planning.checks import (
     check_analyst,
     check_combine_with,
     check_plan,
+    check_privacy,
     strictest_datasets,
     strictest_min_group_size,
 )
@@ -87,7 +89,9 @@ def plan_query(
     identity of the helper player it runs (without it such a plan cannot run). ``limits``: the caps
     on the query's size; ``scope``: the analyst's call, checked between steps (planning stops with
     DeadlineExceededError once the call is cancelled or past its deadline). ``epsilon``: what a query
-    over dp datasets spends (None: the default, :data:`sealroom.planning.privacy.DEFAULT_QUERY_EPSILON`)."""
+    over dp datasets spends (None: the default, :data:`sealroom.planning.privacy.DEFAULT_QUERY_EPSILON`
+    capped at the strictest ``max_query_epsilon``); refused for a query that reads no dp dataset."""
+    check_epsilon(epsilon)
     schemas = {q: e.schema.names for q, e in catalog.items()}
     scope.check("parsing the query")
     analysis = analyze(sql, schemas, limits=limits)
@@ -97,6 +101,8 @@ def plan_query(
     privacy = None
     if dp_inputs_mode(entries):
         privacy = plan_privacy_for(entries, _needs_selection(analysis, entries), epsilon)
+    elif epsilon is not None:
+        refuse_epsilon_without_dp(entries)
     request = _Request(analysis, query_id, analyst, catalog, party_keys, privacy)
     to_enclave, own_players, mpc_reason = _enclave_split([catalog[q] for q in analysis.datasets])
     scope.check("checking the inputs")
@@ -214,22 +220,29 @@ def _bound(v: float | None) -> str:
     return "-inf" if v is None else f"{v:g}"
 
 
-def explain_text(plan: Plan, analysis: Analysis, rows: Mapping[str, int] | None = None) -> str:
+def explain_text(
+    plan: Plan, analysis: Analysis, rows: Mapping[str, int] | None = None, budget: Mapping[str, str] | None = None
+) -> str:
     """A human-readable explanation of what would run, what each party sends, which rules apply to
-    each output column, and who approves."""
+    each output column (under dp: its noise and expected error), what the query spends of each dp
+    dataset's budget (``budget``: party.dataset -> what is left, in words), and who approves."""
     title = f"Plan for analyst {plan.analyst}" + ("" if plan.query_id == "explain" else f", query {plan.query_id}")
     lines = [title, f"  plan hash {plan.hash} (a submitted query gets its own plan and hash)", ""]
     mpc = bool(plan.mpc_stages())
     if mpc:
         lines += _explain_mpc(plan)
+    mechanisms = check_privacy(plan)
     for stage in () if mpc else plan.tee_stages():
         lines.append(f"Stage {stage.id} ({stage.kind.upper()}: runs inside an attested enclave worker)")
-        lines.append("  outputs and the rules that apply to them:")
-        for name, rules in output_rules(plan, analysis).items():
-            lines.append(f"    {name}: {'; '.join(rules)}")
-        lines.append(
-            "  a cell that fails a rule is suppressed: its group keys and the rule are shown, never its values"
-        )
+        if stage.id in mechanisms:
+            lines += dp_stage_lines(mechanisms[stage.id], analysis.output_columns)
+        else:
+            lines.append("  outputs and the rules that apply to them:")
+            for name, rules in output_rules(plan, analysis).items():
+                lines.append(f"    {name}: {'; '.join(rules)}")
+            lines.append(
+                "  a cell that fails a rule is suppressed: its group keys and the rule are shown, never its values"
+            )
         residual = stage_pushdown(stage).residual_sql
         if any(sqlglot.parse_one(residual, read="duckdb").find_all(exp.Where)):
             lines.append(
@@ -250,6 +263,7 @@ def explain_text(plan: Plan, analysis: Analysis, rows: Mapping[str, int] | None 
             if inp.filter is not None:
                 lines.append(f"      filter applied by {inp.party}: {_readable(inp.filter)}")
     lines.append("")
+    lines += [*privacy_lines(plan, budget), ""]
     modes: dict[str, set[str]] = {}
     for inp in plan.inputs():
         modes.setdefault(inp.party, set()).add(inp.policy.approval)

@@ -249,7 +249,9 @@ class Coordinator:
         analyst = self.analyst(metadata)
         return [r for r in self.store.queries() if self.config.analysts is None or r.analyst == analyst]
 
-    def _plan(self, sql: str, analyst: str, query_id: str, scope: CallScope) -> tuple[Plan, Analysis]:
+    def _plan(
+        self, sql: str, analyst: str, query_id: str, scope: CallScope, epsilon: float | None = None
+    ) -> tuple[Plan, Analysis]:
         helper = self.store.helper_identity()
         return plan_query(
             sql,
@@ -260,18 +262,27 @@ class Coordinator:
             helper_key=helper[0] if helper is not None else None,
             limits=self.config.limits,
             scope=scope,
+            epsilon=epsilon,
         )
 
-    def explain(self, sql: str, analyst: str, scope: CallScope = UNBOUNDED) -> tuple[Plan, str]:
+    def explain(
+        self, sql: str, analyst: str, scope: CallScope = UNBOUNDED, epsilon: float | None = None
+    ) -> tuple[Plan, str]:
+        """Plan ``sql`` (spending ``epsilon`` of dp datasets' budgets; None: the default) and explain it."""
         check_sql_text(sql, self.config.limits)  # before anything parses it
-        plan, analysis = self._plan(sql, analyst, "explain", scope)
+        plan, analysis = self._plan(sql, analyst, "explain", scope, epsilon)
         scope.check("explaining the plan")
         rows = {d.qualified: d.approximate_rows for d in self.store.datasets()}
-        return plan, explain_text(plan, analysis, rows)
+        # Each dp dataset's remaining budget, in words (party.dataset -> text), goes here.
+        budget: dict[str, str] = {}
+        return plan, explain_text(plan, analysis, rows, budget)
 
-    def submit(self, sql: str, analyst: str, scope: CallScope = UNBOUNDED) -> tuple[str, str]:
-        """Plan ``sql`` and start it. Text over the size limit is refused before it is stored; a call
-        that ends while its query is planned leaves the query refused (DeadlineExceededError)."""
+    def submit(
+        self, sql: str, analyst: str, scope: CallScope = UNBOUNDED, epsilon: float | None = None
+    ) -> tuple[str, str]:
+        """Plan ``sql`` and start it; ``epsilon``: what it spends of dp datasets' budgets (None: the
+        default). Text over the size limit is refused before it is stored; a call that ends while its
+        query is planned leaves the query refused (DeadlineExceededError)."""
         check_sql_text(sql, self.config.limits)  # before it is stored or parsed
         if not is_ident(analyst):
             raise InvalidQueryError(
@@ -281,7 +292,7 @@ class Coordinator:
         query_id = "q_" + secrets.token_hex(8)
         self.store.create_query(query_id, sql, analyst)
         try:
-            plan, _ = self._plan(sql, analyst, query_id, scope)
+            plan, _ = self._plan(sql, analyst, query_id, scope, epsilon)
         except SealroomError as err:
             registered = [(d.party, d.name) for d in self.store.datasets()]
             event = refusal_event(err, analyst=analyst, sql=sql, datasets=registered)
@@ -386,6 +397,12 @@ def receipt_json(release: ReleaseRecord) -> bytes:
 # -- one handler per RPC (coordinator.servicer delegates to these) -----------------------------
 
 
+def request_epsilon(request: coordinator_pb2.QueryRequest) -> float | None:
+    """The epsilon a query request asks for: None for 0 (the proto default: the planner's default);
+    anything else goes to the planner, which refuses what is not a number > 0."""
+    return None if request.epsilon == 0 else request.epsilon
+
+
 def register_party(
     request: coordinator_pb2.RegisterPartyRequest, c: Coordinator
 ) -> coordinator_pb2.RegisterPartyResponse:
@@ -417,14 +434,14 @@ def list_datasets(c: Coordinator, metadata: Metadata) -> coordinator_pb2.ListDat
 def explain(
     request: coordinator_pb2.QueryRequest, c: Coordinator, metadata: Metadata, scope: CallScope = UNBOUNDED
 ) -> coordinator_pb2.ExplainResponse:
-    plan, text = c.explain(request.sql, c.limited_analyst(metadata, request.analyst), scope)
+    plan, text = c.explain(request.sql, c.limited_analyst(metadata, request.analyst), scope, request_epsilon(request))
     return coordinator_pb2.ExplainResponse(plan_json=plan.to_json(), plan_hash=plan.hash, text=text)
 
 
 def submit(
     request: coordinator_pb2.QueryRequest, c: Coordinator, metadata: Metadata, scope: CallScope = UNBOUNDED
 ) -> coordinator_pb2.SubmitResponse:
-    qid, status = c.submit(request.sql, c.limited_analyst(metadata, request.analyst), scope)
+    qid, status = c.submit(request.sql, c.limited_analyst(metadata, request.analyst), scope, request_epsilon(request))
     return coordinator_pb2.SubmitResponse(query_id=qid, status=status)
 
 

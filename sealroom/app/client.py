@@ -4,12 +4,19 @@
     >>> client = sealroom.Client("127.0.0.1:7100", "srt_...", ca="ca.crt")  # coordinator, token, its CA
     >>> client.datasets()                                      # what each owner publishes: schema and policy
     >>> print(client.explain("SELECT segment, COUNT(*) AS n FROM bank_a.loans GROUP BY segment"))
+    >>> print(client.explain("SELECT segment, SUM(amount) FROM bank_a.loans GROUP BY segment", epsilon=0.2))
     >>> query = client.submit("SELECT segment, COUNT(*) AS n FROM bank_a.loans GROUP BY segment")
     >>> query.status()["status"]                               # planning, awaiting_approval, running, released...
     >>> result = query.result()                                # waits; raises if the query was refused or failed
     >>> result.to_pandas()                                     # the released cells
     >>> result.suppressed_frame()                              # the suppressed cells: group keys and rule, no value
     >>> result.to_pandas(with_suppressed=True)                 # both: suppressed cells as missing values
+    >>> result.ci95, result.privacy                            # dp mode: each noisy cell's 95 % half-width, the cost
+
+Over datasets whose owners chose differential privacy (``[privacy] mode = "dp"``), ``epsilon=``
+(per call, or ``Client(epsilon=...)`` for every call) is what a query spends of each owner's budget;
+left out: 0.5, or less where an owner caps one query lower. A query over threshold datasets only is
+refused when given an epsilon (it would buy nothing): leave it out there.
 
 A :class:`~sealroom.app.result.Result` holds a query's outcome. Refusals and failures raise
 :class:`~sealroom.errors.SealroomError` subclasses carrying the public reason: ``err.message``, and
@@ -24,6 +31,7 @@ run an :class:`~sealroom.errors.InvalidQueryError` (also a ``ValueError``), an o
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -36,7 +44,7 @@ import pyarrow as pa
 from sealroom import pki
 from sealroom.app.result import Result
 from sealroom.auth import bearer
-from sealroom.errors import ConfigError, SealroomError, UnavailableError, from_code
+from sealroom.errors import ConfigError, InvalidQueryError, SealroomError, UnavailableError, from_code
 from sealroom.rpc import TLSConfig, call, dial
 from sealroom.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -154,8 +162,9 @@ class Client:
     ``ca``: the collaboration CA's certificate (PEM file) that issued the coordinator's certificate
     (default: ``$SEALROOM_CA``); the client checks that it reached the coordinator's identity over
     TLS. ``plaintext=True``: no TLS, for a coordinator configured ``[tls] plaintext = true`` on
-    loopback only. ``timeout``: seconds for each call. Close the client (or use it as a context
-    manager) when done.
+    loopback only. ``timeout``: seconds for each call. ``epsilon``: what each query over dp datasets
+    spends unless the call names its own (default: the platform's, 0.5 capped at the owners' limit).
+    Close the client (or use it as a context manager) when done.
     """
 
     def __init__(
@@ -167,9 +176,11 @@ class Client:
         timeout: float = 60.0,
         ca: str | os.PathLike[str] | None = None,
         plaintext: bool = False,
+        epsilon: float | None = None,
     ):
         self.address = coordinator_address(address)
         self.analyst = analyst
+        self.epsilon = check_epsilon(epsilon)
         self.timeout = timeout
         token = token or os.environ.get("SEALROOM_TOKEN") or None
         self._metadata = bearer(token) if token else ()
@@ -220,21 +231,30 @@ class Client:
             for d in resp.datasets
         ]
 
-    def explain(self, sql: str) -> str:
-        """The plan for ``sql`` in words, without running it: stages, what each party would send,
-        filters, whose approval is needed, the disclosure rules. Raises the refusal (e.g.
-        :class:`~sealroom.errors.PolicyRefusalError` with ``details``) if the query is not acceptable."""
-        return str(self.explain_plan(sql)["text"])
+    def _request(self, sql: str, epsilon: float | None) -> coordinator_pb2.QueryRequest:
+        eps = check_epsilon(epsilon)
+        eps = self.epsilon if eps is None else eps
+        return coordinator_pb2.QueryRequest(sql=sql, analyst=self.analyst, epsilon=eps or 0.0)
 
-    def explain_plan(self, sql: str) -> dict[str, Any]:
-        """:meth:`explain` as data: ``text``, the ``plan`` (JSON) and its ``plan_hash``."""
-        resp = self._call(self._stub.Explain, coordinator_pb2.QueryRequest(sql=sql, analyst=self.analyst))
+    def explain(self, sql: str, epsilon: float | None = None) -> str:
+        """The plan for ``sql`` in words, without running it: stages, what each party would send,
+        filters, whose approval is needed, the disclosure rules; over dp datasets, per output column
+        the noise and its expected 95 % error, and what the query spends (``epsilon``, see the module
+        docstring) of each owner's budget. Raises the refusal (e.g.
+        :class:`~sealroom.errors.PolicyRefusalError` with ``details``) if the query is not acceptable."""
+        return str(self.explain_plan(sql, epsilon)["text"])
+
+    def explain_plan(self, sql: str, epsilon: float | None = None) -> dict[str, Any]:
+        """:meth:`explain` as data: ``text``, the ``plan`` (JSON; a dp plan's ``privacy`` block holds
+        its epsilon and delta) and its ``plan_hash``."""
+        resp = self._call(self._stub.Explain, self._request(sql, epsilon))
         return {"text": resp.text, "plan": json.loads(resp.plan_json), "plan_hash": resp.plan_hash}
 
-    def submit(self, sql: str) -> QueryHandle:
-        """Submit ``sql``; return at once with a :class:`QueryHandle`. A query the planner refuses is
-        recorded as ``refused`` (its handle's ``result()`` raises the refusal)."""
-        resp = self._call(self._stub.Submit, coordinator_pb2.QueryRequest(sql=sql, analyst=self.analyst))
+    def submit(self, sql: str, epsilon: float | None = None) -> QueryHandle:
+        """Submit ``sql``; return at once with a :class:`QueryHandle`. ``epsilon``: what a query over dp
+        datasets spends (see the module docstring). A query the planner refuses is recorded as
+        ``refused`` (its handle's ``result()`` raises the refusal)."""
+        resp = self._call(self._stub.Submit, self._request(sql, epsilon))
         return QueryHandle(self, resp.query_id, sql=sql)
 
     def status(self, query_id: str) -> dict[str, Any]:
@@ -271,10 +291,25 @@ class Client:
             error=_error(r.error_json),
         )
 
-    def run(self, sql: str, timeout: float = 600.0) -> Result:
+    def run(self, sql: str, timeout: float = 600.0, *, epsilon: float | None = None) -> Result:
         """Submit, wait and return the :class:`Result` whatever its status (it does not raise for a
         refused or failed query; ``submit(sql).result()`` does)."""
-        return self.submit(sql).result(timeout, raise_on_error=False)
+        return self.submit(sql, epsilon).result(timeout, raise_on_error=False)
+
+
+def check_epsilon(epsilon: Any) -> float | None:
+    """``epsilon`` as a float, or None (the default). Not a number: TypeError; not finite or not
+    above 0: :class:`~sealroom.errors.InvalidQueryError` (a ValueError)."""
+    if epsilon is None:
+        return None
+    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float):
+        raise TypeError(f"epsilon must be a number such as 0.5, not {type(epsilon).__name__}")
+    if not math.isfinite(epsilon) or not epsilon > 0:
+        raise InvalidQueryError(
+            f"epsilon must be a number greater than 0, such as 0.5 (got {epsilon!r})",
+            details={"rule": "epsilon", "suggestion": "epsilon=0.5, or leave it out for the default"},
+        )
+    return float(epsilon)
 
 
 def parse_progress(raw: str) -> tuple[str, dict[str, dict[str, Any]]]:

@@ -415,11 +415,13 @@ class Cluster:
     def enclave_address(self) -> str:
         return self.addresses["enclave"]
 
-    def client(self, analyst: str = "analyst") -> Client:
-        """A client of this platform's coordinator as ``analyst``, over TLS checked against the dev CA."""
+    def client(self, analyst: str = "analyst", *, epsilon: float | None = None) -> Client:
+        """A client of this platform's coordinator as ``analyst``, over TLS checked against the dev CA;
+        ``epsilon``: its default for queries over dp datasets."""
+        token = self.token(analyst)
         if not self.tls:
-            return Client(self.coordinator_address, analyst=analyst, token=self.token(analyst), plaintext=True)
-        return Client(self.coordinator_address, analyst=analyst, token=self.token(analyst), ca=self.ca_path)
+            return Client(self.coordinator_address, analyst=analyst, token=token, plaintext=True, epsilon=epsilon)
+        return Client(self.coordinator_address, analyst=analyst, token=token, ca=self.ca_path, epsilon=epsilon)
 
     def stop(self, timeout: float = 10.0) -> None:
         for proc in self.procs.values():

@@ -353,6 +353,7 @@ def run_local(
     policies: dict[str, DatasetPolicy],
     state_dir: Path | None = None,
     as_json: bool = False,
+    epsilon: float | None = None,
 ) -> dict[str, Any]:
     by_party: dict[str, list[DatasetSpec]] = {}
     for qualified, source in datasets.items():
@@ -365,7 +366,7 @@ def run_local(
         state_dir = Path(tmp.name)
     try:
         with Cluster(Path(state_dir), parties, log=_say) as cluster, cluster.client() as client:
-            handle = client.submit(sql)
+            handle = client.submit(sql, epsilon)
             handle.wait(on_progress=None if as_json else ProgressDisplay(prefix="[sealroom] "))
             result = client.result(handle.query_id)
             if not as_json:

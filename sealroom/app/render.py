@@ -33,12 +33,16 @@ def result_document(result: Result, *, title: str | None = None, sql: str | None
             "simulated": result.simulated,
         }
     )
+    ci95 = result.ci95
+    if ci95 or result.privacy is not None:  # dp: each noisy cell's 95 % half-width, and what the release cost
+        doc["ci95"] = ci95
+        doc["privacy"] = result.privacy
     if result.error is not None:
         doc["reason"] = result.error.to_dict()
     if result.receipt:
         res = result.receipt["result"]
         doc["inputs"] = res["inputs"]
-        doc["min_group_size"] = res["min_group_size"]
+        doc["min_group_size"] = res.get("min_group_size")
         if res.get("kind") == "sealroom.mpc_release":  # released by MPC: the players instead of one enclave
             doc["mpc"] = {"players": res["players"], "trust_assumption": res["trust_assumption"]}
             if "feed" in res:  # hybrid: the enclave that computed the streamed inputs' partials is a player

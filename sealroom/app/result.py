@@ -3,6 +3,13 @@ cells, and how it was produced; and how it reads (its text report, its notebook 
 
 A released cell is an aggregate that passed every involved owner's disclosure rules; a cell that did
 not is *suppressed*: the result says which group it was and which rule suppressed it, never its value.
+
+Under differential privacy (datasets in ``dp`` mode) every aggregate is noised: the enclave's signed
+result carries, per output column, the half-width of each released cell's 95 % interval (``ci95``:
+value ± half-width; about 95 % of such intervals hold the true value) and what the release cost
+(``privacy``: epsilon, delta, mechanism per measurement, the charges). The DataFrame then has a
+``<column>_ci95`` column after each noisy column, and the text report shows ``value ± half-width``.
+A result without them (threshold mode) reads as before.
 """
 
 from __future__ import annotations
@@ -50,6 +57,31 @@ class Result:
     error: SealroomError | None = None
 
     @property
+    def ci95(self) -> dict[str, list[float]]:
+        """Under dp: per noisy output column, the half-width of each released cell's 95 % interval, in
+        the released rows' order (empty for a result without noise)."""
+        doc = self._signed_result().get("ci95")
+        if not isinstance(doc, dict):
+            return {}
+        n = self.table.num_rows if self.table is not None else 0
+        return {
+            c: [float(x) for x in v]
+            for c, v in doc.items()
+            if c in self.columns and isinstance(v, list) and len(v) == n
+        }
+
+    @property
+    def privacy(self) -> dict[str, Any] | None:
+        """Under dp: what the release cost and how it was noised (``epsilon``, ``delta``, the
+        ``mechanisms`` per measurement, ``charges`` per dataset...); None for a threshold release."""
+        doc = self._signed_result().get("privacy")
+        return doc if isinstance(doc, dict) else None
+
+    def _signed_result(self) -> dict[str, Any]:
+        res = (self.receipt or {}).get("result")
+        return res if isinstance(res, dict) else {}
+
+    @property
     def columns(self) -> list[str]:
         """The released table's column names (empty unless released)."""
         return list(self.table.column_names) if self.table is not None else []
@@ -80,8 +112,11 @@ class Result:
         rule that withheld it (``<NA>`` for released cells). Integer columns then use pandas'
         nullable integer types so that counts stay integers. HAVING, ORDER BY and LIMIT applied to
         the released cells only, so suppressed rows come last.
+
+        Under dp each noisy column ``c`` is followed by ``c_ci95``: the half-width of that cell's
+        95 % interval (``c ± c_ci95``).
         """
-        table = self.to_arrow()
+        table = _with_ci95(self.to_arrow(), self.ci95)
         if not with_suppressed:
             return table.to_pandas()
         import pandas as pd  # lazy: pandas is heavy, and only the DataFrame views need it (the CLI never does)
@@ -173,8 +208,10 @@ class Result:
             if self.error is not None and self.error.details:
                 parts.append(html_table(["detail", "value"], [[k, v] for k, v in self.error.details.items()]))
             return "\n".join(parts)
-        rows = self.rows()
+        rows = noisy_rows(self)
         parts.append(html_table(self.columns, rows[:HTML_MAX_ROWS]))
+        if self.privacy is not None:
+            parts.append(f"<p>{esc(privacy_summary(self))}</p>")
         if len(rows) > HTML_MAX_ROWS:
             parts.append(f"<p>... and {len(rows) - HTML_MAX_ROWS:,} more cells (to_pandas() has them all)</p>")
         if self.suppressed:
@@ -194,6 +231,66 @@ class Result:
             )
             parts.append(f"<details><summary>what went where</summary><ul>{sent}</ul></details>")
         return "\n".join(parts)
+
+
+def ci95_column(column: str, names: list[str]) -> str:
+    """The name of ``column``'s interval column: ``<column>_ci95`` (with a leading ``_`` while that
+    name is taken)."""
+    name = f"{column}_ci95"
+    while name in names:
+        name = "_" + name
+    return name
+
+
+def _with_ci95(table: pa.Table, ci95: dict[str, list[float]]) -> pa.Table:
+    """``table`` with ``<column>_ci95`` after each column that has intervals."""
+    for column in [c for c in table.column_names if c in ci95]:
+        at = table.column_names.index(column) + 1
+        table = table.add_column(at, ci95_column(column, table.column_names), pa.array(ci95[column], pa.float64()))
+    return table
+
+
+def noisy_cell(value: Any, half_width: float) -> str:
+    """A noisy cell as a person reads it: ``value ± half-width`` (the half-width to 3 significant
+    digits, whole numbers as they are)."""
+    w = float(half_width)
+    if abs(w) >= 1000 or w.is_integer():
+        width = f"{w:,.0f}"
+    else:
+        width = f"{w:.3g}"
+    return f"{cell_text(value)} ± {width}"
+
+
+def noisy_rows(result: Result) -> list[list[Any]]:
+    """The released rows for display: under dp each noisy cell as ``value ± half-width`` (text);
+    a result without intervals: its rows unchanged."""
+    rows = result.rows()
+    ci95 = result.ci95
+    if not ci95:
+        return rows
+    at = [(result.columns.index(c), widths) for c, widths in ci95.items()]
+    out = [list(row) for row in rows]
+    for i, widths in at:
+        cells = [noisy_cell(row[i], widths[n]) for n, row in enumerate(rows)]
+        width = max((len(c) for c in cells), default=0)
+        for row, cell in zip(out, cells, strict=True):
+            row[i] = cell.rjust(width)  # numbers read right-aligned, as the table aligns plain numbers
+    return out
+
+
+def privacy_summary(result: Result) -> str:
+    """One line: what a dp release cost and what its intervals mean."""
+    p = result.privacy or {}
+    names = {"discrete_laplace": "discrete Laplace", "laplace": "Laplace"}
+    kinds = [names[k] for m in p.get("mechanisms") or [] if isinstance(m, dict) and (k := m.get("mechanism")) in names]
+    how = f" ({', '.join(dict.fromkeys(kinds))} noise)" if kinds else ""
+    eps, delta = p.get("epsilon"), p.get("delta", 0.0)
+    cost = (
+        f": this release spent epsilon {eps:g} and delta {delta:g} of each dp dataset's budget"
+        if isinstance(eps, int | float) and isinstance(delta, int | float)
+        else ""
+    )
+    return f"differential privacy{how}{cost}; value ± half-width is a 95 % interval (noisy counts may be negative)"
 
 
 def _keys(suppressed: list[dict[str, Any]], f: pa.Field) -> pa.Array:
@@ -233,7 +330,10 @@ def render_result(result: Result, *, title: str | None = None, sql: str | None =
     sim = "  [SIMULATED attestation: no TEE; for development only]" if result.simulated else ""
     lines.append(f"released {len(result.rows())} cells (query {result.query_id}){sim}")
     lines.append("")
-    lines.append(format_table(result.columns, result.rows()))
+    lines.append(format_table(result.columns, noisy_rows(result)))
+    if result.privacy is not None:
+        lines.append("")
+        lines.append(privacy_summary(result))
     if result.suppressed:
         lines.append("")
         lines.append(f"suppressed {len(result.suppressed)} cells (no values released):")

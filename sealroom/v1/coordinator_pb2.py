@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sealroom.v1 import common_pb2 as sealroom_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsealroom/v1/coordinator.proto\x12\x0bsealroom.v1\x1a\x18sealroom/v1/common.proto\"\xab\x01\n\x14RegisterPartyRequest\x12%\n\x05party\x18\x01 \x01(\x0b\x32\x16.sealroom.v1.PartyInfo\x12*\n\x08\x64\x61tasets\x18\x02 \x03(\x0b\x32\x18.sealroom.v1.DatasetInfo\x12\x14\n\x0cissued_at_ms\x18\x03 \x01(\x03\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x17\n\x0f\x65nrolment_token\x18\x05 \x01(\t\")\n\x15RegisterPartyResponse\x12\x10\n\x08\x64\x61tasets\x18\x01 \x03(\t\"k\n\x14ListDatasetsResponse\x12*\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x18.sealroom.v1.DatasetInfo\x12\'\n\x07parties\x18\x02 \x03(\x0b\x32\x16.sealroom.v1.PartyInfo\",\n\x0cQueryRequest\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x0f\n\x07\x61nalyst\x18\x02 \x01(\t\"E\n\x0f\x45xplainResponse\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"2\n\x0eSubmitResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"\x1c\n\x08QueryRef\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\xc2\x01\n\x0bQueryStatus\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0b\n\x03sql\x18\x03 \x01(\t\x12\x0f\n\x07\x61nalyst\x18\x04 \x01(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x12\n\nupdated_at\x18\x06 \x01(\x01\x12\x12\n\nerror_json\x18\x07 \x01(\x0c\x12\x13\n\x0b\x61pproved_by\x18\x08 \x03(\t\x12\x10\n\x08\x61waiting\x18\t \x03(\t\x12\x10\n\x08progress\x18\n \x01(\t\"@\n\x13ListQueriesResponse\x12)\n\x07queries\x18\x01 \x03(\x0b\x32\x18.sealroom.v1.QueryStatus\"\xa4\x01\n\x15SubmitApprovalRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05party\x18\x02 \x01(\t\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x15\n\rexpires_at_ms\x18\x05 \x01(\x03\x12\x14\n\x0cissued_at_ms\x18\x06 \x01(\x03\x12\x17\n\x0fowner_signature\x18\x07 \x01(\x0c\"\x87\x01\n\x12RejectQueryRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05party\x18\x02 \x01(\t\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x05 \x01(\x03\x12\x17\n\x0fowner_signature\x18\x06 \x01(\x0c\"z\n\x15RevokeApprovalRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05party\x18\x02 \x01(\t\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x17\n\x0fowner_signature\x18\x05 \x01(\x0c\"I\n\x13OwnerActionResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08\x61waiting\x18\x03 \x03(\t\"%\n\x14GetCheckpointRequest\x12\r\n\x05party\x18\x01 \x01(\t\"9\n\x12\x43heckpointResponse\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\x0f\n\x07log_key\x18\x02 \x01(\t\"L\n\x17\x43onsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\x12\r\n\x05party\x18\x03 \x01(\t\"*\n\x18\x43onsistencyProofResponse\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"~\n\x18SubmitCosignatureRequest\x12\r\n\x05party\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x10\n\x08query_id\x18\x03 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x17\n\x0fowner_signature\x18\x05 \x01(\x0c\"<\n\x19SubmitCosignatureResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x11\n\twitnesses\x18\x02 \x03(\t2\x92\x08\n\x0b\x43oordinator\x12V\n\rRegisterParty\x12!.sealroom.v1.RegisterPartyRequest\x1a\".sealroom.v1.RegisterPartyResponse\x12\x45\n\x0cListDatasets\x12\x12.sealroom.v1.Empty\x1a!.sealroom.v1.ListDatasetsResponse\x12\x42\n\x07\x45xplain\x12\x19.sealroom.v1.QueryRequest\x1a\x1c.sealroom.v1.ExplainResponse\x12@\n\x06Submit\x12\x19.sealroom.v1.QueryRequest\x1a\x1b.sealroom.v1.SubmitResponse\x12<\n\tGetStatus\x12\x15.sealroom.v1.QueryRef\x1a\x18.sealroom.v1.QueryStatus\x12<\n\tGetResult\x12\x15.sealroom.v1.QueryRef\x1a\x18.sealroom.v1.QueryResult\x12\x43\n\x0bListQueries\x12\x12.sealroom.v1.Empty\x1a .sealroom.v1.ListQueriesResponse\x12V\n\x0eSubmitApproval\x12\".sealroom.v1.SubmitApprovalRequest\x1a .sealroom.v1.OwnerActionResponse\x12P\n\x0bRejectQuery\x12\x1f.sealroom.v1.RejectQueryRequest\x1a .sealroom.v1.OwnerActionResponse\x12V\n\x0eRevokeApproval\x12\".sealroom.v1.RevokeApprovalRequest\x1a .sealroom.v1.OwnerActionResponse\x12S\n\rGetCheckpoint\x12!.sealroom.v1.GetCheckpointRequest\x1a\x1f.sealroom.v1.CheckpointResponse\x12\x62\n\x13GetConsistencyProof\x12$.sealroom.v1.ConsistencyProofRequest\x1a%.sealroom.v1.ConsistencyProofResponse\x12\x62\n\x11SubmitCosignature\x12%.sealroom.v1.SubmitCosignatureRequest\x1a&.sealroom.v1.SubmitCosignatureResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsealroom/v1/coordinator.proto\x12\x0bsealroom.v1\x1a\x18sealroom/v1/common.proto\"\xab\x01\n\x14RegisterPartyRequest\x12%\n\x05party\x18\x01 \x01(\x0b\x32\x16.sealroom.v1.PartyInfo\x12*\n\x08\x64\x61tasets\x18\x02 \x03(\x0b\x32\x18.sealroom.v1.DatasetInfo\x12\x14\n\x0cissued_at_ms\x18\x03 \x01(\x03\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x17\n\x0f\x65nrolment_token\x18\x05 \x01(\t\")\n\x15RegisterPartyResponse\x12\x10\n\x08\x64\x61tasets\x18\x01 \x03(\t\"k\n\x14ListDatasetsResponse\x12*\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x18.sealroom.v1.DatasetInfo\x12\'\n\x07parties\x18\x02 \x03(\x0b\x32\x16.sealroom.v1.PartyInfo\"=\n\x0cQueryRequest\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x0f\n\x07\x61nalyst\x18\x02 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\"E\n\x0f\x45xplainResponse\x12\x11\n\tplan_json\x18\x01 \x01(\x0c\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"2\n\x0eSubmitResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"\x1c\n\x08QueryRef\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\xc2\x01\n\x0bQueryStatus\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0b\n\x03sql\x18\x03 \x01(\t\x12\x0f\n\x07\x61nalyst\x18\x04 \x01(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x12\n\nupdated_at\x18\x06 \x01(\x01\x12\x12\n\nerror_json\x18\x07 \x01(\x0c\x12\x13\n\x0b\x61pproved_by\x18\x08 \x03(\t\x12\x10\n\x08\x61waiting\x18\t \x03(\t\x12\x10\n\x08progress\x18\n \x01(\t\"@\n\x13ListQueriesResponse\x12)\n\x07queries\x18\x01 \x03(\x0b\x32\x18.sealroom.v1.QueryStatus\"\xa4\x01\n\x15SubmitApprovalRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05party\x18\x02 \x01(\t\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x15\n\rexpires_at_ms\x18\x05 \x01(\x03\x12\x14\n\x0cissued_at_ms\x18\x06 \x01(\x03\x12\x17\n\x0fowner_signature\x18\x07 \x01(\x0c\"\x87\x01\n\x12RejectQueryRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05party\x18\x02 \x01(\t\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x05 \x01(\x03\x12\x17\n\x0fowner_signature\x18\x06 \x01(\x0c\"z\n\x15RevokeApprovalRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05party\x18\x02 \x01(\t\x12\x11\n\tplan_hash\x18\x03 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x17\n\x0fowner_signature\x18\x05 \x01(\x0c\"I\n\x13OwnerActionResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08\x61waiting\x18\x03 \x03(\t\"%\n\x14GetCheckpointRequest\x12\r\n\x05party\x18\x01 \x01(\t\"9\n\x12\x43heckpointResponse\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\x0f\n\x07log_key\x18\x02 \x01(\t\"L\n\x17\x43onsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\x12\r\n\x05party\x18\x03 \x01(\t\"*\n\x18\x43onsistencyProofResponse\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"~\n\x18SubmitCosignatureRequest\x12\r\n\x05party\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x10\n\x08query_id\x18\x03 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x17\n\x0fowner_signature\x18\x05 \x01(\x0c\"<\n\x19SubmitCosignatureResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x11\n\twitnesses\x18\x02 \x03(\t2\x92\x08\n\x0b\x43oordinator\x12V\n\rRegisterParty\x12!.sealroom.v1.RegisterPartyRequest\x1a\".sealroom.v1.RegisterPartyResponse\x12\x45\n\x0cListDatasets\x12\x12.sealroom.v1.Empty\x1a!.sealroom.v1.ListDatasetsResponse\x12\x42\n\x07\x45xplain\x12\x19.sealroom.v1.QueryRequest\x1a\x1c.sealroom.v1.ExplainResponse\x12@\n\x06Submit\x12\x19.sealroom.v1.QueryRequest\x1a\x1b.sealroom.v1.SubmitResponse\x12<\n\tGetStatus\x12\x15.sealroom.v1.QueryRef\x1a\x18.sealroom.v1.QueryStatus\x12<\n\tGetResult\x12\x15.sealroom.v1.QueryRef\x1a\x18.sealroom.v1.QueryResult\x12\x43\n\x0bListQueries\x12\x12.sealroom.v1.Empty\x1a .sealroom.v1.ListQueriesResponse\x12V\n\x0eSubmitApproval\x12\".sealroom.v1.SubmitApprovalRequest\x1a .sealroom.v1.OwnerActionResponse\x12P\n\x0bRejectQuery\x12\x1f.sealroom.v1.RejectQueryRequest\x1a .sealroom.v1.OwnerActionResponse\x12V\n\x0eRevokeApproval\x12\".sealroom.v1.RevokeApprovalRequest\x1a .sealroom.v1.OwnerActionResponse\x12S\n\rGetCheckpoint\x12!.sealroom.v1.GetCheckpointRequest\x1a\x1f.sealroom.v1.CheckpointResponse\x12\x62\n\x13GetConsistencyProof\x12$.sealroom.v1.ConsistencyProofRequest\x1a%.sealroom.v1.ConsistencyProofResponse\x12\x62\n\x11SubmitCosignature\x12%.sealroom.v1.SubmitCosignatureRequest\x1a&.sealroom.v1.SubmitCosignatureResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,37 +39,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTDATASETSRESPONSE']._serialized_start=289
   _globals['_LISTDATASETSRESPONSE']._serialized_end=396
   _globals['_QUERYREQUEST']._serialized_start=398
-  _globals['_QUERYREQUEST']._serialized_end=442
-  _globals['_EXPLAINRESPONSE']._serialized_start=444
-  _globals['_EXPLAINRESPONSE']._serialized_end=513
-  _globals['_SUBMITRESPONSE']._serialized_start=515
-  _globals['_SUBMITRESPONSE']._serialized_end=565
-  _globals['_QUERYREF']._serialized_start=567
-  _globals['_QUERYREF']._serialized_end=595
-  _globals['_QUERYSTATUS']._serialized_start=598
-  _globals['_QUERYSTATUS']._serialized_end=792
-  _globals['_LISTQUERIESRESPONSE']._serialized_start=794
-  _globals['_LISTQUERIESRESPONSE']._serialized_end=858
-  _globals['_SUBMITAPPROVALREQUEST']._serialized_start=861
-  _globals['_SUBMITAPPROVALREQUEST']._serialized_end=1025
-  _globals['_REJECTQUERYREQUEST']._serialized_start=1028
-  _globals['_REJECTQUERYREQUEST']._serialized_end=1163
-  _globals['_REVOKEAPPROVALREQUEST']._serialized_start=1165
-  _globals['_REVOKEAPPROVALREQUEST']._serialized_end=1287
-  _globals['_OWNERACTIONRESPONSE']._serialized_start=1289
-  _globals['_OWNERACTIONRESPONSE']._serialized_end=1362
-  _globals['_GETCHECKPOINTREQUEST']._serialized_start=1364
-  _globals['_GETCHECKPOINTREQUEST']._serialized_end=1401
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=1403
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=1460
-  _globals['_CONSISTENCYPROOFREQUEST']._serialized_start=1462
-  _globals['_CONSISTENCYPROOFREQUEST']._serialized_end=1538
-  _globals['_CONSISTENCYPROOFRESPONSE']._serialized_start=1540
-  _globals['_CONSISTENCYPROOFRESPONSE']._serialized_end=1582
-  _globals['_SUBMITCOSIGNATUREREQUEST']._serialized_start=1584
-  _globals['_SUBMITCOSIGNATUREREQUEST']._serialized_end=1710
-  _globals['_SUBMITCOSIGNATURERESPONSE']._serialized_start=1712
-  _globals['_SUBMITCOSIGNATURERESPONSE']._serialized_end=1772
-  _globals['_COORDINATOR']._serialized_start=1775
-  _globals['_COORDINATOR']._serialized_end=2817
+  _globals['_QUERYREQUEST']._serialized_end=459
+  _globals['_EXPLAINRESPONSE']._serialized_start=461
+  _globals['_EXPLAINRESPONSE']._serialized_end=530
+  _globals['_SUBMITRESPONSE']._serialized_start=532
+  _globals['_SUBMITRESPONSE']._serialized_end=582
+  _globals['_QUERYREF']._serialized_start=584
+  _globals['_QUERYREF']._serialized_end=612
+  _globals['_QUERYSTATUS']._serialized_start=615
+  _globals['_QUERYSTATUS']._serialized_end=809
+  _globals['_LISTQUERIESRESPONSE']._serialized_start=811
+  _globals['_LISTQUERIESRESPONSE']._serialized_end=875
+  _globals['_SUBMITAPPROVALREQUEST']._serialized_start=878
+  _globals['_SUBMITAPPROVALREQUEST']._serialized_end=1042
+  _globals['_REJECTQUERYREQUEST']._serialized_start=1045
+  _globals['_REJECTQUERYREQUEST']._serialized_end=1180
+  _globals['_REVOKEAPPROVALREQUEST']._serialized_start=1182
+  _globals['_REVOKEAPPROVALREQUEST']._serialized_end=1304
+  _globals['_OWNERACTIONRESPONSE']._serialized_start=1306
+  _globals['_OWNERACTIONRESPONSE']._serialized_end=1379
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=1381
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=1418
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=1420
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=1477
+  _globals['_CONSISTENCYPROOFREQUEST']._serialized_start=1479
+  _globals['_CONSISTENCYPROOFREQUEST']._serialized_end=1555
+  _globals['_CONSISTENCYPROOFRESPONSE']._serialized_start=1557
+  _globals['_CONSISTENCYPROOFRESPONSE']._serialized_end=1599
+  _globals['_SUBMITCOSIGNATUREREQUEST']._serialized_start=1601
+  _globals['_SUBMITCOSIGNATUREREQUEST']._serialized_end=1727
+  _globals['_SUBMITCOSIGNATURERESPONSE']._serialized_start=1729
+  _globals['_SUBMITCOSIGNATURERESPONSE']._serialized_end=1789
+  _globals['_COORDINATOR']._serialized_start=1792
+  _globals['_COORDINATOR']._serialized_end=2834
 # @@protoc_insertion_point(module_scope)

@@ -114,17 +114,24 @@ class QueryRequest(_message.Message):
 
     SQL_FIELD_NUMBER: _builtins.int
     ANALYST_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
     sql: _builtins.str
     analyst: _builtins.str
+    epsilon: _builtins.float
+    """What a query over datasets in dp mode spends of their owners' budgets (`--epsilon`); 0: the
+    default (0.5, capped at the strictest owner's max_query_epsilon). A query that reads no dp
+    dataset is refused when it names an epsilon (docs/privacy.md).
+    """
     def __init__(
         self,
         *,
         sql: _builtins.str = ...,
         analyst: _builtins.str = ...,
+        epsilon: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyst", b"analyst", "sql", b"sql"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyst", b"analyst", "epsilon", b"epsilon", "sql", b"sql"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

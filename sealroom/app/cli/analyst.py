@@ -6,7 +6,16 @@ import argparse
 import os
 
 from sealroom.app.cells import format_table
-from sealroom.app.cli.common import EXIT_FAILED, EXIT_OK, Subparsers, add_command, emit, parse_address, with_json
+from sealroom.app.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Subparsers,
+    add_command,
+    emit,
+    parse_address,
+    with_epsilon,
+    with_json,
+)
 from sealroom.app.client import DEFAULT_COORDINATOR, Client, coordinator_address
 from sealroom.app.render import ProgressDisplay, result_document
 from sealroom.app.result import render_result
@@ -14,10 +23,10 @@ from sealroom.app.result import render_result
 
 def add_parsers(sub: Subparsers) -> None:
     analyst(add_command(sub, "datasets")).set_defaults(handler=cmd_datasets)
-    e = analyst(add_command(sub, "explain"))
+    e = with_epsilon(analyst(add_command(sub, "explain")))
     e.add_argument("sql")
     e.set_defaults(handler=cmd_explain)
-    s = analyst(add_command(sub, "submit"))
+    s = with_epsilon(analyst(add_command(sub, "submit")))
     s.add_argument("sql")
     s.add_argument("--wait", action="store_true", help="wait for the result and print it")
     s.add_argument("--timeout", type=float, default=600.0)
@@ -69,7 +78,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     with client_for(args) as c:
-        doc = c.explain_plan(args.sql)
+        doc = c.explain_plan(args.sql, args.epsilon)
     if args.json:
         emit(doc)
     else:
@@ -79,7 +88,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     with client_for(args) as c:
-        handle = c.submit(args.sql)
+        handle = c.submit(args.sql, args.epsilon)
         if not args.wait:
             st = handle.status()
             if args.json:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -70,6 +71,30 @@ def add_command(sub: Subparsers, word: str) -> argparse.ArgumentParser:
 
 def with_json(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    return sp
+
+
+def epsilon_arg(value: str) -> float:
+    """``--epsilon E``: a finite number greater than 0 (argparse exits 2 with this message otherwise)."""
+    try:
+        eps = float(value)
+    except ValueError:
+        eps = math.nan
+    if not math.isfinite(eps) or not eps > 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a number greater than 0, such as 0.5 (got {value!r}); leave it out for the default"
+        )
+    return eps
+
+
+def with_epsilon(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sp.add_argument(
+        "--epsilon",
+        type=epsilon_arg,
+        metavar="E",
+        help="what the query spends of the budget of each dataset in dp mode (default 0.5, capped at the "
+        "owners' max_query_epsilon); refused for a query over threshold datasets only",
+    )
     return sp
 
 

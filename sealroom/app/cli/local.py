@@ -16,6 +16,7 @@ from sealroom.app.cli.common import (
     add_command,
     emit,
     parse_pairs,
+    with_epsilon,
     with_json,
 )
 from sealroom.app.demo import run_demo, run_local
@@ -29,7 +30,7 @@ def add_parsers(sub: Subparsers) -> None:
     d.add_argument("--state-dir", help="keep state, keys, configs and logs here (default: a temporary directory)")
     d.set_defaults(handler=cmd_demo)
 
-    lo = with_json(add_command(sub, "local"))
+    lo = with_epsilon(with_json(add_command(sub, "local")))
     lo.add_argument("--dataset", action="append", default=[], metavar="PARTY.NAME=SOURCE")
     lo.add_argument("--privacy-unit", action="append", default=[], metavar="PARTY.NAME=COLUMN")
     lo.add_argument(
@@ -119,12 +120,18 @@ def cmd_local(args: argparse.Namespace) -> int:
     units = parse_pairs(args.privacy_unit, "--privacy-unit")
     policy_files = parse_pairs(args.policy, "--policy")
     sources, policies = local_inputs(datasets, units, policy_files, min_group_size=args.min_group_size)
+    if args.epsilon is not None and not any(p.dp is not None for p in policies.values()):
+        raise UsageError(
+            '--epsilon applies to datasets in dp mode ([privacy] mode = "dp" in a --policy file), and no '
+            "dataset here is: leave --epsilon out"
+        )
     doc = run_local(
         datasets=sources,
         sql=args.sql,
         policies=policies,
         state_dir=Path(args.state_dir) if args.state_dir else None,
         as_json=args.json,
+        epsilon=args.epsilon,
     )
     if args.json:
         emit(doc)
