@@ -12,6 +12,7 @@ says later.
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -37,7 +38,7 @@ from sealroom.planning.checks import (
 )
 from sealroom.planning.disclosure import check_uses
 from sealroom.planning.limits import DEFAULT_LIMITS, QueryLimits
-from sealroom.planning.mpc_spec import Aggregate, GroupColumn, Measure, Player, StageSpec
+from sealroom.planning.mpc_spec import Aggregate, GroupColumn, Measure, Player, StageSpec, bound_decimals
 from sealroom.planning.mpc_sql import MpcQuery, mpc_query
 from sealroom.planning.plan import (
     EnclaveHolder,
@@ -615,8 +616,10 @@ def _mpc_spec(
     reason: _MpcReason,
 ) -> StageSpec:
     """The stage's spec (``spec_with`` its measures), its measures' bounds the intersection of the
-    owners'; a measure whose bounds would overflow gets fewer fixed-point decimals before the stage
-    is refused."""
+    owners'; its fixed-point decimals represent those bounds exactly (:func:`_bound_decimals`), so
+    the players clamp to exactly what the enclave would; a measure whose bounds would overflow gets
+    fewer fixed-point decimals (its bounds then rounded inward) before the stage is refused."""
+    _bound_decimals(entries, decimals)
     while True:
         try:
             measures = [
@@ -642,6 +645,18 @@ def _mpc_spec(
             raise _cannot_run(
                 reason, err.message, str(d.get("rule", "spec")), suggestion, column=d.get("column")
             ) from None
+
+
+def _bound_decimals(entries: list[CatalogEntry], decimals: dict[str, int]) -> None:
+    """Raise each measure's decimals (``decimals``, from its type) to those of its declared bounds
+    (max = 2.5 on an integer column: 1 decimal), so that clamping in fixed point clamps to the
+    declared bounds, not to bounds rounded to whole units. Bounds that are not declared are left to
+    :func:`_mpc_spec`'s refusal."""
+    for col in decimals:
+        rules = [e.policy.rule(col) for e in entries]
+        for bound in [r.min for r in rules] + [r.max for r in rules]:
+            if bound is not None and math.isfinite(bound):
+                decimals[col] = max(decimals[col], bound_decimals(bound))
 
 
 def _mpc_input(analysis: Analysis, q: MpcQuery, e: CatalogEntry) -> PlanInput:

@@ -133,8 +133,12 @@ def _partials_sql(spec: StageSpec) -> tuple[str, list[str]]:
     outputs = ["rows"]
     for c in _measure_columns(spec):
         ms = spec.measure(c)
-        # Clamped to the declared bounds, fixed point. (LEAST/GREATEST skip NULLs: keep NULL as NULL.)
-        clamped = f"LEAST(GREATEST(CAST(round(CAST({_q(c)} AS DOUBLE) * {ms.scale}) AS HUGEINT), {ms.lo}), {ms.hi})"
+        # Clamped to the declared bounds first (as the enclave clamps), then fixed point, then to the
+        # bounds in fixed point rounded inward (a no-op when the decimals represent the bounds, as the
+        # planner chooses them). LEAST/GREATEST skip NULLs: keep NULL as NULL.
+        value = f"LEAST(GREATEST(CAST({_q(c)} AS DOUBLE), {float(ms.min)!r}), {float(ms.max)!r})"
+        fixed = f"CAST(round({value} * {ms.scale}) AS HUGEINT)"
+        clamped = f"LEAST(GREATEST({fixed}, {ms.lo}), {ms.hi})"
         xq = f"(CASE WHEN {_q(c)} IS NULL THEN NULL ELSE {clamped} END)"
         selects += [
             f"COUNT({_q(c)}) AS {_q('n:' + c)}",

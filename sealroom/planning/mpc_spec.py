@@ -6,8 +6,12 @@ and fixed-point scales, the rule, and the players. Every player derives the same
 same :class:`StageSpec`, so the players run identical programs (MPyC matches messages by a program
 counter).
 
-Encoding. A measure value ``v`` is clamped to its declared ``[min, max]`` and encoded as the
-integer ``round(v * 10**decimals)`` (the *scale* is ``10**decimals``). Sums, sums of squares, minima
+Encoding. A measure value ``v`` is clamped to its declared ``[min, max]`` (before rounding, so the
+bounds mean what they mean in the enclave) and encoded as the integer ``round(v * 10**decimals)``
+(the *scale* is ``10**decimals``), then clamped again to ``[lo, hi]``, the declared bounds in
+fixed point rounded *inward* (``ceil(min * scale)``, ``floor(max * scale)``): a unit never weighs
+more than its owners allow. The planner chooses decimals that represent the bounds exactly
+(:func:`bound_decimals`), so both clamps agree with the enclave's. Sums, sums of squares, minima
 and maxima are exact on these integers. Bit lengths come from the declared bounds and
 ``max_rows`` (the most rows one party may hold in one group), never from the data, so they reveal
 nothing and no sum can silently wrap; a party whose data exceeds ``max_rows`` is refused.
@@ -19,6 +23,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from sealroom.canonical import canonical_json
@@ -82,11 +87,18 @@ class Measure:
 
     @property
     def lo(self) -> int:
-        return math.floor(self.min * self.scale)
+        """The lower bound in fixed point, rounded inward (up)."""
+        return math.ceil(_fixed(self.min, self.decimals))
 
     @property
     def hi(self) -> int:
-        return math.ceil(self.max * self.scale)
+        """The upper bound in fixed point, rounded inward (down)."""
+        return math.floor(_fixed(self.max, self.decimals))
+
+    @property
+    def exact(self) -> bool:
+        """Whether both bounds are whole numbers of fixed-point units (then ``lo``/``hi`` are them)."""
+        return _fixed(self.min, self.decimals) == self.lo and _fixed(self.max, self.decimals) == self.hi
 
     @property
     def magnitude(self) -> int:
@@ -100,6 +112,22 @@ class Measure:
             "decimals": self.decimals,
             "nullable": self.nullable,
         }
+
+
+MAX_DECIMALS = 12
+
+
+def _fixed(x: float, decimals: int) -> Decimal:
+    """``x * 10**decimals`` exactly, from the shortest decimal text of ``x`` (what the owner wrote)."""
+    return Decimal(repr(float(x))).scaleb(decimals)
+
+
+def bound_decimals(x: float) -> int:
+    """The decimals needed to represent bound ``x`` exactly as written (2.5 -> 1, 3 -> 0), at most
+    :data:`MAX_DECIMALS`."""
+    exponent = Decimal(repr(float(x))).normalize().as_tuple().exponent
+    assert isinstance(exponent, int)  # finite bounds only
+    return min(max(-exponent, 0), MAX_DECIMALS)
 
 
 @dataclass(frozen=True)
@@ -401,8 +429,15 @@ def _check_measures(spec: StageSpec) -> dict[str, Measure]:
     for ms in spec.measures:
         if not (math.isfinite(ms.min) and math.isfinite(ms.max)) or ms.min > ms.max:
             raise _refuse(f"measure {ms.column} needs finite bounds min <= max", column=ms.column, rule="bounds")
-        if not 0 <= ms.decimals <= 12:
-            raise _refuse(f"measure {ms.column}: decimals must be 0..12", column=ms.column, rule="bounds")
+        if not 0 <= ms.decimals <= MAX_DECIMALS:
+            raise _refuse(f"measure {ms.column}: decimals must be 0..{MAX_DECIMALS}", column=ms.column, rule="bounds")
+        if ms.lo > ms.hi:
+            raise _refuse(
+                f"measure {ms.column}: no value with {ms.decimals} decimals lies in [{ms.min!r}, {ms.max!r}]; "
+                "use more decimals",
+                column=ms.column,
+                rule="bounds",
+            )
     return measures
 
 
