@@ -165,6 +165,57 @@ def bin_label(lo: float, hi: float) -> str:
     return f"[{fmt(lo)}, {fmt(hi)})"
 
 
+# Noise scales above this many fixed-point units are refused: the shares are sampled as 64-bit integers.
+MAX_NOISE_SCALE = 1e15
+# Differentially private stages open only these (noisy) aggregates.
+DP_AGGREGATES = ("count", "sum", "avg")
+
+
+@dataclass(frozen=True)
+class StageNoise:
+    """How a differentially private MPC stage is noised (docs/mpc.md "Differential privacy"): every
+    input holder bounds its own rows' contributions (at most ``max_rows`` rows per (unit, group),
+    ``max_groups`` groups per unit) and adds a Pólya noise share, NB(r, p) - NB(r, p) with
+    ``p = 1 - exp(-1/b)`` and ``r = 1 / honest``, to each vector of ``scales`` (layout row -> discrete
+    Laplace scale b in fixed-point units) before sharing it; any ``honest`` holders' shares add up to
+    one full discrete Laplace(b). ``privacy``: the mechanism as released (the stage's signed result
+    carries it). Derived from the plan by :func:`sealroom.planning.privacy.mpc_noise`; every checker
+    recomputes it."""
+
+    scales: tuple[tuple[str, float], ...]
+    honest: int
+    max_groups: int
+    max_rows: int
+    privacy: Mapping[str, Any]
+
+    @property
+    def share_shape(self) -> float:
+        """r: the negative binomial shape of one holder's share."""
+        return 1.0 / self.honest
+
+    def scale(self, vector: str) -> float:
+        return dict(self.scales)[vector]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scales": [[v, b] for v, b in self.scales],
+            "honest": self.honest,
+            "max_groups": self.max_groups,
+            "max_rows": self.max_rows,
+            "privacy": dict(self.privacy),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StageNoise:
+        return cls(
+            scales=tuple((str(v), float(b)) for v, b in d["scales"]),
+            honest=int(d["honest"]),
+            max_groups=int(d["max_groups"]),
+            max_rows=int(d["max_rows"]),
+            privacy=dict(d["privacy"]),
+        )
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """Everything public about one MPC stage (see the module docstring).
@@ -192,6 +243,8 @@ class StageSpec:
     max_rows: int = DEFAULT_MAX_ROWS
     threshold: int | None = None
     fraction_bits: int = FRACTION_BITS
+    # Differential privacy (a plan reading dp datasets): no threshold, every cell opened with noise.
+    dp: StageNoise | None = None
     _layout: Layout | None = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -226,6 +279,8 @@ class StageSpec:
         """Who sees what, for ``explain`` and plans: players (helpers marked), the threshold and
         the assumption in words, the rule applied inside the MPC, and what is opened."""
         lay = self.layout
+        if self.dp is not None:
+            return self._explain_dp()
         opened = ["the pass/suppress pattern over the public group domain"]
         for a in self.aggregates:
             what = f"{a.func.upper()}({a.column or '*'})"
@@ -250,6 +305,24 @@ class StageSpec:
             "transport": "mutual TLS with per-session certificates (MPyC --ssl)",
         }
 
+    def _explain_dp(self) -> dict[str, Any]:
+        assert self.dp is not None
+        return {
+            "kind": "mpc",
+            "players": [{"index": i, **p.to_dict()} for i, p in enumerate(self.players)],
+            "threshold": self.t,
+            "trust_assumption": self.trust_assumption(),
+            "rule": {"name": "dp", "min_group_size": None, "on": self.threshold_on, "combine": "noise"},
+            "groups": len(self.domain),
+            "opened": [
+                f"{a.func.upper()}({a.column or '*'}) of every group of the public domain, with noise, as {a.name}"
+                for a in self.aggregates
+            ],
+            "never_opened": "any party's own partials or noise share; any exact value",
+            "privacy": dict(self.dp.privacy),
+            "transport": "mutual TLS with per-session certificates (MPyC --ssl)",
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": SPEC_VERSION,
@@ -266,6 +339,7 @@ class StageSpec:
             "max_rows": self.max_rows,
             "threshold": self.t,
             "fraction_bits": self.fraction_bits,
+            **({"dp": self.dp.to_dict()} if self.dp is not None else {}),
         }
 
     def digest(self) -> str:
@@ -304,6 +378,7 @@ class StageSpec:
             max_rows=int(doc["max_rows"]),
             threshold=int(doc["threshold"]),
             fraction_bits=int(doc["fraction_bits"]),
+            dp=StageNoise.from_dict(doc["dp"]) if doc.get("dp") is not None else None,
         )
 
 
@@ -358,7 +433,16 @@ def _validate(spec: StageSpec) -> Layout:
     vectors = _aggregate_vectors(spec, measures)
     rows = _row_vectors(vectors)
     opened, divided, null_flags = _openings(spec, measures, vectors)
+    if spec.dp is not None:
+        opened, divided, null_flags = _check_dp(spec, rows), [], []
     bits = _bit_lengths(spec, measures, vectors.need, rows, holders=len(holders))
+    if spec.dp is not None:
+        # Room for the noise: |noise| stays below 64 b per holder share except with probability
+        # below e^-60; a sum outside would wrap, so leave far more.
+        noise = len(holders) * 64 * max(1, math.ceil(max(b for _, b in spec.dp.scales)))
+        bits = _Bits(
+            bits.total_rows, bits.cap, bits.cmp_bits, max(bits.int_bits, bits.int_bits + noise.bit_length() + 2)
+        )
     fxp_frac = _fixed_point_fraction(spec, bits, divided)
     return Layout(
         counts=tuple((c, _count_of(measures, c)) for c in sorted(vectors.need)),
@@ -375,6 +459,35 @@ def _validate(spec: StageSpec) -> Layout:
         fxp_frac=fxp_frac,
         count_bits=bits.total_rows.bit_length(),
     )
+
+
+def _check_dp(spec: StageSpec, rows: Sequence[str]) -> set[str]:
+    """A dp stage: COUNT, SUM and AVG only, privacy units counted, one positive finite scale per
+    noised vector (each a shared one). Returns the vectors opened (the noised ones)."""
+    assert spec.dp is not None
+    for a in spec.aggregates:
+        if a.func not in DP_AGGREGATES:
+            raise _refuse(
+                f"{a.func.upper()} is not released by a differentially private MPC stage (COUNT, SUM and AVG are)",
+                rule="dp_aggregate",
+                aggregate=a.name,
+            )
+    if spec.threshold_on != "units" or not spec.unit_column:
+        raise _refuse(
+            "a differentially private MPC stage bounds each privacy unit: it needs the unit column", rule="dp"
+        )
+    names = [v for v, _ in spec.dp.scales]
+    if not names or len(set(names)) != len(names) or not set(names) <= set(rows):
+        raise _refuse("plan is inconsistent: the dp stage's noised vectors are not its shared vectors", rule="dp")
+    if any(not (math.isfinite(b) and 0 < b <= MAX_NOISE_SCALE) for _, b in spec.dp.scales):
+        raise _refuse(
+            f"a noise scale of the dp MPC stage is not in (0, {MAX_NOISE_SCALE:g}] fixed-point units: ask for a "
+            "larger epsilon, or use fewer decimals or narrower bounds",
+            rule="overflow",
+        )
+    if spec.dp.honest < 1 or spec.dp.max_groups < 1 or spec.dp.max_rows < 1:
+        raise _refuse("plan is inconsistent: malformed dp noise of the MPC stage", rule="dp")
+    return set(names)
 
 
 def _check_players(spec: StageSpec) -> list[Player]:
