@@ -152,9 +152,12 @@ def run_mpc_stage(
     outcomes, helper_docs = run.run_players(all_offers, helpers, identities, enclave)
     # 3. Every player opened the same result, and every owner signed it.
     expected = run.agreed_result(identities, outcomes, helper_docs)
-    table, suppressed = apply_release(expected, stage.release)
+    table, suppressed, ci95 = release_cells(expected, stage.release)
     signatures = {stage.spec.players[i].name: outcomes[i].signature.hex() for i in outcomes}
     record = release_record(plan, stage, expected, signatures)
+    if ci95 is not None:  # a dp stage: its mechanism and each released row's interval (as the enclave's)
+        record["privacy"] = expected["privacy"]
+        record["ci95"] = ci95
     log.info(
         "MPC stage %s of query %s: %d cells released, %d suppressed",
         stage.id,
@@ -446,9 +449,25 @@ def _first(errors: list[BaseException]) -> BaseException:
 def apply_release(doc: dict[str, Any], release: Release) -> tuple[pa.Table, list[dict[str, Any]]]:
     """The released table (output columns in order; HAVING, ORDER BY and LIMIT on released cells
     only) and the suppressed cells (group keys and the rule, never a value)."""
+    table, suppressed, _ = release_cells(doc, release)
+    return table, suppressed
+
+
+def release_cells(
+    doc: dict[str, Any], release: Release
+) -> tuple[pa.Table, list[dict[str, Any]], dict[str, list[float]] | None]:
+    """:func:`apply_release`, and for a dp stage the 95 % half-width of each released row per
+    aggregate output column (in the released rows' order; None for a stage without dp)."""
     cells = result_table(doc)
     outputs = release.outputs
     table = pa.table({name: cells[source] for name, _kind, source in outputs})
+    ci_doc = doc.get("ci95")
+    ci_cols = {}
+    if ci_doc is not None:  # carried through HAVING, ORDER BY and LIMIT, then split off
+        ci_cols = {f"__ci95_{n}": name for n, (name, kind, source) in enumerate(outputs) if kind == "aggregate"}
+        for hidden, name in ci_cols.items():
+            source = next(src for nm, _k, src in outputs if nm == name)
+            table = table.append_column(hidden, pa.array(ci_doc[source], pa.float64()))
     group_names = {source: name for name, kind, source in outputs if kind == "group"}
     if release.having or release.order_by or release.limit is not None:
         # DuckDB's relational API: each clause is parsed as one expression, never as statements, and
@@ -471,6 +490,11 @@ def apply_release(doc: dict[str, Any], release: Release) -> tuple[pa.Table, list
             table = rel.to_arrow_table()
         finally:
             con.close()
+    ci95 = None
+    if ci_doc is not None:
+        ci95 = {name: [float(v) for v in table.column(hidden).to_pylist()] for hidden, name in ci_cols.items()}
+        table = table.select([n for n in table.column_names if n not in ci_cols])
+        return table, [], ci95
     k = doc["rule"]["min_group_size"]
     reason = (
         f"fewer than {k} {'distinct units' if doc['rule']['on'] == 'units' else 'rows'} in this cell "
@@ -484,7 +508,7 @@ def apply_release(doc: dict[str, Any], release: Release) -> tuple[pa.Table, list
         }
         for key in doc["suppressed"]
     ]
-    return table, suppressed
+    return table, suppressed, None
 
 
 def _ident(name: object) -> str:

@@ -11,6 +11,7 @@ says later.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import secrets
 import time
@@ -27,7 +28,7 @@ from sqlglot.dialects.duckdb import DuckDB
 from coordinator.privacy_explain import check_epsilon, dp_stage_lines, privacy_lines, refuse_epsilon_without_dp
 from sealroom.cancel import UNBOUNDED, CallScope
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
-from sealroom.planning.bounds import measure_from_rules
+from sealroom.planning.bounds import measure_from_rules, representing_decimals
 from sealroom.planning.checks import (
     Checker,
     check_analyst,
@@ -39,6 +40,7 @@ from sealroom.planning.checks import (
 )
 from sealroom.planning.disclosure import check_uses
 from sealroom.planning.limits import DEFAULT_LIMITS, QueryLimits
+from sealroom.planning.mpc_privacy import mpc_noise
 from sealroom.planning.mpc_spec import Aggregate, GroupColumn, Measure, Player, StageSpec
 from sealroom.planning.mpc_sql import MpcQuery, mpc_query
 from sealroom.planning.plan import (
@@ -496,6 +498,8 @@ def _plan_mpc(
         )
 
     spec = _mpc_spec(spec_with, entries, decimals, reason)
+    if request.privacy is not None:
+        request, spec = _mpc_dp(request, spec, entries, [*own_players, *to_enclave], q, reason)
     stages: list[Stage] = []
     if to_enclave:
         stages.append(
@@ -629,8 +633,11 @@ def _mpc_spec(
     reason: _MpcReason,
 ) -> StageSpec:
     """The stage's spec (``spec_with`` its measures), its measures' bounds the intersection of the
-    owners'; a measure whose bounds would overflow gets fewer fixed-point decimals before the stage
-    is refused."""
+    owners'; its fixed-point decimals represent those bounds exactly (``representing_decimals``),
+    so the players clamp to exactly what the enclave would; a measure whose bounds would overflow
+    gets fewer fixed-point decimals (its bounds then rounded inward) before the stage is refused."""
+    for column in decimals:  # decimals that represent the bounds exactly
+        decimals[column] = representing_decimals([e.policy.rule(column) for e in entries], decimals[column])
     while True:
         try:
             measures = [
@@ -656,6 +663,37 @@ def _mpc_spec(
             raise _cannot_run(
                 reason, err.message, str(d.get("rule", "spec")), suggestion, column=d.get("column")
             ) from None
+
+
+def _mpc_dp(
+    request: _Request,
+    spec: StageSpec,
+    entries: list[CatalogEntry],
+    holders: list[CatalogEntry],
+    q: MpcQuery,
+    reason: _MpcReason,
+) -> tuple[_Request, StageSpec]:
+    """A dp MPC stage: its public domain is released whole, so the plan spends no delta; its spec
+    carries the noise its input holders add (:func:`sealroom.planning.mpc_privacy.mpc_noise`, the
+    mechanism every checker recomputes)."""
+    assert request.privacy is not None
+    request = dataclasses.replace(request, privacy=plan_privacy_for(entries, False, request.privacy.epsilon))
+    assert request.privacy is not None
+    inputs = [_mpc_input(request.analysis, q, e) for e in holders]
+    _, noise = mpc_noise(
+        request.analysis.sql, inputs, request.privacy, spec, analyst=request.analyst, plan_inputs=inputs
+    )
+    try:
+        return request, dataclasses.replace(spec, dp=noise)
+    except InvalidQueryError as err:
+        d = err.details
+        raise _cannot_run(
+            reason,
+            err.message,
+            str(d.get("rule", "dp")),
+            "ask for a larger epsilon, or ask the owners for narrower bounds",
+            column=d.get("column"),
+        ) from None
 
 
 def _mpc_input(analysis: Analysis, q: MpcQuery, e: CatalogEntry) -> PlanInput:
@@ -720,9 +758,13 @@ def _explain_mpc(plan: Plan) -> list[str]:
             if rule["combine"] == "any_player"
             else ""
         )
-        lines.append(
-            f"  rule applied inside the MPC: a cell passes with at least {rule['min_group_size']} {on}{combine}"
-        )
+        if spec.dp is not None:
+            lines.append("  differential privacy: every cell is opened with noise its input holders add; no threshold")
+            lines += [f"    {m['key']}: ±{m['ci95_half_width']:.4g} (95 %)" for m in spec.dp.privacy["mechanisms"]]
+        else:
+            lines.append(
+                f"  rule applied inside the MPC: a cell passes with at least {rule['min_group_size']} {on}{combine}"
+            )
         if spec.measures:
             bounds = "; ".join(f"{m.column} in [{m.min:g}, {m.max:g}], {m.decimals} decimals" for m in spec.measures)
             lines.append(f"  measures clamped to the owners' bounds: {bounds}")

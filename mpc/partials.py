@@ -7,6 +7,11 @@ the declared bound), so the vectors it secret-shares have the same length and fo
 holds: nothing reveals which groups it has. Rows whose key is outside the domain are left out (as
 if filtered).
 
+In a differentially private stage (``spec.dp``, see :mod:`sealroom.planning.mpc_privacy`), the party
+first bounds its rows' contributions per privacy unit (at most ``max_rows`` rows per (unit, group),
+at most ``max_groups`` groups per unit, chosen at random), then adds its Pólya noise share to each
+noised vector (:func:`noise_share`) before anything leaves it.
+
 DuckDB runs as in the enclave and the party agent's filter (no file or network access, no
 extensions, locked settings). A DuckDB failure is reported by its kind only; its message could
 quote a value.
@@ -14,11 +19,14 @@ quote a value.
 
 from __future__ import annotations
 
+import math
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from sealroom.duck import locked_connection
@@ -104,7 +112,20 @@ def local_partials(rows: Any, spec: StageSpec, *, party: str) -> Partials:
         for row in _fetch(reader, sql, party):
             totals.add(spec, row, outputs, party)
         totals.check_nulls(spec, party)
+    if spec.dp is not None:
+        rng = np.random.Generator(np.random.Philox(secrets.randbits(128)))
+        for vector, scale in spec.dp.scales:
+            share = noise_share(scale, spec.dp.share_shape, len(spec.domain), rng)
+            totals.values[vector] = [int(v) + int(n) for v, n in zip(totals.values[vector], share, strict=True)]
     return _finish(spec, totals.units if spec.threshold_on == "units" else totals.counts, totals.values, totals.extrema)
+
+
+def noise_share(scale: float, shape: float, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One holder's Pólya noise share for ``size`` cells: NB(shape, p) - NB(shape, p) with
+    p = 1 - e^{-1/scale} (integers). ``1 / shape`` such shares add up to one discrete Laplace of
+    ``scale``: P(k) proportional to e^{-|k|/scale}."""
+    p = -math.expm1(-1.0 / scale)
+    return rng.negative_binomial(shape, p, size) - rng.negative_binomial(shape, p, size)
 
 
 def _measure_columns(spec: StageSpec) -> list[str]:
@@ -128,13 +149,21 @@ def _check_columns(names: set[str], spec: StageSpec, party: str) -> None:
 
 def _partials_sql(spec: StageSpec) -> tuple[str, list[str]]:
     """The one GROUP BY query over the party's rows, and the names of its columns after the group key."""
-    selects = [f"{_group_expr(c)} AS {_q('g' + str(i))}" for i, c in enumerate(spec.group_by)]
+    # A dp stage's bounded rows carry their group keys (__k<i>), computed once.
+    selects = [
+        f"{_q('__k' + str(i)) if spec.dp is not None else _group_expr(c)} AS {_q('g' + str(i))}"
+        for i, c in enumerate(spec.group_by)
+    ]
     selects.append('COUNT(*) AS "rows"')
     outputs = ["rows"]
     for c in _measure_columns(spec):
         ms = spec.measure(c)
-        # Clamped to the declared bounds, fixed point. (LEAST/GREATEST skip NULLs: keep NULL as NULL.)
-        clamped = f"LEAST(GREATEST(CAST(round(CAST({_q(c)} AS DOUBLE) * {ms.scale}) AS HUGEINT), {ms.lo}), {ms.hi})"
+        # Clamped to the declared bounds first (as the enclave clamps), then fixed point, then to the
+        # bounds in fixed point rounded inward (a no-op when the decimals represent the bounds, as the
+        # planner chooses them). LEAST/GREATEST skip NULLs: keep NULL as NULL.
+        value = f"LEAST(GREATEST(CAST({_q(c)} AS DOUBLE), {float(ms.min)!r}), {float(ms.max)!r})"
+        fixed = f"CAST(round({value} * {ms.scale}) AS HUGEINT)"
+        clamped = f"LEAST(GREATEST({fixed}, {ms.lo}), {ms.hi})"
         xq = f"(CASE WHEN {_q(c)} IS NULL THEN NULL ELSE {clamped} END)"
         selects += [
             f"COUNT({_q(c)}) AS {_q('n:' + c)}",
@@ -149,8 +178,33 @@ def _partials_sql(spec: StageSpec) -> tuple[str, list[str]]:
         selects.append(f"COUNT(DISTINCT {_q(spec.unit_column)}) AS units")
         outputs.append("units")
     group_cols = ", ".join(_q("g" + str(i)) for i in range(len(spec.group_by)))
-    sql = f"SELECT {', '.join(selects)} FROM {_VIEW} GROUP BY {group_cols}"  # noqa: S608 - names quoted
+    source = _bounded_rows(spec) if spec.dp is not None else _VIEW
+    sql = f"SELECT {', '.join(selects)} FROM {source} GROUP BY {group_cols}"  # noqa: S608 - names quoted
     return sql, outputs
+
+
+def _bounded_rows(spec: StageSpec) -> str:
+    """A dp stage's rows bounded per privacy unit: rows outside the bins (NULL group) dropped, at
+    most ``max_rows`` rows per (unit, group) and ``max_groups`` groups per unit, both chosen at
+    random. (Rows whose key is outside a ``values`` domain count towards the unit's groups, which
+    only bounds the unit more.)"""
+    assert spec.dp is not None and spec.unit_column is not None
+    unit = _q(spec.unit_column)
+    keys = [_q("__k" + str(i)) for i in range(len(spec.group_by))]
+    keyed = ", ".join(f"{_group_expr(c)} AS {k}" for c, k in zip(spec.group_by, keys, strict=True))
+    known = " AND ".join(f"{k} IS NOT NULL" for k in keys)
+    part = ", ".join(keys)
+    return (
+        f"(WITH __keyed AS (SELECT *, {keyed}, random() AS __rr FROM {_VIEW}), "  # noqa: S608 - names quoted, bounds integers
+        f"__rows AS (SELECT *, row_number() OVER (PARTITION BY {unit}, {part} ORDER BY __rr) AS __rn "
+        f"FROM __keyed WHERE {known}), "
+        f"__kept AS (SELECT * FROM __rows WHERE __rn <= {int(spec.dp.max_rows)}), "
+        f"__groups AS (SELECT *, random() AS __r FROM (SELECT DISTINCT {unit} AS __u, {part} FROM __kept)), "
+        f"__ranked AS (SELECT __u, {part}, row_number() OVER (PARTITION BY __u ORDER BY __r) AS __gn FROM __groups) "
+        f"SELECT __kept.* FROM __kept JOIN __ranked ON __kept.{unit} IS NOT DISTINCT FROM __ranked.__u AND "
+        + " AND ".join(f"__kept.{k} = __ranked.{k}" for k in keys)
+        + f" WHERE __gn <= {int(spec.dp.max_groups)})"
+    )
 
 
 def _fetch(reader: pa.RecordBatchReader | pa.Table, sql: str, party: str) -> list[tuple[Any, ...]]:

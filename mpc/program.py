@@ -13,6 +13,11 @@ What it reveals, deliberately, and nothing else:
 3. for passing groups of a measure whose count is not opened, whether the measure has no non-null
    value (or, for VAR_SAMP, fewer than two): the output shows those cells as NULL anyway.
 
+In a differentially private stage (``spec.dp``) there is no comparison and no suppression: each
+input holder's vectors already carry its noise share (:mod:`mpc.partials`), and the players open
+the noised vectors summed over the holders for every cell of the domain (:func:`run_dp`), nothing
+else. No exact aggregate is opened.
+
 No per-party value and no value of a suppressed group is ever opened. Everything is vectorised
 (secure arrays): one input per player and vector kind, one comparison batch, one opening batch.
 """
@@ -53,6 +58,8 @@ async def run(mpc: Any, spec: StageSpec, local: dict[str, Any] | None) -> dict[s
     counter): 1. share the inputs and compare each group with the cut, open the pattern; then, for
     passing groups only, 2. open the exact aggregates, 3. the NULL flags, 4. the quotients divided
     inside the MPC, 5. the extrema; finally compute the released columns in the clear."""
+    if spec.dp is not None:
+        return await run_dp(mpc, spec, local)
     shared = _share_inputs(mpc, spec, local)
     pattern = np.asarray(await mpc.output(shared.below)).reshape(-1)
     passing = np.flatnonzero(pattern == 0)
@@ -77,6 +84,45 @@ async def run(mpc: Any, spec: StageSpec, local: dict[str, Any] | None) -> dict[s
         extrema = await _open_extrema(mpc, lay, shared.extrema, passing)
     out["columns"] = clear_columns(spec, len(passing), opened, flags, quotients, extrema)
     return out
+
+
+async def run_dp(mpc: Any, spec: StageSpec, local: dict[str, Any] | None) -> dict[str, Any]:
+    """A dp stage: share the noised vectors, add them over the holders, open them for every cell."""
+    assert spec.dp is not None
+    lay = spec.layout
+    g = len(spec.domain)
+    secint = mpc.SecInt(lay.int_bits)
+    noised = list(lay.opened)
+    total = _add_inputs(mpc, secint, _own(local, "values", noised), (len(noised), g), list(spec.input_players))
+    got = np.asarray(await mpc.output(total)).reshape(len(noised), g)
+    opened = {v: _ints(got[i]) for i, v in enumerate(noised)}
+    counts = {v: opened[v] for v in noised if not v.startswith("s:")}
+    return {"pattern": [1] * g, "columns": dp_columns(spec, opened), "noisy_counts": counts}
+
+
+def dp_columns(spec: StageSpec, opened: dict[str, list[int]]) -> dict[str, list[Any]]:
+    """A dp stage's released columns from the opened noisy vectors: COUNT as it is (may be
+    negative), SUM in the measure's units, AVG = noisy sum / max(noisy count, 1) clamped to the
+    measure's bounds."""
+    cols: dict[str, list[Any]] = {}
+    for a in spec.aggregates:
+        if a.column is None:
+            cols[a.name] = opened["rows"]
+            continue
+        ms = spec.measure(a.column)
+        count = opened.get(spec.layout.count_of(a.column))
+        if a.func == "count":
+            assert count is not None
+            cols[a.name] = count
+        elif a.func == "sum":
+            cols[a.name] = [s if ms.scale == 1 else s / ms.scale for s in opened[f"s:{a.column}"]]
+        else:
+            assert count is not None
+            cols[a.name] = [
+                min(max(s / max(n, 1) / ms.scale, ms.min), ms.max)
+                for s, n in zip(opened[f"s:{a.column}"], count, strict=True)
+            ]
+    return cols
 
 
 def _share_inputs(mpc: Any, spec: StageSpec, local: dict[str, Any] | None) -> _SharedInputs:

@@ -46,6 +46,10 @@ class MpcResult:
     # The query's log position, as each signer knows it (its owner's approval signs it; the enclave
     # had it with its approvals; the coordinator's helpers from its own log). None: version 1.
     log: LogPosition | None = None
+    # A dp stage (spec.dp): the mechanism as released, and per aggregate the 95 % half-width of each
+    # released cell, in the cells' order. None otherwise (the document is then as before).
+    privacy: dict[str, Any] | None = None
+    ci95: dict[str, list[float]] | None = None
 
     @classmethod
     def from_opened(
@@ -75,6 +79,18 @@ class MpcResult:
             "combine": combine,
             "applied": "inside the MPC (one secure comparison per group); only passing groups were opened",
         }
+        privacy = ci95 = None
+        if spec.dp is not None:
+            rule = {
+                "name": "dp",
+                "min_group_size": 0,
+                "on": spec.threshold_on,
+                "combine": "noise",
+                "applied": "differential privacy: every cell of the public domain opened with distributed noise; "
+                "no threshold on exact counts",
+            }
+            privacy = dict(spec.dp.privacy)
+            ci95 = dp_intervals(spec, [v for _, v in cells], opened.get("noisy_counts", {}))
         return cls(
             session_id=spec.session_id,
             spec_digest=spec.digest(),
@@ -88,6 +104,8 @@ class MpcResult:
             trust_assumption=spec.trust_assumption(),
             stats=dict(stats or {}),
             log=log,
+            privacy=privacy,
+            ci95=ci95,
         )
 
     def as_dict(self) -> dict[tuple[Any, ...], dict[str, Any]]:
@@ -113,6 +131,7 @@ class MpcResult:
             "players": list(self.players),
             "threshold": self.threshold,
             "trust_assumption": self.trust_assumption,
+            **({"privacy": self.privacy, "ci95": self.ci95} if self.privacy is not None else {}),
         }
 
     def canonical(self) -> bytes:
@@ -131,6 +150,43 @@ class MpcResult:
     def to_table(self) -> pa.Table:
         """The released cells as a pyarrow Table: the group-by columns, then the aggregates."""
         return _cells_table(self.group_by, self.aggregates, self.cells)
+
+
+def dp_intervals(
+    spec: StageSpec, cells: Sequence[Mapping[str, Any]], counts: Mapping[str, Sequence[int]]
+) -> dict[str, list[float]]:
+    """The 95 % half-width of each released cell of a dp stage, per aggregate: the quantile of the
+    total noise of its vector (:func:`sealroom.planning.mpc_privacy.distributed_ci95`) for COUNT and
+    SUM; for AVG = S / max(N, 1), (ci(S) + |AVG| ci(N)) / max(N, 1) (delta method), at most the
+    measure's range."""
+    from sealroom.planning.mpc_privacy import distributed_ci95  # noqa: PLC0415 - dp stages only
+
+    assert spec.dp is not None
+    shape = len(spec.input_players) / spec.dp.honest
+
+    def ci(vector: str) -> float:
+        unit = spec.measure(vector[2:]).scale if vector.startswith("s:") else 1
+        return distributed_ci95(spec.dp.scale(vector), shape) / unit  # type: ignore[union-attr]
+
+    out: dict[str, list[float]] = {}
+    for a in spec.aggregates:
+        if a.column is None:
+            out[a.name] = [ci("rows")] * len(cells)
+        elif a.func == "count":
+            out[a.name] = [ci(spec.layout.count_of(a.column))] * len(cells)
+        elif a.func == "sum":
+            out[a.name] = [ci(f"s:{a.column}")] * len(cells)
+        else:
+            ms = spec.measure(a.column)
+            count = spec.layout.count_of(a.column)
+            ci_s, ci_n = ci(f"s:{a.column}"), ci(count)
+            # The noisy count AVG divides by (a measurement of its own, opened with it).
+            noisy = counts.get(count, [1] * len(cells))
+            out[a.name] = [
+                min((ci_s + abs(float(cell[a.name])) * ci_n) / max(float(n), 1.0), ms.max - ms.min)
+                for cell, n in zip(cells, noisy, strict=True)
+            ]
+    return out
 
 
 def _json_values(values: dict[str, Any]) -> dict[str, Any]:

@@ -9,10 +9,11 @@ each owner's rules is :func:`sealroom.planning.checks.stage_rule_violation`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from sealroom.errors import InvalidQueryError
-from sealroom.planning.mpc_spec import Measure
+from sealroom.planning.mpc_spec import Measure, bound_decimals
 from sealroom.policy import ColumnRule
 
 
@@ -41,3 +42,14 @@ def measure_from_rules(
             details={"column": column, "rule": "bounds", "stage": "mpc"},
         )
     return Measure(column, lo, hi, decimals, nullable)
+
+
+def representing_decimals(rules: Iterable[ColumnRule], decimals: int) -> int:
+    """``decimals`` (from the column's type) raised to those of every declared bound in ``rules``
+    (max = 2.5 on an integer column: 1), so that clamping in fixed point clamps to the declared
+    bounds, not to bounds rounded to whole units (at most 12)."""
+    for rule in rules:
+        for bound in (rule.min, rule.max):
+            if bound is not None and math.isfinite(bound):
+                decimals = max(decimals, bound_decimals(bound))
+    return decimals

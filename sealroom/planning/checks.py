@@ -51,6 +51,7 @@ from typing import NamedTuple
 
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
 from sealroom.planning.disclosure import check_uses
+from sealroom.planning.mpc_privacy import mpc_noise, noise_mismatch
 from sealroom.planning.mpc_spec import GroupColumn, StageSpec
 from sealroom.planning.mpc_sql import MpcQuery
 from sealroom.planning.plan import (
@@ -126,6 +127,9 @@ class PlanChecks:
     mpc_queries: Mapping[str, MpcQuery]  # each checked MPC stage
     # Each TEE stage released under differential privacy (a plan reading dp datasets): its mechanism.
     mechanisms: Mapping[str, DpMechanism] = field(default_factory=dict)
+    # Each MPC stage released under differential privacy: its mechanism (the same measurements and
+    # scales as the enclave's; the noise the holders add is the stage spec's ``dp``).
+    mpc_mechanisms: Mapping[str, DpMechanism] = field(default_factory=dict)
 
 
 def check_plan(plan: Plan, checker: Checker) -> PlanChecks:
@@ -133,6 +137,9 @@ def check_plan(plan: Plan, checker: Checker) -> PlanChecks:
     of the module docstring. Raises PolicyRefusalError or InvalidQueryError (a plan inconsistent with
     its SQL)."""
     mechanisms = check_privacy(plan)
+    mpc_ids = {st.id for st in plan.mpc_stages()}
+    mpc_mechanisms = {k: m for k, m in mechanisms.items() if k in mpc_ids}
+    mechanisms = {k: m for k, m in mechanisms.items() if k not in mpc_ids}
     for stage in plan.stages:
         for inp in stage.inputs:
             if checker.answers_for(stage, inp):
@@ -148,7 +155,7 @@ def check_plan(plan: Plan, checker: Checker) -> PlanChecks:
     for mpc in plan.mpc_stages():
         if any(_answers_for_any(checker, s, s.inputs) for s in _with_feeding(plan, mpc)):
             queries[mpc.id] = check_mpc_stage_rules(plan, mpc, checker)
-    return PlanChecks(pushdowns, queries, mechanisms)
+    return PlanChecks(pushdowns, queries, mechanisms, mpc_mechanisms)
 
 
 def check_privacy(plan: Plan) -> dict[str, DpMechanism]:
@@ -157,7 +164,8 @@ def check_privacy(plan: Plan) -> dict[str, DpMechanism]:
     epsilon within every owner's ``max_query_epsilon``, the delta partition selection needs, and a
     release every stage can make under dp (:func:`sealroom.planning.privacy.dp_mechanism`). Every
     checker runs it over the whole plan: a dp owner's guarantee depends on what every other input
-    of the query is. Returns each TEE stage's mechanism."""
+    of the query is. Returns each released stage's mechanism (TEE and MPC stages, by id); an MPC
+    stage's noise is :func:`sealroom.planning.mpc_privacy.mpc_noise`."""
     inputs = plan.inputs()
     dp = dp_inputs_mode(inputs)
     if not dp:
@@ -177,11 +185,18 @@ def check_privacy(plan: Plan) -> dict[str, DpMechanism]:
             mechanisms[tee.id] = dp_mechanism(tee.sql, tee.inputs, plan.privacy, min_group_size=tee.min_group_size)
             delta_needed |= mechanisms[tee.id].selection is not None
     for mpc in plan.mpc_stages():
-        raise PolicyRefusalError(
-            f"MPC stage {mpc.id} reads datasets released only with differential privacy, which an MPC stage "
-            "does not noise yet; ask the owners to accept an enclave",
-            details={"rule": "privacy_mode", "stage": mpc.id},
+        # The enclave's mechanism over the stage's domain, noised by its input holders: the noise the
+        # stage's spec carries must be exactly what the plan implies (sealroom.planning.mpc_privacy).
+        mech, noise = mpc_noise(
+            mpc.sql, plan.mpc_inputs(mpc), plan.privacy, mpc.spec, analyst=plan.analyst, plan_inputs=inputs
         )
+        if noise_mismatch(mpc.spec, noise):
+            raise PolicyRefusalError(
+                f"MPC stage {mpc.id} reads datasets released only with differential privacy, and its noise is not "
+                "the one the plan implies (contribution bounds, scales, shares); re-plan the query",
+                details={"rule": "privacy_mode", "stage": mpc.id},
+            )
+        mechanisms[mpc.id] = mech
     expected = plan_privacy_for(inputs, delta_needed, plan.privacy.epsilon)
     if expected != plan.privacy:
         raise InvalidQueryError(

@@ -6,8 +6,12 @@ and fixed-point scales, the rule, and the players. Every player derives the same
 same :class:`StageSpec`, so the players run identical programs (MPyC matches messages by a program
 counter).
 
-Encoding. A measure value ``v`` is clamped to its declared ``[min, max]`` and encoded as the
-integer ``round(v * 10**decimals)`` (the *scale* is ``10**decimals``). Sums, sums of squares, minima
+Encoding. A measure value ``v`` is clamped to its declared ``[min, max]`` (before rounding, so the
+bounds mean what they mean in the enclave) and encoded as the integer ``round(v * 10**decimals)``
+(the *scale* is ``10**decimals``), then clamped again to ``[lo, hi]``, the declared bounds in
+fixed point rounded *inward* (``ceil(min * scale)``, ``floor(max * scale)``): a unit never weighs
+more than its owners allow. The planner chooses decimals that represent the bounds exactly
+(:func:`bound_decimals`), so both clamps agree with the enclave's. Sums, sums of squares, minima
 and maxima are exact on these integers. Bit lengths come from the declared bounds and
 ``max_rows`` (the most rows one party may hold in one group), never from the data, so they reveal
 nothing and no sum can silently wrap; a party whose data exceeds ``max_rows`` is refused.
@@ -19,6 +23,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from sealroom.canonical import canonical_json
@@ -82,11 +87,18 @@ class Measure:
 
     @property
     def lo(self) -> int:
-        return math.floor(self.min * self.scale)
+        """The lower bound in fixed point, rounded inward (up)."""
+        return math.ceil(_fixed(self.min, self.decimals))
 
     @property
     def hi(self) -> int:
-        return math.ceil(self.max * self.scale)
+        """The upper bound in fixed point, rounded inward (down)."""
+        return math.floor(_fixed(self.max, self.decimals))
+
+    @property
+    def exact(self) -> bool:
+        """Whether both bounds are whole numbers of fixed-point units (then ``lo``/``hi`` are them)."""
+        return _fixed(self.min, self.decimals) == self.lo and _fixed(self.max, self.decimals) == self.hi
 
     @property
     def magnitude(self) -> int:
@@ -100,6 +112,22 @@ class Measure:
             "decimals": self.decimals,
             "nullable": self.nullable,
         }
+
+
+MAX_DECIMALS = 12
+
+
+def _fixed(x: float, decimals: int) -> Decimal:
+    """``x * 10**decimals`` exactly, from the shortest decimal text of ``x`` (what the owner wrote)."""
+    return Decimal(repr(float(x))).scaleb(decimals)
+
+
+def bound_decimals(x: float) -> int:
+    """The decimals needed to represent bound ``x`` exactly as written (2.5 -> 1, 3 -> 0), at most
+    :data:`MAX_DECIMALS`."""
+    exponent = Decimal(repr(float(x))).normalize().as_tuple().exponent
+    assert isinstance(exponent, int)  # finite bounds only
+    return min(max(-exponent, 0), MAX_DECIMALS)
 
 
 @dataclass(frozen=True)
@@ -137,6 +165,57 @@ def bin_label(lo: float, hi: float) -> str:
     return f"[{fmt(lo)}, {fmt(hi)})"
 
 
+# Noise scales above this many fixed-point units are refused: the shares are sampled as 64-bit integers.
+MAX_NOISE_SCALE = 1e15
+# Differentially private stages open only these (noisy) aggregates.
+DP_AGGREGATES = ("count", "sum", "avg")
+
+
+@dataclass(frozen=True)
+class StageNoise:
+    """How a differentially private MPC stage is noised (docs/mpc.md "Differential privacy"): every
+    input holder bounds its own rows' contributions (at most ``max_rows`` rows per (unit, group),
+    ``max_groups`` groups per unit) and adds a Pólya noise share, NB(r, p) - NB(r, p) with
+    ``p = 1 - exp(-1/b)`` and ``r = 1 / honest``, to each vector of ``scales`` (layout row -> discrete
+    Laplace scale b in fixed-point units) before sharing it; any ``honest`` holders' shares add up to
+    one full discrete Laplace(b). ``privacy``: the mechanism as released (the stage's signed result
+    carries it). Derived from the plan by :func:`sealroom.planning.privacy.mpc_noise`; every checker
+    recomputes it."""
+
+    scales: tuple[tuple[str, float], ...]
+    honest: int
+    max_groups: int
+    max_rows: int
+    privacy: Mapping[str, Any]
+
+    @property
+    def share_shape(self) -> float:
+        """r: the negative binomial shape of one holder's share."""
+        return 1.0 / self.honest
+
+    def scale(self, vector: str) -> float:
+        return dict(self.scales)[vector]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scales": [[v, b] for v, b in self.scales],
+            "honest": self.honest,
+            "max_groups": self.max_groups,
+            "max_rows": self.max_rows,
+            "privacy": dict(self.privacy),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StageNoise:
+        return cls(
+            scales=tuple((str(v), float(b)) for v, b in d["scales"]),
+            honest=int(d["honest"]),
+            max_groups=int(d["max_groups"]),
+            max_rows=int(d["max_rows"]),
+            privacy=dict(d["privacy"]),
+        )
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """Everything public about one MPC stage (see the module docstring).
@@ -164,6 +243,8 @@ class StageSpec:
     max_rows: int = DEFAULT_MAX_ROWS
     threshold: int | None = None
     fraction_bits: int = FRACTION_BITS
+    # Differential privacy (a plan reading dp datasets): no threshold, every cell opened with noise.
+    dp: StageNoise | None = None
     _layout: Layout | None = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -198,6 +279,8 @@ class StageSpec:
         """Who sees what, for ``explain`` and plans: players (helpers marked), the threshold and
         the assumption in words, the rule applied inside the MPC, and what is opened."""
         lay = self.layout
+        if self.dp is not None:
+            return self._explain_dp()
         opened = ["the pass/suppress pattern over the public group domain"]
         for a in self.aggregates:
             what = f"{a.func.upper()}({a.column or '*'})"
@@ -222,6 +305,24 @@ class StageSpec:
             "transport": "mutual TLS with per-session certificates (MPyC --ssl)",
         }
 
+    def _explain_dp(self) -> dict[str, Any]:
+        assert self.dp is not None
+        return {
+            "kind": "mpc",
+            "players": [{"index": i, **p.to_dict()} for i, p in enumerate(self.players)],
+            "threshold": self.t,
+            "trust_assumption": self.trust_assumption(),
+            "rule": {"name": "dp", "min_group_size": None, "on": self.threshold_on, "combine": "noise"},
+            "groups": len(self.domain),
+            "opened": [
+                f"{a.func.upper()}({a.column or '*'}) of every group of the public domain, with noise, as {a.name}"
+                for a in self.aggregates
+            ],
+            "never_opened": "any party's own partials or noise share; any exact value",
+            "privacy": dict(self.dp.privacy),
+            "transport": "mutual TLS with per-session certificates (MPyC --ssl)",
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": SPEC_VERSION,
@@ -238,6 +339,7 @@ class StageSpec:
             "max_rows": self.max_rows,
             "threshold": self.t,
             "fraction_bits": self.fraction_bits,
+            **({"dp": self.dp.to_dict()} if self.dp is not None else {}),
         }
 
     def digest(self) -> str:
@@ -276,6 +378,7 @@ class StageSpec:
             max_rows=int(doc["max_rows"]),
             threshold=int(doc["threshold"]),
             fraction_bits=int(doc["fraction_bits"]),
+            dp=StageNoise.from_dict(doc["dp"]) if doc.get("dp") is not None else None,
         )
 
 
@@ -330,7 +433,16 @@ def _validate(spec: StageSpec) -> Layout:
     vectors = _aggregate_vectors(spec, measures)
     rows = _row_vectors(vectors)
     opened, divided, null_flags = _openings(spec, measures, vectors)
+    if spec.dp is not None:
+        opened, divided, null_flags = _check_dp(spec, rows), [], []
     bits = _bit_lengths(spec, measures, vectors.need, rows, holders=len(holders))
+    if spec.dp is not None:
+        # Room for the noise: |noise| stays below 64 b per holder share except with probability
+        # below e^-60; a sum outside would wrap, so leave far more.
+        noise = len(holders) * 64 * max(1, math.ceil(max(b for _, b in spec.dp.scales)))
+        bits = _Bits(
+            bits.total_rows, bits.cap, bits.cmp_bits, max(bits.int_bits, bits.int_bits + noise.bit_length() + 2)
+        )
     fxp_frac = _fixed_point_fraction(spec, bits, divided)
     return Layout(
         counts=tuple((c, _count_of(measures, c)) for c in sorted(vectors.need)),
@@ -347,6 +459,35 @@ def _validate(spec: StageSpec) -> Layout:
         fxp_frac=fxp_frac,
         count_bits=bits.total_rows.bit_length(),
     )
+
+
+def _check_dp(spec: StageSpec, rows: Sequence[str]) -> set[str]:
+    """A dp stage: COUNT, SUM and AVG only, privacy units counted, one positive finite scale per
+    noised vector (each a shared one). Returns the vectors opened (the noised ones)."""
+    assert spec.dp is not None
+    for a in spec.aggregates:
+        if a.func not in DP_AGGREGATES:
+            raise _refuse(
+                f"{a.func.upper()} is not released by a differentially private MPC stage (COUNT, SUM and AVG are)",
+                rule="dp_aggregate",
+                aggregate=a.name,
+            )
+    if spec.threshold_on != "units" or not spec.unit_column:
+        raise _refuse(
+            "a differentially private MPC stage bounds each privacy unit: it needs the unit column", rule="dp"
+        )
+    names = [v for v, _ in spec.dp.scales]
+    if not names or len(set(names)) != len(names) or not set(names) <= set(rows):
+        raise _refuse("plan is inconsistent: the dp stage's noised vectors are not its shared vectors", rule="dp")
+    if any(not (math.isfinite(b) and 0 < b <= MAX_NOISE_SCALE) for _, b in spec.dp.scales):
+        raise _refuse(
+            f"a noise scale of the dp MPC stage is not in (0, {MAX_NOISE_SCALE:g}] fixed-point units: ask for a "
+            "larger epsilon, or use fewer decimals or narrower bounds",
+            rule="overflow",
+        )
+    if spec.dp.honest < 1 or spec.dp.max_groups < 1 or spec.dp.max_rows < 1:
+        raise _refuse("plan is inconsistent: malformed dp noise of the MPC stage", rule="dp")
+    return set(names)
 
 
 def _check_players(spec: StageSpec) -> list[Player]:
@@ -401,8 +542,15 @@ def _check_measures(spec: StageSpec) -> dict[str, Measure]:
     for ms in spec.measures:
         if not (math.isfinite(ms.min) and math.isfinite(ms.max)) or ms.min > ms.max:
             raise _refuse(f"measure {ms.column} needs finite bounds min <= max", column=ms.column, rule="bounds")
-        if not 0 <= ms.decimals <= 12:
-            raise _refuse(f"measure {ms.column}: decimals must be 0..12", column=ms.column, rule="bounds")
+        if not 0 <= ms.decimals <= MAX_DECIMALS:
+            raise _refuse(f"measure {ms.column}: decimals must be 0..{MAX_DECIMALS}", column=ms.column, rule="bounds")
+        if ms.lo > ms.hi:
+            raise _refuse(
+                f"measure {ms.column}: no value with {ms.decimals} decimals lies in [{ms.min!r}, {ms.max!r}]; "
+                "use more decimals",
+                column=ms.column,
+                rule="bounds",
+            )
     return measures
 
 

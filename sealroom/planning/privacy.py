@@ -327,7 +327,12 @@ def _refuse(message: str, rule: str, **details: Any) -> PolicyRefusalError:
 
 
 def dp_mechanism(
-    sql: str, inputs: Sequence[Any], privacy: PlanPrivacy, *, min_group_size: int | None = None
+    sql: str,
+    inputs: Sequence[Any],
+    privacy: PlanPrivacy,
+    *,
+    min_group_size: int | None = None,
+    public_domain: tuple[tuple[Any, ...], ...] | None = None,
 ) -> DpMechanism:
     """The mechanism of a dp stage running ``sql`` over ``inputs`` (PlanInputs: ``qualified``,
     ``columns``, ``filter_columns``, ``policy``) with the plan's ``privacy`` block. Deterministic: the
@@ -347,7 +352,10 @@ def dp_mechanism(
     )
     outputs, specs = _outputs(r, by_name)
     _check_having(r, specs)
-    domain = _public_domain(r, by_name) if r.groups else ((),)
+    if public_domain is not None:  # an MPC stage's: every cell of its domain is opened
+        domain: tuple[tuple[Any, ...], ...] | None = public_domain
+    else:
+        domain = _public_domain(r, by_name) if r.groups else ((),)
     n_measurements = len(specs) + (1 if domain is None else 0)
     each = privacy.epsilon / n_measurements
     measurements = []

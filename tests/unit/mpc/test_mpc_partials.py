@@ -148,3 +148,44 @@ def test_pandas_reference_for_sums_is_exact():
     p = local_partials(pa.Table.from_pandas(df, preserve_index=False), s, party="a")
     ref = df.groupby("seg")["x"].sum()
     assert p.values["s:x"][:2] == [int(ref["s0"]), int(ref["s1"])]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounds mean the same on every path (issue 14): clamp to the declared bounds, never to bounds
+# rounded outward to whole fixed-point units.
+
+
+def _bounded(measure: Measure) -> StageSpec:
+    return stage(aggregates=(Aggregate("sum_x", "sum", "x"), Aggregate("max_x", "max", "x")), measures=(measure,))
+
+
+def test_an_integer_measure_with_a_fractional_bound_is_clamped_to_that_bound():
+    t = pa.table({"seg": ["s0"] * 5, "x": pa.array([1, 2, 3, 4, 9], pa.int64())})
+    # The enclave's SUM(LEAST(x, 2.5)) = 1 + 2 + 2.5 * 3 = 10.5; with one decimal the players compute it exactly.
+    p = local_partials(t, _bounded(Measure("x", 0, 2.5, 1, nullable=False)), party="a")
+    assert p.values["s:x"][0] == 105 and p.extrema["max:x"][0] == 25
+    # With too few decimals to represent 2.5 the bound is rounded inward (2), never outward (3).
+    coarse = Measure("x", 0.5, 2.5, 0, nullable=False)
+    assert (coarse.lo, coarse.hi, coarse.exact) == (1, 2, False)
+    p = local_partials(t, _bounded(coarse), party="a")
+    assert p.values["s:x"][0] == 1 + 2 + 2 * 3 and p.extrema["max:x"][0] == 2
+
+
+def test_values_are_clamped_before_they_are_rounded():
+    # 2.54 clamped to 2.5 first: 25 units; rounding first would give 25 too, but 2.56 -> 26 -> 25 hides
+    # the order. Lower bound 0.04 with one decimal rounds inward to 1 unit (0.1), and 0.04 itself is
+    # clamped to 0.04 then rounded to 0 then clamped to 1: never below the bound.
+    t = pa.table({"seg": ["s0"] * 3, "x": [2.56, 0.0, 1.04]})
+    m = Measure("x", 0.04, 2.5, 1, nullable=False)
+    assert (m.lo, m.hi) == (1, 25)
+    p = local_partials(t, _bounded(m), party="a")
+    assert p.values["s:x"][0] == 25 + 1 + 10
+
+
+def test_bound_decimals_represent_what_the_owner_wrote():
+    from sealroom.planning.mpc_spec import bound_decimals
+
+    assert [bound_decimals(x) for x in (3, 2.5, 0.1, 1e6, 1e-7, -12.25, 1 / 3)] == [0, 1, 1, 0, 7, 2, 12]
+    assert Measure("x", 0.1, 0.3, 1).exact and (Measure("x", 0.1, 0.3, 1).lo, Measure("x", 0.1, 0.3, 1).hi) == (1, 3)
+    with pytest.raises(Exception, match="no value with 0 decimals"):
+        _bounded(Measure("x", 0.25, 0.75, 0))

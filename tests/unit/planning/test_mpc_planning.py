@@ -684,3 +684,15 @@ def test_a_single_owner_mpc_query_is_refused_not_given_two_helpers():
         "SELECT diagnosis, COUNT(*) AS n FROM hospital_east.stays GROUP BY diagnosis", hospital_east=MPC_ONLY
     )
     assert err.details["mpc_rule"] == "players" and "second owner" in err.message
+
+
+def test_mpc_decimals_represent_the_owners_bounds():
+    """An integer measure whose owner allows at most 2.5 gets one fixed-point decimal, so the players
+    clamp to 2.5 exactly as the enclave does (issue 14: bounds mean the same on every path)."""
+    rules = dict(POLICY.columns)
+    rules["length_of_stay"] = dataclasses.replace(rules["length_of_stay"], max=2.5)
+    policy = dataclasses.replace(MPC_ONLY, columns=rules)
+    sql = f"SELECT diagnosis, SUM(length_of_stay) AS los FROM {UNION} GROUP BY diagnosis"
+    spec = _spec(_plan(sql, **{h: policy for h in HOSPITALS}).stages[0])
+    (m,) = spec.measures
+    assert (m.max, m.decimals, m.hi, m.exact) == (2.5, 1, 25, True)
