@@ -121,7 +121,9 @@ def test_differencing_recovers_nothing_the_intervals_do_not_predict(platform) ->
 
 def test_averaging_repeats_until_the_owner_refuses(platform) -> None:
     with platform.client("averager") as c:
-        released, refusal = _spend_until_refused(c, "SELECT SUM(amount) AS total FROM bank_a.customers WHERE age = 37", 0.5)
+        released, refusal = _spend_until_refused(
+            c, "SELECT SUM(amount) AS total FROM bank_a.customers WHERE age = 37", 0.5
+        )
     # Exactly the budget's worth of queries ran: 4.0 / 0.5 = 8.
     assert len(released) == int(BUDGET / 0.5)
     assert refusal.details["rule"] == "privacy_budget"

@@ -114,7 +114,7 @@ def test_groups_without_a_public_domain_spend_delta_on_partition_selection() -> 
     [
         ("SELECT VAR_POP(amount) FROM bank_a.loans", "dp_aggregate"),
         ("SELECT SUM(amount) / COUNT(*) FROM bank_a.loans", "dp_aggregate"),
-        ("SELECT SUM(amount + 1) FROM bank_a.loans", "dp_aggregate"),
+        ("SELECT SUM(COALESCE(amount, 0)) FROM bank_a.loans", "dp_aggregate"),
         ("SELECT COUNT(DISTINCT age) FROM bank_a.loans", "dp_aggregate"),
     ],
 )
