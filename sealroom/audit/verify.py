@@ -123,9 +123,7 @@ def verify_log(
        ``query_submitted`` entry of the query, its plan hash and analyst, in a tree of this history
        (the size's root is this log's) that precedes the release. Version 1 receipts bind no position:
        their release rows say ``"log_bound": false``.
-    10. ``privacy_charge``/``privacy_budget``: every ``privacy_charge`` entry is a charge of its
-       release's plan (and every dp release has its charges), and re-added per (dataset, scope,
-       refresh window) no owner's ``epsilon_budget`` was exceeded (:mod:`sealroom.audit.budget`).
+    10. ``privacy_charge``/``privacy_budget``: the charges are their releases' and within budget (:mod:`.budget`).
     """
     origin, key, pinned = _establish_log_key(export, log_key)  # 0
     entries = _parse_entries(export)  # 1
@@ -141,7 +139,6 @@ def verify_log(
     witnessed = _verify_witness_quorum(checkpoints, n, key, witnesses, quorum)  # 7c
     _verify_trusted(trusted, entries, roots, key)  # 8
     releases = _verify_receipts(export, entries, verify_receipt)  # 9
-    budgets = verify_budgets(entries, export.get("receipts", {}))  # 10
 
     return LogReport(
         origin=origin,
@@ -156,7 +153,7 @@ def verify_log(
         witnesses=tuple(_witness_rows(known, cosigned_by)),
         cosigned=tuple({"size": size, "witnesses": sorted(cosigned_by[size])} for size in sorted(cosigned_by)),
         unverified_cosignatures=unverified,
-        budgets=tuple(b.to_dict() for b in budgets),
+        budgets=tuple(b.to_dict() for b in verify_budgets(entries, export.get("receipts", {}))),  # 10
     )
 
 
