@@ -29,7 +29,7 @@ from sealroom.errors import SealroomError
 from sealroom.planning.plan import Plan
 from sealroom.privacy_rule import PrivacyRule
 
-__all__ = ["Spent", "logged_charges", "verify_budgets", "verify_ledger"]
+__all__ = ["LoggedCharge", "Spent", "logged_charges", "verify_budgets", "verify_ledger"]
 
 # Sums of floats: a budget is exceeded only beyond rounding.
 TOLERANCE = 1e-9
