@@ -209,3 +209,34 @@ def test_a_tampered_ledger_stops_the_agent_and_fails_audit_verify(cluster: Any, 
     finally:
         path.write_bytes(original)
         cluster.restart("party-bank_a")
+
+
+def test_sealroom_local_with_a_state_dir_spends_from_the_same_ledger(tmp_path: Path) -> None:
+    """``sealroom local --state-dir DIR`` run again starts the same owner's agent on the same ledger:
+    a budget of 1.0 allows two queries at 0.5, the third is refused."""
+    pq.write_table(
+        pa.table({"customer_id": pa.array(range(40), pa.int64()), "segment": ["retail"] * 30 + ["sme"] * 10}),
+        tmp_path / "loans.parquet",
+    )
+    (tmp_path / "policy.toml").write_text(
+        'privacy_unit = "customer_id"\n[columns]\ncustomer_id = "join_key"\n'
+        'segment = { role = "dimension", values = ["retail", "sme"] }\n'
+        '[privacy]\nmode = "dp"\nepsilon_budget = 1.0\n'
+    )
+    argv = [
+        "local",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--dataset",
+        f"bank_a.loans={tmp_path / 'loans.parquet'}",
+        "--policy",
+        f"bank_a.loans={tmp_path / 'policy.toml'}",
+        "--json",
+        SQL_A,
+    ]
+    runs = [_run(argv) for _ in range(3)]
+    assert [code for code, _ in runs] == [0, 0, 1]
+    refusal = json.loads(runs[2][1])["reason"]
+    assert refusal["details"]["rule"] == "privacy_budget" and refusal["details"]["epsilon_left"] == 0.0
+    (ledger,) = (tmp_path / "state").rglob(LEDGER_FILE)
+    assert [r.state for r in read_ledger(ledger).reservations.values()] == ["committed", "committed"]
