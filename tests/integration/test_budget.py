@@ -29,6 +29,8 @@ import pytest
 
 from sealroom.app.cli import main
 from sealroom.audit.ledger import LEDGER_FILE, read_ledger
+from sealroom.audit.receipts import verify_receipt
+from sealroom.errors import AuditError
 from sealroom.planning.privacy import DEFAULT_QUERY_EPSILON
 
 pytestmark = pytest.mark.slow
@@ -176,6 +178,14 @@ def test_audit_verify_readds_the_charges_and_finds_a_tampered_charge(cluster: An
     code, out = _run(["audit", "verify", "--log", str(tmp_path / "log.json"), "--ledger", str(_ledger(cluster))])
     assert code == 0, out
     assert "budget bank_a.loans (analyst:analyst)" in out and "chain intact" in out
+    # Each dp release's receipt carries its plan's charges; a receipt whose charges were edited is refused.
+    receipt = next(r for r in export["receipts"].values() if "privacy" in r)
+    assert receipt["privacy"]["charges"][0]["epsilon"] == DEFAULT_QUERY_EPSILON
+    for edit in ({"charges": [{**receipt["privacy"]["charges"][0], "epsilon": 0.01}]}, None):
+        changed = {k: v for k, v in receipt.items() if k != "privacy"} | ({"privacy": edit} if edit else {})
+        with pytest.raises(AuditError) as err:
+            verify_receipt(changed, appraisal=None, coordinator_key=None)
+        assert err.value.details["check"] == "privacy_charges"
     charge = next(e for e in export["entries"] if e["type"] == "privacy_charge")
     charge["event"]["epsilon"] = 0.01
     (tmp_path / "tampered.json").write_text(json.dumps(export))

@@ -197,3 +197,21 @@ def test_approvals_commit_on_first_flow_and_release_on_reject_revoke_and_lapse(t
     time.sleep(0.3)
     approvals.lapse()
     assert ledger.state_of(lapsed.hash) == {"released"} and ledger.state_of(used.hash) == {"committed"}
+
+
+def test_an_owners_reject_and_revoke_give_back_what_was_reserved(tmp_path: Path) -> None:
+    from sealroom.v1 import party_pb2
+
+    ledger = BudgetLedger(tmp_path / LEDGER_FILE, party="bank_a")
+    approvals = Approvals("bank_a", approval_ttl_seconds=60, pending_ttl_seconds=60, ledger=ledger)
+    revoked, rejected = _plan(POLICY, qid="qv"), _plan(POLICY, qid="qj")
+    for p in (revoked, rejected):
+        approvals.hold(p, manual=True, sign=lambda h, pos: b"sig")
+        _reserve(ledger, p)  # what the agent does when the owner approves (connectors/agent/party.py)
+        approvals.grant(party_pb2.OwnerCommand(query_id=p.query_id), sign=lambda h, pos: b"sig")
+    approvals.revoke(party_pb2.OwnerCommand(query_id=revoked.query_id))
+    approvals.reject(party_pb2.OwnerCommand(query_id=rejected.query_id))
+    assert ledger.state_of(revoked.hash) == {"released"} and ledger.state_of(rejected.hash) == {"released"}
+    assert ledger.spent("bank_a.loans", "analyst:alice", 1000.0, None) == 0.0
+    whys = [json.loads(x).get("why") for x in (tmp_path / LEDGER_FILE).read_bytes().splitlines()]
+    assert whys[-2:] == ["revoked", "rejected"]
