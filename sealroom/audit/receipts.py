@@ -245,7 +245,7 @@ def build_receipt(
         raise ValueError("the released result's SHA-256 (hex) is needed")
     executed = [s["result"].get("executed_at") for s in docs if s["kind"] == "tee"]
     privacy = plan_charges(plan)
-    if privacy is not None and any(c != privacy for c in _signed_charges(docs)):
+    if privacy is not None and not _within(_signed_charges(docs), privacy):
         raise ValueError("the enclave signed other privacy charges than the plan's")
     receipt: dict[str, Any] = {
         "kind": RECEIPT_KIND,
@@ -294,6 +294,12 @@ def _signed_charges(stages: Sequence[Mapping[str, Any]]) -> list[Any]:
         if isinstance(privacy, Mapping) and "charges" in privacy:
             out.append(privacy["charges"])
     return out
+
+
+def _within(signed: Sequence[Any], expected: Sequence[Any]) -> bool:
+    """Every charge a stage's enclave signed is one of the plan's (a stage charges the dp datasets
+    it reads; the plan's list covers them all)."""
+    return all(isinstance(charges, list) and all(c in expected for c in charges) for charges in signed)
 
 
 def _signed_body(receipt: Mapping[str, Any]) -> bytes:
@@ -642,7 +648,7 @@ def _verify_privacy(receipt: Mapping[str, Any], parts: _Parts, plan: Plan) -> No
         if "privacy" in receipt:
             raise refuse("privacy_charges", "the receipt carries privacy charges for a plan that reads no dp dataset")
         return
-    if receipt.get("privacy") != {"charges": expected} or any(c != expected for c in _signed_charges(parts.stages)):
+    if receipt.get("privacy") != {"charges": expected} or not _within(_signed_charges(parts.stages), expected):
         raise refuse(
             "privacy_charges",
             "the receipt's privacy charges are not those of its plan (epsilon, delta and the dp datasets it "

@@ -175,9 +175,13 @@ def _export(cluster: Any, path: Path) -> dict[str, Any]:
 def test_audit_verify_readds_the_charges_and_finds_a_tampered_charge(cluster: Any, tmp_path: Path) -> None:
     export = _export(cluster, tmp_path / "log.json")
     assert any(e["type"] == "privacy_charge" for e in export["entries"])
-    code, out = _run(["audit", "verify", "--log", str(tmp_path / "log.json"), "--ledger", str(_ledger(cluster))])
+    verify = ["audit", "verify", "--log", str(tmp_path / "log.json"), "--party", "bank_a", "--ledger"]
+    code, out = _run([*verify, str(_ledger(cluster))])
     assert code == 0, out
     assert "budget bank_a.loans (analyst:analyst)" in out and "chain intact" in out
+    (tmp_path / "empty.jsonl").write_bytes(b"")  # a ledger that lost every line gives every budget back
+    code, out = _run([*verify, str(tmp_path / "empty.jsonl"), "--json"])
+    assert code == 1 and json.loads(out)["check"] == "ledger_charges"
     # Each dp release's receipt carries its plan's charges; a receipt whose charges were edited is refused.
     receipt = next(r for r in export["receipts"].values() if "privacy" in r)
     assert receipt["privacy"]["charges"][0]["epsilon"] == DEFAULT_QUERY_EPSILON

@@ -93,6 +93,9 @@ def add_parsers(sub: Subparsers) -> None:
         metavar="FILE",
         help="an owner agent's budget ledger (budget.jsonl): check its chain and its committed charges against the log",
     )
+    avf.add_argument(
+        "--party", metavar="NAME", help="the owner whose --ledger it is (then every charge the log records is checked)"
+    )
 
     def reviewer(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--log-key", metavar="HEX_OR_VKEY", help="the log's Ed25519 public key to pin")
@@ -346,18 +349,18 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if not options.appraisal.appraises and not args.allow_simulated:
         warnings.append("receipts' attestation evidence not appraised (give --trust, or --allow-simulated --dev-root)")
     if args.log:
-        return _verify_log_file(args.log, options, warnings, as_json=args.json, ledger=args.ledger)
-    return _verify_state_dir(args.state_dir, options, warnings, as_json=args.json, ledger=args.ledger)
+        return _verify_log_file(args.log, options, warnings, as_json=args.json, ledger=(args.ledger, args.party))
+    return _verify_state_dir(args.state_dir, options, warnings, as_json=args.json, ledger=(args.ledger, args.party))
 
 
-def _check_ledger(path: str | None, export: Mapping[str, Any]) -> dict[str, Any] | None:
+def _check_ledger(path: str | None, party: str | None, *, export: Mapping[str, Any]) -> dict[str, Any] | None:
     """``--ledger FILE``: the ledger's chain holds and its committed charges are the log's (AuditError)."""
     if path is None:
         return None
     if not Path(path).is_file():
         raise UsageError(f"{path}: no such ledger file")
     entries = [LogEntry.from_dict(e) for e in export["entries"]]  # verified already
-    return {"ledger": path, **verify_ledger(read_ledger(Path(path)), entries)}
+    return {"ledger": path, **verify_ledger(read_ledger(Path(path)), entries, party=party)}
 
 
 def _print_ledger(summary: dict[str, Any] | None) -> None:
@@ -379,7 +382,12 @@ def _print_budgets(report: LogReport) -> None:
 
 
 def _verify_log_file(
-    path: str, options: VerifyOptions, warnings: list[str], *, as_json: bool, ledger: str | None = None
+    path: str,
+    options: VerifyOptions,
+    warnings: list[str],
+    *,
+    as_json: bool,
+    ledger: tuple[str | None, str | None] = (None, None),
 ) -> int:
     """``audit verify --log FILE``: an exported log."""
     try:
@@ -388,7 +396,7 @@ def _verify_log_file(
         raise UsageError(f"{path}: {exc}") from None
     try:
         report = verify_export(export, options.log_key, options)
-        checked = _check_ledger(ledger, export)
+        checked = _check_ledger(*ledger, export=export)
     except AuditError as err:
         report_refusal(err, as_json=as_json)
         return EXIT_FAILED
@@ -405,7 +413,12 @@ def _verify_log_file(
 
 
 def _verify_state_dir(
-    state_dir: str, options: VerifyOptions, warnings: list[str], *, as_json: bool, ledger: str | None = None
+    state_dir: str,
+    options: VerifyOptions,
+    warnings: list[str],
+    *,
+    as_json: bool,
+    ledger: tuple[str | None, str | None] = (None, None),
 ) -> int:
     """``audit verify --state-dir DIR``: every coordinator log found there, with the key each
     coordinator published."""
@@ -422,7 +435,7 @@ def _verify_state_dir(
             log = load_state_log(directory)
         try:
             report = verify_export(log.export, options.key_for(log), options)
-            ledgers.append(_check_ledger(ledger, log.export))
+            ledgers.append(_check_ledger(*ledger, export=log.export))
         except AuditError as err:
             err.details.setdefault("log", str(directory))
             print(f"sealroom: refused ({err.details.get('check', '')}): {directory}: {err.message}", file=sys.stderr)
