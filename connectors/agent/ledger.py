@@ -24,10 +24,15 @@ and the line), rather than trust it or begin a new one, which would give every b
 What a committed charge means, honestly: once the owner's data flowed for a plan, the agent cannot
 tell a query that failed afterwards from one that was released and whose release a dishonest
 operator hides from it; so a committed charge is never given back, even for a query that failed.
-A query refused before any data flowed (by another owner, the enclave's admission, or this owner)
-releases its reservation and charges nothing. The coordinator logs each released charge
-(``privacy_charge`` entries), and ``sealroom audit verify --ledger budget.jsonl`` checks that the
-ledger's chain holds and that its committed charges are the log's.
+A query refused or failed before any of this owner's data flowed charges nothing: this owner's
+refusal reserves nothing; a reservation made for a query another owner or the enclave then refused
+counts until its approval lapses (``approval_ttl_seconds``; the coordinator does not tell the agent
+that a query ended, and the agent does not take its word for it), and is then released.
+
+The coordinator logs each released charge (``privacy_charge`` entries), and ``sealroom audit verify
+--ledger budget.jsonl`` checks that the ledger's chain holds and that the log's charges are committed
+in it. The chain shows a line edited, removed or reordered, not a last line edited or removed: that
+is what comparing with the log (and backups of the file) is for.
 
 Refresh windows (``refresh = "P30D"``) are rolling; a charge's time is the query's submission time
 in the coordinator's log (the ``query_submitted`` entry the agent witnessed), which
