@@ -35,7 +35,8 @@ in it. The chain shows a line edited, removed or reordered, not a last line edit
 is what comparing with the log (and backups of the file) is for.
 
 Refresh windows (``refresh = "P30D"``) are rolling; a charge's time is the query's submission time
-in the coordinator's log (the ``query_submitted`` entry the agent witnessed), which
+in the coordinator's log (the ``query_submitted`` entry the agent witnessed; never later than the
+agent's own clock, so a coordinator cannot date queries ahead into fresh windows), which
 ``sealroom audit verify`` reads too; a new charge is checked against every charge less than one
 window away, on either side (:func:`sealroom.audit.ledger.within_window`).
 """

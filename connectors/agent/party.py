@@ -95,13 +95,17 @@ class _Enclave:
 
 
 def _submitted_at(submitted: Submitted) -> float:
-    """When the log shows the query submitted (unix seconds; checked by check_logged), else now."""
+    """When the log shows the query submitted (unix seconds; checked by check_logged), else now: what
+    a privacy charge's refresh window counts from. Never later than this agent's clock: a coordinator
+    that dated its entries ahead, one window further each time, would otherwise put every charge in a
+    window of its own (an honest log's entry is older than the review it comes with)."""
+    now = time.time()
     if submitted.entry:
         try:
-            return LogEntry.from_bytes(submitted.entry).time_ms / 1000
+            return min(LogEntry.from_bytes(submitted.entry).time_ms / 1000, now)
         except (ValueError, TypeError):
             pass
-    return time.time()
+    return now
 
 
 class PartyAgent:
