@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator.budget import budget_lines, log_entries, remaining_lines
 from coordinator.config import CoordinatorConfig
 from coordinator.orchestrator import Orchestrator
 from coordinator.planner import RESERVED_PARTY_NAMES, CatalogEntry, explain_text, plan_query
@@ -273,9 +274,12 @@ class Coordinator:
         plan, analysis = self._plan(sql, analyst, "explain", scope, epsilon)
         scope.check("explaining the plan")
         rows = {d.qualified: d.approximate_rows for d in self.store.datasets()}
-        # Each dp dataset's remaining budget, in words (party.dataset -> text), goes here.
-        budget: dict[str, str] = {}
-        return plan, explain_text(plan, analysis, rows, budget)
+        text = explain_text(plan, analysis, rows)
+        budget = remaining_lines(plan, log_entries(self.store))
+        if budget:  # each owner's remaining privacy budget (coordinator/budget.py)
+            text += "\nPrivacy budget (the owners' agents decide, from their own ledgers):\n"
+            text += "".join(f"  {line}\n" for line in budget)
+        return plan, text
 
     def submit(
         self, sql: str, analyst: str, scope: CallScope = UNBOUNDED, epsilon: float | None = None
@@ -443,6 +447,21 @@ def submit(
 ) -> coordinator_pb2.SubmitResponse:
     qid, status = c.submit(request.sql, c.limited_analyst(metadata, request.analyst), scope, request_epsilon(request))
     return coordinator_pb2.SubmitResponse(query_id=qid, status=status)
+
+
+def get_budget(
+    request: coordinator_pb2.GetBudgetRequest, c: Coordinator, metadata: Metadata
+) -> coordinator_pb2.GetBudgetResponse:
+    """The caller's budgets: per dp dataset, its own analyst scope and the collaboration's."""
+    analyst = c.analyst(metadata, request.analyst)
+    policies = [(d.qualified, DatasetPolicy.from_json(d.policy_json)) for d in c.store.datasets()]
+    if request.dataset and request.dataset not in {q for q, _ in policies}:
+        raise NotFoundError(
+            f"no dataset {request.dataset} is registered; `sealroom datasets` lists them",
+            details={"dataset": request.dataset},
+        )
+    lines = budget_lines(policies, log_entries(c.store), analyst=analyst, dataset=request.dataset or None)
+    return coordinator_pb2.GetBudgetResponse(lines=[coordinator_pb2.BudgetLine(**line.to_dict()) for line in lines])
 
 
 def get_status(request: coordinator_pb2.QueryRef, c: Coordinator, metadata: Metadata) -> coordinator_pb2.QueryStatus:

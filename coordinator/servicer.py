@@ -104,6 +104,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> common_pb2.QueryResult:
         return service.get_result(request, self.c, _metadata(context))
 
+    def GetBudget(  # noqa: N802
+        self, request: coordinator_pb2.GetBudgetRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.GetBudgetResponse:
+        return service.get_budget(request, self.c, _metadata(context))
+
     def ListQueries(  # noqa: N802
         self, request: common_pb2.Empty, context: grpc.ServicerContext
     ) -> coordinator_pb2.ListQueriesResponse:

@@ -75,6 +75,7 @@ RULES: Mapping[str, Callers] = {
     "/sealroom.v1.Coordinator/GetStatus": _C.ANALYST,
     "/sealroom.v1.Coordinator/GetResult": _C.ANALYST,
     "/sealroom.v1.Coordinator/ListQueries": _C.ANALYST,
+    "/sealroom.v1.Coordinator/GetBudget": _C.ANALYST,
     "/sealroom.v1.Coordinator/SubmitApproval": _C.SIGNED_BY_PARTY,
     "/sealroom.v1.Coordinator/RejectQuery": _C.SIGNED_BY_PARTY,
     "/sealroom.v1.Coordinator/RevokeApproval": _C.SIGNED_BY_PARTY,

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from connectors.agent.claims import ClaimLog
+from connectors.agent.ledger import BudgetLedger
 from sealroom.errors import ApprovalError, NotFoundError, ResourceExhaustedError
 from sealroom.planning.plan import Plan
 from sealroom.signing import OWNER_MESSAGE_MAX_SKEW_MS, LogPosition, check_issued_at, verify_owner_command
@@ -72,6 +73,9 @@ class HeldPlan:
     # Where the log shows the query (checked at review: connectors.agent.review.check_logged); the
     # approval signs it. None only for an agent that does not witness, given no entry.
     position: LogPosition | None = None
+    # When the coordinator's log shows the query submitted (unix seconds): what a privacy charge's
+    # refresh window counts from (connectors/agent/ledger.py).
+    submitted_at: float = 0.0
 
     @property
     def approved(self) -> bool:
@@ -151,6 +155,7 @@ class Approvals:
         pending_ttl_seconds: float,
         max_pending_per_analyst: int = DEFAULT_MAX_PENDING_PER_ANALYST,
         claims: ClaimLog | None = None,
+        ledger: BudgetLedger | None = None,
     ) -> None:
         self.party = party
         self.max_pending_per_analyst = max_pending_per_analyst
@@ -166,6 +171,9 @@ class Approvals:
         # What this owner's data already went to, per plan (claim): kept apart from the held plan, so
         # a new review, a lapsed approval or a restart (claims kept on disk) resets nothing.
         self._claims = claims if claims is not None else ClaimLog()
+        # The owner's privacy budgets: reservations are released here when a plan is rejected,
+        # revoked or lapses before its data flowed, and committed when its data first flows.
+        self.ledger = ledger if ledger is not None else BudgetLedger(None, party=party)
         self._lock = threading.Lock()
 
     def held(self, plan_hash: str) -> HeldPlan | None:
@@ -187,6 +195,7 @@ class Approvals:
         manual: bool,
         sign: Callable[[str, LogPosition | None], bytes],
         position: LogPosition | None = None,
+        submitted_at: float = 0.0,
     ) -> tuple[bytes | None, float]:
         """Hold a plan that passed review: approve it now (``sign`` the plan hash at the query's log
         ``position``; a new lifetime) or, if ``manual``, hold it (and its position) for the owner.
@@ -202,7 +211,7 @@ class Approvals:
                     f"the owner of {me} rejected this plan", details={"party": me, "rule": "rejected_by_owner"}
                 )
             if not manual:
-                held = HeldPlan(plan, False, now, position=position)
+                held = HeldPlan(plan, False, now, position=position, submitted_at=submitted_at)
                 held.grant(sign(plan_hash, position), now + self.approval_ttl_seconds)
                 self._held[plan_hash] = held
                 self._gone.pop(plan_hash, None)
@@ -212,7 +221,7 @@ class Approvals:
             if earlier is not None:
                 return earlier.signature, earlier.expires_at
             self._admit_manual(plan)
-            self._held[plan_hash] = HeldPlan(plan, True, now, position=position)
+            self._held[plan_hash] = HeldPlan(plan, True, now, position=position, submitted_at=submitted_at)
             self._manual[plan.query_id] = plan_hash
         log.info("plan %s for query %s awaits the owner's approval", plan_hash[:12], plan.query_id)
         return None, 0.0
@@ -251,6 +260,8 @@ class Approvals:
         for plan_hash, held in list(self._held.items()):
             if held.approved and held.expires_at <= now:
                 self._remember(plan_hash, "expired")
+                if held.state is PlanState.APPROVED:  # no data flowed for it: its budget goes back
+                    self.ledger.release(plan_hash, "expired")
                 log.info("the approval of plan %s (query %s) lapsed", plan_hash[:12], held.plan.query_id)
                 if held.manual and held.received_at + self.pending_ttl_seconds > now:
                     held.withdraw()
@@ -272,6 +283,11 @@ class Approvals:
         self._gone.move_to_end(plan_hash)
         while len(self._gone) > MAX_REMEMBERED:
             self._gone.popitem(last=False)
+
+    def lapse(self) -> None:
+        """Lapse the approvals whose time is up now (their unspent budget goes back)."""
+        with self._lock:
+            self._prune(time.time())
 
     # -- data moves only for a live approval -------------------------------------------------
 
@@ -316,7 +332,11 @@ class Approvals:
         plan, so the query's one ``query_submitted`` log entry, and the approval that signs it, make
         one release. A second enclave job or MPC run for the same plan (a coordinator replaying it,
         even after sending it for review again or after the agent restarted) gets nothing:
-        ApprovalError (connectors/agent/claims.py)."""
+        ApprovalError (connectors/agent/claims.py).
+
+        Before the claim, the plan's privacy charge is committed (connectors/agent/ledger.py: on disk,
+        never given back); a plan whose reservation was released gets nothing."""
+        self.ledger.commit(plan_hash)
         if not self._claims.claim(plan_hash, use):
             raise ApprovalError(
                 f"{self.party} already sent its data for this plan ({use}); a query releases once, so "
@@ -431,6 +451,8 @@ class Approvals:
                 self._forget(grant.plan_hash)
             elif grant.fresh and self._held.get(grant.plan_hash) is grant.held:
                 grant.held.withdraw()
+            if grant.fresh or query_gone:
+                self.ledger.release(grant.plan_hash, "refused")
 
     def reject(self, command: party_pb2.OwnerCommand) -> tuple[str, HeldPlan]:
         """The owner rejects the plan the command names: dropped for good (a new review is refused)."""
@@ -438,6 +460,7 @@ class Approvals:
             plan_hash, held = self._find(command)
             self._forget(plan_hash)
             self._remember(plan_hash, "rejected")
+        self.ledger.release(plan_hash, "rejected")
         return plan_hash, held
 
     def revoke(self, command: party_pb2.OwnerCommand) -> tuple[str, HeldPlan]:
@@ -452,4 +475,5 @@ class Approvals:
                 )
             held.withdraw()
             self._remember(plan_hash, "revoked")
+        self.ledger.release(plan_hash, "revoked")  # kept when its data flowed already (committed)
         return plan_hash, held

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from connectors.agent.approvals import Approvals, OwnerDecision, PendingPlan
 from connectors.agent.claims import CLAIMS_FILE, ClaimLog
 from connectors.agent.config import PartyConfig
+from connectors.agent.ledger import BudgetLedger, asks_of
 from connectors.agent.review import Owner, Submitted, check_logged, check_plan, witness_refusal
 from connectors.agent.streaming import (
     TARGET_FRAME_BYTES,
@@ -37,6 +38,8 @@ from connectors.sources.base import Source, check_schema
 from connectors.witness import LogWitness
 from sealroom import pki
 from sealroom.attestation import Claims, Evidence, verify_enclave_evidence
+from sealroom.audit.entries import LogEntry
+from sealroom.audit.ledger import LEDGER_FILE
 from sealroom.errors import (
     ApprovalError,
     AuditError,
@@ -91,6 +94,20 @@ class _Enclave:
     job_key: X25519PublicKey
 
 
+def _submitted_at(submitted: Submitted) -> float:
+    """When the log shows the query submitted (unix seconds; checked by check_logged), else now: what
+    a privacy charge's refresh window counts from. Never later than this agent's clock: a coordinator
+    that dated its entries ahead, one window further each time, would otherwise put every charge in a
+    window of its own (an honest log's entry is older than the review it comes with)."""
+    now = time.time()
+    if submitted.entry:
+        try:
+            return min(LogEntry.from_bytes(submitted.entry).time_ms / 1000, now)
+        except (ValueError, TypeError):
+            pass
+    return now
+
+
 class PartyAgent:
     def __init__(self, config: PartyConfig, *, signing_key: Ed25519PrivateKey | None = None):
         self.config = config
@@ -103,12 +120,18 @@ class PartyAgent:
             self.policies[d.name] = d.policy
         self.schemas = {name: src.schema for name, src in self.sources.items()}
         self._mpc_players: MpcPlayers | None = None  # made on first use
+        # The owner's privacy budgets (connectors/agent/ledger.py): a ledger whose chain is broken
+        # stops the agent here (AuditError naming the file and line); reservations whose approval
+        # lapsed while it was down, before any data flowed, go back now.
+        self.ledger = BudgetLedger(config.witness_state_dir / LEDGER_FILE, party=config.name)
+        self.ledger.release_lapsed(time.time())
         self.approvals = Approvals(
             config.name,
             approval_ttl_seconds=config.approval_ttl_seconds,
             pending_ttl_seconds=config.pending_ttl_seconds,
             max_pending_per_analyst=config.max_pending_per_analyst,
             claims=ClaimLog(config.witness_state_dir / CLAIMS_FILE),
+            ledger=self.ledger,
         )
         # The issued_at_ms of every message signed here (owner actions, witness co-signatures).
         self._issuer = MillisecondIssuer()
@@ -226,10 +249,29 @@ class PartyAgent:
         mine = self._check_plan(plan)
         manual = any(self.policies[i.dataset].approval == "manual" for i in mine)
         # Before holding or signing anything: the log must extend what this agent saw, and show the query.
-        position = check_logged(self._owner(), plan, submitted or Submitted())
-        signature, expires_at = self.approvals.hold(
-            plan, manual=manual, sign=partial(sign_approval, self.key), position=position
-        )
+        submitted = submitted or Submitted()
+        position = check_logged(self._owner(), plan, submitted)
+        at = _submitted_at(submitted)
+        # The owner's budgets: refused when the charge does not fit; reserved (on disk) before an
+        # automatic approval is signed; a manual one reserves when the owner approves.
+        asks = asks_of(self.config.name, plan, self.policies)
+        reserved = False
+        if asks:
+            self.approvals.lapse()
+            self.ledger.release_lapsed(time.time())
+            if manual:
+                self.ledger.check(plan, asks, at)
+            else:
+                until = time.time() + self.config.approval_ttl_seconds + 1
+                reserved = self.ledger.reserve(plan, asks, at=at, until=until)
+        try:
+            signature, expires_at = self.approvals.hold(
+                plan, manual=manual, sign=partial(sign_approval, self.key), position=position, submitted_at=at
+            )
+        except BaseException:
+            if reserved:
+                self.ledger.release(plan.hash, "not_approved")
+            raise
         return plan.hash, signature, expires_at
 
     # -- contribution ------------------------------------------------------------------------
@@ -422,9 +464,23 @@ class PartyAgent:
         coordinator."""
         self.approvals.accept_command("approve", command, public_key_hex=self.public_key_hex)
         me = self.config.name
-        self.approvals.find(command)  # nothing awaits the owner: say so before calling the coordinator
+        _, held = self.approvals.find(command)  # nothing awaits the owner: say so before calling the coordinator
         self._witness_log(command.query_id)
-        grant = self.approvals.grant(command, sign=partial(sign_approval, self.key))
+        # The owner's budgets: reserved (on disk) before the approval is signed; refused when it no
+        # longer fits (other plans spent it while this one waited).
+        asks = asks_of(me, held.plan, self.policies)
+        reserved = False
+        if asks:
+            self.approvals.lapse()
+            self.ledger.release_lapsed(time.time())
+            until = time.time() + self.config.approval_ttl_seconds + 1
+            reserved = self.ledger.reserve(held.plan, asks, at=held.submitted_at or time.time(), until=until)
+        try:
+            grant = self.approvals.grant(command, sign=partial(sign_approval, self.key))
+        except BaseException:
+            if reserved:
+                self.ledger.release(held.plan.hash, "not_approved")
+            raise
         plan_hash = grant.plan_hash
         qid = grant.held.plan.query_id
         issued = self._issuer.issue()

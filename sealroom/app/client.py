@@ -236,6 +236,28 @@ class Client:
         eps = self.epsilon if eps is None else eps
         return coordinator_pb2.QueryRequest(sql=sql, analyst=self.analyst, epsilon=eps or 0.0)
 
+    def budget(self, dataset: str | None = None) -> list[dict[str, Any]]:
+        """The privacy budgets of the ``dp`` datasets (only ``dataset``, ``party.name``, when given),
+        one dict per dataset and scope this analyst spends from (its own ``analyst:<name>``, or
+        ``collaboration``): ``dataset``, ``scope``, ``epsilon_budget``, ``spent`` (within the current
+        refresh window), ``left``, ``refresh`` and ``charges`` (released queries counted), from the
+        coordinator's log. The owners' agents decide from their own ledgers, which also count
+        approvals in flight, so they may refuse a little before ``left`` reaches 0."""
+        request = coordinator_pb2.GetBudgetRequest(dataset=dataset or "", analyst=self.analyst)
+        resp = self._call(self._stub.GetBudget, request)
+        return [
+            {
+                "dataset": line.dataset,
+                "scope": line.scope,
+                "epsilon_budget": line.epsilon_budget,
+                "spent": line.spent,
+                "left": line.left,
+                "refresh": line.refresh,
+                "charges": line.charges,
+            }
+            for line in resp.lines
+        ]
+
     def explain(self, sql: str, epsilon: float | None = None) -> str:
         """The plan for ``sql`` in words, without running it: stages, what each party would send,
         filters, whose approval is needed, the disclosure rules; over dp datasets, per output column

@@ -9,6 +9,7 @@ text and no secret key. An entry's canonical bytes are its Merkle leaf (:mod:`se
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -104,6 +105,17 @@ EVENT_TYPES: Mapping[str, Mapping[str, str]] = MappingProxyType(
         # A stored approval stopped counting: its expiry passed (``expired``), or the owner's agent no
         # longer holds it (``not_held_by_agent``: lapsed or revoked at the agent).
         "approval_lapsed": {"query_id": "ident", "party": "ident", "plan_hash": "sha256", "cause": "lapse_cause"},
+        # What a released dp plan charged one dataset's privacy budget (one entry per dataset, in the
+        # release's transaction, right after its released entry): the charge of
+        # sealroom.planning.privacy.charges, never a value.
+        "privacy_charge": {
+            "query_id": "ident",
+            "plan_hash": "sha256",
+            "dataset": "ident",
+            "scope": "ident",
+            "epsilon": "number",
+            "delta": "number",
+        },
         # The operator's declaration of the collaboration (``collaboration.json``, for the record of
         # processing) as published at the coordinator's start, when it changed.
         "collaboration_declared": {"declaration_sha256": "sha256"},
@@ -141,6 +153,8 @@ def _valid(kind: str, value: Any) -> bool:
         return isinstance(value, str) and _PUBLIC_KEY.fullmatch(value) is not None
     if kind == "registration_change":
         return value in REGISTRATION_CHANGES
+    if kind == "number":  # a privacy charge's epsilon or delta: finite, non-negative
+        return type(value) in (int, float) and math.isfinite(value) and value >= 0
     raise AssertionError(kind)
 
 

@@ -83,8 +83,10 @@ class TransparencyLog:
         return entry
 
     def append_release(self, receipt: Mapping[str, Any]) -> LogEntry:
-        """The ``released`` event of a receipt (see :mod:`sealroom.audit.receipts`), with the receipt."""
-        return self.append(
+        """The ``released`` event of a receipt (see :mod:`sealroom.audit.receipts`), with the receipt,
+        then one ``privacy_charge`` event per charge the receipt carries (a dp plan's), in the same
+        transaction as the release when the caller holds one."""
+        released = self.append(
             "released",
             receipt=receipt,
             query_id=receipt["query"]["id"],
@@ -93,6 +95,18 @@ class TransparencyLog:
             simulated=bool(receipt["simulated"]),
             suppressed_cells=len(receipt["disclosure"]["suppressed"]),
         )
+        privacy = receipt.get("privacy")
+        for charge in privacy.get("charges", []) if isinstance(privacy, Mapping) else []:
+            self.append(
+                "privacy_charge",
+                query_id=receipt["query"]["id"],
+                plan_hash=receipt["query"]["plan_hash"],
+                dataset=charge["dataset"],
+                scope=charge["scope"],
+                epsilon=charge["epsilon"],
+                delta=charge["delta"],
+            )
+        return released
 
     def checkpoint(self) -> SignedCheckpoint:
         """The latest checkpoint, with every co-signature recorded for it."""

@@ -20,6 +20,9 @@ A receipt binds what a compliance reviewer must be able to say about one release
   rule's wording only; never a value);
 - the SHA-256 of the released result (the Arrow IPC stream bytes the enclave hashed and signed);
 - timestamps, and whether attestation was simulated (no TEE);
+- for a plan that reads ``dp`` datasets, ``"privacy": {"charges": [...]}``: what the release charged
+  each dataset's budget (:func:`sealroom.planning.privacy.charges` of the plan; the enclave signs the
+  same list in its result document), absent otherwise (older receipts are unchanged);
 - the coordinator's public key and countersignature over all of the above.
 
 :func:`verify_receipt` checks a receipt with nothing but the receipt (and, if given, the result
@@ -52,6 +55,7 @@ from sealroom.audit.refusals import refuse
 from sealroom.canonical import canonical_json
 from sealroom.errors import SealroomError
 from sealroom.planning.plan import Plan
+from sealroom.planning.privacy import charges
 from sealroom.signing import LogPosition, approval_message
 
 __all__ = [
@@ -63,6 +67,7 @@ __all__ = [
     "MpcStage",
     "build_receipt",
     "countersign",
+    "plan_charges",
     "receipt_sha256",
     "load_receipt",
     "VerifiedReceipt",
@@ -239,6 +244,9 @@ def build_receipt(
     if not isinstance(sha, str) or len(sha) != 64:
         raise ValueError("the released result's SHA-256 (hex) is needed")
     executed = [s["result"].get("executed_at") for s in docs if s["kind"] == "tee"]
+    privacy = plan_charges(plan)
+    if privacy is not None and not _within(_signed_charges(docs), privacy):
+        raise ValueError("the enclave signed other privacy charges than the plan's")
     receipt: dict[str, Any] = {
         "kind": RECEIPT_KIND,
         "version": RECEIPT_VERSION,
@@ -265,8 +273,33 @@ def build_receipt(
             "released_at": float(released_at),
         },
     }
+    if privacy is not None:
+        receipt["privacy"] = {"charges": privacy}
     # Canonical JSON round trip: what is verified later is exactly what is built here.
     return json.loads(canonical_json(receipt))
+
+
+def plan_charges(plan: Plan) -> list[dict[str, Any]] | None:
+    """What releasing ``plan`` charges each dp dataset's budget (None: the plan reads no dp dataset)."""
+    if plan.privacy is None:
+        return None
+    return json.loads(canonical_json([c.to_dict() for c in charges(plan.analyst, plan.inputs(), plan.privacy)]))
+
+
+def _signed_charges(stages: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """The charges each TEE stage's enclave signed in its result (``"privacy": {"charges": ...}``)."""
+    out = []
+    for s in stages:
+        privacy = s["result"].get("privacy") if s["kind"] == "tee" else None
+        if isinstance(privacy, Mapping) and "charges" in privacy:
+            out.append(privacy["charges"])
+    return out
+
+
+def _within(signed: Sequence[Any], expected: Sequence[Any]) -> bool:
+    """Every charge a stage's enclave signed is one of the plan's (a stage charges the dp datasets
+    it reads; the plan's list covers them all)."""
+    return all(isinstance(charges, list) and all(c in expected for c in charges) for charges in signed)
 
 
 def _signed_body(receipt: Mapping[str, Any]) -> bytes:
@@ -392,7 +425,8 @@ def verify_receipt(
        ``stage_summary``, ``evidence`` (appraisal), ``result_log`` (version 2: the enclave signed the
        receipt's log position); MPC: ``mpc_player_key``, ``mpc_signature``,
        ``mpc_trust``;
-    6. ``disclosure``: the suppressed cells and rules are those the stages signed;
+    6. ``disclosure``: the suppressed cells and rules are those the stages signed; ``privacy_charges``:
+       a dp plan's charges are its plan's and its enclave's;
     7. ``result_hash``: the released result's hash, rows and columns are those the last stage signed;
     8. ``simulated_flag``: the receipt says simulated exactly when a stage was;
     9. ``timestamps``: submitted <= released, and executed_at is the enclave's;
@@ -446,6 +480,7 @@ def _verify_receipt(
     claims = _verify_stages(parts, plan, appraisal=appraisal, now=now)  # 5
     _verify_stage_logs(parts)  # 5
     _verify_disclosure(parts)  # 6
+    _verify_privacy(receipt, parts, plan)  # 6b
     _verify_released(parts)  # 7
     simulated = _verify_simulated_flag(receipt, parts)  # 8
     _verify_timestamps(parts)  # 9
@@ -478,6 +513,8 @@ def _check_format(receipt: Mapping[str, Any]) -> _Parts:
     if type(version) is not int or version not in RECEIPT_VERSIONS:
         raise refuse("format", f"receipt version {version!r} is not one of {', '.join(map(str, RECEIPT_VERSIONS))}")
     keys = _KEYS | {"log"} if version >= 2 else _KEYS
+    if "privacy" in receipt:  # a dp plan's charges (step 6b checks them against the plan)
+        keys = keys | {"privacy"}
     if set(receipt) != keys:
         raise refuse("format", f"a version {version} receipt has exactly the fields {', '.join(sorted(keys))}")
     log = None
@@ -601,6 +638,22 @@ def _verify_disclosure(parts: _Parts) -> None:
     """Step 6: the suppressed cells and rules are those the stages signed."""
     if parts.disclosure != {"suppressed": _suppressed(parts.stages), "rules": _rules(parts.stages)}:
         raise refuse("disclosure", "the receipt's disclosure decisions are not those the stages signed")
+
+
+def _verify_privacy(receipt: Mapping[str, Any], parts: _Parts, plan: Plan) -> None:
+    """Step 6b: a dp plan's receipt carries exactly the charges of its plan (and of what its enclave
+    signed); any other receipt carries none."""
+    expected = plan_charges(plan)
+    if expected is None:
+        if "privacy" in receipt:
+            raise refuse("privacy_charges", "the receipt carries privacy charges for a plan that reads no dp dataset")
+        return
+    if receipt.get("privacy") != {"charges": expected} or not _within(_signed_charges(parts.stages), expected):
+        raise refuse(
+            "privacy_charges",
+            "the receipt's privacy charges are not those of its plan (epsilon, delta and the dp datasets it "
+            "reads) or of its enclave's signed result",
+        )
 
 
 def _verify_released(parts: _Parts) -> None:

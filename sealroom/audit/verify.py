@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
+from sealroom.audit.budget import verify_budgets
 from sealroom.audit.entries import LogEntry
 from sealroom.audit.merkle import EMPTY_ROOT, CompactTree, root_hash
 from sealroom.audit.notes import WITNESS_SUFFIX, NoteVerifier, SignedCheckpoint, b64
@@ -52,6 +53,8 @@ class LogReport:
     cosigned: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
     # Co-signature lines by keys the verifier does not know, left unchecked (and uncounted).
     unverified_cosignatures: int = 0
+    # Per dp dataset and budget scope: what the log's privacy_charge entries spent (step 10).
+    budgets: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +71,7 @@ class LogReport:
             "witnesses": [dict(w) for w in self.witnesses],
             "cosigned": [{"size": c["size"], "witnesses": list(c["witnesses"])} for c in self.cosigned],
             "unverified_cosignatures": self.unverified_cosignatures,
+            "budgets": [dict(b) for b in self.budgets],
         }
 
 
@@ -119,6 +123,7 @@ def verify_log(
        ``query_submitted`` entry of the query, its plan hash and analyst, in a tree of this history
        (the size's root is this log's) that precedes the release. Version 1 receipts bind no position:
        their release rows say ``"log_bound": false``.
+    10. ``privacy_charge``/``privacy_budget``: the charges are their releases' and within budget (:mod:`.budget`).
     """
     origin, key, pinned = _establish_log_key(export, log_key)  # 0
     entries = _parse_entries(export)  # 1
@@ -148,6 +153,7 @@ def verify_log(
         witnesses=tuple(_witness_rows(known, cosigned_by)),
         cosigned=tuple({"size": size, "witnesses": sorted(cosigned_by[size])} for size in sorted(cosigned_by)),
         unverified_cosignatures=unverified,
+        budgets=tuple(b.to_dict() for b in verify_budgets(entries, export.get("receipts", {}))),  # 10
     )
 
 

@@ -274,6 +274,92 @@ class ListQueriesResponse(_message.Message):
 Global___ListQueriesResponse: _TypeAlias = ListQueriesResponse  # noqa: Y015
 
 @_typing.final
+class GetBudgetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    ANALYST_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    """"party.dataset"; empty: every dp dataset"""
+    analyst: _builtins.str
+    """empty: the caller"""
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        analyst: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analyst", b"analyst", "dataset", b"dataset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBudgetRequest: _TypeAlias = GetBudgetRequest  # noqa: Y015
+
+@_typing.final
+class BudgetLine(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    EPSILON_BUDGET_FIELD_NUMBER: _builtins.int
+    SPENT_FIELD_NUMBER: _builtins.int
+    LEFT_FIELD_NUMBER: _builtins.int
+    REFRESH_FIELD_NUMBER: _builtins.int
+    CHARGES_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    """"party.dataset" """
+    scope: _builtins.str
+    """"analyst:<name>" or "collaboration" """
+    epsilon_budget: _builtins.float
+    spent: _builtins.float
+    """within the current refresh window (all time when never refreshed)"""
+    left: _builtins.float
+    refresh: _builtins.str
+    """"never" or an ISO-8601 duration"""
+    charges: _builtins.int
+    """released queries charged in the window"""
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        scope: _builtins.str = ...,
+        epsilon_budget: _builtins.float = ...,
+        spent: _builtins.float = ...,
+        left: _builtins.float = ...,
+        refresh: _builtins.str = ...,
+        charges: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charges", b"charges", "dataset", b"dataset", "epsilon_budget", b"epsilon_budget", "left", b"left", "refresh", b"refresh", "scope", b"scope", "spent", b"spent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetLine: _TypeAlias = BudgetLine  # noqa: Y015
+
+@_typing.final
+class GetBudgetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___BudgetLine]: ...
+    def __init__(
+        self,
+        *,
+        lines: _abc.Iterable[Global___BudgetLine] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lines", b"lines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBudgetResponse: _TypeAlias = GetBudgetResponse  # noqa: Y015
+
+@_typing.final
 class SubmitApprovalRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

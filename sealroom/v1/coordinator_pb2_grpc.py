@@ -70,6 +70,11 @@ class CoordinatorStub:
                 request_serializer=sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
                 response_deserializer=sealroom_dot_v1_dot_coordinator__pb2.ListQueriesResponse.FromString,
                 _registered_method=True)
+        self.GetBudget = channel.unary_unary(
+                '/sealroom.v1.Coordinator/GetBudget',
+                request_serializer=sealroom_dot_v1_dot_coordinator__pb2.GetBudgetRequest.SerializeToString,
+                response_deserializer=sealroom_dot_v1_dot_coordinator__pb2.GetBudgetResponse.FromString,
+                _registered_method=True)
         self.SubmitApproval = channel.unary_unary(
                 '/sealroom.v1.Coordinator/SubmitApproval',
                 request_serializer=sealroom_dot_v1_dot_coordinator__pb2.SubmitApprovalRequest.SerializeToString,
@@ -146,6 +151,14 @@ class CoordinatorServicer:
 
     def ListQueries(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBudget(self, request, context):
+        """What each dp dataset's budget has spent and has left, per scope, from the log's privacy_charge
+        entries and the registered policies (an analyst sees its own scope and the collaboration's).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -232,6 +245,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListQueries,
                     request_deserializer=sealroom_dot_v1_dot_common__pb2.Empty.FromString,
                     response_serializer=sealroom_dot_v1_dot_coordinator__pb2.ListQueriesResponse.SerializeToString,
+            ),
+            'GetBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBudget,
+                    request_deserializer=sealroom_dot_v1_dot_coordinator__pb2.GetBudgetRequest.FromString,
+                    response_serializer=sealroom_dot_v1_dot_coordinator__pb2.GetBudgetResponse.SerializeToString,
             ),
             'SubmitApproval': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitApproval,
@@ -453,6 +471,33 @@ class Coordinator:
             '/sealroom.v1.Coordinator/ListQueries',
             sealroom_dot_v1_dot_common__pb2.Empty.SerializeToString,
             sealroom_dot_v1_dot_coordinator__pb2.ListQueriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealroom.v1.Coordinator/GetBudget',
+            sealroom_dot_v1_dot_coordinator__pb2.GetBudgetRequest.SerializeToString,
+            sealroom_dot_v1_dot_coordinator__pb2.GetBudgetResponse.FromString,
             options,
             channel_credentials,
             insecure,

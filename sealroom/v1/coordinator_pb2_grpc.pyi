@@ -45,6 +45,10 @@ class CoordinatorStub:
     GetStatus: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.QueryRef, _coordinator_pb2.QueryStatus]
     GetResult: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.QueryRef, _common_pb2.QueryResult]
     ListQueries: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _coordinator_pb2.ListQueriesResponse]
+    GetBudget: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetBudgetRequest, _coordinator_pb2.GetBudgetResponse]
+    """What each dp dataset's budget has spent and has left, per scope, from the log's privacy_charge
+    entries and the registered policies (an analyst sees its own scope and the collaboration's).
+    """
     SubmitApproval: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitApprovalRequest, _coordinator_pb2.OwnerActionResponse]
     """Manual approvals, sent by a party agent on its owner's command. Each request is signed by the
     party's registered key over sealroom.signing.owner_action_message (fresh, never replayed), and
@@ -78,6 +82,10 @@ class CoordinatorAsyncStub(CoordinatorStub):
     GetStatus: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.QueryRef, _coordinator_pb2.QueryStatus]  # type: ignore[assignment]
     GetResult: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.QueryRef, _common_pb2.QueryResult]  # type: ignore[assignment]
     ListQueries: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _coordinator_pb2.ListQueriesResponse]  # type: ignore[assignment]
+    GetBudget: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetBudgetRequest, _coordinator_pb2.GetBudgetResponse]  # type: ignore[assignment]
+    """What each dp dataset's budget has spent and has left, per scope, from the log's privacy_charge
+    entries and the registered policies (an analyst sees its own scope and the collaboration's).
+    """
     SubmitApproval: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitApprovalRequest, _coordinator_pb2.OwnerActionResponse]  # type: ignore[assignment]
     """Manual approvals, sent by a party agent on its owner's command. Each request is signed by the
     party's registered key over sealroom.signing.owner_action_message (fresh, never replayed), and
@@ -150,6 +158,16 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _common_pb2.Empty,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.ListQueriesResponse, _abc.Awaitable[_coordinator_pb2.ListQueriesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetBudget(
+        self,
+        request: _coordinator_pb2.GetBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.GetBudgetResponse, _abc.Awaitable[_coordinator_pb2.GetBudgetResponse]]:
+        """What each dp dataset's budget has spent and has left, per scope, from the log's privacy_charge
+        entries and the registered policies (an analyst sees its own scope and the collaboration's).
+        """
 
     @_abc_1.abstractmethod
     def SubmitApproval(

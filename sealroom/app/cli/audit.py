@@ -33,6 +33,9 @@ from sealroom.app.cli.common import (
     with_json,
 )
 from sealroom.attestation import AppraisalPolicy, load_root_certificate
+from sealroom.audit.budget import verify_ledger
+from sealroom.audit.entries import LogEntry
+from sealroom.audit.ledger import read_ledger
 from sealroom.audit.log import load_export
 from sealroom.audit.notes import NoteVerifier, SignedCheckpoint
 from sealroom.audit.receipts import VerifiedReceipt, load_receipt, verify_receipt
@@ -84,6 +87,14 @@ def add_parsers(sub: Subparsers) -> None:
     )
     avf.add_argument(
         "--coordinator-key", metavar="HEX_OR_FILE", help="receipts' countersigning key (default: the log key)"
+    )
+    avf.add_argument(
+        "--ledger",
+        metavar="FILE",
+        help="an owner agent's budget ledger (budget.jsonl): check its chain and its committed charges against the log",
+    )
+    avf.add_argument(
+        "--party", metavar="NAME", help="the owner whose --ledger it is (then every charge the log records is checked)"
     )
 
     def reviewer(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -327,6 +338,7 @@ def _print_report(report: LogReport, witnesses: bool, prefix: str = "") -> None:
         print(f"  witness {w['name']} ({source}): {what}")
     if report.unverified_cosignatures:
         print(f"  note: {report.unverified_cosignatures} co-signature(s) by keys not known here were not checked")
+    _print_budgets(report)
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -337,11 +349,46 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if not options.appraisal.appraises and not args.allow_simulated:
         warnings.append("receipts' attestation evidence not appraised (give --trust, or --allow-simulated --dev-root)")
     if args.log:
-        return _verify_log_file(args.log, options, warnings, as_json=args.json)
-    return _verify_state_dir(args.state_dir, options, warnings, as_json=args.json)
+        return _verify_log_file(args.log, options, warnings, as_json=args.json, ledger=(args.ledger, args.party))
+    return _verify_state_dir(args.state_dir, options, warnings, as_json=args.json, ledger=(args.ledger, args.party))
 
 
-def _verify_log_file(path: str, options: VerifyOptions, warnings: list[str], *, as_json: bool) -> int:
+def _check_ledger(path: str | None, party: str | None, *, export: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``--ledger FILE``: the ledger's chain holds and its committed charges are the log's (AuditError)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: no such ledger file")
+    entries = [LogEntry.from_dict(e) for e in export["entries"]]  # verified already
+    return {"ledger": path, **verify_ledger(read_ledger(Path(path)), entries, party=party)}
+
+
+def _print_ledger(summary: dict[str, Any] | None) -> None:
+    if summary is not None:
+        print(
+            f"  ledger {summary['ledger']}: chain intact ({summary['ledger_lines']} lines); its "
+            f"{summary['committed']} committed charge(s) agree with the log "
+            f"({summary['committed_not_released']} of them for queries the log shows no release of)"
+        )
+
+
+def _print_budgets(report: LogReport) -> None:
+    for b in report.budgets:
+        left = max(0.0, b["epsilon_budget"] - b["spent"])
+        print(
+            f"  budget {b['dataset']} ({b['scope']}): spent {b['spent']:g} of {b['epsilon_budget']:g} "
+            f"in {b['charges']} charge(s), {left:g} left"
+        )
+
+
+def _verify_log_file(
+    path: str,
+    options: VerifyOptions,
+    warnings: list[str],
+    *,
+    as_json: bool,
+    ledger: tuple[str | None, str | None] = (None, None),
+) -> int:
     """``audit verify --log FILE``: an exported log."""
     try:
         export = load_export(read_file(path, "log"))
@@ -349,21 +396,30 @@ def _verify_log_file(path: str, options: VerifyOptions, warnings: list[str], *, 
         raise UsageError(f"{path}: {exc}") from None
     try:
         report = verify_export(export, options.log_key, options)
+        checked = _check_ledger(*ledger, export=export)
     except AuditError as err:
         report_refusal(err, as_json=as_json)
         return EXIT_FAILED
     if not report.log_key_pinned:
         warnings.insert(0, "log key not pinned (--log-key): the log is only self-consistent")
     if as_json:
-        emit({**report.to_dict(), "warnings": warnings})
+        emit({**report.to_dict(), "ledger": checked, "warnings": warnings})
         return EXIT_OK
     _print_report(report, bool(options.witnesses))
+    _print_ledger(checked)
     for w in warnings:
         print(f"  note: {w}")
     return EXIT_OK
 
 
-def _verify_state_dir(state_dir: str, options: VerifyOptions, warnings: list[str], *, as_json: bool) -> int:
+def _verify_state_dir(
+    state_dir: str,
+    options: VerifyOptions,
+    warnings: list[str],
+    *,
+    as_json: bool,
+    ledger: tuple[str | None, str | None] = (None, None),
+) -> int:
     """``audit verify --state-dir DIR``: every coordinator log found there, with the key each
     coordinator published."""
     if not options.log_key:
@@ -371,6 +427,7 @@ def _verify_state_dir(state_dir: str, options: VerifyOptions, warnings: list[str
             0, "log key read from the state directory (log.vkey); pin it with --log-key for an independent check"
         )
     reports = []
+    ledgers: list[dict[str, Any] | None] = []
     with _usage_errors():
         directories = state_dirs(state_dir)
     for directory in directories:
@@ -378,6 +435,7 @@ def _verify_state_dir(state_dir: str, options: VerifyOptions, warnings: list[str
             log = load_state_log(directory)
         try:
             report = verify_export(log.export, options.key_for(log), options)
+            ledgers.append(_check_ledger(*ledger, export=log.export))
         except AuditError as err:
             err.details.setdefault("log", str(directory))
             print(f"sealroom: refused ({err.details.get('check', '')}): {directory}: {err.message}", file=sys.stderr)
@@ -393,12 +451,12 @@ def _verify_state_dir(state_dir: str, options: VerifyOptions, warnings: list[str
             return EXIT_FAILED
         reports.append((directory, report))
     if as_json:
-        emit(
-            {"verified": True, "logs": [{"directory": str(d), **r.to_dict()} for d, r in reports], "warnings": warnings}
-        )
+        logs = [{"directory": str(d), **r.to_dict(), "ledger": x} for (d, r), x in zip(reports, ledgers, strict=True)]
+        emit({"verified": True, "logs": logs, "warnings": warnings})
         return EXIT_OK
-    for directory, report in reports:
+    for (directory, report), checked in zip(reports, ledgers, strict=True):
         _print_report(report, bool(options.witnesses), prefix=f"{directory}: ")
+        _print_ledger(checked)
     for w in warnings:
         print(f"  note: {w}")
     return EXIT_OK

@@ -57,6 +57,7 @@ COMMANDS: dict[str, Command] = {
     "submit": Command("analyst", "submit a query"),
     "status": Command("analyst", "show a query's state (or all queries)"),
     "result": Command("analyst", "print a query's released result"),
+    "budget": Command("budget", "show what each dp dataset's privacy budget has spent and has left"),
     "pending": Command("owner", "owner: list plans awaiting your decision"),
     "approve": Command("owner", "owner: approve a pending query"),
     "reject": Command("owner", "owner: reject a pending query"),

@@ -367,6 +367,7 @@ def test_entries_refuse_unknown_fields_types_and_values() -> None:
                 "lapse_cause",
                 "public_key",
                 "registration_change",
+                "number",
             }
             for kind in spec.values()
         )
