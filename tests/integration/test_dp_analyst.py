@@ -127,11 +127,6 @@ def test_the_cli_passes_its_epsilon_and_refuses_unusable_ones(platform):
     assert over.returncode == 1 and "max_query_epsilon" in over.stderr
 
 
-@pytest.mark.xfail(
-    reason="needs the enclave's dp release (H2: enclave_worker/dp.py, ci95 and privacy in the signed result); "
-    "remove this mark when it lands",
-    strict=True,
-)
 def test_a_released_dp_query_carries_its_intervals_to_the_analyst(platform):
     with platform.client() as client:
         result = client.submit(DP_SQL, epsilon=CAP).result(60)

@@ -113,11 +113,13 @@ def test_the_analyst_gets_the_refusal_from_explain_and_submit(
 
 def test_a_legitimate_query_with_a_filter_only_condition_in_where_still_runs(platform: Cluster) -> None:
     sql = (
-        "SELECT segment, COUNT(*) AS n, SUM(amount) AS s, COUNT(CASE WHEN age > 30 THEN 1 END) AS older "
+        "SELECT segment, COUNT(*) AS n, SUM(amount) AS s, COUNT(CASE WHEN age > 50 THEN 1 END) AS older "
         "FROM bank_a.customers WHERE secret_flag = 1 GROUP BY segment ORDER BY segment"
     )
     with platform.client() as client:
         rows = client.run(sql, timeout=120).to_arrow().to_pylist()
+    # The conditional count is a sub-cell: it and the rest of its cell both hold k customers or more
+    # (age > 30 would leave fewer than 5 younger ones, and the cell would be suppressed).
     # odd customers only: segments sme and private, 15 customers each
     assert [(r["segment"], r["n"]) for r in rows] == [("private", 15), ("sme", 15)]
 
