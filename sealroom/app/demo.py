@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sealroom.app.client import QueryHandle
+from sealroom.app.cli.budget import budget_table
 from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.app.demo_data import (
     AGE_BANDS,
@@ -29,6 +30,7 @@ from sealroom.app.demo_data import (
     hospital_tables,
     write_parquet,
 )
+from sealroom.app.demo_dp import BY_AGE_BAND, BY_DIAGNOSIS, registry_parties
 from sealroom.app.render import ProgressDisplay, result_document
 from sealroom.app.result import render_result
 from sealroom.audit.ropa import Collaboration
@@ -41,6 +43,8 @@ class DemoQuery:
     title: str
     sql: str
     note: str = ""
+    epsilon: float | None = None  # what a query over dp datasets spends (None: no dp dataset)
+    explain: bool = False  # print `explain` first (for dp: the cost and the expected error)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Scenario:
     # every owner declares in its policy's [processing] (each naming itself the controller).
     collaboration: Collaboration | None = None
     processing: ProcessingRecord | None = None
+    budget: bool = False  # show the privacy budget after each query (a collaboration in dp mode)
 
 
 # What each bank publishes about its dataset: the customer is the privacy unit and a join key only;
@@ -278,7 +283,33 @@ ORDER BY diagnosis, age_band""",
     processing=HOSPITAL_PROCESSING,
 )
 
-SCENARIOS = {"bank": BANK, "hospital": HOSPITAL}
+REGISTRY = Scenario(
+    "registry",
+    "Disease registry in dp mode: two hospitals release cohort statistics with differential privacy, "
+    "under one budget (epsilon 2) their agents enforce",
+    lambda data_dir: registry_parties(data_dir, HOSPITAL_POLICY),
+    (
+        DemoQuery(
+            "Patients and mean stay by diagnosis (epsilon 1)",
+            BY_DIAGNOSIS,
+            "every diagnosis of the public domain is released with noise, the rare one too: its ±9 interval "
+            "hides whether its two patients are in the data; explain showed the cost and the error before "
+            "anything ran",
+            epsilon=1.0,
+            explain=True,
+        ),
+        DemoQuery("Patients and bed days by age band (epsilon 1)", BY_AGE_BAND, epsilon=1.0),
+        DemoQuery(
+            "The same cohort again (refused: the collaboration's budget is spent)",
+            BY_DIAGNOSIS,
+            "each hospital's agent refuses a plan that would exceed its budget, naming the epsilon asked and left",
+            epsilon=0.5,
+        ),
+    ),
+    budget=True,
+)
+
+SCENARIOS = {"bank": BANK, "hospital": HOSPITAL, "registry": REGISTRY}
 
 
 def _say(msg: str) -> None:
@@ -303,18 +334,28 @@ def run_demo(*, scenario: str = "all", state_dir: Path | None = None, as_json: b
                 cluster.client() as client,
             ):
                 for q in sc.queries:
+                    explained = client.explain(q.sql, epsilon=q.epsilon) if q.explain else None
+                    if explained is not None and not as_json:
+                        print(f"== explain: {q.title}\n{explained}", flush=True)
                     _say(f"submitting: {q.title}")
-                    handle = client.submit(q.sql)
+                    handle = client.submit(q.sql, epsilon=q.epsilon)
                     approved_by_hand = _wait_approving(cluster, handle)
                     result = client.result(handle.query_id)
                     doc = result_document(result, title=q.title, sql=q.sql.strip())
                     doc["scenario"] = name
                     doc["manual_approvals"] = approved_by_hand
+                    if explained is not None:
+                        doc["explain"] = explained
+                    budget = client.budget() if sc.budget else None
+                    if budget is not None:
+                        doc["budget"] = budget
                     out["queries"].append(doc)
                     if not as_json:
                         print(render_result(result, title=q.title, sql=q.sql), flush=True)
                         if q.note:
                             print(f"\nnote: {q.note}", flush=True)
+                        if budget is not None:
+                            print(f"\nprivacy budget after this query:\n{budget_table(budget)}", flush=True)
                         print(flush=True)
     finally:
         if tmp is not None:

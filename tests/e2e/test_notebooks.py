@@ -109,12 +109,15 @@ def test_hospital_cohorts_notebook_runs_top_to_bottom(tmp_path):
             shown = cell.outputs[0]["data"]["text/plain"]
             rare = [line for line in shown.splitlines() if "prion_disease" in line]
             assert rare and all("<NA>" in line for line in rare)
-    # The released cohorts and the chart.
+    # The released cohorts and the chart, then the dp cohorts with their intervals in a second chart.
     assert "cardiology" in text and "mean_stay" in text
-    assert images(nb) == 1
+    assert images(nb) == 2
     # The refused query and its explanation.
     assert "refused:" in text and "cannot be aggregated with SUM" in text
     assert "column_role" in text and "use one of AVG on age" in text
+    # dp: explain's cost and error, the intervals, the budget, and the refusal once it is spent.
+    assert "expected error" in text and "patients_ci95" in text and "collaboration" in text
+    assert "refused - " in text and "epsilon 0 left" in text
 
 
 def test_notebooks_readme_lists_both_notebooks():

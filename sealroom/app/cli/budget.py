@@ -9,7 +9,7 @@ from sealroom.app.cells import format_table
 from sealroom.app.cli.analyst import analyst, client_for
 from sealroom.app.cli.common import EXIT_OK, Subparsers, add_command, emit
 
-__all__ = ["add_parsers", "cmd_budget"]
+__all__ = ["add_parsers", "budget_table", "cmd_budget"]
 
 
 def add_parsers(sub: Subparsers) -> None:
@@ -27,22 +27,25 @@ def cmd_budget(args: argparse.Namespace) -> int:
     if not rows:
         print("no dataset in dp mode" + (f" named {args.dataset}" if args.dataset else ""))
         return EXIT_OK
-    print(
-        format_table(
-            ["dataset", "scope", "budget", "spent", "left", "refresh", "queries"],
-            [
-                [
-                    r["dataset"],
-                    r["scope"],
-                    f"{r['epsilon_budget']:g}",
-                    f"{r['spent']:g}",
-                    f"{r['left']:g}",
-                    r["refresh"],
-                    str(r["charges"]),
-                ]
-                for r in rows
-            ],
-        )
-    )
-    print("the owners' agents decide from their own ledgers, which also count approvals in flight")
+    print(budget_table(rows))
     return EXIT_OK
+
+
+def budget_table(rows: list[dict[str, object]]) -> str:
+    """:meth:`sealroom.Client.budget`'s rows as a table, with the note on who decides."""
+    table = format_table(
+        ["dataset", "scope", "budget", "spent", "left", "refresh", "queries"],
+        [
+            [
+                str(r["dataset"]),
+                str(r["scope"]),
+                f"{r['epsilon_budget']:g}",
+                f"{r['spent']:g}",
+                f"{r['left']:g}",
+                str(r["refresh"]),
+                str(r["charges"]),
+            ]
+            for r in rows
+        ],
+    )
+    return table + "\nthe owners' agents decide from their own ledgers, which also count approvals in flight"

@@ -26,7 +26,7 @@ from sealroom.policy import DatasetPolicy, load_policy_file
 
 def add_parsers(sub: Subparsers) -> None:
     d = with_json(add_command(sub, "demo"))
-    d.add_argument("--scenario", choices=["bank", "hospital", "all"], default="all")
+    d.add_argument("--scenario", choices=["bank", "hospital", "registry", "all"], default="all")
     d.add_argument("--state-dir", help="keep state, keys, configs and logs here (default: a temporary directory)")
     d.set_defaults(handler=cmd_demo)
 
