@@ -42,6 +42,9 @@ def test_demo_json_is_one_document_with_the_contract_shape(demo):
         ("bank", "refused"),
         ("bank", "refused"),
         ("hospital", "released"),
+        ("registry", "released"),
+        ("registry", "released"),
+        ("registry", "refused"),
     ]
     for q in doc["queries"]:
         assert set(q) >= {"query_id", "status", "columns", "rows", "suppressed", "stages", "simulated"}
@@ -53,13 +56,29 @@ def test_demo_json_is_one_document_with_the_contract_shape(demo):
             assert all(len(r) == len(q["columns"]) for r in q["rows"])
     assert "[sealroom]" in stderr  # progress goes to stderr
     # bank_c's owner approves by hand: the released bank queries waited for its `sealroom approve`.
-    assert [q["manual_approvals"] for q in doc["queries"]] == [["bank_c"], ["bank_c"], [], [], []]
+    assert [q["manual_approvals"] for q in doc["queries"]] == [["bank_c"], ["bank_c"], [], [], [], [], [], []]
     assert "bank_c's data officer reviews the plan and runs: sealroom approve" in stderr
+
+
+def test_demo_registry_spends_its_budget_with_intervals_and_is_refused_at_exhaustion(demo):
+    doc, _ = demo
+    first, second, refused = [q for q in doc["queries"] if q["scenario"] == "registry"]
+    # explain stated the cost and the error before the first query ran.
+    assert "expected error" in first["explain"] and "epsilon 1" in first["explain"]
+    for q in (first, second):
+        assert q["privacy"]["epsilon"] == 1.0 and q["suppressed"] == []
+        noisy = [c for c in q["columns"] if c in q["ci95"]]
+        assert noisy and all(len(q["ci95"][c]) == len(q["rows"]) for c in noisy)
+    # Every diagnosis of the public domain is released, the rare one too (with noise).
+    assert {r[0] for r in first["rows"]} >= {"prion_disease", "cardiology"}
+    assert [b["left"] for b in first["budget"]] == [1.0, 1.0] and [b["left"] for b in second["budget"]] == [0.0, 0.0]
+    assert refused["reason"]["details"]["rule"] == "privacy_budget"
+    assert refused["reason"]["details"]["epsilon_left"] == 0.0
 
 
 def test_demo_suppresses_small_cells_without_values(demo):
     doc, _ = demo
-    join, union, _, _, cohort = doc["queries"]
+    join, union, _, _, cohort = doc["queries"][:5]
     # segment and rating declare no public domain: the cells are counted and explained, not keyed.
     assert [(s["group"], s["rule"]) for s in join["suppressed"]] == [(None, "dominance"), (None, "min_group_size")]
     assert not any((r[0], r[1]) in (("corporate", "CCC"), ("private", "A")) for r in join["rows"])
@@ -110,7 +129,7 @@ def test_demo_refusals_explain_themselves(demo):
 def test_demo_released_cells_equal_plain_duckdb(demo):
     """Correctness: the released cells are what DuckDB computes on the pooled data directly."""
     doc, _ = demo
-    join, union, _, _, cohort = doc["queries"]
+    join, union, _, _, cohort = doc["queries"][:5]
     con = duckdb.connect()
     for bank, table in bank_tables().items():
         con.register(bank, table)
