@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sealroom.app.client import QueryHandle
 from sealroom.app.cli.budget import budget_table
+from sealroom.app.client import QueryHandle
 from sealroom.app.cluster import Cluster, DatasetSpec, PartySpec
 from sealroom.app.demo_data import (
     AGE_BANDS,
