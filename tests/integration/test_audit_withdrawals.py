@@ -2,7 +2,7 @@
 
 One cluster (enclave, coordinator, three party agents as processes) whose coordinator declares a
 collaboration and whose owners declare [processing]: bank_a approves automatically, bank_m and
-bank_t by hand with the real CLI (bank_m's approvals last 2 s). A query the planner refuses, an
+bank_t by hand with the real CLI (bank_m's approvals last 6 s). A query the planner refuses, an
 approval its owner revokes and one that lapses each leave a log entry (identifiers only); `sealroom
 audit verify` still exits 0, and `sealroom audit ropa` shows the release, the refusals' counts and
 the owners' declarations.
@@ -82,7 +82,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Any:
         PartySpec(
             "bank_m",
             (DatasetSpec("loans", _loans(d / "m.parquet"), _policy("bank_m", "manual")),),
-            approval_ttl_seconds=2,
+            approval_ttl_seconds=6,  # long enough for approve-then-revoke on a loaded machine
         ),
         PartySpec("bank_t", (DatasetSpec("loans", _loans(d / "t.parquet"), _policy("bank_t", "manual")),)),
     ]
@@ -147,7 +147,7 @@ def test_refusals_and_withdrawn_approvals_are_logged_and_the_log_verifies(platfo
         wait_for(client, qid, "pending_approval", ["bank_t"])
         owner(platform, "bank_m", "revoke", qid)
         wait_for(client, qid, "pending_approval", ["bank_m", "bank_t"])
-        # Approved again, bank_m's approval lapses after its 2 s while bank_t has not decided.
+        # Approved again, bank_m's approval lapses after its 6 s while bank_t has not decided.
         owner(platform, "bank_m", "approve", qid)
         deadline = time.monotonic() + 30
         while not any(e["type"] == "approval_lapsed" for e in log_entries(platform)):
