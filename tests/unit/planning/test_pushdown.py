@@ -345,7 +345,7 @@ def test_filter_errors_quote_no_value():
     kept = list(filtered_batches(TableSource(table, dataset="bank_b.loans"), BANK_SCHEMA, inp))
     assert [r["customer_id"] for b in kept for r in b.to_pylist()] == [2]
     # An error that remains (here a function DuckDB does not know) is reported by its kind only.
-    broken = dataclasses.replace(inp, filter=f"no_such_function(\"rating\") OR \"rating\" = '{SECRET}'")
+    broken = dataclasses.replace(inp, filter=f'no_such_function("rating") OR "rating" = \'{SECRET}\'')
     with pytest.raises(SourceError) as info:
         list(filtered_batches(TableSource(table, dataset="bank_b.loans"), BANK_SCHEMA, broken))
     assert SECRET not in info.value.message and SECRET not in str(info.value.details)
