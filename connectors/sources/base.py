@@ -128,10 +128,14 @@ def filter_batches(
     DuckDB sees only the predicate's columns of one batch at a time (plus a row index) and returns
     the indices of the matching rows, so the rows kept keep their exact types (DuckDB does not
     round-trip every Arrow type) and memory stays a few batches. WHERE semantics (NULL drops the
-    row), as in the enclave. A DuckDB error is reported by its kind only: its message can quote
-    values.
+    row), as in the enclave. The predicate is total, as every expression the enclave evaluates: a
+    row on which it raises (a failed cast, a division by zero, an overflow) is dropped, so whether
+    a query fails can never depend on a hidden value (an error oracle on a filter-only column). A
+    DuckDB error that remains (a malformed predicate) is reported by its kind only: its message can
+    quote values.
     """
-    query = f'SELECT "{_ROW_INDEX}" FROM "{_ROWS_VIEW}" WHERE {predicate} ORDER BY "{_ROW_INDEX}"'  # noqa: S608
+    where = f"COALESCE(TRY({predicate}), FALSE)"
+    query = f'SELECT "{_ROW_INDEX}" FROM "{_ROWS_VIEW}" WHERE {where} ORDER BY "{_ROW_INDEX}"'  # noqa: S608
     index = pa.array([], pa.int64())
     con = _filter_connection()
     try:

@@ -19,6 +19,7 @@ own SQL, never party data.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -440,9 +441,23 @@ def _union_checks(src: Source, n: int, by_name: Mapping[str, InputSpec]) -> list
     return checks
 
 
+# Conditional aggregates with distinct conditions one query may hold: their sub-cells split a cell
+# into up to 2^n parts, each checked (below).
+MAX_CONDITIONS = 6
+
+
 def _hidden_counts(checks: Sequence[UnitCheck], actives: Sequence[str]) -> tuple[list[exp.Expr], list[SubCheck]]:
     """The hidden count columns: each dataset's units in the cell, then in each sub-cell (rows
-    where an ``actives`` predicate holds) and its complement."""
+    where an ``actives`` predicate holds) and its complement, and, with two conditions or more, in
+    each part of the cell they split it into (rows where each predicate holds or not): two
+    sub-cells that each pass (``age >= 37`` and ``age >= 38``) differ by the rows of one part, so
+    every part must pass too, or their difference is one unit's value."""
+    if len(actives) > MAX_CONDITIONS:
+        raise query_refusal(
+            f"the query has {len(actives)} conditional aggregates with different conditions; at most "
+            f"{MAX_CONDITIONS} are released in one query (each combination of their conditions is a "
+            "part of the cell that must pass the rules): split the query"
+        )
     hidden: list[exp.Expr] = [_parse_alias(_distinct_units(c, None), c.column) for c in checks]
     subs: list[SubCheck] = []
     for i, pred in enumerate(actives):
@@ -451,6 +466,13 @@ def _hidden_counts(checks: Sequence[UnitCheck], actives: Sequence[str]) -> tuple
             hidden.append(_parse_alias(_distinct_units(c, pred), inside))
             hidden.append(_parse_alias(_distinct_units(c, f"NOT {pred}"), outside))
             subs.append(SubCheck(inside, outside, j))
+    if len(actives) >= 2:
+        for p, signs in enumerate(itertools.product((True, False), repeat=len(actives))):
+            part = " AND ".join(pred if sign else f"NOT {pred}" for pred, sign in zip(actives, signs, strict=True))
+            for j, c in enumerate(checks):
+                name = f"__sr_part_{p}_{j}"
+                hidden.append(_parse_alias(_distinct_units(c, part), name))
+                subs.append(SubCheck(name, name, j))
     return hidden, subs
 
 

@@ -126,14 +126,14 @@ def test_the_stream_is_padded_whatever_the_filter_matches(cluster: Cluster):
     assert _inputs(r_one)["bank_a.loans"]["bytes"] < MIN_PADDED_ROWS
 
 
-def test_a_failing_filter_quotes_no_value(cluster: Cluster):
+def test_a_filter_that_raises_on_a_value_fails_nothing_and_quotes_no_value(cluster: Cluster):
+    # On main this query failed because one hidden rating is not a number: an error oracle. The
+    # owner's agent evaluates its pushed filter as the enclave does, total: that row is dropped.
     sql = f"SELECT a.segment, COUNT(*) {JOIN} WHERE CAST(b.rating AS INTEGER) > 0 GROUP BY a.segment"
     with cluster.client() as client:
         result = client.run(sql, timeout=60)
-    assert result.status == "failed"
-    assert result.error is not None
-    text = result.error.to_json()
-    assert "ConversionException" in text and SECRET not in text
+    assert result.status == "released", result.error
+    assert SECRET not in repr(result)
     for name in ("party-bank_b", "coordinator", "enclave"):
         assert SECRET not in cluster.log_path(name).read_text()
 

@@ -157,6 +157,30 @@ def test_single_query_attacks_are_suppressed(name, sql, rule):
         assert len(out.suppressed) == 1 and out.released.num_rows == 3
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # Each sub-cell and its complement hold 5 units or more; their difference is the aged-37 unit.
+        "SELECT segment, SUM(CASE WHEN age >= 37 THEN amount END) AS a, "
+        "SUM(CASE WHEN age >= 38 THEN amount END) AS b FROM shop_a.customers GROUP BY segment",
+        "SELECT segment, COUNT(CASE WHEN age IN (30, 37) THEN 1 END) AS a, "
+        "COUNT(CASE WHEN age = 30 THEN 1 END) AS b FROM shop_a.customers GROUP BY segment",
+    ],
+)
+def test_two_sub_cells_that_differ_by_one_unit_are_suppressed(sql):
+    out = run(sql)
+    assert TARGET_SEGMENT not in out.released["segment"].to_pylist()
+    assert all(r["a"] == r["b"] for r in out.released.to_pylist())  # no released cell holds the unit
+    assert_no_secret(out)
+    assert {s["rule"] for s in out.suppressed} == {"sub_cell"}
+
+
+def test_more_conditions_than_checked_parts_are_refused():
+    conditions = ", ".join(f"COUNT(CASE WHEN age > {30 + i} THEN 1 END) AS c{i}" for i in range(7))
+    with pytest.raises(InvalidQueryError, match="conditional aggregates"):
+        run(f"SELECT segment, {conditions} FROM shop_a.customers GROUP BY segment")
+
+
 def test_the_union_reason_names_the_dataset_whose_units_fall_short():
     out = run(UNION, specs=(A, B), tables={"t0": customers(), "t1": fakes()})
     (entry,) = out.suppressed
