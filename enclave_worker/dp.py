@@ -40,7 +40,6 @@ import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import duckdb
@@ -49,12 +48,12 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
-from enclave_worker.engine import Bounds, Clamps, OnCancel
+from enclave_worker.engine import Clamps, OnCancel, register_input
 from sealroom.duck import locked_connection
 from sealroom.errors import DeadlineExceededError, InvalidQueryError, JobFailedError
 from sealroom.planning.privacy import DpMechanism, Measurement, Selection
 from sealroom.planning.resolve import DIALECT, Branch, Resolved, Source, expanded_projections, resolve
-from sealroom.planning.sql import InputSpec, order_sql
+from sealroom.planning.sql import InputSpec, conjuncts, order_sql, replace_table
 
 __all__ = ["DpOutcome", "bounded_cells", "run_dp_stage"]
 
@@ -121,31 +120,14 @@ def _total_node(node: exp.Expression) -> exp.Expression:
     return node if isinstance(node, exp.Column) else exp.Try(this=node)
 
 
-def _conjuncts(node: exp.Expression) -> list[exp.Expression]:
-    inner = node
-    while isinstance(inner, exp.Paren):
-        inner = inner.this
-    if isinstance(inner, exp.And):
-        return _conjuncts(inner.this) + _conjuncts(inner.expression)
-    return [node]
-
-
 def _total_condition(node: exp.Expression) -> exp.Expr:
     """A WHERE or ON condition made total, conjunct by conjunct (a column equality stays bare, so
     joins keep their plan); an erroring conjunct is false."""
     parts: list[exp.Expr] = []
-    for c in _conjuncts(node):
+    for c in conjuncts(node):
         bare = isinstance(c, exp.EQ) and isinstance(c.this, exp.Column) and isinstance(c.expression, exp.Column)
         parts.append(c.copy() if bare else exp.func("COALESCE", exp.Try(this=c.copy()), exp.false()))
     return parts[0] if len(parts) == 1 else exp.and_(*parts, copy=False)
-
-
-def _replace_table(table: exp.Table, engine_name: str, alias: str) -> None:
-    """As sealroom.planning.sql's: the FROM item reads the engine table, under the query's alias."""
-    table.set("db", None)
-    table.set("catalog", None)
-    table.set("this", exp.to_identifier(engine_name, quoted=True))
-    table.set("alias", exp.TableAlias(this=exp.to_identifier(alias)))
 
 
 def _kept_projections(src: Source, branch: Branch) -> list[exp.Expression]:
@@ -182,7 +164,7 @@ def _stage(residual_sql: str, inputs: Sequence[InputSpec], mechanism: DpMechanis
             spec, bound = by_name[qualified], bounds_by.get(qualified)
             if bound is None or not spec.privacy_unit:
                 raise InvalidQueryError(f"the privacy mechanism has no contribution bound for {qualified}")
-            _replace_table(src.branches[0].table, spec.table, alias)
+            replace_table(src.branches[0].table, spec.table, alias)
             items.append(
                 f"{exp.column(spec.privacy_unit, table=alias, quoted=True).sql(DIALECT)} AS {_ident(f'__sr_u{n}')}"
             )
@@ -205,7 +187,7 @@ def _stage(residual_sql: str, inputs: Sequence[InputSpec], mechanism: DpMechanis
             where = br.select.args.get("where")
             if where is not None:
                 where.set("this", _total_condition(where.this))
-            _replace_table(br.table, spec.table, br.table.alias_or_name)
+            replace_table(br.table, spec.table, br.table.alias_or_name)
             rows_case.append(f"WHEN {k} THEN {int(bound.max_rows)}")
             groups_case.append(f"WHEN {k} THEN {int(bound.max_groups)}")
         b, u = _ident(f"__sr_b{n}"), _ident(f"__sr_u{n}")
@@ -342,102 +324,6 @@ def _cells_sql(stage: _Stage, mechanism: DpMechanism, key_types: Sequence[str]) 
 # --------------------------------------------------------------------------------------------
 # the connection
 
-# The inputs are exposed exactly as the threshold engine exposes them: these lines are
-# enclave_worker.engine's _register_input and _clamp_sql (private there; one shared public helper
-# belongs in engine.py, which another change edits concurrently).
-_INTEGER_RANGES = {
-    "TINYINT": (-(2**7), 2**7 - 1),
-    "SMALLINT": (-(2**15), 2**15 - 1),
-    "INTEGER": (-(2**31), 2**31 - 1),
-    "BIGINT": (-(2**63), 2**63 - 1),
-    "HUGEINT": (-(2**127), 2**127 - 1),
-    "UTINYINT": (0, 2**8 - 1),
-    "USMALLINT": (0, 2**16 - 1),
-    "UINTEGER": (0, 2**32 - 1),
-    "UBIGINT": (0, 2**64 - 1),
-    "UHUGEINT": (0, 2**128 - 1),
-}
-_FLOAT_TYPES = ("FLOAT", "DOUBLE")
-
-
-def _register_input(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table, bounds: Mapping[str, Bounds]) -> None:
-    """Expose ``table`` to the query as ``name``: as is, or through a view that clamps the bounded
-    measure columns (same columns, same order). A dp input always has its privacy unit: no row id."""
-    bounded = {c: b for c, b in bounds.items() if c in table.column_names and b != (None, None)}
-    if not bounded:
-        con.register(name, table)
-        return
-    src = _ident(f"{name}__arrow")
-    con.register(f"{name}__arrow", table)
-    types = {row[0]: str(row[1]) for row in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
-    items = []
-    for column in table.column_names:
-        col = _ident(column)
-        if column in bounded:
-            lo, hi = bounded[column]
-            items.append(f"{_clamp_sql(col, types[column], lo, hi, column=column)} AS {col}")
-        else:
-            items.append(col)
-    con.execute(f"CREATE VIEW {_ident(name)} AS SELECT {', '.join(items)} FROM {src}")
-
-
-def _clamp_sql(col: str, duck_type: str, lo: float | None, hi: float | None, *, column: str) -> str:
-    """``col`` clamped to ``[lo, hi]`` as LEAST(GREATEST(col, lo), hi) would, keeping NULLs (DuckDB's
-    LEAST/GREATEST skip NULLs) and, where the bounds allow it, the column's type."""
-    for bound in (lo, hi):
-        if bound is not None and (not isinstance(bound, int | float) or math.isnan(bound)):
-            raise InvalidQueryError(
-                f"the declared bounds of column {column} are not numbers", details={"column": column}
-            )
-    base = duck_type.upper()
-    literals: list[str | None] = []
-    exact = True  # the bounds are representable in the column's own type
-    if base in _FLOAT_TYPES:
-        literals = [None if b is None else f"CAST('{float(b)!r}' AS {base})" for b in (lo, hi)]
-    elif base in _INTEGER_RANGES:
-        t_min, t_max = _INTEGER_RANGES[base]
-        for b, is_lo in ((lo, True), (hi, False)):
-            if b is None or (is_lo and b <= t_min) or (not is_lo and b >= t_max):
-                literals.append(None)  # no value of the type lies beyond this bound
-            elif math.isfinite(b) and float(b).is_integer() and t_min <= int(b) <= t_max:
-                literals.append(f"CAST({int(b)} AS {base})")
-            else:
-                exact = False
-    elif base.startswith("DECIMAL"):
-        precision, scale = (int(x) for x in base[base.index("(") + 1 : -1].split(","))
-        limit = Decimal(10) ** (precision - scale)
-        for b, is_lo in ((lo, True), (hi, False)):
-            if b is None or (is_lo and b <= -limit) or (not is_lo and b >= limit):
-                literals.append(None)
-                continue
-            try:
-                d = Decimal(repr(float(b)))
-                fits = d.quantize(Decimal(1).scaleb(-scale)) == d
-            except InvalidOperation:
-                fits = False
-            if fits:
-                literals.append(f"CAST('{d}' AS {base})")
-            else:
-                exact = False
-    else:
-        raise InvalidQueryError(
-            f"column {column} has declared bounds but is not numeric ({duck_type}); its owner's policy "
-            "can bound numeric measures only",
-            details={"column": column, "rule": "bounds"},
-        )
-    if not exact:  # e.g. a fractional bound on an integer column: clamp in DOUBLE, as LEAST/GREATEST would
-        col = f"CAST({col} AS DOUBLE)"
-        literals = [None if b is None else f"CAST('{float(b)!r}' AS DOUBLE)" for b in (lo, hi)]
-    lo_sql, hi_sql = literals
-    whens = []
-    if lo_sql is not None:
-        whens.append(f"WHEN {col} < {lo_sql} THEN {lo_sql}")
-    if hi_sql is not None:
-        whens.append(f"WHEN {col} > {hi_sql} THEN {hi_sql}")
-    if not whens:
-        return col
-    return f"CASE {' '.join(whens)} ELSE {col} END"
-
 
 class _Session:
     """One locked DuckDB connection over the job's inputs (clamped), interrupted when the caller goes away."""
@@ -468,7 +354,7 @@ class _Session:
             known = {i.table for i in inputs}
             for name, table in tables.items():
                 if name in known:
-                    _register_input(self.con, name, table, (clamps or {}).get(name, {}))
+                    register_input(self.con, name, table, row_id=False, bounds=(clamps or {}).get(name, {}))
             self.con.execute("SET disabled_optimizers = 'common_subexpressions'")
             self.con.execute("SET lock_configuration = true")
         except BaseException:

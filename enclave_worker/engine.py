@@ -170,7 +170,7 @@ def run_stage(
             raise DeadlineExceededError("the caller went away before the stage ran; nothing was computed")
     try:
         for name, table in tables.items():
-            _register_input(con, name, table, row_id=name in row_id_tables, bounds=(clamps or {}).get(name, {}))
+            register_input(con, name, table, row_id=name in row_id_tables, bounds=(clamps or {}).get(name, {}))
         # DuckDB's common-subexpression optimizer costs about the cube of an expression's depth
         # (SUM(x + 1 + 1 ...) with 950 terms: 14 s, 0.2 s without it); the depth is capped by the
         # query limits, and this optimizer only shares repeated subexpressions, so it is off.
@@ -211,7 +211,7 @@ def _ident(name: str) -> str:
     return exp.to_identifier(name, quoted=True).sql(DIALECT)
 
 
-def _register_input(
+def register_input(
     con: duckdb.DuckDBPyConnection, name: str, table: pa.Table, *, row_id: bool, bounds: Mapping[str, Bounds]
 ) -> None:
     """Expose ``table`` to the query as ``name``: as is, or through a view that adds the per-row id

@@ -407,7 +407,7 @@ def _split_post_aggregates(outputs: list[exp.Expr]) -> tuple[list[exp.Expr], lis
 def _table_check(src: Source, n: int, by_name: Mapping[str, InputSpec]) -> list[UnitCheck]:
     """A plain-table FROM item: its engine table, and the count of its dataset's units."""
     spec = by_name[src.branches[0].qualified]
-    _replace_table(src.branches[0].table, spec.table, src.alias)
+    replace_table(src.branches[0].table, spec.table, src.alias)
     unit = exp.column(spec.privacy_unit or ROW_ID, table=src.alias, quoted=True)
     return [UnitCheck(f"__sr_units_{n}", (spec.qualified,), spec.privacy_unit or "rows", unit.sql(DIALECT), "", n)]
 
@@ -433,7 +433,7 @@ def _union_checks(src: Source, n: int, by_name: Mapping[str, InputSpec]) -> list
         bw = br.select.args.get("where")
         if bw is not None:
             bw.set("this", total(bw.this))
-        _replace_table(br.table, spec.table, br.table.alias_or_name)
+        replace_table(br.table, spec.table, br.table.alias_or_name)
         unit_sql = exp.column(UNION_UNIT, table=src.alias, quoted=True).sql(DIALECT)
         cond = exp.EQ(this=exp.column(UNION_BRANCH, table=src.alias, quoted=True), expression=exp.Literal.number(k))
         name = f"__sr_units_{n}_{k}"
@@ -555,7 +555,7 @@ def _refuse_grouping_by_units(r: Resolved, by_name: Mapping[str, InputSpec]) -> 
                     )
 
 
-def _replace_table(table: exp.Table, engine_name: str, alias: str) -> None:
+def replace_table(table: exp.Table, engine_name: str, alias: str) -> None:
     table.set("db", None)
     table.set("catalog", None)
     table.set("this", exp.to_identifier(engine_name, quoted=True))
