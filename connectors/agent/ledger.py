@@ -34,11 +34,13 @@ The coordinator logs each released charge (``privacy_charge`` entries), and ``se
 in it. The chain shows a line edited, removed or reordered, not a last line edited or removed: that
 is what comparing with the log (and backups of the file) is for.
 
-Refresh windows (``refresh = "P30D"``) are rolling; a charge's time is the query's submission time
-in the coordinator's log (the ``query_submitted`` entry the agent witnessed; never later than the
-agent's own clock, so a coordinator cannot date queries ahead into fresh windows), which
-``sealroom audit verify`` reads too; a new charge is checked against every charge less than one
-window away, on either side (:func:`sealroom.audit.ledger.within_window`).
+Refresh windows (``refresh = "P30D"``) are rolling. A charge has two times: the query's submission
+time in the coordinator's log (the ``query_submitted`` entry the agent witnessed; never later than
+the agent's own clock, so a coordinator cannot date queries ahead into fresh windows), which
+``sealroom audit verify`` reads too, and the agent's own clock when it reserved. A new charge is
+checked against every charge less than one window away, on either side, by either clock
+(:func:`sealroom.audit.ledger.within_window`), so a coordinator that dates entries in the past,
+one window further each time, cannot spread today's charges over old windows either.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,9 +96,10 @@ def asks_of(party: str, plan: Plan, policies: Mapping[str, DatasetPolicy]) -> li
 class BudgetLedger:
     """The ledger of one agent (thread-safe). ``path`` None: memory only (tools and tests)."""
 
-    def __init__(self, path: Path | None, *, party: str) -> None:
+    def __init__(self, path: Path | None, *, party: str, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.party = party
+        self._clock = clock  # the agent's own clock: when it reserves
         self._lock = threading.Lock()
         # Raises AuditError naming the file and line when the chain is broken: the agent does not start.
         self._state = read_ledger(path) if path is not None else LedgerState()
@@ -113,7 +117,7 @@ class BudgetLedger:
 
     def left(self, ask: Ask, at: float) -> float:
         with self._lock:
-            return max(0.0, ask.budget - self._state.spent(ask.dataset, ask.scope, at, ask.window))
+            return max(0.0, ask.budget - self._state.spent(ask.dataset, ask.scope, at, ask.window, now=self._clock()))
 
     def spent(self, dataset: str, scope: str, at: float, window: int | None) -> float:
         with self._lock:
@@ -135,7 +139,7 @@ class BudgetLedger:
 
     def _check(self, plan: Plan, asks: Sequence[Ask], at: float) -> None:
         for ask in asks:
-            spent = self._state.spent(ask.dataset, ask.scope, at, ask.window)
+            spent = self._state.spent(ask.dataset, ask.scope, at, ask.window, now=self._clock())
             if spent + ask.epsilon > ask.budget * (1 + 1e-9):
                 raise budget_refusal(self.party, plan.analyst, ask, max(0.0, ask.budget - spent))
 
@@ -163,6 +167,7 @@ class BudgetLedger:
                         "epsilon": a.epsilon,
                         "delta": a.delta,
                         "at": at,
+                        "reserved_at": self._clock(),
                         "until": until,
                     }
                     for a in asks

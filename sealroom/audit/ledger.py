@@ -37,7 +37,9 @@ __all__ = ["GENESIS", "LEDGER_FILE", "LedgerState", "Reservation", "chain_line",
 LEDGER_FILE = "budget.jsonl"
 GENESIS = "0" * 64
 KINDS: Mapping[str, frozenset[str]] = {
-    "reserve": frozenset({"plan_hash", "query_id", "dataset", "scope", "epsilon", "delta", "at", "until"}),
+    "reserve": frozenset(
+        {"plan_hash", "query_id", "dataset", "scope", "epsilon", "delta", "at", "reserved_at", "until"}
+    ),
     "extend": frozenset({"plan_hash", "until"}),
     "commit": frozenset({"plan_hash"}),
     "release": frozenset({"plan_hash", "why"}),
@@ -59,8 +61,9 @@ class Reservation:
     scope: str
     epsilon: float
     delta: float
-    at: float
+    at: float  # the query's submission time in the log (what audit verify's windows count by)
     until: float
+    reserved_at: float = 0.0  # the agent's own clock when it reserved
     state: str = "reserved"  # "reserved" | "committed" | "released"
 
 
@@ -88,6 +91,7 @@ class LedgerState:
                 float(record["delta"]),
                 float(record["at"]),
                 float(record["until"]),
+                float(record["reserved_at"]),
             )
             return
         for r in self.of_plan(plan_hash):
@@ -105,13 +109,20 @@ class LedgerState:
         """The plan's reservations that count (reserved or committed)."""
         return [r for r in self.of_plan(plan_hash) if r.state != "released"]
 
-    def spent(self, dataset: str, scope: str, at: float, window: int | None) -> float:
-        """Epsilon that counts against (dataset, scope) for a charge at ``at``: every reservation not
-        released (reserved counts as spent) whose time is within ``window`` of ``at`` (None: all)."""
+    def spent(self, dataset: str, scope: str, at: float, window: int | None, now: float | None = None) -> float:
+        """Epsilon that counts against (dataset, scope) for a charge at ``at`` (its log time) reserved
+        at ``now`` (the agent's clock; None: not checked): every reservation not released (reserved
+        counts as spent) whose log time is within ``window`` of ``at``, or that was reserved within
+        ``window`` of ``now`` (None: all). Both clocks count, so the windows of the log (which audit
+        verify re-adds) hold, and a coordinator that backdates its entries, one window further each
+        time, cannot spread charges reserved today over windows of the past."""
         return math.fsum(
             r.epsilon
             for r in self.reservations.values()
-            if r.dataset == dataset and r.scope == scope and r.state != "released" and within_window(r.at, at, window)
+            if r.dataset == dataset
+            and r.scope == scope
+            and r.state != "released"
+            and (within_window(r.at, at, window) or (now is not None and within_window(r.reserved_at, now, window)))
         )
 
     def committed(self) -> list[Reservation]:
@@ -133,7 +144,7 @@ def _check_record(doc: Any) -> dict[str, Any] | None:
     fields = KINDS.get(doc["kind"])
     if fields is None or set(doc) != fields | {"kind", "prev"}:
         return None
-    for name in fields & {"epsilon", "delta", "at", "until"}:
+    for name in fields & {"epsilon", "delta", "at", "reserved_at", "until"}:
         v = doc[name]
         if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
             return None

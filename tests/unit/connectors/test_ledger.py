@@ -154,7 +154,8 @@ def test_a_line_torn_by_a_crash_is_dropped(tmp_path: Path) -> None:
 
 def test_refresh_windows_count_charges_less_than_one_window_away() -> None:
     policy = _policy(refresh="PT1H")
-    ledger = BudgetLedger(None, party="bank_a")
+    clock = iter([10_000.0 * i for i in range(100)])  # reserved far apart on the agent's clock
+    ledger = BudgetLedger(None, party="bank_a", clock=lambda: next(clock))
     asks = asks_of("bank_a", _plan(policy), {"loans": policy})
     assert asks[0].window == 3600
     for i in range(4):
@@ -164,6 +165,20 @@ def test_refresh_windows_count_charges_less_than_one_window_away() -> None:
     assert ledger.reserve(_plan(policy, qid="q5"), asks, at=3600.0, until=time.time() + 60)
     assert within_window(0.0, 3599.9, 3600) and not within_window(0.0, 3600.0, 3600)
     assert within_window(0.0, 1e12, None)
+
+
+def test_a_coordinator_backdating_its_entries_cannot_spread_todays_charges_over_old_windows() -> None:
+    """Twelve queries reserved now, their log entries dated 31 days apart in the past: the agent's
+    own clock puts them in one window, so the budget (1) pays for one."""
+    policy = _policy(refresh="P30D", epsilon_budget=1.0)
+    ledger = BudgetLedger(None, party="bank_a", clock=lambda: 1e9)
+    asks = asks_of("bank_a", _plan(policy), {"loans": policy})
+    day = 86400.0
+    assert ledger.reserve(_plan(policy, qid="q0"), asks, at=1e9, until=1e9 + 60)
+    for i in range(1, 12):
+        with pytest.raises(PolicyRefusalError) as err:
+            ledger.reserve(_plan(policy, qid=f"q{i}"), asks, at=1e9 - i * 31 * day, until=1e9 + 60)
+        assert err.value.details["rule"] == "privacy_budget"
 
 
 def test_concurrent_reservations_cannot_overspend() -> None:
