@@ -244,12 +244,14 @@ def _measure_sql(i: int, m: Measurement) -> str:
     raise InvalidQueryError(f"the privacy mechanism names an aggregate this enclave does not release ({m.func})")
 
 
-def _bound_ctes(s: int, b: _Bound, current: str, keys: Sequence[str]) -> list[str]:
+def _bound_ctes(s: int, b: _Bound, current: str, keys: Sequence[str], *, last: bool) -> list[str]:
     """Step ``s`` of contribution bounding over relation ``current``: ``__sr_s<s>`` keeps at most
     max_rows rows per (unit, group) and max_groups groups per unit, chosen in random order.
 
-    Units within both bounds keep all their rows as they are (hash aggregates only); the rows of the
-    others go through the window functions, the only sorts of the release."""
+    Units within both bounds keep all their rows as they are (hash aggregates only, no draw); only
+    the rows of the others get a random draw (materialized, so every window reads the same draws)
+    and go through the window functions, the only sorts of the release. The step's result is
+    materialized unless it is the ``last``, which only the aggregate reads."""
     on = " AND ".join(f"c.{u} IS NOT DISTINCT FROM v.{u}" for u in b.units)
     units = ", ".join(b.units)
     ctes = [
@@ -264,17 +266,19 @@ def _bound_ctes(s: int, b: _Bound, current: str, keys: Sequence[str]) -> list[st
     # smallest draw of its rows, kept by any bound on its rows).
     window = f"(PARTITION BY {', '.join([*b.units, *keys])} ORDER BY __sr_r)"
     group_key = f", first_value(__sr_r) OVER {window} AS __sr_gr" if keys else ""
-    ctes.append(f"__sr_s{s}a AS (SELECT *, row_number() OVER {window} AS __sr_rn{group_key} FROM __sr_s{s}x)")
+    ctes.append(f"__sr_s{s}r AS MATERIALIZED (SELECT *, random() AS __sr_r FROM __sr_s{s}x)")
+    ctes.append(f"__sr_s{s}a AS (SELECT *, row_number() OVER {window} AS __sr_rn{group_key} FROM __sr_s{s}r)")
     if keys:
         # Ties of the group's random key are broken by the keys: distinct groups, distinct ranks.
         ctes.append(
             f"__sr_s{s}b AS (SELECT * EXCLUDE (__sr_rn, __sr_gr), dense_rank() OVER (PARTITION BY "
             f"{units} ORDER BY __sr_gr, {', '.join(keys)}) AS __sr_gn FROM __sr_s{s}a WHERE __sr_rn <= {b.max_rows})"
         )
-        bounded = f"SELECT * EXCLUDE (__sr_gn) FROM __sr_s{s}b WHERE __sr_gn <= {b.max_groups}"
+        bounded = f"SELECT * EXCLUDE (__sr_gn, __sr_r) FROM __sr_s{s}b WHERE __sr_gn <= {b.max_groups}"
     else:
-        bounded = f"SELECT * EXCLUDE (__sr_rn) FROM __sr_s{s}a WHERE __sr_rn <= {b.max_rows}"
-    ctes.append(f"__sr_s{s} AS MATERIALIZED (SELECT * FROM __sr_s{s}ok UNION ALL BY NAME {bounded})")
+        bounded = f"SELECT * EXCLUDE (__sr_rn, __sr_r) FROM __sr_s{s}a WHERE __sr_rn <= {b.max_rows}"
+    materialized = "" if last else " MATERIALIZED"
+    ctes.append(f"__sr_s{s} AS{materialized} (SELECT * FROM __sr_s{s}ok UNION ALL BY NAME {bounded})")
     return ctes
 
 
@@ -295,11 +299,8 @@ def _cells_sql(stage: _Stage, mechanism: DpMechanism, key_types: Sequence[str]) 
             f"__sr_in AS (SELECT r.* FROM __sr_rows AS r WHERE EXISTS (SELECT 1 FROM __sr_dom AS d WHERE {on}))"
         )
         current = "__sr_in"
-    # Materialized: every step reads the same draws (a CTE evaluated twice would draw twice).
-    ctes.append(f"__sr_rand AS MATERIALIZED (SELECT *, random() AS __sr_r FROM {current})")
-    current = "__sr_rand"
     for s, b in enumerate(stage.bounds):
-        ctes += _bound_ctes(s, b, current, keys)
+        ctes += _bound_ctes(s, b, current, keys, last=s == len(stage.bounds) - 1)
         current = f"__sr_s{s}"
     measures = [f"{_measure_sql(i, m)} AS {_m(i)}" for i, m in enumerate(mechanism.measurements)]
     group_by = f" GROUP BY {', '.join(keys)}" if keys else ""
