@@ -30,8 +30,7 @@ from typing import Any
 from sqlglot import exp
 
 from sealroom.errors import InvalidQueryError, PolicyRefusalError
-from sealroom.planning.resolve import DIALECT, Resolved, Source, projected_columns, resolve
-from sealroom.policy import DatasetPolicy
+from sealroom.planning.resolve import DIALECT, Resolved, Source, expanded_projections, projected_columns, resolve
 from sealroom.policy_roles import MAX_DOMAIN_VALUES
 
 DEFAULT_QUERY_EPSILON = 0.5
@@ -523,8 +522,6 @@ def _datasets_of(column: exp.Column, by_alias: Mapping[str, Source]) -> list[tup
 
 
 def _projection(src: Source, br: Any, name: str) -> exp.Expression:
-    from sealroom.planning.resolve import expanded_projections  # noqa: PLC0415
-
     return expanded_projections(br)[src.columns.index(name)]
 
 
@@ -643,8 +640,3 @@ def _sql(node: exp.Expr | None) -> str | None:
 
 def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def dp_rules(policies: Iterable[DatasetPolicy]) -> list[Any]:
-    """The dp rules among ``policies`` (for callers that hold policies only)."""
-    return [p.dp for p in policies if p.dp is not None]
