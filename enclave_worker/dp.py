@@ -37,8 +37,7 @@ Errors are reported by kind only (DuckDB's messages can quote values).
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,12 +47,12 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
-from enclave_worker.engine import Clamps, OnCancel, register_input
-from sealroom.duck import locked_connection
-from sealroom.errors import DeadlineExceededError, InvalidQueryError, JobFailedError
+from enclave_worker.engine import Clamps, OnCancel, StageConnection
+from sealroom.errors import InvalidQueryError, JobFailedError
+from sealroom.planning.cells import total
 from sealroom.planning.privacy import DpMechanism, Measurement, Selection
 from sealroom.planning.resolve import DIALECT, Branch, Resolved, Source, expanded_projections, resolve
-from sealroom.planning.sql import InputSpec, conjuncts, order_sql, replace_table
+from sealroom.planning.sql import InputSpec, order_sql, replace_table
 
 __all__ = ["DpOutcome", "bounded_cells", "run_dp_stage"]
 
@@ -108,26 +107,21 @@ class _Stage:
 
 
 def _total(sql: str) -> str:
-    """``sql`` made total: a bare column as is, anything else inside TRY (an error becomes NULL)."""
+    """``sql`` made total as the threshold engine makes its expressions
+    (:func:`sealroom.planning.cells.total`: TRY_CAST, and TRY around what could raise)."""
     try:
         node = sqlglot.parse_one(sql, read=DIALECT)
     except SqlglotError:
         raise InvalidQueryError("the privacy mechanism names an expression that does not parse") from None
-    return sql if isinstance(node, exp.Column) else f"TRY({sql})"
+    return _total_node(node).sql(DIALECT)
 
 
-def _total_node(node: exp.Expression) -> exp.Expression:
-    return node if isinstance(node, exp.Column) else exp.Try(this=node)
-
-
-def _total_condition(node: exp.Expression) -> exp.Expr:
-    """A WHERE or ON condition made total, conjunct by conjunct (a column equality stays bare, so
-    joins keep their plan); an erroring conjunct is false."""
-    parts: list[exp.Expr] = []
-    for c in conjuncts(node):
-        bare = isinstance(c, exp.EQ) and isinstance(c.this, exp.Column) and isinstance(c.expression, exp.Column)
-        parts.append(c.copy() if bare else exp.func("COALESCE", exp.Try(this=c.copy()), exp.false()))
-    return parts[0] if len(parts) == 1 else exp.and_(*parts, copy=False)
+def _total_node(node: exp.Expr) -> exp.Expression:
+    """A copy of ``node`` made total (a WHERE or ON condition too: a conjunct that would raise is NULL,
+    so its row is not kept, and a column equality stays bare, so joins keep their plan)."""
+    copied = node.copy()
+    assert isinstance(copied, exp.Expression)
+    return total(copied)
 
 
 def _kept_projections(src: Source, branch: Branch) -> list[exp.Expression]:
@@ -186,7 +180,7 @@ def _stage(residual_sql: str, inputs: Sequence[InputSpec], mechanism: DpMechanis
             br.select.set("expressions", [*projections, exp.alias_(unit, "__sr_unit", quoted=True), tag])
             where = br.select.args.get("where")
             if where is not None:
-                where.set("this", _total_condition(where.this))
+                where.set("this", _total_node(where.this))
             replace_table(br.table, spec.table, br.table.alias_or_name)
             rows_case.append(f"WHEN {k} THEN {int(bound.max_rows)}")
             groups_case.append(f"WHEN {k} THEN {int(bound.max_groups)}")
@@ -201,11 +195,11 @@ def _stage(residual_sql: str, inputs: Sequence[InputSpec], mechanism: DpMechanis
             items.append(f"COALESCE({_total(m.condition)}, FALSE) AS {_ident(f'__sr_c{i}')}")
     where = tree.args.get("where")
     if where is not None:
-        where.set("this", _total_condition(where.this))
+        where.set("this", _total_node(where.this))
     for join in tree.args.get("joins") or []:
         on = join.args.get("on")
         if on is not None:
-            join.set("on", _total_condition(on))
+            join.set("on", _total_node(on))
     for key in ("group", "having", "order", "limit", "distinct"):
         tree.set(key, None)
     tree.set("expressions", [sqlglot.parse_one(item, read=DIALECT) for item in items])
@@ -326,60 +320,21 @@ def _cells_sql(stage: _Stage, mechanism: DpMechanism, key_types: Sequence[str]) 
 # the connection
 
 
-class _Session:
-    """One locked DuckDB connection over the job's inputs (clamped), interrupted when the caller goes away."""
-
-    def __init__(
-        self,
-        inputs: Sequence[InputSpec],
-        tables: Mapping[str, pa.Table],
-        clamps: Clamps | None,
-        threads: int,
-        on_cancel: OnCancel | None,
-    ) -> None:
-        self.con = locked_connection(threads=threads, lock=False)  # locked once the inputs are registered
-        self.interrupted = threading.Event()
-        if on_cancel is not None:
-
-            def interrupt() -> None:
-                self.interrupted.set()
-                try:
-                    self.con.interrupt()
-                except duckdb.Error:  # the stage has ended and closed its connection
-                    pass
-
-            if on_cancel(interrupt) is False:
-                self.con.close()
-                raise DeadlineExceededError("the caller went away before the stage ran; nothing was computed")
-        try:
-            known = {i.table for i in inputs}
-            for name, table in tables.items():
-                if name in known:
-                    register_input(self.con, name, table, row_id=False, bounds=(clamps or {}).get(name, {}))
-            self.con.execute("SET disabled_optimizers = 'common_subexpressions'")
-            self.con.execute("SET lock_configuration = true")
-        except BaseException:
-            self.con.close()
-            raise
-
-    def run(self, what: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
-        try:
-            return what(self.con)
-        except duckdb.Error as exc:
-            if self.interrupted.is_set():
-                raise DeadlineExceededError(
-                    "the caller went away; the stage was interrupted, nothing released"
-                ) from None
-            # DuckDB's messages can quote values (conversion errors); report the kind only.
-            raise InvalidQueryError(
-                f"the stage failed in the engine ({type(exc).__name__}); check column types and expressions"
-            ) from None
-
-    def close(self) -> None:
-        self.con.close()
+def _session(
+    inputs: Sequence[InputSpec],
+    tables: Mapping[str, pa.Table],
+    clamps: Clamps | None,
+    threads: int,
+    on_cancel: OnCancel | None,
+) -> StageConnection:
+    """The engine's connection over the stage's own inputs (a dp input always has its privacy unit:
+    no per-row id)."""
+    known = {i.table for i in inputs}
+    mine = {name: table for name, table in tables.items() if name in known}
+    return StageConnection(mine, clamps=clamps, threads=threads, on_cancel=on_cancel)
 
 
-def _cells(session: _Session, stage: _Stage, mechanism: DpMechanism) -> pa.Table:
+def _cells(session: StageConnection, stage: _Stage, mechanism: DpMechanism) -> pa.Table:
     def run(con: duckdb.DuckDBPyConnection) -> pa.Table:
         key_types: list[str] = []
         params: dict[str, Any] = {}
@@ -408,7 +363,7 @@ def bounded_cells(
     """The groups with their bounded, clamped, not yet noised aggregates (``__sr_n``: bounded rows;
     ``__sr_m<i>``: measurement i): what the noise is added to. Never released; for tests."""
     stage = _stage(residual_sql, inputs, mechanism)
-    session = _Session(inputs, tables, clamps, threads, None)
+    session = _session(inputs, tables, clamps, threads, None)
     try:
         return _cells(session, stage, mechanism)
     finally:
@@ -562,7 +517,7 @@ def run_dp_stage(
     ``mechanism`` (see the module docstring). ``clamps``: per engine table, the measures' declared
     bounds; ``on_cancel`` as for :func:`enclave_worker.engine.run_stage`."""
     stage = _stage(residual_sql, inputs, mechanism)
-    session = _Session(inputs, tables, clamps, threads, on_cancel)
+    session = _session(inputs, tables, clamps, threads, on_cancel)
     try:
         cells = _cells(session, stage, mechanism)
         kept = list(range(cells.num_rows))

@@ -154,53 +154,83 @@ def run_stage(
       ``context.add_callback``); it interrupts DuckDB, and the stage ends in DeadlineExceededError.
     """
     rules = _dominance_rules(compiled, dominance or {})
-    con = locked_connection(threads=threads, lock=False)  # locked once the inputs are registered
-    interrupted = threading.Event()
-    if on_cancel is not None:
-
-        def interrupt() -> None:
-            interrupted.set()
-            try:
-                con.interrupt()
-            except duckdb.Error:  # the stage has ended and closed its connection
-                pass
-
-        if on_cancel(interrupt) is False:  # the call had already ended
-            con.close()
-            raise DeadlineExceededError("the caller went away before the stage ran; nothing was computed")
+    stage = StageConnection(tables, row_id_tables=row_id_tables, clamps=clamps, threads=threads, on_cancel=on_cancel)
     try:
-        for name, table in tables.items():
-            register_input(con, name, table, row_id=name in row_id_tables, bounds=(clamps or {}).get(name, {}))
-        # DuckDB's common-subexpression optimizer costs about the cube of an expression's depth
-        # (SUM(x + 1 + 1 ...) with 950 terms: 14 s, 0.2 s without it); the depth is capped by the
-        # query limits, and this optimizer only shares repeated subexpressions, so it is off.
-        con.execute("SET disabled_optimizers = 'common_subexpressions'")
-        # Total expressions: x // 0 and x % 0 after aggregation give NULL, not an error that would
-        # tell a hidden zero apart (compile_stage wraps what is computed before aggregation in TRY).
-        con.execute("SET error_on_division_by_zero = false")
-        con.execute("SET lock_configuration = true")
         k = int(min_group_size)
-        compiled = _typed_comparisons(con, compiled)
+        compiled = stage.run(lambda con: _typed_comparisons(con, compiled))
         decided = _decision_sql(compiled, k, rules)
-        try:
-            cells = con.sql(decided).to_arrow_table()
-        except duckdb.Error as exc:
-            if interrupted.is_set():
-                raise DeadlineExceededError(
-                    "the caller went away; the stage was interrupted, nothing released"
-                ) from None
-            # DuckDB's messages can quote values (conversion errors); report the kind only.
-            raise InvalidQueryError(
-                f"the stage failed in the engine ({type(exc).__name__}); check column types and expressions"
-            ) from None
+        cells: pa.Table = stage.run(lambda con: con.sql(decided).to_arrow_table())
         suppressed = _suppressed(cells, compiled, k, rule_datasets, rules, public_keys or {})
         released = cells.filter(cells[KEEP_COLUMN]).select(list(compiled.output_columns))
         if compiled.order_by or compiled.limit is not None:
-            con.register("__sr_released", released)
-            released = con.sql(order_sql("__sr_released", compiled.order_by, compiled.limit)).to_arrow_table()
+            stage.con.register("__sr_released", released)
+            released = stage.con.sql(order_sql("__sr_released", compiled.order_by, compiled.limit)).to_arrow_table()
         return StageOutcome(released, suppressed, min_group_size, tuple(rule_datasets))
     finally:
-        con.close()
+        stage.close()
+
+
+class StageConnection:
+    """One locked DuckDB connection over a job's inputs, for the threshold engine and the dp engine
+    (:mod:`enclave_worker.dp`) alike: each input registered as is, or through the view that adds a
+    per-row id (``row_id_tables``) and clamps its bounded measures (``clamps``: engine table ->
+    column -> bounds); then the settings locked. ``on_cancel`` (gRPC's ``context.add_callback``)
+    interrupts DuckDB when the caller goes away. :meth:`run` reports a failure by its kind only."""
+
+    def __init__(
+        self,
+        tables: Mapping[str, pa.Table],
+        *,
+        row_id_tables: frozenset[str] = frozenset(),
+        clamps: Clamps | None = None,
+        threads: int = 2,
+        on_cancel: OnCancel | None = None,
+    ) -> None:
+        self.con = locked_connection(threads=threads, lock=False)  # locked once the inputs are registered
+        self.interrupted = threading.Event()
+        if on_cancel is not None:
+
+            def interrupt() -> None:
+                self.interrupted.set()
+                try:
+                    self.con.interrupt()
+                except duckdb.Error:  # the stage has ended and closed its connection
+                    pass
+
+            if on_cancel(interrupt) is False:  # the call had already ended
+                self.con.close()
+                raise DeadlineExceededError("the caller went away before the stage ran; nothing was computed")
+        try:
+            for name, table in tables.items():
+                register_input(self.con, name, table, row_id=name in row_id_tables, bounds=(clamps or {}).get(name, {}))
+            # DuckDB's common-subexpression optimizer costs about the cube of an expression's depth
+            # (SUM(x + 1 + 1 ...) with 950 terms: 14 s, 0.2 s without it); the depth is capped by the
+            # query limits, and this optimizer only shares repeated subexpressions, so it is off.
+            self.con.execute("SET disabled_optimizers = 'common_subexpressions'")
+            # Total expressions: x // 0 and x % 0 after aggregation give NULL, not an error that would
+            # tell a hidden zero apart (what is computed before aggregation is wrapped in TRY).
+            self.con.execute("SET error_on_division_by_zero = false")
+            self.con.execute("SET lock_configuration = true")
+        except BaseException:
+            self.con.close()
+            raise
+
+    def run(self, what: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        """``what(con)``; a DuckDB failure becomes DeadlineExceededError (the caller went away) or
+        InvalidQueryError naming its kind (DuckDB's messages can quote values)."""
+        try:
+            return what(self.con)
+        except duckdb.Error as exc:
+            if self.interrupted.is_set():
+                raise DeadlineExceededError(
+                    "the caller went away; the stage was interrupted, nothing released"
+                ) from None
+            raise InvalidQueryError(
+                f"the stage failed in the engine ({type(exc).__name__}); check column types and expressions"
+            ) from None
+
+    def close(self) -> None:
+        self.con.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -498,24 +498,43 @@ class JobRegistry:
             threads=self.config.engine_threads,
             on_cancel=on_cancel,
         )
-        ipc = table_to_ipc(outcome.released)
-        body, signature, evidence = self._signed(
+        out = self._released(
             job,
             approvals,
             logged,
-            {
-                "output_columns": list(job.compiled.output_columns),
-                "released_rows": outcome.released.num_rows,
-                "result_sha256": hashlib.sha256(ipc).hexdigest(),
-                "suppressed": outcome.suppressed,
-                "min_group_size": outcome.min_group_size,
-            },
+            outcome.released,
+            {"suppressed": outcome.suppressed, "min_group_size": outcome.min_group_size},
         )
         log.info(
             "job %s executed: %d cells released, %d suppressed",
             job.id,
             outcome.released.num_rows,
             len(outcome.suppressed),
+        )
+        return out
+
+    def _released(
+        self,
+        job: Job,
+        approvals: dict[str, tuple[str, bytes]],
+        logged: LogPosition,
+        released: pa.Table,
+        decided: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The released table as Arrow IPC and the signed result document naming it (its output
+        columns, rows and hash, with ``decided``: what the engine decided about the cells)."""
+        assert job.compiled is not None
+        ipc = table_to_ipc(released)
+        body, signature, evidence = self._signed(
+            job,
+            approvals,
+            logged,
+            {
+                "output_columns": list(job.compiled.output_columns),
+                "released_rows": released.num_rows,
+                "result_sha256": hashlib.sha256(ipc).hexdigest(),
+                **decided,
+            },
         )
         return {"result_json": body, "signature": signature, "arrow_table": ipc, "evidence": evidence.to_bytes()}
 
@@ -540,16 +559,13 @@ class JobRegistry:
             threads=self.config.engine_threads,
             on_cancel=on_cancel,
         )
-        ipc = table_to_ipc(outcome.released)
         spent = charges(job.plan.analyst, stage.inputs, job.plan.privacy)
-        body, signature, evidence = self._signed(
+        out = self._released(
             job,
             approvals,
             logged,
+            outcome.released,
             {
-                "output_columns": list(job.compiled.output_columns),
-                "released_rows": outcome.released.num_rows,
-                "result_sha256": hashlib.sha256(ipc).hexdigest(),
                 "suppressed": [],
                 "min_group_size": job.min_group_size,
                 "privacy": {**outcome.privacy, "charges": [c.to_dict() for c in spent]},
@@ -557,7 +573,7 @@ class JobRegistry:
             },
         )
         log.info("job %s executed with differential privacy: %d groups released", job.id, outcome.released.num_rows)
-        return {"result_json": body, "signature": signature, "arrow_table": ipc, "evidence": evidence.to_bytes()}
+        return out
 
     # -- the enclave as an MPC player (a stage that feeds an MPC stage) ------------------------
 
